@@ -1,0 +1,56 @@
+"""Static (preallocated) key/value cache handed to the model.
+
+One buffer per local layer, shaped [batch, kv_heads, max_seq_len, head_dim], written in place. All
+sequences of a batch share one position counter (`offset`): prompts of a batch have equal length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringlet.models.errors import ContextWindowError
+
+
+class StaticKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, num_kv_heads, max_seq_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_seq_len = max_seq_len
+        self.offset = 0
+
+    def update_and_fetch(
+        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v at positions [start, start+len) and return the cache up to that end."""
+        end = start + k.shape[2]
+        if end > self.max_seq_len:
+            raise ContextWindowError(f"sequence of {end} tokens exceeds the cache of {self.max_seq_len}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
+    def trim(self, n: int) -> int:
+        """Forget the last n positions (they are overwritten by the next write); returns how many."""
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+    def reset(self) -> None:
+        self.offset = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.max_seq_len - self.offset

@@ -1,0 +1,211 @@
+"""Llama-family decoder (Llama 3.x, SmolLM2, Mistral, Qwen2, Qwen3) in plain torch.
+
+A model is built for a layer range [start, end): the first stage owns the embedding, the last the
+final norm and lm_head, a middle stage only its layers. Stages take and return hidden states, so
+they chain. q/k/v and gate/up are fused into one matmul each at load time (fewer kernels per token).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ringlet.models.cache import StaticKVCache
+from ringlet.models.config import ModelArgs
+from ringlet.models.errors import ModelLoadError
+from ringlet.models.registry import register
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.float()
+    if kind == "linear":
+        return (inv_freq / scaling["factor"]).float()
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled).float()
+    raise ModelLoadError(f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half convention (Hugging Face weight layout). x: [B, H, L, D]; cos/sin: [L, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv_proj = nn.Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.attention_bias)
+        self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps) if args.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        cache: StaticKVCache, layer: int, start: int, mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b, length, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(b, length, self.n_heads, self.head_dim)
+        k = k.view(b, length, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        v = v.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k, v = cache.update_and_fetch(layer, start, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, cache, layer, start, mask):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Layers [start, end) of a Llama-family model."""
+
+    def __init__(self, args: ModelArgs, start: int = 0, end: int | None = None) -> None:
+        super().__init__()
+        end = args.num_hidden_layers if end is None else end
+        if not 0 <= start < end <= args.num_hidden_layers:
+            raise ModelLoadError(f"layer range [{start}, {end}) is not within the model's {args.num_hidden_layers} layers")
+        self.args, self.start, self.end = args, start, end
+        self.is_first, self.is_last = start == 0, end == args.num_hidden_layers
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(Block(args) for _ in range(start, end))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_last else None
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_last else None
+        self._rope_len = 0  # cos/sin tables are built on first use, on the weights' device
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.end - self.start
+
+    def make_cache(self, batch_size: int, max_seq_len: int) -> StaticKVCache:
+        p = next(self.parameters())
+        return StaticKVCache(self.num_local_layers, batch_size, self.args.num_key_value_heads,
+                             self.args.head_dim, max_seq_len, p.dtype, p.device)
+
+    def _rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + length > self._rope_len:  # tables grow in powers of two, built once
+            n = max(1024, 1 << (start + length - 1).bit_length())
+            device = next(self.parameters()).device
+            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), rope_inv_freq(self.args).to(device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin, self._rope_len = emb.cos().to(dtype), emb.sin().to(dtype), n
+        return self._cos[start:start + length], self._sin[start:start + length]
+
+    def forward(
+        self, x: torch.Tensor, cache: StaticKVCache, start: int, last_logits_only: bool = False
+    ) -> torch.Tensor:
+        """x: token ids [B, L] on the first stage, hidden states [B, L, H] elsewhere.
+
+        Returns hidden states, or logits [B, L, V] on the last stage ([B, 1, V] with last_logits_only).
+        The caller advances the cache once all stages have run.
+        """
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        length = h.shape[1]
+        cos, sin = self._rope(start, length, h.dtype)
+        mask = None
+        if length > 1 and start > 0:  # a later prefill chunk: causal over the cached prefix too
+            pos = torch.arange(start + length, device=h.device)
+            mask = pos[None, :] <= (pos[start:, None])
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, i, start, mask)
+        if self.norm is None:
+            return h
+        if last_logits_only:
+            h = h[:, -1:]
+        return self.lm_head(self.norm(h))
+
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+        """Load Hugging Face-named tensors (global layer indices) of this stage; fuses qkv and gate/up."""
+        own: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ModelLoadError(f"weights are missing tensor {name!r}")
+            used.add(name)
+            return weights[name]
+
+        if self.is_first:
+            own["embed_tokens.weight"] = take("model.embed_tokens.weight")
+        for i in range(self.num_local_layers):
+            src, dst = f"model.layers.{self.start + i}.", f"layers.{i}."
+            attn = src + "self_attn."
+            own[dst + "self_attn.qkv_proj.weight"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"])
+            if self.args.attention_bias:
+                own[dst + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
+            own[dst + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
+            if self.args.qk_norm:
+                own[dst + "self_attn.q_norm.weight"] = take(attn + "q_norm.weight")
+                own[dst + "self_attn.k_norm.weight"] = take(attn + "k_norm.weight")
+            own[dst + "mlp.gate_up_proj.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
+            own[dst + "mlp.down_proj.weight"] = take(src + "mlp.down_proj.weight")
+            own[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+            own[dst + "post_attention_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
+        if self.is_last:
+            own["norm.weight"] = take("model.norm.weight")
+            tied = self.args.tie_word_embeddings and "lm_head.weight" not in weights
+            own["lm_head.weight"] = take("model.embed_tokens.weight" if tied else "lm_head.weight")
+        self.load_state_dict({k: v.to(dtype) for k, v in own.items()}, strict=True, assign=True)
+        if self.is_first and self.is_last and self.args.tie_word_embeddings and "lm_head.weight" not in weights:
+            self.lm_head.weight = self.embed_tokens.weight  # one tensor, as in the checkpoint
+        self._rope_len = 0
+
+
+@register("llama")
+def build_llama(args: ModelArgs, start: int, end: int) -> Transformer:
+    return Transformer(args, start, end)

@@ -1,0 +1,76 @@
+"""Resolve a model reference (embedded name, HF directory, GGUF file) and load one stage of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ringlet.models import safetensors_loader
+from ringlet.models.config import ModelArgs
+from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
+from ringlet.models.errors import ModelLoadError
+from ringlet.models.registry import build_stage, model_args
+from ringlet.models.tokenizer import Tokenizer
+
+EMBEDDED_ALIASES = {EMBEDDED_MODEL_ID.lower(), "default", "smollm2-135m", "smollm2-135m-instruct",
+                    "huggingfacetb/smollm2-135m-instruct"}
+
+
+@dataclass
+class LoadedStage:
+    args: ModelArgs
+    model: nn.Module
+    tokenizer: Tokenizer
+    start: int
+    end: int
+
+
+def resolve_model_path(ref: str | Path | None) -> Path:
+    """A local path as given, or the embedded model for its names (or None)."""
+    if ref is None or str(ref).lower() in EMBEDDED_ALIASES:
+        return embedded_model_path()
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    raise ModelLoadError(
+        f"model {str(ref)!r} not found: give a path to a Hugging Face model directory or a .gguf file, "
+        f"or {EMBEDDED_MODEL_ID!r} for the embedded model"
+    )
+
+
+def read_model_config(ref: str | Path | None) -> tuple[Path, ModelArgs]:
+    path = resolve_model_path(ref)
+    if path.is_dir():
+        return path, model_args(safetensors_loader.read_config(path))
+    return path, model_args(_open_gguf(path).config)
+
+
+def load_stage(
+    ref: str | Path | None, start: int = 0, end: int | None = None,
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+) -> LoadedStage:
+    path = resolve_model_path(ref)
+    if path.is_dir():
+        args = model_args(safetensors_loader.read_config(path))
+        end = args.num_hidden_layers if end is None else end
+        weights = safetensors_loader.load_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    else:
+        gguf = _open_gguf(path)
+        args = model_args(gguf.config)
+        end = args.num_hidden_layers if end is None else end
+        weights = gguf.load_state_dict(start, end)
+        tokenizer = gguf.tokenizer()
+    model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device)
+    return LoadedStage(args, model, tokenizer, start, end)
+
+
+def _open_gguf(path: Path):  # type: ignore[no-untyped-def]
+    from ringlet.models.gguf_loader import GGUFModel
+
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    return GGUFModel.open(path)

@@ -1,0 +1,53 @@
+"""Architectures by `model_type`, and building a model stage from a config."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ringlet.models.config import ModelArgs
+from ringlet.models.errors import ModelLoadError
+
+StageBuilder = Callable[[ModelArgs, int, int], nn.Module]
+_ARCHITECTURES: dict[str, StageBuilder] = {}
+
+
+def register(model_type: str) -> Callable[[StageBuilder], StageBuilder]:
+    def add(builder: StageBuilder) -> StageBuilder:
+        _ARCHITECTURES[model_type] = builder
+        return builder
+    return add
+
+
+def supported_architectures() -> list[str]:
+    from ringlet.models import llama, mistral, qwen2, qwen3  # noqa: F401  (each registers itself)
+
+    return sorted(_ARCHITECTURES)
+
+
+def model_args(config: dict[str, Any]) -> ModelArgs:
+    model_type = config.get("model_type")
+    supported = supported_architectures()
+    if model_type not in supported:
+        raise ModelLoadError(f"architecture {model_type!r} is not supported; supported: {', '.join(supported)}")
+    return ModelArgs.from_dict(config)
+
+
+def build_stage(
+    args: ModelArgs, start: int = 0, end: int | None = None, weights: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Build layers [start, end); with weights, no memory is spent on a random initialisation."""
+    supported = supported_architectures()
+    builder = _ARCHITECTURES.get(args.model_type)
+    if builder is None:
+        raise ModelLoadError(f"architecture {args.model_type!r} is not supported; supported: {', '.join(supported)}")
+    end = args.num_hidden_layers if end is None else end
+    if weights is None:
+        return builder(args, start, end).to(dtype=dtype, device=device)
+    with torch.device("meta"):
+        model = builder(args, start, end)
+    model.load_weights({k: v.to(device) for k, v in weights.items()}, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,86 @@
+"""Typed messages of one generation: what is asked (a task) and what comes back (chunks)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+class SamplingParams(BaseModel):
+    """Validated sampling settings; temperature 0 means greedy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 keeps all")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="over prompt and output (HF style)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="over the output (OpenAI style)")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="over the output (OpenAI style)")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class TextGenerationTask(BaseModel):
+    """One request, from any API adapter: either chat messages or a raw prompt."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_id: str = ""
+    model: str = ""
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    sampling: SamplingParams = SamplingParams()
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TextGenerationTask":
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of messages or prompt")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(BaseModel):
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+
+
+class GenerationChunk(BaseModel):
+    """A piece of the stream: text to show, and on the last chunk the finish reason and counts."""
+
+    task_id: str = ""
+    text: str = ""
+    token_id: int | None = None
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None

@@ -1,0 +1,120 @@
+"""The generation loop shared by the torch-based engines (CPU, CUDA, Intel XPU).
+
+Tokenise, prefill in chunks (reusing the cached prefix of the previous request), then decode one
+token at a time: sample, detokenise, watch for end-of-sequence and stop strings, stream chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ringlet.models.errors import ContextWindowError
+from ringlet.models.sampling import make_sampler
+from ringlet.models.stop import StopMatcher
+from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask, Timings, Usage
+
+# forward(token_ids [1, L], start_position) -> logits of the last position [1, V]
+Forward = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def prompt_ids(tokenizer: Tokenizer, task: TextGenerationTask) -> list[int]:
+    if task.messages is not None:
+        text = tokenizer.apply_chat_template([m.model_dump() for m in task.messages], add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    assert task.prompt is not None
+    return tokenizer.encode(task.prompt, add_special_tokens=True)
+
+
+class TextGenerator:
+    """Runs tasks one at a time against a model whose KV cache holds `context_length` positions."""
+
+    def __init__(
+        self, forward: Forward, tokenizer: Tokenizer, context_length: int, vocab_size: int,
+        device: torch.device | str = "cpu", prefill_chunk: int = 512,
+    ) -> None:
+        self.forward, self.tokenizer = forward, tokenizer
+        self.context_length, self.vocab_size = context_length, vocab_size
+        self.device, self.prefill_chunk = torch.device(device), prefill_chunk
+        self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self.eos = set(tokenizer.eos_token_ids)
+
+    def check_fits(self, ids: list[int]) -> None:
+        if len(ids) >= self.context_length:
+            raise ContextWindowError(
+                f"the prompt has {len(ids)} tokens but the model's context window is {self.context_length}; "
+                "shorten the prompt"
+            )
+
+    def _prefill(self, ids: list[int]) -> torch.Tensor:
+        # reuse the cached prefix; at least the last prompt token is recomputed to get its logits
+        reuse = 0
+        for a, b in zip(self.cached, ids[:-1]):
+            if a != b:
+                break
+            reuse += 1
+        self.cached = self.cached[:reuse]
+        logits = None
+        for begin in range(reuse, len(ids), self.prefill_chunk):
+            chunk = ids[begin: begin + self.prefill_chunk]
+            logits = self.forward(torch.tensor([chunk], device=self.device), begin)
+            self.cached.extend(chunk)
+        assert logits is not None
+        return logits
+
+    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+        ids = prompt_ids(self.tokenizer, task)
+        self.check_fits(ids)
+        room = self.context_length - len(ids)
+        max_tokens = min(task.max_tokens or room, room)
+        sampler = make_sampler(task.sampling, self.device)
+        seen = output_counts = torch.zeros(0)
+        if sampler.needs_history:
+            seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
+            seen[0, torch.tensor(ids, device=self.device)] = True
+            output_counts = torch.zeros(1, self.vocab_size, device=self.device)
+
+        started = time.perf_counter()
+        logits = self._prefill(ids)
+        detok, stops = StreamingDetokenizer(self.tokenizer), StopMatcher(task.stop)
+        first_token_at, finish, generated = 0.0, "length", 0
+        while generated < max_tokens:
+            token = sampler(logits, seen, output_counts)
+            token_id = int(token.item())
+            generated += 1
+            if generated == 1:
+                first_token_at = time.perf_counter()
+            if token_id in self.eos:
+                finish = "stop"
+                break
+            text = stops.feed(detok.add_token(token_id))
+            if stops.stopped:
+                finish = "stop"
+                if text:
+                    yield GenerationChunk(task_id=task.task_id, text=text, token_id=token_id)
+                break
+            if text:
+                yield GenerationChunk(task_id=task.task_id, text=text, token_id=token_id)
+            if generated == max_tokens:
+                break
+            if sampler.needs_history:
+                seen[0, token] = True
+                output_counts[0, token] += 1
+            logits = self.forward(token.view(1, 1), len(self.cached))
+            self.cached.append(token_id)
+        tail = "" if stops.stopped else stops.feed(detok.finalize()) + stops.flush()
+        done = time.perf_counter()
+        prefill_s = max(first_token_at - started, 1e-9) if generated else done - started
+        decode_s = done - first_token_at if generated > 1 else 0.0
+        yield GenerationChunk(
+            task_id=task.task_id, text=tail, finish_reason=finish,
+            usage=Usage(prompt_tokens=len(ids), completion_tokens=generated),
+            timings=Timings(
+                time_to_first_token_s=prefill_s,
+                prefill_tokens_per_s=len(ids) / prefill_s,
+                decode_tokens_per_s=(generated - 1) / decode_s if decode_s > 0 else 0.0,
+            ),
+        )
