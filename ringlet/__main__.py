@@ -1,0 +1,5 @@
+import sys
+
+from ringlet.cli import main
+
+sys.exit(main())
