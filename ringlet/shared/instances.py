@@ -1,0 +1,113 @@
+"""Instances: a model placed on an ordered ring of nodes, each node running one stage (a shard)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EngineType = Literal["mlx", "ipex", "cuda", "cpu"]
+
+
+class InstanceType(str, Enum):
+    MLX_RING = "MlxRing"
+    MLX_JACCL = "MlxJaccl"
+    CPU_RING = "CpuRing"
+    CUDA_RING = "CudaRing"
+    IPEX_RING = "IpexRing"
+
+    @classmethod
+    def parse(cls, name: str) -> "InstanceType":
+        """Accepts the old name MlxIbv for MlxJaccl; an unknown name lists the known ones."""
+        if name == "MlxIbv":
+            return cls.MLX_JACCL
+        try:
+            return cls(name)
+        except ValueError:
+            known = ", ".join([t.value for t in cls] + ["MlxIbv"])
+            raise ValueError(f"unknown instance type {name!r}; known: {known}") from None
+
+    @property
+    def engine(self) -> EngineType:
+        return INSTANCE_ENGINE[self]
+
+
+# Decided once per instance, never re-detected per call (DESIGN.md, Engines).
+INSTANCE_ENGINE: dict[InstanceType, EngineType] = {
+    InstanceType.MLX_RING: "mlx",
+    InstanceType.MLX_JACCL: "mlx",
+    InstanceType.CPU_RING: "cpu",
+    InstanceType.CUDA_RING: "cuda",
+    InstanceType.IPEX_RING: "ipex",
+}
+
+
+class Shard(BaseModel):
+    """Layers [start, end) of a model on one node; rank is the node's place in the ring."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node_id: str
+    rank: int = Field(ge=0)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    engine: EngineType = "cpu"  # a mixed ring may run a different engine per stage
+
+    @property
+    def is_first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.end == self.num_layers
+
+
+class Instance(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    instance_id: str
+    model: str
+    instance_type: InstanceType
+    shards: list[Shard] = Field(min_length=1)
+
+    @field_validator("instance_type", mode="before")
+    @classmethod
+    def _parse_type(cls, v: object) -> object:
+        return InstanceType.parse(v) if isinstance(v, str) else v
+
+    @field_validator("shards")
+    @classmethod
+    def _contiguous(cls, shards: list[Shard]) -> list[Shard]:
+        ordered = sorted(shards, key=lambda s: s.rank)
+        if [s.rank for s in ordered] != list(range(len(ordered))):
+            raise ValueError("shard ranks must be 0..n-1")
+        if ordered[0].start != 0 or ordered[-1].end != ordered[-1].num_layers:
+            raise ValueError("shards must cover every layer")
+        if any(a.end != b.start for a, b in zip(ordered, ordered[1:])):
+            raise ValueError("shards must be contiguous")
+        return ordered
+
+    def shard_of(self, node_id: str) -> Shard:
+        for s in self.shards:
+            if s.node_id == node_id:
+                return s
+        raise KeyError(f"node {node_id} holds no shard of instance {self.instance_id}")
+
+
+class BoundInstance(BaseModel):
+    """An instance seen from one node: which shard this node runs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    instance: Instance
+    node_id: str
+
+    @property
+    def shard(self) -> Shard:
+        return self.instance.shard_of(self.node_id)
+
+    @property
+    def engine(self) -> EngineType:
+        return self.shard.engine
