@@ -47,6 +47,7 @@ class TextGenerationTask(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     sampling: SamplingParams = SamplingParams()
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
 
     @model_validator(mode="after")
     def _one_input(self) -> "TextGenerationTask":

@@ -9,16 +9,26 @@ from pathlib import Path
 import torch
 
 from ringlet.models.loader import LoadedStage, load_stage
+from ringlet.models.quant import cpu_supports_bf16, quantize_int8
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.generate import TextGenerator
 
 DEFAULT_MAX_CONTEXT = 8192
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on GPUs; int8 weights with bf16 activations on CPUs with native bf16, else fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "int8" if cpu_supports_bf16() else "fp32"
+    return "bf16"
 
 
 class TorchEngine:
@@ -26,6 +36,7 @@ class TorchEngine:
 
     def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT) -> None:
         self.stage, self.device = stage, device
+        self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
         self.context_length = min(stage.args.context_length, max_context)
         self.cache = stage.model.make_cache(1, self.context_length)
         self.generator = TextGenerator(
@@ -33,11 +44,16 @@ class TorchEngine:
         )
 
     @classmethod
-    def load(cls, model: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+    def load(cls, model: str | Path | None = None, device: str = "cpu", precision: str = "auto",
              max_context: int = DEFAULT_MAX_CONTEXT) -> "TorchEngine":
         dev = torch.device(device)
-        stage = load_stage(model, dtype=dtype or default_dtype(dev), device=dev)
-        return cls(stage, dev, max_context)
+        precision = resolve_precision(precision, dev)
+        stage = load_stage(model, dtype=_DTYPES[precision], device=dev)
+        if precision == "int8":
+            quantize_int8(stage.model, _DTYPES[precision])
+        engine = cls(stage, dev, max_context)
+        engine.precision = precision
+        return engine
 
     @property
     def tokenizer(self):  # type: ignore[no-untyped-def]

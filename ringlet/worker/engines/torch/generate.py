@@ -87,7 +87,7 @@ class TextGenerator:
             generated += 1
             if generated == 1:
                 first_token_at = time.perf_counter()
-            if token_id in self.eos:
+            if token_id in self.eos and not task.ignore_eos:
                 finish = "stop"
                 break
             text = stops.feed(detok.add_token(token_id))

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs what is missing, then runs every test. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+collected=$(.venv/bin/python -m pytest --collect-only -q "$@" 2>/dev/null | grep -cE '::' || true)
+if [[ "$collected" -eq 0 ]]; then
+  echo "test.sh: pytest collected no tests; refusing to report success" >&2
+  exit 1
+fi
+exec .venv/bin/python -m pytest -ra "$@"

@@ -1,0 +1,82 @@
+"""Sampler masks on constructed logits, penalties, seeded reproducibility, parameter validation."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import torch
+
+from ringlet.models.sampling import apply_min_p, apply_penalties, apply_top_k, apply_top_p, make_sampler
+from ringlet.shared.tasks import SamplingParams
+
+INF = float("-inf")
+
+
+def test_top_k_keeps_k_largest():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
+    assert apply_top_k(logits, 2).tolist() == [[INF, 4.0, 3.0, INF, INF]]
+    assert torch.equal(apply_top_k(logits, 0), logits)
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = apply_top_p(probs.log(), 0.8).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]
+    assert apply_top_p(probs.log(), 0.81).isfinite().tolist() == [[True, True, True, False]]
+    assert apply_top_p(probs.log(), 0.1).isfinite().sum() == 1  # the top token always stays
+
+
+def test_top_p_handles_unsorted_and_batches():
+    probs = torch.tensor([[0.05, 0.15, 0.5, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    kept = apply_top_p(probs.log(), 0.7).isfinite()
+    assert kept[0].tolist() == [False, False, True, True]
+    assert kept[1].sum() == 3
+
+
+def test_min_p_relative_to_top():
+    probs = torch.tensor([[0.6, 0.3, 0.06, 0.04]])
+    assert apply_min_p(probs.log(), 0.1).isfinite().tolist() == [[True, True, False, False]]
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    counts = torch.tensor([[0.0, 0.0, 3.0, 0.0]])
+    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), seen, counts)
+    assert rep.tolist() == [[1.0, -4.0, 1.0, 1.0]]
+    freq = apply_penalties(logits, SamplingParams(frequency_penalty=0.5), seen, counts)
+    assert freq.tolist() == [[2.0, -2.0, -0.5, 1.0]]
+    pres = apply_penalties(logits, SamplingParams(presence_penalty=0.5), seen, counts)
+    assert pres.tolist() == [[2.0, -2.0, 0.5, 1.0]]
+
+
+def test_greedy_is_argmax():
+    sampler = make_sampler(SamplingParams(temperature=0))
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, 0.0, 0.0]])
+    assert sampler(logits, torch.zeros(0), torch.zeros(0)).tolist() == [1, 0]
+
+
+def test_seed_reproducible_and_distribution_follows_probs():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
+    params = SamplingParams(temperature=1.0, seed=1234)
+    a = make_sampler(params)(logits, torch.zeros(0), torch.zeros(0))
+    b = make_sampler(params)(logits, torch.zeros(0), torch.zeros(0))
+    c = make_sampler(SamplingParams(temperature=1.0, seed=99))(logits, torch.zeros(0), torch.zeros(0))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    freq = torch.bincount(a, minlength=4).float() / len(a)
+    torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
+
+
+def test_sampling_respects_top_k_mask():
+    logits = torch.tensor([[5.0, 4.9, 0.0, 0.0]]).repeat(500, 1)
+    drawn = make_sampler(SamplingParams(temperature=2.0, top_k=2, seed=0))(logits, torch.zeros(0), torch.zeros(0))
+    assert set(drawn.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
+                                 dict(top_k=-3), dict(repetition_penalty=0), dict(presence_penalty=3),
+                                 dict(frequency_penalty=-2.5), dict(seed=-1), dict(unknown=1)])
+def test_bad_params_rejected_with_field_name(bad):
+    with pytest.raises(pydantic.ValidationError) as info:
+        SamplingParams(**bad)
+    assert next(iter(bad)) in str(info.value)
