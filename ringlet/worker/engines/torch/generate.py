@@ -50,19 +50,24 @@ class TextGenerator:
             )
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
-        # reuse the cached prefix; at least the last prompt token is recomputed to get its logits
+        """Fill the cache with the prompt and return the logits of its last token.
+
+        The cached prefix of the previous request is reused. The last prompt token always runs alone,
+        as a decode step does: its logits are then computed the same way whether or not the prefix was
+        cached, so a seeded request gives the same answer every time, even in bf16.
+        """
         reuse = 0
         for a, b in zip(self.cached, ids[:-1]):
             if a != b:
                 break
             reuse += 1
         self.cached = self.cached[:reuse]
-        logits = None
-        for begin in range(reuse, len(ids), self.prefill_chunk):
-            chunk = ids[begin: begin + self.prefill_chunk]
-            logits = self.forward(torch.tensor([chunk], device=self.device), begin)
+        for begin in range(reuse, len(ids) - 1, self.prefill_chunk):
+            chunk = ids[begin: min(begin + self.prefill_chunk, len(ids) - 1)]
+            self.forward(torch.tensor([chunk], device=self.device), begin)
             self.cached.extend(chunk)
-        assert logits is not None
+        logits = self.forward(torch.tensor([ids[-1:]], device=self.device), len(ids) - 1)
+        self.cached.append(ids[-1])
         return logits
 
     def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
