@@ -1,0 +1,322 @@
+"""Weights and hyper-parameters from a llama.cpp GGUF file, under Hugging Face names.
+
+A pipeline stage asks for its own layer range only, so `load_state_dict(start, end)` reads and
+dequantises just those tensors (the file is memory-mapped; untouched tensors cost nothing).
+
+    model = GGUFModel.open(path)
+    args = ModelArgs.from_dict(model.config)
+    weights = model.load_state_dict(0, args.num_hidden_layers)
+    tokenizer = model.tokenizer()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from ringlet.models.errors import ModelLoadError
+from ringlet.models.tokenizer import Tokenizer, gguf_metadata
+
+GGUF_MAGIC = b"GGUF"
+
+# general.architecture -> model_type. llama.cpp's converter permutes the q/k rows of the
+# Llama-derived architectures only (LlamaModel.permute); Qwen files keep the HF layout.
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+_PERMUTED_QK = {"llama", "mistral"}
+
+# GGUF tensor name inside `blk.{i}.` -> HF name inside `model.layers.{i}.`
+_LAYER_TENSORS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_BIAS_TENSORS = {
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+}
+_QK_NORM_TENSORS = {
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+
+# Llama 3.1/3.2 rope scaling as Meta ships it; llama.cpp stores only the per-frequency factors it
+# implies (`rope_freqs.weight`), so we recover the parameters and check they reproduce the tensor.
+_LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+class GGUFModel:
+    """A GGUF model file opened for reading: `config`, `load_state_dict(start, end)`, `tokenizer()`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._reader = _open_reader(self.path)
+        self._tensors: dict[str, ReaderTensor] = {t.name: t for t in self._reader.tensors}
+        self.architecture = str(self._metadata("general.architecture", required=True))
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path}: unsupported GGUF architecture {self.architecture!r}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        self.config: dict[str, Any] = self._build_config()
+
+    @classmethod
+    def open(cls, path: str | Path) -> GGUFModel:
+        return cls(path)
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    def _metadata(self, key: str, default: Any = None, required: bool = False) -> Any:
+        field = self._reader.fields.get(key)
+        if field is None:
+            if required:
+                raise ModelLoadError(f"{self.path}: GGUF metadata key {key!r} is missing")
+            return default
+        return field.contents()
+
+    def _arch(self, key: str, default: Any = None, required: bool = False) -> Any:
+        return self._metadata(f"{self.architecture}.{key}", default, required)
+
+    def _build_config(self) -> dict[str, Any]:
+        """A Hugging Face config.json equivalent, so ModelArgs.from_dict reads GGUF and HF alike."""
+        heads = int(self._arch("attention.head_count", required=True))
+        embed = self._tensors.get("token_embd.weight")
+        vocab_size = self._arch("vocab_size") or (int(embed.shape[-1]) if embed is not None else None)
+        if vocab_size is None:
+            raise ModelLoadError(f"{self.path}: no vocab_size metadata and no token_embd.weight tensor")
+        config: dict[str, Any] = {
+            "model_type": SUPPORTED_ARCHITECTURES[self.architecture],
+            "hidden_size": int(self._arch("embedding_length", required=True)),
+            "intermediate_size": int(self._arch("feed_forward_length", required=True)),
+            "num_hidden_layers": int(self._arch("block_count", required=True)),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._arch("attention.head_count_kv", heads)),
+            "rms_norm_eps": float(self._arch("attention.layer_norm_rms_epsilon", 1e-6)),
+            "vocab_size": int(vocab_size),
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+            "attention_bias": "blk.0.attn_q.bias" in self._tensors,
+        }
+        optional = {
+            "head_dim": self._arch("attention.key_length"),
+            "rope_theta": self._arch("rope.freq_base"),
+            "max_position_embeddings": self._arch("context_length"),
+            "bos_token_id": self._metadata("tokenizer.ggml.bos_token_id"),
+        }
+        config.update({k: v for k, v in optional.items() if v is not None})
+        eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
+        eos = [int(v) for k in eos_keys if (v := self._metadata(f"tokenizer.ggml.{k}")) is not None]
+        config["eos_token_id"] = list(dict.fromkeys(eos))  # unique, in order
+        rope_scaling = self._rope_scaling(config)
+        if rope_scaling is not None:
+            config["rope_scaling"] = rope_scaling
+        return config
+
+    def _rope_scaling(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        kind = self._arch("rope.scaling.type")
+        if kind is not None and kind != "none":
+            scaling: dict[str, Any] = {"rope_type": kind, "factor": float(self._arch("rope.scaling.factor", 1.0))}
+            original = self._arch("rope.scaling.original_context_length")
+            if original is not None:
+                scaling["original_max_position_embeddings"] = int(original)
+            return scaling
+        if "rope_freqs.weight" in self._tensors:
+            return self._llama3_rope_scaling(config)
+        return None
+
+    def _llama3_rope_scaling(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Invert llama.cpp's LlamaModel.generate_extra_tensors (Llama 3.1+ `rope_freqs.weight`)."""
+        factors = self._read_tensor("rope_freqs.weight").double()
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        scaling = {"rope_type": "llama3", "factor": float(factors.max()), **_LLAMA3_ROPE_DEFAULTS}
+        expected = _llama3_rope_factors(float(config.get("rope_theta", 10000.0)), head_dim, scaling)
+        if expected.shape != factors.shape or not torch.allclose(expected, factors, rtol=1e-4):
+            raise ModelLoadError(
+                f"{self.path}: rope_freqs.weight does not match Llama 3 rope scaling with "
+                f"{_LLAMA3_ROPE_DEFAULTS}; this rope scaling is not supported"
+            )
+        return scaling
+
+    # ---- tensors --------------------------------------------------------------------------
+
+    def load_state_dict(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """HF-named tensors of layers start <= i < end (global indices), plus what the stage's ends need.
+
+        The first stage (start == 0) gets `model.embed_tokens.weight`; the last stage (end ==
+        num_hidden_layers) gets `model.norm.weight` and `lm_head.weight`. When the embeddings are
+        tied (no `output.weight` in the file) there is no `lm_head.weight`: the last stage gets
+        `model.embed_tokens.weight` instead, even when it is not the first, to use as its lm_head.
+        """
+        num_layers = self.config["num_hidden_layers"]
+        if not 0 <= start < end <= num_layers:
+            raise ModelLoadError(f"layer range [{start}, {end}) is outside the model's {num_layers} layers")
+        names: dict[str, str] = {}  # GGUF name -> HF name
+        last = end == num_layers
+        if start == 0 or (last and self.config["tie_word_embeddings"]):
+            names["token_embd.weight"] = "model.embed_tokens.weight"
+        for i in range(start, end):
+            names.update({f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in self._layer_tensor_names().items()})
+        if last:
+            names["output_norm.weight"] = "model.norm.weight"
+            if not self.config["tie_word_embeddings"]:
+                names["output.weight"] = "lm_head.weight"
+
+        missing = [name for name in names if name not in self._tensors]
+        if missing:
+            raise ModelLoadError(
+                f"{self.path}: tensors missing from the GGUF file: {', '.join(missing[:8])}"
+                + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
+            )
+        return {hf: self._read_tensor(gguf_name).to(dtype) for gguf_name, hf in names.items()}
+
+    def _layer_tensor_names(self) -> dict[str, str]:
+        names = dict(_LAYER_TENSORS)
+        if self.config["attention_bias"]:
+            names.update(_BIAS_TENSORS)
+        if self.config["model_type"] == "qwen3":
+            names.update(_QK_NORM_TENSORS)
+        return names
+
+    def _read_tensor(self, name: str) -> torch.Tensor:
+        """Dequantise one tensor to float32, in HF layout (row-major [out, in], q/k un-permuted)."""
+        tensor = self._tensors[name]
+        qtype = GGMLQuantizationType(tensor.tensor_type)
+        # GGUF lists dimensions innermost first; torch wants them outermost first.
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        try:
+            values = dequantize_tensor(tensor.data, qtype)
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} has GGML type {qtype.name}, which cannot be dequantised"
+            ) from e
+        if values.size != math.prod(shape):
+            raise ModelLoadError(f"{self.path}: tensor {name} holds {values.size} values, expected shape {shape}")
+        values = values.reshape(shape)
+        if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
+            heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
+            values = unpermute_qk(values, heads)
+        return torch.from_numpy(values)
+
+    # ---- tokenizer ------------------------------------------------------------------------
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_gguf(gguf_metadata(self._reader), source=str(self.path))
+
+
+def dequantize_tensor(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Values of a GGUF tensor as a fresh, flat float32 array.
+
+    The common types are decoded here over the whole tensor at once (gguf.quants walks small row
+    groups, ~4x slower); the rest go through gguf.quants. Same arithmetic as ggml's
+    dequantize_row_* (d * q [+ m], with fp16 d and m), so the results are bit-identical. numpy, not
+    torch: torch's OpenMP threads stall badly when the cores are shared with other processes.
+    """
+    decode = _DEQUANT.get(qtype)
+    if decode is None:
+        return np.array(dequantize(np.asarray(data), qtype), dtype=np.float32).reshape(-1)
+    return decode(np.asarray(data).reshape(-1).view(np.uint8))
+
+
+def _half(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The fp16 scale at byte `start` of each block, as a float32 column."""
+    return blocks[:, start:start + 2].view(np.float16).astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """ggml packs element j in the low nibble and j + 16 in the high nibble of byte j."""
+    out = np.empty((packed.shape[0], 2 * packed.shape[1]), dtype=np.uint8)
+    np.bitwise_and(packed, 0x0F, out=out[:, :packed.shape[1]])
+    np.right_shift(packed, 4, out=out[:, packed.shape[1]:])
+    return out
+
+
+def _q8_0(raw: np.ndarray) -> np.ndarray:  # block: fp16 d, 32 x int8; x = d * q
+    blocks = raw.reshape(-1, 34)
+    values: np.ndarray = _half(blocks, 0) * blocks[:, 2:].view(np.int8)
+    return values.reshape(-1)
+
+
+def _q4_0(raw: np.ndarray) -> np.ndarray:  # block: fp16 d, 16 bytes of 4-bit q; x = d * (q - 8)
+    blocks = raw.reshape(-1, 18)
+    centred = _nibbles(blocks[:, 2:]).view(np.int8) - np.int8(8)
+    values: np.ndarray = _half(blocks, 0) * centred
+    return values.reshape(-1)
+
+
+def _q4_1(raw: np.ndarray) -> np.ndarray:  # block: fp16 d, fp16 m, 16 bytes of 4-bit q; x = d * q + m
+    blocks = raw.reshape(-1, 20)
+    values: np.ndarray = _half(blocks, 0) * _nibbles(blocks[:, 4:]) + _half(blocks, 2)
+    return values.reshape(-1)
+
+
+def _bf16(raw: np.ndarray) -> np.ndarray:  # the high half of a float32
+    high: np.ndarray = raw.view(np.uint16).astype(np.uint32) << 16
+    return high.view(np.float32)
+
+
+_DEQUANT: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
+    GGMLQuantizationType.F32: lambda raw: raw.view(np.float32).copy(),  # copy out of the read-only map
+    GGMLQuantizationType.F16: lambda raw: raw.view(np.float16).astype(np.float32),
+    GGMLQuantizationType.BF16: _bf16,
+    GGMLQuantizationType.Q8_0: _q8_0,
+    GGMLQuantizationType.Q4_0: _q4_0,
+    GGMLQuantizationType.Q4_1: _q4_1,
+}
+
+
+def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of q/k rows (interleaved rotary pairs -> HF's rotate-half halves).
+
+    llama.cpp: w.reshape(heads, 2, rows // heads // 2, ...).swapaxes(1, 2); this is its inverse,
+    written exactly as transformers' LlamaTensorProcessor._reverse_permute_weights does it.
+    """
+    half_head = weight.shape[0] // num_heads // 2
+    w = weight.reshape(num_heads, half_head, 2, *weight.shape[1:])
+    return np.ascontiguousarray(w.swapaxes(2, 1)).reshape(weight.shape)
+
+
+def _llama3_rope_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> torch.Tensor:
+    factor, old_context = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), mid)
+    return torch.where(wavelen < old_context / high, torch.ones_like(freqs), out)
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    """GGUFReader, with every way a bad file fails turned into one ModelLoadError that names it."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e.strerror or e}") from e
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        reader = GGUFReader(path)
+    # The reader indexes a memory map and reshapes views of it; a cut or corrupt file shows up as
+    # any of these, deep inside gguf/numpy.
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as e:
+        raise ModelLoadError(f"{path}: GGUF file is truncated or corrupt ({type(e).__name__}: {e})") from e
+    if reader.byte_order != "I":  # tensor bytes are decoded as little-endian below
+        raise ModelLoadError(f"{path}: big-endian GGUF files are not supported")
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if int(tensor.data_offset) + int(tensor.n_bytes) > size:
+            raise ModelLoadError(f"{path}: GGUF file is truncated (tensor {tensor.name} runs past the end)")
+    return reader

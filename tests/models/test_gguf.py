@@ -1,0 +1,367 @@
+"""GGUF loading: the embedded SmolLM2 file against transformers, and tiny files written here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from ringlet.models.config import ModelArgs
+from ringlet.models.embedded import embedded_model_path
+from ringlet.models.errors import ModelLoadError
+from ringlet.models.gguf_loader import GGUFModel, dequantize_tensor
+
+# ---- the embedded model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded() -> GGUFModel:
+    return GGUFModel.open(embedded_model_path())
+
+
+@pytest.fixture(scope="module")
+def transformers_state_dict() -> dict[str, torch.Tensor]:
+    transformers = pytest.importorskip("transformers")
+    path = embedded_model_path()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def test_embedded_config(embedded: GGUFModel) -> None:
+    c = embedded.config
+    assert c["model_type"] == "llama"
+    assert (c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"]) == (30, 576, 1536)
+    assert (c["num_attention_heads"], c["num_key_value_heads"], c["vocab_size"]) == (9, 3, 49152)
+    assert c["tie_word_embeddings"] is True
+    assert c["rope_theta"] == 100000.0
+    assert c["max_position_embeddings"] == 8192
+    assert c["rms_norm_eps"] == pytest.approx(1e-5)
+    assert c["bos_token_id"] == 1 and c["eos_token_id"] == [2]
+    assert "rope_scaling" not in c
+    args = ModelArgs.from_dict(c)
+    assert args.head_dim == 64 and args.eos_token_id == [2]
+
+
+def test_embedded_weights_match_transformers(
+    embedded: GGUFModel, transformers_state_dict: dict[str, torch.Tensor]
+) -> None:
+    ours = embedded.load_state_dict(0, 30)
+    reference = dict(transformers_state_dict)
+    # transformers materialises the tied lm_head; the GGUF has none and we don't invent one.
+    torch.testing.assert_close(reference.pop("lm_head.weight"), ours["model.embed_tokens.weight"], rtol=0, atol=0)
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        assert ours[name].dtype == torch.float32
+        # Same arithmetic as gguf.quants, so normally bit-identical; torch.equal is the fast path.
+        if not torch.equal(ours[name], tensor):
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-7, msg=f"{name} differs")
+
+
+def test_embedded_partial_ranges(embedded: GGUFModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[str] = []
+    original = GGUFModel._read_tensor
+
+    def spy(self: GGUFModel, name: str) -> torch.Tensor:
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(GGUFModel, "_read_tensor", spy)
+
+    first = embedded.load_state_dict(0, 15)
+    assert "model.embed_tokens.weight" in first
+    assert "model.norm.weight" not in first and "lm_head.weight" not in first
+    assert {int(k.split(".")[2]) for k in first if k.startswith("model.layers.")} == set(range(15))
+    assert len(read) == 1 + 15 * 9
+    assert all(not n.startswith("blk.") or int(n.split(".")[1]) < 15 for n in read)
+    assert "output_norm.weight" not in read
+
+    read.clear()
+    last = embedded.load_state_dict(15, 30, dtype=torch.bfloat16)
+    # tied embeddings: the last stage gets embed_tokens to use as its lm_head
+    assert {"model.embed_tokens.weight", "model.norm.weight"} <= set(last)
+    assert "lm_head.weight" not in last
+    assert {int(k.split(".")[2]) for k in last if k.startswith("model.layers.")} == set(range(15, 30))
+    assert all(not n.startswith("blk.") or int(n.split(".")[1]) >= 15 for n in read)
+    assert all(t.dtype == torch.bfloat16 for t in last.values())
+
+    for bad in [(0, 31), (10, 10), (-1, 5)]:
+        with pytest.raises(ModelLoadError, match="layer range"):
+            embedded.load_state_dict(*bad)
+
+
+# ---- tiny files written here --------------------------------------------------------------
+
+HIDDEN, HEADS, KV_HEADS, INTER, VOCAB, LAYERS = 64, 4, 2, 128, 96, 2
+HEAD_DIM = HIDDEN // HEADS
+
+# HF name inside model.layers.{i}. -> (GGUF name, shape [out, in], type of layer 0, type of layer 1)
+LAYER_WEIGHTS = {
+    "self_attn.q_proj.weight": ("attn_q.weight", (HIDDEN, HIDDEN), Q.Q4_1, Q.F32),
+    "self_attn.k_proj.weight": ("attn_k.weight", (KV_HEADS * HEAD_DIM, HIDDEN), Q.Q8_0, Q.F16),
+    "self_attn.v_proj.weight": ("attn_v.weight", (KV_HEADS * HEAD_DIM, HIDDEN), Q.BF16, Q.Q4_0),
+    "self_attn.o_proj.weight": ("attn_output.weight", (HIDDEN, HIDDEN), Q.Q8_0, Q.Q4_1),
+    "mlp.gate_proj.weight": ("ffn_gate.weight", (INTER, HIDDEN), Q.Q4_0, Q.Q8_0),
+    "mlp.up_proj.weight": ("ffn_up.weight", (INTER, HIDDEN), Q.Q4_1, Q.BF16),
+    "mlp.down_proj.weight": ("ffn_down.weight", (HIDDEN, INTER), Q.F16, Q.Q4_0),
+    "input_layernorm.weight": ("attn_norm.weight", (HIDDEN,), Q.F32, Q.F32),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", (HIDDEN,), Q.F32, Q.F32),
+}
+QWEN2_BIASES = {
+    "self_attn.q_proj.bias": ("attn_q.bias", (HIDDEN,)),
+    "self_attn.k_proj.bias": ("attn_k.bias", (KV_HEADS * HEAD_DIM,)),
+    "self_attn.v_proj.bias": ("attn_v.bias", (KV_HEADS * HEAD_DIM,)),
+}
+QWEN3_NORMS = {
+    "self_attn.q_norm.weight": ("attn_q_norm.weight", (HEAD_DIM,)),
+    "self_attn.k_norm.weight": ("attn_k_norm.weight", (HEAD_DIM,)),
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute, verbatim."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def encode(w: np.ndarray, qtype: Q) -> np.ndarray:
+    """What llama.cpp would store: the raw bytes of the quantised tensor."""
+    if qtype == Q.F32:
+        return w.astype(np.float32)
+    if qtype == Q.F16:
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w.astype(np.float32), qtype)
+
+
+def raw_dtype(qtype: Q) -> Q | None:
+    """GGUFWriter infers F32/F16 from the numpy dtype; the rest are bytes it must be told about."""
+    return None if qtype in (Q.F32, Q.F16) else qtype
+
+
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    *,
+    skip: tuple[str, ...] = (),
+    tied: bool = False,
+    extra_tensors: dict[str, tuple[np.ndarray, Q]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """A random two-layer model; returns the HF-layout float32 originals by HF name."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(INTER)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(500000.0)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 7)
+    writer.add_uint32("tokenizer.ggml.eot_token_id", 9)
+
+    originals: dict[str, np.ndarray] = {}
+
+    def add(hf: str, gguf_name: str, shape: tuple[int, ...], qtype: Q) -> None:
+        w = rng.standard_normal(shape).astype(np.float32)
+        originals[hf] = w
+        stored = w
+        if arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            stored = llama_cpp_permute(w, HEADS if "attn_q" in gguf_name else KV_HEADS)
+        if gguf_name not in skip:
+            writer.add_tensor(gguf_name, encode(stored, qtype), raw_dtype=raw_dtype(qtype))
+
+    add("model.embed_tokens.weight", "token_embd.weight", (VOCAB, HIDDEN), Q.Q8_0)
+    for i in range(LAYERS):
+        layer = dict(LAYER_WEIGHTS)
+        extras = QWEN2_BIASES if arch == "qwen2" else QWEN3_NORMS if arch == "qwen3" else {}
+        for hf, (name, shape) in extras.items():
+            add(f"model.layers.{i}.{hf}", f"blk.{i}.{name}", shape, Q.F32)
+        for hf, (name, shape, *types) in layer.items():
+            add(f"model.layers.{i}.{hf}", f"blk.{i}.{name}", shape, types[i])
+    add("model.norm.weight", "output_norm.weight", (HIDDEN,), Q.F32)
+    if not tied:
+        add("lm_head.weight", "output.weight", (VOCAB, HIDDEN), Q.Q4_0)
+    for name, (data, qtype) in (extra_tensors or {}).items():
+        writer.add_tensor(name, data, raw_dtype=raw_dtype(qtype))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return originals
+
+
+def quantisation_bound(w: np.ndarray, qtype: Q) -> float:
+    """Largest error each type allows, from the block maxima (ggml's quantize_row_* definitions)."""
+    if qtype == Q.F32:
+        return 0.0
+    if qtype in (Q.F16, Q.BF16):  # half an ulp of the largest value
+        return float(np.abs(w).max()) * (2**-11 if qtype == Q.F16 else 2**-8)
+    blocks = w.reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1)
+    if qtype == Q.Q8_0:
+        step = amax / 127
+    elif qtype == Q.Q4_0:  # d = max / -8; a value opposite the max can clip by a full step
+        step = 2 * amax / 8
+    else:  # Q4_1: (max - min) / 15
+        step = (blocks.max(axis=1) - blocks.min(axis=1)) / 15
+    # half a step of rounding, plus what storing the scale (and min) as fp16 can add
+    return float((step / 2 + amax * 2**-8).max())
+
+
+def test_tiny_llama_dequantises_every_type_and_unpermutes(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    originals = write_tiny_gguf(path)
+    model = GGUFModel.open(path)
+    assert model.config["tie_word_embeddings"] is False
+    assert model.config["eos_token_id"] == [7, 9]
+    assert model.config["rope_theta"] == 500000.0
+    state = model.load_state_dict(0, LAYERS)
+    assert set(state) == set(originals)
+
+    types = {"model.embed_tokens.weight": Q.Q8_0, "model.norm.weight": Q.F32, "lm_head.weight": Q.Q4_0}
+    for i in range(LAYERS):
+        types.update({f"model.layers.{i}.{hf}": spec[2 + i] for hf, spec in LAYER_WEIGHTS.items()})
+    seen_types = set()
+    for name, original in originals.items():
+        qtype = types[name]
+        seen_types.add(qtype)
+        error = float((state[name] - torch.from_numpy(original)).abs().max())
+        bound = quantisation_bound(original, qtype)
+        assert error <= bound, f"{name} ({qtype.name}): error {error} > {bound}"
+        if qtype != Q.F32:  # lossy types: must actually be the quantised values, not a copy
+            assert error > 0
+    assert seen_types == {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1}
+
+    # exact: an F32 q_proj comes back bit for bit, which needs the permutation undone
+    q1 = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(state[q1], torch.from_numpy(originals[q1]))
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_dequantisation_is_bit_identical_to_gguf_quants(qtype: Q) -> None:
+    w = np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32) * 3
+    stored = encode(w, qtype)
+    expected = gguf.quants.dequantize(stored, qtype).reshape(-1)
+    assert np.array_equal(dequantize_tensor(stored, qtype), expected)
+
+
+def test_tiny_qwen2_has_biases_and_no_permutation(tmp_path: Path) -> None:
+    path = tmp_path / "qwen2.gguf"
+    originals = write_tiny_gguf(path, "qwen2", tied=True)
+    model = GGUFModel.open(path)
+    assert model.config["model_type"] == "qwen2"
+    assert model.config["attention_bias"] is True
+    assert model.config["tie_word_embeddings"] is True
+    args = ModelArgs.from_dict(model.config)
+    assert args.attention_bias and not args.qk_norm
+    state = model.load_state_dict(1, 2)
+    for proj in "qkv":
+        name = f"model.layers.1.self_attn.{proj}_proj.bias"
+        assert torch.equal(state[name], torch.from_numpy(originals[name]))
+    q1 = "model.layers.1.self_attn.q_proj.weight"  # F32 and not permuted in the file
+    assert torch.equal(state[q1], torch.from_numpy(originals[q1]))
+    assert "model.embed_tokens.weight" in state  # tied: the last stage's lm_head
+
+
+def test_tiny_qwen3_has_qk_norms(tmp_path: Path) -> None:
+    path = tmp_path / "qwen3.gguf"
+    originals = write_tiny_gguf(path, "qwen3")
+    model = GGUFModel.open(path)
+    assert model.config["model_type"] == "qwen3" and model.config["attention_bias"] is False
+    assert ModelArgs.from_dict(model.config).qk_norm
+    state = model.load_state_dict(0, 1)
+    for name in ("model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"):
+        assert torch.equal(state[name], torch.from_numpy(originals[name]))
+    assert not any(k.startswith("model.layers.1.") for k in state)
+
+
+def test_llama3_rope_freqs_become_rope_scaling(tmp_path: Path) -> None:
+    # what convert_hf_to_gguf.py writes for Llama 3.2 (factor 32, low 1, high 4, original 8192)
+    theta, factor, old_context = 500000.0, 32.0, 8192
+    freqs = 1.0 / (theta ** (np.arange(0, HEAD_DIM, 2, dtype=np.float32) / HEAD_DIM))
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / 4:
+            factors.append(1.0)
+        elif wavelen > old_context / 1:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - 1) / (4 - 1)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    rope_freqs = np.array(factors, dtype=np.float32)
+    path = tmp_path / "llama3.gguf"
+    write_tiny_gguf(path, extra_tensors={"rope_freqs.weight": (rope_freqs, Q.F32)})
+    scaling = GGUFModel.open(path).config["rope_scaling"]
+    assert scaling["rope_type"] == "llama3"
+    assert scaling["factor"] == pytest.approx(factor)
+    assert scaling["original_max_position_embeddings"] == old_context
+
+    odd = tmp_path / "odd_rope.gguf"
+    write_tiny_gguf(odd, extra_tensors={"rope_freqs.weight": (rope_freqs[::-1].copy(), Q.F32)})
+    with pytest.raises(ModelLoadError, match="rope_freqs"):
+        GGUFModel.open(odd)
+
+
+def test_unknown_architecture_names_supported_ones(tmp_path: Path) -> None:
+    path = tmp_path / "falcon.gguf"
+    write_tiny_gguf(path, "falcon")
+    with pytest.raises(ModelLoadError, match="falcon") as info:
+        GGUFModel.open(path)
+    for arch in ("llama", "mistral", "qwen2", "qwen3"):
+        assert arch in str(info.value)
+
+
+def test_missing_tensor_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "missing.gguf"
+    write_tiny_gguf(path, skip=("blk.1.ffn_up.weight",))
+    model = GGUFModel.open(path)
+    assert "model.layers.0.mlp.up_proj.weight" in model.load_state_dict(0, 1)
+    with pytest.raises(ModelLoadError, match=r"missing.*blk\.1\.ffn_up\.weight") as info:
+        model.load_state_dict(0, 2)
+    assert str(path) in str(info.value)
+
+
+def test_unsupported_quant_type_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "q8_1.gguf"
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+    raw = np.zeros((4, block_bytes * HIDDEN // block_size), dtype=np.uint8)
+    write_tiny_gguf(path, extra_tensors={"blk.0.odd.weight": (raw, Q.Q8_1)})
+    model = GGUFModel.open(path)
+    with pytest.raises(ModelLoadError, match="Q8_1"):
+        model._read_tensor("blk.0.odd.weight")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad_magic", "empty", "header_only"])
+def test_corrupt_files_raise_model_load_error(tmp_path: Path, damage: str) -> None:
+    good = tmp_path / "good.gguf"
+    write_tiny_gguf(good)
+    data = good.read_bytes()
+    bad = tmp_path / f"{damage}.gguf"
+    bad.write_bytes({
+        "truncated": data[: len(data) // 2],
+        "bad_magic": b"GGML" + data[4:],
+        "empty": b"",
+        "header_only": data[:40],
+    }[damage])
+    with pytest.raises(ModelLoadError) as info:
+        GGUFModel.open(bad)
+    assert str(bad) in str(info.value)
+
+
+def test_missing_file_raises_model_load_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        GGUFModel.open(tmp_path / "nope.gguf")
+
+
+def test_tiny_file_without_tokenizer_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    with pytest.raises(ModelLoadError, match="tokenizer model None is not supported"):
+        GGUFModel.open(path).tokenizer()
