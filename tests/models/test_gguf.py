@@ -25,11 +25,30 @@ def embedded() -> GGUFModel:
 
 
 @pytest.fixture(scope="module")
-def transformers_state_dict() -> dict[str, torch.Tensor]:
+def transformers_model():  # type: ignore[no-untyped-def]
     transformers = pytest.importorskip("transformers")
     path = embedded_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    return {k: v.float() for k, v in model.state_dict().items()}
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+
+
+@pytest.fixture(scope="module")
+def transformers_state_dict(transformers_model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return {k: v.float() for k, v in transformers_model.state_dict().items()}
+
+
+@torch.no_grad()
+def test_embedded_logits_match_transformers(transformers_model) -> None:  # type: ignore[no-untyped-def]
+    from ringlet.models.loader import load_stage
+
+    stage = load_stage(None)
+    ids = torch.tensor([stage.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
+    cache = stage.model.make_cache(1, 64)
+    ours = stage.model(ids, cache, 0)
+    torch.testing.assert_close(ours, transformers_model(ids).logits, atol=2e-4, rtol=1e-4)
+    nxt = ours[:, -1:].argmax(-1)
+    step = stage.model(nxt, cache, ids.shape[1])
+    full = transformers_model(torch.cat([ids, nxt], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(step, full, atol=2e-4, rtol=1e-4)
 
 
 def test_embedded_config(embedded: GGUFModel) -> None:
