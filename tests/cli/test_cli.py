@@ -1,0 +1,60 @@
+"""The `ringlet` command as a user runs it: a real subprocess, the embedded model, no network."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ringlet.cli import build_parser
+
+
+def ringlet(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ringlet", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def subcommands() -> list[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+def test_core_commands_exist():
+    assert {"run", "bench", "node", "chat", "ps", "info"} <= set(subcommands())
+
+
+@pytest.mark.parametrize("command", subcommands())
+def test_every_command_has_help(command):
+    result = ringlet(command, "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: ringlet" in result.stdout and "-h, --help" in result.stdout
+
+
+def test_run_answers_from_the_embedded_model():
+    result = ringlet("run", "What is the capital of France?", "--max-tokens", "24", "--stats")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "tokens/s" in result.stderr
+
+
+def test_run_bad_model_is_one_clear_line():
+    result = ringlet("run", "hi", "--model", "/nonexistent/model")
+    assert result.returncode == 2
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_bad_sampling_value_is_clear():
+    result = ringlet("run", "hi", "--temperature", "-1")
+    assert result.returncode == 2
+    assert "temperature" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_json():
+    result = ringlet("bench", "--json", "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    r = report["ringlet"]
+    assert r["prompt_tokens"] > 8 and r["new_tokens"] == 4
+    assert r["decode_tokens_per_s"] > 0 and r["time_to_first_token_ms"] > 0 and r["peak_memory_mb"] > 0
