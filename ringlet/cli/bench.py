@@ -16,6 +16,7 @@ from typing import Any
 from ringlet.cli import CliError
 from ringlet.cli.run import add_model_options
 from ringlet.models.errors import ModelLoadError
+from ringlet.models.random_checkpoint import SHAPES
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 
 FILLER = ("The quick brown fox jumps over the lazy dog while the river runs past old mills and quiet "
@@ -31,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is kept")
     p.add_argument("--baseline", choices=["none", "transformers"], default="none",
                    help="also time transformers generate() on the same weights, in the same run")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="instead of --model: random weights shaped like this model (synthetic vocabulary)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16 or int8 (weight-only, CPU)")
+    p.add_argument("--max-context", type=int, default=8192, help="KV cache positions (default 8192)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=bench)
 
@@ -69,27 +74,48 @@ def time_engine(engine: Any, prompt: str, new_tokens: int, repeats: int) -> dict
     }
 
 
-def time_transformers(model_path: Any, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
-    """transformers generate() on the same file (its own GGUF or safetensors loading; fp32, eager)."""
+def transformers_model(model_path: Any, weights: dict[str, Any] | None, config: dict[str, Any] | None,
+                       dtype: Any, device: Any) -> Any:
+    """transformers' own loading of the same file, or its LlamaForCausalLM over the same random tensors."""
     import torch
     import transformers
 
-    if model_path.is_dir():
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if weights is not None:
+        assert config is not None
+        with torch.device(device):  # random init, replaced by the shared tensors below
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, dtype=dtype)).to(dtype)
+        model.load_state_dict(weights, assign=True, strict=False)
+        model.tie_weights()
+    elif model_path.is_dir():
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name,
-                                                                  dtype=torch.float32)
-    model.eval()
-    ids = torch.tensor([prompt_ids])
+                                                                  dtype=dtype)
+    return model.to(device).eval()
+
+
+def time_transformers(model: Any, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
+    """transformers generate(), greedy, eager, its default cache."""
+    import torch
+
+    def sync() -> None:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    device = model.device
+    ids = torch.tensor([prompt_ids], device=device)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     decode, ttft = [], []
     with torch.inference_mode():
         for i in range(repeats + 1):
+            sync()
             began = time.perf_counter()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
+            sync()
             first = time.perf_counter() - began
             began = time.perf_counter()
             model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+            sync()
             total = time.perf_counter() - began
             if i:
                 ttft.append(first)
@@ -99,43 +125,120 @@ def time_transformers(model_path: Any, prompt_ids: list[int], new_tokens: int, r
             "decode_tokens_per_s": median(decode)}
 
 
+def copy_bandwidth(device: Any, nbytes: int = 1 << 30) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (bytes read + bytes written)."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began, n = time.perf_counter(), 20
+    for _ in range(n):
+        dst.copy_(src)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * nbytes * n / (time.perf_counter() - began)
+
+
+def weight_bytes_per_token(model: Any) -> int:
+    """Bytes one decode step reads: every weight, except an untied embedding table (one row is read)."""
+    tied = model.lm_head is not None and model.embed_tokens is not None and model.lm_head.weight is model.embed_tokens.weight
+    total = 0
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith("embed_tokens") and not tied:
+            continue
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None, dict[str, Any] | None]:
+    """(engine, random weights or None, their config or None)."""
+    import torch
+
+    from ringlet.models.loader import LoadedStage
+    from ringlet.models.random_checkpoint import random_weights, shape_config, synthetic_tokenizer
+    from ringlet.models.registry import build_stage, model_args
+    from ringlet.worker.engines.loading import load_local_engine
+    from ringlet.worker.engines.torch.engine import _DTYPES, TorchEngine, resolve_precision
+
+    if args.shape is None:
+        return load_local_engine(args.model, args.engine, precision=args.precision, max_context=args.max_context), None, None
+    device = torch.device(args.engine or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(args.precision, device)
+    if precision == "int8":
+        raise CliError("--shape builds bf16/fp16/fp32 models; use --precision bf16")
+    config = shape_config(args.shape)
+    model_arguments = model_args(config)
+    weights = random_weights(model_arguments, _DTYPES[precision], device)
+    model = build_stage(model_arguments, weights=weights, dtype=_DTYPES[precision], device=device)
+    stage = LoadedStage(model_arguments, model, synthetic_tokenizer(model_arguments.vocab_size), 0,
+                        model_arguments.num_hidden_layers)
+    engine = TorchEngine(stage, device, args.max_context)
+    engine.precision = precision
+    return engine, weights, config
+
+
 def bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ringlet.worker.engines.loading import load_local_engine
-
     try:
-        engine = load_local_engine(args.model, args.engine)
-    except ModelLoadError as e:
+        engine, weights, config = load_bench_engine(args)
+    except (ModelLoadError, ValueError) as e:
         raise CliError(str(e)) from None
+    warmup_s = engine.warmup()
     tokenizer = engine.tokenizer
     ids = make_prompt(tokenizer, args.prompt_tokens)
     prompt = tokenizer.decode(ids, skip_special_tokens=False)
+    device = engine.device
     results: dict[str, Any] = {
-        "model": str(args.model or "SmolLM2-135M-Instruct (embedded)"),
-        "engine": engine.name,
-        "threads": torch.get_num_threads(),
+        "model": args.shape and f"random weights shaped like {args.shape}" or str(args.model or "SmolLM2-135M-Instruct (embedded)"),
+        "engine": engine.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": engine.precision, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
         "ringlet": time_engine(engine, prompt, args.new_tokens, args.repeats),
     }
-    results["ringlet"]["peak_memory_mb"] = peak_rss_bytes() / 2**20
+    if device.type == "cuda":
+        results["ringlet"]["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        bandwidth = copy_bandwidth(device)
+        weight_bytes = weight_bytes_per_token(engine.stage.model)
+        results |= {"copy_bandwidth_gb_s": bandwidth / 1e9, "weight_gb": weight_bytes / 1e9,
+                    "limit_tokens_per_s": bandwidth / weight_bytes}
+        results["ringlet"]["fraction_of_limit"] = results["ringlet"]["decode_tokens_per_s"] / results["limit_tokens_per_s"]
+    else:
+        results["ringlet"]["peak_memory_mb"] = peak_rss_bytes() / 2**20
     if args.baseline == "transformers":
         from ringlet.models.loader import resolve_model_path
 
-        results["transformers"] = time_transformers(resolve_model_path(args.model), ids, args.new_tokens, args.repeats)
+        path = None if weights is not None else resolve_model_path(args.model)
+        dtype = torch.float32 if engine.precision in ("fp32", "int8") and device.type == "cpu" else next(
+            engine.stage.model.parameters()).dtype
+        reference = transformers_model(path, weights, config, dtype, device)
+        results["transformers"] = time_transformers(reference, ids, args.new_tokens, args.repeats)
+        if "limit_tokens_per_s" in results:
+            results["transformers"]["fraction_of_limit"] = (results["transformers"]["decode_tokens_per_s"]
+                                                            / results["limit_tokens_per_s"])
         results["speedup_decode"] = (results["ringlet"]["decode_tokens_per_s"]
                                      / results["transformers"]["decode_tokens_per_s"])
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         print()
         return 0
-    print(f"model {results['model']}  engine {results['engine']}  threads {results['threads']}")
+    print(f"model {results['model']}  engine {results['engine']}  device {results['device']}  "
+          f"precision {results['precision']}  threads {results['threads']}  warm-up {warmup_s:.1f} s")
+    if "limit_tokens_per_s" in results:
+        print(f"copy bandwidth {results['copy_bandwidth_gb_s']:.0f} GB/s, weights {results['weight_gb']:.2f} GB, "
+              f"limit {results['limit_tokens_per_s']:.0f} tokens/s")
     rows = [k for k in ("ringlet", "transformers") if k in results]
-    print(f"{'':14}{'prompt':>8}{'new':>6}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak MB':>10}")
+    print(f"{'':14}{'prompt':>8}{'new':>6}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}"
+          f"{'of limit':>10}{'peak MB':>10}")
     for k in rows:
         r = results[k]
         peak = f"{r['peak_memory_mb']:.0f}" if "peak_memory_mb" in r else "-"
+        frac = f"{r['fraction_of_limit']:.0%}" if "fraction_of_limit" in r else "-"
         print(f"{k:14}{r['prompt_tokens']:>8}{r['new_tokens']:>6}{r['time_to_first_token_ms']:>10.1f}"
-              f"{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}{peak:>10}")
+              f"{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}{frac:>10}{peak:>10}")
     if "speedup_decode" in results:
         print(f"decode speed-up over transformers: {results['speedup_decode']:.2f}x")
     return 0

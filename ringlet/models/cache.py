@@ -29,9 +29,18 @@ class StaticKVCache:
         self.offset = 0
 
     def update_and_fetch(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+        self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v at positions [start, start+len) and return the cache up to that end."""
+        """Write k/v at positions [start, start+len) and return the cache up to that end.
+
+        With a tensor `start` (a decode step with static shapes) the first `kv_len` positions come back,
+        and the caller masks those past `start`.
+        """
+        if isinstance(start, torch.Tensor):
+            assert kv_len is not None
+            self.keys[layer].index_copy_(2, start, k)
+            self.values[layer].index_copy_(2, start, v)
+            return self.keys[layer][:, :, :kv_len], self.values[layer][:, :, :kv_len]
         end = start + k.shape[2]
         if end > self.max_seq_len:
             raise ContextWindowError(f"sequence of {end} tokens exceeds the cache of {self.max_seq_len}")

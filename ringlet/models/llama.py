@@ -47,6 +47,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # low precision: normalise in fp32, round once, then scale (as the reference implementation does)
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
@@ -62,7 +65,6 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.split = (q_dim, kv_dim, kv_dim)
         self.qkv_proj = nn.Linear(args.hidden_size, q_dim + 2 * kv_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps) if args.qk_norm else None
@@ -70,18 +72,19 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cache: StaticKVCache, layer: int, start: int, mask: torch.Tensor | None,
+        cache: StaticKVCache, layer: int, start: int | torch.Tensor, mask: torch.Tensor | None,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
         b, length, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(b, length, self.n_heads, self.head_dim)
-        k = k.view(b, length, self.n_kv_heads, self.head_dim)
+        heads = self.qkv_proj(x).view(b, length, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = heads.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(b, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        k, v = cache.update_and_fetch(layer, start, k, v)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)  # q and k rotated together: half the kernels
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+        v = v.transpose(1, 2)
+        k, v = cache.update_and_fetch(layer, start, k, v, kv_len)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=True
         )
@@ -107,8 +110,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, cache, layer, start, mask):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask)
+    def forward(self, x, cos, sin, cache, layer, start, mask, kv_len=None):  # type: ignore[no-untyped-def]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -147,22 +150,30 @@ class Transformer(nn.Module):
         return self._cos[start:start + length], self._sin[start:start + length]
 
     def forward(
-        self, x: torch.Tensor, cache: StaticKVCache, start: int, last_logits_only: bool = False
+        self, x: torch.Tensor, cache: StaticKVCache, start: int | torch.Tensor,
+        last_logits_only: bool = False, kv_len: int | None = None,
     ) -> torch.Tensor:
         """x: token ids [B, L] on the first stage, hidden states [B, L, H] elsewhere.
 
         Returns hidden states, or logits [B, L, V] on the last stage ([B, 1, V] with last_logits_only).
-        The caller advances the cache once all stages have run.
+        `start` is the position of x[:, 0]. As a 1-element tensor (one decode token, `kv_len` cached
+        positions attended under a mask) every shape is static, for CUDA graphs and torch.compile.
         """
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
         length = h.shape[1]
-        cos, sin = self._rope(start, length, h.dtype)
         mask = None
-        if length > 1 and start > 0:  # a later prefill chunk: causal over the cached prefix too
-            pos = torch.arange(start + length, device=h.device)
-            mask = pos[None, :] <= (pos[start:, None])
+        if isinstance(start, torch.Tensor):
+            assert length == 1 and kv_len is not None, "a tensor position is for one-token decode steps"
+            self._rope(0, kv_len, h.dtype)
+            cos, sin = self._cos[start], self._sin[start]
+            mask = torch.arange(kv_len, device=h.device)[None, :] <= start
+        else:
+            cos, sin = self._rope(start, length, h.dtype)
+            if length > 1 and start > 0:  # a later prefill chunk: causal over the cached prefix too
+                pos = torch.arange(start + length, device=h.device)
+                mask = pos[None, :] <= (pos[start:, None])
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache, i, start, mask)
+            h = layer(h, cos, sin, cache, i, start, mask, kv_len)
         if self.norm is None:
             return h
         if last_logits_only:

@@ -136,3 +136,18 @@ def test_bad_layer_range():
     args = model_args({**TINY, "model_type": "llama"})
     with pytest.raises(ModelLoadError, match="layer range"):
         build_stage(args, 4, 9)
+
+
+@torch.no_grad()
+def test_tensor_position_decode_equals_int_position(checkpoint):  # type: ignore[no-untyped-def]
+    """The static-shape decode step (CUDA graphs) computes what the dynamic one does."""
+    _, path = checkpoint
+    model = load(path)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    a, b = model.make_cache(2, 64), model.make_cache(2, 64)
+    model(ids, a, 0)
+    model(ids, b, 0)
+    token = torch.randint(0, TINY["vocab_size"], (2, 1))
+    dynamic = model(token, a, 9)
+    static = model(token, b, torch.tensor([9]), kv_len=32)
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)

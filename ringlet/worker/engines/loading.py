@@ -8,8 +8,8 @@ from pathlib import Path
 from ringlet.worker.engines.base import Engine
 
 
-def load_local_engine(model: str | Path | None, engine: str | None = None) -> Engine:
+def load_local_engine(model: str | Path | None, engine: str | None = None, **options: object) -> Engine:
     from ringlet.worker.engines.torch.engine import TorchEngine
 
     choice = engine or os.environ.get("RINGLET_ENGINE") or "cpu"
-    return TorchEngine.load(model, device=choice)
+    return TorchEngine.load(model, device=choice, **options)

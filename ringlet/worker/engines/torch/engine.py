@@ -11,6 +11,7 @@ import torch
 from ringlet.models.loader import LoadedStage, load_stage
 from ringlet.models.quant import cpu_supports_bf16, quantize_int8
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.engines.torch.cuda_graphs import GraphedDecoder
 from ringlet.worker.engines.torch.generate import TextGenerator
 
 DEFAULT_MAX_CONTEXT = 8192
@@ -34,24 +35,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+    def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT,
+                 cuda_graphs: bool | None = None, compile: bool = True) -> None:
         self.stage, self.device = stage, device
         self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
         self.context_length = min(stage.args.context_length, max_context)
         self.cache = stage.model.make_cache(1, self.context_length)
+        self.graphs: GraphedDecoder | None = None
+        if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
+            self.graphs = GraphedDecoder(stage.model, self.cache, self.context_length, compile=compile)
         self.generator = TextGenerator(
-            self._forward, stage.tokenizer, self.context_length, stage.args.vocab_size, device
+            self._forward, stage.tokenizer, self.context_length, stage.args.vocab_size, device,
+            lookahead=device.type == "cuda",
         )
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "cpu", precision: str = "auto",
-             max_context: int = DEFAULT_MAX_CONTEXT) -> "TorchEngine":
+             max_context: int = DEFAULT_MAX_CONTEXT, **options: bool) -> "TorchEngine":
         dev = torch.device(device)
         precision = resolve_precision(precision, dev)
         stage = load_stage(model, dtype=_DTYPES[precision], device=dev)
         if precision == "int8":
             quantize_int8(stage.model, _DTYPES[precision])
-        engine = cls(stage, dev, max_context)
+        engine = cls(stage, dev, max_context, **options)
         engine.precision = precision
         return engine
 
@@ -61,13 +67,18 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        if self.graphs is not None and ids.shape[1] == 1:
+            self.cache.offset = start + 1
+            return self.graphs(ids, start)
         logits = self.stage.model(ids, self.cache, start, last_logits_only=True)
         self.cache.offset = start + ids.shape[1]
         return logits[:, -1]
 
     def warmup(self) -> float:
-        """One short generation, so the first request doesn't pay for lazy initialisation."""
+        """Capture the decode graphs (CUDA) and run one short generation, so no request pays for them."""
         began = time.perf_counter()
+        if self.graphs is not None:
+            self.graphs.capture_all()
         task = TextGenerationTask(prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
         for _ in self.generate(task):
             pass

@@ -34,13 +34,19 @@ class TextGenerator:
 
     def __init__(
         self, forward: Forward, tokenizer: Tokenizer, context_length: int, vocab_size: int,
-        device: torch.device | str = "cpu", prefill_chunk: int = 512,
+        device: torch.device | str = "cpu", prefill_chunk: int = 512, lookahead: bool = False,
     ) -> None:
         self.forward, self.tokenizer = forward, tokenizer
         self.context_length, self.vocab_size = context_length, vocab_size
         self.device, self.prefill_chunk = torch.device(device), prefill_chunk
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
         self.eos = set(tokenizer.eos_token_ids)
+        # lookahead (GPUs): step t+1 is queued before token t is read back, so the device never waits
+        # for the host; a finished request has computed one step it does not use.
+        self.lookahead = lookahead
+        if lookahead:
+            self._host_token = torch.zeros(1, dtype=torch.long, pin_memory=True)
+            self._copied = torch.cuda.Event()
 
     def check_fits(self, ids: list[int]) -> None:
         if len(ids) >= self.context_length:
@@ -70,6 +76,13 @@ class TextGenerator:
         self.cached.append(ids[-1])
         return logits
 
+    def _read_while_stepping(self, token: torch.Tensor) -> tuple[int, torch.Tensor]:
+        self._host_token.copy_(token.view(1), non_blocking=True)
+        self._copied.record()
+        logits = self.forward(token.view(1, 1), len(self.cached))
+        self._copied.synchronize()
+        return int(self._host_token[0]), logits
+
     def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
         ids = prompt_ids(self.tokenizer, task)
         self.check_fits(ids)
@@ -88,27 +101,30 @@ class TextGenerator:
         first_token_at, finish, generated = 0.0, "length", 0
         while generated < max_tokens:
             token = sampler(logits, seen, output_counts)
-            token_id = int(token.item())
             generated += 1
+            more = generated < max_tokens
+            if sampler.needs_history:
+                seen[0, token] = True
+                output_counts[0, token] += 1
+            if self.lookahead and more:
+                token_id, logits = self._read_while_stepping(token)
+            else:
+                token_id, logits = int(token.item()), None
             if generated == 1:
                 first_token_at = time.perf_counter()
             if token_id in self.eos and not task.ignore_eos:
                 finish = "stop"
                 break
             text = stops.feed(detok.add_token(token_id))
-            if stops.stopped:
-                finish = "stop"
-                if text:
-                    yield GenerationChunk(task_id=task.task_id, text=text, token_id=token_id)
-                break
             if text:
                 yield GenerationChunk(task_id=task.task_id, text=text, token_id=token_id)
-            if generated == max_tokens:
+            if stops.stopped:
+                finish = "stop"
                 break
-            if sampler.needs_history:
-                seen[0, token] = True
-                output_counts[0, token] += 1
-            logits = self.forward(token.view(1, 1), len(self.cached))
+            if not more:
+                break
+            if logits is None:
+                logits = self.forward(token.view(1, 1), len(self.cached))
             self.cached.append(token_id)
         tail = "" if stops.stopped else stops.feed(detok.finalize()) + stops.flush()
         done = time.perf_counter()

@@ -1,0 +1,66 @@
+"""Random-weight models shaped like real ones, for benchmarks where no real weights can be downloaded.
+
+Decode speed depends on shapes and bytes, not on the values, so a random Llama-3.1-8B reads exactly
+the bytes the real one does. The tokenizer is a synthetic word-level vocabulary of the right size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import models, pre_tokenizers, decoders
+
+from ringlet.models.config import ModelArgs
+from ringlet.models.tokenizer import Tokenizer
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def shape_config(shape: str) -> dict[str, Any]:
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    return {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_scaling": LLAMA3_ROPE, **SHAPES[shape]}
+
+
+def random_weights(args: ModelArgs, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Hugging Face-named tensors with small random values (std 0.02, norms 1), made on the device."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h, i, d = args.hidden_size, args.intermediate_size, args.head_dim
+    q, kv = args.num_attention_heads * d, args.num_key_value_heads * d
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * 0.02
+
+    weights = {"model.embed_tokens.weight": rand(args.vocab_size, h),
+               "model.norm.weight": torch.ones(h, device=device, dtype=dtype)}
+    if not args.tie_word_embeddings:
+        weights["lm_head.weight"] = rand(args.vocab_size, h)
+    for n in range(args.num_hidden_layers):
+        p = f"model.layers.{n}."
+        weights |= {p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                    p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
+                    p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+                    p + "mlp.down_proj.weight": rand(h, i),
+                    p + "input_layernorm.weight": torch.ones(h, device=device, dtype=dtype),
+                    p + "post_attention_layernorm.weight": torch.ones(h, device=device, dtype=dtype)}
+    return weights
+
+
+def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
+    """Words t0 ... t{n-1}, one token each; the last id ends a sequence."""
+    vocab = {f"t{n}": n for n in range(vocab_size)}
+    backend = BackendTokenizer(models.WordLevel(vocab, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return Tokenizer(backend, eos_token_ids=[vocab_size - 1])
