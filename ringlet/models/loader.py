@@ -29,15 +29,23 @@ class LoadedStage:
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:
-    """A local path as given, or the embedded model for its names (or None)."""
-    if ref is None or str(ref).lower() in EMBEDDED_ALIASES:
+    """A local path, then a model in the store (`ringlet pull`), then the embedded model's names."""
+    if ref is None:
         return embedded_model_path()
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    from ringlet.models.store import find_local, ringlet_home
+
+    # the store first: a pulled full-precision HuggingFaceTB/SmolLM2-135M-Instruct beats the embedded Q4_1 file
+    if (stored := find_local(str(ref))) is not None:
+        return stored
+    if str(ref).lower() in EMBEDDED_ALIASES:
+        return embedded_model_path()
     raise ModelLoadError(
-        f"model {str(ref)!r} not found: give a path to a Hugging Face model directory or a .gguf file, "
-        f"or {EMBEDDED_MODEL_ID!r} for the embedded model"
+        f"model {str(ref)!r} not found: not a local path and not in the store ({ringlet_home() / 'models'}); "
+        f"`ringlet pull {ref}` downloads it, `ringlet models` lists what is there, "
+        f"or use {EMBEDDED_MODEL_ID!r} (the embedded model)"
     )
 
 

@@ -1,0 +1,198 @@
+"""`ringlet pull MODEL`, `ringlet models` and `ringlet rm MODEL`: the local model store from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from ringlet.cli import CliError
+from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.models.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ringlet.models.download import DownloadProgress
+
+# ringlet.models.{download,store,catalog} import torch (via the safetensors loader) and huggingface_hub:
+# they are imported inside the commands so that every other `ringlet` command starts fast.
+
+_EMBEDDED_NAMES = {EMBEDDED_MODEL_ID.lower(), "default", "smollm2-135m", "smollm2-135m-instruct"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    pull = subparsers.add_parser("pull", help="download a model from Hugging Face into the local store")
+    pull.add_argument("model", help="ORG/NAME as on Hugging Face (e.g. Qwen/Qwen3-0.6B); ORG/NAME:QUANT picks one "
+                                    "GGUF file of a GGUF repo")
+    pull.add_argument("--layers", metavar="START:END", type=_layers_arg,
+                      help="fetch only the files that hold layers START..END-1 (one pipeline stage)")
+    pull.add_argument("--offline", action="store_true",
+                      help="use only what is on disk, no network (also HF_HUB_OFFLINE=1)")
+    pull.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    pull.add_argument("--workers", type=int, default=4, help="files fetched in parallel (default: 4)")
+    pull.set_defaults(func=_pull)
+
+    models = subparsers.add_parser("models", help="list downloaded models: size, complete or not")
+    models.add_argument("--catalog", action="store_true", help="list the curated models with their sizes instead")
+    models.set_defaults(func=_list)
+
+    rm = subparsers.add_parser("rm", help="delete a downloaded model from the local store")
+    rm.add_argument("model", help="ORG/NAME as `ringlet models` lists it")
+    rm.set_defaults(func=_remove)
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from ringlet.models.download import DownloadCancelled, HubSettings, download_model
+    from ringlet.models.store import ModelRef
+
+    if args.model.strip().lower() in _EMBEDDED_NAMES:
+        print(f"{EMBEDDED_MODEL_ID} is embedded in ringlet; nothing to download")
+        return 0
+    if Path(args.model).expanduser().exists():
+        raise CliError(f"{args.model} is a local path; run it directly, there is nothing to pull")
+    try:
+        ModelRef.parse(args.model)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request drowns the progress bars
+    settings = HubSettings.from_env(offline=True if args.offline else None)
+    cancel = threading.Event()
+    outcome: dict[str, object] = {}
+    console = Console(stderr=True)
+    with _ProgressBars(console) as bars:
+        def run() -> None:
+            try:
+                outcome["path"] = download_model(args.model, layers=args.layers, revision=args.revision,
+                                                 settings=settings, max_workers=args.workers,
+                                                 progress=bars.show, cancel=cancel)
+            except ModelLoadError as e:  # DownloadError and friends: the message says what to do
+                outcome["error"] = e
+
+        worker = threading.Thread(target=run, name="pull", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.2)
+        except KeyboardInterrupt:
+            cancel.set()
+            worker.join()
+            console.print(f"interrupted; `ringlet pull {args.model}` resumes where it stopped")
+            return 130
+    error = outcome.get("error")
+    if isinstance(error, DownloadCancelled):
+        return 130
+    if isinstance(error, ModelLoadError):
+        raise CliError(str(error))
+    path = Path(str(outcome["path"]))
+    size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
+    print(f"{args.model}: ready at {path} ({_size(size)})")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from ringlet.models.catalog import catalog
+    from ringlet.models.embedded import embedded_model_path
+    from ringlet.models.store import ModelStore
+
+    store = ModelStore()
+    rows: list[tuple[str, ...]]
+    if args.catalog:
+        rows = [("MODEL", "PARAMS", "LAYERS", "CONTEXT", "BF16", "ON DISK")]
+        stored = {m.repo_id.lower(): m for m in store.models()}
+        for card in catalog(include_embedded=False):  # parsing the embedded GGUF takes seconds; it is listed below
+            here = stored[card.id.lower()].status if card.id.lower() in stored else "-"
+            rows.append((card.id, f"{card.num_parameters / 1e9:.2f}B", str(card.num_layers),
+                         str(card.context_length), _size(card.weight_bytes("bfloat16")), here))
+        _print_table(rows)
+        print(f"\n{EMBEDDED_MODEL_ID} (Q4_1 GGUF) is embedded: it needs no download")
+        return 0
+    rows = [("MODEL", "STATUS", "SIZE", "DETAIL", "PATH")]
+    try:
+        embedded = embedded_model_path()
+        rows.append((EMBEDDED_MODEL_ID, "embedded", _size(embedded.stat().st_size), "Q4_1 GGUF", str(embedded)))
+    except ModelLoadError as e:
+        rows.append((EMBEDDED_MODEL_ID, "missing", "-", str(e), "-"))
+    for model in store.models():
+        detail = model.detail
+        if model.incomplete_bytes:
+            detail += f"; {_size(model.incomplete_bytes)} of unfinished downloads (`ringlet pull` resumes)"
+        if model.read_only:
+            detail += "; read-only"
+        rows.append((model.repo_id, model.status, _size(model.size_bytes), detail, str(model.path)))
+    _print_table(rows)
+    if len(rows) == 2:
+        print(f"\nno downloaded models in {store.root}; `ringlet pull Qwen/Qwen3-0.6B` fetches one")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    if args.model.strip().lower() in _EMBEDDED_NAMES:
+        raise CliError(f"{EMBEDDED_MODEL_ID} is embedded in the installed package and cannot be removed")
+    from ringlet.models.store import ModelStore
+
+    try:
+        model = ModelStore().remove(args.model)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
+    print(f"removed {model.repo_id} ({_size(model.size_bytes + model.incomplete_bytes)} freed)")
+    return 0
+
+
+class _ProgressBars:
+    """A rich progress display fed by download callbacks (which arrive from worker threads)."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.tasks: dict[str, TaskID] = {}
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> Self:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def show(self, update: DownloadProgress) -> None:
+        with self.lock:
+            for name, done, total in [("total", update.done, update.total)] + [
+                    (f.name, f.done, f.total) for f in update.files]:
+                if name not in self.tasks:
+                    self.tasks[name] = self.progress.add_task(name, total=total)
+                self.progress.update(self.tasks[name], completed=done, total=total)
+
+
+def _layers_arg(text: str) -> tuple[int, int]:
+    """'START:END' -> (start, end), END exclusive."""
+    start, sep, end = text.partition(":")
+    if sep and start.isdigit() and end.isdigit() and int(start) < int(end):
+        return int(start), int(end)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected START:END with 0 <= START < END, e.g. 0:14")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    sys.stdout.flush()
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
