@@ -53,5 +53,7 @@ fi
 
 if ((want_test)); then
   apt_install chromium nix-bin systemd iproute2
-  [[ -x scripts/setup-ipex.sh ]] && scripts/setup-ipex.sh
+  # the IPEX environment (7 GB) lives outside the clone, so a new clone only re-links ringlet into it
+  export RINGLET_IPEX_VENV=${RINGLET_IPEX_VENV:-$HOME/.cache/ringlet/venv-ipex-2.8}
+  scripts/setup-ipex.sh
 fi

@@ -2,6 +2,7 @@
 # Installs what is missing, then runs every test. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export RINGLET_IPEX_VENV=${RINGLET_IPEX_VENV:-$HOME/.cache/ringlet/venv-ipex-2.8}
 scripts/setup.sh --test
 collected=$(.venv/bin/python -m pytest --collect-only -q "$@" 2>/dev/null | grep -cE '::' || true)
 if [[ "$collected" -eq 0 ]]; then

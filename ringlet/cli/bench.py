@@ -17,6 +17,7 @@ from ringlet.cli import CliError
 from ringlet.cli.run import add_model_options
 from ringlet.models.errors import ModelLoadError
 from ringlet.models.random_checkpoint import SHAPES
+from ringlet.worker.engines.engine_utils import EngineUnavailableError
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 
 FILLER = ("The quick brown fox jumps over the lazy dog while the river runs past old mills and quiet "
@@ -186,7 +187,7 @@ def bench(args: argparse.Namespace) -> int:
 
     try:
         engine, weights, config = load_bench_engine(args)
-    except (ModelLoadError, ValueError) as e:
+    except (ModelLoadError, ValueError, EngineUnavailableError) as e:
         raise CliError(str(e)) from None
     warmup_s = engine.warmup()
     tokenizer = engine.tokenizer

@@ -7,6 +7,7 @@ import sys
 
 from ringlet.cli import CliError
 from ringlet.models.errors import ContextWindowError, ModelLoadError
+from ringlet.worker.engines.engine_utils import EngineUnavailableError
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 
 
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16 or int8 (weight-only, CPU)")
     p.add_argument("--stats", action="store_true", help="print tokens/s and time to first token after the answer")
     p.set_defaults(func=run)
 
@@ -44,11 +46,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(str(e)) from None
     try:
-        engine = load_local_engine(args.model, args.engine)
+        engine = load_local_engine(args.model, args.engine, precision=args.precision)
         for chunk in engine.generate(task):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
-    except (ModelLoadError, ContextWindowError) as e:
+    except (ModelLoadError, ContextWindowError, EngineUnavailableError) as e:
         raise CliError(str(e)) from None
     sys.stdout.write("\n")
     if args.stats and chunk.timings and chunk.usage:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ringlet.worker.engines.base import Engine
 
 
 def load_local_engine(model: str | Path | None, engine: str | None = None, **options: object) -> Engine:
-    from ringlet.worker.engines.torch.engine import TorchEngine
+    """`engine` (or $RINGLET_ENGINE, or the best available one); an unavailable engine is a ValueError
+    that lists the available ones."""
+    from ringlet.worker.engines.engine_init import load_best_engine
 
-    choice = engine or os.environ.get("RINGLET_ENGINE") or "cpu"
-    return TorchEngine.load(model, device=choice, **options)
+    return load_best_engine(model, engine, **options)

@@ -1,0 +1,92 @@
+"""IpexEngine: one whole model on an Intel GPU (or on the CPU through IPEX's CPU backend)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ringlet.models.cache import StaticKVCache
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.engines.ipex import IPEXModel, IPEXTokenizerWrapper
+from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, open_xpu
+from ringlet.worker.engines.ipex.generator.generate import DeviceForward, ipex_generate
+from ringlet.worker.engines.ipex.utils_ipex import DEFAULT_MAX_CONTEXT, IpexLoadedModel, IpexMode, load_ipex_model
+from ringlet.worker.engines.torch.generate import Forward, TextGenerator
+
+
+class IpexEngine:
+    name = "ipex"
+
+    def __init__(self, loaded: IpexLoadedModel, device: ComputeDevice, model_ref: str | Path | None,
+                 max_retries: int = 3) -> None:
+        self.loaded, self.device, self.model_ref = loaded, device, model_ref
+        self.precision, self.optimization = loaded.precision, loaded.optimization
+        self.context_length = loaded.context_length
+        args = loaded.stage.args
+        self.model: IPEXModel | None = loaded.model
+        self.cache: StaticKVCache | None = loaded.model.make_cache(1, self.context_length)
+        self.tokenizer = IPEXTokenizerWrapper(loaded.stage.tokenizer, args.vocab_size)
+        self.forward = DeviceForward(self._device_forward, device, history=lambda: self.generator.cached,
+                                     load_fallback=self._load_cpu_fallback, max_retries=max_retries)
+        # The loop runs on the host: ids go to the device inside forward, logits come back (see DeviceForward).
+        self.generator = TextGenerator(self.forward, self.tokenizer, self.context_length, args.vocab_size, "cpu")
+
+    @classmethod
+    def load(
+        cls, model: str | Path | None = None, device: str | ComputeDevice = "xpu", precision: str = "auto",
+        max_context: int = DEFAULT_MAX_CONTEXT, ipex: IpexMode = "auto", compile_model: bool | None = None,
+        max_retries: int = 3,
+    ) -> IpexEngine:
+        """device: "xpu", "xpu:N", "cpu" (IPEX's CPU backend) or a ComputeDevice."""
+        target = _device(device)
+        loaded = load_ipex_model(model, target, precision, max_context, ipex, compile_model)
+        return cls(loaded, target, model, max_retries)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.forward.fallback_reason
+
+    def _device_forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        assert self.model is not None and self.cache is not None, "the device model is gone after a fallback"
+        logits = self.model(ids, self.cache, start, last_logits_only=True)
+        self.cache.offset = start + ids.shape[1]
+        return logits[:, -1]
+
+    def _load_cpu_fallback(self) -> Forward:
+        from ringlet.worker.engines.torch.engine import TorchEngine
+
+        self.model = self.cache = None  # let the device memory go; the device may be unusable now
+        # the same precision where the CPU runs it (fp16 matmuls are emulated there), so the stream stays alike
+        precision = "auto" if self.precision == "fp16" else self.precision
+        cpu = TorchEngine.load(self.model_ref, device="cpu", precision=precision)
+        self.name = "cpu"
+        return cpu.generator.forward
+
+    def warmup(self) -> float:
+        """One short generation: compiles (torch.compile) or primes IPEX's kernels before the first request."""
+        began = time.perf_counter()
+        task = TextGenerationTask(prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
+        for _ in self.generate(task):
+            pass
+        return time.perf_counter() - began
+
+    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+        return ipex_generate(self.generator, task)
+
+    def close(self) -> None:
+        self.model = self.cache = None
+        self.device.empty_cache()
+
+
+def _device(device: str | ComputeDevice) -> ComputeDevice:
+    if not isinstance(device, str):
+        return device
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return HostDevice()
+    if kind == "xpu":
+        return open_xpu(index=int(index or 0))
+    raise ValueError(f"the ipex engine runs on 'xpu', 'xpu:N' or 'cpu' (IPEX's CPU backend), not {device!r}")

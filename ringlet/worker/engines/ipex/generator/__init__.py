@@ -1,0 +1,1 @@
+"""Generation for the ipex engine."""

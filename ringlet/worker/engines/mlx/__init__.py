@@ -1,0 +1,1 @@
+"""The MLX engine (mlx-lm models; Metal on Apple Silicon, CPU on Linux)."""
