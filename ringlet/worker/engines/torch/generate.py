@@ -49,6 +49,8 @@ class TextGenerator:
             self._copied = torch.cuda.Event()
 
     def check_fits(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("the prompt has no tokens (empty, or only characters the tokenizer drops); send some text")
         if len(ids) >= self.context_length:
             raise ContextWindowError(
                 f"the prompt has {len(ids)} tokens but the model's context window is {self.context_length}; "

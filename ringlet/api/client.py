@@ -1,0 +1,61 @@
+"""A small client of a node's API for the CLI (`ringlet chat`, `ringlet ps`), on the standard library alone."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+DEFAULT_URL = "http://localhost:52415"
+
+
+class NodeApiError(Exception):
+    """The node answered with an error, or could not be reached; the message says which and what to do."""
+
+
+class NodeClient:
+    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 600.0) -> None:
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+
+    def _open(self, path: str, body: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
+                                         headers={"Content-Type": "application/json", "Accept": "*/*"})
+        try:
+            return urllib.request.urlopen(request, timeout=self.timeout_s)
+        except urllib.error.HTTPError as error:
+            raise NodeApiError(f"{error.code}: {_error_message(error.read())}") from None
+        except urllib.error.URLError as error:
+            raise NodeApiError(f"no ringlet node answers at {self.url} ({error.reason}); start one with "
+                               "`ringlet node`, or point --url at one") from None
+
+    def get(self, path: str) -> Any:
+        with self._open(path) as response:
+            return json.load(response)
+
+    def stream_events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST and yield each server-sent event's JSON until `[DONE]`; an error event raises NodeApiError."""
+        with self._open(path, body) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line.removeprefix("data:").strip()
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise NodeApiError(_error_message(data.encode()))
+                yield event
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return body.decode(errors="replace")[:500]
+    if isinstance(error, dict):
+        return str(error.get("message"))
+    return str(error)

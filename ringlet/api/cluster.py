@@ -1,0 +1,115 @@
+"""Cluster management: node id, state, topology, engines, the model catalog, placement previews, instances."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Query, Request
+
+from ringlet.api.cluster_schemas import (
+    CatalogModel,
+    CreateInstanceRequest,
+    DeletedInstance,
+    Health,
+    InstanceTypeFit,
+    ModelsResponse,
+    NodeIdResponse,
+    PreviewsResponse,
+    Topology,
+)
+from ringlet.api.errors import error_responses
+from ringlet.api.facade import node_of
+from ringlet.master.placement import preview
+from ringlet.models.store import find_local
+from ringlet.shared.engine_info import EngineInfo
+from ringlet.shared.instances import InstanceType
+from ringlet.shared.state import InstanceRecord, RunnerStatus, State
+
+router = APIRouter(tags=["cluster"])
+
+
+
+def ringlet_version() -> str:
+    try:
+        return version("ringlet")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@router.get("/health", response_model=Health)
+def health(request: Request) -> Health:
+    """The node is up; counts of its instances by status."""
+    node = node_of(request)
+    statuses = [r.status for r in node.state.instances.values()]
+    return Health(node_id=node.node_id, version=ringlet_version(),
+                  instances_ready=statuses.count(RunnerStatus.READY),
+                  instances_loading=statuses.count(RunnerStatus.LOADING),
+                  instances_failed=statuses.count(RunnerStatus.FAILED))
+
+
+@router.get("/node_id", response_model=NodeIdResponse)
+def node_id(request: Request) -> NodeIdResponse:
+    node = node_of(request)
+    return NodeIdResponse(node_id=node.node_id, name=node.info.name)
+
+
+@router.get("/state", response_model=State)
+def state(request: Request) -> State:
+    """The whole cluster state: nodes, links, instances with their runners, tasks in flight."""
+    return node_of(request).state
+
+
+@router.get("/topology", response_model=Topology)
+def topology(request: Request) -> Topology:
+    current = node_of(request).state
+    return Topology(nodes=list(current.nodes.values()), links=current.links)
+
+
+@router.get("/engines", response_model=EngineInfo)
+def engines(request: Request) -> EngineInfo:
+    """This node's engines: which are available, which is selected, and why the others are not."""
+    return node_of(request).engine_info
+
+
+@router.get("/models", response_model=ModelsResponse)
+def models(request: Request) -> ModelsResponse:
+    """The model catalog with sizes, whether each is on disk, and which instance types could serve it now."""
+    node = node_of(request)
+    current = node.state
+    nodes = list(current.nodes.values())
+    entries = []
+    for card in node.catalog.cards():
+        fits = [InstanceTypeFit(instance_type=p.instance_type, possible=p.possible, reason=p.reason)
+                for p in preview(card, nodes)]
+        on_disk = card.source in ("embedded", "local") or find_local(card.id) is not None
+        entries.append(CatalogModel(card=card, on_disk=on_disk, fits=fits,
+                                    instance_ids=[r.instance.instance_id for r in current.instances_of(card.id)]))
+    return ModelsResponse(models=entries)
+
+
+@router.get("/instance/previews", response_model=PreviewsResponse, responses=error_responses(400, 404))
+def instance_previews(request: Request, model: str = Query(min_length=1, description="a model id or local path"),
+                      min_nodes: int = Query(1, ge=1, le=64)) -> PreviewsResponse:
+    """Where each instance type would put the model's layers (and the memory per node), or why it cannot."""
+    card, previews = node_of(request).preview(model, min_nodes=min_nodes)
+    return PreviewsResponse(model=card.id, card=card, previews=previews)
+
+
+@router.post("/instance", response_model=InstanceRecord, status_code=201,
+             responses=error_responses(400, 404, 409, 413))
+async def create_instance(body: CreateInstanceRequest, request: Request) -> InstanceRecord:
+    """Place a model and start loading it; watch GET /instance/{id} until its status is ready."""
+    return node_of(request).create_instance(body.model, InstanceType.parse(body.instance_type), node_ids=body.nodes,
+                                          min_nodes=body.min_nodes)
+
+
+@router.get("/instance/{instance_id}", response_model=InstanceRecord, responses=error_responses(404))
+def get_instance(instance_id: str, request: Request) -> InstanceRecord:
+    return node_of(request).get_instance(instance_id)
+
+
+@router.delete("/instance/{instance_id}", response_model=DeletedInstance, responses=error_responses(404))
+async def delete_instance(instance_id: str, request: Request) -> DeletedInstance:
+    """Stop the instance's runners; its requests in flight end with an error."""
+    node_of(request).delete_instance(instance_id)
+    return DeletedInstance(instance_id=instance_id)

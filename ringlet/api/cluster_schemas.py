@@ -1,0 +1,69 @@
+"""Response and request shapes of the cluster endpoints (what the dashboard and `ringlet ps` read)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from ringlet.master.placement import PlacementPreview
+from ringlet.models.catalog import ModelCard
+from ringlet.shared.instances import InstanceType
+from ringlet.shared.state import Link, NodeInfo
+
+InstanceTypeName = Literal["MlxRing", "MlxIbv", "MlxJaccl", "CpuRing", "CudaRing", "IpexRing"]
+
+
+class NodeIdResponse(BaseModel):
+    node_id: str
+    name: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    node_id: str
+    version: str
+    instances_ready: int
+    instances_loading: int
+    instances_failed: int
+
+
+class Topology(BaseModel):
+    nodes: list[NodeInfo]
+    links: list[Link]
+
+
+class InstanceTypeFit(BaseModel):
+    instance_type: InstanceType
+    possible: bool
+    reason: str | None = Field(None, description="why this instance type cannot serve the model now")
+
+
+class CatalogModel(BaseModel):
+    card: ModelCard
+    on_disk: bool = Field(description="the weights are on this node (the embedded model always is)")
+    instance_ids: list[str] = Field(description="instances serving this model")
+    fits: list[InstanceTypeFit] = Field(description="for each instance type, whether the cluster can place it now")
+
+
+class ModelsResponse(BaseModel):
+    models: list[CatalogModel]
+
+
+class PreviewsResponse(BaseModel):
+    model: str = Field(description="the model id the previews are for")
+    card: ModelCard
+    previews: list[PlacementPreview]
+
+
+class CreateInstanceRequest(BaseModel):
+    model: str = Field(min_length=1, description="a model id from GET /models, or a model path on this node")
+    instance_type: InstanceTypeName = Field("CpuRing", description="MlxIbv is the old name of MlxJaccl")
+    nodes: list[str] | None = Field(None, min_length=1, description="node ids or names, in ring order; "
+                                                                   "default: placement picks")
+    min_nodes: int = Field(1, ge=1, le=64, description="use at least this many nodes")
+
+
+class DeletedInstance(BaseModel):
+    instance_id: str
+    deleted: Literal[True] = True

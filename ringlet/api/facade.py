@@ -1,0 +1,70 @@
+"""What the API needs from the node it serves. Today `ringlet.node.node.Node` routes tasks to local runners;
+in a cluster the same calls route over the control plane, and the routers do not change."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from fastapi import Request
+
+from ringlet.master.placement import PlacementPreview
+from ringlet.models.catalog import ModelCard
+from ringlet.shared.engine_info import EngineInfo
+from ringlet.shared.instances import InstanceType
+from ringlet.shared.state import InstanceRecord, NodeInfo, State
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+
+
+class TaskStream(Protocol):
+    """A submitted task: iterate it for chunks; closing it early cancels the generation."""
+
+    task: TextGenerationTask
+    instance_id: str
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ModelResolver(Protocol):
+    def cards(self) -> list[ModelCard]: ...
+
+    def resolve(self, name: str) -> ModelCard: ...
+
+
+class NodeFacade(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def info(self) -> NodeInfo: ...
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def engine_info(self) -> EngineInfo: ...
+
+    @property
+    def catalog(self) -> ModelResolver: ...
+
+    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1
+                ) -> tuple[ModelCard, list[PlacementPreview]]: ...
+
+    def create_instance(self, model: str, instance_type: InstanceType, node_ids: Sequence[str] | None = None,
+                        min_nodes: int = 1) -> InstanceRecord: ...
+
+    def get_instance(self, instance_id: str) -> InstanceRecord: ...
+
+    def delete_instance(self, instance_id: str) -> InstanceRecord: ...
+
+    def instance_for(self, model: str) -> InstanceRecord: ...
+
+    def submit(self, task: TextGenerationTask) -> TaskStream: ...
+
+
+def node_of(request: Request) -> NodeFacade:
+    """The node an app serves (`create_app` puts it in the app's state)."""
+    node: NodeFacade = request.app.state.node
+    return node

@@ -1,0 +1,111 @@
+"""One generation for one HTTP request, shared by the OpenAI and Ollama adapters.
+
+The first chunk is awaited before any response is sent, so refusals (no instance, a prompt over the
+context window, a failed runner) become proper statuses; the rest streams. Until the response has
+started the client is watched for a disconnect here; once a stream is running Starlette cancels it when
+the client leaves. Either way the task is closed, which cancels it in the runner within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from pydantic import ValidationError
+
+from ringlet.api.errors import ApiError, ClientGone, to_api_error
+from ringlet.api.facade import NodeFacade, TaskStream
+from ringlet.api.metrics import ApiMetrics, Outcome
+from ringlet.node.errors import NodeError
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.supervisor import TaskError
+
+DISCONNECT_POLL_S = 0.1
+
+
+async def _next_watching(chunks: AsyncIterator[GenerationChunk], request: Request) -> GenerationChunk:
+    pending = asyncio.ensure_future(anext(chunks))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return pending.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+
+
+def build_task(build: Callable[[], TextGenerationTask]) -> TextGenerationTask:
+    """Turn an adapter's request into a task; a value the task refuses is the client's error (400)."""
+    try:
+        return build()
+    except ValidationError as error:
+        raise ApiError(400, f"invalid request: {error.errors()[0]['msg']}", code="invalid_parameter") from None
+
+
+def error_kind(error: Exception) -> str:
+    """The metrics label of an error: the same code the client sees (model_not_found, runner_failed, ...)."""
+    return to_api_error(error).code or type(error).__name__
+
+
+class Generation:
+    def __init__(self, handle: TaskStream, request: Request, api: str, metrics: ApiMetrics) -> None:
+        self.handle, self.request, self.api, self.metrics = handle, request, api, metrics
+        self._chunks = aiter(handle)
+        self.first: GenerationChunk | None = None
+
+    @property
+    def model(self) -> str:
+        return self.handle.task.model
+
+    @property
+    def task_id(self) -> str:
+        return self.handle.task.task_id
+
+    @classmethod
+    async def start(cls, node: NodeFacade, task: TextGenerationTask, request: Request, api: str) -> Generation:
+        """Submit the task and wait for its first chunk; raises NodeError, TaskError or ClientGone."""
+        metrics: ApiMetrics = request.app.state.metrics
+        try:
+            handle = node.submit(task)
+        except NodeError as refusal:
+            metrics.error(api, error_kind(refusal))
+            raise
+        generation = cls(handle, request, api, metrics)
+        try:
+            generation.first = await _next_watching(generation._chunks, request)
+        except BaseException as error:
+            cancelled = isinstance(error, ClientGone | asyncio.CancelledError)
+            await generation._end("cancelled" if cancelled else "failed", None, error)
+            raise
+        return generation
+
+    async def chunks(self, watch_disconnect: bool) -> AsyncIterator[GenerationChunk]:
+        """Every chunk, the first included; the last has finish_reason. Raises TaskError (or ClientGone when
+        watching); closing this early cancels the task."""
+        assert self.first is not None, "start() first"
+        chunk, last, failure = self.first, None, None
+        outcome: Outcome = "cancelled"
+        try:
+            while True:
+                yield chunk
+                last = chunk
+                if chunk.finish_reason is not None:
+                    outcome = "finished"
+                    return
+                chunk = await (_next_watching(self._chunks, self.request) if watch_disconnect else anext(self._chunks))
+        except TaskError as error:
+            outcome, failure = "failed", error
+            raise
+        finally:
+            await self._end(outcome, last, failure)
+
+    async def _end(self, outcome: Outcome, last: GenerationChunk | None, error: BaseException | None) -> None:
+        await self.handle.aclose()
+        if isinstance(error, TaskError):
+            self.metrics.error(self.api, error_kind(error))
+        self.metrics.generation_ended(self.api, self.model, self.handle.instance_id, outcome, last)

@@ -1,0 +1,141 @@
+"""Ollama's request and response shapes (/api/chat, /api/generate, /api/tags, /api/version).
+
+Ollama clients send many runtime options (num_ctx, num_gpu, mirostat, ...); the ones that change the
+answer are honoured, the ones about Ollama's own runtime are accepted and ignored, as Ollama itself does
+for options a model does not use."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ringlet.shared.tasks import ChatMessage, SamplingParams
+
+# Ollama's default num_predict is -1 (until the model stops); -2 means "fill the context"
+_UNLIMITED = (-1, -2)
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    num_predict: int | None = Field(None, ge=-2, description="tokens to generate; -1 or -2: until the model stops")
+    stop: list[str] | None = Field(None, max_length=16)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+    def sampling(self) -> SamplingParams:
+        greedy = self.top_p == 0.0
+        return SamplingParams(
+            # Ollama's default temperature is 0.8
+            temperature=0.0 if greedy else (0.8 if self.temperature is None else self.temperature),
+            top_p=1.0 if greedy or self.top_p is None else self.top_p,
+            top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+            repetition_penalty=self.repeat_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed,
+        )
+
+    def max_tokens(self) -> int | None:
+        if self.num_predict is None or self.num_predict in _UNLIMITED:
+            return None
+        return self.num_predict if self.num_predict > 0 else None
+
+    def stop_list(self) -> list[str]:
+        return [s for s in self.stop or [] if s]
+
+
+class OllamaMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = ""
+    images: list[str] | None = Field(None, max_length=0, description="not supported")
+
+    def to_message(self) -> ChatMessage:
+        return ChatMessage(role=self.role, content=self.content)
+
+
+class _GenerateFields(BaseModel):
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: Options | None = None
+    format: Literal[""] | None = Field(None, description="structured output is not supported")
+    keep_alive: float | str | None = Field(None, description="accepted and ignored: instances stay until deleted")
+
+    @property
+    def opts(self) -> Options:
+        return self.options or Options()
+
+
+class ChatRequest(_GenerateFields):
+    messages: list[OllamaMessage] = Field(min_length=1)
+    tools: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
+
+
+class GenerateRequest(_GenerateFields):
+    prompt: str = Field("", description="empty: only check that the model is served (Ollama loads it)")
+    system: str | None = None
+    raw: bool = Field(False, description="true: the prompt as is, without the chat template")
+    images: list[str] | None = Field(None, max_length=0, description="not supported")
+    suffix: Literal[""] | None = Field(None, description="not supported")
+
+
+class _Stats(BaseModel):
+    model: str
+    created_at: str = Field(description="RFC 3339")
+    done: bool
+    done_reason: str | None = None
+    total_duration: int | None = Field(None, description="nanoseconds")
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatResponse(_Stats):
+    """One line of the newline-delimited JSON stream (or the whole answer with `stream: false`)."""
+
+    message: ResponseMessage
+
+
+class GenerateResponse(_Stats):
+    """One line of the newline-delimited JSON stream (or the whole answer with `stream: false`)."""
+
+    response: str
+
+
+class ModelDetails(BaseModel):
+    parent_model: str = ""
+    format: str
+    family: str
+    families: list[str]
+    parameter_size: str
+    quantization_level: str
+
+
+class TagModel(BaseModel):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class TagsResponse(BaseModel):
+    models: list[TagModel]
+
+
+class VersionResponse(BaseModel):
+    version: str = Field(description="the Ollama API version these endpoints follow")

@@ -1,0 +1,208 @@
+"""OpenAI's request and response shapes (chat completions, completions, models), and their mapping to a
+`TextGenerationTask`. Parameters ringlet cannot honour are in the schema with the one value it accepts,
+so a client that sends them learns it from a 400 instead of being silently ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ringlet.shared.tasks import ChatMessage, FinishReason, SamplingParams, TextGenerationTask, Timings
+
+MAX_STOP_STRINGS = 16
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = Field(description="text, or a list of text parts")
+    name: str | None = None
+
+    def to_message(self) -> ChatMessage:
+        if isinstance(self.content, list):
+            text = "".join(part.text for part in self.content)
+        else:
+            text = self.content or ""
+        # chat templates know system, user and assistant; OpenAI's newer "developer" is a system message
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(False, description="send a last chunk with the usage of the whole request")
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text"] = Field(description="only plain text is supported")
+
+
+class _SamplingFields(BaseModel):
+    """The sampling parameters both OpenAI endpoints share (plus top_k, min_p, repetition_penalty as vLLM has)."""
+
+    model: str = Field(min_length=1, description="a model id from GET /v1/models, or an instance id to use that one")
+    max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; capped by the context window")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy; default 1")
+    top_p: float | None = Field(None, ge=0.0, le=1.0, description="nucleus sampling; 0 means greedy")
+    top_k: int | None = Field(None, ge=0, description="keep the k most likely tokens (extension); 0 keeps all")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="extension")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="extension, as in vLLM")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="makes sampling reproducible")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored")
+
+    @model_validator(mode="after")
+    def _stop_strings_not_empty(self) -> _SamplingFields:
+        if any(not s for s in self.stop_list()):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling(self) -> SamplingParams:
+        greedy = self.top_p == 0.0
+        return SamplingParams(
+            temperature=0.0 if greedy else (1.0 if self.temperature is None else self.temperature),
+            top_p=1.0 if greedy or self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    logprobs: Literal[False] | None = Field(None, description="not supported")
+    tools: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
+    response_format: ResponseFormat | None = None
+
+    def to_task(self) -> TextGenerationTask:
+        return TextGenerationTask(
+            model=self.model, messages=[m.to_message() for m in self.messages],
+            max_tokens=self.max_completion_tokens or self.max_tokens, stop=self.stop_list(), sampling=self.sampling(),
+        )
+
+
+class CompletionRequest(_SamplingFields):
+    # the engine needs at least one prompt token to start from
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                             Field(min_length=1, max_length=1)] = Field(
+        description="one non-empty prompt (a list of one string is accepted)")
+    max_tokens: int | None = Field(16, ge=1, description="most tokens to generate (OpenAI's default is 16)")
+    echo: bool | None = Field(False, description="put the prompt before the completion")
+    suffix: None = Field(None, description="not supported")
+    logprobs: None = Field(None, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def to_task(self) -> TextGenerationTask:
+        return TextGenerationTask(model=self.model, prompt=self.prompt_text, max_tokens=self.max_tokens,
+                                  stop=self.stop_list(), sampling=self.sampling())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    timings: Timings | None = Field(None, description="extension: time to first token and tokens/s")
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion; with include_usage the last has no choices."""
+
+    model_config = ConfigDict(json_schema_extra={"description": "sent as `data: {json}` lines, then `data: [DONE]`"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    """A text completion; streamed as chunks of the same shape."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ringlet"
+    ready: bool = Field(description="extension: an instance serving this model is ready")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

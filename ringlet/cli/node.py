@@ -1,0 +1,55 @@
+"""`ringlet node`: run this machine's node, serving the API and dashboard (and the embedded model) on :52415."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+from typing import get_args
+
+from ringlet.cli import CliError
+from ringlet.shared.instances import EngineType
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "node", help="run a node: API, dashboard and the default model on http://localhost:52415",
+        description="Run this machine's node: the OpenAI- and Ollama-compatible API, the dashboard, and (unless "
+                    "--no-default-instance) an instance of the default model.")
+    p.add_argument("--api-port", type=int, default=52415, help="HTTP port of the API and dashboard (default 52415)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only, since the API has no "
+                        "authentication; 0.0.0.0 serves your LAN)")
+    p.add_argument("--node-name", default=socket.gethostname(), help="name shown in the dashboard (default: hostname)")
+    p.add_argument("--model", default=None,
+                   help="model of the default instance: a catalog id, a model directory or .gguf file "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--engine", choices=get_args(EngineType), default=None,
+                   help="engine for this node (default: the best available; or set RINGLET_ENGINE)")
+    p.add_argument("--no-default-instance", action="store_true",
+                   help="start without an instance; create one later (dashboard, or POST /instance)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body accepted, in bytes (default 4 MiB)")
+    cluster = p.add_argument_group("cluster (recorded; the control plane is not active in this build yet)")
+    cluster.add_argument("--connect", action="append", default=[], metavar="tcp/HOST:PORT",
+                         help="a peer to connect to (repeatable)")
+    cluster.add_argument("--listen", default=None, metavar="tcp/HOST:PORT", help="where the control plane listens")
+    cluster.add_argument("--no-discovery", action="store_true", help="do not look for peers on the LAN")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ringlet.node.run import NodeOptions, NodeStartError, serve
+
+    if not 0 < args.api_port < 65536:
+        raise CliError(f"--api-port must be 1..65535, got {args.api_port}")
+    options = NodeOptions(
+        name=args.node_name, host=args.host, api_port=args.api_port, model=args.model, engine=args.engine,
+        default_instance=not args.no_default_instance, max_body_bytes=args.max_body_bytes,
+        connect=tuple(args.connect), listen=args.listen, discovery=not args.no_discovery,
+    )
+    try:
+        asyncio.run(serve(options))
+    except NodeStartError as error:
+        raise CliError(str(error)) from None
+    return 0

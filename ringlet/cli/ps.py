@@ -1,0 +1,67 @@
+"""`ringlet ps`: the instances a node knows and the nodes that run them, from its GET /state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ringlet.cli import CliError
+
+GIB = 1024**3
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("ps", help="list instances and nodes of a running node",
+                       description="List the instances (model, type, status, stages per node) and the nodes.")
+    p.add_argument("--url", default="http://localhost:52415", help="the node's API (default http://localhost:52415)")
+    p.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    p.set_defaults(func=run)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+def format_state(state: dict[str, Any]) -> str:
+    nodes = state["nodes"]
+    name = {node_id: n["name"] for node_id, n in nodes.items()}
+    instance_rows = []
+    for instance_id, record in state["instances"].items():
+        instance = record["instance"]
+        stages = []
+        for shard in instance["shards"]:
+            runner = record["runners"].get(shard["node_id"], {})
+            pid = f" pid {runner['pid']}" if runner.get("pid") else ""
+            stages.append(f"{name.get(shard['node_id'], shard['node_id'])}[{shard['start']}:{shard['end']}]{pid}")
+        status = record["status"]
+        if status == "loading":
+            status = f"loading {record['progress']:.0%}"
+        tasks = sum(1 for t in state["tasks"].values() if t["instance_id"] == instance_id)
+        instance_rows.append([instance_id, instance["model"], instance["instance_type"], status, str(tasks),
+                              ", ".join(stages)])
+    node_rows = [[node_id, n["name"], ",".join(n["engines"]["available_engines"]),
+                  str(n["engines"]["selected_engine"]), f"{n['memory']['available_bytes'] / GIB:.1f} GiB"]
+                 for node_id, n in nodes.items()]
+    failed = [f"{instance_id}: {record['error']}" for instance_id, record in state["instances"].items()
+              if record.get("error")]
+    parts = [_table(["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "STAGES"], instance_rows)
+             if instance_rows else "no instances",
+             "",
+             _table(["NODE", "NAME", "ENGINES", "SELECTED", "FREE MEMORY"], node_rows)]
+    if failed:
+        parts += ["", "errors:", *failed]
+    return "\n".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ringlet.api.client import NodeApiError, NodeClient
+
+    try:
+        state = NodeClient(args.url, timeout_s=10).get("/state")
+    except NodeApiError as error:
+        raise CliError(str(error)) from None
+    print(json.dumps(state, indent=2) if args.json else format_state(state))
+    return 0

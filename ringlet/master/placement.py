@@ -1,0 +1,190 @@
+"""Placement: which nodes hold which layers of an instance. Pure functions over model cards and node infos.
+
+Layers are split in proportion to each node's usable memory for the instance type's engine, over the nodes
+whose engines suit the type. Without an explicit node list the fewest nodes that fit are used (every extra
+stage costs a hop per token), the ones with the most memory first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ringlet.models.catalog import ModelCard
+from ringlet.shared.instances import EngineType, Instance, InstanceType, Shard
+from ringlet.shared.state import NodeInfo
+
+GIB = 1024**3
+# The engine computes in this dtype, so its weights take this many bytes per parameter in memory.
+ENGINE_DTYPE: dict[EngineType, str] = {"cpu": "float32", "cuda": "bfloat16", "ipex": "bfloat16", "mlx": "bfloat16"}
+ENGINE_NEEDS: dict[EngineType, str] = {
+    "cpu": "the CPU engine (torch)",
+    "cuda": "an NVIDIA GPU (CUDA)",
+    "ipex": "an Intel GPU",
+    "mlx": "Apple Silicon (MLX)",
+}
+# The torch engines size their KV cache for min(model context, this) tokens (TorchEngine's max_context).
+DEFAULT_KV_TOKENS = 8192
+# Leave room for activations, the runtime and the rest of the machine.
+USABLE_FRACTION = 0.9
+
+
+class PlacementError(ValueError):
+    """The instance cannot be placed; the message says why and what would make it fit."""
+
+
+class StagePlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    node_id: str
+    node_name: str
+    start: int
+    end: int
+    memory_bytes: int = Field(description="estimated weights + KV cache of this stage")
+    usable_bytes: int = Field(description="memory the node can give the engine")
+
+
+class Placement(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    instance: Instance
+    stages: list[StagePlan]
+
+
+class PlacementPreview(BaseModel):
+    """One instance type's placement of a model, or why it is impossible."""
+
+    model_config = ConfigDict(frozen=True)
+
+    instance_type: InstanceType
+    possible: bool
+    reason: str | None = Field(None, description="why this instance type cannot serve the model now")
+    stages: list[StagePlan] = Field(default_factory=list)
+
+
+def usable_bytes(node: NodeInfo, engine: EngineType) -> int:
+    return int(node.engine_memory_bytes(engine) * USABLE_FRACTION)
+
+
+def stage_bytes(card: ModelCard, start: int, end: int, engine: EngineType, kv_tokens: int) -> int:
+    dtype = ENGINE_DTYPE[engine]
+    return card.stage_bytes(start, end, dtype) + card.kv_cache_bytes_per_token(dtype, end - start) * kv_tokens
+
+
+def split_layers(num_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
+    """Contiguous layer ranges in proportion to `weights` (largest remainder), at least one layer each."""
+    if not weights or len(weights) > num_layers:
+        raise PlacementError(f"cannot split {num_layers} layers over {len(weights)} nodes")
+    spare = num_layers - len(weights)  # every node gets one layer; the rest goes by weight
+    total = sum(weights) or 1.0
+    exact = [spare * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (exact[i] - counts[i], weights[i]), reverse=True)
+    for i in by_remainder[: spare - sum(counts)]:
+        counts[i] += 1
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append((start, start + count + 1))
+        start += count + 1
+    return ranges
+
+
+def place(
+    card: ModelCard, instance_type: InstanceType, nodes: Sequence[NodeInfo], *, instance_id: str,
+    node_ids: Sequence[str] | None = None, min_nodes: int = 1, kv_tokens: int | None = None,
+) -> Placement:
+    """Place `card` as an instance of `instance_type`; raises PlacementError with the reason when impossible."""
+    engine = instance_type.engine
+    tokens = min(card.context_length, DEFAULT_KV_TOKENS) if kv_tokens is None else kv_tokens
+    if instance_type not in card.instance_types:
+        served_by = ", ".join(t.value for t in card.instance_types)
+        raise PlacementError(f"{card.id} ({card.format}) cannot run as {instance_type.value}; it runs as: {served_by}")
+    if min_nodes < 1:
+        raise PlacementError(f"min_nodes must be at least 1, got {min_nodes}")
+    candidates = _chosen_nodes(nodes, node_ids)
+    suitable = [n for n in candidates if n.engine_available(engine)]
+    if not suitable:
+        raise PlacementError(_no_suitable_node(instance_type, candidates))
+    if node_ids is not None and len(suitable) < len(candidates):
+        unsuitable = [n for n in candidates if n not in suitable]
+        raise PlacementError(f"{instance_type.value} needs {ENGINE_NEEDS[engine]} on every node of the ring; "
+                             + "; ".join(f"{n.name}: {n.engine_missing_reason(engine)}" for n in unsuitable))
+    if len(suitable) < min_nodes:
+        raise PlacementError(f"asked for at least {min_nodes} nodes but only {len(suitable)} of the "
+                             f"{len(candidates)} nodes have {ENGINE_NEEDS[engine]}")
+    if min_nodes > card.num_layers:
+        raise PlacementError(f"{card.id} has {card.num_layers} layers; it cannot be split over {min_nodes} nodes")
+
+    if node_ids is not None:
+        ring_sizes = [len(suitable)]
+    else:
+        suitable.sort(key=lambda n: (-usable_bytes(n, engine), n.node_id))
+        ring_sizes = list(range(min_nodes, min(len(suitable), card.num_layers) + 1))
+    for size in ring_sizes:
+        stages = _plan(card, suitable[:size], engine, tokens)
+        if all(s.memory_bytes <= s.usable_bytes for s in stages):
+            shards = [Shard(node_id=s.node_id, rank=rank, start=s.start, end=s.end, num_layers=card.num_layers,
+                            engine=engine) for rank, s in enumerate(stages)]
+            instance = Instance(instance_id=instance_id, model=card.id, instance_type=instance_type, shards=shards)
+            return Placement(instance=instance, stages=stages)
+    raise PlacementError(_does_not_fit(card, engine, tokens, suitable[: ring_sizes[-1]]))
+
+
+def preview(
+    card: ModelCard, nodes: Sequence[NodeInfo], *, node_ids: Sequence[str] | None = None, min_nodes: int = 1,
+    kv_tokens: int | None = None,
+) -> list[PlacementPreview]:
+    """The placement each instance type would get, or why it cannot serve the model."""
+    previews = []
+    for instance_type in InstanceType:
+        try:
+            placement = place(card, instance_type, nodes, instance_id="preview", node_ids=node_ids,
+                              min_nodes=min_nodes, kv_tokens=kv_tokens)
+        except PlacementError as refusal:
+            previews.append(PlacementPreview(instance_type=instance_type, possible=False, reason=str(refusal)))
+        else:
+            previews.append(PlacementPreview(instance_type=instance_type, possible=True, stages=placement.stages))
+    return previews
+
+
+def _chosen_nodes(nodes: Sequence[NodeInfo], node_ids: Sequence[str] | None) -> list[NodeInfo]:
+    if not nodes:
+        raise PlacementError("the cluster has no nodes")
+    if node_ids is None:
+        return list(nodes)
+    if not node_ids:
+        raise PlacementError("the node list is empty; leave it out to let placement choose")
+    by_key = {n.node_id: n for n in nodes} | {n.name: n for n in nodes}
+    unknown = [k for k in node_ids if k not in by_key]
+    if unknown:
+        known = ", ".join(f"{n.name} ({n.node_id})" for n in nodes)
+        raise PlacementError(f"unknown node(s) {', '.join(unknown)}; known nodes: {known}")
+    chosen = [by_key[k] for k in node_ids]
+    if len({n.node_id for n in chosen}) != len(chosen):
+        raise PlacementError("a node appears twice in the node list; each node runs one stage")
+    return chosen
+
+
+def _plan(card: ModelCard, ring: Sequence[NodeInfo], engine: EngineType, kv_tokens: int) -> list[StagePlan]:
+    usable = [usable_bytes(n, engine) for n in ring]
+    ranges = split_layers(card.num_layers, [float(max(u, 1)) for u in usable])
+    return [StagePlan(node_id=n.node_id, node_name=n.name, start=start, end=end, usable_bytes=u,
+                      memory_bytes=stage_bytes(card, start, end, engine, kv_tokens))
+            for n, u, (start, end) in zip(ring, usable, ranges)]
+
+
+def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo]) -> str:
+    engine = instance_type.engine
+    count = len(candidates)
+    reasons = "; ".join(f"{n.name}: {n.engine_missing_reason(engine)}" for n in candidates)
+    return (f"{instance_type.value} needs a node with {ENGINE_NEEDS[engine]}; none of the {count} "
+            f"node{'s' if count != 1 else ''} has one ({reasons})")
+
+
+def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Sequence[NodeInfo]) -> str:
+    needed = stage_bytes(card, 0, card.num_layers, engine, kv_tokens)
+    have = sum(usable_bytes(n, engine) for n in ring)
+    return (f"{card.id} needs {needed / GIB:.1f} GiB on {engine} ({ENGINE_DTYPE[engine]} weights and a "
+            f"{kv_tokens}-token KV cache); the {len(ring)} suitable node{'s' if len(ring) != 1 else ''} "
+            f"{'have' if len(ring) != 1 else 'has'} {have / GIB:.1f} GiB usable: add a node or pick a smaller model")

@@ -1,0 +1,345 @@
+"""The cluster state and the events that change it: `apply(state, event) -> state`, pure.
+
+One node orders events (today the node itself; in a cluster the elected master) and every node folds
+them, in that order, into the same `State`. Events are facts about the past; one that names an instance
+or node the state no longer has (a late progress report of a deleted instance) changes nothing.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from ringlet.shared.engine_info import EngineInfo, NodeHardware
+from ringlet.shared.instances import EngineType, Instance
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+# --- nodes and topology
+
+
+class MemoryInfo(_Frozen):
+    total_bytes: int = Field(ge=0)
+    available_bytes: int = Field(ge=0)
+
+
+class NodeInfo(_Frozen):
+    node_id: str
+    name: str
+    hardware: NodeHardware
+    engines: EngineInfo
+    memory: MemoryInfo
+    api_port: int | None = Field(None, description="where this node serves the HTTP API")
+
+    def engine_available(self, engine: EngineType) -> bool:
+        return engine in self.engines.available_engines
+
+    def engine_missing_reason(self, engine: EngineType) -> str:
+        problem = self.engines.reasons.get(engine)
+        return problem.reason if problem else f"the {engine} engine is not available"
+
+    def engine_memory_bytes(self, engine: EngineType) -> int:
+        """Memory the engine can hold weights in: device memory for discrete GPUs, free RAM otherwise."""
+        if engine in ("cuda", "ipex"):
+            vendor = "nvidia" if engine == "cuda" else "intel"
+            gpus = [g for g in self.hardware.gpus if g.vendor == vendor]
+            if gpus:
+                return sum(g.memory_total_bytes if g.memory_free_bytes is None else g.memory_free_bytes
+                           for g in gpus)
+            if engine == "ipex":  # torch.xpu saw it, the PCI scan did not name it
+                return self.engines.intel_gpu_memory * max(self.engines.intel_gpu_count, 1)
+            return 0
+        return self.memory.available_bytes  # cpu, and mlx on unified memory
+
+
+class Link(_Frozen):
+    """A connection between two nodes, as the source sees it."""
+
+    source: str
+    target: str
+    latency_ms: float | None = None
+
+
+# --- instances and their runners
+
+
+class RingAddress(_Frozen):
+    """Where the first stage of a multi-stage instance hosts the ring's rendezvous (the data plane)."""
+
+    host: str
+    port: int = Field(gt=0, lt=65536)
+
+
+class RunnerStatus(str, Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class RunnerRecord(_Frozen):
+    """The runner process of one shard of an instance."""
+
+    node_id: str
+    status: RunnerStatus = RunnerStatus.LOADING
+    progress: float = Field(0.0, ge=0.0, le=1.0)
+    detail: str = "waiting for the runner"
+    error: str | None = None
+    pid: int | None = Field(None, description="the runner's process id on its node")
+    context_length: int | None = None
+
+
+class InstanceRecord(_Frozen):
+    instance: Instance
+    runners: dict[str, RunnerRecord] = Field(description="by node id, one per shard")
+    memory_bytes: dict[str, int] = Field(default_factory=dict, description="estimated memory per node id")
+    created_at: float
+    ring: RingAddress | None = Field(None, description="the rendezvous of a multi-stage instance, once hosted")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def status(self) -> RunnerStatus:
+        statuses = {r.status for r in self.runners.values()}
+        if RunnerStatus.FAILED in statuses:
+            return RunnerStatus.FAILED
+        return RunnerStatus.READY if statuses == {RunnerStatus.READY} else RunnerStatus.LOADING
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def progress(self) -> float:
+        return min(r.progress for r in self.runners.values()) if self.runners else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def error(self) -> str | None:
+        errors = [f"{node_id}: {r.error}" for node_id, r in self.runners.items() if r.error]
+        return "; ".join(errors) or None
+
+    @property
+    def context_length(self) -> int | None:
+        lengths = [r.context_length for r in self.runners.values() if r.context_length is not None]
+        return min(lengths) if lengths else None
+
+
+# --- tasks
+
+
+class TaskStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+
+
+class TaskRecord(_Frozen):
+    task_id: str
+    instance_id: str
+    model: str
+    origin_node_id: str = Field(description="the node whose API received the request")
+    status: TaskStatus = TaskStatus.QUEUED
+    submitted_at: float
+
+
+# --- events
+
+
+class NodeJoined(_Frozen):
+    kind: Literal["node_joined"] = "node_joined"
+    node: NodeInfo
+
+
+class NodeUpdated(_Frozen):
+    """Fresh information about a known node (free memory, engines)."""
+
+    kind: Literal["node_updated"] = "node_updated"
+    node: NodeInfo
+
+
+class NodeLeft(_Frozen):
+    kind: Literal["node_left"] = "node_left"
+    node_id: str
+
+
+class LinkUp(_Frozen):
+    kind: Literal["link_up"] = "link_up"
+    link: Link
+
+
+class LinkDown(_Frozen):
+    kind: Literal["link_down"] = "link_down"
+    source: str
+    target: str
+
+
+class InstanceCreated(_Frozen):
+    kind: Literal["instance_created"] = "instance_created"
+    instance: Instance
+    memory_bytes: dict[str, int] = Field(default_factory=dict)
+    created_at: float
+
+
+class RingHosted(_Frozen):
+    """The first stage hosts the ring's rendezvous here: the later stages may now start and join."""
+
+    kind: Literal["ring_hosted"] = "ring_hosted"
+    instance_id: str
+    address: RingAddress
+
+
+class MasterChanged(_Frozen):
+    kind: Literal["master_changed"] = "master_changed"
+    node_id: str
+
+
+class InstanceDeleted(_Frozen):
+    kind: Literal["instance_deleted"] = "instance_deleted"
+    instance_id: str
+
+
+class RunnerProgressed(_Frozen):
+    kind: Literal["runner_progressed"] = "runner_progressed"
+    instance_id: str
+    node_id: str
+    progress: float = Field(ge=0.0, le=1.0)
+    detail: str
+    pid: int | None = None
+
+
+class RunnerReady(_Frozen):
+    kind: Literal["runner_ready"] = "runner_ready"
+    instance_id: str
+    node_id: str
+    context_length: int
+
+
+class RunnerFailed(_Frozen):
+    kind: Literal["runner_failed"] = "runner_failed"
+    instance_id: str
+    node_id: str
+    error: str
+
+
+class TaskQueued(_Frozen):
+    kind: Literal["task_queued"] = "task_queued"
+    task: TaskRecord
+
+
+class TaskStarted(_Frozen):
+    kind: Literal["task_started"] = "task_started"
+    task_id: str
+
+
+class TaskFinished(_Frozen):
+    """The task ended: answered, failed or cancelled."""
+
+    kind: Literal["task_finished"] = "task_finished"
+    task_id: str
+
+
+Event = Annotated[
+    NodeJoined | NodeUpdated | NodeLeft | MasterChanged | LinkUp | LinkDown | InstanceCreated | InstanceDeleted
+    | RingHosted | RunnerProgressed | RunnerReady | RunnerFailed | TaskQueued | TaskStarted | TaskFinished,
+    Field(discriminator="kind"),
+]
+
+
+class State(_Frozen):
+    master: str | None = Field(None, description="the node that orders events (in a cluster)")
+    nodes: dict[str, NodeInfo] = Field(default_factory=dict)
+    links: list[Link] = Field(default_factory=list)
+    instances: dict[str, InstanceRecord] = Field(default_factory=dict)
+    tasks: dict[str, TaskRecord] = Field(default_factory=dict)
+    last_event: int = Field(0, description="how many events were applied; equal states have equal counts")
+
+    def instances_of(self, model: str) -> list[InstanceRecord]:
+        return [r for r in self.instances.values() if r.instance.model == model]
+
+
+def apply(state: State, event: Event) -> State:
+    match event:
+        case NodeJoined(node=node) | NodeUpdated(node=node):
+            changed = state.model_copy(update={"nodes": {**state.nodes, node.node_id: node}})
+        case NodeLeft(node_id=node_id):
+            changed = _node_left(state, node_id)
+        case MasterChanged(node_id=node_id):
+            changed = state.model_copy(update={"master": node_id})
+        case LinkUp(link=link):
+            others = [k for k in state.links if (k.source, k.target) != (link.source, link.target)]
+            changed = state.model_copy(update={"links": [*others, link]})
+        case LinkDown(source=source, target=target):
+            changed = state.model_copy(
+                update={"links": [k for k in state.links if (k.source, k.target) != (source, target)]})
+        case InstanceCreated():
+            changed = _instance_created(state, event)
+        case InstanceDeleted(instance_id=instance_id):
+            changed = state.model_copy(update={
+                "instances": {k: v for k, v in state.instances.items() if k != instance_id},
+                "tasks": {k: t for k, t in state.tasks.items() if t.instance_id != instance_id},
+            })
+        case RingHosted(instance_id=instance_id, address=address):
+            record = state.instances.get(instance_id)
+            changed = state if record is None else state.model_copy(update={
+                "instances": {**state.instances, instance_id: record.model_copy(update={"ring": address})}})
+        case RunnerProgressed(instance_id=instance_id, node_id=node_id, progress=progress, detail=detail, pid=pid):
+            changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.LOADING, progress=progress,
+                                     detail=detail, pid=pid)
+        case RunnerReady(instance_id=instance_id, node_id=node_id, context_length=context_length):
+            changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.READY, progress=1.0,
+                                     detail="ready", context_length=context_length)
+        case RunnerFailed(instance_id=instance_id, node_id=node_id, error=error):
+            changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.FAILED, detail="failed",
+                                     error=error)
+        case TaskQueued(task=task):
+            known = task.instance_id in state.instances
+            changed = state.model_copy(update={"tasks": {**state.tasks, task.task_id: task}}) if known else state
+        case TaskStarted(task_id=task_id):
+            started = state.tasks.get(task_id)
+            changed = state if started is None else state.model_copy(update={
+                "tasks": {**state.tasks, task_id: started.model_copy(update={"status": TaskStatus.RUNNING})}})
+        case TaskFinished(task_id=task_id):
+            changed = state.model_copy(update={"tasks": {k: t for k, t in state.tasks.items() if k != task_id}})
+    return changed.model_copy(update={"last_event": state.last_event + 1})
+
+
+def _node_left(state: State, node_id: str) -> State:
+    # its runners are gone with it; the master decides whether to place the instance again
+    instances = dict(state.instances)
+    for instance_id, record in state.instances.items():
+        if node_id in record.runners:
+            instances[instance_id] = _with_runner(record, node_id, status=RunnerStatus.FAILED, detail="failed",
+                                                  error=f"node {node_id} left the cluster")
+    return state.model_copy(update={
+        "nodes": {k: v for k, v in state.nodes.items() if k != node_id},
+        "links": [k for k in state.links if node_id not in (k.source, k.target)],
+        "instances": instances,
+    })
+
+
+def new_instance_record(event: InstanceCreated) -> InstanceRecord:
+    """The record an InstanceCreated event adds: every runner loading."""
+    runners = {s.node_id: RunnerRecord(node_id=s.node_id) for s in event.instance.shards}
+    return InstanceRecord(instance=event.instance, runners=runners, memory_bytes=event.memory_bytes,
+                          created_at=event.created_at)
+
+
+def _instance_created(state: State, event: InstanceCreated) -> State:
+    record = new_instance_record(event)
+    return state.model_copy(update={"instances": {**state.instances, record.instance.instance_id: record}})
+
+
+def _with_runner(record: InstanceRecord, node_id: str, **changes: object) -> InstanceRecord:
+    runner = record.runners[node_id].model_copy(update=changes)
+    return record.model_copy(update={"runners": {**record.runners, node_id: runner}})
+
+
+def _update_runner(state: State, instance_id: str, node_id: str, **changes: object) -> State:
+    record = state.instances.get(instance_id)
+    if record is None or node_id not in record.runners:
+        return state
+    if record.runners[node_id].status == RunnerStatus.FAILED:
+        return state  # a failed runner stays failed; a new instance gets new runners
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return state.model_copy(update={"instances": {**state.instances, instance_id: _with_runner(record, node_id,
+                                                                                              **changes)}})

@@ -1,0 +1,295 @@
+"""Starts one runner child process per local shard and feeds it the tasks of its instance, first come first served.
+
+The supervisor owns each instance's queue: a runner gets its next task only when the previous one ended
+(finished, failed or cancelled), so a cancel frees the runner within one token and no task is lost or
+starved. What the runners report becomes state events (`emit`), which the node orders and applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ringlet.shared.instances import BoundInstance
+from ringlet.shared.state import (
+    Event,
+    RunnerFailed,
+    RunnerProgressed,
+    RunnerReady,
+    RunnerStatus,
+    State,
+    TaskStarted,
+)
+from ringlet.shared.state import RingHosted as RingHostedEvent
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.runner import (
+    FROM_RUNNER,
+    CancelTask,
+    Chunk,
+    FromRunner,
+    LoadFailed,
+    Loading,
+    LoadShard,
+    Ready,
+    RingHosted,
+    RunTask,
+    TaskCancelled,
+    TaskFailed,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+TaskErrorKind = Literal["context_window", "invalid_request", "engine", "runner_failed", "instance_deleted"]
+STOP_GRACE_S = 5.0
+# a chunk line is small, but a huge prompt echoed in an error message must not break the reader
+_LINE_LIMIT = 64 * 1024 * 1024
+
+
+class TaskError(Exception):
+    """A task ended without a finished answer; `kind` says whose fault (the request's or the runner's)."""
+
+    def __init__(self, kind: TaskErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(eq=False)
+class _Pending:
+    task: TextGenerationTask
+    outbox: asyncio.Queue[GenerationChunk | TaskError] = field(default_factory=asyncio.Queue)
+    done: bool = False
+
+    def finish(self, item: GenerationChunk | TaskError) -> None:
+        if not self.done:
+            self.done = True
+            self.outbox.put_nowait(item)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class _Runner:
+    """The parent's side of one runner process: its queue, its current task, its output reader."""
+
+    def __init__(self, load: LoadShard, emit: Callable[[Event], None]) -> None:
+        self._load, self.bound, self._emit = load, load.bound, emit
+        self.queue: deque[_Pending] = deque()
+        self.current: _Pending | None = None
+        self.ready = False
+        self.failure: str | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def instance_id(self) -> str:
+        return self.bound.instance.instance_id
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ringlet.worker.runner",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=_LINE_LIMIT,
+            # its own session: a Ctrl-C in the node's terminal reaches the node only, which then stops its
+            # runners in order (end of stdin); a runner also exits by itself when the node dies
+            start_new_session=True,
+        )
+        log.info("instance %s: runner pid %d loading %s", self.instance_id, self.process.pid, self.bound.instance.model)
+        self._emit(RunnerProgressed(instance_id=self.instance_id, node_id=self.bound.node_id, progress=0.0,
+                                    detail="starting runner", pid=self.process.pid))
+        self._send(self._load)
+        self._reader = asyncio.create_task(self._read(), name=f"runner-{self.instance_id}")
+
+    def _send(self, message: LoadShard | RunTask | CancelTask) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        if self.process.returncode is None and not self.process.stdin.is_closing():
+            self.process.stdin.write(encode(message))
+        # else the reader is about to see the exit and fail every task of this runner
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            self._handle(FROM_RUNNER.validate_json(line))
+        code = await self.process.wait()
+        if not self._stopping:
+            self.fail(f"the runner process stopped ({describe_exit(code)}; out of memory, or a crash in the "
+                       "engine: see the node's log); delete the instance and create it again")
+
+    def _handle(self, message: FromRunner) -> None:
+        node_id = self.bound.node_id
+        match message:
+            case Loading(progress=progress, detail=detail):
+                pid = self.process.pid if self.process else None
+                self._emit(RunnerProgressed(instance_id=self.instance_id, node_id=node_id, progress=progress,
+                                            detail=detail, pid=pid))
+            case RingHosted(address=address):
+                # into the state: the nodes of the later stages start their runners when they see it
+                self._emit(RingHostedEvent(instance_id=self.instance_id, address=address))
+            case Ready(context_length=context_length, warmup_s=warmup_s):
+                log.info("instance %s: ready (warm-up %.1f s)", self.instance_id, warmup_s)
+                self.ready = True
+                self._emit(RunnerReady(instance_id=self.instance_id, node_id=node_id, context_length=context_length))
+                self._dispatch()
+            case LoadFailed(error=error):
+                self.fail(f"loading failed: {error}")
+            case Chunk(chunk=chunk):
+                if self.current is not None and self.current.task.task_id == chunk.task_id:
+                    self.current.outbox.put_nowait(chunk)
+                    if chunk.finish_reason is not None:
+                        self.current.done = True
+                        self._next()
+            case TaskFailed(task_id=task_id, kind=kind, error=error):
+                if self.current is not None and self.current.task.task_id == task_id:
+                    self.current.finish(TaskError(kind, error))
+                    self._next()
+            case TaskCancelled(task_id=task_id):
+                if self.current is not None and self.current.task.task_id == task_id:
+                    self._next()
+
+    def _next(self) -> None:
+        self.current = None
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if not self.ready or self.current is not None or not self.queue:
+            return
+        self.current = self.queue.popleft()
+        self._emit(TaskStarted(task_id=self.current.task.task_id))
+        self._send(RunTask(task=self.current.task))
+
+    def fail(self, reason: str) -> None:
+        if self.failure is not None:
+            return
+        log.error("instance %s: %s", self.instance_id, reason)
+        self.failure, self.ready = reason, False
+        self._emit(RunnerFailed(instance_id=self.instance_id, node_id=self.bound.node_id, error=reason))
+        self._end_all(TaskError("runner_failed", f"instance {self.instance_id}: {reason}"))
+
+    def _end_all(self, error: TaskError) -> None:
+        for pending in [*([self.current] if self.current else []), *self.queue]:
+            pending.finish(error)
+        self.current = None
+        self.queue.clear()
+
+    def submit(self, task: TextGenerationTask) -> _Pending:
+        if self.failure is not None:
+            raise TaskError("runner_failed", f"instance {self.instance_id} has failed: {self.failure}")
+        pending = _Pending(task)
+        self.queue.append(pending)
+        self._dispatch()
+        return pending
+
+    def cancel(self, pending: _Pending) -> None:
+        """Forget a task whose caller went away: drop it from the queue, or stop it between two tokens."""
+        pending.done = True
+        if pending is self.current:
+            self._send(CancelTask(task_id=pending.task.task_id))  # the runner answers TaskCancelled, then _next
+        elif pending in self.queue:
+            self.queue.remove(pending)
+
+    async def stop(self, reason: TaskError) -> None:
+        self._stopping = True
+        self._end_all(reason)
+        if self.process is None:
+            return
+        if self.process.stdin is not None:
+            self.process.stdin.close()  # end of stdin: the runner exits at once
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("instance %s: runner pid %d ignored end of input; killing it", self.instance_id,
+                        self.process.pid)
+            self.process.kill()
+            await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+def plan(state: State, node_id: str, running: Collection[str], data_host: str = "127.0.0.1"
+         ) -> tuple[list[LoadShard], list[str]]:
+    """Runners to start (shards placed on this node that have none) and to stop (instance gone, or failed).
+
+    A failed runner anywhere fails the whole instance: its other stages stop and nothing is started again (the
+    instance shows the failure until it is deleted or placed anew). A later stage of a ring starts once the
+    first stage has hosted the rendezvous, so it knows where to join."""
+    start = []
+    for instance_id, record in state.instances.items():
+        if instance_id in running or node_id not in record.runners or record.status == RunnerStatus.FAILED:
+            continue
+        bound = BoundInstance(instance=record.instance, node_id=node_id)
+        if bound.shard.rank == 0:
+            start.append(LoadShard(bound=bound, data_host=data_host))
+        elif record.ring is not None:
+            start.append(LoadShard(bound=bound, ring=record.ring, data_host=data_host))
+    stop = [instance_id for instance_id in running
+            if instance_id not in state.instances or state.instances[instance_id].status == RunnerStatus.FAILED]
+    return start, stop
+
+
+class Supervisor:
+    """This node's runners, by instance id."""
+
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        self._emit = emit
+        self._runners: dict[str, _Runner] = {}
+
+    async def start(self, load: LoadShard) -> None:
+        """Start the runner of this node's shard of an instance."""
+        instance_id = load.bound.instance.instance_id
+        assert instance_id not in self._runners, "one runner per instance on a node"
+        runner = _Runner(load, self._emit)
+        self._runners[instance_id] = runner
+        try:
+            await runner.start()
+        except OSError as error:  # no python to exec, out of file descriptors: the instance fails, the node stays
+            runner.fail(f"could not start a runner process: {error}")
+
+    async def reconcile(self, state: State, node_id: str, data_host: str = "127.0.0.1") -> None:
+        to_start, to_stop = plan(state, node_id, self._runners, data_host)
+        for instance_id in to_stop:
+            record = state.instances.get(instance_id)
+            await self.stop(instance_id, "was deleted" if record is None else f"failed: {record.error}")
+        for load in to_start:
+            await self.start(load)
+
+    def runs(self, instance_id: str) -> bool:
+        return instance_id in self._runners
+
+    async def generate(self, instance_id: str, task: TextGenerationTask) -> AsyncIterator[GenerationChunk]:
+        """Queue the task and stream its chunks; raises TaskError. Closing the stream early cancels the task."""
+        runner = self._runners.get(instance_id)
+        if runner is None:
+            raise TaskError("instance_deleted", f"instance {instance_id} is not running on this node")
+        pending = runner.submit(task)
+        try:
+            while True:
+                item = await pending.outbox.get()
+                if isinstance(item, TaskError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not pending.done:
+                runner.cancel(pending)
+
+    async def stop(self, instance_id: str, why: str) -> None:
+        """Stop the runner; its tasks end with "instance ID <why>"."""
+        runner = self._runners.pop(instance_id, None)
+        if runner is not None:
+            await runner.stop(TaskError("instance_deleted", f"instance {instance_id} {why}"))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(instance_id, "stopped with its node") for instance_id in list(self._runners)))
