@@ -1,0 +1,234 @@
+// The shapes the node's API answers with, mirroring the pydantic models in
+// ringlet/shared/{state,engine_info,instances}.py, ringlet/api/cluster_schemas.py,
+// ringlet/master/placement.py, ringlet/models/catalog.py and ringlet/api/openai_schemas.py.
+
+export type EngineType = 'mlx' | 'ipex' | 'cuda' | 'cpu';
+
+/** The seed's instance types; MlxIbv is the old name of MlxJaccl (the API accepts both). */
+export type InstanceMeta = 'MlxRing' | 'MlxIbv' | 'MlxJaccl' | 'CpuRing' | 'CudaRing' | 'IpexRing';
+/** The names the API answers with (it never reports the old name). */
+export type InstanceType = Exclude<InstanceMeta, 'MlxIbv'>;
+
+export interface EngineProblem {
+	reason: string;
+	fix: string;
+}
+
+export interface EngineInfo {
+	available_engines: EngineType[];
+	selected_engine: EngineType | null;
+	mlx_available: boolean;
+	torch_available: boolean;
+	cpu_available: boolean;
+	cuda_available: boolean;
+	ipex_available: boolean;
+	intel_gpu_count: number;
+	intel_gpu_memory: number;
+	ipex_version: string | null;
+	reasons: Partial<Record<EngineType, EngineProblem>>;
+	notes: Partial<Record<EngineType, string>>;
+}
+
+export interface CpuInfo {
+	model: string;
+	physical_cores: number;
+	logical_cores: number;
+	flags: string[];
+	ram_total_bytes: number;
+	ram_available_bytes: number;
+}
+
+export interface GpuInfo {
+	vendor: string;
+	index: number;
+	name: string;
+	memory_total_bytes: number;
+	memory_free_bytes: number | null;
+	driver: string | null;
+}
+
+export interface NodeHardware {
+	system: string;
+	machine: string;
+	cpu: CpuInfo;
+	gpus: GpuInfo[];
+	apple_chip: string | null;
+}
+
+export interface MemoryInfo {
+	total_bytes: number;
+	available_bytes: number;
+}
+
+export interface NodeInfo {
+	node_id: string;
+	name: string;
+	hardware: NodeHardware;
+	engines: EngineInfo;
+	memory: MemoryInfo;
+	api_port: number | null;
+}
+
+export interface Link {
+	source: string;
+	target: string;
+	latency_ms: number | null;
+}
+
+export type RunnerStatus = 'loading' | 'ready' | 'failed';
+
+export interface RunnerRecord {
+	node_id: string;
+	status: RunnerStatus;
+	progress: number;
+	detail: string;
+	error: string | null;
+	pid: number | null;
+	context_length: number | null;
+}
+
+export interface Shard {
+	node_id: string;
+	rank: number;
+	start: number;
+	end: number;
+	num_layers: number;
+	engine: EngineType;
+}
+
+export interface Instance {
+	instance_id: string;
+	model: string;
+	instance_type: InstanceType;
+	shards: Shard[];
+}
+
+export interface InstanceRecord {
+	instance: Instance;
+	runners: Record<string, RunnerRecord>;
+	memory_bytes: Record<string, number>;
+	created_at: number;
+	status: RunnerStatus;
+	progress: number;
+	error: string | null;
+}
+
+export interface TaskRecord {
+	task_id: string;
+	instance_id: string;
+	model: string;
+	origin_node_id: string;
+	status: 'queued' | 'running';
+	submitted_at: number;
+}
+
+export interface ClusterState {
+	nodes: Record<string, NodeInfo>;
+	links: Link[];
+	instances: Record<string, InstanceRecord>;
+	tasks: Record<string, TaskRecord>;
+	last_event: number;
+}
+
+export interface ModelCard {
+	id: string;
+	architecture: string;
+	format: 'safetensors' | 'gguf';
+	source: 'catalog' | 'embedded' | 'hub' | 'local';
+	num_layers: number;
+	hidden_size: number;
+	num_attention_heads: number;
+	num_key_value_heads: number;
+	head_dim: number;
+	vocab_size: number;
+	tie_word_embeddings: boolean;
+	num_parameters: number;
+	layer_parameters: number;
+	embedding_parameters: number;
+	bytes_per_dtype: Record<string, number>;
+	context_length: number;
+	instance_types: InstanceType[];
+	download_bytes: number | null;
+}
+
+export interface InstanceTypeFit {
+	instance_type: InstanceType;
+	possible: boolean;
+	reason: string | null;
+}
+
+export interface CatalogModel {
+	card: ModelCard;
+	on_disk: boolean;
+	instance_ids: string[];
+	fits: InstanceTypeFit[];
+}
+
+export interface ModelsResponse {
+	models: CatalogModel[];
+}
+
+export interface StagePlan {
+	node_id: string;
+	node_name: string;
+	start: number;
+	end: number;
+	memory_bytes: number;
+	usable_bytes: number;
+}
+
+export interface PlacementPreview {
+	instance_type: InstanceType;
+	possible: boolean;
+	reason: string | null;
+	stages: StagePlan[];
+}
+
+export interface PreviewsResponse {
+	model: string;
+	card: ModelCard;
+	previews: PlacementPreview[];
+}
+
+export interface CreateInstanceRequest {
+	model: string;
+	instance_type: InstanceMeta;
+	nodes?: string[];
+	min_nodes?: number;
+}
+
+export interface DeletedInstance {
+	instance_id: string;
+	deleted: true;
+}
+
+export interface ErrorResponse {
+	error: { message: string; type: string; param: string | null; code: string | null };
+}
+
+export interface Timings {
+	time_to_first_token_s: number;
+	prefill_tokens_per_s: number;
+	decode_tokens_per_s: number;
+}
+
+export interface Usage {
+	prompt_tokens: number;
+	completion_tokens: number;
+	total_tokens: number;
+}
+
+export interface ChatCompletionChunk {
+	id: string;
+	object: 'chat.completion.chunk';
+	created: number;
+	model: string;
+	choices: { index: number; delta: { role?: 'assistant' | null; content?: string | null }; finish_reason: string | null }[];
+	usage?: Usage | null;
+	timings?: Timings | null;
+}
+
+export interface ChatMessage {
+	role: 'system' | 'user' | 'assistant';
+	content: string;
+}
