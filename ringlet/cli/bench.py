@@ -16,8 +16,7 @@ from typing import Any
 from ringlet.cli import CliError
 from ringlet.cli.run import add_model_options
 from ringlet.models.errors import ModelLoadError
-from ringlet.models.random_checkpoint import SHAPES
-from ringlet.worker.engines.engine_utils import EngineUnavailableError
+from ringlet.models.shapes import SHAPES
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 
 FILLER = ("The quick brown fox jumps over the lazy dog while the river runs past old mills and quiet "
@@ -183,6 +182,8 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
 
 
 def bench(args: argparse.Namespace) -> int:
+    from ringlet.worker.engines.engine_utils import EngineUnavailableError  # imports torch: not at start-up
+
     import torch
 
     try:

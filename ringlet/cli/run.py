@@ -7,7 +7,6 @@ import sys
 
 from ringlet.cli import CliError
 from ringlet.models.errors import ContextWindowError, ModelLoadError
-from ringlet.worker.engines.engine_utils import EngineUnavailableError
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 
 
@@ -36,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ringlet.worker.engines.engine_utils import EngineUnavailableError  # imports torch: not at start-up
+
     from ringlet.worker.engines.loading import load_local_engine
 
     try:
