@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from ringlet.api import cluster, ollama, openai
+from ringlet.api import cluster, downloads, ollama, openai
 from ringlet.api import metrics as metrics_router
 from ringlet.api.cluster import ringlet_version
 from ringlet.api.dashboard import REPO_DASHBOARD_BUILD, mount_dashboard
@@ -27,7 +27,7 @@ def create_app(node: NodeFacade, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.state.node = node
     app.state.metrics = ApiMetrics(node)
     install_error_handlers(app)
-    for router in (openai.router, ollama.router, cluster.router, metrics_router.router):
+    for router in (openai.router, ollama.router, cluster.router, downloads.router, metrics_router.router):
         app.include_router(router)
     mount_dashboard(app, dashboard_dir)
     # outermost first: count every response, then refuse oversized bodies before anything reads them

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from ringlet.master.placement import PlacementPreview
 from ringlet.models.catalog import ModelCard
+from ringlet.models.download import DownloadManager
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import InstanceRecord, NodeInfo, State
@@ -45,6 +46,8 @@ class NodeFacade(Protocol):
 
     @property
     def engine_info(self) -> EngineInfo: ...
+
+    downloads: DownloadManager
 
     @property
     def catalog(self) -> ModelResolver: ...

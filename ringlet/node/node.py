@@ -22,11 +22,14 @@ import psutil
 
 from ringlet.master.placement import Placement, PlacementPreview, place, preview
 from ringlet.models.catalog import ModelCard
+from ringlet.models.download import DownloadManager, DownloadStatus
 from ringlet.node.catalog import Catalog
 from ringlet.node.errors import InstanceNotFoundError, NoInstanceError
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import (
+    DownloadProgressed,
+    DownloadRecord,
     Event,
     InstanceCreated,
     InstanceDeleted,
@@ -104,6 +107,13 @@ class Node:
         self._changed = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.downloads = DownloadManager(on_update=self._download_changed)
+
+    def _download_changed(self, status: DownloadStatus) -> None:
+        """Called from download threads; emit() hands the event to the event loop."""
+        self.emit(DownloadProgressed(download=DownloadRecord(
+            node_id=self.node_id, **status.model_dump(include={"download_id", "model", "layers", "state", "done",
+                                                                 "total", "error"}))))
 
     @property
     def node_id(self) -> str:
@@ -154,6 +164,7 @@ class Node:
                             asyncio.create_task(self._refresh_memory(), name="memory")]
 
     async def stop(self) -> None:
+        self.downloads.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -238,9 +238,28 @@ class TaskFinished(_Frozen):
     task_id: str
 
 
+class DownloadRecord(_Frozen):
+    """A model download on one node, as /state and the dashboard show it."""
+
+    download_id: str
+    node_id: str
+    model: str
+    layers: tuple[int, int] | None = None
+    state: Literal["running", "done", "failed", "cancelled"]
+    done: int = Field(0, description="bytes")
+    total: int = Field(0, description="bytes")
+    error: str | None = None
+
+
+class DownloadProgressed(_Frozen):
+    kind: Literal["download_progressed"] = "download_progressed"
+    download: DownloadRecord
+
+
 Event = Annotated[
     NodeJoined | NodeUpdated | NodeLeft | MasterChanged | LinkUp | LinkDown | InstanceCreated | InstanceDeleted
-    | RingHosted | RunnerProgressed | RunnerReady | RunnerFailed | TaskQueued | TaskStarted | TaskFinished,
+    | RingHosted | RunnerProgressed | RunnerReady | RunnerFailed | TaskQueued | TaskStarted | TaskFinished
+    | DownloadProgressed,
     Field(discriminator="kind"),
 ]
 
@@ -251,6 +270,7 @@ class State(_Frozen):
     links: list[Link] = Field(default_factory=list)
     instances: dict[str, InstanceRecord] = Field(default_factory=dict)
     tasks: dict[str, TaskRecord] = Field(default_factory=dict)
+    downloads: dict[str, DownloadRecord] = Field(default_factory=dict)
     last_event: int = Field(0, description="how many events were applied; equal states have equal counts")
 
     def instances_of(self, model: str) -> list[InstanceRecord]:
@@ -298,6 +318,8 @@ def apply(state: State, event: Event) -> State:
             started = state.tasks.get(task_id)
             changed = state if started is None else state.model_copy(update={
                 "tasks": {**state.tasks, task_id: started.model_copy(update={"status": TaskStatus.RUNNING})}})
+        case DownloadProgressed(download=download):
+            changed = state.model_copy(update={"downloads": {**state.downloads, download.download_id: download}})
         case TaskFinished(task_id=task_id):
             changed = state.model_copy(update={"tasks": {k: t for k, t in state.tasks.items() if k != task_id}})
     return changed.model_copy(update={"last_event": state.last_event + 1})

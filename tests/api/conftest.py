@@ -63,7 +63,9 @@ class LiveNode:
 def start_node(log_dir: Path, *extra: str) -> LiveNode:
     port = free_port()
     log_path = log_dir / f"node-{port}.log"
-    env = {**os.environ, "RINGLET_HOME": str(log_dir / "home")}  # an empty model store, not the user's
+    env = {**os.environ, "RINGLET_HOME": str(log_dir / "home"),
+           # an empty model store, not the user's; no test may reach a real hub (the fuzzer starts downloads)
+           "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     # no LAN discovery and a loopback control plane: test traffic never leaves this machine
     cluster = ["--no-discovery", "--listen", f"tcp/127.0.0.1:{free_port()}"]
     with log_path.open("wb") as log:

@@ -60,7 +60,9 @@ class LiveNode:
 def _start_node(work_dir: Path, name: str) -> LiveNode:
     port = free_port()
     log_path = work_dir / f"node-{port}.log"
-    env = {**os.environ, "RINGLET_HOME": str(work_dir / "home")}  # an empty model store, not the user's
+    env = {**os.environ, "RINGLET_HOME": str(work_dir / "home"),
+           # an empty model store, not the user's; no test may reach a real hub (the fuzzer starts downloads)
+           "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "ringlet", "node", "--api-port", str(port), "--node-name", name,
