@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 from typing import get_args
 
@@ -30,12 +31,30 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="start without an instance; create one later (dashboard, or POST /instance)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request body accepted, in bytes (default 4 MiB)")
-    cluster = p.add_argument_group("cluster (recorded; the control plane is not active in this build yet)")
+    cluster = p.add_argument_group(
+        "cluster", "Nodes on one LAN find each other by multicast scouting; elsewhere name a peer with --connect.")
     cluster.add_argument("--connect", action="append", default=[], metavar="tcp/HOST:PORT",
-                         help="a peer to connect to (repeatable)")
-    cluster.add_argument("--listen", default=None, metavar="tcp/HOST:PORT", help="where the control plane listens")
-    cluster.add_argument("--no-discovery", action="store_true", help="do not look for peers on the LAN")
+                         help="a peer to connect to, e.g. tcp/192.168.1.20:52414 (repeatable)")
+    cluster.add_argument("--listen", default=None, metavar="tcp/HOST:PORT",
+                         help="where the control plane listens (default tcp/0.0.0.0:52414); with a specific address, "
+                              "also where other nodes reach this one's stages of split models")
+    cluster.add_argument("--no-discovery", action="store_true", default=discovery_off_by_env(),
+                         help="do not look for peers on the LAN (multicast scouting); only --connect peers join "
+                              "(or set RINGLET_DISCOVERY=off)")
     p.set_defaults(func=run)
+
+
+def discovery_off_by_env() -> bool:
+    return os.environ.get("RINGLET_DISCOVERY", "on").strip().lower() in ("0", "off", "false", "no")
+
+
+def check_endpoints(endpoints: list[str]) -> list[str]:
+    from ringlet.net.session import check_endpoint
+
+    try:
+        return [check_endpoint(e) for e in endpoints]
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     options = NodeOptions(
         name=args.node_name, host=args.host, api_port=args.api_port, model=args.model, engine=args.engine,
         default_instance=not args.no_default_instance, max_body_bytes=args.max_body_bytes,
-        connect=tuple(args.connect), listen=args.listen, discovery=not args.no_discovery,
+        connect=tuple(check_endpoints(args.connect)), listen=args.listen and check_endpoints([args.listen])[0],
+        discovery=not args.no_discovery,
     )
     try:
         asyncio.run(serve(options))

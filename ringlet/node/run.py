@@ -16,6 +16,8 @@ from ringlet.api.app import create_app
 from ringlet.api.limits import DEFAULT_MAX_BODY_BYTES
 from ringlet.master.placement import PlacementError
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.net.session import DEFAULT_LISTEN, ControlPlaneError, NetOptions, advertised_host
+from ringlet.node.cluster import ClusterLink
 from ringlet.node.errors import NodeError
 from ringlet.node.node import Node, read_memory
 from ringlet.shared.instances import EngineType, InstanceType
@@ -45,14 +47,15 @@ class NodeOptions:
     engine: EngineType | None = None  # None: the best available
     default_instance: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    # cluster options, taken now so scripts can pass them; the control plane reads them when it lands
+    # the control plane: zenoh endpoints to connect to and listen on, and multicast scouting on the LAN
     connect: tuple[str, ...] = ()
-    listen: str | None = None
+    listen: str | None = None  # None: tcp/0.0.0.0:52414 (a free port when another node has it)
     discovery: bool = True
 
     @property
-    def cluster_requested(self) -> bool:
-        return bool(self.connect) or self.listen is not None or not self.discovery
+    def net(self) -> NetOptions:
+        return NetOptions(listen=(self.listen,) if self.listen else DEFAULT_LISTEN, connect=self.connect,
+                          discovery=self.discovery)
 
 
 def detect_node(options: NodeOptions) -> NodeInfo:
@@ -101,14 +104,27 @@ def _let_serving_end_on_signals() -> None:
 
 
 async def serve(options: NodeOptions) -> None:
-    if options.cluster_requested:
-        log.warning("clustering is not active in this build yet: --connect/--listen/--no-discovery are recorded, "
-                    "but this node serves alone")
+    try:
+        net = options.net
+        data_host = advertised_host(net)
+    except ValueError as error:
+        raise NodeStartError(str(error)) from None
     sock = bind(options.host, options.api_port)
     info = await asyncio.to_thread(detect_node, options)
-    node = Node(info)
+    node = Node(info, data_host=data_host)
+    cluster = ClusterLink(node, net)
+    node.attach_cluster(cluster)
+    try:
+        await cluster.start()
+    except ControlPlaneError as error:
+        sock.close()
+        raise NodeStartError(str(error)) from None
     await node.start()
     try:
+        try:
+            await cluster.wait_joined()
+        except TimeoutError as error:
+            raise NodeStartError(str(error)) from None
         if options.default_instance:
             create_default_instance(node, options)
         app = create_app(node, max_body_bytes=options.max_body_bytes)
@@ -122,4 +138,5 @@ async def serve(options: NodeOptions) -> None:
         await server.serve(sockets=[sock])
     finally:
         await node.stop()
+        cluster.close()
         sock.close()

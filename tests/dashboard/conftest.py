@@ -66,7 +66,7 @@ def _start_node(work_dir: Path, name: str) -> LiveNode:
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "ringlet", "node", "--api-port", str(port), "--node-name", name,
-             "--no-default-instance"],
+             "--no-default-instance", "--no-discovery", "--listen", f"tcp/127.0.0.1:{free_port()}"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     node = LiveNode(f"http://127.0.0.1:{port}", name, process, log_path)

@@ -1,0 +1,198 @@
+"""A zenoh session for one node: configuration from the node's options, typed publish/subscribe, membership.
+
+zenoh calls back on its own threads; every callback here is handed to the node's asyncio loop, so the node's
+code runs on one thread and needs no locks. Peers find each other by multicast scouting on the LAN (on by
+default) or by explicit `--connect tcp/HOST:PORT` endpoints; once connected, gossip tells each peer of the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import zenoh
+from pydantic import BaseModel, TypeAdapter
+
+from ringlet.net.codec import BadMessageError, decode, encode
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_ZENOH_PORT = 52414
+# a peer that stops answering is dropped after this long (zenoh's default is 10 s; a request in flight on a node
+# that is cut off must end within 5 s)
+LEASE_MS = 3000
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane cannot start as configured; the message says what to change."""
+
+
+DEFAULT_LISTEN = (f"tcp/0.0.0.0:{DEFAULT_ZENOH_PORT}",)
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    listen: Sequence[str] = DEFAULT_LISTEN
+    connect: Sequence[str] = ()
+    discovery: bool = True  # multicast scouting on the LAN
+
+
+def check_endpoint(endpoint: str) -> str:
+    """`tcp/HOST:PORT` (or udp/quic); raises ValueError saying what a valid one looks like."""
+    proto, _, address = endpoint.partition("/")
+    host, _, port = address.rpartition(":")
+    if proto not in ("tcp", "udp", "quic", "tls") or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{endpoint!r} is not a zenoh endpoint; expected tcp/HOST:PORT, e.g. tcp/192.168.1.20:52414")
+    return endpoint
+
+
+def zenoh_config(options: NetOptions) -> zenoh.Config:
+    config = zenoh.Config()
+    config.insert_json5("mode", '"peer"')
+    config.insert_json5("listen/endpoints", json.dumps([check_endpoint(e) for e in options.listen]))
+    config.insert_json5("connect/endpoints", json.dumps([check_endpoint(e) for e in options.connect]))
+    config.insert_json5("scouting/multicast/enabled", json.dumps(options.discovery))
+    config.insert_json5("scouting/gossip/enabled", "true")
+    config.insert_json5("transport/link/tx/lease", str(LEASE_MS))
+    # the timestamps let peers order what they hear; not needed by ringlet's own ordering (the master's sequence)
+    config.insert_json5("timestamping/enabled", "false")
+    return config
+
+
+def _open(options: NetOptions) -> zenoh.Session:
+    try:
+        return zenoh.open(zenoh_config(options))
+    except zenoh.ZError as error:
+        if tuple(options.listen) == DEFAULT_LISTEN and "in use" in str(error):
+            # another node on this machine has the default port: peers still find this one by scouting
+            log.warning("zenoh port %d is taken (another node on this machine?); listening on a free port",
+                        DEFAULT_ZENOH_PORT)
+            return zenoh.open(zenoh_config(replace(options, listen=("tcp/0.0.0.0:0",))))
+        raise ControlPlaneError(f"cannot start the control plane ({error}); check --listen/--connect, or pick "
+                                "another --listen port if another node runs on this machine") from None
+
+
+class ControlPlane:
+    """One node's zenoh session. Create it inside the running event loop that should receive callbacks."""
+
+    def __init__(self, options: NetOptions) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._session = _open(options)
+        self._declared: list[Any] = []  # subscribers, queryables, tokens: undeclared on close
+        self._publishers: dict[str, zenoh.Publisher] = {}
+
+    @property
+    def zid(self) -> str:
+        return str(self._session.zid())
+
+    def peers(self) -> list[str]:
+        return [str(z) for z in self._session.info.peers_zid()]
+
+    def publish(self, key: str, message: BaseModel) -> None:
+        publisher = self._publishers.get(key)
+        if publisher is None:
+            publisher = self._publishers[key] = self._session.declare_publisher(
+                key, congestion_control=zenoh.CongestionControl.BLOCK, reliability=zenoh.Reliability.RELIABLE)
+        publisher.put(encode(message))
+
+    def publish_once(self, key: str, message: BaseModel) -> None:
+        """For keys used once (a task's stream): no publisher is kept."""
+        self._session.put(key, encode(message), congestion_control=zenoh.CongestionControl.BLOCK)
+
+    def subscribe(self, key: str, adapter: TypeAdapter[T], on_message: Callable[[str, T], None]) -> zenoh.Subscriber:
+        """Call `on_message(key, message)` on the event loop for every valid message on `key` (may be a pattern)."""
+
+        def on_sample(sample: zenoh.Sample) -> None:
+            topic = str(sample.key_expr)
+            try:
+                message = decode(adapter, sample.payload.to_bytes(), topic)
+            except BadMessageError as error:
+                log.warning("%s; ignored (a peer running another ringlet version?)", error)
+                return
+            self._call_soon(on_message, topic, message)
+
+        subscriber = self._session.declare_subscriber(key, on_sample)
+        self._declared.append(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: zenoh.Subscriber) -> None:
+        if subscriber in self._declared:
+            self._declared.remove(subscriber)
+        subscriber.undeclare()
+
+    def announce(self, key: str) -> None:
+        """A liveliness token: peers see it while this session lives, and its disappearance when it dies."""
+        self._declared.append(self._session.liveliness().declare_token(key))
+
+    def watch_liveliness(self, pattern: str, on_change: Callable[[str, bool], None]) -> None:
+        """`on_change(key, alive)` for every token under `pattern`, starting with those alive now."""
+
+        def on_sample(sample: zenoh.Sample) -> None:
+            self._call_soon(on_change, str(sample.key_expr), sample.kind == zenoh.SampleKind.PUT)
+
+        self._declared.append(self._session.liveliness().declare_subscriber(pattern, on_sample, history=True))
+
+    def serve(self, key: str, answer: Callable[[], BaseModel]) -> None:
+        """Answer queries on `key` with `answer()`, computed on the zenoh thread (it must only read)."""
+
+        def on_query(query: zenoh.Query) -> None:
+            query.reply(key, encode(answer()))
+
+        self._declared.append(self._session.declare_queryable(key, on_query))
+
+    async def ask(self, key: str, adapter: TypeAdapter[T], timeout_s: float = 3.0) -> list[T]:
+        """Query `key`; the valid replies."""
+
+        def query() -> list[T]:
+            answers = []
+            for reply in self._session.get(key, timeout=timeout_s):
+                if reply.ok is None:
+                    continue
+                try:
+                    answers.append(decode(adapter, reply.ok.payload.to_bytes(), key))
+                except BadMessageError as error:
+                    log.warning("%s; ignored", error)
+            return answers
+
+        return await asyncio.to_thread(query)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def close(self) -> None:
+        for entity in reversed(self._declared):
+            entity.undeclare()
+        self._declared.clear()
+        for publisher in self._publishers.values():
+            publisher.undeclare()
+        self._publishers.clear()
+        self._session.close()
+
+
+def advertised_host(options: NetOptions) -> str:
+    """The address other nodes reach this one at, for the data plane: the --listen host when it names one; the
+    loopback when every peer is on it (tests, several nodes on one machine); else the address of the interface
+    that routes to the LAN (a UDP socket's connect sends nothing)."""
+    hosts = [e.partition("/")[2].rpartition(":")[0].strip("[]") for e in options.listen]
+    named = [h for h in hosts if h not in ("0.0.0.0", "::", "")]
+    if named:
+        return named[0]
+    peers = [e.partition("/")[2].rpartition(":")[0].strip("[]") for e in options.connect]
+    if peers and all(p.startswith("127.") or p in ("::1", "localhost") for p in peers):
+        return "127.0.0.1"
+    target = peers[0] if peers else "224.0.0.224"  # zenoh's scouting group: the LAN interface routes to it
+    with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((target, 7))
+            return str(probe.getsockname()[0])
+        except OSError:
+            log.warning("no route to %s: the data plane of multi-node instances listens on the loopback only; "
+                        "pass --listen tcp/ADDRESS:PORT with this node's LAN address", target)
+            return "127.0.0.1"

@@ -1,0 +1,270 @@
+"""Multi-stage instances: each stage runs in its own runner process on its node, and hidden states flow stage to
+stage over `torch.distributed`.
+
+Rank 0 (the first stage) hosts the rendezvous: a TCP store on an ephemeral port, whose address its node publishes
+through the control plane so the other stages can join. Rank 0 keeps the whole generation loop (tokeniser,
+sampling, stop strings, detokeniser: `TextGenerator`); its `forward` runs its own layers, sends the hidden states
+down the ring, and receives the last stage's logits of the last position. Every other stage serves in a loop:
+receive a header and hidden states, run its layers, pass them on (or, on the last stage, send logits to rank 0).
+
+Transport by instance type: gloo for CpuRing and mixed rings (host tensors), NCCL for CudaRing, xccl for IpexRing
+where this PyTorch has it (else gloo). Any broken connection raises `RingBrokenError`: the ring cannot be mended,
+so the runner reports the failure and exits, and the master places the instance again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from ringlet.models.loader import LoadedStage, load_stage
+from ringlet.models.quant import quantize_int8
+from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
+from ringlet.shared.state import RingAddress
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.engines.torch.engine import _DTYPES, DEFAULT_MAX_CONTEXT, resolve_precision
+from ringlet.worker.engines.torch.generate import TextGenerator
+
+if TYPE_CHECKING:
+    from ringlet.worker.runner import Inbox, LoadShard, Outbox
+
+log = logging.getLogger(__name__)
+
+PRECISION_ENV = "RINGLET_PRECISION"  # fp32 / bf16 / int8 / auto: the same on every stage of a ring
+RENDEZVOUS_TIMEOUT_S = 120.0  # stages load their weights before joining; a slow disk must not fail the ring
+# after the rendezvous a stage waits this long for its neighbour; a dead peer is seen sooner (its socket closes)
+# and a node cut off is seen by the control plane, which stops the runner
+STEP_TIMEOUT_S = 600.0
+_FORWARD, _STOP = 1, 0
+_HEADER = 3  # op, start position, number of positions
+
+
+class RingBrokenError(RuntimeError):
+    """A neighbouring stage went away; the instance must be placed again."""
+
+
+def backend_for(instance_type: InstanceType, engines: set[EngineType]) -> str:
+    """The torch.distributed backend of a ring whose stages run on `engines`."""
+    if len(engines) > 1:
+        return "gloo"  # mixed ring: host tensors
+    if instance_type == InstanceType.CUDA_RING:
+        return "nccl"
+    if instance_type == InstanceType.IPEX_RING and getattr(dist, "is_xccl_available", lambda: False)():
+        return "xccl"
+    return "gloo"
+
+
+def transfer_device(backend: str) -> torch.device:
+    if backend == "nccl":
+        return torch.device("cuda")
+    if backend == "xccl":
+        return torch.device("xpu")
+    return torch.device("cpu")
+
+
+def compute_device(engine: EngineType) -> torch.device:
+    return torch.device({"cuda": "cuda", "ipex": "xpu"}.get(engine, "cpu"))
+
+
+def host_store(host: str, world_size: int) -> tuple[dist.TCPStore, RingAddress]:
+    """Rank 0's rendezvous store on an ephemeral port of `host`."""
+    store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    return store, RingAddress(host=host, port=store.port)
+
+
+def join_store(address: RingAddress, world_size: int) -> dist.TCPStore:
+    return dist.TCPStore(address.host, address.port, world_size, is_master=False,
+                         timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+
+
+def load_for_stage(bound: BoundInstance, precision: str | None = None) -> tuple[LoadedStage, str]:
+    shard = bound.shard
+    if bound.engine == "mlx":
+        raise NotImplementedError("a stage on the MLX engine (MlxRing, or an MLX stage of a mixed ring) is not "
+                                  "implemented yet; run the instance as CpuRing, CudaRing or IpexRing")
+    device = compute_device(bound.engine)
+    precision = resolve_precision(precision or os.environ.get(PRECISION_ENV, "auto"), device)
+    stage = load_stage(bound.instance.model, shard.start, shard.end, dtype=_DTYPES[precision], device=device)
+    if precision == "int8":
+        quantize_int8(stage.model, _DTYPES[precision])
+    return stage, precision
+
+
+class _Ring:
+    """This process's place in the ring: its rank, its neighbours, and tensors moved to and from them."""
+
+    def __init__(self, bound: BoundInstance, store: dist.TCPStore) -> None:
+        instance = bound.instance
+        self.rank, self.size = bound.shard.rank, len(instance.shards)
+        self.backend = backend_for(instance.instance_type, {s.engine for s in instance.shards})
+        self.device = transfer_device(self.backend)
+        began = time.perf_counter()
+        dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
+                                timeout=timedelta(seconds=STEP_TIMEOUT_S))
+        log.info("instance %s: stage %d/%d joined the %s ring in %.1f s", instance.instance_id, self.rank, self.size,
+                 self.backend, time.perf_counter() - began)
+        self.next = (self.rank + 1) % self.size
+        self.prev = (self.rank - 1) % self.size
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        try:
+            dist.send(tensor.to(self.device).contiguous(), to)
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        try:
+            dist.recv(buffer, source)
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {source} of the ring is unreachable: {error}") from error
+        return buffer
+
+    def send_hidden(self, op: int, start: int, hidden: torch.Tensor | None) -> None:
+        length = 0 if hidden is None else hidden.shape[1]
+        self.send(torch.tensor([op, start, length], dtype=torch.int64), self.next)
+        if hidden is not None:
+            self.send(hidden.float(), self.next)  # float32 on the wire: a mixed ring may compute in other dtypes
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class FirstStage:
+    """Rank 0: an engine (the `Engine` protocol) whose forward pass spans the whole ring."""
+
+    name = "torch-pipeline"
+
+    def __init__(self, bound: BoundInstance, stage: LoadedStage, store: dist.TCPStore,
+                 max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+        assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
+        self.stage, self.device = stage, compute_device(bound.engine)
+        self.context_length = min(stage.args.context_length, max_context)
+        self.cache = stage.model.make_cache(1, self.context_length)
+        self.ring = _Ring(bound, store)
+        self._dtype = next(stage.model.parameters()).dtype
+        self.broken = False  # a neighbour went away: no task can run any more
+        self.generator = TextGenerator(self._forward, stage.tokenizer, self.context_length, stage.args.vocab_size,
+                                       self.device)
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.stage.tokenizer
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        hidden = self.stage.model(ids, self.cache, start)
+        self.cache.offset = start + ids.shape[1]
+        try:
+            self.ring.send_hidden(_FORWARD, start, hidden)
+            logits = self.ring.recv((1, self.stage.args.vocab_size), torch.float32, self.ring.prev)
+        except RingBrokenError:
+            self.broken = True
+            raise
+        return logits.to(self.device, self._dtype)
+
+    def warmup(self) -> float:
+        began = time.perf_counter()
+        for _ in self.generate(TextGenerationTask(prompt="Hello", max_tokens=2,
+                                                  sampling=SamplingParams(temperature=0))):
+            pass
+        return time.perf_counter() - began
+
+    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+        with torch.inference_mode():
+            yield from self.generator.generate(task)
+
+    def close(self) -> None:
+        """Tell the other stages to stop, then leave the ring."""
+        try:
+            self.ring.send_hidden(_STOP, 0, None)
+        except RingBrokenError as error:
+            log.info("ring already broken at close: %s", error)
+        self.ring.close()
+
+
+class RelayStage:
+    """A stage after the first: receive hidden states, run this stage's layers, pass the result on."""
+
+    def __init__(self, bound: BoundInstance, stage: LoadedStage, store: dist.TCPStore,
+                 max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+        assert not bound.shard.is_first
+        self.bound, self.stage = bound, stage
+        self.device = compute_device(bound.engine)
+        self.context_length = min(stage.args.context_length, max_context)
+        self.cache = stage.model.make_cache(1, self.context_length)
+        self.ring = _Ring(bound, store)
+        self._dtype = next(stage.model.parameters()).dtype
+        self.is_last = bound.shard.is_last
+
+    @torch.inference_mode()
+    def serve(self) -> None:
+        """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
+        hidden_size = self.stage.args.hidden_size
+        while True:
+            op, start, length = self.ring.recv((_HEADER,), torch.int64, self.ring.prev).tolist()
+            if op == _STOP:
+                if not self.is_last:
+                    self.ring.send_hidden(_STOP, 0, None)
+                self.ring.close()
+                return
+            hidden = self.ring.recv((1, length, hidden_size), torch.float32, self.ring.prev)
+            out = self.stage.model(hidden.to(self.device, self._dtype), self.cache, start, last_logits_only=True)
+            self.cache.offset = start + length
+            if self.is_last:
+                self.ring.send(out[:, -1].float(), 0)
+            else:
+                self.ring.send_hidden(_FORWARD, start, out)
+
+
+def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
+    """The runner's main loop for one stage of a multi-stage instance; returns the runner's exit code."""
+    from ringlet.worker.runner import LoadFailed, Loading, Ready, RingHosted, run_task
+
+    bound, size = load.bound, len(load.bound.instance.shards)
+    try:
+        if bound.shard.is_first:
+            store, address = host_store(load.data_host, size)
+            outbox.send(RingHosted(address=address))  # the other stages load while this one does
+        elif load.ring is None:
+            raise ValueError(f"stage {bound.shard.rank} of instance {bound.instance.instance_id} has no ring to join")
+        else:
+            store = join_store(load.ring, size)
+        outbox.send(Loading(progress=0.05, detail=f"loading layers {bound.shard.start}-{bound.shard.end - 1}"))
+        stage, precision = load_for_stage(bound)
+        outbox.send(Loading(progress=0.6, detail="waiting for the other stages"))
+        engine: FirstStage | RelayStage = (FirstStage if bound.shard.is_first else RelayStage)(bound, stage, store)
+        warmup_s = 0.0
+        if isinstance(engine, FirstStage):
+            outbox.send(Loading(progress=0.9, detail="warming up the ring"))
+            warmup_s = engine.warmup()
+    # a failed load (missing file, driver, a stage that never joined) is reported, then the runner exits
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        outbox.send(LoadFailed(error=f"{type(error).__name__}: {error}"))
+        return 1
+    log.info("instance %s: stage %d ready (%s)", bound.instance.instance_id, bound.shard.rank, precision)
+    outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
+    if isinstance(engine, RelayStage):
+        try:
+            engine.serve()
+        except RingBrokenError as error:
+            log.error("instance %s: %s; this stage stops", bound.instance.instance_id, error)
+            return 1
+        return 0
+    while not engine.broken:
+        command = inbox.commands.get()
+        run_task(engine, command.task, inbox, outbox)
+    log.error("instance %s: the ring is broken; this stage stops", bound.instance.instance_id)
+    return 1

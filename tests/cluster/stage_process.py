@@ -1,0 +1,39 @@
+"""One stage of a ring, as its own process, for the data-plane tests (no node, no control plane).
+
+argv: the bound instance as JSON, then the rendezvous address as HOST:PORT, or "host" on rank 0, which prints the
+address it listens on as its first line. Rank 0 then runs the prompt given by argv[3] greedily and prints the
+chunks as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ringlet.shared.instances import BoundInstance
+from ringlet.shared.tasks import SamplingParams, TextGenerationTask
+from ringlet.worker.pipeline import FirstStage, RelayStage, RingAddress, host_store, join_store, load_for_stage
+
+
+def main() -> None:
+    bound = BoundInstance.model_validate_json(sys.argv[1])
+    size = len(bound.instance.shards)
+    if bound.shard.is_first:
+        store, address = host_store("127.0.0.1", size)
+        print(address.model_dump_json(), flush=True)
+        stage, _ = load_for_stage(bound, "fp32")
+        engine = FirstStage(bound, stage, store)
+        task = TextGenerationTask(prompt=sys.argv[3], max_tokens=int(sys.argv[4]),
+                                  sampling=SamplingParams(temperature=0))
+        for chunk in engine.generate(task):
+            print(json.dumps({"token_id": chunk.token_id, "text": chunk.text,
+                              "decode_tps": chunk.timings.decode_tokens_per_s if chunk.timings else None}),
+                  flush=True)
+        engine.close()
+    else:
+        address = RingAddress.model_validate_json(sys.argv[2])
+        stage, _ = load_for_stage(bound, "fp32")
+        RelayStage(bound, stage, join_store(address, size)).serve()
+
+
+if __name__ == "__main__":
+    main()
