@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
@@ -40,7 +41,9 @@ async def exercise(node: Node) -> dict[str, object]:
 
 
 def test_download_through_the_api(hub: FakeHub) -> None:
-    seen = asyncio.run(exercise(Node(node_info("a", 8))))
+    # a thread of its own: another test's Playwright session may hold an event loop on this one
+    with ThreadPoolExecutor(1) as pool:
+        seen = pool.submit(lambda: asyncio.run(exercise(Node(node_info("a", 8))))).result(timeout=120)
     status = seen["status"]
     assert status["state"] == "done" and status["done"] == status["total"] > 0, status
     record = seen["state"]["downloads"][status["download_id"]]
