@@ -11,7 +11,7 @@ from ringlet.models.catalog import ModelCard
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import Link, NodeInfo
 
-InstanceTypeName = Literal["MlxRing", "MlxIbv", "MlxJaccl", "CpuRing", "CudaRing", "IpexRing"]
+InstanceTypeName = Literal["MlxRing", "MlxIbv", "MlxJaccl", "CpuRing", "CudaRing", "IpexRing", "MixedRing"]
 
 
 class NodeIdResponse(BaseModel):

@@ -16,6 +16,7 @@ class InstanceType(str, Enum):
     CPU_RING = "CpuRing"
     CUDA_RING = "CudaRing"
     IPEX_RING = "IpexRing"
+    MIXED_RING = "MixedRing"  # each stage on its node's own engine, hidden states as host tensors over gloo
 
     @classmethod
     def parse(cls, name: str) -> "InstanceType":
@@ -29,11 +30,13 @@ class InstanceType(str, Enum):
             raise ValueError(f"unknown instance type {name!r}; known: {known}") from None
 
     @property
-    def engine(self) -> EngineType:
-        return INSTANCE_ENGINE[self]
+    def engine(self) -> EngineType | None:
+        """The engine every stage runs; None for a mixed ring, whose stages run their own node's engine."""
+        return INSTANCE_ENGINE.get(self)
 
 
-# Decided once per instance, never re-detected per call (DESIGN.md, Engines).
+# Decided once per instance, never re-detected per call (DESIGN.md, Engines). A mixed ring's engines are
+# decided per stage at placement (Shard.engine).
 INSTANCE_ENGINE: dict[InstanceType, EngineType] = {
     InstanceType.MLX_RING: "mlx",
     InstanceType.MLX_JACCL: "mlx",

@@ -21,7 +21,7 @@ def node_info(node_id: str, free_gib: float, engines: tuple[EngineType, ...] = (
                   ram_available_bytes=free)
     intel = [g for g in gpus if g.vendor == "intel"]
     info = EngineInfo(
-        available_engines=list(engines), selected_engine=engines[0], mlx_available="mlx" in engines,
+        available_engines=list(engines), selected_engine=engines[0] if engines else None, mlx_available="mlx" in engines,
         torch_available=True, cpu_available="cpu" in engines, cuda_available="cuda" in engines,
         ipex_available="ipex" in engines, intel_gpu_count=len(intel),
         intel_gpu_memory=intel[0].memory_total_bytes if intel else 0,

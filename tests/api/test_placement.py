@@ -110,3 +110,38 @@ def test_preview_covers_every_instance_type() -> None:
     for impossible in (InstanceType.IPEX_RING, InstanceType.CUDA_RING, InstanceType.MLX_RING, InstanceType.MLX_JACCL):
         assert not previews[impossible].possible and previews[impossible].reason
     assert "Intel GPU" in (previews[InstanceType.IPEX_RING].reason or "")
+
+
+def test_mixed_ring_runs_each_stage_on_its_nodes_engine() -> None:
+    nodes = [node_info("mac", 12, engines=("mlx", "cpu")), node_info("pc", 6, engines=("cpu",))]
+    placement = place(small_card(model_format="gguf"), InstanceType.MIXED_RING, nodes, instance_id="i",
+                      node_ids=["mac", "pc"])
+    assert placement.instance.instance_type == InstanceType.MIXED_RING
+    shards = [(s.node_id, s.engine, s.start, s.end) for s in placement.instance.shards]
+    assert shards == [("mac", "mlx", 0, 20), ("pc", "cpu", 20, 30)], "engines per node, layers by memory"
+    assert [s.engine for s in placement.stages] == ["mlx", "cpu"]
+    # MLX without Metal computes in float32, as the CPU engine does
+    assert placement.stages[0].memory_bytes == stage_bytes(small_card(), 0, 20, "cpu", 8192)
+
+
+def test_mixed_ring_memory_counts_each_nodes_own_engine() -> None:
+    intel = intel_gpu_node("arc", free_gib=2, gpu_gib=24)
+    nodes = [node_info("a", 8), intel]
+    placement = place(small_card(), InstanceType.MIXED_RING, nodes, instance_id="i", min_nodes=2)
+    assert [(s.node_id, s.engine) for s in placement.instance.shards] == [("arc", "ipex"), ("a", "cpu")]
+    assert placement.stages[0].usable_bytes == int(24 * GIB * 0.9), "the Intel GPU's memory, not the host's RAM"
+    assert [(s.start, s.end) for s in placement.instance.shards] == [(0, 22), (22, 30)]
+
+
+def test_mixed_ring_refusals_name_nodes_and_engines() -> None:
+    nodes = [node_info("mac", 3, engines=("mlx", "cpu")), node_info("pc", 3, engines=("cpu",))]
+    with pytest.raises(PlacementError) as refusal:
+        place(big_card(), InstanceType.MIXED_RING, nodes, instance_id="i")
+    message = str(refusal.value)
+    assert message.startswith("Qwen/Qwen3-8B does not fit a mixed ring of the 2 suitable nodes")
+    assert "mac (mlx, layers 0-" in message and "pc (cpu, layers " in message and "has 2.7" in message
+    engineless = node_info("bare", 8, engines=())
+    with pytest.raises(PlacementError) as refusal:
+        place(small_card(), InstanceType.MIXED_RING, [engineless], instance_id="i")
+    assert str(refusal.value).startswith("MixedRing needs a node with an engine of its own")
+    assert "bare: no engine is available (ipex: no Intel GPU found" in str(refusal.value)
