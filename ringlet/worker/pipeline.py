@@ -7,6 +7,10 @@ sampling, stop strings, detokeniser: `TextGenerator`); its `forward` runs its ow
 down the ring, and receives the last stage's logits of the last position. Every other stage serves in a loop:
 receive a header and hidden states, run its layers, pass them on (or, on the last stage, send logits to rank 0).
 
+The loop is the same on every engine: a stage's layers are a `StageModel` (torch here, MLX in
+`engines/mlx/stage.py`), which takes and returns torch tensors on the host side of the ring, so a mixed ring can put
+an MLX stage anywhere.
+
 Transport by instance type: gloo for CpuRing and mixed rings (host tensors), NCCL for CudaRing, xccl for IpexRing
 where this PyTorch has it (else gloo). Any broken connection raises `RingBrokenError`: the ring cannot be mended,
 so the runner reports the failure and exits, and the master places the instance again.
@@ -21,13 +25,14 @@ import time
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
 
 from ringlet.models.loader import LoadedStage, load_stage
 from ringlet.models.quant import quantize_int8
+from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
 from ringlet.shared.state import RingAddress
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
@@ -87,17 +92,58 @@ def join_store(address: RingAddress, world_size: int) -> dist.TCPStore:
                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
 
 
-def load_for_stage(bound: BoundInstance, precision: str | None = None) -> tuple[LoadedStage, str]:
+class StageModel(Protocol):
+    """One stage's layers on its engine, with the KV cache of those layers."""
+
+    tokenizer: Tokenizer
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    device: torch.device  # where rank 0 samples
+    dtype: torch.dtype  # of the logits rank 0 samples from
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: token ids [1, L] on the first stage, float32 hidden states [1, L, H] elsewhere, at positions
+        start.. (a start before the cache's end drops what lies past it). Returns hidden states, or on the last
+        stage the logits of the last position [1, V]."""
+        ...
+
+
+class TorchStage:
+    """Layers [start, end) on a torch engine (cpu, cuda, ipex), with a static KV cache."""
+
+    def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+        self.model, self.tokenizer, self.device = stage.model, stage.tokenizer, device
+        self.hidden_size, self.vocab_size = stage.args.hidden_size, stage.args.vocab_size
+        self.context_length = min(stage.args.context_length, max_context)
+        self.is_last = stage.end == stage.args.num_hidden_layers
+        self.cache = stage.model.make_cache(1, self.context_length)
+        self.dtype = next(stage.model.parameters()).dtype
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if x.is_floating_point():
+            x = x.to(self.device, self.dtype)
+        out = self.model(x, self.cache, start, last_logits_only=True)
+        self.cache.offset = start + x.shape[1]
+        return out[:, -1] if self.is_last else out
+
+
+def load_for_stage(bound: BoundInstance, precision: str | None = None,
+                   max_context: int = DEFAULT_MAX_CONTEXT) -> tuple[StageModel, str]:
+    """This node's stage of `bound`, on the shard's engine; `precision` defaults to $RINGLET_PRECISION."""
     shard = bound.shard
+    precision = precision or os.environ.get(PRECISION_ENV, "auto")
     if bound.engine == "mlx":
-        raise NotImplementedError("a stage on the MLX engine (MlxRing, or an MLX stage of a mixed ring) is not "
-                                  "implemented yet; run the instance as CpuRing, CudaRing or IpexRing")
+        from ringlet.worker.engines.mlx.stage import MlxStage
+
+        return MlxStage.load(bound.instance.model, shard.start, shard.end, precision, max_context), precision
     device = compute_device(bound.engine)
-    precision = resolve_precision(precision or os.environ.get(PRECISION_ENV, "auto"), device)
+    precision = resolve_precision(precision, device)
     stage = load_stage(bound.instance.model, shard.start, shard.end, dtype=_DTYPES[precision], device=device)
     if precision == "int8":
         quantize_int8(stage.model, _DTYPES[precision])
-    return stage, precision
+    return TorchStage(stage, device, max_context), precision
 
 
 class _Ring:
@@ -144,35 +190,28 @@ class _Ring:
 class FirstStage:
     """Rank 0: an engine (the `Engine` protocol) whose forward pass spans the whole ring."""
 
-    name = "torch-pipeline"
-
-    def __init__(self, bound: BoundInstance, stage: LoadedStage, store: dist.TCPStore,
-                 max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore) -> None:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
-        self.stage, self.device = stage, compute_device(bound.engine)
-        self.context_length = min(stage.args.context_length, max_context)
-        self.cache = stage.model.make_cache(1, self.context_length)
+        self.name = "mlx-pipeline" if bound.engine == "mlx" else "torch-pipeline"
+        self.stage, self.context_length = stage, stage.context_length
         self.ring = _Ring(bound, store)
-        self._dtype = next(stage.model.parameters()).dtype
         self.broken = False  # a neighbour went away: no task can run any more
-        self.generator = TextGenerator(self._forward, stage.tokenizer, self.context_length, stage.args.vocab_size,
-                                       self.device)
+        self.generator = TextGenerator(self._forward, stage.tokenizer, self.context_length, stage.vocab_size,
+                                       stage.device)
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> Tokenizer:
         return self.stage.tokenizer
 
-    @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        hidden = self.stage.model(ids, self.cache, start)
-        self.cache.offset = start + ids.shape[1]
+        hidden = self.stage.forward(ids, start)
         try:
             self.ring.send_hidden(_FORWARD, start, hidden)
-            logits = self.ring.recv((1, self.stage.args.vocab_size), torch.float32, self.ring.prev)
+            logits = self.ring.recv((1, self.stage.vocab_size), torch.float32, self.ring.prev)
         except RingBrokenError:
             self.broken = True
             raise
-        return logits.to(self.device, self._dtype)
+        return logits.to(self.stage.device, self.stage.dtype)
 
     def warmup(self) -> float:
         began = time.perf_counter()
@@ -197,21 +236,14 @@ class FirstStage:
 class RelayStage:
     """A stage after the first: receive hidden states, run this stage's layers, pass the result on."""
 
-    def __init__(self, bound: BoundInstance, stage: LoadedStage, store: dist.TCPStore,
-                 max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore) -> None:
         assert not bound.shard.is_first
-        self.bound, self.stage = bound, stage
-        self.device = compute_device(bound.engine)
-        self.context_length = min(stage.args.context_length, max_context)
-        self.cache = stage.model.make_cache(1, self.context_length)
+        self.stage, self.context_length = stage, stage.context_length
         self.ring = _Ring(bound, store)
-        self._dtype = next(stage.model.parameters()).dtype
         self.is_last = bound.shard.is_last
 
-    @torch.inference_mode()
     def serve(self) -> None:
         """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
-        hidden_size = self.stage.args.hidden_size
         while True:
             op, start, length = self.ring.recv((_HEADER,), torch.int64, self.ring.prev).tolist()
             if op == _STOP:
@@ -219,11 +251,10 @@ class RelayStage:
                     self.ring.send_hidden(_STOP, 0, None)
                 self.ring.close()
                 return
-            hidden = self.ring.recv((1, length, hidden_size), torch.float32, self.ring.prev)
-            out = self.stage.model(hidden.to(self.device, self._dtype), self.cache, start, last_logits_only=True)
-            self.cache.offset = start + length
+            hidden = self.ring.recv((1, length, self.stage.hidden_size), torch.float32, self.ring.prev)
+            out = self.stage.forward(hidden, start)
             if self.is_last:
-                self.ring.send(out[:, -1].float(), 0)
+                self.ring.send(out.float(), 0)
             else:
                 self.ring.send_hidden(_FORWARD, start, out)
 

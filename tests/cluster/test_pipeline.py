@@ -1,5 +1,5 @@
-"""The data plane alone, without nodes: a model split over 3 stage processes (first, middle, last) gives exactly the
-single-stage greedy tokens."""
+"""The data plane alone, without nodes: a model split over stage processes (first, middle, last) gives exactly the
+single-stage greedy tokens, whether every stage runs torch or one of them runs MLX (a mixed ring)."""
 
 from __future__ import annotations
 
@@ -11,39 +11,45 @@ from pathlib import Path
 import pytest
 
 from ringlet.master.placement import split_layers
-from ringlet.shared.instances import BoundInstance, Instance, InstanceType, Shard
+from ringlet.shared.instances import BoundInstance, EngineType, Instance, InstanceType, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
 from ringlet.worker.pipeline import backend_for
 
-PROMPT = "The capital of France is"
+# the second prompt starts with the first: its request reuses the cached prefix, so every stage trims its cache
+PROMPTS = ["The capital of France is", "The capital of France is a city", "Water boils at"]
 MAX_TOKENS = 12
 HELPER = str(Path(__file__).with_name("stage_process.py"))
 
 
 @pytest.fixture(scope="module")
-def single_stage_tokens() -> list[int | None]:
+def single_stage_tokens() -> list[list[int | None]]:
     engine = TorchEngine.load(None, precision="fp32")
-    task = TextGenerationTask(prompt=PROMPT, max_tokens=MAX_TOKENS, sampling=SamplingParams(temperature=0))
-    return [c.token_id for c in engine.generate(task)]
+    tokens = []
+    for prompt in PROMPTS:
+        task = TextGenerationTask(prompt=prompt, max_tokens=MAX_TOKENS, sampling=SamplingParams(temperature=0))
+        tokens.append([c.token_id for c in engine.generate(task)])
+    return tokens
 
 
-def ring(stages: int, num_layers: int = 30) -> Instance:
-    shards = [Shard(node_id=f"node-{rank}", rank=rank, start=start, end=end, num_layers=num_layers)
-              for rank, (start, end) in enumerate(split_layers(num_layers, [1.0] * stages))]
-    return Instance(instance_id=f"inst-ring{stages}", model="SmolLM2-135M-Instruct", instance_type="CpuRing",
-                    shards=shards)
+def ring(engines: list[EngineType], num_layers: int = 30) -> Instance:
+    shards = [Shard(node_id=f"node-{rank}", rank=rank, start=start, end=end, num_layers=num_layers, engine=engine)
+              for rank, (engine, (start, end)) in enumerate(zip(engines, split_layers(num_layers, [1.0] * len(engines))))]
+    instance_type = InstanceType.CPU_RING if set(engines) == {"cpu"} else InstanceType.MIXED_RING
+    return Instance(instance_id=f"inst-{'-'.join(engines)}", model="SmolLM2-135M-Instruct",
+                    instance_type=instance_type, shards=shards)
 
 
-def run_ring(instance: Instance) -> list[dict]:
+def run_ring(instance: Instance) -> list[list[dict]]:
+    """The chunks of each prompt's request, run by the ring's stage processes."""
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
-    first = subprocess.Popen([sys.executable, HELPER, bound[0], "host", PROMPT, str(MAX_TOKENS)],
+    first = subprocess.Popen([sys.executable, HELPER, bound[0], "host", json.dumps(PROMPTS), str(MAX_TOKENS)],
                              stdout=subprocess.PIPE, text=True)
     assert first.stdout is not None
     address = first.stdout.readline().strip()
     others = [subprocess.Popen([sys.executable, HELPER, b, address]) for b in bound[1:]]
     try:
-        out, _ = first.communicate(timeout=120)
+        out, _ = first.communicate(timeout=240)
         for p in others:
             assert p.wait(timeout=30) == 0
     finally:
@@ -51,18 +57,36 @@ def run_ring(instance: Instance) -> list[dict]:
             if p.poll() is None:
                 p.kill()
     assert first.returncode == 0
-    return [json.loads(line) for line in out.splitlines()]
+    chunks = [json.loads(line) for line in out.splitlines()]
+    return [[c for c in chunks if c["request"] == i] for i in range(len(PROMPTS))]
+
+
+def token_ids(requests: list[list[dict]]) -> list[list[int | None]]:
+    return [[c["token_id"] for c in chunks] for chunks in requests]
 
 
 def test_backends_follow_instance_type() -> None:
     assert backend_for(InstanceType.CPU_RING, {"cpu"}) == "gloo"
     assert backend_for(InstanceType.CUDA_RING, {"cuda"}) == "nccl"
     assert backend_for(InstanceType.CUDA_RING, {"cuda", "mlx"}) == "gloo"
+    assert backend_for(InstanceType.MIXED_RING, {"cpu", "mlx"}) == "gloo"
+    assert backend_for(InstanceType.MIXED_RING, {"cuda"}) == "gloo"  # host tensors, whatever the stages run
 
 
 @pytest.mark.slow
-def test_three_stage_ring_gives_single_stage_tokens(single_stage_tokens: list[int | None]) -> None:
+def test_three_stage_ring_gives_single_stage_tokens(single_stage_tokens: list[list[int | None]]) -> None:
     # two stages are covered through real nodes in test_split_model
-    chunks = run_ring(ring(3))
-    assert [c["token_id"] for c in chunks] == single_stage_tokens
-    assert len([c for c in chunks if c["token_id"] is not None]) >= 3
+    requests = run_ring(ring(["cpu", "cpu", "cpu"]))
+    assert token_ids(requests) == single_stage_tokens
+    assert len([c for c in requests[0] if c["token_id"] is not None]) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engines", [["mlx", "cpu"], ["cpu", "mlx"], ["cpu", "mlx", "cpu"]],
+                         ids=["mlx-first", "mlx-last", "mlx-middle"])
+def test_mixed_ring_with_an_mlx_stage_gives_single_stage_tokens(
+        engines: list[EngineType], single_stage_tokens: list[list[int | None]]) -> None:
+    pytest.importorskip("mlx_lm")
+    requests = run_ring(ring(engines))
+    assert token_ids(requests) == single_stage_tokens
+    assert all(len([c for c in chunks if c["token_id"] is not None]) >= 3 for chunks in requests)

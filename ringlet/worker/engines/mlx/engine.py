@@ -52,13 +52,19 @@ def _dtype(mx: Any, precision: str) -> Any:
     return {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}[precision]
 
 
-def load_mlx_model(path: Path, dtype: Any) -> tuple[Any, Tokenizer, dict[str, Any]]:
-    """(mlx-lm model, ringlet tokenizer, config) for a Hugging Face directory or a GGUF file."""
+def load_mlx_model(path: Path, dtype: Any, start: int = 0,
+                   end: int | None = None) -> tuple[Any, Tokenizer, dict[str, Any]]:
+    """(mlx-lm model, ringlet tokenizer, config) for a Hugging Face directory or a GGUF file.
+
+    With a layer range the model keeps layers [start, end) only (see `keep_layers`); the weights of the
+    others are never read: mlx-lm loads lazily, and the GGUF reader reads the range alone.
+    """
     mx, _ = _import_mlx()
     if path.is_dir():
         from mlx_lm.utils import load_model
 
-        model, config = load_model(path)
+        model, config = load_model(path, lazy=True)
+        keep_layers(model, start, model_args(config).num_hidden_layers if end is None else end)
         tokenizer = Tokenizer.from_hf_dir(path)
     else:
         from ringlet.models.gguf_loader import GGUFModel
@@ -66,14 +72,52 @@ def load_mlx_model(path: Path, dtype: Any) -> tuple[Any, Tokenizer, dict[str, An
         gguf = GGUFModel.open(path)
         config = dict(gguf.config)
         args = model_args(config)  # refuses architectures ringlet does not know
+        end = args.num_hidden_layers if end is None else end
         module = importlib.import_module(f"mlx_lm.models.{MLX_MODULES.get(args.model_type, args.model_type)}")
-        model = module.Model(module.ModelArgs.from_dict(config))
-        weights = gguf.load_state_dict(0, args.num_hidden_layers)
+        model = module.Model(module.ModelArgs.from_dict(config))  # lazy: dropped layers never take memory
+        keep_layers(model, start, end)
+        weights = {_renumber(name, start): w for name, w in gguf.load_state_dict(start, end).items()}
         model.load_weights([(name, mx.array(w.numpy())) for name, w in model.sanitize(weights).items()])
         tokenizer = gguf.tokenizer()
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model, tokenizer, config
+
+
+def rewind_cache(cache_module: Any, cache: list[Any], start: int) -> None:
+    """Drop what the cache holds past `start`: TextGenerator reuses a cached prefix by restarting there, and a
+    pipeline stage is told each step's start (0 for a new request)."""
+    cached = cache[0].offset
+    if cached > start:
+        cache_module.trim_prompt_cache(cache, cached - start)
+    assert cache[0].offset == start, f"cache holds {cache[0].offset} positions, step starts at {start}"
+
+
+def keep_layers(model: Any, start: int, end: int) -> None:
+    """Cut an mlx-lm model down to layers [start, end), with the token embedding on the first stage and the
+    final norm and head on the last (a tied head is the embedding, so a tied last stage keeps that)."""
+    inner, num_layers = model.model, len(model.layers)
+    if not 0 <= start < end <= num_layers:
+        raise ValueError(f"layer range [{start}, {end}) is outside the model's {num_layers} layers")
+    if (start, end) == (0, num_layers):
+        return
+    inner.layers = inner.layers[start:end]
+    first, last, tied = start == 0, end == num_layers, "lm_head" not in model
+    if not (first or (last and tied)):
+        del inner.embed_tokens
+    if not last:
+        del inner.norm
+        if not tied:
+            del model.lm_head
+
+
+def _renumber(name: str, start: int) -> str:
+    """model.layers.{i}.* (global index) -> model.layers.{i - start}.* (index in the stage)."""
+    prefix = "model.layers."
+    if not name.startswith(prefix):
+        return name
+    index, rest = name[len(prefix):].split(".", 1)
+    return f"{prefix}{int(index) - start}.{rest}"
 
 
 class MlxEngine:
@@ -96,11 +140,7 @@ class MlxEngine:
         return cls(mlx_model, tokenizer, config, max_context)
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        # TextGenerator reuses a cached prefix by restarting at `start`: drop what lies past it.
-        cached = self.cache[0].offset
-        if cached > start:
-            self._cache_module.trim_prompt_cache(self.cache, cached - start)
-        assert self.cache[0].offset == start, f"cache holds {self.cache[0].offset} positions, step starts at {start}"
+        rewind_cache(self._cache_module, self.cache, start)
         logits = self.model(self.mx.array(ids.numpy()), cache=self.cache)[:, -1, :].astype(self.mx.float32)
         self.mx.eval(logits)
         return torch.from_numpy(np.array(logits, copy=True))
