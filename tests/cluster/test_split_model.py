@@ -19,8 +19,8 @@ MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The three primary colours are"
 
 
-def create(node: ClusterNode, cluster: Cluster, node_ids: list[str]) -> str:
-    reply = node.post("/instance", json={"model": MODEL, "instance_type": "CpuRing", "nodes": node_ids})
+def create(node: ClusterNode, cluster: Cluster, node_ids: list[str], instance_type: str = "CpuRing") -> str:
+    reply = node.post("/instance", json={"model": MODEL, "instance_type": instance_type, "nodes": node_ids})
     assert reply.status_code == 201, reply.text
     instance_id = reply.json()["instance"]["instance_id"]
     wait_until(lambda: node.get(f"/instance/{instance_id}").json()["status"] != "loading", 180,
