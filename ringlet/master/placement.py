@@ -121,7 +121,7 @@ def place(
     """Place `card` as an instance of `instance_type`; raises PlacementError with the reason when impossible."""
     tokens = min(card.context_length, DEFAULT_KV_TOKENS) if kv_tokens is None else kv_tokens
     if not serves(card, instance_type):
-        served_by = ", ".join(t.value for t in card.instance_types)
+        served_by = ", ".join(dict.fromkeys(t.value for t in [*card.instance_types, InstanceType.MIXED_RING]))
         raise PlacementError(f"{card.id} ({card.format}) cannot run as {instance_type.value}; it runs as: {served_by}")
     if min_nodes < 1:
         raise PlacementError(f"min_nodes must be at least 1, got {min_nodes}")

@@ -6,7 +6,8 @@ import type { EngineType, InstanceMeta, InstanceType, ModelCard, NodeInfo } from
 export interface InstanceChoice {
 	type: InstanceType;
 	label: string;
-	engine: EngineType;
+	/** the engine every stage runs; null for the mixed ring, whose stages run their own node's engine */
+	engine: EngineType | null;
 	/** what the ring runs on and how its stages talk, in a few words */
 	summary: string;
 }
@@ -17,7 +18,8 @@ export const INSTANCE_CHOICES: readonly InstanceChoice[] = [
 	{ type: 'MlxJaccl', label: 'MLX Jaccl', engine: 'mlx', summary: 'Thunderbolt RDMA · macOS (was MlxIbv)' },
 	{ type: 'IpexRing', label: 'Intel IPEX', engine: 'ipex', summary: 'Intel GPU · torch.xpu, xccl' },
 	{ type: 'CudaRing', label: 'CUDA Ring', engine: 'cuda', summary: 'NVIDIA GPU · torch NCCL' },
-	{ type: 'CpuRing', label: 'CPU Ring', engine: 'cpu', summary: 'any CPU · torch gloo' }
+	{ type: 'CpuRing', label: 'CPU Ring', engine: 'cpu', summary: 'any CPU · torch gloo' },
+	{ type: 'MixedRing', label: 'Mixed Ring', engine: null, summary: "each node's own engine · gloo" }
 ];
 
 export const ENGINE_LABEL: Record<EngineType, string> = {
@@ -40,7 +42,7 @@ export function canonicalInstanceType(meta: InstanceMeta): InstanceType {
 	return meta === 'MlxIbv' ? 'MlxJaccl' : meta;
 }
 
-export function instanceEngine(meta: InstanceMeta): EngineType {
+export function instanceEngine(meta: InstanceMeta): EngineType | null {
 	const type = canonicalInstanceType(meta);
 	const choice = INSTANCE_CHOICES.find((c) => c.type === type);
 	if (!choice) throw new Error(`unknown instance type ${meta}`);
@@ -67,6 +69,12 @@ export function matchesSelectedRuntime(meta: InstanceMeta, nodes: readonly NodeI
 	if (nodes.length === 0) {
 		return { possible: false, reason: 'the cluster has no nodes', nodeReasons: [], nodes: [] };
 	}
+	if (engine === null) {
+		// a mixed ring runs any model on every node that has an engine of its own
+		const suitable = nodes.filter((n) => n.engines.selected_engine !== null);
+		if (suitable.length > 0) return { possible: true, reason: null, nodeReasons: [], nodes: suitable };
+		return { possible: false, reason: 'no node has an engine', nodeReasons: [], nodes: [] };
+	}
 	const suitable = nodes.filter((n) => n.engines.available_engines.includes(engine));
 	if (suitable.length === 0) {
 		const nodeReasons = nodes.map((n) => `${n.name}: ${n.engines.reasons[engine]?.reason ?? `no ${ENGINE_LABEL[engine]} engine`}`);
@@ -78,7 +86,8 @@ export function matchesSelectedRuntime(meta: InstanceMeta, nodes: readonly NodeI
 	}
 	if (card && !card.instance_types.includes(type)) {
 		const format = card.format === 'gguf' ? 'a GGUF file' : 'safetensors';
-		const runsAs = card.instance_types.join(', ');
+		// every model runs on a mixed ring too (its stages load GGUF and safetensors alike)
+		const runsAs = [...new Set([...card.instance_types, 'MixedRing'])].join(', ');
 		return {
 			possible: false,
 			reason: `${card.id} is ${format}; it runs as ${runsAs}`,
@@ -95,6 +104,6 @@ export function bestChoice(current: InstanceMeta, nodes: readonly NodeInfo[], ca
 	if (matchesSelectedRuntime(current, nodes, card).possible) return canonicalInstanceType(current);
 	const selected = new Set(nodes.map((n) => n.engines.selected_engine));
 	const possible = INSTANCE_CHOICES.filter((c) => matchesSelectedRuntime(c.type, nodes, card).possible);
-	const preferred = possible.find((c) => selected.has(c.engine)) ?? possible[0];
+	const preferred = possible.find((c) => c.engine !== null && selected.has(c.engine)) ?? possible[0];
 	return preferred?.type ?? canonicalInstanceType(current);
 }

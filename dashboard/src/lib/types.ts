@@ -4,8 +4,9 @@
 
 export type EngineType = 'mlx' | 'ipex' | 'cuda' | 'cpu';
 
-/** The seed's instance types; MlxIbv is the old name of MlxJaccl (the API accepts both). */
-export type InstanceMeta = 'MlxRing' | 'MlxIbv' | 'MlxJaccl' | 'CpuRing' | 'CudaRing' | 'IpexRing';
+/** The seed's instance types and the mixed ring (each stage on its node's own engine); MlxIbv is the old
+ * name of MlxJaccl (the API accepts both). */
+export type InstanceMeta = 'MlxRing' | 'MlxIbv' | 'MlxJaccl' | 'CpuRing' | 'CudaRing' | 'IpexRing' | 'MixedRing';
 /** The names the API answers with (it never reports the old name). */
 export type InstanceType = Exclude<InstanceMeta, 'MlxIbv'>;
 
@@ -171,6 +172,7 @@ export interface ModelsResponse {
 export interface StagePlan {
 	node_id: string;
 	node_name: string;
+	engine: EngineType;
 	start: number;
 	end: number;
 	memory_bytes: number;
