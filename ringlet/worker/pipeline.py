@@ -12,21 +12,26 @@ The loop is the same on every engine: a stage's layers are a `StageModel` (torch
 an MLX stage anywhere.
 
 Transport by instance type: gloo for CpuRing and mixed rings (host tensors), NCCL for CudaRing, xccl for IpexRing
-where this PyTorch has it (else gloo). Any broken connection raises `RingBrokenError`: the ring cannot be mended,
+where this PyTorch has it (else gloo), `mlx.distributed`'s ring backend for an MlxRing (the torch store then only
+spreads each stage's address). Any broken connection raises `RingBrokenError`: the ring cannot be mended,
 so the runner reports the failure and exits, and the master places the instance again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -57,10 +62,15 @@ class RingBrokenError(RuntimeError):
     """A neighbouring stage went away; the instance must be placed again."""
 
 
+MLX_RING_BACKEND = "mlx-ring"
+
+
 def backend_for(instance_type: InstanceType, engines: set[EngineType]) -> str:
-    """The torch.distributed backend of a ring whose stages run on `engines`."""
+    """The torch.distributed backend of a ring whose stages run on `engines`, or MLX_RING_BACKEND."""
     if len(engines) > 1:
         return "gloo"  # mixed ring: host tensors
+    if instance_type == InstanceType.MLX_RING and engines == {"mlx"}:
+        return MLX_RING_BACKEND
     if instance_type == InstanceType.CUDA_RING:
         return "nccl"
     if instance_type == InstanceType.IPEX_RING and getattr(dist, "is_xccl_available", lambda: False)():
@@ -187,14 +197,75 @@ class _Ring:
             dist.destroy_process_group()
 
 
+class _MlxRing(_Ring):
+    """The same ring over `mlx.distributed`'s ring backend (TCP to each neighbour). Each stage listens on a free port
+    of its data host; the torch store spreads the addresses, from which each writes the hostfile MLX reads."""
+
+    def __init__(self, bound: BoundInstance, store: dist.TCPStore, host: str) -> None:
+        import mlx.core as mx
+
+        instance = bound.instance
+        self.rank, self.size = bound.shard.rank, len(instance.shards)
+        self.backend, self.device = MLX_RING_BACKEND, torch.device("cpu")
+        self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        began = time.perf_counter()
+        store.set(f"mlx-ring/{self.rank}", f"{host}:{_free_port(host)}")
+        hosts = [[store.get(f"mlx-ring/{rank}").decode()] for rank in range(self.size)]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ringlet-mlx-hosts-", delete=False) as hostfile:
+            json.dump(hosts, hostfile)
+        os.environ["MLX_HOSTFILE"], os.environ["MLX_RANK"] = hostfile.name, str(self.rank)
+        try:
+            self._mx, self._group = mx, mx.distributed.init(backend="ring", strict=True)
+        finally:
+            os.unlink(hostfile.name)
+        log.info("instance %s: stage %d/%d joined the MLX ring in %.1f s", instance.instance_id, self.rank,
+                 self.size, time.perf_counter() - began)
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        mx = self._mx
+        try:
+            mx.eval(mx.distributed.send(mx.array(tensor.cpu().numpy()), to, group=self._group))
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
+        mx = self._mx
+        try:
+            assert dtype in (torch.int64, torch.float32), "the ring carries headers and float32 tensors"
+            wire = mx.int64 if dtype == torch.int64 else mx.float32
+            received = mx.distributed.recv(shape, wire, source, group=self._group)
+            mx.eval(received)
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {source} of the ring is unreachable: {error}") from error
+        return torch.from_numpy(np.array(received, copy=True))
+
+    def close(self) -> None:
+        """MLX keeps its group for the life of the process; the runner exits after this."""
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def open_ring(bound: BoundInstance, store: dist.TCPStore, host: str) -> _Ring:
+    """This stage's ring: torch.distributed, or mlx.distributed for an MlxRing."""
+    if backend_for(bound.instance.instance_type, {s.engine for s in bound.instance.shards}) == MLX_RING_BACKEND:
+        return _MlxRing(bound, store, host)
+    return _Ring(bound, store)
+
+
 class FirstStage:
     """Rank 0: an engine (the `Engine` protocol) whose forward pass spans the whole ring."""
 
-    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore) -> None:
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore,
+                 data_host: str = "127.0.0.1") -> None:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
         self.name = "mlx-pipeline" if bound.engine == "mlx" else "torch-pipeline"
         self.stage, self.context_length = stage, stage.context_length
-        self.ring = _Ring(bound, store)
+        self.ring = open_ring(bound, store, data_host)
         self.broken = False  # a neighbour went away: no task can run any more
         self.generator = TextGenerator(self._forward, stage.tokenizer, self.context_length, stage.vocab_size,
                                        stage.device)
@@ -236,10 +307,11 @@ class FirstStage:
 class RelayStage:
     """A stage after the first: receive hidden states, run this stage's layers, pass the result on."""
 
-    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore) -> None:
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore,
+                 data_host: str = "127.0.0.1") -> None:
         assert not bound.shard.is_first
         self.stage, self.context_length = stage, stage.context_length
-        self.ring = _Ring(bound, store)
+        self.ring = open_ring(bound, store, data_host)
         self.is_last = bound.shard.is_last
 
     def serve(self) -> None:
@@ -275,7 +347,8 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         outbox.send(Loading(progress=0.05, detail=f"loading layers {bound.shard.start}-{bound.shard.end - 1}"))
         stage, precision = load_for_stage(bound)
         outbox.send(Loading(progress=0.6, detail="waiting for the other stages"))
-        engine: FirstStage | RelayStage = (FirstStage if bound.shard.is_first else RelayStage)(bound, stage, store)
+        kind = FirstStage if bound.shard.is_first else RelayStage
+        engine: FirstStage | RelayStage = kind(bound, stage, store, load.data_host)
         warmup_s = 0.0
         if isinstance(engine, FirstStage):
             outbox.send(Loading(progress=0.9, detail="warming up the ring"))

@@ -14,7 +14,7 @@ from ringlet.master.placement import split_layers
 from ringlet.shared.instances import BoundInstance, EngineType, Instance, InstanceType, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
-from ringlet.worker.pipeline import backend_for
+from ringlet.worker.pipeline import MLX_RING_BACKEND, backend_for
 
 # the second prompt starts with the first: its request reuses the cached prefix, so every stage trims its cache
 PROMPTS = ["The capital of France is", "The capital of France is a city", "Water boils at"]
@@ -35,7 +35,8 @@ def single_stage_tokens() -> list[list[int | None]]:
 def ring(engines: list[EngineType], num_layers: int = 30) -> Instance:
     shards = [Shard(node_id=f"node-{rank}", rank=rank, start=start, end=end, num_layers=num_layers, engine=engine)
               for rank, (engine, (start, end)) in enumerate(zip(engines, split_layers(num_layers, [1.0] * len(engines))))]
-    instance_type = InstanceType.CPU_RING if set(engines) == {"cpu"} else InstanceType.MIXED_RING
+    instance_type = {frozenset({"cpu"}): InstanceType.CPU_RING,
+                     frozenset({"mlx"}): InstanceType.MLX_RING}.get(frozenset(engines), InstanceType.MIXED_RING)
     return Instance(instance_id=f"inst-{'-'.join(engines)}", model="SmolLM2-135M-Instruct",
                     instance_type=instance_type, shards=shards)
 
@@ -71,6 +72,7 @@ def test_backends_follow_instance_type() -> None:
     assert backend_for(InstanceType.CUDA_RING, {"cuda", "mlx"}) == "gloo"
     assert backend_for(InstanceType.MIXED_RING, {"cpu", "mlx"}) == "gloo"
     assert backend_for(InstanceType.MIXED_RING, {"cuda"}) == "gloo"  # host tensors, whatever the stages run
+    assert backend_for(InstanceType.MLX_RING, {"mlx"}) == MLX_RING_BACKEND
 
 
 @pytest.mark.slow
@@ -90,3 +92,11 @@ def test_mixed_ring_with_an_mlx_stage_gives_single_stage_tokens(
     requests = run_ring(ring(engines))
     assert token_ids(requests) == single_stage_tokens
     assert all(len([c for c in chunks if c["token_id"] is not None]) >= 3 for chunks in requests)
+
+
+@pytest.mark.slow
+def test_mlx_ring_over_mlx_distributed_gives_single_stage_tokens(
+        single_stage_tokens: list[list[int | None]]) -> None:
+    pytest.importorskip("mlx_lm")
+    requests = run_ring(ring(["mlx", "mlx", "mlx"]))  # mlx.distributed's ring backend, three hops a token
+    assert token_ids(requests) == single_stage_tokens
