@@ -58,6 +58,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query position over `kv_len` cached ones, as two matmuls around a masked softmax.
+
+    Each group of query heads sharing a key/value head becomes the rows of one small matmul, so keys and
+    values are read once and never repeated. Under torch.compile the mask, scale and softmax fuse into one
+    kernel; on an H200 this step ran 9% faster than SDPA's fused kernel (scripts/tune_decode_gpu.py).
+    """
+    b, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    scores = (q.view(b, kv_heads, heads // kv_heads, dim) @ k.transpose(-1, -2)).float() * dim**-0.5
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+    return (weights @ v).view(b, heads, 1, dim)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -83,9 +97,12 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
         v = v.transpose(1, 2)
         k, v = cache.update_and_fetch(layer, start, k, v, kv_len)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=True
-        )
+        if isinstance(start, torch.Tensor):  # the static decode step (compiled, CUDA-graphed)
+            out = decode_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=True
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
 

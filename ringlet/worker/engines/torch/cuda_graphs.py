@@ -30,6 +30,25 @@ def buckets_for(context_length: int, smallest: int = 256) -> list[int]:
     return sizes + [context_length]
 
 
+# RINGLET_CUDA_COMPILE: how hard inductor tunes the decode step at warm-up.
+#   default: inductor's heuristics; tuned: + coordinate-descent tuning of each generated kernel's launch
+#   parameters; max-autotune: + benchmarked choice between cuBLAS and Triton templates for every matmul.
+COMPILE_ENV = "RINGLET_CUDA_COMPILE"
+COMPILE_LEVELS = ("default", "tuned", "max-autotune")
+DEFAULT_COMPILE_LEVEL = "tuned"  # H200, 1B shape with decode_attention: +12% steps/s over default, 2.5x the warm-up
+
+
+def compile_step(step, level: str | None = None):  # type: ignore[no-untyped-def]
+    level = level or os.environ.get(COMPILE_ENV, DEFAULT_COMPILE_LEVEL)
+    if level not in COMPILE_LEVELS:
+        raise ValueError(f"{COMPILE_ENV}={level!r} is not one of {', '.join(COMPILE_LEVELS)}")
+    import torch._inductor.config as inductor
+
+    inductor.coordinate_descent_tuning = level != "default"
+    mode = "max-autotune-no-cudagraphs" if level == "max-autotune" else None  # graphs are captured here
+    return torch.compile(step, fullgraph=True, mode=mode)
+
+
 def use_persistent_compile_cache() -> None:
     """Keep torch.compile's artefacts under RINGLET_HOME, so a restart reuses them (seconds, not minutes)."""
     home = Path(os.environ.get("RINGLET_HOME", Path.home() / ".ringlet"))
@@ -47,7 +66,7 @@ class GraphedDecoder:
         model._rope(0, context_length, next(model.parameters()).dtype)  # built now, not inside the graph
         if compile:
             use_persistent_compile_cache()
-        self.step = torch.compile(self._step, fullgraph=True) if compile else self._step
+        self.step = compile_step(self._step) if compile else self._step
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.use_graphs = capture  # False: the same static-shape step, run eagerly (a reference for tests)
