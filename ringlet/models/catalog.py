@@ -29,9 +29,8 @@ CardSource = Literal["catalog", "embedded", "hub", "local"]
 # Bytes per parameter of the dtypes the torch engines compute in.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# MLX engines load Hugging Face directories through mlx-lm; only the torch engines read GGUF.
-_TORCH_INSTANCE_TYPES = (InstanceType.CPU_RING, InstanceType.CUDA_RING, InstanceType.IPEX_RING)
-_ALL_INSTANCE_TYPES = (InstanceType.MLX_RING, InstanceType.MLX_JACCL, *_TORCH_INSTANCE_TYPES)
+# Every engine reads both formats (MLX takes a GGUF file through ringlet's reader, dequantised).
+_ALL_INSTANCE_TYPES = tuple(InstanceType)
 
 
 class ModelCard(BaseModel):
@@ -102,7 +101,7 @@ def card_from_args(
         num_parameters=num_parameters, layer_parameters=layer_parameters,
         embedding_parameters=embedding_parameters, bytes_per_dtype=bytes_per_dtype,
         context_length=args.context_length,
-        instance_types=list(_ALL_INSTANCE_TYPES if format == "safetensors" else _TORCH_INSTANCE_TYPES),
+        instance_types=list(_ALL_INSTANCE_TYPES),
         download_bytes=download_bytes,
     )
 

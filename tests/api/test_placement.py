@@ -97,8 +97,8 @@ def test_other_refusals_name_the_problem() -> None:
     with pytest.raises(PlacementError, match="at least 2 nodes but only 1"):
         place(small_card(), InstanceType.CPU_RING, nodes, instance_id="i", min_nodes=2)
     with pytest.raises(PlacementError, match="cannot run as MlxRing"):
-        place(small_card(model_format="gguf"), InstanceType.MLX_RING, [node_info("m", 8, engines=("mlx", "cpu"))],
-              instance_id="i")
+        cpu_only = small_card().model_copy(update={"instance_types": [InstanceType.CPU_RING]})
+        place(cpu_only, InstanceType.MLX_RING, [node_info("m", 8, engines=("mlx", "cpu"))], instance_id="i")
     with pytest.raises(PlacementError, match="no nodes"):
         place(small_card(), InstanceType.CPU_RING, [], instance_id="i")
 
