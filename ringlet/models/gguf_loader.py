@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from ringlet.models.errors import ModelLoadError
+from ringlet.models.quant import GroupQuantized
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
 
 GGUF_MAGIC = b"GGUF"
@@ -181,6 +182,29 @@ class GGUFModel:
             )
         return {hf: self._read_tensor(gguf_name).to(dtype) for gguf_name, hf in names.items()}
 
+    def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
+        """The Q4_0/Q4_1 weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
+        names and layout), for int4 kernels that take them as they are; weights of other types are left out."""
+        groups = {}
+        for i in range(start, end):
+            for gguf_name, hf_name in self._layer_tensor_names().items():
+                name = f"blk.{i}.{gguf_name}"
+                tensor = self._tensors.get(name)
+                if tensor is not None and GGMLQuantizationType(tensor.tensor_type) in _GROUPED:
+                    groups[f"model.layers.{i}.{hf_name}"] = self._read_groups(name)
+        return groups
+
+    def _read_groups(self, name: str) -> GroupQuantized:
+        tensor = self._tensors[name]
+        rows, columns = (int(d) for d in reversed(tensor.shape.tolist()))
+        codes, scale, offset = _GROUPED[GGMLQuantizationType(tensor.tensor_type)](
+            np.asarray(tensor.data).reshape(-1).view(np.uint8))
+        arrays = [codes.reshape(rows, columns), scale.reshape(rows, -1), offset.reshape(rows, -1)]
+        if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
+            heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
+            arrays = [unpermute_qk(a, heads) for a in arrays]
+        return GroupQuantized(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+
     def _layer_tensor_names(self) -> dict[str, str]:
         names = dict(_LAYER_TENSORS)
         if self.config["attention_bias"]:
@@ -259,6 +283,21 @@ def _q4_1(raw: np.ndarray) -> np.ndarray:  # block: fp16 d, fp16 m, 16 bytes of 
     blocks = raw.reshape(-1, 20)
     values: np.ndarray = _half(blocks, 0) * _nibbles(blocks[:, 4:]) + _half(blocks, 2)
     return values.reshape(-1)
+
+
+def _q4_0_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # x = d * q - 8 d
+    blocks = raw.reshape(-1, 18)
+    d = _half(blocks, 0)
+    return _nibbles(blocks[:, 2:]), d, -8 * d
+
+
+def _q4_1_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # x = d * q + m
+    blocks = raw.reshape(-1, 20)
+    return _nibbles(blocks[:, 4:]), _half(blocks, 0), _half(blocks, 2)
+
+
+# 4-bit types whose blocks are (32 codes, scale, offset): codes, scale and offset per block
+_GROUPED = {GGMLQuantizationType.Q4_0: _q4_0_groups, GGMLQuantizationType.Q4_1: _q4_1_groups}
 
 
 def _bf16(raw: np.ndarray) -> np.ndarray:  # the high half of a float32

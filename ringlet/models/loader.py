@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,6 +12,7 @@ from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.models.errors import ModelLoadError
+from ringlet.models.quant import GroupQuantized
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.tokenizer import Tokenizer
 
@@ -26,6 +27,8 @@ class LoadedStage:
     tokenizer: Tokenizer
     start: int
     end: int
+    # the file's own 4-bit weights by Hugging Face name (GGUF Q4_0/Q4_1), when asked for: int4 kernels use them
+    groups: dict[str, GroupQuantized] = field(default_factory=dict)
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:
@@ -58,9 +61,11 @@ def read_model_config(ref: str | Path | None) -> tuple[Path, ModelArgs]:
 
 def load_stage(
     ref: str | Path | None, start: int = 0, end: int | None = None,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", keep_groups: bool = False,
 ) -> LoadedStage:
+    """Layers [start, end) of a model; `keep_groups` also keeps a GGUF file's 4-bit weights as they are."""
     path = resolve_model_path(ref)
+    groups: dict[str, GroupQuantized] = {}
     if path.is_dir():
         args = model_args(safetensors_loader.read_config(path))
         end = args.num_hidden_layers if end is None else end
@@ -72,8 +77,10 @@ def load_stage(
         end = args.num_hidden_layers if end is None else end
         weights = gguf.load_state_dict(start, end)
         tokenizer = gguf.tokenizer()
+        if keep_groups:
+            groups = gguf.load_groups(start, end)
     model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device)
-    return LoadedStage(args, model, tokenizer, start, end)
+    return LoadedStage(args, model, tokenizer, start, end, groups)
 
 
 def _open_gguf(path: Path):  # type: ignore[no-untyped-def]

@@ -35,13 +35,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ringlet.models.loader import LoadedStage, load_stage
-from ringlet.models.quant import quantize_int8
+from ringlet.models.loader import LoadedStage
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
 from ringlet.shared.state import RingAddress
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
-from ringlet.worker.engines.torch.engine import _DTYPES, DEFAULT_MAX_CONTEXT, resolve_precision
+from ringlet.worker.engines.torch.engine import DEFAULT_MAX_CONTEXT, load_torch_stage
 from ringlet.worker.engines.torch.generate import TextGenerator
 
 if TYPE_CHECKING:
@@ -149,10 +148,7 @@ def load_for_stage(bound: BoundInstance, precision: str | None = None,
 
         return MlxStage.load(bound.instance.model, shard.start, shard.end, precision, max_context), precision
     device = compute_device(bound.engine)
-    precision = resolve_precision(precision, device)
-    stage = load_stage(bound.instance.model, shard.start, shard.end, dtype=_DTYPES[precision], device=device)
-    if precision == "int8":
-        quantize_int8(stage.model, _DTYPES[precision])
+    stage, precision = load_torch_stage(bound.instance.model, shard.start, shard.end, precision, device)
     return TorchStage(stage, device, max_context), precision
 
 

@@ -9,20 +9,24 @@ from pathlib import Path
 import torch
 
 from ringlet.models.loader import LoadedStage, load_stage
-from ringlet.models.quant import cpu_supports_bf16, quantize_int8
+from ringlet.models.quant import cpu_supports_bf16, quantize_int4, quantize_int8
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.cuda_graphs import GraphedDecoder
 from ringlet.worker.engines.torch.generate import TextGenerator
 
 DEFAULT_MAX_CONTEXT = 8192
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
+           "int4": torch.bfloat16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs; int8 weights with bf16 activations on CPUs with native bf16, else fp32."""
+    """auto: bf16 on GPUs; int8 weights with bf16 activations on CPUs with native bf16 (int4 where the file
+    itself is stored in 4 bits: see `load_torch_stage`), else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision in ("int8", "int4") and device.type != "cpu":
+        raise ValueError(f"precision {precision} runs on CPUs only; use bf16 or fp16 on {device.type}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -30,6 +34,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "int8" if cpu_supports_bf16() else "fp32"
     return "bf16"
+
+
+def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None = None, precision: str = "auto",
+                     device: torch.device = torch.device("cpu")) -> tuple[LoadedStage, str]:
+    """Layers [start, end) in `precision`, weight-only quantised for int8 / int4; returns the precision used.
+
+    auto on a CPU picks int4 when the file stores the stage's linears in 4 bits (GGUF Q4_0 / Q4_1): its own
+    codes run as they are, so nothing is rounded twice and half of int8's bytes are read per token.
+    """
+    resolved = resolve_precision(precision, device)
+    maybe_int4 = resolved == "int4" or (precision == "auto" and resolved == "int8")
+    stage = load_stage(model, start, end, dtype=_DTYPES[resolved], device=device, keep_groups=maybe_int4)
+    if resolved == "int4" or (maybe_int4 and stage.groups):
+        quantize_int4(stage.model, _DTYPES[resolved], stage.groups)
+        resolved, stage.groups = "int4", {}
+    elif resolved == "int8":
+        quantize_int8(stage.model, _DTYPES[resolved])
+    return stage, resolved
 
 
 class TorchEngine:
@@ -51,12 +73,9 @@ class TorchEngine:
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "cpu", precision: str = "auto",
-             max_context: int = DEFAULT_MAX_CONTEXT, **options: bool) -> "TorchEngine":
+             max_context: int = DEFAULT_MAX_CONTEXT, **options: bool) -> TorchEngine:
         dev = torch.device(device)
-        precision = resolve_precision(precision, dev)
-        stage = load_stage(model, dtype=_DTYPES[precision], device=dev)
-        if precision == "int8":
-            quantize_int8(stage.model, _DTYPES[precision])
+        stage, precision = load_torch_stage(model, precision=precision, device=dev)
         engine = cls(stage, dev, max_context, **options)
         engine.precision = precision
         return engine

@@ -1,0 +1,108 @@
+"""Weight-only int4 on CPUs: a GGUF file's own 4-bit groups used as they are, rounding for anything else, the
+two matmul paths (int4 kernel for a decode row, unpacked dense weight for a long prompt chunk), and the engine's
+choice of int4 for the embedded Q4_1 model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from ringlet.models.gguf_loader import GGUFModel
+from ringlet.models.quant import GroupQuantized, Int4Linear, Int8Linear, cpu_supports_bf16, quantize_int4
+from ringlet.models.registry import build_stage, model_args
+from ringlet.worker.engines.torch.engine import load_torch_stage
+from tests.models.test_gguf import LAYER_WEIGHTS, LAYERS, write_tiny_gguf
+
+needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
+
+
+def test_rounding_stays_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96)
+    groups = GroupQuantized.round(weight)
+    assert groups.codes.dtype == torch.uint8 and int(groups.codes.max()) <= 15
+    error = (groups.dequantize() - weight).abs().reshape(48, 3, 32)
+    assert (error <= groups.scale[..., None] / 2 + 1e-6).all()
+    both = GroupQuantized.cat([groups, GroupQuantized.round(weight[:16])])
+    assert torch.equal(both.dequantize()[48:], groups.dequantize()[:16])
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 3, Int4Linear.DENSE_FROM_ROWS + 5])
+def test_int4_linear_matches_its_dequantised_weight(rows: int) -> None:
+    torch.manual_seed(1)
+    groups = GroupQuantized.round(torch.randn(160, 64))
+    bias = torch.randn(160)
+    linear = Int4Linear(groups, bias, torch.bfloat16)
+    x = torch.randn(2, rows, 64)
+    expected = F.linear(x, groups.dequantize(), bias)
+    got = linear(x.bfloat16()).float()
+    assert got.shape == (2, rows, 160)
+    assert float((got - expected).norm() / expected.norm()) < 0.02  # bf16 activations, scales and sums
+    if rows >= Int4Linear.DENSE_FROM_ROWS:  # the dense path unpacks exactly the codes the kernel uses
+        one_row = linear(x[:, :1].bfloat16()).float()
+        assert float((got[:, :1] - one_row).abs().max()) < 0.05 * float(one_row.abs().max())
+
+
+def test_gguf_groups_are_the_files_own_codes(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    model = GGUFModel.open(path)
+    groups = model.load_groups(0, LAYERS)
+    state = model.load_state_dict(0, LAYERS)
+    expected = {f"model.layers.{i}.{hf}" for i in range(LAYERS) for hf, (_, _, *types) in LAYER_WEIGHTS.items()
+                if types[i] in (Q.Q4_0, Q.Q4_1)}
+    assert set(groups) == expected
+    for name, group in groups.items():  # q/k un-permuted like the dequantised tensors, bit for bit
+        assert torch.equal(group.dequantize(), state[name]), name
+    assert "model.layers.0.self_attn.q_proj.weight" in groups  # a permuted Q4_1 q_proj is among them
+
+
+@needs_bf16
+def test_quantize_int4_uses_file_groups_where_every_part_has_them(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    gguf = GGUFModel.open(path)  # (a tiny file has no tokenizer, so not through load_stage)
+    args, groups = model_args(gguf.config), gguf.load_groups(0, LAYERS)
+    reference = build_stage(args, weights=gguf.load_state_dict(0, LAYERS), dtype=torch.float32)
+    model = build_stage(args, weights=gguf.load_state_dict(0, LAYERS), dtype=torch.bfloat16)
+    model = quantize_int4(model, torch.bfloat16, groups)
+    # layer 1's down_proj is Q4_0 in the file: its int4 weight is the file's, exactly
+    down = model.layers[1].mlp.down_proj
+    assert isinstance(down, Int4Linear)
+    file_weight = groups["model.layers.1.mlp.down_proj.weight"].dequantize().bfloat16()
+    assert torch.equal(down.dense_weight(torch.bfloat16), file_weight)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)  # q Q4_1, k Q8_0, v BF16: rounded
+    assert isinstance(model.lm_head, Int8Linear)
+    # the same model in fp32 with the weights the int4 model actually holds: only bf16 arithmetic differs
+    with torch.no_grad():
+        for mine, theirs in zip(model.layers, reference.layers):
+            for path in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                theirs.get_submodule(path).weight.copy_(mine.get_submodule(path).dense_weight(torch.float32))
+        head = model.lm_head
+        reference.lm_head.weight.copy_(head.weight.float() * head.scales.float()[:, None])
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():
+        got = model(ids, model.make_cache(1, 16), 0).float()
+        want = reference(ids, reference.make_cache(1, 16), 0)
+    assert float((got - want).norm() / want.norm()) < 0.03
+
+
+@needs_bf16
+def test_embedded_model_runs_int4_by_default_and_agrees_with_fp32() -> None:
+    stage, precision = load_torch_stage(None)
+    assert precision == "int4" and not stage.groups  # the groups are freed once packed
+    assert all(isinstance(layer.mlp.gate_up_proj, Int4Linear) for layer in stage.model.layers)
+    full, _ = load_torch_stage(None, precision="fp32")
+    ids = torch.tensor([full.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
+    with torch.inference_mode():
+        got = stage.model(ids, stage.model.make_cache(1, 64), 0).float()[0, -1]
+        want = full.model(ids, full.model.make_cache(1, 64), 0)[0, -1]
+    assert int(got.argmax()) == int(want.argmax())
+    assert float(F.cosine_similarity(got, want, dim=0)) > 0.99
+    with pytest.raises(ValueError, match="CPUs only"):
+        load_torch_stage(None, precision="int4", device=torch.device("cuda"))
