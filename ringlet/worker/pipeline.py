@@ -40,6 +40,7 @@ from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
 from ringlet.shared.state import RingAddress
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.engines.engine_utils import PRECISION_ENV
 from ringlet.worker.engines.torch.engine import DEFAULT_MAX_CONTEXT, load_torch_stage
 from ringlet.worker.engines.torch.generate import TextGenerator
 
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISION_ENV = "RINGLET_PRECISION"  # fp32 / bf16 / int8 / auto: the same on every stage of a ring
 RENDEZVOUS_TIMEOUT_S = 120.0  # stages load their weights before joining; a slow disk must not fail the ring
 # after the rendezvous a stage waits this long for its neighbour; a dead peer is seen sooner (its socket closes)
 # and a node cut off is seen by the control plane, which stops the runner

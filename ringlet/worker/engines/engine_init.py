@@ -8,6 +8,7 @@ engine in priority order takes over, with one log line saying why and how to fix
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from ringlet.shared.instances import BoundInstance, EngineType
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import Engine
 from ringlet.worker.engines.engine_utils import (
+    PRECISION_ENV,
     PROBES,
     ProbeInputs,
     detect_available_engines,
@@ -109,6 +111,8 @@ def initialize_engine(bound: BoundInstance, probes: ProbeInputs | None = None, *
         log.warning("instance %s: engine %s cannot run here (%s; fix: %s); running on %s instead",
                     bound.instance.instance_id, bound.engine, status.problem.reason, status.problem.fix, engine)
         options = {}  # the options were meant for the engine that cannot run
+    if PRECISION_ENV in os.environ:  # as the stages of a multi-stage instance do (pipeline.load_for_stage)
+        options.setdefault("precision", os.environ[PRECISION_ENV])
     return ENGINES.factory(engine)(bound.instance.model, **options)
 
 

@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 ENGINE_ENV = "RINGLET_ENGINE"
+# every stage of every instance this node runs: auto (default) / fp32 / bf16 / fp16 / int8 / int4
+PRECISION_ENV = "RINGLET_PRECISION"
 ENGINE_ALIASES: dict[str, EngineType] = {"xpu": "ipex", "intel": "ipex", "metal": "mlx", "torch": "cpu"}
 INTEL_VENDOR, NVIDIA_VENDOR = "0x8086", "0x10de"
 IPEX_DISTRIBUTION = "intel-extension-for-pytorch"
