@@ -28,6 +28,7 @@ from ringlet.master.placement import split_layers
 from ringlet.shared.instances import BoundInstance, Instance, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.pipeline import FirstStage, RelayStage, RingAddress, host_store, join_store, load_for_stage
+from ringlet.worker.supervisor import RING_OMP_SPINCOUNT
 
 PROMPT = "Write a short story about a lighthouse keeper."
 NUM_LAYERS = 30
@@ -77,10 +78,11 @@ def run_ring(stages: int, tokens: int, precision: str, repeats: int) -> float:
     instance = ring(stages)
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
     me = [sys.executable, __file__, "--precision", precision, "--tokens", str(tokens), "--repeats", str(repeats)]
-    first = subprocess.Popen([*me, "--role", "first", bound[0]], stdout=subprocess.PIPE, text=True)
+    env = {"GOMP_SPINCOUNT": str(RING_OMP_SPINCOUNT), **os.environ}  # as a node starts a ring's runners
+    first = subprocess.Popen([*me, "--role", "first", bound[0]], stdout=subprocess.PIPE, text=True, env=env)
     assert first.stdout is not None
     address = first.stdout.readline().strip()
-    others = [subprocess.Popen([*me, "--role", "relay", b, "--address", address]) for b in bound[1:]]
+    others = [subprocess.Popen([*me, "--role", "relay", b, "--address", address], env=env) for b in bound[1:]]
     out, _ = first.communicate(timeout=600)
     for p in others:
         p.wait(timeout=60)
@@ -127,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8", "auto"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8", "int4", "auto"))
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--role", choices=("first", "relay", "ping"), help=argparse.SUPPRESS)

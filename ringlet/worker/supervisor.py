@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections import deque
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 TaskErrorKind = Literal["context_window", "invalid_request", "engine", "runner_failed", "instance_deleted"]
 STOP_GRACE_S = 5.0
 # a chunk line is small, but a huge prompt echoed in an error message must not break the reader
+RING_OMP_SPINCOUNT = 10_000
 _LINE_LIMIT = 64 * 1024 * 1024
 
 
@@ -99,8 +101,15 @@ class _Runner:
         return self.bound.instance.instance_id
 
     async def start(self) -> None:
+        env = dict(os.environ)
+        if len(self.bound.instance.shards) > 1:
+            # A stage waits for its neighbours once per token. OpenMP's idle threads spin ~300k rounds after each
+            # parallel region by default; where stages share cores (several nodes on one machine) that spinning
+            # starves the stage that is computing: 2 stages of the embedded model on 2 cores decoded 29-34 tok/s
+            # with the default and 51 tok/s with 10k rounds (scripts/bench_cluster.py).
+            env.setdefault("GOMP_SPINCOUNT", str(RING_OMP_SPINCOUNT))
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ringlet.worker.runner",
+            sys.executable, "-m", "ringlet.worker.runner", env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=_LINE_LIMIT,
             # its own session: a Ctrl-C in the node's terminal reaches the node only, which then stops its
             # runners in order (end of stdin); a runner also exits by itself when the node dies
