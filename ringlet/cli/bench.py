@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also time transformers generate() on the same weights, in the same run")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="instead of --model: random weights shaped like this model (synthetic vocabulary)")
-    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16 or int8 (weight-only, CPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "int4"),
+                   help="int8 and int4 are weight-only, for CPUs (default: auto)")
     p.add_argument("--max-context", type=int, default=8192, help="KV cache positions (default 8192)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=bench)
@@ -168,7 +169,7 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
         return load_local_engine(args.model, args.engine, precision=args.precision, max_context=args.max_context), None, None
     device = torch.device(args.engine or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(args.precision, device)
-    if precision == "int8":
+    if precision in ("int8", "int4"):
         raise CliError("--shape builds bf16/fp16/fp32 models; use --precision bf16")
     config = shape_config(args.shape)
     model_arguments = model_args(config)

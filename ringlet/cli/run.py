@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16 or int8 (weight-only, CPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "int4"),
+                   help="int8 and int4 are weight-only, for CPUs (default: auto)")
     p.add_argument("--stats", action="store_true", help="print tokens/s and time to first token after the answer")
     p.set_defaults(func=run)
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         for chunk in engine.generate(task):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
-    except (ModelLoadError, ContextWindowError, EngineUnavailableError) as e:
+    except (ModelLoadError, ContextWindowError, EngineUnavailableError, ValueError) as e:
         raise CliError(str(e)) from None
     sys.stdout.write("\n")
     if args.stats and chunk.timings and chunk.usage:
