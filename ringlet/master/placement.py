@@ -195,6 +195,8 @@ def _chosen_nodes(nodes: Sequence[NodeInfo], node_ids: Sequence[str] | None) -> 
 
 def _suits(node: NodeInfo, instance_type: InstanceType) -> bool:
     engine = stage_engine(node, instance_type)
+    if instance_type == InstanceType.MLX_JACCL and node.hardware.system != "Darwin":
+        return False  # jaccl is RDMA over Thunderbolt, which only macOS provides
     return engine is not None and node.engine_available(engine)
 
 
@@ -209,6 +211,8 @@ def _needs(instance_type: InstanceType) -> str:
 
 
 def _missing_reason(node: NodeInfo, instance_type: InstanceType) -> str:
+    if instance_type == InstanceType.MLX_JACCL and node.hardware.system != "Darwin":
+        return f"MLX Jaccl needs macOS (RDMA over Thunderbolt); it runs {node.hardware.system}"
     if instance_type.engine is not None:
         return node.engine_missing_reason(instance_type.engine)
     problems = "; ".join(f"{e}: {p.reason}" for e, p in node.engines.reasons.items())

@@ -112,6 +112,15 @@ def test_preview_covers_every_instance_type() -> None:
     assert "Intel GPU" in (previews[InstanceType.IPEX_RING].reason or "")
 
 
+def test_mlx_jaccl_needs_macs_even_where_mlx_runs() -> None:
+    linux = node_info("l", 8, engines=("mlx", "cpu"), name="pc")
+    with pytest.raises(PlacementError, match="pc: MLX Jaccl needs macOS"):
+        place(small_card(), InstanceType.MLX_JACCL, [linux], instance_id="i")
+    assert place(small_card(), InstanceType.MLX_RING, [linux], instance_id="i").instance.shards[0].engine == "mlx"
+    mac = linux.model_copy(update={"hardware": linux.hardware.model_copy(update={"system": "Darwin"})})
+    assert place(small_card(), InstanceType.MLX_JACCL, [mac], instance_id="i").instance.shards[0].engine == "mlx"
+
+
 def test_mixed_ring_runs_each_stage_on_its_nodes_engine() -> None:
     nodes = [node_info("mac", 12, engines=("mlx", "cpu")), node_info("pc", 6, engines=("cpu",))]
     placement = place(small_card(model_format="gguf"), InstanceType.MIXED_RING, nodes, instance_id="i",
