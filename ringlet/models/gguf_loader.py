@@ -184,33 +184,26 @@ class GGUFModel:
 
     def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
         """The Q4_0/Q4_1 weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
-        names and layout), for int4 kernels that take them as they are; weights of other types are left out.
-        The last stage also gets its output weight (the embedding when tied) as `lm_head.weight` when it is
-        Q4_0/Q4_1/Q8_0."""
+        names and layout), for int4 kernels that take them as they are; weights of other types are left out."""
         groups = {}
         for i in range(start, end):
             for gguf_name, hf_name in self._layer_tensor_names().items():
                 name = f"blk.{i}.{gguf_name}"
                 tensor = self._tensors.get(name)
-                if tensor is not None and GGMLQuantizationType(tensor.tensor_type) in _GROUPED_4_BITS:
+                if tensor is not None and GGMLQuantizationType(tensor.tensor_type) in _GROUPED:
                     groups[f"model.layers.{i}.{hf_name}"] = self._read_groups(name)
-        if end == self.config["num_hidden_layers"]:
-            head = self._tensors.get("output.weight" if "output.weight" in self._tensors else "token_embd.weight")
-            if head is not None and GGMLQuantizationType(head.tensor_type) in _GROUPED:
-                groups["lm_head.weight"] = self._read_groups(head.name)
         return groups
 
     def _read_groups(self, name: str) -> GroupQuantized:
         tensor = self._tensors[name]
         rows, columns = (int(d) for d in reversed(tensor.shape.tolist()))
-        qtype = GGMLQuantizationType(tensor.tensor_type)
-        codes, scale, offset = _GROUPED[qtype](np.asarray(tensor.data).reshape(-1).view(np.uint8))
+        codes, scale, offset = _GROUPED[GGMLQuantizationType(tensor.tensor_type)](
+            np.asarray(tensor.data).reshape(-1).view(np.uint8))
         arrays = [codes.reshape(rows, columns), scale.reshape(rows, -1), offset.reshape(rows, -1)]
         if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
             heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             arrays = [unpermute_qk(a, heads) for a in arrays]
-        codes_, scale_, offset_ = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
-        return GroupQuantized(codes_, scale_, offset_, bits=8 if qtype == GGMLQuantizationType.Q8_0 else 4)
+        return GroupQuantized(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
 
     def _layer_tensor_names(self) -> dict[str, str]:
         names = dict(_LAYER_TENSORS)
@@ -303,15 +296,8 @@ def _q4_1_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: 
     return _nibbles(blocks[:, 4:]), _half(blocks, 0), _half(blocks, 2)
 
 
-def _q8_0_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # x = d * (q + 128) - 128 d
-    blocks = raw.reshape(-1, 34)
-    d = _half(blocks, 0)
-    return (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d
-
-
-# types whose blocks are (32 codes, scale, offset): codes, scale and offset per block
-_GROUPED_4_BITS = {GGMLQuantizationType.Q4_0: _q4_0_groups, GGMLQuantizationType.Q4_1: _q4_1_groups}
-_GROUPED = {**_GROUPED_4_BITS, GGMLQuantizationType.Q8_0: _q8_0_groups}
+# 4-bit types whose blocks are (32 codes, scale, offset): codes, scale and offset per block
+_GROUPED = {GGMLQuantizationType.Q4_0: _q4_0_groups, GGMLQuantizationType.Q4_1: _q4_1_groups}
 
 
 def _bf16(raw: np.ndarray) -> np.ndarray:  # the high half of a float32

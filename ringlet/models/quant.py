@@ -6,9 +6,7 @@ Decoding one token reads every weight once, so bytes per weight set the speed. W
 - int4: 4-bit codes with a scale and offset per group of 32 inputs, an eighth of fp32's bytes; PyTorch's
   `_weight_int4pack_mm_for_cpu`. A GGUF file's Q4_0/Q4_1 tensors are exactly this layout, so their codes
   are used as they are (no second rounding); other weights are rounded to the nearest of 16 levels.
-The lm_head stays 8-bit under int4 (its logits decide every token): 8-bit codes per group of 32 (a GGUF
-Q8_0 tensor's own), run as two 4-bit halves through the same int4 kernel, which reads them faster than
-`_weight_int8pack_mm` reads per-channel int8 (2.3 against 2.7 ms for SmolLM2's 49152x576 here).
+The lm_head stays int8 under int4: its logits decide every token.
 """
 
 from __future__ import annotations
@@ -25,32 +23,29 @@ GROUP_SIZE = 32
 
 @dataclass
 class GroupQuantized:
-    """A weight [N, K] as `bits`-bit codes [N, K] with `scale` and `offset` per group of `group_size` inputs:
+    """A weight [N, K] as codes [N, K] (0..15) with `scale` and `offset` per group of `group_size` inputs:
     w = codes * scale + offset."""
 
-    codes: torch.Tensor  # uint8, 0 .. 2**bits - 1
+    codes: torch.Tensor  # uint8
     scale: torch.Tensor  # float32 [N, K // group_size]
     offset: torch.Tensor  # float32 [N, K // group_size]
     group_size: int = GROUP_SIZE
-    bits: int = 4
 
     @classmethod
-    def round(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE, bits: int = 4) -> GroupQuantized:
-        """Round-to-nearest over each group's [min, max] in 2**bits levels."""
+    def round(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> GroupQuantized:
+        """Round-to-nearest over each group's [min, max] in 16 levels."""
         n, k = weight.shape
-        top = 2**bits - 1
         groups = weight.float().reshape(n, k // group_size, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / top).clamp(min=1e-8)
-        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, top).to(torch.uint8)
-        return cls(codes.reshape(n, k), scale, low, group_size, bits)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return cls(codes.reshape(n, k), scale, low, group_size)
 
     @classmethod
     def cat(cls, parts: list[GroupQuantized]) -> GroupQuantized:
         """Stacked along the output dimension (fused q/k/v, gate/up)."""
-        assert len({(p.bits, p.group_size) for p in parts}) == 1
         return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                   torch.cat([p.offset for p in parts]), parts[0].group_size, parts[0].bits)
+                   torch.cat([p.offset for p in parts]), parts[0].group_size)
 
     def dequantize(self) -> torch.Tensor:
         expand = lambda t: t.repeat_interleave(self.group_size, dim=1)
@@ -83,10 +78,8 @@ class Int4Linear(nn.Module):
 
     DENSE_FROM_ROWS = 128
 
-    def __init__(self, weight: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype,
-                 dense_path: bool = True) -> None:
+    def __init__(self, weight: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        assert weight.bits == 4, "Int4Linear takes 4-bit codes"
         self.out_features, self.in_features = weight.codes.shape
         self.group_size = weight.group_size
         # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K / group, N, 2]
@@ -94,8 +87,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1))
         self.register_buffer("scale_zero", scale_zero.contiguous().to(dtype))
         codes = weight.codes.view(self.out_features, -1, 2)
-        nibbles = codes[..., 0] | (codes[..., 1] << 4) if dense_path else None  # [N, K / 2]: even | odd << 4
-        self.register_buffer("nibbles", nibbles)
+        self.register_buffer("nibbles", codes[..., 0] | (codes[..., 1] << 4))  # [N, K / 2]: even | odd << 4
         # fp16, as GGUF stores them: a file's groups unpack exactly
         self.register_buffer("scale", weight.scale.to(torch.float16))
         self.register_buffer("offset", weight.offset.to(torch.float16))
@@ -110,30 +102,12 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] >= self.DENSE_FROM_ROWS and self.nibbles is not None:
+        if rows.shape[0] >= self.DENSE_FROM_ROWS:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scale_zero)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
-
-
-class Int8GroupLinear(nn.Module):
-    """8-bit group codes as two 4-bit halves through the int4 kernel: codes = 16 * high + low, so
-    w = codes * s + o = high * 16 s + o  +  low * s. Exact codes; one decode row at a time (the lm_head)."""
-
-    def __init__(self, weight: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        super().__init__()
-        assert weight.bits == 8, "Int8GroupLinear takes 8-bit codes"
-        self.out_features, self.in_features = weight.codes.shape
-        g = weight.group_size
-        self.high = Int4Linear(GroupQuantized(weight.codes >> 4, weight.scale * 16, weight.offset, g), bias, dtype,
-                               dense_path=False)
-        self.low = Int4Linear(GroupQuantized(weight.codes & 0x0F, weight.scale, torch.zeros_like(weight.offset), g),
-                              None, dtype, dense_path=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.high(x) + self.low(x)
 
 
 # the model's fused linears -> the Hugging Face weights they stack, inside model.layers.{i}.
@@ -151,8 +125,7 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
 
     `source` maps Hugging Face weight names (global layer indices, e.g. `model.layers.3.mlp.up_proj.weight`) to
     the file's own 4-bit groups; a linear with all its parts there uses them, any other is rounded from its
-    weight. The lm_head keeps 8 bits: the file's own 8-bit groups under `lm_head.weight` (GGUF Q8_0), or its
-    weight rounded to 8-bit groups. Returns the model.
+    weight. The lm_head becomes int8. Returns the model.
     """
     source = source or {}
     for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
@@ -168,16 +141,8 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
             groups = (GroupQuantized.cat(stored) if all(g is not None for g in stored)  # type: ignore[arg-type]
                       else GroupQuantized.round(linear.weight.data))
             setattr(owner, attr, Int4Linear(groups, linear.bias, dtype))
-    head = getattr(model, "lm_head", None)
-    if head is not None:
-        stored_head = source.get("lm_head.weight")
-        if head.in_features % GROUP_SIZE:
-            model.lm_head = Int8Linear(head.weight.data, None, dtype)
-        elif stored_head is not None and stored_head.bits == 4:
-            model.lm_head = Int4Linear(stored_head, None, dtype)
-        else:
-            groups = GroupQuantized.round(head.weight.data, bits=8) if stored_head is None else stored_head
-            model.lm_head = Int8GroupLinear(groups, None, dtype)
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head = Int8Linear(model.lm_head.weight.data, None, dtype)
     return model
 
 

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from ringlet.models.embedded import embedded_model_path
 from ringlet.models.gguf_loader import GGUFModel
-from ringlet.models.quant import GroupQuantized, Int4Linear, Int8GroupLinear, cpu_supports_bf16, quantize_int4
+from ringlet.models.quant import GroupQuantized, Int4Linear, Int8Linear, cpu_supports_bf16, quantize_int4
 from ringlet.models.registry import build_stage, model_args
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from tests.models.test_gguf import LAYER_WEIGHTS, LAYERS, write_tiny_gguf
@@ -57,8 +56,7 @@ def test_gguf_groups_are_the_files_own_codes(tmp_path: Path) -> None:
     state = model.load_state_dict(0, LAYERS)
     expected = {f"model.layers.{i}.{hf}" for i in range(LAYERS) for hf, (_, _, *types) in LAYER_WEIGHTS.items()
                 if types[i] in (Q.Q4_0, Q.Q4_1)}
-    assert set(groups) == expected | {"lm_head.weight"}  # the Q4_0 output weight too
-    assert groups["lm_head.weight"].bits == 4
+    assert set(groups) == expected
     for name, group in groups.items():  # q/k un-permuted like the dequantised tensors, bit for bit
         assert torch.equal(group.dequantize(), state[name]), name
     assert "model.layers.0.self_attn.q_proj.weight" in groups  # a permuted Q4_1 q_proj is among them
@@ -79,13 +77,14 @@ def test_quantize_int4_uses_file_groups_where_every_part_has_them(tmp_path: Path
     file_weight = groups["model.layers.1.mlp.down_proj.weight"].dequantize().bfloat16()
     assert torch.equal(down.dense_weight(torch.bfloat16), file_weight)
     assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)  # q Q4_1, k Q8_0, v BF16: rounded
-    assert isinstance(model.lm_head, Int4Linear)  # Q4_0 in the file
+    assert isinstance(model.lm_head, Int8Linear)
     # the same model in fp32 with the weights the int4 model actually holds: only bf16 arithmetic differs
     with torch.no_grad():
         for mine, theirs in zip(model.layers, reference.layers):
             for path in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
                 theirs.get_submodule(path).weight.copy_(mine.get_submodule(path).dense_weight(torch.float32))
-        reference.lm_head.weight.copy_(groups["lm_head.weight"].dequantize())
+        head = model.lm_head
+        reference.lm_head.weight.copy_(head.weight.float() * head.scales.float()[:, None])
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.inference_mode():
         got = model(ids, model.make_cache(1, 16), 0).float()
@@ -98,7 +97,6 @@ def test_embedded_model_runs_int4_by_default_and_agrees_with_fp32() -> None:
     stage, precision = load_torch_stage(None)
     assert precision == "int4" and not stage.groups  # the groups are freed once packed
     assert all(isinstance(layer.mlp.gate_up_proj, Int4Linear) for layer in stage.model.layers)
-    assert isinstance(stage.model.lm_head, Int8GroupLinear)  # the tied Q8_0 embedding, its own 8-bit codes
     full, _ = load_torch_stage(None, precision="fp32")
     ids = torch.tensor([full.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
     with torch.inference_mode():
@@ -108,31 +106,3 @@ def test_embedded_model_runs_int4_by_default_and_agrees_with_fp32() -> None:
     assert float(F.cosine_similarity(got, want, dim=0)) > 0.99
     with pytest.raises(ValueError, match="CPUs only"):
         load_torch_stage(None, precision="int4", device=torch.device("cuda"))
-
-
-def test_gguf_q8_0_groups_are_exact_and_run_as_two_4_bit_halves() -> None:
-    gguf = GGUFModel.open(embedded_model_path())
-    head = gguf.load_groups(29, 30)["lm_head.weight"]  # tied: the Q8_0 embedding
-    assert head.bits == 8 and head.codes.shape == (49152, 576)
-    embedding = gguf.load_state_dict(29, 30)["model.embed_tokens.weight"]
-    assert torch.equal(head.dequantize(), embedding)
-    if not cpu_supports_bf16():
-        return
-    linear = Int8GroupLinear(head, None, torch.bfloat16)
-    x = torch.randn(1, 1, 576)
-    expected = F.linear(x, embedding)
-    got = linear(x.bfloat16()).float()
-    assert float((got - expected).norm() / expected.norm()) < 0.01
-
-
-def test_rounded_8_bit_groups_split_into_halves_exactly() -> None:
-    torch.manual_seed(2)
-    weight = torch.randn(64, 96)
-    groups = GroupQuantized.round(weight, bits=8)
-    assert int(groups.codes.max()) > 15  # really 8 bits
-    assert float((groups.dequantize() - weight).abs().max()) <= float(groups.scale.max()) / 2 + 1e-6
-    if cpu_supports_bf16():
-        linear = Int8GroupLinear(groups, None, torch.bfloat16)
-        x = torch.randn(1, 96)
-        expected = F.linear(x, groups.dequantize())
-        assert float((linear(x.bfloat16()).float() - expected).norm() / expected.norm()) < 0.01
