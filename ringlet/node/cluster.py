@@ -55,7 +55,7 @@ class ClusterLink:
     def __init__(self, node: Node, options: NetOptions, settle_s: float = SETTLE_S) -> None:
         self._node = node
         self._options, self._settle_s = options, settle_s
-        self.me = Member(node_id=node.node_id, started_at=time.time())
+        self.me = Member.starting_now(node.node_id)
         self.master: str | None = None
         self._pending: list[Event] = []  # proposed, not yet seen in the order
         self._buffered: list[Ordered] = []  # heard while copying the master's state
