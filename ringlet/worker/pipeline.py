@@ -39,7 +39,8 @@ from ringlet.models.loader import LoadedStage
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
 from ringlet.shared.state import RingAddress
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import PRECISION_ENV
 from ringlet.worker.engines.torch.engine import DEFAULT_MAX_CONTEXT, load_torch_stage
 from ringlet.worker.engines.torch.generate import TextGenerator
@@ -282,9 +283,7 @@ class FirstStage:
 
     def warmup(self) -> float:
         began = time.perf_counter()
-        for _ in self.generate(TextGenerationTask(prompt="Hello", max_tokens=2,
-                                                  sampling=SamplingParams(temperature=0))):
-            pass
+        run_warmup_request(self)
         return time.perf_counter() - began
 
     def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:

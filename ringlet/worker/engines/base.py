@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from typing import Protocol
 
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
 
 
 class Engine(Protocol):
@@ -21,3 +22,9 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def run_warmup_request(engine: Engine) -> None:
+    """One short greedy generation, read to the end, so the first real request pays no first-call costs."""
+    task = TextGenerationTask(prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
+    deque(engine.generate(task), maxlen=0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from ringlet.models.cache import StaticKVCache
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.ipex import IPEXModel, IPEXTokenizerWrapper
 from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, open_xpu
 from ringlet.worker.engines.ipex.generator.generate import DeviceForward, ipex_generate
@@ -68,9 +69,7 @@ class IpexEngine:
     def warmup(self) -> float:
         """One short generation: compiles (torch.compile) or primes IPEX's kernels before the first request."""
         began = time.perf_counter()
-        task = TextGenerationTask(prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
-        for _ in self.generate(task):
-            pass
+        run_warmup_request(self)
         return time.perf_counter() - began
 
     def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:

@@ -22,7 +22,8 @@ import torch
 from ringlet.models.loader import resolve_model_path
 from ringlet.models.registry import model_args
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import EngineUnavailableError
 from ringlet.worker.engines.torch.generate import TextGenerator
 
@@ -147,9 +148,7 @@ class MlxEngine:
 
     def warmup(self) -> float:
         began = time.perf_counter()
-        task = TextGenerationTask(prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
-        for _ in self.generate(task):
-            pass
+        run_warmup_request(self)
         return time.perf_counter() - began
 
     def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:

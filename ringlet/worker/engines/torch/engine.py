@@ -10,7 +10,8 @@ import torch
 
 from ringlet.models.loader import LoadedStage, load_stage
 from ringlet.models.quant import cpu_supports_bf16, quantize_int4, quantize_int8
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.torch.cuda_graphs import GraphedDecoder
 from ringlet.worker.engines.torch.generate import TextGenerator
 
@@ -98,9 +99,7 @@ class TorchEngine:
         began = time.perf_counter()
         if self.graphs is not None:
             self.graphs.capture_all()
-        task = TextGenerationTask(prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
-        for _ in self.generate(task):
-            pass
+        run_warmup_request(self)
         return time.perf_counter() - began
 
     def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
