@@ -2,10 +2,12 @@
 stage over `torch.distributed`.
 
 Rank 0 (the first stage) hosts the rendezvous: a TCP store on an ephemeral port, whose address its node publishes
-through the control plane so the other stages can join. Rank 0 keeps the whole generation loop (tokeniser,
-sampling, stop strings, detokeniser: `TextGenerator`); its `forward` runs its own layers, sends the hidden states
-down the ring, and receives the last stage's logits of the last position. Every other stage serves in a loop:
-receive a header and hidden states, run its layers, pass them on (or, on the last stage, send logits to rank 0).
+through the control plane so the other stages can join. Rank 0 keeps the generation loop (tokeniser, stop strings,
+detokeniser, when to stop: `TextGenerator`); its `forward` runs its own layers, sends the hidden states down the
+ring, and receives the next token. Every other stage serves in a loop: receive a header and hidden states, run its
+layers, pass them on. The last stage samples: each request's sampling parameters and prompt reach it first (for
+seeds and penalties), and one token id travels back to rank 0 per step, not the logits (49152 floats for the
+embedded model: 196 KB a token, 1.6 ms on a 1 Gbit/s LAN).
 
 The loop is the same on every engine: a stage's layers are a `StageModel` (torch here, MLX in
 `engines/mlx/stage.py`), which takes and returns torch tensors on the host side of the ring, so a mixed ring can put
@@ -19,6 +21,7 @@ so the runner reports the failure and exits, and the master places the instance 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,12 +37,14 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel
 
 from ringlet.models.loader import LoadedStage
+from ringlet.models.sampling import Sampler, make_sampler
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
 from ringlet.shared.state import RingAddress
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import PRECISION_ENV
 from ringlet.worker.engines.torch.engine import DEFAULT_MAX_CONTEXT, load_torch_stage
@@ -54,8 +59,17 @@ RENDEZVOUS_TIMEOUT_S = 120.0  # stages load their weights before joining; a slow
 # after the rendezvous a stage waits this long for its neighbour; a dead peer is seen sooner (its socket closes)
 # and a node cut off is seen by the control plane, which stops the runner
 STEP_TIMEOUT_S = 600.0
-_FORWARD, _STOP = 1, 0
-_HEADER = 3  # op, start position, number of positions
+# ops: stop serving; fill the cache with a prompt chunk (nothing comes back); a step whose last position the last
+# stage samples (its token comes back to rank 0); a request begins (a JSON payload of `_Begin`)
+_STOP, _FILL, _SAMPLE, _BEGIN = 0, 1, 2, 3
+_HEADER = 3  # op, start position, number of positions (bytes of the payload for _BEGIN)
+
+
+class _Begin(BaseModel):
+    """What the last stage needs to sample a request as a single node would: its parameters and prompt."""
+
+    sampling: SamplingParams
+    prompt: list[int]
 
 
 class RingBrokenError(RuntimeError):
@@ -109,8 +123,7 @@ class StageModel(Protocol):
     hidden_size: int
     vocab_size: int
     context_length: int
-    device: torch.device  # where rank 0 samples
-    dtype: torch.dtype  # of the logits rank 0 samples from
+    device: torch.device  # where its logits are; the last stage samples there
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: token ids [1, L] on the first stage, float32 hidden states [1, L, H] elsewhere, at positions
@@ -189,6 +202,10 @@ class _Ring:
         if hidden is not None:
             self.send(hidden.float(), self.next)  # float32 on the wire: a mixed ring may compute in other dtypes
 
+    def send_payload(self, op: int, payload: bytes) -> None:
+        self.send(torch.tensor([op, 0, len(payload)], dtype=torch.int64), self.next)
+        self.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), self.next)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -228,8 +245,9 @@ class _MlxRing(_Ring):
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
         mx = self._mx
         try:
-            assert dtype in (torch.int64, torch.float32), "the ring carries headers and float32 tensors"
-            wire = mx.int64 if dtype == torch.int64 else mx.float32
+            wires = {torch.int64: mx.int64, torch.float32: mx.float32, torch.uint8: mx.uint8}
+            assert dtype in wires, "the ring carries headers, float32 hidden states and byte payloads"
+            wire = wires[dtype]
             received = mx.distributed.recv(shape, wire, source, group=self._group)
             mx.eval(received)
         except RuntimeError as error:
@@ -264,22 +282,37 @@ class FirstStage:
         self.stage, self.context_length = stage, stage.context_length
         self.ring = open_ring(bound, store, data_host)
         self.broken = False  # a neighbour went away: no task can run any more
-        self.generator = TextGenerator(self._forward, stage.tokenizer, self.context_length, stage.vocab_size,
-                                       stage.device)
+        self.generator = TextGenerator(self._step, stage.tokenizer, self.context_length, stage.vocab_size,
+                                       stage.device, fill=self._fill, sampler_for=self._begin)
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.stage.tokenizer
 
-    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def _begin(self, params: SamplingParams, prompt: list[int]) -> _SampledDownTheRing:
+        with self._ring_errors():
+            self.ring.send_payload(_BEGIN, _Begin(sampling=params, prompt=prompt).model_dump_json().encode())
+        return _SampledDownTheRing()
+
+    def _fill(self, ids: torch.Tensor, start: int) -> None:
         hidden = self.stage.forward(ids, start)
+        with self._ring_errors():
+            self.ring.send_hidden(_FILL, start, hidden)
+
+    def _step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """The token the last stage sampled from the last position's logits, as a [1] tensor."""
+        hidden = self.stage.forward(ids, start)
+        with self._ring_errors():
+            self.ring.send_hidden(_SAMPLE, start, hidden)
+            return self.ring.recv((1,), torch.int64, self.ring.prev)
+
+    @contextlib.contextmanager
+    def _ring_errors(self) -> Iterator[None]:
         try:
-            self.ring.send_hidden(_FORWARD, start, hidden)
-            logits = self.ring.recv((1, self.stage.vocab_size), torch.float32, self.ring.prev)
+            yield
         except RingBrokenError:
             self.broken = True
             raise
-        return logits.to(self.stage.device, self.stage.dtype)
 
     def warmup(self) -> float:
         began = time.perf_counter()
@@ -308,6 +341,7 @@ class RelayStage:
         self.stage, self.context_length = stage, stage.context_length
         self.ring = open_ring(bound, store, data_host)
         self.is_last = bound.shard.is_last
+        self.request: _LastStageSampling | None = None  # the last stage's current request
 
     def serve(self) -> None:
         """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
@@ -318,12 +352,50 @@ class RelayStage:
                     self.ring.send_hidden(_STOP, 0, None)
                 self.ring.close()
                 return
+            if op == _BEGIN:
+                payload = self.ring.recv((length,), torch.uint8, self.ring.prev).numpy().tobytes()
+                if self.is_last:
+                    begin = _Begin.model_validate_json(payload)
+                    self.request = _LastStageSampling(begin, self.stage.vocab_size, self.stage.device)
+                else:
+                    self.ring.send_payload(_BEGIN, payload)
+                continue
             hidden = self.ring.recv((1, length, self.stage.hidden_size), torch.float32, self.ring.prev)
             out = self.stage.forward(hidden, start)
-            if self.is_last:
-                self.ring.send(out.float(), 0)
-            else:
-                self.ring.send_hidden(_FORWARD, start, out)
+            if not self.is_last:
+                self.ring.send_hidden(op, start, out)
+            elif op == _SAMPLE:
+                if self.request is None:
+                    raise RingBrokenError("rank 0 asked for a token before it began a request")
+                self.ring.send(self.request.sample(out).view(1).to(torch.int64), 0)
+
+
+class _SampledDownTheRing:
+    """Rank 0's sampler when the last stage samples: what its forward returned is already the token."""
+
+    needs_history = False
+
+    def __call__(self, token: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor) -> torch.Tensor:
+        return token
+
+
+class _LastStageSampling:
+    """One request's sampler on the last stage, with the history its penalties need (prompt and output tokens)."""
+
+    def __init__(self, begin: _Begin, vocab_size: int, device: torch.device) -> None:
+        self.sampler: Sampler = make_sampler(begin.sampling, device)
+        self.seen = self.output_counts = torch.zeros(0)
+        if self.sampler.needs_history:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(begin.prompt, device=device)] = True
+            self.output_counts = torch.zeros(1, vocab_size, device=device)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        token = self.sampler(logits, self.seen, self.output_counts)
+        if self.sampler.needs_history:
+            self.seen[0, token] = True
+            self.output_counts[0, token] += 1
+        return token
 
 
 def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:

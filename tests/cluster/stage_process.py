@@ -1,8 +1,9 @@
 """One stage of a ring, as its own process, for the data-plane tests (no node, no control plane).
 
 argv: the bound instance as JSON, then the rendezvous address as HOST:PORT, or "host" on rank 0, which prints the
-address it listens on as its first line. Rank 0 then runs the prompts of argv[3] (a JSON list) greedily, one
-request after another, with argv[4] tokens at most, and prints the chunks as JSON lines."""
+address it listens on as its first line. Rank 0 then runs the prompts of argv[3] (a JSON list) one request after
+another, with argv[4] tokens at most, greedily or with the sampling parameters of argv[5] (JSON), and prints the
+chunks as JSON lines."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ def main() -> None:
         print(address.model_dump_json(), flush=True)
         stage, _ = load_for_stage(bound, "fp32")
         engine = FirstStage(bound, stage, store)
+        sampling = SamplingParams.model_validate_json(sys.argv[5]) if len(sys.argv) > 5 else SamplingParams(
+            temperature=0)
         for request, prompt in enumerate(json.loads(sys.argv[3])):
-            task = TextGenerationTask(prompt=prompt, max_tokens=int(sys.argv[4]),
-                                      sampling=SamplingParams(temperature=0))
+            task = TextGenerationTask(prompt=prompt, max_tokens=int(sys.argv[4]), sampling=sampling)
             for chunk in engine.generate(task):
                 print(json.dumps({"request": request, "token_id": chunk.token_id, "text": chunk.text,
                                   "decode_tps": chunk.timings.decode_tokens_per_s if chunk.timings else None}),

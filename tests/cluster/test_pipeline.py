@@ -1,5 +1,6 @@
 """The data plane alone, without nodes: a model split over stage processes (first, middle, last) gives exactly the
-single-stage greedy tokens, whether every stage runs torch or one of them runs MLX (a mixed ring)."""
+single-stage greedy tokens, whether every stage runs torch or one of them runs MLX (a mixed ring), and the same
+seeded samples with penalties (the last stage samples)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,25 @@ MAX_TOKENS = 12
 HELPER = str(Path(__file__).with_name("stage_process.py"))
 
 
+GREEDY = SamplingParams(temperature=0)
+# every part of the sampler that keeps state across steps: the seeded draw and the penalties' token history
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=11, repetition_penalty=1.3, presence_penalty=0.4,
+                        frequency_penalty=0.2)
+
+
 @pytest.fixture(scope="module")
-def single_stage_tokens() -> list[list[int | None]]:
-    engine = TorchEngine.load(None, precision="fp32")
-    tokens = []
-    for prompt in PROMPTS:
-        task = TextGenerationTask(prompt=prompt, max_tokens=MAX_TOKENS, sampling=SamplingParams(temperature=0))
-        tokens.append([c.token_id for c in engine.generate(task)])
-    return tokens
+def single_stage_engine() -> TorchEngine:
+    return TorchEngine.load(None, precision="fp32")
+
+
+def single_stage_run(engine: TorchEngine, sampling: SamplingParams) -> list[list[int | None]]:
+    return [[c.token_id for c in engine.generate(TextGenerationTask(prompt=prompt, max_tokens=MAX_TOKENS,
+                                                                     sampling=sampling))] for prompt in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def single_stage_tokens(single_stage_engine: TorchEngine) -> list[list[int | None]]:
+    return single_stage_run(single_stage_engine, GREEDY)
 
 
 def ring(engines: list[EngineType], num_layers: int = 30) -> Instance:
@@ -41,11 +53,11 @@ def ring(engines: list[EngineType], num_layers: int = 30) -> Instance:
                     instance_type=instance_type, shards=shards)
 
 
-def run_ring(instance: Instance) -> list[list[dict]]:
+def run_ring(instance: Instance, sampling: SamplingParams = GREEDY) -> list[list[dict]]:
     """The chunks of each prompt's request, run by the ring's stage processes."""
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
-    first = subprocess.Popen([sys.executable, HELPER, bound[0], "host", json.dumps(PROMPTS), str(MAX_TOKENS)],
-                             stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, HELPER, bound[0], "host", json.dumps(PROMPTS), str(MAX_TOKENS),
+                              sampling.model_dump_json()], stdout=subprocess.PIPE, text=True)
     assert first.stdout is not None
     address = first.stdout.readline().strip()
     others = [subprocess.Popen([sys.executable, HELPER, b, address]) for b in bound[1:]]
@@ -81,6 +93,13 @@ def test_three_stage_ring_gives_single_stage_tokens(single_stage_tokens: list[li
     requests = run_ring(ring(["cpu", "cpu", "cpu"]))
     assert token_ids(requests) == single_stage_tokens
     assert len([c for c in requests[0] if c["token_id"] is not None]) >= 3
+
+
+@pytest.mark.slow
+def test_last_stage_samples_as_a_single_stage_does(single_stage_engine: TorchEngine) -> None:
+    expected = single_stage_run(single_stage_engine, SEEDED)
+    assert expected != single_stage_run(single_stage_engine, GREEDY)  # the parameters change what is drawn
+    assert token_ids(run_ring(ring(["cpu", "cpu"]), SEEDED)) == expected
 
 
 @pytest.mark.slow

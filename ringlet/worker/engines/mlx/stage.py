@@ -35,7 +35,7 @@ class MlxStage:
         self.hidden_size, self.vocab_size = args.hidden_size, args.vocab_size
         self.context_length = min(args.context_length, max_context)
         self.is_first, self.is_last = start == 0, end == args.num_hidden_layers
-        self.device, self.dtype = torch.device("cpu"), torch.float32  # of the logits handed to the sampler
+        self.device = torch.device("cpu")  # its logits come back as float32 host tensors, sampled there
         self._compute_dtype = dtype
         self.cache = self._cache_module.make_prompt_cache(model)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 
@@ -15,10 +16,25 @@ from ringlet.models.errors import ContextWindowError
 from ringlet.models.sampling import make_sampler
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask, Timings, Usage
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, Timings, Usage
 
 # forward(token_ids [1, L], start_position) -> logits of the last position [1, V]
 Forward = Callable[[torch.Tensor, int], torch.Tensor]
+# fill(token_ids [1, L], start_position): a prompt chunk into the cache; nothing is read back
+Fill = Callable[[torch.Tensor, int], object]
+
+
+class TokenSampler(Protocol):
+    """Next token ids [B] from last-position logits [B, V] (`ringlet.models.sampling.Sampler`)."""
+
+    @property
+    def needs_history(self) -> bool: ...
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor) -> torch.Tensor: ...
+
+
+# sampler_for(params, prompt_ids) -> the sampler of one request
+SamplerFor = Callable[[SamplingParams, list[int]], TokenSampler]
 
 
 def prompt_ids(tokenizer: Tokenizer, task: TextGenerationTask) -> list[int]:
@@ -35,8 +51,14 @@ class TextGenerator:
     def __init__(
         self, forward: Forward, tokenizer: Tokenizer, context_length: int, vocab_size: int,
         device: torch.device | str = "cpu", prefill_chunk: int = 512, lookahead: bool = False,
+        fill: Fill | None = None, sampler_for: SamplerFor | None = None,
     ) -> None:
+        """`fill` runs the prompt chunks whose output is not used (default: `forward`); `sampler_for` makes each
+        request's sampler (default: sample here, on `device`). A pipeline's last stage samples: its rank 0 gets
+        token ids from `forward` and a sampler that passes them through."""
         self.forward, self.tokenizer = forward, tokenizer
+        self.fill = fill or forward
+        self.sampler_for = sampler_for or (lambda params, _ids: make_sampler(params, self.device))
         self.context_length, self.vocab_size = context_length, vocab_size
         self.device, self.prefill_chunk = torch.device(device), prefill_chunk
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
@@ -72,7 +94,7 @@ class TextGenerator:
         self.cached = self.cached[:reuse]
         for begin in range(reuse, len(ids) - 1, self.prefill_chunk):
             chunk = ids[begin: min(begin + self.prefill_chunk, len(ids) - 1)]
-            self.forward(torch.tensor([chunk], device=self.device), begin)
+            self.fill(torch.tensor([chunk], device=self.device), begin)
             self.cached.extend(chunk)
         logits = self.forward(torch.tensor([ids[-1:]], device=self.device), len(ids) - 1)
         self.cached.append(ids[-1])
@@ -90,7 +112,7 @@ class TextGenerator:
         self.check_fits(ids)
         room = self.context_length - len(ids)
         max_tokens = min(task.max_tokens or room, room)
-        sampler = make_sampler(task.sampling, self.device)
+        sampler = self.sampler_for(task.sampling, ids)
         seen = output_counts = torch.zeros(0)
         if sampler.needs_history:
             seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
