@@ -73,15 +73,15 @@ def measure(shape: str) -> dict:
     stage = LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
     engine = TorchEngine(stage, torch.device("cuda"), max_context=512)
     began = time.perf_counter()
-    engine.graphs.capture_all()
+    engine.decoder.warm()
     warmup = time.perf_counter() - began
     token = torch.tensor([[5]], device="cuda")
     for i in range(20):
-        engine.graphs(token, 128 + i)
+        engine.decoder(token, 128 + i)
     torch.cuda.synchronize()
     steps, began = 256, time.perf_counter()
     for i in range(steps):
-        engine.graphs(token, 128 + i)
+        engine.decoder(token, 128 + i)
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - began) / steps
     limit = copy_bandwidth(torch.device("cuda")) / weight_bytes_per_token(model)

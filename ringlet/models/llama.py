@@ -63,7 +63,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     Each group of query heads sharing a key/value head becomes the rows of one small matmul, so keys and
     values are read once and never repeated. Under torch.compile the mask, scale and softmax fuse into one
-    kernel; on an H200 this step ran 9% faster than SDPA's fused kernel (scripts/tune_decode_gpu.py).
+    kernel; on an H200 this step ran 9% faster than SDPA's fused kernel (scripts/tune_decode_gpu.py). Not on CPUs:
+    there the compiled step ran these small matmuls as two ~110 us bmm calls a layer, SDPA's one kernel far less.
     """
     b, heads, _, dim = q.shape
     kv_heads = k.shape[1]
@@ -97,7 +98,7 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
         v = v.transpose(1, 2)
         k, v = cache.update_and_fetch(layer, start, k, v, kv_len)
-        if isinstance(start, torch.Tensor):  # the static decode step (compiled, CUDA-graphed)
+        if isinstance(start, torch.Tensor) and q.is_cuda:  # the static decode step (compiled, CUDA-graphed)
             out = decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(

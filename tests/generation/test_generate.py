@@ -56,7 +56,7 @@ def test_seed_reproducible(engine):  # type: ignore[no-untyped-def]
 def test_prefix_reuse_gives_same_tokens(engine):  # type: ignore[no-untyped-def]
     engine.generator.cached = []
     cold, _ = answer(engine, max_tokens=16)
-    warm, last = answer(engine, max_tokens=16)  # the prompt's prefix is now in the cache
+    warm, _ = answer(engine, max_tokens=16)  # the prompt's prefix is now in the cache
     assert warm == cold
 
 

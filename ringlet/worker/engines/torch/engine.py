@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +13,13 @@ from ringlet.models.loader import LoadedStage, load_stage
 from ringlet.models.quant import cpu_supports_bf16, quantize_int4, quantize_int8
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
-from ringlet.worker.engines.torch.cuda_graphs import GraphedDecoder
 from ringlet.worker.engines.torch.generate import TextGenerator
+from ringlet.worker.engines.torch.static_decode import StaticDecoder
 
 DEFAULT_MAX_CONTEXT = 8192
+# "0": CPU decode steps stay eager (no compile at warm-up). The tests set it: most of them never decode enough
+# tokens to repay a compile.
+CPU_COMPILE_ENV = "RINGLET_CPU_COMPILE"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
            "int4": torch.bfloat16}
@@ -38,12 +42,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None = None, precision: str = "auto",
-                     device: torch.device = torch.device("cpu")) -> tuple[LoadedStage, str]:
+                     device: torch.device | None = None) -> tuple[LoadedStage, str]:
     """Layers [start, end) in `precision`, weight-only quantised for int8 / int4; returns the precision used.
 
     auto on a CPU picks int4 when the file stores the stage's linears in 4 bits (GGUF Q4_0 / Q4_1): its own
     codes run as they are, so nothing is rounded twice and half of int8's bytes are read per token.
     """
+    device = device or torch.device("cpu")
     resolved = resolve_precision(precision, device)
     maybe_int4 = resolved == "int4" or (precision == "auto" and resolved == "int8")
     stage = load_stage(model, start, end, dtype=_DTYPES[resolved], device=device, keep_groups=maybe_int4)
@@ -59,14 +64,20 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT,
-                 cuda_graphs: bool | None = None, compile: bool = True) -> None:
+                 cuda_graphs: bool | None = None, compile: bool | None = None) -> None:
+        """Decode steps: on CUDA, compiled and replayed from CUDA graphs (`cuda_graphs`, default on); on a CPU,
+        compiled at warm-up (`compile`, default on unless $RINGLET_CPU_COMPILE is "0"); until then eager."""
         self.stage, self.device = stage, device
         self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
         self.context_length = min(stage.args.context_length, max_context)
         self.cache = stage.model.make_cache(1, self.context_length)
-        self.graphs: GraphedDecoder | None = None
-        if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
-            self.graphs = GraphedDecoder(stage.model, self.cache, self.context_length, compile=compile)
+        graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if compile is None:
+            compile = device.type != "cpu" or os.environ.get(CPU_COMPILE_ENV, "1") != "0"
+        self.decoder: StaticDecoder | None = None
+        if graphs or (device.type == "cpu" and compile):
+            self.decoder = StaticDecoder(stage.model, self.cache, self.context_length, compile=compile,
+                                         capture=graphs)
         self.generator = TextGenerator(
             self._forward, stage.tokenizer, self.context_length, stage.args.vocab_size, device,
             lookahead=device.type == "cuda",
@@ -87,18 +98,19 @@ class TorchEngine:
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        if self.graphs is not None and ids.shape[1] == 1:
+        if self.decoder is not None and self.decoder.ready and ids.shape[1] == 1:
             self.cache.offset = start + 1
-            return self.graphs(ids, start)
+            return self.decoder(ids, start)
         logits = self.stage.model(ids, self.cache, start, last_logits_only=True)
         self.cache.offset = start + ids.shape[1]
         return logits[:, -1]
 
     def warmup(self) -> float:
-        """Capture the decode graphs (CUDA) and run one short generation, so no request pays for them."""
+        """Capture the decode graphs (CUDA) or compile the decode step (CPU), then run one short generation, so
+        no request pays for them."""
         began = time.perf_counter()
-        if self.graphs is not None:
-            self.graphs.capture_all()
+        if self.decoder is not None:
+            self.decoder.warm()
         run_warmup_request(self)
         return time.perf_counter() - began
 

@@ -1,0 +1,7 @@
+"""Settings for every test, and for the node and runner processes the tests start (they inherit the environment)."""
+
+import os
+
+# CPU decode steps stay eager: compiling takes minutes and most tests decode a few tokens. The compiled path has its
+# own tests (tests/generation/test_cpu_compile.py), which ask for it explicitly.
+os.environ.setdefault("RINGLET_CPU_COMPILE", "0")
