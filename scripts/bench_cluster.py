@@ -3,12 +3,17 @@
 
 Each stage is its own process joined over torch.distributed (gloo), exactly as the runners of a CpuRing instance
 are; the control plane is left out, since it carries no per-token traffic. Two numbers for the hop cost:
-- derived: (1/tps(n) - 1/tps(1)) / n for a ring of n stages (n hops a token: n-1 hidden-state hops and the logits
-  back to the first), which includes moving the logits (49152 floats) and the wake-up of each process;
+- derived: (1/tps(n) - 1/tps(1)) / n for a ring of n stages (n hops a token: n-1 hidden-state hops and the sampled
+  token back to the first), which includes the wake-up of each process and each stage's own loop;
 - measured: the median round trip of one decode step's hidden state ([1, 1, H] float32 plus its header) between
   two processes, halved.
 
-    python scripts/bench_cluster.py [--tokens 64] [--precision fp32] [--stages 1 2 3] [--json]
+With --pin every stage (and the single-stage run) uses one thread on a core of its own (rank modulo the cores): each
+stage then computes as fast as it would alone on its own machine, so the derived figure is what the split costs,
+not the stages competing for this machine's cores. Stages stay eager (not compiled) in both runs, as ring stages
+are.
+
+    python scripts/bench_cluster.py [--tokens 64] [--precision fp32] [--stages 1 2 3] [--pin] [--json]
 """
 
 from __future__ import annotations
@@ -59,10 +64,20 @@ def first_stage(bound: BoundInstance, tokens: int, precision: str, repeats: int)
     engine.close()
 
 
-def single_stage(tokens: int, precision: str, repeats: int) -> float:
+def pin(rank: int) -> None:
+    """One thread, on core `rank` (modulo the cores this process may use)."""
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    torch.set_num_threads(1)
+
+
+def single_stage(tokens: int, precision: str, repeats: int, pinned: bool) -> float:
     from ringlet.worker.engines.torch.engine import TorchEngine
 
-    engine = TorchEngine.load(None, precision=precision)
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    if pinned:
+        pin(0)
+    engine = TorchEngine.load(None, precision=precision, compile=False)  # eager, as ring stages are
     engine.warmup()
     rates = []
     for _ in range(repeats):
@@ -71,13 +86,16 @@ def single_stage(tokens: int, precision: str, repeats: int) -> float:
         last = list(engine.generate(task))[-1]
         assert last.timings is not None
         rates.append(last.timings.decode_tokens_per_s)
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
     return max(rates)
 
 
-def run_ring(stages: int, tokens: int, precision: str, repeats: int) -> float:
+def run_ring(stages: int, tokens: int, precision: str, repeats: int, pinned: bool) -> float:
     instance = ring(stages)
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
-    me = [sys.executable, __file__, "--precision", precision, "--tokens", str(tokens), "--repeats", str(repeats)]
+    me = [sys.executable, __file__, "--precision", precision, "--tokens", str(tokens), "--repeats", str(repeats),
+          *(["--pin"] if pinned else [])]
     env = {"GOMP_SPINCOUNT": str(RING_OMP_SPINCOUNT), **os.environ}  # as a node starts a ring's runners
     first = subprocess.Popen([*me, "--role", "first", bound[0]], stdout=subprocess.PIPE, text=True, env=env)
     assert first.stdout is not None
@@ -131,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "int8", "int4", "auto"))
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--pin", action="store_true", help="one thread per stage, each on a core of its own")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--role", choices=("first", "relay", "ping"), help=argparse.SUPPRESS)
     parser.add_argument("bound", nargs="?", help=argparse.SUPPRESS)
@@ -138,6 +157,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.pin and args.role in ("first", "relay"):
+        pin(BoundInstance.model_validate_json(args.bound).shard.rank)
     if args.role == "first":
         return first_stage(BoundInstance.model_validate_json(args.bound), args.tokens, args.precision, args.repeats)
     if args.role == "relay":
@@ -149,12 +170,12 @@ def main() -> None:
         return ping(int(args.bound), args.address, args.rounds)
 
     load = os.getloadavg()
-    results: dict[str, object] = {"precision": args.precision, "tokens": args.tokens,
+    results: dict[str, object] = {"precision": args.precision, "tokens": args.tokens, "pinned": args.pin,
                                   "load_average_at_start": [round(x, 2) for x in load], "cpus": os.cpu_count()}
     tps = {}
     for stages in args.stages:
-        tps[stages] = single_stage(args.tokens, args.precision, args.repeats) if stages == 1 else \
-            run_ring(stages, args.tokens, args.precision, args.repeats)
+        tps[stages] = single_stage(args.tokens, args.precision, args.repeats, args.pin) if stages == 1 else \
+            run_ring(stages, args.tokens, args.precision, args.repeats, args.pin)
         if not args.json:
             print(f"{stages} stage(s): {tps[stages]:.1f} decode tokens/s", flush=True)
     results["decode_tokens_per_s"] = tps
