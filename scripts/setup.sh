@@ -23,11 +23,13 @@ apt_install() {  # apt_install PACKAGE... (only the missing ones)
 }
 
 if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then apt_install python3-venv; fi
-# torch.compile builds the CPU decode step with a C++ compiler and Python's headers (without them decoding stays
-# eager, about 1.3x slower on these 2-core machines)
-command -v g++ >/dev/null || apt_install g++
+# torch.compile builds the CPU decode step with a C++ compiler and Python's headers; without them decoding stays
+# eager (about 1.3x slower on these 2-core machines), so a failed install only warns
+compiler_missing() { echo "warning: could not install $1; CPU decoding will stay eager (uncompiled)" >&2; }
+command -v g++ >/dev/null || apt_install g++ || compiler_missing g++
+python_dev="python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-dev"
 "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
-  || apt_install "python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-dev"
+  || apt_install "$python_dev" || compiler_missing "$python_dev"
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
