@@ -82,3 +82,23 @@ def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> 
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed)
     return Sampler(params, generator)
+
+
+class RequestSampler:
+    """One request's sampler with the token history its penalties need (prompt and output tokens so far)."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.sampler = make_sampler(params, device)
+        self.seen = self.output_counts = torch.zeros(0)
+        if self.sampler.needs_history:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(prompt, device=device)] = True
+            self.output_counts = torch.zeros(1, vocab_size, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        token = self.sampler(logits, self.seen, self.output_counts)
+        if self.sampler.needs_history:
+            self.seen[0, token] = True
+            self.output_counts[0, token] += 1
+        return token

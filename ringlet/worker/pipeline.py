@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from pydantic import BaseModel
 
 from ringlet.models.loader import LoadedStage
-from ringlet.models.sampling import Sampler, make_sampler
+from ringlet.models.sampling import RequestSampler
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
 from ringlet.shared.state import RingAddress
@@ -289,10 +289,10 @@ class FirstStage:
     def tokenizer(self) -> Tokenizer:
         return self.stage.tokenizer
 
-    def _begin(self, params: SamplingParams, prompt: list[int]) -> _SampledDownTheRing:
+    def _begin(self, params: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         with self._ring_errors():
             self.ring.send_payload(_BEGIN, _Begin(sampling=params, prompt=prompt).model_dump_json().encode())
-        return _SampledDownTheRing()
+        return _sampled_down_the_ring
 
     def _fill(self, ids: torch.Tensor, start: int) -> None:
         hidden = self.stage.forward(ids, start)
@@ -341,7 +341,7 @@ class RelayStage:
         self.stage, self.context_length = stage, stage.context_length
         self.ring = open_ring(bound, store, data_host)
         self.is_last = bound.shard.is_last
-        self.request: _LastStageSampling | None = None  # the last stage's current request
+        self.sampler: RequestSampler | None = None  # the last stage's, for the current request
 
     def serve(self) -> None:
         """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
@@ -356,7 +356,7 @@ class RelayStage:
                 payload = self.ring.recv((length,), torch.uint8, self.ring.prev).numpy().tobytes()
                 if self.is_last:
                     begin = _Begin.model_validate_json(payload)
-                    self.request = _LastStageSampling(begin, self.stage.vocab_size, self.stage.device)
+                    self.sampler = RequestSampler(begin.sampling, begin.prompt, self.stage.vocab_size, self.stage.device)
                 else:
                     self.ring.send_payload(_BEGIN, payload)
                 continue
@@ -365,37 +365,14 @@ class RelayStage:
             if not self.is_last:
                 self.ring.send_hidden(op, start, out)
             elif op == _SAMPLE:
-                if self.request is None:
+                if self.sampler is None:
                     raise RingBrokenError("rank 0 asked for a token before it began a request")
-                self.ring.send(self.request.sample(out).view(1).to(torch.int64), 0)
+                self.ring.send(self.sampler(out).view(1).to(torch.int64), 0)
 
 
-class _SampledDownTheRing:
+def _sampled_down_the_ring(token: torch.Tensor) -> torch.Tensor:
     """Rank 0's sampler when the last stage samples: what its forward returned is already the token."""
-
-    needs_history = False
-
-    def __call__(self, token: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor) -> torch.Tensor:
-        return token
-
-
-class _LastStageSampling:
-    """One request's sampler on the last stage, with the history its penalties need (prompt and output tokens)."""
-
-    def __init__(self, begin: _Begin, vocab_size: int, device: torch.device) -> None:
-        self.sampler: Sampler = make_sampler(begin.sampling, device)
-        self.seen = self.output_counts = torch.zeros(0)
-        if self.sampler.needs_history:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, torch.tensor(begin.prompt, device=device)] = True
-            self.output_counts = torch.zeros(1, vocab_size, device=device)
-
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        token = self.sampler(logits, self.seen, self.output_counts)
-        if self.sampler.needs_history:
-            self.seen[0, token] = True
-            self.output_counts[0, token] += 1
-        return token
+    return token
 
 
 def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
 import torch
 
 from ringlet.models.errors import ContextWindowError
-from ringlet.models.sampling import make_sampler
+from ringlet.models.sampling import RequestSampler
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, Timings, Usage
@@ -24,17 +23,8 @@ Forward = Callable[[torch.Tensor, int], torch.Tensor]
 Fill = Callable[[torch.Tensor, int], object]
 
 
-class TokenSampler(Protocol):
-    """Next token ids [B] from last-position logits [B, V] (`ringlet.models.sampling.Sampler`)."""
-
-    @property
-    def needs_history(self) -> bool: ...
-
-    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor) -> torch.Tensor: ...
-
-
-# sampler_for(params, prompt_ids) -> the sampler of one request
-SamplerFor = Callable[[SamplingParams, list[int]], TokenSampler]
+# sampler_for(params, prompt_ids) -> the sampler of one request: next token ids [1] from last-position logits
+SamplerFor = Callable[[SamplingParams, list[int]], Callable[[torch.Tensor], torch.Tensor]]
 
 
 def prompt_ids(tokenizer: Tokenizer, task: TextGenerationTask) -> list[int]:
@@ -58,7 +48,7 @@ class TextGenerator:
         token ids from `forward` and a sampler that passes them through."""
         self.forward, self.tokenizer = forward, tokenizer
         self.fill = fill or forward
-        self.sampler_for = sampler_for or (lambda params, _ids: make_sampler(params, self.device))
+        self.sampler_for = sampler_for or (lambda params, ids: RequestSampler(params, ids, vocab_size, self.device))
         self.context_length, self.vocab_size = context_length, vocab_size
         self.device, self.prefill_chunk = torch.device(device), prefill_chunk
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
@@ -113,23 +103,15 @@ class TextGenerator:
         room = self.context_length - len(ids)
         max_tokens = min(task.max_tokens or room, room)
         sampler = self.sampler_for(task.sampling, ids)
-        seen = output_counts = torch.zeros(0)
-        if sampler.needs_history:
-            seen = torch.zeros(1, self.vocab_size, dtype=torch.bool, device=self.device)
-            seen[0, torch.tensor(ids, device=self.device)] = True
-            output_counts = torch.zeros(1, self.vocab_size, device=self.device)
 
         started = time.perf_counter()
         logits = self._prefill(ids)
         detok, stops = StreamingDetokenizer(self.tokenizer), StopMatcher(task.stop)
         first_token_at, finish, generated = 0.0, "length", 0
         while generated < max_tokens:
-            token = sampler(logits, seen, output_counts)
+            token = sampler(logits)
             generated += 1
             more = generated < max_tokens
-            if sampler.needs_history:
-                seen[0, token] = True
-                output_counts[0, token] += 1
             if self.lookahead and more:
                 token_id, logits = self._read_while_stepping(token)
             else:
