@@ -33,9 +33,13 @@ def greedy_ids(engine: TorchEngine, n: int) -> list[int]:
     return [c.token_id for c in engine.generate(task) if c.token_id is not None]
 
 
-def test_graphs_and_compile_give_the_eager_tokens():
-    """256 greedy tokens through compile + CUDA graphs equal the eager path's (fp32: no rounding ties)."""
+@pytest.mark.parametrize("step", ["fused", "compiled"])
+def test_graphs_give_the_eager_tokens(step, monkeypatch):
+    """256 greedy tokens through the graphed step (fused Triton kernels, or the model compiled) equal the eager
+    path's (fp32: no rounding ties)."""
+    monkeypatch.setenv("RINGLET_CUDA_DECODE", step)
     fast = random_engine(torch.float32)
+    assert (fast.decoder.fused is not None) == (step == "fused")
     fast.warmup()
     eager = random_engine(torch.float32, cuda_graphs=False)
     a, b = greedy_ids(fast, 256), greedy_ids(eager, 256)
@@ -44,9 +48,11 @@ def test_graphs_and_compile_give_the_eager_tokens():
     assert first_diff is None, f"first differing token at {first_diff}"
 
 
+@pytest.mark.parametrize("step", ["fused", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_fast_path_tracks_eager_logits(dtype):
-    """Along the eager path's greedy tokens, the compiled bf16/fp16 step's logits stay within tolerance."""
+def test_low_precision_fast_path_tracks_eager_logits(dtype, step, monkeypatch):
+    """Along the eager path's greedy tokens, the graphed bf16/fp16 step's logits stay within tolerance."""
+    monkeypatch.setenv("RINGLET_CUDA_DECODE", step)
     fast, eager = random_engine(dtype), random_engine(dtype, cuda_graphs=False)
     fast.warmup()
     ids = torch.tensor([[i * 7 % 997 for i in range(128)]], device="cuda")

@@ -4,7 +4,9 @@ One decoding step launches a few hundred small kernels; at batch 1 their launch 
 spent reading weights. A CUDA graph replays all of them with one launch. Shapes inside a graph are
 fixed, so the step attends over a fixed number of cache positions (a bucket: 256, 512, ... up to the
 context) under a mask, and the token and position live in static device buffers. The step itself is
-compiled with torch.compile, which fuses the element-wise work (norms, rotary, SiLU) into fewer kernels.
+compiled with torch.compile, which fuses the element-wise work (norms, rotary, SiLU) into fewer kernels. For
+Llama-family models on a CUDA GPU the step is instead a few hand-fused Triton kernels (fused_decode.py) whose
+attention reads the position from the device: one graph serves every position.
 
 On CPUs there are no graphs, and the per-operator cost of eager PyTorch is the same problem: about 1200
 operators a step for the embedded model, half of a decode step's time next to the int4 matmuls. There the
@@ -60,6 +62,33 @@ def compile_step(step, level: str | None = None, dynamic: bool = False):  # type
     return torch.compile(step, fullgraph=True, mode=mode, dynamic=dynamic or None)
 
 
+# RINGLET_CUDA_DECODE: which decode step a CUDA graph replays.
+#   fused: Triton kernels, six a layer (fused_decode.py), where the model allows; compiled: the model's own forward
+#   through torch.compile (every architecture; the fallback).
+DECODE_ENV = "RINGLET_CUDA_DECODE"
+DECODE_STEPS = ("fused", "compiled")
+
+
+def fused_step(model: nn.Module, cache: StaticKVCache, token: torch.Tensor, position: torch.Tensor):  # type: ignore[no-untyped-def]
+    """The fused Triton decode step of `model`, or None (asked for the compiled step, no Triton, or a model it cannot
+    run: the reason is logged)."""
+    choice = os.environ.get(DECODE_ENV, "fused")
+    if choice not in DECODE_STEPS:
+        raise ValueError(f"{DECODE_ENV}={choice!r} is not one of {', '.join(DECODE_STEPS)}")
+    if choice != "fused":
+        return None
+    try:
+        from ringlet.worker.engines.torch.fused_decode import FusedDecodeStep, unsupported_reason
+    except ImportError as error:
+        log.info("fused decode step unavailable (%s); compiling the model's step instead", error)
+        return None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.info("fused decode step not used (%s); compiling the model's step instead", reason)
+        return None
+    return FusedDecodeStep(model, cache, token, position)
+
+
 def use_persistent_compile_cache() -> None:
     """Keep torch.compile's artefacts under RINGLET_HOME, so a restart reuses them (seconds, not minutes), unless
     TORCHINDUCTOR_CACHE_DIR names a place of its own (inductor sets its /tmp default there on first use)."""
@@ -86,9 +115,14 @@ class StaticDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.buckets = linear_buckets(context_length) if self.on_cpu else buckets_for(context_length)
         model._rope(0, context_length, next(model.parameters()).dtype)  # built now, not inside the graph
-        if compile:
+        self.fused = fused_step(model, cache, self.token, self.position) if capture and not self.on_cpu else None
+        if self.fused is not None:
+            self.step, self.buckets = self.fused, [context_length]  # it attends the positions so far, any length
+        elif compile:
             use_persistent_compile_cache()
-        self.step = compile_step(self._step, dynamic=self.on_cpu) if compile else self._step
+            self.step = compile_step(self._step, dynamic=self.on_cpu)
+        else:
+            self.step = self._step
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.use_graphs = capture and not self.on_cpu  # False: the same step without graphs (also a test reference)
@@ -129,8 +163,8 @@ class StaticDecoder:
             for i, kv_len in enumerate(self.buckets):
                 if kv_len not in self.graphs:
                     self.capture(kv_len)
-                log.info("CUDA graph %d/%d captured (attends %d positions), %.1f s", i + 1, len(self.buckets),
-                         kv_len, time.perf_counter() - began)
+                log.info("CUDA graph %d/%d of the %s step captured (up to %d positions), %.1f s", i + 1,
+                         len(self.buckets), "fused" if self.fused else "compiled", kv_len, time.perf_counter() - began)
         elif not self.ready:
             log.info("compiling the CPU decode step (minutes on a first start; cached under %s)",
                      os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
