@@ -2,18 +2,26 @@
 """Decode tokens/s of the embedded model split over 1, 2 and 3 loopback stages, and the per-hop cost.
 
 Each stage is its own process joined over torch.distributed (gloo), exactly as the runners of a CpuRing instance
-are; the control plane is left out, since it carries no per-token traffic. Two numbers for the hop cost:
-- derived: (1/tps(n) - 1/tps(1)) / n for a ring of n stages (n hops a token: n-1 hidden-state hops and the sampled
-  token back to the first), which includes the wake-up of each process and each stage's own loop;
-- measured: the median round trip of one decode step's hidden state ([1, 1, H] float32 plus its header) between
-  two processes, halved.
+are; the control plane is left out, since it carries no per-token traffic. Three numbers for the hop cost (a token
+crosses n hops in a ring of n stages: n-1 hidden-state hops and the sampled token back to the first):
+- per hop: every stage notes when its layers start and end in each decode step (one clock: the processes share a
+  machine); a token's hops are the gaps from one stage's end to the next stage's start, and from the last stage's
+  end to the first stage holding the sampled token: the transfers, each process's wake-up and loop, and the last
+  stage's sampling. The median over the last generation's tokens, divided by n;
+- derived: (1/tps(n) - 1/tps(1)) / n, which also counts any change in how fast the layers run once split (caches,
+  cores shared between stages), so on a small machine it can come out far above or below the per-hop figure;
+- measured: the median round trip of one decode step's frame (its header and [1, 1, H] float32 hidden state, one
+  message) between two processes, halved.
 
 With --pin every stage (and the single-stage run) uses one thread on a core of its own (rank modulo the cores): each
 stage then computes as fast as it would alone on its own machine, so the derived figure is what the split costs,
 not the stages competing for this machine's cores. Stages stay eager (not compiled) in both runs, as ring stages
 are.
 
-    python scripts/bench_cluster.py [--tokens 64] [--precision fp32] [--stages 1 2 3] [--pin] [--json]
+    python scripts/bench_cluster.py [--tokens 64] [--precision fp32] [--stages 1 2 3] [--pin] [--json] [--model DIR]
+
+--model: a model directory (config.json, safetensors, tokenizer.json) instead of the embedded model, e.g. a
+random-weight checkpoint of the same shape on a machine without the embedded model's package.
 """
 
 from __future__ import annotations
@@ -25,26 +33,54 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from ringlet.master.placement import split_layers
+from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.shared.instances import BoundInstance, Instance, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.pipeline import FirstStage, RelayStage, RingAddress, host_store, join_store, load_for_stage
 from ringlet.worker.supervisor import RING_OMP_SPINCOUNT
 
 PROMPT = "Write a short story about a lighthouse keeper."
-NUM_LAYERS = 30
-HIDDEN = 576
 
 
-def ring(stages: int) -> Instance:
-    shards = [Shard(node_id=f"node-{rank}", rank=rank, start=start, end=end, num_layers=NUM_LAYERS)
-              for rank, (start, end) in enumerate(split_layers(NUM_LAYERS, [1.0] * stages))]
-    return Instance(instance_id=f"bench-{stages}", model="SmolLM2-135M-Instruct", instance_type="CpuRing",
+def model_shape(model: str | None) -> tuple[int, int]:
+    """(layers, hidden size) of a model directory's config.json, or of the embedded model."""
+    if model is None:
+        return 30, 576
+    config = json.loads((Path(model) / "config.json").read_text())
+    return config["num_hidden_layers"], config["hidden_size"]
+
+
+def ring(stages: int, model: str | None) -> Instance:
+    layers, _ = model_shape(model)
+    shards = [Shard(node_id=f"node-{rank}", rank=rank, start=start, end=end, num_layers=layers)
+              for rank, (start, end) in enumerate(split_layers(layers, [1.0] * stages))]
+    return Instance(instance_id=f"bench-{stages}", model=model or EMBEDDED_MODEL_ID, instance_type="CpuRing",
                     shards=shards)
+
+
+class Stopwatch:
+    """Wraps forward(x, start) and keeps when its one-position calls (decode steps) began and ended, in seconds of
+    the machine's monotonic clock (time.perf_counter), which every process on the machine shares."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        self.forward, self.spans = forward, []
+
+    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        began = time.perf_counter()
+        out = self.forward(x, start)
+        if x.shape[1] == 1:
+            self.spans.append((began, time.perf_counter()))
+        return out
+
+    def last(self, n: int) -> list[tuple[float, float]]:
+        return self.spans[-n:]
 
 
 def first_stage(bound: BoundInstance, tokens: int, precision: str, repeats: int) -> None:
@@ -52,6 +88,9 @@ def first_stage(bound: BoundInstance, tokens: int, precision: str, repeats: int)
     print(address.model_dump_json(), flush=True)
     stage, _ = load_for_stage(bound, precision)
     engine = FirstStage(bound, stage, store)
+    # the bench's own accounting: this stage's layers, and a whole decode step (layers, the ring, the token back)
+    stage.forward = layers = Stopwatch(stage.forward)  # type: ignore[method-assign]
+    engine.generator.forward = step = Stopwatch(engine.generator.forward)
     engine.warmup()
     rates = []
     for _ in range(repeats):
@@ -60,7 +99,9 @@ def first_stage(bound: BoundInstance, tokens: int, precision: str, repeats: int)
         last = list(engine.generate(task))[-1]
         assert last.timings is not None
         rates.append(last.timings.decode_tokens_per_s)
-    print(json.dumps({"decode_tps": max(rates)}), flush=True)
+    # the last generation's one-position forwards (its last prompt token, then every decode step) in every stage
+    print(json.dumps({"decode_tps": max(rates), "layers": layers.last(tokens), "steps": step.last(tokens)}),
+          flush=True)
     engine.close()
 
 
@@ -71,13 +112,13 @@ def pin(rank: int) -> None:
     torch.set_num_threads(1)
 
 
-def single_stage(tokens: int, precision: str, repeats: int, pinned: bool) -> float:
+def single_stage(tokens: int, precision: str, repeats: int, pinned: bool, model: str | None) -> float:
     from ringlet.worker.engines.torch.engine import TorchEngine
 
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     if pinned:
         pin(0)
-    engine = TorchEngine.load(None, precision=precision, compile=False)  # eager, as ring stages are
+    engine = TorchEngine.load(model, precision=precision, compile=False)  # eager, as ring stages are
     engine.warmup()
     rates = []
     for _ in range(repeats):
@@ -91,8 +132,11 @@ def single_stage(tokens: int, precision: str, repeats: int, pinned: bool) -> flo
     return max(rates)
 
 
-def run_ring(stages: int, tokens: int, precision: str, repeats: int, pinned: bool) -> float:
-    instance = ring(stages)
+def run_ring(stages: int, tokens: int, precision: str, repeats: int, pinned: bool,
+             model: str | None) -> tuple[float, float, float]:
+    """(decode tokens/s, per-hop ms: the median over tokens of their gaps between stages, divided by the hops, and
+    the median of the last hop alone: the last stage's sampling and the token back to rank 0)"""
+    instance = ring(stages, model)
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
     me = [sys.executable, __file__, "--precision", precision, "--tokens", str(tokens), "--repeats", str(repeats),
           *(["--pin"] if pinned else [])]
@@ -100,44 +144,46 @@ def run_ring(stages: int, tokens: int, precision: str, repeats: int, pinned: boo
     first = subprocess.Popen([*me, "--role", "first", bound[0]], stdout=subprocess.PIPE, text=True, env=env)
     assert first.stdout is not None
     address = first.stdout.readline().strip()
-    others = [subprocess.Popen([*me, "--role", "relay", b, "--address", address], env=env) for b in bound[1:]]
+    others = [subprocess.Popen([*me, "--role", "relay", b, "--address", address], env=env, stdout=subprocess.PIPE,
+                               text=True) for b in bound[1:]]
     out, _ = first.communicate(timeout=600)
-    for p in others:
-        p.wait(timeout=60)
-    if first.returncode != 0:
-        raise SystemExit(f"the first stage of the {stages}-stage ring failed")
-    return float(json.loads(out.splitlines()[-1])["decode_tps"])
+    relays = [json.loads(p.communicate(timeout=60)[0].splitlines()[-1])["layers"] for p in others]
+    if first.returncode != 0 or any(p.returncode for p in others):
+        raise SystemExit(f"a stage of the {stages}-stage ring failed")
+    result = json.loads(out.splitlines()[-1])
+    spans = [result["layers"], *relays]  # per stage, per token: (start, end) of its layers
+    gaps, back = [], []
+    for token, (_, held) in enumerate(result["steps"]):
+        back.append(held - spans[-1][token][1])  # the last stage's end to rank 0 holding the token
+        gaps.append(back[-1] + sum(spans[i + 1][token][0] - spans[i][token][1] for i in range(stages - 1)))
+    return float(result["decode_tps"]), statistics.median(gaps) * 1000 / stages, statistics.median(back) * 1000
 
 
-def ping(rank: int, address: str, rounds: int) -> None:
+def ping(rank: int, address: str, rounds: int, hidden_size: int) -> None:
     addr = RingAddress.model_validate_json(address)
     store = dist.TCPStore(addr.host, addr.port, 2, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    header, hidden = torch.zeros(3, dtype=torch.int64), torch.zeros(1, 1, HIDDEN)
+    frame = torch.zeros(3 * 8 + 4 * hidden_size, dtype=torch.uint8)  # a ring frame: header + one hidden state
     times = []
     for _ in range(rounds):
         began = time.perf_counter()
         if rank == 0:
-            dist.send(header, 1)
-            dist.send(hidden, 1)
-            dist.recv(header, 1)
-            dist.recv(hidden, 1)
+            dist.send(frame, 1)
+            dist.recv(frame, 1)
         else:
-            dist.recv(header, 0)
-            dist.recv(hidden, 0)
-            dist.send(header, 0)
-            dist.send(hidden, 0)
+            dist.recv(frame, 0)
+            dist.send(frame, 0)
         times.append(time.perf_counter() - began)
     if rank == 0:
         print(json.dumps({"round_trip_ms": statistics.median(times) * 1000}), flush=True)
     dist.destroy_process_group()
 
 
-def measure_hop(rounds: int = 2000) -> float:
+def measure_hop(model: str | None, rounds: int = 2000) -> float:
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     address = RingAddress(host="127.0.0.1", port=store.port).model_dump_json()
     procs = [subprocess.Popen([sys.executable, __file__, "--role", "ping", str(rank), "--address", address,
-                               "--rounds", str(rounds)], stdout=subprocess.PIPE, text=True) for rank in (0, 1)]
+                               "--rounds", str(rounds), *(["--model", model] if model else [])], stdout=subprocess.PIPE, text=True) for rank in (0, 1)]
     out, _ = procs[0].communicate(timeout=120)
     procs[1].wait(timeout=30)
     return float(json.loads(out.splitlines()[-1])["round_trip_ms"]) / 2
@@ -151,6 +197,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--pin", action="store_true", help="one thread per stage, each on a core of its own")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model", help="a model directory (default: the embedded model)")
     parser.add_argument("--role", choices=("first", "relay", "ping"), help=argparse.SUPPRESS)
     parser.add_argument("bound", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
@@ -165,30 +212,41 @@ def main() -> None:
         bound = BoundInstance.model_validate_json(args.bound)
         stage, _ = load_for_stage(bound, args.precision)
         address = RingAddress.model_validate_json(args.address)
-        return RelayStage(bound, stage, join_store(address, len(bound.instance.shards))).serve()
+        stage.forward = layers = Stopwatch(stage.forward)  # type: ignore[method-assign]
+        RelayStage(bound, stage, join_store(address, len(bound.instance.shards))).serve()
+        print(json.dumps({"layers": layers.last(args.tokens)}), flush=True)
+        return None
     if args.role == "ping":
-        return ping(int(args.bound), args.address, args.rounds)
+        return ping(int(args.bound), args.address, args.rounds, model_shape(args.model)[1])
 
     load = os.getloadavg()
     results: dict[str, object] = {"precision": args.precision, "tokens": args.tokens, "pinned": args.pin,
                                   "load_average_at_start": [round(x, 2) for x in load], "cpus": os.cpu_count()}
-    tps = {}
+    tps, hop, back = {}, {}, {}
     for stages in args.stages:
-        tps[stages] = single_stage(args.tokens, args.precision, args.repeats, args.pin) if stages == 1 else \
-            run_ring(stages, args.tokens, args.precision, args.repeats, args.pin)
+        if stages == 1:
+            tps[stages] = single_stage(args.tokens, args.precision, args.repeats, args.pin, args.model)
+        else:
+            tps[stages], hop[stages], back[stages] = run_ring(stages, args.tokens, args.precision, args.repeats,
+                                                              args.pin, args.model)
         if not args.json:
             print(f"{stages} stage(s): {tps[stages]:.1f} decode tokens/s", flush=True)
     results["decode_tokens_per_s"] = tps
+    results["per_hop_ms"] = {n: round(ms, 3) for n, ms in hop.items()}
+    results["last_hop_ms"] = {n: round(ms, 3) for n, ms in back.items()}
     if 1 in tps:
         results["derived_per_hop_ms"] = {n: round((1 / tps[n] - 1 / tps[1]) * 1000 / n, 3) for n in tps if n > 1}
-    results["measured_hop_ms"] = round(measure_hop(), 4)
+    results["measured_hop_ms"] = round(measure_hop(args.model), 4)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         print(json.dumps(results))
     else:
+        for n, ms in hop.items():
+            print(f"per hop in {n} stages (a token's time between the stages' layers): {ms:.3f} ms; the last hop "
+                  f"(sampling, the token back to the first stage) alone: {back[n]:.3f} ms")
         for n, ms in dict(results.get("derived_per_hop_ms", {})).items():  # type: ignore[call-overload]
-            print(f"per hop, derived from {n} stages: {ms:.3f} ms")
-        print(f"per hop, measured ping-pong of a [1, 1, {HIDDEN}] hidden state: {results['measured_hop_ms']:.4f} ms")
+            print(f"per hop, derived from {n} stages against one: {ms:.3f} ms")
+        print(f"per hop, measured ping-pong of a [1, 1, {model_shape(args.model)[1]}] hidden state: {results['measured_hop_ms']:.4f} ms")
         print(f"load average: {results['load_average_at_start']} at start, {results['load_average_at_end']} at end "
               f"({results['cpus']} CPUs)")
 

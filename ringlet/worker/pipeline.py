@@ -62,7 +62,9 @@ STEP_TIMEOUT_S = 600.0
 # ops: stop serving; fill the cache with a prompt chunk (nothing comes back); a step whose last position the last
 # stage samples (its token comes back to rank 0); a request begins (a JSON payload of `_Begin`)
 _STOP, _FILL, _SAMPLE, _BEGIN = 0, 1, 2, 3
-_HEADER = 3  # op, start position, number of positions (bytes of the payload for _BEGIN)
+# a frame: the header (op, start position, number of positions or bytes of the payload for _BEGIN) as int64, then
+# the first position's hidden state as float32 (unused by _STOP and _BEGIN). A decode step is one frame a hop.
+_HEADER_BYTES = 3 * 8
 
 
 class _Begin(BaseModel):
@@ -169,9 +171,9 @@ def load_for_stage(bound: BoundInstance, precision: str | None = None,
 class _Ring:
     """This process's place in the ring: its rank, its neighbours, and tensors moved to and from them."""
 
-    def __init__(self, bound: BoundInstance, store: dist.TCPStore) -> None:
+    def __init__(self, bound: BoundInstance, store: dist.TCPStore, hidden_size: int) -> None:
         instance = bound.instance
-        self.rank, self.size = bound.shard.rank, len(instance.shards)
+        self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
         self.backend = backend_for(instance.instance_type, {s.engine for s in instance.shards})
         self.device = transfer_device(self.backend)
         began = time.perf_counter()
@@ -196,15 +198,35 @@ class _Ring:
             raise RingBrokenError(f"stage {source} of the ring is unreachable: {error}") from error
         return buffer
 
+    def _send_frame(self, op: int, start: int, length: int, first: torch.Tensor | None) -> None:
+        device = self.device if first is None else first.device
+        header = torch.tensor([op, start, length], dtype=torch.int64).view(torch.uint8).to(device)
+        first = torch.zeros(self.hidden_size, device=device) if first is None else first.float().reshape(-1)
+        self.send(torch.cat((header, first.view(torch.uint8))), self.next)
+
     def send_hidden(self, op: int, start: int, hidden: torch.Tensor | None) -> None:
-        length = 0 if hidden is None else hidden.shape[1]
-        self.send(torch.tensor([op, start, length], dtype=torch.int64), self.next)
-        if hidden is not None:
-            self.send(hidden.float(), self.next)  # float32 on the wire: a mixed ring may compute in other dtypes
+        """float32 on the wire: a mixed ring may compute in other dtypes. Positions after the first (a prompt chunk)
+        follow the frame as a second message."""
+        self._send_frame(op, start, 0 if hidden is None else hidden.shape[1], None if hidden is None else hidden[:, :1])
+        if hidden is not None and hidden.shape[1] > 1:
+            self.send(hidden[:, 1:].float(), self.next)
 
     def send_payload(self, op: int, payload: bytes) -> None:
-        self.send(torch.tensor([op, 0, len(payload)], dtype=torch.int64), self.next)
+        self._send_frame(op, 0, len(payload), None)
         self.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), self.next)
+
+    def recv_frame(self) -> tuple[int, int, int, torch.Tensor]:
+        """(op, start, length, the first position's hidden state [1, 1, H])"""
+        frame = self.recv((_HEADER_BYTES + 4 * self.hidden_size,), torch.uint8, self.prev)
+        op, start, length = frame[:_HEADER_BYTES].view(torch.int64).tolist()
+        return op, start, length, frame[_HEADER_BYTES:].view(torch.float32).view(1, 1, self.hidden_size)
+
+    def recv_hidden(self, length: int, first: torch.Tensor) -> torch.Tensor:
+        """The hidden states [1, length, H] of a frame announcing `length` positions."""
+        if length == 1:
+            return first
+        rest = self.recv((1, length - 1, self.hidden_size), torch.float32, self.prev)
+        return torch.cat((first, rest), dim=1)
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -215,11 +237,11 @@ class _MlxRing(_Ring):
     """The same ring over `mlx.distributed`'s ring backend (TCP to each neighbour). Each stage listens on a free port
     of its data host; the torch store spreads the addresses, from which each writes the hostfile MLX reads."""
 
-    def __init__(self, bound: BoundInstance, store: dist.TCPStore, host: str) -> None:
+    def __init__(self, bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> None:
         import mlx.core as mx
 
         instance = bound.instance
-        self.rank, self.size = bound.shard.rank, len(instance.shards)
+        self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
         self.backend, self.device = MLX_RING_BACKEND, torch.device("cpu")
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         began = time.perf_counter()
@@ -265,11 +287,11 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def open_ring(bound: BoundInstance, store: dist.TCPStore, host: str) -> _Ring:
+def open_ring(bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> _Ring:
     """This stage's ring: torch.distributed, or mlx.distributed for an MlxRing."""
     if backend_for(bound.instance.instance_type, {s.engine for s in bound.instance.shards}) == MLX_RING_BACKEND:
-        return _MlxRing(bound, store, host)
-    return _Ring(bound, store)
+        return _MlxRing(bound, store, host, hidden_size)
+    return _Ring(bound, store, hidden_size)
 
 
 class FirstStage:
@@ -280,7 +302,7 @@ class FirstStage:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
         self.name = "mlx-pipeline" if bound.engine == "mlx" else "torch-pipeline"
         self.stage, self.context_length = stage, stage.context_length
-        self.ring = open_ring(bound, store, data_host)
+        self.ring = open_ring(bound, store, data_host, stage.hidden_size)
         self.broken = False  # a neighbour went away: no task can run any more
         self.generator = TextGenerator(self._step, stage.tokenizer, self.context_length, stage.vocab_size,
                                        stage.device, fill=self._fill, sampler_for=self._begin)
@@ -339,14 +361,14 @@ class RelayStage:
                  data_host: str = "127.0.0.1") -> None:
         assert not bound.shard.is_first
         self.stage, self.context_length = stage, stage.context_length
-        self.ring = open_ring(bound, store, data_host)
+        self.ring = open_ring(bound, store, data_host, stage.hidden_size)
         self.is_last = bound.shard.is_last
         self.sampler: RequestSampler | None = None  # the last stage's, for the current request
 
     def serve(self) -> None:
         """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
         while True:
-            op, start, length = self.ring.recv((_HEADER,), torch.int64, self.ring.prev).tolist()
+            op, start, length, first = self.ring.recv_frame()
             if op == _STOP:
                 if not self.is_last:
                     self.ring.send_hidden(_STOP, 0, None)
@@ -360,8 +382,7 @@ class RelayStage:
                 else:
                     self.ring.send_payload(_BEGIN, payload)
                 continue
-            hidden = self.ring.recv((1, length, self.stage.hidden_size), torch.float32, self.ring.prev)
-            out = self.stage.forward(hidden, start)
+            out = self.stage.forward(self.ring.recv_hidden(length, first), start)
             if not self.is_last:
                 self.ring.send_hidden(op, start, out)
             elif op == _SAMPLE:
