@@ -42,9 +42,9 @@ _GEMV_SHAPES = [(8, 128, 1)] if _INTERPRETED else [
     (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 2048, 8),
     (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 ]
-def _pdl_available() -> bool:
+def _pdl_available(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper or later, and a Triton that launches with it."""
-    if _INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+    if _INTERPRETED or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
         return False
     from triton.backends.nvidia.compiler import CUDAOptions
 
@@ -285,7 +285,7 @@ class FusedDecodeStep:
         self.group_pad = max(2, triton.next_power_of_2(group))
         self.splits = 32 if cache.max_seq_len <= 4096 else 64
         self.block_t = 16
-        self.pdl = _pdl_available()
+        self.pdl = _pdl_available(device)
         self.launch = {"launch_pdl": True} if self.pdl else {}
         model._rope(0, cache.max_seq_len, self.dtype)
         self.cos, self.sin = model._cos, model._sin  # held: the graph reads these addresses
