@@ -6,7 +6,18 @@ import pydantic
 import pytest
 import torch
 
-from ringlet.models.sampling import apply_min_p, apply_penalties, apply_top_k, apply_top_p, make_sampler
+from ringlet.models.sampling import (
+    RequestSampler,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k,
+    apply_top_p,
+    argmax,
+    draw,
+    kth_largest,
+    make_sampler,
+    sort_descending,
+)
 from ringlet.shared.tasks import SamplingParams
 
 INF = float("-inf")
@@ -30,7 +41,7 @@ def test_top_p_handles_unsorted_and_batches():
     probs = torch.tensor([[0.05, 0.15, 0.5, 0.3], [0.25, 0.25, 0.25, 0.25]])
     kept = apply_top_p(probs.log(), 0.7).isfinite()
     assert kept[0].tolist() == [False, False, True, True]
-    assert kept[1].sum() == 3
+    assert kept[1].tolist() == [True, True, True, False]  # equally likely: the first ones by id
 
 
 def test_min_p_relative_to_top():
@@ -40,14 +51,42 @@ def test_min_p_relative_to_top():
 
 def test_penalties():
     logits = torch.tensor([[2.0, -2.0, 1.0, 1.0]])
-    seen = torch.tensor([[True, True, False, False]])
+    history = torch.tensor([[1, 0, 1, 1]])  # a token seen several times is penalised once
     counts = torch.tensor([[0.0, 0.0, 3.0, 0.0]])
-    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), seen, counts)
+    rep = apply_penalties(logits, SamplingParams(repetition_penalty=2.0), history, counts)
     assert rep.tolist() == [[1.0, -4.0, 1.0, 1.0]]
-    freq = apply_penalties(logits, SamplingParams(frequency_penalty=0.5), seen, counts)
+    assert logits.tolist() == [[2.0, -2.0, 1.0, 1.0]]  # the caller's logits stay as they were
+    freq = apply_penalties(logits, SamplingParams(frequency_penalty=0.5), history, counts)
     assert freq.tolist() == [[2.0, -2.0, -0.5, 1.0]]
-    pres = apply_penalties(logits, SamplingParams(presence_penalty=0.5), seen, counts)
+    pres = apply_penalties(logits, SamplingParams(presence_penalty=0.5), history, counts)
     assert pres.tolist() == [[2.0, -2.0, 0.5, 1.0]]
+
+
+def test_request_sampler_penalises_its_own_output():
+    sampler = RequestSampler(SamplingParams(temperature=0, repetition_penalty=10.0), prompt=[2], vocab_size=4)
+    logits = torch.tensor([[1.0, 2.0, 3.0, 2.5]])
+    # 2 is in the prompt (3 -> 0.3), so 3 wins; then 3 is in the output too, so 1 wins
+    assert [int(sampler(logits)) for _ in range(2)] == [3, 1]
+    assert sampler.output_counts.tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_fast_paths_agree_with_torch(dtype):
+    """argmax / k-th largest / descending sort go through numpy for float32 CPU tensors; float64 stays in torch."""
+    logits = torch.tensor([[0.5, 3.0, float("-inf"), 3.0, -1.0], [float("-inf")] * 4 + [0.0]], dtype=dtype)
+    assert argmax(logits).tolist() == [1, 4]  # the first of equal maxima
+    assert kth_largest(logits, 2).tolist() == [[3.0], [float("-inf")]]
+    assert kth_largest(logits, 3).tolist() == [[0.5], [float("-inf")]]
+    assert sort_descending(logits).tolist() == [[3.0, 3.0, 0.5, -1.0, float("-inf")], [0.0] + [float("-inf")] * 4]
+    assert argmax(logits).dtype == torch.int64
+
+
+def test_draw_never_picks_an_impossible_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0, 1e-30]]).repeat(2000, 1)
+    drawn = draw(probs, torch.Generator().manual_seed(5))
+    assert set(drawn[0::2].tolist()) == {1, 3} and set(drawn[1::2].tolist()) == {4}
+    share = (drawn[0::2] == 1).float().mean().item()
+    assert 0.45 < share < 0.55
 
 
 def test_greedy_is_argmax():
