@@ -35,26 +35,34 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ringlet.master.placement import split_layers
+from ringlet.models.catalog import card_from_path, embedded_card
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.shared.instances import BoundInstance, Instance, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
-from ringlet.worker.pipeline import FirstStage, RelayStage, RingAddress, host_store, join_store, load_for_stage
+from ringlet.worker.pipeline import (
+    FRAME_HEADER_BYTES,
+    FirstStage,
+    RelayStage,
+    RingAddress,
+    host_store,
+    join_store,
+    load_for_stage,
+)
 from ringlet.worker.supervisor import RING_OMP_SPINCOUNT
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
 def model_shape(model: str | None) -> tuple[int, int]:
-    """(layers, hidden size) of a model directory's config.json, or of the embedded model."""
-    if model is None:
-        return 30, 576
-    config = json.loads((Path(model) / "config.json").read_text())
-    return config["num_hidden_layers"], config["hidden_size"]
+    """(layers, hidden size) of a model directory, or of the embedded model."""
+    card = embedded_card() if model is None else card_from_path(model, Path(model))
+    return card.num_layers, card.hidden_size
 
 
 def ring(stages: int, model: str | None) -> Instance:
@@ -65,22 +73,32 @@ def ring(stages: int, model: str | None) -> Instance:
                     shards=shards)
 
 
-class Stopwatch:
-    """Wraps forward(x, start) and keeps when its one-position calls (decode steps) began and ended, in seconds of
-    the machine's monotonic clock (time.perf_counter), which every process on the machine shares."""
+P = ParamSpec("P")
+R = TypeVar("R")
 
-    def __init__(self, forward: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
-        self.forward, self.spans = forward, []
 
-    def __call__(self, x: torch.Tensor, start: int) -> torch.Tensor:
+class Stopwatch(Generic[P, R]):
+    """Wraps a callable and keeps when its calls began and ended, in seconds of the machine's monotonic clock
+    (time.perf_counter), which every process on the machine shares; `keep(*args)` picks the calls to keep."""
+
+    def __init__(self, call: Callable[P, R], keep: Callable[P, bool] | None = None) -> None:
+        self.call, self.keep = call, keep
+        self.spans: list[tuple[float, float]] = []
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         began = time.perf_counter()
-        out = self.forward(x, start)
-        if x.shape[1] == 1:
+        out = self.call(*args, **kwargs)
+        if self.keep is None or self.keep(*args, **kwargs):
             self.spans.append((began, time.perf_counter()))
         return out
 
     def last(self, n: int) -> list[tuple[float, float]]:
         return self.spans[-n:]
+
+
+def decode_steps(forward: Callable[[torch.Tensor, int], torch.Tensor]) -> Stopwatch[[torch.Tensor, int], torch.Tensor]:
+    """A stage's forward(x, start), timed where it runs one position (the last prompt token, then every step)."""
+    return Stopwatch(forward, keep=lambda x, start: x.shape[1] == 1)
 
 
 def first_stage(bound: BoundInstance, tokens: int, precision: str, repeats: int) -> None:
@@ -89,8 +107,8 @@ def first_stage(bound: BoundInstance, tokens: int, precision: str, repeats: int)
     stage, _ = load_for_stage(bound, precision)
     engine = FirstStage(bound, stage, store)
     # the bench's own accounting: this stage's layers, and a whole decode step (layers, the ring, the token back)
-    stage.forward = layers = Stopwatch(stage.forward)  # type: ignore[method-assign]
-    engine.generator.forward = step = Stopwatch(engine.generator.forward)
+    stage.forward = layers = decode_steps(stage.forward)  # type: ignore[method-assign,assignment]
+    engine.generator.forward = step = decode_steps(engine.generator.forward)
     engine.warmup()
     rates = []
     for _ in range(repeats):
@@ -133,9 +151,10 @@ def single_stage(tokens: int, precision: str, repeats: int, pinned: bool, model:
 
 
 def run_ring(stages: int, tokens: int, precision: str, repeats: int, pinned: bool,
-             model: str | None) -> tuple[float, float, float]:
-    """(decode tokens/s, per-hop ms: the median over tokens of their gaps between stages, divided by the hops, and
-    the median of the last hop alone: the last stage's sampling and the token back to rank 0)"""
+             model: str | None) -> dict[str, float]:
+    """Decode tokens/s and, in ms, medians over the tokens of the last generation: per hop (a token's gaps between
+    the stages, divided by the hops), the same without the last stage's sampling (which a single node runs too),
+    the last hop alone (sampling, the token back to rank 0), and the sampling alone."""
     instance = ring(stages, model)
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
     me = [sys.executable, __file__, "--precision", precision, "--tokens", str(tokens), "--repeats", str(repeats),
@@ -147,23 +166,28 @@ def run_ring(stages: int, tokens: int, precision: str, repeats: int, pinned: boo
     others = [subprocess.Popen([*me, "--role", "relay", b, "--address", address], env=env, stdout=subprocess.PIPE,
                                text=True) for b in bound[1:]]
     out, _ = first.communicate(timeout=600)
-    relays = [json.loads(p.communicate(timeout=60)[0].splitlines()[-1])["layers"] for p in others]
+    relays = [json.loads(p.communicate(timeout=60)[0].splitlines()[-1]) for p in others]
     if first.returncode != 0 or any(p.returncode for p in others):
         raise SystemExit(f"a stage of the {stages}-stage ring failed")
     result = json.loads(out.splitlines()[-1])
-    spans = [result["layers"], *relays]  # per stage, per token: (start, end) of its layers
-    gaps, back = [], []
+    spans = [result["layers"], *(r["layers"] for r in relays)]  # per stage, per token: (start, end) of its layers
+    sends = relays[-1]["sends"]
+    gaps, back, sampling = [], [], []
     for token, (_, held) in enumerate(result["steps"]):
         back.append(held - spans[-1][token][1])  # the last stage's end to rank 0 holding the token
+        sampling.append(sends[token][0] - spans[-1][token][1])
         gaps.append(back[-1] + sum(spans[i + 1][token][0] - spans[i][token][1] for i in range(stages - 1)))
-    return float(result["decode_tps"]), statistics.median(gaps) * 1000 / stages, statistics.median(back) * 1000
+    ms = {"hop": statistics.median(gaps) / stages,
+          "split": statistics.median(g - s for g, s in zip(gaps, sampling)) / stages,
+          "last_hop": statistics.median(back), "sampling": statistics.median(sampling)}
+    return {"decode_tps": float(result["decode_tps"]), **{name: value * 1000 for name, value in ms.items()}}
 
 
 def ping(rank: int, address: str, rounds: int, hidden_size: int) -> None:
     addr = RingAddress.model_validate_json(address)
     store = dist.TCPStore(addr.host, addr.port, 2, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
-    frame = torch.zeros(3 * 8 + 4 * hidden_size, dtype=torch.uint8)  # a ring frame: header + one hidden state
+    frame = torch.zeros(FRAME_HEADER_BYTES + 4 * hidden_size, dtype=torch.uint8)  # a ring frame: header + one hidden state
     times = []
     for _ in range(rounds):
         began = time.perf_counter()
@@ -212,9 +236,12 @@ def main() -> None:
         bound = BoundInstance.model_validate_json(args.bound)
         stage, _ = load_for_stage(bound, args.precision)
         address = RingAddress.model_validate_json(args.address)
-        stage.forward = layers = Stopwatch(stage.forward)  # type: ignore[method-assign]
-        RelayStage(bound, stage, join_store(address, len(bound.instance.shards))).serve()
-        print(json.dumps({"layers": layers.last(args.tokens)}), flush=True)
+        stage.forward = layers = decode_steps(stage.forward)  # type: ignore[method-assign,assignment]
+        relay = RelayStage(bound, stage, join_store(address, len(bound.instance.shards)))
+        # the last stage sends nothing but sampled tokens: each send begins when its sampling has ended
+        relay.ring.send = sends = Stopwatch(relay.ring.send)  # type: ignore[method-assign]
+        relay.serve()
+        print(json.dumps({"layers": layers.last(args.tokens), "sends": sends.last(args.tokens)}), flush=True)
         return None
     if args.role == "ping":
         return ping(int(args.bound), args.address, args.rounds, model_shape(args.model)[1])
@@ -222,18 +249,18 @@ def main() -> None:
     load = os.getloadavg()
     results: dict[str, object] = {"precision": args.precision, "tokens": args.tokens, "pinned": args.pin,
                                   "load_average_at_start": [round(x, 2) for x in load], "cpus": os.cpu_count()}
-    tps, hop, back = {}, {}, {}
+    tps, rings = {}, {}
     for stages in args.stages:
         if stages == 1:
             tps[stages] = single_stage(args.tokens, args.precision, args.repeats, args.pin, args.model)
         else:
-            tps[stages], hop[stages], back[stages] = run_ring(stages, args.tokens, args.precision, args.repeats,
-                                                              args.pin, args.model)
+            rings[stages] = run_ring(stages, args.tokens, args.precision, args.repeats, args.pin, args.model)
+            tps[stages] = rings[stages]["decode_tps"]
         if not args.json:
             print(f"{stages} stage(s): {tps[stages]:.1f} decode tokens/s", flush=True)
     results["decode_tokens_per_s"] = tps
-    results["per_hop_ms"] = {n: round(ms, 3) for n, ms in hop.items()}
-    results["last_hop_ms"] = {n: round(ms, 3) for n, ms in back.items()}
+    for name in ("hop", "split", "last_hop", "sampling"):
+        results[f"{name}_ms"] = {n: round(ring[name], 3) for n, ring in rings.items()}
     if 1 in tps:
         results["derived_per_hop_ms"] = {n: round((1 / tps[n] - 1 / tps[1]) * 1000 / n, 3) for n in tps if n > 1}
     results["measured_hop_ms"] = round(measure_hop(args.model), 4)
@@ -241,9 +268,11 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
     else:
-        for n, ms in hop.items():
-            print(f"per hop in {n} stages (a token's time between the stages' layers): {ms:.3f} ms; the last hop "
-                  f"(sampling, the token back to the first stage) alone: {back[n]:.3f} ms")
+        for n, ring in rings.items():
+            print(f"per hop in {n} stages, the split's cost (a token's time between the stages' layers, less the "
+                  f"last stage's sampling, which one node runs as well): {ring['split']:.3f} ms")
+            print(f"  with the sampling: {ring['hop']:.3f} ms a hop; the last hop (sampling, the token back to the "
+                  f"first stage) alone: {ring['last_hop']:.3f} ms; the sampling alone: {ring['sampling']:.3f} ms")
         for n, ms in dict(results.get("derived_per_hop_ms", {})).items():  # type: ignore[call-overload]
             print(f"per hop, derived from {n} stages against one: {ms:.3f} ms")
         print(f"per hop, measured ping-pong of a [1, 1, {model_shape(args.model)[1]}] hidden state: {results['measured_hop_ms']:.4f} ms")
