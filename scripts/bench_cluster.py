@@ -2,12 +2,14 @@
 """Decode tokens/s of the embedded model split over 1, 2 and 3 loopback stages, and the per-hop cost.
 
 Each stage is its own process joined over torch.distributed (gloo), exactly as the runners of a CpuRing instance
-are; the control plane is left out, since it carries no per-token traffic. Three numbers for the hop cost (a token
+are; the control plane is left out, since it carries no per-token traffic. Numbers for the hop cost (a token
 crosses n hops in a ring of n stages: n-1 hidden-state hops and the sampled token back to the first):
 - per hop: every stage notes when its layers start and end in each decode step (one clock: the processes share a
   machine); a token's hops are the gaps from one stage's end to the next stage's start, and from the last stage's
   end to the first stage holding the sampled token: the transfers, each process's wake-up and loop, and the last
   stage's sampling. The median over the last generation's tokens, divided by n;
+- the split's cost: the same less the last stage's sampling (from its layers' end to its send of the token), which
+  a single node runs for every token too; the sampling and the last hop are printed alone as well;
 - derived: (1/tps(n) - 1/tps(1)) / n, which also counts any change in how fast the layers run once split (caches,
   cores shared between stages), so on a small machine it can come out far above or below the per-hop figure;
 - measured: the median round trip of one decode step's frame (its header and [1, 1, H] float32 hidden state, one
@@ -65,8 +67,7 @@ def model_shape(model: str | None) -> tuple[int, int]:
     return card.num_layers, card.hidden_size
 
 
-def ring(stages: int, model: str | None) -> Instance:
-    layers, _ = model_shape(model)
+def ring(stages: int, model: str | None, layers: int) -> Instance:
     shards = [Shard(node_id=f"node-{rank}", rank=rank, start=start, end=end, num_layers=layers)
               for rank, (start, end) in enumerate(split_layers(layers, [1.0] * stages))]
     return Instance(instance_id=f"bench-{stages}", model=model or EMBEDDED_MODEL_ID, instance_type="CpuRing",
@@ -151,11 +152,11 @@ def single_stage(tokens: int, precision: str, repeats: int, pinned: bool, model:
 
 
 def run_ring(stages: int, tokens: int, precision: str, repeats: int, pinned: bool,
-             model: str | None) -> dict[str, float]:
+             model: str | None, layers: int) -> dict[str, float]:
     """Decode tokens/s and, in ms, medians over the tokens of the last generation: per hop (a token's gaps between
     the stages, divided by the hops), the same without the last stage's sampling (which a single node runs too),
     the last hop alone (sampling, the token back to rank 0), and the sampling alone."""
-    instance = ring(stages, model)
+    instance = ring(stages, model, layers)
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
     me = [sys.executable, __file__, "--precision", precision, "--tokens", str(tokens), "--repeats", str(repeats),
           *(["--pin"] if pinned else [])]
@@ -203,11 +204,12 @@ def ping(rank: int, address: str, rounds: int, hidden_size: int) -> None:
     dist.destroy_process_group()
 
 
-def measure_hop(model: str | None, rounds: int = 2000) -> float:
+def measure_hop(hidden_size: int, rounds: int = 2000) -> float:
     store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
     address = RingAddress(host="127.0.0.1", port=store.port).model_dump_json()
     procs = [subprocess.Popen([sys.executable, __file__, "--role", "ping", str(rank), "--address", address,
-                               "--rounds", str(rounds), *(["--model", model] if model else [])], stdout=subprocess.PIPE, text=True) for rank in (0, 1)]
+                               "--rounds", str(rounds), "--hidden", str(hidden_size)], stdout=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
     out, _ = procs[0].communicate(timeout=120)
     procs[1].wait(timeout=30)
     return float(json.loads(out.splitlines()[-1])["round_trip_ms"]) / 2
@@ -226,6 +228,7 @@ def main() -> None:
     parser.add_argument("bound", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--address", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2000, help=argparse.SUPPRESS)
+    parser.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.pin and args.role in ("first", "relay"):
@@ -238,23 +241,26 @@ def main() -> None:
         address = RingAddress.model_validate_json(args.address)
         stage.forward = layers = decode_steps(stage.forward)  # type: ignore[method-assign,assignment]
         relay = RelayStage(bound, stage, join_store(address, len(bound.instance.shards)))
-        # the last stage sends nothing but sampled tokens: each send begins when its sampling has ended
-        relay.ring.send = sends = Stopwatch(relay.ring.send)  # type: ignore[method-assign]
+        sends = Stopwatch(relay.ring.send)
+        if relay.is_last:  # it sends nothing but sampled tokens: each send begins when its sampling has ended
+            relay.ring.send = sends  # type: ignore[method-assign]
         relay.serve()
         print(json.dumps({"layers": layers.last(args.tokens), "sends": sends.last(args.tokens)}), flush=True)
         return None
     if args.role == "ping":
-        return ping(int(args.bound), args.address, args.rounds, model_shape(args.model)[1])
+        return ping(int(args.bound), args.address, args.rounds, args.hidden)
 
     load = os.getloadavg()
     results: dict[str, object] = {"precision": args.precision, "tokens": args.tokens, "pinned": args.pin,
                                   "load_average_at_start": [round(x, 2) for x in load], "cpus": os.cpu_count()}
+    num_layers, hidden = model_shape(args.model)
     tps, rings = {}, {}
     for stages in args.stages:
         if stages == 1:
             tps[stages] = single_stage(args.tokens, args.precision, args.repeats, args.pin, args.model)
         else:
-            rings[stages] = run_ring(stages, args.tokens, args.precision, args.repeats, args.pin, args.model)
+            rings[stages] = run_ring(stages, args.tokens, args.precision, args.repeats, args.pin, args.model,
+                                     num_layers)
             tps[stages] = rings[stages]["decode_tps"]
         if not args.json:
             print(f"{stages} stage(s): {tps[stages]:.1f} decode tokens/s", flush=True)
@@ -263,7 +269,7 @@ def main() -> None:
         results[f"{name}_ms"] = {n: round(ring[name], 3) for n, ring in rings.items()}
     if 1 in tps:
         results["derived_per_hop_ms"] = {n: round((1 / tps[n] - 1 / tps[1]) * 1000 / n, 3) for n in tps if n > 1}
-    results["measured_hop_ms"] = round(measure_hop(args.model), 4)
+    results["measured_hop_ms"] = round(measure_hop(hidden), 4)
     results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if args.json:
         print(json.dumps(results))
@@ -275,7 +281,7 @@ def main() -> None:
                   f"first stage) alone: {ring['last_hop']:.3f} ms; the sampling alone: {ring['sampling']:.3f} ms")
         for n, ms in dict(results.get("derived_per_hop_ms", {})).items():  # type: ignore[call-overload]
             print(f"per hop, derived from {n} stages against one: {ms:.3f} ms")
-        print(f"per hop, measured ping-pong of a [1, 1, {model_shape(args.model)[1]}] hidden state: {results['measured_hop_ms']:.4f} ms")
+        print(f"per hop, measured ping-pong of a [1, 1, {hidden}] hidden state: {results['measured_hop_ms']:.4f} ms")
         print(f"load average: {results['load_average_at_start']} at start, {results['load_average_at_end']} at end "
               f"({results['cpus']} CPUs)")
 

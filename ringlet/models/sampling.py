@@ -33,16 +33,21 @@ def apply_penalties(
     return logits
 
 
+def _numpy_runs(x: torch.Tensor) -> bool:
+    """float32 on the CPU: numpy's kernels read the tensor's memory as it is."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """argmax over the last dimension (the first of equal maxima)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    if _numpy_runs(x):
         return torch.from_numpy(np.asarray(x.numpy().argmax(axis=-1)))
     return x.argmax(dim=-1)
 
 
 def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     """[B, 1]: each row's k-th largest value."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    if _numpy_runs(x):
         size = x.shape[-1]
         return torch.from_numpy(np.partition(x.numpy(), size - k, axis=-1)[..., size - k:size - k + 1])
     return torch.topk(x, k, dim=-1).values[..., -1:]
@@ -50,7 +55,7 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def sort_descending(x: torch.Tensor) -> torch.Tensor:
     """Each row's values, largest first."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
+    if _numpy_runs(x):
         return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[..., ::-1]))
     return torch.sort(x, dim=-1, descending=True).values
 

@@ -171,31 +171,30 @@ def load_for_stage(bound: BoundInstance, precision: str | None = None,
 class _Ring:
     """This process's place in the ring: its rank, its neighbours, and tensors moved to and from them."""
 
-    def __init__(self, bound: BoundInstance, store: dist.TCPStore, hidden_size: int) -> None:
+    def __init__(self, bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> None:
         instance = bound.instance
         self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
+        self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.backend = backend_for(instance.instance_type, {s.engine for s in instance.shards})
         self.device = transfer_device(self.backend)
         began = time.perf_counter()
+        self._join(store, host)
+        log.info("instance %s: stage %d/%d joined the %s ring in %.1f s", instance.instance_id, self.rank, self.size,
+                 self.backend, time.perf_counter() - began)
+        # every outgoing frame is written into one buffer: a send returns once it may be written again
+        self._frame = torch.zeros(FRAME_HEADER_BYTES + 4 * hidden_size, dtype=torch.uint8, device=self.device)
+        self._frame_header, self._frame_hidden = (self._frame[:FRAME_HEADER_BYTES],
+                                                  self._frame[FRAME_HEADER_BYTES:].view(torch.float32))
+        header = torch.zeros(3, dtype=torch.int64)  # op, start, length: written through numpy, copied to the frame
+        self._header_fields, self._header_bytes = header.numpy(), header.view(torch.uint8)
+
+    def _join(self, store: dist.TCPStore, host: str) -> None:
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
                                 timeout=timedelta(seconds=STEP_TIMEOUT_S))
         # the group's own send/recv: dist.send's checks and logging cost ~0.05 ms a call on a small VM
         world = dist.group.WORLD
         assert world is not None, "init_process_group made the default group"
         self._pg = world
-        log.info("instance %s: stage %d/%d joined the %s ring in %.1f s", instance.instance_id, self.rank, self.size,
-                 self.backend, time.perf_counter() - began)
-        self.next = (self.rank + 1) % self.size
-        self.prev = (self.rank - 1) % self.size
-        self._init_frame()
-
-    def _init_frame(self) -> None:
-        """The buffer every outgoing frame is written into: a header (op, start, length) and one float32 hidden
-        state; a send returns once the buffer may be written again."""
-        self._frame = torch.zeros(FRAME_HEADER_BYTES + 4 * self.hidden_size, dtype=torch.uint8, device=self.device)
-        self._header = torch.zeros(3, dtype=torch.int64)
-        self._header_fields = self._header.numpy()
-        self._frame_hidden = self._frame[FRAME_HEADER_BYTES:].view(torch.float32)
 
     def send(self, tensor: torch.Tensor, to: int) -> None:
         try:
@@ -213,7 +212,7 @@ class _Ring:
 
     def _send_frame(self, op: int, start: int, length: int, first: torch.Tensor | None) -> None:
         self._header_fields[:] = op, start, length
-        self._frame[:FRAME_HEADER_BYTES].copy_(self._header.view(torch.uint8))
+        self._frame_header.copy_(self._header_bytes)
         if first is not None:
             self._frame_hidden.copy_(first.reshape(-1))
         self.send(self._frame, self.next)
@@ -251,14 +250,9 @@ class _MlxRing(_Ring):
     """The same ring over `mlx.distributed`'s ring backend (TCP to each neighbour). Each stage listens on a free port
     of its data host; the torch store spreads the addresses, from which each writes the hostfile MLX reads."""
 
-    def __init__(self, bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> None:
+    def _join(self, store: dist.TCPStore, host: str) -> None:
         import mlx.core as mx
 
-        instance = bound.instance
-        self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
-        self.backend, self.device = MLX_RING_BACKEND, torch.device("cpu")
-        self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        began = time.perf_counter()
         store.set(f"mlx-ring/{self.rank}", f"{host}:{_free_port(host)}")
         hosts = [[store.get(f"mlx-ring/{rank}").decode()] for rank in range(self.size)]
         with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ringlet-mlx-hosts-", delete=False) as hostfile:
@@ -268,9 +262,6 @@ class _MlxRing(_Ring):
             self._mx, self._group = mx, mx.distributed.init(backend="ring", strict=True)
         finally:
             os.unlink(hostfile.name)
-        log.info("instance %s: stage %d/%d joined the MLX ring in %.1f s", instance.instance_id, self.rank,
-                 self.size, time.perf_counter() - began)
-        self._init_frame()
 
     def send(self, tensor: torch.Tensor, to: int) -> None:
         mx = self._mx
@@ -304,9 +295,8 @@ def _free_port(host: str) -> int:
 
 def open_ring(bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> _Ring:
     """This stage's ring: torch.distributed, or mlx.distributed for an MlxRing."""
-    if backend_for(bound.instance.instance_type, {s.engine for s in bound.instance.shards}) == MLX_RING_BACKEND:
-        return _MlxRing(bound, store, host, hidden_size)
-    return _Ring(bound, store, hidden_size)
+    mlx = backend_for(bound.instance.instance_type, {s.engine for s in bound.instance.shards}) == MLX_RING_BACKEND
+    return (_MlxRing if mlx else _Ring)(bound, store, host, hidden_size)
 
 
 class FirstStage:
