@@ -47,15 +47,10 @@ from ringlet.models.catalog import card_from_path, embedded_card
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.shared.instances import BoundInstance, Instance, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
-from ringlet.worker.pipeline import (
-    FRAME_HEADER_BYTES,
-    FirstStage,
-    RelayStage,
-    RingAddress,
-    host_store,
-    join_store,
-    load_for_stage,
-)
+from ringlet.net.ring import FRAME_HEADER_BYTES, host_store, join_store
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.state import RingAddress
+from ringlet.worker.stages import FirstStage, RelayStage, load_for_stage
 from ringlet.worker.supervisor import RING_OMP_SPINCOUNT
 
 PROMPT = "Write a short story about a lighthouse keeper."
@@ -105,7 +100,7 @@ def decode_steps(forward: Callable[[torch.Tensor, int], torch.Tensor]) -> Stopwa
 def first_stage(bound: BoundInstance, tokens: int, precision: str, repeats: int) -> None:
     store, address = host_store("127.0.0.1", len(bound.instance.shards))
     print(address.model_dump_json(), flush=True)
-    stage, _ = load_for_stage(bound, precision)
+    stage, _ = load_for_stage(bound, EngineConfig(precision=precision))
     engine = FirstStage(bound, stage, store)
     # the bench's own accounting: this stage's layers, and a whole decode step (layers, the ring, the token back)
     stage.forward = layers = decode_steps(stage.forward)  # type: ignore[method-assign,assignment]
@@ -137,7 +132,7 @@ def single_stage(tokens: int, precision: str, repeats: int, pinned: bool, model:
     cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
     if pinned:
         pin(0)
-    engine = TorchEngine.load(model, precision=precision, compile=False)  # eager, as ring stages are
+    engine = TorchEngine.load(model, config=EngineConfig(precision=precision, cpu_compile=False))  # eager, as ring stages are
     engine.warmup()
     rates = []
     for _ in range(repeats):
@@ -237,7 +232,7 @@ def main() -> None:
         return first_stage(BoundInstance.model_validate_json(args.bound), args.tokens, args.precision, args.repeats)
     if args.role == "relay":
         bound = BoundInstance.model_validate_json(args.bound)
-        stage, _ = load_for_stage(bound, args.precision)
+        stage, _ = load_for_stage(bound, EngineConfig(precision=args.precision))
         address = RingAddress.model_validate_json(args.address)
         stage.forward = layers = decode_steps(stage.forward)  # type: ignore[method-assign,assignment]
         relay = RelayStage(bound, stage, join_store(address, len(bound.instance.shards)))

@@ -21,7 +21,7 @@ import torch
 
 from ringlet.cli.bench import make_prompt, median
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask, Timings
-from ringlet.worker.engines.engine_init import load_engine
+from ringlet.shared.config import EngineConfig
 
 # Llama-3.2-1B's config.json, less its weights
 LLAMA_3_2_1B = {
@@ -71,11 +71,14 @@ def write_random_llama_1b(directory: Path) -> Path:
 
 
 def load(engine_name: str, model: str | None, precision: str) -> tuple[object, float]:
-    options: dict[str, object] = {"precision": precision}
-    if engine_name == "ipex":
-        options.update(device="cpu", ipex="require")
+    """The CPU engine, or the ipex engine on IPEX's CPU backend, loaded eagerly (no compiled decode step)."""
+    from ringlet.worker.engines.ipex.engine import IpexEngine
+    from ringlet.worker.engines.torch.engine import TorchEngine
+
+    config = EngineConfig(precision=precision, cpu_compile=False)  # type: ignore[arg-type]
     began = time.perf_counter()
-    engine = load_engine(engine_name, model, **options)
+    engine = (IpexEngine.load(model, device="cpu", config=config, ipex="require") if engine_name == "ipex"
+              else TorchEngine.load(model, config=config))
     return engine, time.perf_counter() - began
 
 

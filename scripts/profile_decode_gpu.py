@@ -9,6 +9,7 @@ bandwidth it reached. Set RINGLET_CUDA_DECODE=compiled for the torch.compile'd s
 
 import argparse
 import collections
+import os
 import time
 
 import torch
@@ -18,6 +19,7 @@ from ringlet.cli.bench import copy_bandwidth, weight_bytes_per_token
 from ringlet.models.loader import LoadedStage
 from ringlet.models.random_checkpoint import random_weights, shape_config, synthetic_tokenizer
 from ringlet.models.registry import build_stage, model_args
+from ringlet.shared.config import EngineConfig
 from ringlet.worker.engines.torch.engine import TorchEngine
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +33,7 @@ weights = random_weights(args, torch.bfloat16, "cuda")
 model = build_stage(args, weights=weights, dtype=torch.bfloat16, device="cuda")
 del weights
 engine = TorchEngine(LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers),
-                     torch.device("cuda"), max_context=options.max_context)
+                     torch.device("cuda"), EngineConfig.from_environment(os.environ, max_context=options.max_context))
 began = time.perf_counter()
 engine.decoder.warm()
 print(f"warm-up {time.perf_counter() - began:.1f} s")

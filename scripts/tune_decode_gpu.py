@@ -64,6 +64,7 @@ def measure(shape: str) -> dict:
     from ringlet.models.loader import LoadedStage
     from ringlet.models.random_checkpoint import random_weights, shape_config, synthetic_tokenizer
     from ringlet.models.registry import build_stage, model_args
+    from ringlet.shared.config import EngineConfig
     from ringlet.worker.engines.torch.engine import TorchEngine
 
     args = model_args(shape_config(shape))
@@ -71,7 +72,8 @@ def measure(shape: str) -> dict:
     model = build_stage(args, weights=weights, dtype=torch.bfloat16, device="cuda")
     del weights
     stage = LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
-    engine = TorchEngine(stage, torch.device("cuda"), max_context=512)
+    config = EngineConfig.from_environment(os.environ, max_context=512)  # RINGLET_CUDA_COMPILE, set per process below
+    engine = TorchEngine(stage, torch.device("cuda"), config)
     began = time.perf_counter()
     engine.decoder.warm()
     warmup = time.perf_counter() - began
@@ -100,7 +102,8 @@ if __name__ == "__main__":
     shape, levels = sys.argv[1], sys.argv[2:] or ["default", "tuned", "max-autotune"]
     for choice in levels:
         level, *extras = choice.split("+")
-        env = dict(os.environ, RINGLET_CUDA_COMPILE=level, TORCHINDUCTOR_CACHE_DIR=f"/tmp/inductor-{choice}",
+        env = dict(os.environ, RINGLET_CUDA_COMPILE=level, RINGLET_CUDA_DECODE="compiled",
+                   TORCHINDUCTOR_CACHE_DIR=f"/tmp/inductor-{choice}",
                    ATTENTION="matmul" if "matmul" in extras else "sdpa",
                    GEMV="reduction" if "gemv" in extras else "cublas")
         out = subprocess.run([sys.executable, __file__, "--one", shape], env=env, capture_output=True, text=True)

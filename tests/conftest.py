@@ -1,12 +1,46 @@
 """Settings for every test, and for the node and runner processes the tests start (they inherit the environment)."""
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:  # imported by the fixtures, not here: tests/worker/engines/ipex_env runs where httpx is not installed
+    from tests.support.processes import LiveNode
 
 # CPU decode steps stay eager: compiling takes minutes and most tests decode a few tokens. The compiled path has its
-# own tests (tests/generation/test_cpu_compile.py), which ask for it explicitly.
+# own tests (tests/worker/engines/test_cpu_compile.py), which ask for it explicitly.
 os.environ.setdefault("RINGLET_CPU_COMPILE", "0")
 
 # Without a GPU, Triton kernels (the fused CUDA decode step) run in Triton's interpreter on CPU tensors. Read when a
 # kernel is defined, so it is set before anything imports triton.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# fixtures shared across directories: the fake hub and its tiny checkpoint, live nodes
+pytest_plugins = ["tests.support.hub"]
+
+
+@pytest.fixture(scope="session")
+def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
+    """One node for the whole session, with its default instance (the embedded model) ready."""
+    from tests.support.processes import LOAD_TIMEOUT_S, start_node, stop_node, wait_until
+
+    node = start_node(tmp_path_factory.mktemp("live-node"))
+    try:
+        wait_until(lambda: node.ready_instances() or not node.alive(), LOAD_TIMEOUT_S,
+                   "the default instance ready", node.log, poll_s=0.25)
+        assert node.alive(), f"the node exited:\n{node.log()}"
+        yield node
+    finally:
+        code = stop_node(node)
+    assert code == 0, f"the node exited with {code} on SIGTERM:\n{node.log()}"
+
+
+@pytest.fixture(scope="session")
+def model_id(live_node: LiveNode) -> str:
+    return str(live_node.ready_instances()[0]["instance"]["model"])

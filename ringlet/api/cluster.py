@@ -15,6 +15,7 @@ from ringlet.api.cluster_schemas import (
     ModelsResponse,
     NodeIdResponse,
     PreviewsResponse,
+    StateResponse,
     Topology,
 )
 from ringlet.api.errors import error_responses
@@ -23,7 +24,7 @@ from ringlet.master.placement import preview
 from ringlet.models.store import find_local
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.instances import InstanceType
-from ringlet.shared.state import InstanceRecord, RunnerStatus, State
+from ringlet.shared.state import InstanceRecord, RunnerStatus
 
 router = APIRouter(tags=["cluster"])
 
@@ -53,10 +54,12 @@ def node_id(request: Request) -> NodeIdResponse:
     return NodeIdResponse(node_id=node.node_id, name=node.info.name)
 
 
-@router.get("/state", response_model=State)
-def state(request: Request) -> State:
-    """The whole cluster state: nodes, links, instances with their runners, tasks in flight."""
-    return node_of(request).state
+@router.get("/state", response_model=StateResponse)
+def state(request: Request) -> StateResponse:
+    """The whole cluster state (nodes, links, instances with their runners, downloads) and the tasks in flight
+    through this node's API."""
+    node = node_of(request)
+    return StateResponse(**dict(node.state), tasks=dict(node.tasks))
 
 
 @router.get("/topology", response_model=Topology)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from ringlet.master.placement import PlacementPreview
 from ringlet.models.catalog import ModelCard
 from ringlet.shared.instances import InstanceType
-from ringlet.shared.state import Link, NodeInfo
+from ringlet.shared.state import Link, NodeInfo, State, TaskRecord
 
 InstanceTypeName = Literal["MlxRing", "MlxIbv", "MlxJaccl", "CpuRing", "CudaRing", "IpexRing", "MixedRing"]
 
@@ -26,6 +26,12 @@ class Health(BaseModel):
     instances_ready: int
     instances_loading: int
     instances_failed: int
+
+
+class StateResponse(State):
+    """The cluster state, with the tasks in flight through this node's API (those are not replicated)."""
+
+    tasks: dict[str, TaskRecord] = Field(default_factory=dict)
 
 
 class Topology(BaseModel):

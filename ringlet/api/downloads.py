@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ringlet.api.errors import ApiError, error_responses
 from ringlet.api.facade import node_of
 from ringlet.models.download import DownloadError, DownloadManager, DownloadStatus
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 
 router = APIRouter(tags=["models"])
 

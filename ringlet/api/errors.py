@@ -18,8 +18,14 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ringlet.master.placement import PlacementError
-from ringlet.node.errors import InstanceNotFoundError, InvalidModelError, ModelNotFoundError, NodeError, NoInstanceError
-from ringlet.worker.supervisor import TaskError
+from ringlet.shared.errors import (
+    InstanceNotFoundError,
+    InvalidModelError,
+    ModelNotFoundError,
+    NodeError,
+    NoInstanceError,
+    TaskError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""What the API needs from the node it serves. Today `ringlet.node.node.Node` routes tasks to local runners;
-in a cluster the same calls route over the control plane, and the routers do not change."""
+"""What the API needs from the node it serves: `ringlet.node.Node` in a node, an in-process fake in the API's
+contract tests. The routers only ever see this protocol."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.instances import InstanceType
-from ringlet.shared.state import InstanceRecord, NodeInfo, State
+from ringlet.shared.state import InstanceRecord, NodeInfo, State, TaskRecord
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 
 
@@ -43,6 +43,11 @@ class NodeFacade(Protocol):
 
     @property
     def state(self) -> State: ...
+
+    @property
+    def tasks(self) -> dict[str, TaskRecord]:
+        """The tasks in flight through this node's API, by id."""
+        ...
 
     @property
     def engine_info(self) -> EngineInfo: ...

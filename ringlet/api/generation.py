@@ -9,6 +9,7 @@ the client leaves. Either way the task is closed, which cancels it in the runner
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
@@ -17,22 +18,36 @@ from pydantic import ValidationError
 from ringlet.api.errors import ApiError, ClientGone, to_api_error
 from ringlet.api.facade import NodeFacade, TaskStream
 from ringlet.api.metrics import ApiMetrics, Outcome
-from ringlet.node.errors import NodeError
+from ringlet.shared.errors import NodeError, TaskError
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
-from ringlet.worker.supervisor import TaskError
 
 DISCONNECT_POLL_S = 0.1
 
 
-async def _next_watching(chunks: AsyncIterator[GenerationChunk], request: Request) -> GenerationChunk:
+class DisconnectWatch:
+    """Asks whether the client went away at most every DISCONNECT_POLL_S, however fast the chunks come."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self._asked_at = time.monotonic()
+
+    async def check(self) -> None:
+        """Raises ClientGone once the client has gone."""
+        now = time.monotonic()
+        if now - self._asked_at >= DISCONNECT_POLL_S:
+            self._asked_at = now
+            if await self.request.is_disconnected():
+                raise ClientGone
+
+
+async def _next_watching(chunks: AsyncIterator[GenerationChunk], watch: DisconnectWatch) -> GenerationChunk:
     pending = asyncio.ensure_future(anext(chunks))
     try:
         while True:
+            await watch.check()
             done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
             if done:
                 return pending.result()
-            if await request.is_disconnected():
-                raise ClientGone
     finally:
         if not pending.done():
             pending.cancel()
@@ -55,6 +70,7 @@ def error_kind(error: Exception) -> str:
 class Generation:
     def __init__(self, handle: TaskStream, request: Request, api: str, metrics: ApiMetrics) -> None:
         self.handle, self.request, self.api, self.metrics = handle, request, api, metrics
+        self._watch = DisconnectWatch(request)
         self._chunks = aiter(handle)
         self.first: GenerationChunk | None = None
 
@@ -77,7 +93,7 @@ class Generation:
             raise
         generation = cls(handle, request, api, metrics)
         try:
-            generation.first = await _next_watching(generation._chunks, request)
+            generation.first = await _next_watching(generation._chunks, generation._watch)
         except BaseException as error:
             cancelled = isinstance(error, ClientGone | asyncio.CancelledError)
             await generation._end("cancelled" if cancelled else "failed", None, error)
@@ -97,7 +113,7 @@ class Generation:
                 if chunk.finish_reason is not None:
                     outcome = "finished"
                     return
-                chunk = await (_next_watching(self._chunks, self.request) if watch_disconnect else anext(self._chunks))
+                chunk = await (_next_watching(self._chunks, self._watch) if watch_disconnect else anext(self._chunks))
         except TaskError as error:
             outcome, failure = "failed", error
             raise

@@ -1,8 +1,16 @@
 """Request bodies are bounded: 413 before reading when Content-Length says too much, or as soon as a
 chunked body passes the limit (the error handlers answer it). Pure ASGI, so streamed responses keep
-their disconnect handling."""
+their disconnect handling.
+
+An answer sent before the client has sent its whole body (a 413, say) is only read by the client if the server
+reads the rest first: closing a socket with unread data resets the connection, and the client's kernel may drop
+the answer with it. So the rest of such a body is read and dropped (up to DRAIN_MAX_BYTES, for DRAIN_MAX_S) before
+the answer goes out, as nginx's lingering close does.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -10,6 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ringlet.api.errors import ApiError, error_bytes
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_MAX_S = 5.0
 
 
 class BodyTooLarge(HTTPException):
@@ -43,18 +53,45 @@ class BodySizeLimit:
                 await self._reply(scope, send, self._error(400, "the Content-Length header is not a number"))
                 return
             if int(declared) > self.max_bytes:
+                if int(declared) <= DRAIN_MAX_BYTES:
+                    await _drain(receive)
                 await self._reply(scope, send, self._error(413, str(BodyTooLarge(self.max_bytes).detail)))
                 return
 
-        received = 0
+        received, body_done = 0, False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+            else:
+                body_done = True  # the client went away
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def send_after_the_body(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                await _drain(receive)
+            await send(message)
+
+        await self.app(scope, counting_receive, send_after_the_body)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read and drop what is left of the request body (bounded in bytes and time)."""
+
+    async def read_rest() -> None:
+        dropped = 0
+        while dropped <= DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            dropped += len(message.get("body", b""))
+
+    try:
+        await asyncio.wait_for(read_rest(), DRAIN_MAX_S)
+    except TimeoutError:
+        pass  # a client that sends slower than this gets the answer and a closed connection

@@ -36,7 +36,7 @@ class _StateCollector(Collector):
                                   labels=["instance_id", "model", "status"])
         for instance_id, record in state.instances.items():
             for task_status in TaskStatus:
-                count = sum(1 for t in state.tasks.values()
+                count = sum(1 for t in self.node.tasks.values()
                             if t.instance_id == instance_id and t.status == task_status)
                 tasks.add_metric([instance_id, record.instance.model, task_status.value], count)
         yield tasks

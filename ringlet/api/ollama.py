@@ -29,7 +29,7 @@ from ringlet.api.ollama_schemas import (
 )
 from ringlet.models.catalog import ModelCard
 from ringlet.shared.tasks import ChatMessage, GenerationChunk, TextGenerationTask
-from ringlet.worker.supervisor import TaskError
+from ringlet.shared.errors import TaskError
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 

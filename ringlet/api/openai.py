@@ -30,7 +30,7 @@ from ringlet.api.openai_schemas import (
 )
 from ringlet.shared.state import RunnerStatus
 from ringlet.shared.tasks import GenerationChunk
-from ringlet.worker.supervisor import TaskError
+from ringlet.shared.errors import TaskError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -5,13 +5,22 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-# subcommand modules under ringlet.cli; each defines register(subparsers) which sets `func`
+ENGINE_ENV = "RINGLET_ENGINE"
+
+
 class CliError(Exception):
     """A user-facing error: printed as one line with the fix, no traceback."""
 
 
+def engine_from_environment() -> str | None:
+    """--engine's default: $RINGLET_ENGINE, or None (the best available)."""
+    return os.environ.get(ENGINE_ENV, "").strip() or None
+
+
+# subcommand modules under ringlet.cli; each defines register(subparsers) which sets `func`
 COMMANDS = ["run", "bench", "node", "chat", "ps", "info", "models", "service"]
 
 

@@ -14,9 +14,10 @@ import time
 from typing import Any
 
 from ringlet.cli import CliError
-from ringlet.cli.run import add_model_options
-from ringlet.models.errors import ModelLoadError
+from ringlet.cli.run import add_model_options, engine_config, load_engine
 from ringlet.models.shapes import SHAPES
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT
+from ringlet.shared.errors import ModelLoadError
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 
 FILLER = ("The quick brown fox jumps over the lazy dog while the river runs past old mills and quiet "
@@ -34,9 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also time transformers generate() on the same weights, in the same run")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="instead of --model: random weights shaped like this model (synthetic vocabulary)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "int4"),
-                   help="int8 and int4 are weight-only, for CPUs (default: auto)")
-    p.add_argument("--max-context", type=int, default=8192, help="KV cache positions (default 8192)")
+    p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
+                   help=f"KV cache positions (default {DEFAULT_MAX_CONTEXT})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=bench)
 
@@ -160,36 +160,35 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
     import torch
 
     from ringlet.models.loader import LoadedStage
+    from ringlet.models.quant import COMPUTE_DTYPES
     from ringlet.models.random_checkpoint import random_weights, shape_config, synthetic_tokenizer
     from ringlet.models.registry import build_stage, model_args
-    from ringlet.worker.engines.loading import load_local_engine
-    from ringlet.worker.engines.torch.engine import _DTYPES, TorchEngine, resolve_precision
+    from ringlet.worker.engines.torch.engine import TorchEngine, resolve_precision
 
+    settings = engine_config(args, max_context=args.max_context)
     if args.shape is None:
-        return load_local_engine(args.model, args.engine, precision=args.precision, max_context=args.max_context), None, None
+        return load_engine(args.model, args.engine, settings), None, None
     device = torch.device(args.engine or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(settings.precision, device)
     if precision in ("int8", "int4"):
         raise CliError("--shape builds bf16/fp16/fp32 models; use --precision bf16")
     config = shape_config(args.shape)
     model_arguments = model_args(config)
-    weights = random_weights(model_arguments, _DTYPES[precision], device)
-    model = build_stage(model_arguments, weights=weights, dtype=_DTYPES[precision], device=device)
+    weights = random_weights(model_arguments, COMPUTE_DTYPES[precision], device)
+    model = build_stage(model_arguments, weights=weights, dtype=COMPUTE_DTYPES[precision], device=device)
     stage = LoadedStage(model_arguments, model, synthetic_tokenizer(model_arguments.vocab_size), 0,
                         model_arguments.num_hidden_layers)
-    engine = TorchEngine(stage, device, args.max_context)
+    engine = TorchEngine(stage, device, settings)
     engine.precision = precision
     return engine, weights, config
 
 
 def bench(args: argparse.Namespace) -> int:
-    from ringlet.worker.engines.engine_utils import EngineUnavailableError  # imports torch: not at start-up
-
     import torch
 
     try:
         engine, weights, config = load_bench_engine(args)
-    except (ModelLoadError, ValueError, EngineUnavailableError) as e:
+    except (ModelLoadError, ValueError) as e:
         raise CliError(str(e)) from None
     warmup_s = engine.warmup()
     tokenizer = engine.tokenizer

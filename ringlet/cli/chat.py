@@ -47,7 +47,7 @@ def _reply(client: Any, body: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ringlet.api.client import NodeApiError, NodeClient
+    from ringlet.cli.client import NodeApiError, NodeClient
 
     client = NodeClient(args.url)
     interactive = sys.stdin.isatty()

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ringlet.cli import CliError
+from ringlet.cli import CliError, engine_from_environment
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Show this machine's hardware, which engines can run here (and for the "
                                    "others why not and how to fix it), the engine ringlet would choose, and "
                                    "which pip extra of ringlet suits this hardware.")
-    p.add_argument("--engine", default=None, help="check this engine instead of the automatic choice "
+    p.add_argument("--engine", default=engine_from_environment(), help="check this engine instead of the automatic choice "
                                                  "(cpu, cuda, ipex, mlx; or set RINGLET_ENGINE)")
     p.add_argument("--json", action="store_true", help="print JSON (hardware, engines, extras)")
     p.set_defaults(func=info)

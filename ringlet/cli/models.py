@@ -22,7 +22,7 @@ from rich.progress import (
 
 from ringlet.cli import CliError
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from ringlet.models.download import DownloadProgress

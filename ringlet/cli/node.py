@@ -8,7 +8,8 @@ import os
 import socket
 from typing import get_args
 
-from ringlet.cli import CliError
+from ringlet.cli import CliError, engine_from_environment
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import EngineType
 
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="model of the default instance: a catalog id, a model directory or .gguf file "
                         "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engine", choices=get_args(EngineType), default=None,
-                   help="engine for this node (default: the best available; or set RINGLET_ENGINE)")
+                   help="engine for this node (default: $RINGLET_ENGINE, else the best available)")
     p.add_argument("--no-default-instance", action="store_true",
                    help="start without an instance; create one later (dashboard, or POST /instance)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
@@ -57,13 +58,28 @@ def check_endpoints(endpoints: list[str]) -> list[str]:
         raise CliError(str(error)) from None
 
 
+def engine_choice(requested: str | None) -> EngineType | None:
+    """--engine, or $RINGLET_ENGINE (an alias like xpu allowed), or None for the best available."""
+    from ringlet.worker.engines.engine_utils import parse_engine_name
+
+    try:
+        return parse_engine_name(requested or engine_from_environment() or "auto")
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from ringlet.node.run import NodeOptions, NodeStartError, serve
+    from ringlet.node import NodeOptions, NodeStartError, serve
 
     if not 0 < args.api_port < 65536:
         raise CliError(f"--api-port must be 1..65535, got {args.api_port}")
+    try:
+        config = EngineConfig.from_environment(os.environ)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     options = NodeOptions(
-        name=args.node_name, host=args.host, api_port=args.api_port, model=args.model, engine=args.engine,
+        name=args.node_name, host=args.host, api_port=args.api_port, model=args.model,
+        engine=engine_choice(args.engine), engine_config=config,
         default_instance=not args.no_default_instance, max_body_bytes=args.max_body_bytes,
         connect=tuple(check_endpoints(args.connect)), listen=args.listen and check_endpoints([args.listen])[0],
         discovery=not args.no_discovery,

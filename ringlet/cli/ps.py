@@ -57,7 +57,7 @@ def format_state(state: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ringlet.api.client import NodeApiError, NodeClient
+    from ringlet.cli.client import NodeApiError, NodeClient
 
     try:
         state = NodeClient(args.url, timeout_s=10).get("/state")

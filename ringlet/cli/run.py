@@ -3,19 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import TYPE_CHECKING
 
-from ringlet.cli import CliError
-from ringlet.models.errors import ContextWindowError, ModelLoadError
+from ringlet.cli import CliError, engine_from_environment
+from ringlet.shared.config import PRECISIONS, EngineConfig
+from ringlet.shared.errors import ContextWindowError, ModelLoadError
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
+
+if TYPE_CHECKING:
+    from ringlet.worker.engines.base import Engine
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a Hugging Face model directory, a .gguf file, or a known name (default: the embedded "
                              "SmolLM2-135M-Instruct)")
-    parser.add_argument("--engine", default=None,
-                        help="cpu, cuda, ipex or mlx (default: the best available; or set RINGLET_ENGINE)")
+    parser.add_argument("--engine", default=engine_from_environment(),
+                        help="cpu, cuda, ipex or mlx (default: $RINGLET_ENGINE, else the best available)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="int8 and int4 are weight-only, for CPUs (default: $RINGLET_PRECISION, else auto)")
+
+
+def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
+    """The engine settings of $RINGLET_* with the command's flags over them."""
+    try:
+        return EngineConfig.from_environment(os.environ, precision=args.precision, **overrides)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def load_engine(model: str | None, engine: str | None, config: EngineConfig) -> Engine:
+    """`model` on this machine with `engine` (or the best available); errors as CliError."""
+    from ringlet.models.store import ringlet_home
+    from ringlet.worker.engines.engine_init import initialize_engine, local_instance
+    from ringlet.worker.engines.engine_utils import EngineUnavailableError, select_best_engine
+    from ringlet.worker.engines.torch.static_decode import use_persistent_compile_caches
+
+    try:
+        chosen = select_best_engine(engine)
+        use_persistent_compile_caches(ringlet_home())
+        return initialize_engine(local_instance(model, chosen), config)
+    except (ModelLoadError, EngineUnavailableError, ValueError) as e:
+        raise CliError(str(e)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,17 +60,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16", "int8", "int4"),
-                   help="int8 and int4 are weight-only, for CPUs (default: auto)")
     p.add_argument("--stats", action="store_true", help="print tokens/s and time to first token after the answer")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ringlet.worker.engines.engine_utils import EngineUnavailableError  # imports torch: not at start-up
-
-    from ringlet.worker.engines.loading import load_local_engine
-
     try:
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         messages = ([ChatMessage(role="system", content=args.system)] if args.system else [])
@@ -47,12 +72,12 @@ def run(args: argparse.Namespace) -> int:
         task = TextGenerationTask(messages=messages, max_tokens=args.max_tokens, sampling=sampling)
     except ValueError as e:
         raise CliError(str(e)) from None
+    engine = load_engine(args.model, args.engine, engine_config(args))
     try:
-        engine = load_local_engine(args.model, args.engine, precision=args.precision)
         for chunk in engine.generate(task):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
-    except (ModelLoadError, ContextWindowError, EngineUnavailableError, ValueError) as e:
+    except (ContextWindowError, ValueError) as e:
         raise CliError(str(e)) from None
     sys.stdout.write("\n")
     if args.stats and chunk.timings and chunk.usage:

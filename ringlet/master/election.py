@@ -9,27 +9,9 @@ cluster never keeps two. Start times come from the members' clocks and only need
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class Member(BaseModel):
-    """A live node as its liveliness token announces it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    node_id: str = Field(min_length=1)
-    started_at: float = Field(description="wall-clock time the node started (seconds since the epoch)")
-
-    @classmethod
-    def starting_now(cls, node_id: str, now: float | None = None) -> Member:
-        """This node, started now, in whole milliseconds: the precision its liveliness token carries, so that it
-        compares itself with the others by the very number they see for it (two nodes started within one
-        millisecond would otherwise each elect the other)."""
-        now = time.time() if now is None else now
-        return cls(node_id=node_id, started_at=int(now * 1000) / 1000)
+from ringlet.net.membership import Member
 
 
 def elect(members: Iterable[Member]) -> str | None:

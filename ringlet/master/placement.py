@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringlet.models.catalog import ModelCard
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT
 from ringlet.shared.instances import EngineType, Instance, InstanceType, Shard
-from ringlet.shared.state import NodeInfo
+from ringlet.shared.state import InstanceCreated, NodeInfo
 
 GIB = 1024**3
 # The engine computes in this dtype, so its weights take this many bytes per parameter in memory (MLX: on Metal;
@@ -28,8 +29,8 @@ ENGINE_NEEDS: dict[EngineType, str] = {
     "mlx": "Apple Silicon (MLX)",
 }
 MIXED_NEEDS = "an engine of its own (its --engine, or the best it detected)"
-# The torch engines size their KV cache for min(model context, this) tokens (TorchEngine's max_context).
-DEFAULT_KV_TOKENS = 8192
+# The engines size their KV cache for min(model context, EngineConfig.max_context) tokens.
+DEFAULT_KV_TOKENS = DEFAULT_MAX_CONTEXT
 # Leave room for activations, the runtime and the rest of the machine.
 USABLE_FRACTION = 0.9
 
@@ -55,6 +56,12 @@ class Placement(BaseModel):
 
     instance: Instance
     stages: list[StagePlan]
+
+
+def created(placement: Placement, now: float) -> InstanceCreated:
+    """The event that records a placed instance (its runners then start loading)."""
+    return InstanceCreated(instance=placement.instance, created_at=now,
+                           memory_bytes={s.node_id: s.memory_bytes for s in placement.stages})
 
 
 class PlacementPreview(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ringlet.models.errors import ContextWindowError
+from ringlet.shared.errors import ContextWindowError
 
 
 class StaticKVCache:

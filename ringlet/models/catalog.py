@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringlet.models.config import ModelArgs
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 from ringlet.shared.instances import InstanceType
 
 _log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 
 
 @dataclass(frozen=True)

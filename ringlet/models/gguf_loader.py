@@ -21,7 +21,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 from ringlet.models.registry import register
 
 

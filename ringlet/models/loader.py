@@ -11,7 +11,7 @@ from torch import nn
 from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.tokenizer import Tokenizer

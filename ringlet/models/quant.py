@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUP_SIZE = 32
+# the dtype a model computes in at each precision (weight-only int8/int4 compute in bf16)
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                                          "int8": torch.bfloat16, "int4": torch.bfloat16}
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ringlet.models.config import ModelArgs
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 
 StageBuilder = Callable[[ModelArgs, int, int], nn.Module]
 _ARCHITECTURES: dict[str, StageBuilder] = {}

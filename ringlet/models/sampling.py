@@ -73,7 +73,8 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     probs = logits.softmax(dim=-1)
     ordered = sort_descending(probs)
-    kept = ((ordered.cumsum(dim=-1) - ordered) < p).sum(dim=-1, keepdim=True)
+    # at least one: a p below float32's smallest number (the request's float64, 1e-300 say) compares as 0 here
+    kept = ((ordered.cumsum(dim=-1) - ordered) < p).sum(dim=-1, keepdim=True).clamp_(min=1)
     cutoff = ordered.gather(-1, kept - 1)
     keep = probs > cutoff
     ties = probs == cutoff

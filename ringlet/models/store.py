@@ -27,7 +27,7 @@ from typing import Any, Literal
 import filelock
 from pydantic import BaseModel, ConfigDict
 
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 
 META_DIR = ".ringlet"
 MANIFEST_FILE = f"{META_DIR}/manifest.json"

@@ -1,2 +1,2 @@
-"""Control plane (zenoh sessions, topics, membership) between nodes; the data plane lives with the runners
-(`ringlet.worker.pipeline`)."""
+"""Between nodes: the control plane (zenoh sessions, topics, membership, the event order's transport, task
+forwarding) and the data plane of multi-stage instances (`ring.py`)."""

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
-from ringlet.master.election import Member
+from pydantic import BaseModel, ConfigDict, Field
+
 from ringlet.net import topics
 from ringlet.net.session import ControlPlane
 
 log = logging.getLogger(__name__)
+
+
+class Member(BaseModel):
+    """A live node as its liveliness token announces it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node_id: str = Field(min_length=1)
+    started_at: float = Field(description="wall-clock time the node started (seconds since the epoch)")
+
+    @classmethod
+    def starting_now(cls, node_id: str, now: float | None = None) -> Member:
+        """This node, started now, in whole milliseconds: the precision its liveliness token carries, so that it
+        compares itself with the others by the very number they see for it (two nodes started within one
+        millisecond would otherwise each elect the other)."""
+        now = time.time() if now is None else now
+        return cls(node_id=node_id, started_at=int(now * 1000) / 1000)
 
 
 class Membership:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import zenoh
 from pydantic import BaseModel, TypeAdapter
 
-from ringlet.net.codec import BadMessageError, decode, encode
+from ringlet.shared.wire import BadMessageError, decode, encode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

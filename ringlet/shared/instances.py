@@ -46,6 +46,12 @@ INSTANCE_ENGINE: dict[InstanceType, EngineType] = {
 }
 
 
+def single_node_type(engine: EngineType) -> InstanceType:
+    """The instance type that runs a single-node instance on `engine`."""
+    return {"cpu": InstanceType.CPU_RING, "cuda": InstanceType.CUDA_RING, "ipex": InstanceType.IPEX_RING,
+            "mlx": InstanceType.MLX_RING}[engine]
+
+
 class Shard(BaseModel):
     """Layers [start, end) of a model on one node; rank is the node's place in the ring."""
 

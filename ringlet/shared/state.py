@@ -1,8 +1,9 @@
 """The cluster state and the events that change it: `apply(state, event) -> state`, pure.
 
-One node orders events (today the node itself; in a cluster the elected master) and every node folds
-them, in that order, into the same `State`. Events are facts about the past; one that names an instance
-or node the state no longer has (a late progress report of a deleted instance) changes nothing.
+The master orders events (`master/ordering.py`; a lone node is its own master) and every node folds them, in
+that order, into the same `State`. Events are facts about the past; one that names an instance or node the
+state no longer has (a late progress report of a deleted instance) changes nothing. Requests are not in the
+state: each node tracks the tasks its API serves (`TaskRecord`), so a request costs no ordered event.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ringlet.shared.engine_info import EngineInfo, NodeHardware
 from ringlet.shared.instances import EngineType, Instance
+from ringlet.shared.wire import Message
 
 
 class _Frozen(BaseModel):
@@ -134,6 +136,8 @@ class TaskStatus(str, Enum):
 
 
 class TaskRecord(_Frozen):
+    """A task in flight at the node whose API received it (not replicated: see the module's docstring)."""
+
     task_id: str
     instance_id: str
     model: str
@@ -145,61 +149,61 @@ class TaskRecord(_Frozen):
 # --- events
 
 
-class NodeJoined(_Frozen):
-    kind: Literal["node_joined"] = "node_joined"
+class NodeJoined(Message):
+    type: Literal["node_joined"] = "node_joined"
     node: NodeInfo
 
 
-class NodeUpdated(_Frozen):
+class NodeUpdated(Message):
     """Fresh information about a known node (free memory, engines)."""
 
-    kind: Literal["node_updated"] = "node_updated"
+    type: Literal["node_updated"] = "node_updated"
     node: NodeInfo
 
 
-class NodeLeft(_Frozen):
-    kind: Literal["node_left"] = "node_left"
+class NodeLeft(Message):
+    type: Literal["node_left"] = "node_left"
     node_id: str
 
 
-class LinkUp(_Frozen):
-    kind: Literal["link_up"] = "link_up"
+class LinkUp(Message):
+    type: Literal["link_up"] = "link_up"
     link: Link
 
 
-class LinkDown(_Frozen):
-    kind: Literal["link_down"] = "link_down"
+class LinkDown(Message):
+    type: Literal["link_down"] = "link_down"
     source: str
     target: str
 
 
-class InstanceCreated(_Frozen):
-    kind: Literal["instance_created"] = "instance_created"
+class InstanceCreated(Message):
+    type: Literal["instance_created"] = "instance_created"
     instance: Instance
     memory_bytes: dict[str, int] = Field(default_factory=dict)
     created_at: float
 
 
-class RingHosted(_Frozen):
+class RingHosted(Message):
     """The first stage hosts the ring's rendezvous here: the later stages may now start and join."""
 
-    kind: Literal["ring_hosted"] = "ring_hosted"
+    type: Literal["ring_hosted"] = "ring_hosted"
     instance_id: str
     address: RingAddress
 
 
-class MasterChanged(_Frozen):
-    kind: Literal["master_changed"] = "master_changed"
+class MasterChanged(Message):
+    type: Literal["master_changed"] = "master_changed"
     node_id: str
 
 
-class InstanceDeleted(_Frozen):
-    kind: Literal["instance_deleted"] = "instance_deleted"
+class InstanceDeleted(Message):
+    type: Literal["instance_deleted"] = "instance_deleted"
     instance_id: str
 
 
-class RunnerProgressed(_Frozen):
-    kind: Literal["runner_progressed"] = "runner_progressed"
+class RunnerProgressed(Message):
+    type: Literal["runner_progressed"] = "runner_progressed"
     instance_id: str
     node_id: str
     progress: float = Field(ge=0.0, le=1.0)
@@ -207,35 +211,21 @@ class RunnerProgressed(_Frozen):
     pid: int | None = None
 
 
-class RunnerReady(_Frozen):
-    kind: Literal["runner_ready"] = "runner_ready"
+class RunnerReady(Message):
+    type: Literal["runner_ready"] = "runner_ready"
     instance_id: str
     node_id: str
     context_length: int
 
 
-class RunnerFailed(_Frozen):
-    kind: Literal["runner_failed"] = "runner_failed"
+class RunnerFailed(Message):
+    type: Literal["runner_failed"] = "runner_failed"
     instance_id: str
     node_id: str
     error: str
 
 
-class TaskQueued(_Frozen):
-    kind: Literal["task_queued"] = "task_queued"
-    task: TaskRecord
 
-
-class TaskStarted(_Frozen):
-    kind: Literal["task_started"] = "task_started"
-    task_id: str
-
-
-class TaskFinished(_Frozen):
-    """The task ended: answered, failed or cancelled."""
-
-    kind: Literal["task_finished"] = "task_finished"
-    task_id: str
 
 
 class DownloadRecord(_Frozen):
@@ -251,16 +241,15 @@ class DownloadRecord(_Frozen):
     error: str | None = None
 
 
-class DownloadProgressed(_Frozen):
-    kind: Literal["download_progressed"] = "download_progressed"
+class DownloadProgressed(Message):
+    type: Literal["download_progressed"] = "download_progressed"
     download: DownloadRecord
 
 
 Event = Annotated[
     NodeJoined | NodeUpdated | NodeLeft | MasterChanged | LinkUp | LinkDown | InstanceCreated | InstanceDeleted
-    | RingHosted | RunnerProgressed | RunnerReady | RunnerFailed | TaskQueued | TaskStarted | TaskFinished
-    | DownloadProgressed,
-    Field(discriminator="kind"),
+    | RingHosted | RunnerProgressed | RunnerReady | RunnerFailed | DownloadProgressed,
+    Field(discriminator="type"),
 ]
 
 
@@ -269,7 +258,6 @@ class State(_Frozen):
     nodes: dict[str, NodeInfo] = Field(default_factory=dict)
     links: list[Link] = Field(default_factory=list)
     instances: dict[str, InstanceRecord] = Field(default_factory=dict)
-    tasks: dict[str, TaskRecord] = Field(default_factory=dict)
     downloads: dict[str, DownloadRecord] = Field(default_factory=dict)
     last_event: int = Field(0, description="how many events were applied; equal states have equal counts")
 
@@ -294,10 +282,8 @@ def apply(state: State, event: Event) -> State:
         case InstanceCreated():
             changed = _instance_created(state, event)
         case InstanceDeleted(instance_id=instance_id):
-            changed = state.model_copy(update={
-                "instances": {k: v for k, v in state.instances.items() if k != instance_id},
-                "tasks": {k: t for k, t in state.tasks.items() if t.instance_id != instance_id},
-            })
+            changed = state.model_copy(
+                update={"instances": {k: v for k, v in state.instances.items() if k != instance_id}})
         case RingHosted(instance_id=instance_id, address=address):
             record = state.instances.get(instance_id)
             changed = state if record is None else state.model_copy(update={
@@ -311,17 +297,8 @@ def apply(state: State, event: Event) -> State:
         case RunnerFailed(instance_id=instance_id, node_id=node_id, error=error):
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.FAILED, detail="failed",
                                      error=error)
-        case TaskQueued(task=task):
-            known = task.instance_id in state.instances
-            changed = state.model_copy(update={"tasks": {**state.tasks, task.task_id: task}}) if known else state
-        case TaskStarted(task_id=task_id):
-            started = state.tasks.get(task_id)
-            changed = state if started is None else state.model_copy(update={
-                "tasks": {**state.tasks, task_id: started.model_copy(update={"status": TaskStatus.RUNNING})}})
         case DownloadProgressed(download=download):
             changed = state.model_copy(update={"downloads": {**state.downloads, download.download_id: download}})
-        case TaskFinished(task_id=task_id):
-            changed = state.model_copy(update={"tasks": {k: t for k, t in state.tasks.items() if k != task_id}})
     return changed.model_copy(update={"last_event": state.last_event + 1})
 
 

@@ -1,9 +1,10 @@
 """A runner: the child process that holds one shard's engine, so an engine crash or OOM never kills the node.
 
-The node (`supervisor.py`) starts `python -m ringlet.worker.runner` and talks to it in JSON lines: commands
-on the child's stdin, messages on its stdout. The child moves its stdout to a private descriptor first and
-points fd 1 at stderr, so stray prints from libraries cannot corrupt the protocol. End of stdin means the
-node stopped or died: the child exits at once. Tasks run one at a time; a cancel is honoured between tokens.
+The node (`supervisor.py`) starts `python -m ringlet.worker.runner` and talks to it in JSON lines
+(`shared/messages.py`): commands on the child's stdin, messages on its stdout. The child moves its stdout to a
+private descriptor first and points fd 1 at stderr, so stray prints from libraries cannot corrupt the protocol.
+End of stdin means the node stopped or died: the child exits at once. Tasks run one at a time; a cancel is
+honoured between tokens.
 """
 
 from __future__ import annotations
@@ -15,99 +16,28 @@ import sys
 import threading
 import time
 import traceback
-from typing import Annotated, BinaryIO, Literal
+from collections.abc import Callable
+from typing import BinaryIO
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-
-from ringlet.shared.instances import BoundInstance
-from ringlet.shared.state import RingAddress
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.errors import ContextWindowError, TaskErrorKind
+from ringlet.shared.messages import (
+    TO_RUNNER,
+    CancelTask,
+    Chunk,
+    LoadFailed,
+    Loading,
+    LoadShard,
+    Ready,
+    RunTask,
+    TaskCancelled,
+    TaskFailed,
+)
+from ringlet.shared.state import RingHosted
+from ringlet.shared.tasks import TextGenerationTask
+from ringlet.shared.wire import BadMessageError, Message, decode, encode
+from ringlet.worker.engines.base import Engine
 
 log = logging.getLogger("ringlet.runner")
-
-
-class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-# node -> runner
-
-
-class LoadShard(_Message):
-    type: Literal["load"] = "load"
-    bound: BoundInstance
-    data_host: str = Field("127.0.0.1", description="where this node's data plane listens (a first stage hosts "
-                                                    "the ring's rendezvous there)")
-    ring: RingAddress | None = Field(None, description="the rendezvous a later stage of a multi-stage ring joins")
-
-
-class RunTask(_Message):
-    type: Literal["run"] = "run"
-    task: TextGenerationTask
-
-
-class CancelTask(_Message):
-    type: Literal["cancel"] = "cancel"
-    task_id: str
-
-
-ToRunner = Annotated[LoadShard | RunTask | CancelTask, Field(discriminator="type")]
-
-# runner -> node
-
-TaskErrorKind = Literal["context_window", "invalid_request", "engine"]
-
-
-class Loading(_Message):
-    type: Literal["loading"] = "loading"
-    progress: float = Field(ge=0.0, le=1.0)
-    detail: str
-
-
-class Ready(_Message):
-    type: Literal["ready"] = "ready"
-    context_length: int
-    warmup_s: float
-
-
-class RingHosted(_Message):
-    """The first stage of a multi-stage instance listens for the other stages here (published to the cluster)."""
-
-    type: Literal["ring_hosted"] = "ring_hosted"
-    address: RingAddress
-
-
-class LoadFailed(_Message):
-    type: Literal["load_failed"] = "load_failed"
-    error: str
-
-
-class Chunk(_Message):
-    type: Literal["chunk"] = "chunk"
-    chunk: GenerationChunk
-
-
-class TaskFailed(_Message):
-    type: Literal["task_failed"] = "task_failed"
-    task_id: str
-    kind: TaskErrorKind
-    error: str
-
-
-class TaskCancelled(_Message):
-    type: Literal["task_cancelled"] = "task_cancelled"
-    task_id: str
-
-
-FromRunner = Annotated[Loading | RingHosted | Ready | LoadFailed | Chunk | TaskFailed | TaskCancelled,
-                       Field(discriminator="type")]
-
-TO_RUNNER: TypeAdapter[ToRunner] = TypeAdapter(ToRunner)
-FROM_RUNNER: TypeAdapter[FromRunner] = TypeAdapter(FromRunner)
-
-
-def encode(message: BaseModel) -> bytes:
-    return message.model_dump_json().encode() + b"\n"
 
 
 class Inbox:
@@ -122,13 +52,13 @@ class Inbox:
     def _read(self, stream: BinaryIO) -> None:
         try:
             for line in stream:
-                message = TO_RUNNER.validate_json(line)
+                message = decode(TO_RUNNER, line, "the runner's stdin")
                 if isinstance(message, CancelTask):
                     with self._lock:
                         self._cancelled.add(message.task_id)
                 else:
                     self.commands.put(message)
-        except ValidationError:
+        except BadMessageError:
             log.exception("the node sent a command this runner does not understand; stopping")
             os._exit(3)
         # the node closed our stdin (stop) or died: nothing left to serve
@@ -153,14 +83,12 @@ class Outbox:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
 
-    def send(self, message: BaseModel) -> None:
-        self._stream.write(encode(message))
+    def send(self, message: Message) -> None:
+        self._stream.write(encode(message) + b"\n")
         self._stream.flush()
 
 
 def _classify(error: Exception) -> TaskErrorKind:
-    from ringlet.models.errors import ContextWindowError
-
     if isinstance(error, ContextWindowError):
         return "context_window"
     if isinstance(error, ValueError):
@@ -168,42 +96,47 @@ def _classify(error: Exception) -> TaskErrorKind:
     return "engine"
 
 
-def run_task(engine, task: TextGenerationTask, inbox: Inbox, outbox: Outbox) -> None:  # type: ignore[no-untyped-def]
-    if inbox.begin(task.task_id):
-        outbox.send(TaskCancelled(task_id=task.task_id))
+def run_task(engine: Engine, task: TextGenerationTask, inbox: Inbox, outbox: Outbox) -> None:
+    from ringlet.worker.engines.engine_init import generate_with_engine
+
+    task_id = task.task_id
+    if inbox.begin(task_id):
+        outbox.send(TaskCancelled(task_id=task_id))
         return
-    stream = engine.generate(task)
+    stream = generate_with_engine(engine, task)
     try:
         for chunk in stream:
             outbox.send(Chunk(chunk=chunk))
             if chunk.finish_reason is not None:
                 return
-            if inbox.take_cancel(task.task_id):
-                outbox.send(TaskCancelled(task_id=task.task_id))
+            if inbox.take_cancel(task_id):
+                outbox.send(TaskCancelled(task_id=task_id))
                 return
     except Exception as error:  # noqa: BLE001  a failed task is reported; the runner serves the next one
         kind = _classify(error)
         if kind == "engine":
             traceback.print_exc(file=sys.stderr)
-        outbox.send(TaskFailed(task_id=task.task_id, kind=kind, error=str(error) or type(error).__name__))
+        outbox.send(TaskFailed(task_id=task_id, kind=kind, error=str(error) or type(error).__name__))
     finally:
         stream.close()
 
 
-def serve(inbox: Inbox, outbox: Outbox) -> int:
-    first = inbox.commands.get()
-    if not isinstance(first, LoadShard):
-        outbox.send(LoadFailed(error=f"expected a load command first, got {first.type!r}"))
-        return 2
-    if len(first.bound.instance.shards) > 1:
-        from ringlet.worker.pipeline import serve_stage
+def serve_tasks(engine: Engine, inbox: Inbox, outbox: Outbox, broken: Callable[[], bool] = lambda: False) -> None:
+    """Run the node's tasks on `engine`, one at a time, until the node goes away (the inbox exits the process) or,
+    for a ring's first stage, the ring breaks (`broken()`)."""
+    while not broken():
+        command = inbox.commands.get()
+        assert isinstance(command, RunTask), "the node loads one shard per runner"
+        run_task(engine, command.task, inbox, outbox)
 
-        return serve_stage(first, inbox, outbox)
+
+def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
+    """Load, warm up and serve a single-stage instance; returns the runner's exit code."""
+    from ringlet.worker.engines.engine_init import initialize_engine, warmup_engine
+
     try:
         outbox.send(Loading(progress=0.05, detail="loading weights"))
-        from ringlet.worker.engines.engine_init import initialize_engine, warmup_engine
-
-        engine = initialize_engine(first.bound)
+        engine = initialize_engine(load.bound, load.config)
         outbox.send(Loading(progress=0.9, detail="warming up"))
         warmup_s = warmup_engine(engine)
     except Exception as error:  # noqa: BLE001  any load failure (file, driver, OOM) is reported, then we exit
@@ -211,10 +144,67 @@ def serve(inbox: Inbox, outbox: Outbox) -> int:
         outbox.send(LoadFailed(error=f"{type(error).__name__}: {error}"))
         return 1
     outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
-    while True:
-        command = inbox.commands.get()
-        assert isinstance(command, RunTask), "the node loads one shard per runner"
-        run_task(engine, command.task, inbox, outbox)
+    serve_tasks(engine, inbox, outbox)
+    return 0
+
+
+def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
+    """Load one stage of a multi-stage instance, join its ring, and serve; returns the runner's exit code."""
+    from ringlet.net.ring import RingBrokenError, host_store, join_store
+    from ringlet.worker.stages import FirstStage, RelayStage, load_for_stage
+
+    bound, size = load.bound, len(load.bound.instance.shards)
+    instance_id = bound.instance.instance_id
+    try:
+        if bound.shard.is_first:
+            store, address = host_store(load.data_host, size)
+            # into the state: the nodes of the later stages start their runners when they see it
+            outbox.send(RingHosted(instance_id=instance_id, address=address))
+        elif load.ring is None:
+            raise ValueError(f"stage {bound.shard.rank} of instance {instance_id} has no ring to join")
+        else:
+            store = join_store(load.ring, size)
+        outbox.send(Loading(progress=0.05, detail=f"loading layers {bound.shard.start}-{bound.shard.end - 1}"))
+        stage, precision = load_for_stage(bound, load.config)
+        outbox.send(Loading(progress=0.6, detail="waiting for the other stages"))
+        kind = FirstStage if bound.shard.is_first else RelayStage
+        engine: FirstStage | RelayStage = kind(bound, stage, store, load.data_host)
+        warmup_s = 0.0
+        if isinstance(engine, FirstStage):
+            outbox.send(Loading(progress=0.9, detail="warming up the ring"))
+            warmup_s = engine.warmup()
+    # a failed load (missing file, driver, a stage that never joined) is reported, then the runner exits
+    except Exception as error:  # noqa: BLE001
+        traceback.print_exc(file=sys.stderr)
+        outbox.send(LoadFailed(error=f"{type(error).__name__}: {error}"))
+        return 1
+    log.info("instance %s: stage %d ready (%s)", instance_id, bound.shard.rank, precision)
+    outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
+    if isinstance(engine, RelayStage):
+        try:
+            engine.serve()
+        except RingBrokenError as error:
+            log.error("instance %s: %s; this stage stops", instance_id, error)
+            return 1
+        return 0
+    first = engine
+    serve_tasks(first, inbox, outbox, broken=lambda: first.broken)
+    log.error("instance %s: the ring is broken; this stage stops", instance_id)
+    return 1
+
+
+def serve(inbox: Inbox, outbox: Outbox) -> int:
+    first = inbox.commands.get()
+    if not isinstance(first, LoadShard):
+        outbox.send(LoadFailed(error=f"expected a load command first, got {first.type!r}"))
+        return 2
+    from ringlet.models.store import ringlet_home
+    from ringlet.worker.engines.torch.static_decode import use_persistent_compile_caches
+
+    use_persistent_compile_caches(ringlet_home())
+    if len(first.bound.instance.shards) > 1:
+        return serve_stage(first, inbox, outbox)
+    return serve_single(first, inbox, outbox)
 
 
 def main() -> int:

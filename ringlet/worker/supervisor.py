@@ -2,7 +2,8 @@
 
 The supervisor owns each instance's queue: a runner gets its next task only when the previous one ended
 (finished, failed or cancelled), so a cancel frees the runner within one token and no task is lost or
-starved. What the runners report becomes state events (`emit`), which the node orders and applies.
+starved. What the runners report about themselves (loading, ready, failed, a ring hosted) becomes state events
+(`emit`), which the master orders; tasks cause none.
 """
 
 from __future__ import annotations
@@ -15,21 +16,11 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Literal
 
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.errors import TaskError
 from ringlet.shared.instances import BoundInstance
-from ringlet.shared.state import (
-    Event,
-    RunnerFailed,
-    RunnerProgressed,
-    RunnerReady,
-    RunnerStatus,
-    State,
-    TaskStarted,
-)
-from ringlet.shared.state import RingHosted as RingHostedEvent
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
-from ringlet.worker.runner import (
+from ringlet.shared.messages import (
     FROM_RUNNER,
     CancelTask,
     Chunk,
@@ -38,33 +29,34 @@ from ringlet.worker.runner import (
     Loading,
     LoadShard,
     Ready,
-    RingHosted,
     RunTask,
     TaskCancelled,
     TaskFailed,
-    encode,
 )
+from ringlet.shared.state import (
+    Event,
+    RingHosted,
+    RunnerFailed,
+    RunnerProgressed,
+    RunnerReady,
+    RunnerStatus,
+    State,
+)
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.wire import BadMessageError, decode, encode
 
 log = logging.getLogger(__name__)
 
-TaskErrorKind = Literal["context_window", "invalid_request", "engine", "runner_failed", "instance_deleted"]
 STOP_GRACE_S = 5.0
-# a chunk line is small, but a huge prompt echoed in an error message must not break the reader
 RING_OMP_SPINCOUNT = 10_000
+# a chunk line is small, but a huge prompt echoed in an error message must not break the reader
 _LINE_LIMIT = 64 * 1024 * 1024
-
-
-class TaskError(Exception):
-    """A task ended without a finished answer; `kind` says whose fault (the request's or the runner's)."""
-
-    def __init__(self, kind: TaskErrorKind, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(eq=False)
 class _Pending:
     task: TextGenerationTask
+    on_started: Callable[[], None]
     outbox: asyncio.Queue[GenerationChunk | TaskError] = field(default_factory=asyncio.Queue)
     done: bool = False
 
@@ -124,13 +116,18 @@ class _Runner:
     def _send(self, message: LoadShard | RunTask | CancelTask) -> None:
         assert self.process is not None and self.process.stdin is not None
         if self.process.returncode is None and not self.process.stdin.is_closing():
-            self.process.stdin.write(encode(message))
+            self.process.stdin.write(encode(message) + b"\n")
         # else the reader is about to see the exit and fail every task of this runner
 
     async def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         while line := await self.process.stdout.readline():
-            self._handle(FROM_RUNNER.validate_json(line))
+            try:
+                message = decode(FROM_RUNNER, line, f"runner {self.process.pid}'s stdout")
+            except BadMessageError as error:
+                log.error("instance %s: %s; ignored", self.instance_id, error)
+                continue
+            self._handle(message)
         code = await self.process.wait()
         if not self._stopping:
             self.fail(f"the runner process stopped ({describe_exit(code)}; out of memory, or a crash in the "
@@ -143,9 +140,9 @@ class _Runner:
                 pid = self.process.pid if self.process else None
                 self._emit(RunnerProgressed(instance_id=self.instance_id, node_id=node_id, progress=progress,
                                             detail=detail, pid=pid))
-            case RingHosted(address=address):
+            case RingHosted():
                 # into the state: the nodes of the later stages start their runners when they see it
-                self._emit(RingHostedEvent(instance_id=self.instance_id, address=address))
+                self._emit(message)
             case Ready(context_length=context_length, warmup_s=warmup_s):
                 log.info("instance %s: ready (warm-up %.1f s)", self.instance_id, warmup_s)
                 self.ready = True
@@ -175,7 +172,7 @@ class _Runner:
         if not self.ready or self.current is not None or not self.queue:
             return
         self.current = self.queue.popleft()
-        self._emit(TaskStarted(task_id=self.current.task.task_id))
+        self.current.on_started()
         self._send(RunTask(task=self.current.task))
 
     def fail(self, reason: str) -> None:
@@ -192,10 +189,10 @@ class _Runner:
         self.current = None
         self.queue.clear()
 
-    def submit(self, task: TextGenerationTask) -> _Pending:
+    def submit(self, task: TextGenerationTask, on_started: Callable[[], None]) -> _Pending:
         if self.failure is not None:
             raise TaskError("runner_failed", f"instance {self.instance_id} has failed: {self.failure}")
-        pending = _Pending(task)
+        pending = _Pending(task, on_started)
         self.queue.append(pending)
         self._dispatch()
         return pending
@@ -226,8 +223,8 @@ class _Runner:
             await self._reader
 
 
-def plan(state: State, node_id: str, running: Collection[str], data_host: str = "127.0.0.1"
-         ) -> tuple[list[LoadShard], list[str]]:
+def plan(state: State, node_id: str, running: Collection[str], data_host: str = "127.0.0.1",
+         config: EngineConfig = EngineConfig()) -> tuple[list[LoadShard], list[str]]:
     """Runners to start (shards placed on this node that have none) and to stop (instance gone, or failed).
 
     A failed runner anywhere fails the whole instance: its other stages stop and nothing is started again (the
@@ -239,9 +236,9 @@ def plan(state: State, node_id: str, running: Collection[str], data_host: str = 
             continue
         bound = BoundInstance(instance=record.instance, node_id=node_id)
         if bound.shard.rank == 0:
-            start.append(LoadShard(bound=bound, data_host=data_host))
+            start.append(LoadShard(bound=bound, config=config, data_host=data_host))
         elif record.ring is not None:
-            start.append(LoadShard(bound=bound, ring=record.ring, data_host=data_host))
+            start.append(LoadShard(bound=bound, config=config, ring=record.ring, data_host=data_host))
     stop = [instance_id for instance_id in running
             if instance_id not in state.instances or state.instances[instance_id].status == RunnerStatus.FAILED]
     return start, stop
@@ -250,8 +247,8 @@ def plan(state: State, node_id: str, running: Collection[str], data_host: str = 
 class Supervisor:
     """This node's runners, by instance id."""
 
-    def __init__(self, emit: Callable[[Event], None]) -> None:
-        self._emit = emit
+    def __init__(self, emit: Callable[[Event], None], config: EngineConfig = EngineConfig()) -> None:
+        self._emit, self._config = emit, config
         self._runners: dict[str, _Runner] = {}
 
     async def start(self, load: LoadShard) -> None:
@@ -266,7 +263,7 @@ class Supervisor:
             runner.fail(f"could not start a runner process: {error}")
 
     async def reconcile(self, state: State, node_id: str, data_host: str = "127.0.0.1") -> None:
-        to_start, to_stop = plan(state, node_id, self._runners, data_host)
+        to_start, to_stop = plan(state, node_id, self._runners, data_host, self._config)
         for instance_id in to_stop:
             record = state.instances.get(instance_id)
             await self.stop(instance_id, "was deleted" if record is None else f"failed: {record.error}")
@@ -276,12 +273,14 @@ class Supervisor:
     def runs(self, instance_id: str) -> bool:
         return instance_id in self._runners
 
-    async def generate(self, instance_id: str, task: TextGenerationTask) -> AsyncIterator[GenerationChunk]:
-        """Queue the task and stream its chunks; raises TaskError. Closing the stream early cancels the task."""
+    async def generate(self, instance_id: str, task: TextGenerationTask,
+                       on_started: Callable[[], None] = lambda: None) -> AsyncIterator[GenerationChunk]:
+        """Queue the task and stream its chunks; `on_started` runs when the runner takes it. Raises TaskError.
+        Closing the stream early cancels the task."""
         runner = self._runners.get(instance_id)
         if runner is None:
             raise TaskError("instance_deleted", f"instance {instance_id} is not running on this node")
-        pending = runner.submit(task)
+        pending = runner.submit(task, on_started)
         try:
             while True:
                 item = await pending.outbox.get()

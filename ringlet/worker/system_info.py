@@ -2,6 +2,7 @@
 
     collect_node_hardware() -> NodeHardware   (CPU model, cores, AVX-512/AMX flags, RAM, GPUs)
     collect_engine_info()   -> EngineInfo     (available engines, reasons and fixes, the chosen one)
+    read_memory()           -> MemoryInfo     (RAM now: placement counts free memory)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import psutil
 
 from ringlet.shared.engine_info import CpuInfo, EngineInfo, GpuInfo, IntelGpuInfo, NodeHardware
+from ringlet.shared.state import MemoryInfo
 from ringlet.worker.engines.engine_utils import (
     INTEL_VENDOR,
     EngineUnavailableError,
@@ -30,6 +32,11 @@ log = logging.getLogger(__name__)
 # CPU features that decide how fast (and in which precision) a CPU runs a model
 INFERENCE_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
                    "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def read_memory() -> MemoryInfo:
+    memory = psutil.virtual_memory()
+    return MemoryInfo(total_bytes=memory.total, available_bytes=memory.available)
 
 
 def get_intel_gpu_info(inputs: ProbeInputs | None = None) -> IntelGpuInfo:

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 
 from ringlet.api.app import create_app
-from ringlet.node.node import Node
-from tests.api.node_infos import node_info
+from ringlet.node import Node
+from tests.support.node_infos import node_info
 
 
 def get(app, path: str) -> httpx.Response:  # type: ignore[no-untyped-def]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.api.conftest import LiveNode
+from tests.support.processes import LiveNode
 
 
 def test_node_id_state_and_topology_agree(live_node: LiveNode, model_id: str) -> None:

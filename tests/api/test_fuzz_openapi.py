@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.api.conftest import LiveNode
+from tests.support.processes import LiveNode
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import httpx
 import ollama
 import pytest
 
-from tests.api.conftest import LiveNode
+from tests.support.processes import LiveNode
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,16 @@ def test_bench_json():
     r = report["ringlet"]
     assert r["prompt_tokens"] > 8 and r["new_tokens"] == 4
     assert r["decode_tokens_per_s"] > 0 and r["time_to_first_token_ms"] > 0 and r["peak_memory_mb"] > 0
+
+
+def test_settings_come_from_the_environment_and_a_bad_one_is_one_clear_line():
+    env = {**os.environ, "RINGLET_ENGINE": "tpu"}
+    result = subprocess.run([sys.executable, "-m", "ringlet", "run", "hi"], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 2 and "unknown engine 'tpu'" in result.stderr and "Traceback" not in result.stderr
+    env = {**os.environ, "RINGLET_PRECISION": "int3"}
+    for command in (["run", "hi"], ["node", "--api-port", "1"]):
+        result = subprocess.run([sys.executable, "-m", "ringlet", *command], capture_output=True, text=True,
+                                timeout=120, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "RINGLET_PRECISION='int3' is not one of" in result.stderr and "Traceback" not in result.stderr

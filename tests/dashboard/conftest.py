@@ -6,22 +6,17 @@ the test that caused it (`PageWatch.assert_clean`). Screenshots go to `test-arti
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Request, sync_playwright
+
+from tests.support.processes import LiveNode, start_node, stop_node
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "dashboard"
@@ -30,67 +25,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
-STARTUP_TIMEOUT_S = 120
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 375, "height": 740}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class LiveNode:
-    url: str
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def get(self, path: str) -> Any:
-        response = httpx.get(self.url + path, timeout=60)
-        response.raise_for_status()
-        return response.json()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _start_node(work_dir: Path, name: str) -> LiveNode:
-    port = free_port()
-    log_path = work_dir / f"node-{port}.log"
-    env = {**os.environ, "RINGLET_HOME": str(work_dir / "home"),
-           # an empty model store, not the user's; no test may reach a real hub (the fuzzer starts downloads)
-           "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ringlet", "node", "--api-port", str(port), "--node-name", name,
-             "--no-default-instance", "--no-discovery", "--listen", f"tcp/127.0.0.1:{free_port()}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-    node = LiveNode(f"http://127.0.0.1:{port}", name, process, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ringlet node exited with {process.returncode}:\n{node.log()}")
-        try:
-            if httpx.get(node.url + "/health", timeout=5).status_code == 200:
-                return node
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.25)
-    _stop_node(node)
-    raise TimeoutError(f"ringlet node did not answer /health within {STARTUP_TIMEOUT_S} s:\n{node.log()}")
-
-
-def _stop_node(node: LiveNode) -> int:
-    node.process.send_signal(signal.SIGTERM)
-    try:
-        return node.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        node.process.kill()
-        return node.process.wait()
 
 
 def _ensure_dashboard_built() -> None:
@@ -106,26 +42,28 @@ def _ensure_dashboard_built() -> None:
     subprocess.run([npm, "run", "build"], cwd=DASHBOARD, check=True)
 
 
-@pytest.fixture(scope="session")
-def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
+# Package scope: Playwright's sync API keeps an event loop running in this thread while it is open, which other
+# tests' asyncio.run() would trip over.
+@pytest.fixture(scope="package")
+def dashboard_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
     """A node without instances (the tests create one from the UI), its catalog warmed up."""
     _ensure_dashboard_built()
-    node = _start_node(tmp_path_factory.mktemp("dashboard-node"), "dash-node")
+    node = start_node(tmp_path_factory.mktemp("dashboard-node"), "dash-node", "--no-default-instance")
     try:
-        node.get("/models")  # the first catalog request imports torch; take that wait here, once
+        node.json("/models")  # the first catalog request imports torch; take that wait here, once
         yield node
     finally:
-        code = _stop_node(node)
+        code = stop_node(node)
     assert code == 0, f"the node exited with {code} on SIGTERM:\n{node.log()}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as p:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     if not CHROMIUM.is_file():
         pytest.fail(f"no {CHROMIUM}: install Debian's Chromium (apt-get install chromium), or run "
@@ -195,10 +133,10 @@ def _open_page(browser: Browser, node: LiveNode, viewport: dict[str, int]) -> It
 
 
 @pytest.fixture
-def dashboard(browser: Browser, live_node: LiveNode) -> Iterator[DashboardPage]:
-    yield from _open_page(browser, live_node, DESKTOP)
+def dashboard(browser: Browser, dashboard_node: LiveNode) -> Iterator[DashboardPage]:
+    yield from _open_page(browser, dashboard_node, DESKTOP)
 
 
 @pytest.fixture
-def phone_dashboard(browser: Browser, live_node: LiveNode) -> Iterator[DashboardPage]:
-    yield from _open_page(browser, live_node, PHONE)
+def phone_dashboard(browser: Browser, dashboard_node: LiveNode) -> Iterator[DashboardPage]:
+    yield from _open_page(browser, dashboard_node, PHONE)

@@ -28,7 +28,7 @@ WATCH_ANSWER_JS = """() => {
 
 def _wait_until_no_tasks(dashboard: DashboardPage, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while dashboard.node.get("/state")["tasks"]:
+    while dashboard.node.json("/state")["tasks"]:
         assert time.monotonic() < deadline, "the stopped request still holds the instance"
         time.sleep(0.1)
 
@@ -50,7 +50,7 @@ def test_create_cpu_ring_instance_then_chat_streams_text(dashboard: DashboardPag
     expect(card).to_have_count(1)
     expect(card.get_by_test_id("instance-status")).to_have_text(re.compile("loading|ready"))
     expect(card).to_have_attribute("data-status", "ready", timeout=LOAD_TIMEOUT_MS)
-    assert [r["instance"]["instance_type"] for r in dashboard.node.get("/state")["instances"].values()] == ["CpuRing"]
+    assert [r["instance"]["instance_type"] for r in dashboard.node.json("/state")["instances"].values()] == ["CpuRing"]
     dashboard.screenshot("instances")
 
     card.get_by_role("button", name="Chat").click()
@@ -88,13 +88,13 @@ def test_create_cpu_ring_instance_then_chat_streams_text(dashboard: DashboardPag
     expect(card.get_by_test_id("delete-instance")).to_have_text("Confirm delete")
     card.get_by_test_id("delete-instance").click()
     expect(page.get_by_test_id("instance-card")).to_have_count(0)
-    assert dashboard.node.get("/state")["instances"] == {}
+    assert dashboard.node.json("/state")["instances"] == {}
     dashboard.watch.assert_clean()
 
 
 @pytest.mark.slow
 def test_a_model_that_is_not_downloaded_fails_with_the_runners_reason(dashboard: DashboardPage) -> None:
-    missing = next(m["card"]["id"] for m in dashboard.node.get("/models")["models"]
+    missing = next(m["card"]["id"] for m in dashboard.node.json("/models")["models"]
                    if not m["on_disk"] and any(f["possible"] for f in m["fits"] if f["instance_type"] == "CpuRing"))
     page = dashboard.page
     dashboard.open("instances")

@@ -7,7 +7,7 @@ import re
 from playwright.sync_api import expect
 
 from tests.dashboard.conftest import DashboardPage
-from tests.dashboard.intel_node import (
+from tests.support.intel_node import (
     INTEL_GPU_NAME, INTEL_NODE_ID, INTEL_NODE_NAME, IPEX_VERSION, add_intel_node, remove_intel_node,
 )
 
@@ -16,7 +16,7 @@ ENGINE_LABEL = {"mlx": "MLX", "ipex": "Intel IPEX", "cuda": "CUDA", "cpu": "CPU"
 
 
 def test_topology_shows_the_node_and_its_hardware(dashboard: DashboardPage) -> None:
-    node_info = next(iter(dashboard.node.get("/state")["nodes"].values()))
+    node_info = next(iter(dashboard.node.json("/state")["nodes"].values()))
     dashboard.open("topology")
     page = dashboard.page
 

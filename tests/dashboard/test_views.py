@@ -13,7 +13,7 @@ VIEWS = ["topology", "instances", "models", "chat", "debug"]
 
 
 def test_models_view_lists_the_catalog_with_sizes_and_fit(dashboard: DashboardPage) -> None:
-    catalog = dashboard.node.get("/models")["models"]
+    catalog = dashboard.node.json("/models")["models"]
     dashboard.open("models")
     page = dashboard.page
     rows = page.get_by_test_id("model-row")
@@ -37,7 +37,7 @@ def test_models_view_lists_the_catalog_with_sizes_and_fit(dashboard: DashboardPa
 
 
 def test_debug_view_shows_each_nodes_raw_engine_info(dashboard: DashboardPage) -> None:
-    state = dashboard.node.get("/state")
+    state = dashboard.node.json("/state")
     dashboard.open("debug")
     page = dashboard.page
     for node_id, node in state["nodes"].items():

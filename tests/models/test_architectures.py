@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from ringlet.models import safetensors_loader
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 from ringlet.models.registry import build_stage, model_args
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,

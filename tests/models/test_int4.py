@@ -15,7 +15,7 @@ from ringlet.models.gguf_loader import GGUFModel
 from ringlet.models.quant import GroupQuantized, Int4Linear, Int8Linear, cpu_supports_bf16, quantize_int4
 from ringlet.models.registry import build_stage, model_args
 from ringlet.worker.engines.torch.engine import load_torch_stage
-from tests.models.test_gguf import LAYER_WEIGHTS, LAYERS, write_tiny_gguf
+from tests.support.tiny_gguf import LAYER_WEIGHTS, LAYERS, write_tiny_gguf
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
 

@@ -119,3 +119,9 @@ def test_bad_params_rejected_with_field_name(bad):
     with pytest.raises(pydantic.ValidationError) as info:
         SamplingParams(**bad)
     assert next(iter(bad)) in str(info.value)
+
+
+def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
+    kept = apply_top_p(logits, 7e-289)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, False]]

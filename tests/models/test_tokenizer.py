@@ -13,7 +13,7 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from ringlet.models.embedded import embedded_model_path
-from ringlet.models.errors import ModelLoadError
+from ringlet.shared.errors import ModelLoadError
 from ringlet.models.tokenizer import DEFAULT_CHAT_TEMPLATE, StreamingDetokenizer, Tokenizer
 
 SAMPLES = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Protocol
 
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
@@ -17,7 +17,7 @@ class Engine(Protocol):
         """Compile / capture / touch everything once; returns seconds spent."""
         ...
 
-    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         """Stream the answer; the last chunk carries finish_reason, usage and timings."""
         ...
 

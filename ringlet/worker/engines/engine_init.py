@@ -1,35 +1,34 @@
-"""Build, warm up and run engines: a registry of engine factories that import their engine lazily.
+"""The front door of the engines: build (`initialize_engine`), warm up (`warmup_engine`) and run
+(`generate_with_engine`) the engine of a single-stage instance. The runner uses these, and so do `ringlet run` and
+`ringlet bench` for a model on this machine (`local_instance`).
 
-A missing optional dependency (mlx, IPEX, a CUDA build of torch) therefore only removes that engine.
-The engine of a shard is its instance's, decided once here; if it cannot run on this node the next
-engine in priority order takes over, with one log line saying why and how to fix it.
+A registry of factories imports each engine only when it is built, so a missing optional dependency (mlx, IPEX, a
+CUDA build of torch) only removes that engine. The engine of a shard is its instance's, decided once at placement;
+if it cannot run on this node the next engine in priority order takes over, with one log line saying why and how to
+fix it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-from ringlet.shared.instances import BoundInstance, EngineType
+from ringlet.models.loader import read_model_config
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.instances import BoundInstance, EngineType, Instance, Shard, single_node_type
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import Engine
 from ringlet.worker.engines.engine_utils import (
-    PRECISION_ENV,
     PROBES,
     ProbeInputs,
     detect_available_engines,
     fallback_engine,
-    parse_engine_name,
-    select_best_engine,
 )
 
 log = logging.getLogger(__name__)
 
-ModelRef = str | Path | None
-EngineFactory = Callable[..., Engine]  # factory(model, **options) -> a loaded engine
+EngineFactory = Callable[[BoundInstance, EngineConfig], Engine]
 
 
 class EngineRegistry:
@@ -57,51 +56,33 @@ ENGINES = EngineRegistry()
 
 
 @ENGINES.register("cpu")
-def _cpu_engine(model: ModelRef, **options: Any) -> Engine:
-    from ringlet.worker.engines.torch.engine import TorchEngine
-
-    return TorchEngine.load(model, device="cpu", **options)
-
-
 @ENGINES.register("cuda")
-def _cuda_engine(model: ModelRef, **options: Any) -> Engine:
-    from ringlet.worker.engines.torch.engine import TorchEngine
+def _torch_engine(bound: BoundInstance, config: EngineConfig) -> Engine:
+    from ringlet.worker.engines.torch.engine import initialize_torch
 
-    return TorchEngine.load(model, device=options.pop("device", "cuda"), **options)
+    return initialize_torch(bound, config)
 
 
 @ENGINES.register("ipex")
-def _ipex_engine(model: ModelRef, **options: Any) -> Engine:
-    from ringlet.worker.engines.ipex.engine import IpexEngine
+def _ipex_engine(bound: BoundInstance, config: EngineConfig) -> Engine:
+    from ringlet.worker.engines.ipex.utils_ipex import initialize_ipex
 
-    return IpexEngine.load(model, **options)
+    return initialize_ipex(bound, config)
 
 
 @ENGINES.register("mlx")
-def _mlx_engine(model: ModelRef, **options: Any) -> Engine:
-    from ringlet.worker.engines.mlx.engine import MlxEngine
+def _mlx_engine(bound: BoundInstance, config: EngineConfig) -> Engine:
+    from ringlet.worker.engines.mlx.engine import initialize_mlx
 
-    return MlxEngine.load(model, **options)
-
-
-def load_engine(engine_type: str, model: ModelRef = None, **options: Any) -> Engine:
-    """Build an engine by name ("cpu", "cuda", "ipex", "mlx", an alias like "xpu", or "auto") for a whole model.
-
-    Options go to the engine's loader, e.g. precision="bf16", or device="cpu" for IPEX's CPU backend.
-    """
-    engine = parse_engine_name(engine_type) or select_best_engine()
-    return ENGINES.factory(engine)(model, **options)
+    return initialize_mlx(bound, config)
 
 
-def load_best_engine(model: ModelRef = None, requested: str | None = None, **options: Any) -> Engine:
-    """`requested` (or $RINGLET_ENGINE, or the best available); an unavailable one is an error listing the others."""
-    return load_engine(select_best_engine(requested), model, **options)
-
-
-def initialize_engine(bound: BoundInstance, probes: ProbeInputs | None = None, **options: Any) -> Engine:
+def initialize_engine(bound: BoundInstance, config: EngineConfig = EngineConfig(),
+                      probes: ProbeInputs | None = None) -> Engine:
+    """The loaded engine of a single-stage instance (multi-stage instances are run by `worker/stages.py`)."""
     shard = bound.shard
     if not (shard.is_first and shard.is_last):
-        raise NotImplementedError("multi-stage instances are run by the pipeline runner")
+        raise NotImplementedError("multi-stage instances are run by the ring's stages (worker/stages.py)")
     engine = bound.engine
     probes = probes or ProbeInputs()
     status = PROBES[engine](probes)
@@ -110,15 +91,30 @@ def initialize_engine(bound: BoundInstance, probes: ProbeInputs | None = None, *
         engine = fallback_engine(engine, detect_available_engines(probes))
         log.warning("instance %s: engine %s cannot run here (%s; fix: %s); running on %s instead",
                     bound.instance.instance_id, bound.engine, status.problem.reason, status.problem.fix, engine)
-        options = {}  # the options were meant for the engine that cannot run
-    if PRECISION_ENV in os.environ:  # as the stages of a multi-stage instance do (pipeline.load_for_stage)
-        options.setdefault("precision", os.environ[PRECISION_ENV])
-    return ENGINES.factory(engine)(bound.instance.model, **options)
+        config = config.model_copy(update={"precision": "auto"})  # the precision was chosen for the other engine
+        bound = bound.model_copy(update={"instance": _on_engine(bound.instance, engine)})
+    return ENGINES.factory(engine)(bound, config)
 
 
 def warmup_engine(engine: Engine) -> float:
+    """Compile, capture and touch everything once, so no request pays for it; returns the seconds it took."""
     return engine.warmup()
 
 
 def generate_with_engine(engine: Engine, task: TextGenerationTask) -> Iterator[GenerationChunk]:
     return engine.generate(task)
+
+
+def local_instance(model: str | Path | None, engine: EngineType) -> BoundInstance:
+    """A single-stage instance of `model` (a path, a name, or None for the embedded model) on this machine, for
+    the commands that run a model without a node."""
+    path, args = read_model_config(model)
+    shard = Shard(node_id="local", rank=0, start=0, end=args.num_hidden_layers, num_layers=args.num_hidden_layers,
+                  engine=engine)
+    instance = Instance(instance_id="local", model=str(path if model is None else model),
+                        instance_type=single_node_type(engine), shards=[shard])
+    return BoundInstance(instance=instance, node_id="local")
+
+
+def _on_engine(instance: Instance, engine: EngineType) -> Instance:
+    return instance.model_copy(update={"shards": [s.model_copy(update={"engine": engine}) for s in instance.shards]})

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
 import platform
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,9 +27,7 @@ __all__ = [
     "detect_available_engines", "detect_intel_gpu", "pci_display_devices", "select_best_engine",
 ]
 
-ENGINE_ENV = "RINGLET_ENGINE"
-# every stage of every instance this node runs: auto (default) / fp32 / bf16 / fp16 / int8 / int4
-PRECISION_ENV = "RINGLET_PRECISION"
+ENGINE_ENV = "RINGLET_ENGINE"  # read by the CLI (`--engine`'s default), never here
 ENGINE_ALIASES: dict[str, EngineType] = {"xpu": "ipex", "intel": "ipex", "metal": "mlx", "torch": "cpu"}
 INTEL_VENDOR, NVIDIA_VENDOR = "0x8086", "0x10de"
 IPEX_DISTRIBUTION = "intel-extension-for-pytorch"
@@ -260,13 +257,10 @@ def parse_engine_name(name: str) -> EngineType | None:
     raise ValueError(f"unknown engine {name!r}; known: auto, {', '.join(ENGINE_PRIORITY)}")
 
 
-def select_best_engine(
-    requested: str | None = None, statuses: Sequence[EngineStatus] | None = None,
-    env: Mapping[str, str] | None = None,
-) -> EngineType:
-    """`requested` (--engine) or $RINGLET_ENGINE or the best available: MLX (Metal) > IPEX > CUDA > CPU."""
-    env = os.environ if env is None else env
-    wanted = parse_engine_name(requested or env.get(ENGINE_ENV, "") or "auto")
+def select_best_engine(requested: str | None = None, statuses: Sequence[EngineStatus] | None = None) -> EngineType:
+    """`requested` (--engine, or $RINGLET_ENGINE as the CLI reads it) or the best available: MLX (Metal) > IPEX >
+    CUDA > CPU."""
+    wanted = parse_engine_name(requested or "auto")
     statuses = detect_available_engines() if statuses is None else statuses
     available = [s.engine for s in statuses if s.available]
     if wanted is None:

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from ringlet.models.cache import StaticKVCache
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.ipex import IPEXModel, IPEXTokenizerWrapper
 from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, open_xpu
 from ringlet.worker.engines.ipex.generator.generate import DeviceForward, ipex_generate
-from ringlet.worker.engines.ipex.utils_ipex import DEFAULT_MAX_CONTEXT, IpexLoadedModel, IpexMode, load_ipex_model
+from ringlet.worker.engines.ipex.utils_ipex import IpexLoadedModel, IpexMode, load_ipex_model
 from ringlet.worker.engines.torch.generate import Forward, TextGenerator
 
 
@@ -22,8 +23,8 @@ class IpexEngine:
     name = "ipex"
 
     def __init__(self, loaded: IpexLoadedModel, device: ComputeDevice, model_ref: str | Path | None,
-                 max_retries: int = 3) -> None:
-        self.loaded, self.device, self.model_ref = loaded, device, model_ref
+                 config: EngineConfig = EngineConfig(), max_retries: int = 3) -> None:
+        self.loaded, self.device, self.model_ref, self.config = loaded, device, model_ref, config
         self.precision, self.optimization = loaded.precision, loaded.optimization
         self.context_length = loaded.context_length
         args = loaded.stage.args
@@ -37,14 +38,13 @@ class IpexEngine:
 
     @classmethod
     def load(
-        cls, model: str | Path | None = None, device: str | ComputeDevice = "xpu", precision: str = "auto",
-        max_context: int = DEFAULT_MAX_CONTEXT, ipex: IpexMode = "auto", compile_model: bool | None = None,
-        max_retries: int = 3,
+        cls, model: str | Path | None = None, device: str | ComputeDevice = "xpu", config: EngineConfig = EngineConfig(),
+        ipex: IpexMode = "auto", compile_model: bool | None = None, max_retries: int = 3,
     ) -> IpexEngine:
         """device: "xpu", "xpu:N", "cpu" (IPEX's CPU backend) or a ComputeDevice."""
         target = _device(device)
-        loaded = load_ipex_model(model, target, precision, max_context, ipex, compile_model)
-        return cls(loaded, target, model, max_retries)
+        loaded = load_ipex_model(model, target, config.precision, config.max_context, ipex, compile_model)
+        return cls(loaded, target, model, config, max_retries)
 
     @property
     def fallback_reason(self) -> str | None:
@@ -62,7 +62,8 @@ class IpexEngine:
         self.model = self.cache = None  # let the device memory go; the device may be unusable now
         # the same precision where the CPU runs it (fp16 matmuls are emulated there), so the stream stays alike
         precision = "auto" if self.precision == "fp16" else self.precision
-        cpu = TorchEngine.load(self.model_ref, device="cpu", precision=precision)
+        cpu = TorchEngine.load(self.model_ref, device="cpu",
+                               config=self.config.model_copy(update={"precision": precision}))
         self.name = "cpu"
         return cpu.generator.forward
 

@@ -21,7 +21,8 @@ from torch import nn
 from ringlet.models.config import ModelArgs
 from ringlet.models.llama import MLP, RMSNorm
 from ringlet.models.loader import LoadedStage, load_stage, read_model_config
-from ringlet.models.quant import cpu_supports_bf16
+from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT, PRECISIONS, EngineConfig
 from ringlet.shared.instances import BoundInstance
 from ringlet.worker.engines.engine_utils import ipex_status
 from ringlet.worker.engines.ipex import IPEXEngineError, IPEXMemoryError, IPEXModel
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 IPEX_INSTALL_FIX = ("pip install 'ringlet[ipex]' (PyTorch 2.8 with intel-extension-for-pytorch 2.8, its last "
                     "release); without it the engine runs on native torch.xpu")
 IpexMode = Literal["auto", "require", "off"]  # use IPEX when usable / fail without it / never use it
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-DEFAULT_MAX_CONTEXT = 8192
+IPEX_PRECISIONS = tuple(p for p in PRECISIONS if p != "int4")  # IPEX's weight-only quantisation is int8
 PREFILL_CHUNK = 512  # TextGenerator's default; sizes the activation workspace below
 
 
@@ -66,8 +66,8 @@ def import_ipex(mode: IpexMode) -> ModuleType | None:
 
 def resolve_precision(precision: str, device: ComputeDevice) -> str:
     """auto: bf16 on an Intel GPU; on the CPU int8 weights (bf16 compute) where bf16 is native, else fp32."""
-    if precision not in PRECISIONS:
-        raise IPEXEngineError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision not in IPEX_PRECISIONS:
+        raise IPEXEngineError(f"precision {precision!r} is not one of {', '.join(IPEX_PRECISIONS)}")
     on_host = isinstance(device, HostDevice)
     if precision == "auto":
         return ("int8" if cpu_supports_bf16() else "fp32") if on_host else "bf16"
@@ -80,7 +80,7 @@ def resolve_precision(precision: str, device: ComputeDevice) -> str:
 def model_dtype(precision: str) -> torch.dtype:
     if precision == "int8":  # int8 weights; everything else (embeddings, norms, KV cache) in bf16 where native
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return COMPUTE_DTYPES[precision]
 
 
 def estimate_bytes(args: ModelArgs, precision: str, context_length: int) -> int:
@@ -190,12 +190,9 @@ def load_ipex_model(
                            getattr(ipex, "__version__", None))
 
 
-def initialize_ipex(bound_instance: BoundInstance, device: str | ComputeDevice = "xpu",
-                    precision: str = "auto") -> IpexEngine:
-    """The engine of a bound instance's shard, on this node's Intel GPU."""
+def initialize_ipex(bound_instance: BoundInstance, config: EngineConfig, device: str | ComputeDevice = "xpu"
+                    ) -> IpexEngine:
+    """The engine of a single-stage instance on this node's Intel GPU (or IPEX's CPU backend with device "cpu")."""
     from ringlet.worker.engines.ipex.engine import IpexEngine
 
-    shard = bound_instance.shard
-    if not (shard.is_first and shard.is_last):
-        raise NotImplementedError("multi-stage instances are run by the pipeline runner")
-    return IpexEngine.load(bound_instance.instance.model, device=device, precision=precision)
+    return IpexEngine.load(bound_instance.instance.model, device=device, config=config)

@@ -22,13 +22,14 @@ import torch
 from ringlet.models.loader import resolve_model_path
 from ringlet.models.registry import model_args
 from ringlet.models.tokenizer import Tokenizer
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT, EngineConfig
+from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import EngineUnavailableError
 from ringlet.worker.engines.torch.generate import TextGenerator
 
-DEFAULT_MAX_CONTEXT = 8192
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MLX_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # MLX runs the models in float types only
 # model_type -> mlx_lm.models module, where the name differs (as mlx_lm.utils.MODEL_REMAPPING)
 MLX_MODULES = {"mistral": "llama"}
 
@@ -46,8 +47,8 @@ def _import_mlx() -> tuple[Any, Any]:
 
 
 def _dtype(mx: Any, precision: str) -> Any:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision not in MLX_PRECISIONS:
+        raise ValueError(f"the mlx engine runs precision {', '.join(MLX_PRECISIONS)}, not {precision!r}")
     if precision == "auto":  # half precision where Metal runs it natively; fp32 on the CPU
         precision = "bf16" if mx.metal.is_available() else "fp32"
     return {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}[precision]
@@ -134,11 +135,10 @@ class MlxEngine:
         self.generator = TextGenerator(self._forward, tokenizer, self.context_length, args.vocab_size, "cpu")
 
     @classmethod
-    def load(cls, model: str | Path | None = None, precision: str = "auto",
-             max_context: int = DEFAULT_MAX_CONTEXT) -> MlxEngine:
+    def load(cls, model: str | Path | None = None, config: EngineConfig = EngineConfig()) -> MlxEngine:
         mx, _ = _import_mlx()
-        mlx_model, tokenizer, config = load_mlx_model(resolve_model_path(model), _dtype(mx, precision))
-        return cls(mlx_model, tokenizer, config, max_context)
+        mlx_model, tokenizer, model_config = load_mlx_model(resolve_model_path(model), _dtype(mx, config.precision))
+        return cls(mlx_model, tokenizer, model_config, config.max_context)
 
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         rewind_cache(self._cache_module, self.cache, start)
@@ -156,3 +156,8 @@ class MlxEngine:
 
     def close(self) -> None:
         self.cache = []
+
+
+def initialize_mlx(bound: BoundInstance, config: EngineConfig) -> MlxEngine:
+    """The engine of a single-stage instance on MLX (Metal on Apple Silicon, the CPU elsewhere)."""
+    return MlxEngine.load(bound.instance.model, config)

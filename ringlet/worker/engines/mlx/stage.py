@@ -16,7 +16,8 @@ import torch
 from ringlet.models.loader import resolve_model_path
 from ringlet.models.registry import model_args
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.worker.engines.mlx.engine import DEFAULT_MAX_CONTEXT, _dtype, _import_mlx, load_mlx_model, rewind_cache
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT
+from ringlet.worker.engines.mlx.engine import _dtype, _import_mlx, load_mlx_model, rewind_cache
 
 
 class MlxStage:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,19 +9,14 @@ from pathlib import Path
 import torch
 
 from ringlet.models.loader import LoadedStage, load_stage
-from ringlet.models.quant import cpu_supports_bf16, quantize_int4, quantize_int8
+from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16, quantize_int4, quantize_int8
+from ringlet.models.tokenizer import Tokenizer
+from ringlet.shared.config import PRECISIONS, EngineConfig
+from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.torch.generate import TextGenerator
 from ringlet.worker.engines.torch.static_decode import StaticDecoder
-
-DEFAULT_MAX_CONTEXT = 8192
-# "0": CPU decode steps stay eager (no compile at warm-up). The tests set it: most of them never decode enough
-# tokens to repay a compile.
-CPU_COMPILE_ENV = "RINGLET_CPU_COMPILE"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16,
-           "int4": torch.bfloat16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -51,49 +45,48 @@ def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None =
     device = device or torch.device("cpu")
     resolved = resolve_precision(precision, device)
     maybe_int4 = resolved == "int4" or (precision == "auto" and resolved == "int8")
-    stage = load_stage(model, start, end, dtype=_DTYPES[resolved], device=device, keep_groups=maybe_int4)
+    stage = load_stage(model, start, end, dtype=COMPUTE_DTYPES[resolved], device=device, keep_groups=maybe_int4)
     if resolved == "int4" or (maybe_int4 and stage.groups):
-        quantize_int4(stage.model, _DTYPES[resolved], stage.groups)
+        quantize_int4(stage.model, COMPUTE_DTYPES[resolved], stage.groups)
         resolved, stage.groups = "int4", {}
     elif resolved == "int8":
-        quantize_int8(stage.model, _DTYPES[resolved])
+        quantize_int8(stage.model, COMPUTE_DTYPES[resolved])
     return stage, resolved
 
 
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT,
-                 cuda_graphs: bool | None = None, compile: bool | None = None) -> None:
-        """Decode steps: on CUDA, compiled and replayed from CUDA graphs (`cuda_graphs`, default on); on a CPU,
-        compiled at warm-up (`compile`, default on unless $RINGLET_CPU_COMPILE is "0"); until then eager."""
+    def __init__(self, stage: LoadedStage, device: torch.device, config: EngineConfig = EngineConfig(),
+                 cuda_graphs: bool | None = None) -> None:
+        """Decode steps: on CUDA, replayed from CUDA graphs (`cuda_graphs`, default on; the fused Triton step or the
+        compiled one, as `config` says); on a CPU, compiled at warm-up when `config.cpu_compile`; until then eager."""
         self.stage, self.device = stage, device
         self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
-        self.context_length = min(stage.args.context_length, max_context)
+        self.context_length = min(stage.args.context_length, config.max_context)
         self.cache = stage.model.make_cache(1, self.context_length)
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if compile is None:
-            compile = device.type != "cpu" or os.environ.get(CPU_COMPILE_ENV, "1") != "0"
+        compile = device.type != "cpu" or config.cpu_compile
         self.decoder: StaticDecoder | None = None
         if graphs or (device.type == "cpu" and compile):
             self.decoder = StaticDecoder(stage.model, self.cache, self.context_length, compile=compile,
-                                         capture=graphs)
+                                         capture=graphs, config=config)
         self.generator = TextGenerator(
             self._forward, stage.tokenizer, self.context_length, stage.args.vocab_size, device,
             lookahead=device.type == "cuda",
         )
 
     @classmethod
-    def load(cls, model: str | Path | None = None, device: str = "cpu", precision: str = "auto",
-             max_context: int = DEFAULT_MAX_CONTEXT, **options: bool) -> TorchEngine:
+    def load(cls, model: str | Path | None = None, device: str = "cpu", config: EngineConfig = EngineConfig(),
+             cuda_graphs: bool | None = None) -> TorchEngine:
         dev = torch.device(device)
-        stage, precision = load_torch_stage(model, precision=precision, device=dev)
-        engine = cls(stage, dev, max_context, **options)
+        stage, precision = load_torch_stage(model, precision=config.precision, device=dev)
+        engine = cls(stage, dev, config, cuda_graphs)
         engine.precision = precision
         return engine
 
     @property
-    def tokenizer(self):  # type: ignore[no-untyped-def]
+    def tokenizer(self) -> Tokenizer:
         return self.stage.tokenizer
 
     @torch.inference_mode()
@@ -120,3 +113,8 @@ class TorchEngine:
 
     def close(self) -> None:
         del self.cache
+
+
+def initialize_torch(bound: BoundInstance, config: EngineConfig) -> TorchEngine:
+    """The engine of a single-stage instance on this node's CPU or NVIDIA GPU."""
+    return TorchEngine.load(bound.instance.model, device="cuda" if bound.engine == "cuda" else "cpu", config=config)

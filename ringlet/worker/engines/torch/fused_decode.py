@@ -31,7 +31,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.llama import Transformer
-from ringlet.models.store import ringlet_home
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -261,11 +260,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def _use_persistent_triton_cache() -> None:
-    """Compiled kernels and the tuned projection shapes under RINGLET_HOME, unless TRITON_CACHE_DIR says otherwise."""
-    os.environ.setdefault("TRITON_CACHE_DIR", str(ringlet_home() / "cache" / "triton"))
-
-
 class FusedDecodeStep:
     """One decode step of `model` from the token and position in device buffers to last-position logits [1, V].
 
@@ -275,7 +269,6 @@ class FusedDecodeStep:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the fused decode step cannot run this model: {reason}")
-        _use_persistent_triton_cache()
         args, device = model.args, token.device
         self.model, self.cache, self.token, self.position = model, cache, token, position
         self.dtype = next(model.parameters()).dtype

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ringlet.models.errors import ContextWindowError
+from ringlet.shared.errors import ContextWindowError
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer

@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ringlet.models.cache import StaticKVCache
-from ringlet.models.store import ringlet_home
+from ringlet.shared.config import CudaCompile, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,8 @@ def linear_buckets(context_length: int, step: int = 128) -> list[int]:
     return list(range(step, context_length, step)) + [context_length]
 
 
-# RINGLET_CUDA_COMPILE: how hard inductor tunes the decode step at warm-up.
-#   default: inductor's heuristics; tuned: + coordinate-descent tuning of each generated kernel's launch
-#   parameters; max-autotune: + benchmarked choice between cuBLAS and Triton templates for every matmul.
-COMPILE_ENV = "RINGLET_CUDA_COMPILE"
-COMPILE_LEVELS = ("default", "tuned", "max-autotune")
-DEFAULT_COMPILE_LEVEL = "tuned"  # H200, 1B shape with decode_attention: +12% steps/s over default, 2.5x the warm-up
-
-
-def compile_step(step, level: str | None = None, dynamic: bool = False):  # type: ignore[no-untyped-def]
-    level = level or os.environ.get(COMPILE_ENV, DEFAULT_COMPILE_LEVEL)
-    if level not in COMPILE_LEVELS:
-        raise ValueError(f"{COMPILE_ENV}={level!r} is not one of {', '.join(COMPILE_LEVELS)}")
+def compile_step(step, level: CudaCompile = "tuned", dynamic: bool = False):  # type: ignore[no-untyped-def]
+    """torch.compile `step` whole; `level` (EngineConfig.cuda_compile) sets how hard inductor tunes its kernels."""
     import torch._inductor.config as inductor
 
     inductor.coordinate_descent_tuning = level != "default"
@@ -62,21 +53,9 @@ def compile_step(step, level: str | None = None, dynamic: bool = False):  # type
     return torch.compile(step, fullgraph=True, mode=mode, dynamic=dynamic or None)
 
 
-# RINGLET_CUDA_DECODE: which decode step a CUDA graph replays.
-#   fused: Triton kernels, six a layer (fused_decode.py), where the model allows; compiled: the model's own forward
-#   through torch.compile (every architecture; the fallback).
-DECODE_ENV = "RINGLET_CUDA_DECODE"
-DECODE_STEPS = ("fused", "compiled")
-
-
 def fused_step(model: nn.Module, cache: StaticKVCache, token: torch.Tensor, position: torch.Tensor):  # type: ignore[no-untyped-def]
-    """The fused Triton decode step of `model`, or None (asked for the compiled step, no Triton, or a model it cannot
-    run: the reason is logged)."""
-    choice = os.environ.get(DECODE_ENV, "fused")
-    if choice not in DECODE_STEPS:
-        raise ValueError(f"{DECODE_ENV}={choice!r} is not one of {', '.join(DECODE_STEPS)}")
-    if choice != "fused":
-        return None
+    """The fused Triton decode step of `model`, or None (no Triton, or a model it cannot run: the reason is
+    logged)."""
     try:
         from ringlet.worker.engines.torch.fused_decode import FusedDecodeStep, unsupported_reason
     except ImportError as error:
@@ -89,14 +68,16 @@ def fused_step(model: nn.Module, cache: StaticKVCache, token: torch.Tensor, posi
     return FusedDecodeStep(model, cache, token, position)
 
 
-def use_persistent_compile_cache() -> None:
-    """Keep torch.compile's artefacts under RINGLET_HOME, so a restart reuses them (seconds, not minutes), unless
-    TORCHINDUCTOR_CACHE_DIR names a place of its own (inductor sets its /tmp default there on first use)."""
+def use_persistent_compile_caches(home: Path) -> None:
+    """Keep torch.compile's and Triton's artefacts under `home`/cache, so a restart reuses them (seconds, not
+    minutes), unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR name places of their own. Called where a process
+    that compiles starts (a runner, `ringlet run`, `ringlet bench`): the libraries read these variables."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(ringlet_home() / "cache" / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home / "cache" / "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(home / "cache" / "triton"))
 
 
 class StaticDecoder:
@@ -107,7 +88,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model: nn.Module, cache: StaticKVCache, context_length: int, compile: bool = True,
-                 capture: bool = True) -> None:
+                 capture: bool = True, config: EngineConfig = EngineConfig()) -> None:
         self.model, self.cache = model, cache
         device = next(model.parameters()).device
         self.on_cpu = device.type == "cpu"
@@ -115,12 +96,12 @@ class StaticDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.buckets = linear_buckets(context_length) if self.on_cpu else buckets_for(context_length)
         model._rope(0, context_length, next(model.parameters()).dtype)  # built now, not inside the graph
-        self.fused = fused_step(model, cache, self.token, self.position) if capture and not self.on_cpu else None
+        fused = capture and not self.on_cpu and config.cuda_decode == "fused"
+        self.fused = fused_step(model, cache, self.token, self.position) if fused else None
         if self.fused is not None:
             self.step, self.buckets = self.fused, [context_length]  # it attends the positions so far, any length
         elif compile:
-            use_persistent_compile_cache()
-            self.step = compile_step(self._step, dynamic=self.on_cpu)
+            self.step = compile_step(self._step, config.cuda_compile, dynamic=self.on_cpu)
         else:
             self.step = self._step
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -166,8 +147,7 @@ class StaticDecoder:
                 log.info("CUDA graph %d/%d of the %s step captured (up to %d positions), %.1f s", i + 1,
                          len(self.buckets), "fused" if self.fused else "compiled", kv_len, time.perf_counter() - began)
         elif not self.ready:
-            log.info("compiling the CPU decode step (minutes on a first start; cached under %s)",
-                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            log.info("compiling the CPU decode step (minutes on a first start; cached for later ones)")
             try:
                 with torch.inference_mode():
                     self.step(self.buckets[0])

@@ -1,0 +1,70 @@
+"""The models a node knows by name: the curated catalog, the embedded model, and local paths it was given.
+
+Requests name models loosely ("default", "smollm2-135m", "SmolLM2-135M-Instruct:latest" from Ollama tools,
+the directory name of a local model); `resolve` turns any of them into the one card whose `id` instances use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card
+from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
+from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError
+
+
+def _normalise(name: str) -> str:
+    return name.strip().removesuffix(":latest").lower()
+
+
+class Catalog:
+    """The cards a node can place: the curated catalog, the embedded model, and local paths it was given."""
+
+    def __init__(self) -> None:
+        self._local: dict[str, ModelCard] = {}  # cards of local paths, by their id (the absolute path)
+
+    def cards(self) -> list[ModelCard]:
+        return [*catalog(), *self._local.values()]
+
+    def resolve(self, name: str) -> ModelCard:
+        """The card a request's model name means; ModelNotFoundError lists the names that work."""
+        wanted = _normalise(name)
+        card = find_card(wanted)
+        if card is not None:
+            return card
+        if wanted in EMBEDDED_ALIASES:
+            return embedded_card()
+        for card in self._local.values():
+            if wanted in (card.id.lower(), Path(card.id).name.lower(), Path(card.id).stem.lower()):
+                return card
+        raise ModelNotFoundError(name, [c.id for c in self.cards()])
+
+    def add_local(self, ref: str) -> ModelCard:
+        """A card for a model directory or .gguf file on this node, remembered under its absolute path."""
+        try:
+            return self.resolve(ref)
+        except ModelNotFoundError:
+            if not _is_existing_path(ref):
+                raise
+        try:
+            path, args = read_model_config(ref)
+        except ModelLoadError as error:
+            raise InvalidModelError(f"{ref!r} is not a model this node can load: {error}") from None
+        model_id = str(path.resolve())
+        card = card_from_args(model_id, args, format="safetensors" if path.is_dir() else "gguf", source="local",
+                              download_bytes=_size_on_disk(path))
+        self._local[model_id] = card
+        return card
+
+
+def _is_existing_path(ref: str) -> bool:
+    try:
+        return Path(ref).expanduser().exists()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, an unknown ~user, a name too long: not a path
+        return False
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())

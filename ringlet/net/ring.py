@@ -1,0 +1,221 @@
+"""The data plane of a multi-stage instance: its rendezvous, and frames of hidden states between neighbouring stages.
+
+Rank 0 (the first stage) hosts the rendezvous: a torch TCP store on an ephemeral port of its node's data host,
+whose address goes into the cluster state (the `RingHosted` event) so the later stages can join. Transport by
+instance type: gloo for CpuRing and mixed rings (host tensors), NCCL for CudaRing, xccl for IpexRing where this
+PyTorch has it (else gloo), `mlx.distributed`'s ring backend for an MlxRing (the store then only spreads each
+stage's address). Any broken connection raises `RingBrokenError`: a ring cannot be mended.
+
+A frame is the header (op, start position, number of positions, or bytes of a payload) as int64, then the first
+position's hidden state as float32. A decode step is one frame a hop; a prompt chunk's other positions follow
+the frame as a second message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from enum import IntEnum
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
+from ringlet.shared.state import RingAddress
+
+log = logging.getLogger(__name__)
+
+RENDEZVOUS_TIMEOUT_S = 120.0  # stages load their weights before joining; a slow disk must not fail the ring
+# after the rendezvous a stage waits this long for its neighbour; a dead peer is seen sooner (its socket closes)
+# and a node cut off is seen by the control plane, which stops the runner
+STEP_TIMEOUT_S = 600.0
+FRAME_HEADER_BYTES = 3 * 8
+MLX_RING_BACKEND = "mlx-ring"
+
+
+class Op(IntEnum):
+    """What a frame asks of the next stage."""
+
+    STOP = 0  # stop serving
+    FILL = 1  # a prompt chunk into the cache; nothing comes back
+    SAMPLE = 2  # a step whose last position the last stage samples; its token goes back to rank 0
+    BEGIN = 3  # a request begins: a JSON payload of its sampling parameters and prompt follows
+
+
+class RingBrokenError(RuntimeError):
+    """A neighbouring stage went away; the instance must be placed again."""
+
+
+def backend_for(instance_type: InstanceType, engines: set[EngineType]) -> str:
+    """The torch.distributed backend of a ring whose stages run on `engines`, or MLX_RING_BACKEND."""
+    if len(engines) > 1:
+        return "gloo"  # mixed ring: host tensors
+    if instance_type == InstanceType.MLX_RING and engines == {"mlx"}:
+        return MLX_RING_BACKEND
+    if instance_type == InstanceType.CUDA_RING:
+        return "nccl"
+    if instance_type == InstanceType.IPEX_RING and getattr(dist, "is_xccl_available", lambda: False)():
+        return "xccl"
+    return "gloo"
+
+
+def transfer_device(backend: str) -> torch.device:
+    if backend == "nccl":
+        return torch.device("cuda")
+    if backend == "xccl":
+        return torch.device("xpu")
+    return torch.device("cpu")
+
+
+def host_store(host: str, world_size: int) -> tuple[dist.TCPStore, RingAddress]:
+    """Rank 0's rendezvous store on an ephemeral port of `host`."""
+    store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    return store, RingAddress(host=host, port=store.port)
+
+
+def join_store(address: RingAddress, world_size: int) -> dist.TCPStore:
+    return dist.TCPStore(address.host, address.port, world_size, is_master=False,
+                         timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+
+
+class Ring:
+    """This process's place in the ring: its rank, its neighbours, and frames moved to and from them."""
+
+    def __init__(self, bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> None:
+        instance = bound.instance
+        self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
+        self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        self.backend = backend_for(instance.instance_type, {s.engine for s in instance.shards})
+        self.device = transfer_device(self.backend)
+        began = time.perf_counter()
+        self._join(store, host)
+        log.info("instance %s: stage %d/%d joined the %s ring in %.1f s", instance.instance_id, self.rank, self.size,
+                 self.backend, time.perf_counter() - began)
+        # every outgoing frame is written into one buffer: a send returns once it may be written again
+        self._frame = torch.zeros(FRAME_HEADER_BYTES + 4 * hidden_size, dtype=torch.uint8, device=self.device)
+        self._frame_header, self._frame_hidden = (self._frame[:FRAME_HEADER_BYTES],
+                                                  self._frame[FRAME_HEADER_BYTES:].view(torch.float32))
+        header = torch.zeros(3, dtype=torch.int64)  # op, start, length: written through numpy, copied to the frame
+        self._header_fields, self._header_bytes = header.numpy(), header.view(torch.uint8)
+
+    def _join(self, store: dist.TCPStore, host: str) -> None:
+        dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
+                                timeout=timedelta(seconds=STEP_TIMEOUT_S))
+        # the group's own send/recv: dist.send's checks and logging cost ~0.05 ms a call on a small VM
+        world = dist.group.WORLD
+        assert world is not None, "init_process_group made the default group"
+        self._pg = world
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        try:
+            self._pg.send([tensor.to(self.device).contiguous()], to, 0).wait()
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        try:
+            self._pg.recv([buffer], source, 0).wait()
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {source} of the ring is unreachable: {error}") from error
+        return buffer
+
+    def _send_frame(self, op: Op, start: int, length: int, first: torch.Tensor | None) -> None:
+        self._header_fields[:] = op, start, length
+        self._frame_header.copy_(self._header_bytes)
+        if first is not None:
+            self._frame_hidden.copy_(first.reshape(-1))
+        self.send(self._frame, self.next)
+
+    def send_hidden(self, op: Op, start: int, hidden: torch.Tensor | None) -> None:
+        """float32 on the wire: a mixed ring may compute in other dtypes. Positions after the first (a prompt chunk)
+        follow the frame as a second message."""
+        self._send_frame(op, start, 0 if hidden is None else hidden.shape[1], None if hidden is None else hidden[:, :1])
+        if hidden is not None and hidden.shape[1] > 1:
+            self.send(hidden[:, 1:].float(), self.next)
+
+    def send_payload(self, op: Op, payload: bytes) -> None:
+        self._send_frame(op, 0, len(payload), None)
+        self.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), self.next)
+
+    def recv_frame(self) -> tuple[Op, int, int, torch.Tensor]:
+        """(op, start, length, the first position's hidden state [1, 1, H])"""
+        frame = self.recv((FRAME_HEADER_BYTES + 4 * self.hidden_size,), torch.uint8, self.prev)
+        op, start, length = frame[:FRAME_HEADER_BYTES].view(torch.int64).tolist()
+        return Op(op), start, length, frame[FRAME_HEADER_BYTES:].view(torch.float32).view(1, 1, self.hidden_size)
+
+    def recv_hidden(self, length: int, first: torch.Tensor) -> torch.Tensor:
+        """The hidden states [1, length, H] of a frame announcing `length` positions."""
+        if length == 1:
+            return first
+        rest = self.recv((1, length - 1, self.hidden_size), torch.float32, self.prev)
+        return torch.cat((first, rest), dim=1)
+
+    def recv_payload(self, length: int) -> bytes:
+        """The payload of a frame announcing `length` bytes."""
+        return self.recv((length,), torch.uint8, self.prev).numpy().tobytes()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class MlxRing(Ring):
+    """The same ring over `mlx.distributed`'s ring backend (TCP to each neighbour). Each stage listens on a free port
+    of its data host; the torch store spreads the addresses, from which each writes the hostfile MLX reads."""
+
+    def _join(self, store: dist.TCPStore, host: str) -> None:
+        import mlx.core as mx
+
+        store.set(f"mlx-ring/{self.rank}", f"{host}:{_free_port(host)}")
+        hosts = [[store.get(f"mlx-ring/{rank}").decode()] for rank in range(self.size)]
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="ringlet-mlx-hosts-", delete=False) as hostfile:
+            json.dump(hosts, hostfile)
+        # mlx.distributed.init reads its hostfile and rank from the environment, and only from there
+        os.environ["MLX_HOSTFILE"], os.environ["MLX_RANK"] = hostfile.name, str(self.rank)
+        try:
+            self._mx, self._group = mx, mx.distributed.init(backend="ring", strict=True)
+        finally:
+            os.unlink(hostfile.name)
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        mx = self._mx
+        try:
+            mx.eval(mx.distributed.send(mx.array(tensor.cpu().numpy()), to, group=self._group))
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
+        mx = self._mx
+        try:
+            wires = {torch.int64: mx.int64, torch.float32: mx.float32, torch.uint8: mx.uint8}
+            assert dtype in wires, "the ring carries headers, float32 hidden states and byte payloads"
+            wire = wires[dtype]
+            received = mx.distributed.recv(shape, wire, source, group=self._group)
+            mx.eval(received)
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {source} of the ring is unreachable: {error}") from error
+        return torch.from_numpy(np.array(received, copy=True))
+
+    def close(self) -> None:
+        """MLX keeps its group for the life of the process; the runner exits after this."""
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def open_ring(bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> Ring:
+    """This stage's ring: torch.distributed, or mlx.distributed for an MlxRing."""
+    mlx = backend_for(bound.instance.instance_type, {s.engine for s in bound.instance.shards}) == MLX_RING_BACKEND
+    return (MlxRing if mlx else Ring)(bound, store, host, hidden_size)

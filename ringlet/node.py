@@ -1,0 +1,418 @@
+"""A node, composed: this machine's copy of the cluster state, its runners, its part in the cluster, and the API.
+
+This is the composition root, the one module that imports api, master, worker and net together. `Node` is what
+the API's routers call (`api/facade.py`): every change goes through `emit(event)`, which the master orders
+(`master/ordering.py`; a lone node orders its own) and every node folds into the same `State` with the pure
+`apply`. The worker side follows the state: `Supervisor.reconcile` starts a runner for each shard placed on this
+node and stops the runners of deleted instances. A request is routed to the least busy ready instance of its model
+(`master/routing.py`) and runs on this node's runner or, over the control plane, on the node holding the instance's
+first stage (`net/forwarding.py`); the tasks this node's API serves are tracked here, not in the cluster state.
+
+`serve(options)` starts all of it: `ringlet node` calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from ringlet.api.app import create_app
+from ringlet.api.limits import DEFAULT_MAX_BODY_BYTES
+from ringlet.master.ordering import EventOrder
+from ringlet.master.placement import Placement, PlacementError, PlacementPreview, created, place, preview
+from ringlet.master.replacement import lost_node_events
+from ringlet.master.routing import route
+from ringlet.models.catalog import ModelCard
+from ringlet.models.download import DownloadManager, DownloadStatus
+from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.models.names import Catalog
+from ringlet.net.events import EventBus
+from ringlet.net.forwarding import TaskForwarding
+from ringlet.net.membership import Member, Membership
+from ringlet.net.session import DEFAULT_LISTEN, ControlPlane, ControlPlaneError, NetOptions, advertised_host
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.engine_info import EngineInfo
+from ringlet.shared.errors import InstanceNotFoundError, NodeError, NoInstanceError
+from ringlet.shared.instances import EngineType, InstanceType, single_node_type
+from ringlet.shared.state import (
+    DownloadProgressed,
+    DownloadRecord,
+    Event,
+    InstanceDeleted,
+    InstanceRecord,
+    NodeInfo,
+    NodeJoined,
+    NodeUpdated,
+    State,
+    TaskRecord,
+    TaskStatus,
+    apply,
+    new_instance_record,
+)
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.supervisor import Supervisor
+from ringlet.worker.system_info import collect_engine_info, collect_node_hardware, read_memory
+
+log = logging.getLogger("ringlet.node")
+
+DEFAULT_API_PORT = 52415
+DEFAULT_HOST = "127.0.0.1"
+MEMORY_REFRESH_S = 2.0
+MEMORY_CHANGE_BYTES = 64 * 1024**2  # smaller changes of free memory are not worth an event
+# how long a starting node listens for members before it decides who is master (scouting answers within ~1 s)
+SETTLE_S = 1.5
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(eq=False)
+class TaskHandle:
+    """A submitted task: which instance serves it, and its stream of chunks (close it to cancel the task)."""
+
+    task: TextGenerationTask
+    instance_id: str
+    _chunks: AsyncIterator[GenerationChunk] = field(repr=False)
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+class Node:
+    def __init__(self, info: NodeInfo, catalog: Catalog | None = None, data_host: str = "127.0.0.1",
+                 config: EngineConfig = EngineConfig()) -> None:
+        self.info = info
+        self.catalog = catalog or Catalog()
+        self.data_host = data_host  # where this node's stages listen on the data plane
+        self._state = State()
+        self._tasks: dict[str, TaskRecord] = {}  # in flight through this node's API
+        self._supervisor = Supervisor(self.emit, config)
+        self._order: EventOrder | None = None
+        self._forwarding: TaskForwarding | None = None
+        self._changed = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.downloads = DownloadManager(on_update=self._download_changed)
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def tasks(self) -> dict[str, TaskRecord]:
+        return self._tasks
+
+    @property
+    def engine_info(self) -> EngineInfo:
+        return self.info.engines
+
+    def attach_cluster(self, order: EventOrder, forwarding: TaskForwarding) -> None:
+        """From now on the master orders this node's events, and tasks may run on other nodes."""
+        self._order, self._forwarding = order, forwarding
+
+    # --- the state
+
+    def emit(self, event: Event) -> None:
+        """Record a change: the master orders it (alone, this node is its own master)."""
+        if self._loop is not None and not self._on_loop():
+            # synchronous API routes and downloads run on other threads; the state is only touched on the loop
+            self._loop.call_soon_threadsafe(self.emit, event)
+        elif self._order is not None:
+            self._order.emit(event)
+        else:
+            self.apply_ordered(event)
+
+    def apply_ordered(self, event: Event) -> None:
+        """Fold an event, in the order every node applies it; the runners follow the new state."""
+        self._state = apply(self._state, event)
+        self._changed.set()
+
+    def replace_state(self, state: State) -> None:
+        """Take a copy of the master's state (joining a cluster, or after missing events)."""
+        self._state = state
+        self._changed.set()
+
+    def departures(self, state: State, node_id: str) -> list[Event]:
+        """What the master orders when `node_id` leaves: its removal and its instances placed again."""
+        events, notes = lost_node_events(state, node_id, self.catalog.resolve, lambda: new_id("inst"), time.time())
+        for note in notes:
+            log.info("%s", note)
+        return events
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _download_changed(self, status: DownloadStatus) -> None:
+        self.emit(DownloadProgressed(download=DownloadRecord(
+            node_id=self.node_id, **status.model_dump(include={"download_id", "model", "layers", "state", "done",
+                                                                 "total", "error"}))))
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.emit(NodeJoined(node=self.info))
+        self._background = [asyncio.create_task(self._follow_state(), name="reconcile"),
+                            asyncio.create_task(self._refresh_memory(), name="memory")]
+
+    async def stop(self) -> None:
+        self.downloads.close()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._supervisor.close()
+
+    async def _follow_state(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self._supervisor.reconcile(self._state, self.node_id, self.data_host)
+            except Exception:
+                log.exception("starting or stopping runners for the new state failed; trying again on the next change")
+
+    async def _refresh_memory(self) -> None:
+        while True:
+            await asyncio.sleep(MEMORY_REFRESH_S)
+            memory = await asyncio.to_thread(read_memory)
+            if abs(memory.available_bytes - self.info.memory.available_bytes) >= MEMORY_CHANGE_BYTES:
+                self.info = self.info.model_copy(update={"memory": memory})
+                self.emit(NodeUpdated(node=self.info))
+
+    # --- models and instances
+
+    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1
+                ) -> tuple[ModelCard, list[PlacementPreview]]:
+        card = self.catalog.add_local(model)
+        return card, preview(card, list(self._state.nodes.values()), node_ids=node_ids, min_nodes=min_nodes)
+
+    def create_instance(self, model: str, instance_type: InstanceType, node_ids: Sequence[str] | None = None,
+                        min_nodes: int = 1) -> InstanceRecord:
+        """Place the model and record the instance; its runners load in the background (watch its status).
+
+        Raises ModelNotFoundError, or PlacementError saying why it cannot be placed."""
+        card = self.catalog.add_local(model)
+        placement: Placement = place(card, instance_type, list(self._state.nodes.values()),
+                                     instance_id=new_id("inst"), node_ids=node_ids, min_nodes=min_nodes)
+        log.info("instance %s: %s as %s on %s", placement.instance.instance_id, card.id, instance_type.value,
+                 ", ".join(f"{s.node_name}[{s.start}:{s.end}]" for s in placement.stages))
+        event = created(placement, time.time())
+        self.emit(event)
+        return new_instance_record(event)  # in a cluster the state has it once the master has ordered it
+
+    def get_instance(self, instance_id: str) -> InstanceRecord:
+        record = self._state.instances.get(instance_id)
+        if record is None:
+            raise InstanceNotFoundError(instance_id, list(self._state.instances))
+        return record
+
+    def delete_instance(self, instance_id: str) -> InstanceRecord:
+        """Remove the instance; its runners stop and its tasks in flight end with an error."""
+        record = self.get_instance(instance_id)
+        self.emit(InstanceDeleted(instance_id=instance_id))
+        return record
+
+    # --- generation
+
+    def instance_for(self, model: str) -> InstanceRecord:
+        busy: dict[str, int] = {}
+        for task in self._tasks.values():
+            busy[task.instance_id] = busy.get(task.instance_id, 0) + 1
+        return route(self._state, model, self.catalog.resolve, self.node_id, self._forwarding is not None, busy)
+
+    def submit(self, task: TextGenerationTask) -> TaskHandle:
+        """Route a task to the least busy ready instance of its model; raises ModelNotFoundError or
+        NoInstanceError at once, so the API can answer with a status before it streams anything."""
+        instance = self.instance_for(task.model).instance
+        task = task.model_copy(update={"task_id": task.task_id or new_id("task"), "model": instance.model})
+        record = TaskRecord(task_id=task.task_id, instance_id=instance.instance_id, model=instance.model,
+                            origin_node_id=self.node_id, submitted_at=time.time())
+        self._tasks[task.task_id] = record
+        first = instance.shards[0].node_id
+        if first == self.node_id:
+            chunks = self._supervisor.generate(instance.instance_id, task, lambda: self._running(task.task_id))
+        else:
+            assert self._forwarding is not None, "route only picks remote instances in a cluster"
+            chunks = self._forwarding.forward(first, instance.instance_id, task)
+        return TaskHandle(task, instance.instance_id, self._in_flight(chunks, task.task_id))
+
+    def run_local(self, instance_id: str, task: TextGenerationTask) -> AsyncIterator[GenerationChunk]:
+        """Run a task on this node's runner of the instance (its first stage), for a request that reached
+        another node; that node tracks the task."""
+        if not self._supervisor.runs(instance_id):
+            raise NoInstanceError(f"instance {instance_id} has no first stage on node {self.node_id}")
+        return self._supervisor.generate(instance_id, task)
+
+    def _running(self, task_id: str) -> None:
+        if (record := self._tasks.get(task_id)) is not None:
+            self._tasks[task_id] = record.model_copy(update={"status": TaskStatus.RUNNING})
+
+    async def _in_flight(self, chunks: AsyncIterator[GenerationChunk], task_id: str) -> AsyncIterator[GenerationChunk]:
+        """The task's chunks, while it counts as in flight here (a forwarded task runs once its first chunk is in)."""
+        try:
+            # aclosing: when our caller closes us early, the inner stream must close now (that cancels the task
+            # in the runner), not whenever the garbage collector finds it
+            async with aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    self._running(task_id)
+                    yield chunk
+        finally:
+            self._tasks.pop(task_id, None)
+
+
+# --- starting a node
+
+
+class NodeStartError(Exception):
+    """The node cannot start as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    name: str = field(default_factory=socket.gethostname)
+    host: str = DEFAULT_HOST
+    api_port: int = DEFAULT_API_PORT
+    model: str | None = None  # None: the embedded model
+    engine: EngineType | None = None  # None: the best available
+    engine_config: EngineConfig = EngineConfig()
+    default_instance: bool = True
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # the control plane: zenoh endpoints to connect to and listen on, and multicast scouting on the LAN
+    connect: tuple[str, ...] = ()
+    listen: str | None = None  # None: tcp/0.0.0.0:52414 (a free port when another node has it)
+    discovery: bool = True
+
+    @property
+    def net(self) -> NetOptions:
+        return NetOptions(listen=(self.listen,) if self.listen else DEFAULT_LISTEN, connect=self.connect,
+                          discovery=self.discovery)
+
+
+def detect_node(options: NodeOptions) -> NodeInfo:
+    return NodeInfo(node_id=new_id("node"), name=options.name, hardware=collect_node_hardware(),
+                    engines=collect_engine_info(options.engine), memory=read_memory(), api_port=options.api_port)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise NodeStartError(f"cannot listen on {host}:{port} ({error.strerror}); is another node running? "
+                             "pick another port with --api-port") from None
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+def create_default_instance(node: Node, options: NodeOptions) -> None:
+    engine = options.engine or node.engine_info.selected_engine or "cpu"
+    instance_type = single_node_type(engine)
+    model = options.model or EMBEDDED_MODEL_ID
+    try:
+        record = node.create_instance(model, instance_type, node_ids=[node.node_id])
+    except (NodeError, PlacementError) as error:
+        raise NodeStartError(f"cannot serve {model} as {instance_type.value}: {error}; start with "
+                             "--no-default-instance to run the node without it") from None
+    log.info("serving %s as %s (instance %s); it is loading in a runner process", record.instance.model,
+             instance_type.value, record.instance.instance_id)
+
+
+class Cluster:
+    """This node's part in the cluster: the control plane, membership, the event order and task forwarding.
+    Made inside the running event loop, which receives zenoh's callbacks."""
+
+    def __init__(self, node: Node, options: NetOptions) -> None:
+        self.me = Member.starting_now(node.node_id)
+        self.plane = ControlPlane(options)
+        bus = EventBus(self.plane)
+        self.order = EventOrder(self.me, bus, node, rejoin=lambda: NodeJoined(node=node.info),
+                                departures=node.departures)
+        bus.listen(node.node_id, self.order.on_proposal, self.order.on_ordered, lambda: node.state)
+        self.forwarding = TaskForwarding(self.plane, node.node_id, node.run_local)
+        self.membership = Membership(self.plane, self.me, self._members_changed)
+        node.attach_cluster(self.order, self.forwarding)
+
+    def _members_changed(self, joined: set[str], left: set[str]) -> None:
+        self.order.members_changed(self.membership.members, left)
+        for node_id in left:
+            self.forwarding.member_left(node_id)
+
+    async def join(self, settle_s: float = SETTLE_S) -> None:
+        """Listen for members for a moment, elect, and take the master's state (unless this node is master)."""
+        await asyncio.sleep(settle_s)
+        await self.order.start(self.membership.members)
+
+    def close(self) -> None:
+        self.forwarding.close()
+        self.plane.close()
+
+
+def _let_serving_end_on_signals() -> None:
+    """uvicorn stops on SIGINT/SIGTERM, then raises the signal again for the handler it found: with the default
+    one the process would die there, before the runners are stopped. A handler that only logs lets serve()
+    return, so the node shuts down in order and exits 0."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # uvicorn only listens to signals in the main thread either
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, _: log.info("%s: stopping", signal.Signals(signum).name))
+
+
+async def serve(options: NodeOptions) -> None:
+    try:
+        net = options.net
+        data_host = advertised_host(net)
+    except ValueError as error:
+        raise NodeStartError(str(error)) from None
+    sock = bind(options.host, options.api_port)
+    info = await asyncio.to_thread(detect_node, options)
+    node = Node(info, data_host=data_host, config=options.engine_config)
+    try:
+        cluster = Cluster(node, net)
+    except ControlPlaneError as error:
+        sock.close()
+        raise NodeStartError(str(error)) from None
+    await cluster.join()
+    await node.start()
+    try:
+        try:
+            await cluster.order.wait_joined()
+        except TimeoutError as error:
+            raise NodeStartError(str(error)) from None
+        if options.default_instance:
+            create_default_instance(node, options)
+        app = create_app(node, max_body_bytes=options.max_body_bytes)
+        shown = "localhost" if options.host in ("127.0.0.1", "::1") else options.host
+        log.info("node %s (%s): dashboard http://%s:%d/  OpenAI API http://%s:%d/v1  engine %s", info.name,
+                 info.node_id, shown, options.api_port, shown, options.api_port, info.engines.selected_engine)
+        if options.host == DEFAULT_HOST:
+            log.info("listening on this machine only; --host 0.0.0.0 serves the LAN (the API has no authentication)")
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+        _let_serving_end_on_signals()
+        await server.serve(sockets=[sock])
+    finally:
+        await node.stop()
+        cluster.close()
+        sock.close()

@@ -1,0 +1,129 @@
+"""Every message between processes: the node and its runners (JSON lines on the runner's pipes) and the nodes of a
+cluster (zenoh topics, `net/topics.py`). Events, which change the cluster state, are in `state.py`; they travel
+inside `Proposal` and `Ordered`, and a runner reports its ring's rendezvous as the `RingHosted` event itself.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.errors import TaskErrorKind
+from ringlet.shared.instances import BoundInstance
+from ringlet.shared.state import Event, RingAddress, RingHosted
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.wire import Message
+
+# --- node -> runner
+
+
+class LoadShard(Message):
+    type: Literal["load_shard"] = "load_shard"
+    bound: BoundInstance
+    config: EngineConfig = EngineConfig()
+    data_host: str = Field("127.0.0.1", description="where this node's data plane listens (a first stage hosts "
+                                                    "the ring's rendezvous there)")
+    ring: RingAddress | None = Field(None, description="the rendezvous a later stage of a multi-stage ring joins")
+
+
+class RunTask(Message):
+    type: Literal["run_task"] = "run_task"
+    task: TextGenerationTask
+
+
+class CancelTask(Message):
+    """Stop a task between two tokens: node -> its runner, and the requesting node -> the node running it."""
+
+    type: Literal["cancel_task"] = "cancel_task"
+    task_id: str
+
+
+# --- runner -> node
+
+
+class Loading(Message):
+    type: Literal["loading"] = "loading"
+    progress: float = Field(ge=0.0, le=1.0)
+    detail: str
+
+
+class Ready(Message):
+    type: Literal["ready"] = "ready"
+    context_length: int
+    warmup_s: float
+
+
+class LoadFailed(Message):
+    type: Literal["load_failed"] = "load_failed"
+    error: str
+
+
+class Chunk(Message):
+    """A piece of a task's answer: runner -> node, and the running node -> the requesting node."""
+
+    type: Literal["chunk"] = "chunk"
+    chunk: GenerationChunk
+
+
+class TaskFailed(Message):
+    """A task ended without an answer: runner -> node, and the running node -> the requesting node."""
+
+    type: Literal["task_failed"] = "task_failed"
+    task_id: str
+    kind: TaskErrorKind
+    error: str
+
+
+class TaskCancelled(Message):
+    type: Literal["task_cancelled"] = "task_cancelled"
+    task_id: str
+
+
+# --- node -> node
+
+
+class Proposal(Message):
+    """An event a node wants ordered; only the master acts on it. (origin, seq) identifies it."""
+
+    type: Literal["proposal"] = "proposal"
+    origin: str
+    seq: int = Field(ge=1, description="the origin's own count of its proposals")
+    master: str = Field(description="the node the sender believes is master; another master ignores it")
+    event: Event
+
+
+class Ordered(Message):
+    """An event in the master's order: `seq` is the state's event count once it is applied; (origin, origin_seq)
+    is the proposal it answers."""
+
+    type: Literal["ordered"] = "ordered"
+    master: str
+    seq: int = Field(ge=1)
+    origin: str
+    origin_seq: int = Field(ge=1)
+    event: Event
+
+
+class TaskRequest(Message):
+    """Run `task` on the instance whose first stage is on the receiving node; stream to task_stream(task_id)."""
+
+    type: Literal["task_request"] = "task_request"
+    origin: str
+    instance_id: str
+    task: TextGenerationTask
+
+
+ToRunner = Annotated[LoadShard | RunTask | CancelTask, Field(discriminator="type")]
+FromRunner = Annotated[Loading | RingHosted | Ready | LoadFailed | Chunk | TaskFailed | TaskCancelled,
+                       Field(discriminator="type")]
+StreamItem = Annotated[Chunk | TaskFailed, Field(discriminator="type")]
+
+TO_RUNNER: TypeAdapter[ToRunner] = TypeAdapter(ToRunner)
+FROM_RUNNER: TypeAdapter[FromRunner] = TypeAdapter(FromRunner)
+STREAM_ITEM: TypeAdapter[StreamItem] = TypeAdapter(StreamItem)
+PROPOSAL = TypeAdapter(Proposal)
+ORDERED = TypeAdapter(Ordered)
+TASK_REQUEST = TypeAdapter(TaskRequest)
+CANCEL_TASK = TypeAdapter(CancelTask)

@@ -1,0 +1,200 @@
+"""The stages of a multi-stage instance: each runs in its own runner process on its node, and hidden states flow
+stage to stage over the data plane (`net/ring.py`).
+
+Rank 0 (the first stage) keeps the generation loop (tokeniser, stop strings, detokeniser, when to stop:
+`TextGenerator`); its forward runs its own layers, sends the hidden states down the ring, and receives the next
+token. Every other stage serves in a loop: receive a frame of hidden states, run its layers, pass them on. The last
+stage samples: each request's sampling parameters and prompt reach it first (for seeds and penalties), and one token
+id travels back to rank 0 per step, not the logits (49152 floats for the embedded model: 196 KB a token).
+
+The loop is the same on every engine: a stage's layers are a `StageModel` (torch here, MLX in
+`engines/mlx/stage.py`), which takes and returns torch tensors on the host side of the ring, so a mixed ring can put
+an MLX stage anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel
+
+from ringlet.models.loader import LoadedStage
+from ringlet.models.sampling import RequestSampler
+from ringlet.models.tokenizer import Tokenizer
+from ringlet.net.ring import Op, RingBrokenError, open_ring
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT, EngineConfig
+from ringlet.shared.instances import BoundInstance, EngineType
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.engines.base import run_warmup_request
+from ringlet.worker.engines.torch.engine import load_torch_stage
+from ringlet.worker.engines.torch.generate import TextGenerator
+
+log = logging.getLogger(__name__)
+
+
+class _Begin(BaseModel):
+    """What the last stage needs to sample a request as a single node would: its parameters and prompt."""
+
+    sampling: SamplingParams
+    prompt: list[int]
+
+
+def compute_device(engine: EngineType) -> torch.device:
+    return torch.device({"cuda": "cuda", "ipex": "xpu"}.get(engine, "cpu"))
+
+
+class StageModel(Protocol):
+    """One stage's layers on its engine, with the KV cache of those layers."""
+
+    tokenizer: Tokenizer
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    device: torch.device  # where its logits are; the last stage samples there
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: token ids [1, L] on the first stage, float32 hidden states [1, L, H] elsewhere, at positions
+        start.. (a start before the cache's end drops what lies past it). Returns hidden states, or on the last
+        stage the logits of the last position [1, V]."""
+        ...
+
+
+class TorchStage:
+    """Layers [start, end) on a torch engine (cpu, cuda, ipex), with a static KV cache."""
+
+    def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT) -> None:
+        self.model, self.tokenizer, self.device = stage.model, stage.tokenizer, device
+        self.hidden_size, self.vocab_size = stage.args.hidden_size, stage.args.vocab_size
+        self.context_length = min(stage.args.context_length, max_context)
+        self.is_last = stage.end == stage.args.num_hidden_layers
+        self.cache = stage.model.make_cache(1, self.context_length)
+        self.dtype = next(stage.model.parameters()).dtype
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if x.is_floating_point():
+            x = x.to(self.device, self.dtype)
+        out = self.model(x, self.cache, start, last_logits_only=True)
+        self.cache.offset = start + x.shape[1]
+        return out[:, -1] if self.is_last else out
+
+
+def load_for_stage(bound: BoundInstance, config: EngineConfig = EngineConfig()) -> tuple[StageModel, str]:
+    """This node's stage of `bound` on the shard's engine, and the precision it runs in."""
+    shard = bound.shard
+    if bound.engine == "mlx":
+        from ringlet.worker.engines.mlx.stage import MlxStage
+
+        stage = MlxStage.load(bound.instance.model, shard.start, shard.end, config.precision, config.max_context)
+        return stage, config.precision
+    device = compute_device(bound.engine)
+    loaded, precision = load_torch_stage(bound.instance.model, shard.start, shard.end, config.precision, device)
+    return TorchStage(loaded, device, config.max_context), precision
+
+
+class FirstStage:
+    """Rank 0: an engine (the `Engine` protocol) whose forward pass spans the whole ring."""
+
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore,
+                 data_host: str = "127.0.0.1") -> None:
+        assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
+        self.name = "mlx-pipeline" if bound.engine == "mlx" else "torch-pipeline"
+        self.stage, self.context_length = stage, stage.context_length
+        self.ring = open_ring(bound, store, data_host, stage.hidden_size)
+        self.broken = False  # a neighbour went away: no task can run any more
+        self.generator = TextGenerator(self._step, stage.tokenizer, self.context_length, stage.vocab_size,
+                                       stage.device, fill=self._fill, sampler_for=self._begin)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.stage.tokenizer
+
+    def _begin(self, params: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        with self._ring_errors():
+            self.ring.send_payload(Op.BEGIN, _Begin(sampling=params, prompt=prompt).model_dump_json().encode())
+        return _sampled_down_the_ring
+
+    def _fill(self, ids: torch.Tensor, start: int) -> None:
+        hidden = self.stage.forward(ids, start)
+        with self._ring_errors():
+            self.ring.send_hidden(Op.FILL, start, hidden)
+
+    def _step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """The token the last stage sampled from the last position's logits, as a [1] tensor."""
+        hidden = self.stage.forward(ids, start)
+        with self._ring_errors():
+            self.ring.send_hidden(Op.SAMPLE, start, hidden)
+            return self.ring.recv((1,), torch.int64, self.ring.prev)
+
+    @contextlib.contextmanager
+    def _ring_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except RingBrokenError:
+            self.broken = True
+            raise
+
+    def warmup(self) -> float:
+        began = time.perf_counter()
+        run_warmup_request(self)
+        return time.perf_counter() - began
+
+    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+        with torch.inference_mode():
+            yield from self.generator.generate(task)
+
+    def close(self) -> None:
+        """Tell the other stages to stop, then leave the ring."""
+        try:
+            self.ring.send_hidden(Op.STOP, 0, None)
+        except RingBrokenError as error:
+            log.info("ring already broken at close: %s", error)
+        self.ring.close()
+
+
+class RelayStage:
+    """A stage after the first: receive hidden states, run this stage's layers, pass the result on."""
+
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore,
+                 data_host: str = "127.0.0.1") -> None:
+        assert not bound.shard.is_first
+        self.stage, self.context_length = stage, stage.context_length
+        self.ring = open_ring(bound, store, data_host, stage.hidden_size)
+        self.is_last = bound.shard.is_last
+        self.sampler: RequestSampler | None = None  # the last stage's, for the current request
+
+    def serve(self) -> None:
+        """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
+        while True:
+            op, start, length, first = self.ring.recv_frame()
+            if op == Op.STOP:
+                if not self.is_last:
+                    self.ring.send_hidden(Op.STOP, 0, None)
+                self.ring.close()
+                return
+            if op == Op.BEGIN:
+                payload = self.ring.recv_payload(length)
+                if self.is_last:
+                    begin = _Begin.model_validate_json(payload)
+                    self.sampler = RequestSampler(begin.sampling, begin.prompt, self.stage.vocab_size, self.stage.device)
+                else:
+                    self.ring.send_payload(Op.BEGIN, payload)
+                continue
+            out = self.stage.forward(self.ring.recv_hidden(length, first), start)
+            if not self.is_last:
+                self.ring.send_hidden(op, start, out)
+            elif op == Op.SAMPLE:
+                if self.sampler is None:
+                    raise RingBrokenError("rank 0 asked for a token before it began a request")
+                self.ring.send(self.sampler(out).view(1).to(torch.int64), 0)
+
+
+def _sampled_down_the_ring(token: torch.Tensor) -> torch.Tensor:
+    """Rank 0's sampler when the last stage samples: what its forward returned is already the token."""
+    return token

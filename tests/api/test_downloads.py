@@ -1,0 +1,55 @@
+"""POST /models/download through the node's API against the fake hub: progress in /state, cancel, errors."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from ringlet.api.app import create_app
+from ringlet.node import Node
+from tests.support.node_infos import node_info
+from tests.support.hub import REPO_ID
+from tests.support.fake_hub import FakeHub
+
+
+async def exercise(node: Node) -> dict[str, object]:
+    await node.start()
+    try:
+        app = create_app(node)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+            started = await client.post("/models/download", json={"model": REPO_ID})
+            assert started.status_code == 202, started.text
+            download_id = started.json()["download_id"]
+            for _ in range(300):
+                status = (await client.get(f"/models/downloads/{download_id}")).json()
+                if status["state"] != "running":
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)  # the last event reaches the state on the loop
+            return {
+                "status": status,
+                "state": (await client.get("/state")).json(),
+                "listed": (await client.get("/models/downloads")).json(),
+                "unknown": await client.delete("/models/downloads/nope"),
+                "bad_name": await client.post("/models/download", json={"model": "not a repo id!"}),
+                "bad_layers": await client.post("/models/download", json={"model": REPO_ID, "layers": [3, 1]}),
+            }
+    finally:
+        await node.stop()
+
+
+def test_download_through_the_api(hub: FakeHub) -> None:
+    # a thread of its own: another test's Playwright session may hold an event loop on this one
+    with ThreadPoolExecutor(1) as pool:
+        seen = pool.submit(lambda: asyncio.run(exercise(Node(node_info("a", 8))))).result(timeout=120)
+    status = seen["status"]
+    assert status["state"] == "done" and status["done"] == status["total"] > 0, status
+    record = seen["state"]["downloads"][status["download_id"]]
+    assert record["state"] == "done" and record["done"] == record["total"] and record["node_id"]
+    assert [d["download_id"] for d in seen["listed"]] == [status["download_id"]]
+    assert seen["unknown"].status_code == 404 and "nope" in seen["unknown"].json()["error"]["message"]
+    assert seen["bad_name"].status_code == 400 and seen["bad_name"].json()["error"]["param"] == "model"
+    assert seen["bad_layers"].status_code in (400, 422)
+    assert hub.file_gets("model.safetensors.index.json")  # it really went through the hub

@@ -1,0 +1,67 @@
+"""`ringlet pull`, `ringlet models`, `ringlet rm` against the fake hub."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ringlet.cli import main
+from tests.support.hub import NUM_LAYERS, REPO_ID
+from tests.support.fake_hub import FakeHub
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_pull_list_remove(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "pull", REPO_ID, "--layers", "0:1")
+    assert code == 0 and f"{REPO_ID}: ready at" in out
+    code, out, _ = run(capsys, "models")
+    line = next(line for line in out.splitlines() if line.startswith(REPO_ID))
+    assert "partial" in line and f"layers 0 of {NUM_LAYERS}" in line
+
+    code, out, err = run(capsys, "pull", REPO_ID)
+    assert code == 0 and "total" in err  # the progress bars
+    code, out, _ = run(capsys, "models")
+    line = next(line for line in out.splitlines() if line.startswith(REPO_ID))
+    assert "complete" in line and f"{NUM_LAYERS}/{NUM_LAYERS} layers" in line
+
+    code, out, _ = run(capsys, "models", "--catalog")
+    assert code == 0 and "Qwen/Qwen3-0.6B" in out and "meta-llama/Llama-3.1-8B-Instruct" in out
+
+    code, out, _ = run(capsys, "rm", REPO_ID)
+    assert code == 0 and f"removed {REPO_ID}" in out
+    code, _, err = run(capsys, "rm", REPO_ID)
+    assert code == 2 and f"model '{REPO_ID}' is not in the store" in err
+
+
+def test_pull_errors_are_one_clear_line(hub: FakeHub, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "pull", "nobody/missing")
+    assert code == 2 and "ringlet: error: model 'nobody/missing' not found" in err and "Traceback" not in err
+    code, _, err = run(capsys, "pull", "not a name")
+    assert code == 2 and "expected ORG/NAME" in err
+    code, _, err = run(capsys, "pull", REPO_ID, "--offline")
+    assert code == 2 and f"offline: {REPO_ID} is not on disk" in err
+    code, _, err = run(capsys, "pull", str(tmp_path))
+    assert code == 2 and "is a local path" in err
+    code, out, _ = run(capsys, "pull", "default")
+    assert code == 0 and "embedded" in out
+    with pytest.raises(SystemExit):
+        main(["pull", REPO_ID, "--layers", "3:1"])
+    assert "expected START:END" in capsys.readouterr().err
+
+
+def test_models_command_in_a_fresh_process(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
+    env = {**os.environ, "RINGLET_HOME": os.environ["RINGLET_HOME"]}
+    result = subprocess.run([sys.executable, "-m", "ringlet", "models"], env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "SmolLM2-135M-Instruct" in result.stdout and "embedded" in result.stdout
+    assert "no downloaded models" in result.stdout

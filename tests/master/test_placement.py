@@ -1,0 +1,165 @@
+"""place() and preview(): proportional splits, refusals with reasons, instance-type filtering."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+
+from ringlet.master.placement import GIB, PlacementError, place, preview, split_layers, stage_bytes
+from ringlet.models.catalog import ModelCard, card_from_args, embedded_card, find_card
+from ringlet.models.config import ModelArgs
+from ringlet.shared.instances import InstanceType
+from tests.support.node_infos import intel_gpu_node, node_info
+
+
+def small_card(num_layers: int = 30, model_format: str = "safetensors") -> ModelCard:
+    args = ModelArgs(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=num_layers,
+                     num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                     tie_word_embeddings=True)
+    return card_from_args("test/small", args, format=model_format)  # type: ignore[arg-type]
+
+
+def big_card() -> ModelCard:
+    card = find_card("Qwen/Qwen3-8B")
+    assert card is not None
+    return card
+
+
+def test_split_layers_is_proportional_contiguous_and_complete() -> None:
+    assert split_layers(30, [1.0]) == [(0, 30)]
+    assert split_layers(30, [1.0, 2.0]) == [(0, 10), (10, 30)]
+    ranges = split_layers(30, [1.0, 1.0, 1.0, 1.0])
+    assert ranges[0][0] == 0 and ranges[-1][1] == 30 and all(a[1] == b[0] for a, b in pairwise(ranges))
+    assert sorted(end - start for start, end in ranges) == [7, 7, 8, 8]
+    assert split_layers(3, [100.0, 1.0, 1.0]) == [(0, 1), (1, 2), (2, 3)], "every node gets at least one layer"
+    with pytest.raises(PlacementError):
+        split_layers(2, [1.0, 1.0, 1.0])
+
+
+def test_single_node_gets_every_layer() -> None:
+    placement = place(small_card(), InstanceType.CPU_RING, [node_info("a", 8)], instance_id="i")
+    (shard,) = placement.instance.shards
+    assert (shard.node_id, shard.start, shard.end, shard.engine) == ("a", 0, 30, "cpu")
+    assert placement.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 8192)
+
+
+def test_fewest_nodes_that_fit_most_memory_first() -> None:
+    nodes = [node_info("small", 4), node_info("big", 16)]
+    placement = place(small_card(), InstanceType.CPU_RING, nodes, instance_id="i")
+    assert [s.node_id for s in placement.instance.shards] == ["big"]
+
+
+def test_min_nodes_splits_in_proportion_to_usable_memory() -> None:
+    nodes = [node_info("a", 4), node_info("b", 8)]
+    placement = place(small_card(), InstanceType.CPU_RING, nodes, instance_id="i", min_nodes=2)
+    assert [(s.node_id, s.start, s.end) for s in placement.instance.shards] == [("b", 0, 20), ("a", 20, 30)]
+
+
+def test_explicit_node_list_keeps_its_order() -> None:
+    nodes = [node_info("a", 4), node_info("b", 8, name="bee")]
+    placement = place(small_card(), InstanceType.CPU_RING, nodes, instance_id="i", node_ids=["a", "bee"])
+    assert [(s.node_id, s.start, s.end) for s in placement.instance.shards] == [("a", 0, 10), ("b", 10, 30)]
+
+
+def test_ipex_ring_needs_an_intel_gpu() -> None:
+    with pytest.raises(PlacementError) as refusal:
+        place(small_card(), InstanceType.IPEX_RING, [node_info("a", 8)], instance_id="i")
+    assert str(refusal.value).startswith("IpexRing needs a node with an Intel GPU; none of the 1 node has one")
+    assert "no Intel GPU found" in str(refusal.value)
+    intel = intel_gpu_node("arc", free_gib=8, gpu_gib=16)
+    placement = place(small_card(), InstanceType.IPEX_RING, [node_info("a", 8), intel], instance_id="i")
+    assert [(s.node_id, s.engine) for s in placement.instance.shards] == [("arc", "ipex")]
+    assert placement.stages[0].usable_bytes == int(16 * GIB * 0.9), "placed by GPU memory, not RAM"
+
+
+def test_too_big_a_model_is_refused_with_sizes() -> None:
+    with pytest.raises(PlacementError) as refusal:
+        place(big_card(), InstanceType.CPU_RING, [node_info("a", 8), node_info("b", 8)], instance_id="i")
+    message = str(refusal.value)
+    assert message.startswith("Qwen/Qwen3-8B needs ") and "GiB" in message
+    assert "the 2 suitable nodes have 14.4 GiB usable" in message
+
+
+def test_the_model_is_split_when_one_node_is_too_small() -> None:
+    card = big_card()
+    need = stage_bytes(card, 0, card.num_layers, "cpu", 8192) / GIB
+    nodes = [node_info("a", need * 0.7), node_info("b", need * 0.7)]
+    placement = place(card, InstanceType.CPU_RING, nodes, instance_id="i")
+    assert len(placement.instance.shards) == 2
+    assert all(s.memory_bytes <= s.usable_bytes for s in placement.stages)
+
+
+def test_other_refusals_name_the_problem() -> None:
+    nodes = [node_info("a", 8)]
+    with pytest.raises(PlacementError, match="unknown node"):
+        place(small_card(), InstanceType.CPU_RING, nodes, instance_id="i", node_ids=["zzz"])
+    with pytest.raises(PlacementError, match="at least 2 nodes but only 1"):
+        place(small_card(), InstanceType.CPU_RING, nodes, instance_id="i", min_nodes=2)
+    with pytest.raises(PlacementError, match="cannot run as MlxRing"):
+        cpu_only = small_card().model_copy(update={"instance_types": [InstanceType.CPU_RING]})
+        place(cpu_only, InstanceType.MLX_RING, [node_info("m", 8, engines=("mlx", "cpu"))], instance_id="i")
+    with pytest.raises(PlacementError, match="no nodes"):
+        place(small_card(), InstanceType.CPU_RING, [], instance_id="i")
+
+
+def test_preview_covers_every_instance_type() -> None:
+    previews = {p.instance_type: p for p in preview(small_card(), [node_info("a", 8)])}
+    assert set(previews) == set(InstanceType)
+    assert previews[InstanceType.CPU_RING].possible and previews[InstanceType.CPU_RING].stages[0].end == 30
+    for impossible in (InstanceType.IPEX_RING, InstanceType.CUDA_RING, InstanceType.MLX_RING, InstanceType.MLX_JACCL):
+        assert not previews[impossible].possible and previews[impossible].reason
+    assert "Intel GPU" in (previews[InstanceType.IPEX_RING].reason or "")
+
+
+def test_mlx_jaccl_needs_macs_even_where_mlx_runs() -> None:
+    linux = node_info("l", 8, engines=("mlx", "cpu"), name="pc")
+    with pytest.raises(PlacementError, match="pc: MLX Jaccl needs macOS"):
+        place(small_card(), InstanceType.MLX_JACCL, [linux], instance_id="i")
+    assert place(small_card(), InstanceType.MLX_RING, [linux], instance_id="i").instance.shards[0].engine == "mlx"
+    mac = linux.model_copy(update={"hardware": linux.hardware.model_copy(update={"system": "Darwin"})})
+    assert place(small_card(), InstanceType.MLX_JACCL, [mac], instance_id="i").instance.shards[0].engine == "mlx"
+
+
+def test_mixed_ring_runs_each_stage_on_its_nodes_engine() -> None:
+    nodes = [node_info("mac", 12, engines=("mlx", "cpu")), node_info("pc", 6, engines=("cpu",))]
+    placement = place(small_card(model_format="gguf"), InstanceType.MIXED_RING, nodes, instance_id="i",
+                      node_ids=["mac", "pc"])
+    assert placement.instance.instance_type == InstanceType.MIXED_RING
+    shards = [(s.node_id, s.engine, s.start, s.end) for s in placement.instance.shards]
+    assert shards == [("mac", "mlx", 0, 20), ("pc", "cpu", 20, 30)], "engines per node, layers by memory"
+    assert [s.engine for s in placement.stages] == ["mlx", "cpu"]
+    # MLX without Metal computes in float32, as the CPU engine does
+    assert placement.stages[0].memory_bytes == stage_bytes(small_card(), 0, 20, "cpu", 8192)
+
+
+def test_mixed_ring_memory_counts_each_nodes_own_engine() -> None:
+    intel = intel_gpu_node("arc", free_gib=2, gpu_gib=24)
+    nodes = [node_info("a", 8), intel]
+    placement = place(small_card(), InstanceType.MIXED_RING, nodes, instance_id="i", min_nodes=2)
+    assert [(s.node_id, s.engine) for s in placement.instance.shards] == [("arc", "ipex"), ("a", "cpu")]
+    assert placement.stages[0].usable_bytes == int(24 * GIB * 0.9), "the Intel GPU's memory, not the host's RAM"
+    assert [(s.start, s.end) for s in placement.instance.shards] == [(0, 22), (22, 30)]
+
+
+def test_mixed_ring_refusals_name_nodes_and_engines() -> None:
+    nodes = [node_info("mac", 3, engines=("mlx", "cpu")), node_info("pc", 3, engines=("cpu",))]
+    with pytest.raises(PlacementError) as refusal:
+        place(big_card(), InstanceType.MIXED_RING, nodes, instance_id="i")
+    message = str(refusal.value)
+    assert message.startswith("Qwen/Qwen3-8B does not fit a mixed ring of the 2 suitable nodes")
+    assert "mac (mlx, layers 0-" in message and "pc (cpu, layers " in message and "has 2.7" in message
+    engineless = node_info("bare", 8, engines=())
+    with pytest.raises(PlacementError) as refusal:
+        place(small_card(), InstanceType.MIXED_RING, [engineless], instance_id="i")
+    assert str(refusal.value).startswith("MixedRing needs a node with an engine of its own")
+    assert "bare: no engine is available (ipex: no Intel GPU found" in str(refusal.value)
+
+
+def test_placement_of_the_embedded_model_over_three_nodes() -> None:
+    card = embedded_card()
+    nodes = [node_info("a", 8.0), node_info("b", 8.0), node_info("c", 16.0)]
+    placement = place(card, InstanceType.CPU_RING, nodes, instance_id="x", node_ids=["a", "b", "c"])
+    assert [(s.start, s.end) for s in placement.instance.shards] == [(0, 8), (8, 16), (16, 30)]
+    with pytest.raises(PlacementError, match="IpexRing needs a node with an Intel GPU; none of the 3 nodes"):
+        place(card, InstanceType.IPEX_RING, nodes, instance_id="x")

@@ -1,0 +1,56 @@
+"""Real `ringlet node` processes on loopback form one cluster, agree on its state, and follow joins, departures and
+the loss of the master."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.processes import Cluster, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def test_three_nodes_agree_then_see_a_join_and_a_departure(cluster: Cluster) -> None:
+    first, second, third = cluster.start("n1", "n2", "n3")
+    state = cluster.wait_agreed(3)
+    ids = {n.name: n.node_id for n in (first, second, third)}
+    assert set(state["nodes"]) == set(ids.values())
+    assert {info["name"] for info in state["nodes"].values()} == {"n1", "n2", "n3"}
+    masters = {n.state()["master"] for n in cluster.live()}
+    assert len(masters) == 1 and masters <= set(ids.values()), masters
+
+    (fourth,) = cluster.start("n4")
+    state = cluster.wait_agreed(4)
+    assert fourth.node_id in state["nodes"]
+
+    cluster.stop(second)
+    state = cluster.wait_agreed(3)
+    assert ids["n2"] not in state["nodes"]
+    assert all(ids["n2"] not in n.state()["nodes"] for n in cluster.live())
+
+
+def test_master_killed_another_takes_over_with_state_intact(cluster: Cluster) -> None:
+    master, second, third = cluster.start("m1", "m2", "m3")
+    cluster.wait_agreed(3)
+    ids = {n.name: n.node_id for n in (master, second, third)}
+    master_id = master.state()["master"]
+    master = next(n for n in (master, second, third) if ids[n.name] == master_id)
+    second, third = (n for n in cluster.live() if n is not master)
+    created = second.post("/instance", json={"model": "SmolLM2-135M-Instruct", "instance_type": "CpuRing",
+                                             "nodes": [ids[second.name], ids[third.name]]})
+    assert created.status_code == 201, created.text
+    instance_id = created.json()["instance"]["instance_id"]
+    wait_until(lambda: second.get(f"/instance/{instance_id}").json()["status"] == "ready", 180,
+               "the instance on m2+m3 ready", cluster.logs)
+
+    cluster.stop(master, kill=True)
+    state = cluster.wait_agreed(2, timeout_s=15)
+    assert set(state["nodes"]) == {ids[second.name], ids[third.name]}
+    for node in (second, third):
+        seen = node.state()
+        assert seen["master"] in (ids[second.name], ids[third.name])
+        assert seen["instances"][instance_id]["status"] == "ready"
+    reply = third.post("/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Hello",
+                                                "max_tokens": 4, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1

@@ -1,0 +1,83 @@
+"""The package's layers import downwards only (docs/architecture.md): a module may import its own layer or one below.
+
+The walk reads every module's source (no import), so it also sees imports inside functions and under
+TYPE_CHECKING: a lazy import that runs upward is still an upward dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ringlet"
+# top to bottom; a module directly under ringlet/ (other than __main__) is the composition root
+LAYERS = ("cli", "root", "api", "master", "worker", "net", "models", "shared")
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    assert parts[0] == "ringlet", module
+    if len(parts) == 1 or parts[1] == "__main__":
+        return "cli"  # `python -m ringlet` and the package itself are the command line's entry
+    return parts[1] if parts[1] in LAYERS else "root"
+
+
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    relative = path.relative_to(package.parent).with_suffix("")
+    parts = list(relative.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(path: Path, root: Path = PACKAGE) -> list[tuple[int, str]]:
+    """(line, module) of every import of a ringlet module in the file; relative imports resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1])
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module or ""
+            found.append((node.lineno, name))
+    return [(line, name) for line, name in found if name == "ringlet" or name.startswith("ringlet.")]
+
+
+def upward_imports(root: Path = PACKAGE) -> list[str]:
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        here = layer_of(module_name(path, root))
+        for line, name in imported_modules(path, root):
+            there = layer_of(name)
+            if LAYERS.index(there) < LAYERS.index(here):
+                problems.append(f"{path.relative_to(root.parent)}:{line} ({here}) imports {name} ({there})")
+    return problems
+
+
+def test_every_layer_imports_only_its_own_or_lower_layers() -> None:
+    assert upward_imports() == []
+
+
+def test_the_walk_sees_upward_imports(tmp_path: Path) -> None:
+    """The checker itself: a lazy import from a lower layer into a higher one is reported."""
+    module = tmp_path / "ringlet" / "models" / "example.py"
+    module.parent.mkdir(parents=True)
+    module.write_text("def f():\n    from ringlet.api.app import create_app\n    from . import sibling\n")
+    assert upward_imports(tmp_path / "ringlet") == [
+        "ringlet/models/example.py:2 (models) imports ringlet.api.app (api)"]
+
+
+def test_only_the_composition_root_imports_api_master_worker_and_net_together() -> None:
+    together = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layers = {layer_of(name) for _, name in imported_modules(path)}
+        if {"api", "master", "worker", "net"} <= layers:
+            together.append(module_name(path))
+    assert together and all(layer_of(m) == "root" for m in together), together

@@ -1,0 +1,101 @@
+"""The fused Triton decode step (CUDA's default), run by Triton's interpreter on CPU tensors, against the model's own
+eager forward. On a GPU, tests/worker/gpu runs the compiled kernels through the engine."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from ringlet.models.random_checkpoint import random_weights
+from ringlet.models.registry import build_stage, model_args
+
+pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
+
+BASE = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 120,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}
+VARIANTS = {
+    "llama (3 query heads a key head, tied lm_head)": {},
+    "qwen2 (q/k/v biases, untied lm_head)": {"model_type": "qwen2", "tie_word_embeddings": False},
+    "qwen3 (per-head q/k norms)": {"model_type": "qwen3", "num_key_value_heads": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def fused_decode():
+    module = importlib.import_module("ringlet.worker.engines.torch.fused_decode")
+    if not module._INTERPRETED:
+        pytest.skip("a GPU machine: tests/worker/gpu runs these kernels compiled (TRITON_INTERPRET is set by conftest.py only "
+                    "where no GPU is)")
+    return module
+
+
+def random_model(config: dict, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    args = model_args(config)
+    weights = random_weights(args, torch.float32, "cpu", seed=2)
+    generator = torch.Generator().manual_seed(3)
+    for name in list(weights):
+        if name.endswith("norm.weight"):  # not all ones: a kernel that skips a norm's scale must fail
+            weights[name] = 1 + 0.3 * torch.randn(weights[name].shape, generator=generator)
+    for n in range(args.num_hidden_layers):
+        attention = f"model.layers.{n}.self_attn."
+        if args.attention_bias:
+            for p, size in (("q", args.num_attention_heads), ("k", args.num_key_value_heads),
+                            ("v", args.num_key_value_heads)):
+                weights[attention + f"{p}_proj.bias"] = 0.1 * torch.randn(size * args.head_dim, generator=generator)
+        if args.qk_norm:
+            for p in "qk":
+                weights[attention + f"{p}_norm.weight"] = 1 + 0.3 * torch.randn(args.head_dim, generator=generator)
+    weights["model.embed_tokens.weight"] *= 20  # activations of a realistic size, not 0.02
+    return build_stage(args, weights=weights, dtype=dtype, device="cpu")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_step_gives_the_eager_logits_and_cache(fused_decode, variant):
+    model = random_model(BASE | VARIANTS[variant], torch.float32)
+    eager_cache, fused_cache = model.make_cache(1, 64), model.make_cache(1, 64)
+    token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    step = fused_decode.FusedDecodeStep(model, fused_cache, token, position)
+    prompt = torch.tensor([[5, 17, 99, 3, 42, 8, 61]])
+    with torch.inference_mode():
+        for cache in (eager_cache, fused_cache):
+            model(prompt, cache, 0)
+        ids = [7, 1, 118, 30]
+        for offset, next_id in enumerate(ids):
+            at = prompt.shape[1] + offset
+            want = model(torch.tensor([[next_id]]), eager_cache, at, last_logits_only=True)[:, -1]
+            token.fill_(next_id)
+            position.fill_(at)
+            got = step()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    for layer in range(model.num_local_layers):  # the step wrote the new keys (rotated) and values where eager did
+        end = prompt.shape[1] + len(ids)
+        torch.testing.assert_close(fused_cache.keys[layer][:, :, :end], eager_cache.keys[layer][:, :, :end])
+        torch.testing.assert_close(fused_cache.values[layer][:, :, :end], eager_cache.values[layer][:, :, :end])
+
+
+def test_fused_step_tracks_eager_bf16_within_rounding(fused_decode):
+    model = random_model(BASE, torch.bfloat16)
+    eager_cache, fused_cache = model.make_cache(1, 64), model.make_cache(1, 64)
+    token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    step = fused_decode.FusedDecodeStep(model, fused_cache, token, position)
+    prompt = torch.tensor([[11, 2, 77, 40, 9]])
+    with torch.inference_mode():
+        for cache in (eager_cache, fused_cache):
+            model(prompt, cache, 0)
+        want = model(torch.tensor([[64]]), eager_cache, 5, last_logits_only=True)[:, -1].float()
+        token.fill_(64)
+        position.fill_(5)
+        got = step().float()
+    assert got.dtype == want.dtype and got.shape == want.shape == (1, 120)
+    torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
+
+
+def test_models_the_fused_step_cannot_run_are_named(fused_decode):
+    model = random_model(BASE | {"head_dim": 24}, torch.float32)
+    assert fused_decode.unsupported_reason(model) == "head_dim 24 is not a power of two"
+    with pytest.raises(ValueError, match="cannot run this model: head_dim 24"):
+        fused_decode.FusedDecodeStep(model, model.make_cache(1, 8), torch.zeros((1, 1), dtype=torch.long),
+                                     torch.zeros(1, dtype=torch.long))
