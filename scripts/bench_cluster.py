@@ -45,11 +45,11 @@ import torch.distributed as dist
 from ringlet.master.placement import split_layers
 from ringlet.models.catalog import card_from_path, embedded_card
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
-from ringlet.shared.instances import BoundInstance, Instance, Shard
-from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.net.ring import FRAME_HEADER_BYTES, host_store, join_store
 from ringlet.shared.config import EngineConfig
+from ringlet.shared.instances import BoundInstance, Instance, Shard
 from ringlet.shared.state import RingAddress
+from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.stages import FirstStage, RelayStage, load_for_stage
 from ringlet.worker.supervisor import RING_OMP_SPINCOUNT
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from ringlet.cli.bench import make_prompt, median
-from ringlet.shared.tasks import SamplingParams, TextGenerationTask, Timings
 from ringlet.shared.config import EngineConfig
+from ringlet.shared.tasks import SamplingParams, TextGenerationTask, Timings
 
 # Llama-3.2-1B's config.json, less its weights
 LLAMA_3_2_1B = {
@@ -72,12 +72,12 @@ def write_random_llama_1b(directory: Path) -> Path:
 
 def load(engine_name: str, model: str | None, precision: str) -> tuple[object, float]:
     """The CPU engine, or the ipex engine on IPEX's CPU backend, loaded eagerly (no compiled decode step)."""
-    from ringlet.worker.engines.ipex.engine import IpexEngine
+    from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
     from ringlet.worker.engines.torch.engine import TorchEngine
 
     config = EngineConfig(precision=precision, cpu_compile=False)  # type: ignore[arg-type]
     began = time.perf_counter()
-    engine = (IpexEngine.load(model, device="cpu", config=config, ipex="require") if engine_name == "ipex"
+    engine = (load_ipex_engine(model, device="cpu", config=config, ipex="require") if engine_name == "ipex"
               else TorchEngine.load(model, config=config))
     return engine, time.perf_counter() - began
 

@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RINGLET_IPEX_VENV=${RINGLET_IPEX_VENV:-$HOME/.cache/ringlet/venv-ipex-2.8}
 scripts/setup.sh --test
+# the linters: any finding fails the run (set -e)
+.venv/bin/ruff check ringlet tests scripts
+.venv/bin/mypy ringlet
 collected=$(.venv/bin/python -m pytest --collect-only -q "$@" 2>/dev/null | grep -cE '::' || true)
 if [[ "$collected" -eq 0 ]]; then
   echo "test.sh: pytest collected no tests; refusing to report success" >&2

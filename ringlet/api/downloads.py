@@ -20,7 +20,7 @@ class DownloadRequest(BaseModel):
     layers: tuple[int, int] | None = Field(None, description="[start, end): only the files holding these layers")
 
     @model_validator(mode="after")
-    def _range(self) -> "DownloadRequest":
+    def _range(self) -> DownloadRequest:
         if self.layers is not None and not 0 <= self.layers[0] < self.layers[1]:
             raise ValueError("layers must be [start, end) with 0 <= start < end")
         return self

@@ -28,8 +28,8 @@ from ringlet.api.ollama_schemas import (
     VersionResponse,
 )
 from ringlet.models.catalog import ModelCard
-from ringlet.shared.tasks import ChatMessage, GenerationChunk, TextGenerationTask
 from ringlet.shared.errors import TaskError
+from ringlet.shared.tasks import ChatMessage, GenerationChunk, TextGenerationTask
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 

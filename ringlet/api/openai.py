@@ -28,9 +28,9 @@ from ringlet.api.openai_schemas import (
     ModelObject,
     Usage,
 )
+from ringlet.shared.errors import TaskError
 from ringlet.shared.state import RunnerStatus
 from ringlet.shared.tasks import GenerationChunk
-from ringlet.shared.errors import TaskError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -105,7 +105,7 @@ def time_transformers(model: Any, prompt_ids: list[int], new_tokens: int, repeat
 
     device = model.device
     ids = torch.tensor([prompt_ids], device=device)
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     decode, ttft = [], []
     with torch.inference_mode():
         for i in range(repeats + 1):
@@ -186,11 +186,13 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
 def bench(args: argparse.Namespace) -> int:
     import torch
 
+    from ringlet.worker.engines.engine_init import warmup_engine
+
     try:
         engine, weights, config = load_bench_engine(args)
     except (ModelLoadError, ValueError) as e:
         raise CliError(str(e)) from None
-    warmup_s = engine.warmup()
+    warmup_s = warmup_engine(engine)
     tokenizer = engine.tokenizer
     ids = make_prompt(tokenizer, args.prompt_tokens)
     prompt = tokenizer.decode(ids, skip_special_tokens=False)

@@ -11,7 +11,7 @@ from ringlet.cli import CliError
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model served by a running node",
                        description=f"Chat with a model served by a running node (`ringlet node`). {HELP}.")
     p.add_argument("--url", default="http://localhost:52415", help="the node's API (default http://localhost:52415)")

@@ -19,7 +19,7 @@ class NodeClient:
     def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 600.0) -> None:
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
 
-    def _open(self, path: str, body: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    def _open(self, path: str, body: dict[str, Any] | None = None):
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
                                          headers={"Content-Type": "application/json", "Accept": "*/*"})

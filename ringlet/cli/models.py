@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 _EMBEDDED_NAMES = {EMBEDDED_MODEL_ID.lower(), "default", "smollm2-135m", "smollm2-135m-instruct"}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     pull = subparsers.add_parser("pull", help="download a model from Hugging Face into the local store")
     pull.add_argument("model", help="ORG/NAME as on Hugging Face (e.g. Qwen/Qwen3-0.6B); ORG/NAME:QUANT picks one "
                                     "GGUF file of a GGUF repo")

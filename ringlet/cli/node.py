@@ -13,7 +13,7 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import EngineType
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "node", help="run a node: API, dashboard and the default model on http://localhost:52415",
         description="Run this machine's node: the OpenAI- and Ollama-compatible API, the dashboard, and (unless "

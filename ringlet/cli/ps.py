@@ -11,7 +11,7 @@ from ringlet.cli import CliError
 GIB = 1024**3
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ps", help="list instances and nodes of a running node",
                        description="List the instances (model, type, status, stages per node) and the nodes.")
     p.add_argument("--url", default="http://localhost:52415", help="the node's API (default http://localhost:52415)")

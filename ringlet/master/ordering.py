@@ -172,7 +172,7 @@ class EventOrder:
             self._pending.pop(ordered.origin_seq, None)
         self._replica.apply_ordered(ordered.event)
 
-    def _start_copy(self, master: str) -> None:
+    def _start_copy(self, master: str | None) -> None:
         if self._resync is None or self._resync.done():
             self._syncing = True
             self._resync = asyncio.create_task(self._copy_state(master), name="copy-state")

@@ -1,7 +1,7 @@
 """Static (preallocated) key/value cache handed to the model.
 
-One buffer per local layer, shaped [batch, kv_heads, max_seq_len, head_dim], written in place. All
-sequences of a batch share one position counter (`offset`): prompts of a batch have equal length.
+One buffer per local layer, shaped [batch, kv_heads, max_seq_len, head_dim], written in place. Where a
+sequence stands is the caller's to know: each write says its start (`TextGenerator.cached` for the engines).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_seq_len = max_seq_len
-        self.offset = 0
 
     def update_and_fetch(
         self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int | None = None
@@ -47,19 +46,3 @@ class StaticKVCache:
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.offset += n
-
-    def trim(self, n: int) -> int:
-        """Forget the last n positions (they are overwritten by the next write); returns how many."""
-        n = min(n, self.offset)
-        self.offset -= n
-        return n
-
-    def reset(self) -> None:
-        self.offset = 0
-
-    @property
-    def remaining(self) -> int:
-        return self.max_seq_len - self.offset

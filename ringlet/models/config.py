@@ -40,7 +40,7 @@ class ModelArgs:
             )
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], **overrides: Any) -> "ModelArgs":
+    def from_dict(cls, config: dict[str, Any], **overrides: Any) -> ModelArgs:
         """Keep only the keys this class knows; fill defaults the way transformers does."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in config.items() if k in known and v is not None}

@@ -43,7 +43,6 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 from pydantic import BaseModel
 
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.safetensors_loader import INDEX_FILE, read_config, tensor_in_range, weight_map
 from ringlet.models.store import (
     INCOMPLETE_DIR,
@@ -57,6 +56,7 @@ from ringlet.models.store import (
     read_manifest,
     write_manifest,
 )
+from ringlet.shared.errors import ModelLoadError
 
 _log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
+from ringlet.shared.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 
@@ -203,7 +203,8 @@ class GGUFModel:
         if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
             heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             arrays = [unpermute_qk(a, heads) for a in arrays]
-        return GroupQuantized(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+        codes_t, scale_t, offset_t = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        return GroupQuantized(codes_t, scale_t, offset_t)
 
     def _layer_tensor_names(self) -> dict[str, str]:
         names = dict(_LAYER_TENSORS)

@@ -15,8 +15,8 @@ from torch import nn
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.registry import register
+from ringlet.shared.errors import ModelLoadError
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -92,6 +92,7 @@ class Attention(nn.Module):
         heads = self.qkv_proj(x).view(b, length, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk, v = heads.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=2)
         if self.q_norm is not None:
+            assert self.k_norm is not None  # both built when args.qk_norm
             q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
         qk = apply_rope(qk.transpose(1, 2), cos, sin)  # q and k rotated together: half the kernels
@@ -99,6 +100,7 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         k, v = cache.update_and_fetch(layer, start, k, v, kv_len)
         if isinstance(start, torch.Tensor) and q.is_cuda:  # the static decode step (compiled, CUDA-graphed)
+            assert mask is not None  # Transformer.forward masks every tensor-position step
             out = decode_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(
@@ -126,7 +128,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, cache, layer, start, mask, kv_len=None):  # type: ignore[no-untyped-def]
+    def forward(self, x, cos, sin, cache, layer, start, mask, kv_len=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -192,6 +194,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cache, i, start, mask, kv_len)
         if self.norm is None:
             return h
+        assert self.lm_head is not None  # built with the norm, on the last stage
         if last_logits_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h))
@@ -229,6 +232,7 @@ class Transformer(nn.Module):
             own["lm_head.weight"] = take("model.embed_tokens.weight" if tied else "lm_head.weight")
         self.load_state_dict({k: v.to(dtype) for k, v in own.items()}, strict=True, assign=True)
         if self.is_first and self.is_last and self.args.tie_word_embeddings and "lm_head.weight" not in weights:
+            assert self.lm_head is not None and self.embed_tokens is not None  # a whole model has both
             self.lm_head.weight = self.embed_tokens.weight  # one tensor, as in the checkpoint
         self._rope_len = 0
 

@@ -11,10 +11,10 @@ from torch import nn
 from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.tokenizer import Tokenizer
+from ringlet.shared.errors import ModelLoadError
 
 EMBEDDED_ALIASES = {EMBEDDED_MODEL_ID.lower(), "default", "smollm2-135m", "smollm2-135m-instruct",
                     "huggingfacetb/smollm2-135m-instruct"}
@@ -83,7 +83,7 @@ def load_stage(
     return LoadedStage(args, model, tokenizer, start, end, groups)
 
 
-def _open_gguf(path: Path):  # type: ignore[no-untyped-def]
+def _open_gguf(path: Path):
     from ringlet.models.gguf_loader import GGUFModel
 
     if path.suffix != ".gguf":

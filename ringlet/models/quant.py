@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,11 @@ class GroupQuantized:
 
 
 class Int8Linear(nn.Module):
+    # buffers, registered in __init__
+    weight: torch.Tensor
+    scales: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         w = weight.float()
@@ -80,6 +86,13 @@ class Int4Linear(nn.Module):
     blocked layout and as plain nibble pairs for unpacking: one byte per weight in all, as int8."""
 
     DENSE_FROM_ROWS = 128
+    # buffers, registered in __init__
+    weight: torch.Tensor
+    scale_zero: torch.Tensor
+    nibbles: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, weight: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -132,7 +145,7 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     """
     source = source or {}
     for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
-        prefix = f"model.layers.{model.start + i}."
+        prefix = f"model.layers.{cast(int, model.start) + i}."
         for path, parts in _FUSED_PARTS.items():
             owner_path, _, attr = path.rpartition(".")
             owner, linear = layer.get_submodule(owner_path), layer.get_submodule(path)
@@ -145,7 +158,7 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                       else GroupQuantized.round(linear.weight.data))
             setattr(owner, attr, Int4Linear(groups, linear.bias, dtype))
     if getattr(model, "lm_head", None) is not None:
-        model.lm_head = Int8Linear(model.lm_head.weight.data, None, dtype)
+        model.lm_head = Int8Linear(cast(nn.Linear, model.lm_head).weight.data, None, dtype)
     return model
 
 
@@ -162,7 +175,8 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
 def cpu_supports_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls run natively (otherwise they are emulated and slow)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = cpuinfo.read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

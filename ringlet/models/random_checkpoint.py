@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
-from tokenizers import models, pre_tokenizers, decoders
+from tokenizers import decoders, models, pre_tokenizers
 
 from ringlet.models.config import ModelArgs
 from ringlet.models.shapes import LLAMA3_ROPE, SHAPES
 from ringlet.models.tokenizer import Tokenizer
+
 
 def shape_config(shape: str) -> dict[str, Any]:
     if shape not in SHAPES:

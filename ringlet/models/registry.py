@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -12,6 +13,12 @@ from ringlet.shared.errors import ModelLoadError
 
 StageBuilder = Callable[[ModelArgs, int, int], nn.Module]
 _ARCHITECTURES: dict[str, StageBuilder] = {}
+
+
+class _LoadsWeights(Protocol):
+    """What `build_stage` needs of a built stage besides nn.Module (every architecture's Transformer has it)."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype = ...) -> None: ...
 
 
 def register(model_type: str) -> Callable[[StageBuilder], StageBuilder]:
@@ -49,5 +56,5 @@ def build_stage(
         return builder(args, start, end).to(dtype=dtype, device=device)
     with torch.device("meta"):
         model = builder(args, start, end)
-    model.load_weights({k: v.to(device) for k, v in weights.items()}, dtype=dtype)
+    cast(_LoadsWeights, model).load_weights({k: v.to(device) for k, v in weights.items()}, dtype=dtype)
     return model.eval()

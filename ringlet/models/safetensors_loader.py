@@ -54,7 +54,7 @@ def weight_map(model_dir: Path) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for f in files:
         with _open(f) as handle:
-            mapping.update({name: f.name for name in handle.keys()})
+            mapping.update(dict.fromkeys(handle.keys(), f.name))
     return mapping
 
 
@@ -75,7 +75,7 @@ def load_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: b
     return weights
 
 
-def _open(path: Path):  # type: ignore[no-untyped-def]
+def _open(path: Path):
     if not path.exists():
         raise ModelLoadError(f"{path} is missing; re-download the model")
     try:

@@ -105,7 +105,7 @@ class ControlPlane:
         """For keys used once (a task's stream): no publisher is kept."""
         self._session.put(key, encode(message), congestion_control=zenoh.CongestionControl.BLOCK)
 
-    def subscribe(self, key: str, adapter: TypeAdapter[T], on_message: Callable[[str, T], None]) -> zenoh.Subscriber:
+    def subscribe(self, key: str, adapter: TypeAdapter[T], on_message: Callable[[str, T], object]) -> zenoh.Subscriber:
         """Call `on_message(key, message)` on the event loop for every valid message on `key` (may be a pattern)."""
 
         def on_sample(sample: zenoh.Sample) -> None:
@@ -162,7 +162,7 @@ class ControlPlane:
 
         return await asyncio.to_thread(query)
 
-    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+    def _call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         if not self._loop.is_closed():
             self._loop.call_soon_threadsafe(callback, *args)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from enum import Enum
 from typing import Literal
 
@@ -19,7 +20,7 @@ class InstanceType(str, Enum):
     MIXED_RING = "MixedRing"  # each stage on its node's own engine, hidden states as host tensors over gloo
 
     @classmethod
-    def parse(cls, name: str) -> "InstanceType":
+    def parse(cls, name: str) -> InstanceType:
         """Accepts the old name MlxIbv for MlxJaccl; an unknown name lists the known ones."""
         if name == "MlxIbv":
             return cls.MLX_JACCL
@@ -94,7 +95,7 @@ class Instance(BaseModel):
             raise ValueError("shard ranks must be 0..n-1")
         if ordered[0].start != 0 or ordered[-1].end != ordered[-1].num_layers:
             raise ValueError("shards must cover every layer")
-        if any(a.end != b.start for a, b in zip(ordered, ordered[1:])):
+        if any(a.end != b.start for a, b in itertools.pairwise(ordered)):
             raise ValueError("shards must be contiguous")
         return ordered
 

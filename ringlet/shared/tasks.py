@@ -50,7 +50,7 @@ class TextGenerationTask(BaseModel):
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
 
     @model_validator(mode="after")
-    def _one_input(self) -> "TextGenerationTask":
+    def _one_input(self) -> TextGenerationTask:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
         if self.messages is not None and not self.messages:

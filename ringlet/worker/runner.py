@@ -35,7 +35,7 @@ from ringlet.shared.messages import (
 from ringlet.shared.state import RingHosted
 from ringlet.shared.tasks import TextGenerationTask
 from ringlet.shared.wire import BadMessageError, Message, decode, encode
-from ringlet.worker.engines.base import Engine
+from ringlet.worker.engines.base import GeneratesText
 
 log = logging.getLogger("ringlet.runner")
 
@@ -96,7 +96,7 @@ def _classify(error: Exception) -> TaskErrorKind:
     return "engine"
 
 
-def run_task(engine: Engine, task: TextGenerationTask, inbox: Inbox, outbox: Outbox) -> None:
+def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outbox: Outbox) -> None:
     from ringlet.worker.engines.engine_init import generate_with_engine
 
     task_id = task.task_id
@@ -121,7 +121,8 @@ def run_task(engine: Engine, task: TextGenerationTask, inbox: Inbox, outbox: Out
         stream.close()
 
 
-def serve_tasks(engine: Engine, inbox: Inbox, outbox: Outbox, broken: Callable[[], bool] = lambda: False) -> None:
+def serve_tasks(engine: GeneratesText, inbox: Inbox, outbox: Outbox,
+                broken: Callable[[], bool] = lambda: False) -> None:
     """Run the node's tasks on `engine`, one at a time, until the node goes away (the inbox exits the process) or,
     for a ring's first stage, the ring breaks (`broken()`)."""
     while not broken():
@@ -151,6 +152,7 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
 def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     """Load one stage of a multi-stage instance, join its ring, and serve; returns the runner's exit code."""
     from ringlet.net.ring import RingBrokenError, host_store, join_store
+    from ringlet.worker.engines.engine_init import warmup_engine
     from ringlet.worker.stages import FirstStage, RelayStage, load_for_stage
 
     bound, size = load.bound, len(load.bound.instance.shards)
@@ -172,7 +174,7 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         warmup_s = 0.0
         if isinstance(engine, FirstStage):
             outbox.send(Loading(progress=0.9, detail="warming up the ring"))
-            warmup_s = engine.warmup()
+            warmup_s = warmup_engine(engine)
     # a failed load (missing file, driver, a stage that never joined) is reported, then the runner exits
     except Exception as error:  # noqa: BLE001
         traceback.print_exc(file=sys.stderr)

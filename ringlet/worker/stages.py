@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -34,6 +33,9 @@ from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGeneration
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from ringlet.worker.engines.torch.generate import TextGenerator
+
+if TYPE_CHECKING:
+    from ringlet.models.llama import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class TorchStage:
         self.hidden_size, self.vocab_size = stage.args.hidden_size, stage.args.vocab_size
         self.context_length = min(stage.args.context_length, max_context)
         self.is_last = stage.end == stage.args.num_hidden_layers
-        self.cache = stage.model.make_cache(1, self.context_length)
+        self.cache = cast("Transformer", stage.model).make_cache(1, self.context_length)  # every architecture's stage
         self.dtype = next(stage.model.parameters()).dtype
 
     @torch.inference_mode()
@@ -81,7 +83,6 @@ class TorchStage:
         if x.is_floating_point():
             x = x.to(self.device, self.dtype)
         out = self.model(x, self.cache, start, last_logits_only=True)
-        self.cache.offset = start + x.shape[1]
         return out[:, -1] if self.is_last else out
 
 
@@ -140,12 +141,10 @@ class FirstStage:
             self.broken = True
             raise
 
-    def warmup(self) -> float:
-        began = time.perf_counter()
+    def warmup(self) -> None:
         run_warmup_request(self)
-        return time.perf_counter() - began
 
-    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         with torch.inference_mode():
             yield from self.generator.generate(task)
 

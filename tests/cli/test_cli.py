@@ -33,6 +33,7 @@ def test_every_command_has_help(command):
     assert "usage: ringlet" in result.stdout and "-h, --help" in result.stdout
 
 
+@pytest.mark.slow
 def test_run_answers_from_the_embedded_model():
     result = ringlet("run", "What is the capital of France?", "--max-tokens", "24", "--stats")
     assert result.returncode == 0, result.stderr
@@ -52,6 +53,7 @@ def test_run_bad_sampling_value_is_clear():
     assert "temperature" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_json():
     result = ringlet("bench", "--json", "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1")
     assert result.returncode == 0, result.stderr

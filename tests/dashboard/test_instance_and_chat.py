@@ -9,7 +9,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from tests.dashboard.conftest import DashboardPage
+from tests.support.dashboard import DashboardPage
 
 LOAD_TIMEOUT_MS = 240_000
 ANSWER_TIMEOUT_MS = 120_000

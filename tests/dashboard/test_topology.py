@@ -6,7 +6,7 @@ import re
 
 from playwright.sync_api import expect
 
-from tests.dashboard.conftest import DashboardPage
+from tests.support.dashboard import DashboardPage
 from tests.support.intel_node import (
     INTEL_GPU_NAME, INTEL_NODE_ID, INTEL_NODE_NAME, IPEX_VERSION, add_intel_node, remove_intel_node,
 )

@@ -7,7 +7,7 @@ import json
 import pytest
 from playwright.sync_api import expect
 
-from tests.dashboard.conftest import PHONE, DashboardPage
+from tests.support.dashboard import PHONE, DashboardPage
 
 VIEWS = ["topology", "instances", "models", "chat", "debug"]
 

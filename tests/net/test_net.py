@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 from pydantic import BaseModel, TypeAdapter
@@ -11,12 +10,7 @@ from pydantic import BaseModel, TypeAdapter
 from ringlet.net import topics
 from ringlet.net.membership import Member, Membership
 from ringlet.net.session import ControlPlane, NetOptions, check_endpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.processes import free_port
 
 
 class Ping(BaseModel):

@@ -22,7 +22,7 @@ from ringlet.cli.service import (
     render_unit,
     unit_path,
 )
-from tests.packaging.tools import REPO, needs_systemd_analyze, unit_directives, verify_unit
+from tests.support.packaging import REPO, needs_systemd_analyze, unit_directives, verify_unit
 
 ROOT_WITH_SYSTEMD = Host(euid=0, systemctl="/usr/bin/systemctl", systemd_running=True)
 

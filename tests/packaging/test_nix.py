@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ringlet.cli.service import SYSTEM_HARDENING
-from tests.packaging.tools import NIX_STUB, REPO, needs_nix, nix, nix_eval_json
+from tests.support.packaging import NIX_STUB, REPO, needs_nix, nix, nix_eval_json
 
 pytestmark = needs_nix
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ringlet.cli.service import ServiceSpec, render_unit
-from tests.packaging.tools import REPO, needs_systemd_analyze, unit_directives, verify_unit
+from tests.support.packaging import REPO, needs_systemd_analyze, unit_directives, verify_unit
 
 STATIC_UNIT = REPO / "packaging" / "systemd" / "ringlet.service"
 DOCUMENTED_EXEC = "/opt/ringlet/bin/ringlet"

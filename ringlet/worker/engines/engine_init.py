@@ -11,14 +11,15 @@ fix it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 from ringlet.models.loader import read_model_config
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType, Instance, Shard, single_node_type
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
-from ringlet.worker.engines.base import Engine
+from ringlet.worker.engines.base import Engine, GeneratesText
 from ringlet.worker.engines.engine_utils import (
     PROBES,
     ProbeInputs,
@@ -98,10 +99,12 @@ def initialize_engine(bound: BoundInstance, config: EngineConfig = EngineConfig(
 
 def warmup_engine(engine: Engine) -> float:
     """Compile, capture and touch everything once, so no request pays for it; returns the seconds it took."""
-    return engine.warmup()
+    began = time.perf_counter()
+    engine.warmup()
+    return time.perf_counter() - began
 
 
-def generate_with_engine(engine: Engine, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+def generate_with_engine(engine: GeneratesText, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
     return engine.generate(task)
 
 

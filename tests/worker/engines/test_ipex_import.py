@@ -14,7 +14,7 @@ import torch
 from ringlet.worker.engines.engine_utils import ipex_status
 from ringlet.worker.engines.ipex import IPEXEngineError
 from ringlet.worker.engines.ipex.device import XpuDevice
-from ringlet.worker.engines.ipex.engine import IpexEngine
+from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
 from ringlet.worker.engines.ipex.utils_ipex import import_ipex
 from ringlet.shared.config import EngineConfig
 from tests.support.xpu import FakeXpu, fake_runtime
@@ -71,7 +71,7 @@ def test_broken_install_degrades_to_native_torch_with_one_warning(broken_ipex, c
 
 def test_broken_install_is_an_error_when_ipex_is_required(broken_ipex) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(IPEXEngineError, match="failed to import .*libintel-ext-pt-gpu.so.*fix: reinstall"):
-        IpexEngine.load(None, device=XpuDevice(fake_runtime(FakeXpu())), config=EngineConfig(precision="fp32"), ipex="require")
+        load_ipex_engine(None, device=XpuDevice(fake_runtime(FakeXpu())), config=EngineConfig(precision="fp32"), ipex="require")
 
 
 def test_version_mismatch_is_found_without_importing(mismatched_ipex) -> None:  # type: ignore[no-untyped-def]
@@ -86,11 +86,11 @@ def test_version_mismatch_is_found_without_importing(mismatched_ipex) -> None:  
 
 def test_the_cpu_backend_cannot_run_without_ipex() -> None:
     with pytest.raises(IPEXEngineError, match="IPEX is required"):
-        IpexEngine.load(None, device="cpu")
+        load_ipex_engine(None, device="cpu")
     with pytest.raises(IPEXEngineError, match="without IPEX use the cpu engine"):
-        IpexEngine.load(None, device="cpu", ipex="off")
+        load_ipex_engine(None, device="cpu", ipex="off")
 
 
 def test_int8_is_refused_on_an_intel_gpu() -> None:
     with pytest.raises(IPEXEngineError, match="int8 .* runs on IPEX's CPU backend only"):
-        IpexEngine.load(None, device=XpuDevice(fake_runtime(FakeXpu())), config=EngineConfig(precision="int8"))
+        load_ipex_engine(None, device=XpuDevice(fake_runtime(FakeXpu())), config=EngineConfig(precision="int8"))

@@ -18,7 +18,7 @@ from ringlet.worker.engines.engine_utils import ipex_status
 from ringlet.worker.engines.ipex import IPEXDriverError, IPEXMemoryError, IPEXTokenizerWrapper
 from ringlet.worker.engines.ipex.device import XpuDevice, open_xpu
 from ringlet.worker.engines.ipex.engine import IpexEngine
-from ringlet.worker.engines.ipex.utils_ipex import estimate_bytes
+from ringlet.worker.engines.ipex.utils_ipex import estimate_bytes, load_ipex_engine
 from ringlet.shared.config import EngineConfig
 from tests.support.greedy import assert_parting_is_a_near_tie, compare_with_reference, greedy_task, run_greedy
 from tests.support.xpu import INTEL_ARC_ON_BUS, FakeXpu, GiB, fake_runtime, probes
@@ -35,7 +35,7 @@ def fake_gpu() -> FakeXpu:
 @pytest.fixture(scope="module")
 def xpu_engine(fake_gpu: FakeXpu) -> IpexEngine:
     assert not ipex_status().usable  # this environment has no IPEX: the native torch.xpu path
-    return IpexEngine.load(None, device=XpuDevice(fake_runtime(fake_gpu)), config=EngineConfig(precision="fp32"))
+    return load_ipex_engine(None, device=XpuDevice(fake_runtime(fake_gpu)), config=EngineConfig(precision="fp32"))
 
 
 def test_loads_and_generates_through_native_xpu_like_the_cpu_engine(xpu_engine, cpu_reference) -> None:  # type: ignore[no-untyped-def]
@@ -76,7 +76,7 @@ def test_a_bug_is_not_mistaken_for_a_device_error(xpu_engine, fake_gpu) -> None:
 @pytest.mark.slow
 def test_repeated_device_errors_fall_back_to_the_cpu_engine_mid_stream(cpu_reference, caplog) -> None:  # type: ignore[no-untyped-def]
     gpu = FakeXpu()
-    engine = IpexEngine.load(None, device=XpuDevice(fake_runtime(gpu)), config=EngineConfig(precision="fp32"), max_retries=2)
+    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(gpu)), config=EngineConfig(precision="fp32"), max_retries=2)
     gpu.fail(*(RuntimeError(DEVICE_LOST) for _ in range(3)), after=10)  # the 10th decode step keeps failing
     with caplog.at_level(logging.WARNING):
         run = run_greedy(engine, greedy_task())
@@ -95,7 +95,7 @@ def test_repeated_device_errors_fall_back_to_the_cpu_engine_mid_stream(cpu_refer
 def test_model_that_does_not_fit_is_refused_before_loading() -> None:
     gpu = FakeXpu(total=8 * GiB, free=100 * 2**20)
     with pytest.raises(IPEXMemoryError) as caught:
-        IpexEngine.load(None, device=XpuDevice(fake_runtime(gpu)), config=EngineConfig(precision="bf16"))
+        load_ipex_engine(None, device=XpuDevice(fake_runtime(gpu)), config=EngineConfig(precision="bf16"))
     error = caught.value
     assert error.free_bytes == 100 * 2**20 and error.needed_bytes and error.needed_bytes > error.free_bytes
     assert "needs about" in str(error) and "only 0.10 GiB is free" in str(error)
@@ -133,7 +133,7 @@ def test_instance_on_a_node_without_its_driver_falls_back_with_one_log_line(tmp_
 
 @pytest.mark.slow
 def test_without_ipex_an_intel_gpu_gets_torch_compile(cpu_reference_with_logits) -> None:  # type: ignore[no-untyped-def]
-    engine = IpexEngine.load(None, device=XpuDevice(fake_runtime(FakeXpu())), config=EngineConfig(precision="fp32"), compile_model=True)
+    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(FakeXpu())), config=EngineConfig(precision="fp32"), compile_model=True)
     layers = engine.loaded.stage.args.num_hidden_layers
     assert engine.optimization.startswith(f"torch.compile of {3 * layers + 1} MLP and norm layers")
     detail = compare_with_reference(engine, *cpu_reference_with_logits)

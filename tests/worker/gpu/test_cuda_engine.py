@@ -80,7 +80,7 @@ def test_static_step_logits_within_bf16_tolerance_of_fp32():
 
 
 def test_cuda_engine_matches_cpu_engine_greedy():
-    """Issue 3's consistency check: the CUDA engine answers as the CPU engine does (same weights, fp32)."""
+    """The CUDA engine answers as the CPU engine does (same weights, fp32)."""
     args = model_args(CONFIG)
     weights = random_weights(args, torch.float32, "cpu", seed=3)
     weights["model.embed_tokens.weight"] *= 50

@@ -7,12 +7,16 @@ Nothing here imports IPEX; `utils_ipex` does, lazily, after checking the version
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 
 from ringlet.models.cache import StaticKVCache
+from ringlet.models.loader import LoadedStage
 from ringlet.models.tokenizer import Tokenizer
+
+IpexMode = Literal["auto", "require", "off"]  # use IPEX when usable / fail without it / never use it
 
 
 class IPEXEngineError(RuntimeError):
@@ -41,6 +45,18 @@ class IPEXModel(Protocol):
     def make_cache(self, batch_size: int, max_seq_len: int) -> StaticKVCache: ...
 
 
+@dataclass
+class IpexLoadedModel:
+    """A model loaded for the ipex engine (`utils_ipex.load_ipex_model`), ready to become an `IpexEngine`."""
+
+    stage: LoadedStage
+    model: IPEXModel
+    precision: str
+    context_length: int
+    optimization: str  # what was applied, e.g. "ipex.optimize (bf16): 211 of 211 linear layers prepacked"
+    ipex_version: str | None
+
+
 class IPEXTokenizerWrapper(Tokenizer):
     """The torch engines' tokenizer, plus a bounds check on every encoded id.
 
@@ -67,4 +83,5 @@ class IPEXTokenizerWrapper(Tokenizer):
         return ids
 
 
-__all__ = ["IPEXDriverError", "IPEXEngineError", "IPEXMemoryError", "IPEXModel", "IPEXTokenizerWrapper"]
+__all__ = ["IPEXDriverError", "IPEXEngineError", "IPEXMemoryError", "IPEXModel", "IPEXTokenizerWrapper",
+           "IpexLoadedModel", "IpexMode"]

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
@@ -12,14 +11,15 @@ from ringlet.models.cache import StaticKVCache
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
-from ringlet.worker.engines.ipex import IPEXModel, IPEXTokenizerWrapper
-from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, open_xpu
+from ringlet.worker.engines.ipex import IpexLoadedModel, IPEXModel, IPEXTokenizerWrapper
+from ringlet.worker.engines.ipex.device import ComputeDevice
 from ringlet.worker.engines.ipex.generator.generate import DeviceForward, ipex_generate
-from ringlet.worker.engines.ipex.utils_ipex import IpexLoadedModel, IpexMode, load_ipex_model
 from ringlet.worker.engines.torch.generate import Forward, TextGenerator
 
 
 class IpexEngine:
+    """A loaded model (`utils_ipex.load_ipex_engine` builds one) behind the device guard of `DeviceForward`."""
+
     name = "ipex"
 
     def __init__(self, loaded: IpexLoadedModel, device: ComputeDevice, model_ref: str | Path | None,
@@ -36,16 +36,6 @@ class IpexEngine:
         # The loop runs on the host: ids go to the device inside forward, logits come back (see DeviceForward).
         self.generator = TextGenerator(self.forward, self.tokenizer, self.context_length, args.vocab_size, "cpu")
 
-    @classmethod
-    def load(
-        cls, model: str | Path | None = None, device: str | ComputeDevice = "xpu", config: EngineConfig = EngineConfig(),
-        ipex: IpexMode = "auto", compile_model: bool | None = None, max_retries: int = 3,
-    ) -> IpexEngine:
-        """device: "xpu", "xpu:N", "cpu" (IPEX's CPU backend) or a ComputeDevice."""
-        target = _device(device)
-        loaded = load_ipex_model(model, target, config.precision, config.max_context, ipex, compile_model)
-        return cls(loaded, target, model, config, max_retries)
-
     @property
     def fallback_reason(self) -> str | None:
         return self.forward.fallback_reason
@@ -53,7 +43,6 @@ class IpexEngine:
     def _device_forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         assert self.model is not None and self.cache is not None, "the device model is gone after a fallback"
         logits = self.model(ids, self.cache, start, last_logits_only=True)
-        self.cache.offset = start + ids.shape[1]
         return logits[:, -1]
 
     def _load_cpu_fallback(self) -> Forward:
@@ -67,26 +56,14 @@ class IpexEngine:
         self.name = "cpu"
         return cpu.generator.forward
 
-    def warmup(self) -> float:
+    def warmup(self) -> None:
         """One short generation: compiles (torch.compile) or primes IPEX's kernels before the first request."""
-        began = time.perf_counter()
         run_warmup_request(self)
-        return time.perf_counter() - began
 
-    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         return ipex_generate(self.generator, task)
 
     def close(self) -> None:
         self.model = self.cache = None
         self.device.empty_cache()
 
-
-def _device(device: str | ComputeDevice) -> ComputeDevice:
-    if not isinstance(device, str):
-        return device
-    kind, _, index = device.partition(":")
-    if kind == "cpu":
-        return HostDevice()
-    if kind == "xpu":
-        return open_xpu(index=int(index or 0))
-    raise ValueError(f"the ipex engine runs on 'xpu', 'xpu:N' or 'cpu' (IPEX's CPU backend), not {device!r}")

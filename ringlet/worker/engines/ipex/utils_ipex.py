@@ -10,32 +10,27 @@ Optimisation, in order of preference:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from ringlet.models.config import ModelArgs
 from ringlet.models.llama import MLP, RMSNorm
-from ringlet.models.loader import LoadedStage, load_stage, read_model_config
+from ringlet.models.loader import load_stage, read_model_config
 from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT, PRECISIONS, EngineConfig
 from ringlet.shared.instances import BoundInstance
 from ringlet.worker.engines.engine_utils import ipex_status
-from ringlet.worker.engines.ipex import IPEXEngineError, IPEXMemoryError, IPEXModel
-from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice
-
-if TYPE_CHECKING:
-    from ringlet.worker.engines.ipex.engine import IpexEngine
+from ringlet.worker.engines.ipex import IPEXEngineError, IpexLoadedModel, IPEXMemoryError, IpexMode
+from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, open_xpu
+from ringlet.worker.engines.ipex.engine import IpexEngine
 
 log = logging.getLogger(__name__)
 
 IPEX_INSTALL_FIX = ("pip install 'ringlet[ipex]' (PyTorch 2.8 with intel-extension-for-pytorch 2.8, its last "
                     "release); without it the engine runs on native torch.xpu")
-IpexMode = Literal["auto", "require", "off"]  # use IPEX when usable / fail without it / never use it
 IPEX_PRECISIONS = tuple(p for p in PRECISIONS if p != "int4")  # IPEX's weight-only quantisation is int8
 PREFILL_CHUNK = 512  # TextGenerator's default; sizes the activation workspace below
 
@@ -104,16 +99,6 @@ def check_fits(device: ComputeDevice, needed: int, what: str) -> None:
             "use a smaller model or precision, lower the context length, or split the model across more nodes",
             needed_bytes=needed, free_bytes=free,
         )
-
-
-@dataclass
-class IpexLoadedModel:
-    stage: LoadedStage
-    model: IPEXModel
-    precision: str
-    context_length: int
-    optimization: str  # what was applied, e.g. "ipex.optimize (bf16): 211 of 211 linear layers prepacked"
-    ipex_version: str | None
 
 
 def _count_ipex_modules(model: nn.Module) -> int:
@@ -190,9 +175,28 @@ def load_ipex_model(
                            getattr(ipex, "__version__", None))
 
 
+def load_ipex_engine(
+    model: str | Path | None = None, device: str | ComputeDevice = "xpu", config: EngineConfig = EngineConfig(),
+    ipex: IpexMode = "auto", compile_model: bool | None = None, max_retries: int = 3,
+) -> IpexEngine:
+    """The ipex engine of a whole model; device: "xpu", "xpu:N", "cpu" (IPEX's CPU backend) or a ComputeDevice."""
+    target = _device(device)
+    loaded = load_ipex_model(model, target, config.precision, config.max_context, ipex, compile_model)
+    return IpexEngine(loaded, target, model, config, max_retries)
+
+
 def initialize_ipex(bound_instance: BoundInstance, config: EngineConfig, device: str | ComputeDevice = "xpu"
                     ) -> IpexEngine:
     """The engine of a single-stage instance on this node's Intel GPU (or IPEX's CPU backend with device "cpu")."""
-    from ringlet.worker.engines.ipex.engine import IpexEngine
+    return load_ipex_engine(bound_instance.instance.model, device=device, config=config)
 
-    return IpexEngine.load(bound_instance.instance.model, device=device, config=config)
+
+def _device(device: str | ComputeDevice) -> ComputeDevice:
+    if not isinstance(device, str):
+        return device
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return HostDevice()
+    if kind == "xpu":
+        return open_xpu(index=int(index or 0))
+    raise ValueError(f"the ipex engine runs on 'xpu', 'xpu:N' or 'cpu' (IPEX's CPU backend), not {device!r}")

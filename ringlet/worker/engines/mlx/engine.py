@@ -11,8 +11,7 @@ each step hands one row of logits from MLX to torch, a copy of vocab_size floats
 from __future__ import annotations
 
 import importlib
-import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +145,10 @@ class MlxEngine:
         self.mx.eval(logits)
         return torch.from_numpy(np.array(logits, copy=True))
 
-    def warmup(self) -> float:
-        began = time.perf_counter()
+    def warmup(self) -> None:
         run_warmup_request(self)
-        return time.perf_counter() - began
 
-    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         return self.generator.generate(task)
 
     def close(self) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -17,6 +17,9 @@ from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.torch.generate import TextGenerator
 from ringlet.worker.engines.torch.static_decode import StaticDecoder
+
+if TYPE_CHECKING:
+    from ringlet.models.llama import Transformer
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -64,7 +67,7 @@ class TorchEngine:
         self.stage, self.device = stage, device
         self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
         self.context_length = min(stage.args.context_length, config.max_context)
-        self.cache = stage.model.make_cache(1, self.context_length)
+        self.cache = cast("Transformer", stage.model).make_cache(1, self.context_length)  # every architecture's stage
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile = device.type != "cpu" or config.cpu_compile
         self.decoder: StaticDecoder | None = None
@@ -92,22 +95,17 @@ class TorchEngine:
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         if self.decoder is not None and self.decoder.ready and ids.shape[1] == 1:
-            self.cache.offset = start + 1
             return self.decoder(ids, start)
         logits = self.stage.model(ids, self.cache, start, last_logits_only=True)
-        self.cache.offset = start + ids.shape[1]
         return logits[:, -1]
 
-    def warmup(self) -> float:
-        """Capture the decode graphs (CUDA) or compile the decode step (CPU), then run one short generation, so
-        no request pays for them."""
-        began = time.perf_counter()
+    def warmup(self) -> None:
+        """Capture the decode graphs (CUDA) or compile the decode step (CPU), then run one short generation."""
         if self.decoder is not None:
             self.decoder.warm()
         run_warmup_request(self)
-        return time.perf_counter() - began
 
-    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         with torch.inference_mode():
             yield from self.generator.generate(task)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import triton
@@ -30,7 +32,7 @@ from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.cache import StaticKVCache
-from ringlet.models.llama import Transformer
+from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -253,7 +255,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for name, param in model.named_parameters():
         if not param.is_contiguous():
             return f"{name} is not contiguous"
-    projections = [model.lm_head] + [m for block in model.layers for m in (
+    projections = [model.lm_head] + [m for block in cast("Iterable[Block]", model.layers) for m in (
         block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)]
     if any(type(m) is not nn.Linear for m in projections):
         return "quantised projections"
@@ -307,10 +309,10 @@ class FusedDecodeStep:
             NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=self.pdl, **self.launch,
         )
 
-    def _attend(self, layer: int, attention: nn.Module) -> None:
+    def _attend(self, layer: int, attention: Attention) -> None:
         qk_norm = attention.q_norm is not None
-        q_norm = attention.q_norm.weight if qk_norm else self.cos
-        k_norm = attention.k_norm.weight if qk_norm else self.cos
+        q_norm = cast(RMSNorm, attention.q_norm).weight if qk_norm else self.cos  # k_norm exists with q_norm
+        k_norm = cast(RMSNorm, attention.k_norm).weight if qk_norm else self.cos
         _attention_split[(self.kv_heads, self.splits)](
             self.qkv, self.cache.keys[layer], self.cache.values[layer], self.cos, self.sin, self.position,
             q_norm, k_norm, self.part_acc, self.part_max, self.part_sum, self.cache.max_seq_len, self.eps,
@@ -324,8 +326,10 @@ class FusedDecodeStep:
     def __call__(self, kv_len: int | None = None) -> torch.Tensor:
         """Logits [1, V] of the token in `token` at `position` (`kv_len` is unused: attention reads the position)."""
         model = self.model
+        # a whole model (unsupported_reason): embedding, norm and lm_head all there
+        assert model.embed_tokens is not None and model.norm is not None and model.lm_head is not None
         torch.index_select(model.embed_tokens.weight, 0, self.token.view(1), out=self.hidden)
-        for i, block in enumerate(model.layers):
+        for i, block in enumerate(cast("Iterable[Block]", model.layers)):
             attention, mlp = block.self_attn, block.mlp
             self._project(self.hidden, attention.qkv_proj, self.qkv, norm=block.input_layernorm.weight)
             self._attend(i, attention)

@@ -7,14 +7,14 @@ token at a time: sample, detokenise, watch for end-of-sequence and stop strings,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 import torch
 
-from ringlet.shared.errors import ContextWindowError
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
+from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, Timings, Usage
 
 # forward(token_ids [1, L], start_position) -> logits of the last position [1, V]
@@ -97,7 +97,7 @@ class TextGenerator:
         self._copied.synchronize()
         return int(self._host_token[0]), logits
 
-    def generate(self, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         ids = prompt_ids(self.tokenizer, task)
         self.check_fits(ids)
         room = self.context_length - len(ids)
@@ -105,6 +105,7 @@ class TextGenerator:
         sampler = self.sampler_for(task.sampling, ids)
 
         started = time.perf_counter()
+        logits: torch.Tensor | None  # None: the next step's logits are not computed yet
         logits = self._prefill(ids)
         detok, stops = StreamingDetokenizer(self.tokenizer), StopMatcher(task.stop)
         first_token_at, finish, generated = 0.0, "length", 0

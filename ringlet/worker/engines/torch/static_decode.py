@@ -20,12 +20,16 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.shared.config import CudaCompile, EngineConfig
+
+if TYPE_CHECKING:
+    from ringlet.models.llama import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ def linear_buckets(context_length: int, step: int = 128) -> list[int]:
     return list(range(step, context_length, step)) + [context_length]
 
 
-def compile_step(step, level: CudaCompile = "tuned", dynamic: bool = False):  # type: ignore[no-untyped-def]
+def compile_step(step, level: CudaCompile = "tuned", dynamic: bool = False):
     """torch.compile `step` whole; `level` (EngineConfig.cuda_compile) sets how hard inductor tunes its kernels."""
     import torch._inductor.config as inductor
 
@@ -53,7 +57,7 @@ def compile_step(step, level: CudaCompile = "tuned", dynamic: bool = False):  # 
     return torch.compile(step, fullgraph=True, mode=mode, dynamic=dynamic or None)
 
 
-def fused_step(model: nn.Module, cache: StaticKVCache, token: torch.Tensor, position: torch.Tensor):  # type: ignore[no-untyped-def]
+def fused_step(model: nn.Module, cache: StaticKVCache, token: torch.Tensor, position: torch.Tensor):
     """The fused Triton decode step of `model`, or None (no Triton, or a model it cannot run: the reason is
     logged)."""
     try:
@@ -65,7 +69,7 @@ def fused_step(model: nn.Module, cache: StaticKVCache, token: torch.Tensor, posi
     if reason is not None:
         log.info("fused decode step not used (%s); compiling the model's step instead", reason)
         return None
-    return FusedDecodeStep(model, cache, token, position)
+    return FusedDecodeStep(cast("Transformer", model), cache, token, position)  # unsupported_reason checked it
 
 
 def use_persistent_compile_caches(home: Path) -> None:
@@ -95,7 +99,8 @@ class StaticDecoder:
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.buckets = linear_buckets(context_length) if self.on_cpu else buckets_for(context_length)
-        model._rope(0, context_length, next(model.parameters()).dtype)  # built now, not inside the graph
+        # built now, not inside the graph
+        cast("Transformer", model)._rope(0, context_length, next(model.parameters()).dtype)
         fused = capture and not self.on_cpu and config.cuda_decode == "fused"
         self.fused = fused_step(model, cache, self.token, self.position) if fused else None
         if self.fused is not None:
@@ -105,7 +110,7 @@ class StaticDecoder:
         else:
             self.step = self._step
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+        self.pool: torch.cuda._POOL_HANDLE | None = None
         self.use_graphs = capture and not self.on_cpu  # False: the same step without graphs (also a test reference)
         self.ready = not (self.on_cpu and compile)  # a CPU step is compiled at warm-up, not by a user's request
 

@@ -18,6 +18,7 @@ import torch
 
 from ringlet.worker.engines.engine_utils import ipex_status
 from ringlet.worker.engines.ipex.engine import IpexEngine
+from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
 from ringlet.shared.config import EngineConfig
 from tests.support.greedy import assert_parting_is_a_near_tie, compare_with_reference, greedy_task, run_greedy
 
@@ -52,7 +53,7 @@ def test_ipex_is_importable_and_matches_torch() -> None:
 
 def test_fp32_through_ipex_optimize_gives_the_cpu_engines_greedy_tokens(cpu_reference_with_logits) -> None:  # type: ignore[no-untyped-def]
     reference = cpu_reference_with_logits[0]
-    engine = IpexEngine.load(None, device="cpu", config=EngineConfig(precision="fp32"), ipex="require")
+    engine = load_ipex_engine(None, device="cpu", config=EngineConfig(precision="fp32"), ipex="require")
     layers = ipex_layer_types(engine)
     assert engine.optimization.startswith("ipex.optimize (fp32)"), engine.optimization
     blocks = engine.loaded.stage.args.num_hidden_layers
@@ -65,7 +66,7 @@ def test_fp32_through_ipex_optimize_gives_the_cpu_engines_greedy_tokens(cpu_refe
 
 @pytest.mark.parametrize("precision, layer_type", [("bf16", "_IPEXLinear"), ("int8", "WeightOnlyQuantizedLinear")])
 def test_low_precision_divergence_is_a_near_tie(cpu_reference_with_logits, precision: str, layer_type: str) -> None:  # type: ignore[no-untyped-def]
-    engine = IpexEngine.load(None, device="cpu", config=EngineConfig(precision=precision), ipex="require")
+    engine = load_ipex_engine(None, device="cpu", config=EngineConfig(precision=precision), ipex="require")
     layers = ipex_layer_types(engine)
     assert layers.get(layer_type, 0) >= 4 * engine.loaded.stage.args.num_hidden_layers, layers
     detail = compare_with_reference(engine, *cpu_reference_with_logits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 import torch
 
@@ -96,7 +96,7 @@ class DeviceForward:
         return logits.float()
 
 
-def ipex_generate(generator: TextGenerator, task: TextGenerationTask) -> Iterator[GenerationChunk]:
+def ipex_generate(generator: TextGenerator, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
     """Stream one task; inference mode keeps autograd bookkeeping off the device."""
     with torch.inference_mode():
         yield from generator.generate(task)

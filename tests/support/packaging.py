@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-NIX_STUB = Path(__file__).resolve().parent / "nixpkgs_stub"
+NIX_STUB = REPO / "tests" / "packaging" / "nixpkgs_stub"
 
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
