@@ -13,7 +13,7 @@ from ringlet.cli import build_parser
 
 
 def ringlet(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ringlet", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "ringlet", *args], check=False, capture_output=True, text=True, timeout=timeout)
 
 
 def subcommands() -> list[str]:
@@ -65,12 +65,12 @@ def test_bench_json():
 
 def test_settings_come_from_the_environment_and_a_bad_one_is_one_clear_line():
     env = {**os.environ, "RINGLET_ENGINE": "tpu"}
-    result = subprocess.run([sys.executable, "-m", "ringlet", "run", "hi"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "ringlet", "run", "hi"], check=False, capture_output=True, text=True,
                             timeout=120, env=env)
     assert result.returncode == 2 and "unknown engine 'tpu'" in result.stderr and "Traceback" not in result.stderr
     env = {**os.environ, "RINGLET_PRECISION": "int3"}
     for command in (["run", "hi"], ["node", "--api-port", "1"]):
-        result = subprocess.run([sys.executable, "-m", "ringlet", *command], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "ringlet", *command], check=False, capture_output=True, text=True,
                                 timeout=120, env=env)
         assert result.returncode == 2, result.stderr
         assert "RINGLET_PRECISION='int3' is not one of" in result.stderr and "Traceback" not in result.stderr

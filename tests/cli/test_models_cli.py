@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ringlet.cli import main
-from tests.support.hub import NUM_LAYERS, REPO_ID
 from tests.support.fake_hub import FakeHub
+from tests.support.hub import NUM_LAYERS, REPO_ID
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

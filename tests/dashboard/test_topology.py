@@ -8,7 +8,12 @@ from playwright.sync_api import expect
 
 from tests.support.dashboard import DashboardPage
 from tests.support.intel_node import (
-    INTEL_GPU_NAME, INTEL_NODE_ID, INTEL_NODE_NAME, IPEX_VERSION, add_intel_node, remove_intel_node,
+    INTEL_GPU_NAME,
+    INTEL_NODE_ID,
+    INTEL_NODE_NAME,
+    IPEX_VERSION,
+    add_intel_node,
+    remove_intel_node,
 )
 
 JOIN_LEAVE_S = 2  # a node joining or leaving shows within this

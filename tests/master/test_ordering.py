@@ -9,7 +9,7 @@ from collections.abc import Callable
 from ringlet.master.ordering import EventOrder
 from ringlet.net.membership import Member
 from ringlet.shared.messages import Ordered, Proposal
-from ringlet.shared.state import Event, LinkUp, Link, MasterChanged, NodeJoined, NodeLeft, State, apply
+from ringlet.shared.state import Event, Link, LinkUp, MasterChanged, NodeJoined, NodeLeft, State, apply
 from tests.support.node_infos import node_info
 
 

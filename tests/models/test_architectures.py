@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -9,11 +10,11 @@ import torch
 import transformers
 
 from ringlet.models import safetensors_loader
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.registry import build_stage, model_args
+from ringlet.shared.errors import ModelLoadError
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5)
+TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=True, rope_theta=50000.0),
@@ -94,7 +95,7 @@ def test_chunked_prefill_equals_one_pass(checkpoint):  # type: ignore[no-untyped
 def test_chained_stages_equal_whole_model(checkpoint, cuts):  # type: ignore[no-untyped-def]
     _, path = checkpoint
     bounds = [0, *cuts, TINY["num_hidden_layers"]]
-    stages = [load(path, a, b) for a, b in zip(bounds, bounds[1:])]
+    stages = [load(path, a, b) for a, b in itertools.pairwise(bounds)]
     whole = load(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     h: torch.Tensor = ids
@@ -121,7 +122,7 @@ def test_half_range_reads_only_its_files(tmp_path):  # type: ignore[no-untyped-d
 
 def test_truncated_safetensors_is_a_clear_error(tmp_path):  # type: ignore[no-untyped-def]
     make_checkpoint("llama", tmp_path)
-    victim = sorted(tmp_path.glob("*.safetensors"))[0]
+    victim = min(tmp_path.glob("*.safetensors"))
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="truncated|corrupt"):
         load(tmp_path)

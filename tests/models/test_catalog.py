@@ -15,11 +15,11 @@ from ringlet.models.catalog import (
     resolve_card,
 )
 from ringlet.models.download import HubUnreachable, download_model
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.store import ModelStore
+from ringlet.shared.errors import ModelLoadError
 from ringlet.shared.instances import InstanceType
-from tests.support.hub import NUM_LAYERS, REPO_ID
 from tests.support.fake_hub import FakeHub
+from tests.support.hub import NUM_LAYERS, REPO_ID
 
 # Parameter counts as the model makers publish them (safetensors metadata / model cards).
 PUBLISHED_PARAMETERS = {

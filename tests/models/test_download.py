@@ -20,11 +20,11 @@ from ringlet.models.download import (
     RemoteFile,
     download_model,
 )
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.safetensors_loader import tensor_in_range
 from ringlet.models.store import INCOMPLETE_DIR, ModelStore, find_local
-from tests.support.hub import NUM_LAYERS, REPO_ID
+from ringlet.shared.errors import ModelLoadError
 from tests.support.fake_hub import FakeHub, HubRepo
+from tests.support.hub import NUM_LAYERS, REPO_ID
 
 DOWNLOAD_CHUNK = 10 * 1024 * 1024  # huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE
 MODEL_FILES = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

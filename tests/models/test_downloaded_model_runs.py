@@ -7,13 +7,13 @@ import torch
 
 from ringlet.models.download import download_model
 from ringlet.models.embedded import embedded_model_path
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.loader import load_stage
 from ringlet.models.store import find_local
+from ringlet.shared.errors import ModelLoadError
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
-from tests.support.hub import NUM_LAYERS, REPO_ID
 from tests.support.fake_hub import FakeHub, HubRepo
+from tests.support.hub import NUM_LAYERS, REPO_ID
 
 
 def test_downloaded_model_matches_transformers_and_generates(hub: FakeHub) -> None:

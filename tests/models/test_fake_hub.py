@@ -7,8 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-from tests.support.hub import REPO_ID
 from tests.support.fake_hub import FakeHub
+from tests.support.hub import REPO_ID
 
 
 def test_huggingface_hub_downloads_from_the_fake_hub(hub: FakeHub, tiny_checkpoint: dict[str, bytes],

@@ -13,9 +13,9 @@ from gguf import GGMLQuantizationType as Q
 
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import embedded_model_path
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.gguf_loader import GGUFModel, dequantize_tensor
-from tests.support.tiny_gguf import HEAD_DIM, HIDDEN, LAYER_WEIGHTS, LAYERS, encode, raw_dtype, write_tiny_gguf
+from ringlet.shared.errors import ModelLoadError
+from tests.support.tiny_gguf import HEAD_DIM, HIDDEN, LAYER_WEIGHTS, LAYERS, encode, write_tiny_gguf
 
 # ---- the embedded model -------------------------------------------------------------------
 

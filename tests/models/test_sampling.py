@@ -112,9 +112,9 @@ def test_sampling_respects_top_k_mask():
     assert set(drawn.tolist()) == {0, 1}
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(min_p=2),
-                                 dict(top_k=-3), dict(repetition_penalty=0), dict(presence_penalty=3),
-                                 dict(frequency_penalty=-2.5), dict(seed=-1), dict(unknown=1)])
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"min_p": 2},
+                                 {"top_k": -3}, {"repetition_penalty": 0}, {"presence_penalty": 3},
+                                 {"frequency_penalty": -2.5}, {"seed": -1}, {"unknown": 1}])
 def test_bad_params_rejected_with_field_name(bad):
     with pytest.raises(pydantic.ValidationError) as info:
         SamplingParams(**bad)

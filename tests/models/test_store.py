@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.store import (
     INCOMPLETE_DIR,
     MANIFEST_FILE,
@@ -18,6 +17,7 @@ from ringlet.models.store import (
     model_lock,
     ringlet_home,
 )
+from ringlet.shared.errors import ModelLoadError
 from tests.support.hub import NUM_LAYERS
 
 

@@ -13,8 +13,8 @@ import pytest
 from tokenizers import pre_tokenizers
 
 from ringlet.models.embedded import embedded_model_path
-from ringlet.shared.errors import ModelLoadError
 from ringlet.models.tokenizer import DEFAULT_CHAT_TEMPLATE, StreamingDetokenizer, Tokenizer
+from ringlet.shared.errors import ModelLoadError
 
 SAMPLES = [
     "Hello, world!",

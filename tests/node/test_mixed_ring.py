@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.processes import Cluster
 from tests.support.instances import complete, create, delete, stream
+from tests.support.processes import Cluster
 
 pytestmark = pytest.mark.slow
 

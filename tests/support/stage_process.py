@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import sys
 
-from ringlet.shared.instances import BoundInstance
-from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.net.ring import host_store, join_store
 from ringlet.shared.config import EngineConfig
+from ringlet.shared.instances import BoundInstance
 from ringlet.shared.state import RingAddress
+from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.stages import FirstStage, RelayStage, load_for_stage
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from ringlet.master.placement import split_layers
+from ringlet.net.ring import MLX_RING_BACKEND, backend_for
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType, Instance, InstanceType, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
-from ringlet.net.ring import MLX_RING_BACKEND, backend_for
-from ringlet.shared.config import EngineConfig
 
 # the second prompt starts with the first: its request reuses the cached prefix, so every stage trims its cache
 PROMPTS = ["The capital of France is", "The capital of France is a city", "Water boils at"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
-from ringlet.shared.config import EngineConfig
 
 QUESTION = TextGenerationTask(messages=[ChatMessage(role="user", content="What is the capital of France?")],
                               max_tokens=40, sampling=SamplingParams(temperature=0))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
-from ringlet.shared.config import EngineConfig
 
 QUESTION = [ChatMessage(role="user", content="What is the capital of France?")]
 

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ringlet.shared.config import EngineConfig
 from ringlet.worker.engines.engine_utils import ipex_status
 from ringlet.worker.engines.ipex import IPEXEngineError
 from ringlet.worker.engines.ipex.device import XpuDevice
-from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
-from ringlet.worker.engines.ipex.utils_ipex import import_ipex
-from ringlet.shared.config import EngineConfig
+from ringlet.worker.engines.ipex.utils_ipex import import_ipex, load_ipex_engine
 from tests.support.xpu import FakeXpu, fake_runtime
 
 MATCHING = ".".join(torch.__version__.split(".")[:2]) + ".0"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ringlet.models.loader import read_model_config
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, Instance, Shard
 from ringlet.worker.engines.engine_init import initialize_engine
 from ringlet.worker.engines.engine_utils import ipex_status
@@ -19,7 +20,6 @@ from ringlet.worker.engines.ipex import IPEXDriverError, IPEXMemoryError, IPEXTo
 from ringlet.worker.engines.ipex.device import XpuDevice, open_xpu
 from ringlet.worker.engines.ipex.engine import IpexEngine
 from ringlet.worker.engines.ipex.utils_ipex import estimate_bytes, load_ipex_engine
-from ringlet.shared.config import EngineConfig
 from tests.support.greedy import assert_parting_is_a_near_tie, compare_with_reference, greedy_task, run_greedy
 from tests.support.xpu import INTEL_ARC_ON_BUS, FakeXpu, GiB, fake_runtime, probes
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ringlet.shared.config import EngineConfig
 from ringlet.worker.engines.engine_utils import ipex_status
 from ringlet.worker.engines.ipex.engine import IpexEngine
 from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
-from ringlet.shared.config import EngineConfig
 from tests.support.greedy import assert_parting_is_a_near_tie, compare_with_reference, greedy_task, run_greedy
 
 # Largest gap allowed between the IPEX model's best logit and its logit for the reference token, at any
