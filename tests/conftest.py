@@ -21,8 +21,8 @@ if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# fixtures shared across directories: the fake hub and its tiny checkpoint, live nodes
-pytest_plugins = ["tests.support.hub"]
+# fixtures shared across directories: the fake hub and its tiny checkpoint, the API over a fake node, live nodes
+pytest_plugins = ["tests.support.hub", "tests.support.fake_api"]
 
 
 @pytest.fixture(scope="session")

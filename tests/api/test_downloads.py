@@ -9,9 +9,9 @@ import httpx
 
 from ringlet.api.app import create_app
 from ringlet.node import Node
-from tests.support.node_infos import node_info
-from tests.support.hub import REPO_ID
 from tests.support.fake_hub import FakeHub
+from tests.support.hub import REPO_ID
+from tests.support.node_infos import node_info
 
 
 async def exercise(node: Node) -> dict[str, object]:

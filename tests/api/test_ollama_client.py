@@ -1,4 +1,5 @@
-"""The official `ollama` client against a live node serving the embedded model."""
+"""The Ollama-compatible API through the official `ollama` client: /api/tags, /api/chat and /api/generate (whole or
+as newline-delimited JSON), the options each request turns into for the node, and errors in Ollama's shape."""
 
 from __future__ import annotations
 
@@ -8,57 +9,127 @@ import httpx
 import ollama
 import pytest
 
-from tests.support.processes import LiveNode
+from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.shared.errors import TaskError
+from ringlet.shared.tasks import ChatMessage, SamplingParams
+from tests.support.fake_node import REPLY, FakeNode, prompt_tokens
+
+ANSWER = "".join(REPLY)
+REPLY_TOKENS = len(REPLY) + 1  # and the end-of-sequence token
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def client(live_node: LiveNode) -> ollama.Client:
-    return ollama.Client(host=live_node.url, timeout=120)
+@pytest.fixture
+def client(url: str) -> ollama.Client:
+    return ollama.Client(host=url, timeout=30)
 
 
-def test_list_shows_the_embedded_model(client: ollama.Client, model_id: str) -> None:
-    names = [m.model for m in client.list().models]
-    assert f"{model_id}:latest" in names
-    model = next(m for m in client.list().models if m.model == f"{model_id}:latest")
-    assert model.size and model.details and model.details.family == "llama"
+def test_list_shows_the_catalog_with_the_embedded_model(client: ollama.Client) -> None:
+    models = {m.model: m for m in client.list().models}
+    embedded = models[f"{EMBEDDED_MODEL_ID}:latest"]
+    assert embedded.size and embedded.digest and embedded.details and embedded.details.family == "llama"
+    assert embedded.details.format == "gguf" and (embedded.details.parameter_size or "").endswith("B")
+    assert len(models) > 1 and all((name or "").endswith(":latest") for name in models)
 
 
-def test_chat(client: ollama.Client, model_id: str) -> None:
-    reply = client.chat(model=f"{model_id}:latest", options={"temperature": 0, "num_predict": 12},
-                        messages=[{"role": "user", "content": "What is the capital of France?"}])
-    assert "Paris" in (reply.message.content or "")
-    assert reply.done and reply.done_reason in ("stop", "length") and reply.eval_count
+def test_chat(client: ollama.Client, node: FakeNode) -> None:
+    reply = client.chat(model=f"{EMBEDDED_MODEL_ID}:latest", options={"temperature": 0, "num_predict": 12},
+                        messages=QUESTION)
+    assert reply.message.content == ANSWER and reply.message.role == "assistant"
+    assert reply.model == f"{EMBEDDED_MODEL_ID}:latest", "the model as the request named it, as Ollama does"
+    (task,) = node.submitted
+    assert task.messages == [ChatMessage(role="user", content="What is the capital of France?")]
+    assert task.max_tokens == 12 and task.sampling.greedy
+    assert reply.done and reply.done_reason == "stop"
+    assert (reply.prompt_eval_count, reply.eval_count) == (prompt_tokens(task), REPLY_TOKENS)
+    assert reply.total_duration and reply.prompt_eval_duration and reply.eval_duration
 
 
-def test_chat_streams_lines(client: ollama.Client, model_id: str) -> None:
-    parts = list(client.chat(model=model_id, stream=True, options={"temperature": 0, "num_predict": 12},
-                             messages=[{"role": "user", "content": "What is the capital of France?"}]))
-    assert len(parts) > 2 and parts[-1].done and not any(p.done for p in parts[:-1])
-    assert "Paris" in "".join(p.message.content or "" for p in parts)
-    assert parts[-1].prompt_eval_count and parts[-1].eval_count
+def test_chat_streams_lines(client: ollama.Client, node: FakeNode) -> None:
+    parts = list(client.chat(model=EMBEDDED_MODEL_ID, stream=True, options={"num_predict": 3}, messages=QUESTION))
+    assert len(parts) == 3 + 1 and parts[-1].done and not any(p.done for p in parts[:-1])
+    assert "".join(p.message.content or "" for p in parts) == "The capital of"
+    assert parts[-1].done_reason == "length" and parts[-1].message.content == ""
+    assert (parts[-1].prompt_eval_count, parts[-1].eval_count) == (prompt_tokens(node.submitted[-1]), 3)
 
 
-def test_generate(client: ollama.Client, model_id: str) -> None:
-    reply = client.generate(model=model_id, prompt="What is the capital of France?",
-                            options={"temperature": 0, "num_predict": 12})
-    assert "Paris" in (reply.response or "") and reply.done
-    raw = list(client.generate(model=model_id, prompt="1, 2, 3,", raw=True, stream=True,
+def test_the_stream_is_one_json_object_per_line(url: str) -> None:
+    body = {"model": EMBEDDED_MODEL_ID, "messages": QUESTION, "options": {"stop": ["Paris"]}}
+    with httpx.stream("POST", url + "/api/chat", json=body, timeout=30) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-ndjson"
+        text = reply.read().decode()
+    assert text.endswith("\n") and "\n\n" not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
+    assert all(line["message"]["content"] for line in lines[:-1]), "no line of empty text before the last"
+    assert "".join(line["message"]["content"] for line in lines) == "The capital of France is "
+    assert lines[-1]["done_reason"] == "stop" and lines[-1]["load_duration"] == 0
+    assert all(line["created_at"].endswith("Z") and line["model"] == EMBEDDED_MODEL_ID for line in lines)
+
+
+def test_generate(client: ollama.Client, node: FakeNode) -> None:
+    reply = client.generate(model=EMBEDDED_MODEL_ID, prompt="What is the capital of France?",
+                            system="Answer briefly.", options={"temperature": 0, "num_predict": 12})
+    assert reply.response == ANSWER and reply.done and reply.done_reason == "stop"
+    assert node.submitted[-1].messages == [ChatMessage(role="system", content="Answer briefly."),
+                                           ChatMessage(role="user", content="What is the capital of France?")]
+    raw = list(client.generate(model=EMBEDDED_MODEL_ID, prompt="1, 2, 3,", raw=True, stream=True,
                                options={"temperature": 0, "num_predict": 3}))
-    assert raw[-1].done and raw[-1].eval_count == 3
-    loaded = client.generate(model=model_id, prompt="")
-    assert loaded.done and loaded.done_reason == "load"
+    assert node.submitted[-1].prompt == "1, 2, 3," and node.submitted[-1].messages is None
+    assert raw[-1].done and raw[-1].eval_count == 3 and raw[-1].done_reason == "length"
+    submitted = len(node.submitted)
+    loaded = client.generate(model=EMBEDDED_MODEL_ID, prompt="")
+    assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
+    assert len(node.submitted) == submitted, "an empty prompt only checks that the model is served"
+    with pytest.raises(ollama.ResponseError) as error:
+        client.generate(model="Qwen/Qwen3-0.6B", prompt="")
+    assert error.value.status_code == 503 and "POST /instance" in str(error.value.error)
+
+
+def test_options_reach_the_task(client: ollama.Client, node: FakeNode) -> None:
+    client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={
+        "temperature": 1.5, "top_p": 0.8, "top_k": 20, "min_p": 0.1, "seed": 7, "repeat_penalty": 1.2,
+        "presence_penalty": 0.3, "frequency_penalty": 0.4, "stop": ["Rome"], "num_predict": 5, "num_ctx": 2048})
+    task = node.submitted[-1]
+    assert task.sampling == SamplingParams(temperature=1.5, top_p=0.8, top_k=20, min_p=0.1, seed=7,
+                                           repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.4)
+    assert task.stop == ["Rome"] and task.max_tokens == 5
+    client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_predict": -1})
+    assert node.submitted[-1].max_tokens is None, "-1: until the model stops"
+    assert node.submitted[-1].sampling == SamplingParams(temperature=0.8), "Ollama's default temperature"
 
 
 def test_unknown_model_is_a_response_error(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert error.value.status_code == 404 and "no-such-model" in str(error.value.error)
+    assert EMBEDDED_MODEL_ID in str(error.value.error), "the message lists the models"
 
 
-def test_version_and_curl_style_bodies(live_node: LiveNode, model_id: str) -> None:
-    assert live_node.get("/api/version").json()["version"]
+def test_errors_have_ollama_shape(url: str, node: FakeNode) -> None:
+    invalid = httpx.post(url + "/api/chat", json={"model": EMBEDDED_MODEL_ID, "messages": QUESTION,
+                                                  "options": {"temperature": -1}})
+    assert invalid.status_code == 400 and "temperature" in invalid.json()["error"]
+    long_prompt = "hello " * (node.context_window + 10)
+    too_long = httpx.post(url + "/api/generate", json={"model": EMBEDDED_MODEL_ID, "prompt": long_prompt})
+    assert too_long.status_code == 400 and "context window" in too_long.json()["error"]
+
+    node.script = lambda: ["The", TaskError("runner_failed", "the runner of the instance exited with -9")]
+    with httpx.stream("POST", url + "/api/chat", json={"model": EMBEDDED_MODEL_ID, "messages": QUESTION},
+                      timeout=30) as reply:
+        assert reply.status_code == 200
+        lines = [json.loads(line) for line in reply.iter_lines()]
+    assert lines[0]["message"]["content"] == "The" and not lines[0]["done"]
+    assert lines[-1] == {"error": "the runner of the instance exited with -9"}
+    whole = httpx.post(url + "/api/chat", json={"model": EMBEDDED_MODEL_ID, "messages": QUESTION, "stream": False})
+    assert whole.status_code == 503 and whole.json() == {"error": "the runner of the instance exited with -9"}
+
+
+def test_version_and_curl_style_bodies(url: str, node: FakeNode) -> None:
+    assert httpx.get(url + "/api/version").json() == {"version": "0.6.0"}
     # `curl -d` sends form encoding; Ollama reads the body as JSON anyway
-    body = json.dumps({"model": model_id, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
-    reply = httpx.post(live_node.url + "/api/generate", content=body, timeout=60,
+    body = json.dumps({"model": EMBEDDED_MODEL_ID, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    reply = httpx.post(url + "/api/generate", content=body, timeout=30,
                        headers={"Content-Type": "application/x-www-form-urlencoded"})
-    assert reply.status_code == 200 and reply.json()["done"] is True
+    assert reply.status_code == 200 and reply.json()["done"] is True and reply.json()["response"] == "The capital"
+    assert node.submitted[-1].max_tokens == 2

@@ -1,118 +1,263 @@
-"""The official `openai` client against a live node serving the embedded model."""
+"""The OpenAI-compatible API through the official `openai` client: response shapes, streaming (role, usage chunk,
+finish reasons), what each request turns into for the node (messages, prompt, sampling, stop, max_tokens), echo,
+refusals as statuses and error shapes, errors in a stream, and a client that leaves mid-answer."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import time
+
+import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.support.processes import LiveNode
+from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.shared.errors import TaskError
+from ringlet.shared.tasks import ChatMessage, SamplingParams
+from tests.support.fake_node import REPLY, FakeNode, prompt_tokens
+from tests.support.processes import wait_until
 
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
+ANSWER = "".join(REPLY)
+# the reply's tokens and the end-of-sequence token after them
+REPLY_TOKENS = len(REPLY) + 1
 
 
-@pytest.fixture(scope="module")
-def client(live_node: LiveNode) -> openai.OpenAI:
-    return openai.OpenAI(base_url=live_node.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+@pytest.fixture
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
-def test_models_list_puts_the_served_model_first(client: openai.OpenAI, model_id: str) -> None:
+def test_models_list_puts_the_served_model_first(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert models[0].id == model_id
-    assert model_id == "SmolLM2-135M-Instruct"
+    assert models[0].id == EMBEDDED_MODEL_ID == "SmolLM2-135M-Instruct"
     assert len({m.id for m in models}) == len(models) > 1, "the catalog is listed too"
+    assert [m.id for m in models if m.model_extra and m.model_extra["ready"]] == [EMBEDDED_MODEL_ID]
 
 
-def test_chat_completion_answers(client: openai.OpenAI, model_id: str) -> None:
-    reply = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=12, temperature=0)
+def test_chat_completion_answers_with_the_generated_text_and_usage(client: openai.OpenAI, node: FakeNode) -> None:
+    reply = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12, temperature=0)
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.created > 0
-    assert reply.model == model_id
+    assert reply.model == EMBEDDED_MODEL_ID
     choice = reply.choices[0]
-    assert "Paris" in (choice.message.content or "")
-    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
-    assert reply.usage is not None and reply.usage.prompt_tokens > 5
+    assert choice.message.content == ANSWER and choice.message.role == "assistant" and choice.finish_reason == "stop"
+    (task,) = node.submitted
+    assert task.messages == [ChatMessage(role="user", content="What is the capital of France?")]
+    assert task.prompt is None and task.max_tokens == 12 and task.sampling.greedy and task.stop == []
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens(task), REPLY_TOKENS)
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
-def test_chat_completion_streams_with_a_usage_chunk(client: openai.OpenAI, model_id: str) -> None:
-    stream = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=12, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+def test_a_model_alias_or_an_instance_id_is_answered_under_the_model_id(client: openai.OpenAI,
+                                                                       node: FakeNode) -> None:
+    (instance_id,) = node.state.instances
+    for name in ("smollm2-135m", f"{EMBEDDED_MODEL_ID}:latest", instance_id):
+        reply = client.chat.completions.create(model=name, messages=QUESTION, max_tokens=2)
+        assert reply.model == EMBEDDED_MODEL_ID and node.submitted[-1].model == name
+
+
+def test_chat_completion_streams_with_a_usage_chunk(client: openai.OpenAI, node: FakeNode) -> None:
+    stream = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks) and len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert "Paris" in text
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finishes in (["stop"], ["length"])
+    assert all(c.choices[0].delta.role is None for c in chunks[1:] if c.choices)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop" and not any(finishes[:-1])
     usage_chunk = chunks[-1]
-    assert usage_chunk.choices == [] and usage_chunk.usage is not None
-    assert usage_chunk.usage.completion_tokens >= 1 and all(c.usage is None for c in chunks[:-1])
-    assert len({c.id for c in chunks}) == 1
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None and all(c.usage is None for c in chunks[:-1])
+    assert usage_chunk.usage.prompt_tokens == prompt_tokens(node.submitted[-1])
+    assert usage_chunk.usage.completion_tokens == REPLY_TOKENS
 
 
-def test_streaming_without_include_usage_has_no_usage_chunk(client: openai.OpenAI, model_id: str) -> None:
-    chunks = list(client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=3, stream=True))
+def test_streaming_without_include_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=3,
+                                                 stream=True))
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_max_tokens_and_stop_are_honoured(client: openai.OpenAI, model_id: str) -> None:
-    reply = client.chat.completions.create(model=model_id, messages=QUESTION, max_completion_tokens=2, temperature=0)
+def test_the_sse_stream_is_data_lines_ending_in_done(url: str) -> None:
+    body = {"model": EMBEDDED_MODEL_ID, "messages": QUESTION, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        assert reply.headers["cache-control"] == "no-cache"
+        text = reply.read().decode()
+    events = text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""], "every event ends in a blank line, the last is [DONE]"
+    chunks = events[:-2]
+    assert all(e.startswith("data: {") for e in chunks)
+    assert len(chunks) == 3 + 1, "one chunk per token, then the one with the finish reason"
+
+
+def test_max_tokens_and_stop_are_honoured(client: openai.OpenAI, node: FakeNode) -> None:
+    reply = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=9,
+                                           max_completion_tokens=2)
+    assert node.submitted[-1].max_tokens == 2, "max_completion_tokens wins over max_tokens"
     assert reply.usage is not None and reply.usage.completion_tokens == 2
-    assert reply.choices[0].finish_reason == "length"
-    stopped = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=12, temperature=0,
-                                             stop=["Paris"])
-    assert "Paris" not in (stopped.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content == "The capital"
+
+    stopped = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12,
+                                             stop=["Paris", "Rome"])
+    assert node.submitted[-1].stop == ["Paris", "Rome"]
+    assert stopped.choices[0].message.content == "The capital of France is "
     assert stopped.choices[0].finish_reason == "stop"
+    # a stop string that spans tokens, given as one string, streamed: never shown, not even in part
+    stream = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, stop="France is",
+                                            stream=True)
+    assert node.submitted[-1].stop == ["France is"]
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "The capital of "
 
 
-def test_seeded_sampling_repeats(client: openai.OpenAI, model_id: str) -> None:
-    def sample() -> str:
-        reply = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=8, temperature=1.0,
-                                               top_p=0.9, seed=1234, presence_penalty=0.5, frequency_penalty=0.5)
-        return reply.choices[0].message.content or ""
-
-    assert sample() == sample()
-
-
-def test_completions_continue_a_raw_prompt(client: openai.OpenAI, model_id: str) -> None:
-    reply = client.completions.create(model=model_id, prompt="The capital of France is", max_tokens=4, temperature=0)
-    assert reply.object == "text_completion" and reply.choices[0].text.strip()
-    assert reply.usage is not None and reply.usage.completion_tokens <= 4
-    echoed = client.completions.create(model=model_id, prompt="One, two,", max_tokens=2, temperature=0, echo=True)
-    assert echoed.choices[0].text.startswith("One, two,")
-    streamed = list(client.completions.create(model=model_id, prompt="The capital of France is", max_tokens=4,
-                                              temperature=0, stream=True))
-    assert "".join(c.choices[0].text for c in streamed) == reply.choices[0].text
+def test_sampling_parameters_reach_the_task(client: openai.OpenAI, node: FakeNode) -> None:
+    client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=8, temperature=1.2,
+                                   top_p=0.9, seed=1234, presence_penalty=0.5, frequency_penalty=-0.5,
+                                   extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
+    assert node.submitted[-1].sampling == SamplingParams(
+        temperature=1.2, top_p=0.9, top_k=40, min_p=0.05, repetition_penalty=1.1, presence_penalty=0.5,
+        frequency_penalty=-0.5, seed=1234)
+    client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=2)
+    assert node.submitted[-1].sampling == SamplingParams(), "OpenAI's defaults: temperature 1, no seed"
+    client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=2, top_p=0,
+                                   temperature=0.7)
+    assert node.submitted[-1].sampling.temperature == 0.0, "top_p 0 is greedy"
 
 
-def test_unknown_model_is_not_found_and_lists_the_models(client: openai.OpenAI, model_id: str) -> None:
+def test_messages_of_every_form_reach_the_task_as_text(client: openai.OpenAI, node: FakeNode) -> None:
+    client.chat.completions.create(model=EMBEDDED_MODEL_ID, max_tokens=2, messages=[
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "France?"}]},
+        {"role": "assistant", "content": "A country."},
+        {"role": "user", "content": "And its capital?"}])
+    assert node.submitted[-1].messages == [
+        ChatMessage(role="system", content="Answer briefly."), ChatMessage(role="user", content="What is France?"),
+        ChatMessage(role="assistant", content="A country."), ChatMessage(role="user", content="And its capital?")]
+
+
+def test_completions_continue_a_raw_prompt(client: openai.OpenAI, node: FakeNode) -> None:
+    reply = client.completions.create(model=EMBEDDED_MODEL_ID, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0)
+    task = node.submitted[-1]
+    assert task.prompt == "The capital of France is" and task.messages is None and task.max_tokens == 4
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert reply.choices[0].text == "The capital of France" and reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (5, 4)
+    client.completions.create(model=EMBEDDED_MODEL_ID, prompt=["One prompt in a list"])
+    assert node.submitted[-1].prompt == "One prompt in a list" and node.submitted[-1].max_tokens == 16, \
+        "OpenAI's default max_tokens for completions"
+
+    echoed = client.completions.create(model=EMBEDDED_MODEL_ID, prompt="One, two,", max_tokens=2, echo=True)
+    assert echoed.choices[0].text == "One, two,The capital"
+    streamed = list(client.completions.create(model=EMBEDDED_MODEL_ID, prompt="One, two,", max_tokens=2, echo=True,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert streamed[0].choices[0].text.startswith("One, two,")
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == echoed.choices[0].text
+    assert streamed[-1].choices == [] and streamed[-1].usage is not None
+    assert streamed[-1].usage.completion_tokens == 2
+
+
+def test_unknown_model_is_not_found_and_lists_the_models(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="no-such-model", messages=QUESTION, max_tokens=2)
-    assert error.value.code == "model_not_found"
-    assert "no-such-model" in error.value.message and model_id in error.value.message
+    assert error.value.code == "model_not_found" and error.value.param == "model"
+    assert "no-such-model" in error.value.message and EMBEDDED_MODEL_ID in error.value.message
 
 
-def test_invalid_parameters_are_bad_requests_naming_the_parameter(client: openai.OpenAI, model_id: str) -> None:
+def test_invalid_parameters_are_bad_requests_naming_the_parameter(client: openai.OpenAI, node: FakeNode) -> None:
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=model_id, messages=QUESTION, temperature=3.5)
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, temperature=3.5)
     assert error.value.param == "temperature" and "temperature" in error.value.message
+    assert error.value.code == "invalid_parameter"
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=model_id, messages=QUESTION, n=2)
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, n=2)
     assert error.value.param == "n"
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=model_id, messages=[])
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=[])
     assert error.value.param == "messages"
-
-
-def test_prompt_over_the_context_window_is_a_bad_request(client: openai.OpenAI, model_id: str) -> None:
-    long_prompt = "hello " * 9000  # the embedded model serves 8192 tokens
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": long_prompt}],
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, stop=["ok", ""])
+    assert "stop strings must not be empty" in error.value.message
+    assert node.submitted == [], "an invalid request never reaches the node"
+
+
+def test_prompt_over_the_context_window_is_a_bad_request(client: openai.OpenAI, node: FakeNode) -> None:
+    long_prompt = "hello " * (node.context_window + 10)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=[{"role": "user", "content": long_prompt}],
                                        max_tokens=2)
-    assert error.value.code == "context_length_exceeded" and "context window" in error.value.message
+    assert error.value.code == "context_length_exceeded" and error.value.param == "messages"
+    assert "context window" in error.value.message
+    assert not node.tasks, "the refused task is not in flight"
 
 
-def test_model_without_instance_is_unavailable_saying_how_to_create_one(client: openai.OpenAI) -> None:
+def test_a_model_is_unavailable_until_its_instance_is_ready(client: openai.OpenAI, node: FakeNode,
+                                                           url: str) -> None:
     with pytest.raises(openai.InternalServerError) as error:  # the client's class for every 5xx
         client.chat.completions.create(model="Qwen/Qwen3-0.6B", messages=QUESTION, max_tokens=2)
-    assert error.value.status_code == 503
+    assert error.value.status_code == 503 and error.value.code == "no_instance"
     assert "POST /instance" in error.value.message and "ringlet node --model" in error.value.message
+
+    created = httpx.post(url + "/instance", json={"model": "Qwen/Qwen3-0.6B", "instance_type": "CpuRing"})
+    assert created.status_code == 201 and created.json()["status"] == "loading"
+    instance_id = created.json()["instance"]["instance_id"]
+    try:
+        loading = httpx.post(url + "/v1/chat/completions", json={"model": "Qwen/Qwen3-0.6B", "messages": QUESTION})
+        assert loading.status_code == 503 and loading.json()["error"]["code"] == "instance_loading"
+        assert loading.headers["retry-after"] == "5" and "still loading" in loading.json()["error"]["message"]
+        node.make_ready(instance_id)
+        reply = client.chat.completions.create(model="qwen/qwen3-0.6b", messages=QUESTION, max_tokens=2)
+        assert reply.model == "Qwen/Qwen3-0.6B"
+    finally:
+        assert httpx.delete(f"{url}/instance/{instance_id}").status_code == 200
+
+
+def test_a_task_failing_mid_answer_is_an_error_status_or_an_error_event(client: openai.OpenAI, node: FakeNode,
+                                                                       url: str) -> None:
+    node.script = lambda: ["The", TaskError("runner_failed", "the runner of the instance exited with -9")]
+    with pytest.raises(openai.InternalServerError) as error:
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION)
+    assert error.value.status_code == 503 and error.value.code == "runner_failed"
+    assert "exited with -9" in error.value.message
+
+    body = {"model": EMBEDDED_MODEL_ID, "messages": QUESTION, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as reply:
+        assert reply.status_code == 200, "the status line went out with the first chunk"
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+    assert events[0]["choices"][0]["delta"]["content"] == "The"
+    assert events[-1] == {"error": {"message": "the runner of the instance exited with -9", "type": "unavailable_error",
+                                    "param": None, "code": "runner_failed"}}, "and no [DONE] after it"
+    with pytest.raises(openai.APIError) as streamed_error:
+        list(client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, stream=True))
+    assert streamed_error.value.code == "runner_failed"
+
+
+def cancelled_generations(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith('ringlet_generations_total{api="openai"') and 'outcome="cancelled"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_leaves_cancels_its_task(node: FakeNode, url: str) -> None:
+    node.script, node.token_delay_s = lambda: itertools.repeat(" more"), 0.005
+    cancelled_before = cancelled_generations(url)
+    body = {"model": EMBEDDED_MODEL_ID, "messages": QUESTION, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as reply:
+        events = reply.iter_lines()
+        assert next(events).startswith("data: ")
+        (task,) = node.tasks.values()
+        assert task.status == "running" and task.model == EMBEDDED_MODEL_ID
+    wait_until(lambda: not node.tasks, 5, "the streamed task cancelled once its client left")
+
+    began = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
+    wait_until(lambda: not node.tasks, 5, "the unstreamed task cancelled once its client left")
+    assert time.monotonic() - began < 3
+    assert len(node.closed) == 2 and node.closed[0] == task.task_id, "the API closed both streams (not the GC)"
+    assert cancelled_generations(url) == cancelled_before + 2

@@ -37,6 +37,7 @@ def transformers_state_dict(transformers_model) -> dict[str, torch.Tensor]:  # t
     return {k: v.float() for k, v in transformers_model.state_dict().items()}
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_embedded_logits_match_transformers(transformers_model) -> None:  # type: ignore[no-untyped-def]
     from ringlet.models.loader import load_stage
@@ -67,6 +68,7 @@ def test_embedded_config(embedded: GGUFModel) -> None:
     assert args.head_dim == 64 and args.eos_token_id == [2]
 
 
+@pytest.mark.slow
 def test_embedded_weights_match_transformers(
     embedded: GGUFModel, transformers_state_dict: dict[str, torch.Tensor]
 ) -> None:

@@ -92,6 +92,7 @@ def test_quantize_int4_uses_file_groups_where_every_part_has_them(tmp_path: Path
     assert float((got - want).norm() / want.norm()) < 0.03
 
 
+@pytest.mark.slow
 @needs_bf16
 def test_embedded_model_runs_int4_by_default_and_agrees_with_fp32() -> None:
     stage, precision = load_torch_stage(None)

@@ -52,6 +52,7 @@ def test_a_local_instance_holds_the_whole_model_on_one_engine() -> None:
     assert (bound.shard.start, bound.shard.end, bound.shard.num_layers, bound.engine) == (0, 30, 30, "cpu")
 
 
+@pytest.mark.slow
 def test_the_engine_config_reaches_the_engine() -> None:
     engine = initialize_engine(local_instance(None, "cpu"), EngineConfig(precision="fp32", max_context=512))
     assert engine.context_length == 512

@@ -52,7 +52,9 @@ def random_model(config: dict, dtype: torch.dtype):  # type: ignore[no-untyped-d
     return build_stage(args, weights=weights, dtype=dtype, device="cpu")
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# the interpreter takes seconds a model: the llama variant in the quick run, the others with the slow ones
+@pytest.mark.parametrize("variant", [v if v.startswith("llama") else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])
 def test_fused_step_gives_the_eager_logits_and_cache(fused_decode, variant):
     model = random_model(BASE | VARIANTS[variant], torch.float32)
     eager_cache, fused_cache = model.make_cache(1, 64), model.make_cache(1, 64)

@@ -12,7 +12,8 @@ from ringlet.worker.engines.torch.engine import TorchEngine
 QUESTION = [ChatMessage(role="user", content="What is the capital of France?")]
 
 
-@pytest.fixture(scope="module", params=["fp32", "auto"])
+# fp32 in the quick run; auto (int4 on CPUs with native bf16) with the slow tests
+@pytest.fixture(scope="module", params=["fp32", pytest.param("auto", marks=pytest.mark.slow)])
 def engine(request):  # type: ignore[no-untyped-def]
     return TorchEngine.load(None, config=EngineConfig(precision=request.param, max_context=2048))
 

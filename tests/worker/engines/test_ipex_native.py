@@ -38,6 +38,7 @@ def xpu_engine(fake_gpu: FakeXpu) -> IpexEngine:
     return load_ipex_engine(None, device=XpuDevice(fake_runtime(fake_gpu)), config=EngineConfig(precision="fp32"))
 
 
+@pytest.mark.slow
 def test_loads_and_generates_through_native_xpu_like_the_cpu_engine(xpu_engine, cpu_reference) -> None:  # type: ignore[no-untyped-def]
     assert xpu_engine.name == "ipex" and xpu_engine.loaded.ipex_version is None
     assert xpu_engine.optimization.startswith("none (native torch.xpu")
@@ -46,6 +47,7 @@ def test_loads_and_generates_through_native_xpu_like_the_cpu_engine(xpu_engine, 
     assert len(run.generated) == 32 and run.text
 
 
+@pytest.mark.slow
 def test_transient_device_errors_are_retried(xpu_engine, fake_gpu, cpu_reference, caplog) -> None:  # type: ignore[no-untyped-def]
     fake_gpu.fail(RuntimeError(DEVICE_LOST), RuntimeError(DEVICE_LOST), after=5)
     with caplog.at_level(logging.WARNING):
@@ -54,6 +56,7 @@ def test_transient_device_errors_are_retried(xpu_engine, fake_gpu, cpu_reference
     assert not [r for r in caplog.records if r.name == FALLBACK_LOGGER]
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_generating_frees_the_cache_and_says_what_to_do(xpu_engine, fake_gpu) -> None:  # type: ignore[no-untyped-def]
     cleared = fake_gpu.empty_cache_calls
     fake_gpu.fail(torch.OutOfMemoryError("XPU out of memory. Tried to allocate 2.00 GiB"), after=3)
@@ -66,6 +69,7 @@ def test_out_of_memory_while_generating_frees_the_cache_and_says_what_to_do(xpu_
     assert fake_gpu.empty_cache_calls == cleared + 1
 
 
+@pytest.mark.slow
 def test_a_bug_is_not_mistaken_for_a_device_error(xpu_engine, fake_gpu) -> None:  # type: ignore[no-untyped-def]
     fake_gpu.fail(RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x576 and 577x576)"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
@@ -118,6 +122,7 @@ def test_driver_missing_is_an_ipex_driver_error(tmp_path) -> None:  # type: igno
         open_xpu(probes(tmp_path / "b", FakeXpu(), INTEL_ARC_ON_BUS), index=3)
 
 
+@pytest.mark.slow
 def test_instance_on_a_node_without_its_driver_falls_back_with_one_log_line(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     shard = Shard(node_id="n1", rank=0, start=0, end=30, num_layers=30, engine="ipex")
     bound = BoundInstance(instance=Instance(instance_id="i1", model="default", instance_type="IpexRing",
@@ -141,6 +146,7 @@ def test_without_ipex_an_intel_gpu_gets_torch_compile(cpu_reference_with_logits)
     assert_parting_is_a_near_tie(detail, 0.01)
 
 
+@pytest.mark.slow
 def test_tokenizer_wrapper_refuses_ids_the_model_has_no_embedding_for(xpu_engine) -> None:  # type: ignore[no-untyped-def]
     text = "Hello, world"
     assert xpu_engine.tokenizer.encode(text) == xpu_engine.loaded.stage.tokenizer.encode(text)

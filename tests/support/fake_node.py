@@ -1,0 +1,230 @@
+"""An in-process node for the API's contract tests: the real state, catalog, routing, placement and downloads behind
+the API's facade, with a scripted generation in place of runner processes, so no model is loaded.
+
+    node = FakeNode(tmp_path)                 # the embedded model has a ready instance
+    with serving(create_app(node)) as url:    # uvicorn in a thread: real HTTP for the official clients
+        ...
+    node.submitted[-1].sampling.seed          # what the API made of the request
+
+Generation follows the engine's rules (`worker/engines/torch/generate.py`): one token per word of the prompt and one
+per message's role, the reply's end counts as an end-of-sequence token, max_tokens and the context window cap the
+reply (finish_reason "length"), stop strings go through the real `StopMatcher` (finish_reason "stop").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from ringlet.master.placement import PlacementPreview, created, place, preview
+from ringlet.master.routing import route
+from ringlet.models.catalog import ModelCard
+from ringlet.models.download import DownloadManager, DownloadStatus, HubSettings
+from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.models.names import Catalog
+from ringlet.models.stop import StopMatcher
+from ringlet.models.store import ModelStore
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT
+from ringlet.shared.errors import InstanceNotFoundError, TaskError
+from ringlet.shared.instances import InstanceType
+from ringlet.shared.state import (
+    DownloadProgressed,
+    DownloadRecord,
+    Event,
+    InstanceDeleted,
+    InstanceRecord,
+    NodeInfo,
+    NodeJoined,
+    RunnerProgressed,
+    RunnerReady,
+    State,
+    TaskRecord,
+    TaskStatus,
+    apply,
+    new_instance_record,
+)
+from ringlet.shared.tasks import FinishReason, GenerationChunk, TextGenerationTask, Timings, Usage
+from tests.support.node_infos import node_info
+from tests.support.processes import wait_until
+
+REPLY = ("The", " capital", " of", " France", " is", " Paris", ".")
+RUNNER_PID = 4242  # shown as the runner's pid; no such process exists
+# a download fails at once, without the network, however the environment is set
+OFFLINE_HUB = HubSettings(endpoint="http://127.0.0.1:9", offline=True)
+
+Token = str | TaskError  # a TaskError in a script fails the task at that point, as a crashing runner would
+Script = Callable[[], Iterable[Token]]
+
+
+def prompt_tokens(task: TextGenerationTask) -> int:
+    if task.messages is not None:
+        return sum(1 + len(m.content.split()) for m in task.messages)
+    return len((task.prompt or "").split())
+
+
+@dataclass(eq=False)
+class ScriptedStream:
+    """A submitted task (the API's TaskStream); the node notes each one the API closes, as a runner hears a cancel."""
+
+    task: TextGenerationTask
+    instance_id: str
+    chunks: AsyncGenerator[GenerationChunk, None]
+    on_close: Callable[[str], None]
+
+    def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        return self.chunks
+
+    async def aclose(self) -> None:
+        self.on_close(self.task.task_id)
+        await self.chunks.aclose()
+
+
+class FakeNode:
+    """A lone node serving the embedded model; `script` makes each reply (a fresh iterable of tokens per task)."""
+
+    def __init__(self, store_dir: Path, info: NodeInfo | None = None, context_window: int = DEFAULT_MAX_CONTEXT,
+                 script: Script = lambda: REPLY, token_delay_s: float = 0.0) -> None:
+        self.info = info or node_info("node-fake", 8, name="fake-node")
+        self.node_id, self.engine_info = self.info.node_id, self.info.engines
+        self.context_window, self.script, self.token_delay_s = context_window, script, token_delay_s
+        self.catalog = Catalog()
+        self.submitted: list[TextGenerationTask] = []  # every task the API submitted, as the API built it
+        self.closed: list[str] = []  # the ids of the tasks whose stream the API closed
+        self.state = State()
+        self._state_lock = threading.Lock()  # downloads report from their own threads
+        self.tasks: dict[str, TaskRecord] = {}  # in flight
+        self.downloads = DownloadManager(ModelStore(store_dir, extra_dirs=[]), on_update=self._download_changed,
+                                         settings=lambda: OFFLINE_HUB)
+        self.emit(NodeJoined(node=self.info))
+        embedded = self.create_instance(EMBEDDED_MODEL_ID, InstanceType.CPU_RING, node_ids=[self.node_id])
+        self.make_ready(embedded.instance.instance_id)
+
+    def emit(self, event: Event) -> None:
+        with self._state_lock:
+            self.state = apply(self.state, event)
+
+    def make_ready(self, instance_id: str) -> None:
+        """What a runner reports once it has loaded the instance (created instances stay loading until then)."""
+        self.emit(RunnerProgressed(instance_id=instance_id, node_id=self.node_id, progress=0.5, detail="loading",
+                                   pid=RUNNER_PID))
+        self.emit(RunnerReady(instance_id=instance_id, node_id=self.node_id, context_length=self.context_window))
+
+    def _download_changed(self, status: DownloadStatus) -> None:
+        self.emit(DownloadProgressed(download=DownloadRecord(
+            node_id=self.node_id, **status.model_dump(include={"download_id", "model", "layers", "state", "done",
+                                                                 "total", "error"}))))
+
+    # --- models and instances, as the real node places and records them
+
+    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1
+                ) -> tuple[ModelCard, list[PlacementPreview]]:
+        card = self.catalog.add_local(model)
+        return card, preview(card, list(self.state.nodes.values()), node_ids=node_ids, min_nodes=min_nodes)
+
+    def create_instance(self, model: str, instance_type: InstanceType, node_ids: Sequence[str] | None = None,
+                        min_nodes: int = 1) -> InstanceRecord:
+        card = self.catalog.add_local(model)
+        placement = place(card, instance_type, list(self.state.nodes.values()),
+                          instance_id=f"inst-{uuid.uuid4().hex[:12]}", node_ids=node_ids, min_nodes=min_nodes)
+        event = created(placement, time.time())
+        self.emit(event)
+        return new_instance_record(event)
+
+    def get_instance(self, instance_id: str) -> InstanceRecord:
+        record = self.state.instances.get(instance_id)
+        if record is None:
+            raise InstanceNotFoundError(instance_id, list(self.state.instances))
+        return record
+
+    def delete_instance(self, instance_id: str) -> InstanceRecord:
+        record = self.get_instance(instance_id)
+        self.emit(InstanceDeleted(instance_id=instance_id))
+        return record
+
+    # --- generation
+
+    def instance_for(self, model: str) -> InstanceRecord:
+        busy = Counter(task.instance_id for task in self.tasks.values())
+        return route(self.state, model, self.catalog.resolve, self.node_id, False, busy)
+
+    def submit(self, task: TextGenerationTask) -> ScriptedStream:
+        self.submitted.append(task)
+        instance = self.instance_for(task.model).instance
+        task_id = task.task_id or f"task-{uuid.uuid4().hex[:12]}"
+        task = task.model_copy(update={"task_id": task_id, "model": instance.model})
+        self.tasks[task_id] = TaskRecord(task_id=task_id, instance_id=instance.instance_id, model=instance.model,
+                                         origin_node_id=self.node_id, submitted_at=time.time())
+        return ScriptedStream(task, instance.instance_id, self._generate(task), self.closed.append)
+
+    async def _generate(self, task: TextGenerationTask) -> AsyncGenerator[GenerationChunk, None]:
+        try:
+            prompt = prompt_tokens(task)
+            if prompt == 0:
+                raise TaskError("invalid_request", "the prompt has no tokens (empty, or only characters the "
+                                                   "tokenizer drops); send some text")
+            if prompt >= self.context_window:
+                raise TaskError("context_window", f"the prompt has {prompt} tokens but the model's context window "
+                                                  f"is {self.context_window}; shorten the prompt")
+            room = self.context_window - prompt
+            max_tokens = min(task.max_tokens or room, room)
+            tokens, stops = iter(self.script()), StopMatcher(task.stop)
+            started, first_token_at, generated = time.perf_counter(), 0.0, 0
+            finish: FinishReason = "length"
+            while generated < max_tokens:
+                await asyncio.sleep(self.token_delay_s)
+                token = next(tokens, None)  # the script's end is the end-of-sequence token
+                generated += 1
+                if generated == 1:
+                    first_token_at = time.perf_counter()
+                    self.tasks[task.task_id] = self.tasks[task.task_id].model_copy(
+                        update={"status": TaskStatus.RUNNING})
+                if isinstance(token, TaskError):
+                    raise token
+                if token is None:
+                    finish = "stop"
+                    break
+                if text := stops.feed(token):
+                    yield GenerationChunk(task_id=task.task_id, text=text)
+                if stops.stopped:
+                    finish = "stop"
+                    break
+            prefill_s = max(first_token_at - started, 1e-9)
+            decode_s = time.perf_counter() - first_token_at
+            yield GenerationChunk(
+                task_id=task.task_id, text=stops.flush(), finish_reason=finish,
+                usage=Usage(prompt_tokens=prompt, completion_tokens=generated),
+                timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt / prefill_s,
+                                decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 else 0.0))
+        finally:
+            self.tasks.pop(task.task_id, None)
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Serve `app` over HTTP on a loopback port in a background thread; its base URL. Stops it on exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    # a short graceful shutdown: a stream a test left open must not hold up the next module
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fake-node-api", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), 10, "the fake node's API serving")
+        assert server.started, "uvicorn stopped before it served (see the log above)"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+        assert not thread.is_alive(), "the fake node's API did not stop within 10 s"
