@@ -60,7 +60,7 @@ from ringlet.shared.state import (
     new_instance_record,
 )
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
-from ringlet.worker.supervisor import Supervisor
+from ringlet.worker.supervisor import InstanceLoad, Supervisor
 from ringlet.worker.system_info import collect_engine_info, collect_node_hardware, read_memory
 
 log = logging.getLogger("ringlet.node")
@@ -123,6 +123,9 @@ class Node:
     @property
     def engine_info(self) -> EngineInfo:
         return self.info.engines
+
+    def instance_load(self) -> dict[str, InstanceLoad]:
+        return self._supervisor.load()
 
     def attach_cluster(self, order: EventOrder, forwarding: TaskForwarding) -> None:
         """From now on the master orders this node's events, and tasks may run on other nodes."""

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 OLLAMA_PREFIX = "/api/"
 RETRY_AFTER_LOADING_S = 5
+RETRY_AFTER_BUSY_S = 1
 
 
 class ErrorDetail(BaseModel):
@@ -105,6 +106,9 @@ def to_api_error(error: Exception) -> ApiError:
             return ApiError(400, str(error), param="messages", code="context_length_exceeded")
         case TaskError(kind="invalid_request"):
             return ApiError(400, str(error))
+        case TaskError(kind="busy"):
+            return ApiError(429, str(error), type="rate_limit_error", code="queue_full",
+                            headers={"Retry-After": str(RETRY_AFTER_BUSY_S)})
         case TaskError(kind="runner_failed" | "instance_deleted"):
             return ApiError(503, str(error), type="unavailable_error", code=error.kind)
         case TaskError():
@@ -160,6 +164,7 @@ def error_responses(*statuses: int, ollama: bool = False) -> dict[int | str, dic
         404: "unknown model or instance; the message lists the known ones",
         409: "the instance cannot be placed; the message says why",
         413: "request body too large",
+        429: "the instance has as many requests running and waiting as it takes; retry after `Retry-After` seconds",
         500: "internal error",
         503: "no instance serves the model (the message says how to create one), or it is still loading",
     }

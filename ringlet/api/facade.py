@@ -15,6 +15,7 @@ from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import InstanceRecord, NodeInfo, State, TaskRecord
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.worker.supervisor import InstanceLoad
 
 
 class TaskStream(Protocol):
@@ -51,6 +52,10 @@ class NodeFacade(Protocol):
 
     @property
     def engine_info(self) -> EngineInfo: ...
+
+    def instance_load(self) -> dict[str, InstanceLoad]:
+        """How busy this node's runners are, by instance id (batch, queue, KV cache)."""
+        ...
 
     downloads: DownloadManager
 

@@ -110,7 +110,7 @@ class Generation:
             while True:
                 yield chunk
                 last = chunk
-                if chunk.finish_reason is not None:
+                if chunk.last:
                     outcome = "finished"
                     return
                 chunk = await (_next_watching(self._chunks, self._watch) if watch_disconnect else anext(self._chunks))

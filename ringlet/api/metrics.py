@@ -8,12 +8,12 @@ from typing import Literal
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ringlet.api.facade import NodeFacade
-from ringlet.shared.state import RunnerStatus, TaskStatus
+from ringlet.shared.state import RunnerStatus, State, TaskStatus
 from ringlet.shared.tasks import GenerationChunk
 
 Outcome = Literal["finished", "cancelled", "failed"]
@@ -43,6 +43,33 @@ class _StateCollector(Collector):
         nodes = GaugeMetricFamily("ringlet_nodes", "nodes in the cluster")
         nodes.add_metric([], len(state.nodes))
         yield nodes
+        yield from self._batches(state)
+
+    def _batches(self, state: State) -> Iterator[Metric]:
+        """This node's runners: their batches, queues and KV caches."""
+        labels = ["instance_id", "model"]
+        queued = GaugeMetricFamily("ringlet_requests_queued", "requests waiting for a place in the batch", labels=labels)
+        running = GaugeMetricFamily("ringlet_batch_running", "sequences in the batch", labels=labels)
+        waiting = GaugeMetricFamily("ringlet_batch_waiting", "sequences in the runner waiting for KV cache room",
+                                    labels=labels)
+        step_tokens = GaugeMetricFamily("ringlet_batch_step_tokens", "tokens the last batched step computed",
+                                        labels=labels)
+        kv_used = GaugeMetricFamily("ringlet_kv_cache_blocks_used", "KV cache blocks in use", labels=labels)
+        kv_total = GaugeMetricFamily("ringlet_kv_cache_blocks", "KV cache blocks", labels=labels)
+        preemptions = CounterMetricFamily("ringlet_preemptions", "sequences put back to wait for KV cache room",
+                                          labels=labels)
+        for instance_id, load in self.node.instance_load().items():
+            record = state.instances.get(instance_id)
+            values = [instance_id, record.instance.model if record else ""]
+            queued.add_metric(values, load.queued)
+            if (batch := load.batch) is not None:
+                running.add_metric(values, batch.running)
+                waiting.add_metric(values, batch.waiting)
+                step_tokens.add_metric(values, batch.step_tokens)
+                kv_used.add_metric(values, batch.kv_blocks_used)
+                kv_total.add_metric(values, batch.kv_blocks)
+                preemptions.add_metric(values, batch.preemptions)
+        yield from (queued, running, waiting, step_tokens, kv_used, kv_total, preemptions)
 
 
 class ApiMetrics:

@@ -35,7 +35,7 @@ router = APIRouter(prefix="/api", tags=["ollama"])
 
 OLLAMA_API_VERSION = "0.6.0"
 NDJSON = "application/x-ndjson"
-GENERATION_ERRORS = error_responses(400, 404, 413, 500, 503, ollama=True)
+GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503, ollama=True)
 
 
 def _ndjson_docs(model: type[BaseModel]) -> dict[int | str, dict[str, object]]:

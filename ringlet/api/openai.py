@@ -30,11 +30,11 @@ from ringlet.api.openai_schemas import (
 )
 from ringlet.shared.errors import TaskError
 from ringlet.shared.state import RunnerStatus
-from ringlet.shared.tasks import GenerationChunk
+from ringlet.shared.tasks import FinishReason, GenerationChunk, Timings
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-GENERATION_ERRORS = error_responses(400, 404, 413, 500, 503)
+GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503)
 
 
 def _sse_docs(chunk_model: type[BaseModel]) -> dict[int | str, dict[str, object]]:
@@ -50,23 +50,43 @@ def _sse_docs(chunk_model: type[BaseModel]) -> dict[int | str, dict[str, object]
 
 
 
-def _usage(chunk: GenerationChunk | None) -> Usage:
-    prompt = chunk.usage.prompt_tokens if chunk and chunk.usage else 0
-    completion = chunk.usage.completion_tokens if chunk and chunk.usage else 0
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+class _Choices:
+    """What the choices of one generation said: their text, finish reasons and token counts."""
 
+    def __init__(self, n: int, prefix: str = "") -> None:
+        self.text: list[list[str]] = [[prefix] for _ in range(n)]
+        self.finish: list[FinishReason] = ["length"] * n
+        self.completion_tokens = [0] * n
+        self.prompt_tokens = 0
+        self.timings: Timings | None = None
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.text[chunk.choice].append(chunk.text)
+        if chunk.finish_reason is not None:
+            self.finish[chunk.choice] = chunk.finish_reason
+        if chunk.usage is not None:
+            self.prompt_tokens = chunk.usage.prompt_tokens
+            self.completion_tokens[chunk.choice] = chunk.usage.completion_tokens
+        self.timings = chunk.timings or self.timings
+
+    def joined(self, choice: int) -> str:
+        return "".join(self.text[choice])
+
+    def usage(self) -> Usage:
+        completion = sum(self.completion_tokens)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                     total_tokens=self.prompt_tokens + completion)
 
 
 def _sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-async def _stream_events(generation: Generation, make_chunk: Callable[[GenerationChunk], BaseModel],
-                         usage_chunk: Callable[[GenerationChunk | None], BaseModel] | None) -> AsyncIterator[str]:
-    last = None
+async def _stream_events(generation: Generation, choices: _Choices, make_chunk: Callable[[GenerationChunk], BaseModel],
+                         usage_chunk: Callable[[Usage], BaseModel] | None) -> AsyncIterator[str]:
     try:
         async for chunk in generation.chunks(watch_disconnect=False):
-            last = chunk
+            choices.add(chunk)
             yield _sse(make_chunk(chunk))
     except TaskError as failure:
         # the status line is sent already: report the error in the stream, the way OpenAI does
@@ -74,81 +94,79 @@ async def _stream_events(generation: Generation, make_chunk: Callable[[Generatio
         yield _sse(ErrorResponse(error=ErrorDetail(message=error.message, type=error.type, code=error.code)))
         return
     if usage_chunk is not None:
-        yield _sse(usage_chunk(last))
+        yield _sse(usage_chunk(choices.usage()))
     yield "data: [DONE]\n\n"
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={**GENERATION_ERRORS,
                                                                              **_sse_docs(ChatCompletionChunk)})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
-    """Chat with a model; `stream: true` streams chunks as server-sent events."""
+    """Chat with a model; `stream: true` streams chunks as server-sent events; `n` answers in `choices`."""
     task = build_task(body.to_task)
     generation = await Generation.start(node_of(request), task, request, api="openai")
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = _Choices(task.n)
 
     if body.stream:
-        sent_role = False
-        include_usage = body.include_usage
+        with_role: set[int] = set()
 
         def chunk_event(chunk: GenerationChunk) -> ChatCompletionChunk:
-            nonlocal sent_role
-            delta = Delta(role=None if sent_role else "assistant", content=chunk.text)
-            sent_role = True
+            delta = Delta(role=None if chunk.choice in with_role else "assistant", content=chunk.text)
+            with_role.add(chunk.choice)
             return ChatCompletionChunk(
                 id=completion_id, created=created, model=generation.model,
-                choices=[ChunkChoice(delta=delta, finish_reason=chunk.finish_reason)],
+                choices=[ChunkChoice(index=chunk.choice, delta=delta, finish_reason=chunk.finish_reason)],
                 timings=chunk.timings)
 
-        def usage_event(last: GenerationChunk | None) -> ChatCompletionChunk:
+        def usage_event(usage: Usage) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=completion_id, created=created, model=generation.model, choices=[],
-                                       usage=_usage(last))
+                                       usage=usage)
 
-        return StreamingResponse(_stream_events(generation, chunk_event, usage_event if include_usage else None),
+        return StreamingResponse(_stream_events(generation, choices, chunk_event,
+                                                usage_event if body.include_usage else None),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    text, last = [], None
     async for chunk in generation.chunks(watch_disconnect=True):
-        text.append(chunk.text)
-        last = chunk
-    assert last is not None and last.finish_reason is not None
+        choices.add(chunk)
     return ChatCompletion(
-        id=completion_id, created=created, model=generation.model, usage=_usage(last), timings=last.timings,
-        choices=[ChatChoice(message=AssistantMessage(content="".join(text)), finish_reason=last.finish_reason)])
+        id=completion_id, created=created, model=generation.model, usage=choices.usage(), timings=choices.timings,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=choices.joined(i)), finish_reason=finish)
+                 for i, finish in enumerate(choices.finish)])
 
 
 @router.post("/completions", response_model=Completion, responses={**GENERATION_ERRORS, **_sse_docs(Completion)})
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
-    """Continue a raw prompt (no chat template); `stream: true` streams chunks as server-sent events."""
+    """Continue a raw prompt (no chat template); `stream: true` streams chunks as server-sent events; `n` answers
+    in `choices`."""
     task = build_task(body.to_task)
     generation = await Generation.start(node_of(request), task, request, api="openai")
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = body.prompt_text if body.echo else ""
+    choices = _Choices(task.n, prefix=echo)
 
     if body.stream:
-        echoed = False
+        echoed: set[int] = set()
 
         def chunk_event(chunk: GenerationChunk) -> Completion:
-            nonlocal echoed
-            text = chunk.text if echoed else echo + chunk.text
-            echoed = True
+            text = chunk.text if chunk.choice in echoed else echo + chunk.text
+            echoed.add(chunk.choice)
             return Completion(id=completion_id, created=created, model=generation.model, timings=chunk.timings,
-                              choices=[CompletionChoice(text=text, finish_reason=chunk.finish_reason)])
+                              choices=[CompletionChoice(index=chunk.choice, text=text,
+                                                        finish_reason=chunk.finish_reason)])
 
-        def usage_event(last: GenerationChunk | None) -> Completion:
-            return Completion(id=completion_id, created=created, model=generation.model, choices=[],
-                              usage=_usage(last))
+        def usage_event(usage: Usage) -> Completion:
+            return Completion(id=completion_id, created=created, model=generation.model, choices=[], usage=usage)
 
-        return StreamingResponse(_stream_events(generation, chunk_event, usage_event if body.include_usage else None),
+        return StreamingResponse(_stream_events(generation, choices, chunk_event,
+                                                usage_event if body.include_usage else None),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    text, last = [echo], None
     async for chunk in generation.chunks(watch_disconnect=True):
-        text.append(chunk.text)
-        last = chunk
-    assert last is not None and last.finish_reason is not None
-    return Completion(id=completion_id, created=created, model=generation.model, usage=_usage(last),
-                      timings=last.timings,
-                      choices=[CompletionChoice(text="".join(text), finish_reason=last.finish_reason)])
+        choices.add(chunk)
+    return Completion(id=completion_id, created=created, model=generation.model, usage=choices.usage(),
+                      timings=choices.timings,
+                      choices=[CompletionChoice(index=i, text=choices.joined(i), finish_reason=finish)
+                               for i, finish in enumerate(choices.finish)])
 
 
 @router.get("/models", response_model=ModelList)

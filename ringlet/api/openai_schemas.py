@@ -54,7 +54,7 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63, description="makes sampling reproducible")
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, le=16, description="answers to generate; they share the prompt's KV cache")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
@@ -99,6 +99,7 @@ class ChatCompletionRequest(_SamplingFields):
         return TextGenerationTask(
             model=self.model, messages=[m.to_message() for m in self.messages],
             max_tokens=self.max_completion_tokens or self.max_tokens, stop=self.stop_list(), sampling=self.sampling(),
+            n=self.n or 1,
         )
 
 
@@ -119,7 +120,7 @@ class CompletionRequest(_SamplingFields):
 
     def to_task(self) -> TextGenerationTask:
         return TextGenerationTask(model=self.model, prompt=self.prompt_text, max_tokens=self.max_tokens,
-                                  stop=self.stop_list(), sampling=self.sampling())
+                                  stop=self.stop_list(), sampling=self.sampling(), n=self.n or 1)
 
 
 class Usage(BaseModel):

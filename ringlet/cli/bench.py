@@ -61,7 +61,8 @@ def time_engine(engine: Any, prompt: str, new_tokens: int, repeats: int) -> dict
                               sampling=SamplingParams(temperature=0))
     runs = []
     for i in range(repeats + 1):
-        engine.generator.cached = []  # measure a cold prompt each time, not the reused prefix
+        if (generator := getattr(engine, "generator", None)) is not None:
+            generator.cached = []  # a cold prompt each time, not the reused prefix (a batching engine's is always cold)
         *_, last = engine.generate(task)
         if i:  # the first run is the warm-up
             runs.append(last)

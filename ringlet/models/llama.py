@@ -8,6 +8,8 @@ they chain. q/k/v and gate/up are fused into one matmul each at load time (fewer
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import nn
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
+from ringlet.models.paged_cache import BatchLayout, PagedKVCache
 from ringlet.models.registry import register
 from ringlet.shared.errors import ModelLoadError
 
@@ -108,6 +111,27 @@ class Attention(nn.Module):
             )
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
+    def forward_packed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache, layer: int,
+                       layout: BatchLayout) -> torch.Tensor:
+        """x: [T, H], the step's tokens of every sequence packed; cos/sin: [T, D] at each token's position."""
+        tokens = x.shape[0]
+        heads = self.qkv_proj(x).view(tokens, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk, v = heads.split((self.n_heads + self.n_kv_heads, self.n_kv_heads), dim=1)
+        if self.q_norm is not None:
+            assert self.k_norm is not None  # both built when args.qk_norm
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        qk = apply_rope(qk, cos[:, None], sin[:, None])
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+        cache.write(layer, layout.slots, k, v)
+        out = q.new_empty(tokens, self.n_heads, self.head_dim)
+        for group in layout.groups:
+            keys, values = cache.context(layer, group)
+            queries = q[group.rows].view(-1, group.queries, self.n_heads, self.head_dim).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, enable_gqa=True)
+            out[group.rows] = attended.transpose(1, 2).reshape(-1, self.n_heads, self.head_dim)
+        return self.o_proj(out.view(tokens, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
@@ -132,6 +156,11 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_packed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache, layer: int,
+                       layout: BatchLayout) -> torch.Tensor:
+        x = x + self.self_attn.forward_packed(self.input_layernorm(x), cos, sin, cache, layer, layout)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Transformer(nn.Module):
     """Layers [start, end) of a Llama-family model."""
@@ -152,6 +181,11 @@ class Transformer(nn.Module):
     @property
     def num_local_layers(self) -> int:
         return self.end - self.start
+
+    def make_paged_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        p = next(self.parameters())
+        return PagedKVCache(self.num_local_layers, num_blocks, block_size, self.args.num_key_value_heads,
+                            self.args.head_dim, p.dtype, p.device)
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> StaticKVCache:
         p = next(self.parameters())
@@ -198,6 +232,25 @@ class Transformer(nn.Module):
         if last_logits_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h))
+
+    def prepare_positions(self, count: int) -> None:
+        """Build the rotary tables for positions 0..count-1 (forward_batch reads them without checking, so that a
+        compiled step has no data-dependent branch)."""
+        p = next(self.parameters())
+        self._rope(0, count, p.dtype if p.is_floating_point() else torch.float32)
+
+    def forward_batch(self, x: torch.Tensor, cache: PagedKVCache, layout: BatchLayout) -> torch.Tensor:
+        """One step of many sequences, their tokens packed: x is token ids [T] on the first stage, hidden states
+        [T, H] elsewhere. Returns hidden states [T, H], or on the last stage the logits [R, V] of
+        `layout.logit_rows`. Every position must be below `prepare_positions`'s count."""
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        cos, sin = self._cos[layout.positions].to(h.dtype), self._sin[layout.positions].to(h.dtype)
+        for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
+            h = layer.forward_packed(h, cos, sin, cache, i, layout)
+        if self.norm is None:
+            return h
+        assert self.lm_head is not None  # built with the norm, on the last stage
+        return self.lm_head(self.norm(h[layout.logit_rows]))
 
     def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
         """Load Hugging Face-named tensors (global layer indices) of this stage; fuses qkv and gate/up."""

@@ -45,7 +45,7 @@ class TaskForwarding:
                     finished = True
                     raise TaskError(item.kind, item.error)
                 yield item.chunk
-                if item.chunk.finish_reason is not None:
+                if item.chunk.last:
                     finished = True
                     return
         finally:

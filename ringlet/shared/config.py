@@ -24,6 +24,9 @@ PRECISION_ENV = "RINGLET_PRECISION"
 CPU_COMPILE_ENV = "RINGLET_CPU_COMPILE"
 CUDA_DECODE_ENV = "RINGLET_CUDA_DECODE"
 CUDA_COMPILE_ENV = "RINGLET_CUDA_COMPILE"
+MAX_BATCH_ENV = "RINGLET_MAX_BATCH"
+MAX_QUEUED_ENV = "RINGLET_MAX_QUEUED"
+KV_CACHE_TOKENS_ENV = "RINGLET_KV_CACHE_TOKENS"
 
 
 class EngineConfig(BaseModel):
@@ -36,12 +39,20 @@ class EngineConfig(BaseModel):
     cpu_compile: bool = Field(True, description="compile the CPU decode step at warm-up (False: decode eagerly)")
     cuda_decode: CudaDecode = "fused"
     cuda_compile: CudaCompile = "tuned"
+    max_batch: int = Field(64, ge=1, le=1024, description="sequences generating at once in an instance")
+    max_step_tokens: int = Field(512, ge=16, description="tokens one batched step computes: decodes and prompt chunks")
+    max_queued: int = Field(256, ge=0, description="requests waiting for a place in the batch; more get 429")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="positions the KV cache holds over all sequences "
+                                                               "(default: sized from the memory left after the "
+                                                               "weights)")
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str], **overrides: object) -> EngineConfig:
-        """The settings in `env` (RINGLET_PRECISION, RINGLET_CPU_COMPILE=0, RINGLET_CUDA_DECODE,
-        RINGLET_CUDA_COMPILE), then `overrides` (a CLI flag wins); ValueError names the variable and its choices."""
+        """The settings in `env` (RINGLET_PRECISION, RINGLET_CPU_COMPILE=0, RINGLET_CUDA_DECODE, RINGLET_CUDA_COMPILE,
+        RINGLET_MAX_BATCH, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS), then `overrides` (a CLI flag wins);
+        ValueError names the variable and what it takes."""
         values: dict[str, object] = {}
+        sources: dict[str, str] = {}  # field -> the variable it came from
         for name, field, choices in ((PRECISION_ENV, "precision", PRECISIONS),
                                      (CUDA_DECODE_ENV, "cuda_decode", get_args(CudaDecode)),
                                      (CUDA_COMPILE_ENV, "cuda_compile", get_args(CudaCompile))):
@@ -49,12 +60,24 @@ class EngineConfig(BaseModel):
             if raw:
                 if raw not in choices:
                     raise ValueError(f"{name}={raw!r} is not one of {', '.join(choices)}")
-                values[field] = raw
+                values[field], sources[field] = raw, name
         if env.get(CPU_COMPILE_ENV, "").strip() == "0":
             values["cpu_compile"] = False
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        for name, field in ((MAX_BATCH_ENV, "max_batch"), (MAX_QUEUED_ENV, "max_queued"),
+                            (KV_CACHE_TOKENS_ENV, "kv_cache_tokens")):
+            raw = env.get(name, "").strip()
+            if raw:
+                if not raw.isdigit():
+                    raise ValueError(f"{name}={raw!r} is not a whole number")
+                values[field], sources[field] = int(raw), name
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        values.update(flags)
+        for field in flags:
+            sources.pop(field, None)
         try:
             return cls.model_validate(values)
         except ValidationError as error:
             first = error.errors()[0]
-            raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+            field = ".".join(map(str, first["loc"]))
+            where = f"{sources[field]}={values[field]!r}" if field in sources else field
+            raise ValueError(f"{where}: {first['msg']}") from None

@@ -53,8 +53,9 @@ class InstanceNotFoundError(NodeError):
 # --- a task that ended without a finished answer
 
 # whose fault: the request's (context_window, invalid_request), the engine's, or the instance's (its runner
-# failed or its node left: runner_failed; it was deleted or is not on the node asked: instance_deleted)
-TaskErrorKind = Literal["context_window", "invalid_request", "engine", "runner_failed", "instance_deleted"]
+# failed or its node left: runner_failed; it was deleted or is not on the node asked: instance_deleted; it has as
+# many requests as it takes: busy)
+TaskErrorKind = Literal["context_window", "invalid_request", "engine", "runner_failed", "instance_deleted", "busy"]
 
 
 class TaskError(Exception):

@@ -53,6 +53,26 @@ class Ready(Message):
     type: Literal["ready"] = "ready"
     context_length: int
     warmup_s: float
+    slots: int = Field(1, ge=1, description="tasks the runner takes at once (its batch); more wait in the node")
+
+
+class BatchStats(Message):
+    """How a batching runner's batch and KV cache stand (sent when they change, at most about once a second)."""
+
+    type: Literal["batch_stats"] = "batch_stats"
+    running: int = Field(ge=0, description="sequences with a place in the batch")
+    waiting: int = Field(ge=0, description="sequences the runner holds that wait for room in the KV cache")
+    step_tokens: int = Field(ge=0, description="tokens the last step computed")
+    kv_blocks_used: int = Field(ge=0)
+    kv_blocks: int = Field(ge=0)
+    preemptions: int = Field(ge=0, description="sequences put back to wait for room, since the runner started")
+
+
+class TaskStarted(Message):
+    """The task has a place in the batch (it was waiting for one, or for room in the KV cache)."""
+
+    type: Literal["task_started"] = "task_started"
+    task_id: str
 
 
 class LoadFailed(Message):
@@ -116,7 +136,8 @@ class TaskRequest(Message):
 
 
 ToRunner = Annotated[LoadShard | RunTask | CancelTask, Field(discriminator="type")]
-FromRunner = Annotated[Loading | RingHosted | Ready | LoadFailed | Chunk | TaskFailed | TaskCancelled,
+FromRunner = Annotated[Loading | RingHosted | Ready | LoadFailed | TaskStarted | BatchStats | Chunk | TaskFailed
+                       | TaskCancelled,
                        Field(discriminator="type")]
 StreamItem = Annotated[Chunk | TaskFailed, Field(discriminator="type")]
 

@@ -47,6 +47,8 @@ class TextGenerationTask(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: list[str] = Field(default_factory=list, max_length=16)
     sampling: SamplingParams = SamplingParams()
+    n: int = Field(1, ge=1, le=16, description="independent answers to the prompt (choices); a seed s gives choice i "
+                                               "the seed s + i")
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
 
     @model_validator(mode="after")
@@ -76,12 +78,15 @@ class Timings(BaseModel):
 
 
 class GenerationChunk(BaseModel):
-    """A piece of the stream: text to show, and on the last chunk the finish reason and counts."""
+    """A piece of the stream: text of one choice to show; a choice's last chunk has its finish reason and counts, and
+    the task's very last chunk (every choice finished) has `last`."""
 
     task_id: str = ""
+    choice: int = Field(0, ge=0)
     text: str = ""
     token_id: int | None = None
     finish_reason: FinishReason | None = None
+    last: bool = False
     error: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None

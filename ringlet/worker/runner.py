@@ -17,8 +17,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError, TaskErrorKind
 from ringlet.shared.messages import (
     TO_RUNNER,
@@ -31,13 +32,19 @@ from ringlet.shared.messages import (
     RunTask,
     TaskCancelled,
     TaskFailed,
+    TaskStarted,
 )
 from ringlet.shared.state import RingHosted
 from ringlet.shared.tasks import TextGenerationTask
 from ringlet.shared.wire import BadMessageError, Message, decode, encode
 from ringlet.worker.engines.base import GeneratesText
 
+if TYPE_CHECKING:
+    from ringlet.worker.batching import BatchModel
+
 log = logging.getLogger("ringlet.runner")
+
+STATS_EVERY_S = 1.0
 
 
 class Inbox:
@@ -47,6 +54,7 @@ class Inbox:
         self.commands: queue.Queue[LoadShard | RunTask] = queue.Queue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
+        self.woken = threading.Event()  # set on every command, for a loop that waits for any of them
         threading.Thread(target=self._read, args=(stream,), name="runner-inbox", daemon=True).start()
 
     def _read(self, stream: BinaryIO) -> None:
@@ -58,6 +66,7 @@ class Inbox:
                         self._cancelled.add(message.task_id)
                 else:
                     self.commands.put(message)
+                self.woken.set()
         except BadMessageError:
             log.exception("the node sent a command this runner does not understand; stopping")
             os._exit(3)
@@ -77,6 +86,11 @@ class Inbox:
                 self._cancelled.discard(task_id)
                 return True
             return False
+
+    def take_cancels(self) -> set[str]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            return cancelled
 
 
 class Outbox:
@@ -103,11 +117,12 @@ def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outb
     if inbox.begin(task_id):
         outbox.send(TaskCancelled(task_id=task_id))
         return
+    outbox.send(TaskStarted(task_id=task_id))
     stream = generate_with_engine(engine, task)
     try:
         for chunk in stream:
             outbox.send(Chunk(chunk=chunk))
-            if chunk.finish_reason is not None:
+            if chunk.last:
                 return
             if inbox.take_cancel(task_id):
                 outbox.send(TaskCancelled(task_id=task_id))
@@ -131,6 +146,52 @@ def serve_tasks(engine: GeneratesText, inbox: Inbox, outbox: Outbox,
         run_task(engine, command.task, inbox, outbox)
 
 
+def serve_batched(engine: BatchModel, config: EngineConfig, inbox: Inbox, outbox: Outbox) -> None:
+    """Run the node's tasks together, one batched step at a time: a task joins at the next step and leaves when it
+    ends; a cancel takes effect between two steps. A step that fails fails the tasks in it, and the batch starts
+    over empty."""
+    from ringlet.worker.batching import BatchGenerator
+
+    generator = BatchGenerator(engine, config.max_step_tokens, config.max_batch)
+    admitted: set[str] = set()
+    reported, reported_at = generator.stats(), 0.0
+    while True:
+        if not generator:
+            inbox.woken.wait()
+        inbox.woken.clear()
+        while not inbox.commands.empty():
+            command = inbox.commands.get()
+            assert isinstance(command, RunTask), "the node loads one shard per runner"
+            try:
+                generator.submit(command.task)
+            except ValueError as error:  # a prompt that cannot run: empty, or over the context window
+                outbox.send(TaskFailed(task_id=command.task.task_id, kind=_classify(error), error=str(error)))
+        for task_id in inbox.take_cancels():
+            if generator.cancel(task_id):
+                admitted.discard(task_id)
+                outbox.send(TaskCancelled(task_id=task_id))
+        try:
+            chunks = generator.step()
+        except Exception as error:  # noqa: BLE001  the engine failed: its tasks end with the reason, the runner goes on
+            traceback.print_exc(file=sys.stderr)
+            for task_id in generator.task_ids():
+                outbox.send(TaskFailed(task_id=task_id, kind="engine", error=str(error) or type(error).__name__))
+            generator = BatchGenerator(engine, config.max_step_tokens, config.max_batch)
+            admitted.clear()
+            continue
+        for task_id in generator.running_ids() - admitted:
+            admitted.add(task_id)
+            outbox.send(TaskStarted(task_id=task_id))
+        for chunk in chunks:
+            outbox.send(Chunk(chunk=chunk))
+            if chunk.last:
+                admitted.discard(chunk.task_id)
+        stats = generator.stats()
+        if stats != reported and (time.monotonic() - reported_at > STATS_EVERY_S or not generator):
+            outbox.send(stats)
+            reported, reported_at = stats, time.monotonic()
+
+
 def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     """Load, warm up and serve a single-stage instance; returns the runner's exit code."""
     from ringlet.worker.engines.engine_init import initialize_engine, warmup_engine
@@ -144,8 +205,12 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         traceback.print_exc(file=sys.stderr)
         outbox.send(LoadFailed(error=f"{type(error).__name__}: {error}"))
         return 1
-    outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
-    serve_tasks(engine, inbox, outbox)
+    if hasattr(engine, "forward_batch"):
+        outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s, slots=load.config.max_batch))
+        serve_batched(cast("BatchModel", engine), load.config, inbox, outbox)
+    else:
+        outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
+        serve_tasks(engine, inbox, outbox)
     return 0
 
 

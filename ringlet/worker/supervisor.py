@@ -22,6 +22,7 @@ from ringlet.shared.errors import TaskError
 from ringlet.shared.instances import BoundInstance
 from ringlet.shared.messages import (
     FROM_RUNNER,
+    BatchStats,
     CancelTask,
     Chunk,
     FromRunner,
@@ -32,6 +33,7 @@ from ringlet.shared.messages import (
     RunTask,
     TaskCancelled,
     TaskFailed,
+    TaskStarted,
 )
 from ringlet.shared.state import (
     Event,
@@ -66,6 +68,12 @@ class _Pending:
             self.outbox.put_nowait(item)
 
 
+@dataclass(frozen=True)
+class InstanceLoad:
+    queued: int  # tasks waiting here for a place in the runner's batch
+    batch: BatchStats | None  # the runner's last report (None: it does not batch, or has not reported yet)
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -76,12 +84,17 @@ def describe_exit(code: int) -> str:
 
 
 class _Runner:
-    """The parent's side of one runner process: its queue, its current task, its output reader."""
+    """The parent's side of one runner process: the tasks waiting for it, those it runs, its output reader.
+
+    The runner takes as many tasks at once as its batch holds (`Ready.slots`: one for an engine that runs one task at a
+    time); the others wait here in arrival order, up to `max_queued`, beyond which a task is refused at once."""
 
     def __init__(self, load: LoadShard, emit: Callable[[Event], None]) -> None:
         self._load, self.bound, self._emit = load, load.bound, emit
         self.queue: deque[_Pending] = deque()
-        self.current: _Pending | None = None
+        self.active: dict[str, _Pending] = {}  # sent to the runner, by task id
+        self.slots = 1
+        self.stats: BatchStats | None = None  # a batching runner's last report
         self.ready = False
         self.failure: str | None = None
         self.process: asyncio.subprocess.Process | None = None
@@ -143,37 +156,40 @@ class _Runner:
             case RingHosted():
                 # into the state: the nodes of the later stages start their runners when they see it
                 self._emit(message)
-            case Ready(context_length=context_length, warmup_s=warmup_s):
-                log.info("instance %s: ready (warm-up %.1f s)", self.instance_id, warmup_s)
-                self.ready = True
+            case Ready(context_length=context_length, warmup_s=warmup_s, slots=slots):
+                log.info("instance %s: ready (warm-up %.1f s, %d at once)", self.instance_id, warmup_s, slots)
+                self.ready, self.slots = True, slots
                 self._emit(RunnerReady(instance_id=self.instance_id, node_id=node_id, context_length=context_length))
                 self._dispatch()
             case LoadFailed(error=error):
                 self.fail(f"loading failed: {error}")
+            case BatchStats():
+                self.stats = message
+            case TaskStarted(task_id=task_id):
+                if (pending := self.active.get(task_id)) is not None:
+                    pending.on_started()
             case Chunk(chunk=chunk):
-                if self.current is not None and self.current.task.task_id == chunk.task_id:
-                    self.current.outbox.put_nowait(chunk)
-                    if chunk.finish_reason is not None:
-                        self.current.done = True
-                        self._next()
+                if (pending := self.active.get(chunk.task_id)) is not None:
+                    pending.outbox.put_nowait(chunk)
+                    if chunk.last:
+                        pending.done = True
+                        self._ended(chunk.task_id)
             case TaskFailed(task_id=task_id, kind=kind, error=error):
-                if self.current is not None and self.current.task.task_id == task_id:
-                    self.current.finish(TaskError(kind, error))
-                    self._next()
+                if (pending := self.active.get(task_id)) is not None:
+                    pending.finish(TaskError(kind, error))
+                    self._ended(task_id)
             case TaskCancelled(task_id=task_id):
-                if self.current is not None and self.current.task.task_id == task_id:
-                    self._next()
+                self._ended(task_id)
 
-    def _next(self) -> None:
-        self.current = None
+    def _ended(self, task_id: str) -> None:
+        self.active.pop(task_id, None)
         self._dispatch()
 
     def _dispatch(self) -> None:
-        if not self.ready or self.current is not None or not self.queue:
-            return
-        self.current = self.queue.popleft()
-        self.current.on_started()
-        self._send(RunTask(task=self.current.task))
+        while self.ready and self.queue and len(self.active) < self.slots:
+            pending = self.queue.popleft()
+            self.active[pending.task.task_id] = pending
+            self._send(RunTask(task=pending.task))
 
     def fail(self, reason: str) -> None:
         if self.failure is not None:
@@ -184,14 +200,17 @@ class _Runner:
         self._end_all(TaskError("runner_failed", f"instance {self.instance_id}: {reason}"))
 
     def _end_all(self, error: TaskError) -> None:
-        for pending in [*([self.current] if self.current else []), *self.queue]:
+        for pending in [*self.active.values(), *self.queue]:
             pending.finish(error)
-        self.current = None
+        self.active.clear()
         self.queue.clear()
 
     def submit(self, task: TextGenerationTask, on_started: Callable[[], None]) -> _Pending:
         if self.failure is not None:
             raise TaskError("runner_failed", f"instance {self.instance_id} has failed: {self.failure}")
+        if len(self.active) >= self.slots and len(self.queue) >= self._load.config.max_queued:
+            raise TaskError("busy", f"instance {self.instance_id} has {len(self.active)} requests running and "
+                                    f"{len(self.queue)} waiting, its limit; retry in a moment")
         pending = _Pending(task, on_started)
         self.queue.append(pending)
         self._dispatch()
@@ -200,8 +219,11 @@ class _Runner:
     def cancel(self, pending: _Pending) -> None:
         """Forget a task whose caller went away: drop it from the queue, or stop it between two tokens."""
         pending.done = True
-        if pending is self.current:
-            self._send(CancelTask(task_id=pending.task.task_id))  # the runner answers TaskCancelled, then _next
+        if self.active.get(pending.task.task_id) is pending:
+            # its place goes to the next task at once: the runner drops the task between two steps, and a batch
+            # never holds more than its size (a task sent meanwhile waits in the runner)
+            self._send(CancelTask(task_id=pending.task.task_id))
+            self._ended(pending.task.task_id)
         elif pending in self.queue:
             self.queue.remove(pending)
 
@@ -273,6 +295,11 @@ class Supervisor:
     def runs(self, instance_id: str) -> bool:
         return instance_id in self._runners
 
+    def load(self) -> dict[str, InstanceLoad]:
+        """How busy each of this node's runners is, by instance id."""
+        return {instance_id: InstanceLoad(queued=len(runner.queue), batch=runner.stats)
+                for instance_id, runner in self._runners.items()}
+
     async def generate(self, instance_id: str, task: TextGenerationTask,
                        on_started: Callable[[], None] = lambda: None) -> AsyncIterator[GenerationChunk]:
         """Queue the task and stream its chunks; `on_started` runs when the runner takes it. Raises TaskError.
@@ -287,7 +314,7 @@ class Supervisor:
                 if isinstance(item, TaskError):
                     raise item
                 yield item
-                if item.finish_reason is not None:
+                if item.last:
                     return
         finally:
             if not pending.done:

@@ -11,6 +11,8 @@ import httpx
 
 from ringlet.api.app import create_app
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.shared.messages import BatchStats
+from ringlet.worker.supervisor import InstanceLoad
 from tests.support.fake_node import RUNNER_PID, FakeNode
 from tests.support.processes import wait_until
 
@@ -150,6 +152,22 @@ def test_metrics_count_requests_tokens_and_time_to_first_token(url: str) -> None
     assert 'ringlet_instances{status="ready"} 1.0' in text
     assert 'ringlet_errors_total{api="openai",kind="model_not_found"}' in text
     assert 'ringlet_errors_total{api="ollama",kind="model_not_found"}' in text
+
+
+def test_metrics_show_each_runners_batch_queue_and_kv_cache(url: str, node: FakeNode) -> None:
+    instance_id = next(iter(node.state.instances))
+    node.loads = {instance_id: InstanceLoad(queued=3, batch=BatchStats(
+        running=5, waiting=1, step_tokens=133, kv_blocks_used=40, kv_blocks=512, preemptions=2))}
+    try:
+        text = httpx.get(url + "/metrics").text
+    finally:
+        node.loads = {}
+    labels = f'{{instance_id="{instance_id}",model="{EMBEDDED_MODEL_ID}"}}'
+    for line in (f"ringlet_requests_queued{labels} 3.0", f"ringlet_batch_running{labels} 5.0",
+                 f"ringlet_batch_waiting{labels} 1.0", f"ringlet_batch_step_tokens{labels} 133.0",
+                 f"ringlet_kv_cache_blocks_used{labels} 40.0", f"ringlet_kv_cache_blocks{labels} 512.0",
+                 f"ringlet_preemptions_total{labels} 2.0"):
+        assert line in text, line
 
 
 def test_openapi_is_complete(url: str) -> None:

@@ -174,7 +174,7 @@ def test_invalid_parameters_are_bad_requests_naming_the_parameter(client: openai
     assert error.value.param == "temperature" and "temperature" in error.value.message
     assert error.value.code == "invalid_parameter"
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, n=2)
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, n=17)
     assert error.value.param == "n"
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=[])
@@ -261,3 +261,22 @@ def test_a_client_that_leaves_cancels_its_task(node: FakeNode, url: str) -> None
     assert time.monotonic() - began < 3
     assert len(node.closed) == 2 and node.closed[0] == task.task_id, "the API closed both streams (not the GC)"
     assert cancelled_generations(url) == cancelled_before + 2
+
+
+def test_n_choices_come_back_whole_and_streamed(client: openai.OpenAI, node: FakeNode) -> None:
+    reply = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, n=3, max_tokens=4, seed=5)
+    assert node.submitted[-1].n == 3 and node.submitted[-1].sampling.seed == 5
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.message.content == "The capital of France" and c.finish_reason == "length" for c in reply.choices)
+    assert reply.usage is not None and reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+    chunks = list(client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, n=2, max_tokens=2,
+                                                 stream=True, stream_options={"include_usage": True}))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant" and all(c.delta.role is None for c in mine[1:])
+        assert "".join(c.delta.content or "" for c in mine) == "The capital"
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+    text = client.completions.create(model=EMBEDDED_MODEL_ID, prompt="Name a city", n=2, max_tokens=3, echo=True)
+    assert [c.text for c in text.choices] == ["Name a cityThe capital of"] * 2

@@ -1,14 +1,16 @@
-"""A client that disconnects mid-stream frees the instance at once; concurrent requests are served in order."""
+"""A client that disconnects mid-stream frees its place at once; requests run together in the instance's batch, and
+beyond the batch and its queue a request is refused with 429."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.processes import LiveNode
+from tests.support.processes import LOAD_TIMEOUT_S, LiveNode, start_node, stop_node, wait_until
 
 LONG = 4000  # far more tokens than any test waits for: only a cancel ends such a generation early
 
@@ -16,15 +18,6 @@ LONG = 4000  # far more tokens than any test waits for: only a cancel ends such 
 def chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, object]:
     return {"model": model, "max_tokens": max_tokens, "stream": stream, "temperature": 0.8, "seed": 1,
             "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}
-
-
-def wait_until(condition, timeout_s: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    began = time.monotonic()
-    while not condition():
-        if time.monotonic() - began > timeout_s:
-            raise AssertionError(f"{what} did not happen within {timeout_s} s")
-        time.sleep(0.02)
-    return time.monotonic() - began
 
 
 def generations(live_node: LiveNode, outcome: str) -> float:
@@ -46,7 +39,7 @@ def test_disconnect_mid_stream_frees_the_instance(live_node: LiveNode, model_id:
             if events == 3:
                 break
     # leaving the block closed the connection mid-stream
-    freed_after = wait_until(lambda: not live_node.get("/state").json()["tasks"], 5, "the task leaving the state")
+    freed_after = wait_until(lambda: not live_node.state()["tasks"], 5, "the task leaving the state")
     assert freed_after < 5
     began = time.monotonic()
     reply = live_node.post("/v1/chat/completions", json=chat_body(model_id, 3, False))
@@ -59,12 +52,13 @@ def test_disconnect_mid_stream_frees_the_instance(live_node: LiveNode, model_id:
 def test_disconnect_of_a_non_streaming_request_cancels_it(live_node: LiveNode, model_id: str) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live_node.url + "/v1/chat/completions", json=chat_body(model_id, LONG, False), timeout=2)
-    wait_until(lambda: not live_node.get("/state").json()["tasks"], 5, "the abandoned task leaving the state")
+    wait_until(lambda: not live_node.state()["tasks"], 5, "the abandoned task leaving the state")
 
 
 @pytest.mark.slow
-def test_concurrent_requests_are_served_first_come_first_served(live_node: LiveNode, model_id: str) -> None:
-    """A long stream holds the instance; B then C queue behind it; cancelling the stream serves B, then C."""
+def test_requests_run_together_and_a_short_one_ends_while_a_long_one_streams(live_node: LiveNode,
+                                                                              model_id: str) -> None:
+    """A long stream does not hold the instance: B and C join its batch and finish while it goes on."""
 
     async def scenario() -> list[str]:
         finished: list[str] = []
@@ -75,22 +69,37 @@ def test_concurrent_requests_are_served_first_come_first_served(live_node: LiveN
                 assert reply.status_code == 200, reply.text
                 finished.append(name)
 
-            async def queued(count: int) -> None:
-                while True:
-                    tasks = (await client.get("/state")).json()["tasks"].values()
-                    if sum(t["status"] == "queued" for t in tasks) >= count:
-                        return
-                    await asyncio.sleep(0.02)
-
             async with client.stream("POST", "/v1/chat/completions", json=chat_body(model_id, LONG, True)) as hog:
                 lines = hog.aiter_lines()
                 await anext(lines)  # the hog is generating
-                b = asyncio.create_task(short("B"))
-                await asyncio.wait_for(queued(1), 10)
-                c = asyncio.create_task(short("C"))
-                await asyncio.wait_for(queued(2), 10)
-            await asyncio.wait_for(asyncio.gather(b, c), 60)
+                await asyncio.wait_for(asyncio.gather(short("B"), short("C")), 60)
+                tasks = (await client.get("/state")).json()["tasks"].values()
+                assert [t["status"] for t in tasks] == ["running"], "the hog still streams"
+                finished.append("hog still streaming")
         return finished
 
-    assert asyncio.run(scenario()) == ["B", "C"]
-    assert not live_node.get("/state").json()["tasks"], "no task is left behind"
+    assert sorted(asyncio.run(scenario())) == ["B", "C", "hog still streaming"]
+    wait_until(lambda: not live_node.state()["tasks"], 5, "no task left behind")
+
+
+@pytest.mark.slow
+def test_requests_beyond_the_batch_and_the_queue_get_429(tmp_path: Path) -> None:
+    """With a batch of one and no room to wait, a second request while one runs is refused at once with 429."""
+    node = start_node(tmp_path, "busy-node", env={"RINGLET_MAX_BATCH": "1", "RINGLET_MAX_QUEUED": "0"})
+    try:
+        wait_until(lambda: node.ready_instances() or not node.alive(), LOAD_TIMEOUT_S, "the default instance ready",
+                   node.log)
+        model = node.ready_instances()[0]["instance"]["model"]
+        with httpx.Client(timeout=120) as client, \
+                client.stream("POST", node.url + "/v1/chat/completions", json=chat_body(model, LONG, True)) as hog:
+            lines = hog.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # the hog is generating
+            refused = client.post(node.url + "/v1/chat/completions", json=chat_body(model, 2, False))
+            assert refused.status_code == 429, refused.text
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full" and "retry" in refused.json()["error"]["message"]
+        # the hog's stream closed: the instance takes requests again
+        assert wait_until(lambda: not node.state()["tasks"], 10, "the hog leaving") < 10
+        assert node.post("/v1/chat/completions", json=chat_body(model, 2, False)).status_code == 200
+    finally:
+        assert stop_node(node) == 0, node.log()

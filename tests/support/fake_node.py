@@ -55,6 +55,7 @@ from ringlet.shared.state import (
     new_instance_record,
 )
 from ringlet.shared.tasks import FinishReason, GenerationChunk, TextGenerationTask, Timings, Usage
+from ringlet.worker.supervisor import InstanceLoad
 from tests.support.node_infos import node_info
 from tests.support.processes import wait_until
 
@@ -104,11 +105,16 @@ class FakeNode:
         self.state = State()
         self._state_lock = threading.Lock()  # downloads report from their own threads
         self.tasks: dict[str, TaskRecord] = {}  # in flight
+        self.loads: dict[str, InstanceLoad] = {}
         self.downloads = DownloadManager(ModelStore(store_dir, extra_dirs=[]), on_update=self._download_changed,
                                          settings=lambda: OFFLINE_HUB)
         self.emit(NodeJoined(node=self.info))
         embedded = self.create_instance(EMBEDDED_MODEL_ID, InstanceType.CPU_RING, node_ids=[self.node_id])
         self.make_ready(embedded.instance.instance_id)
+
+    def instance_load(self) -> dict[str, InstanceLoad]:
+        """The reports of batching runners, as a test sets them (`loads`)."""
+        return self.loads
 
     def emit(self, event: Event) -> None:
         with self._state_lock:
@@ -176,38 +182,44 @@ class FakeNode:
             if prompt >= self.context_window:
                 raise TaskError("context_window", f"the prompt has {prompt} tokens but the model's context window "
                                                   f"is {self.context_window}; shorten the prompt")
-            room = self.context_window - prompt
-            max_tokens = min(task.max_tokens or room, room)
-            tokens, stops = iter(self.script()), StopMatcher(task.stop)
-            started, first_token_at, generated = time.perf_counter(), 0.0, 0
-            finish: FinishReason = "length"
-            while generated < max_tokens:
-                await asyncio.sleep(self.token_delay_s)
-                token = next(tokens, None)  # the script's end is the end-of-sequence token
-                generated += 1
-                if generated == 1:
-                    first_token_at = time.perf_counter()
-                    self.tasks[task.task_id] = self.tasks[task.task_id].model_copy(
-                        update={"status": TaskStatus.RUNNING})
-                if isinstance(token, TaskError):
-                    raise token
-                if token is None:
-                    finish = "stop"
-                    break
-                if text := stops.feed(token):
-                    yield GenerationChunk(task_id=task.task_id, text=text)
-                if stops.stopped:
-                    finish = "stop"
-                    break
-            prefill_s = max(first_token_at - started, 1e-9)
-            decode_s = time.perf_counter() - first_token_at
-            yield GenerationChunk(
-                task_id=task.task_id, text=stops.flush(), finish_reason=finish,
-                usage=Usage(prompt_tokens=prompt, completion_tokens=generated),
-                timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt / prefill_s,
-                                decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 else 0.0))
+            for choice in range(task.n):  # choices one after another, as an engine without batching runs them
+                async for chunk in self._choice(task, prompt, choice):
+                    yield chunk
         finally:
             self.tasks.pop(task.task_id, None)
+
+    async def _choice(self, task: TextGenerationTask, prompt: int, choice: int
+                      ) -> AsyncGenerator[GenerationChunk, None]:
+        room = self.context_window - prompt
+        max_tokens = min(task.max_tokens or room, room)
+        tokens, stops = iter(self.script()), StopMatcher(task.stop)
+        started, first_token_at, generated = time.perf_counter(), 0.0, 0
+        finish: FinishReason = "length"
+        while generated < max_tokens:
+            await asyncio.sleep(self.token_delay_s)
+            token = next(tokens, None)  # the script's end is the end-of-sequence token
+            generated += 1
+            if generated == 1:
+                first_token_at = time.perf_counter()
+                self.tasks[task.task_id] = self.tasks[task.task_id].model_copy(
+                    update={"status": TaskStatus.RUNNING})
+            if isinstance(token, TaskError):
+                raise token
+            if token is None:
+                finish = "stop"
+                break
+            if text := stops.feed(token):
+                yield GenerationChunk(task_id=task.task_id, choice=choice, text=text)
+            if stops.stopped:
+                finish = "stop"
+                break
+        prefill_s = max(first_token_at - started, 1e-9)
+        decode_s = time.perf_counter() - first_token_at
+        yield GenerationChunk(
+            task_id=task.task_id, choice=choice, text=stops.flush(), finish_reason=finish, last=choice == task.n - 1,
+            usage=Usage(prompt_tokens=prompt, completion_tokens=generated),
+            timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt / prefill_s,
+                            decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 else 0.0))
 
 
 @contextmanager

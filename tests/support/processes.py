@@ -117,9 +117,9 @@ def launch_node(work_dir: Path, name: str, *extra: str, env: dict[str, str] | No
     return LiveNode(name, f"http://127.0.0.1:{api_port}", zenoh_port, process, log_path)
 
 
-def start_node(work_dir: Path, name: str = "test-node", *extra: str) -> LiveNode:
+def start_node(work_dir: Path, name: str = "test-node", *extra: str, env: dict[str, str] | None = None) -> LiveNode:
     """A node answering /health (its default instance, unless --no-default-instance, may still be loading)."""
-    node = launch_node(work_dir, name, *extra)
+    node = launch_node(work_dir, name, *extra, env=env)
     try:
         return node.wait_healthy()
     except BaseException:

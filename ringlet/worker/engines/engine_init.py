@@ -59,7 +59,7 @@ ENGINES = EngineRegistry()
 @ENGINES.register("cpu")
 @ENGINES.register("cuda")
 def _torch_engine(bound: BoundInstance, config: EngineConfig) -> Engine:
-    from ringlet.worker.engines.torch.engine import initialize_torch
+    from ringlet.worker.engines.torch.batch_engine import initialize_torch
 
     return initialize_torch(bound, config)
 

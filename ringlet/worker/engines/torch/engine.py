@@ -12,7 +12,6 @@ from ringlet.models.loader import LoadedStage, load_stage
 from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16, quantize_int4, quantize_int8
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.config import PRECISIONS, EngineConfig
-from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.torch.generate import TextGenerator
@@ -111,8 +110,3 @@ class TorchEngine:
 
     def close(self) -> None:
         del self.cache
-
-
-def initialize_torch(bound: BoundInstance, config: EngineConfig) -> TorchEngine:
-    """The engine of a single-stage instance on this node's CPU or NVIDIA GPU."""
-    return TorchEngine.load(bound.instance.model, device="cuda" if bound.engine == "cuda" else "cpu", config=config)

@@ -27,6 +27,13 @@ Fill = Callable[[torch.Tensor, int], object]
 SamplerFor = Callable[[SamplingParams, list[int]], Callable[[torch.Tensor], torch.Tensor]]
 
 
+def choice_sampling(params: SamplingParams, choice: int) -> SamplingParams:
+    """Choice i of a seeded request samples with seed + i: every choice reproducible, no two alike."""
+    if choice == 0 or params.seed is None:
+        return params
+    return params.model_copy(update={"seed": (params.seed + choice) % 2**63})
+
+
 def prompt_ids(tokenizer: Tokenizer, task: TextGenerationTask) -> list[int]:
     if task.messages is not None:
         text = tokenizer.apply_chat_template([m.model_dump() for m in task.messages], add_generation_prompt=True)
@@ -98,11 +105,17 @@ class TextGenerator:
         return int(self._host_token[0]), logits
 
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
+        """The task's choices one after another (the second and later reuse the cached prompt)."""
         ids = prompt_ids(self.tokenizer, task)
         self.check_fits(ids)
+        for choice in range(task.n):
+            yield from self._generate_choice(task, ids, choice)
+
+    def _generate_choice(self, task: TextGenerationTask, ids: list[int], choice: int
+                         ) -> Generator[GenerationChunk, None, None]:
         room = self.context_length - len(ids)
         max_tokens = min(task.max_tokens or room, room)
-        sampler = self.sampler_for(task.sampling, ids)
+        sampler = self.sampler_for(choice_sampling(task.sampling, choice), ids)
 
         started = time.perf_counter()
         logits: torch.Tensor | None  # None: the next step's logits are not computed yet
@@ -124,7 +137,7 @@ class TextGenerator:
                 break
             text = stops.feed(detok.add_token(token_id))
             if text:
-                yield GenerationChunk(task_id=task.task_id, text=text, token_id=token_id)
+                yield GenerationChunk(task_id=task.task_id, choice=choice, text=text, token_id=token_id)
             if stops.stopped:
                 finish = "stop"
                 break
@@ -138,7 +151,7 @@ class TextGenerator:
         prefill_s = max(first_token_at - started, 1e-9) if generated else done - started
         decode_s = done - first_token_at if generated > 1 else 0.0
         yield GenerationChunk(
-            task_id=task.task_id, text=tail, finish_reason=finish,
+            task_id=task.task_id, choice=choice, text=tail, finish_reason=finish, last=choice == task.n - 1,
             usage=Usage(prompt_tokens=len(ids), completion_tokens=generated),
             timings=Timings(
                 time_to_first_token_s=prefill_s,

@@ -1,0 +1,156 @@
+"""The torch engine that batches: one stage of a model and its paged KV cache, computing many sequences' tokens in
+one forward (`forward_batch`); `worker/batching.py` decides what each step computes.
+
+The cache is sized once, at load: `EngineConfig.kv_cache_tokens` positions, or by default what fits in a share of
+the memory left after the weights, capped at every running sequence at the longest context.
+
+Most steps only decode. On a CPU that step is compiled at warm-up (`EngineConfig.cpu_compile`) with symbolic
+batch and context sizes, so one compile serves them all: eager, a step of the embedded model is about 1200 small
+operators whose dispatch rivals its matrix products. Steps with prompt chunks run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import cast
+
+import psutil
+import torch
+
+from ringlet.models.llama import Transformer
+from ringlet.models.loader import LoadedStage
+from ringlet.models.paged_cache import BatchLayout, PagedKVCache, SequenceStep
+from ringlet.models.tokenizer import Tokenizer
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.instances import BoundInstance
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.engines.torch.engine import TorchEngine, load_torch_stage
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16
+# of the memory left after the weights: the host's RAM is shared with everything else on the machine, a GPU's is not
+KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}
+
+
+def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConfig, context_length: int) -> int:
+    """Positions of the cache: as configured, else a share of the free memory (capped at what max_batch sequences
+    of the longest context use, and at least one such sequence)."""
+    if config.kv_cache_tokens is not None:
+        return config.kv_cache_tokens
+    args, dtype = stage.args, next(stage.model.parameters()).dtype
+    per_token = PagedKVCache.bytes_per_block(stage.end - stage.start, 1, args.num_key_value_heads, args.head_dim,
+                                             dtype)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "xpu":
+        free = torch.xpu.mem_get_info(device)[0]
+    else:
+        free = psutil.virtual_memory().available
+    fits = int(free * KV_SHARE.get(device.type, 0.25)) // per_token
+    return max(context_length, min(fits, config.max_batch * context_length))
+
+
+class TorchBatchEngine:
+    name = "torch"
+
+    def __init__(self, stage: LoadedStage, device: torch.device, config: EngineConfig = EngineConfig()) -> None:
+        self.stage, self.device, self.config = stage, device, config
+        self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
+        self.vocab_size = stage.args.vocab_size
+        self.context_length = min(stage.args.context_length, config.max_context)
+        self.block_size = BLOCK_SIZE
+        self.num_blocks = -(-kv_cache_tokens(stage, device, config, self.context_length) // BLOCK_SIZE)
+        self.model = cast(Transformer, stage.model)
+        self.model.prepare_positions(self.context_length)
+        self.cache = self.model.make_paged_cache(self.num_blocks, self.block_size)
+        self.pad_slot = self.cache.pad_slot
+        self._compiled_decode: Callable[..., torch.Tensor] | None = None
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, device: str = "cpu",
+             config: EngineConfig = EngineConfig()) -> TorchBatchEngine:
+        dev = torch.device(device)
+        stage, precision = load_torch_stage(model, precision=config.precision, device=dev)
+        engine = cls(stage, dev, config)
+        engine.precision = precision
+        return engine
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.stage.tokenizer
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        if self._compiled_decode is not None and layout.decode_only:
+            group = layout.groups[0]
+            return self._compiled_decode(tokens, layout.positions, layout.slots, group.slots, group.mask)
+        return self.model.forward_batch(tokens, self.cache, layout)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_batch(tokens, self.cache, BatchLayout.for_decode(positions, slots, context, mask))
+
+    def warmup(self) -> None:
+        """Compile the CPU decode step (when configured), then run a short generation, so that no request pays for
+        either. A step that fails to compile leaves eager decoding, which always works."""
+        if self.device.type == "cpu" and self.config.cpu_compile:
+            self._compile_decode()
+        task = TextGenerationTask(task_id="warm-up", prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
+        deque(self.generate(task), maxlen=0)
+
+    def _compile_decode(self) -> None:
+        began = time.perf_counter()
+        log.info("compiling the CPU decode step (minutes on a first start; cached for later ones)")
+        compiled = torch.compile(self._decode, fullgraph=True, dynamic=True)
+        try:
+            # one graph for a batch of one (a size of 1 is always a graph of its own) and one for every other batch;
+            # the inputs are made as the serving loop makes them (not as inference tensors), so no guard fails later
+            for batch, context in ((1, 17), (2, 33), (3, 50)):
+                inputs = _scratch_decode(batch, context, self.block_size, self.pad_slot, self.device)
+                with torch.inference_mode():
+                    compiled(*inputs)
+        # any failure (no C++ compiler, an inductor limitation) leaves eager decoding
+        except Exception as error:  # noqa: BLE001
+            log.warning("the CPU decode step could not be compiled, decoding eagerly: %s: %s", type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else "")
+            return
+        self._compiled_decode = compiled
+        log.info("CPU decode step compiled in %.1f s", time.perf_counter() - began)
+
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
+        """One task alone (`ringlet run`, `ringlet bench`): the batched loop with a batch of one."""
+        from ringlet.worker.batching import BatchGenerator
+
+        generator = BatchGenerator(self, self.config.max_step_tokens, self.config.max_batch)
+        generator.submit(task)
+        while generator:
+            yield from generator.step()
+
+    def close(self) -> None:
+        del self.cache
+
+
+def initialize_torch(bound: BoundInstance, config: EngineConfig) -> TorchEngine | TorchBatchEngine:
+    """The engine of a single-stage instance on this node's CPU (batched) or NVIDIA GPU (one request at a time, its
+    decode steps replayed from CUDA graphs)."""
+    if bound.engine == "cuda":
+        return TorchEngine.load(bound.instance.model, device="cuda", config=config)
+    return TorchBatchEngine.load(bound.instance.model, device="cpu", config=config)
+
+
+def _scratch_decode(batch: int, context: int, block_size: int, pad_slot: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs of a decode step over the cache's first blocks, built as a serving step builds them (same strides,
+    dtypes and devices, so the compiled step's guards hold later). Its writes are scratch: slots are read only
+    after their sequence wrote them."""
+    blocks = list(range(-(-context // block_size)))
+    steps = [SequenceStep(context - 1 - i, 1, blocks) for i in range(batch)]
+    layout = BatchLayout.build(steps, block_size, device, pad_slot)
+    group = layout.groups[0]
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    return tokens, layout.positions, layout.slots, group.slots, group.mask
