@@ -9,6 +9,11 @@ stage's address). Any broken connection raises `RingBrokenError`: a ring cannot 
 A frame is the header (op, start position, number of positions, or bytes of a payload) as int64, then the first
 position's hidden state as float32. A decode step is one frame a hop; a prompt chunk's other positions follow
 the frame as a second message.
+
+A batched step (`Op.BATCH`, the stages of `worker/pipeline.py`) is a frame whose header gives the sizes, then one
+message: the step's layout as int64, then the hidden states of all its tokens [T, H] as float32. Those stages post
+their messages (`post`: the send completes in the background) so that a stage is never held up by a neighbour still
+computing: with several steps in flight round the ring, blocking sends could wait on each other in a circle.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import socket
 import tempfile
 import time
+from collections import deque
 from datetime import timedelta
 from enum import IntEnum
 
@@ -46,6 +52,8 @@ class Op(IntEnum):
     FILL = 1  # a prompt chunk into the cache; nothing comes back
     SAMPLE = 2  # a step whose last position the last stage samples; its token goes back to rank 0
     BEGIN = 3  # a request begins: a JSON payload of its sampling parameters and prompt follows
+    BATCH = 4  # a batched step: its layout and hidden states follow
+    END = 5  # batched sequences are done: a JSON payload of their keys follows
 
 
 class RingBrokenError(RuntimeError):
@@ -104,6 +112,7 @@ class Ring:
                                                   self._frame[FRAME_HEADER_BYTES:].view(torch.float32))
         header = torch.zeros(3, dtype=torch.int64)  # op, start, length: written through numpy, copied to the frame
         self._header_fields, self._header_bytes = header.numpy(), header.view(torch.uint8)
+        self._posted: deque[tuple[dist.Work, torch.Tensor]] = deque()  # sends under way, and the tensors they read
 
     def _join(self, store: dist.TCPStore, host: str) -> None:
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
@@ -118,6 +127,50 @@ class Ring:
             self._pg.send([tensor.to(self.device).contiguous()], to, 0).wait()
         except RuntimeError as error:
             raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def post(self, tensor: torch.Tensor, to: int) -> None:
+        """Send without waiting for it to complete (a failure is raised by a later `post` or by `flush`)."""
+        while self._posted and self._posted[0][0].is_completed():
+            self._wait(*self._posted.popleft(), to)
+        tensor = tensor.to(self.device).contiguous()
+        try:
+            self._posted.append((self._pg.send([tensor], to, 0), tensor))
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def flush(self) -> None:
+        """Wait for every posted send."""
+        while self._posted:
+            self._wait(*self._posted.popleft(), self.next)
+
+    @staticmethod
+    def _wait(work: dist.Work, tensor: torch.Tensor, to: int) -> None:
+        try:
+            work.wait()
+        except RuntimeError as error:
+            raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def post_frame(self, op: Op, start: int, length: int) -> None:
+        frame = torch.zeros(FRAME_HEADER_BYTES + 4 * self.hidden_size, dtype=torch.uint8)
+        frame[:FRAME_HEADER_BYTES].view(torch.int64).copy_(torch.tensor([op, start, length]))
+        self.post(frame, self.next)
+
+    def post_payload(self, op: Op, payload: bytes) -> None:
+        self.post_frame(op, 0, len(payload))
+        self.post(torch.frombuffer(bytearray(payload), dtype=torch.uint8), self.next)
+
+    def post_batch(self, layout: torch.Tensor, hidden: torch.Tensor) -> None:
+        """A batched step: `layout` int64 [M] (on the host), `hidden` [T, H] (sent as float32)."""
+        self.post_frame(Op.BATCH, layout.shape[0], hidden.shape[0])
+        body = torch.cat((layout.to(self.device).view(torch.uint8),
+                          hidden.to(self.device, torch.float32).contiguous().view(-1).view(torch.uint8)))
+        self.post(body, self.next)
+
+    def recv_batch(self, layout_length: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layout (int64, on the host) and hidden states [T, H] (float32) of a frame announcing a batched step."""
+        body = self.recv((8 * layout_length + 4 * tokens * self.hidden_size,), torch.uint8, self.prev)
+        layout = body[:8 * layout_length].cpu().view(torch.int64)
+        return layout, body[8 * layout_length:].view(torch.float32).view(tokens, self.hidden_size)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
@@ -163,6 +216,10 @@ class Ring:
         return self.recv((length,), torch.uint8, self.prev).numpy().tobytes()
 
     def close(self) -> None:
+        try:
+            self.flush()
+        except RingBrokenError as error:
+            log.info("ring already broken at close: %s", error)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -191,6 +248,9 @@ class MlxRing(Ring):
             mx.eval(mx.distributed.send(mx.array(tensor.cpu().numpy()), to, group=self._group))
         except RuntimeError as error:
             raise RingBrokenError(f"stage {to} of the ring is unreachable: {error}") from error
+
+    def post(self, tensor: torch.Tensor, to: int) -> None:
+        self.send(tensor, to)  # mlx.distributed's sends complete as they return
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, source: int) -> torch.Tensor:
         mx = self._mx

@@ -4,14 +4,19 @@ Tasks arrive at any time and join the next step (`submit`); the scheduler decide
 (`scheduler.py`), the engine computes every planned token in one forward over the paged KV cache, and each
 sequence samples with its own parameters and seed, detokenises, and watches its own stop strings and limits. A
 step returns what each task streams; a task that ends leaves the batch at once, freeing its blocks for the others.
+
+A step is launched, then collected. On one device the two are one call; across the stages of a ring
+(`worker/pipeline.py`) several steps are in flight at once, each over other sequences (micro-batches), and the last
+stage samples: the step comes back as token ids.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeGuard, cast
 
 import torch
 
@@ -21,7 +26,7 @@ from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.messages import BatchStats
-from ringlet.shared.tasks import FinishReason, GenerationChunk, TextGenerationTask, Timings, Usage
+from ringlet.shared.tasks import FinishReason, GenerationChunk, SamplingParams, TextGenerationTask, Timings, Usage
 from ringlet.worker.blocks import BlockManager
 from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids
 from ringlet.worker.scheduler import Planned, Scheduler, Sequence
@@ -45,6 +50,36 @@ class BatchModel(Protocol):
         ...
 
 
+class PipelinedModel(Protocol):
+    """A model whose steps run down a ring of stages, up to `depth` of them in flight, and whose last stage samples
+    each sequence as its `begin` said."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    vocab_size: int
+    context_length: int
+    device: torch.device
+    num_blocks: int
+    block_size: int
+    pad_slot: int
+    depth: int
+
+    def begin(self, key: int, sampling: SamplingParams, prompt: list[int]) -> None: ...
+
+    def end(self, keys: list[int]) -> None:
+        """These sequences are done: their samplers go (after every step launched so far)."""
+        ...
+
+    def launch(self, tokens: torch.Tensor, steps: list[SequenceStep], keys: list[int]) -> None:
+        """Start a step: token ids [T] of `steps`, whose sequences are `keys`."""
+        ...
+
+    def collect(self) -> torch.Tensor:
+        """The token ids [R] sampled for the oldest step in flight."""
+        ...
+
+
 @dataclass(eq=False)
 class _Task:
     task: TextGenerationTask
@@ -57,8 +92,9 @@ class _Request:
 
     of: _Task
     choice: int
+    key: int  # the sequence's number for a pipeline's last stage
     max_tokens: int
-    sampler: RequestSampler
+    sampler: Callable[[torch.Tensor], torch.Tensor]  # logits [1, V] -> token id (a pipeline's: the id as it came)
     detokenizer: StreamingDetokenizer
     stops: StopMatcher
     arrived_at: float
@@ -66,14 +102,19 @@ class _Request:
 
 
 class BatchGenerator:
-    def __init__(self, model: BatchModel, max_step_tokens: int = 512, max_running: int = 64) -> None:
+    def __init__(self, model: BatchModel | PipelinedModel, max_step_tokens: int = 512, max_running: int = 64) -> None:
         self.model = model
+        self.pipeline = model if _is_pipelined(model) else None
+        self.depth = self.pipeline.depth if self.pipeline is not None else 1
         self.blocks = BlockManager(model.num_blocks, model.block_size)
         self.scheduler: Scheduler[_Request] = Scheduler(self.blocks, max_step_tokens, max_running)
         self.eos = set(model.tokenizer.eos_token_ids)
         self.last_step_tokens = 0
         # the other choices of a task wait until its first has its prompt in the cache, then share those blocks
         self._followers: dict[str, list[Sequence[_Request]]] = {}
+        # steps launched and not collected: their plans, and their logits where computed already
+        self._in_flight: deque[tuple[list[Planned[_Request]], torch.Tensor | None]] = deque()
+        self._keys = 0
 
     def __bool__(self) -> bool:
         return bool(self.scheduler)
@@ -104,37 +145,68 @@ class BatchGenerator:
                                      "shorten the prompt")
         room = context - len(ids)
         group, arrived_at = _Task(task, task.n), time.perf_counter()
-        sequences = [Sequence(_seq_id(task, choice), list(ids), len(ids), _Request(
-            group, choice, min(task.max_tokens or room, room),
-            RequestSampler(choice_sampling(task.sampling, choice), ids, self.model.vocab_size, self.model.device),
-            StreamingDetokenizer(self.model.tokenizer), StopMatcher(task.stop), arrived_at))
-            for choice in range(task.n)]
+        sequences = []
+        for choice in range(task.n):
+            self._keys += 1
+            sequences.append(Sequence(_seq_id(task, choice), list(ids), len(ids), _Request(
+                group, choice, self._keys, min(task.max_tokens or room, room),
+                self._sampler(self._keys, choice_sampling(task.sampling, choice), ids),
+                StreamingDetokenizer(self.model.tokenizer), StopMatcher(task.stop), arrived_at)))
         self.scheduler.add(sequences[0])
         if len(sequences) > 1:
             self._followers[sequences[0].seq_id] = sequences[1:]
 
     def cancel(self, task_id: str) -> bool:
         """Drop a task (all its choices) between two steps; False if it is not here (finished already)."""
-        found = False
+        dropped: list[Sequence[_Request]] = []
         for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
-            if sequence.state.of.task.task_id == task_id:
-                found = self.scheduler.remove(sequence.seq_id) is not None or found
+            if sequence.state.of.task.task_id == task_id and self.scheduler.remove(sequence.seq_id) is not None:
+                dropped.append(sequence)
         for leader in [k for k, v in self._followers.items() if v[0].state.of.task.task_id == task_id]:
-            found = bool(self._followers.pop(leader)) or found
-        return found
+            dropped.extend(self._followers.pop(leader))
+        self._end(dropped)
+        return bool(dropped)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     def step(self) -> list[GenerationChunk]:
         """Compute one step; the chunks of every task that produced text or ended in it."""
-        planned = self.scheduler.plan()
+        self.launch()
+        return self.collect() if self._in_flight else []
+
+    def launch(self) -> bool:
+        """Plan a step over the sequences no step in flight computes, and start it; False if none can run."""
+        if len(self._in_flight) >= self.depth:
+            return False
+        busy = frozenset(p.sequence.seq_id for plan, _ in self._in_flight for p in plan)
+        share = None  # a pipeline's micro-batches split the sequences between its steps in flight
+        if self.depth > 1:
+            share = max(1, -(-(len(self.scheduler.running) + len(self.scheduler.waiting)) // self.depth))
+        planned = self.scheduler.plan(busy, share)
         self.last_step_tokens = sum(p.count for p in planned)
         if not planned:
-            return []
+            return False
         size = self.blocks.block_size
-        steps = [SequenceStep(p.start, p.count, self.blocks.table(p.sequence.seq_id), p.samples) for p in planned]
-        layout = BatchLayout.build(steps, size, self.model.device, self.model.pad_slot)
+        steps = [SequenceStep(p.start, p.count, self.blocks.table(p.sequence.seq_id)[:self.blocks.blocks_for(
+            p.start + p.count)], p.samples) for p in planned]
         tokens = torch.tensor([t for p in planned for t in p.sequence.tokens[p.start:p.start + p.count]],
                               dtype=torch.long, device=self.model.device)
-        logits = self.model.forward_batch(tokens, layout)
+        if self.pipeline is not None:
+            self.pipeline.launch(tokens, steps, [p.sequence.state.key for p in planned])
+            self._in_flight.append((planned, None))
+        else:
+            layout = BatchLayout.build(steps, size, self.model.device, self.model.pad_slot)
+            self._in_flight.append((planned, cast("BatchModel", self.model).forward_batch(tokens, layout)))
+        return True
+
+    def collect(self) -> list[GenerationChunk]:
+        """Finish the oldest step in flight; the chunks of every task that produced text or ended in it."""
+        planned, logits = self._in_flight.popleft()
+        if logits is None:
+            assert self.pipeline is not None, "only a pipeline's steps are computed elsewhere"
+            logits = self.pipeline.collect()
         self.scheduler.computed(planned)
         for entry in planned:
             if entry.sequence.prefilled and entry.sequence.seq_id in self._followers:
@@ -142,8 +214,19 @@ class BatchGenerator:
                     self.scheduler.add(follower)
         out: list[GenerationChunk] = []
         for entry, row in zip(_sampling(planned), logits, strict=True):
-            out.extend(self._advance(entry.sequence, row[None]))
+            if entry.sequence.seq_id in self.blocks:  # not cancelled while its step was in flight
+                out.extend(self._advance(entry.sequence, row[None]))
         return out
+
+    def _sampler(self, key: int, sampling: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.pipeline is not None:
+            self.pipeline.begin(key, sampling, prompt)
+            return _sampled_by_the_last_stage
+        return RequestSampler(sampling, prompt, self.model.vocab_size, self.model.device)
+
+    def _end(self, sequences: list[Sequence[_Request]]) -> None:
+        if self.pipeline is not None and sequences:
+            self.pipeline.end([s.state.key for s in sequences])
 
     def _advance(self, sequence: Sequence[_Request], logits: torch.Tensor) -> Iterator[GenerationChunk]:
         request = sequence.state
@@ -165,6 +248,7 @@ class BatchGenerator:
                 finish = "length"
         if finish is not None:
             self.scheduler.remove(sequence.seq_id)
+            self._end([sequence])
             request.of.unfinished -= 1
             yield self._last_chunk(sequence, finish)
 
@@ -182,6 +266,15 @@ class BatchGenerator:
             timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=sequence.prompt_length / prefill_s,
                             decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0),
         )
+
+
+def _is_pipelined(model: BatchModel | PipelinedModel) -> TypeGuard[PipelinedModel]:
+    return hasattr(model, "launch")
+
+
+def _sampled_by_the_last_stage(token: torch.Tensor) -> torch.Tensor:
+    """A pipeline's sampler: its step returned the token ids themselves."""
+    return token
 
 
 def _seq_id(task: TextGenerationTask, choice: int) -> str:

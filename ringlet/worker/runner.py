@@ -40,7 +40,7 @@ from ringlet.shared.wire import BadMessageError, Message, decode, encode
 from ringlet.worker.engines.base import GeneratesText
 
 if TYPE_CHECKING:
-    from ringlet.worker.batching import BatchModel
+    from ringlet.worker.batching import BatchModel, PipelinedModel
 
 log = logging.getLogger("ringlet.runner")
 
@@ -146,16 +146,18 @@ def serve_tasks(engine: GeneratesText, inbox: Inbox, outbox: Outbox,
         run_task(engine, command.task, inbox, outbox)
 
 
-def serve_batched(engine: BatchModel, config: EngineConfig, inbox: Inbox, outbox: Outbox) -> None:
-    """Run the node's tasks together, one batched step at a time: a task joins at the next step and leaves when it
-    ends; a cancel takes effect between two steps. A step that fails fails the tasks in it, and the batch starts
-    over empty."""
+def serve_batched(engine: BatchModel | PipelinedModel, config: EngineConfig, inbox: Inbox, outbox: Outbox,
+                  broken: Callable[[], bool] = lambda: False) -> None:
+    """Run the node's tasks together, one batched step at a time (a pipeline: as many as it keeps in flight): a task
+    joins at the next step and leaves when it ends; a cancel takes effect between two steps. A step that fails fails
+    the tasks in it, and the batch starts over empty; for a ring's first stage whose ring broke (`broken()`), the
+    loop ends."""
     from ringlet.worker.batching import BatchGenerator
 
     generator = BatchGenerator(engine, config.max_step_tokens, config.max_batch)
     admitted: set[str] = set()
     reported, reported_at = generator.stats(), 0.0
-    while True:
+    while not broken():
         if not generator:
             inbox.woken.wait()
         inbox.woken.clear()
@@ -171,7 +173,9 @@ def serve_batched(engine: BatchModel, config: EngineConfig, inbox: Inbox, outbox
                 admitted.discard(task_id)
                 outbox.send(TaskCancelled(task_id=task_id))
         try:
-            chunks = generator.step()
+            while generator.launch():
+                pass
+            chunks = generator.collect() if generator.in_flight else []
         except Exception as error:  # noqa: BLE001  the engine failed: its tasks end with the reason, the runner goes on
             traceback.print_exc(file=sys.stderr)
             for task_id in generator.task_ids():
@@ -218,6 +222,7 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     """Load one stage of a multi-stage instance, join its ring, and serve; returns the runner's exit code."""
     from ringlet.net.ring import RingBrokenError, host_store, join_store
     from ringlet.worker.engines.engine_init import warmup_engine
+    from ringlet.worker.pipeline import PipelineHead, PipelineStage, batches, load_stage_engine
     from ringlet.worker.stages import FirstStage, RelayStage, load_for_stage
 
     bound, size = load.bound, len(load.bound.instance.shards)
@@ -232,12 +237,17 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         else:
             store = join_store(load.ring, size)
         outbox.send(Loading(progress=0.05, detail=f"loading layers {bound.shard.start}-{bound.shard.end - 1}"))
-        stage, precision = load_for_stage(bound, load.config)
-        outbox.send(Loading(progress=0.6, detail="waiting for the other stages"))
-        kind = FirstStage if bound.shard.is_first else RelayStage
-        engine: FirstStage | RelayStage = kind(bound, stage, store, load.data_host)
+        engine: FirstStage | RelayStage | PipelineHead | PipelineStage
+        if batches(bound):
+            batched, precision = load_stage_engine(bound, load.config, store, loaded=lambda: outbox.send(
+                Loading(progress=0.6, detail="waiting for the other stages")))
+            engine = (PipelineHead if bound.shard.is_first else PipelineStage)(bound, batched, store, load.data_host)
+        else:
+            stage, precision = load_for_stage(bound, load.config)
+            outbox.send(Loading(progress=0.6, detail="waiting for the other stages"))
+            engine = (FirstStage if bound.shard.is_first else RelayStage)(bound, stage, store, load.data_host)
         warmup_s = 0.0
-        if isinstance(engine, FirstStage):
+        if isinstance(engine, FirstStage | PipelineHead):
             outbox.send(Loading(progress=0.9, detail="warming up the ring"))
             warmup_s = warmup_engine(engine)
     # a failed load (missing file, driver, a stage that never joined) is reported, then the runner exits
@@ -246,16 +256,22 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         outbox.send(LoadFailed(error=f"{type(error).__name__}: {error}"))
         return 1
     log.info("instance %s: stage %d ready (%s)", instance_id, bound.shard.rank, precision)
-    outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
-    if isinstance(engine, RelayStage):
+    if isinstance(engine, RelayStage | PipelineStage):
+        outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
         try:
             engine.serve()
         except RingBrokenError as error:
             log.error("instance %s: %s; this stage stops", instance_id, error)
             return 1
         return 0
-    first = engine
-    serve_tasks(first, inbox, outbox, broken=lambda: first.broken)
+    if isinstance(engine, PipelineHead):
+        head = engine
+        outbox.send(Ready(context_length=head.context_length, warmup_s=warmup_s, slots=load.config.max_batch))
+        serve_batched(head, load.config, inbox, outbox, broken=lambda: head.broken)
+    else:
+        first = engine
+        outbox.send(Ready(context_length=first.context_length, warmup_s=warmup_s))
+        serve_tasks(first, inbox, outbox, broken=lambda: first.broken)
     log.error("instance %s: the ring is broken; this stage stops", instance_id)
     return 1
 

@@ -8,6 +8,9 @@ the prefix was cached or not. When the cache has no room for the next token of e
 sequence admitted last goes back to the front of the queue, its blocks freed; it resumes later from its tokens
 so far (the prompt and what it generated), and its sampler goes on where it was, so it produces the same tokens.
 
+A pipeline keeps several steps in flight (micro-batches, one a stage): a step then plans only the sequences that no
+step in flight computes (`busy`), at most `max_sequences` of them, and never preempts a busy one.
+
 No tensors here: the plan of a step is a list of `Planned` entries; the caller computes them and reports back.
 """
 
@@ -81,17 +84,18 @@ class Scheduler(Generic[State]):
                 return sequence
         return None
 
-    def plan(self) -> list[Planned[State]]:
-        """The next step; empty when nothing can run."""
+    def plan(self, busy: frozenset[str] = frozenset(), max_sequences: int | None = None) -> list[Planned[State]]:
+        """The next step; empty when nothing can run. `busy`: sequences a step in flight computes, left out."""
         planned: list[Planned[State]] = []
         budget = self.max_step_tokens
-        for sequence in self._decodable():
+        room = self.max_running if max_sequences is None else max_sequences
+        for sequence in self._decodable(busy, room):
             planned.append(Planned(sequence, len(sequence.tokens) - 1, 1))
             budget -= 1
         for sequence in self.running:
-            if budget > 0 and not sequence.prefilled:
+            if budget > 0 and len(planned) < room and not sequence.prefilled and sequence.seq_id not in busy:
                 budget -= self._plan_chunk(sequence, budget, planned)
-        while budget > 0 and self.waiting and len(self.running) < self.max_running:
+        while budget > 0 and self.waiting and len(self.running) < self.max_running and len(planned) < room:
             sequence = self.waiting[0]
             if not self.blocks.can_admit(sequence.tokens, reserve=len(self.running)):
                 break  # room for the running ones to grow first
@@ -110,23 +114,29 @@ class Scheduler(Generic[State]):
         """The step ran: each planned sequence's keys and values now cover its planned tokens."""
         for entry in planned:
             sequence = entry.sequence
+            if sequence.seq_id not in self.blocks:
+                continue  # it ended (a cancel) while a pipeline computed its step
             sequence.computed = entry.start + entry.count
             self.blocks.advance(sequence.seq_id, sequence.tokens[:sequence.computed])
 
-    def _decodable(self) -> list[Sequence[State]]:
-        """The running sequences that decode this step, each with room for its token; preempts to make room."""
-        decoding = [s for s in self.running if s.prefilled]
-        for sequence in decoding:
+    def _decodable(self, busy: frozenset[str], room: int) -> list[Sequence[State]]:
+        """Up to `room` running sequences that decode this step, each with room reserved for its token; preempts to
+        make room, the last admitted idle sequence first."""
+        ready: list[Sequence[State]] = []
+        for sequence in [s for s in self.running if s.prefilled and s.seq_id not in busy]:
+            if len(ready) == room:
+                break
             if sequence not in self.running:
                 continue  # preempted to make room for an earlier one
             while not self.blocks.can_reserve(sequence.seq_id, 1):
-                victim = self.running[-1]
+                victim = [s for s in self.running if s.seq_id not in busy][-1]  # `sequence` itself is idle
                 self._preempt(victim)
                 if victim is sequence:
                     break
             else:
                 self.blocks.reserve(sequence.seq_id, 1)
-        return [s for s in decoding if s in self.running]
+                ready.append(sequence)
+        return [s for s in ready if s in self.running]
 
     def _plan_chunk(self, sequence: Sequence[State], budget: int, planned: list[Planned[State]]) -> int:
         """Plan the sequence's next prompt chunk within `budget` (as much as the cache has room for)."""

@@ -1,6 +1,8 @@
 """The data plane alone, without nodes: a model split over stage processes (first, middle, last) gives exactly the
-single-stage greedy tokens, whether every stage runs torch or one of them runs MLX (a mixed ring), and the same
-seeded samples with penalties (the last stage samples)."""
+single-stage tokens. A ring of torch stages batches: its requests join at different steps, prompts go in chunks,
+several steps are in flight round the ring (micro-batches), a small cache preempts, a cancel ends one request; each
+request still gets its single-stage tokens, greedy or seeded with penalties (the last stage samples). A ring with
+an MLX stage (a mixed ring, or MLX over mlx.distributed) runs its requests one after another."""
 
 from __future__ import annotations
 
@@ -12,19 +14,22 @@ from pathlib import Path
 import pytest
 
 from ringlet.master.placement import split_layers
+from ringlet.models.paged_cache import SequenceStep
 from ringlet.net.ring import MLX_RING_BACKEND, backend_for
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType, Instance, InstanceType, Shard
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
-from ringlet.worker.engines.torch.engine import TorchEngine
+from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
+from ringlet.worker.pipeline import decode_steps, encode_steps
+from tests.support.stage_process import Job
 
-# the second prompt starts with the first: its request reuses the cached prefix, so every stage trims its cache
+# the second prompt starts with the first: its request reuses the cached prefix
 PROMPTS = ["The capital of France is", "The capital of France is a city", "Water boils at"]
 MAX_TOKENS = 12
 # one stage per process, run as a module so that the tests package imports as it does here
 STAGE = [sys.executable, "-m", "tests.support.stage_process"]
 REPO = Path(__file__).resolve().parents[2]
-
+FP32 = EngineConfig(precision="fp32")
 
 GREEDY = SamplingParams(temperature=0)
 # every part of the sampler that keeps state across steps: the seeded draw and the penalties' token history
@@ -33,17 +38,19 @@ SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=11, repetition_penalty
 
 
 @pytest.fixture(scope="module")
-def single_stage_engine() -> TorchEngine:
-    return TorchEngine.load(None, config=EngineConfig(precision="fp32"))
+def single_stage_engine() -> TorchBatchEngine:
+    return TorchBatchEngine.load(None, config=FP32)
 
 
-def single_stage_run(engine: TorchEngine, sampling: SamplingParams) -> list[list[int | None]]:
-    return [[c.token_id for c in engine.generate(TextGenerationTask(prompt=prompt, max_tokens=MAX_TOKENS,
+def single_stage_run(engine: TorchBatchEngine, sampling: SamplingParams,
+                     max_tokens: int = MAX_TOKENS) -> list[list[int | None]]:
+    """Each prompt's tokens, its request alone on one stage."""
+    return [[c.token_id for c in engine.generate(TextGenerationTask(prompt=prompt, max_tokens=max_tokens,
                                                                      sampling=sampling))] for prompt in PROMPTS]
 
 
 @pytest.fixture(scope="module")
-def single_stage_tokens(single_stage_engine: TorchEngine) -> list[list[int | None]]:
+def single_stage_tokens(single_stage_engine: TorchBatchEngine) -> list[list[int | None]]:
     return single_stage_run(single_stage_engine, GREEDY)
 
 
@@ -56,14 +63,17 @@ def ring(engines: list[EngineType], num_layers: int = 30) -> Instance:
                     instance_type=instance_type, shards=shards)
 
 
-def run_ring(instance: Instance, sampling: SamplingParams = GREEDY) -> list[list[dict]]:
-    """The chunks of each prompt's request, run by the ring's stage processes."""
+def run_ring(instance: Instance, job: Job | None = None, config: EngineConfig = FP32,
+             summary: dict | None = None) -> list[list[dict]]:
+    """The chunks of each prompt's request, run by the ring's stage processes (a batched run's preemptions and
+    most steps in flight into `summary`)."""
+    job = job or Job(prompts=PROMPTS, max_tokens=MAX_TOKENS)
     bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
-    first = subprocess.Popen([*STAGE, bound[0], "host", json.dumps(PROMPTS), str(MAX_TOKENS),
-                              sampling.model_dump_json()], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    first = subprocess.Popen([*STAGE, bound[0], "host", config.model_dump_json(), job.model_dump_json()],
+                             stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert first.stdout is not None
     address = first.stdout.readline().strip()
-    others = [subprocess.Popen([*STAGE, b, address], cwd=REPO) for b in bound[1:]]
+    others = [subprocess.Popen([*STAGE, b, address, config.model_dump_json()], cwd=REPO) for b in bound[1:]]
     try:
         out, _ = first.communicate(timeout=240)
         for p in others:
@@ -74,11 +84,18 @@ def run_ring(instance: Instance, sampling: SamplingParams = GREEDY) -> list[list
                 p.kill()
     assert first.returncode == 0
     chunks = [json.loads(line) for line in out.splitlines()]
-    return [[c for c in chunks if c["request"] == i] for i in range(len(PROMPTS))]
+    if summary is not None:
+        summary.update(*(c for c in chunks if c["request"] is None))
+    return [[c for c in chunks if c["request"] == i] for i in range(len(job.prompts))]
 
 
 def token_ids(requests: list[list[dict]]) -> list[list[int | None]]:
     return [[c["token_id"] for c in chunks] for chunks in requests]
+
+
+def test_step_layout_round_trips() -> None:
+    steps = [SequenceStep(40, 1, [3, 0, 7]), SequenceStep(0, 16, [5], wants_logits=False), SequenceStep(16, 9, [5, 2])]
+    assert decode_steps(encode_steps(steps, [11, 12, 13])) == (steps, [11, 12, 13])
 
 
 def test_backends_follow_instance_type() -> None:
@@ -91,18 +108,38 @@ def test_backends_follow_instance_type() -> None:
 
 
 @pytest.mark.slow
-def test_three_stage_ring_gives_single_stage_tokens(single_stage_tokens: list[list[int | None]]) -> None:
-    # two stages are covered through real nodes in test_split_model
-    requests = run_ring(ring(["cpu", "cpu", "cpu"]))
+def test_three_stage_ring_batches_and_gives_single_stage_tokens(single_stage_tokens: list[list[int | None]]) -> None:
+    # requests join one step apart, prompts go four tokens a step: three steps in flight round the ring, with
+    # prompt chunks and decodes of other requests in the same steps
+    summary: dict = {}
+    requests = run_ring(ring(["cpu", "cpu", "cpu"]), Job(prompts=PROMPTS, max_tokens=MAX_TOKENS, stagger=1,
+                                                          step_tokens=4), summary=summary)
     assert token_ids(requests) == single_stage_tokens
+    assert summary["most_in_flight"] == 3
     assert len([c for c in requests[0] if c["token_id"] is not None]) >= 3
 
 
 @pytest.mark.slow
-def test_last_stage_samples_as_a_single_stage_does(single_stage_engine: TorchEngine) -> None:
+def test_two_stage_ring_preempts_and_cancels_without_changing_tokens(single_stage_engine: TorchBatchEngine) -> None:
+    # five blocks of 16 positions: three requests growing to 44-48 positions (three blocks each) cannot all stay, so
+    # some are preempted and computed again later; the third is cancelled early, maybe with its step in flight
+    expected = single_stage_run(single_stage_engine, GREEDY, max_tokens=40)
+    config = FP32.model_copy(update={"kv_cache_tokens": 80})
+    summary: dict = {}
+    requests = token_ids(run_ring(ring(["cpu", "cpu"]), Job(prompts=[*PROMPTS, PROMPTS[2]], max_tokens=40,
+                                                            stagger=0, cancel={3: 6}), config, summary))
+    assert summary["preemptions"] > 0 and summary["most_in_flight"] == 2
+    assert requests[:3] == expected
+    cancelled = requests[3]
+    assert cancelled == expected[2][:len(cancelled)] and len(cancelled) < len(expected[2])
+
+
+@pytest.mark.slow
+def test_last_stage_samples_as_a_single_stage_does(single_stage_engine: TorchBatchEngine) -> None:
     expected = single_stage_run(single_stage_engine, SEEDED)
     assert expected != single_stage_run(single_stage_engine, GREEDY)  # the parameters change what is drawn
-    assert token_ids(run_ring(ring(["cpu", "cpu"]), SEEDED)) == expected
+    assert token_ids(run_ring(ring(["cpu", "cpu"]), Job(prompts=PROMPTS, max_tokens=MAX_TOKENS,
+                                                         sampling=SEEDED))) == expected
 
 
 @pytest.mark.slow

@@ -55,16 +55,27 @@ def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConf
     return max(context_length, min(fits, config.max_batch * context_length))
 
 
+def own_context_length(stage: LoadedStage, config: EngineConfig) -> int:
+    return min(stage.args.context_length, config.max_context)
+
+
+def own_num_blocks(stage: LoadedStage, device: torch.device, config: EngineConfig) -> int:
+    """Blocks of the KV cache this device holds for `stage`."""
+    return -(-kv_cache_tokens(stage, device, config, own_context_length(stage, config)) // BLOCK_SIZE)
+
+
 class TorchBatchEngine:
     name = "torch"
 
-    def __init__(self, stage: LoadedStage, device: torch.device, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, stage: LoadedStage, device: torch.device, config: EngineConfig = EngineConfig(),
+                 num_blocks: int | None = None, context_length: int | None = None) -> None:
+        """`num_blocks`, `context_length`: as the stages of a ring agreed (else this device's own)."""
         self.stage, self.device, self.config = stage, device, config
         self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
         self.vocab_size = stage.args.vocab_size
-        self.context_length = min(stage.args.context_length, config.max_context)
+        self.context_length = context_length or own_context_length(stage, config)
         self.block_size = BLOCK_SIZE
-        self.num_blocks = -(-kv_cache_tokens(stage, device, config, self.context_length) // BLOCK_SIZE)
+        self.num_blocks = num_blocks or own_num_blocks(stage, device, config)
         self.model = cast(Transformer, stage.model)
         self.model.prepare_positions(self.context_length)
         self.cache = self.model.make_paged_cache(self.num_blocks, self.block_size)

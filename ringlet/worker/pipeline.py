@@ -1,0 +1,234 @@
+"""The stages of a split model that batch: every stage runs torch (cpu, cuda, ipex), and each step carries many
+sequences' tokens down the ring, several steps at once.
+
+Rank 0 (`PipelineHead`) keeps the continuous-batching loop (`worker/batching.py`): it plans a step, runs its own
+layers over the step's tokens, and posts the layout and hidden states to the next stage (`Op.BATCH`). Every other
+stage (`PipelineStage`) rebuilds the step's layout from what it received, runs its layers over its own paged KV
+cache and passes the hidden states on; the last one samples each sequence with the parameters its `Op.BEGIN`
+carried, and posts the token ids back to rank 0. With S stages, up to S steps are in flight, each over its own
+share of the running sequences (micro-batches), so every stage computes at once. On NCCL one step is in flight:
+its point-to-point sends and receives between two ranks run in order on one stream, and a second step's send would
+wait on the first step's tokens coming back.
+
+The stages' caches hold the same blocks: rank 0's block manager decides which block each position goes to, for
+every stage. At the rendezvous each stage says how many blocks it can hold and how long a context it serves, and
+all take the smallest.
+
+A ring with an MLX stage runs one request at a time (`worker/stages.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel
+
+from ringlet.models.loader import LoadedStage
+from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from ringlet.models.sampling import RequestSampler
+from ringlet.models.tokenizer import Tokenizer
+from ringlet.net.ring import Op, Ring, RingBrokenError, open_ring
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.instances import BoundInstance
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.engines.base import run_warmup_request
+from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
+from ringlet.worker.engines.torch.engine import load_torch_stage
+from ringlet.worker.stages import compute_device
+
+log = logging.getLogger(__name__)
+
+
+class _Begin(BaseModel):
+    """A sequence the last stage will sample: its key in later steps, its parameters and prompt."""
+
+    key: int
+    sampling: SamplingParams
+    prompt: list[int]
+
+
+class _End(BaseModel):
+    keys: list[int]
+
+
+def batches(bound: BoundInstance) -> bool:
+    """Whether the ring of `bound` runs batched steps: every stage on a torch engine."""
+    return all(shard.engine != "mlx" for shard in bound.instance.shards)
+
+
+def encode_steps(steps: Sequence[SequenceStep], keys: Sequence[int]) -> torch.Tensor:
+    """A step's layout for the other stages, int64: per sequence its key, start, count, whether it wants logits,
+    then its block table (the blocks its positions reach)."""
+    values: list[int] = []
+    for step, key in zip(steps, keys, strict=True):
+        blocks = list(step.blocks)
+        values += [key, step.start, step.count, int(step.wants_logits), len(blocks), *blocks]
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def decode_steps(encoded: torch.Tensor) -> tuple[list[SequenceStep], list[int]]:
+    values = encoded.tolist()
+    steps: list[SequenceStep] = []
+    keys: list[int] = []
+    at = 0
+    while at < len(values):
+        key, start, count, wants_logits, used = values[at:at + 5]
+        steps.append(SequenceStep(start, count, values[at + 5:at + 5 + used], bool(wants_logits)))
+        keys.append(key)
+        at += 5 + used
+    return steps, keys
+
+
+def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.TCPStore,
+                      loaded: Callable[[], None] = lambda: None) -> tuple[TorchBatchEngine, str]:
+    """This stage's layers on its batched engine, and their precision; the KV cache as large as every stage of the
+    ring can hold. `loaded` is called once the weights are in, before waiting for the other stages."""
+    device = compute_device(bound.engine)
+    stage, precision = load_torch_stage(bound.instance.model, bound.shard.start, bound.shard.end, config.precision,
+                                        device)
+    loaded()
+    return _agreed_engine(bound, stage, device, config, store), precision
+
+
+def _agreed_engine(bound: BoundInstance, loaded: LoadedStage, device: torch.device, config: EngineConfig,
+                   store: dist.TCPStore) -> TorchBatchEngine:
+    rank, size = bound.shard.rank, len(bound.instance.shards)
+    store.set(f"kv-cache/{rank}", f"{own_num_blocks(loaded, device, config)} {own_context_length(loaded, config)}")
+    offers = [tuple(int(v) for v in store.get(f"kv-cache/{r}").decode().split()) for r in range(size)]
+    num_blocks, context_length = min(o[0] for o in offers), min(o[1] for o in offers)
+    log.info("instance %s: stage %d keeps a KV cache of %d blocks (the smallest of the ring's stages)",
+             bound.instance.instance_id, rank, num_blocks)
+    return TorchBatchEngine(loaded, device, config, num_blocks=num_blocks, context_length=context_length)
+
+
+class PipelineHead:
+    """Rank 0: a `PipelinedModel` for `BatchGenerator`, whose steps run down the whole ring."""
+
+    name = "torch-pipeline"
+
+    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.TCPStore,
+                 data_host: str = "127.0.0.1") -> None:
+        assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
+        self.engine, self.config = engine, engine.config
+        self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size)
+        self.depth = 1 if self.ring.backend == "nccl" else self.ring.size
+        self.vocab_size, self.context_length, self.device = engine.vocab_size, engine.context_length, engine.device
+        self.num_blocks, self.block_size, self.pad_slot = engine.num_blocks, engine.block_size, engine.pad_slot
+        self.broken = False  # a neighbour went away: no task can run any more
+        self._sampled: deque[int] = deque()  # how many tokens each step in flight brings back
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def begin(self, key: int, sampling: SamplingParams, prompt: list[int]) -> None:
+        with self._ring_errors():
+            self.ring.post_payload(Op.BEGIN, _Begin(key=key, sampling=sampling, prompt=prompt).model_dump_json().encode())
+
+    def end(self, keys: list[int]) -> None:
+        with self._ring_errors():
+            self.ring.post_payload(Op.END, _End(keys=keys).model_dump_json().encode())
+
+    def launch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], keys: Sequence[int]) -> None:
+        layout = BatchLayout.build(steps, self.block_size, self.device, self.pad_slot)
+        hidden = self.engine.forward_batch(tokens, layout)
+        with self._ring_errors():
+            self.ring.post_batch(encode_steps(steps, keys), hidden)
+        self._sampled.append(sum(s.wants_logits for s in steps))
+
+    def collect(self) -> torch.Tensor:
+        count = self._sampled.popleft()
+        if count == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        with self._ring_errors():
+            return self.ring.recv((count,), torch.int64, self.ring.prev)
+
+    @contextlib.contextmanager
+    def _ring_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except RingBrokenError:
+            self.broken = True
+            raise
+
+    def warmup(self) -> None:
+        run_warmup_request(self)
+
+    def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
+        """One task alone: the batched loop with a batch of one."""
+        from ringlet.worker.batching import BatchGenerator
+
+        generator = BatchGenerator(self, self.config.max_step_tokens, self.config.max_batch)
+        generator.submit(task)
+        while generator:
+            yield from generator.step()
+
+    def close(self) -> None:
+        """Tell the other stages to stop, then leave the ring."""
+        try:
+            self.ring.post_frame(Op.STOP, 0, 0)
+        except RingBrokenError as error:
+            log.info("ring already broken at close: %s", error)
+        self.ring.close()
+
+
+class PipelineStage:
+    """A stage after the first: run each step's tokens through this stage's layers; the last stage samples."""
+
+    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.TCPStore,
+                 data_host: str = "127.0.0.1") -> None:
+        assert not bound.shard.is_first
+        self.engine, self.context_length = engine, engine.context_length
+        self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size)
+        self.is_last = bound.shard.is_last
+        self.dtype = next(engine.model.parameters()).dtype  # what the hidden states are computed in
+        self.samplers: dict[int, RequestSampler] = {}  # the last stage's, by sequence key
+
+    def serve(self) -> None:
+        """Serve until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
+        ring = self.ring
+        while True:
+            op, start, length, _ = ring.recv_frame()
+            if op == Op.STOP:
+                if not self.is_last:
+                    ring.post_frame(Op.STOP, 0, 0)
+                ring.close()
+                return
+            if op in (Op.BEGIN, Op.END):
+                payload = ring.recv_payload(length)
+                if not self.is_last:
+                    ring.post_payload(op, payload)
+                elif op == Op.BEGIN:
+                    begin = _Begin.model_validate_json(payload)
+                    self.samplers[begin.key] = RequestSampler(begin.sampling, begin.prompt, self.engine.vocab_size,
+                                                              self.engine.device)
+                else:
+                    for key in _End.model_validate_json(payload).keys:
+                        self.samplers.pop(key, None)
+                continue
+            if op != Op.BATCH:
+                raise RingBrokenError(f"a batched stage got a frame it does not serve ({op.name})")
+            encoded, hidden = ring.recv_batch(start, length)
+            self._step(encoded, hidden)
+
+    def _step(self, encoded: torch.Tensor, hidden: torch.Tensor) -> None:
+        engine = self.engine
+        steps, keys = decode_steps(encoded)
+        layout = BatchLayout.build(steps, engine.block_size, engine.device, engine.pad_slot)
+        out = engine.forward_batch(hidden.to(engine.device, self.dtype), layout)
+        if not self.is_last:
+            self.ring.post_batch(encoded, out)
+            return
+        sampled = [key for step, key in zip(steps, keys, strict=True) if step.wants_logits]
+        missing = [key for key in sampled if key not in self.samplers]
+        if missing:
+            raise RingBrokenError(f"rank 0 asked for tokens of sequences it never began: {missing}")
+        if sampled:  # a step of prompt chunks alone samples nothing, and nothing goes back
+            with torch.inference_mode():
+                tokens = [self.samplers[key](row[None]).view(1) for key, row in zip(sampled, out, strict=True)]
+            self.ring.post(torch.cat(tokens).to(torch.int64), self.ring.next)
