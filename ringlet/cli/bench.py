@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="instead of --model: random weights shaped like this model (synthetic vocabulary)")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
                    help=f"KV cache positions (default {DEFAULT_MAX_CONTEXT})")
+    p.add_argument("--streams", type=int, nargs="+", default=[], metavar="N",
+                   help="also generate N requests at once in the engine's batch (distinct prompts, greedy), for "
+                        "each N: aggregate tokens/s, time per decode step, fraction of the step's memory limit")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=bench)
 
@@ -74,6 +77,60 @@ def time_engine(engine: Any, prompt: str, new_tokens: int, repeats: int) -> dict
         "prefill_tokens_per_s": median([t.prefill_tokens_per_s for t in timings]),
         "decode_tokens_per_s": median([t.decode_tokens_per_s for t in timings]),
     }
+
+
+def time_streams(engine: Any, prompts: list[str], new_tokens: int) -> dict[str, float]:
+    """Every prompt at once through the engine's batch: aggregate completion tokens/s over the whole run (prefills
+    included), time to first token, inter-token latency (the gaps between a stream's tokens), and the decode
+    steps that computed every stream at once (none when the first streams finish before the last prompt is in)."""
+    from ringlet.worker.batching import BatchGenerator
+
+    generator = BatchGenerator(engine, engine.config.max_step_tokens, engine.config.max_batch)
+    for i, prompt in enumerate(prompts):
+        generator.submit(TextGenerationTask(task_id=f"stream-{i}", prompt=prompt, max_tokens=new_tokens,
+                                            ignore_eos=True, sampling=SamplingParams(temperature=0)))
+    began = time.perf_counter()
+    last_token: dict[str, float] = {}
+    first_token: list[float] = []
+    gaps: list[float] = []
+    full_steps: list[float] = []
+    generated = 0
+    while generator:
+        start = time.perf_counter()
+        chunks = generator.step()
+        now = time.perf_counter()
+        if generator.last_step_tokens == len(prompts):  # every stream decoding, no prompt chunk in the step
+            full_steps.append(now - start)
+        for chunk in chunks:
+            if chunk.task_id in last_token:
+                gaps.append(now - last_token[chunk.task_id])
+            else:
+                first_token.append(now - began)
+            last_token[chunk.task_id] = now
+            if chunk.usage is not None:
+                generated += chunk.usage.completion_tokens
+    wall = time.perf_counter() - began
+    result = {"streams": len(prompts), "new_tokens": generated, "wall_s": wall,
+              "aggregate_tokens_per_s": generated / wall, "full_batch_steps": len(full_steps)}
+    for name, values in (("time_to_first_token", first_token), ("inter_token", gaps), ("decode_step", full_steps)):
+        values.sort()
+        for p in (50, 95):
+            result[f"{name}_p{p}_ms"] = values[min(len(values) - 1, len(values) * p // 100)] * 1000 if values else float("nan")
+    result["decode_tokens_per_s"] = len(prompts) / (result["decode_step_p50_ms"] / 1000)
+    return result
+
+
+def kv_bytes_per_position(model: Any) -> int:
+    """Bytes of keys and values one cached position holds over all of a stage's layers."""
+    args = model.args
+    element = next(model.parameters()).element_size()
+    return 2 * model.num_local_layers * args.num_key_value_heads * args.head_dim * element
+
+
+def stream_prompts(tokenizer: Any, n_tokens: int, streams: int) -> list[str]:
+    """`streams` prompts of about `n_tokens` tokens, each with its own first words (no shared prefix to reuse)."""
+    ids = make_prompt(tokenizer, n_tokens)
+    return [f"Request {i}: " + tokenizer.decode(ids[6:], skip_special_tokens=False) for i in range(streams)]
 
 
 def transformers_model(model_path: Any, weights: dict[str, Any] | None, config: dict[str, Any] | None,
@@ -164,7 +221,8 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
     from ringlet.models.quant import COMPUTE_DTYPES
     from ringlet.models.random_checkpoint import random_weights, shape_config, synthetic_tokenizer
     from ringlet.models.registry import build_stage, model_args
-    from ringlet.worker.engines.torch.engine import TorchEngine, resolve_precision
+    from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
+    from ringlet.worker.engines.torch.engine import resolve_precision
 
     settings = engine_config(args, max_context=args.max_context)
     if args.shape is None:
@@ -179,7 +237,7 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
     model = build_stage(model_arguments, weights=weights, dtype=COMPUTE_DTYPES[precision], device=device)
     stage = LoadedStage(model_arguments, model, synthetic_tokenizer(model_arguments.vocab_size), 0,
                         model_arguments.num_hidden_layers)
-    engine = TorchEngine(stage, device, settings)
+    engine = TorchBatchEngine(stage, device, settings)
     engine.precision = precision
     return engine, weights, config
 
@@ -213,6 +271,20 @@ def bench(args: argparse.Namespace) -> int:
         results["ringlet"]["fraction_of_limit"] = results["ringlet"]["decode_tokens_per_s"] / results["limit_tokens_per_s"]
     else:
         results["ringlet"]["peak_memory_mb"] = peak_rss_bytes() / 2**20
+    streams = []
+    for n in args.streams:
+        if n > engine.config.max_batch:
+            raise CliError(f"--streams {n} is more than the engine batches ({engine.config.max_batch}); "
+                           f"set RINGLET_MAX_BATCH={n}")
+        result = time_streams(engine, stream_prompts(tokenizer, args.prompt_tokens, n), args.new_tokens)
+        if "copy_bandwidth_gb_s" in results:  # a step reads every weight once and each stream's cache
+            context = args.prompt_tokens + args.new_tokens / 2
+            step_bytes = results["weight_gb"] * 1e9 + n * context * kv_bytes_per_position(engine.stage.model)
+            result["fraction_of_limit"] = (step_bytes / (results["copy_bandwidth_gb_s"] * 1e9)) / (
+                result["decode_step_p50_ms"] / 1000)
+        streams.append(result)
+    if streams:
+        results["streams"] = streams
     if args.baseline == "transformers":
         from ringlet.models.loader import resolve_model_path
 
@@ -246,4 +318,12 @@ def bench(args: argparse.Namespace) -> int:
               f"{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.1f}{frac:>10}{peak:>10}")
     if "speedup_decode" in results:
         print(f"decode speed-up over transformers: {results['speedup_decode']:.2f}x")
+    if streams:
+        print(f"\n{'streams':>8}{'tok/s':>10}{'TTFT p50':>10}{'p95 ms':>8}{'ITL p50':>9}{'p95 ms':>8}"
+              f"{'full steps':>11}{'step p50 ms':>12}{'decode tok/s':>14}{'of limit':>10}")
+        for r in streams:
+            frac = f"{r['fraction_of_limit']:.0%}" if "fraction_of_limit" in r else "-"
+            print(f"{r['streams']:>8}{r['aggregate_tokens_per_s']:>10.1f}{r['time_to_first_token_p50_ms']:>10.0f}"
+                  f"{r['time_to_first_token_p95_ms']:>8.0f}{r['inter_token_p50_ms']:>9.2f}{r['inter_token_p95_ms']:>8.2f}"
+                  f"{r['full_batch_steps']:>11}{r['decode_step_p50_ms']:>12.2f}{r['decode_tokens_per_s']:>14.1f}{frac:>10}")
     return 0

@@ -108,14 +108,16 @@ def _group(steps: Sequence[SequenceStep], rows: list[int], queries: int, block_s
 
 
 class PagedKVCache:
-    """Keys and values of a stage's layers in slots [num_blocks * block_size, kv_heads, head_dim] per layer, and one
-    more slot of zeros (`pad_slot`) for the padding of attention groups."""
+    """Keys and values of a stage's layers in slots [num_blocks * block_size, kv_heads, head_dim] per layer, one more
+    slot of zeros (`pad_slot`) for the padding of attention groups, and a scratch slot that padding rows of a
+    fixed-size step write to (`scratch_slot`; never read)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.pad_slot = num_blocks * block_size
-        shape = (self.pad_slot + 1, kv_heads, head_dim)
+        self.scratch_slot = self.pad_slot + 1
+        shape = (self.pad_slot + 2, kv_heads, head_dim)
         # uninitialised (on a CPU untouched pages take no memory): a slot is read only once its sequence wrote it,
         # or as padding, which reads the zero slot
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]

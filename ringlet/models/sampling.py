@@ -140,6 +140,11 @@ class RequestSampler:
             self.history = torch.tensor([prompt], dtype=torch.long, device=device)
             self.output_counts = torch.zeros(1, vocab_size, device=device)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalties: the argmax of the logits, which a batch takes for all such rows at once."""
+        return self.sampler.params.greedy and not self.sampler.needs_history
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         token = self.sampler(logits, self.history, self.output_counts)
         if self.sampler.needs_history:

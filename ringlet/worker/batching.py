@@ -20,8 +20,8 @@ from typing import Protocol, TypeGuard, cast
 
 import torch
 
-from ringlet.models.paged_cache import BatchLayout, SequenceStep
-from ringlet.models.sampling import RequestSampler
+from ringlet.models.paged_cache import SequenceStep
+from ringlet.models.sampling import RequestSampler, argmax
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
 from ringlet.shared.errors import ContextWindowError
@@ -45,8 +45,9 @@ class BatchModel(Protocol):
     block_size: int
     pad_slot: int  # a cache slot of zeros, for padding
 
-    def forward_batch(self, tokens: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        """Token ids [T] of the step (packed as the layout says) -> logits [R, V] of its logit rows."""
+    def forward_batch(self, tokens: torch.Tensor, steps: list[SequenceStep]) -> torch.Tensor:
+        """Token ids [T] of the step (on the CPU, packed in the steps' order) -> logits [R, V] of the steps that want
+        them."""
         ...
 
 
@@ -188,17 +189,15 @@ class BatchGenerator:
         self.last_step_tokens = sum(p.count for p in planned)
         if not planned:
             return False
-        size = self.blocks.block_size
         steps = [SequenceStep(p.start, p.count, self.blocks.table(p.sequence.seq_id)[:self.blocks.blocks_for(
             p.start + p.count)], p.samples) for p in planned]
         tokens = torch.tensor([t for p in planned for t in p.sequence.tokens[p.start:p.start + p.count]],
-                              dtype=torch.long, device=self.model.device)
+                              dtype=torch.long)
         if self.pipeline is not None:
             self.pipeline.launch(tokens, steps, [p.sequence.state.key for p in planned])
             self._in_flight.append((planned, None))
         else:
-            layout = BatchLayout.build(steps, size, self.model.device, self.model.pad_slot)
-            self._in_flight.append((planned, cast("BatchModel", self.model).forward_batch(tokens, layout)))
+            self._in_flight.append((planned, cast("BatchModel", self.model).forward_batch(tokens, steps)))
         return True
 
     def collect(self) -> list[GenerationChunk]:
@@ -212,11 +211,30 @@ class BatchGenerator:
             if entry.sequence.prefilled and entry.sequence.seq_id in self._followers:
                 for follower in self._followers.pop(entry.sequence.seq_id):
                     self.scheduler.add(follower)
+        sampled = _sampling(planned)
+        assert len(sampled) == logits.shape[0], "a step returns one row for each sequence it samples"
+        # not cancelled while its step was in flight
+        live = [(row, entry.sequence) for row, entry in enumerate(sampled) if entry.sequence.seq_id in self.blocks]
         out: list[GenerationChunk] = []
-        for entry, row in zip(_sampling(planned), logits, strict=True):
-            if entry.sequence.seq_id in self.blocks:  # not cancelled while its step was in flight
-                out.extend(self._advance(entry.sequence, row[None]))
+        for (_, sequence), token_id in zip(live, self._sample(logits, live), strict=True):
+            out.extend(self._advance(sequence, token_id))
         return out
+
+    def _sample(self, logits: torch.Tensor, live: list[tuple[int, Sequence[_Request]]]) -> list[int]:
+        """The next token of each live sequence from its row of `logits`: the plain greedy rows in one argmax and
+        one transfer, the others by their own samplers."""
+        tokens = [0] * len(live)
+        greedy = [i for i, (_, sequence) in enumerate(live) if getattr(sequence.state.sampler, "plain_greedy", False)]
+        if greedy:
+            rows = [live[i][0] for i in greedy]
+            picked = logits if rows == list(range(logits.shape[0])) else logits[torch.tensor(rows, device=logits.device)]
+            for i, token_id in zip(greedy, argmax(picked).tolist(), strict=True):
+                tokens[i] = token_id
+        chosen = set(greedy)
+        for i, (row, sequence) in enumerate(live):
+            if i not in chosen:
+                tokens[i] = int(sequence.state.sampler(logits[row:row + 1]).item())
+        return tokens
 
     def _sampler(self, key: int, sampling: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.pipeline is not None:
@@ -228,9 +246,8 @@ class BatchGenerator:
         if self.pipeline is not None and sequences:
             self.pipeline.end([s.state.key for s in sequences])
 
-    def _advance(self, sequence: Sequence[_Request], logits: torch.Tensor) -> Iterator[GenerationChunk]:
+    def _advance(self, sequence: Sequence[_Request], token_id: int) -> Iterator[GenerationChunk]:
         request = sequence.state
-        token_id = int(request.sampler(logits).item())
         sequence.tokens.append(token_id)
         task = request.of.task
         if sequence.generated == 1:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from pydantic import BaseModel
 
 from ringlet.models.loader import LoadedStage
-from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from ringlet.models.paged_cache import SequenceStep
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.net.ring import Op, Ring, RingBrokenError, open_ring
@@ -135,8 +135,7 @@ class PipelineHead:
             self.ring.post_payload(Op.END, _End(keys=keys).model_dump_json().encode())
 
     def launch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], keys: Sequence[int]) -> None:
-        layout = BatchLayout.build(steps, self.block_size, self.device, self.pad_slot)
-        hidden = self.engine.forward_batch(tokens, layout)
+        hidden = self.engine.forward_batch(tokens, steps)
         with self._ring_errors():
             self.ring.post_batch(encode_steps(steps, keys), hidden)
         self._sampled.append(sum(s.wants_logits for s in steps))
@@ -219,8 +218,7 @@ class PipelineStage:
     def _step(self, encoded: torch.Tensor, hidden: torch.Tensor) -> None:
         engine = self.engine
         steps, keys = decode_steps(encoded)
-        layout = BatchLayout.build(steps, engine.block_size, engine.device, engine.pad_slot)
-        out = engine.forward_batch(hidden.to(engine.device, self.dtype), layout)
+        out = engine.forward_batch(hidden.to(engine.device, self.dtype), steps)
         if not self.is_last:
             self.ring.post_batch(encoded, out)
             return

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import pytest
 import torch
 
-from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from ringlet.models.paged_cache import SequenceStep
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
@@ -119,12 +119,9 @@ def test_a_cached_prefix_gives_the_logits_of_a_cold_prefill(engine: TorchBatchEn
         blocks.reserve(seq_id, len(prompt) - computed)
         steps = [SequenceStep(computed, len(prompt) - 1 - computed, blocks.table(seq_id), wants_logits=False)]
         if steps[0].count:
-            layout = BatchLayout.build(steps, engine.block_size, "cpu", engine.pad_slot)
-            engine.forward_batch(torch.tensor(prompt[computed:-1]), layout)
+            engine.forward_batch(torch.tensor(prompt[computed:-1]), steps)
         blocks.advance(seq_id, prompt[:-1])
-        last = BatchLayout.build([SequenceStep(len(prompt) - 1, 1, blocks.table(seq_id))], engine.block_size, "cpu",
-                                 engine.pad_slot)
-        logits = engine.forward_batch(torch.tensor(prompt[-1:]), last)
+        logits = engine.forward_batch(torch.tensor(prompt[-1:]), [SequenceStep(len(prompt) - 1, 1, blocks.table(seq_id))])
         blocks.advance(seq_id, prompt)
         return (logits, computed)  # type: ignore[return-value]
 

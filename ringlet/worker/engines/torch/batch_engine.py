@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import psutil
 import torch
@@ -28,7 +28,10 @@ from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
-from ringlet.worker.engines.torch.engine import TorchEngine, load_torch_stage
+from ringlet.worker.engines.torch.engine import load_torch_stage
+
+if TYPE_CHECKING:
+    from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,9 @@ class TorchBatchEngine:
         self.cache = self.model.make_paged_cache(self.num_blocks, self.block_size)
         self.pad_slot = self.cache.pad_slot
         self._compiled_decode: Callable[..., torch.Tensor] | None = None
+        self.paged_decode: PagedDecodeStep | None = None
+        if device.type == "cuda":
+            self.paged_decode = _paged_decode(self.model, self.cache, self.context_length, config.max_batch)
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "cpu",
@@ -95,12 +101,20 @@ class TorchBatchEngine:
     def tokenizer(self) -> Tokenizer:
         return self.stage.tokenizer
 
-    @torch.inference_mode()
-    def forward_batch(self, tokens: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        if self._compiled_decode is not None and layout.decode_only:
-            group = layout.groups[0]
-            return self._compiled_decode(tokens, layout.positions, layout.slots, group.slots, group.mask)
-        return self.model.forward_batch(tokens, self.cache, layout)
+    def forward_batch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
+        """Token ids (or a later stage's hidden states) of the step, packed in `steps`' order -> the last stage's
+        logits [R, V] of the steps that want them (else hidden states [T, H])."""
+        if self.paged_decode is not None and len(steps) <= self.paged_decode.max_batch and all(
+                s.count == 1 and s.wants_logits for s in steps):
+            return self.paged_decode(tokens, steps)
+        # built outside inference mode, as the compiled step's warm-up inputs were (its guards compare the two)
+        layout = BatchLayout.build(steps, self.block_size, self.device, self.pad_slot)
+        tokens = tokens.to(self.device)
+        with torch.inference_mode():
+            if self._compiled_decode is not None and layout.decode_only:
+                group = layout.groups[0]
+                return self._compiled_decode(tokens, layout.positions, layout.slots, group.slots, group.mask)
+            return self.model.forward_batch(tokens, self.cache, layout)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
@@ -111,6 +125,11 @@ class TorchBatchEngine:
         either. A step that fails to compile leaves eager decoding, which always works."""
         if self.device.type == "cpu" and self.config.cpu_compile:
             self._compile_decode()
+        if self.paged_decode is not None:
+            began = time.perf_counter()
+            self.paged_decode.warm()
+            log.info("CUDA decode graphs for batches of %s captured in %.1f s",
+                     ", ".join(map(str, self.paged_decode.buckets)), time.perf_counter() - began)
         task = TextGenerationTask(task_id="warm-up", prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
         deque(self.generate(task), maxlen=0)
 
@@ -146,12 +165,26 @@ class TorchBatchEngine:
         del self.cache
 
 
-def initialize_torch(bound: BoundInstance, config: EngineConfig) -> TorchEngine | TorchBatchEngine:
-    """The engine of a single-stage instance on this node's CPU (batched) or NVIDIA GPU (one request at a time, its
-    decode steps replayed from CUDA graphs)."""
-    if bound.engine == "cuda":
-        return TorchEngine.load(bound.instance.model, device="cuda", config=config)
-    return TorchBatchEngine.load(bound.instance.model, device="cpu", config=config)
+def initialize_torch(bound: BoundInstance, config: EngineConfig) -> TorchBatchEngine:
+    """The batched engine of a single-stage instance on this node's CPU or NVIDIA GPU."""
+    return TorchBatchEngine.load(bound.instance.model, device="cuda" if bound.engine == "cuda" else "cpu",
+                                 config=config)
+
+
+def _paged_decode(model: Transformer, cache: PagedKVCache, context_length: int,
+                  max_batch: int) -> PagedDecodeStep | None:
+    """The graphed CUDA decode step of a whole model, or None (the eager step) for a stage or a model it cannot
+    run."""
+    from ringlet.worker.engines.torch.fused_decode import unsupported_reason
+    from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep
+
+    if not (model.is_first and model.is_last):
+        return None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        log.warning("decoding eagerly on CUDA: %s", reason)
+        return None
+    return PagedDecodeStep(model, cache, context_length, max_batch)
 
 
 def _scratch_decode(batch: int, context: int, block_size: int, pad_slot: int,

@@ -242,6 +242,21 @@ def _attention_combine(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, SPLITS
     tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
+def project(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor, eps: float, pdl: bool,
+            norm: torch.Tensor | None = None, gated: bool = False, residual: bool = False) -> None:
+    """out = linear(x) of one vector x, with `_projection`'s options (`pdl`: launched with programmatic dependent
+    launch)."""
+    n, k = linear.weight.shape
+    n = n // 2 if gated else n
+    bias = linear.bias
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    _projection[grid](
+        x, linear.weight, out, norm if norm is not None else x, bias if bias is not None else x, n, k, eps,
+        NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why `FusedDecodeStep` cannot run `model`, or None when it can."""
     if not isinstance(model, Transformer) or not (model.is_first and model.is_last):
@@ -300,14 +315,7 @@ class FusedDecodeStep:
 
     def _project(self, x: torch.Tensor, linear: nn.Linear, out: torch.Tensor, norm: torch.Tensor | None = None,
                  gated: bool = False, residual: bool = False) -> None:
-        n, k = linear.weight.shape
-        n = n // 2 if gated else n
-        bias = linear.bias
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-        _projection[grid](
-            x, linear.weight, out, norm if norm is not None else x, bias if bias is not None else x, n, k, self.eps,
-            NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=self.pdl, **self.launch,
-        )
+        project(x, linear, out, self.eps, self.pdl, norm, gated, residual)
 
     def _attend(self, layer: int, attention: Attention) -> None:
         qk_norm = attention.q_norm is not None

@@ -1,0 +1,313 @@
+"""The CUDA decode step of a batch of sequences over the paged KV cache, replayed from one CUDA graph per batch size.
+
+A decode step of B sequences reads every weight once whatever B is, so a batch of 64 costs little more than a
+batch of one; what grows with B is the attention, which reads each sequence's own cached keys and values. Here:
+  - attention is one Triton kernel over the block tables (program (b, g, s): sequence b's query heads that share
+    key/value head g, over split s of its positions; it rotates the new query and key, writes the new key and value
+    to the sequence's slot and attends to them from registers), then `_attention_combine` joins the splits;
+  - at a batch of one the projections are the fused GEMV kernels of `fused_decode` (RMSNorm, bias, SiLU gate and
+    the residual add inside them); at larger batches they are cuBLAS matrix products, the residual added in the
+    product's epilogue (`addmm_`).
+Rows beyond the live batch are padding: position 0, writing to the cache's scratch slot, never read back.
+
+Batch sizes are bucketed (powers of two up to `max_batch`); each bucket's step is captured once, at warm-up. The
+inputs of a step (token, position, slot and block table of each row) are one pinned host buffer copied to the
+device in one transfer, and the graphs read them from fixed addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
+from ringlet.models.paged_cache import PagedKVCache, SequenceStep
+from ringlet.worker.engines.torch.fused_decode import (
+    _attention_combine,
+    _pdl_available,
+    _rotate,
+    project,
+    unsupported_reason,
+)
+
+POSITIONS_PER_TILE = 64  # cached positions one loop iteration of the attention reads (four blocks of 16)
+TARGET_PROGRAMS = 2048  # attention programs a step aims for: splits per sequence fill the GPU at small batches
+
+
+@triton.jit
+def _paged_attention_split(
+    qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, table_ptr, q_norm_ptr, k_norm_ptr,
+    part_acc_ptr, part_max_ptr, part_sum_ptr, table_width, eps, scale,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr, TILE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Program (b, g, s): row b's query heads sharing key/value head g, over split s of its positions 0..pos.
+
+    Cached position t of row b lives in slot table[b, t // BLOCK] * BLOCK + t % BLOCK; the cache is
+    [slots, KV_HEADS, D]. The split holding `pos` rotates the new key, writes it and the value to slot_ptr[b] and
+    attends to them from registers. Each split leaves its running maximum, sum of exponentials and unnormalised
+    output for `_attention_combine` (as `fused_decode._attention_split` does for one sequence)."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    GROUP: tl.constexpr = HEADS // KV_HEADS
+    HALF: tl.constexpr = D // 2
+    ROW: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
+    pos = tl.load(pos_ptr + b)
+    d = tl.arange(0, D)
+    partner = (d + HALF) % D
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+    row = qkv_ptr + b.to(tl.int64) * ROW
+    i = tl.arange(0, GROUP_PAD)
+    heads = g * GROUP + tl.minimum(i, GROUP - 1)  # padding rows repeat the last head and are never stored
+    q = _rotate(row + heads[:, None] * D, d[None, :], partner[None, :], sign[None, :], cos[None, :], sin[None, :],
+                q_norm_ptr, eps, QK_NORM, D) * scale
+    dtype = k_cache_ptr.dtype.element_ty
+    q_tile = q.to(dtype)
+
+    total = pos + 1
+    chunk = tl.cdiv(total, SPLITS * TILE) * TILE
+    begin = s * chunk
+    end = tl.minimum(begin + chunk, total)
+    cached_end = tl.minimum(end, pos)
+    table = table_ptr + b.to(tl.int64) * table_width
+    best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total_exp = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    for t0 in range(begin, cached_end, TILE):
+        t = t0 + tl.arange(0, TILE)
+        t_ok = t < cached_end
+        block = tl.load(table + t // BLOCK, mask=t_ok, other=0).to(tl.int64)
+        slot = block * BLOCK + t % BLOCK
+        offsets = (slot[:, None] * KV_HEADS + g) * D + d[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=t_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=t_ok[:, None], other=0.0)
+        # the query heads as the rows of two small matrix products (tensor cores; fp32 caches in full precision)
+        scores = tl.dot(q_tile, tl.trans(k), input_precision=PRECISION)
+        scores = tl.where(t_ok[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        alpha = tl.exp(best - new_best)
+        p = tl.exp(scores - new_best[:, None])
+        total_exp = total_exp * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
+        best = new_best
+    if (begin <= pos) & (pos < end):
+        k_new = _rotate(row + (HEADS + g) * D, d, partner, sign, cos, sin, k_norm_ptr, eps, QK_NORM, D)
+        v_new = tl.load(row + (HEADS + KV_HEADS + g) * D + d).to(tl.float32)
+        new = (tl.load(slot_ptr + b).to(tl.int64) * KV_HEADS + g) * D + d
+        tl.store(k_cache_ptr + new, k_new.to(dtype))
+        tl.store(v_cache_ptr + new, v_new.to(dtype))
+        score = tl.sum(q * k_new[None, :], axis=1)
+        new_best = tl.maximum(best, score)
+        alpha = tl.exp(best - new_best)
+        p = tl.exp(score - new_best)
+        total_exp = total_exp * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
+        best = new_best
+    stored = i < GROUP
+    part = (b * HEADS + heads) * SPLITS + s
+    tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=stored[:, None])
+    tl.store(part_max_ptr + part, best, mask=stored)
+    tl.store(part_sum_ptr + part, total_exp, mask=stored)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a graph of their own: powers of two up to the first one holding `max_batch`."""
+    buckets = [1]
+    while buckets[-1] < max_batch:
+        buckets.append(buckets[-1] * 2)
+    return buckets
+
+
+class PagedDecodeStep:
+    """Decode steps of a whole model over `cache` for up to `max_batch` sequences, one CUDA graph per bucket.
+
+    `__call__(tokens, steps)` runs one step (every step decodes one token; token ids on the CPU) and returns logits
+    [B, V], a view of a buffer the next step overwrites."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, context_length: int, max_batch: int) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the paged decode step cannot run this model: {reason}")
+        args = model.args
+        device = next(model.parameters()).device
+        self.model, self.cache, self.device = model, cache, device
+        self.dtype = next(model.parameters()).dtype
+        self.heads, self.kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.hidden_size, self.intermediate = args.hidden_size, args.intermediate_size
+        self.eps = args.rms_norm_eps
+        self.group_pad = max(16, triton.next_power_of_2(self.heads // self.kv_heads))  # a matrix product's least rows
+        self.pdl = _pdl_available(device)
+        self.launch = {"launch_pdl": True} if self.pdl else {}
+        self.buckets = batch_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.table_width = -(-context_length // cache.block_size)
+        model.prepare_positions(context_length)
+        self.cos, self.sin = model._cos, model._sin  # held: the graphs read these addresses
+        width = 3 + self.table_width  # token, position, slot, then the block table
+        # without a GPU (Triton's interpreter, in tests) the step runs eagerly, from the same buffers
+        self.graphed = device.type == "cuda"
+        self.host = torch.zeros(self.max_batch * width, dtype=torch.int32)
+        if self.graphed:
+            self.host = self.host.pin_memory()
+        self.inputs = torch.zeros(self.max_batch * width, dtype=torch.int32, device=device)
+        self.copied = torch.cuda.Event() if self.graphed else None
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        n = self.max_batch
+
+        def buffer(*shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype or self.dtype, device=device)
+
+        self.hidden = buffer(n, args.hidden_size)
+        self.qkv = buffer(n, q_dim + 2 * kv_dim)
+        self.attention = buffer(n, q_dim)
+        self.gated = buffer(n, args.intermediate_size)
+        self.logits = buffer(n, args.vocab_size)
+        most_parts = n * self.heads * self._splits(1)
+        self.part_acc = buffer(most_parts, self.head_dim, dtype=torch.float32)
+        self.part_max = buffer(most_parts, dtype=torch.float32)
+        self.part_sum = buffer(most_parts, dtype=torch.float32)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _splits(self, batch: int) -> int:
+        """Splits of each sequence's positions: enough programs to fill the GPU, a power of two from 1 to 64."""
+        return min(64, triton.next_power_of_2(max(1, TARGET_PROGRAMS // (batch * self.kv_heads))))
+
+    def _views(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens, positions, slots [batch] and tables [batch, width] of the device inputs."""
+        n, w = self.max_batch, self.table_width
+        return (self.inputs[:batch], self.inputs[n:n + batch], self.inputs[2 * n:2 * n + batch],
+                self.inputs[3 * n:3 * n + batch * w].view(batch, w))
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    def _run(self, batch: int) -> None:
+        """The step of a `batch`-row bucket, from the device inputs to `self.logits[:batch]`."""
+        model = self.model
+        assert model.embed_tokens is not None and model.norm is not None and model.lm_head is not None
+        tokens, positions, slots, tables = self._views(batch)
+        hidden, qkv = self.hidden[:batch], self.qkv[:batch]
+        attention, gated, logits = self.attention[:batch], self.gated[:batch], self.logits[:batch]
+        torch.index_select(model.embed_tokens.weight, 0, tokens, out=hidden)
+        splits = self._splits(batch)
+        for i, block in enumerate(cast("Iterable[Block]", model.layers)):
+            attn, mlp = block.self_attn, block.mlp
+            if batch == 1:
+                project(hidden, attn.qkv_proj, qkv, self.eps, self.pdl, norm=block.input_layernorm.weight)
+            else:
+                normed = F.rms_norm(hidden, (self.hidden_size,), block.input_layernorm.weight, self.eps)
+                if attn.qkv_proj.bias is not None:
+                    torch.addmm(attn.qkv_proj.bias, normed, attn.qkv_proj.weight.t(), out=qkv)
+                else:
+                    torch.mm(normed, attn.qkv_proj.weight.t(), out=qkv)
+            self._attend(i, attn, batch, splits, positions, slots, tables)
+            if batch == 1:
+                project(attention, attn.o_proj, hidden, self.eps, self.pdl, residual=True)
+                project(hidden, mlp.gate_up_proj, gated, self.eps, self.pdl,
+                        norm=block.post_attention_layernorm.weight, gated=True)
+                project(gated, mlp.down_proj, hidden, self.eps, self.pdl, residual=True)
+            else:
+                hidden.addmm_(attention, attn.o_proj.weight.t())
+                normed = F.rms_norm(hidden, (self.hidden_size,), block.post_attention_layernorm.weight, self.eps)
+                gate_up = torch.mm(normed, mlp.gate_up_proj.weight.t())
+                torch.mul(F.silu(gate_up[:, :self.intermediate]), gate_up[:, self.intermediate:], out=gated)
+                hidden.addmm_(gated, mlp.down_proj.weight.t())
+        if batch == 1:
+            project(hidden, model.lm_head, logits, self.eps, self.pdl, norm=model.norm.weight)
+        else:
+            torch.mm(F.rms_norm(hidden, (self.hidden_size,), model.norm.weight, self.eps), model.lm_head.weight.t(),
+                     out=logits)
+
+    def _attend(self, layer: int, attention: Attention, batch: int, splits: int, positions: torch.Tensor,
+                slots: torch.Tensor, tables: torch.Tensor) -> None:
+        qk_norm = attention.q_norm is not None
+        q_norm = cast(RMSNorm, attention.q_norm).weight if qk_norm else self.cos  # k_norm exists with q_norm
+        k_norm = cast(RMSNorm, attention.k_norm).weight if qk_norm else self.cos
+        # PDL only where the neighbours are this module's kernels (a batch of one)
+        pdl = self.pdl and batch == 1
+        launch = self.launch if pdl else {}
+        _paged_attention_split[(batch, self.kv_heads, splits)](
+            self.qkv, self.cache.keys[layer], self.cache.values[layer], self.cos, self.sin, positions, slots, tables,
+            q_norm, k_norm, self.part_acc, self.part_max, self.part_sum, self.table_width, self.eps,
+            self.head_dim ** -0.5, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
+            GROUP_PAD=self.group_pad, SPLITS=splits, BLOCK=self.cache.block_size, TILE=POSITIONS_PER_TILE,
+            QK_NORM=qk_norm, PDL=pdl, PRECISION="ieee" if self.dtype == torch.float32 else "tf32", num_warps=4,
+            **launch,
+        )
+        _attention_combine[(batch * self.heads,)](self.part_acc, self.part_max, self.part_sum, self.attention,
+                                                  SPLITS=splits, D=self.head_dim, PDL=pdl, num_warps=4, **launch)
+
+    def _stage(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], bucket: int) -> None:
+        """Write the step's inputs into the host buffer and copy them to the device."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous copy has left the host buffer
+        n, w = self.max_batch, self.table_width
+        host = self.host.numpy()
+        batch = len(steps)
+        host[:batch] = tokens.tolist()
+        host[batch:bucket] = 0
+        host[n:n + batch] = [s.start for s in steps]
+        host[n + batch:n + bucket] = 0
+        host[2 * n:2 * n + batch] = [s.blocks[s.start // self.cache.block_size] * self.cache.block_size
+                                     + s.start % self.cache.block_size for s in steps]
+        host[2 * n + batch:2 * n + bucket] = self.cache.scratch_slot
+        tables = host[3 * n:3 * n + bucket * w].reshape(bucket, w)
+        for row, step in enumerate(steps):
+            tables[row, :len(step.blocks)] = step.blocks
+        used = 3 * n + bucket * w
+        self.inputs[:used].copy_(self.host[:used], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+    def capture(self, batch: int) -> None:
+        """Record the graph of `batch`'s bucket (warmed up first on a side stream, as CUDA graphs require)."""
+        bucket = self.bucket(batch)
+        if bucket in self.graphs:
+            return
+        n = self.max_batch
+        self.inputs[n:2 * n].zero_()  # warm-up rows: position 0, written to the scratch slot only
+        self.inputs[2 * n:3 * n].fill_(self.cache.scratch_slot)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._run(bucket)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self.graphs.values())).pool() if self.graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            self._run(bucket)
+        self.graphs[bucket] = graph
+
+    @torch.inference_mode()
+    def warm(self) -> None:
+        """Capture every bucket, largest first (its memory pool then serves the others)."""
+        for bucket in reversed(self.buckets):
+            self.capture(bucket)
+        torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
+        batch = len(steps)
+        bucket = self.bucket(batch)
+        if self.graphed:
+            self.capture(bucket)  # before the inputs are staged: a capture's runs overwrite them
+            self._stage(tokens, steps, bucket)
+            self.graphs[bucket].replay()
+        else:
+            self._stage(tokens, steps, bucket)
+            self._run(bucket)
+        return self.logits[:batch]
+

@@ -1,0 +1,75 @@
+"""The batched CUDA decode step over the paged KV cache, run by Triton's interpreter on CPU tensors (eagerly, from the
+same buffers its CUDA graphs read), against the model's own packed forward. On a GPU, tests/worker/gpu runs it
+compiled and graphed through the engine."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from tests.worker.engines.test_fused_decode import BASE, VARIANTS, random_model
+
+pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
+
+BLOCK = 16
+# sequences of different lengths over scattered blocks of the cache: (prompt, block table)
+SEQUENCES = [
+    ([5, 17, 99, 3, 42, 8, 61, 2, 9, 33, 71, 14, 6, 88, 19, 27, 50, 4], [5, 1]),
+    ([11, 2, 77], [2, 7, 0]),
+    (list(range(30, 70)), [3, 6, 4, 8]),
+]
+
+
+@pytest.fixture(scope="module")
+def paged_decode():
+    module = importlib.import_module("ringlet.worker.engines.torch.paged_decode")
+    fused = importlib.import_module("ringlet.worker.engines.torch.fused_decode")
+    if not fused._INTERPRETED:
+        pytest.skip("a GPU machine: tests/worker/gpu runs these kernels compiled")
+    return module
+
+
+def prefill(model, cache, sequences):  # type: ignore[no-untyped-def]
+    for prompt, blocks in sequences:
+        steps = [SequenceStep(0, len(prompt), blocks)]
+        model.forward_batch(torch.tensor(prompt), cache, BatchLayout.build(steps, BLOCK, "cpu", cache.pad_slot))
+
+
+def slots_of(blocks: list[int], length: int) -> list[int]:
+    return [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)]
+
+
+@pytest.mark.parametrize("rows", [3, 1], ids=["a batch of 3 in a bucket of 4", "one sequence (GEMV kernels)"])
+@pytest.mark.parametrize("variant", [v if v.startswith("llama") else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])
+def test_paged_step_gives_the_packed_forwards_logits_and_cache(paged_decode, variant, rows):
+    model = random_model(BASE | VARIANTS[variant], torch.float32)
+    sequences = SEQUENCES[:rows]
+    eager, paged = model.make_paged_cache(10, BLOCK), model.make_paged_cache(10, BLOCK)
+    step = paged_decode.PagedDecodeStep(model, paged, context_length=128, max_batch=4)
+    lengths = [len(prompt) for prompt, _ in sequences]
+    with torch.inference_mode():
+        for cache in (eager, paged):
+            prefill(model, cache, sequences)
+        for n, ids in enumerate(([7, 1, 118], [30, 64, 2], [9, 9, 9])):
+            steps = [SequenceStep(length + n, 1, blocks) for length, (_, blocks) in zip(lengths, sequences)]
+            tokens = torch.tensor(ids[:rows])
+            want = model.forward_batch(tokens, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
+            got = step(tokens, steps)
+            assert got.shape == want.shape == (rows, 120)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    for layer in range(model.num_local_layers):  # new keys (rotated) and values where the packed forward wrote them
+        for length, (_, blocks) in zip(lengths, sequences):
+            written = torch.tensor(slots_of(blocks, length + 3))
+            torch.testing.assert_close(paged.keys[layer][written], eager.keys[layer][written])
+            torch.testing.assert_close(paged.values[layer][written], eager.values[layer][written])
+        assert not paged.keys[layer][paged.pad_slot].any()  # padding rows wrote the scratch slot, not the zeros
+
+
+def test_buckets_cover_the_largest_batch(paged_decode):
+    assert paged_decode.batch_buckets(1) == [1]
+    assert paged_decode.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert paged_decode.batch_buckets(48) == [1, 2, 4, 8, 16, 32, 64]

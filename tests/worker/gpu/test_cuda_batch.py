@@ -1,0 +1,100 @@
+"""The batched CUDA engine on a real GPU (skipped cleanly without one; run through the device tool): decode steps
+replayed from CUDA graphs per batch bucket, prompt chunks eagerly, requests joining and leaving mid-generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringlet.models.loader import LoadedStage
+from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from ringlet.models.random_checkpoint import random_weights, synthetic_tokenizer
+from ringlet.models.registry import build_stage, model_args
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.tasks import SamplingParams, TextGenerationTask
+from ringlet.worker.batching import BatchGenerator
+from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
+from tests.worker.gpu.test_cuda_engine import CONFIG
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SETTINGS = EngineConfig(max_context=1024, max_batch=64, kv_cache_tokens=32 * 1024)
+
+
+def batch_engine(dtype: torch.dtype, graphs: bool = True) -> TorchBatchEngine:
+    args = model_args(CONFIG)
+    weights = random_weights(args, dtype, "cuda", seed=1)
+    weights["model.embed_tokens.weight"] *= 50  # peaked logits: greedy choices are not near-ties
+    model = build_stage(args, weights=weights, dtype=dtype, device="cuda")
+    stage = LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
+    engine = TorchBatchEngine(stage, torch.device("cuda"), SETTINGS)
+    if not graphs:
+        engine.paged_decode = None
+    engine.warmup()
+    return engine
+
+
+def tasks(sampling: SamplingParams) -> list[TextGenerationTask]:
+    """Prompts of 5 to 300 tokens and answers of 20 to 70: sequences join and leave while others decode."""
+    return [TextGenerationTask(task_id=f"task-{i}", prompt=" ".join(f"t{(i * 31 + j * 7) % 997}" for j in range(n)),
+                               max_tokens=m, ignore_eos=True, sampling=sampling)
+            for i, (n, m) in enumerate([(5, 70), (300, 20), (40, 50), (130, 64), (17, 33), (220, 45)])]
+
+
+def generate(engine: TorchBatchEngine, batch: list[TextGenerationTask]) -> dict[str, list[int]]:
+    generator = BatchGenerator(engine, engine.config.max_step_tokens, engine.config.max_batch)
+    for task in batch:
+        generator.submit(task)
+    tokens: dict[str, list[int]] = {task.task_id: [] for task in batch}
+    while generator:
+        for chunk in generator.step():
+            if chunk.token_id is not None:
+                tokens[chunk.task_id].append(chunk.token_id)
+    return tokens
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=7)],
+                         ids=["greedy", "seeded sampling"])
+def test_batched_tokens_equal_each_request_alone_and_the_eager_steps(sampling):
+    """fp32: the graphed steps of a changing batch give each request the tokens it gets alone, and the tokens of
+    eager steps."""
+    graphed, eager = batch_engine(torch.float32), batch_engine(torch.float32, graphs=False)
+    assert graphed.paged_decode is not None and graphed.paged_decode.graphs
+    together = generate(graphed, tasks(sampling))
+    assert [len(t) for t in together.values()] == [70, 20, 50, 64, 33, 45]
+    for task in tasks(sampling):
+        assert generate(graphed, [task])[task.task_id] == together[task.task_id], task.task_id
+    assert generate(eager, tasks(sampling)) == together
+
+
+def test_bf16_graphed_step_tracks_the_packed_forward():
+    """bf16, 40 sequences in the bucket of 64: logits within rounding of the model's own packed forward, and the
+    same greedy choice almost everywhere."""
+    engine = batch_engine(torch.bfloat16)
+    model, step = engine.model, engine.paged_decode
+    assert step is not None
+    reference = model.make_paged_cache(engine.num_blocks, engine.block_size)
+    lengths = [10 + 7 * i for i in range(40)]
+    tables, next_block = [], 0
+    for length in lengths:
+        count = -(-(length + 8) // engine.block_size)
+        tables.append(list(range(next_block, next_block + count)))
+        next_block += count
+    generator = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for length, table in zip(lengths, tables):
+            prompt = torch.randint(0, CONFIG["vocab_size"], (length,), generator=generator)
+            prefill = [SequenceStep(0, length, table)]
+            for cache in (engine.cache, reference):
+                model.forward_batch(prompt.cuda(), cache, BatchLayout.build(prefill, engine.block_size, "cuda",
+                                                                            cache.pad_slot))
+        tokens, agree = torch.randint(0, CONFIG["vocab_size"], (40,), generator=generator), 0
+        for n in range(8):
+            steps = [SequenceStep(length + n, 1, table) for length, table in zip(lengths, tables)]
+            want = model.forward_batch(tokens.cuda(), reference, BatchLayout.build(steps, engine.block_size, "cuda",
+                                                                                   reference.pad_slot)).float()
+            got = step(tokens, steps).float()
+            torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.05)
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            tokens = want.argmax(-1).cpu()
+    assert agree >= 0.95 * 8 * 40
