@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, TypeGuard, cast
+from typing import Any, Protocol, TypeGuard, cast
 
 import torch
 
@@ -81,17 +81,25 @@ class PipelinedModel(Protocol):
         ...
 
 
+class BatchesItself(Protocol):
+    """An engine with a batching loop of its own (MLX: mlx-lm's), with `BatchGenerator`'s interface."""
+
+    context_length: int
+
+    def batch_generator(self, max_running: int) -> Any: ...
+
+
 @dataclass(eq=False)
-class _Task:
+class TaskState:
     task: TextGenerationTask
     unfinished: int  # choices still generating
 
 
 @dataclass(eq=False)
-class _Request:
+class Choice:
     """One choice of a task: its sequence's sampler, detokeniser and stop strings."""
 
-    of: _Task
+    of: TaskState
     choice: int
     key: int  # the sequence's number for a pipeline's last stage
     max_tokens: int
@@ -108,13 +116,13 @@ class BatchGenerator:
         self.pipeline = model if _is_pipelined(model) else None
         self.depth = self.pipeline.depth if self.pipeline is not None else 1
         self.blocks = BlockManager(model.num_blocks, model.block_size)
-        self.scheduler: Scheduler[_Request] = Scheduler(self.blocks, max_step_tokens, max_running)
+        self.scheduler: Scheduler[Choice] = Scheduler(self.blocks, max_step_tokens, max_running)
         self.eos = set(model.tokenizer.eos_token_ids)
         self.last_step_tokens = 0
         # the other choices of a task wait until its first has its prompt in the cache, then share those blocks
-        self._followers: dict[str, list[Sequence[_Request]]] = {}
+        self._followers: dict[str, list[Sequence[Choice]]] = {}
         # steps launched and not collected: their plans, and their logits where computed already
-        self._in_flight: deque[tuple[list[Planned[_Request]], torch.Tensor | None]] = deque()
+        self._in_flight: deque[tuple[list[Planned[Choice]], torch.Tensor | None]] = deque()
         self._keys = 0
 
     def __bool__(self) -> bool:
@@ -145,11 +153,11 @@ class BatchGenerator:
             raise ContextWindowError(f"the prompt has {len(ids)} tokens but the model's context window is {context}; "
                                      "shorten the prompt")
         room = context - len(ids)
-        group, arrived_at = _Task(task, task.n), time.perf_counter()
+        group, arrived_at = TaskState(task, task.n), time.perf_counter()
         sequences = []
         for choice in range(task.n):
             self._keys += 1
-            sequences.append(Sequence(_seq_id(task, choice), list(ids), len(ids), _Request(
+            sequences.append(Sequence(_seq_id(task, choice), list(ids), len(ids), Choice(
                 group, choice, self._keys, min(task.max_tokens or room, room),
                 self._sampler(self._keys, choice_sampling(task.sampling, choice), ids),
                 StreamingDetokenizer(self.model.tokenizer), StopMatcher(task.stop), arrived_at)))
@@ -159,7 +167,7 @@ class BatchGenerator:
 
     def cancel(self, task_id: str) -> bool:
         """Drop a task (all its choices) between two steps; False if it is not here (finished already)."""
-        dropped: list[Sequence[_Request]] = []
+        dropped: list[Sequence[Choice]] = []
         for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
             if sequence.state.of.task.task_id == task_id and self.scheduler.remove(sequence.seq_id) is not None:
                 dropped.append(sequence)
@@ -220,7 +228,7 @@ class BatchGenerator:
             out.extend(self._advance(sequence, token_id))
         return out
 
-    def _sample(self, logits: torch.Tensor, live: list[tuple[int, Sequence[_Request]]]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, live: list[tuple[int, Sequence[Choice]]]) -> list[int]:
         """The next token of each live sequence from its row of `logits`: the plain greedy rows in one argmax and
         one transfer, the others by their own samplers."""
         tokens = [0] * len(live)
@@ -242,47 +250,51 @@ class BatchGenerator:
             return _sampled_by_the_last_stage
         return RequestSampler(sampling, prompt, self.model.vocab_size, self.model.device)
 
-    def _end(self, sequences: list[Sequence[_Request]]) -> None:
+    def _end(self, sequences: list[Sequence[Choice]]) -> None:
         if self.pipeline is not None and sequences:
             self.pipeline.end([s.state.key for s in sequences])
 
-    def _advance(self, sequence: Sequence[_Request], token_id: int) -> Iterator[GenerationChunk]:
-        request = sequence.state
+    def _advance(self, sequence: Sequence[Choice], token_id: int) -> Iterator[GenerationChunk]:
         sequence.tokens.append(token_id)
-        task = request.of.task
-        if sequence.generated == 1:
-            request.first_token_at = time.perf_counter()
-        finish: FinishReason | None = None
-        if token_id in self.eos and not task.ignore_eos:
-            finish = "stop"
-        else:
-            text = request.stops.feed(request.detokenizer.add_token(token_id))
-            if text:
-                yield GenerationChunk(task_id=task.task_id, choice=request.choice, text=text, token_id=token_id)
-            if request.stops.stopped:
-                finish = "stop"
-            elif sequence.generated >= request.max_tokens:
-                finish = "length"
+        chunk, finish = feed_token(sequence.state, token_id, sequence.generated, self.eos)
+        if chunk is not None:
+            yield chunk
         if finish is not None:
             self.scheduler.remove(sequence.seq_id)
             self._end([sequence])
-            request.of.unfinished -= 1
-            yield self._last_chunk(sequence, finish)
+            yield last_chunk(sequence.state, sequence.prompt_length, sequence.generated, finish)
 
-    def _last_chunk(self, sequence: Sequence[_Request], finish: FinishReason) -> GenerationChunk:
-        request = sequence.state
-        tail = "" if request.stops.stopped else request.stops.feed(request.detokenizer.finalize()) + request.stops.flush()
-        done = time.perf_counter()
-        generated = sequence.generated
-        prefill_s = max(request.first_token_at - request.arrived_at, 1e-9)
-        decode_s = done - request.first_token_at
-        return GenerationChunk(
-            task_id=request.of.task.task_id, choice=request.choice, text=tail, finish_reason=finish,
-            last=request.of.unfinished == 0,
-            usage=Usage(prompt_tokens=sequence.prompt_length, completion_tokens=generated),
-            timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=sequence.prompt_length / prefill_s,
-                            decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0),
-        )
+
+def feed_token(choice: Choice, token_id: int, generated: int,
+               eos: set[int]) -> tuple[GenerationChunk | None, FinishReason | None]:
+    """A choice's `generated`-th token: the text it completes (held back while it may begin a stop string), and
+    why the choice ends here, if it does."""
+    task = choice.of.task
+    if generated == 1:
+        choice.first_token_at = time.perf_counter()
+    if token_id in eos and not task.ignore_eos:
+        return None, "stop"
+    text = choice.stops.feed(choice.detokenizer.add_token(token_id))
+    chunk = GenerationChunk(task_id=task.task_id, choice=choice.choice, text=text, token_id=token_id) if text else None
+    if choice.stops.stopped:
+        return chunk, "stop"
+    return chunk, "length" if generated >= choice.max_tokens else None
+
+
+def last_chunk(choice: Choice, prompt_length: int, generated: int, finish: FinishReason) -> GenerationChunk:
+    """The chunk that ends a choice: the text held back, usage and timings (`last` once every choice ended)."""
+    choice.of.unfinished -= 1
+    tail = "" if choice.stops.stopped else choice.stops.feed(choice.detokenizer.finalize()) + choice.stops.flush()
+    done = time.perf_counter()
+    prefill_s = max(choice.first_token_at - choice.arrived_at, 1e-9)
+    decode_s = done - choice.first_token_at
+    return GenerationChunk(
+        task_id=choice.of.task.task_id, choice=choice.choice, text=tail, finish_reason=finish,
+        last=choice.of.unfinished == 0,
+        usage=Usage(prompt_tokens=prompt_length, completion_tokens=generated),
+        timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt_length / prefill_s,
+                        decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0),
+    )
 
 
 def _is_pipelined(model: BatchModel | PipelinedModel) -> TypeGuard[PipelinedModel]:
@@ -298,6 +310,6 @@ def _seq_id(task: TextGenerationTask, choice: int) -> str:
     return task.task_id if task.n == 1 else f"{task.task_id}#{choice}"
 
 
-def _sampling(planned: list[Planned[_Request]]) -> list[Planned[_Request]]:
+def _sampling(planned: list[Planned[Choice]]) -> list[Planned[Choice]]:
     """The entries whose logits the step returns, in the layout's order."""
     return [p for p in planned if p.samples]

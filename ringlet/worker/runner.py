@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError, TaskErrorKind
@@ -40,7 +40,7 @@ from ringlet.shared.wire import BadMessageError, Message, decode, encode
 from ringlet.worker.engines.base import GeneratesText
 
 if TYPE_CHECKING:
-    from ringlet.worker.batching import BatchModel, PipelinedModel
+    from ringlet.worker.batching import BatchesItself, BatchModel, PipelinedModel
 
 log = logging.getLogger("ringlet.runner")
 
@@ -146,15 +146,13 @@ def serve_tasks(engine: GeneratesText, inbox: Inbox, outbox: Outbox,
         run_task(engine, command.task, inbox, outbox)
 
 
-def serve_batched(engine: BatchModel | PipelinedModel, config: EngineConfig, inbox: Inbox, outbox: Outbox,
+def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: EngineConfig, inbox: Inbox, outbox: Outbox,
                   broken: Callable[[], bool] = lambda: False) -> None:
     """Run the node's tasks together, one batched step at a time (a pipeline: as many as it keeps in flight): a task
     joins at the next step and leaves when it ends; a cancel takes effect between two steps. A step that fails fails
     the tasks in it, and the batch starts over empty; for a ring's first stage whose ring broke (`broken()`), the
     loop ends."""
-    from ringlet.worker.batching import BatchGenerator
-
-    generator = BatchGenerator(engine, config.max_step_tokens, config.max_batch)
+    generator = _batch_generator(engine, config)
     admitted: set[str] = set()
     reported, reported_at = generator.stats(), 0.0
     while not broken():
@@ -180,7 +178,7 @@ def serve_batched(engine: BatchModel | PipelinedModel, config: EngineConfig, inb
             traceback.print_exc(file=sys.stderr)
             for task_id in generator.task_ids():
                 outbox.send(TaskFailed(task_id=task_id, kind="engine", error=str(error) or type(error).__name__))
-            generator = BatchGenerator(engine, config.max_step_tokens, config.max_batch)
+            generator = _batch_generator(engine, config)
             admitted.clear()
             continue
         for task_id in generator.running_ids() - admitted:
@@ -196,6 +194,15 @@ def serve_batched(engine: BatchModel | PipelinedModel, config: EngineConfig, inb
             reported, reported_at = stats, time.monotonic()
 
 
+def _batch_generator(engine: BatchModel | PipelinedModel | BatchesItself, config: EngineConfig) -> Any:
+    """The engine's own batching loop (MLX: mlx-lm's), else ringlet's scheduler over the engine's paged cache."""
+    if hasattr(engine, "batch_generator"):
+        return cast("BatchesItself", engine).batch_generator(config.max_batch)
+    from ringlet.worker.batching import BatchGenerator
+
+    return BatchGenerator(cast("BatchModel | PipelinedModel", engine), config.max_step_tokens, config.max_batch)
+
+
 def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     """Load, warm up and serve a single-stage instance; returns the runner's exit code."""
     from ringlet.worker.engines.engine_init import initialize_engine, warmup_engine
@@ -209,9 +216,9 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         traceback.print_exc(file=sys.stderr)
         outbox.send(LoadFailed(error=f"{type(error).__name__}: {error}"))
         return 1
-    if hasattr(engine, "forward_batch"):
+    if hasattr(engine, "forward_batch") or hasattr(engine, "batch_generator"):
         outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s, slots=load.config.max_batch))
-        serve_batched(cast("BatchModel", engine), load.config, inbox, outbox)
+        serve_batched(cast("BatchModel | BatchesItself", engine), load.config, inbox, outbox)
     else:
         outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
         serve_tasks(engine, inbox, outbox)

@@ -4,8 +4,9 @@ A Hugging Face directory loads through mlx-lm itself. mlx-lm cannot read llama.c
 files (its loader takes safetensors), so a GGUF model goes through ringlet's GGUF reader: dequantised
 tensors under Hugging Face names, which are exactly the names mlx-lm's models expect.
 
-The loop is ringlet's shared TextGenerator (same sampling, stop strings and chunks as every engine);
-each step hands one row of logits from MLX to torch, a copy of vocab_size floats.
+A node serves an MLX instance through mlx-lm's batch generator (`batch.py`); `ringlet run` and `ringlet bench`
+go through ringlet's shared TextGenerator (same sampling, stop strings and chunks as every engine), each step
+handing one row of logits from MLX to torch, a copy of vocab_size floats.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Generator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import EngineUnavailableError
 from ringlet.worker.engines.torch.generate import TextGenerator
+
+if TYPE_CHECKING:
+    from ringlet.worker.engines.mlx.batch import MlxBatchGenerator
 
 MLX_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # MLX runs the models in float types only
 # model_type -> mlx_lm.models module, where the name differs (as mlx_lm.utils.MODEL_REMAPPING)
@@ -150,6 +154,12 @@ class MlxEngine:
 
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         return self.generator.generate(task)
+
+    def batch_generator(self, max_running: int) -> MlxBatchGenerator:
+        """The node's batching loop over this model (mlx-lm's batch generator; see `engines/mlx/batch.py`)."""
+        from ringlet.worker.engines.mlx.batch import MlxBatchGenerator
+
+        return MlxBatchGenerator(self, max_running)
 
     def close(self) -> None:
         self.cache = []
