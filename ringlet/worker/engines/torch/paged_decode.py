@@ -299,6 +299,21 @@ class PagedDecodeStep:
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
+    def replay_ms(self, batch: int, repeats: int = 20) -> float:
+        """GPU time of one step of `batch`'s bucket, its graph replayed back to back over the inputs of the last
+        step (a benchmark's: the host's part of a step is what the serving loop adds to this). The replays write
+        the last step's slots again; call it only when no sequence is running."""
+        graph = self.graphs[self.bucket(batch)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(repeats):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
+
+    @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
         batch = len(steps)
         bucket = self.bucket(batch)
