@@ -21,7 +21,6 @@ from collections.abc import Iterable, Sequence
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -123,6 +122,32 @@ def _paged_attention_split(
     tl.store(part_sum_ptr + part, total_exp, mask=stored)
 
 
+@triton.jit
+def _rms_norm(x_ptr, weight_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+    """Program r: out[r] = RMSNorm(x[r]) * weight, in fp32, rounded once (one kernel where eager takes several)."""
+    row = tl.program_id(0).to(tl.int64) * H
+    h = tl.arange(0, BLOCK)
+    ok = h < H
+    x = tl.load(x_ptr + row + h, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+    w = tl.load(weight_ptr + h, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row + h, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _silu_gate(gate_up_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    """Program (r, c): out[r, cols] = SiLU(gate) * up, where row r of gate_up is [gate (N), up (N)]; rounded where
+    eager rounds (SiLU's output, then the product)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(gate_up_ptr + row * 2 * N + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * 2 * N + N + cols, mask=ok, other=0.0).to(tl.float32)
+    silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * N + cols, (silu * up).to(dtype), mask=ok)
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """Batch sizes with a graph of their own: powers of two up to the first one holding `max_batch`."""
     buckets = [1]
@@ -208,7 +233,7 @@ class PagedDecodeStep:
             if batch == 1:
                 project(hidden, attn.qkv_proj, qkv, self.eps, self.pdl, norm=block.input_layernorm.weight)
             else:
-                normed = F.rms_norm(hidden, (self.hidden_size,), block.input_layernorm.weight, self.eps)
+                normed = self._norm(hidden, block.input_layernorm.weight)
                 if attn.qkv_proj.bias is not None:
                     torch.addmm(attn.qkv_proj.bias, normed, attn.qkv_proj.weight.t(), out=qkv)
                 else:
@@ -221,15 +246,21 @@ class PagedDecodeStep:
                 project(gated, mlp.down_proj, hidden, self.eps, self.pdl, residual=True)
             else:
                 hidden.addmm_(attention, attn.o_proj.weight.t())
-                normed = F.rms_norm(hidden, (self.hidden_size,), block.post_attention_layernorm.weight, self.eps)
-                gate_up = torch.mm(normed, mlp.gate_up_proj.weight.t())
-                torch.mul(F.silu(gate_up[:, :self.intermediate]), gate_up[:, self.intermediate:], out=gated)
+                gate_up = torch.mm(self._norm(hidden, block.post_attention_layernorm.weight),
+                                   mlp.gate_up_proj.weight.t())
+                _silu_gate[(batch, triton.cdiv(self.intermediate, 1024))](gate_up, gated, self.intermediate,
+                                                                          BLOCK=1024, num_warps=4)
                 hidden.addmm_(gated, mlp.down_proj.weight.t())
         if batch == 1:
             project(hidden, model.lm_head, logits, self.eps, self.pdl, norm=model.norm.weight)
         else:
-            torch.mm(F.rms_norm(hidden, (self.hidden_size,), model.norm.weight, self.eps), model.lm_head.weight.t(),
-                     out=logits)
+            torch.mm(self._norm(hidden, model.norm.weight), model.lm_head.weight.t(), out=logits)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        _rms_norm[(x.shape[0],)](x, weight, out, self.hidden_size, self.eps,
+                                 BLOCK=triton.next_power_of_2(self.hidden_size), num_warps=8)
+        return out
 
     def _attend(self, layer: int, attention: Attention, batch: int, splits: int, positions: torch.Tensor,
                 slots: torch.Tensor, tables: torch.Tensor) -> None:
