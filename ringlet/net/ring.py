@@ -18,6 +18,7 @@ computing: with several steps in flight round the ring, blocking sends could wai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import socket
 import tempfile
 import time
 from collections import deque
+from collections.abc import Iterator
 from datetime import timedelta
 from enum import IntEnum
 
@@ -58,6 +60,21 @@ class Op(IntEnum):
 
 class RingBrokenError(RuntimeError):
     """A neighbouring stage went away; the instance must be placed again."""
+
+
+class RingHead:
+    """Rank 0 of a ring, whatever runs it: `broken` once one of its calls found the ring broken (no task can run
+    any more)."""
+
+    broken = False
+
+    @contextlib.contextmanager
+    def _ring_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except RingBrokenError:
+            self.broken = True
+            raise
 
 
 def backend_for(instance_type: InstanceType, engines: set[EngineType]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeGuard, cast
 
@@ -24,6 +24,7 @@ from ringlet.models.paged_cache import SequenceStep
 from ringlet.models.sampling import RequestSampler, argmax
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
+from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.messages import BatchStats
 from ringlet.shared.tasks import FinishReason, GenerationChunk, SamplingParams, TextGenerationTask, Timings, Usage
@@ -263,6 +264,15 @@ class BatchGenerator:
             self.scheduler.remove(sequence.seq_id)
             self._end([sequence])
             yield last_chunk(sequence.state, sequence.prompt_length, sequence.generated, finish)
+
+
+def generate_alone(model: BatchModel | PipelinedModel, config: EngineConfig,
+                   task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
+    """One task alone (`ringlet run`, `ringlet bench`): the batched loop with a batch of one."""
+    generator = BatchGenerator(model, config.max_step_tokens, config.max_batch)
+    generator.submit(task)
+    while generator:
+        yield from generator.step()
 
 
 def feed_token(choice: Choice, token_id: int, generated: int,

@@ -19,10 +19,9 @@ A ring with an MLX stage runs one request at a time (`worker/stages.py`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,7 @@ from ringlet.models.loader import LoadedStage
 from ringlet.models.paged_cache import SequenceStep
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.net.ring import Op, Ring, RingBrokenError, open_ring
+from ringlet.net.ring import Op, Ring, RingBrokenError, RingHead, open_ring
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
@@ -106,7 +105,7 @@ def _agreed_engine(bound: BoundInstance, loaded: LoadedStage, device: torch.devi
     return TorchBatchEngine(loaded, device, config, num_blocks=num_blocks, context_length=context_length)
 
 
-class PipelineHead:
+class PipelineHead(RingHead):
     """Rank 0: a `PipelinedModel` for `BatchGenerator`, whose steps run down the whole ring."""
 
     name = "torch-pipeline"
@@ -119,7 +118,6 @@ class PipelineHead:
         self.depth = 1 if self.ring.backend == "nccl" else self.ring.size
         self.vocab_size, self.context_length, self.device = engine.vocab_size, engine.context_length, engine.device
         self.num_blocks, self.block_size, self.pad_slot = engine.num_blocks, engine.block_size, engine.pad_slot
-        self.broken = False  # a neighbour went away: no task can run any more
         self._sampled: deque[int] = deque()  # how many tokens each step in flight brings back
 
     @property
@@ -147,25 +145,14 @@ class PipelineHead:
         with self._ring_errors():
             return self.ring.recv((count,), torch.int64, self.ring.prev)
 
-    @contextlib.contextmanager
-    def _ring_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except RingBrokenError:
-            self.broken = True
-            raise
-
     def warmup(self) -> None:
         run_warmup_request(self)
 
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         """One task alone: the batched loop with a batch of one."""
-        from ringlet.worker.batching import BatchGenerator
+        from ringlet.worker.batching import generate_alone
 
-        generator = BatchGenerator(self, self.config.max_step_tokens, self.config.max_batch)
-        generator.submit(task)
-        while generator:
-            yield from generator.step()
+        return generate_alone(self, self.config, task)
 
     def close(self) -> None:
         """Tell the other stages to stop, then leave the ring."""

@@ -14,9 +14,8 @@ an MLX stage anywhere.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
@@ -26,7 +25,7 @@ from pydantic import BaseModel
 from ringlet.models.loader import LoadedStage
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.net.ring import Op, RingBrokenError, open_ring
+from ringlet.net.ring import Op, RingBrokenError, RingHead, open_ring
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT, EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
@@ -99,7 +98,7 @@ def load_for_stage(bound: BoundInstance, config: EngineConfig = EngineConfig()) 
     return TorchStage(loaded, device, config.max_context), precision
 
 
-class FirstStage:
+class FirstStage(RingHead):
     """Rank 0: an engine (the `Engine` protocol) whose forward pass spans the whole ring."""
 
     def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore,
@@ -108,7 +107,6 @@ class FirstStage:
         self.name = "mlx-pipeline" if bound.engine == "mlx" else "torch-pipeline"
         self.stage, self.context_length = stage, stage.context_length
         self.ring = open_ring(bound, store, data_host, stage.hidden_size)
-        self.broken = False  # a neighbour went away: no task can run any more
         self.generator = TextGenerator(self._step, stage.tokenizer, self.context_length, stage.vocab_size,
                                        stage.device, fill=self._fill, sampler_for=self._begin)
 
@@ -132,14 +130,6 @@ class FirstStage:
         with self._ring_errors():
             self.ring.send_hidden(Op.SAMPLE, start, hidden)
             return self.ring.recv((1,), torch.int64, self.ring.prev)
-
-    @contextlib.contextmanager
-    def _ring_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except RingBrokenError:
-            self.broken = True
-            raise
 
     def warmup(self) -> None:
         run_warmup_request(self)

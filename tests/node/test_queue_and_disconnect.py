@@ -20,6 +20,28 @@ def chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, object]:
             "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}
 
 
+async def join_a_running_stream(url: str, model: str) -> list[str]:
+    """A long stream (the hog), then two short requests B and C while it streams: what finished, and "hog still
+    streaming" where the hog was the only task left running once B and C were done."""
+    finished: list[str] = []
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def short(name: str) -> None:
+            reply = await client.post("/v1/chat/completions", json=chat_body(model, 2, False))
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["usage"]["completion_tokens"] == 2
+            finished.append(name)
+
+        async with client.stream("POST", "/v1/chat/completions", json=chat_body(model, LONG, True)) as hog:
+            lines = hog.aiter_lines()
+            await anext(lines)  # the hog is generating
+            await asyncio.wait_for(asyncio.gather(short("B"), short("C")), 60)
+            tasks = (await client.get("/state")).json()["tasks"].values()
+            assert [t["status"] for t in tasks] == ["running"], "the hog still streams"
+            finished.append("hog still streaming")
+    return finished
+
+
 def generations(live_node: LiveNode, outcome: str) -> float:
     for line in live_node.get("/metrics").text.splitlines():
         if line.startswith("ringlet_generations_total{") and f'outcome="{outcome}"' in line and "openai" in line:
@@ -59,26 +81,7 @@ def test_disconnect_of_a_non_streaming_request_cancels_it(live_node: LiveNode, m
 def test_requests_run_together_and_a_short_one_ends_while_a_long_one_streams(live_node: LiveNode,
                                                                               model_id: str) -> None:
     """A long stream does not hold the instance: B and C join its batch and finish while it goes on."""
-
-    async def scenario() -> list[str]:
-        finished: list[str] = []
-        async with httpx.AsyncClient(base_url=live_node.url, timeout=120) as client:
-
-            async def short(name: str) -> None:
-                reply = await client.post("/v1/chat/completions", json=chat_body(model_id, 2, False))
-                assert reply.status_code == 200, reply.text
-                finished.append(name)
-
-            async with client.stream("POST", "/v1/chat/completions", json=chat_body(model_id, LONG, True)) as hog:
-                lines = hog.aiter_lines()
-                await anext(lines)  # the hog is generating
-                await asyncio.wait_for(asyncio.gather(short("B"), short("C")), 60)
-                tasks = (await client.get("/state")).json()["tasks"].values()
-                assert [t["status"] for t in tasks] == ["running"], "the hog still streams"
-                finished.append("hog still streaming")
-        return finished
-
-    assert sorted(asyncio.run(scenario())) == ["B", "C", "hog still streaming"]
+    assert sorted(asyncio.run(join_a_running_stream(live_node.url, model_id))) == ["B", "C", "hog still streaming"]
     wait_until(lambda: not live_node.state()["tasks"], 5, "no task left behind")
 
 

@@ -154,12 +154,9 @@ class TorchBatchEngine:
 
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         """One task alone (`ringlet run`, `ringlet bench`): the batched loop with a batch of one."""
-        from ringlet.worker.batching import BatchGenerator
+        from ringlet.worker.batching import generate_alone
 
-        generator = BatchGenerator(self, self.config.max_step_tokens, self.config.max_batch)
-        generator.submit(task)
-        while generator:
-            yield from generator.step()
+        return generate_alone(self, self.config, task)
 
     def close(self) -> None:
         del self.cache
