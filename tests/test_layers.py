@@ -138,3 +138,16 @@ def test_no_modules_import_each_other() -> None:
 def test_cycles_are_found() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_test_modules_import_no_other_test_module() -> None:
+    """What tests share lives in tests/support/ (or a conftest), never in another test module."""
+    tests = PACKAGE.parent / "tests"
+    problems = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            problems += [f"{path.relative_to(tests.parent)}:{node.lineno} imports {name}" for name in names
+                         if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")]
+    assert problems == []

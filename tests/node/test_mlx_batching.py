@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.test_queue_and_disconnect import join_a_running_stream
 from tests.support.processes import LOAD_TIMEOUT_S, start_node, stop_node, wait_until
+from tests.support.streams import join_a_running_stream
 
 pytest.importorskip("mlx_lm", reason="the mlx engine needs mlx, mlx-cpu and mlx-lm (pip install them)")
 

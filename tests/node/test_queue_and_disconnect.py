@@ -11,35 +11,7 @@ import httpx
 import pytest
 
 from tests.support.processes import LOAD_TIMEOUT_S, LiveNode, start_node, stop_node, wait_until
-
-LONG = 4000  # far more tokens than any test waits for: only a cancel ends such a generation early
-
-
-def chat_body(model: str, max_tokens: int, stream: bool) -> dict[str, object]:
-    return {"model": model, "max_tokens": max_tokens, "stream": stream, "temperature": 0.8, "seed": 1,
-            "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}
-
-
-async def join_a_running_stream(url: str, model: str) -> list[str]:
-    """A long stream (the hog), then two short requests B and C while it streams: what finished, and "hog still
-    streaming" where the hog was the only task left running once B and C were done."""
-    finished: list[str] = []
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-
-        async def short(name: str) -> None:
-            reply = await client.post("/v1/chat/completions", json=chat_body(model, 2, False))
-            assert reply.status_code == 200, reply.text
-            assert reply.json()["usage"]["completion_tokens"] == 2
-            finished.append(name)
-
-        async with client.stream("POST", "/v1/chat/completions", json=chat_body(model, LONG, True)) as hog:
-            lines = hog.aiter_lines()
-            await anext(lines)  # the hog is generating
-            await asyncio.wait_for(asyncio.gather(short("B"), short("C")), 60)
-            tasks = (await client.get("/state")).json()["tasks"].values()
-            assert [t["status"] for t in tasks] == ["running"], "the hog still streams"
-            finished.append("hog still streaming")
-    return finished
+from tests.support.streams import LONG, chat_body, join_a_running_stream
 
 
 def generations(live_node: LiveNode, outcome: str) -> float:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ringlet.models.paged_cache import BatchLayout, SequenceStep
-from tests.worker.engines.test_fused_decode import BASE, VARIANTS, random_model
+from tests.support.random_models import BASE, VARIANTS, random_model
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
 

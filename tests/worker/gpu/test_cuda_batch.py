@@ -14,7 +14,7 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.batching import BatchGenerator
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
-from tests.worker.gpu.test_cuda_engine import CONFIG
+from tests.support.random_models import GPU_CONFIG as CONFIG
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -11,12 +11,11 @@ from ringlet.models.registry import build_stage, model_args
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
+from tests.support.random_models import GPU_CONFIG
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-CONFIG = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-          "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 4096,
-          "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False}
+CONFIG = GPU_CONFIG
 
 
 def random_engine(dtype: torch.dtype, step: str = "fused", cuda_graphs: bool | None = None) -> TorchEngine:
