@@ -42,7 +42,9 @@ def slots_of(blocks: list[int], length: int) -> list[int]:
     return [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)]
 
 
-@pytest.mark.parametrize("rows", [3, 1], ids=["a batch of 3 in a bucket of 4", "one sequence (GEMV kernels)"])
+# the interpreter takes seconds a step: the batch of 3 of the llama variant in the quick run, the rest with the slow
+@pytest.mark.parametrize("rows", [3, pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["a batch of 3 in a bucket of 4", "one sequence (GEMV kernels)"])
 @pytest.mark.parametrize("variant", [v if v.startswith("llama") else pytest.param(v, marks=pytest.mark.slow)
                                      for v in VARIANTS])
 def test_paged_step_gives_the_packed_forwards_logits_and_cache(paged_decode, variant, rows):
@@ -54,7 +56,7 @@ def test_paged_step_gives_the_packed_forwards_logits_and_cache(paged_decode, var
     with torch.inference_mode():
         for cache in (eager, paged):
             prefill(model, cache, sequences)
-        for n, ids in enumerate(([7, 1, 118], [30, 64, 2], [9, 9, 9])):
+        for n, ids in enumerate(([7, 1, 118], [30, 64, 2])):
             steps = [SequenceStep(length + n, 1, blocks) for length, (_, blocks) in zip(lengths, sequences)]
             tokens = torch.tensor(ids[:rows])
             want = model.forward_batch(tokens, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
@@ -63,7 +65,7 @@ def test_paged_step_gives_the_packed_forwards_logits_and_cache(paged_decode, var
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     for layer in range(model.num_local_layers):  # new keys (rotated) and values where the packed forward wrote them
         for length, (_, blocks) in zip(lengths, sequences):
-            written = torch.tensor(slots_of(blocks, length + 3))
+            written = torch.tensor(slots_of(blocks, length + 2))
             torch.testing.assert_close(paged.keys[layer][written], eager.keys[layer][written])
             torch.testing.assert_close(paged.values[layer][written], eager.values[layer][written])
         assert not paged.keys[layer][paged.pad_slot].any()  # padding rows wrote the scratch slot, not the zeros
