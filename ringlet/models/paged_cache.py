@@ -24,6 +24,10 @@ class SequenceStep:
     blocks: Sequence[int]
     wants_logits: bool = True  # the last token's logits (a prompt chunk before the last one needs none)
 
+    def slot(self, position: int, block_size: int) -> int:
+        """The cache slot of `position` in this sequence's blocks."""
+        return self.blocks[position // block_size] * block_size + position % block_size
+
 
 @dataclass(frozen=True)
 class AttentionGroup:
@@ -70,7 +74,7 @@ class BatchLayout:
             (decodes if step.count == 1 else chunks).append((step, len(positions)))
             for position in range(step.start, step.start + step.count):
                 positions.append(position)
-                slots.append(step.blocks[position // block_size] * block_size + position % block_size)
+                slots.append(step.slot(position, block_size))
             if step.wants_logits:
                 logit_rows.append(len(positions) - 1)
         groups = []

@@ -186,10 +186,16 @@ class BatchGenerator:
         self.launch()
         return self.collect() if self._in_flight else []
 
-    def launch(self) -> bool:
+    def launch(self) -> int:
+        """Start steps over the sequences no step in flight computes, until `depth` steps are in flight or nothing
+        more can run; how many it started."""
+        started = 0
+        while len(self._in_flight) < self.depth and self._launch_one():
+            started += 1
+        return started
+
+    def _launch_one(self) -> bool:
         """Plan a step over the sequences no step in flight computes, and start it; False if none can run."""
-        if len(self._in_flight) >= self.depth:
-            return False
         busy = frozenset(p.sequence.seq_id for plan, _ in self._in_flight for p in plan)
         share = None  # a pipeline's micro-batches split the sequences between its steps in flight
         if self.depth > 1:
@@ -224,26 +230,11 @@ class BatchGenerator:
         assert len(sampled) == logits.shape[0], "a step returns one row for each sequence it samples"
         # not cancelled while its step was in flight
         live = [(row, entry.sequence) for row, entry in enumerate(sampled) if entry.sequence.seq_id in self.blocks]
+        token_ids = sample_rows(logits, [row for row, _ in live], [s.state.sampler for _, s in live])
         out: list[GenerationChunk] = []
-        for (_, sequence), token_id in zip(live, self._sample(logits, live), strict=True):
+        for (_, sequence), token_id in zip(live, token_ids, strict=True):
             out.extend(self._advance(sequence, token_id))
         return out
-
-    def _sample(self, logits: torch.Tensor, live: list[tuple[int, Sequence[Choice]]]) -> list[int]:
-        """The next token of each live sequence from its row of `logits`: the plain greedy rows in one argmax and
-        one transfer, the others by their own samplers."""
-        tokens = [0] * len(live)
-        greedy = [i for i, (_, sequence) in enumerate(live) if getattr(sequence.state.sampler, "plain_greedy", False)]
-        if greedy:
-            rows = [live[i][0] for i in greedy]
-            picked = logits if rows == list(range(logits.shape[0])) else logits[torch.tensor(rows, device=logits.device)]
-            for i, token_id in zip(greedy, argmax(picked).tolist(), strict=True):
-                tokens[i] = token_id
-        chosen = set(greedy)
-        for i, (row, sequence) in enumerate(live):
-            if i not in chosen:
-                tokens[i] = int(sequence.state.sampler(logits[row:row + 1]).item())
-        return tokens
 
     def _sampler(self, key: int, sampling: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.pipeline is not None:
@@ -264,6 +255,25 @@ class BatchGenerator:
             self.scheduler.remove(sequence.seq_id)
             self._end([sequence])
             yield last_chunk(sequence.state, sequence.prompt_length, sequence.generated, finish)
+
+
+def sample_rows(logits: torch.Tensor, rows: list[int],
+                samplers: list[Callable[[torch.Tensor], torch.Tensor]]) -> list[int]:
+    """The next token of each of `rows` of `logits` by its sampler: the plain greedy rows in one argmax and one
+    transfer, the others one by one."""
+    tokens = [0] * len(rows)
+    greedy = [i for i, sampler in enumerate(samplers) if getattr(sampler, "plain_greedy", False)]
+    if greedy:
+        picked = [rows[i] for i in greedy]
+        greedy_logits = logits if picked == list(range(logits.shape[0])) else logits[
+            torch.tensor(picked, device=logits.device)]
+        for i, token_id in zip(greedy, argmax(greedy_logits).tolist(), strict=True):
+            tokens[i] = token_id
+    chosen = set(greedy)
+    for i, (row, sampler) in enumerate(zip(rows, samplers, strict=True)):
+        if i not in chosen:
+            tokens[i] = int(sampler(logits[row:row + 1]).item())
+    return tokens
 
 
 def generate_alone(model: BatchModel | PipelinedModel, config: EngineConfig,

@@ -35,6 +35,7 @@ from ringlet.net.ring import Op, Ring, RingBrokenError, RingHead, open_ring
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.worker.batching import generate_alone, sample_rows
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
 from ringlet.worker.engines.torch.engine import load_torch_stage
@@ -150,8 +151,6 @@ class PipelineHead(RingHead):
 
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         """One task alone: the batched loop with a batch of one."""
-        from ringlet.worker.batching import generate_alone
-
         return generate_alone(self, self.config, task)
 
     def close(self) -> None:
@@ -215,5 +214,5 @@ class PipelineStage:
             raise RingBrokenError(f"rank 0 asked for tokens of sequences it never began: {missing}")
         if sampled:  # a step of prompt chunks alone samples nothing, and nothing goes back
             with torch.inference_mode():
-                tokens = [self.samplers[key](row[None]).view(1) for key, row in zip(sampled, out, strict=True)]
-            self.ring.post(torch.cat(tokens).to(torch.int64), self.ring.next)
+                tokens = sample_rows(out, list(range(len(sampled))), [self.samplers[key] for key in sampled])
+            self.ring.post(torch.tensor(tokens, dtype=torch.int64), self.ring.next)

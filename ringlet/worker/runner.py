@@ -171,8 +171,7 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
                 admitted.discard(task_id)
                 outbox.send(TaskCancelled(task_id=task_id))
         try:
-            while generator.launch():
-                pass
+            generator.launch()
             chunks = generator.collect() if generator.in_flight else []
         except Exception as error:  # noqa: BLE001  the engine failed: its tasks end with the reason, the runner goes on
             traceback.print_exc(file=sys.stderr)

@@ -49,8 +49,8 @@ def run_batched(head: PipelineHead, job: Job) -> None:
         for request, at in job.cancel.items():
             if at == steps:
                 generator.cancel(f"request-{request}")
-        while generator.launch():
-            most_in_flight = max(most_in_flight, generator.in_flight)
+        generator.launch()
+        most_in_flight = max(most_in_flight, generator.in_flight)
         for chunk in generator.collect() if generator.in_flight else []:
             emit(int(chunk.task_id.removeprefix("request-")), chunk)
         steps += 1

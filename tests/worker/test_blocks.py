@@ -7,6 +7,13 @@ import pytest
 from ringlet.worker.blocks import BlockManager
 
 
+def compute_all(blocks: BlockManager, seq_id: str, tokens: list[int]) -> None:
+    """Admit a sequence and compute every one of its tokens into the cache."""
+    blocks.admit(seq_id, tokens)
+    blocks.reserve(seq_id, len(tokens))
+    blocks.advance(seq_id, tokens)
+
+
 def test_a_sequence_gets_blocks_as_it_grows_and_gives_them_back() -> None:
     blocks = BlockManager(num_blocks=4, block_size=4)
     assert blocks.admit("a", [1, 2, 3, 4, 5, 6]) == 0
@@ -25,9 +32,7 @@ def test_a_shared_prefix_is_computed_once() -> None:
     blocks = BlockManager(num_blocks=8, block_size=4)
     system = list(range(100, 108))  # two whole blocks
     first = [*system, 1, 2, 3]
-    blocks.admit("first", first)
-    blocks.reserve("first", len(first))
-    blocks.advance("first", first)
+    compute_all(blocks, "first", first)
     second = [*system, 7, 8]
     assert blocks.admit("second", second) == 8, "both blocks of the shared prefix are reused"
     assert blocks.table("second") == blocks.table("first")[:2]
@@ -40,9 +45,7 @@ def test_a_shared_prefix_is_computed_once() -> None:
 def test_the_last_token_is_always_computed() -> None:
     blocks = BlockManager(num_blocks=4, block_size=4)
     tokens = [1, 2, 3, 4, 5, 6, 7, 8]
-    blocks.admit("a", tokens)
-    blocks.reserve("a", 8)
-    blocks.advance("a", tokens)
+    compute_all(blocks, "a", tokens)
     blocks.release("a")
     assert blocks.admit("again", tokens) == 4, "the second block holds the last token: it is computed again"
 
@@ -50,9 +53,7 @@ def test_the_last_token_is_always_computed() -> None:
 def test_released_prefixes_stay_cached_until_their_blocks_are_needed() -> None:
     blocks = BlockManager(num_blocks=3, block_size=2)
     a = [1, 2, 3, 4, 5]
-    blocks.admit("a", a)
-    blocks.reserve("a", 5)
-    blocks.advance("a", a)
+    compute_all(blocks, "a", a)
     blocks.release("a")
     assert blocks.free_blocks == 3
     assert blocks.admit("b", [1, 2, 3, 4, 9]) == 4
@@ -68,9 +69,7 @@ def test_released_prefixes_stay_cached_until_their_blocks_are_needed() -> None:
 def test_admission_counts_the_blocks_a_prefix_saves() -> None:
     blocks = BlockManager(num_blocks=4, block_size=2)
     a = [1, 2, 3, 4, 5]
-    blocks.admit("a", a)
-    blocks.reserve("a", 5)
-    blocks.advance("a", a)
+    compute_all(blocks, "a", a)
     assert blocks.free_blocks == 1
     assert blocks.can_admit([1, 2, 3, 4, 6]), "two of its three blocks are a's"
     assert not blocks.can_admit([7, 7, 7, 7, 7]), "three new blocks, one free"

@@ -95,11 +95,12 @@ class MlxBatchGenerator:
                 del self.running[uid]
         return bool(uids)
 
-    def launch(self) -> bool:
+    def launch(self) -> int:
+        """Start mlx-lm's next step (it keeps one in flight); how many it started."""
         if self._pending is not None or not self.running:
-            return False
+            return 0
         _, self._pending = self.batch.next()
-        return True
+        return 1
 
     def collect(self) -> list[GenerationChunk]:
         responses, self._pending = self._pending or [], None

@@ -292,8 +292,7 @@ class PagedDecodeStep:
         host[batch:bucket] = 0
         host[n:n + batch] = [s.start for s in steps]
         host[n + batch:n + bucket] = 0
-        host[2 * n:2 * n + batch] = [s.blocks[s.start // self.cache.block_size] * self.cache.block_size
-                                     + s.start % self.cache.block_size for s in steps]
+        host[2 * n:2 * n + batch] = [s.slot(s.start, self.cache.block_size) for s in steps]
         host[2 * n + batch:2 * n + bucket] = self.cache.scratch_slot
         tables = host[3 * n:3 * n + bucket * w].reshape(bucket, w)
         for row, step in enumerate(steps):
