@@ -52,6 +52,7 @@ class Server:
 class Stream:
     ttft_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each content chunk arrived (perf_counter)
     tokens: int = 0
     prompt_tokens: int | None = None
     error: str | None = None
@@ -65,6 +66,7 @@ class Round:
     requests: int
     wall_s: float
     tok_s: float
+    decode_tok_s: float | None
     ttft_p50_ms: float | None
     ttft_p95_ms: float | None
     itl_p50_ms: float | None
@@ -195,6 +197,7 @@ async def one_stream(client: AsyncOpenAI, server: Server, args: argparse.Namespa
             else:
                 result.gaps_s.append(now - last)
             last, chunks = now, chunks + 1
+            result.times.append(now)
     except Exception as error:  # noqa: BLE001 - any failure is counted and reported, not raised
         result.error = f"{type(error).__name__}: {error}"[:300]
         result.status = error.status_code if isinstance(error, APIStatusError) else None
@@ -217,10 +220,23 @@ async def run_round(client: AsyncOpenAI, server: Server, args: argparse.Namespac
     tokens = sum(s.tokens for s in ok)
     prompts = [s.prompt_tokens for s in ok if s.prompt_tokens is not None]
     errors = [s.error for s in streams if s.error is not None]
-    return Round(server.name, concurrency, len(streams), round(wall, 2), round(tokens / wall, 1),
+    return Round(server.name, concurrency, len(streams), round(wall, 2), round(tokens / wall, 1), decode_rate(ok),
                  percentile_ms(ttfts, 0.5), percentile_ms(ttfts, 0.95), percentile_ms(gaps, 0.5),
                  percentile_ms(gaps, 0.95), round(tokens / max(1, len(ok)), 1),
                  round(sum(prompts) / len(prompts)) if prompts else None, len(errors), errors[0] if errors else None)
+
+
+def decode_rate(streams: list[Stream]) -> float | None:
+    """Chunks a second while every stream decodes: from the last stream's first chunk to the first stream's last
+    (prompts and stragglers left out), where that window spans at least 4 chunks of each stream; else None."""
+    timed = [s.times for s in streams if len(s.times) > 1]
+    if not timed or len(timed) < len(streams):
+        return None
+    begin, end = max(t[0] for t in timed), min(t[-1] for t in timed)
+    inside = sum(1 for times in timed for t in times if begin < t <= end)
+    if end <= begin or inside < 4 * len(timed):
+        return None
+    return round(inside / (end - begin), 1)
 
 
 async def warm_up(client: AsyncOpenAI, server: Server, args: argparse.Namespace) -> None:
@@ -248,10 +264,10 @@ def fmt(value: float | None, width: int) -> str:
 
 
 def print_tables(rounds: list[Round], servers: list[Server]) -> None:
-    columns = ["N", "reqs", "tok/s", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "tok/req", "prompt", "errors"]
+    columns = ["N", "reqs", "tok/s", "decode", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "tok/req", "prompt", "errors"]
     print(f"{'server':<10}" + "".join(f"{c:>9}" for c in columns) + "   (times in ms, prompt in tokens)")
     for r in rounds:
-        values = [r.concurrency, r.requests, r.tok_s, r.ttft_p50_ms, r.ttft_p95_ms, r.itl_p50_ms, r.itl_p95_ms,
+        values = [r.concurrency, r.requests, r.tok_s, r.decode_tok_s, r.ttft_p50_ms, r.ttft_p95_ms, r.itl_p50_ms, r.itl_p95_ms,
                   r.tokens_per_request, r.prompt_tokens, r.errors]
         print(f"{r.server:<10}" + "".join(fmt(v, 9) for v in values))
     for r in rounds:
@@ -260,7 +276,7 @@ def print_tables(rounds: list[Round], servers: list[Server]) -> None:
     base = servers[0].name
     for peer in servers[1:]:
         print(f"\nratios {base} / {peer.name} (tok/s: higher is better for {base}; latencies: lower is)")
-        metrics = ["tok_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms"]
+        metrics = ["tok_s", "decode_tok_s", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms"]
         print(f"{'N':>4}" + "".join(f"{m:>13}" for m in metrics))
         pairs = zip([r for r in rounds if r.server == base], [r for r in rounds if r.server == peer.name])
         for mine, theirs in pairs:
@@ -340,6 +356,8 @@ def main() -> None:
           f"max_tokens {args.max_tokens}, temperature 0, ignore_eos {'on' if args.ignore_eos else 'off'}, "
           f"{args.requests_per_client} request(s) per client, {args.warm_rounds} warm-up round(s) per N\n")
     print_tables(rounds, servers)
+    print("\ntok/s: completion tokens over the round's wall time (prompts included); decode: tokens a second while "
+          "every stream of the round decodes (from the last stream's first token to the first stream's last)")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+# a step's token id meaning "the previous step's greedy pick of this row", which an engine that picks on the device
+# (the graphed CUDA step) keeps there: the host launches the next step before it has read the token
+FED = -1
+
 
 @dataclass(frozen=True)
 class SequenceStep:

@@ -5,9 +5,14 @@ Tasks arrive at any time and join the next step (`submit`); the scheduler decide
 sequence samples with its own parameters and seed, detokenises, and watches its own stop strings and limits. A
 step returns what each task streams; a task that ends leaves the batch at once, freeing its blocks for the others.
 
-A step is launched, then collected. On one device the two are one call; across the stages of a ring
-(`worker/pipeline.py`) several steps are in flight at once, each over other sequences (micro-batches), and the last
-stage samples: the step comes back as token ids.
+A step is launched, then collected. Across the stages of a ring (`worker/pipeline.py`) several steps are in flight at
+once, each over other sequences (micro-batches), and the last stage samples: the step comes back as token ids. On a
+GPU, whose kernels run while the host goes on, the next step is launched as soon as this one's tokens are sampled,
+before they become text (`overlap`): the GPU computes while the host detokenises, watches stop strings and streams,
+so a step costs the GPU's time rather than the GPU's plus the host's. Where the engine picks greedy tokens on the
+device (the graphed CUDA step) and every sequence of a step decodes greedily, the next step is launched before
+this one's tokens are even read (`FED`): the GPU then never waits for the host. A sequence that turns out to end at
+such a token (an end-of-sequence token read late, a stop string) has one token computed in vain, and dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, Protocol, TypeGuard, cast
 
 import torch
 
-from ringlet.models.paged_cache import SequenceStep
+from ringlet.models.paged_cache import FED, SequenceStep
 from ringlet.models.sampling import RequestSampler, argmax
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
@@ -31,6 +36,8 @@ from ringlet.shared.tasks import FinishReason, GenerationChunk, SamplingParams, 
 from ringlet.worker.blocks import BlockManager
 from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids
 from ringlet.worker.scheduler import Planned, Scheduler, Sequence
+
+ASYNC_DEVICES = ("cuda", "xpu")  # a forward returns once its kernels are queued
 
 
 class BatchModel(Protocol):
@@ -82,6 +89,16 @@ class PipelinedModel(Protocol):
         ...
 
 
+class PicksOnDevice(Protocol):
+    """An engine whose steps pick each row's greedy token on the device, and take `FED` token ids."""
+
+    last_picks: Any  # the last step's picks (`tokens()` waits for that step alone), or None where it picked none
+
+    def graphs(self, steps: list[SequenceStep]) -> bool:
+        """A step over `steps` picks on the device (and may take FED token ids)."""
+        ...
+
+
 class BatchesItself(Protocol):
     """An engine with a batching loop of its own (MLX: mlx-lm's), with `BatchGenerator`'s interface."""
 
@@ -112,10 +129,16 @@ class Choice:
 
 
 class BatchGenerator:
-    def __init__(self, model: BatchModel | PipelinedModel, max_step_tokens: int = 512, max_running: int = 64) -> None:
+    def __init__(self, model: BatchModel | PipelinedModel, max_step_tokens: int = 512, max_running: int = 64,
+                 overlap: bool | None = None) -> None:
+        """`overlap`: launch the next step before this one's tokens become text (default: on a GPU, whose steps
+        run asynchronously; on a CPU the forward is the launch, so the text would only come a step later)."""
         self.model = model
         self.pipeline = model if _is_pipelined(model) else None
         self.depth = self.pipeline.depth if self.pipeline is not None else 1
+        if overlap is None:
+            overlap = model.device.type in ASYNC_DEVICES
+        self.overlap = overlap and self.pipeline is None
         self.blocks = BlockManager(model.num_blocks, model.block_size)
         self.scheduler: Scheduler[Choice] = Scheduler(self.blocks, max_step_tokens, max_running)
         self.eos = set(model.tokenizer.eos_token_ids)
@@ -127,7 +150,8 @@ class BatchGenerator:
         self._keys = 0
 
     def __bool__(self) -> bool:
-        return bool(self.scheduler)
+        """Sequences to run, or a step in flight to collect (possibly over sequences that ended meanwhile)."""
+        return bool(self.scheduler) or bool(self._in_flight)
 
     def running_ids(self) -> set[str]:
         """The tasks with a place in the batch."""
@@ -194,18 +218,26 @@ class BatchGenerator:
             started += 1
         return started
 
-    def _launch_one(self) -> bool:
-        """Plan a step over the sequences no step in flight computes, and start it; False if none can run."""
-        busy = frozenset(p.sequence.seq_id for plan, _ in self._in_flight for p in plan)
+    def _launch_one(self, ending: frozenset[str] = frozenset()) -> bool:
+        """Plan a step over the sequences no step in flight computes (nor `ending`: those that end at the token
+        just sampled), and start it; False if none can run."""
+        busy = frozenset(p.sequence.seq_id for plan, _ in self._in_flight for p in plan) | ending
         share = None  # a pipeline's micro-batches split the sequences between its steps in flight
         if self.depth > 1:
             share = max(1, -(-(len(self.scheduler.running) + len(self.scheduler.waiting)) // self.depth))
         planned = self.scheduler.plan(busy, share)
-        self.last_step_tokens = sum(p.count for p in planned)
         if not planned:
             return False
-        steps = [SequenceStep(p.start, p.count, self.blocks.table(p.sequence.seq_id)[:self.blocks.blocks_for(
+        self._start(planned)
+        return True
+
+    def _steps(self, planned: list[Planned[Choice]]) -> list[SequenceStep]:
+        return [SequenceStep(p.start, p.count, self.blocks.table(p.sequence.seq_id)[:self.blocks.blocks_for(
             p.start + p.count)], p.samples) for p in planned]
+
+    def _start(self, planned: list[Planned[Choice]], steps: list[SequenceStep] | None = None) -> None:
+        """Launch the step of `planned` (its `steps`, where built already)."""
+        steps = steps or self._steps(planned)
         tokens = torch.tensor([t for p in planned for t in p.sequence.tokens[p.start:p.start + p.count]],
                               dtype=torch.long)
         if self.pipeline is not None:
@@ -213,14 +245,15 @@ class BatchGenerator:
             self._in_flight.append((planned, None))
         else:
             self._in_flight.append((planned, cast("BatchModel", self.model).forward_batch(tokens, steps)))
-        return True
 
     def collect(self) -> list[GenerationChunk]:
         """Finish the oldest step in flight; the chunks of every task that produced text or ended in it."""
         planned, logits = self._in_flight.popleft()
+        self.last_step_tokens = sum(p.count for p in planned)
         if logits is None:
             assert self.pipeline is not None, "only a pipeline's steps are computed elsewhere"
             logits = self.pipeline.collect()
+        picks = getattr(self.model, "last_picks", None) if self.overlap else None  # this step's: none launched since
         self.scheduler.computed(planned)
         for entry in planned:
             if entry.sequence.prefilled and entry.sequence.seq_id in self._followers:
@@ -230,11 +263,52 @@ class BatchGenerator:
         assert len(sampled) == logits.shape[0], "a step returns one row for each sequence it samples"
         # not cancelled while its step was in flight
         live = [(row, entry.sequence) for row, entry in enumerate(sampled) if entry.sequence.seq_id in self.blocks]
-        token_ids = sample_rows(logits, [row for row, _ in live], [s.state.sampler for _, s in live])
+        if picks is not None and self._feedable(planned, [s for _, s in live]):
+            token_ids = self._launch_fed([s for _, s in live], picks)
+        else:
+            token_ids = sample_rows(logits, [row for row, _ in live], [s.state.sampler for _, s in live])
+            for (_, sequence), token_id in zip(live, token_ids, strict=True):
+                sequence.tokens.append(token_id)
+            if self.overlap:
+                # the next step runs on the device while these tokens become text; it leaves out the sequences that
+                # certainly end here (an end-of-sequence token, the token limit)
+                self._launch_one(frozenset(s.seq_id for (_, s), t in zip(live, token_ids, strict=True)
+                                           if self._ends_at(s, t)))
         out: list[GenerationChunk] = []
         for (_, sequence), token_id in zip(live, token_ids, strict=True):
             out.extend(self._advance(sequence, token_id))
         return out
+
+    def _feedable(self, planned: list[Planned[Choice]], sequences: list[Sequence[Choice]]) -> bool:
+        """The step's rows are every sequence there is, all greedy, none at its token limit: the next step decodes
+        them all, row for row, each from the token this step picked on the device."""
+        return (len(sequences) == len(planned) == len(self.scheduler.running) and not self.scheduler.waiting
+                and not self._followers
+                and all(getattr(s.state.sampler, "plain_greedy", False) and s.generated + 1 < s.state.max_tokens
+                        for s in sequences))
+
+    def _launch_fed(self, sequences: list[Sequence[Choice]], picks: Any) -> list[int]:
+        """Launch the next step over `sequences` with the tokens this step picked on the device, then read those
+        tokens (the next step computing meanwhile); a plan that is not row for row the same (a preemption) waits
+        for the tokens and launches with them."""
+        for sequence in sequences:
+            sequence.tokens.append(FED)
+        planned = self.scheduler.plan()
+        steps = self._steps(planned)
+        fed = [p.sequence for p in planned] == sequences and cast("PicksOnDevice", self.model).graphs(steps)
+        if fed:
+            self._start(planned, steps)
+        token_ids: list[int] = picks.tokens()
+        for sequence, token_id in zip(sequences, token_ids, strict=True):
+            sequence.tokens[-1] = token_id
+        if planned and not fed:
+            self._start(planned, steps)
+        return token_ids
+
+    def _ends_at(self, sequence: Sequence[Choice], token_id: int) -> bool:
+        """The sequence ends with its newest token, `token_id`, whatever its text (stop strings aside)."""
+        choice = sequence.state
+        return (token_id in self.eos and not choice.of.task.ignore_eos) or sequence.generated >= choice.max_tokens
 
     def _sampler(self, key: int, sampling: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.pipeline is not None:
@@ -247,7 +321,7 @@ class BatchGenerator:
             self.pipeline.end([s.state.key for s in sequences])
 
     def _advance(self, sequence: Sequence[Choice], token_id: int) -> Iterator[GenerationChunk]:
-        sequence.tokens.append(token_id)
+        """The text of the sequence's newest token, `token_id`, and its end if it ends there."""
         chunk, finish = feed_token(sequence.state, token_id, sequence.generated, self.eos)
         if chunk is not None:
             yield chunk

@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from ringlet.models.paged_cache import FED, BatchLayout, SequenceStep
 from tests.support.random_models import BASE, VARIANTS, random_model
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
@@ -56,13 +56,15 @@ def test_paged_step_gives_the_packed_forwards_logits_and_cache(paged_decode, var
     with torch.inference_mode():
         for cache in (eager, paged):
             prefill(model, cache, sequences)
-        for n, ids in enumerate(([7, 1, 118], [30, 64, 2])):
+        tokens = torch.tensor([7, 1, 118][:rows])
+        for n in range(2):  # the second step takes the first one's picks on the device (FED)
             steps = [SequenceStep(length + n, 1, blocks) for length, (_, blocks) in zip(lengths, sequences)]
-            tokens = torch.tensor(ids[:rows])
             want = model.forward_batch(tokens, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
-            got = step(tokens, steps)
+            got = step(tokens if n == 0 else torch.full((rows,), FED), steps)
             assert got.shape == want.shape == (rows, 120)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            assert step.last_picks.tokens() == got.argmax(-1).tolist()
+            tokens = torch.tensor(step.last_picks.tokens())
     for layer in range(model.num_local_layers):  # new keys (rotated) and values where the packed forward wrote them
         for length, (_, blocks) in zip(lengths, sequences):
             written = torch.tensor(slots_of(blocks, length + 2))

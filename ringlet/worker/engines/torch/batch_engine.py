@@ -31,7 +31,7 @@ from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGeneration
 from ringlet.worker.engines.torch.engine import load_torch_stage
 
 if TYPE_CHECKING:
-    from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep
+    from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep, Picks
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class TorchBatchEngine:
         self.cache = self.model.make_paged_cache(self.num_blocks, self.block_size)
         self.pad_slot = self.cache.pad_slot
         self._compiled_decode: Callable[..., torch.Tensor] | None = None
+        self.last_picks: Picks | None = None  # the last step's greedy tokens, where the graphed step picked them
         self.paged_decode: PagedDecodeStep | None = None
         if device.type == "cuda":
             self.paged_decode = _paged_decode(self.model, self.cache, self.context_length, config.max_batch)
@@ -103,10 +104,14 @@ class TorchBatchEngine:
 
     def forward_batch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
         """Token ids (or a later stage's hidden states) of the step, packed in `steps`' order -> the last stage's
-        logits [R, V] of the steps that want them (else hidden states [T, H])."""
-        if self.paged_decode is not None and len(steps) <= self.paged_decode.max_batch and all(
-                s.count == 1 and s.wants_logits for s in steps):
-            return self.paged_decode(tokens, steps)
+        logits [R, V] of the steps that want them (else hidden states [T, H]). A token id may be `FED` (the previous
+        step's pick of the same row) where the previous step was graphed and this one is too (`graphs`)."""
+        if self.graphs(steps):
+            assert self.paged_decode is not None
+            logits = self.paged_decode(tokens, steps)
+            self.last_picks = self.paged_decode.last_picks
+            return logits
+        self.last_picks = None
         # built outside inference mode, as the compiled step's warm-up inputs were (its guards compare the two)
         layout = BatchLayout.build(steps, self.block_size, self.device, self.pad_slot)
         tokens = tokens.to(self.device)
@@ -115,6 +120,11 @@ class TorchBatchEngine:
                 group = layout.groups[0]
                 return self._compiled_decode(tokens, layout.positions, layout.slots, group.slots, group.mask)
             return self.model.forward_batch(tokens, self.cache, layout)
+
+    def graphs(self, steps: Sequence[SequenceStep]) -> bool:
+        """A step over `steps` runs on a CUDA graph (and picks each row's greedy token)."""
+        return self.paged_decode is not None and len(steps) <= self.paged_decode.max_batch and all(
+            s.count == 1 and s.wants_logits for s in steps)
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ Rows beyond the live batch are padding: position 0, writing to the cache's scrat
 Batch sizes are bucketed (powers of two up to `max_batch`); each bucket's step is captured once, at warm-up. The
 inputs of a step (token, position, slot and block table of each row) are one pinned host buffer copied to the
 device in one transfer, and the graphs read them from fixed addresses.
+
+Every step also picks each row's greedy token (the argmax of its logits) on the device and copies the picks to the
+host behind the step (`picks`). A row whose token id is given as `FED` takes the previous step's pick of the same
+row: the host can launch the next step of greedy sequences before it has read their tokens, so the GPU does not
+wait for the host between two steps.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
-from ringlet.models.paged_cache import PagedKVCache, SequenceStep
+from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
 from ringlet.worker.engines.torch.fused_decode import (
     _attention_combine,
     _pdl_available,
@@ -159,8 +164,8 @@ def batch_buckets(max_batch: int) -> list[int]:
 class PagedDecodeStep:
     """Decode steps of a whole model over `cache` for up to `max_batch` sequences, one CUDA graph per bucket.
 
-    `__call__(tokens, steps)` runs one step (every step decodes one token; token ids on the CPU) and returns logits
-    [B, V], a view of a buffer the next step overwrites."""
+    `__call__(tokens, steps)` runs one step (every step decodes one token; token ids on the CPU, or `FED`) and returns
+    logits [B, V], a view of a buffer the next step overwrites; `picks(rows)` are the step's greedy tokens."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, context_length: int, max_batch: int) -> None:
         reason = unsupported_reason(model)
@@ -189,6 +194,10 @@ class PagedDecodeStep:
             self.host = self.host.pin_memory()
         self.inputs = torch.zeros(self.max_batch * width, dtype=torch.int32, device=device)
         self.copied = torch.cuda.Event() if self.graphed else None
+        self.picked = torch.zeros(self.max_batch, dtype=torch.long, device=device)  # the last step's greedy tokens
+        # two host copies, a step's and its successor's: the host reads one step's picks after launching the next
+        self._pick_copies = [Picks(self.max_batch, self.graphed) for _ in range(2)]
+        self.last_picks: Picks | None = None
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
         n = self.max_batch
 
@@ -226,6 +235,7 @@ class PagedDecodeStep:
         tokens, positions, slots, tables = self._views(batch)
         hidden, qkv = self.hidden[:batch], self.qkv[:batch]
         attention, gated, logits = self.attention[:batch], self.gated[:batch], self.logits[:batch]
+        tokens = torch.where(tokens == FED, self.picked[:batch], tokens)
         torch.index_select(model.embed_tokens.weight, 0, tokens, out=hidden)
         splits = self._splits(batch)
         for i, block in enumerate(cast("Iterable[Block]", model.layers)):
@@ -255,6 +265,7 @@ class PagedDecodeStep:
             project(hidden, model.lm_head, logits, self.eps, self.pdl, norm=model.norm.weight)
         else:
             torch.mm(self._norm(hidden, model.norm.weight), model.lm_head.weight.t(), out=logits)
+        torch.argmax(logits, dim=-1, out=self.picked[:batch])
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
@@ -354,5 +365,31 @@ class PagedDecodeStep:
         else:
             self._stage(tokens, steps, bucket)
             self._run(bucket)
+        picks = self._pick_copies[self._pick_copies[0] is self.last_picks]
+        picks.fetch(self.picked, batch)
+        self.last_picks = picks
         return self.logits[:batch]
+
+
+class Picks:
+    """A step's greedy tokens on their way to the host, behind the step."""
+
+    def __init__(self, size: int, pinned: bool) -> None:
+        self.host = torch.zeros(size, dtype=torch.long)
+        self.copied: torch.cuda.Event | None = None
+        if pinned:
+            self.host, self.copied = self.host.pin_memory(), torch.cuda.Event()
+        self.rows = 0
+
+    def fetch(self, picked: torch.Tensor, rows: int) -> None:
+        self.host[:rows].copy_(picked[:rows], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.rows = rows
+
+    def tokens(self) -> list[int]:
+        """Each row's token, once its step has run (waiting for that step alone)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host[:self.rows].tolist()
 
