@@ -71,14 +71,15 @@ def write_random_llama_1b(directory: Path) -> Path:
 
 
 def load(engine_name: str, model: str | None, precision: str) -> tuple[object, float]:
-    """The CPU engine, or the ipex engine on IPEX's CPU backend, loaded eagerly (no compiled decode step)."""
+    """The CPU engine, or the ipex engine on IPEX's CPU backend, loaded eagerly (no compiled decode step); both
+    batch as a node's do, here with a batch of one and a cache of a few sequences."""
     from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
-    from ringlet.worker.engines.torch.engine import TorchEngine
+    from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 
-    config = EngineConfig(precision=precision, cpu_compile=False)  # type: ignore[arg-type]
+    config = EngineConfig(precision=precision, cpu_compile=False, kv_cache_tokens=4096)  # type: ignore[arg-type]
     began = time.perf_counter()
     engine = (load_ipex_engine(model, device="cpu", config=config, ipex="require") if engine_name == "ipex"
-              else TorchEngine.load(model, config=config))
+              else TorchBatchEngine.load(model, config=config))
     return engine, time.perf_counter() - began
 
 
@@ -89,11 +90,10 @@ class Sample:
 
 
 def run_once(engine, task: TextGenerationTask, first_token_only: TextGenerationTask) -> Sample:  # type: ignore[no-untyped-def]
-    """One cold greedy run. CPU time of the decode steps: a full run's less a prefill-only run's."""
+    """One cold greedy run (each run's batch starts with an empty prefix cache). CPU time of the decode steps: a full run's less a prefill-only run's."""
     cpu = []
     last = None
     for t in (first_token_only, task):
-        engine.generator.cached = []  # a cold prompt each time, not the reused prefix (as ringlet bench)
         began = time.process_time()
         *_, last = engine.generate(t)
         cpu.append(time.process_time() - began)
@@ -106,7 +106,7 @@ def bench_pair(model: str | None, precision: str, args: argparse.Namespace) -> l
     """The cpu and ipex engines at one precision, loaded together and run in alternation, so that whatever
     else the machine does falls on both alike; the first round is a warm-up."""
     engines = {name: load(name, model, precision) for name in ("cpu", "ipex")}
-    tokenizer = engines["cpu"][0].generator.tokenizer  # type: ignore[attr-defined]
+    tokenizer = engines["cpu"][0].tokenizer  # type: ignore[attr-defined]
     prompt = tokenizer.decode(make_prompt(tokenizer, args.prompt_tokens), skip_special_tokens=False)
     task = TextGenerationTask(prompt=prompt, max_tokens=args.new_tokens, ignore_eos=True,
                               sampling=SamplingParams(temperature=0))

@@ -19,6 +19,11 @@ import torch
 FED = -1
 
 
+class CacheLost(RuntimeError):
+    """An engine's KV cache lost its contents (its device failed and a fallback took over with an empty cache): the
+    step did not run, and every sequence must be computed again from its tokens."""
+
+
 @dataclass(frozen=True)
 class SequenceStep:
     """What one sequence computes in a step: `count` tokens from position `start`, over its block table."""

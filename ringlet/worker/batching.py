@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeGuard, cast
 
 import torch
 
-from ringlet.models.paged_cache import FED, SequenceStep
+from ringlet.models.paged_cache import FED, CacheLost, SequenceStep
 from ringlet.models.sampling import RequestSampler, argmax
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
@@ -55,7 +55,7 @@ class BatchModel(Protocol):
 
     def forward_batch(self, tokens: torch.Tensor, steps: list[SequenceStep]) -> torch.Tensor:
         """Token ids [T] of the step (on the CPU, packed in the steps' order) -> logits [R, V] of the steps that want
-        them."""
+        them. CacheLost: the step did not run and the cache is empty now (its device failed over)."""
         ...
 
 
@@ -244,7 +244,14 @@ class BatchGenerator:
             self.pipeline.launch(tokens, steps, [p.sequence.state.key for p in planned])
             self._in_flight.append((planned, None))
         else:
-            self._in_flight.append((planned, cast("BatchModel", self.model).forward_batch(tokens, steps)))
+            try:
+                logits = cast("BatchModel", self.model).forward_batch(tokens, steps)
+            except CacheLost:  # the engine goes on with an empty cache: every sequence computes its tokens again
+                self.scheduler.requeue_all()
+                self.blocks.forget_contents()
+                self._launch_one()
+                return
+            self._in_flight.append((planned, logits))
 
     def collect(self) -> list[GenerationChunk]:
         """Finish the oldest step in flight; the chunks of every task that produced text or ended in it."""

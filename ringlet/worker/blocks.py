@@ -143,6 +143,15 @@ class BlockManager:
             elif block.users == 0:
                 self._empty.append(index)
 
+    def forget_contents(self) -> None:
+        """The cache's contents are gone (its device failed): no block holds a prefix any more."""
+        assert not self._tables, "release every sequence first"
+        for block in self._blocks:
+            block.hash, block.tokens = None, ()
+        self._empty = deque(range(len(self._blocks)))
+        self._cached.clear()
+        self._by_hash.clear()
+
     # --- blocks
 
     def _use(self, index: int) -> None:

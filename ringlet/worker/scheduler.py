@@ -119,6 +119,15 @@ class Scheduler(Generic[State]):
             sequence.computed = entry.start + entry.count
             self.blocks.advance(sequence.seq_id, sequence.tokens[:sequence.computed])
 
+    def requeue_all(self) -> None:
+        """Every running sequence back to the front of the queue, in admission order, its blocks freed: it computes
+        its tokens so far again when admitted (the cache lost its contents)."""
+        for sequence in reversed(self.running):
+            self.blocks.release(sequence.seq_id)
+            sequence.computed = 0
+            self.waiting.appendleft(sequence)
+        self.running.clear()
+
     def _decodable(self, busy: frozenset[str], room: int) -> list[Sequence[State]]:
         """Up to `room` running sequences that decode this step, each with room reserved for its token; preempts to
         make room, the last admitted idle sequence first."""

@@ -1,5 +1,6 @@
 """Greedy runs of an engine and where they part from a reference: how engines are compared with the fp32 CPU
-engine."""
+engine. An engine is either one-sequence (its `generator` loop) or a batch model (`forward_batch`, run by the
+batching loop): the runs read what each fed to its model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ringlet.models.paged_cache import CacheLost, SequenceStep
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.generate import prompt_ids
 
@@ -29,45 +31,64 @@ class GreedyRun:
 
 def run_greedy(engine, task: TextGenerationTask) -> GreedyRun:  # type: ignore[no-untyped-def]
     """One greedy run from a cold cache: the prompt's ids, the generated ids (all but the last), the text."""
-    engine.generator.cached = []
-    with torch.inference_mode():
-        text = "".join(chunk.text for chunk in engine.generate(task))
-    prompt = prompt_ids(engine.generator.tokenizer, task)
-    cached = list(engine.generator.cached)
-    assert cached[:len(prompt)] == prompt
-    return GreedyRun(prompt, cached[len(prompt):], text)
+    return greedy_with_logits(engine, task)[0]
 
 
 def greedy_with_logits(engine, task: TextGenerationTask) -> tuple[GreedyRun, list[torch.Tensor]]:  # type: ignore[no-untyped-def]
     """A greedy run and the logits each generated token was picked from."""
+    fed: list[int] = []  # a batch model's: every token id it computed, the prompt, then all but the last generated
     logits: list[torch.Tensor] = []
-    forward = engine.generator.forward
+    batched = not hasattr(engine, "generator")
+    owner = engine if batched else engine.generator
+    forward = owner.forward_batch if batched else owner.forward
 
-    def recording(ids: torch.Tensor, start: int) -> torch.Tensor:
-        out = forward(ids, start)
-        logits.append(out[0].float())
+    def recording(ids: torch.Tensor, where):  # type: ignore[no-untyped-def]
+        try:
+            out = forward(ids, where)
+        except CacheLost:  # the batch computes every sequence again, from its first token
+            fed.clear()
+            logits.clear()
+            raise
+        fed.extend(ids.view(-1).tolist())
+        logits.extend(row.float() for row in out.view(-1, out.shape[-1]))
         return out
 
-    engine.generator.forward = recording
+    if not batched:
+        engine.generator.cached = []
+    setattr(owner, "forward_batch" if batched else "forward", recording)
     try:
-        run = run_greedy(engine, task)
+        with torch.inference_mode():
+            text = "".join(chunk.text for chunk in engine.generate(task))
     finally:
-        engine.generator.forward = forward
-    # one forward per prefill chunk, then one per token; the last token picked is never fed back
+        setattr(owner, "forward_batch" if batched else "forward", forward)
+    prompt = prompt_ids(owner.tokenizer, task)
+    if not batched:  # its prompt chunks go to the cache by another call: the ids are its cache's
+        fed = list(engine.generator.cached)
+    assert fed[:len(prompt)] == prompt
+    run = GreedyRun(prompt, fed[len(prompt):], text)
+    # the last prompt token's logits, then one row per generated token; the last token picked is never fed back
     picks = logits[len(logits) - len(run.generated) - 1:]
     return run, picks[:len(run.generated)]
 
 
 def teacher_forced_logits(engine, reference: GreedyRun) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     """The engine's logits for each reference token, fed the reference stream the way generation feeds its
-    own: the prompt in one prefill, then one token per step (prefill and decode round differently)."""
-    forward, ids, start = engine.generator.forward, reference.prompt + reference.generated, len(reference.prompt)
-    engine.generator.cached = []  # the next generation must not reuse what this writes into the cache
-    device = engine.generator.device  # where the engine's own loop puts token ids
+    own: the prompt in one prefill (a batch model: all but its last token, then that one), then one token per
+    step (prefill and decode round differently)."""
+    ids, start = reference.prompt + reference.generated, len(reference.prompt)
     with torch.inference_mode():
-        steps = [forward(torch.tensor([reference.prompt], device=device), 0)[0].float()]
-        steps += [forward(torch.tensor([[ids[i]]], device=device), i)[0].float() for i in range(start, len(ids) - 1)]
-    return steps
+        if hasattr(engine, "generator"):
+            forward = engine.generator.forward
+            engine.generator.cached = []  # the next generation must not reuse what this writes into the cache
+            device = engine.generator.device  # where the engine's own loop puts token ids
+            steps = [forward(torch.tensor([reference.prompt], device=device), 0)[0].float()]
+            return steps + [forward(torch.tensor([[ids[i]]], device=device), i)[0].float()
+                            for i in range(start, len(ids) - 1)]
+        # the cache's first blocks, as a sequence alone would have them
+        table = list(range(-(-len(ids) // engine.block_size)))
+        engine.forward_batch(torch.tensor(reference.prompt[:-1]), [SequenceStep(0, start - 1, table, False)])
+        return [engine.forward_batch(torch.tensor([ids[i]]), [SequenceStep(i, 1, table)])[0].float()
+                for i in range(start - 1, len(ids) - 1)]
 
 
 def compare_with_reference(engine, reference: GreedyRun, reference_logits: list[torch.Tensor]) -> dict[str, object]:  # type: ignore[no-untyped-def]

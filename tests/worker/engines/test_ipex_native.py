@@ -23,6 +23,7 @@ from ringlet.worker.engines.ipex.utils_ipex import estimate_bytes, load_ipex_eng
 from tests.support.greedy import assert_parting_is_a_near_tie, compare_with_reference, greedy_task, run_greedy
 from tests.support.xpu import INTEL_ARC_ON_BUS, FakeXpu, GiB, fake_runtime, probes
 
+SETTINGS = EngineConfig(precision="fp32", kv_cache_tokens=4096)  # the fake GPU's memory is the host's
 FALLBACK_LOGGER = "ringlet.worker.engines.ipex.generator.generate"
 DEVICE_LOST = "Native API failed. Native API returns: -36 (UR_RESULT_ERROR_DEVICE_LOST)"
 
@@ -35,7 +36,7 @@ def fake_gpu() -> FakeXpu:
 @pytest.fixture(scope="module")
 def xpu_engine(fake_gpu: FakeXpu) -> IpexEngine:
     assert not ipex_status().usable  # this environment has no IPEX: the native torch.xpu path
-    return load_ipex_engine(None, device=XpuDevice(fake_runtime(fake_gpu)), config=EngineConfig(precision="fp32"))
+    return load_ipex_engine(None, device=XpuDevice(fake_runtime(fake_gpu)), config=SETTINGS)
 
 
 @pytest.mark.slow
@@ -80,7 +81,7 @@ def test_a_bug_is_not_mistaken_for_a_device_error(xpu_engine, fake_gpu) -> None:
 @pytest.mark.slow
 def test_repeated_device_errors_fall_back_to_the_cpu_engine_mid_stream(cpu_reference, caplog) -> None:  # type: ignore[no-untyped-def]
     gpu = FakeXpu()
-    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(gpu)), config=EngineConfig(precision="fp32"), max_retries=2)
+    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(gpu)), config=SETTINGS, max_retries=2)
     gpu.fail(*(RuntimeError(DEVICE_LOST) for _ in range(3)), after=10)  # the 10th decode step keeps failing
     with caplog.at_level(logging.WARNING):
         run = run_greedy(engine, greedy_task())
@@ -138,7 +139,7 @@ def test_instance_on_a_node_without_its_driver_falls_back_with_one_log_line(tmp_
 
 @pytest.mark.slow
 def test_without_ipex_an_intel_gpu_gets_torch_compile(cpu_reference_with_logits) -> None:  # type: ignore[no-untyped-def]
-    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(FakeXpu())), config=EngineConfig(precision="fp32"), compile_model=True)
+    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(FakeXpu())), config=SETTINGS, compile_model=True)
     layers = engine.loaded.stage.args.num_hidden_layers
     assert engine.optimization.startswith(f"torch.compile of {3 * layers + 1} MLP and norm layers")
     detail = compare_with_reference(engine, *cpu_reference_with_logits)

@@ -1,69 +1,87 @@
-"""IpexEngine: one whole model on an Intel GPU (or on the CPU through IPEX's CPU backend)."""
+"""IpexEngine: one whole model on an Intel GPU (or on the CPU through IPEX's CPU backend), batching as the torch
+engines do: the same paged KV cache and batched steps (`TorchBatchEngine`) on the device, behind `DeviceGuard`."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import dataclasses
+from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from ringlet.models.cache import StaticKVCache
+from ringlet.models.paged_cache import SequenceStep
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
-from ringlet.worker.engines.ipex import IpexLoadedModel, IPEXModel, IPEXTokenizerWrapper
+from ringlet.worker.engines.ipex import IpexLoadedModel, IPEXTokenizerWrapper
 from ringlet.worker.engines.ipex.device import ComputeDevice
-from ringlet.worker.engines.ipex.generator.generate import DeviceForward, ipex_generate
-from ringlet.worker.engines.torch.generate import Forward, TextGenerator
+from ringlet.worker.engines.ipex.generator.generate import BatchForward, DeviceGuard
+from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE, TorchBatchEngine, kv_cache_tokens
 
 
 class IpexEngine:
-    """A loaded model (`utils_ipex.load_ipex_engine` builds one) behind the device guard of `DeviceForward`."""
+    """A loaded model (`utils_ipex.load_ipex_engine` builds one) as a batch model (`worker/batching.py`): its steps
+    run on the device, their logits come back to the host, where every sequence samples."""
 
     name = "ipex"
+    device = torch.device("cpu")  # where the logits are and the samplers run: the host, so a fallback goes on alike
 
     def __init__(self, loaded: IpexLoadedModel, device: ComputeDevice, model_ref: str | Path | None,
                  config: EngineConfig = EngineConfig(), max_retries: int = 3) -> None:
-        self.loaded, self.device, self.model_ref, self.config = loaded, device, model_ref, config
+        self.loaded, self.compute, self.model_ref, self.config = loaded, device, model_ref, config
         self.precision, self.optimization = loaded.precision, loaded.optimization
         self.context_length = loaded.context_length
-        args = loaded.stage.args
-        self.model: IPEXModel | None = loaded.model
-        self.cache: StaticKVCache | None = loaded.model.make_cache(1, self.context_length)
-        self.tokenizer = IPEXTokenizerWrapper(loaded.stage.tokenizer, args.vocab_size)
-        self.forward = DeviceForward(self._device_forward, device, history=lambda: self.generator.cached,
-                                     load_fallback=self._load_cpu_fallback, max_retries=max_retries)
-        # The loop runs on the host: ids go to the device inside forward, logits come back (see DeviceForward).
-        self.generator = TextGenerator(self.forward, self.tokenizer, self.context_length, args.vocab_size, "cpu")
+        stage = dataclasses.replace(loaded.stage, model=cast(torch.nn.Module, loaded.model))  # IPEX may copy it
+        self.vocab_size = stage.args.vocab_size
+        self._tokenizer = IPEXTokenizerWrapper(stage.tokenizer, stage.args.vocab_size)
+        positions = kv_cache_tokens(stage, device.torch_device, config, self.context_length, device.free_bytes())
+        self.steps: TorchBatchEngine | None = TorchBatchEngine(
+            stage, device.torch_device, config, num_blocks=-(-positions // BLOCK_SIZE),
+            context_length=self.context_length)
+        self.num_blocks, self.block_size, self.pad_slot = self.steps.num_blocks, BLOCK_SIZE, self.steps.pad_slot
+        self.guard = DeviceGuard(self.steps.forward_batch, device, self._load_cpu_fallback, max_retries)
+
+    @property
+    def tokenizer(self) -> IPEXTokenizerWrapper:
+        return self._tokenizer
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model on the device; None once a fallback let it go."""
+        return None if self.steps is None else self.steps.model
 
     @property
     def fallback_reason(self) -> str | None:
-        return self.forward.fallback_reason
+        return self.guard.fallback_reason
 
-    def _device_forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        assert self.model is not None and self.cache is not None, "the device model is gone after a fallback"
-        logits = self.model(ids, self.cache, start, last_logits_only=True)
-        return logits[:, -1]
+    def forward_batch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
+        return self.guard(tokens, steps)
 
-    def _load_cpu_fallback(self) -> Forward:
-        from ringlet.worker.engines.torch.engine import TorchEngine
+    def _load_cpu_fallback(self) -> BatchForward:
+        from ringlet.worker.engines.torch.engine import load_torch_stage
 
-        self.model = self.cache = None  # let the device memory go; the device may be unusable now
-        # the same precision where the CPU runs it (fp16 matmuls are emulated there), so the stream stays alike
+        self.steps = None  # let the device memory go; the device may be unusable now
+        self.compute.empty_cache()
+        # the same precision where the CPU runs it (fp16 matmuls are emulated there), so the streams stay alike
         precision = "auto" if self.precision == "fp16" else self.precision
-        cpu = TorchEngine.load(self.model_ref, device="cpu",
-                               config=self.config.model_copy(update={"precision": precision}))
+        stage, _ = load_torch_stage(self.model_ref, precision=precision, device=torch.device("cpu"))
+        # the same blocks as the device's cache, so the batch's block tables stay valid (their contents are gone)
+        cpu = TorchBatchEngine(stage, torch.device("cpu"), self.config, num_blocks=self.num_blocks,
+                               context_length=self.context_length)
         self.name = "cpu"
-        return cpu.generator.forward
+        return cpu.forward_batch
 
     def warmup(self) -> None:
-        """One short generation: compiles (torch.compile) or primes IPEX's kernels before the first request."""
+        """One short generation: primes IPEX's kernels (or compiles, natively) before the first request."""
         run_warmup_request(self)
 
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
-        return ipex_generate(self.generator, task)
+        """One task alone (`ringlet run`, `ringlet bench`): the batched loop with a batch of one."""
+        from ringlet.worker.batching import generate_alone
+
+        return generate_alone(self, self.config, task)
 
     def close(self) -> None:
-        self.model = self.cache = None
-        self.device.empty_cache()
-
+        self.steps = None
+        self.compute.empty_cache()

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 IPEX_INSTALL_FIX = ("pip install 'ringlet[ipex]' (PyTorch 2.8 with intel-extension-for-pytorch 2.8, its last "
                     "release); without it the engine runs on native torch.xpu")
 IPEX_PRECISIONS = tuple(p for p in PRECISIONS if p != "int4")  # IPEX's weight-only quantisation is int8
-PREFILL_CHUNK = 512  # TextGenerator's default; sizes the activation workspace below
+PREFILL_CHUNK = EngineConfig().max_step_tokens  # a batched step's tokens; sizes the activation workspace below
 
 
 def import_ipex(mode: IpexMode) -> ModuleType | None:
@@ -101,6 +101,12 @@ def check_fits(device: ComputeDevice, needed: int, what: str) -> None:
         )
 
 
+def _onednn_runs(ipex: ModuleType, precision: str) -> bool:
+    """IPEX's oneDNN has {precision} kernels for this CPU (what `ipex.optimize` asserts before prepacking)."""
+    check = getattr(ipex._C, f"onednn_has_{precision}_support", None)
+    return True if check is None else bool(check())
+
+
 def _count_ipex_modules(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if type(m).__module__.startswith("intel_extension_for_pytorch"))
 
@@ -159,6 +165,10 @@ def load_ipex_model(
     context_length = min(args.context_length, max_context)
     check_fits(device, estimate_bytes(args, precision, context_length), f"{path.name} ({precision})")
     ipex = import_ipex(ipex_mode)  # before loading: a failure here costs no weight reading
+    if on_host and ipex is not None and precision in ("bf16", "fp16") and not _onednn_runs(ipex, precision):
+        raise IPEXEngineError(
+            f"IPEX's CPU backend cannot run {precision} on this CPU (its oneDNN needs AVX-512 BW/VL/DQ or "
+            f"AVX-NE-CONVERT, which this processor lacks); use --precision fp32 or int8, or the cpu engine")
 
     dtype = model_dtype(precision)
     stage = load_stage(path, dtype=dtype, device=device.torch_device)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, cast
 
 import psutil
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ringlet.models.llama import Transformer
 from ringlet.models.loader import LoadedStage
@@ -36,23 +37,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 16
+# the eager steps' attention kernels: not cuDNN's, which plans (and compiles) anew for every shape of a step, and a
+# step's shape changes with every prompt chunk (on an H200 the slowest steps of `python scripts/bench_gpu.py --shape
+# llama-3.1-8b --streams 1 8 64` took 0.8-2 s, each the first of its shape; the same steps later took 20-40 ms)
+EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # of the memory left after the weights: the host's RAM is shared with everything else on the machine, a GPU's is not
 KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}
 
 
-def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConfig, context_length: int) -> int:
-    """Positions of the cache: as configured, else a share of the free memory (capped at what max_batch sequences
-    of the longest context use, and at least one such sequence)."""
+def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConfig, context_length: int,
+                    free: int | None = None) -> int:
+    """Positions of the cache: as configured, else a share of the free memory (`free` bytes, or what the device
+    reports), capped at what max_batch sequences of the longest context use, and at least one such sequence."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     args, dtype = stage.args, next(stage.model.parameters()).dtype
     per_token = PagedKVCache.bytes_per_block(stage.end - stage.start, 1, args.num_key_value_heads, args.head_dim,
                                              dtype)
-    if device.type == "cuda":
+    if free is None and device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-    elif device.type == "xpu":
+    elif free is None and device.type == "xpu":
         free = torch.xpu.mem_get_info(device)[0]
-    else:
+    elif free is None:
         free = psutil.virtual_memory().available
     fits = int(free * KV_SHARE.get(device.type, 0.25)) // per_token
     return max(context_length, min(fits, config.max_batch * context_length))
@@ -115,7 +121,7 @@ class TorchBatchEngine:
         # built outside inference mode, as the compiled step's warm-up inputs were (its guards compare the two)
         layout = BatchLayout.build(steps, self.block_size, self.device, self.pad_slot)
         tokens = tokens.to(self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_kernel(EAGER_ATTENTION):
             if self._compiled_decode is not None and layout.decode_only:
                 group = layout.groups[0]
                 return self._compiled_decode(tokens, layout.positions, layout.slots, group.slots, group.mask)

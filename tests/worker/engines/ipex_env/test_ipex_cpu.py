@@ -18,6 +18,7 @@ import torch
 
 from ringlet.shared.config import EngineConfig
 from ringlet.worker.engines.engine_utils import ipex_status
+from ringlet.worker.engines.ipex import IPEXEngineError
 from ringlet.worker.engines.ipex.engine import IpexEngine
 from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
 from tests.support.greedy import assert_parting_is_a_near_tie, compare_with_reference, greedy_task, run_greedy
@@ -66,6 +67,13 @@ def test_fp32_through_ipex_optimize_gives_the_cpu_engines_greedy_tokens(cpu_refe
 
 @pytest.mark.parametrize("precision, layer_type", [("bf16", "_IPEXLinear"), ("int8", "WeightOnlyQuantizedLinear")])
 def test_low_precision_divergence_is_a_near_tie(cpu_reference_with_logits, precision: str, layer_type: str) -> None:  # type: ignore[no-untyped-def]
+    import intel_extension_for_pytorch as ipex
+
+    if precision == "bf16" and not ipex._C.onednn_has_bf16_support():  # a CPU without AVX-512 (detected, here)
+        with pytest.raises(IPEXEngineError, match="cannot run bf16 on this CPU.*use --precision fp32 or int8"):
+            load_ipex_engine(None, device="cpu", config=EngineConfig(precision=precision), ipex="require")
+        record(precision, {"refused": "IPEX's oneDNN has no bf16 kernels for this CPU"})
+        return
     engine = load_ipex_engine(None, device="cpu", config=EngineConfig(precision=precision), ipex="require")
     layers = ipex_layer_types(engine)
     assert layers.get(layer_type, 0) >= 4 * engine.loaded.stage.args.num_hidden_layers, layers
