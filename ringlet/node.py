@@ -14,6 +14,7 @@ first stage (`net/forwarding.py`); the tasks this node's API serves are tracked 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import socket
@@ -28,6 +29,7 @@ import uvicorn
 
 from ringlet.api.app import create_app
 from ringlet.api.limits import DEFAULT_MAX_BODY_BYTES
+from ringlet.api.security import API_KEY_ENV, LOCAL_NAMES, Access, host_name, own_host_names
 from ringlet.master.ordering import EventOrder
 from ringlet.master.placement import Placement, PlacementError, PlacementPreview, created, place, preview
 from ringlet.master.replacement import lost_node_events
@@ -299,6 +301,11 @@ class NodeOptions:
     engine_config: EngineConfig = EngineConfig()
     default_instance: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # the API's callers: keys wanted as Bearer tokens (none: no key), names it answers to and web origins it
+    # serves beyond its own (api/security.py)
+    api_keys: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
     # the control plane: zenoh endpoints to connect to and listen on, and multicast scouting on the LAN
     connect: tuple[str, ...] = ()
     listen: str | None = None  # None: tcp/0.0.0.0:52414 (a free port when another node has it)
@@ -313,6 +320,13 @@ class NodeOptions:
 def detect_node(options: NodeOptions) -> NodeInfo:
     return NodeInfo(node_id=new_id("node"), name=options.name, hardware=collect_node_hardware(),
                     engines=collect_engine_info(options.engine), memory=read_memory(), api_port=options.api_port)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host_name(host) in LOCAL_NAMES
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -406,12 +420,20 @@ async def serve(options: NodeOptions) -> None:
             raise NodeStartError(str(error)) from None
         if options.default_instance:
             create_default_instance(node, options)
-        app = create_app(node, max_body_bytes=options.max_body_bytes)
+        access = Access(options.api_keys, frozenset(own_host_names()) | set(options.allow_hosts),
+                        frozenset(options.allow_origins))
+        app = create_app(node, max_body_bytes=options.max_body_bytes, access=access)
         shown = "localhost" if options.host in ("127.0.0.1", "::1") else options.host
         log.info("node %s (%s): dashboard http://%s:%d/  OpenAI API http://%s:%d/v1  engine %s", info.name,
                  info.node_id, shown, options.api_port, shown, options.api_port, info.engines.selected_engine)
-        if options.host == DEFAULT_HOST:
-            log.info("listening on this machine only; --host 0.0.0.0 serves the LAN (the API has no authentication)")
+        if options.api_keys:
+            log.info("the API wants one of %d API key(s) (Authorization: Bearer KEY)", len(options.api_keys))
+        elif options.host == DEFAULT_HOST:
+            log.info("listening on this machine only; --host 0.0.0.0 serves the LAN (with --api-key KEY, please)")
+        elif not is_loopback(options.host):
+            log.warning("WARNING: the API serves %s with no API key: anyone on your network can use this node's "
+                        "models and change its instances; restart it with --api-key KEY (or %s)", options.host,
+                        API_KEY_ENV)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
         _let_serving_end_on_signals()
         await server.serve(sockets=[sock])

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.routing import BaseRoute
 
 from ringlet.api import cluster, downloads, ollama, openai
 from ringlet.api import metrics as metrics_router
@@ -16,10 +17,12 @@ from ringlet.api.errors import OLLAMA_PREFIX, error_responses, install_error_han
 from ringlet.api.facade import NodeFacade
 from ringlet.api.limits import DEFAULT_MAX_BODY_BYTES, BodySizeLimit
 from ringlet.api.metrics import ApiMetrics, HttpMetrics
+from ringlet.api.security import Access, ApiAccess
 
 
 def create_app(node: NodeFacade, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               dashboard_dir: Path = REPO_DASHBOARD_BUILD) -> FastAPI:
+               dashboard_dir: Path = REPO_DASHBOARD_BUILD, access: Access | None = None) -> FastAPI:
+    """`access`: the API keys, host names and origins the API accepts (default: no key, this machine's names)."""
     app = FastAPI(
         title="ringlet", version=ringlet_version(),
         description="OpenAI- and Ollama-compatible LLM serving over the devices you own, and cluster management.",
@@ -27,15 +30,26 @@ def create_app(node: NodeFacade, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.state.node = node
     app.state.metrics = ApiMetrics(node)
     install_error_handlers(app)
-    for router in (openai.router, ollama.router, cluster.router, downloads.router, metrics_router.router):
+    routers = (openai.router, ollama.router, cluster.router, downloads.router, metrics_router.router)
+    for router in routers:
         app.include_router(router)
+    api_roots = _roots([*app.routes, *(route for router in routers for route in router.routes)])
     mount_dashboard(app, dashboard_dir)
-    # outermost first: count every response, then refuse oversized bodies before anything reads them
+    # outermost last: count every response, refuse oversized bodies before anything reads them (and read the rest
+    # of a body refused early), refuse unknown hosts, foreign origins and missing keys
     app.add_middleware(ollama.JsonBodiesUnderApi)
+    app.add_middleware(ApiAccess, access=access or Access(),
+                       is_dashboard=lambda path: "/" + path.lstrip("/").split("/", 1)[0] not in api_roots)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     app.add_middleware(HttpMetrics, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _roots(routes: list[BaseRoute]) -> frozenset[str]:
+    """The first segment of every route's path ("/v1", "/api", "/state", "/docs", ...)."""
+    paths = [getattr(route, "path", None) for route in routes]
+    return frozenset("/" + path.lstrip("/").split("/", 1)[0] for path in paths if isinstance(path, str) and path.strip("/"))
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,17 +17,24 @@ class NodeApiError(Exception):
 
 
 class NodeClient:
-    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 600.0, api_key: str | None = None) -> None:
+        """`api_key`: sent as a Bearer token (default: the first key of $RINGLET_API_KEY, if any)."""
         self.url, self.timeout_s = url.rstrip("/"), timeout_s
+        from_environment = [k.strip() for k in os.environ.get("RINGLET_API_KEY", "").split(",") if k.strip()]
+        self.api_key = api_key or (from_environment[0] if from_environment else None)
 
     def _open(self, path: str, body: dict[str, Any] | None = None):
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json", "Accept": "*/*"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         request = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
-                                         headers={"Content-Type": "application/json", "Accept": "*/*"})
+                                         headers=headers)
         try:
             return urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as error:
-            raise NodeApiError(f"{error.code}: {_error_message(error.read())}") from None
+            hint = "; set RINGLET_API_KEY to the node's key" if error.code == 401 else ""
+            raise NodeApiError(f"{error.code}: {_error_message(error.read())}{hint}") from None
         except urllib.error.URLError as error:
             raise NodeApiError(f"no ringlet node answers at {self.url} ({error.reason}); start one with "
                                "`ringlet node`, or point --url at one") from None

@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 from typing import get_args
+from urllib.parse import urlsplit
 
 from ringlet.cli import CliError, engine_from_environment
 from ringlet.shared.config import EngineConfig
@@ -20,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "--no-default-instance) an instance of the default model.")
     p.add_argument("--api-port", type=int, default=52415, help="HTTP port of the API and dashboard (default 52415)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to serve on (default 127.0.0.1: this machine only, since the API has no "
-                        "authentication; 0.0.0.0 serves your LAN)")
+                   help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 serves your LAN, "
+                        "with --api-key)")
     p.add_argument("--node-name", default=socket.gethostname(), help="name shown in the dashboard (default: hostname)")
     p.add_argument("--model", default=None,
                    help="model of the default instance: a catalog id, a model directory or .gguf file "
@@ -30,6 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="engine for this node (default: $RINGLET_ENGINE, else the best available)")
     p.add_argument("--no-default-instance", action="store_true",
                    help="start without an instance; create one later (dashboard, or POST /instance)")
+    access = p.add_argument_group(
+        "API access", "Who may call the API: a key (required on every endpoint but /health where one is set), the "
+                      "names the node answers to, and the web sites that may use it from a browser.")
+    access.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (repeatable; also $RINGLET_API_KEY, keys separated "
+                             "by commas)")
+    access.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a name this node answers to beyond localhost, its host name and its addresses (e.g. a "
+                             "reverse proxy's name; repeatable)")
+    access.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web site whose pages may call this API from a browser, e.g. https://chat.example.org "
+                             "(repeatable; the node's own dashboard always may)")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest request body accepted, in bytes (default 4 MiB)")
     cluster = p.add_argument_group(
@@ -69,10 +82,16 @@ def engine_choice(requested: str | None) -> EngineType | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ringlet.api.security import API_KEY_ENV, keys_from
     from ringlet.node import NodeOptions, NodeStartError, serve
 
     if not 0 < args.api_port < 65536:
         raise CliError(f"--api-port must be 1..65535, got {args.api_port}")
+    for origin in args.allow_origin:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+            raise CliError(f"--allow-origin {origin!r} is not a web origin; write it as a browser does, e.g. "
+                           "https://chat.example.org or http://192.168.1.5:3000")
     try:
         config = EngineConfig.from_environment(os.environ)
     except ValueError as error:
@@ -82,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         engine=engine_choice(args.engine), engine_config=config,
         default_instance=not args.no_default_instance, max_body_bytes=args.max_body_bytes,
         connect=tuple(check_endpoints(args.connect)), listen=args.listen and check_endpoints([args.listen])[0],
-        discovery=not args.no_discovery,
+        discovery=not args.no_discovery, api_keys=keys_from(args.api_key, os.environ.get(API_KEY_ENV)),
+        allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin),
     )
     try:
         asyncio.run(serve(options))

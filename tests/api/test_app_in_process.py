@@ -14,7 +14,7 @@ from tests.support.node_infos import node_info
 
 def get(app, path: str) -> httpx.Response:  # type: ignore[no-untyped-def]
     async def call() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
             return await client.get(path)
 
     return asyncio.run(call())
@@ -43,7 +43,7 @@ def test_ollama_errors_have_ollama_shape(tmp_path: Path) -> None:
     app = create_app(Node(node_info("a", 8)), dashboard_dir=tmp_path)
 
     async def call() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
             return await client.post("/api/chat", json={"model": "SmolLM2-135M-Instruct", "messages": []})
 
     reply = asyncio.run(call())

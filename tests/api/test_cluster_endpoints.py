@@ -132,7 +132,7 @@ def test_bodies_over_the_limit_are_refused(url: str, node: FakeNode) -> None:
 
     async def length_not_a_number() -> httpx.Response:  # over ASGI: HTTP clients and servers refuse to pass it on
         transport = httpx.ASGITransport(app=create_app(node))
-        async with httpx.AsyncClient(transport=transport, base_url="http://node") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             return await client.post("/v1/completions", content=b"{}", headers={"Content-Length": "many"})
 
     bad_length = asyncio.run(length_not_a_number())

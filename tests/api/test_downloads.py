@@ -18,7 +18,7 @@ async def exercise(node: Node) -> dict[str, object]:
     await node.start()
     try:
         app = create_app(node)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
             started = await client.post("/models/download", json={"model": REPO_ID})
             assert started.status_code == 202, started.text
             download_id = started.json()["download_id"]

@@ -74,3 +74,17 @@ def test_settings_come_from_the_environment_and_a_bad_one_is_one_clear_line():
                                 timeout=120, env=env)
         assert result.returncode == 2, result.stderr
         assert "RINGLET_PRECISION='int3' is not one of" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_node_refuses_an_origin_written_unlike_a_browsers():
+    result = ringlet("node", "--allow-origin", "chat.example.org", "--no-default-instance", timeout=60)
+    assert result.returncode == 2
+    assert "is not a web origin" in result.stderr and "https://chat.example.org" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_only_loopback_hosts_count_as_this_machine_only():
+    from ringlet.node import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.5"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.20", "my-laptop"))

@@ -48,9 +48,43 @@ export function describeError(error: unknown): string {
 	return error instanceof Error ? error.message : String(error);
 }
 
+const KEY_STORAGE = 'ringlet-api-key';
+let askingForKey: Promise<string | null> | null = null;
+let declined = false; // the prompt was dismissed: the 401 shows as an error until the page is reloaded
+
+function withKey(init: RequestInit, key: string | null): RequestInit {
+	return key ? { ...init, headers: { ...init.headers, Authorization: `Bearer ${key}` } } : init;
+}
+
+/** The node's API key, asked for once however many calls were refused at the same time; null if none given. */
+function askForKey(): Promise<string | null> {
+	askingForKey ??= Promise.resolve().then(() => {
+		const key = window.prompt('This node wants its API key (the --api-key or RINGLET_API_KEY it was started with):');
+		if (key?.trim()) localStorage.setItem(KEY_STORAGE, key.trim());
+		else declined = true;
+		askingForKey = null;
+		return key?.trim() || null;
+	});
+	return askingForKey;
+}
+
+/** fetch with the API key this browser keeps for the node; a 401 asks for the key (once) and tries again. */
+export async function fetchWithKey(path: string, init: RequestInit = {}): Promise<Response> {
+	const sent = localStorage.getItem(KEY_STORAGE);
+	const response = await fetch(path, withKey(init, sent));
+	if (response.status !== 401 || declined) return response;
+	let key = localStorage.getItem(KEY_STORAGE);
+	if (key === sent) {
+		// refused with the key kept here (or none): ask, unless another call is asking already
+		if (sent !== null) localStorage.removeItem(KEY_STORAGE);
+		key = await askForKey();
+	}
+	return key ? fetch(path, withKey(init, key)) : response;
+}
+
 async function request<T>(path: string, init: RequestInit = {}): Promise<T> {
 	const signal = init.signal ?? AbortSignal.timeout(REQUEST_TIMEOUT_MS);
-	const response = await fetch(path, { ...init, signal, headers: { Accept: 'application/json', ...init.headers } });
+	const response = await fetchWithKey(path, { ...init, signal, headers: { Accept: 'application/json', ...init.headers } });
 	if (!response.ok) throw await errorFrom(response);
 	return (await response.json()) as T;
 }

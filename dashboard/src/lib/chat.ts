@@ -1,7 +1,7 @@
 // Streaming chat against /v1/chat/completions: server-sent events read from fetch's ReadableStream
 // (EventSource cannot POST), so aborting the fetch closes the connection and the node stops generating.
 
-import { ApiError, errorFrom } from './api';
+import { ApiError, errorFrom, fetchWithKey } from './api';
 import type { ChatCompletionChunk, ChatMessage, ErrorResponse } from './types';
 
 export interface ChatRequest {
@@ -30,7 +30,7 @@ export function takeSseData(buffer: string): { data: string[]; rest: string } {
 
 /** The chunks of one streamed completion, ending before `[DONE]`; throws ApiError on an error status or event. */
 export async function* streamChat(request: ChatRequest, signal: AbortSignal): AsyncGenerator<ChatCompletionChunk> {
-	const response = await fetch('v1/chat/completions', {
+	const response = await fetchWithKey('v1/chat/completions', {
 		method: 'POST',
 		headers: { 'Content-Type': 'application/json', Accept: 'text/event-stream' },
 		body: JSON.stringify({ ...request, stream: true, stream_options: { include_usage: true } }),
