@@ -310,11 +310,12 @@ class NodeOptions:
     connect: tuple[str, ...] = ()
     listen: str | None = None  # None: tcp/0.0.0.0:52414 (a free port when another node has it)
     discovery: bool = True
+    cluster_secret: bytes | None = field(default=None, repr=False)  # None: no TLS (only tests' own nodes)
 
     @property
     def net(self) -> NetOptions:
         return NetOptions(listen=(self.listen,) if self.listen else DEFAULT_LISTEN, connect=self.connect,
-                          discovery=self.discovery)
+                          discovery=self.discovery, secret=self.cluster_secret)
 
 
 def detect_node(options: NodeOptions) -> NodeInfo:

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     cluster.add_argument("--listen", default=None, metavar="tcp/HOST:PORT",
                          help="where the control plane listens (default tcp/0.0.0.0:52414); with a specific address, "
                               "also where other nodes reach this one's stages of split models")
+    cluster.add_argument("--join", default=None, metavar="TOKEN",
+                         help="join the cluster whose token this is (`ringlet cluster token` on one of its nodes "
+                              "prints it; or set RINGLET_CLUSTER_KEY); kept for later starts. Without it the node "
+                              "uses the key in ~/.ringlet/cluster.key, creating one (a new cluster) if there is none")
     cluster.add_argument("--no-discovery", action="store_true", default=discovery_off_by_env(),
                          help="do not look for peers on the LAN (multicast scouting); only --connect peers join "
                               "(or set RINGLET_DISCOVERY=off)")
@@ -83,6 +87,8 @@ def engine_choice(requested: str | None) -> EngineType | None:
 
 def run(args: argparse.Namespace) -> int:
     from ringlet.api.security import API_KEY_ENV, keys_from
+    from ringlet.models.store import ringlet_home
+    from ringlet.net.trust import CLUSTER_KEY_ENV, cluster_secret
     from ringlet.node import NodeOptions, NodeStartError, serve
 
     if not 0 < args.api_port < 65536:
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
                            "https://chat.example.org or http://192.168.1.5:3000")
     try:
         config = EngineConfig.from_environment(os.environ)
+        secret = cluster_secret(ringlet_home(), args.join or os.environ.get(CLUSTER_KEY_ENV))
     except ValueError as error:
         raise CliError(str(error)) from None
     options = NodeOptions(
@@ -102,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         default_instance=not args.no_default_instance, max_body_bytes=args.max_body_bytes,
         connect=tuple(check_endpoints(args.connect)), listen=args.listen and check_endpoints([args.listen])[0],
         discovery=not args.no_discovery, api_keys=keys_from(args.api_key, os.environ.get(API_KEY_ENV)),
-        allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin),
+        allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin), cluster_secret=secret,
     )
     try:
         asyncio.run(serve(options))

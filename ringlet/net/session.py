@@ -3,6 +3,8 @@
 zenoh calls back on its own threads; every callback here is handed to the node's asyncio loop, so the node's
 code runs on one thread and needs no locks. Peers find each other by multicast scouting on the LAN (on by
 default) or by explicit `--connect tcp/HOST:PORT` endpoints; once connected, gossip tells each peer of the others.
+Every link is mutual TLS with identities derived from the cluster's secret (`net/trust.py`): a peer without the
+secret, found by scouting or connecting itself, fails the handshake and sees nothing.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import json
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import zenoh
 from pydantic import BaseModel, TypeAdapter
 
+from ringlet.net.trust import zenoh_tls
 from ringlet.shared.wire import BadMessageError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,9 @@ class NetOptions:
     listen: Sequence[str] = DEFAULT_LISTEN
     connect: Sequence[str] = ()
     discovery: bool = True  # multicast scouting on the LAN
+    # the cluster's secret (net/trust.py): every link is mutual TLS with identities derived from it, so a peer
+    # without it cannot connect; None: plain TCP (a test's own sessions)
+    secret: bytes | None = field(default=None, repr=False)
 
 
 def check_endpoint(endpoint: str) -> str:
@@ -52,11 +58,19 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
+def secured(endpoint: str, secret: bytes | None) -> str:
+    """The endpoint as the link runs it: a tcp/ endpoint becomes tls/ where the cluster has a secret."""
+    check_endpoint(endpoint)
+    return "tls/" + endpoint.removeprefix("tcp/") if secret is not None and endpoint.startswith("tcp/") else endpoint
+
+
 def zenoh_config(options: NetOptions) -> zenoh.Config:
     config = zenoh.Config()
     config.insert_json5("mode", '"peer"')
-    config.insert_json5("listen/endpoints", json.dumps([check_endpoint(e) for e in options.listen]))
-    config.insert_json5("connect/endpoints", json.dumps([check_endpoint(e) for e in options.connect]))
+    config.insert_json5("listen/endpoints", json.dumps([secured(e, options.secret) for e in options.listen]))
+    config.insert_json5("connect/endpoints", json.dumps([secured(e, options.secret) for e in options.connect]))
+    if options.secret is not None:
+        config.insert_json5("transport/link/tls", json.dumps(zenoh_tls(options.secret)))
     config.insert_json5("scouting/multicast/enabled", json.dumps(options.discovery))
     config.insert_json5("scouting/gossip/enabled", "true")
     config.insert_json5("transport/link/tx/lease", str(LEASE_MS))

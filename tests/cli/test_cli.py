@@ -88,3 +88,17 @@ def test_only_loopback_hosts_count_as_this_machine_only():
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.5"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.20", "my-laptop"))
+
+
+def test_cluster_token_is_created_once_kept_private_and_a_bad_join_is_one_clear_line(tmp_path):
+    env = {**os.environ, "RINGLET_HOME": str(tmp_path)}
+    env.pop("RINGLET_CLUSTER_KEY", None)
+    first = subprocess.run([sys.executable, "-m", "ringlet", "cluster", "token"], capture_output=True, text=True,
+                           env=env, timeout=60, check=False)
+    again = subprocess.run([sys.executable, "-m", "ringlet", "cluster", "token"], capture_output=True, text=True,
+                           env=env, timeout=60, check=False)
+    assert first.returncode == again.returncode == 0 and first.stdout == again.stdout
+    assert first.stdout.startswith("ringlet1-") and (tmp_path / "cluster.key").stat().st_mode & 0o777 == 0o600
+    bad = subprocess.run([sys.executable, "-m", "ringlet", "node", "--join", "ringlet1-nope"], capture_output=True,
+                         text=True, env=env, timeout=60, check=False)
+    assert bad.returncode == 2 and "not a ringlet cluster token" in bad.stderr and "Traceback" not in bad.stderr

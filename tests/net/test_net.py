@@ -59,3 +59,51 @@ async def _two_sessions() -> None:
     await until(lambda: "node-b" not in ma)
     assert changes == [({"node-b"}, set()), (set(), {"node-b"})]
     a.close()
+
+
+def test_only_peers_with_the_clusters_secret_connect_and_strangers_see_and_change_nothing() -> None:
+    asyncio.run(_secured_sessions())
+
+
+async def _secured_sessions() -> None:
+    secret = bytes(range(32))
+    port = free_port()
+    a = ControlPlane(NetOptions(listen=[f"tcp/127.0.0.1:{port}"], discovery=False, secret=secret))
+    heard: list[int] = []
+    a.subscribe("ringlet/**", TypeAdapter(Ping), lambda key, m: heard.append(m.n))
+    strangers = [ControlPlane(NetOptions(listen=[], connect=[f"tcp/127.0.0.1:{port}"], discovery=False, secret=s))
+                 for s in (None, bytes(32))]  # plain TCP, and TLS with another cluster's secret
+    friend = ControlPlane(NetOptions(listen=[], connect=[f"tcp/127.0.0.1:{port}"], discovery=False, secret=secret))
+    seen_by_strangers: list[list[int]] = [[], []]
+    for stranger, seen in zip(strangers, seen_by_strangers, strict=True):
+        stranger.subscribe("ringlet/**", TypeAdapter(Ping), lambda key, m, seen=seen: seen.append(m.n))
+    await until(lambda: friend.peers() == [a.zid])
+    await asyncio.sleep(1.0)  # the subscriptions settle; a stranger's would have connected by now
+    for n, stranger in enumerate(strangers):
+        stranger.publish("ringlet/test/ping", Ping(n=100 + n))
+        assert stranger.peers() == []
+    a.publish("ringlet/test/ping", Ping(n=1))  # heard by a itself too
+    friend.publish("ringlet/test/ping", Ping(n=2))
+    await until(lambda: 2 in heard)
+    await asyncio.sleep(0.5)
+    # each stranger heard its own message only; nobody heard the strangers'
+    assert sorted(heard) == [1, 2] and seen_by_strangers == [[100], [101]] and a.peers() == [friend.zid]
+    for session in (*strangers, friend, a):
+        session.close()
+
+
+def test_a_cluster_token_round_trips_and_a_bad_one_says_what_it_should_be(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ringlet.net.trust import cluster_secret, secret_of, token_of
+
+    created = cluster_secret(tmp_path)
+    path = tmp_path / "cluster.key"
+    assert path.stat().st_mode & 0o777 == 0o600 and cluster_secret(tmp_path) == created
+    assert secret_of(token_of(created)) == created and len(token_of(created)) == len("ringlet1-") + 43
+    other = bytes(32)
+    assert cluster_secret(tmp_path, token_of(other)) == other == cluster_secret(tmp_path)  # joining keeps the key
+    for bad in ("", "ringlet1-short", token_of(other)[:-2], "ringlet2-" + token_of(other)[9:]):
+        with pytest.raises(ValueError, match="not a ringlet cluster token.*ringlet cluster token"):
+            secret_of(bad)
+    path.chmod(0o644)
+    cluster_secret(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600

@@ -54,3 +54,44 @@ def test_master_killed_another_takes_over_with_state_intact(cluster: Cluster) ->
                                                 "max_tokens": 4, "temperature": 0})
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_strangers_without_the_clusters_key_neither_join_nor_hear_nor_change_anything(cluster: Cluster) -> None:
+    import json
+    import time
+
+    import zenoh
+
+    from ringlet.net import topics
+    from ringlet.net.trust import CLUSTER_KEY_ENV, token_of
+    from tests.support.processes import launch_node
+
+    (node,) = cluster.start("keeper")
+    before = node.state()
+    # a node of another cluster, told to connect to this one
+    stranger = launch_node(cluster.root, "stranger", "--no-default-instance", "--connect",
+                           f"tcp/127.0.0.1:{node.zenoh_port}", env={CLUSTER_KEY_ENV: token_of(bytes(32))})
+    cluster.nodes.append(stranger)
+    stranger.wait_healthy()
+    # and a bare zenoh session (no TLS at all) listening to everything and publishing where events go
+    config = zenoh.Config()
+    config.insert_json5("mode", '"peer"')
+    config.insert_json5("connect/endpoints", json.dumps([f"tcp/127.0.0.1:{node.zenoh_port}"]))
+    config.insert_json5("scouting/multicast/enabled", "false")
+    bare = zenoh.open(config)
+    heard: list[str] = []
+    subscriber = bare.declare_subscriber("**", lambda sample: heard.append(str(sample.key_expr)))
+    try:
+        time.sleep(3)
+        assert heard == [] and list(bare.info.peers_zid()) == []  # nothing of the cluster's traffic
+        forged = [topics.PROPOSALS, topics.ORDERED, f"{topics.MEMBERS}/node-forged/1"]
+        for key in forged:
+            bare.put(key, b'{"type": "ordered", "seq": 1}')
+        time.sleep(2)
+        assert heard == forged  # its own puts, delivered to itself only
+        assert list(node.state()["nodes"]) == list(before["nodes"]) == [node.node_id]
+        assert node.state()["instances"] == before["instances"]
+        assert list(stranger.state()["nodes"]) == [stranger.node_id]
+    finally:
+        subscriber.undeclare()
+        bare.close()

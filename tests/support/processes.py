@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import psutil
 
+from ringlet.net.trust import CLUSTER_KEY_ENV, token_of
+
 STARTUP_TIMEOUT_S = 120
 LOAD_TIMEOUT_S = 300
 
@@ -100,6 +102,9 @@ class LiveNode:
         return self
 
 
+TEST_CLUSTER_TOKEN = token_of(bytes(range(32)))
+
+
 def launch_node(work_dir: Path, name: str, *extra: str, env: dict[str, str] | None = None) -> LiveNode:
     """Start `ringlet node` without waiting for it: its own store under `work_dir`, no hub, a loopback control
     plane. `extra` goes to `ringlet node` (e.g. --no-default-instance, --connect)."""
@@ -107,7 +112,9 @@ def launch_node(work_dir: Path, name: str, *extra: str, env: dict[str, str] | No
     log_path = work_dir / f"{name}.log"
     environment = {**os.environ, "RINGLET_HOME": str(work_dir / "home"),
                    # an empty model store, not the user's; no test may reach a real hub (the fuzzer starts downloads)
-                   "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", **(env or {})}
+                   "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
+                   # one cluster: the tests' nodes share its key (a test gives another to make a stranger)
+                   CLUSTER_KEY_ENV: TEST_CLUSTER_TOKEN, **(env or {})}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "ringlet", "node", "--api-port", str(api_port), "--node-name", name,
