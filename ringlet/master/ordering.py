@@ -7,6 +7,11 @@ A newcomer (or a node that missed an event) copies the master's state, then foll
 one died first, and a master never orders one id twice. The master also turns departures into events: a node that
 leaves is removed and its instances are placed again on the survivors (`replacement.py`).
 
+Members speak for themselves only: the master orders a proposal only from a live member, and only an event that
+member may emit (`refusal`: its own node's information, runners, downloads and links, the rendezvous of a ring it
+heads; instances for its API's users; never a departure or an election, which the master orders itself). A follower
+applies only what the master it elected orders.
+
 The class talks to the other nodes through an `OrderBus` (zenoh topics in a node, `net/events.py`; a list in the
 tests) and folds events into a `Replica` (the node's state), so it runs and is tested without zenoh.
 """
@@ -22,7 +27,21 @@ from typing import Protocol
 from ringlet.master.election import elect
 from ringlet.net.membership import Member
 from ringlet.shared.messages import Ordered, Proposal
-from ringlet.shared.state import Event, MasterChanged, NodeLeft, State
+from ringlet.shared.state import (
+    DownloadProgressed,
+    Event,
+    LinkDown,
+    LinkUp,
+    MasterChanged,
+    NodeJoined,
+    NodeLeft,
+    NodeUpdated,
+    RingHosted,
+    RunnerFailed,
+    RunnerProgressed,
+    RunnerReady,
+    State,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +82,31 @@ Departures = Callable[[State, str], list[Event]]
 
 def node_left_only(state: State, node_id: str) -> list[Event]:
     return [NodeLeft(node_id=node_id)] if node_id in state.nodes else []
+
+
+def refusal(origin: str, event: Event, state: State) -> str | None:
+    """Why the member `origin` may not propose `event` (None: it may)."""
+    match event:
+        case NodeLeft() | MasterChanged():
+            return "departures and elections are the master's own events"
+        case NodeJoined(node=node) | NodeUpdated(node=node):
+            about = node.node_id
+        case RunnerProgressed(node_id=node_id) | RunnerReady(node_id=node_id) | RunnerFailed(node_id=node_id):
+            about = node_id
+        case DownloadProgressed(download=download):
+            about = download.node_id
+        case LinkUp(link=link):
+            about = link.source
+        case LinkDown(source=source):
+            about = source
+        case RingHosted(instance_id=instance_id):
+            record = state.instances.get(instance_id)
+            if record is None:
+                return f"no instance {instance_id}"
+            about = record.instance.shards[0].node_id  # the ring's first stage hosts its rendezvous
+        case _:  # instances created and deleted: any member, for the users of its API
+            return None
+    return None if about == origin else f"an event about node {about}"
 
 
 class EventOrder:
@@ -145,6 +189,11 @@ class EventOrder:
         if self.master is None:
             self._early.append(proposal)  # a node that started beside this one thinks this one is master
         elif self.is_master:
+            reason = ("not a member of the cluster" if proposal.origin not in self.live_ids()
+                      else refusal(proposal.origin, proposal.event, self._replica.state))
+            if reason is not None:
+                log.warning("refused a %s proposed by %s: %s", proposal.event.type, proposal.origin, reason)
+                return
             self._order(proposal.event, proposal.origin, proposal.seq)
         elif proposal.master == self.me.node_id:
             log.warning("a proposal from %s reached this node, which is not master (master: %s); dropped, the "
@@ -159,6 +208,10 @@ class EventOrder:
         self._follow(ordered)
 
     def _follow(self, ordered: Ordered) -> None:
+        if ordered.master != self.master:
+            log.warning("ignored event %d ordered by %s, which is not the master (%s)", ordered.seq, ordered.master,
+                        self.master)
+            return
         expected = self._replica.state.last_event + 1
         if ordered.seq < expected:
             return

@@ -187,3 +187,51 @@ def test_a_follower_that_missed_events_copies_the_masters_state() -> None:
 
     network = asyncio.run(scenario())
     assert network.replicas["b"].state == network.replicas["a"].state
+
+
+def test_members_speak_for_themselves_only_and_strangers_not_at_all() -> None:
+    from ringlet.shared.state import RunnerReady
+
+    async def scenario() -> Network:
+        network = Network()
+        network.join("a", 0.0)
+        network.join("b", 1.0)
+        await started(network)
+        network.orders["b"].emit(joined("b"))
+        master = network.orders["a"]
+        forged = [
+            Proposal(origin="b", seq=10, master="a", event=joined("a")),  # b speaking for a
+            Proposal(origin="b", seq=11, master="a", event=NodeLeft(node_id="a")),  # a departure: the master's
+            Proposal(origin="b", seq=12, master="a", event=MasterChanged(node_id="b")),  # an election: likewise
+            Proposal(origin="b", seq=13, master="a", event=RunnerReady(instance_id="i", node_id="a", context_length=8)),
+            Proposal(origin="b", seq=14, master="a", event=LinkUp(link=Link(source="a", target="b"))),
+            Proposal(origin="mallory", seq=1, master="a", event=joined("mallory")),  # not a member
+        ]
+        for proposal in forged:
+            master.on_proposal(proposal)
+        master.on_proposal(Proposal(origin="b", seq=15, master="a", event=LinkUp(link=Link(source="b", target="a"))))
+        return network
+
+    network = asyncio.run(scenario())
+    applied = network.replicas["a"].applied
+    assert [type(e).__name__ for e in applied] == ["MasterChanged", "NodeJoined", "LinkUp"]
+    state = network.replicas["a"].state
+    assert set(state.nodes) == {"b"} and state.links == [Link(source="b", target="a")] and state.master == "a"
+    assert network.replicas["b"].state == state
+
+
+def test_a_follower_applies_only_what_its_master_orders() -> None:
+    async def scenario() -> Network:
+        network = Network()
+        network.join("a", 0.0)
+        network.join("b", 1.0)
+        await started(network)
+        follower = network.orders["b"]
+        seq = network.replicas["b"].state.last_event + 1
+        follower.on_ordered(Ordered(master="b-impostor", seq=seq, origin="b-impostor", origin_seq=1,
+                                    event=NodeLeft(node_id="a")))
+        return network
+
+    network = asyncio.run(scenario())
+    assert network.replicas["b"].state == network.replicas["a"].state
+    assert [type(e).__name__ for e in network.replicas["b"].applied] == []  # b copied a's state, then nothing
