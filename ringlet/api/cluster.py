@@ -59,7 +59,16 @@ def state(request: Request) -> StateResponse:
     """The whole cluster state (nodes, links, instances with their runners, downloads) and the tasks in flight
     through this node's API."""
     node = node_of(request)
-    return StateResponse(**dict(node.state), tasks=dict(node.tasks))
+    state = dict(node.state)
+    state["instances"] = {i: without_secrets(r) for i, r in node.state.instances.items()}
+    return StateResponse(**state, tasks=dict(node.tasks))
+
+
+def without_secrets(record: InstanceRecord) -> InstanceRecord:
+    """The record as the API shows it: a ring's rendezvous token stays within the cluster."""
+    if record.ring is None or not record.ring.token:
+        return record
+    return record.model_copy(update={"ring": record.ring.model_copy(update={"token": ""})})
 
 
 @router.get("/topology", response_model=Topology)
@@ -102,13 +111,13 @@ def instance_previews(request: Request, model: str = Query(min_length=1, descrip
              responses=error_responses(400, 404, 409, 413))
 async def create_instance(body: CreateInstanceRequest, request: Request) -> InstanceRecord:
     """Place a model and start loading it; watch GET /instance/{id} until its status is ready."""
-    return node_of(request).create_instance(body.model, InstanceType.parse(body.instance_type), node_ids=body.nodes,
-                                          min_nodes=body.min_nodes)
+    return without_secrets(node_of(request).create_instance(body.model, InstanceType.parse(body.instance_type),
+                                                            node_ids=body.nodes, min_nodes=body.min_nodes))
 
 
 @router.get("/instance/{instance_id}", response_model=InstanceRecord, responses=error_responses(404))
 def get_instance(instance_id: str, request: Request) -> InstanceRecord:
-    return node_of(request).get_instance(instance_id)
+    return without_secrets(node_of(request).get_instance(instance_id))
 
 
 @router.delete("/instance/{instance_id}", response_model=DeletedInstance, responses=error_responses(404))

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import tempfile
 import time
@@ -44,6 +45,9 @@ RENDEZVOUS_TIMEOUT_S = 120.0  # stages load their weights before joining; a slow
 # and a node cut off is seen by the control plane, which stops the runner
 STEP_TIMEOUT_S = 600.0
 FRAME_HEADER_BYTES = 3 * 8
+# what one frame may announce: a neighbour's header is read before anything is allocated for what follows it
+MAX_FRAME_POSITIONS = 1 << 20  # hidden states (positions) of a prompt chunk or a batched step
+MAX_FRAME_PAYLOAD_BYTES = 16 << 20  # a JSON payload (a request's prompt and sampling, keys that end)
 MLX_RING_BACKEND = "mlx-ring"
 
 
@@ -60,6 +64,24 @@ class Op(IntEnum):
 
 class RingBrokenError(RuntimeError):
     """A neighbouring stage went away; the instance must be placed again."""
+
+
+def check_frame(op: int, start: int, length: int) -> None:
+    """A frame header as a neighbour may send it; RingBrokenError (the ring cannot go on) otherwise."""
+    if op not in Op._value2member_map_:
+        raise RingBrokenError(f"a frame with an unknown op {op} came down the ring")
+    if Op(op) in (Op.BEGIN, Op.END):
+        limit, what = MAX_FRAME_PAYLOAD_BYTES, "payload bytes"
+    elif Op(op) == Op.BATCH:  # start: the layout's int64 values (a few per sequence); length: hidden states
+        limit, what = MAX_FRAME_POSITIONS, "positions"
+        if not 0 <= start <= MAX_FRAME_POSITIONS:
+            raise RingBrokenError(f"a batch frame announced a layout of {start} values (at most "
+                                  f"{MAX_FRAME_POSITIONS})")
+    else:
+        limit, what = MAX_FRAME_POSITIONS, "positions"
+    if not 0 <= length <= limit or start < 0:
+        raise RingBrokenError(f"a {Op(op).name} frame announced {length} {what} from position {start} (at most "
+                              f"{limit}); the neighbouring stage is not ringlet's, or is broken")
 
 
 class RingHead:
@@ -98,22 +120,26 @@ def transfer_device(backend: str) -> torch.device:
     return torch.device("cpu")
 
 
-def host_store(host: str, world_size: int) -> tuple[dist.TCPStore, RingAddress]:
-    """Rank 0's rendezvous store on an ephemeral port of `host`."""
+def host_store(host: str, world_size: int) -> tuple[dist.Store, RingAddress]:
+    """Rank 0's rendezvous store on an ephemeral port (torch's TCPStore listens on every interface whatever `host`
+    says), its keys under a fresh random token that only the cluster learns (the address travels in the
+    cluster's events, over the authenticated control plane)."""
     store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
-    return store, RingAddress(host=host, port=store.port)
+    address = RingAddress(host=host, port=store.port, token=secrets.token_hex(16))
+    return dist.PrefixStore(address.token, store), address
 
 
-def join_store(address: RingAddress, world_size: int) -> dist.TCPStore:
-    return dist.TCPStore(address.host, address.port, world_size, is_master=False,
-                         timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+def join_store(address: RingAddress, world_size: int) -> dist.Store:
+    store = dist.TCPStore(address.host, address.port, world_size, is_master=False,
+                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    return dist.PrefixStore(address.token, store)
 
 
 class Ring:
     """This process's place in the ring: its rank, its neighbours, and frames moved to and from them."""
 
-    def __init__(self, bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> None:
+    def __init__(self, bound: BoundInstance, store: dist.Store, host: str, hidden_size: int) -> None:
         instance = bound.instance
         self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
@@ -131,7 +157,7 @@ class Ring:
         self._header_fields, self._header_bytes = header.numpy(), header.view(torch.uint8)
         self._posted: deque[tuple[dist.Work, torch.Tensor]] = deque()  # sends under way, and the tensors they read
 
-    def _join(self, store: dist.TCPStore, host: str) -> None:
+    def _join(self, store: dist.Store, host: str) -> None:
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
                                 timeout=timedelta(seconds=STEP_TIMEOUT_S))
         # the group's own send/recv: dist.send's checks and logging cost ~0.05 ms a call on a small VM
@@ -219,6 +245,7 @@ class Ring:
         """(op, start, length, the first position's hidden state [1, 1, H])"""
         frame = self.recv((FRAME_HEADER_BYTES + 4 * self.hidden_size,), torch.uint8, self.prev)
         op, start, length = frame[:FRAME_HEADER_BYTES].view(torch.int64).tolist()
+        check_frame(op, start, length)
         return Op(op), start, length, frame[FRAME_HEADER_BYTES:].view(torch.float32).view(1, 1, self.hidden_size)
 
     def recv_hidden(self, length: int, first: torch.Tensor) -> torch.Tensor:
@@ -245,7 +272,7 @@ class MlxRing(Ring):
     """The same ring over `mlx.distributed`'s ring backend (TCP to each neighbour). Each stage listens on a free port
     of its data host; the torch store spreads the addresses, from which each writes the hostfile MLX reads."""
 
-    def _join(self, store: dist.TCPStore, host: str) -> None:
+    def _join(self, store: dist.Store, host: str) -> None:
         import mlx.core as mx
 
         store.set(f"mlx-ring/{self.rank}", f"{host}:{_free_port(host)}")
@@ -292,7 +319,7 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def open_ring(bound: BoundInstance, store: dist.TCPStore, host: str, hidden_size: int) -> Ring:
+def open_ring(bound: BoundInstance, store: dist.Store, host: str, hidden_size: int) -> Ring:
     """This stage's ring: torch.distributed, or mlx.distributed for an MlxRing."""
     mlx = backend_for(bound.instance.instance_type, {s.engine for s in bound.instance.shards}) == MLX_RING_BACKEND
     return (MlxRing if mlx else Ring)(bound, store, host, hidden_size)

@@ -71,10 +71,13 @@ class Link(_Frozen):
 
 
 class RingAddress(_Frozen):
-    """Where the first stage of a multi-stage instance hosts the ring's rendezvous (the data plane)."""
+    """Where the first stage of a multi-stage instance hosts the ring's rendezvous (the data plane), and the
+    instance's token: every key of the rendezvous is under it, so a client that was not told it (the store listens
+    on every interface) can neither read nor change the ring's keys."""
 
     host: str
     port: int = Field(gt=0, lt=65536)
+    token: str = Field("", repr=False, description="the rendezvous' key prefix; secret to the cluster")
 
 
 class RunnerStatus(str, Enum):

@@ -84,7 +84,7 @@ def decode_steps(encoded: torch.Tensor) -> tuple[list[SequenceStep], list[int]]:
     return steps, keys
 
 
-def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.TCPStore,
+def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.Store,
                       loaded: Callable[[], None] = lambda: None) -> tuple[TorchBatchEngine, str]:
     """This stage's layers on its batched engine, and their precision; the KV cache as large as every stage of the
     ring can hold. `loaded` is called once the weights are in, before waiting for the other stages."""
@@ -96,7 +96,7 @@ def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.TC
 
 
 def _agreed_engine(bound: BoundInstance, loaded: LoadedStage, device: torch.device, config: EngineConfig,
-                   store: dist.TCPStore) -> TorchBatchEngine:
+                   store: dist.Store) -> TorchBatchEngine:
     rank, size = bound.shard.rank, len(bound.instance.shards)
     store.set(f"kv-cache/{rank}", f"{own_num_blocks(loaded, device, config)} {own_context_length(loaded, config)}")
     offers = [tuple(int(v) for v in store.get(f"kv-cache/{r}").decode().split()) for r in range(size)]
@@ -111,7 +111,7 @@ class PipelineHead(RingHead):
 
     name = "torch-pipeline"
 
-    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.TCPStore,
+    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
         self.engine, self.config = engine, engine.config
@@ -165,7 +165,7 @@ class PipelineHead(RingHead):
 class PipelineStage:
     """A stage after the first: run each step's tokens through this stage's layers; the last stage samples."""
 
-    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.TCPStore,
+    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert not bound.shard.is_first
         self.engine, self.context_length = engine, engine.context_length

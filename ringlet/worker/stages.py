@@ -101,7 +101,7 @@ def load_for_stage(bound: BoundInstance, config: EngineConfig = EngineConfig()) 
 class FirstStage(RingHead):
     """Rank 0: an engine (the `Engine` protocol) whose forward pass spans the whole ring."""
 
-    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore,
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
         self.name = "mlx-pipeline" if bound.engine == "mlx" else "torch-pipeline"
@@ -150,7 +150,7 @@ class FirstStage(RingHead):
 class RelayStage:
     """A stage after the first: receive hidden states, run this stage's layers, pass the result on."""
 
-    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.TCPStore,
+    def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert not bound.shard.is_first
         self.stage, self.context_length = stage, stage.context_length
