@@ -55,6 +55,7 @@ from ringlet.shared.state import (
     NodeInfo,
     NodeJoined,
     NodeUpdated,
+    RunnerStatus,
     State,
     TaskRecord,
     TaskStatus,
@@ -100,6 +101,7 @@ class Node:
         self.info = info
         self.catalog = catalog or Catalog()
         self.data_host = data_host  # where this node's stages listen on the data plane
+        self.config = config
         self._state = State()
         self._tasks: dict[str, TaskRecord] = {}  # in flight through this node's API
         self._supervisor = Supervisor(self.emit, config)
@@ -218,11 +220,30 @@ class Node:
         card = self.catalog.add_local(model)
         placement: Placement = place(card, instance_type, list(self._state.nodes.values()),
                                      instance_id=new_id("inst"), node_ids=node_ids, min_nodes=min_nodes)
+        self._check_room(placement)
         log.info("instance %s: %s as %s on %s", placement.instance.instance_id, card.id, instance_type.value,
                  ", ".join(f"{s.node_name}[{s.start}:{s.end}]" for s in placement.stages))
         event = created(placement, time.time())
         self.emit(event)
         return new_instance_record(event)  # in a cluster the state has it once the master has ordered it
+
+    def _check_room(self, placement: Placement) -> None:
+        """Each node of the placement has room for one more runner: fewer than `max_instances` instances there, and
+        the memory of its stage on top of what its instances still loading will take (a node's free memory shows
+        them only once they are loaded)."""
+        for stage in placement.stages:
+            here = [r for r in self._state.instances.values() if stage.node_id in r.runners]
+            if len(here) >= self.config.max_instances:
+                raise PlacementError(
+                    f"node {stage.node_name} runs {len(here)} instances already, the most it takes "
+                    f"(RINGLET_MAX_INSTANCES={self.config.max_instances}); delete one first (DELETE /instance/ID)")
+            loading = sum(r.memory_bytes.get(stage.node_id, 0) for r in here
+                          if r.runners[stage.node_id].status == RunnerStatus.LOADING)
+            if loading and stage.memory_bytes + loading > stage.usable_bytes:
+                raise PlacementError(
+                    f"node {stage.node_name} is still loading instances that will take {loading / 2**30:.1f} GiB "
+                    f"of its {stage.usable_bytes / 2**30:.1f} GiB; this one needs {stage.memory_bytes / 2**30:.1f} "
+                    "GiB more: try again once they are loaded")
 
     def get_instance(self, instance_id: str) -> InstanceRecord:
         record = self._state.instances.get(instance_id)

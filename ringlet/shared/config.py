@@ -26,6 +26,7 @@ CUDA_DECODE_ENV = "RINGLET_CUDA_DECODE"
 CUDA_COMPILE_ENV = "RINGLET_CUDA_COMPILE"
 MAX_BATCH_ENV = "RINGLET_MAX_BATCH"
 MAX_QUEUED_ENV = "RINGLET_MAX_QUEUED"
+MAX_INSTANCES_ENV = "RINGLET_MAX_INSTANCES"
 KV_CACHE_TOKENS_ENV = "RINGLET_KV_CACHE_TOKENS"
 
 
@@ -42,6 +43,8 @@ class EngineConfig(BaseModel):
     max_batch: int = Field(64, ge=1, le=1024, description="sequences generating at once in an instance")
     max_step_tokens: int = Field(512, ge=16, description="tokens one batched step computes: decodes and prompt chunks")
     max_queued: int = Field(256, ge=0, description="requests waiting for a place in the batch; more get 429")
+    max_instances: int = Field(8, ge=1, description="instances with a stage on one node (each a runner process); "
+                                                    "more are refused with 409")
     kv_cache_tokens: int | None = Field(None, ge=16, description="positions the KV cache holds over all sequences "
                                                                "(default: sized from the memory left after the "
                                                                "weights)")
@@ -49,7 +52,7 @@ class EngineConfig(BaseModel):
     @classmethod
     def from_environment(cls, env: Mapping[str, str], **overrides: object) -> EngineConfig:
         """The settings in `env` (RINGLET_PRECISION, RINGLET_CPU_COMPILE=0, RINGLET_CUDA_DECODE, RINGLET_CUDA_COMPILE,
-        RINGLET_MAX_BATCH, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS), then `overrides` (a CLI flag wins);
+        RINGLET_MAX_BATCH, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES), then `overrides` (a CLI flag wins);
         ValueError names the variable and what it takes."""
         values: dict[str, object] = {}
         sources: dict[str, str] = {}  # field -> the variable it came from
@@ -64,7 +67,7 @@ class EngineConfig(BaseModel):
         if env.get(CPU_COMPILE_ENV, "").strip() == "0":
             values["cpu_compile"] = False
         for name, field in ((MAX_BATCH_ENV, "max_batch"), (MAX_QUEUED_ENV, "max_queued"),
-                            (KV_CACHE_TOKENS_ENV, "kv_cache_tokens")):
+                            (KV_CACHE_TOKENS_ENV, "kv_cache_tokens"), (MAX_INSTANCES_ENV, "max_instances")):
             raw = env.get(name, "").strip()
             if raw:
                 if not raw.isdigit():
