@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any, Protocol
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
@@ -233,13 +235,25 @@ class Tokenizer:
     ) -> str:
         """Render like transformers' apply_chat_template(tokenize=False); extra kwargs (tools,
         enable_thinking, ...) reach the template. A template's raise_exception becomes ValueError."""
+        budget = _RenderBudget(time.monotonic() + TEMPLATE_MAX_S)
+        bound = _BUDGET.set(budget)
         try:
-            return self._compiled_template.render(
+            pieces = self._compiled_template.generate(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 **{"tools": None, "documents": None, **self.template_tokens, **kwargs},
             )
+            rendered: list[str] = []
+            for piece in pieces:
+                budget.spend(0, len(piece))
+                rendered.append(piece)
+            return "".join(rendered)
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from e
+        except RecursionError:
+            raise ValueError("chat template failed: it recursed without end; the model's chat template is "
+                             "broken") from None
+        finally:
+            _BUDGET.reset(bound)
 
 
 class SupportsDecode(Protocol):
@@ -315,8 +329,59 @@ def _set_pre_tokenizer(backend: BackendTokenizer, pre: str, source: str) -> None
         backend.normalizer = normalizers.NFC()  # as Qwen2's tokenizer.json
 
 
+# A chat template comes with the model, so it may be hostile or broken: a render is bounded in loop steps, output
+# and time (the sandbox already keeps it from Python's internals), and one over a bound fails as a bad request.
+TEMPLATE_MAX_STEPS = 1_000_000  # items of every range() a render iterates over, together
+TEMPLATE_MAX_CHARS = 8 << 20  # characters of a rendered prompt (twice the API's default body limit)
+TEMPLATE_MAX_S = 5.0
+
+
+class _RenderBudget:
+    def __init__(self, deadline: float) -> None:
+        self.deadline, self.steps, self.chars = deadline, 0, 0
+
+    def spend(self, steps: int, chars: int) -> None:
+        self.steps, self.chars = self.steps + steps, self.chars + chars
+        if self.steps > TEMPLATE_MAX_STEPS:
+            raise jinja2.exceptions.TemplateError(f"its loops ran over {TEMPLATE_MAX_STEPS} steps")
+        if self.chars > TEMPLATE_MAX_CHARS:
+            raise jinja2.exceptions.TemplateError(f"it wrote over {TEMPLATE_MAX_CHARS} characters")
+        if time.monotonic() > self.deadline:
+            raise jinja2.exceptions.TemplateError(f"it took over {TEMPLATE_MAX_S:.0f} s")
+
+
+_BUDGET: ContextVar[_RenderBudget | None] = ContextVar("ringlet_template_budget", default=None)
+
+
+def _spend(steps: int = 0, chars: int = 0) -> None:
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.spend(steps, chars)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with range() and the repetition operators counted against the render's budget."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)):
+            _spend(chars=len(left) * max(right, 0))
+        elif operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+            _spend(chars=len(right) * max(left, 0))
+        elif operator == "**" and isinstance(right, int) and right > 1000:
+            raise jinja2.exceptions.TemplateError(f"it raised a number to the power {right}")
+        return super().call_binop(context, operator, left, right)
+
+
+def _bounded_range(*args: int) -> range:
+    numbers = safe_range(*args)  # the sandbox's own: at most MAX_RANGE items
+    _spend(steps=len(numbers))
+    return numbers
+
+
 def _jinja_env() -> ImmutableSandboxedEnvironment:
-    """The environment transformers renders chat templates in (trim/lstrip blocks, its helpers)."""
+    """The environment transformers renders chat templates in (trim/lstrip blocks, its helpers), bounded."""
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -329,7 +394,8 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.globals["range"] = _bounded_range
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -249,3 +250,25 @@ def test_gguf_bos_flag() -> None:
 def test_gguf_unsupported_tokenizer_model() -> None:
     with pytest.raises(ModelLoadError, match="'llama' is not supported"):
         Tokenizer.from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}, source="x.gguf")
+
+
+@pytest.mark.parametrize("template, bound", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "loops ran over"),
+    ("{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}", "wrote over"),
+    ("{{ 'x' * 10**9 }}", "wrote over"),
+    ("{{ 2 ** 100000000 }}", "to the power"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed"),
+])
+def test_a_hostile_chat_template_is_cut_off_and_the_tokenizer_keeps_working(tok: Tokenizer, template: str,
+                                                                            bound: str) -> None:
+    hostile = template_tokenizer(tok, template)
+    began = time.monotonic()
+    with pytest.raises(ValueError, match=f"chat template failed.*{bound}"):
+        hostile.apply_chat_template(CONVERSATION[1:2])
+    assert time.monotonic() - began < 10
+    assert "capital of France" in template_tokenizer(tok, None).apply_chat_template(CONVERSATION[1:2])
+
+
+def test_templates_with_ordinary_loops_render_as_before(tok: Tokenizer) -> None:
+    template = "{% for i in range(3) %}{{ i }}{% endfor %}{% for m in messages %}[{{ m.content * 2 }}]{% endfor %}"
+    assert template_tokenizer(tok, template).apply_chat_template([{"role": "user", "content": "ab"}]) == "012[abab]"
