@@ -30,6 +30,9 @@ DEFAULT_ZENOH_PORT = 52414
 # a peer that stops answering is dropped after this long (zenoh's default is 10 s; a request in flight on a node
 # that is cut off must end within 5 s)
 LEASE_MS = 3000
+# the largest message a peer may send: a forwarded request with a prompt at the API's default body limit (4 MiB) fits
+# with room; anything larger is dropped on arrival, the link staying up
+MAX_MESSAGE_BYTES = 16 << 20
 
 
 class ControlPlaneError(RuntimeError):
@@ -74,6 +77,7 @@ def zenoh_config(options: NetOptions) -> zenoh.Config:
     config.insert_json5("scouting/multicast/enabled", json.dumps(options.discovery))
     config.insert_json5("scouting/gossip/enabled", "true")
     config.insert_json5("transport/link/tx/lease", str(LEASE_MS))
+    config.insert_json5("transport/link/rx/max_message_size", str(MAX_MESSAGE_BYTES))
     # the timestamps let peers order what they hear; not needed by ringlet's own ordering (the master's sequence)
     config.insert_json5("timestamping/enabled", "false")
     return config

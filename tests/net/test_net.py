@@ -107,3 +107,28 @@ def test_a_cluster_token_round_trips_and_a_bad_one_says_what_it_should_be(tmp_pa
     path.chmod(0o644)
     cluster_secret(tmp_path)
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_message_over_the_size_limit_is_dropped_and_the_link_stays() -> None:
+    asyncio.run(_oversized())
+
+
+async def _oversized() -> None:
+    from ringlet.net.session import MAX_MESSAGE_BYTES
+
+    class Blob(BaseModel):
+        data: str
+
+    port = free_port()
+    a = ControlPlane(NetOptions(listen=[f"tcp/127.0.0.1:{port}"], discovery=False, secret=bytes(range(32))))
+    b = ControlPlane(NetOptions(listen=[], connect=[f"tcp/127.0.0.1:{port}"], discovery=False, secret=bytes(range(32))))
+    sizes: list[int] = []
+    a.subscribe("ringlet/test/blob", TypeAdapter(Blob), lambda key, m: sizes.append(len(m.data)))
+    await until(lambda: b.peers() == [a.zid])
+    await asyncio.sleep(0.5)
+    for size in (10, MAX_MESSAGE_BYTES + 1, 20):
+        b.publish("ringlet/test/blob", Blob(data="x" * size))
+    await until(lambda: 20 in sizes)
+    assert sizes == [10, 20] and b.peers() == [a.zid]
+    b.close()
+    a.close()
