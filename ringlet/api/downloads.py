@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ringlet.api.errors import ApiError, error_responses
 from ringlet.api.facade import node_of
-from ringlet.models.download import DownloadError, DownloadManager, DownloadStatus
+from ringlet.models.download import DownloadError, DownloadManager, DownloadStatus, TooManyDownloads
 from ringlet.shared.errors import ModelLoadError
 
 router = APIRouter(tags=["models"])
@@ -31,11 +31,14 @@ def _manager(request: Request) -> DownloadManager:
 
 
 @router.post("/models/download", response_model=DownloadStatus, status_code=202,
-             responses=error_responses(400))
+             responses=error_responses(400, 429))
 def start_download(body: DownloadRequest, request: Request) -> DownloadStatus:
     """Start (or join the running) download of a model into this node's store."""
     try:
         return _manager(request).start(body.model, layers=body.layers)
+    except TooManyDownloads as e:
+        raise ApiError(429, str(e), type="rate_limit_error", code="too_many_downloads",
+                       headers={"Retry-After": "30"}) from None
     except ModelLoadError as e:
         raise ApiError(400, str(e), param="model", code="invalid_model") from None
 

@@ -86,6 +86,10 @@ class HubUnreachable(DownloadError):
     """No answer from the hub (network down, DNS, proxy): what is on disk may still serve."""
 
 
+class TooManyDownloads(DownloadError):
+    """As many downloads run as a node takes at once; the message says how many and to try later."""
+
+
 class FileProgress(BaseModel):
     name: str
     done: int
@@ -524,8 +528,12 @@ class DownloadManager:
 
     def __init__(self, store: ModelStore | None = None, *, on_update: Callable[[DownloadStatus], None] | None = None,
                  settings: Callable[[], HubSettings] = HubSettings.from_env, max_workers: int = 4,
-                 free_space: FreeSpace = disk_free_bytes, publish_interval: float = 0.5) -> None:
+                 free_space: FreeSpace = disk_free_bytes, publish_interval: float = 0.5, max_running: int = 2,
+                 keep_finished: int = 50) -> None:
+        """`max_running` downloads at once (more: TooManyDownloads); the last `keep_finished` finished ones are
+        remembered, older ones forgotten."""
         self.store, self.on_update, self.settings = store, on_update, settings
+        self.max_running, self.keep_finished = max_running, keep_finished
         self.max_workers, self.free_space, self.publish_interval = max_workers, free_space, publish_interval
         self._lock = threading.Lock()
         self._statuses: dict[str, DownloadStatus] = {}
@@ -540,6 +548,11 @@ class DownloadManager:
             for status in self._statuses.values():
                 if status.state == "running" and status.model.lower() == str(ref).lower() and status.layers == layers:
                     return status
+            running = sum(1 for s in self._statuses.values() if s.state == "running")
+            if running >= self.max_running:
+                raise TooManyDownloads(f"{running} downloads are running on this node, the most it runs at once; "
+                                       "try again when one has finished (GET /models/downloads)")
+            self._forget_finished()
             download_id = uuid.uuid4().hex[:12]
             status = DownloadStatus(download_id=download_id, model=str(ref), layers=layers)
             self._statuses[download_id] = status
@@ -550,6 +563,15 @@ class DownloadManager:
         self._publish(status, force=True)
         thread.start()
         return status
+
+    def _forget_finished(self) -> None:
+        """Keep the last `keep_finished` finished downloads (under the lock)."""
+        finished = [i for i, s in self._statuses.items() if s.state != "running"]
+        for download_id in finished[:max(0, len(finished) - self.keep_finished)]:
+            del self._statuses[download_id]
+            self._cancels.pop(download_id, None)
+            self._threads.pop(download_id, None)
+            self._published_at.pop(download_id, None)
 
     def status(self, download_id: str) -> DownloadStatus:
         with self._lock:

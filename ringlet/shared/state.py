@@ -301,8 +301,17 @@ def apply(state: State, event: Event) -> State:
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.FAILED, detail="failed",
                                      error=error)
         case DownloadProgressed(download=download):
-            changed = state.model_copy(update={"downloads": {**state.downloads, download.download_id: download}})
+            changed = state.model_copy(update={"downloads": _recent({**state.downloads, download.download_id: download})})
     return changed.model_copy(update={"last_event": state.last_event + 1})
+
+
+KEEP_FINISHED_DOWNLOADS = 100  # finished downloads the state remembers (the oldest are forgotten first)
+
+
+def _recent(downloads: dict[str, DownloadRecord]) -> dict[str, DownloadRecord]:
+    finished = [i for i, d in downloads.items() if d.state != "running"]
+    forgotten = set(finished[:max(0, len(finished) - KEEP_FINISHED_DOWNLOADS)])
+    return {i: d for i, d in downloads.items() if i not in forgotten} if forgotten else downloads
 
 
 def _node_left(state: State, node_id: str) -> State:

@@ -35,9 +35,19 @@ async def exercise(node: Node) -> dict[str, object]:
                 "unknown": await client.delete("/models/downloads/nope"),
                 "bad_name": await client.post("/models/download", json={"model": "not a repo id!"}),
                 "bad_layers": await client.post("/models/download", json={"model": REPO_ID, "layers": [3, 1]}),
+                "too_many": await too_many(client, node),
             }
     finally:
         await node.stop()
+
+
+async def too_many(client: httpx.AsyncClient, node: Node) -> httpx.Response:
+    """A start past the downloads a node runs at once is a 429 (here it runs none)."""
+    node.downloads.max_running = 0
+    try:
+        return await client.post("/models/download", json={"model": REPO_ID, "layers": [0, 1]})
+    finally:
+        node.downloads.max_running = 2
 
 
 def test_download_through_the_api(hub: FakeHub) -> None:
@@ -52,4 +62,7 @@ def test_download_through_the_api(hub: FakeHub) -> None:
     assert seen["unknown"].status_code == 404 and "nope" in seen["unknown"].json()["error"]["message"]
     assert seen["bad_name"].status_code == 400 and seen["bad_name"].json()["error"]["param"] == "model"
     assert seen["bad_layers"].status_code in (400, 422)
+    refused = seen["too_many"]
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "30"  # type: ignore[attr-defined]
+    assert "downloads are running on this node" in refused.json()["error"]["message"]  # type: ignore[attr-defined]
     assert hub.file_gets("model.safetensors.index.json")  # it really went through the hub

@@ -18,6 +18,7 @@ from ringlet.models.download import (
     HubUnreachable,
     NotEnoughDiskSpace,
     RemoteFile,
+    TooManyDownloads,
     download_model,
 )
 from ringlet.models.safetensors_loader import tensor_in_range
@@ -291,3 +292,32 @@ def test_download_manager_runs_reports_and_cancels(hub: FakeHub, tiny_checkpoint
 def _partial_path(name: str, data: bytes) -> Path:
     remote = RemoteFile(name, len(data), hashlib.sha256(data).hexdigest(), None)
     return ModelStore().root / REPO_ID / INCOMPLETE_DIR / remote.partial_name
+
+
+def test_a_node_runs_few_downloads_at_once_and_forgets_old_finished_ones(hub: FakeHub) -> None:
+    manager = DownloadManager(publish_interval=0, max_running=1, keep_finished=2)
+    hub.slow_files.add("config.json")  # the first download stays running
+    first = manager.start(REPO_ID, layers=(0, 2))
+    with pytest.raises(TooManyDownloads, match="1 downloads are running on this node.*try again"):
+        manager.start(REPO_ID, layers=(2, 4))
+    hub.slow_files.clear()
+    manager.wait(first.download_id, timeout=30)
+    finished = [first.download_id]
+    for _ in range(3):
+        finished.append(manager.wait(manager.start("nobody/missing").download_id, timeout=30).download_id)
+    # starting the fourth forgot the first: at most 2 finished ones remembered, plus the one just started
+    assert [s.download_id for s in manager.statuses()] == finished[1:]
+    manager.close()
+
+
+def test_the_cluster_state_forgets_the_oldest_finished_downloads() -> None:
+    from ringlet.shared.state import KEEP_FINISHED_DOWNLOADS, DownloadProgressed, DownloadRecord, State, apply
+
+    state = State()
+    running = DownloadRecord(download_id="live", node_id="a", model="m", state="running")
+    state = apply(state, DownloadProgressed(download=running))
+    for n in range(KEEP_FINISHED_DOWNLOADS + 5):
+        done = DownloadRecord(download_id=f"d{n}", node_id="a", model="m", state="done")
+        state = apply(state, DownloadProgressed(download=done))
+    assert len(state.downloads) == KEEP_FINISHED_DOWNLOADS + 1 and "live" in state.downloads
+    assert "d0" not in state.downloads and f"d{KEEP_FINISHED_DOWNLOADS + 4}" in state.downloads
