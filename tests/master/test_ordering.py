@@ -82,6 +82,15 @@ async def started(network: Network) -> None:
         await order.start(members)
 
 
+async def two_nodes() -> Network:
+    """a (the older: master) and b, started."""
+    network = Network()
+    network.join("a", 0.0)
+    network.join("b", 1.0)
+    await started(network)
+    return network
+
+
 def joined(node_id: str) -> NodeJoined:
     return NodeJoined(node=node_info(node_id, 8))
 
@@ -108,10 +117,7 @@ def test_every_node_folds_the_same_events_in_the_masters_order() -> None:
 
 def test_a_proposal_sent_again_is_ordered_once() -> None:
     async def scenario() -> Network:
-        network = Network()
-        network.join("a", 0.0)
-        network.join("b", 1.0)
-        await started(network)
+        network = await two_nodes()
         network.orders["b"].emit(joined("b"))
         network.orders["a"].on_proposal(network.proposals[-1])  # a duplicate: a resend that crossed the order
         return network
@@ -127,10 +133,7 @@ def test_a_new_master_orders_what_was_pending_and_the_departure() -> None:
     original id, marks itself master and removes the departed node."""
 
     async def scenario() -> Network:
-        network = Network()
-        network.join("a", 0.0)
-        network.join("b", 1.0)
-        await started(network)
+        network = await two_nodes()
         for node_id in ("a", "b"):
             network.orders[node_id].emit(joined(node_id))
         network.cut.add("a")  # a stops hearing and being heard
@@ -174,10 +177,7 @@ def test_the_master_asks_its_departures_policy_what_a_lost_node_means() -> None:
 
 def test_a_follower_that_missed_events_copies_the_masters_state() -> None:
     async def scenario() -> Network:
-        network = Network()
-        network.join("a", 0.0)
-        network.join("b", 1.0)
-        await started(network)
+        network = await two_nodes()
         network.cut.add("b")  # b misses a's next event
         network.orders["a"].emit(joined("a"))
         network.cut.discard("b")
@@ -193,10 +193,7 @@ def test_members_speak_for_themselves_only_and_strangers_not_at_all() -> None:
     from ringlet.shared.state import RunnerReady
 
     async def scenario() -> Network:
-        network = Network()
-        network.join("a", 0.0)
-        network.join("b", 1.0)
-        await started(network)
+        network = await two_nodes()
         network.orders["b"].emit(joined("b"))
         master = network.orders["a"]
         forged = [
@@ -222,10 +219,7 @@ def test_members_speak_for_themselves_only_and_strangers_not_at_all() -> None:
 
 def test_a_follower_applies_only_what_its_master_orders() -> None:
     async def scenario() -> Network:
-        network = Network()
-        network.join("a", 0.0)
-        network.join("b", 1.0)
-        await started(network)
+        network = await two_nodes()
         follower = network.orders["b"]
         seq = network.replicas["b"].state.last_event + 1
         follower.on_ordered(Ordered(master="b-impostor", seq=seq, origin="b-impostor", origin_seq=1,

@@ -63,6 +63,18 @@ def generator_for(engine: TorchBatchEngine, mode: str = "in-turn") -> BatchGener
     return BatchGenerator(model, max_step_tokens=64, max_running=8, overlap=mode != "in-turn")  # type: ignore[arg-type]
 
 
+def drain(generator: BatchGenerator, tasks: list[TextGenerationTask]) -> dict[str, list[int]]:
+    """Submit every task at once and step until all ended; the token ids each streamed."""
+    for t in tasks:
+        generator.submit(t)
+    tokens: dict[str, list[int]] = {t.task_id: [] for t in tasks}
+    while generator:
+        for chunk in generator.step():
+            if chunk.token_id is not None:
+                tokens[chunk.task_id].append(chunk.token_id)
+    return tokens
+
+
 def run(engine: TorchBatchEngine, tasks: Iterable[TextGenerationTask], join_every: int = 0,
         cancel: dict[str, int] | None = None, overlap: str = "in-turn") -> dict[str, list[int]]:
     """The token ids each task streams; with `join_every` a task joins every that many steps, and `cancel` cancels a
@@ -166,14 +178,7 @@ def test_greedy_steps_take_the_device_picks_and_an_end_token_read_late_loses_not
     for mode in ("in-turn", "fed"):
         generator = generator_for(engine, mode)
         generator.eos = {end}
-        for t in tasks:
-            generator.submit(t)
-        tokens: dict[str, list[int]] = {t.task_id: [] for t in tasks}
-        while generator:
-            for chunk in generator.step():
-                if chunk.token_id is not None:
-                    tokens[chunk.task_id].append(chunk.token_id)
-        results[mode] = tokens
+        results[mode] = drain(generator, tasks)
         if mode == "fed":
             assert cast(PickingEngine, generator.model).fed_steps >= 8
     ended = alone["task-3"][:alone["task-3"].index(end)]
@@ -190,13 +195,7 @@ def test_a_full_cache_preempts_and_the_request_resumes_with_the_same_tokens(engi
     # 5 blocks of 16 positions: three requests growing to 41-46 positions (3 blocks each) cannot all stay
     small = tiny_batch_engine(EngineConfig(kv_cache_tokens=80))
     generator = generator_for(small, overlap)
-    for t in tasks:
-        generator.submit(t)
-    tokens: dict[str, list[int]] = {t.task_id: [] for t in tasks}
-    while generator:
-        for chunk in generator.step():
-            if chunk.token_id is not None:
-                tokens[chunk.task_id].append(chunk.token_id)
+    tokens = drain(generator, tasks)
     assert generator.scheduler.preemptions > 0
     assert tokens == alone
 
