@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringlet.shared.tasks import ChatMessage, SamplingParams
+from ringlet.shared.tasks import ChatMessage, SamplingParams, StopString
 
 # Ollama's default num_predict is -1 (until the model stops); -2 means "fill the context"
 _UNLIMITED = (-1, -2)
@@ -24,7 +24,7 @@ class Options(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     num_predict: int | None = Field(None, ge=-2, description="tokens to generate; -1 or -2: until the model stops")
-    stop: list[str] | None = Field(None, max_length=16)
+    stop: list[StopString] | None = Field(None, max_length=16)
     seed: int | None = Field(None, ge=0, lt=2**63)
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ringlet.shared.tasks import ChatMessage, FinishReason, SamplingParams, TextGenerationTask, Timings
+from ringlet.shared.tasks import ChatMessage, FinishReason, SamplingParams, StopString, TextGenerationTask, Timings
 
 MAX_STOP_STRINGS = 16
 
@@ -53,7 +53,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=2**63, description="makes sampling reproducible")
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     n: int | None = Field(None, ge=1, le=16, description="answers to generate; they share the prompt's KV cache")
     stream: bool | None = False
     stream_options: StreamOptions | None = None

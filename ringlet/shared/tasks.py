@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FinishReason = Literal["stop", "length", "error"]
+MAX_STOP_CHARS = 1000  # a stop string's characters: the text held back while it may begin is at most this long
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class SamplingParams(BaseModel):
@@ -45,7 +47,7 @@ class TextGenerationTask(BaseModel):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[StopString] = Field(default_factory=list, max_length=16)
     sampling: SamplingParams = SamplingParams()
     n: int = Field(1, ge=1, le=16, description="independent answers to the prompt (choices); a seed s gives choice i "
                                                "the seed s + i")
