@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import uvicorn
 
@@ -37,7 +38,7 @@ from ringlet.master.routing import route
 from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager, DownloadStatus
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
-from ringlet.models.names import Catalog
+from ringlet.models.names import Catalog, default_model_roots
 from ringlet.net.events import EventBus
 from ringlet.net.forwarding import TaskForwarding
 from ringlet.net.membership import Member, Membership
@@ -324,6 +325,7 @@ class NodeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # the API's callers: keys wanted as Bearer tokens (none: no key), names it answers to and web origins it
     # serves beyond its own (api/security.py)
+    models_dirs: tuple[str, ...] = ()  # directories the API may load models from, beyond the store
     api_keys: tuple[str, ...] = ()
     allow_hosts: tuple[str, ...] = ()
     allow_origins: tuple[str, ...] = ()
@@ -342,6 +344,12 @@ class NodeOptions:
 def detect_node(options: NodeOptions) -> NodeInfo:
     return NodeInfo(node_id=new_id("node"), name=options.name, hardware=collect_node_hardware(),
                     engines=collect_engine_info(options.engine), memory=read_memory(), api_port=options.api_port)
+
+
+def model_roots(options: NodeOptions) -> list[Path]:
+    """Where the API may load models from: the store, RINGLET_MODEL_DIRS, --models-dir, and the --model given."""
+    given = [Path(options.model).expanduser()] if options.model and Path(options.model).expanduser().exists() else []
+    return [*default_model_roots(), *(Path(d).expanduser() for d in options.models_dirs), *given]
 
 
 def is_loopback(host: str) -> bool:
@@ -427,7 +435,7 @@ async def serve(options: NodeOptions) -> None:
         raise NodeStartError(str(error)) from None
     sock = bind(options.host, options.api_port)
     info = await asyncio.to_thread(detect_node, options)
-    node = Node(info, data_host=data_host, config=options.engine_config)
+    node = Node(info, catalog=Catalog(model_roots(options)), data_host=data_host, config=options.engine_config)
     try:
         cluster = Cluster(node, net)
     except ControlPlaneError as error:

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engine", choices=get_args(EngineType), default=None,
                    help="engine for this node (default: $RINGLET_ENGINE, else the best available)")
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a directory whose models the API may load by path (repeatable); beyond it only the model "
+                        "store, RINGLET_MODEL_DIRS and --model are loaded: any other path is a 404")
     p.add_argument("--no-default-instance", action="store_true",
                    help="start without an instance; create one later (dashboard, or POST /instance)")
     access = p.add_argument_group(
@@ -93,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.api_port < 65536:
         raise CliError(f"--api-port must be 1..65535, got {args.api_port}")
+    for directory in args.models_dir:
+        if not os.path.isdir(os.path.expanduser(directory)):
+            raise CliError(f"--models-dir {directory!r} is not a directory")
     for origin in args.allow_origin:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
@@ -110,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         connect=tuple(check_endpoints(args.connect)), listen=args.listen and check_endpoints([args.listen])[0],
         discovery=not args.no_discovery, api_keys=keys_from(args.api_key, os.environ.get(API_KEY_ENV)),
         allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin), cluster_secret=secret,
+        models_dirs=tuple(args.models_dir),
     )
     try:
         asyncio.run(serve(options))

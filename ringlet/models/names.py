@@ -1,15 +1,21 @@
 """The models a node knows by name: the curated catalog, the embedded model, and local paths it was given.
 
+A local path is loaded only from the node's model directories (the store, `RINGLET_MODEL_DIRS`, `--models-dir`,
+and the `--model` it started with): any other path reads as a missing model, the same 404, so the API neither
+loads nor reveals what else is on the node's disk.
+
 Requests name models loosely ("default", "smollm2-135m", "SmolLM2-135M-Instruct:latest" from Ollama tools,
 the directory name of a local model); `resolve` turns any of them into the one card whose `id` instances use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card
 from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
+from ringlet.models.store import extra_model_dirs, ringlet_home
 from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError
 
 
@@ -20,8 +26,12 @@ def _normalise(name: str) -> str:
 class Catalog:
     """The cards a node can place: the curated catalog, the embedded model, and local paths it was given."""
 
-    def __init__(self) -> None:
+    def __init__(self, local_roots: Sequence[Path] | None = None) -> None:
+        """`local_roots`: the directories (or files) whose models `add_local` loads (default: the store and
+        RINGLET_MODEL_DIRS)."""
         self._local: dict[str, ModelCard] = {}  # cards of local paths, by their id (the absolute path)
+        roots = default_model_roots() if local_roots is None else local_roots
+        self.local_roots = [Path(r).expanduser().resolve() for r in roots]
 
     def cards(self) -> list[ModelCard]:
         return [*catalog(), *self._local.values()]
@@ -44,7 +54,7 @@ class Catalog:
         try:
             return self.resolve(ref)
         except ModelNotFoundError:
-            if not _is_existing_path(ref):
+            if not _is_existing_path(ref) or not self._within_roots(ref):
                 raise
         try:
             path, args = read_model_config(ref)
@@ -55,6 +65,15 @@ class Catalog:
                               download_bytes=_size_on_disk(path))
         self._local[model_id] = card
         return card
+
+
+    def _within_roots(self, ref: str) -> bool:
+        path = Path(ref).expanduser().resolve()
+        return any(path == root or root in path.parents for root in self.local_roots)
+
+
+def default_model_roots() -> list[Path]:
+    return [ringlet_home() / "models", *extra_model_dirs()]
 
 
 def _is_existing_path(ref: str) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 
 from ringlet.api.app import create_app
+from ringlet.models.names import Catalog
 from ringlet.node import Node
 from tests.support.node_infos import node_info
 
@@ -55,5 +56,25 @@ def test_model_names_that_are_no_paths_are_not_found(tmp_path: Path) -> None:
     for name in ("~%00", "a%00b", "~nosuchuser/model"):  # found by the fuzzer: a NUL byte once gave a 500
         reply = get(app, f"/instance/previews?model={name}")
         assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found", name
-    not_a_model = get(app, f"/instance/previews?model={tmp_path}")
-    assert not_a_model.status_code == 400 and not_a_model.json()["error"]["param"] == "model"
+    # a directory the node may load from, holding no model: a bad model; outside those directories: not found
+    inside = get(create_app(Node(node_info("a", 8), catalog=Catalog([tmp_path])), dashboard_dir=tmp_path),
+                 f"/instance/previews?model={tmp_path}")
+    assert inside.status_code == 400 and inside.json()["error"]["param"] == "model"
+    outside = get(app, f"/instance/previews?model={tmp_path}")
+    assert outside.status_code == 404 and outside.json()["error"]["code"] == "model_not_found"
+
+
+def test_models_load_by_path_only_from_the_nodes_model_directories(tmp_path: Path,
+                                                                   tiny_checkpoint: dict[str, bytes]) -> None:
+    model = tmp_path / "models" / "tiny"
+    for name, data in tiny_checkpoint.items():
+        (model / name).parent.mkdir(parents=True, exist_ok=True)
+        (model / name).write_bytes(data)
+    allowed = create_app(Node(node_info("a", 8), catalog=Catalog([tmp_path / "models"])), dashboard_dir=tmp_path)
+    assert get(allowed, f"/instance/previews?model={model}").status_code == 200
+    elsewhere = create_app(Node(node_info("a", 8), catalog=Catalog([tmp_path / "other"])), dashboard_dir=tmp_path)
+    forbidden, missing = (get(elsewhere, f"/instance/previews?model={path}") for path in (model, tmp_path / "nope"))
+    assert forbidden.status_code == missing.status_code == 404
+    assert forbidden.json()["error"]["code"] == missing.json()["error"]["code"] == "model_not_found"
+    for path in (f"{tmp_path}/models/../models/tiny", f"{tmp_path}/other/../models/tiny"):  # resolved, then checked
+        assert get(elsewhere, f"/instance/previews?model={path}").status_code == 404

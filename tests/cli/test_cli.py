@@ -102,3 +102,8 @@ def test_cluster_token_is_created_once_kept_private_and_a_bad_join_is_one_clear_
     bad = subprocess.run([sys.executable, "-m", "ringlet", "node", "--join", "ringlet1-nope"], capture_output=True,
                          text=True, env=env, timeout=60, check=False)
     assert bad.returncode == 2 and "not a ringlet cluster token" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_node_refuses_a_models_dir_that_is_not_a_directory(tmp_path):
+    result = ringlet("node", "--models-dir", str(tmp_path / "missing"), "--no-default-instance", timeout=60)
+    assert result.returncode == 2 and "is not a directory" in result.stderr and "Traceback" not in result.stderr
