@@ -396,21 +396,21 @@ class Cluster:
         self.plane = ControlPlane(options)
         bus = EventBus(self.plane)
         self.order = EventOrder(self.me, bus, node, rejoin=lambda: NodeJoined(node=node.info),
-                                departures=node.departures)
+                                departures=node.departures, claim=lambda term: self.membership.claim(term))
         bus.listen(node.node_id, self.order.on_proposal, self.order.on_ordered, lambda: node.state)
         self.forwarding = TaskForwarding(self.plane, node.node_id, node.run_local)
         self.membership = Membership(self.plane, self.me, self._members_changed)
         node.attach_cluster(self.order, self.forwarding)
 
     def _members_changed(self, joined: set[str], left: set[str]) -> None:
-        self.order.members_changed(self.membership.members, left)
+        self.order.members_changed(self.membership.members, left, self.membership.claims)
         for node_id in left:
             self.forwarding.member_left(node_id)
 
     async def join(self, settle_s: float = SETTLE_S) -> None:
         """Listen for members for a moment, elect, and take the master's state (unless this node is master)."""
         await asyncio.sleep(settle_s)
-        await self.order.start(self.membership.members)
+        await self.order.start(self.membership.members, self.membership.claims)
 
     def close(self) -> None:
         self.forwarding.close()

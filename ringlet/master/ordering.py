@@ -1,6 +1,6 @@
-"""The cluster's event order: every node proposes its events to the master (the oldest live member,
-`election.py`); the master applies each one and publishes it with its sequence number; every other node applies
-them in that order, so all hold the same `State`.
+"""The cluster's event order: every node proposes its events to the master (`election.py`); the master applies
+each one and publishes it with its sequence number and its term; every other node applies them in that order, so
+all hold the same `State`.
 
 A newcomer (or a node that missed an event) copies the master's state, then follows the order. A proposal carries
 (origin, seq): the proposer forgets it once it sees that id ordered, sends it again to the next master if the old
@@ -10,7 +10,7 @@ leaves is removed and its instances are placed again on the survivors (`replacem
 Members speak for themselves only: the master orders a proposal only from a live member, and only an event that
 member may emit (`refusal`: its own node's information, runners, downloads and links, the rendezvous of a ring it
 heads; instances for its API's users; never a departure or an election, which the master orders itself). A follower
-applies only what the master it elected orders.
+applies only what the master it elected orders in that master's current term.
 
 The class talks to the other nodes through an `OrderBus` (zenoh topics in a node, `net/events.py`; a list in the
 tests) and folds events into a `Replica` (the node's state), so it runs and is tested without zenoh.
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ringlet.master.election import elect
-from ringlet.net.membership import Member
+from ringlet.net.membership import Claim, Member
 from ringlet.shared.messages import Ordered, Proposal
 from ringlet.shared.state import (
     DownloadProgressed,
@@ -111,13 +111,16 @@ def refusal(origin: str, event: Event, state: State) -> str | None:
 
 class EventOrder:
     def __init__(self, me: Member, bus: OrderBus, replica: Replica, rejoin: Callable[[], Event],
-                 departures: Departures = node_left_only) -> None:
-        """`rejoin()` is this node's NodeJoined, proposed again when its side of a partition merges into an older
-        cluster."""
+                 departures: Departures = node_left_only, claim: Callable[[int | None], None] = lambda term: None
+                 ) -> None:
+        """`rejoin()` is this node's NodeJoined, proposed again when its side of a partition merges into another
+        cluster; `claim(term)` announces this node's claim to be master for `term` (None withdraws it)."""
         self.me, self._bus, self._replica = me, bus, replica
-        self._rejoin, self._departures = rejoin, departures
+        self._rejoin, self._departures, self._claim = rejoin, departures, claim
         self.master: str | None = None
+        self.term = 0  # the master's term, as far as this node knows it
         self.members: list[Member] = [me]
+        self.claims: list[Claim] = []  # the live members' master claims (this node's own one included)
         self._seq = 0  # this node's proposals so far
         self._pending: dict[int, Event] = {}  # proposed by this node, not yet seen in the order
         self._ordered_from: dict[str, int] = {}  # the highest proposal seq of each origin that is in the order
@@ -133,10 +136,10 @@ class EventOrder:
     def live_ids(self) -> set[str]:
         return {m.node_id for m in self.members}
 
-    async def start(self, members: Sequence[Member]) -> None:
+    async def start(self, members: Sequence[Member], claims: Sequence[Claim] = ()) -> None:
         """After settling (listening for members for a moment): elect, then take over or copy the master's state."""
-        self.members = list(members)
-        self.master = elect(self.members)
+        self.members, self.claims = list(members), list(claims)
+        self._elect()
         log.info("cluster: %d member(s), master %s%s", len(self.members), self.master,
                  " (this node)" if self.is_master else "")
         if self.is_master:
@@ -182,8 +185,8 @@ class EventOrder:
             return  # a proposal sent again after it was ordered
         self._ordered_from[origin] = origin_seq
         self._replica.apply_ordered(event)
-        self._bus.publish(Ordered(master=self.me.node_id, seq=self._replica.state.last_event, origin=origin,
-                                  origin_seq=origin_seq, event=event))
+        self._bus.publish(Ordered(master=self.me.node_id, term=self.term, seq=self._replica.state.last_event,
+                                  origin=origin, origin_seq=origin_seq, event=event))
 
     def on_proposal(self, proposal: Proposal) -> None:
         if self.master is None:
@@ -212,6 +215,11 @@ class EventOrder:
             log.warning("ignored event %d ordered by %s, which is not the master (%s)", ordered.seq, ordered.master,
                         self.master)
             return
+        if ordered.term < self.term:
+            log.warning("ignored event %d ordered by %s in its past term %d (now %d)", ordered.seq, ordered.master,
+                        ordered.term, self.term)
+            return
+        self.term = ordered.term  # the master's claim may reach this node after its first events
         expected = self._replica.state.last_event + 1
         if ordered.seq < expected:
             return
@@ -252,20 +260,23 @@ class EventOrder:
 
     # --- membership
 
-    def members_changed(self, members: Sequence[Member], left: set[str]) -> None:
-        """The live members changed (`left` went away); elect again, and as master order the departures."""
-        self.members = list(members)
+    def members_changed(self, members: Sequence[Member], left: set[str], claims: Sequence[Claim] = ()) -> None:
+        """The live members or their master claims changed (`left` went away); elect again, and as master order the
+        departures."""
+        self.members, self.claims = list(members), list(claims)
         previous = self.master
         if previous is None:
             return  # still settling; start() elects
-        self.master = elect(self.members)
+        self._elect()
         if self.master != previous:
             log.info("master is now %s%s (was %s)", self.master, " (this node)" if self.is_master else "", previous)
+            if previous == self.me.node_id:
+                self._claim(None)  # stepping down
             if self.is_master:
                 self._syncing = False
                 self._take_over()
             elif previous in self.live_ids():
-                # the old master lives: this side merged into an older cluster, whose state is not ours
+                # the old master lives: this side merged into another cluster, whose state is not ours
                 self._pending.clear()
                 self._start_copy(self.master)
                 self.emit(self._rejoin())
@@ -284,10 +295,22 @@ class EventOrder:
         for seq, event in sorted(self._pending.items()):
             self._propose(seq, event)
 
+    def _elect(self) -> None:
+        leader = elect(self.members, self.claims, list(self._replica.state.nodes))
+        master = None if leader is None else leader.node_id
+        if master != self.master:
+            self.term = 0  # a new master's term is learnt from its claim or its events
+        self.master = master
+        if leader is not None and leader.term is not None:
+            self.term = leader.term
+
     def _take_over(self) -> None:
-        """This node just became master: first order what it had proposed, then clear out departed nodes."""
+        """This node just became master: claim the next term, order what it had proposed, then clear out departed
+        nodes."""
+        self.term = max(self.term, self._replica.state.term, *(c.term for c in self.claims)) + 1
+        self._claim(self.term)
         self._resend_pending()
-        self.emit(MasterChanged(node_id=self.me.node_id))
+        self.emit(MasterChanged(node_id=self.me.node_id, term=self.term))
         live = self.live_ids()
         for node_id in [n for n in self._replica.state.nodes if n not in live]:
             self._depart(node_id)

@@ -144,9 +144,16 @@ class ControlPlane:
             self._declared.remove(subscriber)
         subscriber.undeclare()
 
-    def announce(self, key: str) -> None:
-        """A liveliness token: peers see it while this session lives, and its disappearance when it dies."""
-        self._declared.append(self._session.liveliness().declare_token(key))
+    def announce(self, key: str) -> zenoh.LivelinessToken:
+        """A liveliness token: peers see it while this session lives (or until `withdraw`), and its disappearance."""
+        token = self._session.liveliness().declare_token(key)
+        self._declared.append(token)
+        return token
+
+    def withdraw(self, token: zenoh.LivelinessToken) -> None:
+        if token in self._declared:
+            self._declared.remove(token)
+            token.undeclare()
 
     def watch_liveliness(self, pattern: str, on_change: Callable[[str, bool], None]) -> None:
         """`on_change(key, alive)` for every token under `pattern`, starting with those alive now."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 ROOT = "ringlet"
 MEMBERS = f"{ROOT}/members"  # liveliness tokens: ringlet/members/{node_id}/{started_at_ms}
+MASTERS = f"{ROOT}/masters"  # liveliness tokens of master claims: ringlet/masters/{node_id}/{term}
 PROPOSALS = f"{ROOT}/events/proposed"  # any node -> master: an event to order
 ORDERED = f"{ROOT}/events/ordered"  # master -> all: events with their sequence number
 STATE = f"{ROOT}/state"  # queryable on every node: its current state (a newcomer asks the master's)
@@ -19,6 +20,18 @@ def parse_member_token(key: str) -> tuple[str, float]:
     if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != MEMBERS or not parts[2] or not parts[3].isdigit():
         raise ValueError(f"{key!r} is not a member token (expected {MEMBERS}/NODE_ID/STARTED_AT_MS)")
     return parts[2], int(parts[3]) / 1000
+
+
+def master_claim(node_id: str, term: int) -> str:
+    return f"{MASTERS}/{node_id}/{term}"
+
+
+def parse_master_claim(key: str) -> tuple[str, int]:
+    """(node_id, term) from a master claim's key; ValueError if the key is not one."""
+    parts = key.split("/")
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != MASTERS or not parts[2] or not parts[3].isdigit():
+        raise ValueError(f"{key!r} is not a master claim (expected {MASTERS}/NODE_ID/TERM)")
+    return parts[2], int(parts[3])
 
 
 def node_tasks(node_id: str) -> str:

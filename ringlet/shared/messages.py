@@ -120,6 +120,7 @@ class Ordered(Message):
 
     type: Literal["ordered"] = "ordered"
     master: str
+    term: int = Field(ge=0, description="the master's term; a follower ignores an event of a past term")
     seq: int = Field(ge=1)
     origin: str
     origin_seq: int = Field(ge=1)

@@ -198,6 +198,7 @@ class RingHosted(Message):
 class MasterChanged(Message):
     type: Literal["master_changed"] = "master_changed"
     node_id: str
+    term: int = Field(0, ge=0, description="the term it claims (master/election.py)")
 
 
 class InstanceDeleted(Message):
@@ -258,6 +259,7 @@ Event = Annotated[
 
 class State(_Frozen):
     master: str | None = Field(None, description="the node that orders events (in a cluster)")
+    term: int = Field(0, description="the master's term: it rises at each election")
     nodes: dict[str, NodeInfo] = Field(default_factory=dict)
     links: list[Link] = Field(default_factory=list)
     instances: dict[str, InstanceRecord] = Field(default_factory=dict)
@@ -274,8 +276,8 @@ def apply(state: State, event: Event) -> State:
             changed = state.model_copy(update={"nodes": {**state.nodes, node.node_id: node}})
         case NodeLeft(node_id=node_id):
             changed = _node_left(state, node_id)
-        case MasterChanged(node_id=node_id):
-            changed = state.model_copy(update={"master": node_id})
+        case MasterChanged(node_id=node_id, term=term):
+            changed = state.model_copy(update={"master": node_id, "term": term})
         case LinkUp(link=link):
             others = [k for k in state.links if (k.source, k.target) != (link.source, link.target)]
             changed = state.model_copy(update={"links": [*others, link]})

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 from ringlet.master.ordering import EventOrder
-from ringlet.net.membership import Member
+from ringlet.net.membership import Claim, Member
 from ringlet.shared.messages import Ordered, Proposal
 from ringlet.shared.state import Event, Link, LinkUp, MasterChanged, NodeJoined, NodeLeft, State, apply
 from tests.support.node_infos import node_info
@@ -36,6 +36,7 @@ class Network:
         self.replicas: dict[str, Replica] = {}
         self.proposals: list[Proposal] = []
         self.cut: set[str] = set()
+        self.terms: dict[str, int] = {}  # the master claims announced: node id -> term
 
     def bus(self, node_id: str) -> Bus:
         return Bus(self, node_id)
@@ -45,12 +46,25 @@ class Network:
         replica = Replica()
         options = {} if departures is None else {"departures": departures}
         order = EventOrder(Member(node_id=node_id, started_at=started_at), self.bus(node_id), replica,
-                           rejoin=lambda: NodeJoined(node=node_info(node_id, 8)), **options)
+                           rejoin=lambda: NodeJoined(node=node_info(node_id, 8)),
+                           claim=lambda term: self._claim(node_id, term), **options)
         self.orders[node_id], self.replicas[node_id] = order, replica
         return order
 
+    def _claim(self, node_id: str, term: int | None) -> None:
+        self.terms.pop(node_id, None)
+        if term is not None:
+            self.terms[node_id] = term
+
     def members(self) -> list[Member]:
         return [o.me for node_id, o in self.orders.items() if node_id not in self.cut]
+
+    def claims(self) -> list[Claim]:
+        return [Claim(node_id=n, term=t) for n, t in self.terms.items() if n not in self.cut]
+
+    def changed(self, node_id: str, left: set[str] = frozenset(), extra: list[Member] | None = None) -> None:  # type: ignore[assignment]
+        """What `node_id`'s membership tells it: the live members (and `extra` ones), and the claims."""
+        self.orders[node_id].members_changed([*self.members(), *(extra or [])], set(left), self.claims())
 
 
 class Bus:
@@ -79,7 +93,7 @@ class Bus:
 async def started(network: Network) -> None:
     members = network.members()
     for order in network.orders.values():
-        await order.start(members)
+        await order.start(members, network.claims())
 
 
 async def two_nodes() -> Network:
@@ -139,7 +153,7 @@ def test_a_new_master_orders_what_was_pending_and_the_departure() -> None:
         network.cut.add("a")  # a stops hearing and being heard
         network.orders["b"].emit(LinkUp(link=Link(source="b", target="b")))
         assert network.orders["b"]._pending, "the old master cannot order it any more"
-        network.orders["b"].members_changed(network.members(), left={"a"})
+        network.changed("b", left={"a"})
         return network
 
     network = asyncio.run(scenario())
@@ -167,7 +181,7 @@ def test_the_master_asks_its_departures_policy_what_a_lost_node_means() -> None:
         for node_id in ("a", "b"):
             network.orders[node_id].emit(joined(node_id))
         network.cut.add("b")
-        network.orders["a"].members_changed(network.members(), left={"b"})
+        network.changed("a", left={"b"})
         return network
 
     network = asyncio.run(scenario())
@@ -222,10 +236,69 @@ def test_a_follower_applies_only_what_its_master_orders() -> None:
         network = await two_nodes()
         follower = network.orders["b"]
         seq = network.replicas["b"].state.last_event + 1
-        follower.on_ordered(Ordered(master="b-impostor", seq=seq, origin="b-impostor", origin_seq=1,
+        follower.on_ordered(Ordered(master="b-impostor", term=9, seq=seq, origin="b-impostor", origin_seq=1,
                                     event=NodeLeft(node_id="a")))
         return network
 
     network = asyncio.run(scenario())
     assert network.replicas["b"].state == network.replicas["a"].state
     assert [type(e).__name__ for e in network.replicas["b"].applied] == []  # b copied a's state, then nothing
+
+
+def test_a_forged_older_member_does_not_become_master_nor_succeed_it() -> None:
+    """A member whose token says it started in 1970 joins a running cluster: the claiming master keeps the role;
+    when that master goes, the member the cluster admitted first succeeds it, in the next term."""
+    forged = Member(node_id="forged", started_at=0.001)
+
+    async def scenario() -> Network:
+        network = await two_nodes()
+        for node_id in ("a", "b"):
+            network.orders[node_id].emit(joined(node_id))
+        assert network.terms == {"a": 1}
+        for node_id in ("a", "b"):
+            network.changed(node_id, extra=[forged])
+        assert all(o.master == "a" and o.term == 1 for o in network.orders.values())
+        network.cut.add("a")
+        network.changed("b", left={"a"}, extra=[forged])
+        return network
+
+    network = asyncio.run(scenario())
+    b = network.orders["b"]
+    assert b.is_master and b.term == 2 and network.terms["b"] == 2
+    assert network.replicas["b"].state.master == "b" and network.replicas["b"].state.term == 2
+
+
+def test_a_follower_ignores_its_masters_events_of_a_past_term() -> None:
+    async def scenario() -> Network:
+        network = await two_nodes()
+        follower = network.orders["b"]
+        assert follower.term == 1
+        follower.term = 3  # as if the master had been elected again since
+        seq = network.replicas["b"].state.last_event + 1
+        follower.on_ordered(Ordered(master="a", term=2, seq=seq, origin="a", origin_seq=99,
+                                    event=NodeLeft(node_id="b")))
+        return network
+
+    network = asyncio.run(scenario())
+    assert network.replicas["b"].applied == []
+
+
+def test_when_partitions_merge_the_master_of_the_lower_term_steps_down_and_rejoins() -> None:
+    async def scenario() -> Network:
+        network = await two_nodes()
+        for node_id in ("a", "b"):
+            network.orders[node_id].emit(joined(node_id))
+        network.cut.add("a")
+        network.changed("b", left={"a"})  # b's side: b is master in term 2
+        network.cut.discard("a")  # the partition heals: b sees a and its claim, a sees b's claim of a higher term
+        network.changed("b")
+        network.changed("a")
+        await asyncio.sleep(0.05)  # a copies b's state as a task, then b orders a's NodeJoined
+        return network
+
+    network = asyncio.run(scenario())
+    a, b = network.orders["a"], network.orders["b"]
+    assert a.master == b.master == "b" and a.term == b.term == 2
+    assert network.terms == {"b": 2}, "a withdrew its claim"
+    assert network.replicas["a"].state == network.replicas["b"].state
+    assert set(network.replicas["b"].state.nodes) == {"a", "b"}

@@ -95,3 +95,38 @@ def test_strangers_without_the_clusters_key_neither_join_nor_hear_nor_change_any
     finally:
         subscriber.undeclare()
         bare.close()
+
+
+def test_a_forged_older_member_does_not_become_master_of_a_running_cluster(cluster: Cluster) -> None:
+    """A peer holding the cluster's key announces a member that says it started in 1970: the master keeps its
+    role and term, and the cluster goes on ordering (a newcomer is admitted)."""
+    import time
+
+    import zenoh
+
+    from ringlet.net import topics
+    from ringlet.net.session import NetOptions, zenoh_config
+    from ringlet.net.trust import secret_of
+    from tests.support.processes import TEST_CLUSTER_TOKEN
+
+    first, _ = cluster.start("o1", "o2")
+    state = cluster.wait_agreed(2)
+    master, term = state["master"], state["term"]
+    assert term >= 1
+    insider = zenoh.open(zenoh_config(NetOptions(listen=("tcp/127.0.0.1:0",), discovery=False,
+                                                 connect=(f"tcp/127.0.0.1:{first.zenoh_port}",),
+                                                 secret=secret_of(TEST_CLUSTER_TOKEN))))
+    token = insider.liveliness().declare_token(topics.member_token("node-forged", 1.0))
+    try:
+        wait_until(lambda: all("member node-forged joined" in n.log() for n in cluster.live()), 15,
+                   "the nodes seeing the forged member", cluster.logs)
+        time.sleep(1)
+        for node in cluster.live():
+            seen = node.state()
+            assert (seen["master"], seen["term"]) == (master, term), seen
+        cluster.start("o3")
+        state = cluster.wait_agreed(3)
+        assert state["master"] == master and "node-forged" not in state["nodes"]
+    finally:
+        token.undeclare()
+        insider.close()

@@ -23,7 +23,7 @@ from ringlet.shared.wire import BadMessageError, decode, encode
 
 
 def test_messages_are_validated_json_and_garbage_is_refused() -> None:
-    message = Ordered(master="a", seq=3, origin="b", origin_seq=7, event=MasterChanged(node_id="a"))
+    message = Ordered(master="a", term=1, seq=3, origin="b", origin_seq=7, event=MasterChanged(node_id="a"))
     assert decode(ORDERED, encode(message), "t") == message
     with pytest.raises(BadMessageError, match="malformed message on t"):
         decode(ORDERED, b"\x80\x04\x95 pickle bytes", "t")
