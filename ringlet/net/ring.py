@@ -1,10 +1,12 @@
 """The data plane of a multi-stage instance: its rendezvous, and frames of hidden states between neighbouring stages.
 
 Rank 0 (the first stage) hosts the rendezvous: a torch TCP store on an ephemeral port of its node's data host,
-whose address goes into the cluster state (the `RingHosted` event) so the later stages can join. Transport by
-instance type: gloo for CpuRing and mixed rings (host tensors), NCCL for CudaRing, xccl for IpexRing where this
+whose address goes into the cluster state (the `RingHosted` event) so the later stages can join; its keys live
+under a random per-instance token that travels with that address, so a client without it finds nothing. Transport
+by instance type: gloo for CpuRing and mixed rings (host tensors), NCCL for CudaRing, xccl for IpexRing where this
 PyTorch has it (else gloo), `mlx.distributed`'s ring backend for an MlxRing (the store then only spreads each
-stage's address). Any broken connection raises `RingBrokenError`: a ring cannot be mended.
+stage's address). The store, gloo's and MLX's sockets listen on the data host's address only (NCCL and xccl
+choose their interfaces themselves). Any broken connection raises `RingBrokenError`: a ring cannot be mended.
 
 A frame is the header (op, start position, number of positions, or bytes of a payload) as int64, then the first
 position's hidden state as float32. A decode step is one frame a hop; a prompt chunk's other positions follow
@@ -30,6 +32,7 @@ from collections import deque
 from collections.abc import Iterator
 from datetime import timedelta
 from enum import IntEnum
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -60,6 +63,14 @@ class Op(IntEnum):
     BEGIN = 3  # a request begins: a JSON payload of its sampling parameters and prompt follows
     BATCH = 4  # a batched step: its layout and hidden states follow
     END = 5  # batched sequences are done: a JSON payload of their keys follows
+
+
+class _Group(Protocol):
+    """What a ring uses of a process group, or of gloo's backend made on its own."""
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int) -> dist.Work: ...
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int) -> dist.Work: ...
 
 
 class RingBrokenError(RuntimeError):
@@ -121,12 +132,20 @@ def transfer_device(backend: str) -> torch.device:
 
 
 def host_store(host: str, world_size: int) -> tuple[dist.Store, RingAddress]:
-    """Rank 0's rendezvous store on an ephemeral port (torch's TCPStore listens on every interface whatever `host`
-    says), its keys under a fresh random token that only the cluster learns (the address travels in the
-    cluster's events, over the authenticated control plane)."""
-    store = dist.TCPStore(host, 0, world_size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
-    address = RingAddress(host=host, port=store.port, token=secrets.token_hex(16))
+    """Rank 0's rendezvous store on an ephemeral port of `host` (torch's TCPStore would listen on every interface:
+    it is handed a socket bound to `host` alone), its keys under a fresh random token that only the cluster learns
+    (the address travels in the cluster's events, over the authenticated control plane)."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, 0))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    port = int(listener.getsockname()[1])
+    store = dist.TCPStore(host, port, world_size, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S), master_listen_fd=listener.detach())
+    address = RingAddress(host=host, port=port, token=secrets.token_hex(16))
     return dist.PrefixStore(address.token, store), address
 
 
@@ -158,12 +177,18 @@ class Ring:
         self._posted: deque[tuple[dist.Work, torch.Tensor]] = deque()  # sends under way, and the tensors they read
 
     def _join(self, store: dist.Store, host: str) -> None:
+        # the group's own send/recv: dist.send's checks and logging cost ~0.05 ms a call on a small VM
+        if self.backend == "gloo":  # made here to bind its sockets to the data host (its default picks for itself)
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            options._timeout = timedelta(seconds=STEP_TIMEOUT_S)
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            self._pg = cast(_Group, dist.ProcessGroupGloo(store, self.rank, self.size, options))
+            return
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
                                 timeout=timedelta(seconds=STEP_TIMEOUT_S))
-        # the group's own send/recv: dist.send's checks and logging cost ~0.05 ms a call on a small VM
         world = dist.group.WORLD
         assert world is not None, "init_process_group made the default group"
-        self._pg = world
+        self._pg = cast(_Group, world)
 
     def send(self, tensor: torch.Tensor, to: int) -> None:
         try:

@@ -1,9 +1,13 @@
-"""The data plane's guards: a ring's rendezvous keys sit under a random token that only the cluster learns (a
-client of the store without it reads and changes none of them), the API never shows that token, and a frame
-header announcing more than a frame may carry stops the ring before anything is allocated for it."""
+"""The data plane's guards: a ring's rendezvous store and its gloo sockets listen on the data host's address
+alone; the rendezvous keys sit under a random token that only the cluster learns (a client of the store without it
+reads and changes none of them); the API never shows that token; and a frame header announcing more than a frame
+may carry stops the ring before anything is allocated for it."""
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 from datetime import timedelta
 
 import pytest
@@ -14,16 +18,66 @@ from ringlet.net.ring import (
     MAX_FRAME_PAYLOAD_BYTES,
     MAX_FRAME_POSITIONS,
     Op,
+    Ring,
     RingBrokenError,
     check_frame,
     host_store,
     join_store,
 )
-from ringlet.shared.instances import Instance, InstanceType, Shard
+from ringlet.shared.instances import BoundInstance, Instance, InstanceType, Shard
 from ringlet.shared.state import InstanceRecord, RingAddress
 
 TWO_STAGES = Instance(instance_id="inst-1", model="m", instance_type=InstanceType.CPU_RING, shards=[
     Shard(node_id="a", rank=0, start=0, end=10, num_layers=20), Shard(node_id="b", rank=1, start=10, end=20, num_layers=20)])
+
+
+def listening() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket this process listens on, read from /proc."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                address, port = fields[1].split(":")
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # 32-bit words, host order
+                    found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def test_the_rendezvous_store_and_the_gloo_ring_listen_on_the_data_host_only() -> None:
+    before = listening()
+    store, address = host_store("127.0.0.1", 2)
+    rings: dict[int, Ring] = {}
+
+    def join(rank: int) -> None:
+        member = store if rank == 0 else join_store(address, 2)
+        rings[rank] = Ring(BoundInstance(instance=TWO_STAGES, node_id="ab"[rank]), member, "127.0.0.1", 4)
+
+    joiners = [threading.Thread(target=join, args=(rank,)) for rank in (0, 1)]
+    for joiner in joiners:
+        joiner.start()
+    for joiner in joiners:
+        joiner.join(timeout=60)
+    assert set(rings) == {0, 1}, "both stages joined the ring"
+    opened = listening() - before
+    assert (("127.0.0.1", address.port)) in opened and len(opened) >= 2, opened  # the store, and gloo's listener
+    assert {host for host, _ in opened} == {"127.0.0.1"}, opened
+    with pytest.raises(ConnectionRefusedError):  # another address of this machine
+        socket.create_connection(("127.0.0.2", address.port), timeout=5).close()
+    rings[0].post_payload(Op.BEGIN, b"hello")
+    op, _, length, _ = rings[1].recv_frame()
+    assert (op, rings[1].recv_payload(length)) == (Op.BEGIN, b"hello")
+    rings[0].flush()
 
 
 def test_the_rendezvous_keys_are_out_of_reach_without_the_instances_token() -> None:
