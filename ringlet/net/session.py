@@ -4,7 +4,8 @@ zenoh calls back on its own threads; every callback here is handed to the node's
 code runs on one thread and needs no locks. Peers find each other by multicast scouting on the LAN (on by
 default) or by explicit `--connect tcp/HOST:PORT` endpoints; once connected, gossip tells each peer of the others.
 Every link is mutual TLS with identities derived from the cluster's secret (`net/trust.py`): a peer without the
-secret, found by scouting or connecting itself, fails the handshake and sees nothing.
+secret, found by scouting or connecting itself, fails the handshake and sees nothing. A peer that scouting finds
+but that stays unconnected is logged once, as refused.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ LEASE_MS = 3000
 # the largest message a peer may send: a forwarded request with a prompt at the API's default body limit (4 MiB) fits
 # with room; anything larger is dropped on arrival, the link staying up
 MAX_MESSAGE_BYTES = 16 << 20
+# a peer found by scouting that is not connected this long after is taken as refused (a member connects within ~1 s)
+REFUSED_AFTER_S = 5.0
 
 
 class ControlPlaneError(RuntimeError):
@@ -83,6 +86,12 @@ def zenoh_config(options: NetOptions) -> zenoh.Config:
     return config
 
 
+def _scouting_config(options: NetOptions) -> zenoh.Config:
+    config = zenoh.Config()
+    config.insert_json5("scouting/multicast/enabled", json.dumps(options.discovery))
+    return config
+
+
 def _open(options: NetOptions) -> zenoh.Session:
     try:
         return zenoh.open(zenoh_config(options))
@@ -104,6 +113,12 @@ class ControlPlane:
         self._session = _open(options)
         self._declared: list[Any] = []  # subscribers, queryables, tokens: undeclared on close
         self._publishers: dict[str, zenoh.Publisher] = {}
+        self._scouted: set[str] = set()  # zenoh ids of peers scouting found, each checked once
+        self._scout: Any = None  # a zenoh.Scout
+        if options.discovery and options.secret is not None:
+            # zenoh's stubs pick their first overload (channels) for a callback, which it does take
+            self._scout = zenoh.scout(self._on_hello, what="peer",  # type: ignore[arg-type]
+                                      config=_scouting_config(options))
 
     @property
     def zid(self) -> str:
@@ -187,11 +202,28 @@ class ControlPlane:
 
         return await asyncio.to_thread(query)
 
+    def _on_hello(self, hello: zenoh.Hello) -> None:
+        """A peer answered scouting (on zenoh's thread): if it is not connected a moment later, it was refused."""
+        zid = str(hello.zid)
+        if zid != self.zid and zid not in self._scouted:
+            self._scouted.add(zid)
+            where = ", ".join(str(locator) for locator in hello.locators)
+            self._call_soon(lambda: self._loop.call_later(REFUSED_AFTER_S, self._check_scouted, zid, where))
+
+    def _check_scouted(self, zid: str, where: str) -> None:
+        if not self._loop.is_closed() and zid not in self.peers():
+            log.warning("refused zenoh peer %s at %s: it does not hold this node's cluster key (to put it in this "
+                        "cluster, start it with `ringlet node --join TOKEN`, the TOKEN that `ringlet cluster token` "
+                        "prints here)", zid, where)
+
     def _call_soon(self, callback: Callable[..., object], *args: Any) -> None:
         if not self._loop.is_closed():
             self._loop.call_soon_threadsafe(callback, *args)
 
     def close(self) -> None:
+        if self._scout is not None:
+            self._scout.stop()
+            self._scout = None
         for entity in reversed(self._declared):
             entity.undeclare()
         self._declared.clear()

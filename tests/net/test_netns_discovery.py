@@ -123,5 +123,8 @@ def test_a_node_without_the_clusters_key_is_refused_though_scouting_finds_it(two
             time.sleep(0.5)
         time.sleep(8)  # scouting finds a peer within a second or two; a handshake that succeeded would show here
         assert node_names_seen_from(a) == {f"{a}-node"} and node_names_seen_from(b) == {f"{b}-node"}
+        for log in logs:  # each says once that it refused the other
+            refusals = [line for line in log.read_text().splitlines() if "refused zenoh peer" in line]
+            assert len(refusals) == 1 and "cluster key" in refusals[0], log.read_text()[-3000:]
     finally:
         stop(nodes)
