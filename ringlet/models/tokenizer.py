@@ -252,6 +252,8 @@ class Tokenizer:
         except RecursionError:
             raise ValueError("chat template failed: it recursed without end; the model's chat template is "
                              "broken") from None
+        except Exception as e:  # the template is the model's code: whatever it raises fails this request
+            raise ValueError(f"chat template failed: {type(e).__name__}: {e}") from e
         finally:
             _BUDGET.reset(bound)
 

@@ -164,8 +164,12 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
             assert isinstance(command, RunTask), "the node loads one shard per runner"
             try:
                 generator.submit(command.task)
-            except ValueError as error:  # a prompt that cannot run: empty, or over the context window
+            except ValueError as error:  # a prompt that cannot run: empty, over the context window, a bad template
                 outbox.send(TaskFailed(task_id=command.task.task_id, kind=_classify(error), error=str(error)))
+            except Exception as error:  # noqa: BLE001  this task cannot start; the others and the runner go on
+                traceback.print_exc(file=sys.stderr)
+                outbox.send(TaskFailed(task_id=command.task.task_id, kind="engine",
+                                       error=str(error) or type(error).__name__))
         for task_id in inbox.take_cancels():
             if generator.cancel(task_id):
                 admitted.discard(task_id)

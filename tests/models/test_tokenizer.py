@@ -258,6 +258,9 @@ def test_gguf_unsupported_tokenizer_model() -> None:
     ("{{ 'x' * 10**9 }}", "wrote over"),
     ("{{ 2 ** 100000000 }}", "to the power"),
     ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recursed"),
+    ("{% for i in range(10**12) %}{% endfor %}", "Range too big"),  # the sandbox's own bound: an OverflowError
+    ("{{ messages | length // 0 }}", "ZeroDivisionError"),
+    ("{{ messages[0].content + 1 }}", "TypeError"),
 ])
 def test_a_hostile_chat_template_is_cut_off_and_the_tokenizer_keeps_working(tok: Tokenizer, template: str,
                                                                             bound: str) -> None:
