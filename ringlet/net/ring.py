@@ -5,8 +5,9 @@ whose address goes into the cluster state (the `RingHosted` event) so the later 
 under a random per-instance token that travels with that address, so a client without it finds nothing. Transport
 by instance type: gloo for CpuRing and mixed rings (host tensors), NCCL for CudaRing, xccl for IpexRing where this
 PyTorch has it (else gloo), `mlx.distributed`'s ring backend for an MlxRing (the store then only spreads each
-stage's address). The store, gloo's and MLX's sockets listen on the data host's address only (NCCL and xccl
-choose their interfaces themselves). Any broken connection raises `RingBrokenError`: a ring cannot be mended.
+stage's address). The store, gloo's and MLX's sockets listen on the data host's address only, NCCL's on the
+interface that has it (xccl chooses its own). Any broken connection raises `RingBrokenError`: a ring cannot be
+mended.
 
 A frame is the header (op, start position, number of positions, or bytes of a payload) as int64, then the first
 position's hidden state as float32. A decode step is one frame a hop; a prompt chunk's other positions follow
@@ -184,6 +185,9 @@ class Ring:
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             self._pg = cast(_Group, dist.ProcessGroupGloo(store, self.rank, self.size, options))
             return
+        interface = interface_of(host)
+        if self.backend == "nccl" and interface is not None and "NCCL_SOCKET_IFNAME" not in os.environ:
+            os.environ["NCCL_SOCKET_IFNAME"] = "=" + interface  # '=': this name exactly
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
                                 timeout=timedelta(seconds=STEP_TIMEOUT_S))
         world = dist.group.WORLD
@@ -335,6 +339,16 @@ class MlxRing(Ring):
 
     def close(self) -> None:
         """MLX keeps its group for the life of the process; the runner exits after this."""
+
+
+def interface_of(host: str) -> str | None:
+    """The name of this machine's network interface that has the address `host`; None if none has it."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == host for a in addresses):
+            return name
+    return None
 
 
 def _free_port(host: str) -> int:

@@ -22,6 +22,7 @@ from ringlet.net.ring import (
     RingBrokenError,
     check_frame,
     host_store,
+    interface_of,
     join_store,
 )
 from ringlet.shared.instances import BoundInstance, Instance, InstanceType, Shard
@@ -78,6 +79,14 @@ def test_the_rendezvous_store_and_the_gloo_ring_listen_on_the_data_host_only() -
     op, _, length, _ = rings[1].recv_frame()
     assert (op, rings[1].recv_payload(length)) == (Op.BEGIN, b"hello")
     rings[0].flush()
+
+
+def test_nccl_is_told_the_interface_of_the_data_host() -> None:
+    import psutil
+
+    loopback = interface_of("127.0.0.1")
+    assert loopback is not None and any(a.address == "127.0.0.1" for a in psutil.net_if_addrs()[loopback])
+    assert interface_of("192.0.2.77") is None  # TEST-NET-1: no interface of this machine has it
 
 
 def test_the_rendezvous_keys_are_out_of_reach_without_the_instances_token() -> None:
