@@ -101,6 +101,12 @@ class Outbox:
         self._stream.write(encode(message) + b"\n")
         self._stream.flush()
 
+    def send_all(self, messages: list[Message]) -> None:
+        """Several messages in one write (a batched step's chunks: one system call, not one per sequence)."""
+        if messages:
+            self._stream.write(b"".join(encode(message) + b"\n" for message in messages))
+            self._stream.flush()
+
 
 def _classify(error: Exception) -> TaskErrorKind:
     if isinstance(error, ContextWindowError):
@@ -184,13 +190,15 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
             generator = _batch_generator(engine, config)
             admitted.clear()
             continue
+        messages: list[Message] = []
         for task_id in generator.running_ids() - admitted:
             admitted.add(task_id)
-            outbox.send(TaskStarted(task_id=task_id))
+            messages.append(TaskStarted(task_id=task_id))
         for chunk in chunks:
-            outbox.send(Chunk(chunk=chunk))
+            messages.append(Chunk(chunk=chunk))
             if chunk.last:
                 admitted.discard(chunk.task_id)
+        outbox.send_all(messages)
         stats = generator.stats()
         if stats != reported and (time.monotonic() - reported_at > STATS_EVERY_S or not generator):
             outbox.send(stats)
