@@ -290,7 +290,7 @@ class Node:
         return self._supervisor.generate(instance_id, task)
 
     def _running(self, task_id: str) -> None:
-        if (record := self._tasks.get(task_id)) is not None:
+        if (record := self._tasks.get(task_id)) is not None and record.status != TaskStatus.RUNNING:
             self._tasks[task_id] = record.model_copy(update={"status": TaskStatus.RUNNING})
 
     async def _in_flight(self, chunks: AsyncIterator[GenerationChunk], task_id: str) -> AsyncIterator[GenerationChunk]:

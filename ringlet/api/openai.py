@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -78,11 +79,30 @@ class _Choices:
                      total_tokens=self.prompt_tokens + completion)
 
 
-def _sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"
+def _sse(payload: BaseModel | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else payload.model_dump_json()}\n\n"
 
 
-async def _stream_events(generation: Generation, choices: _Choices, make_chunk: Callable[[GenerationChunk], BaseModel],
+class _TextEvents:
+    """The JSON of a stream's plain events (one choice's text, no role, finish reason or timings), filled into a
+    template that the schema wrote once: building pydantic models for every token costs more than the rest of
+    serving the event."""
+
+    INDEX, TEXT = 987654321, "@@ringlet-text@@"
+
+    def __init__(self, sample: BaseModel) -> None:
+        """`sample`: an event of the stream with choice INDEX and text TEXT."""
+        head, found_index, rest = sample.model_dump_json().partition(str(self.INDEX))
+        middle, found_text, tail = rest.partition(json.dumps(self.TEXT))
+        assert found_index and found_text, "the sample carries the markers once each"
+        self._head, self._middle, self._tail = head, middle, tail
+
+    def __call__(self, choice: int, text: str) -> str:
+        return f"{self._head}{choice}{self._middle}{json.dumps(text, ensure_ascii=False)}{self._tail}"
+
+
+async def _stream_events(generation: Generation, choices: _Choices,
+                         make_chunk: Callable[[GenerationChunk], BaseModel | str],
                          usage_chunk: Callable[[Usage], BaseModel] | None) -> AsyncIterator[str]:
     try:
         async for chunk in generation.chunks(watch_disconnect=False):
@@ -109,8 +129,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
 
     if body.stream:
         with_role: set[int] = set()
+        text_event = _TextEvents(ChatCompletionChunk(
+            id=completion_id, created=created, model=generation.model,
+            choices=[ChunkChoice(index=_TextEvents.INDEX, delta=Delta(content=_TextEvents.TEXT))]))
 
-        def chunk_event(chunk: GenerationChunk) -> ChatCompletionChunk:
+        def chunk_event(chunk: GenerationChunk) -> ChatCompletionChunk | str:
+            if chunk.choice in with_role and chunk.finish_reason is None and chunk.timings is None:
+                return text_event(chunk.choice, chunk.text)
             delta = Delta(role=None if chunk.choice in with_role else "assistant", content=chunk.text)
             with_role.add(chunk.choice)
             return ChatCompletionChunk(
@@ -146,8 +171,12 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
 
     if body.stream:
         echoed: set[int] = set()
+        text_event = _TextEvents(Completion(id=completion_id, created=created, model=generation.model,
+                                            choices=[CompletionChoice(index=_TextEvents.INDEX, text=_TextEvents.TEXT)]))
 
-        def chunk_event(chunk: GenerationChunk) -> Completion:
+        def chunk_event(chunk: GenerationChunk) -> Completion | str:
+            if chunk.choice in echoed and chunk.finish_reason is None and chunk.timings is None:
+                return text_event(chunk.choice, chunk.text)
             text = chunk.text if chunk.choice in echoed else echo + chunk.text
             echoed.add(chunk.choice)
             return Completion(id=completion_id, created=created, model=generation.model, timings=chunk.timings,
