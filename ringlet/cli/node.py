@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 from typing import get_args
 from urllib.parse import urlsplit
 
@@ -119,7 +120,17 @@ def run(args: argparse.Namespace) -> int:
         models_dirs=tuple(args.models_dir),
     )
     try:
-        asyncio.run(serve(options))
+        with asyncio.Runner(loop_factory=_fast_event_loop()) as runner:
+            runner.run(serve(options))
     except NodeStartError as error:
         raise CliError(str(error)) from None
     return 0
+
+
+def _fast_event_loop() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (not on Windows); else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
