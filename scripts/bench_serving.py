@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import datetime
 import importlib.util
 import itertools
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -21,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,13 +208,43 @@ async def one_stream(client: AsyncOpenAI, server: Server, args: argparse.Namespa
     return result
 
 
-async def run_round(client: AsyncOpenAI, server: Server, args: argparse.Namespace, concurrency: int) -> Round:
-    async def one_client() -> list[Stream]:
-        return [await one_stream(client, server, args, next(REQUEST_NUMBERS)) for _ in range(args.requests_per_client)]
+async def run_clients(client: AsyncOpenAI, server: Server, args: argparse.Namespace,
+                      numbers: list[list[int]]) -> list[Stream]:
+    """One client per list of request numbers, all at once; each sends its requests one after another."""
+    async def one_client(mine: list[int]) -> list[Stream]:
+        return [await one_stream(client, server, args, number) for number in mine]
 
+    return [s for per_client in await asyncio.gather(*(one_client(mine) for mine in numbers)) for s in per_client]
+
+
+def run_clients_in_process(server: Server, args: argparse.Namespace, numbers: list[list[int]]) -> list[Stream]:
+    """`run_clients` in a process of its own (--client-processes), with its own connections."""
+    async def run() -> list[Stream]:
+        client = AsyncOpenAI(base_url=server.url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=900.0)
+        try:
+            return await run_clients(client, server, args, numbers)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+async def run_round(client: AsyncOpenAI, server: Server, args: argparse.Namespace, concurrency: int) -> Round:
+    numbers = [[next(REQUEST_NUMBERS) for _ in range(args.requests_per_client)] for _ in range(concurrency)]
+    processes = min(args.client_processes, concurrency)
     began = time.perf_counter()
-    streams = [s for per_client in await asyncio.gather(*(one_client() for _ in range(concurrency)))
-               for s in per_client]
+    if processes <= 1:
+        streams = await run_clients(client, server, args, numbers)
+    else:  # clients split across processes: one Python process parses only so many chunks a second
+        shares = [numbers[i::processes] for i in range(processes)]
+        loop, portable = asyncio.get_running_loop(), replace(server, process=None)
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            # every process started and its imports done before the clock starts
+            await asyncio.gather(*(loop.run_in_executor(pool, time.sleep, 1.0) for _ in range(processes)))
+            began = time.perf_counter()
+            results = await asyncio.gather(*(loop.run_in_executor(pool, run_clients_in_process, portable, args, share)
+                                             for share in shares))
+        streams = [s for result in results for s in result]
     wall = time.perf_counter() - began
     ok = [s for s in streams if s.error is None]
     ttfts = [s.ttft_s for s in ok if s.ttft_s is not None]
@@ -323,6 +355,9 @@ def main() -> None:
                         help="start this llama-server on the same GGUF and compare (default: the one "
                              "scripts/build_llama_server.sh built, if any)")
     parser.add_argument("--no-llama-server", dest="llama_server", action="store_const", const=None)
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="split each round's clients over this many processes (one Python process parses a few "
+                             "thousand chunks a second: use several against a fast server)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
 
@@ -354,7 +389,8 @@ def main() -> None:
         print(f"{s.name}: {s.url} model {s.model}; {s.note}")
     print(f"prompt: {'a short question' if args.prompt_tokens is None else f'~{args.prompt_tokens} tokens'}, "
           f"max_tokens {args.max_tokens}, temperature 0, ignore_eos {'on' if args.ignore_eos else 'off'}, "
-          f"{args.requests_per_client} request(s) per client, {args.warm_rounds} warm-up round(s) per N\n")
+          f"{args.requests_per_client} request(s) per client, {args.warm_rounds} warm-up round(s) per N, clients in "
+          f"{args.client_processes} process(es)\n")
     print_tables(rounds, servers)
     print("\ntok/s: completion tokens over the round's wall time (prompts included); decode: tokens a second while "
           "every stream of the round decodes (from the last stream's first token to the first stream's last)")
