@@ -14,6 +14,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
@@ -128,9 +129,28 @@ class Attention(nn.Module):
         for group in layout.groups:
             keys, values = cache.context(layer, group)
             queries = q[group.rows].view(-1, group.queries, self.n_heads, self.head_dim).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask, enable_gqa=True)
+            if group.causal:  # a prompt chunk: the causal mask as a bias that the flash kernels apply themselves
+                attended = F.scaled_dot_product_attention(
+                    queries, keys, values, attn_mask=causal_lower_right(group.queries, keys.shape[2]), enable_gqa=True)
+            else:
+                attended = _folded_attention(queries, keys, values, group.mask)
             out[group.rows] = attended.transpose(1, 2).reshape(-1, self.n_heads, self.head_dim)
         return self.o_proj(out.view(tokens, -1))
+
+
+def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q [G, H, Q, D] over k, v [G, KV, S, D] under mask [G, 1, Q, S], the H / KV query heads of each
+    key head folded into its queries: one attention per key head, which the kernels that take a mask run as it is
+    (grouped-query attention with a mask runs in the math kernel, which first copies every key and value per query
+    head)."""
+    groups, heads, queries, dim = q.shape
+    kv_heads, context = k.shape[1], k.shape[2]
+    share = heads // kv_heads
+    folded_mask = mask[:, :, None].expand(groups, 1, share, queries, context).reshape(groups, 1, share * queries,
+                                                                                        context)
+    attended = F.scaled_dot_product_attention(q.reshape(groups, kv_heads, share * queries, dim), k, v,
+                                              attn_mask=folded_mask)
+    return attended.reshape(groups, heads, queries, dim)
 
 
 class MLP(nn.Module):

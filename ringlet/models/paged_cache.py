@@ -41,12 +41,14 @@ class SequenceStep:
 @dataclass(frozen=True)
 class AttentionGroup:
     """Queries of `rows` ([G * Q] rows of the step, sequence-major) over their context `slots` [G, S] under `mask`
-    [G, 1, Q, S] (False where a key is padding or lies after the query)."""
+    [G, 1, Q, S] (False where a key is padding or lies after the query). `causal`: one sequence's chunk, its queries
+    the last Q of its S positions, so the mask is the lower-right causal one (which flash kernels apply themselves)."""
 
     rows: torch.Tensor
     queries: int
     slots: torch.Tensor
     mask: torch.Tensor
+    causal: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def _group(steps: Sequence[SequenceStep], rows: list[int], queries: int, block_s
     last = torch.tensor([[s.start + q for q in range(queries)] for s in steps])  # [G, Q] each query's position
     mask = position[None, None, :] <= last[:, :, None]  # [G, Q, S]
     return AttentionGroup(torch.tensor(rows, dtype=torch.long, device=device), queries, slots.to(device),
-                          mask[:, None].to(device))
+                          mask[:, None].to(device), causal=len(steps) == 1 and queries > 1)
 
 
 class PagedKVCache:

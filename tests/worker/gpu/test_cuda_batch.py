@@ -3,6 +3,8 @@ replayed from CUDA graphs per batch bucket, prompt chunks eagerly, requests join
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -98,3 +100,38 @@ def test_bf16_graphed_step_tracks_the_packed_forward():
             agree += int((got.argmax(-1) == want.argmax(-1)).sum())
             tokens = want.argmax(-1).cpu()
     assert agree >= 0.95 * 8 * 40
+
+
+class Counting:
+    """The graphed decode step, counting its replays."""
+
+    def __init__(self, step: Any) -> None:
+        self.step, self.replays, self.max_batch, self.last_picks = step, 0, step.max_batch, None
+
+    def __call__(self, tokens: torch.Tensor, steps: list[SequenceStep]) -> torch.Tensor:
+        self.replays += 1
+        return self.step(tokens, steps)
+
+
+def test_a_step_of_decodes_and_prompt_chunks_runs_its_decodes_on_their_graph():
+    """fp32: a step mixing decodes, a prompt's last chunk and an earlier chunk of another prompt gives the logits of
+    the eager step over them all, in the steps' order, its decodes replayed from a graph."""
+    engine = batch_engine(torch.float32)
+    assert engine.paged_decode is not None
+    counting = engine.paged_decode = Counting(engine.paged_decode)  # type: ignore[assignment]
+    tables = [list(range(4 * i, 4 * i + 4)) for i in range(6)]  # 4 blocks of engine.block_size each
+    generator = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for table in tables[:4]:  # four sequences with 12 positions in their cache
+            engine._forward_eager(torch.randint(0, CONFIG["vocab_size"], (12,), generator=generator),
+                                  [SequenceStep(0, 12, table)])
+    mixed = [SequenceStep(12, 1, tables[0]), SequenceStep(0, 30, tables[4]), SequenceStep(12, 1, tables[1]),
+             SequenceStep(0, 16, tables[5], wants_logits=False), SequenceStep(12, 1, tables[2]),
+             SequenceStep(12, 1, tables[3])]
+    tokens = torch.randint(0, CONFIG["vocab_size"], (sum(s.count for s in mixed),), generator=generator)
+    with torch.inference_mode():
+        got = engine.forward_batch(tokens, mixed).float()
+        assert counting.replays == 1 and engine.last_picks is None
+        want = engine._forward_eager(tokens, mixed).float()  # the same keys and values written again
+    assert got.shape == (5, CONFIG["vocab_size"])
+    torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)

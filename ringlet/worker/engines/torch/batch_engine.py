@@ -118,6 +118,13 @@ class TorchBatchEngine:
             self.last_picks = self.paged_decode.last_picks
             return logits
         self.last_picks = None
+        if self.paged_decode is not None:  # a whole model (graphs are built for no other)
+            decodes = [i for i, s in enumerate(steps) if s.count == 1 and s.wants_logits]
+            if decodes and len(decodes) < len(steps) and self.graphs([steps[i] for i in decodes]):
+                return self._forward_split(tokens, steps, decodes)
+        return self._forward_eager(tokens, steps)
+
+    def _forward_eager(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
         # built outside inference mode, as the compiled step's warm-up inputs were (its guards compare the two)
         layout = BatchLayout.build(steps, self.block_size, self.device, self.pad_slot)
         tokens = tokens.to(self.device)
@@ -126,6 +133,25 @@ class TorchBatchEngine:
                 group = layout.groups[0]
                 return self._compiled_decode(tokens, layout.positions, layout.slots, group.slots, group.mask)
             return self.model.forward_batch(tokens, self.cache, layout)
+
+    def _forward_split(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], decodes: list[int]) -> torch.Tensor:
+        """A step of decodes and prompt chunks as two: the decodes on their CUDA graph, the chunks eagerly; the logits
+        in `steps`' order. `scripts/time_mixed_steps_gpu.py` times both ways; docs/benchmarks.md has the numbers."""
+        assert self.paged_decode is not None
+        firsts = [0]
+        for step in steps:
+            firsts.append(firsts[-1] + step.count)
+        decoding = set(decodes)
+        chunks = [i for i in range(len(steps)) if i not in decoding]
+        host = tokens.cpu()
+        decoded = self.paged_decode(host[[firsts[i] for i in decodes]], [steps[i] for i in decodes])
+        chunked = self._forward_eager(torch.cat([host[firsts[i]:firsts[i + 1]] for i in chunks]),
+                                      [steps[i] for i in chunks])
+        # rows of (decoded, chunked) in the order of the steps that want logits
+        row_of = {i: row for row, i in enumerate(decodes)}
+        row_of.update({i: len(decodes) + row for row, i in enumerate(i for i in chunks if steps[i].wants_logits)})
+        order = torch.tensor([row_of[i] for i, s in enumerate(steps) if s.wants_logits], device=self.device)
+        return torch.cat((decoded, chunked.to(decoded.dtype)))[order]
 
     def graphs(self, steps: Sequence[SequenceStep]) -> bool:
         """A step over `steps` runs on a CUDA graph (and picks each row's greedy token)."""
