@@ -16,10 +16,8 @@ def member_token(node_id: str, started_at: float) -> str:
 
 def parse_member_token(key: str) -> tuple[str, float]:
     """(node_id, started_at) from a member token's key; ValueError if the key is not one."""
-    parts = key.split("/")
-    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != MEMBERS or not parts[2] or not parts[3].isdigit():
-        raise ValueError(f"{key!r} is not a member token (expected {MEMBERS}/NODE_ID/STARTED_AT_MS)")
-    return parts[2], int(parts[3]) / 1000
+    node_id, started_ms = _node_and_number(key, MEMBERS, "member token", "STARTED_AT_MS")
+    return node_id, started_ms / 1000
 
 
 def master_claim(node_id: str, term: int) -> str:
@@ -28,9 +26,13 @@ def master_claim(node_id: str, term: int) -> str:
 
 def parse_master_claim(key: str) -> tuple[str, int]:
     """(node_id, term) from a master claim's key; ValueError if the key is not one."""
+    return _node_and_number(key, MASTERS, "master claim", "TERM")
+
+
+def _node_and_number(key: str, root: str, what: str, number: str) -> tuple[str, int]:
     parts = key.split("/")
-    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != MASTERS or not parts[2] or not parts[3].isdigit():
-        raise ValueError(f"{key!r} is not a master claim (expected {MASTERS}/NODE_ID/TERM)")
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != root or not parts[2] or not parts[3].isdigit():
+        raise ValueError(f"{key!r} is not a {what} (expected {root}/NODE_ID/{number})")
     return parts[2], int(parts[3])
 
 
