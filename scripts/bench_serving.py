@@ -217,10 +217,14 @@ async def run_clients(client: AsyncOpenAI, server: Server, args: argparse.Namesp
     return [s for per_client in await asyncio.gather(*(one_client(mine) for mine in numbers)) for s in per_client]
 
 
+def openai_client(server: Server) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=server.url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=900.0)
+
+
 def run_clients_in_process(server: Server, args: argparse.Namespace, numbers: list[list[int]]) -> list[Stream]:
     """`run_clients` in a process of its own (--client-processes), with its own connections."""
     async def run() -> list[Stream]:
-        client = AsyncOpenAI(base_url=server.url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=900.0)
+        client = openai_client(server)
         try:
             return await run_clients(client, server, args, numbers)
         finally:
@@ -318,8 +322,7 @@ def print_tables(rounds: list[Round], servers: list[Server]) -> None:
 
 
 async def bench(servers: list[Server], args: argparse.Namespace) -> list[Round]:
-    clients = {s.name: AsyncOpenAI(base_url=s.url.rstrip("/") + "/v1", api_key="unused", max_retries=0,
-                                   timeout=900.0) for s in servers}
+    clients = {s.name: openai_client(s) for s in servers}
     for server in servers:
         await warm_up(clients[server.name], server, args)
     rounds = []

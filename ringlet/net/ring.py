@@ -136,9 +136,8 @@ def host_store(host: str, world_size: int) -> tuple[dist.Store, RingAddress]:
     """Rank 0's rendezvous store on an ephemeral port of `host` (torch's TCPStore would listen on every interface:
     it is handed a socket bound to `host` alone), its keys under a fresh random token that only the cluster learns
     (the address travels in the cluster's events, over the authenticated control plane)."""
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener = _bound_socket(host)
     try:
-        listener.bind((host, 0))
         listener.listen(128)
     except OSError:
         listener.close()
@@ -185,9 +184,10 @@ class Ring:
             options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             self._pg = cast(_Group, dist.ProcessGroupGloo(store, self.rank, self.size, options))
             return
-        interface = interface_of(host)
-        if self.backend == "nccl" and interface is not None and "NCCL_SOCKET_IFNAME" not in os.environ:
-            os.environ["NCCL_SOCKET_IFNAME"] = "=" + interface  # '=': this name exactly
+        if self.backend == "nccl" and "NCCL_SOCKET_IFNAME" not in os.environ:
+            interface = interface_of(host)
+            if interface is not None:
+                os.environ["NCCL_SOCKET_IFNAME"] = "=" + interface  # '=': this name exactly
         dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=self.size,
                                 timeout=timedelta(seconds=STEP_TIMEOUT_S))
         world = dist.group.WORLD
@@ -351,10 +351,19 @@ def interface_of(host: str) -> str | None:
     return None
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+def _bound_socket(host: str) -> socket.socket:
+    """A TCP socket bound to an ephemeral port of `host`."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
         sock.bind((host, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _free_port(host: str) -> int:
+    with _bound_socket(host) as sock:
         return int(sock.getsockname()[1])
 
 

@@ -160,7 +160,7 @@ class ControlPlane:
         subscriber.undeclare()
 
     def announce(self, key: str) -> zenoh.LivelinessToken:
-        """A liveliness token: peers see it while this session lives (or until `withdraw`), and its disappearance."""
+        """A liveliness token: peers see it until the session closes or `withdraw` takes it back, then see it go."""
         token = self._session.liveliness().declare_token(key)
         self._declared.append(token)
         return token

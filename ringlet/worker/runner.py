@@ -98,8 +98,7 @@ class Outbox:
         self._stream = stream
 
     def send(self, message: Message) -> None:
-        self._stream.write(encode(message) + b"\n")
-        self._stream.flush()
+        self.send_all([message])
 
     def send_all(self, messages: list[Message]) -> None:
         """Several messages in one write (a batched step's chunks: one system call, not one per sequence)."""
@@ -114,6 +113,14 @@ def _classify(error: Exception) -> TaskErrorKind:
     if isinstance(error, ValueError):
         return "invalid_request"
     return "engine"
+
+
+def _task_failed(task_id: str, error: Exception) -> TaskFailed:
+    """The report of a task that `error` ended; an engine's failure also goes to stderr with its traceback."""
+    kind = _classify(error)
+    if kind == "engine":
+        traceback.print_exc(file=sys.stderr)
+    return TaskFailed(task_id=task_id, kind=kind, error=str(error) or type(error).__name__)
 
 
 def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outbox: Outbox) -> None:
@@ -134,10 +141,7 @@ def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outb
                 outbox.send(TaskCancelled(task_id=task_id))
                 return
     except Exception as error:  # noqa: BLE001  a failed task is reported; the runner serves the next one
-        kind = _classify(error)
-        if kind == "engine":
-            traceback.print_exc(file=sys.stderr)
-        outbox.send(TaskFailed(task_id=task_id, kind=kind, error=str(error) or type(error).__name__))
+        outbox.send(_task_failed(task_id, error))
     finally:
         stream.close()
 
@@ -170,12 +174,9 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
             assert isinstance(command, RunTask), "the node loads one shard per runner"
             try:
                 generator.submit(command.task)
-            except ValueError as error:  # a prompt that cannot run: empty, over the context window, a bad template
-                outbox.send(TaskFailed(task_id=command.task.task_id, kind=_classify(error), error=str(error)))
-            except Exception as error:  # noqa: BLE001  this task cannot start; the others and the runner go on
-                traceback.print_exc(file=sys.stderr)
-                outbox.send(TaskFailed(task_id=command.task.task_id, kind="engine",
-                                       error=str(error) or type(error).__name__))
+            except Exception as error:  # noqa: BLE001  this task cannot start (a ValueError: empty, over the context
+                # window, a bad template); the others and the runner go on
+                outbox.send(_task_failed(command.task.task_id, error))
         for task_id in inbox.take_cancels():
             if generator.cancel(task_id):
                 admitted.discard(task_id)
