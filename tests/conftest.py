@@ -15,6 +15,9 @@ if TYPE_CHECKING:  # imported by the fixtures, not here: tests/worker/engines/ip
 # own tests (tests/worker/engines/test_cpu_compile.py), which ask for it explicitly.
 os.environ.setdefault("RINGLET_CPU_COMPILE", "0")
 
+# Models pulled with Ollama are found by name: tests see only the Ollama stores they build, never the machine's own.
+os.environ["OLLAMA_MODELS"] = "/nonexistent/ollama-store-of-the-tests"
+
 # Without a GPU, Triton kernels (the fused CUDA decode step) run in Triton's interpreter on CPU tensors. Read when a
 # kernel is defined, so it is set before anything imports triton.
 if not os.path.exists("/dev/nvidia0"):

@@ -93,7 +93,7 @@ def models(request: Request) -> ModelsResponse:
     for card in node.catalog.cards():
         fits = [InstanceTypeFit(instance_type=p.instance_type, possible=p.possible, reason=p.reason)
                 for p in preview(card, nodes)]
-        on_disk = card.source in ("embedded", "local") or find_local(card.id) is not None
+        on_disk = card.source in ("embedded", "local", "ollama") or find_local(card.id) is not None
         entries.append(CatalogModel(card=card, on_disk=on_disk, fits=fits,
                                     instance_ids=[r.instance.instance_id for r in current.instances_of(card.id)]))
     return ModelsResponse(models=entries)

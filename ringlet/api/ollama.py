@@ -142,7 +142,7 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
 def _tag(card: ModelCard, modified: str) -> TagModel:
     quantization = next((d for d in card.bytes_per_dtype if d not in ("float32", "bfloat16", "float16")), "bf16")
     size = card.download_bytes or card.weight_bytes("bfloat16")
-    name = f"{card.id}:latest"
+    name = card.id if card.source == "ollama" else f"{card.id}:latest"  # Ollama's own names carry their tag
     return TagModel(
         name=name, model=name, modified_at=modified, size=size,
         digest=hashlib.sha256(card.id.encode()).hexdigest(),  # an id for tools that key on it, not a file hash

@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pull.add_argument("--workers", type=int, default=4, help="files fetched in parallel (default: 4)")
     pull.set_defaults(func=_pull)
 
-    models = subparsers.add_parser("models", help="list downloaded models: size, complete or not")
+    models = subparsers.add_parser("models", help="list downloaded models (and those pulled with Ollama): size, "
+                                                   "complete or not")
     models.add_argument("--catalog", action="store_true", help="list the curated models with their sizes instead")
     models.set_defaults(func=_list)
 
@@ -105,6 +106,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     from ringlet.models.catalog import catalog
     from ringlet.models.embedded import embedded_model_path
+    from ringlet.models.ollama import ollama_models
     from ringlet.models.store import ModelStore
 
     store = ModelStore()
@@ -132,6 +134,8 @@ def _list(args: argparse.Namespace) -> int:
         if model.read_only:
             detail += "; read-only"
         rows.append((model.repo_id, model.status, _size(model.size_bytes), detail, str(model.path)))
+    for pulled in ollama_models():  # served in place, by the name Ollama gave them
+        rows.append((pulled.name, "ollama", _size(pulled.size_bytes), "GGUF pulled with Ollama", str(pulled.path)))
     _print_table(rows)
     if len(rows) == 2:
         print(f"\nno downloaded models in {store.root}; `ringlet pull Qwen/Qwen3-0.6B` fetches one")

@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "with --api-key)")
     p.add_argument("--node-name", default=socket.gethostname(), help="name shown in the dashboard (default: hostname)")
     p.add_argument("--model", default=None,
-                   help="model of the default instance: a catalog id, a model directory or .gguf file "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
+                   help="model of the default instance: a catalog id, a model directory, a GGUF file, or a model "
+                        "pulled with Ollama (llama3.2:1b) (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engine", choices=get_args(EngineType), default=None,
                    help="engine for this node (default: $RINGLET_ENGINE, else the best available)")
     p.add_argument("--models-dir", action="append", default=[], metavar="DIR",

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a Hugging Face model directory, a .gguf file, or a known name (default: the embedded "
-                             "SmolLM2-135M-Instruct)")
+                        help="a Hugging Face model directory, a GGUF file (the first of a split model's), a model "
+                             "pulled with `ringlet pull` or with Ollama (llama3.2:1b), or a known name (default: the "
+                             "embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--engine", default=engine_from_environment(),
                         help="cpu, cuda, ipex or mlx (default: $RINGLET_ENGINE, else the best available)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,

@@ -24,7 +24,7 @@ from ringlet.shared.instances import InstanceType
 _log = logging.getLogger(__name__)
 
 ModelFormat = Literal["safetensors", "gguf"]
-CardSource = Literal["catalog", "embedded", "hub", "local"]
+CardSource = Literal["catalog", "embedded", "hub", "local", "ollama"]
 
 # Bytes per parameter of the dtypes the torch engines compute in.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -205,12 +205,13 @@ def resolve_card(ref: str, *, revision: str = "main", offline: bool | None = Non
 
 def card_from_path(model_id: str, path: Path) -> ModelCard:
     """A card from a local model directory or GGUF file."""
+    from ringlet.models.gguf_loader import gguf_size
     from ringlet.models.loader import read_model_config
     from ringlet.models.safetensors_loader import read_config
 
     if path.is_file():
         _, args = read_model_config(path)
-        return card_from_args(model_id, args, format="gguf", source="local", download_bytes=path.stat().st_size)
+        return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path))
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     return card_from_config(model_id, read_config(path), sizes, source="local")
 

@@ -54,6 +54,7 @@ from ringlet.models.store import (
     model_lock,
     pick_gguf,
     read_manifest,
+    split_gguf_parts,
     write_manifest,
 )
 from ringlet.shared.errors import ModelLoadError
@@ -192,7 +193,12 @@ def download_model(
         if not gguf:
             raise DownloadError(f"{repo_id} has no safetensors or GGUF weights (files: {', '.join(sorted(remote))})")
         chosen = pick_gguf(gguf, parsed)
-        fetcher.fetch([remote[chosen]])
+        parts = [str(part) for part in split_gguf_parts(Path(chosen))]
+        absent = [part for part in parts if part not in remote]
+        if absent:
+            raise DownloadError(f"{repo_id}: {chosen} is one part of a split model whose parts "
+                                f"{', '.join(absent)} are not in the repo")
+        fetcher.fetch([remote[part] for part in parts])
         return directory / chosen
 
 

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from ringlet.models.quant import GroupQuantized
+from ringlet.models.store import split_gguf_parts
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
 from ringlet.shared.errors import ModelLoadError
 
@@ -63,9 +64,11 @@ class GGUFModel:
     """A GGUF model file opened for reading: `config`, `load_state_dict(start, end)`, `tokenizer()`."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._reader = _open_reader(self.path)
-        self._tensors: dict[str, ReaderTensor] = {t.name: t for t in self._reader.tensors}
+        path = Path(path)
+        readers = _open_parts(path)
+        self.path = split_gguf_parts(path)[0] if len(readers) > 1 else path  # the file with the metadata
+        self._reader = readers[0]
+        self._tensors: dict[str, ReaderTensor] = {t.name: t for reader in readers for t in reader.tensors}
         self.architecture = str(self._metadata("general.architecture", required=True))
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
@@ -237,7 +240,7 @@ class GGUFModel:
     # ---- tokenizer ------------------------------------------------------------------------
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_gguf(gguf_metadata(self._reader), source=str(self.path))
+        return Tokenizer.from_gguf_file(self.path, gguf_metadata(self._reader))
 
 
 def dequantize_tensor(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -336,6 +339,44 @@ def _llama3_rope_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -
     mid = 1 / ((1 - smooth) / factor + smooth)
     out = torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), mid)
     return torch.where(wavelen < old_context / high, torch.ones_like(freqs), out)
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether the file starts like a GGUF file (whatever its name: Ollama's blobs have no suffix)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def gguf_size(path: Path) -> int:
+    """Bytes of a GGUF model on disk, every part of a split model counted."""
+    return sum(part.stat().st_size for part in split_gguf_parts(path) if part.is_file())
+
+
+def _open_parts(path: Path) -> list[GGUFReader]:
+    """Readers of every file of the model, the first file first; one for a model in one file."""
+    reader = _open_reader(path)
+    field = reader.fields.get("split.count")
+    count = int(field.contents()) if field is not None else 1
+    if count <= 1:
+        return [reader]
+    parts = split_gguf_parts(path)
+    if len(parts) != count:
+        raise ModelLoadError(f"{path} is one of {count} files of a split GGUF model, but its name does not say which "
+                             f"(llama.cpp names them NAME-00001-of-{count:05d}.gguf, ...); rename it so")
+    missing = [part.name for part in parts if not part.is_file()]
+    if missing:
+        raise ModelLoadError(f"{path} is one of {count} files of a split GGUF model; {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing from {path.parent}")
+    readers = [reader if part == path else _open_reader(part) for part in parts]
+    expected = readers[0].fields.get("split.tensors.count")
+    found = sum(len(r.tensors) for r in readers)
+    if expected is not None and int(expected.contents()) != found:
+        raise ModelLoadError(f"{parts[0]}: the split GGUF model lists {int(expected.contents())} tensors but its "
+                             f"{count} files hold {found}; download its parts again")
+    return readers
 
 
 def _open_reader(path: Path) -> GGUFReader:

@@ -11,6 +11,7 @@ from torch import nn
 from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
+from ringlet.models.ollama import find_ollama_model, ollama_models_dir
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.tokenizer import Tokenizer
@@ -32,7 +33,8 @@ class LoadedStage:
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:
-    """A local path, then a model in the store (`ringlet pull`), then the embedded model's names."""
+    """A local path, then a model in the store (`ringlet pull`), then one pulled with Ollama (`llama3.2:1b`), then
+    the embedded model's names."""
     if ref is None:
         return embedded_model_path()
     path = Path(ref).expanduser()
@@ -43,11 +45,14 @@ def resolve_model_path(ref: str | Path | None) -> Path:
     # the store first: a pulled full-precision HuggingFaceTB/SmolLM2-135M-Instruct beats the embedded Q4_1 file
     if (stored := find_local(str(ref))) is not None:
         return stored
+    if (pulled := find_ollama_model(str(ref))) is not None:
+        return pulled.path
     if str(ref).lower() in EMBEDDED_ALIASES:
         return embedded_model_path()
+    fetch = f"`ringlet pull {ref}` downloads it" if "/" in str(ref) else f"`ollama pull {ref}` fetches it"
     raise ModelLoadError(
-        f"model {str(ref)!r} not found: not a local path and not in the store ({ringlet_home() / 'models'}); "
-        f"`ringlet pull {ref}` downloads it, `ringlet models` lists what is there, "
+        f"model {str(ref)!r} not found: not a local path, not in the store ({ringlet_home() / 'models'}) and not "
+        f"pulled with Ollama ({ollama_models_dir()}); {fetch}, `ringlet models` lists what is there, "
         f"or use {EMBEDDED_MODEL_ID!r} (the embedded model)"
     )
 
@@ -84,8 +89,8 @@ def load_stage(
 
 
 def _open_gguf(path: Path):
-    from ringlet.models.gguf_loader import GGUFModel
+    from ringlet.models.gguf_loader import GGUFModel, is_gguf
 
-    if path.suffix != ".gguf":
-        raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+    if not is_gguf(path):  # by its first bytes: Ollama's blobs have no suffix
+        raise ModelLoadError(f"{path} is neither a model directory nor a GGUF file")
     return GGUFModel.open(path)

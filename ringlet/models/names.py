@@ -1,4 +1,5 @@
-"""The models a node knows by name: the curated catalog, the embedded model, and local paths it was given.
+"""The models a node knows by name: the curated catalog, the embedded model, local paths it was given, and the
+models pulled with Ollama on this machine (by their Ollama names, `llama3.2:1b`).
 
 A local path is loaded only from the node's model directories (the store, `RINGLET_MODEL_DIRS`, `--models-dir`,
 and the `--model` it started with): any other path reads as a missing model, the same 404, so the API neither
@@ -14,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card
+from ringlet.models.gguf_loader import gguf_size
 from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
+from ringlet.models.ollama import OllamaModel, find_ollama_model, ollama_models
 from ringlet.models.store import extra_model_dirs, ringlet_home
 from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError
 
@@ -30,11 +33,12 @@ class Catalog:
         """`local_roots`: the directories (or files) whose models `add_local` loads (default: the store and
         RINGLET_MODEL_DIRS)."""
         self._local: dict[str, ModelCard] = {}  # cards of local paths, by their id (the absolute path)
+        self._ollama: dict[tuple[str, Path], ModelCard | None] = {}  # by Ollama name and blob; None: cannot run
         roots = default_model_roots() if local_roots is None else local_roots
         self.local_roots = [Path(r).expanduser().resolve() for r in roots]
 
     def cards(self) -> list[ModelCard]:
-        return [*catalog(), *self._local.values()]
+        return [*catalog(), *self._local.values(), *self.ollama_cards()]
 
     def resolve(self, name: str) -> ModelCard:
         """The card a request's model name means; ModelNotFoundError lists the names that work."""
@@ -47,14 +51,49 @@ class Catalog:
         for card in self._local.values():
             if wanted in (card.id.lower(), Path(card.id).name.lower(), Path(card.id).stem.lower()):
                 return card
+        for card in self.ollama_cards():
+            if _normalise(card.id) == wanted:
+                return card
         raise ModelNotFoundError(name, [c.id for c in self.cards()])
+
+    def ollama_cards(self) -> list[ModelCard]:
+        """Cards of the models pulled with Ollama that this node can run (each blob's metadata read once)."""
+        cards = []
+        for pulled in ollama_models():
+            key = (pulled.name, pulled.path)
+            if key not in self._ollama:
+                try:
+                    self._ollama[key] = self._ollama_card(pulled)
+                except InvalidModelError:
+                    self._ollama[key] = None  # an architecture ringlet does not run: asking for it by name says so
+            if (card := self._ollama[key]) is not None:
+                cards.append(card)
+        return cards
+
+    @staticmethod
+    def _ollama_card(pulled: OllamaModel) -> ModelCard:
+        try:
+            _, args = read_model_config(pulled.path)
+        except ModelLoadError as error:
+            raise InvalidModelError(f"Ollama model {pulled.name} is not a model this node can load: {error}") from None
+        return card_from_args(pulled.name, args, format="gguf", source="ollama", download_bytes=pulled.size_bytes)
 
     def add_local(self, ref: str) -> ModelCard:
         """A card for a model directory or .gguf file on this node, remembered under its absolute path."""
         try:
             return self.resolve(ref)
         except ModelNotFoundError:
-            if not _is_existing_path(ref) or not self._within_roots(ref):
+            if not _is_existing_path(ref):
+                try:
+                    pulled = find_ollama_model(ref)
+                except ModelLoadError as error:
+                    raise InvalidModelError(str(error)) from None
+                if pulled is None:
+                    raise
+                card = self._ollama_card(pulled)
+                self._ollama[(pulled.name, pulled.path)] = card
+                return card
+            if not self._within_roots(ref):
                 raise
         try:
             path, args = read_model_config(ref)
@@ -85,5 +124,5 @@ def _is_existing_path(ref: str) -> bool:
 
 def _size_on_disk(path: Path) -> int:
     if path.is_file():
-        return path.stat().st_size
+        return gguf_size(path)
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())

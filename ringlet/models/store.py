@@ -168,16 +168,37 @@ def find_local(ref: str) -> Path | None:
     return model.path
 
 
+# one part of a GGUF model split in several files, as llama.cpp's gguf-split names them
+_SPLIT_GGUF = re.compile(r"^(?P<stem>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_gguf_parts(path: Path) -> list[Path]:
+    """Every file of a split GGUF model (`NAME-00001-of-00003.gguf`, ...) in order, from any one of them; a file
+    whose name is not a part's is a model by itself."""
+    match = _SPLIT_GGUF.match(path.name)
+    if match is None:
+        return [path]
+    count = int(match["count"])
+    return [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def gguf_models(files: list[str]) -> list[str]:
+    """The GGUF models among a repo's files, each named by its first file (a split model's other parts left out)."""
+    return [f for f in files if (m := _SPLIT_GGUF.match(Path(f).name)) is None or int(m["number"]) == 1]
+
+
 def pick_gguf(files: list[str], ref: ModelRef) -> str:
-    """The one GGUF file a reference means: the only one, or the one whose name contains the variant."""
+    """The one GGUF model a reference means: the only one, or the one whose path contains the variant (a folder
+    `Q4_K_M/` counts). A split model is named by its first file; `split_gguf_parts` gives the others."""
+    models = gguf_models(files)
     if ref.variant:
-        matches = [f for f in files if ref.variant.lower() in Path(f).name.lower()]
+        matches = [f for f in models if ref.variant.lower() in f.lower()]
     else:
-        matches = list(files)
+        matches = models
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise ModelLoadError(f"{ref}: no GGUF file matches; available: {', '.join(files) or 'none'}")
+        raise ModelLoadError(f"{ref}: no GGUF file matches; available: {', '.join(models) or 'none'}")
     raise ModelLoadError(
         f"{ref}: several GGUF files match ({', '.join(matches)}); "
         f"name one, for example {ref.repo_id}:{_quant_hint(matches[0])}"

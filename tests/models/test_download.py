@@ -321,3 +321,15 @@ def test_the_cluster_state_forgets_the_oldest_finished_downloads() -> None:
         state = apply(state, DownloadProgressed(download=done))
     assert len(state.downloads) == KEEP_FINISHED_DOWNLOADS + 1 and "live" in state.downloads
     assert "d0" not in state.downloads and f"d{KEEP_FINISHED_DOWNLOADS + 4}" in state.downloads
+
+
+def test_a_split_gguf_model_is_fetched_whole(hub: FakeHub) -> None:
+    parts = {f"big-Q4_K_M-{i:05d}-of-00003.gguf": b"GGUF" + bytes([i]) * 3000 for i in (1, 2, 3)}
+    hub.repos["someone/big-GGUF"] = HubRepo({**parts, "big-Q8_0.gguf": b"GGUF" + b"8" * 9000})
+    path = download_model("someone/big-GGUF:Q4_K_M")
+    assert path.name == "big-Q4_K_M-00001-of-00003.gguf"
+    assert fetched(hub) == set(parts)
+    assert all((path.parent / name).read_bytes() == data for name, data in parts.items())
+    del hub.repos["someone/big-GGUF"].files["big-Q4_K_M-00003-of-00003.gguf"]
+    with pytest.raises(ModelLoadError, match="big-Q4_K_M-00003-of-00003.gguf are not in the repo"):
+        download_model("someone/big-GGUF:Q4_K_M")

@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as Q
 
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import embedded_model_path
-from ringlet.models.gguf_loader import GGUFModel, dequantize_tensor
+from ringlet.models.gguf_loader import GGUFModel, dequantize_tensor, gguf_size
+from ringlet.models.loader import read_model_config
 from ringlet.shared.errors import ModelLoadError
 from tests.support.tiny_gguf import HEAD_DIM, HIDDEN, LAYER_WEIGHTS, LAYERS, encode, write_tiny_gguf
 
@@ -285,5 +286,58 @@ def test_missing_file_raises_model_load_error(tmp_path: Path) -> None:
 def test_tiny_file_without_tokenizer_says_so(tmp_path: Path) -> None:
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
-    with pytest.raises(ModelLoadError, match="tokenizer model None is not supported"):
+    with pytest.raises(ModelLoadError, match="the GGUF file has no tokenizer"):
         GGUFModel.open(path).tokenizer()
+
+
+# ---- split files ---------------------------------------------------------------------------
+
+
+def _split_model(tmp_path: Path) -> tuple[Path, list[Path]]:
+    whole = tmp_path / "whole" / "tiny.gguf"
+    whole.parent.mkdir()
+    write_tiny_gguf(whole)
+    (tmp_path / "split").mkdir()
+    write_tiny_gguf(tmp_path / "split" / "tiny.gguf", split_max_tensors=7)
+    return whole, sorted((tmp_path / "split").glob("*.gguf"))
+
+
+def test_a_split_model_loads_from_any_of_its_files_as_the_whole_file(tmp_path: Path) -> None:
+    whole, parts = _split_model(tmp_path)
+    assert [p.name for p in parts] == [f"tiny-{i:05d}-of-{len(parts):05d}.gguf" for i in range(1, len(parts) + 1)]
+    assert len(parts) >= 3
+    reference = GGUFModel.open(whole)
+    expected = reference.load_state_dict(0, LAYERS)
+    for part in (parts[0], parts[-1]):
+        model = GGUFModel.open(part)
+        assert model.path == parts[0] and model.config == reference.config
+        weights = model.load_state_dict(0, LAYERS)
+        assert weights.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(weights[name], tensor), name
+    assert gguf_size(parts[1]) == sum(p.stat().st_size for p in parts) > whole.stat().st_size
+    assert read_model_config(parts[0])[1] == ModelArgs.from_dict(reference.config)
+
+
+def test_a_split_model_with_a_missing_part_names_it(tmp_path: Path) -> None:
+    _, parts = _split_model(tmp_path)
+    parts[1].unlink()
+    with pytest.raises(ModelLoadError, match=f"{parts[1].name} is missing from"):
+        GGUFModel.open(parts[0])
+
+
+def test_a_renamed_part_of_a_split_model_says_how_parts_are_named(tmp_path: Path) -> None:
+    _, parts = _split_model(tmp_path)
+    renamed = parts[0].rename(parts[0].with_name("tiny.gguf"))
+    with pytest.raises(ModelLoadError, match="does not say which .*NAME-00001-of-"):
+        GGUFModel.open(renamed)
+
+
+def test_a_gguf_file_is_known_by_its_first_bytes_not_its_name(tmp_path: Path) -> None:
+    blob = tmp_path / "sha256-0123"
+    write_tiny_gguf(blob)
+    assert read_model_config(blob)[1].num_hidden_layers == LAYERS
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(ModelLoadError, match="neither a model directory nor a GGUF file"):
+        read_model_config(other)

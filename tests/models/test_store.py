@@ -16,6 +16,7 @@ from ringlet.models.store import (
     find_local,
     model_lock,
     ringlet_home,
+    split_gguf_parts,
 )
 from ringlet.shared.errors import ModelLoadError
 from tests.support.hub import NUM_LAYERS
@@ -129,3 +130,16 @@ def test_gguf_variants(home: Path) -> None:
         find_local("org/m-GGUF")
     with pytest.raises(ModelLoadError, match="no GGUF file matches; available: m.Q4_K_M.gguf, m.Q8_0.gguf"):
         find_local("org/m-GGUF:IQ2_XS")
+
+
+def test_a_split_gguf_model_is_one_choice_named_by_its_first_file(home: Path) -> None:
+    store = ModelStore()
+    put_model(store.root, "org/big-GGUF", {"big-Q4_K_M-00001-of-00002.gguf": b"GGUF1",
+                                           "big-Q4_K_M-00002-of-00002.gguf": b"GGUF2", "big-Q8_0.gguf": b"GGUF8"})
+    first = store.root / "org/big-GGUF/big-Q4_K_M-00001-of-00002.gguf"
+    assert find_local("org/big-GGUF:Q4_K_M") == first
+    assert split_gguf_parts(first) == [first, first.with_name("big-Q4_K_M-00002-of-00002.gguf")]
+    assert split_gguf_parts(first.with_name("big-Q8_0.gguf")) == [first.with_name("big-Q8_0.gguf")]
+    with pytest.raises(ModelLoadError, match=r"several GGUF files match \(big-Q4_K_M-00001-of-00002.gguf, "
+                                             r"big-Q8_0.gguf\)"):
+        find_local("org/big-GGUF")

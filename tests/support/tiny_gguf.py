@@ -3,6 +3,7 @@ types."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -62,10 +63,14 @@ def write_tiny_gguf(
     tied: bool = False,
     extra_tensors: dict[str, tuple[np.ndarray, Q]] | None = None,
     seed: int = 0,
+    split_max_tensors: int = 0,
+    metadata: Callable[[gguf.GGUFWriter], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """A random two-layer model; returns the HF-layout float32 originals by HF name."""
+    """A random two-layer model; returns the HF-layout float32 originals by HF name. With `split_max_tensors`, the
+    model is split as llama.cpp's gguf-split does it: `path`'s stem, then -00001-of-0000N.gguf and so on. `metadata`
+    writes keys of its own (a tokenizer) in place of the default EOS ids."""
     rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(HIDDEN)
@@ -74,8 +79,11 @@ def write_tiny_gguf(
     writer.add_head_count_kv(KV_HEADS)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(500000.0)
-    writer.add_uint32("tokenizer.ggml.eos_token_id", 7)
-    writer.add_uint32("tokenizer.ggml.eot_token_id", 9)
+    if metadata is not None:  # a tokenizer, say
+        metadata(writer)
+    else:
+        writer.add_uint32("tokenizer.ggml.eos_token_id", 7)
+        writer.add_uint32("tokenizer.ggml.eot_token_id", 9)
 
     originals: dict[str, np.ndarray] = {}
 

@@ -135,7 +135,7 @@ export interface ModelCard {
 	id: string;
 	architecture: string;
 	format: 'safetensors' | 'gguf';
-	source: 'catalog' | 'embedded' | 'hub' | 'local';
+	source: 'catalog' | 'embedded' | 'hub' | 'local' | 'ollama';
 	num_layers: number;
 	hidden_size: number;
 	num_attention_heads: number;
