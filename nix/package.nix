@@ -69,6 +69,11 @@ let
       huggingface-hub
       rich
       psutil
+      httptools
+      uvloop
+      cryptography
+      filelock
+      transformers
     ])
     ++ lib.optionals (accelerator == "cuda") [ ps.nvidia-ml-py ];
 in

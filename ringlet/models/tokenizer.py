@@ -1,7 +1,7 @@
 """Tokenizer (HF `tokenizers`, Rust) and chat template (sandboxed jinja2), from a HF directory or GGUF metadata.
 
     tok = Tokenizer.from_hf_dir(path)            # tokenizer.json + tokenizer_config.json
-    tok = GGUFModel.open(path).tokenizer()       # tokenizer.ggml.* metadata
+    tok = GGUFModel.open(path).tokenizer()       # tokenizer.ggml.* metadata (SentencePiece through transformers)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     ids = tok.encode(prompt, add_special_tokens=False)
 
@@ -140,17 +140,38 @@ class Tokenizer:
         )
 
     @classmethod
+    def from_gguf_file(cls, path: Path, meta: Mapping[str, Any]) -> Tokenizer:
+        """A GGUF file's tokenizer, `meta` being its `tokenizer.*` metadata: byte-level BPE ('gpt2': Llama 3, Qwen,
+        SmolLM, Mistral Nemo) is rebuilt here, as llama.cpp splits its text; SentencePiece ('llama': Llama 2,
+        Mistral, Gemma, Phi) and Unigram ('t5') vocabularies through transformers' GGUF conversion."""
+        kind = meta.get("tokenizer.ggml.model")
+        if kind == "gpt2":
+            return cls.from_gguf(meta, source=str(path))
+        if kind is None or not meta.get("tokenizer.ggml.tokens"):
+            raise ModelLoadError(f"{path}: the GGUF file has no tokenizer (no tokenizer.ggml.model and tokens)")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise ModelLoadError(f"{path}: its {kind!r} tokenizer is read through "
+                                 "transformers, which is not installed: pip install transformers") from None
+        try:
+            converted = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except Exception as e:  # anything transformers' conversion meets in a file it cannot read
+            raise ModelLoadError(f"{path}: cannot build its {kind!r} tokenizer from the "
+                                 f"GGUF metadata ({type(e).__name__}: {e})") from e
+        tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+        return cls(converted.backend_tokenizer, **_gguf_special_tokens(meta, tokens))
+
+    @classmethod
     def from_gguf(cls, reader_or_metadata: Any, source: str = "GGUF file") -> Tokenizer:
-        """From llama.cpp's tokenizer metadata: a `gguf.GGUFReader`, or a dict of `tokenizer.*` keys."""
+        """A byte-level BPE vocabulary from llama.cpp's tokenizer metadata: a `gguf.GGUFReader`, or a dict of
+        `tokenizer.*` keys (`from_gguf_file` reads the other kinds)."""
         meta: Mapping[str, Any] = (
             reader_or_metadata if isinstance(reader_or_metadata, Mapping) else gguf_metadata(reader_or_metadata)
         )
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise ModelLoadError(
-                f"{source}: tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2': "
-                "Llama 3, Qwen, SmolLM, Mistral Nemo...) is. Use the model's Hugging Face directory instead."
-            )
+            raise ModelLoadError(f"{source}: tokenizer model {kind!r} is not byte-level BPE ('gpt2')")
         tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
         merges: list[str] = list(meta.get("tokenizer.ggml.merges") or [])
         if not tokens or not merges:
@@ -159,10 +180,6 @@ class Tokenizer:
         if len(types) != len(tokens):
             raise ModelLoadError(f"{source}: {len(tokens)} tokens but {len(types)} token types")
         pre = str(meta.get("tokenizer.ggml.pre", "default"))
-
-        def token_id(key: str) -> int | None:
-            value = meta.get(f"tokenizer.ggml.{key}")
-            return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
         # Control/user-defined tokens are matched whole in raw text, so they stay as spelled; a normal
         # token outside the byte alphabet (rare, older converters) is re-spelled in it.
@@ -178,7 +195,7 @@ class Tokenizer:
         _set_pre_tokenizer(backend, pre, source)
         backend.decoder = decoders.ByteLevel()
 
-        named_ids = {k: token_id(f"{k}_token_id") for k in ("bos", "eos", "eot", "eom", "unknown", "padding")}
+        named_ids = _gguf_named_ids(meta, len(tokens))
         special_ids = {i for i, t in enumerate(types) if t == _TOKEN_CONTROL} | {
             i for i in named_ids.values() if i is not None
         }
@@ -196,16 +213,7 @@ class Tokenizer:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
             )
-
-        template_names = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
-        template_tokens = {
-            name: tokens[tid] for name, key in template_names.items() if (tid := named_ids[key]) is not None
-        }
-        eos_ids = [tid for k in ("eos", "eot", "eom") if (tid := named_ids[k]) is not None]
-        return cls(
-            backend, chat_template=meta.get("tokenizer.chat_template"), bos_token_id=bos_id,
-            eos_token_ids=eos_ids, template_tokens=template_tokens,
-        )
+        return cls(backend, **_gguf_special_tokens(meta, tokens))
 
     # ---- text <-> ids ---------------------------------------------------------------------
 
@@ -302,6 +310,29 @@ class StreamingDetokenizer:
 def gguf_metadata(reader: Any) -> dict[str, Any]:
     """The `tokenizer.*` metadata of a gguf.GGUFReader as plain Python values."""
     return {key: field.contents() for key, field in reader.fields.items() if key.startswith("tokenizer.")}
+
+
+def _gguf_named_ids(meta: Mapping[str, Any], vocab_size: int) -> dict[str, int | None]:
+    """The ids the metadata names (`tokenizer.ggml.bos_token_id`...), None where absent or outside the vocabulary."""
+    def token_id(key: str) -> int | None:
+        value = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return int(value) if value is not None and 0 <= int(value) < vocab_size else None
+
+    return {key: token_id(key) for key in ("bos", "eos", "eot", "eom", "unknown", "padding")}
+
+
+def _gguf_special_tokens(meta: Mapping[str, Any], tokens: list[str]) -> dict[str, Any]:
+    """The chat template, BOS, the ids that end a turn, and the tokens a chat template names, as `Tokenizer` takes
+    them."""
+    named_ids = _gguf_named_ids(meta, len(tokens))
+    template_names = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+    return {
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "bos_token_id": named_ids["bos"],
+        "eos_token_ids": [tid for key in ("eos", "eot", "eom") if (tid := named_ids[key]) is not None],
+        "template_tokens": {name: tokens[tid] for name, key in template_names.items()
+                            if (tid := named_ids[key]) is not None},
+    }
 
 
 def _merge_pair(merge: str, source: str) -> tuple[str, str]:

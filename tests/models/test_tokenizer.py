@@ -247,8 +247,8 @@ def test_gguf_bos_flag() -> None:
     assert Tokenizer.from_gguf(byte_alphabet_metadata("smollm")).encode("t") == [t]
 
 
-def test_gguf_unsupported_tokenizer_model() -> None:
-    with pytest.raises(ModelLoadError, match="'llama' is not supported"):
+def test_gguf_byte_level_reader_refuses_other_vocabularies() -> None:
+    with pytest.raises(ModelLoadError, match="'llama' is not byte-level BPE"):
         Tokenizer.from_gguf({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]}, source="x.gguf")
 
 
