@@ -133,6 +133,14 @@ def test_unknown_architecture_names_supported_ones():
         model_args({**TINY, "model_type": "gpt_neox"})
 
 
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes"])
+def test_a_quantised_checkpoint_is_refused_by_its_method_not_read_wrongly(method):
+    with pytest.raises(ModelLoadError, match=f"quantised with '{method}' .*use the model's bf16 checkpoint"):
+        model_args({**TINY, "model_type": "llama", "quantization_config": {"quant_method": method, "bits": 4}})
+    # MLX's own quantised checkpoints name no method: mlx-lm reads them
+    assert model_args({**TINY, "model_type": "llama", "quantization_config": {"group_size": 64, "bits": 4}})
+
+
 def test_bad_layer_range():
     args = model_args({**TINY, "model_type": "llama"})
     with pytest.raises(ModelLoadError, match="layer range"):
