@@ -11,20 +11,25 @@ dequantises just those tensors (the file is memory-mapped; untouched tensors cos
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import quants as gguf_quants
 from gguf.quants import dequantize
 
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.store import split_gguf_parts
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
 from ringlet.shared.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -186,15 +191,24 @@ class GGUFModel:
         return {hf: self._read_tensor(gguf_name).to(dtype) for gguf_name, hf in names.items()}
 
     def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
-        """The Q4_0/Q4_1 weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
+        """The Q4_0/Q4_1/Q4_K weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
         names and layout), for int4 kernels that take them as they are; weights of other types are left out."""
         groups = {}
+        others: Counter[str] = Counter()  # quantised weights of other types, dequantised
         for i in range(start, end):
             for gguf_name, hf_name in self._layer_tensor_names().items():
                 name = f"blk.{i}.{gguf_name}"
                 tensor = self._tensors.get(name)
-                if tensor is not None and GGMLQuantizationType(tensor.tensor_type) in _GROUPED:
+                if tensor is None or not gguf_name.endswith(".weight") or len(tensor.shape) != 2:
+                    continue
+                qtype = GGMLQuantizationType(tensor.tensor_type)
+                if qtype in _GROUPED:
                     groups[f"model.layers.{i}.{hf_name}"] = self._read_groups(name)
+                elif qtype not in _FLOAT_TYPES:
+                    others[qtype.name] += 1
+        if groups and others:
+            log.info("%s: weights of layers %d-%d stored as %s are dequantised (not 4-bit groups)", self.path.name,
+                     start, end - 1, ", ".join(f"{kind} ({count})" for kind, count in sorted(others.items())))
         return groups
 
     def _read_groups(self, name: str) -> GroupQuantized:
@@ -246,15 +260,34 @@ class GGUFModel:
 def dequantize_tensor(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Values of a GGUF tensor as a fresh, flat float32 array.
 
-    The common types are decoded here over the whole tensor at once (gguf.quants walks small row
-    groups, ~4x slower); the rest go through gguf.quants. Same arithmetic as ggml's
-    dequantize_row_* (d * q [+ m], with fp16 d and m), so the results are bit-identical. numpy, not
-    torch: torch's OpenMP threads stall badly when the cores are shared with other processes.
+    The common types are decoded here over the whole tensor at once; the rest (the K-quants, the IQ types) by
+    gguf.quants' own block decoders over long runs of blocks (its `dequantize` walks 16 rows at a time, several
+    times slower). Same arithmetic as ggml's dequantize_row_* (d * q [+ m], with fp16 d and m), so the results are
+    bit-identical. numpy, not torch: torch's OpenMP threads stall badly when the cores are shared with other
+    processes.
     """
+    raw = np.asarray(data).reshape(-1).view(np.uint8)
     decode = _DEQUANT.get(qtype)
-    if decode is None:
-        return np.array(dequantize(np.asarray(data), qtype), dtype=np.float32).reshape(-1)
-    return decode(np.asarray(data).reshape(-1).view(np.uint8))
+    return decode(raw) if decode is not None else _by_blocks(raw, qtype)
+
+
+_RUN_BYTES = 8 << 20  # bytes of blocks decoded at once: bounds the decoder's temporaries (a few times 4x this)
+
+
+def _by_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Through gguf.quants' block decoder for the type, a run of blocks at a time into one output array."""
+    decoder = getattr(gguf_quants, qtype.name, None)
+    if decoder is None or qtype not in GGML_QUANT_SIZES:
+        return np.array(dequantize(raw, qtype), dtype=np.float32).reshape(-1)  # raises NotImplementedError
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    decoder.init_grid()  # the IQ types' lookup tables
+    blocks = raw.reshape(-1, type_size)
+    out = np.empty(blocks.shape[0] * block_size, dtype=np.float32)
+    run = max(1, _RUN_BYTES // type_size)
+    for start in range(0, blocks.shape[0], run):
+        part = blocks[start:start + run]
+        out[start * block_size:(start + part.shape[0]) * block_size] = decoder.dequantize_blocks(part).reshape(-1)
+    return out
 
 
 def _half(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -300,8 +333,22 @@ def _q4_1_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: 
     return _nibbles(blocks[:, 4:]), _half(blocks, 0), _half(blocks, 2)
 
 
-# 4-bit types whose blocks are (32 codes, scale, offset): codes, scale and offset per block
-_GROUPED = {GGMLQuantizationType.Q4_0: _q4_0_groups, GGMLQuantizationType.Q4_1: _q4_1_groups}
+def _q4_k_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Super-blocks of 256: fp16 d and dmin, 6-bit scales and mins of its 8 groups of 32, 128 bytes of 4-bit codes
+    (64 values per 32 bytes: the low nibbles, then the high ones); x = d * scale * q - dmin * min."""
+    blocks = raw.reshape(-1, 144)
+    scales, mins = gguf_quants.Q4_K.get_scale_min(blocks[:, 4:16])
+    scale = _half(blocks, 0) * scales.astype(np.float32)
+    offset = -(_half(blocks, 2) * mins.astype(np.float32))
+    packed = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    codes = (packed >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+    return codes.reshape(-1, 256), scale, offset
+
+
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+# 4-bit types whose blocks hold groups of (32 codes, scale, offset): codes, scale and offset per group
+_GROUPED = {GGMLQuantizationType.Q4_0: _q4_0_groups, GGMLQuantizationType.Q4_1: _q4_1_groups,
+            GGMLQuantizationType.Q4_K: _q4_k_groups}
 
 
 def _bf16(raw: np.ndarray) -> np.ndarray:  # the high half of a float32

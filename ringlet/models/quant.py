@@ -4,8 +4,9 @@ Decoding one token reads every weight once, so bytes per weight set the speed. W
 (AMX / AVX-512 BF16):
 - int8: one scale per output channel, a quarter of fp32's bytes; PyTorch's `_weight_int8pack_mm`.
 - int4: 4-bit codes with a scale and offset per group of 32 inputs, an eighth of fp32's bytes; PyTorch's
-  `_weight_int4pack_mm_for_cpu`. A GGUF file's Q4_0/Q4_1 tensors are exactly this layout, so their codes
-  are used as they are (no second rounding); other weights are rounded to the nearest of 16 levels.
+  `_weight_int4pack_mm_for_cpu`. A GGUF file's Q4_0/Q4_1/Q4_K tensors are exactly this layout, so their codes
+  are used as they are (no second rounding); a file's wider tensors become int8; the weights of a file with no
+  4-bit tensors are rounded to the nearest of 16 levels.
 The lm_head stays int8 under int4: its logits decide every token.
 """
 
@@ -140,8 +141,9 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     """Int4 linears in every decoder layer of a stage (`ringlet.models.llama.Transformer`), in place.
 
     `source` maps Hugging Face weight names (global layer indices, e.g. `model.layers.3.mlp.up_proj.weight`) to
-    the file's own 4-bit groups; a linear with all its parts there uses them, any other is rounded from its
-    weight. The lm_head becomes int8. Returns the model.
+    the file's own 4-bit groups; a linear with all its parts there uses them. When a file gave groups, a linear
+    it stores in more bits (Q4_K_M keeps some in Q6_K) becomes int8 rather than losing them; without a file's
+    groups every linear is rounded to 4 bits. The lm_head becomes int8. Returns the model.
     """
     source = source or {}
     for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
@@ -150,11 +152,11 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
             owner_path, _, attr = path.rpartition(".")
             owner, linear = layer.get_submodule(owner_path), layer.get_submodule(path)
             stored = [source.get(f"{prefix}{part}.weight") for part in parts]
-            fits = linear.in_features % GROUP_SIZE == 0
-            if not fits:
+            from_file = all(g is not None for g in stored)
+            if linear.in_features % GROUP_SIZE != 0 or (source and not from_file):
                 setattr(owner, attr, Int8Linear(linear.weight.data, linear.bias, dtype))
                 continue
-            groups = (GroupQuantized.cat(stored) if all(g is not None for g in stored)  # type: ignore[arg-type]
+            groups = (GroupQuantized.cat(stored) if from_file  # type: ignore[arg-type]
                       else GroupQuantized.round(linear.weight.data))
             setattr(owner, attr, Int4Linear(groups, linear.bias, dtype))
     if getattr(model, "lm_head", None) is not None:

@@ -15,6 +15,7 @@ from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import embedded_model_path
 from ringlet.models.gguf_loader import GGUFModel, dequantize_tensor, gguf_size
 from ringlet.models.loader import read_model_config
+from ringlet.models.quant import GroupQuantized
 from ringlet.shared.errors import ModelLoadError
 from tests.support.tiny_gguf import HEAD_DIM, HIDDEN, LAYER_WEIGHTS, LAYERS, encode, write_tiny_gguf
 
@@ -341,3 +342,37 @@ def test_a_gguf_file_is_known_by_its_first_bytes_not_its_name(tmp_path: Path) ->
     other.write_bytes(b"PK\x03\x04 not a model")
     with pytest.raises(ModelLoadError, match="neither a model directory nor a GGUF file"):
         read_model_config(other)
+
+
+# ---- K-quants and the other block types ----------------------------------------------------
+
+
+def random_blocks(qtype: Q, count: int, seed: int = 0) -> np.ndarray:
+    """`count` blocks of random bytes: every byte pattern is a valid block (a NaN or infinite fp16 scale included)."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return np.random.default_rng(seed).integers(0, 256, size=count * type_size, dtype=np.uint8)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning", "ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q2_K, Q.Q3_K, Q.Q5_0, Q.IQ4_NL, Q.IQ4_XS])
+def test_other_block_types_decode_bit_identical_to_gguf_quants_over_several_runs(
+        qtype: Q, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ringlet.models import gguf_loader
+
+    raw = random_blocks(qtype, 300)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(-1)
+    monkeypatch.setattr(gguf_loader, "_RUN_BYTES", 1000)  # a few blocks a run: the runs must join up
+    assert np.array_equal(dequantize_tensor(raw, qtype), expected, equal_nan=True)
+
+
+def test_q4_k_blocks_are_4_bit_groups_of_32_as_they_are() -> None:
+    from ringlet.models.gguf_loader import _q4_k_groups
+
+    raw = random_blocks(Q.Q4_K, 64, seed=3).reshape(-1, 144)
+    raw[:, 0:4] = np.array([0.01, -0.02], dtype=np.float16).view(np.uint8)  # finite d and dmin
+    codes, scale, offset = _q4_k_groups(raw.reshape(-1))
+    groups = GroupQuantized(torch.from_numpy(codes.reshape(8, -1)), torch.from_numpy(scale.reshape(8, -1)),
+                            torch.from_numpy(offset.reshape(8, -1)))
+    expected = dequantize_tensor(raw.reshape(-1), Q.Q4_K).reshape(8, -1)
+    assert torch.equal(groups.dequantize(), torch.from_numpy(expected))
+    assert int(groups.codes.max()) == 15 and groups.codes.dtype == torch.uint8

@@ -55,7 +55,7 @@ def test_gguf_groups_are_the_files_own_codes(tmp_path: Path) -> None:
     groups = model.load_groups(0, LAYERS)
     state = model.load_state_dict(0, LAYERS)
     expected = {f"model.layers.{i}.{hf}" for i in range(LAYERS) for hf, (_, _, *types) in LAYER_WEIGHTS.items()
-                if types[i] in (Q.Q4_0, Q.Q4_1)}
+                if types[i] in (Q.Q4_0, Q.Q4_1, Q.Q4_K)}
     assert set(groups) == expected
     for name, group in groups.items():  # q/k un-permuted like the dequantised tensors, bit for bit
         assert torch.equal(group.dequantize(), state[name]), name
@@ -63,7 +63,8 @@ def test_gguf_groups_are_the_files_own_codes(tmp_path: Path) -> None:
 
 
 @needs_bf16
-def test_quantize_int4_uses_file_groups_where_every_part_has_them(tmp_path: Path) -> None:
+def test_quantize_int4_uses_file_groups_where_every_part_has_them_and_int8_where_the_file_has_more_bits(
+        tmp_path: Path) -> None:
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
     gguf = GGUFModel.open(path)  # (a tiny file has no tokenizer, so not through load_stage)
@@ -76,15 +77,24 @@ def test_quantize_int4_uses_file_groups_where_every_part_has_them(tmp_path: Path
     assert isinstance(down, Int4Linear)
     file_weight = groups["model.layers.1.mlp.down_proj.weight"].dequantize().bfloat16()
     assert torch.equal(down.dense_weight(torch.bfloat16), file_weight)
-    assert isinstance(model.layers[0].self_attn.qkv_proj, Int4Linear)  # q Q4_1, k Q8_0, v BF16: rounded
+    # q Q4_1, k Q8_0, v BF16: the file keeps k and v in more bits, so the fused linear is int8, not rounded to 4
+    assert isinstance(model.layers[0].self_attn.qkv_proj, Int8Linear)
+    assert isinstance(model.layers[1].self_attn.o_proj, Int4Linear)  # Q4_1
+    assert isinstance(model.layers[0].mlp.down_proj, Int8Linear)  # F16
     assert isinstance(model.lm_head, Int8Linear)
+
+    def held(linear: torch.nn.Module) -> torch.Tensor:
+        if isinstance(linear, Int4Linear):
+            return linear.dense_weight(torch.float32)
+        assert isinstance(linear, Int8Linear)
+        return linear.weight.float() * linear.scales.float()[:, None]
+
     # the same model in fp32 with the weights the int4 model actually holds: only bf16 arithmetic differs
     with torch.no_grad():
         for mine, theirs in zip(model.layers, reference.layers):
             for path in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-                theirs.get_submodule(path).weight.copy_(mine.get_submodule(path).dense_weight(torch.float32))
-        head = model.lm_head
-        reference.lm_head.weight.copy_(head.weight.float() * head.scales.float()[:, None])
+                theirs.get_submodule(path).weight.copy_(held(mine.get_submodule(path)))
+        reference.lm_head.weight.copy_(held(model.lm_head))
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.inference_mode():
         got = model(ids, model.make_cache(1, 16), 0).float()
@@ -107,3 +117,12 @@ def test_embedded_model_runs_int4_by_default_and_agrees_with_fp32() -> None:
     assert float(F.cosine_similarity(got, want, dim=0)) > 0.99
     with pytest.raises(ValueError, match="CPUs only"):
         load_torch_stage(None, precision="int4", device=torch.device("cuda"))
+
+
+@needs_bf16
+def test_rounding_to_int4_without_a_files_groups() -> None:
+    args = model_args({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96})
+    model = quantize_int4(build_stage(args, dtype=torch.bfloat16), torch.bfloat16)
+    assert all(isinstance(model.layers[0].get_submodule(path), Int4Linear)
+               for path in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))

@@ -41,8 +41,9 @@ def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None =
                      device: torch.device | None = None) -> tuple[LoadedStage, str]:
     """Layers [start, end) in `precision`, weight-only quantised for int8 / int4; returns the precision used.
 
-    auto on a CPU picks int4 when the file stores the stage's linears in 4 bits (GGUF Q4_0 / Q4_1): its own
-    codes run as they are, so nothing is rounded twice and half of int8's bytes are read per token.
+    auto on a CPU picks int4 when the file stores the stage's linears in 4 bits (GGUF Q4_0 / Q4_1 / Q4_K): its own
+    codes run as they are, so nothing is rounded twice and half of int8's bytes are read per token; the linears it
+    stores in more bits (Q6_K, Q8_0) run as int8.
     """
     device = device or torch.device("cpu")
     resolved = resolve_precision(precision, device)
