@@ -11,8 +11,10 @@ dequantises just those tensors (the file is memory-mapped; untouched tensors cos
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import mmap
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from gguf.quants import dequantize
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.store import split_gguf_parts
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
+from ringlet.models.weights import LazyWeights
 from ringlet.shared.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ class GGUFModel:
         self.path = split_gguf_parts(path)[0] if len(readers) > 1 else path  # the file with the metadata
         self._reader = readers[0]
         self._tensors: dict[str, ReaderTensor] = {t.name: t for reader in readers for t in reader.tensors}
+        self._maps = {t.name: reader.data for reader in readers for t in reader.tensors}  # each tensor's file map
         self.architecture = str(self._metadata("general.architecture", required=True))
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
@@ -168,10 +172,22 @@ class GGUFModel:
         tied (no `output.weight` in the file) there is no `lm_head.weight`: the last stage gets
         `model.embed_tokens.weight` instead, even when it is not the first, to use as its lm_head.
         """
+        return dict(self.lazy_state_dict(start, end, dtype))
+
+    def lazy_state_dict(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> LazyWeights:
+        """The same tensors, each read and converted to `dtype` only when it is looked up."""
+        names = self._stage_names(start, end)
+        return LazyWeights({hf: functools.partial(self._read_as, gguf_name, dtype) for gguf_name, hf in names.items()})
+
+    def _read_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return self._read_tensor(name).to(dtype)
+
+    def _stage_names(self, start: int, end: int) -> dict[str, str]:
+        """GGUF name -> HF name of every tensor the stage [start, end) needs; all of them must be in the file."""
         num_layers = self.config["num_hidden_layers"]
         if not 0 <= start < end <= num_layers:
             raise ModelLoadError(f"layer range [{start}, {end}) is outside the model's {num_layers} layers")
-        names: dict[str, str] = {}  # GGUF name -> HF name
+        names: dict[str, str] = {}
         last = end == num_layers
         if start == 0 or (last and self.config["tie_word_embeddings"]):
             names["token_embd.weight"] = "model.embed_tokens.weight"
@@ -188,7 +204,14 @@ class GGUFModel:
                 f"{self.path}: tensors missing from the GGUF file: {', '.join(missing[:8])}"
                 + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else "")
             )
-        return {hf: self._read_tensor(gguf_name).to(dtype) for gguf_name, hf in names.items()}
+        return names
+
+    def stores_groups(self, start: int, end: int) -> bool:
+        """Whether any linear weight of layers [start, end) is stored in a 4-bit type the int4 kernel takes as it
+        is (`load_groups`): read from the tensors' types, no data."""
+        return any(GGMLQuantizationType(tensor.tensor_type) in _GROUPED
+                   for i in range(start, end) for g in self._layer_tensor_names()
+                   if (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None)
 
     def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
         """The Q4_0/Q4_1/Q4_K weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
@@ -221,7 +244,19 @@ class GGUFModel:
             heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             arrays = [unpermute_qk(a, heads) for a in arrays]
         codes_t, scale_t, offset_t = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        self._release(name)
         return GroupQuantized(codes_t, scale_t, offset_t)
+
+    def _release(self, name: str) -> None:
+        """Drop the file's pages of a tensor decoded into memory of its own from this process's resident memory
+        (they stay in the page cache): a mapped page once read stays resident, and a load would otherwise grow by
+        the whole file on top of the weights it keeps. Where the map or madvise is missing, the pages just stay."""
+        mapped = getattr(self._maps[name], "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        tensor = self._tensors[name]
+        first = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, first, int(tensor.data_offset) + int(tensor.n_bytes) - first)
 
     def _layer_tensor_names(self) -> dict[str, str]:
         names = dict(_LAYER_TENSORS)
@@ -249,6 +284,7 @@ class GGUFModel:
         if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
             heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
             values = unpermute_qk(values, heads)
+        self._release(name)  # every decoder above returns an array of its own, never a view of the map
         return torch.from_numpy(values)
 
     # ---- tokenizer ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ they chain. q/k/v and gate/up are fused into one matmul each at load time (fewer
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import cast
 
 import torch
@@ -272,41 +272,53 @@ class Transformer(nn.Module):
         assert self.lm_head is not None  # built with the norm, on the last stage
         return self.lm_head(self.norm(h[layout.logit_rows]))
 
-    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
-        """Load Hugging Face-named tensors (global layer indices) of this stage; fuses qkv and gate/up."""
-        own: dict[str, torch.Tensor] = {}
-        used: set[str] = set()
+    def load_weights(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                     device: torch.device | str | None = None,
+                     finish_layer: Callable[[nn.Module, int], None] | None = None) -> None:
+        """Load Hugging Face-named tensors (global layer indices) of this stage; fuses qkv and gate/up.
+
+        One layer at a time: its tensors are looked up (a `LazyWeights` reads them then), converted, fused and
+        assigned, then `finish_layer(layer, global index)` runs (quantising it, say) before the next layer is read,
+        so a load holds one layer beyond what the finished layers keep."""
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
                 raise ModelLoadError(f"weights are missing tensor {name!r}")
-            used.add(name)
-            return weights[name]
+            return weights[name].to(device=device, dtype=dtype)
 
-        if self.is_first:
-            own["embed_tokens.weight"] = take("model.embed_tokens.weight")
-        for i in range(self.num_local_layers):
-            src, dst = f"model.layers.{self.start + i}.", f"layers.{i}."
+        def fused(*names: str) -> torch.Tensor:
+            return torch.cat([take(name) for name in names]) if len(names) > 1 else take(names[0])
+
+        for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
+            src = f"model.layers.{self.start + i}."
             attn = src + "self_attn."
-            own[dst + "self_attn.qkv_proj.weight"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"])
+            own = {
+                "self_attn.qkv_proj.weight": fused(*(attn + f"{p}_proj.weight" for p in "qkv")),
+                "self_attn.o_proj.weight": take(attn + "o_proj.weight"),
+                "mlp.gate_up_proj.weight": fused(src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"),
+                "mlp.down_proj.weight": take(src + "mlp.down_proj.weight"),
+                "input_layernorm.weight": take(src + "input_layernorm.weight"),
+                "post_attention_layernorm.weight": take(src + "post_attention_layernorm.weight"),
+            }
             if self.args.attention_bias:
-                own[dst + "self_attn.qkv_proj.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
-            own[dst + "self_attn.o_proj.weight"] = take(attn + "o_proj.weight")
+                own["self_attn.qkv_proj.bias"] = fused(*(attn + f"{p}_proj.bias" for p in "qkv"))
             if self.args.qk_norm:
-                own[dst + "self_attn.q_norm.weight"] = take(attn + "q_norm.weight")
-                own[dst + "self_attn.k_norm.weight"] = take(attn + "k_norm.weight")
-            own[dst + "mlp.gate_up_proj.weight"] = torch.cat([take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")])
-            own[dst + "mlp.down_proj.weight"] = take(src + "mlp.down_proj.weight")
-            own[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
-            own[dst + "post_attention_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
-        if self.is_last:
-            own["norm.weight"] = take("model.norm.weight")
+                own["self_attn.q_norm.weight"] = take(attn + "q_norm.weight")
+                own["self_attn.k_norm.weight"] = take(attn + "k_norm.weight")
+            layer.load_state_dict(own, strict=True, assign=True)
+            del own
+            if finish_layer is not None:
+                finish_layer(layer, self.start + i)
+        if self.embed_tokens is not None:
+            self.embed_tokens.load_state_dict({"weight": take("model.embed_tokens.weight")}, assign=True)
+        if self.norm is not None and self.lm_head is not None:
+            self.norm.load_state_dict({"weight": take("model.norm.weight")}, assign=True)
             tied = self.args.tie_word_embeddings and "lm_head.weight" not in weights
-            own["lm_head.weight"] = take("model.embed_tokens.weight" if tied else "lm_head.weight")
-        self.load_state_dict({k: v.to(dtype) for k, v in own.items()}, strict=True, assign=True)
-        if self.is_first and self.is_last and self.args.tie_word_embeddings and "lm_head.weight" not in weights:
-            assert self.lm_head is not None and self.embed_tokens is not None  # a whole model has both
-            self.lm_head.weight = self.embed_tokens.weight  # one tensor, as in the checkpoint
+            if tied and self.embed_tokens is not None:  # a whole model: one tensor, as in the checkpoint
+                self.lm_head.weight = self.embed_tokens.weight
+            else:
+                head = take("model.embed_tokens.weight" if tied else "lm_head.weight")
+                self.lm_head.load_state_dict({"weight": head}, assign=True)
         self._rope_len = 0
 
 

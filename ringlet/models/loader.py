@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -12,13 +13,18 @@ from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.models.ollama import find_ollama_model, ollama_models_dir
-from ringlet.models.quant import GroupQuantized
+from ringlet.models.quant import quantize_int8, quantize_layer_int4
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.errors import ModelLoadError
 
 EMBEDDED_ALIASES = {EMBEDDED_MODEL_ID.lower(), "default", "smollm2-135m", "smollm2-135m-instruct",
                     "huggingfacetb/smollm2-135m-instruct"}
+
+
+# weight-only quantisation of a stage's linears while it loads: int8, int4, or "int4 where stored" (int4 where the
+# file keeps the stage's linears in 4-bit groups, int8 otherwise)
+Quantization = Literal["int8", "int4", "int4 where stored"]
 
 
 @dataclass
@@ -28,8 +34,7 @@ class LoadedStage:
     tokenizer: Tokenizer
     start: int
     end: int
-    # the file's own 4-bit weights by Hugging Face name (GGUF Q4_0/Q4_1), when asked for: int4 kernels use them
-    groups: dict[str, GroupQuantized] = field(default_factory=dict)
+    quantized: Literal["int8", "int4"] | None = None  # what the linears were quantised to while loading
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:
@@ -66,26 +71,40 @@ def read_model_config(ref: str | Path | None) -> tuple[Path, ModelArgs]:
 
 def load_stage(
     ref: str | Path | None, start: int = 0, end: int | None = None,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", keep_groups: bool = False,
+    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", quantize: Quantization | None = None,
 ) -> LoadedStage:
-    """Layers [start, end) of a model; `keep_groups` also keeps a GGUF file's 4-bit weights as they are."""
+    """Layers [start, end) of a model, read one layer at a time: each is converted to `dtype` (and with `quantize`,
+    its linears quantised, a GGUF file's 4-bit groups kept as they are) before the next is read, so the load never
+    holds the stage in fp32 nor twice. Quantised stages have an int8 lm_head."""
     path = resolve_model_path(ref)
-    groups: dict[str, GroupQuantized] = {}
     if path.is_dir():
         args = model_args(safetensors_loader.read_config(path))
         end = args.num_hidden_layers if end is None else end
-        weights = safetensors_loader.load_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
+        weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings,
+                                                  dtype)
         tokenizer = Tokenizer.from_hf_dir(path)
+        gguf = None
     else:
         gguf = _open_gguf(path)
         args = model_args(gguf.config)
         end = args.num_hidden_layers if end is None else end
-        weights = gguf.load_state_dict(start, end)
+        weights = gguf.lazy_state_dict(start, end, dtype)
         tokenizer = gguf.tokenizer()
-        if keep_groups:
-            groups = gguf.load_groups(start, end)
-    model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device)
-    return LoadedStage(args, model, tokenizer, start, end, groups)
+    file_groups = gguf is not None and quantize in ("int4", "int4 where stored") and gguf.stores_groups(start, end)
+    quantized: Literal["int8", "int4"] | None = (
+        "int4" if quantize == "int4" or file_groups else "int8" if quantize is not None else None)
+
+    def finish_layer(layer: nn.Module, index: int) -> None:
+        if quantized == "int4":
+            source = gguf.load_groups(index, index + 1) if gguf is not None and file_groups else {}
+            quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups)
+        elif quantized == "int8":
+            quantize_int8(layer, dtype)
+
+    model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device, finish_layer=finish_layer)
+    if quantized is not None:
+        quantize_int8(model, dtype)  # what is left as nn.Linear: the lm_head
+    return LoadedStage(args, model, tokenizer, start, end, quantized)
 
 
 def _open_gguf(path: Path):

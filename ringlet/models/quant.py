@@ -63,11 +63,18 @@ class Int8Linear(nn.Module):
     scales: torch.Tensor
     bias: torch.Tensor | None
 
+    ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
+        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for first in range(0, weight.shape[0], self.ROWS_AT_ONCE):
+            rows = weight[first:first + self.ROWS_AT_ONCE].float()
+            step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            codes[first:first + rows.shape[0]] = (rows / step[:, None]).round().clamp(-128, 127)
+            scale[first:first + rows.shape[0]] = step
+        self.register_buffer("weight", codes)
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
         self.out_features, self.in_features = weight.shape
@@ -141,27 +148,33 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     """Int4 linears in every decoder layer of a stage (`ringlet.models.llama.Transformer`), in place.
 
     `source` maps Hugging Face weight names (global layer indices, e.g. `model.layers.3.mlp.up_proj.weight`) to
-    the file's own 4-bit groups; a linear with all its parts there uses them. When a file gave groups, a linear
-    it stores in more bits (Q4_K_M keeps some in Q6_K) becomes int8 rather than losing them; without a file's
-    groups every linear is rounded to 4 bits. The lm_head becomes int8. Returns the model.
+    the file's own 4-bit groups (`quantize_layer_int4` says how they are used). The lm_head becomes int8. Returns
+    the model.
     """
-    source = source or {}
     for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
-        prefix = f"model.layers.{cast(int, model.start) + i}."
-        for path, parts in _FUSED_PARTS.items():
-            owner_path, _, attr = path.rpartition(".")
-            owner, linear = layer.get_submodule(owner_path), layer.get_submodule(path)
-            stored = [source.get(f"{prefix}{part}.weight") for part in parts]
-            from_file = all(g is not None for g in stored)
-            if linear.in_features % GROUP_SIZE != 0 or (source and not from_file):
-                setattr(owner, attr, Int8Linear(linear.weight.data, linear.bias, dtype))
-                continue
-            groups = (GroupQuantized.cat(stored) if from_file  # type: ignore[arg-type]
-                      else GroupQuantized.round(linear.weight.data))
-            setattr(owner, attr, Int4Linear(groups, linear.bias, dtype))
+        quantize_layer_int4(layer, cast(int, model.start) + i, dtype, source or {}, file_groups=bool(source))
     if getattr(model, "lm_head", None) is not None:
         model.lm_head = Int8Linear(cast(nn.Linear, model.lm_head).weight.data, None, dtype)
     return model
+
+
+def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source: Mapping[str, GroupQuantized],
+                        file_groups: bool) -> None:
+    """The linears of decoder layer `index` (global) as int4, in place. A linear whose parts are all in `source`
+    runs the file's own codes. Where the file gives 4-bit groups (`file_groups`), a linear it stores in more bits
+    (Q4_K_M keeps some in Q6_K) becomes int8 rather than losing them; otherwise every linear is rounded to 4 bits."""
+    prefix = f"model.layers.{index}."
+    for path, parts in _FUSED_PARTS.items():
+        owner_path, _, attr = path.rpartition(".")
+        owner, linear = layer.get_submodule(owner_path), cast(nn.Linear, layer.get_submodule(path))
+        stored = [source.get(f"{prefix}{part}.weight") for part in parts]
+        from_file = all(g is not None for g in stored)
+        if linear.in_features % GROUP_SIZE != 0 or (file_groups and not from_file):
+            setattr(owner, attr, Int8Linear(linear.weight.data, linear.bias, dtype))
+            continue
+        groups = (GroupQuantized.cat(stored) if from_file  # type: ignore[arg-type]
+                  else GroupQuantized.round(linear.weight.data))
+        setattr(owner, attr, Int4Linear(groups, linear.bias, dtype))
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

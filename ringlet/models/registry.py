@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
 import torch
@@ -18,7 +18,9 @@ _ARCHITECTURES: dict[str, StageBuilder] = {}
 class _LoadsWeights(Protocol):
     """What `build_stage` needs of a built stage besides nn.Module (every architecture's Transformer has it)."""
 
-    def load_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype = ...) -> None: ...
+    def load_weights(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = ...,
+                     device: torch.device | str | None = ...,
+                     finish_layer: Callable[[nn.Module, int], None] | None = ...) -> None: ...
 
 
 def register(model_type: str) -> Callable[[StageBuilder], StageBuilder]:
@@ -48,10 +50,12 @@ def model_args(config: dict[str, Any]) -> ModelArgs:
 
 
 def build_stage(
-    args: ModelArgs, start: int = 0, end: int | None = None, weights: dict[str, torch.Tensor] | None = None,
+    args: ModelArgs, start: int = 0, end: int | None = None, weights: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    finish_layer: Callable[[nn.Module, int], None] | None = None,
 ) -> nn.Module:
-    """Build layers [start, end); with weights, no memory is spent on a random initialisation."""
+    """Build layers [start, end); with weights, no memory is spent on a random initialisation. The weights are
+    read layer by layer, `finish_layer(layer, global index)` running after each (see `Transformer.load_weights`)."""
     supported = supported_architectures()
     builder = _ARCHITECTURES.get(args.model_type)
     if builder is None:
@@ -61,5 +65,5 @@ def build_stage(
         return builder(args, start, end).to(dtype=dtype, device=device)
     with torch.device("meta"):
         model = builder(args, start, end)
-    cast(_LoadsWeights, model).load_weights({k: v.to(device) for k, v in weights.items()}, dtype=dtype)
+    cast(_LoadsWeights, model).load_weights(weights, dtype=dtype, device=device, finish_layer=finish_layer)
     return model.eval()

@@ -5,6 +5,7 @@ Only the tensors of the requested layer range are read, and only the files that 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ringlet.models.weights import LazyWeights
 from ringlet.shared.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,20 +61,26 @@ def weight_map(model_dir: Path) -> dict[str, str]:
 
 
 def load_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: bool) -> dict[str, torch.Tensor]:
+    return dict(lazy_weights(model_dir, start, end, num_layers, tied))
+
+
+def lazy_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: bool,
+                 dtype: torch.dtype | None = None) -> LazyWeights:
+    """The stage's tensors, each read (and converted to `dtype`) only when it is looked up."""
     wanted = {n: f for n, f in weight_map(model_dir).items() if tensor_in_range(n, start, end, num_layers, tied)}
-    by_file: dict[str, list[str]] = {}
-    for name, file in wanted.items():
-        by_file.setdefault(file, []).append(name)
-    weights: dict[str, torch.Tensor] = {}
-    for file, names in by_file.items():
-        path = model_dir / file
-        with _open(path) as handle:
-            for name in names:
-                try:
-                    weights[name] = handle.get_tensor(name)
-                except SafetensorError as e:
-                    raise ModelLoadError(f"cannot read tensor {name} from {path}: {e}; the file may be truncated") from None
-    return weights
+    for file in set(wanted.values()):
+        with _open(model_dir / file):  # every file there and readable before the first tensor is read
+            pass
+    return LazyWeights({name: functools.partial(_read, model_dir / file, name, dtype) for name, file in wanted.items()})
+
+
+def _read(path: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    with _open(path) as handle:
+        try:
+            tensor = handle.get_tensor(name)
+        except SafetensorError as e:
+            raise ModelLoadError(f"cannot read tensor {name} from {path}: {e}; the file may be truncated") from None
+    return tensor if dtype is None else tensor.to(dtype)
 
 
 def _open(path: Path):

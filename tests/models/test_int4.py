@@ -106,7 +106,7 @@ def test_quantize_int4_uses_file_groups_where_every_part_has_them_and_int8_where
 @needs_bf16
 def test_embedded_model_runs_int4_by_default_and_agrees_with_fp32() -> None:
     stage, precision = load_torch_stage(None)
-    assert precision == "int4" and not stage.groups  # the groups are freed once packed
+    assert precision == "int4" and stage.quantized == "int4"
     assert all(isinstance(layer.mlp.gate_up_proj, Int4Linear) for layer in stage.model.layers)
     full, _ = load_torch_stage(None, precision="fp32")
     ids = torch.tensor([full.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])

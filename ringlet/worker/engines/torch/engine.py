@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from ringlet.models.loader import LoadedStage, load_stage
-from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16, quantize_int4, quantize_int8
+from ringlet.models.loader import LoadedStage, Quantization, load_stage
+from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.config import PRECISIONS, EngineConfig
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
@@ -47,14 +47,11 @@ def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None =
     """
     device = device or torch.device("cpu")
     resolved = resolve_precision(precision, device)
-    maybe_int4 = resolved == "int4" or (precision == "auto" and resolved == "int8")
-    stage = load_stage(model, start, end, dtype=COMPUTE_DTYPES[resolved], device=device, keep_groups=maybe_int4)
-    if resolved == "int4" or (maybe_int4 and stage.groups):
-        quantize_int4(stage.model, COMPUTE_DTYPES[resolved], stage.groups)
-        resolved, stage.groups = "int4", {}
-    elif resolved == "int8":
-        quantize_int8(stage.model, COMPUTE_DTYPES[resolved])
-    return stage, resolved
+    quantize: Quantization | None = (
+        "int4 where stored" if precision == "auto" and resolved == "int8"
+        else cast("Quantization", resolved) if resolved in ("int8", "int4") else None)
+    stage = load_stage(model, start, end, dtype=COMPUTE_DTYPES[resolved], device=device, quantize=quantize)
+    return stage, stage.quantized or resolved
 
 
 class TorchEngine:
