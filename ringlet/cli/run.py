@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ringlet.cli import CliError, engine_from_environment
@@ -45,9 +47,32 @@ def load_engine(model: str | None, engine: str | None, config: EngineConfig) -> 
     try:
         chosen = select_best_engine(engine)
         use_persistent_compile_caches(ringlet_home())
-        return initialize_engine(local_instance(model, chosen), config)
+        with _layer_bar():
+            return initialize_engine(local_instance(model, chosen), config)
     except (ModelLoadError, EngineUnavailableError, ValueError) as e:
         raise CliError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _layer_bar() -> Iterator[None]:
+    """A bar of the layers loaded so far on a terminal's stderr, gone once the model is loaded."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ringlet.models.loader import reporting_load_progress
+
+    with Progress(TextColumn("loading layers"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def show(done: int, total: int, kept: int) -> None:
+            bar.update(task, completed=done, total=total, description=f"{kept / 2**30:.2f} GiB")
+
+        with reporting_load_progress(show):
+            yield
 
 
 def register(sub: argparse._SubParsersAction) -> None:

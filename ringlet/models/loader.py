@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,6 +37,21 @@ class LoadedStage:
     start: int
     end: int
     quantized: Literal["int8", "int4"] | None = None  # what the linears were quantised to while loading
+
+
+# called after each layer a stage loads: (layers loaded, layers of the stage, bytes the loaded layers keep)
+LoadProgress = Callable[[int, int, int], None]
+_progress_listeners: list[LoadProgress] = []
+
+
+@contextlib.contextmanager
+def reporting_load_progress(listener: LoadProgress) -> Iterator[None]:
+    """Within the block, every stage this process loads calls `listener` as each of its layers is loaded."""
+    _progress_listeners.append(listener)
+    try:
+        yield
+    finally:
+        _progress_listeners.remove(listener)
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:
@@ -94,12 +111,18 @@ def load_stage(
     quantized: Literal["int8", "int4"] | None = (
         "int4" if quantize == "int4" or file_groups else "int8" if quantize is not None else None)
 
+    kept = 0
+
     def finish_layer(layer: nn.Module, index: int) -> None:
+        nonlocal kept
         if quantized == "int4":
             source = gguf.load_groups(index, index + 1) if gguf is not None and file_groups else {}
             quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups)
         elif quantized == "int8":
             quantize_int8(layer, dtype)
+        kept += sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+        for listener in _progress_listeners:
+            listener(index + 1 - start, end - start, kept)
 
     model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device, finish_layer=finish_layer)
     if quantized is not None:

@@ -215,13 +215,23 @@ def _batch_generator(engine: BatchModel | PipelinedModel | BatchesItself, config
     return BatchGenerator(cast("BatchModel | PipelinedModel", engine), config.max_step_tokens, config.max_batch)
 
 
+def _layers_loaded(outbox: Outbox, first: float, last: float) -> Callable[[int, int, int], None]:
+    """Reports each layer a load finishes, as progress from `first` to `last`."""
+    def report(done: int, total: int, kept: int) -> None:
+        outbox.send(Loading(progress=first + (last - first) * done / total,
+                            detail=f"loaded {done} of {total} layers ({kept / 2**30:.2f} GiB)"))
+    return report
+
+
 def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     """Load, warm up and serve a single-stage instance; returns the runner's exit code."""
+    from ringlet.models.loader import reporting_load_progress
     from ringlet.worker.engines.engine_init import initialize_engine, warmup_engine
 
     try:
         outbox.send(Loading(progress=0.05, detail="loading weights"))
-        engine = initialize_engine(load.bound, load.config)
+        with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.85)):
+            engine = initialize_engine(load.bound, load.config)
         outbox.send(Loading(progress=0.9, detail="warming up"))
         warmup_s = warmup_engine(engine)
     except Exception as error:  # noqa: BLE001  any load failure (file, driver, OOM) is reported, then we exit
@@ -239,6 +249,7 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
 
 def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     """Load one stage of a multi-stage instance, join its ring, and serve; returns the runner's exit code."""
+    from ringlet.models.loader import reporting_load_progress
     from ringlet.net.ring import RingBrokenError, host_store, join_store
     from ringlet.worker.engines.engine_init import warmup_engine
     from ringlet.worker.pipeline import PipelineHead, PipelineStage, batches, load_stage_engine
@@ -258,11 +269,13 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         outbox.send(Loading(progress=0.05, detail=f"loading layers {bound.shard.start}-{bound.shard.end - 1}"))
         engine: FirstStage | RelayStage | PipelineHead | PipelineStage
         if batches(bound):
-            batched, precision = load_stage_engine(bound, load.config, store, loaded=lambda: outbox.send(
-                Loading(progress=0.6, detail="waiting for the other stages")))
+            with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55)):
+                batched, precision = load_stage_engine(bound, load.config, store, loaded=lambda: outbox.send(
+                    Loading(progress=0.6, detail="waiting for the other stages")))
             engine = (PipelineHead if bound.shard.is_first else PipelineStage)(bound, batched, store, load.data_host)
         else:
-            stage, precision = load_for_stage(bound, load.config)
+            with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55)):
+                stage, precision = load_for_stage(bound, load.config)
             outbox.send(Loading(progress=0.6, detail="waiting for the other stages"))
             engine = (FirstStage if bound.shard.is_first else RelayStage)(bound, stage, store, load.data_host)
         warmup_s = 0.0
