@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringlet.models.catalog import ModelCard
+from ringlet.models.catalog import WEIGHT_ONLY_INT8, ModelCard
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT
 from ringlet.shared.instances import EngineType, Instance, InstanceType, Shard
 from ringlet.shared.state import InstanceCreated, NodeInfo
@@ -86,9 +86,12 @@ def stage_bytes(card: ModelCard, start: int, end: int, engine: EngineType, kv_to
 
 
 def engine_dtype(node: NodeInfo, engine: EngineType) -> str:
-    """The dtype `engine` computes in on `node`: MLX without Metal (not a Mac) runs float32."""
+    """The dtype of `engine`'s weights on `node`: MLX without Metal (not a Mac) runs float32; the CPU engine
+    quantises its weights (int8, or int4 from a file's 4-bit blocks) where the CPU computes in bf16 natively."""
     if engine == "mlx" and node.hardware.apple_chip is None:
         return "float32"
+    if engine == "cpu" and {"avx512_bf16", "amx_bf16"} & set(node.hardware.cpu.flags):
+        return WEIGHT_ONLY_INT8
     return ENGINE_DTYPE[engine]
 
 
@@ -247,9 +250,10 @@ def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo
 
 
 def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Sequence[NodeInfo]) -> str:
-    needed = stage_bytes(card, 0, card.num_layers, engine, kv_tokens)
+    dtype = engine_dtype(ring[0], engine) if ring else ENGINE_DTYPE[engine]
+    needed = stage_bytes(card, 0, card.num_layers, engine, kv_tokens, dtype)
     have = sum(usable_bytes(n, engine) for n in ring)
-    return (f"{card.id} needs {needed / GIB:.1f} GiB on {engine} ({ENGINE_DTYPE[engine]} weights and a "
+    return (f"{card.id} needs {needed / GIB:.1f} GiB on {engine} ({dtype} weights and a "
             f"{kv_tokens}-token KV cache); the {len(ring)} suitable node{'s' if len(ring) != 1 else ''} "
             f"{'have' if len(ring) != 1 else 'has'} {have / GIB:.1f} GiB usable: add a node or pick a smaller model")
 

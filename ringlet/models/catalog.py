@@ -28,6 +28,9 @@ CardSource = Literal["catalog", "embedded", "hub", "local", "ollama"]
 
 # Bytes per parameter of the dtypes the torch engines compute in.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+# the CPU engine's weights where it quantises (int8, or int4 from a file's 4-bit blocks): a byte a linear weight
+# (int4 keeps its codes twice: the kernel's layout and plain nibbles), the embedding in bf16
+WEIGHT_ONLY_INT8 = "int8"
 
 # Every engine reads both formats (MLX takes a GGUF file through ringlet's reader, dequantised).
 _ALL_INSTANCE_TYPES = tuple(InstanceType)
@@ -60,14 +63,24 @@ class ModelCard(BaseModel):
     def weight_bytes(self, dtype: str = "bfloat16") -> int:
         if dtype in self.bytes_per_dtype:
             return self.bytes_per_dtype[dtype]
+        if dtype == WEIGHT_ONLY_INT8:
+            return self.stage_bytes(0, self.num_layers, dtype)
         return self.num_parameters * _dtype_size(dtype)
 
     def stage_bytes(self, start: int, end: int, dtype: str = "bfloat16") -> int:
-        """Weight bytes of a stage holding layers [start, end), with the embedding/head tensors it loads."""
+        """Weight bytes of a stage holding layers [start, end), with the embedding/head tensors it loads.
+        `WEIGHT_ONLY_INT8` counts what the CPU engine holds when it quantises: a byte a weight."""
         if not 0 <= start < end <= self.num_layers:
             raise ValueError(f"layer range {start}:{end} is outside 0:{self.num_layers} of {self.id}")
-        parameters = (end - start) * self.layer_parameters
         first, last = start == 0, end == self.num_layers
+        if dtype == WEIGHT_ONLY_INT8:
+            held = (end - start) * self.layer_parameters  # int8, or int4 with its codes kept twice
+            if first or (last and self.tie_word_embeddings):
+                held += self.embedding_parameters * DTYPE_BYTES["bfloat16"]
+            if last:
+                held += self.embedding_parameters + self.hidden_size * DTYPE_BYTES["bfloat16"]  # int8 head, norm
+            return held
+        parameters = (end - start) * self.layer_parameters
         # the same rule as safetensors_loader.tensor_in_range: a tied last stage reuses the embedding as lm_head
         if first or (last and self.tie_word_embeddings):
             parameters += self.embedding_parameters
@@ -79,7 +92,8 @@ class ModelCard(BaseModel):
 
     def kv_cache_bytes_per_token(self, dtype: str = "bfloat16", num_layers: int | None = None) -> int:
         layers = self.num_layers if num_layers is None else num_layers
-        return 2 * layers * self.num_key_value_heads * self.head_dim * _dtype_size(dtype)
+        cache_dtype = "bfloat16" if dtype == WEIGHT_ONLY_INT8 else dtype  # quantised weights, bf16 activations
+        return 2 * layers * self.num_key_value_heads * self.head_dim * _dtype_size(cache_dtype)
 
 
 def card_from_args(

@@ -163,3 +163,21 @@ def test_placement_of_the_embedded_model_over_three_nodes() -> None:
     assert [(s.start, s.end) for s in placement.instance.shards] == [(0, 8), (8, 16), (16, 30)]
     with pytest.raises(PlacementError, match="IpexRing needs a node with an Intel GPU; none of the 3 nodes"):
         place(card, InstanceType.IPEX_RING, nodes, instance_id="x")
+
+
+def test_a_cpu_that_quantises_is_counted_at_a_byte_a_weight() -> None:
+    card = big_card()
+    quantised = card.weight_bytes("int8")
+    layers = card.num_layers * card.layer_parameters
+    head = card.embedding_parameters * (2 if card.tie_word_embeddings else 3)  # bf16 embedding, int8 head
+    assert quantised == pytest.approx(layers + head, rel=1e-3)
+    assert quantised < 0.6 * card.weight_bytes("bfloat16")
+    assert card.kv_cache_bytes_per_token("int8") == card.kv_cache_bytes_per_token("bfloat16")
+
+    plain, bf16_cpu = node_info("plain", 14), node_info("bf16", 14)
+    bf16_cpu.hardware.cpu.flags.append("avx512_bf16")
+    with pytest.raises(PlacementError, match=r"needs .* GiB on cpu \(float32 weights"):
+        place(card, InstanceType.CPU_RING, [plain], instance_id="i")  # fp32 there: four bytes a weight
+    placement = place(card, InstanceType.CPU_RING, [bf16_cpu], instance_id="i", kv_tokens=8192)
+    [stage] = placement.stages
+    assert stage.memory_bytes == stage_bytes(card, 0, card.num_layers, "cpu", 8192, "int8") <= stage.usable_bytes
