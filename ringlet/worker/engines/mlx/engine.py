@@ -62,7 +62,7 @@ def load_mlx_model(path: Path, dtype: Any, start: int = 0,
     """(mlx-lm model, ringlet tokenizer, config) for a Hugging Face directory or a GGUF file.
 
     With a layer range the model keeps layers [start, end) only (see `keep_layers`); the weights of the
-    others are never read: mlx-lm loads lazily, and the GGUF reader reads the range alone.
+    others are never read: mlx-lm loads lazily, and the GGUF reader reads the range alone, a tensor at a time.
     """
     mx, _ = _import_mlx()
     if path.is_dir():
@@ -81,8 +81,11 @@ def load_mlx_model(path: Path, dtype: Any, start: int = 0,
         module = importlib.import_module(f"mlx_lm.models.{MLX_MODULES.get(args.model_type, args.model_type)}")
         model = module.Model(module.ModelArgs.from_dict(config))  # lazy: dropped layers never take memory
         keep_layers(model, start, end)
-        weights = {_renumber(name, start): w for name, w in gguf.load_state_dict(start, end).items()}
-        model.load_weights([(name, mx.array(w.numpy())) for name, w in model.sanitize(weights).items()])
+        weights = {}
+        for name, tensor in gguf.lazy_state_dict(start, end).items():  # read one tensor at a time
+            weights[_renumber(name, start)] = converted = mx.array(tensor.numpy()).astype(dtype)
+            mx.eval(converted)  # in `dtype` now: the fp32 copy goes before the next tensor is read
+        model.load_weights(list(model.sanitize(weights).items()))
         tokenizer = gguf.tokenizer()
     model.set_dtype(dtype)
     mx.eval(model.parameters())
