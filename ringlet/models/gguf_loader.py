@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf import quants as gguf_quants
-from gguf.quants import dequantize
 
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.store import split_gguf_parts
@@ -208,30 +207,28 @@ class GGUFModel:
 
     def stores_groups(self, start: int, end: int) -> bool:
         """Whether any linear weight of layers [start, end) is stored in a 4-bit type the int4 kernel takes as it
-        is (`load_groups`): read from the tensors' types, no data."""
-        return any(GGMLQuantizationType(tensor.tensor_type) in _GROUPED
-                   for i in range(start, end) for g in self._layer_tensor_names()
-                   if (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None)
+        is (`load_groups`): read from the tensors' types, no data. When so, one log line names the quantised types
+        of the others, which are dequantised."""
+        types = Counter(GGMLQuantizationType(tensor.tensor_type) for i in range(start, end)
+                        for g in self._layer_tensor_names() if g.endswith(".weight")
+                        and (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None and len(tensor.shape) == 2)
+        grouped = any(qtype in _GROUPED for qtype in types)
+        others = {qtype.name: count for qtype, count in types.items() if qtype not in _GROUPED and qtype not in _FLOAT_TYPES}
+        if grouped and others:
+            log.info("%s: weights of layers %d-%d stored as %s are dequantised (not 4-bit groups)", self.path.name,
+                     start, end - 1, ", ".join(f"{kind} ({count})" for kind, count in sorted(others.items())))
+        return grouped
 
     def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
         """The Q4_0/Q4_1/Q4_K weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
         names and layout), for int4 kernels that take them as they are; weights of other types are left out."""
         groups = {}
-        others: Counter[str] = Counter()  # quantised weights of other types, dequantised
         for i in range(start, end):
             for gguf_name, hf_name in self._layer_tensor_names().items():
                 name = f"blk.{i}.{gguf_name}"
                 tensor = self._tensors.get(name)
-                if tensor is None or not gguf_name.endswith(".weight") or len(tensor.shape) != 2:
-                    continue
-                qtype = GGMLQuantizationType(tensor.tensor_type)
-                if qtype in _GROUPED:
+                if tensor is not None and GGMLQuantizationType(tensor.tensor_type) in _GROUPED:
                     groups[f"model.layers.{i}.{hf_name}"] = self._read_groups(name)
-                elif qtype not in _FLOAT_TYPES:
-                    others[qtype.name] += 1
-        if groups and others:
-            log.info("%s: weights of layers %d-%d stored as %s are dequantised (not 4-bit groups)", self.path.name,
-                     start, end - 1, ", ".join(f"{kind} ({count})" for kind, count in sorted(others.items())))
         return groups
 
     def _read_groups(self, name: str) -> GroupQuantized:
@@ -314,7 +311,7 @@ def _by_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """Through gguf.quants' block decoder for the type, a run of blocks at a time into one output array."""
     decoder = getattr(gguf_quants, qtype.name, None)
     if decoder is None or qtype not in GGML_QUANT_SIZES:
-        return np.array(dequantize(raw, qtype), dtype=np.float32).reshape(-1)  # raises NotImplementedError
+        raise NotImplementedError(f"gguf.quants has no decoder for {qtype.name}")
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     decoder.init_grid()  # the IQ types' lookup tables
     blocks = raw.reshape(-1, type_size)

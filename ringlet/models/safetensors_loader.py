@@ -60,17 +60,10 @@ def weight_map(model_dir: Path) -> dict[str, str]:
     return mapping
 
 
-def load_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: bool) -> dict[str, torch.Tensor]:
-    return dict(lazy_weights(model_dir, start, end, num_layers, tied))
-
-
 def lazy_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: bool,
                  dtype: torch.dtype | None = None) -> LazyWeights:
     """The stage's tensors, each read (and converted to `dtype`) only when it is looked up."""
     wanted = {n: f for n, f in weight_map(model_dir).items() if tensor_in_range(n, start, end, num_layers, tied)}
-    for file in set(wanted.values()):
-        with _open(model_dir / file):  # every file there and readable before the first tensor is read
-            pass
     return LazyWeights({name: functools.partial(_read, model_dir / file, name, dtype) for name, file in wanted.items()})
 
 

@@ -44,7 +44,7 @@ def make_checkpoint(name: str, path: Path) -> transformers.PreTrainedModel:
 def load(path: Path, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
     args = model_args(safetensors_loader.read_config(path))
     end = args.num_hidden_layers if end is None else end
-    weights = safetensors_loader.load_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
+    weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
     return build_stage(args, start, end, weights=weights)
 
 

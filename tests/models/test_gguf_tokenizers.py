@@ -14,14 +14,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+import sentencepiece as spm
+import transformers
 
 from ringlet.models.gguf_loader import GGUFModel
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer, gguf_metadata
 from ringlet.shared.errors import ModelLoadError
 from tests.support.tiny_gguf import write_tiny_gguf
-
-spm = pytest.importorskip("sentencepiece")
-transformers = pytest.importorskip("transformers")
 
 PLAIN = ["Hello world", "two  spaces and three   here", "digits 1234567 and 3.14", "café naïve 東京 日本語 🙂🎉",
          "line one\nline two\n\nend", "trailing space ", "tabs\tand\tmore"]

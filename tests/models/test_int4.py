@@ -126,3 +126,16 @@ def test_rounding_to_int4_without_a_files_groups() -> None:
     model = quantize_int4(build_stage(args, dtype=torch.bfloat16), torch.bfloat16)
     assert all(isinstance(model.layers[0].get_submodule(path), Int4Linear)
                for path in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"))
+
+
+def test_a_file_with_4_bit_groups_says_once_which_other_types_are_dequantised(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    model = GGUFModel.open(path)
+    with caplog.at_level("INFO", logger="ringlet.models.gguf_loader"):
+        assert model.stores_groups(0, LAYERS)
+        for i in range(LAYERS):  # loading reads the groups layer by layer: no line per layer
+            model.load_groups(i, i + 1)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == "tiny.gguf: weights of layers 0-1 stored as Q8_0 (3) are dequantised (not 4-bit groups)"
