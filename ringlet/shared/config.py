@@ -26,6 +26,7 @@ CUDA_DECODE_ENV = "RINGLET_CUDA_DECODE"
 CUDA_COMPILE_ENV = "RINGLET_CUDA_COMPILE"
 MAX_BATCH_ENV = "RINGLET_MAX_BATCH"
 MAX_QUEUED_ENV = "RINGLET_MAX_QUEUED"
+MAX_STEP_TOKENS_ENV = "RINGLET_MAX_STEP_TOKENS"
 MAX_INSTANCES_ENV = "RINGLET_MAX_INSTANCES"
 KV_CACHE_TOKENS_ENV = "RINGLET_KV_CACHE_TOKENS"
 
@@ -52,7 +53,8 @@ class EngineConfig(BaseModel):
     @classmethod
     def from_environment(cls, env: Mapping[str, str], **overrides: object) -> EngineConfig:
         """The settings in `env` (RINGLET_PRECISION, RINGLET_CPU_COMPILE=0, RINGLET_CUDA_DECODE, RINGLET_CUDA_COMPILE,
-        RINGLET_MAX_BATCH, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES), then `overrides` (a CLI flag wins);
+        RINGLET_MAX_BATCH, RINGLET_MAX_STEP_TOKENS, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES),
+        then `overrides` (a CLI flag wins);
         ValueError names the variable and what it takes."""
         values: dict[str, object] = {}
         sources: dict[str, str] = {}  # field -> the variable it came from
@@ -66,7 +68,8 @@ class EngineConfig(BaseModel):
                 values[field], sources[field] = raw, name
         if env.get(CPU_COMPILE_ENV, "").strip() == "0":
             values["cpu_compile"] = False
-        for name, field in ((MAX_BATCH_ENV, "max_batch"), (MAX_QUEUED_ENV, "max_queued"),
+        for name, field in ((MAX_BATCH_ENV, "max_batch"), (MAX_STEP_TOKENS_ENV, "max_step_tokens"),
+                            (MAX_QUEUED_ENV, "max_queued"),
                             (KV_CACHE_TOKENS_ENV, "kv_cache_tokens"), (MAX_INSTANCES_ENV, "max_instances")):
             raw = env.get(name, "").strip()
             if raw:
