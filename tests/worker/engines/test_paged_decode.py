@@ -77,3 +77,38 @@ def test_buckets_cover_the_largest_batch(paged_decode):
     assert paged_decode.batch_buckets(1) == [1]
     assert paged_decode.batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
     assert paged_decode.batch_buckets(48) == [1, 2, 4, 8, 16, 32, 64]
+    assert paged_decode.batch_buckets(300, 16) == [16, 32, 64, 128, 256, 512]
+
+
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("qwen2")])  # qwen3: keys normalised
+def test_a_step_with_prompt_chunks_gives_the_packed_forwards_logits_and_cache(paged_decode, variant):
+    """One decode, the rest of a prompt and the first chunk of another (no logits) in one graphed step; then a decode
+    step that follows on from its picks."""
+    model = random_model(BASE | VARIANTS[variant], torch.float32)
+    eager, paged = model.make_paged_cache(10, BLOCK), model.make_paged_cache(10, BLOCK)
+    step = paged_decode.PagedDecodeStep(model, paged, context_length=128, max_batch=4, max_rows=16)
+    (first, first_blocks), (second, second_blocks), (third, third_blocks) = SEQUENCES
+    with torch.inference_mode():
+        for cache in (eager, paged):  # the first prompt whole, the second's first token
+            prefill(model, cache, [(first, first_blocks), (second[:1], second_blocks)])
+        steps = [SequenceStep(len(first), 1, first_blocks), SequenceStep(1, 2, second_blocks),
+                 SequenceStep(0, 12, third_blocks, wants_logits=False)]
+        tokens = torch.tensor([7, *second[1:], *third[:12]])
+        assert step.takes(steps) and not step.takes([SequenceStep(0, 17, third_blocks)])
+        want = model.forward_batch(tokens, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
+        got = step(tokens, steps)
+        assert got.shape == want.shape == (2, 120)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        assert step.last_picks.tokens() == got.argmax(-1).tolist()
+        # the two sequences that sampled decode on, from the picks on the device
+        steps = [SequenceStep(len(first) + 1, 1, first_blocks), SequenceStep(3, 1, second_blocks)]
+        picked = torch.tensor(step.last_picks.tokens())
+        want = model.forward_batch(picked, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
+        got = step(torch.full((2,), FED), steps)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    for layer in range(model.num_local_layers):
+        for length, blocks in ((len(first) + 2, first_blocks), (4, second_blocks), (12, third_blocks)):
+            written = torch.tensor(slots_of(blocks, length))
+            torch.testing.assert_close(paged.keys[layer][written], eager.keys[layer][written])
+            torch.testing.assert_close(paged.values[layer][written], eager.values[layer][written])
+        assert not paged.keys[layer][paged.pad_slot].any()

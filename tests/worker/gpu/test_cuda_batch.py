@@ -1,5 +1,6 @@
 """The batched CUDA engine on a real GPU (skipped cleanly without one; run through the device tool): decode steps
-replayed from CUDA graphs per batch bucket, prompt chunks eagerly, requests joining and leaving mid-generation."""
+replayed from CUDA graphs per batch bucket, steps with prompt chunks on graphs of their own (or eagerly, past the
+largest), requests joining and leaving mid-generation."""
 
 from __future__ import annotations
 
@@ -103,35 +104,45 @@ def test_bf16_graphed_step_tracks_the_packed_forward():
 
 
 class Counting:
-    """The graphed decode step, counting its replays."""
+    """The graphed step, counting its replays."""
 
     def __init__(self, step: Any) -> None:
-        self.step, self.replays, self.max_batch, self.last_picks = step, 0, step.max_batch, None
+        self.step, self.replays = step, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.step, name)
 
     def __call__(self, tokens: torch.Tensor, steps: list[SequenceStep]) -> torch.Tensor:
         self.replays += 1
         return self.step(tokens, steps)
 
 
-def test_a_step_of_decodes_and_prompt_chunks_runs_its_decodes_on_their_graph():
+@pytest.mark.parametrize("chunk", [30, 600], ids=["on one graph", "too long: the decodes on theirs"])
+def test_a_step_of_decodes_and_prompt_chunks(chunk):
     """fp32: a step mixing decodes, a prompt's last chunk and an earlier chunk of another prompt gives the logits of
-    the eager step over them all, in the steps' order, its decodes replayed from a graph."""
+    the eager step over them all, in the steps' order: all on one graph where its tokens fit the largest bucket (the
+    picks in the same order), else the decodes replayed from their graph and the chunks eager."""
     engine = batch_engine(torch.float32)
     assert engine.paged_decode is not None
     counting = engine.paged_decode = Counting(engine.paged_decode)  # type: ignore[assignment]
-    tables = [list(range(4 * i, 4 * i + 4)) for i in range(6)]  # 4 blocks of engine.block_size each
+    width = 40  # blocks of engine.block_size: 640 positions a sequence
+    tables = [list(range(width * i, width * (i + 1))) for i in range(6)]
     generator = torch.Generator().manual_seed(3)
     with torch.inference_mode():
         for table in tables[:4]:  # four sequences with 12 positions in their cache
             engine._forward_eager(torch.randint(0, CONFIG["vocab_size"], (12,), generator=generator),
                                   [SequenceStep(0, 12, table)])
-    mixed = [SequenceStep(12, 1, tables[0]), SequenceStep(0, 30, tables[4]), SequenceStep(12, 1, tables[1]),
+    mixed = [SequenceStep(12, 1, tables[0]), SequenceStep(0, chunk, tables[4]), SequenceStep(12, 1, tables[1]),
              SequenceStep(0, 16, tables[5], wants_logits=False), SequenceStep(12, 1, tables[2]),
              SequenceStep(12, 1, tables[3])]
     tokens = torch.randint(0, CONFIG["vocab_size"], (sum(s.count for s in mixed),), generator=generator)
     with torch.inference_mode():
         got = engine.forward_batch(tokens, mixed).float()
-        assert counting.replays == 1 and engine.last_picks is None
+        assert counting.replays == 1
+        if chunk == 30:
+            assert engine.last_picks is not None and engine.last_picks.tokens() == got.argmax(-1).tolist()
+        else:
+            assert engine.last_picks is None
         want = engine._forward_eager(tokens, mixed).float()  # the same keys and values written again
     assert got.shape == (5, CONFIG["vocab_size"])
     torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)

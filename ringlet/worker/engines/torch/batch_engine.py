@@ -6,7 +6,10 @@ the memory left after the weights, capped at every running sequence at the longe
 
 Most steps only decode. On a CPU that step is compiled at warm-up (`EngineConfig.cpu_compile`) with symbolic
 batch and context sizes, so one compile serves them all: eager, a step of the embedded model is about 1200 small
-operators whose dispatch rivals its matrix products. Steps with prompt chunks run eagerly.
+operators whose dispatch rivals its matrix products; steps with prompt chunks run eagerly. On CUDA every step of a
+whole model up to `MOST_GRAPHED_ROWS` tokens is replayed from a CUDA graph (`paged_decode.py`), prompt chunks
+included, so that a step which admits a prompt while 60 others decode costs the GPU's time, not the host's
+launching of a thousand kernels.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ BLOCK_SIZE = 16
 # step's shape changes with every prompt chunk (on an H200 the slowest steps of `python scripts/bench_gpu.py --shape
 # llama-3.1-8b --streams 1 8 64` took 0.8-2 s, each the first of its shape; the same steps later took 20-40 ms)
 EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MOST_GRAPHED_ROWS = 1024  # tokens of the largest step on a CUDA graph; a longer step runs its chunks eagerly
 # of the memory left after the weights: the host's RAM is shared with everything else on the machine, a GPU's is not
 KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}
 
@@ -93,7 +97,8 @@ class TorchBatchEngine:
         self.last_picks: Picks | None = None  # the last step's greedy tokens, where the graphed step picked them
         self.paged_decode: PagedDecodeStep | None = None
         if device.type == "cuda":
-            self.paged_decode = _paged_decode(self.model, self.cache, self.context_length, config.max_batch)
+            self.paged_decode = _paged_decode(self.model, self.cache, self.context_length, config.max_batch,
+                                              min(config.max_step_tokens, MOST_GRAPHED_ROWS))
 
     @classmethod
     def load(cls, model: str | Path | None = None, device: str = "cpu",
@@ -112,8 +117,7 @@ class TorchBatchEngine:
         """Token ids (or a later stage's hidden states) of the step, packed in `steps`' order -> the last stage's
         logits [R, V] of the steps that want them (else hidden states [T, H]). A token id may be `FED` (the previous
         step's pick of the same row) where the previous step was graphed and this one is too (`graphs`)."""
-        if self.graphs(steps):
-            assert self.paged_decode is not None
+        if self.paged_decode is not None and self.paged_decode.takes(steps):
             logits = self.paged_decode(tokens, steps)
             self.last_picks = self.paged_decode.last_picks
             return logits
@@ -135,7 +139,8 @@ class TorchBatchEngine:
             return self.model.forward_batch(tokens, self.cache, layout)
 
     def _forward_split(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], decodes: list[int]) -> torch.Tensor:
-        """A step of decodes and prompt chunks as two: the decodes on their CUDA graph, the chunks eagerly; the logits
+        """A step of decodes and prompt chunks too long for a graph as two: the decodes on their CUDA graph, the
+        chunks eagerly; the logits
         in `steps`' order. `scripts/time_mixed_steps_gpu.py` times both ways; docs/benchmarks.md has the numbers."""
         assert self.paged_decode is not None
         firsts = [0]
@@ -154,7 +159,7 @@ class TorchBatchEngine:
         return torch.cat((decoded, chunked.to(decoded.dtype)))[order]
 
     def graphs(self, steps: Sequence[SequenceStep]) -> bool:
-        """A step over `steps` runs on a CUDA graph (and picks each row's greedy token)."""
+        """A step over `steps` decodes on a CUDA graph (picking each row's greedy token, and taking `FED` ids)."""
         return self.paged_decode is not None and len(steps) <= self.paged_decode.max_batch and all(
             s.count == 1 and s.wants_logits for s in steps)
 
@@ -170,8 +175,9 @@ class TorchBatchEngine:
         if self.paged_decode is not None:
             began = time.perf_counter()
             self.paged_decode.warm()
-            log.info("CUDA decode graphs for batches of %s captured in %.1f s",
-                     ", ".join(map(str, self.paged_decode.buckets)), time.perf_counter() - began)
+            log.info("CUDA graphs for decode steps of %s sequences and steps with prompt chunks of %s tokens captured "
+                     "in %.1f s", ", ".join(map(str, self.paged_decode.buckets)),
+                     ", ".join(map(str, self.paged_decode.mixed_buckets)), time.perf_counter() - began)
         task = TextGenerationTask(task_id="warm-up", prompt="Hello", max_tokens=2, sampling=SamplingParams(temperature=0))
         deque(self.generate(task), maxlen=0)
 
@@ -210,8 +216,8 @@ def initialize_torch(bound: BoundInstance, config: EngineConfig) -> TorchBatchEn
                                  config=config)
 
 
-def _paged_decode(model: Transformer, cache: PagedKVCache, context_length: int,
-                  max_batch: int) -> PagedDecodeStep | None:
+def _paged_decode(model: Transformer, cache: PagedKVCache, context_length: int, max_batch: int,
+                  max_rows: int) -> PagedDecodeStep | None:
     """The graphed CUDA decode step of a whole model, or None (the eager step) for a stage or a model it cannot
     run."""
     from ringlet.worker.engines.torch.fused_decode import unsupported_reason
@@ -223,7 +229,7 @@ def _paged_decode(model: Transformer, cache: PagedKVCache, context_length: int,
     if reason is not None:
         log.warning("decoding eagerly on CUDA: %s", reason)
         return None
-    return PagedDecodeStep(model, cache, context_length, max_batch)
+    return PagedDecodeStep(model, cache, context_length, max_batch, max_rows)
 
 
 def _scratch_decode(batch: int, context: int, block_size: int, pad_slot: int,

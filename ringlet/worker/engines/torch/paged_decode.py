@@ -14,6 +14,12 @@ Batch sizes are bucketed (powers of two up to `max_batch`); each bucket's step i
 inputs of a step (token, position, slot and block table of each row) are one pinned host buffer copied to the
 device in one transfer, and the graphs read them from fixed addresses.
 
+A step that also carries prompt chunks runs on graphs of its own (`mixed` buckets, up to `max_rows` rows): each
+token of a chunk is a row, at its own position over its sequence's block table, so the same attention kernel is
+causal within the chunk. Such a step first writes every row's key and value to the cache (`_write_kv`), then
+attends (a row reads the chunk's earlier tokens from the cache), and computes logits only for the rows that want
+them: each sequence's last row, gathered in the steps' order.
+
 Every step also picks each row's greedy token (the argmax of its logits) on the device and copies the picks to the
 host behind the step (`picks`). A row whose token id is given as `FED` takes the previous step's pick of the same
 row: the host can launch the next step of greedy sequences before it has read their tokens, so the GPU does not
@@ -25,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import cast
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +40,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
 from ringlet.worker.engines.torch.fused_decode import (
+    _INTERPRETED,
     _attention_combine,
     _pdl_available,
     _rotate,
@@ -41,7 +49,9 @@ from ringlet.worker.engines.torch.fused_decode import (
 )
 
 POSITIONS_PER_TILE = 64  # cached positions one loop iteration of the attention reads (four blocks of 16)
-TARGET_PROGRAMS = 2048  # attention programs a step aims for: splits per sequence fill the GPU at small batches
+# attention programs a step aims for: splits per sequence fill the GPU at small batches (Triton's interpreter runs
+# programs one at a time: there, a few splits a sequence)
+TARGET_PROGRAMS = 64 if _INTERPRETED else 2048
 
 
 @triton.jit
@@ -128,6 +138,30 @@ def _paged_attention_split(
 
 
 @triton.jit
+def _write_kv(qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_norm_ptr, eps,
+              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, QK_NORM: tl.constexpr):
+    """Program (r, g): row r's key of key/value head g (normalised and rotated, as `_paged_attention_split` does)
+    and its value, into the row's cache slot."""
+    r = tl.program_id(0)
+    g = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    ROW: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
+    pos = tl.load(pos_ptr + r)
+    d = tl.arange(0, D)
+    partner = (d + HALF) % D
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    row = qkv_ptr + r.to(tl.int64) * ROW
+    dtype = k_cache_ptr.dtype.element_ty
+    k = _rotate(row + (HEADS + g) * D, d, partner, sign, cos, sin, k_norm_ptr, eps, QK_NORM, D)
+    v = tl.load(row + (HEADS + KV_HEADS + g) * D + d).to(tl.float32)
+    new = (tl.load(slot_ptr + r).to(tl.int64) * KV_HEADS + g) * D + d
+    tl.store(k_cache_ptr + new, k.to(dtype))
+    tl.store(v_cache_ptr + new, v.to(dtype))
+
+
+@triton.jit
 def _rms_norm(x_ptr, weight_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
     """Program r: out[r] = RMSNorm(x[r]) * weight, in fp32, rounded once (one kernel where eager takes several)."""
     row = tl.program_id(0).to(tl.int64) * H
@@ -153,21 +187,27 @@ def _silu_gate(gate_up_ptr, out_ptr, N, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * N + cols, (silu * up).to(dtype), mask=ok)
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """Batch sizes with a graph of their own: powers of two up to the first one holding `max_batch`."""
-    buckets = [1]
+def batch_buckets(max_batch: int, least: int = 1) -> list[int]:
+    """Batch sizes with a graph of their own: powers of two from `least` up to the first one holding `max_batch`."""
+    buckets = [least]
     while buckets[-1] < max_batch:
         buckets.append(buckets[-1] * 2)
     return buckets
 
 
+LEAST_MIXED_ROWS = 16  # the smallest bucket of a step with prompt chunks
+
+
 class PagedDecodeStep:
-    """Decode steps of a whole model over `cache` for up to `max_batch` sequences, one CUDA graph per bucket.
+    """Steps of a whole model over `cache` for up to `max_batch` sequences, one CUDA graph per bucket: decode steps,
+    and steps with prompt chunks of up to `max_rows` tokens in all.
 
-    `__call__(tokens, steps)` runs one step (every step decodes one token; token ids on the CPU, or `FED`) and returns
-    logits [B, V], a view of a buffer the next step overwrites; `picks(rows)` are the step's greedy tokens."""
+    `__call__(tokens, steps)` runs one step (token ids on the CPU, or `FED` in a decode step) and returns the logits
+    [R, V] of the steps that want them, a view of a buffer the next step overwrites; `last_picks` are their greedy
+    tokens, in the same order."""
 
-    def __init__(self, model: Transformer, cache: PagedKVCache, context_length: int, max_batch: int) -> None:
+    def __init__(self, model: Transformer, cache: PagedKVCache, context_length: int, max_batch: int,
+                 max_rows: int = 0) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"the paged decode step cannot run this model: {reason}")
@@ -183,23 +223,26 @@ class PagedDecodeStep:
         self.launch = {"launch_pdl": True} if self.pdl else {}
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
+        self.mixed_buckets = batch_buckets(max_rows, LEAST_MIXED_ROWS) if max_rows > 1 else []
+        self.max_rows = max([self.max_batch, *self.mixed_buckets])
         self.table_width = -(-context_length // cache.block_size)
         model.prepare_positions(context_length)
         self.cos, self.sin = model._cos, model._sin  # held: the graphs read these addresses
-        width = 3 + self.table_width  # token, position, slot, then the block table
+        # token, position and slot of each row, the rows that want logits, then each row's block table
+        size = self.max_rows * (3 + self.table_width) + self.max_batch
         # without a GPU (Triton's interpreter, in tests) the step runs eagerly, from the same buffers
         self.graphed = device.type == "cuda"
-        self.host = torch.zeros(self.max_batch * width, dtype=torch.int32)
+        self.host = torch.zeros(size, dtype=torch.int32)
         if self.graphed:
             self.host = self.host.pin_memory()
-        self.inputs = torch.zeros(self.max_batch * width, dtype=torch.int32, device=device)
+        self.inputs = torch.zeros(size, dtype=torch.int32, device=device)
         self.copied = torch.cuda.Event() if self.graphed else None
         self.picked = torch.zeros(self.max_batch, dtype=torch.long, device=device)  # the last step's greedy tokens
         # two host copies, a step's and its successor's: the host reads one step's picks after launching the next
         self._pick_copies = [Picks(self.max_batch, self.graphed) for _ in range(2)]
         self.last_picks: Picks | None = None
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        n = self.max_batch
+        n = self.max_rows
 
         def buffer(*shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype or self.dtype, device=device)
@@ -208,34 +251,49 @@ class PagedDecodeStep:
         self.qkv = buffer(n, q_dim + 2 * kv_dim)
         self.attention = buffer(n, q_dim)
         self.gated = buffer(n, args.intermediate_size)
-        self.logits = buffer(n, args.vocab_size)
-        most_parts = n * self.heads * self._splits(1)
+        self.logits = buffer(self.max_batch, args.vocab_size)
+        most_parts = self.heads * max(b * self._splits(b) for b in self.buckets + self.mixed_buckets)
         self.part_acc = buffer(most_parts, self.head_dim, dtype=torch.float32)
         self.part_max = buffer(most_parts, dtype=torch.float32)
         self.part_sum = buffer(most_parts, dtype=torch.float32)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (bucket, mixed)
 
     def _splits(self, batch: int) -> int:
         """Splits of each sequence's positions: enough programs to fill the GPU, a power of two from 1 to 64."""
         return min(64, triton.next_power_of_2(max(1, TARGET_PROGRAMS // (batch * self.kv_heads))))
 
-    def _views(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens, positions, slots [batch] and tables [batch, width] of the device inputs."""
-        n, w = self.max_batch, self.table_width
-        return (self.inputs[:batch], self.inputs[n:n + batch], self.inputs[2 * n:2 * n + batch],
-                self.inputs[3 * n:3 * n + batch * w].view(batch, w))
+    def _views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens, positions, slots [rows], the rows that want logits [max_batch] and tables [rows, width] of the
+        device inputs."""
+        n, w, m = self.max_rows, self.table_width, self.max_batch
+        return (self.inputs[:rows], self.inputs[n:n + rows], self.inputs[2 * n:2 * n + rows],
+                self.inputs[3 * n:3 * n + m], self.inputs[3 * n + m:3 * n + m + rows * w].view(rows, w))
 
     def bucket(self, batch: int) -> int:
         return next(b for b in self.buckets if b >= batch)
 
-    def _run(self, batch: int) -> None:
-        """The step of a `batch`-row bucket, from the device inputs to `self.logits[:batch]`."""
+    def mixed_bucket(self, rows: int) -> int:
+        return next(b for b in self.mixed_buckets if b >= rows)
+
+    def takes(self, steps: Sequence[SequenceStep]) -> bool:
+        """A step over `steps` runs on a graph: a decode step of at most `max_batch` sequences, or one with prompt
+        chunks of at most `max_rows` tokens in all."""
+        if len(steps) > self.max_batch:
+            return False
+        if all(s.count == 1 and s.wants_logits for s in steps):
+            return True
+        return bool(self.mixed_buckets) and sum(s.count for s in steps) <= self.mixed_buckets[-1]
+
+    def _run(self, batch: int, mixed: bool = False) -> None:
+        """The step of a `batch`-row bucket, from the device inputs to `self.logits` (a decode step: `[:batch]`; a
+        mixed one: one row for each of the first min(batch, max_batch) rows that want logits)."""
         model = self.model
         assert model.embed_tokens is not None and model.norm is not None and model.lm_head is not None
-        tokens, positions, slots, tables = self._views(batch)
+        tokens, positions, slots, wanted, tables = self._views(batch)
         hidden, qkv = self.hidden[:batch], self.qkv[:batch]
         attention, gated, logits = self.attention[:batch], self.gated[:batch], self.logits[:batch]
-        tokens = torch.where(tokens == FED, self.picked[:batch], tokens)
+        if not mixed:  # only a decode step follows on from the previous one's picks, row for row
+            tokens = torch.where(tokens == FED, self.picked[:batch], tokens)
         torch.index_select(model.embed_tokens.weight, 0, tokens, out=hidden)
         splits = self._splits(batch)
         for i, block in enumerate(cast("Iterable[Block]", model.layers)):
@@ -248,6 +306,11 @@ class PagedDecodeStep:
                     torch.addmm(attn.qkv_proj.bias, normed, attn.qkv_proj.weight.t(), out=qkv)
                 else:
                     torch.mm(normed, attn.qkv_proj.weight.t(), out=qkv)
+            if mixed:  # a row reads its chunk's earlier keys and values from the cache
+                _write_kv[(batch, self.kv_heads)](
+                    self.qkv, self.cache.keys[i], self.cache.values[i], self.cos, self.sin, positions, slots,
+                    self._k_norm(attn), self.eps, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
+                    QK_NORM=attn.q_norm is not None, num_warps=1)
             self._attend(i, attn, batch, splits, positions, slots, tables)
             if batch == 1:
                 project(attention, attn.o_proj, hidden, self.eps, self.pdl, residual=True)
@@ -261,6 +324,12 @@ class PagedDecodeStep:
                 _silu_gate[(batch, triton.cdiv(self.intermediate, 1024))](gate_up, gated, self.intermediate,
                                                                           BLOCK=1024, num_warps=4)
                 hidden.addmm_(gated, mlp.down_proj.weight.t())
+        if mixed:
+            sampled = min(batch, self.max_batch)
+            last = torch.index_select(self._norm(hidden, model.norm.weight), 0, wanted[:sampled])
+            torch.mm(last, model.lm_head.weight.t(), out=self.logits[:sampled])
+            torch.argmax(self.logits[:sampled], dim=-1, out=self.picked[:sampled])
+            return
         if batch == 1:
             project(hidden, model.lm_head, logits, self.eps, self.pdl, norm=model.norm.weight)
         else:
@@ -273,11 +342,15 @@ class PagedDecodeStep:
                                  BLOCK=triton.next_power_of_2(self.hidden_size), num_warps=8)
         return out
 
+    def _k_norm(self, attention: Attention) -> torch.Tensor:
+        """The key norm's weight, or any tensor where the model has none (the kernels then leave it unread)."""
+        return cast(RMSNorm, attention.k_norm).weight if attention.k_norm is not None else self.cos
+
     def _attend(self, layer: int, attention: Attention, batch: int, splits: int, positions: torch.Tensor,
                 slots: torch.Tensor, tables: torch.Tensor) -> None:
         qk_norm = attention.q_norm is not None
         q_norm = cast(RMSNorm, attention.q_norm).weight if qk_norm else self.cos  # k_norm exists with q_norm
-        k_norm = cast(RMSNorm, attention.k_norm).weight if qk_norm else self.cos
+        k_norm = self._k_norm(attention)
         # PDL only where the neighbours are this module's kernels (a batch of one)
         pdl = self.pdl and batch == 1
         launch = self.launch if pdl else {}
@@ -293,50 +366,60 @@ class PagedDecodeStep:
                                                   SPLITS=splits, D=self.head_dim, PDL=pdl, num_warps=4, **launch)
 
     def _stage(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], bucket: int) -> None:
-        """Write the step's inputs into the host buffer and copy them to the device."""
+        """Write the step's inputs into the host buffer (a row for each token) and copy them to the device."""
         if self.copied is not None:
             self.copied.synchronize()  # the previous copy has left the host buffer
-        n, w = self.max_batch, self.table_width
+        n, w, m, block_size = self.max_rows, self.table_width, self.max_batch, self.cache.block_size
         host = self.host.numpy()
-        batch = len(steps)
-        host[:batch] = tokens.tolist()
-        host[batch:bucket] = 0
-        host[n:n + batch] = [s.start for s in steps]
-        host[n + batch:n + bucket] = 0
-        host[2 * n:2 * n + batch] = [s.slot(s.start, self.cache.block_size) for s in steps]
-        host[2 * n + batch:2 * n + bucket] = self.cache.scratch_slot
-        tables = host[3 * n:3 * n + bucket * w].reshape(bucket, w)
-        for row, step in enumerate(steps):
-            tables[row, :len(step.blocks)] = step.blocks
-        used = 3 * n + bucket * w
+        rows = len(tokens)
+        host[:rows] = tokens.numpy()
+        host[rows:bucket] = 0
+        host[2 * n + rows:2 * n + bucket] = self.cache.scratch_slot
+        host[n + rows:n + bucket] = 0  # padding rows: position 0, the scratch slot
+        tables = host[3 * n + m:3 * n + m + bucket * w].reshape(bucket, w)
+        row, wanted = 0, []
+        for step in steps:
+            positions = np.arange(step.start, step.start + step.count)
+            blocks = np.asarray(step.blocks)
+            host[n + row:n + row + step.count] = positions
+            host[2 * n + row:2 * n + row + step.count] = blocks[positions // block_size] * block_size + (
+                positions % block_size)
+            tables[row:row + step.count, :len(blocks)] = blocks
+            row += step.count
+            if step.wants_logits:
+                wanted.append(row - 1)
+        host[3 * n:3 * n + len(wanted)] = wanted
+        host[3 * n + len(wanted):3 * n + m] = 0
+        used = 3 * n + m + bucket * w
         self.inputs[:used].copy_(self.host[:used], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
 
-    def capture(self, batch: int) -> None:
-        """Record the graph of `batch`'s bucket (warmed up first on a side stream, as CUDA graphs require)."""
-        bucket = self.bucket(batch)
-        if bucket in self.graphs:
+    def capture(self, bucket: int, mixed: bool = False) -> None:
+        """Record the graph of a bucket (warmed up first on a side stream, as CUDA graphs require)."""
+        if (bucket, mixed) in self.graphs:
             return
-        n = self.max_batch
+        n, m = self.max_rows, self.max_batch
         self.inputs[n:2 * n].zero_()  # warm-up rows: position 0, written to the scratch slot only
         self.inputs[2 * n:3 * n].fill_(self.cache.scratch_slot)
+        self.inputs[3 * n:3 * n + m].zero_()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._run(bucket)
+            self._run(bucket, mixed)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         pool = next(iter(self.graphs.values())).pool() if self.graphs else None
         with torch.cuda.graph(graph, pool=pool):
-            self._run(bucket)
-        self.graphs[bucket] = graph
+            self._run(bucket, mixed)
+        self.graphs[bucket, mixed] = graph
 
     @torch.inference_mode()
     def warm(self) -> None:
         """Capture every bucket, largest first (its memory pool then serves the others)."""
-        for bucket in reversed(self.buckets):
-            self.capture(bucket)
+        for bucket, mixed in sorted([(b, True) for b in self.mixed_buckets] + [(b, False) for b in self.buckets],
+                                    reverse=True):
+            self.capture(bucket, mixed)
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
@@ -344,7 +427,7 @@ class PagedDecodeStep:
         """GPU time of one step of `batch`'s bucket, its graph replayed back to back over the inputs of the last
         step (a benchmark's: the host's part of a step is what the serving loop adds to this). The replays write
         the last step's slots again; call it only when no sequence is running."""
-        graph = self.graphs[self.bucket(batch)]
+        graph = self.graphs[self.bucket(batch), False]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graph.replay()
         start.record()
@@ -356,19 +439,20 @@ class PagedDecodeStep:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
-        batch = len(steps)
-        bucket = self.bucket(batch)
+        mixed = not all(s.count == 1 and s.wants_logits for s in steps)
+        bucket = self.mixed_bucket(len(tokens)) if mixed else self.bucket(len(steps))
         if self.graphed:
-            self.capture(bucket)  # before the inputs are staged: a capture's runs overwrite them
+            self.capture(bucket, mixed)  # before the inputs are staged: a capture's runs overwrite them
             self._stage(tokens, steps, bucket)
-            self.graphs[bucket].replay()
+            self.graphs[bucket, mixed].replay()
         else:
             self._stage(tokens, steps, bucket)
-            self._run(bucket)
+            self._run(bucket, mixed)
+        sampled = sum(s.wants_logits for s in steps)
         picks = self._pick_copies[self._pick_copies[0] is self.last_picks]
-        picks.fetch(self.picked, batch)
+        picks.fetch(self.picked, sampled)
         self.last_picks = picks
-        return self.logits[:batch]
+        return self.logits[:sampled]
 
 
 class Picks:
