@@ -17,6 +17,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -36,7 +37,9 @@ FILLER = "The quick brown fox jumps over the lazy dog near the river bank. "  # 
 PEERS = Path(os.environ.get("RINGLET_PEERS", Path.home() / ".cache/ringlet/peers"))
 DEFAULT_LLAMA_SERVER = PEERS / "llama.cpp/bin/llama-server"
 LLAMA_SLOTS = 8
-REQUEST_NUMBERS = itertools.count()  # every request of a run gets its own prompt: no server answers from a cache
+# every request gets its own prompt, in this run and any other on the same server: no server answers from a cache
+RUN = secrets.token_hex(4)
+REQUEST_NUMBERS = itertools.count()
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Stream:
     gaps_s: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # when each content chunk arrived (perf_counter)
     tokens: int = 0
+    chunks: int = 0  # content chunks: a token without text of its own (part of a character) sends none
     prompt_tokens: int | None = None
     error: str | None = None
     status: int | None = None
@@ -73,10 +77,13 @@ class Round:
     ttft_p95_ms: float | None
     itl_p50_ms: float | None
     itl_p95_ms: float | None
+    window_itl_p95_ms: float | None  # the gaps while every stream decodes (decode's window): no prompt arrives
     tokens_per_request: float
     prompt_tokens: int | None
     errors: int
     first_error: str | None
+    chunks_per_token: float  # below 1, decode and the inter-token gaps count chunks, each of more than one token
+    of_roofline: float | None = None  # decode tok/s over the batch's memory-bandwidth limit (--roofline)
 
 
 def percentile_ms(seconds: list[float], q: float) -> float | None:
@@ -169,13 +176,13 @@ def stop(server: Server) -> None:
         server.process.wait()
 
 
-def make_messages(prompt_tokens: int | None, request_no: int) -> list[ChatCompletionMessageParam]:
-    """The request's number opens the prompt (before any default system prompt), so no prefix is cached."""
-    filler = "" if prompt_tokens is None else FILLER * max(0, (prompt_tokens - 33) // 14)
-    return [{"role": "system", "content": f"Request {request_no}."}, {"role": "user", "content": filler + QUESTION}]
+def make_messages(prompt_tokens: int | None, request: str) -> list[ChatCompletionMessageParam]:
+    """The request's run and number open the prompt (before any default system prompt), so no prefix is cached."""
+    filler = "" if prompt_tokens is None else FILLER * max(0, (prompt_tokens - 36) // 14)
+    return [{"role": "system", "content": f"Request {request}."}, {"role": "user", "content": filler + QUESTION}]
 
 
-async def one_stream(client: AsyncOpenAI, server: Server, args: argparse.Namespace, request_no: int) -> Stream:
+async def one_stream(client: AsyncOpenAI, server: Server, args: argparse.Namespace, request: str) -> Stream:
     result = Stream()
     options: dict[str, Any] = {}
     if server.include_usage:
@@ -186,7 +193,7 @@ async def one_stream(client: AsyncOpenAI, server: Server, args: argparse.Namespa
     chunks, usage_tokens = 0, None
     try:
         stream = await client.chat.completions.create(
-            model=server.model, messages=make_messages(args.prompt_tokens, request_no),
+            model=server.model, messages=make_messages(args.prompt_tokens, request),
             max_tokens=args.max_tokens, temperature=0, stream=True, **options)
         async for chunk in stream:
             if chunk.usage is not None:
@@ -205,13 +212,14 @@ async def one_stream(client: AsyncOpenAI, server: Server, args: argparse.Namespa
         result.status = error.status_code if isinstance(error, APIStatusError) else None
     # without usage, one content chunk per token is the best estimate
     result.tokens = chunks if usage_tokens is None else usage_tokens
+    result.chunks = chunks
     return result
 
 
 async def run_clients(client: AsyncOpenAI, server: Server, args: argparse.Namespace,
-                      numbers: list[list[int]]) -> list[Stream]:
-    """One client per list of request numbers, all at once; each sends its requests one after another."""
-    async def one_client(mine: list[int]) -> list[Stream]:
+                      numbers: list[list[str]]) -> list[Stream]:
+    """One client per list of requests (their names), all at once; each sends its requests one after another."""
+    async def one_client(mine: list[str]) -> list[Stream]:
         return [await one_stream(client, server, args, number) for number in mine]
 
     return [s for per_client in await asyncio.gather(*(one_client(mine) for mine in numbers)) for s in per_client]
@@ -221,7 +229,7 @@ def openai_client(server: Server) -> AsyncOpenAI:
     return AsyncOpenAI(base_url=server.url.rstrip("/") + "/v1", api_key="unused", max_retries=0, timeout=900.0)
 
 
-def run_clients_in_process(server: Server, args: argparse.Namespace, numbers: list[list[int]]) -> list[Stream]:
+def run_clients_in_process(server: Server, args: argparse.Namespace, numbers: list[list[str]]) -> list[Stream]:
     """`run_clients` in a process of its own (--client-processes), with its own connections."""
     async def run() -> list[Stream]:
         client = openai_client(server)
@@ -234,7 +242,7 @@ def run_clients_in_process(server: Server, args: argparse.Namespace, numbers: li
 
 
 async def run_round(client: AsyncOpenAI, server: Server, args: argparse.Namespace, concurrency: int) -> Round:
-    numbers = [[next(REQUEST_NUMBERS) for _ in range(args.requests_per_client)] for _ in range(concurrency)]
+    numbers = [[f"{RUN}-{next(REQUEST_NUMBERS)}" for _ in range(args.requests_per_client)] for _ in range(concurrency)]
     processes = min(args.client_processes, concurrency)
     began = time.perf_counter()
     if processes <= 1:
@@ -258,21 +266,33 @@ async def run_round(client: AsyncOpenAI, server: Server, args: argparse.Namespac
     errors = [s.error for s in streams if s.error is not None]
     return Round(server.name, concurrency, len(streams), round(wall, 2), round(tokens / wall, 1), decode_rate(ok),
                  percentile_ms(ttfts, 0.5), percentile_ms(ttfts, 0.95), percentile_ms(gaps, 0.5),
-                 percentile_ms(gaps, 0.95), round(tokens / max(1, len(ok)), 1),
-                 round(sum(prompts) / len(prompts)) if prompts else None, len(errors), errors[0] if errors else None)
+                 percentile_ms(gaps, 0.95), percentile_ms(window_gaps(ok), 0.95), round(tokens / max(1, len(ok)), 1),
+                 round(sum(prompts) / len(prompts)) if prompts else None, len(errors), errors[0] if errors else None,
+                 round(sum(s.chunks for s in ok) / tokens, 3) if tokens else 1.0)
 
 
 def decode_rate(streams: list[Stream]) -> float | None:
-    """Chunks a second while every stream decodes: from the last stream's first chunk to the first stream's last
-    (prompts and stragglers left out), where that window spans at least 4 chunks of each stream; else None."""
-    timed = [s.times for s in streams if len(s.times) > 1]
+    """Tokens a second while every stream decodes: from the last stream's first chunk to the first stream's last
+    (prompts and stragglers left out), where that window spans at least 4 chunks of each stream; else None. A chunk
+    counts as its stream's tokens per chunk (a token without text of its own arrives with the next one's)."""
+    timed = [s for s in streams if len(s.times) > 1]
     if not timed or len(timed) < len(streams):
         return None
-    begin, end = max(t[0] for t in timed), min(t[-1] for t in timed)
-    inside = sum(1 for times in timed for t in times if begin < t <= end)
-    if end <= begin or inside < 4 * len(timed):
+    begin, end = max(s.times[0] for s in timed), min(s.times[-1] for s in timed)
+    chunks = [sum(1 for t in s.times if begin < t <= end) for s in timed]
+    if end <= begin or sum(chunks) < 4 * len(timed):
         return None
-    return round(inside / (end - begin), 1)
+    tokens = sum(n * max(1.0, (s.tokens - 1) / (len(s.times) - 1)) for n, s in zip(chunks, timed, strict=True))
+    return round(tokens / (end - begin), 1)
+
+
+def window_gaps(streams: list[Stream]) -> list[float]:
+    """The gaps between chunks that both arrived while every stream decoded (`decode_rate`'s window)."""
+    timed = [s.times for s in streams if len(s.times) > 1]
+    if not timed or len(timed) < len(streams):
+        return []
+    begin, end = max(t[0] for t in timed), min(t[-1] for t in timed)
+    return [b - a for times in timed for a, b in itertools.pairwise(times) if begin <= a and b <= end]
 
 
 async def warm_up(client: AsyncOpenAI, server: Server, args: argparse.Namespace) -> None:
@@ -282,7 +302,7 @@ async def warm_up(client: AsyncOpenAI, server: Server, args: argparse.Namespace)
         server.model = models[0].id
     server.ignore_eos = args.ignore_eos
     while True:
-        result = await one_stream(client, server, args, next(REQUEST_NUMBERS))
+        result = await one_stream(client, server, args, f"{RUN}-{next(REQUEST_NUMBERS)}")
         if result.error is None:
             break
         if result.status != 400 or not (server.ignore_eos or server.include_usage):
@@ -300,13 +320,20 @@ def fmt(value: float | None, width: int) -> str:
 
 
 def print_tables(rounds: list[Round], servers: list[Server]) -> None:
-    columns = ["N", "reqs", "tok/s", "decode", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "tok/req", "prompt", "errors"]
-    print(f"{'server':<10}" + "".join(f"{c:>9}" for c in columns) + "   (times in ms, prompt in tokens)")
+    columns = ["N", "reqs", "tok/s", "decode", "TTFT p50", "TTFT p95", "ITL p50", "ITL p95", "dITL p95", "tok/req",
+               "prompt", "errors"]
+    roofline = any(r.of_roofline is not None for r in rounds)
+    print(f"{'server':<10}" + "".join(f"{c:>9}" for c in columns) + ("  roofline" if roofline else "")
+          + "   (times in ms, prompt in tokens)")
     for r in rounds:
         values = [r.concurrency, r.requests, r.tok_s, r.decode_tok_s, r.ttft_p50_ms, r.ttft_p95_ms, r.itl_p50_ms, r.itl_p95_ms,
-                  r.tokens_per_request, r.prompt_tokens, r.errors]
+                  r.window_itl_p95_ms, r.tokens_per_request, r.prompt_tokens, r.errors] + (
+                      [r.of_roofline] if roofline else [])
         print(f"{r.server:<10}" + "".join(fmt(v, 9) for v in values))
     for r in rounds:
+        if r.chunks_per_token < 0.97:
+            print(f"  {r.server} N={r.concurrency}: {r.chunks_per_token:.0%} of the tokens came with text of their "
+                  "own; the inter-token gaps are between chunks, some of several tokens")
         if r.first_error:
             print(f"  {r.server} N={r.concurrency}: {r.errors} errors, first: {r.first_error}")
     base = servers[0].name
@@ -338,6 +365,41 @@ async def bench(servers: list[Server], args: argparse.Namespace) -> list[Round]:
     return rounds
 
 
+@dataclass
+class Roofline:
+    """What a decode step must read of a model served on this machine, and how fast this machine's GPU reads."""
+
+    weight_bytes: int  # every weight, less an untied embedding table (a step reads one row of it)
+    kv_bytes_per_position: int
+    bandwidth: float  # bytes/s, a large copy on the GPU
+
+    @classmethod
+    def of(cls, directory: Path) -> Roofline:
+        import torch
+
+        from ringlet.cli.bench import copy_bandwidth
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--roofline measures the GPU's bandwidth; this machine has no CUDA GPU")
+        config = json.loads((directory / "config.json").read_text())
+        sizes: dict[str, int] = {}
+        for file in directory.glob("*.safetensors"):  # the header: 8 bytes of length, then JSON
+            with file.open("rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            sizes |= {name: t["data_offsets"][1] - t["data_offsets"][0] for name, t in header.items()
+                      if name != "__metadata__"}
+        untied = "lm_head.weight" in sizes
+        weights = sum(size for name, size in sizes.items() if not (untied and name == "model.embed_tokens.weight"))
+        element = sizes["model.norm.weight"] // config["hidden_size"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        kv = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * element
+        return cls(weights, kv, copy_bandwidth(torch.device("cuda")))
+
+    def tokens_per_s(self, streams: int, context: float) -> float:
+        """The decode rate at which each step of `streams` sequences, `context` positions each, reads at bandwidth."""
+        return streams * self.bandwidth / (self.weight_bytes + streams * context * self.kv_bytes_per_position)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running ringlet node (default: start one with the embedded model)")
@@ -361,6 +423,9 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=1,
                         help="split each round's clients over this many processes (one Python process parses a few "
                              "thousand chunks a second: use several against a fast server)")
+    parser.add_argument("--roofline", type=Path, metavar="MODEL_DIR",
+                        help="the served model's directory (safetensors), on this machine with its GPU: print decode "
+                             "tok/s as a fraction of the memory-bandwidth limit of a step over the round's streams")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
 
@@ -378,6 +443,11 @@ def main() -> None:
                 context = (args.prompt_tokens or 64) + args.max_tokens + 64
                 servers.append(start_llama_server(Path(tmp), args.llama_server, embedded_gguf(), context))
             rounds = asyncio.run(bench(servers, args))
+            if args.roofline is not None:
+                roofline = Roofline.of(args.roofline)
+                context = (args.prompt_tokens or 64) + args.max_tokens / 2  # a stream's average during decode
+                rounds = [replace(r, of_roofline=round(r.decode_tok_s / roofline.tokens_per_s(r.concurrency, context), 3))
+                          if r.decode_tok_s else r for r in rounds]
         finally:
             for server in servers:
                 stop(server)
@@ -396,7 +466,12 @@ def main() -> None:
           f"{args.client_processes} process(es)\n")
     print_tables(rounds, servers)
     print("\ntok/s: completion tokens over the round's wall time (prompts included); decode: tokens a second while "
-          "every stream of the round decodes (from the last stream's first token to the first stream's last)")
+          "every stream of the round decodes (from the last stream's first token to the first stream's last); dITL "
+          "p95: the inter-token gaps within that window")
+    if args.roofline is not None:
+        print(f"roofline: decode over N x bandwidth / (weights + N x context x KV bytes a position), the context a "
+              f"stream's average while decoding; {roofline.bandwidth / 1e9:.0f} GB/s, weights "
+              f"{roofline.weight_bytes / 1e9:.2f} GB, {roofline.kv_bytes_per_position // 1024} KiB a position")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Time the steps that mix decodes with a prompt chunk on a CUDA GPU: the decodes alone (their CUDA graph), a chunk
-alone, and both together as one eager step or split into the graph and an eager chunk (what the engine runs).
+alone, and both together on one CUDA graph (what the engine runs), as one eager step, or split into the decodes'
+graph and an eager chunk (what the engine runs for a step longer than its largest graph).
 Random weights of a model shape; prints milliseconds a step, the GPU synchronised around each run.
 
     python scripts/time_mixed_steps_gpu.py --shape llama-3.1-8b
@@ -50,12 +51,14 @@ def main() -> None:
         return engine._forward_split(tokens, steps, [i for i, s in enumerate(steps) if s.count == 1])
 
     decodes = [sequence(i, 600, 1) for i in range(48)]
-    chunk = [sequence(60, 0, 512)]
-    print(f"{args.shape}, {torch.cuda.get_device_name()}, decodes at position 600, a 512-token prompt chunk")
+    chunk = [sequence(60, 0, 464)]  # with 48 decodes, the default step of 512 tokens
+    print(f"{args.shape}, {torch.cuda.get_device_name()}, decodes at position 600, a 464-token prompt chunk")
     timed("48 decodes (CUDA graph)", engine.forward_batch, decodes)
     timed("48 decodes (eager)", engine._forward_eager, decodes)
-    timed("512-token chunk", engine.forward_batch, chunk)
+    timed("464-token chunk (CUDA graph)", engine.forward_batch, chunk)
+    timed("464-token chunk (eager)", engine._forward_eager, chunk)
     for n in (4, 16, 48):
+        timed(f"{n} decodes + chunk, one CUDA graph", engine.forward_batch, decodes[:n] + chunk)
         timed(f"{n} decodes + chunk, one eager step", engine._forward_eager, decodes[:n] + chunk)
         timed(f"{n} decodes + chunk, split", split, decodes[:n] + chunk)
 

@@ -2,6 +2,10 @@
 the embedded model's tokenizer and chat template (its ids all fall inside the larger vocabulary), for serving
 benchmarks on machines that cannot download real weights: `ringlet node --model DIR`.
 
+The output layer's rows past the tokenizer's vocabulary are zero: their logits are 0 while the largest of the
+others is well above, so greedy decoding picks only ids the tokenizer can write, and every token reaches a
+streaming client as text (a client counting chunks counts tokens). The bytes read per token are unchanged.
+
 Usage: python scripts/write_random_checkpoint.py llama-3.1-8b DIR [--device cuda] [--tokenizer TOKDIR]
 
 `--tokenizer TOKDIR` takes tokenizer.json and tokenizer_config.json from TOKDIR instead (a machine without the
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as BackendTokenizer
 
 from ringlet.models.loader import load_stage
 from ringlet.models.random_checkpoint import random_weights, shape_config
@@ -42,14 +47,18 @@ def main() -> None:
     config = shape_config(args.shape) | {"torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
     args.directory.mkdir(parents=True, exist_ok=True)
     weights = random_weights(model_args(config), torch.bfloat16, args.device)
+    tokenizer_dir = args.tokenizer if args.tokenizer is not None else args.directory
+    if args.tokenizer is None:
+        write_tokenizer(args.directory)
+    written = BackendTokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    # a tied model's output layer is its embedding, whose rows past the tokenizer are never looked up
+    weights["lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"][written:] = 0
     save_file({name: tensor.cpu().contiguous() for name, tensor in weights.items()},
               str(args.directory / "model.safetensors"))
     (args.directory / "config.json").write_text(json.dumps(config, indent=2))
     if args.tokenizer is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(args.tokenizer / name, args.directory / name)
-    else:
-        write_tokenizer(args.directory)
     print(f"{args.directory}: random {args.shape}, {sum(t.numel() for t in weights.values()) / 1e9:.2f}B parameters")
 
 

@@ -134,9 +134,12 @@ def kv_bytes_per_position(model: Any) -> int:
 
 
 def stream_prompts(tokenizer: Any, n_tokens: int, streams: int) -> list[str]:
-    """`streams` prompts of about `n_tokens` tokens, each with its own first words (no shared prefix to reuse)."""
-    ids = make_prompt(tokenizer, n_tokens)
-    return [f"Request {i}: " + tokenizer.decode(ids[6:], skip_special_tokens=False) for i in range(streams)]
+    """`streams` prompts of about `n_tokens` tokens, each opening with 8 tokens of its own, drawn from the middle of
+    the vocabulary (words any tokenizer has, a synthetic word-level one too): no prefix is shared, so none is reused
+    from the cache."""
+    ids, vocab = make_prompt(tokenizer, n_tokens), tokenizer.vocab_size
+    return [tokenizer.decode([vocab // 4 + (8 * i + k) % (vocab // 2) for k in range(8)] + ids[8:],
+                             skip_special_tokens=False) for i in range(streams)]
 
 
 def transformers_model(model_path: Any, weights: dict[str, Any] | None, config: dict[str, Any] | None,
