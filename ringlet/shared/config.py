@@ -27,6 +27,8 @@ CUDA_COMPILE_ENV = "RINGLET_CUDA_COMPILE"
 MAX_BATCH_ENV = "RINGLET_MAX_BATCH"
 MAX_QUEUED_ENV = "RINGLET_MAX_QUEUED"
 MAX_STEP_TOKENS_ENV = "RINGLET_MAX_STEP_TOKENS"
+RUNNER_STALL_ENV = "RINGLET_RUNNER_STALL_S"
+RUNNER_RESTARTS_ENV = "RINGLET_RUNNER_RESTARTS"
 MAX_INSTANCES_ENV = "RINGLET_MAX_INSTANCES"
 KV_CACHE_TOKENS_ENV = "RINGLET_KV_CACHE_TOKENS"
 
@@ -46,6 +48,10 @@ class EngineConfig(BaseModel):
     max_queued: int = Field(256, ge=0, description="requests waiting for a place in the batch; more get 429")
     max_instances: int = Field(8, ge=1, description="instances with a stage on one node (each a runner process); "
                                                     "more are refused with 409")
+    runner_stall_s: int = Field(30, ge=1, description="seconds a runner with requests may send nothing (no token, no "
+                                                     "progress) before it is killed and started again")
+    runner_restarts: int = Field(3, ge=0, description="times a runner that died is started again within 10 minutes; "
+                                                      "the next death fails its instance")
     kv_cache_tokens: int | None = Field(None, ge=16, description="positions the KV cache holds over all sequences "
                                                                "(default: sized from the memory left after the "
                                                                "weights)")
@@ -53,8 +59,8 @@ class EngineConfig(BaseModel):
     @classmethod
     def from_environment(cls, env: Mapping[str, str], **overrides: object) -> EngineConfig:
         """The settings in `env` (RINGLET_PRECISION, RINGLET_CPU_COMPILE=0, RINGLET_CUDA_DECODE, RINGLET_CUDA_COMPILE,
-        RINGLET_MAX_BATCH, RINGLET_MAX_STEP_TOKENS, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES),
-        then `overrides` (a CLI flag wins);
+        RINGLET_MAX_BATCH, RINGLET_MAX_STEP_TOKENS, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES,
+        RINGLET_RUNNER_STALL_S, RINGLET_RUNNER_RESTARTS), then `overrides` (a CLI flag wins);
         ValueError names the variable and what it takes."""
         values: dict[str, object] = {}
         sources: dict[str, str] = {}  # field -> the variable it came from
@@ -70,7 +76,8 @@ class EngineConfig(BaseModel):
             values["cpu_compile"] = False
         for name, field in ((MAX_BATCH_ENV, "max_batch"), (MAX_STEP_TOKENS_ENV, "max_step_tokens"),
                             (MAX_QUEUED_ENV, "max_queued"),
-                            (KV_CACHE_TOKENS_ENV, "kv_cache_tokens"), (MAX_INSTANCES_ENV, "max_instances")):
+                            (KV_CACHE_TOKENS_ENV, "kv_cache_tokens"), (MAX_INSTANCES_ENV, "max_instances"),
+                            (RUNNER_STALL_ENV, "runner_stall_s"), (RUNNER_RESTARTS_ENV, "runner_restarts")):
             raw = env.get(name, "").strip()
             if raw:
                 if not raw.isdigit():

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ringlet.runner")
 
-STATS_EVERY_S = 1.0
+STATS_EVERY_S = 1.0  # a busy batching runner reports at least this often: the node's watchdog hears it is alive
 
 
 class Inbox:
@@ -201,7 +201,7 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
                 admitted.discard(chunk.task_id)
         outbox.send_all(messages)
         stats = generator.stats()
-        if stats != reported and (time.monotonic() - reported_at > STATS_EVERY_S or not generator):
+        if time.monotonic() - reported_at > STATS_EVERY_S or (stats != reported and not generator):
             outbox.send(stats)
             reported, reported_at = stats, time.monotonic()
 

@@ -4,6 +4,12 @@ The supervisor owns each instance's queue: a runner gets its next task only when
 (finished, failed or cancelled), so a cancel frees the runner within one token and no task is lost or
 starved. What the runners report about themselves (loading, ready, failed, a ring hosted) becomes state events
 (`emit`), which the master orders; tasks cause none.
+
+A watchdog kills a runner that has requests and has sent nothing (a token, or the report a busy runner sends every
+second) for `EngineConfig.runner_stall_s`: a hung engine, a stopped process. A runner of a one-stage instance that
+dies, so killed or by itself (a crash, the OOM killer), is started again after a back-off: the requests it was
+running end with an error, the queued ones wait for it. After `EngineConfig.runner_restarts` restarts within
+`RESTART_WINDOW_S`, the next death marks the instance failed with its reason. A stage of a ring is not restarted: its instance fails.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
@@ -50,6 +57,8 @@ from ringlet.shared.wire import BadMessageError, decode, encode
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
+RESTART_WINDOW_S = 600.0
+WATCH_EVERY_S = 1.0
 RING_OMP_SPINCOUNT = 10_000
 # a chunk line is small, but a huge prompt echoed in an error message must not break the reader
 _LINE_LIMIT = 64 * 1024 * 1024
@@ -99,7 +108,11 @@ class _Runner:
         self.failure: str | None = None
         self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
+        self._killed_for: str | None = None  # why the watchdog killed the process, for the reader to report
+        self.heard_at = time.monotonic()  # the runner's last message
+        self._deaths: deque[float] = deque()  # when it died, within RESTART_WINDOW_S
 
     @property
     def instance_id(self) -> str:
@@ -124,7 +137,10 @@ class _Runner:
         self._emit(RunnerProgressed(instance_id=self.instance_id, node_id=self.bound.node_id, progress=0.0,
                                     detail="starting runner", pid=self.process.pid))
         self._send(self._load)
+        self.heard_at = time.monotonic()
         self._reader = asyncio.create_task(self._read(), name=f"runner-{self.instance_id}")
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch(), name=f"watchdog-{self.instance_id}")
 
     def _send(self, message: LoadShard | RunTask | CancelTask) -> None:
         assert self.process is not None and self.process.stdin is not None
@@ -135,6 +151,7 @@ class _Runner:
     async def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         while line := await self.process.stdout.readline():
+            self.heard_at = time.monotonic()
             try:
                 message = decode(FROM_RUNNER, line, f"runner {self.process.pid}'s stdout")
             except BadMessageError as error:
@@ -142,9 +159,45 @@ class _Runner:
                 continue
             self._handle(message)
         code = await self.process.wait()
+        if self._stopping or self.failure is not None:  # stopped, or failed already (a load that failed)
+            return
+        reason = self._killed_for or (f"the runner process stopped ({describe_exit(code)}; out of memory, or a crash "
+                                      "in the engine: see the node's log)")
+        self._killed_for = None
+        now = time.monotonic()
+        while self._deaths and now - self._deaths[0] > RESTART_WINDOW_S:
+            self._deaths.popleft()
+        if len(self.bound.instance.shards) > 1 or len(self._deaths) >= self._load.config.runner_restarts:
+            self.fail(f"{reason}; delete the instance and create it again")
+            return
+        self._deaths.append(now)
+        back_off = 2.0 ** (len(self._deaths) - 1)
+        log.error("instance %s: %s; starting it again in %.0f s", self.instance_id, reason, back_off)
+        self.ready = False
+        self._end_running(TaskError("runner_failed", f"instance {self.instance_id}: {reason}; it is starting again, "
+                                                     "retry the request"))
+        self._emit(RunnerProgressed(instance_id=self.instance_id, node_id=self.bound.node_id, progress=0.0,
+                                    detail=f"starting again: {reason}", pid=None))
+        await asyncio.sleep(back_off)
         if not self._stopping:
-            self.fail(f"the runner process stopped ({describe_exit(code)}; out of memory, or a crash in the "
-                       "engine: see the node's log); delete the instance and create it again")
+            try:
+                await self.start()  # the queued requests wait for its Ready
+            except OSError as error:
+                self.fail(f"could not start the runner again: {error}")
+
+    async def _watch(self) -> None:
+        """Kill the runner when it has requests and has been silent for the stall time (its reader restarts it)."""
+        stall = self._load.config.runner_stall_s
+        while not self._stopping and self.failure is None:
+            await asyncio.sleep(WATCH_EVERY_S)
+            process = self.process
+            silent = time.monotonic() - self.heard_at
+            if (self.ready and self.active and silent > stall and process is not None and process.returncode is None
+                    and self._killed_for is None):
+                self._killed_for = (f"the runner sent nothing for {silent:.0f} s while running {len(self.active)} "
+                                    "request(s) (a hung engine, or a stopped process); it was killed")
+                log.error("instance %s: %s", self.instance_id, self._killed_for)
+                process.kill()
 
     def _handle(self, message: FromRunner) -> None:
         node_id = self.bound.node_id
@@ -200,10 +253,15 @@ class _Runner:
         self._end_all(TaskError("runner_failed", f"instance {self.instance_id}: {reason}"))
 
     def _end_all(self, error: TaskError) -> None:
-        for pending in [*self.active.values(), *self.queue]:
+        self._end_running(error)
+        for pending in self.queue:
+            pending.finish(error)
+        self.queue.clear()
+
+    def _end_running(self, error: TaskError) -> None:
+        for pending in self.active.values():
             pending.finish(error)
         self.active.clear()
-        self.queue.clear()
 
     def submit(self, task: TextGenerationTask, on_started: Callable[[], None]) -> _Pending:
         if self.failure is not None:
@@ -229,6 +287,8 @@ class _Runner:
 
     async def stop(self, reason: TaskError) -> None:
         self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._end_all(reason)
         if self.process is None:
             return
