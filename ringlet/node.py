@@ -398,7 +398,8 @@ class Cluster:
         self.order = EventOrder(self.me, bus, node, rejoin=lambda: NodeJoined(node=node.info),
                                 departures=node.departures, claim=lambda term: self.membership.claim(term))
         bus.listen(node.node_id, self.order.on_proposal, self.order.on_ordered, lambda: node.state)
-        self.forwarding = TaskForwarding(self.plane, node.node_id, node.run_local)
+        idle_s = node.config.stream_idle_s
+        self.forwarding = TaskForwarding(self.plane, node.node_id, node.run_local, idle_s, min(5.0, idle_s / 3))
         self.membership = Membership(self.plane, self.me, self._members_changed)
         node.attach_cluster(self.order, self.forwarding)
 

@@ -1,6 +1,10 @@
 """Tasks between nodes: a request that reached one node's API runs on the node that holds its instance's first
 stage, and the chunks stream back over the control plane (`topics.task_stream`). Either side going away ends the
-task: a stream whose serving node leaves fails, and a task whose requesting node leaves is cancelled."""
+task: a stream whose serving node leaves fails, and a task whose requesting node leaves is cancelled.
+
+The serving node sends `TaskAlive` whenever no chunk went for `keepalive_s` (the task waits in a queue, or fills
+a long prompt), so a stream that hears nothing for `idle_s` lost its node or link before the membership noticed:
+it fails and the task is cancelled there."""
 
 from __future__ import annotations
 
@@ -12,7 +16,16 @@ from contextlib import aclosing
 from ringlet.net import topics
 from ringlet.net.session import ControlPlane
 from ringlet.shared.errors import NodeError, TaskError
-from ringlet.shared.messages import CANCEL_TASK, STREAM_ITEM, TASK_REQUEST, CancelTask, Chunk, TaskFailed, TaskRequest
+from ringlet.shared.messages import (
+    CANCEL_TASK,
+    STREAM_ITEM,
+    TASK_REQUEST,
+    CancelTask,
+    Chunk,
+    TaskAlive,
+    TaskFailed,
+    TaskRequest,
+)
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 
 log = logging.getLogger(__name__)
@@ -22,16 +35,18 @@ RunLocal = Callable[[str, TextGenerationTask], AsyncIterator[GenerationChunk]]
 
 
 class TaskForwarding:
-    def __init__(self, plane: ControlPlane, node_id: str, run_local: RunLocal) -> None:
+    def __init__(self, plane: ControlPlane, node_id: str, run_local: RunLocal, idle_s: float = 30.0,
+                 keepalive_s: float = 5.0) -> None:
         self._plane, self._node_id, self._run_local = plane, node_id, run_local
+        self._idle_s, self._keepalive_s = idle_s, keepalive_s
         self._served: dict[str, tuple[str, asyncio.Task[None]]] = {}  # tasks run here for others: id -> origin
-        self._streams: dict[str, tuple[str, asyncio.Queue[Chunk | TaskFailed]]] = {}  # tasks sent elsewhere
+        self._streams: dict[str, tuple[str, asyncio.Queue[Chunk | TaskFailed | TaskAlive]]] = {}  # sent elsewhere
         plane.subscribe(topics.node_tasks(node_id), TASK_REQUEST, self._on_task_request)
 
     async def forward(self, node_id: str, instance_id: str, task: TextGenerationTask) -> AsyncIterator[GenerationChunk]:
         """Send the task to `node_id` (its instance's first stage) and stream the chunks; raises TaskError. Closing
         the stream early cancels the task there."""
-        queue: asyncio.Queue[Chunk | TaskFailed] = asyncio.Queue()
+        queue: asyncio.Queue[Chunk | TaskFailed | TaskAlive] = asyncio.Queue()
         self._streams[task.task_id] = (node_id, queue)
         subscriber = self._plane.subscribe(topics.task_stream(task.task_id), STREAM_ITEM,
                                            lambda _key, item: queue.put_nowait(item))
@@ -40,7 +55,14 @@ class TaskForwarding:
             self._plane.publish_once(topics.node_tasks(node_id),
                                      TaskRequest(origin=self._node_id, instance_id=instance_id, task=task))
             while True:
-                item = await queue.get()
+                try:
+                    item = await asyncio.wait_for(queue.get(), self._idle_s)
+                except TimeoutError:
+                    raise TaskError("runner_failed", f"node {node_id} sent nothing about task {task.task_id} for "
+                                                     f"{self._idle_s:.0f} s (it or the link to it is gone); the "
+                                                     "request was cancelled, retry it") from None
+                if isinstance(item, TaskAlive):
+                    continue
                 if isinstance(item, TaskFailed):
                     finished = True
                     raise TaskError(item.kind, item.error)
@@ -79,10 +101,20 @@ class TaskForwarding:
         me = asyncio.current_task()
         assert me is not None
         cancel = self._plane.subscribe(topics.task_cancel(task.task_id), CANCEL_TASK, lambda _key, _m: me.cancel())
+        sent_at = asyncio.get_running_loop().time()
+
+        async def keep_alive() -> None:
+            while True:
+                await asyncio.sleep(self._keepalive_s)
+                if asyncio.get_running_loop().time() - sent_at >= self._keepalive_s:
+                    self._plane.publish_once(stream_key, TaskAlive(task_id=task.task_id))
+
+        alive = asyncio.create_task(keep_alive(), name=f"alive-{task.task_id}")
         try:
             async with aclosing(self._run_local(request.instance_id, task)) as chunks:  # type: ignore[type-var]
                 async for chunk in chunks:
                     self._plane.publish_once(stream_key, Chunk(chunk=chunk))
+                    sent_at = asyncio.get_running_loop().time()
         except TaskError as error:
             self._plane.publish_once(stream_key, TaskFailed(task_id=task.task_id, kind=error.kind, error=str(error)))
         except NodeError as error:
@@ -91,5 +123,6 @@ class TaskForwarding:
         except asyncio.CancelledError:
             log.info("task %s cancelled by %s", task.task_id, request.origin)
         finally:
+            alive.cancel()
             self._plane.unsubscribe(cancel)
             self._served.pop(task.task_id, None)

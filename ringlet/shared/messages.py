@@ -96,6 +96,14 @@ class TaskFailed(Message):
     error: str
 
 
+class TaskAlive(Message):
+    """The running node -> the requesting node: the task is still waiting or running (sent when no chunk went for a
+    while), so a silent stream means a node or link that is gone."""
+
+    type: Literal["task_alive"] = "task_alive"
+    task_id: str
+
+
 class TaskCancelled(Message):
     type: Literal["task_cancelled"] = "task_cancelled"
     task_id: str
@@ -140,7 +148,7 @@ ToRunner = Annotated[LoadShard | RunTask | CancelTask, Field(discriminator="type
 FromRunner = Annotated[Loading | RingHosted | Ready | LoadFailed | TaskStarted | BatchStats | Chunk | TaskFailed
                        | TaskCancelled,
                        Field(discriminator="type")]
-StreamItem = Annotated[Chunk | TaskFailed, Field(discriminator="type")]
+StreamItem = Annotated[Chunk | TaskFailed | TaskAlive, Field(discriminator="type")]
 
 TO_RUNNER: TypeAdapter[ToRunner] = TypeAdapter(ToRunner)
 FROM_RUNNER: TypeAdapter[FromRunner] = TypeAdapter(FromRunner)
