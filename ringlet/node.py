@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -39,10 +40,12 @@ from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager, DownloadStatus
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.models.names import Catalog, default_model_roots
+from ringlet.models.store import ringlet_home
 from ringlet.net.events import EventBus
 from ringlet.net.forwarding import TaskForwarding
 from ringlet.net.membership import Member, Membership
 from ringlet.net.session import DEFAULT_LISTEN, ControlPlane, ControlPlaneError, NetOptions, advertised_host
+from ringlet.saved_instances import SavedInstance, SavedInstances
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.errors import InstanceNotFoundError, NodeError, NoInstanceError
@@ -98,8 +101,11 @@ class TaskHandle:
 
 class Node:
     def __init__(self, info: NodeInfo, catalog: Catalog | None = None, data_host: str = "127.0.0.1",
-                 config: EngineConfig = EngineConfig()) -> None:
+                 config: EngineConfig = EngineConfig(), saved: SavedInstances | None = None) -> None:
+        """`saved`: where the instances created through this node are kept, to be created again after a restart."""
         self.info = info
+        self.saved = saved
+        self._unsaved: set[str] = set()  # instances this node made itself (its default one): never saved
         self.catalog = catalog or Catalog()
         self.data_host = data_host  # where this node's stages listen on the data plane
         self.config = config
@@ -152,6 +158,8 @@ class Node:
         """Fold an event, in the order every node applies it; the runners follow the new state."""
         self._state = apply(self._state, event)
         self._changed.set()
+        if isinstance(event, InstanceDeleted) and self.saved is not None:  # deleted through any node: not kept
+            self.saved.remove(event.instance_id)
 
     def replace_state(self, state: State) -> None:
         """Take a copy of the master's state (joining a cluster, or after missing events)."""
@@ -214,8 +222,9 @@ class Node:
         return card, preview(card, list(self._state.nodes.values()), node_ids=node_ids, min_nodes=min_nodes)
 
     def create_instance(self, model: str, instance_type: InstanceType, node_ids: Sequence[str] | None = None,
-                        min_nodes: int = 1) -> InstanceRecord:
-        """Place the model and record the instance; its runners load in the background (watch its status).
+                        min_nodes: int = 1, save: bool = True) -> InstanceRecord:
+        """Place the model and record the instance; its runners load in the background (watch its status). `save`:
+        keep it among the instances this node creates again after a restart.
 
         Raises ModelNotFoundError, or PlacementError saying why it cannot be placed."""
         card = self.catalog.add_local(model)
@@ -226,7 +235,42 @@ class Node:
                  ", ".join(f"{s.node_name}[{s.start}:{s.end}]" for s in placement.stages))
         event = created(placement, time.time())
         self.emit(event)
+        instance_id = placement.instance.instance_id
+        if not save:
+            self._unsaved.add(instance_id)
+        elif self.saved is not None:
+            self.saved.add(SavedInstance(instance_id=instance_id, model=model, instance_type=instance_type,
+                                         min_nodes=min_nodes))
         return new_instance_record(event)  # in a cluster the state has it once the master has ordered it
+
+    def restore_saved(self) -> None:
+        """Create again the saved instances the cluster no longer has: one that still exists (by id), or for which
+        another instance of its model and kind runs, is left be; one that cannot be created is forgotten, with a
+        warning saying why."""
+        if self.saved is None:
+            return
+        others = Counter((r.instance.model, r.instance.instance_type) for i, r in self._state.instances.items()
+                         if i not in self._unsaved)
+        for saved in self.saved.load():
+            if saved.instance_id in self._state.instances:
+                continue
+            try:
+                key = (self.catalog.add_local(saved.model).id, saved.instance_type)
+                if others[key]:
+                    others[key] -= 1
+                    continue
+                record = self.create_instance(saved.model, saved.instance_type, min_nodes=saved.min_nodes, save=False)
+            except (NodeError, PlacementError) as error:
+                log.warning("the saved instance %s of %s was not created again, and is forgotten: %s",
+                            saved.instance_id, saved.model, error)
+                self.saved.remove(saved.instance_id)
+                continue
+            created_id = record.instance.instance_id
+            self._unsaved.discard(created_id)
+            self.saved.remove(saved.instance_id)
+            self.saved.add(saved.model_copy(update={"instance_id": created_id}))
+            log.info("instance %s: %s as %s, created again (it was %s before the restart)", created_id, saved.model,
+                     saved.instance_type.value, saved.instance_id)
 
     def _check_room(self, placement: Placement) -> None:
         """Each node of the placement has room for one more runner: fewer than `max_instances` instances there, and
@@ -379,7 +423,7 @@ def create_default_instance(node: Node, options: NodeOptions) -> None:
     instance_type = single_node_type(engine)
     model = options.model or EMBEDDED_MODEL_ID
     try:
-        record = node.create_instance(model, instance_type, node_ids=[node.node_id])
+        record = node.create_instance(model, instance_type, node_ids=[node.node_id], save=False)
     except (NodeError, PlacementError) as error:
         raise NodeStartError(f"cannot serve {model} as {instance_type.value}: {error}; start with "
                              "--no-default-instance to run the node without it") from None
@@ -436,7 +480,8 @@ async def serve(options: NodeOptions) -> None:
         raise NodeStartError(str(error)) from None
     sock = bind(options.host, options.api_port)
     info = await asyncio.to_thread(detect_node, options)
-    node = Node(info, catalog=Catalog(model_roots(options)), data_host=data_host, config=options.engine_config)
+    node = Node(info, catalog=Catalog(model_roots(options)), data_host=data_host, config=options.engine_config,
+                saved=SavedInstances(ringlet_home() / "instances.json"))
     try:
         cluster = Cluster(node, net)
     except ControlPlaneError as error:
@@ -451,6 +496,7 @@ async def serve(options: NodeOptions) -> None:
             raise NodeStartError(str(error)) from None
         if options.default_instance:
             create_default_instance(node, options)
+        node.restore_saved()
         access = Access(options.api_keys, frozenset(own_host_names()) | set(options.allow_hosts),
                         frozenset(options.allow_origins))
         app = create_app(node, max_body_bytes=options.max_body_bytes, access=access)

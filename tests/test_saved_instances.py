@@ -1,0 +1,37 @@
+"""The file of instances a node creates again after a restart: added and removed by id, written whole, and a
+broken file set aside with a warning rather than stopping the node."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from ringlet.saved_instances import SavedInstance, SavedInstances
+from ringlet.shared.instances import InstanceType
+
+
+def saved(instance_id: str, model: str = "SmolLM2-135M-Instruct") -> SavedInstance:
+    return SavedInstance(instance_id=instance_id, model=model, instance_type=InstanceType.CPU_RING)
+
+
+def test_instances_are_added_and_removed_by_id(tmp_path: Path) -> None:
+    store = SavedInstances(tmp_path / "home" / "instances.json")
+    assert store.load() == []
+    store.add(saved("inst-1"))
+    store.add(saved("inst-2", "/models/other"))
+    store.remove("inst-1")
+    store.remove("inst-9")  # not there: nothing happens
+    assert SavedInstances(store.path).load() == [saved("inst-2", "/models/other")]
+    assert not list(store.path.parent.glob("*.partial"))
+
+
+def test_a_broken_file_is_set_aside_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = SavedInstances(tmp_path / "instances.json")
+    store.path.write_text('[{"instance_id": "inst-1", "model": 3')
+    with caplog.at_level(logging.WARNING):
+        assert store.load() == []
+    assert "cannot be read" in caplog.text and (tmp_path / "instances.json.bad").exists()
+    store.add(saved("inst-2"))
+    assert store.load() == [saved("inst-2")]
