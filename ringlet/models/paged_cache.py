@@ -133,12 +133,11 @@ class PagedKVCache:
         self.pad_slot = num_blocks * block_size
         self.scratch_slot = self.pad_slot + 1
         shape = (self.pad_slot + 2, kv_heads, head_dim)
-        # uninitialised (on a CPU untouched pages take no memory): a slot is read only once its sequence wrote it,
-        # or as padding, which reads the zero slot
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        for tensor in (*self.keys, *self.values):
-            tensor[self.pad_slot].zero_()
+        # written through at once (on a CPU, untouched pages would take memory only as sequences first reach them:
+        # a node's memory would grow under load for minutes, and a machine short of it would fail mid-answer
+        # rather than at load); the pad slot must be zeros, the rest is read only once its sequence wrote it
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

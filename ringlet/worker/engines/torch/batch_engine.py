@@ -47,12 +47,16 @@ EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, S
 MOST_GRAPHED_ROWS = 1024  # tokens of the largest step on a CUDA graph; a longer step runs its chunks eagerly
 # of the memory left after the weights: the host's RAM is shared with everything else on the machine, a GPU's is not
 KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}
+# a CPU's cache holds this many sequences at the longest context (many more short ones): a CPU computes a few
+# sequences at a time usefully, and the cache is committed at load, so a larger one only takes memory from the machine
+CPU_CONTEXTS = 8
 
 
 def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConfig, context_length: int,
                     free: int | None = None) -> int:
     """Positions of the cache: as configured, else a share of the free memory (`free` bytes, or what the device
-    reports), capped at what max_batch sequences of the longest context use, and at least one such sequence."""
+    reports), capped at what max_batch sequences of the longest context use (on a CPU, CPU_CONTEXTS of them), and
+    at least one such sequence."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     args, dtype = stage.args, next(stage.model.parameters()).dtype
@@ -65,7 +69,8 @@ def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConf
     elif free is None:
         free = psutil.virtual_memory().available
     fits = int(free * KV_SHARE.get(device.type, 0.25)) // per_token
-    return max(context_length, min(fits, config.max_batch * context_length))
+    sequences = min(config.max_batch, CPU_CONTEXTS) if device.type == "cpu" else config.max_batch
+    return max(context_length, min(fits, sequences * context_length))
 
 
 def own_context_length(stage: LoadedStage, config: EngineConfig) -> int:
