@@ -111,7 +111,7 @@ class _Runner:
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
         self._killed_for: str | None = None  # why the watchdog killed the process, for the reader to report
-        self.heard_at = time.monotonic()  # the runner's last message
+        self.heard_at = time.monotonic()  # the runner's last message, or when it was last given work while idle
         self._deaths: deque[float] = deque()  # when it died, within RESTART_WINDOW_S
 
     @property
@@ -240,6 +240,8 @@ class _Runner:
 
     def _dispatch(self) -> None:
         while self.ready and self.queue and len(self.active) < self.slots:
+            if not self.active:  # an idle runner is silent by right: its silence counts from its first task
+                self.heard_at = time.monotonic()
             pending = self.queue.popleft()
             self.active[pending.task.task_id] = pending
             self._send(RunTask(task=pending.task))

@@ -17,7 +17,7 @@ import pytest
 from tests.support.processes import LOAD_TIMEOUT_S, LiveNode, start_node, stop_node, wait_until
 from tests.support.streams import LONG, chat_body
 
-STALL_S = 3
+STALL_S = 5
 
 
 def stream_until_it_ends(node: LiveNode, model: str, runner_pid: int, sig: signal.Signals,
@@ -46,11 +46,21 @@ def stream_until_it_ends(node: LiveNode, model: str, runner_pid: int, sig: signa
 @pytest.mark.slow
 def test_a_stopped_then_a_killed_runner_ends_its_stream_and_serves_the_queue_after_a_restart(tmp_path: Path) -> None:
     node = start_node(tmp_path, "watchdog-node", env={"RINGLET_RUNNER_STALL_S": str(STALL_S), "RINGLET_MAX_BATCH": "1",
-                                                      "RINGLET_RUNNER_RESTARTS": "2", "RINGLET_CPU_COMPILE": "0"})
+                                                      "RINGLET_RUNNER_RESTARTS": "2", "RINGLET_CPU_COMPILE": "0",
+                                                      "RINGLET_MAX_STEP_TOKENS": "2048"})
     try:
         wait_until(lambda: node.ready_instances() or not node.alive(), LOAD_TIMEOUT_S, "the default instance ready",
                    node.log)
         model = node.ready_instances()[0]["instance"]["model"]
+        # idle longer than the stall time, then a prompt filled in one step of a second or two (the watchdog looks
+        # every second): a runner is silent by right while it has nothing to do, so its silence counts from its
+        # first request
+        [idle] = node.runner_pids()
+        time.sleep(STALL_S + 1)
+        long_prompt = chat_body(model, 2, False) | {"messages": [{"role": "user", "content": "tell me more " * 600}]}
+        answered = node.post("/v1/chat/completions", json=long_prompt)
+        assert answered.status_code == 200, answered.text
+        assert node.runner_pids() == [idle] and "sent nothing" not in node.log()
         # stopped: the watchdog kills it after STALL_S of silence; killed: its reader sees it die at once
         for sig, within_s in ((signal.SIGSTOP, STALL_S + 5), (signal.SIGKILL, 5)):
             [runner] = node.runner_pids()
