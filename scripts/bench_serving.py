@@ -271,28 +271,37 @@ async def run_round(client: AsyncOpenAI, server: Server, args: argparse.Namespac
                  round(sum(s.chunks for s in ok) / tokens, 3) if tokens else 1.0)
 
 
+def decode_window(streams: list[Stream]) -> tuple[float, float] | None:
+    """From the last stream's first chunk to the first stream's last: every stream decoding (None if a stream has
+    fewer than two chunks)."""
+    timed = [s.times for s in streams if len(s.times) > 1]
+    if not timed or len(timed) < len(streams):
+        return None
+    return max(t[0] for t in timed), min(t[-1] for t in timed)
+
+
 def decode_rate(streams: list[Stream]) -> float | None:
     """Tokens a second while every stream decodes: from the last stream's first chunk to the first stream's last
     (prompts and stragglers left out), where that window spans at least 4 chunks of each stream; else None. A chunk
     counts as its stream's tokens per chunk (a token without text of its own arrives with the next one's)."""
-    timed = [s for s in streams if len(s.times) > 1]
-    if not timed or len(timed) < len(streams):
+    window = decode_window(streams)
+    if window is None:
         return None
-    begin, end = max(s.times[0] for s in timed), min(s.times[-1] for s in timed)
-    chunks = [sum(1 for t in s.times if begin < t <= end) for s in timed]
-    if end <= begin or sum(chunks) < 4 * len(timed):
+    begin, end = window
+    chunks = [sum(1 for t in s.times if begin < t <= end) for s in streams]
+    if end <= begin or sum(chunks) < 4 * len(streams):
         return None
-    tokens = sum(n * max(1.0, (s.tokens - 1) / (len(s.times) - 1)) for n, s in zip(chunks, timed, strict=True))
+    tokens = sum(n * max(1.0, (s.tokens - 1) / (len(s.times) - 1)) for n, s in zip(chunks, streams, strict=True))
     return round(tokens / (end - begin), 1)
 
 
 def window_gaps(streams: list[Stream]) -> list[float]:
-    """The gaps between chunks that both arrived while every stream decoded (`decode_rate`'s window)."""
-    timed = [s.times for s in streams if len(s.times) > 1]
-    if not timed or len(timed) < len(streams):
+    """The gaps between chunks that both arrived while every stream decoded (`decode_window`)."""
+    window = decode_window(streams)
+    if window is None:
         return []
-    begin, end = max(t[0] for t in timed), min(t[-1] for t in timed)
-    return [b - a for times in timed for a, b in itertools.pairwise(times) if begin <= a and b <= end]
+    begin, end = window
+    return [b - a for s in streams for a, b in itertools.pairwise(s.times) if begin <= a and b <= end]
 
 
 async def warm_up(client: AsyncOpenAI, server: Server, args: argparse.Namespace) -> None:

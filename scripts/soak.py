@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
+import contextlib
 import json
 import os
 import random
@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 
 import httpx
 import psutil
+from bench_serving import free_port, machine  # this directory's serving benchmark (run as scripts/soak.py)
 
 from ringlet.net.trust import CLUSTER_KEY_ENV, token_of
 
@@ -58,14 +59,6 @@ class Tally:
         self.errors[what[:120]] += 1
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(work: Path, name: str, token: str, *extra: str) -> tuple[Node, int]:
     """A `ringlet node` with its own home under `work`; the node and its control-plane port."""
     api, plane = free_port(), free_port()
@@ -78,13 +71,12 @@ def launch(work: Path, name: str, token: str, *extra: str) -> tuple[Node, int]:
 
 
 def wait_for(what: str, check: Callable[[], object], timeout_s: float = 900) -> None:
+    """Poll `check` every second; a node that does not answer yet (connection refused) is polled again."""
     began = time.monotonic()
     while time.monotonic() - began < timeout_s:
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             if check():
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(1)
     raise SystemExit(f"timed out waiting for {what}")
 
@@ -107,10 +99,8 @@ def memory_mb(pid: int) -> float:
     process = psutil.Process(pid)
     total = process.memory_info().rss
     for child in process.children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a runner that ended since the listing holds nothing
             total += child.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total / 2**20
 
 
@@ -184,9 +174,7 @@ def percentile(values: list[float], q: float) -> str:
 
 
 def report(nodes: list[Node], tally: Tally, args: argparse.Namespace) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
-    print(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}  {cpu}, {os.cpu_count()} cores")
+    print(machine())
     print(f"{len(nodes)} node(s), {args.clients} clients, {args.duration:.0f} s, max_tokens {args.max_tokens}, "
           f"disconnects {args.disconnect_share:.0%}, cancels {args.cancel_share:.0%} of requests\n")
     print(f"requests {sum(tally.outcomes.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(tally.outcomes.items())))

@@ -159,8 +159,11 @@ class _Runner:
                 continue
             self._handle(message)
         code = await self.process.wait()
-        if self._stopping or self.failure is not None:  # stopped, or failed already (a load that failed)
-            return
+        if not self._stopping and self.failure is None:  # not stopped, nor failed already (a load that failed)
+            await self._died(code)
+
+    async def _died(self, code: int) -> None:
+        """The runner process ended by itself or by the watchdog: start it again after a back-off, or fail it."""
         reason = self._killed_for or (f"the runner process stopped ({describe_exit(code)}; out of memory, or a crash "
                                       "in the engine: see the node's log)")
         self._killed_for = None
