@@ -17,6 +17,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import random
 import secrets
 import socket
 import subprocess
@@ -218,9 +219,15 @@ async def one_stream(client: AsyncOpenAI, server: Server, args: argparse.Namespa
 
 async def run_clients(client: AsyncOpenAI, server: Server, args: argparse.Namespace,
                       numbers: list[list[str]]) -> list[Stream]:
-    """One client per list of requests (their names), all at once; each sends its requests one after another."""
+    """One client per list of requests (their names), all at once; each sends its requests one after another, first
+    waiting a random time of mean `--think-ms` where given (a person reading, then typing)."""
     async def one_client(mine: list[str]) -> list[Stream]:
-        return [await one_stream(client, server, args, number) for number in mine]
+        streams = []
+        for number in mine:
+            if args.think_ms:
+                await asyncio.sleep(random.Random(number).expovariate(1000 / args.think_ms))
+            streams.append(await one_stream(client, server, args, number))
+        return streams
 
     return [s for per_client in await asyncio.gather(*(one_client(mine) for mine in numbers)) for s in per_client]
 
@@ -415,6 +422,9 @@ def main() -> None:
     parser.add_argument("--model", default="", help="model to request (default: the node's first)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--think-ms", type=float, default=0.0,
+                        help="each client waits a random time of this mean (exponential) before each request, so "
+                             "that requests arrive spread out (default 0: at once, then each as the last ends)")
     parser.add_argument("--warm-rounds", type=int, default=0,
                         help="unmeasured rounds at each N before its measured one (default 0: each server is "
                              "warmed by one request only, so a first batch that compiles is measured)")
@@ -471,7 +481,8 @@ def main() -> None:
         print(f"{s.name}: {s.url} model {s.model}; {s.note}")
     print(f"prompt: {'a short question' if args.prompt_tokens is None else f'~{args.prompt_tokens} tokens'}, "
           f"max_tokens {args.max_tokens}, temperature 0, ignore_eos {'on' if args.ignore_eos else 'off'}, "
-          f"{args.requests_per_client} request(s) per client, {args.warm_rounds} warm-up round(s) per N, clients in "
+          f"{args.requests_per_client} request(s) per client"
+          f"{f' after a think time of mean {args.think_ms:g} ms' if args.think_ms else ''}, {args.warm_rounds} warm-up round(s) per N, clients in "
           f"{args.client_processes} process(es)\n")
     print_tables(rounds, servers)
     print("\ntok/s: completion tokens over the round's wall time (prompts included); decode: tokens a second while "

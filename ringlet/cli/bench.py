@@ -85,7 +85,7 @@ def time_streams(engine: Any, prompts: list[str], new_tokens: int) -> dict[str, 
     steps that computed every stream at once (none when the first streams finish before the last prompt is in)."""
     from ringlet.worker.batching import BatchGenerator
 
-    generator = BatchGenerator(engine, engine.config.max_step_tokens, engine.config.max_batch)
+    generator = BatchGenerator.configured(engine, engine.config)
     for i, prompt in enumerate(prompts):
         generator.submit(TextGenerationTask(task_id=f"stream-{i}", prompt=prompt, max_tokens=new_tokens,
                                             ignore_eos=True, sampling=SamplingParams(temperature=0)))

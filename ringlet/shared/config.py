@@ -27,6 +27,7 @@ CUDA_COMPILE_ENV = "RINGLET_CUDA_COMPILE"
 MAX_BATCH_ENV = "RINGLET_MAX_BATCH"
 MAX_QUEUED_ENV = "RINGLET_MAX_QUEUED"
 MAX_STEP_TOKENS_ENV = "RINGLET_MAX_STEP_TOKENS"
+BURST_PAUSE_ENV = "RINGLET_BURST_PAUSE_MS"
 RUNNER_STALL_ENV = "RINGLET_RUNNER_STALL_S"
 RUNNER_RESTARTS_ENV = "RINGLET_RUNNER_RESTARTS"
 STREAM_IDLE_ENV = "RINGLET_STREAM_IDLE_S"
@@ -46,6 +47,9 @@ class EngineConfig(BaseModel):
     cuda_compile: CudaCompile = "tuned"
     max_batch: int = Field(64, ge=1, le=1024, description="sequences generating at once in an instance")
     max_step_tokens: int = Field(512, ge=16, description="tokens one batched step computes: decodes and prompt chunks")
+    burst_pause_ms: int = Field(250, ge=0, description="milliseconds a generating stream may pause while a burst of "
+                                                       "new prompts is filled first (0: every step decodes every "
+                                                       "stream)")
     max_queued: int = Field(256, ge=0, description="requests waiting for a place in the batch; more get 429")
     max_instances: int = Field(8, ge=1, description="instances with a stage on one node (each a runner process); "
                                                     "more are refused with 409")
@@ -62,7 +66,7 @@ class EngineConfig(BaseModel):
     @classmethod
     def from_environment(cls, env: Mapping[str, str], **overrides: object) -> EngineConfig:
         """The settings in `env` (RINGLET_PRECISION, RINGLET_CPU_COMPILE=0, RINGLET_CUDA_DECODE, RINGLET_CUDA_COMPILE,
-        RINGLET_MAX_BATCH, RINGLET_MAX_STEP_TOKENS, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES,
+        RINGLET_MAX_BATCH, RINGLET_MAX_STEP_TOKENS, RINGLET_BURST_PAUSE_MS, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES,
         RINGLET_RUNNER_STALL_S, RINGLET_RUNNER_RESTARTS, RINGLET_STREAM_IDLE_S), then `overrides` (a CLI flag wins);
         ValueError names the variable and what it takes."""
         values: dict[str, object] = {}
@@ -78,7 +82,7 @@ class EngineConfig(BaseModel):
         if env.get(CPU_COMPILE_ENV, "").strip() == "0":
             values["cpu_compile"] = False
         for name, field in ((MAX_BATCH_ENV, "max_batch"), (MAX_STEP_TOKENS_ENV, "max_step_tokens"),
-                            (MAX_QUEUED_ENV, "max_queued"),
+                            (BURST_PAUSE_ENV, "burst_pause_ms"), (MAX_QUEUED_ENV, "max_queued"),
                             (KV_CACHE_TOKENS_ENV, "kv_cache_tokens"), (MAX_INSTANCES_ENV, "max_instances"),
                             (RUNNER_STALL_ENV, "runner_stall_s"), (RUNNER_RESTARTS_ENV, "runner_restarts"),
                             (STREAM_IDLE_ENV, "stream_idle_s")):

@@ -130,9 +130,10 @@ class Choice:
 
 class BatchGenerator:
     def __init__(self, model: BatchModel | PipelinedModel, max_step_tokens: int = 512, max_running: int = 64,
-                 overlap: bool | None = None) -> None:
+                 overlap: bool | None = None, burst_pause: float = 0.25) -> None:
         """`overlap`: launch the next step before this one's tokens become text (default: on a GPU, whose steps
-        run asynchronously; on a CPU the forward is the launch, so the text would only come a step later)."""
+        run asynchronously; on a CPU the forward is the launch, so the text would only come a step later);
+        `burst_pause`: see `Scheduler`."""
         self.model = model
         self.pipeline = model if _is_pipelined(model) else None
         self.depth = self.pipeline.depth if self.pipeline is not None else 1
@@ -140,7 +141,7 @@ class BatchGenerator:
             overlap = model.device.type in ASYNC_DEVICES
         self.overlap = overlap and self.pipeline is None
         self.blocks = BlockManager(model.num_blocks, model.block_size)
-        self.scheduler: Scheduler[Choice] = Scheduler(self.blocks, max_step_tokens, max_running)
+        self.scheduler: Scheduler[Choice] = Scheduler(self.blocks, max_step_tokens, max_running, burst_pause)
         self.eos = set(model.tokenizer.eos_token_ids)
         self.last_step_tokens = 0
         # the other choices of a task wait until its first has its prompt in the cache, then share those blocks
@@ -149,6 +150,10 @@ class BatchGenerator:
         self._in_flight: deque[tuple[list[Planned[Choice]], torch.Tensor | None]] = deque()
         self._keys = 0
 
+
+    @classmethod
+    def configured(cls, model: BatchModel | PipelinedModel, config: EngineConfig) -> BatchGenerator:
+        return cls(model, config.max_step_tokens, config.max_batch, burst_pause=config.burst_pause_ms / 1000)
     def __bool__(self) -> bool:
         """Sequences to run, or a step in flight to collect (possibly over sequences that ended meanwhile)."""
         return bool(self.scheduler) or bool(self._in_flight)
@@ -360,7 +365,7 @@ def sample_rows(logits: torch.Tensor, rows: list[int],
 def generate_alone(model: BatchModel | PipelinedModel, config: EngineConfig,
                    task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
     """One task alone (`ringlet run`, `ringlet bench`): the batched loop with a batch of one."""
-    generator = BatchGenerator(model, config.max_step_tokens, config.max_batch)
+    generator = BatchGenerator.configured(model, config)
     generator.submit(task)
     while generator:
         yield from generator.step()

@@ -212,7 +212,7 @@ def _batch_generator(engine: BatchModel | PipelinedModel | BatchesItself, config
         return cast("BatchesItself", engine).batch_generator(config.max_batch)
     from ringlet.worker.batching import BatchGenerator
 
-    return BatchGenerator(cast("BatchModel | PipelinedModel", engine), config.max_step_tokens, config.max_batch)
+    return BatchGenerator.configured(cast("BatchModel | PipelinedModel", engine), config)
 
 
 def _layers_loaded(outbox: Outbox, first: float, last: float) -> Callable[[int, int, int], None]:

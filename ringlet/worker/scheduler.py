@@ -8,6 +8,13 @@ the prefix was cached or not. When the cache has no room for the next token of e
 sequence admitted last goes back to the front of the queue, its blocks freed; it resumes later from its tokens
 so far (the prompt and what it generated), and its sampler goes on where it was, so it produces the same tokens.
 
+A burst of prompts (more of their tokens ready to fill than a step computes) is filled first where steps are short:
+the sequences that have sampled a token sit out of the steps that fill it, as long as each waits at most
+`burst_pause` seconds for its next token; then one step decodes them all. Each step then fills prompts at the
+budget's full width and samples the first token of those it filled, so a prompt's first token comes as soon as its
+own chunks are computed, and a stream already generating waits through a few pauses instead of each of its tokens
+waiting on a share of every prompt. Where a step alone takes longer than the pause (a CPU), every step decodes.
+
 A pipeline keeps several steps in flight (micro-batches, one a stage): a step then plans only the sequences that no
 step in flight computes (`busy`), at most `max_sequences` of them, and never preempts a busy one.
 
@@ -16,8 +23,10 @@ No tensors here: the plan of a step is a list of `Planned` entries; the caller c
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -61,9 +70,13 @@ class Scheduler(Generic[State]):
     blocks: BlockManager
     max_step_tokens: int = 512  # tokens computed in one step, decodes and prompt chunks together
     max_running: int = 64
+    burst_pause: float = 0.25  # seconds a generating sequence may wait while a burst of prompts fills (0: none)
+    clock: Callable[[], float] = time.monotonic
     waiting: deque[Sequence[State]] = field(default_factory=deque)
     running: list[Sequence[State]] = field(default_factory=list)  # in admission order
     preemptions: int = 0
+    planned_at: float = float("-inf")  # when the last step was planned
+    decoded_at: float = float("-inf")  # when the last step that decodes every sequence was planned
 
     def add(self, sequence: Sequence[State]) -> None:
         self.waiting.append(sequence)
@@ -89,7 +102,16 @@ class Scheduler(Generic[State]):
         planned: list[Planned[State]] = []
         budget = self.max_step_tokens
         room = self.max_running if max_sequences is None else max_sequences
-        for sequence in self._decodable(busy, room):
+        now = self.clock()
+        # should the generating sequences sit out this step, they wait from their last token to its end (a step
+        # lasts about as long as the last one)
+        waits = now - self.decoded_at + now - self.planned_at
+        yielding = waits <= self.burst_pause and self._burst(busy, room)
+        self.planned_at = now
+        if not yielding:
+            self.decoded_at = now
+        sitting = frozenset(s.seq_id for s in self.running if yielding and s.generated > 0)
+        for sequence in self._decodable(busy | sitting, room):
             planned.append(Planned(sequence, len(sequence.tokens) - 1, 1))
             budget -= 1
         for sequence in self.running:
@@ -108,6 +130,11 @@ class Scheduler(Generic[State]):
                 budget -= 1
             else:
                 budget -= self._plan_chunk(sequence, budget, planned)
+        if sitting and all(entry.samples for entry in planned):
+            # no prompt could be filled after all (the cache has no room): the generating sequences decode
+            for sequence in self._decodable(busy | {entry.sequence.seq_id for entry in planned}, room - len(planned)):
+                planned.append(Planned(sequence, len(sequence.tokens) - 1, 1))
+            self.decoded_at = now
         return planned
 
     def computed(self, planned: Iterable[Planned[State]]) -> None:
@@ -127,6 +154,18 @@ class Scheduler(Generic[State]):
             sequence.computed = 0
             self.waiting.appendleft(sequence)
         self.running.clear()
+
+    def _burst(self, busy: frozenset[str], room: int) -> bool:
+        """More prompt tokens can be filled now than one step computes (the running sequences' unfilled ones, then
+        those of the waiting sequences that would be admitted, less their cached prefixes)."""
+        pending = sum(len(s.tokens) - 1 - s.computed for s in self.running if not s.prefilled and s.seq_id not in busy)
+        admissible = max(0, min(self.max_running - len(self.running), room))
+        for sequence in itertools.islice(self.waiting, admissible):
+            if pending > self.max_step_tokens or not self.blocks.can_admit(sequence.tokens, len(self.running)):
+                break
+            cached = len(self.blocks.cached_prefix(sequence.tokens)) * self.blocks.block_size
+            pending += len(sequence.tokens) - 1 - cached
+        return pending > self.max_step_tokens
 
     def _decodable(self, busy: frozenset[str], room: int) -> list[Sequence[State]]:
         """Up to `room` running sequences that decode this step, each with room reserved for its token; preempts to
