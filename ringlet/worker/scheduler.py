@@ -8,12 +8,14 @@ the prefix was cached or not. When the cache has no room for the next token of e
 sequence admitted last goes back to the front of the queue, its blocks freed; it resumes later from its tokens
 so far (the prompt and what it generated), and its sampler goes on where it was, so it produces the same tokens.
 
-A burst of prompts (more of their tokens ready to fill than a step computes) is filled first where steps are short:
-the sequences that have sampled a token sit out of the steps that fill it, as long as each waits at most
-`burst_pause` seconds for its next token; then one step decodes them all. Each step then fills prompts at the
-budget's full width and samples the first token of those it filled, so a prompt's first token comes as soon as its
-own chunks are computed, and a stream already generating waits through a few pauses instead of each of its tokens
-waiting on a share of every prompt. Where a step alone takes longer than the pause (a CPU), every step decodes.
+A burst of prompts, more of them at once than the steps of one pause fill at a step's pace, is filled first where
+steps are short: the sequences that have sampled a token sit out of the steps that fill it, as long as each waits
+at most `burst_pause` seconds for its next token; then one step decodes them all; until what is left of the burst
+fits in one step. Each step then fills prompts at the budget's full width and samples the first token of those it
+filled, so a prompt's first token comes as soon as its own chunks are computed, and a stream already generating
+waits through a few pauses instead of each of its tokens waiting on a share of every prompt. Prompts that arrive a
+few at a time are filled beside the decodes, and where a step alone takes longer than the pause (a CPU), every step
+decodes.
 
 A pipeline keeps several steps in flight (micro-batches, one a stage): a step then plans only the sequences that no
 step in flight computes (`busy`), at most `max_sequences` of them, and never preempts a busy one.
@@ -77,6 +79,7 @@ class Scheduler(Generic[State]):
     preemptions: int = 0
     planned_at: float = float("-inf")  # when the last step was planned
     decoded_at: float = float("-inf")  # when the last step that decodes every sequence was planned
+    bursting: bool = False  # a burst of prompts is being filled
 
     def add(self, sequence: Sequence[State]) -> None:
         self.waiting.append(sequence)
@@ -103,10 +106,9 @@ class Scheduler(Generic[State]):
         budget = self.max_step_tokens
         room = self.max_running if max_sequences is None else max_sequences
         now = self.clock()
-        # should the generating sequences sit out this step, they wait from their last token to its end (a step
-        # lasts about as long as the last one)
-        waits = now - self.decoded_at + now - self.planned_at
-        yielding = waits <= self.burst_pause and self._burst(busy, room)
+        step = now - self.planned_at  # a step lasts about as long as the last one
+        # should the generating sequences sit out this step, they wait from their last token to its end
+        yielding = now - self.decoded_at + step <= self.burst_pause and self._burst(busy, room, step)
         self.planned_at = now
         if not yielding:
             self.decoded_at = now
@@ -155,17 +157,22 @@ class Scheduler(Generic[State]):
             self.waiting.appendleft(sequence)
         self.running.clear()
 
-    def _burst(self, busy: frozenset[str], room: int) -> bool:
-        """More prompt tokens can be filled now than one step computes (the running sequences' unfilled ones, then
-        those of the waiting sequences that would be admitted, less their cached prefixes)."""
+    def _burst(self, busy: frozenset[str], room: int, step: float) -> bool:
+        """Whether a burst is being filled: one starts when the prompt tokens that can be filled now (the running
+        sequences' unfilled ones, then those of the waiting sequences that would be admitted, less their cached
+        prefixes) take longer than a pause to fill at `step` seconds a step, and lasts while they fill more than
+        one step."""
+        steps = 1.0 if self.bursting else max(1.0, self.burst_pause / step)
+        enough = self.max_step_tokens * steps
         pending = sum(len(s.tokens) - 1 - s.computed for s in self.running if not s.prefilled and s.seq_id not in busy)
         admissible = max(0, min(self.max_running - len(self.running), room))
         for sequence in itertools.islice(self.waiting, admissible):
-            if pending > self.max_step_tokens or not self.blocks.can_admit(sequence.tokens, len(self.running)):
+            if pending > enough or not self.blocks.can_admit(sequence.tokens, len(self.running)):
                 break
             cached = len(self.blocks.cached_prefix(sequence.tokens)) * self.blocks.block_size
             pending += len(sequence.tokens) - 1 - cached
-        return pending > self.max_step_tokens
+        self.bursting = pending > enough
+        return self.bursting
 
     def _decodable(self, busy: frozenset[str], room: int) -> list[Sequence[State]]:
         """Up to `room` running sequences that decode this step, each with room reserved for its token; preempts to

@@ -64,6 +64,20 @@ def test_a_burst_of_prompts_fills_at_full_width_and_the_generating_streams_decod
     assert steps[7] == dict.fromkeys("abpqrs", 1)
 
 
+def test_a_few_prompts_at_once_are_filled_beside_the_decodes() -> None:
+    # 30 ms steps fill 64 tokens each: a pause of 130 ms fills about 277 tokens, more than these prompts have
+    scheduler: Scheduler[None] = Scheduler(BlockManager(num_blocks=256, block_size=4), max_step_tokens=64,
+                                           burst_pause=0.13, clock=Steps(0.03))
+    generating(scheduler, "a", "b")
+    for seq_id in ("p", "q"):
+        scheduler.add(sequence(seq_id, 100))
+    planned = scheduler.plan()
+    assert shape(planned) == {"a": 1, "b": 1, "p": 62}
+    run(scheduler, planned)
+    assert shape(scheduler.plan()) == {"a": 1, "b": 1, "p": 37, "q": 25}
+    assert not scheduler.bursting
+
+
 def test_where_a_step_outlasts_the_pause_every_step_decodes() -> None:
     scheduler: Scheduler[None] = Scheduler(BlockManager(num_blocks=256, block_size=4), max_step_tokens=64,
                                            burst_pause=0.25, clock=Steps(0.3))
@@ -84,30 +98,33 @@ def test_a_prompt_that_fits_in_the_step_is_filled_beside_the_decodes() -> None:
 
 def test_prompts_beyond_the_running_limit_are_no_burst() -> None:
     scheduler: Scheduler[None] = Scheduler(BlockManager(num_blocks=256, block_size=4), max_step_tokens=64,
-                                           max_running=2, clock=Steps(0.01))
+                                           max_running=2, burst_pause=0.02, clock=Steps(0.01))
     generating(scheduler, "a", "b")
-    scheduler.add(sequence("p", 100))
+    scheduler.add(sequence("p", 200))  # more than the 128 tokens two steps fill
     assert shape(scheduler.plan()) == {"a": 1, "b": 1}, "a prompt that cannot be admitted stops no one"
+    assert not scheduler.bursting
 
 
 def test_a_prompt_the_cache_has_no_room_for_stops_no_one() -> None:
     scheduler: Scheduler[None] = Scheduler(BlockManager(num_blocks=12, block_size=4), max_step_tokens=16,
-                                           clock=Steps(0.01))
+                                           burst_pause=0.02, clock=Steps(0.01))
     generating(scheduler, "a", "b")  # 9 tokens each, 3 blocks each
-    scheduler.add(sequence("p", 100))
+    scheduler.add(sequence("p", 100))  # more than the 32 tokens two steps fill, and than the 6 free blocks hold
     for _ in range(3):
         planned = scheduler.plan()
-        assert shape(planned) == {"a": 1, "b": 1}
+        assert shape(planned) == {"a": 1, "b": 1} and not scheduler.bursting
         run(scheduler, planned)
     assert [s.seq_id for s in scheduler.waiting] == ["p"]
 
 
 def test_a_prompt_whose_chunk_finds_no_room_stops_no_one() -> None:
     scheduler: Scheduler[None] = Scheduler(BlockManager(num_blocks=64, block_size=4), max_step_tokens=16,
-                                           clock=Steps(0.01))
+                                           burst_pause=0.05, clock=Steps(0.01))
     generating(scheduler, "a")  # 9 tokens in 3 blocks: room for its next token
-    scheduler.add(sequence("p", 40))
-    run(scheduler, scheduler.plan())  # p is admitted and fills its first chunk
+    scheduler.add(sequence("p", 200))
+    planned = scheduler.plan()
+    assert shape(planned) == {"p": 16}, "p is admitted, a burst: `a` sits out"
+    run(scheduler, planned)
     blocks = scheduler.blocks
     blocks.admit("other", [1])
     blocks.reserve("other", 4 * blocks.free_blocks)  # someone else takes every free block
