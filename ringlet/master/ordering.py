@@ -221,6 +221,13 @@ class EventOrder:
             return
         self.term = ordered.term  # the master's claim may reach this node after its first events
         expected = self._replica.state.last_event + 1
+        if ordered.term > self._replica.state.term:
+            # a new master's first events: what this node applied under the last one may differ from what the new
+            # master has (an event that reached one of them only), so its state is taken whole
+            log.info("master %s orders term %d (this node's state is of term %d); copying its state", ordered.master,
+                     ordered.term, self._replica.state.term)
+            self._start_copy(ordered.master)
+            return
         if ordered.seq < expected:
             return
         if ordered.seq > expected:
@@ -281,6 +288,7 @@ class EventOrder:
                 self._start_copy(self.master)
                 self.emit(self._rejoin())
             else:
+                self._start_copy(self.master)  # it may have ordered events before this node knew it as master
                 self._resend_pending()
         if self.is_master:
             for node_id in left:

@@ -302,3 +302,42 @@ def test_when_partitions_merge_the_master_of_the_lower_term_steps_down_and_rejoi
     assert network.terms == {"b": 2}, "a withdrew its claim"
     assert network.replicas["a"].state == network.replicas["b"].state
     assert set(network.replicas["b"].state.nodes) == {"a", "b"}
+
+
+def test_a_follower_ahead_of_the_new_master_takes_its_state() -> None:
+    async def scenario() -> Network:
+        network = Network()
+        for node_id, started_at in (("a", 0.0), ("b", 1.0), ("c", 2.0)):
+            network.join(node_id, started_at)
+        await started(network)
+        for node_id in ("a", "b", "c"):
+            network.orders[node_id].emit(joined(node_id))
+        network.cut.add("b")  # an event of a's reaches c only
+        network.orders["a"].emit(LinkUp(link=Link(source="a", target="c")))
+        network.cut.discard("b")
+        assert network.replicas["c"].state.last_event == network.replicas["b"].state.last_event + 1
+        network.cut.add("a")  # a dies: b is the next master, one event behind c
+        network.changed("b", left={"a"})
+        network.changed("c", left={"a"})
+        await asyncio.sleep(0.05)  # c copies b's state as a task
+        return network
+
+    network = asyncio.run(scenario())
+    b, c = network.replicas["b"].state, network.replicas["c"].state
+    assert network.orders["c"].master == "b" and b.term == 2
+    assert c == b, "c dropped what the new master never had"
+    assert set(c.nodes) == {"b", "c"} and not c.links
+
+
+def test_a_follower_takes_the_masters_state_at_the_first_event_of_a_new_term() -> None:
+    async def scenario() -> Network:
+        network = await two_nodes()
+        seq = network.replicas["b"].state.last_event + 1
+        network.orders["b"].on_ordered(Ordered(master="a", term=2, seq=seq, origin="a", origin_seq=99,
+                                               event=NodeLeft(node_id="b")))
+        await asyncio.sleep(0.05)
+        return network
+
+    network = asyncio.run(scenario())
+    assert network.replicas["b"].applied == [], "not applied on top of what the last term left"
+    assert network.replicas["b"].state == network.replicas["a"].state
