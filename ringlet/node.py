@@ -308,7 +308,9 @@ class Node:
         busy: dict[str, int] = {}
         for task in self._tasks.values():
             busy[task.instance_id] = busy.get(task.instance_id, 0) + 1
-        return route(self._state, model, self.catalog.resolve, self.node_id, self._forwarding is not None, busy)
+        live = self._order.live_ids() if self._order is not None else set(self._state.nodes)
+        return route(self._state, model, self.catalog.resolve, self.node_id, self._forwarding is not None, busy,
+                     gone=set(self._state.nodes) - live)
 
     def submit(self, task: TextGenerationTask) -> TaskHandle:
         """Route a task to the least busy ready instance of its model; raises ModelNotFoundError or
@@ -440,7 +442,8 @@ class Cluster:
         self.plane = ControlPlane(options)
         bus = EventBus(self.plane)
         self.order = EventOrder(self.me, bus, node, rejoin=lambda: NodeJoined(node=node.info),
-                                departures=node.departures, claim=lambda term: self.membership.claim(term))
+                                departures=node.departures, claim=lambda term: self.membership.claim(term),
+                                grace_s=node.config.replace_grace_s)
         bus.listen(node.node_id, self.order.on_proposal, self.order.on_ordered, lambda: node.state)
         idle_s = node.config.stream_idle_s
         self.forwarding = TaskForwarding(self.plane, node.node_id, node.run_local, idle_s, min(5.0, idle_s / 3))

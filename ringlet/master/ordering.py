@@ -111,12 +111,15 @@ def refusal(origin: str, event: Event, state: State) -> str | None:
 
 class EventOrder:
     def __init__(self, me: Member, bus: OrderBus, replica: Replica, rejoin: Callable[[], Event],
-                 departures: Departures = node_left_only, claim: Callable[[int | None], None] = lambda term: None
-                 ) -> None:
+                 departures: Departures = node_left_only, claim: Callable[[int | None], None] = lambda term: None,
+                 grace_s: float = 0.0) -> None:
         """`rejoin()` is this node's NodeJoined, proposed again when its side of a partition merges into another
-        cluster; `claim(term)` announces this node's claim to be master for `term` (None withdraws it)."""
+        cluster; `claim(term)` announces this node's claim to be master for `term` (None withdraws it); `grace_s`:
+        how long a node may be gone before the master orders its departure (a node back within it loses nothing)."""
         self.me, self._bus, self._replica = me, bus, replica
         self._rejoin, self._departures, self._claim = rejoin, departures, claim
+        self.grace_s = grace_s
+        self._departing: dict[str, asyncio.TimerHandle] = {}  # nodes gone, within their grace
         self.master: str | None = None
         self.term = 0  # the master's term, as far as this node knows it
         self.members: list[Member] = [me]
@@ -292,7 +295,7 @@ class EventOrder:
                 self._resend_pending()
         if self.is_master:
             for node_id in left:
-                self._depart(node_id)
+                self._depart_later(node_id)
 
     def _resend_pending(self) -> None:
         if self.is_master:
@@ -321,8 +324,22 @@ class EventOrder:
         self.emit(MasterChanged(node_id=self.me.node_id, term=self.term))
         live = self.live_ids()
         for node_id in [n for n in self._replica.state.nodes if n not in live]:
+            self._depart_later(node_id)
+
+    def _depart_later(self, node_id: str) -> None:
+        """Order the node's departure once it has been gone `grace_s` (at once without a grace)."""
+        if self.grace_s <= 0:
             self._depart(node_id)
+            return
+        log.info("node %s is gone; its instances are placed again in %.0f s unless it comes back", node_id,
+                 self.grace_s)
+        if node_id in self._departing:
+            self._departing[node_id].cancel()  # gone again: the grace counts from now
+        self._departing[node_id] = asyncio.get_running_loop().call_later(self.grace_s, self._depart, node_id)
 
     def _depart(self, node_id: str) -> None:
+        self._departing.pop(node_id, None)
+        if not self.is_master or node_id in self.live_ids():
+            return  # back within the grace, or no longer this node's to order
         for event in self._departures(self._replica.state, node_id):
             self.emit(event)

@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_ZENOH_PORT = 52414
-# a peer that stops answering is dropped after this long (zenoh's default is 10 s; a request in flight on a node
-# that is cut off must end within 5 s)
-LEASE_MS = 3000
+# a peer that stops answering is dropped after this long: a link that stalls for less (a Wi-Fi hiccup) changes
+# nothing; a peer that closes its connection (a process that exits or is killed) is dropped at once
+LEASE_MS = 10_000
 # the largest message a peer may send: a forwarded request with a prompt at the API's default body limit (4 MiB) fits
 # with room; anything larger is dropped on arrival, the link staying up
 MAX_MESSAGE_BYTES = 16 << 20

@@ -31,6 +31,7 @@ BURST_PAUSE_ENV = "RINGLET_BURST_PAUSE_MS"
 RUNNER_STALL_ENV = "RINGLET_RUNNER_STALL_S"
 RUNNER_RESTARTS_ENV = "RINGLET_RUNNER_RESTARTS"
 STREAM_IDLE_ENV = "RINGLET_STREAM_IDLE_S"
+REPLACE_GRACE_ENV = "RINGLET_REPLACE_GRACE_S"
 MAX_INSTANCES_ENV = "RINGLET_MAX_INSTANCES"
 KV_CACHE_TOKENS_ENV = "RINGLET_KV_CACHE_TOKENS"
 
@@ -59,6 +60,9 @@ class EngineConfig(BaseModel):
                                                       "the next death fails its instance")
     stream_idle_s: int = Field(30, ge=1, description="seconds a stream served by another node may hear nothing (no "
                                                     "token, no keep-alive) before it fails")
+    replace_grace_s: int = Field(10, ge=0, description="seconds a node may be gone from the cluster before the master "
+                                                     "places its instances again (a node back within them loses "
+                                                     "nothing)")
     kv_cache_tokens: int | None = Field(None, ge=16, description="positions the KV cache holds over all sequences "
                                                                "(default: sized from the memory left after the "
                                                                "weights)")
@@ -67,7 +71,7 @@ class EngineConfig(BaseModel):
     def from_environment(cls, env: Mapping[str, str], **overrides: object) -> EngineConfig:
         """The settings in `env` (RINGLET_PRECISION, RINGLET_CPU_COMPILE=0, RINGLET_CUDA_DECODE, RINGLET_CUDA_COMPILE,
         RINGLET_MAX_BATCH, RINGLET_MAX_STEP_TOKENS, RINGLET_BURST_PAUSE_MS, RINGLET_MAX_QUEUED, RINGLET_KV_CACHE_TOKENS, RINGLET_MAX_INSTANCES,
-        RINGLET_RUNNER_STALL_S, RINGLET_RUNNER_RESTARTS, RINGLET_STREAM_IDLE_S), then `overrides` (a CLI flag wins);
+        RINGLET_RUNNER_STALL_S, RINGLET_RUNNER_RESTARTS, RINGLET_STREAM_IDLE_S, RINGLET_REPLACE_GRACE_S), then `overrides` (a CLI flag wins);
         ValueError names the variable and what it takes."""
         values: dict[str, object] = {}
         sources: dict[str, str] = {}  # field -> the variable it came from
@@ -85,7 +89,7 @@ class EngineConfig(BaseModel):
                             (BURST_PAUSE_ENV, "burst_pause_ms"), (MAX_QUEUED_ENV, "max_queued"),
                             (KV_CACHE_TOKENS_ENV, "kv_cache_tokens"), (MAX_INSTANCES_ENV, "max_instances"),
                             (RUNNER_STALL_ENV, "runner_stall_s"), (RUNNER_RESTARTS_ENV, "runner_restarts"),
-                            (STREAM_IDLE_ENV, "stream_idle_s")):
+                            (STREAM_IDLE_ENV, "stream_idle_s"), (REPLACE_GRACE_ENV, "replace_grace_s")):
             raw = env.get(name, "").strip()
             if raw:
                 if not raw.isdigit():

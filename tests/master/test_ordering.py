@@ -341,3 +341,51 @@ def test_a_follower_takes_the_masters_state_at_the_first_event_of_a_new_term() -
     network = asyncio.run(scenario())
     assert network.replicas["b"].applied == [], "not applied on top of what the last term left"
     assert network.replicas["b"].state == network.replicas["a"].state
+
+
+def graced(network: Network, grace_s: float) -> None:
+    for order in network.orders.values():
+        order.grace_s = grace_s
+
+
+def test_a_node_back_within_the_grace_loses_nothing() -> None:
+    async def scenario() -> Network:
+        network = await two_nodes()
+        graced(network, 0.2)
+        for node_id in ("a", "b"):
+            network.orders[node_id].emit(joined(node_id))
+        network.cut.add("b")  # a blip: b's link drops ...
+        network.changed("a", left={"b"})
+        await asyncio.sleep(0.1)
+        network.cut.discard("b")  # ... and comes back within the grace
+        network.changed("a")
+        await asyncio.sleep(0.3)
+        return network
+
+    network = asyncio.run(scenario())
+    assert set(network.replicas["a"].state.nodes) == {"a", "b"}
+    assert "NodeLeft" not in [type(e).__name__ for e in network.replicas["a"].applied]
+
+
+def test_a_node_gone_past_the_grace_departs_and_a_flap_restarts_the_grace() -> None:
+    async def scenario() -> list[set[str]]:
+        network = await two_nodes()
+        graced(network, 0.2)
+        for node_id in ("a", "b"):
+            network.orders[node_id].emit(joined(node_id))
+        seen: list[set[str]] = []
+        network.cut.add("b")
+        network.changed("a", left={"b"})
+        await asyncio.sleep(0.15)
+        network.cut.discard("b")  # back for a moment, then gone again: 0.2 s from now
+        network.changed("a")
+        network.cut.add("b")
+        network.changed("a", left={"b"})
+        await asyncio.sleep(0.1)
+        seen.append(set(network.replicas["a"].state.nodes))
+        await asyncio.sleep(0.2)
+        seen.append(set(network.replicas["a"].state.nodes))
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen == [{"a", "b"}, {"a"}]

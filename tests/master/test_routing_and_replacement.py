@@ -61,6 +61,14 @@ def test_the_least_busy_reachable_ready_instance_serves() -> None:
         route(state, "i3", resolve, "a", clustered=True, busy={})
 
 
+def test_an_instance_with_a_stage_on_a_gone_node_serves_nothing_while_another_can() -> None:
+    state = state_with((instance("i1", ("a", "b")), True), (instance("i2", ("c",)), True))
+    assert route(state, MODEL, resolve, "a", clustered=True, busy={"i2": 9}, gone={"b"}).instance.instance_id == "i2"
+    with pytest.raises(NoInstanceError, match="instance i1 of .* has a stage on node b, which is gone") as error:
+        route(state, MODEL, resolve, "a", clustered=True, busy={}, gone={"b", "c"})
+    assert error.value.loading, "a 503 with Retry-After: the node may come back, or the instance be placed again"
+
+
 def test_refusals_say_what_to_do() -> None:
     loading = state_with((instance("i1", ("a",)), False))
     with pytest.raises(NoInstanceError, match="still loading") as error:

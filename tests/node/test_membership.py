@@ -3,6 +3,9 @@ the loss of the master."""
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 
 from tests.support.processes import Cluster, wait_until
@@ -27,6 +30,23 @@ def test_three_nodes_agree_then_see_a_join_and_a_departure(cluster: Cluster) -> 
     state = cluster.wait_agreed(3)
     assert ids["n2"] not in state["nodes"]
     assert all(ids["n2"] not in n.state()["nodes"] for n in cluster.live())
+
+
+def test_a_node_silent_for_less_than_the_lease_stays_a_member(cluster: Cluster) -> None:
+    first, second = cluster.start("s1", "s2")
+    cluster.wait_agreed(2)
+    master = first.state()["master"]
+    second.process.send_signal(signal.SIGSTOP)  # a stall: its connections stay open, nothing is answered
+    try:
+        time.sleep(6)
+    finally:
+        second.process.send_signal(signal.SIGCONT)
+    time.sleep(2)
+    state = cluster.wait_agreed(2)
+    assert {n.state()["master"] for n in (first, second)} == {master}
+    assert all("left" not in line for n in (first, second) for line in n.log().splitlines() if "member" in line), \
+        cluster.logs()
+    assert state["nodes"].keys() == {first.node_id, second.node_id}
 
 
 def test_master_killed_another_takes_over_with_state_intact(cluster: Cluster) -> None:

@@ -19,13 +19,13 @@ def test_every_variable_is_read_and_a_flag_wins() -> None:
            "RINGLET_CUDA_COMPILE": "max-autotune", "RINGLET_MAX_BATCH": "8", "RINGLET_MAX_STEP_TOKENS": "256",
            "RINGLET_MAX_QUEUED": "3", "RINGLET_KV_CACHE_TOKENS": "4096", "RINGLET_MAX_INSTANCES": "2",
            "RINGLET_RUNNER_STALL_S": "5", "RINGLET_RUNNER_RESTARTS": "0", "RINGLET_STREAM_IDLE_S": "9",
-           "RINGLET_BURST_PAUSE_MS": "0"}
+           "RINGLET_BURST_PAUSE_MS": "0", "RINGLET_REPLACE_GRACE_S": "4"}
     config = EngineConfig.from_environment(env)
     assert (config.precision, config.cpu_compile, config.cuda_decode, config.cuda_compile) == (
         "int4", False, "compiled", "max-autotune")
     assert (config.max_batch, config.max_step_tokens, config.max_queued, config.kv_cache_tokens,
             config.max_instances, config.runner_stall_s, config.runner_restarts, config.stream_idle_s,
-            config.burst_pause_ms) == (8, 256, 3, 4096, 2, 5, 0, 9, 0)
+            config.burst_pause_ms, config.replace_grace_s) == (8, 256, 3, 4096, 2, 5, 0, 9, 0, 4)
     assert EngineConfig.from_environment(env, precision="fp32", max_context=512).precision == "fp32"
     assert EngineConfig.from_environment(env, precision=None).precision == "int4", "an unset flag keeps the variable"
 

@@ -171,8 +171,9 @@ class Cluster:
     def launch(self, name: str, *extra: str) -> LiveNode:
         seeds = [n for n in self.nodes if n.alive()][:1]
         connect = [a for n in seeds for a in ("--connect", f"tcp/127.0.0.1:{n.zenoh_port}")]
+        # a short grace before a lost node's instances are placed again, so that departures show within seconds
         node = launch_node(self.root, name, "--no-default-instance", *connect, *extra,
-                           env={"RINGLET_PRECISION": "fp32"})
+                           env={"RINGLET_PRECISION": "fp32", "RINGLET_REPLACE_GRACE_S": "2"})
         self.nodes.append(node)
         return node
 
