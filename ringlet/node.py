@@ -37,7 +37,7 @@ from ringlet.master.placement import Placement, PlacementError, PlacementPreview
 from ringlet.master.replacement import lost_node_events
 from ringlet.master.routing import route
 from ringlet.models.catalog import ModelCard
-from ringlet.models.download import DownloadManager, DownloadStatus
+from ringlet.models.download import DownloadManager, DownloadStatus, SavedDownload
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.models.names import Catalog, default_model_roots
 from ringlet.models.store import ringlet_home
@@ -45,7 +45,7 @@ from ringlet.net.events import EventBus
 from ringlet.net.forwarding import TaskForwarding
 from ringlet.net.membership import Member, Membership
 from ringlet.net.session import DEFAULT_LISTEN, ControlPlane, ControlPlaneError, NetOptions, advertised_host
-from ringlet.saved_instances import SavedInstance, SavedInstances
+from ringlet.saved import SavedInstance, SavedInstances, SavedList
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.errors import InstanceNotFoundError, NodeError, NoInstanceError
@@ -101,8 +101,10 @@ class TaskHandle:
 
 class Node:
     def __init__(self, info: NodeInfo, catalog: Catalog | None = None, data_host: str = "127.0.0.1",
-                 config: EngineConfig = EngineConfig(), saved: SavedInstances | None = None) -> None:
-        """`saved`: where the instances created through this node are kept, to be created again after a restart."""
+                 config: EngineConfig = EngineConfig(), saved: SavedInstances | None = None,
+                 saved_downloads: SavedList[SavedDownload] | None = None) -> None:
+        """`saved`: where the instances created through this node are kept, to be created again after a restart;
+        `saved_downloads`: where its unfinished downloads are, to be resumed."""
         self.info = info
         self.saved = saved
         self._unsaved: set[str] = set()  # instances this node made itself (its default one): never saved
@@ -117,7 +119,7 @@ class Node:
         self._changed = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.downloads = DownloadManager(on_update=self._download_changed)
+        self.downloads = DownloadManager(on_update=self._download_changed, saved=saved_downloads)
 
     @property
     def node_id(self) -> str:
@@ -484,7 +486,8 @@ async def serve(options: NodeOptions) -> None:
     sock = bind(options.host, options.api_port)
     info = await asyncio.to_thread(detect_node, options)
     node = Node(info, catalog=Catalog(model_roots(options)), data_host=data_host, config=options.engine_config,
-                saved=SavedInstances(ringlet_home() / "instances.json"))
+                saved=SavedInstances(ringlet_home() / "instances.json"),
+                saved_downloads=SavedList(ringlet_home() / "downloads.json", SavedDownload, lambda d: d.download_id))
     try:
         cluster = Cluster(node, net)
     except ControlPlaneError as error:
@@ -500,6 +503,7 @@ async def serve(options: NodeOptions) -> None:
         if options.default_instance:
             create_default_instance(node, options)
         node.restore_saved()
+        node.downloads.resume()
         access = Access(options.api_keys, frozenset(own_host_names()) | set(options.allow_hosts),
                         frozenset(options.allow_origins))
         app = create_app(node, max_body_bytes=options.max_body_bytes, access=access)

@@ -57,6 +57,7 @@ from ringlet.models.store import (
     split_gguf_parts,
     write_manifest,
 )
+from ringlet.saved import SavedList
 from ringlet.shared.errors import ModelLoadError
 
 _log = logging.getLogger(__name__)
@@ -525,20 +526,33 @@ class DownloadStatus(BaseModel):
     path: str | None = None
 
 
+class SavedDownload(BaseModel):
+    """A download not yet finished, as the node keeps it to resume after a restart (`ringlet/saved.py`)."""
+
+    download_id: str
+    model: str
+    layers: LayerRange | None = None
+    revision: str = "main"
+
+
 class DownloadManager:
     """Downloads running in background threads, for the node's API: start, status, cancel.
 
     `on_update` gets every change of state and, at most every `publish_interval` seconds, progress:
-    the node turns it into a cluster event so `/state` shows bytes done/total per node.
+    the node turns it into a cluster event so `/state` shows bytes done/total per node. With `saved`, a download
+    is kept there from its start until it ends (done, failed or cancelled by the user; not when the manager
+    closes), and `resume()` starts again those a previous process left: their partial files go on where they
+    stopped.
     """
 
     def __init__(self, store: ModelStore | None = None, *, on_update: Callable[[DownloadStatus], None] | None = None,
                  settings: Callable[[], HubSettings] = HubSettings.from_env, max_workers: int = 4,
                  free_space: FreeSpace = disk_free_bytes, publish_interval: float = 0.5, max_running: int = 2,
-                 keep_finished: int = 50) -> None:
+                 keep_finished: int = 50, saved: SavedList[SavedDownload] | None = None) -> None:
         """`max_running` downloads at once (more: TooManyDownloads); the last `keep_finished` finished ones are
         remembered, older ones forgotten."""
-        self.store, self.on_update, self.settings = store, on_update, settings
+        self.store, self.on_update, self.settings, self.saved = store, on_update, settings, saved
+        self.closing = False  # close() was called: downloads stopping now are resumed later
         self.max_running, self.keep_finished = max_running, keep_finished
         self.max_workers, self.free_space, self.publish_interval = max_workers, free_space, publish_interval
         self._lock = threading.Lock()
@@ -547,8 +561,10 @@ class DownloadManager:
         self._threads: dict[str, threading.Thread] = {}
         self._published_at: dict[str, float] = {}
 
-    def start(self, model: str, layers: LayerRange | None = None, revision: str = "main") -> DownloadStatus:
-        """Begin (or join the running) download of `model`; a bad name fails here, not in the thread."""
+    def start(self, model: str, layers: LayerRange | None = None, revision: str = "main",
+              download_id: str | None = None) -> DownloadStatus:
+        """Begin (or join the running) download of `model`; a bad name fails here, not in the thread.
+        `download_id`: the id it had before a restart (default: a new one)."""
         ref = ModelRef.parse(model)
         with self._lock:
             for status in self._statuses.values():
@@ -559,16 +575,36 @@ class DownloadManager:
                 raise TooManyDownloads(f"{running} downloads are running on this node, the most it runs at once; "
                                        "try again when one has finished (GET /models/downloads)")
             self._forget_finished()
-            download_id = uuid.uuid4().hex[:12]
+            download_id = download_id or uuid.uuid4().hex[:12]
             status = DownloadStatus(download_id=download_id, model=str(ref), layers=layers)
             self._statuses[download_id] = status
             self._cancels[download_id] = threading.Event()
             thread = threading.Thread(target=self._run, args=(download_id, revision), daemon=True,
                                       name=f"download-{download_id}")
             self._threads[download_id] = thread
+        if self.saved is not None:
+            self.saved.remove(download_id)
+            self.saved.add(SavedDownload(download_id=download_id, model=str(ref), layers=layers, revision=revision))
         self._publish(status, force=True)
         thread.start()
         return status
+
+    def resume(self) -> list[DownloadStatus]:
+        """Start again the downloads a previous process left unfinished; one that cannot start is forgotten, with
+        a warning saying why."""
+        if self.saved is None:
+            return []
+        resumed = []
+        for saved in self.saved.load():
+            try:
+                resumed.append(self.start(saved.model, saved.layers, saved.revision, saved.download_id))
+            except DownloadError as error:
+                _log.warning("the unfinished download %s of %s was not resumed, and is forgotten: %s",
+                             saved.download_id, saved.model, error)
+                self.saved.remove(saved.download_id)
+            else:
+                _log.info("resuming the download %s of %s", saved.download_id, saved.model)
+        return resumed
 
     def _forget_finished(self) -> None:
         """Keep the last `keep_finished` finished downloads (under the lock)."""
@@ -601,7 +637,8 @@ class DownloadManager:
         return self.status(download_id)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Cancel every running download and wait for the threads to stop."""
+        """Stop every running download (kept in `saved`, to resume) and wait for the threads to stop."""
+        self.closing = True
         for event in self._cancels.values():
             event.set()
         for thread in list(self._threads.values()):
@@ -617,6 +654,8 @@ class DownloadManager:
             )
         except DownloadCancelled as e:
             self._update(download_id, state="cancelled", error=str(e))
+            if self.closing:
+                return  # stopped with the node, not by the user: kept to resume
         except ModelLoadError as e:  # DownloadError and the store's errors: each says what to do
             self._update(download_id, state="failed", error=str(e))
         except Exception as e:  # noqa: BLE001 - a thread's boundary: report it rather than stay "running" forever
@@ -624,6 +663,8 @@ class DownloadManager:
             self._update(download_id, state="failed", error=f"unexpected error: {e!r}")
         else:
             self._update(download_id, state="done", path=str(path))
+        if self.saved is not None:
+            self.saved.remove(download_id)
 
     def _update(self, download_id: str, **changes: Any) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,13 @@ from ringlet.models.download import (
     HubUnreachable,
     NotEnoughDiskSpace,
     RemoteFile,
+    SavedDownload,
     TooManyDownloads,
     download_model,
 )
 from ringlet.models.safetensors_loader import tensor_in_range
 from ringlet.models.store import INCOMPLETE_DIR, ModelStore, find_local
+from ringlet.saved import SavedList
 from ringlet.shared.errors import ModelLoadError
 from tests.support.fake_hub import FakeHub, HubRepo
 from tests.support.hub import NUM_LAYERS, REPO_ID
@@ -287,6 +290,46 @@ def test_download_manager_runs_reports_and_cancels(hub: FakeHub, tiny_checkpoint
     failed = manager.wait(manager.start("nobody/missing").download_id, timeout=30)
     assert failed.state == "failed" and "nobody/missing" in (failed.error or "")
     manager.close()
+
+
+def test_a_download_stopped_with_its_node_is_resumed_when_it_starts_again(hub: FakeHub, tmp_path: Path,
+                                                                          tiny_checkpoint: dict[str, bytes]) -> None:
+    saved = SavedList(tmp_path / "downloads.json", SavedDownload, lambda d: d.download_id)
+    hub.slow_files.add("config.json")  # the download is in flight when the node stops
+    first = DownloadManager(publish_interval=0, saved=saved)
+    running = first.start(REPO_ID)
+    stopping = threading.Thread(target=first.close)
+    stopping.start()
+    deadline = time.monotonic() + 10
+    while not first.closing:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    hub.slow_files.clear()  # the stalled read ends; the download sees the stop at its next chunk
+    stopping.join(30)
+    assert first.status(running.download_id).state == "cancelled"
+    assert [d.download_id for d in saved.load()] == [running.download_id], "kept to resume"
+
+    again = DownloadManager(publish_interval=0, saved=saved)
+    (resumed,) = again.resume()
+    assert resumed.download_id == running.download_id
+    done = again.wait(resumed.download_id, timeout=30)
+    assert done.state == "done", done.error
+    assert_whole(Path(done.path or ""), tiny_checkpoint, MODEL_FILES | {n for n in tiny_checkpoint
+                                                                        if n.endswith(".safetensors")})
+    assert saved.load() == [], "a finished download leaves the file"
+    again.close()
+
+
+def test_a_download_the_user_cancels_is_not_resumed(hub: FakeHub, tmp_path: Path) -> None:
+    saved = SavedList(tmp_path / "downloads.json", SavedDownload, lambda d: d.download_id)
+    manager = DownloadManager(publish_interval=0, saved=saved)
+    hub.slow_files.add("config.json")
+    running = manager.start(REPO_ID)
+    manager.cancel(running.download_id)
+    hub.slow_files.clear()
+    assert manager.wait(running.download_id, timeout=30).state == "cancelled"
+    manager.close()
+    assert saved.load() == [] and DownloadManager(saved=saved).resume() == []
 
 
 def _partial_path(name: str, data: bytes) -> Path:

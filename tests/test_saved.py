@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ringlet.saved_instances import SavedInstance, SavedInstances
+from ringlet.saved import SavedInstance, SavedInstances
 from ringlet.shared.instances import InstanceType
 
 
