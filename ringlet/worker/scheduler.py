@@ -162,7 +162,7 @@ class Scheduler(Generic[State]):
         sequences' unfilled ones, then those of the waiting sequences that would be admitted, less their cached
         prefixes) take longer than a pause to fill at `step` seconds a step, and lasts while they fill more than
         one step."""
-        steps = 1.0 if self.bursting else max(1.0, self.burst_pause / step)
+        steps = 1.0 if self.bursting else max(1.0, self.burst_pause / max(step, 1e-6))
         enough = self.max_step_tokens * steps
         pending = sum(len(s.tokens) - 1 - s.computed for s in self.running if not s.prefilled and s.seq_id not in busy)
         admissible = max(0, min(self.max_running - len(self.running), room))

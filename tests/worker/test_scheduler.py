@@ -164,3 +164,11 @@ def test_modelled_on_a_gpu_prompts_arriving_spread_out_are_filled_beside_the_dec
     mixed = simulation.simulate(0.0, requests_per_client=3, think=0.5)
     burst = simulation.simulate(0.25, requests_per_client=3, think=0.5)
     assert burst.gaps == mixed.gaps and burst.ttft == mixed.ttft
+
+
+def test_steps_planned_at_one_instant_plan_as_usual() -> None:
+    scheduler: Scheduler[None] = Scheduler(BlockManager(num_blocks=256, block_size=4), max_step_tokens=64,
+                                           clock=lambda: 1.0)
+    generating(scheduler, "a")
+    scheduler.add(sequence("p", 100))
+    assert shape(scheduler.plan()) == {"a": 1, "p": 63}
