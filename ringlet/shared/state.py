@@ -317,7 +317,7 @@ def _recent(downloads: dict[str, DownloadRecord]) -> dict[str, DownloadRecord]:
 
 
 def _node_left(state: State, node_id: str) -> State:
-    # its runners are gone with it; the master decides whether to place the instance again
+    # its runners and its downloads are gone with it; the master decides whether to place the instance again
     instances = dict(state.instances)
     for instance_id, record in state.instances.items():
         if node_id in record.runners:
@@ -327,6 +327,7 @@ def _node_left(state: State, node_id: str) -> State:
         "nodes": {k: v for k, v in state.nodes.items() if k != node_id},
         "links": [k for k in state.links if node_id not in (k.source, k.target)],
         "instances": instances,
+        "downloads": {k: d for k, d in state.downloads.items() if d.node_id != node_id},
     })
 
 

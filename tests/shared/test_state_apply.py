@@ -6,6 +6,8 @@ from pydantic import TypeAdapter
 
 from ringlet.shared.instances import Instance, InstanceType, Shard
 from ringlet.shared.state import (
+    DownloadProgressed,
+    DownloadRecord,
     Event,
     InstanceCreated,
     InstanceDeleted,
@@ -50,8 +52,12 @@ def test_nodes_join_update_and_leave() -> None:
     assert set(state.nodes) == {"a", "b"} and len(state.links) == 1 and state.last_event == 3
     state = apply(state, NodeUpdated(node=node_info("a", 2)))
     assert state.nodes["a"].memory.available_bytes == 2 * 1024**3
+    for node_id in ("a", "b"):
+        state = apply(state, DownloadProgressed(download=DownloadRecord(download_id=f"d-{node_id}", node_id=node_id,
+                                                                        model="m", state="running")))
     state = apply(state, NodeLeft(node_id="b"))
     assert set(state.nodes) == {"a"} and state.links == []
+    assert set(state.downloads) == {"d-a"}, "a departed node's downloads go with it"
 
 
 def test_link_up_replaces_and_link_down_removes() -> None:
