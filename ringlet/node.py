@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ from ringlet.api.limits import DEFAULT_MAX_BODY_BYTES
 from ringlet.api.security import API_KEY_ENV, LOCAL_NAMES, Access, host_name, own_host_names
 from ringlet.master.ordering import EventOrder
 from ringlet.master.placement import Placement, PlacementError, PlacementPreview, created, place, preview
-from ringlet.master.replacement import lost_node_events
+from ringlet.master.replacement import lost_node_events, reform_events
 from ringlet.master.routing import route
 from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager, DownloadStatus, SavedDownload
@@ -59,6 +59,7 @@ from ringlet.shared.state import (
     NodeInfo,
     NodeJoined,
     NodeUpdated,
+    RunnerFailed,
     RunnerStatus,
     State,
     TaskRecord,
@@ -67,7 +68,7 @@ from ringlet.shared.state import (
     new_instance_record,
 )
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
-from ringlet.worker.supervisor import InstanceLoad, Supervisor
+from ringlet.worker.supervisor import RESTART_WINDOW_S, InstanceLoad, Supervisor
 from ringlet.worker.system_info import collect_engine_info, collect_node_hardware, read_memory
 
 log = logging.getLogger("ringlet.node")
@@ -108,6 +109,8 @@ class Node:
         self.info = info
         self.saved = saved
         self._unsaved: set[str] = set()  # instances this node made itself (its default one): never saved
+        self._reforms: dict[tuple[str, InstanceType], deque[float]] = {}  # when rings were formed again, as master
+        self._reformed: set[str] = set()  # the failed rings formed again
         self.catalog = catalog or Catalog()
         self.data_host = data_host  # where this node's stages listen on the data plane
         self.config = config
@@ -162,6 +165,30 @@ class Node:
         self._changed.set()
         if isinstance(event, InstanceDeleted) and self.saved is not None:  # deleted through any node: not kept
             self.saved.remove(event.instance_id)
+        if isinstance(event, RunnerFailed) and event.reform and (self._order is None or self._order.is_master):
+            asyncio.get_running_loop().call_soon(self.reform, event.instance_id)  # once this event is applied
+
+    def reform(self, instance_id: str) -> None:
+        """Form a ring whose stage died or hung while serving again: deleted, and placed anew on its nodes; at most
+        `runner_restarts` times in `RESTART_WINDOW_S` for one model and kind of instance, then it stays failed."""
+        record = self._state.instances.get(instance_id)
+        if record is None or record.status != RunnerStatus.FAILED or instance_id in self._reformed:
+            return  # deleted meanwhile, or formed again already (for another of its stages' failures)
+        self._reformed.add(instance_id)
+        now = time.monotonic()
+        times = self._reforms.setdefault((record.instance.model, record.instance.instance_type), deque())
+        while times and now - times[0] > RESTART_WINDOW_S:
+            times.popleft()
+        if len(times) >= self.config.runner_restarts:
+            log.error("instance %s failed (%s), its ring formed again %d times in %.0f min already: it stays failed; "
+                      "delete it and create it again", instance_id, record.error, len(times), RESTART_WINDOW_S / 60)
+            return
+        times.append(now)
+        events, note = reform_events(self._state, instance_id, self.catalog.resolve, lambda: new_id("inst"),
+                                     time.time())
+        log.warning("%s (%s)", note, record.error)
+        for event in events:
+            self.emit(event)
 
     def replace_state(self, state: State) -> None:
         """Take a copy of the master's state (joining a cluster, or after missing events)."""

@@ -227,6 +227,8 @@ class RunnerFailed(Message):
     instance_id: str
     node_id: str
     error: str
+    reform: bool = Field(False, description="a stage of a ring that died or hung while serving: the master forms "
+                                            "the ring again")
 
 
 

@@ -9,7 +9,8 @@ A watchdog kills a runner that has requests and has sent nothing (a token, or th
 second) for `EngineConfig.runner_stall_s`: a hung engine, a stopped process. A runner of a one-stage instance that
 dies, so killed or by itself (a crash, the OOM killer), is started again after a back-off: the requests it was
 running end with an error, the queued ones wait for it. After `EngineConfig.runner_restarts` restarts within
-`RESTART_WINDOW_S`, the next death marks the instance failed with its reason. A stage of a ring is not restarted: its instance fails.
+`RESTART_WINDOW_S`, the next death marks the instance failed with its reason. A stage of a ring is not restarted
+alone: its instance fails, and when that stage had served, the master forms the ring again (`Node.reform`).
 """
 
 from __future__ import annotations
@@ -170,7 +171,10 @@ class _Runner:
         now = time.monotonic()
         while self._deaths and now - self._deaths[0] > RESTART_WINDOW_S:
             self._deaths.popleft()
-        if len(self.bound.instance.shards) > 1 or len(self._deaths) >= self._load.config.runner_restarts:
+        if len(self.bound.instance.shards) > 1:  # a ring's stages start together: the master forms it again
+            self.fail(reason, reform=self.ready)
+            return
+        if len(self._deaths) >= self._load.config.runner_restarts:
             self.fail(f"{reason}; delete the instance and create it again")
             return
         self._deaths.append(now)
@@ -249,12 +253,13 @@ class _Runner:
             self.active[pending.task.task_id] = pending
             self._send(RunTask(task=pending.task))
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, reform: bool = False) -> None:
+        """`reform`: a stage of a ring that served: the master forms the ring again (`Node.apply_ordered`)."""
         if self.failure is not None:
             return
         log.error("instance %s: %s", self.instance_id, reason)
         self.failure, self.ready = reason, False
-        self._emit(RunnerFailed(instance_id=self.instance_id, node_id=self.bound.node_id, error=reason))
+        self._emit(RunnerFailed(instance_id=self.instance_id, node_id=self.bound.node_id, error=reason, reform=reform))
         self._end_all(TaskError("runner_failed", f"instance {self.instance_id}: {reason}"))
 
     def _end_all(self, error: TaskError) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ringlet.master.replacement import lost_node_events
+from ringlet.master.replacement import lost_node_events, reform_events
 from ringlet.master.routing import route
 from ringlet.models.catalog import embedded_card
 from ringlet.shared.errors import ModelNotFoundError, NoInstanceError
@@ -14,6 +14,7 @@ from ringlet.shared.state import (
     InstanceDeleted,
     NodeJoined,
     NodeLeft,
+    RunnerFailed,
     RunnerReady,
     State,
     apply,
@@ -105,3 +106,19 @@ def test_an_instance_that_fits_nowhere_any_more_is_deleted_with_a_note() -> None
                                      lambda: "x", now=0.0)
     assert events == [NodeLeft(node_id="a"), InstanceDeleted(instance_id="i1")]
     assert notes[0].startswith("instance i1 lost node a and cannot be placed again: model")
+
+
+def test_a_failed_ring_is_formed_again_on_its_nodes_or_where_it_fits() -> None:
+    state = state_with((instance("i1", ("a", "b")), True))
+    state = apply(state, RunnerFailed(instance_id="i1", node_id="b", error="stalled", reform=True))
+    events, note = reform_events(state, "i1", resolve, lambda: "new-1", now=5.0)
+    assert events[0] == InstanceDeleted(instance_id="i1")
+    created = events[1]
+    assert isinstance(created, InstanceCreated)
+    assert [s.node_id for s in created.instance.shards] == ["a", "b"], "the same nodes, so the same ring"
+    assert note == "instance i1 failed; placed again as new-1"
+
+    without_b = apply(state, NodeLeft(node_id="b"))
+    events, _ = reform_events(without_b, "i1", resolve, lambda: "new-2", now=6.0)
+    created = events[1]
+    assert isinstance(created, InstanceCreated) and "b" not in {s.node_id for s in created.instance.shards}

@@ -164,8 +164,9 @@ class Cluster:
     """Nodes started in one directory; every node connects to the first live one (gossip does the rest). Nodes run
     in fp32 unless told otherwise, so a split model gives a single node's greedy tokens."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        """`env`: settings of every node, beside the cluster's own."""
+        self.root, self.env = root, env or {}
         self.nodes: list[LiveNode] = []
 
     def launch(self, name: str, *extra: str) -> LiveNode:
@@ -173,7 +174,7 @@ class Cluster:
         connect = [a for n in seeds for a in ("--connect", f"tcp/127.0.0.1:{n.zenoh_port}")]
         # a short grace before a lost node's instances are placed again, so that departures show within seconds
         node = launch_node(self.root, name, "--no-default-instance", *connect, *extra,
-                           env={"RINGLET_PRECISION": "fp32", "RINGLET_REPLACE_GRACE_S": "2"})
+                           env={"RINGLET_PRECISION": "fp32", "RINGLET_REPLACE_GRACE_S": "2", **self.env})
         self.nodes.append(node)
         return node
 
