@@ -3,7 +3,9 @@ the loss of the master."""
 
 from __future__ import annotations
 
+import json
 import signal
+import threading
 import time
 
 import pytest
@@ -150,3 +152,47 @@ def test_a_forged_older_member_does_not_become_master_of_a_running_cluster(clust
     finally:
         token.undeclare()
         insider.close()
+
+
+def test_the_master_killed_under_load_twice_leaves_every_node_the_same_state(cluster: Cluster) -> None:
+    nodes = cluster.start("k1", "k2", "k3")
+    cluster.wait_agreed(3)
+    (serving,) = cluster.start("k4")  # admitted last: master after neither kill
+    cluster.wait_agreed(4)
+    by_id = {n.node_id: n for n in [*nodes, serving]}
+    created = serving.post("/instance", json={"model": "SmolLM2-135M-Instruct", "instance_type": "CpuRing",
+                                              "nodes": [serving.node_id]})
+    assert created.status_code == 201, created.text
+    assert serving.wait_for_instance(created.json()["instance"]["instance_id"])["status"] == "ready"
+
+    replies: list[int] = []
+    done = threading.Event()
+
+    def load() -> None:  # requests one after another through the serving node while the masters die
+        while not done.is_set():
+            reply = serving.post("/v1/completions", json={"model": "SmolLM2-135M-Instruct", "prompt": "Hello",
+                                                          "max_tokens": 8, "temperature": 0})
+            replies.append(reply.status_code)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    killed: set[str] = set()
+    try:
+        for _ in range(2):
+            master = by_id[serving.state()["master"]]
+            assert master is not serving
+            killed.add(master.node_id)
+            cluster.stop(master, kill=True)
+            cluster.wait_agreed(len(cluster.live()), timeout_s=30)
+            wait_until(lambda: len({json.dumps(comparable(n.state()), sort_keys=True) for n in cluster.live()}) == 1,
+                       15, "every node with the same state", cluster.logs)
+    finally:
+        done.set()
+        loader.join(timeout=60)
+    assert replies and set(replies) == {200}, replies
+    assert len(killed) == 2 and not killed & {n.state()["master"] for n in cluster.live()}
+
+
+def comparable(state: dict) -> dict:  # type: ignore[type-arg]
+    """What every node must agree on (tasks and downloads are each node's own view)."""
+    return {k: state[k] for k in ("master", "term", "nodes", "instances", "links", "last_event")}
