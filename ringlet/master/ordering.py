@@ -120,6 +120,7 @@ class EventOrder:
         self._rejoin, self._departures, self._claim = rejoin, departures, claim
         self.grace_s = grace_s
         self._departing: dict[str, asyncio.TimerHandle] = {}  # nodes gone, within their grace
+        self._copied_for_term = 0  # the last new term whose first event made this node copy the master's state
         self.master: str | None = None
         self.term = 0  # the master's term, as far as this node knows it
         self.members: list[Member] = [me]
@@ -224,9 +225,11 @@ class EventOrder:
             return
         self.term = ordered.term  # the master's claim may reach this node after its first events
         expected = self._replica.state.last_event + 1
-        if ordered.term > self._replica.state.term:
+        if ordered.term > self._replica.state.term and ordered.term != self._copied_for_term:
             # a new master's first events: what this node applied under the last one may differ from what the new
-            # master has (an event that reached one of them only), so its state is taken whole
+            # master has (an event that reached one of them only), so its state is taken whole (once a term: a
+            # master that does not answer is followed from its events)
+            self._copied_for_term = ordered.term
             log.info("master %s orders term %d (this node's state is of term %d); copying its state", ordered.master,
                      ordered.term, self._replica.state.term)
             self._start_copy(ordered.master)
