@@ -163,8 +163,8 @@ class Node:
         """Fold an event, in the order every node applies it; the runners follow the new state."""
         self._state = apply(self._state, event)
         self._changed.set()
-        if isinstance(event, InstanceDeleted) and self.saved is not None:  # deleted through any node: not kept
-            self.saved.remove(event.instance_id)
+        if isinstance(event, InstanceDeleted) and self.saved is not None:  # deleted through any node: not kept,
+            self.saved.remove(event.instance_id, replaced_by=event.replaced_by)  # unless placed again
         if isinstance(event, RunnerFailed) and event.reform and (self._order is None or self._order.is_master):
             asyncio.get_running_loop().call_soon(self.reform, event.instance_id)  # once this event is applied
 

@@ -65,3 +65,13 @@ class SavedList(Generic[Item]):
 class SavedInstances(SavedList[SavedInstance]):
     def __init__(self, path: Path) -> None:
         super().__init__(path, SavedInstance, lambda saved: saved.instance_id)
+
+    def remove(self, key: str, replaced_by: str | None = None) -> None:
+        """Forget an instance, or, `replaced_by` another placed in its stead, keep that one instead."""
+        if replaced_by is None:
+            super().remove(key)
+            return
+        kept = self.load()
+        if any(s.instance_id == key for s in kept):
+            self._write([s.model_copy(update={"instance_id": replaced_by}) if s.instance_id == key else s
+                         for s in kept])

@@ -1,5 +1,6 @@
-"""The file of instances a node creates again after a restart: added and removed by id, written whole, and a
-broken file set aside with a warning rather than stopping the node."""
+"""The file of instances a node creates again after a restart: added and removed by id (or kept under the id of the
+instance placed again in its stead), written whole, and a broken file set aside with a warning rather than stopping
+the node."""
 
 from __future__ import annotations
 
@@ -25,6 +26,14 @@ def test_instances_are_added_and_removed_by_id(tmp_path: Path) -> None:
     store.remove("inst-9")  # not there: nothing happens
     assert SavedInstances(store.path).load() == [saved("inst-2", "/models/other")]
     assert not list(store.path.parent.glob("*.partial"))
+
+
+def test_an_instance_placed_again_is_kept_under_its_new_id(tmp_path: Path) -> None:
+    store = SavedInstances(tmp_path / "instances.json")
+    store.add(saved("inst-1"))
+    store.add(saved("inst-2", "/models/other"))
+    store.remove("inst-1", replaced_by="inst-7")
+    assert store.load() == [saved("inst-7"), saved("inst-2", "/models/other")]
 
 
 def test_a_broken_file_is_set_aside_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -43,11 +43,12 @@ def reform_events(state: State, instance_id: str, card_of: CardOf, new_id: Calla
 
 def _placed_again(instance: Instance, nodes: list[NodeInfo], node_ids: list[str] | None, card_of: CardOf,
                   new_id: Callable[[], str], now: float, why: str) -> tuple[list[Event], str]:
-    events: list[Event] = [InstanceDeleted(instance_id=instance.instance_id)]
     try:
         placement = place(card_of(instance.model), instance.instance_type, nodes, instance_id=new_id(),
                           node_ids=node_ids)
     except (PlacementError, NodeError) as refusal:
-        return events, f"instance {instance.instance_id} {why} and cannot be placed again: {refusal}"
-    events.append(created(placement, now))
-    return events, f"instance {instance.instance_id} {why}; placed again as {placement.instance.instance_id}"
+        return ([InstanceDeleted(instance_id=instance.instance_id)],
+                f"instance {instance.instance_id} {why} and cannot be placed again: {refusal}")
+    again = placement.instance.instance_id
+    return ([InstanceDeleted(instance_id=instance.instance_id, replaced_by=again), created(placement, now)],
+            f"instance {instance.instance_id} {why}; placed again as {again}")

@@ -204,6 +204,8 @@ class MasterChanged(Message):
 class InstanceDeleted(Message):
     type: Literal["instance_deleted"] = "instance_deleted"
     instance_id: str
+    replaced_by: str | None = Field(None, description="the instance placed again in its stead (its node lost, its "
+                                                      "ring formed again)")
 
 
 class RunnerProgressed(Message):

@@ -88,7 +88,7 @@ def test_a_lost_node_is_removed_and_its_instances_placed_again_on_the_survivors(
     ids = iter(["new-1"])
     events, notes = lost_node_events(state, "b", resolve, lambda: next(ids), now=5.0)
     assert [type(e).__name__ for e in events] == ["NodeLeft", "InstanceDeleted", "InstanceCreated"]
-    assert events[0] == NodeLeft(node_id="b") and events[1] == InstanceDeleted(instance_id="i1")
+    assert events[0] == NodeLeft(node_id="b") and events[1] == InstanceDeleted(instance_id="i1", replaced_by="new-1")
     created = events[2]
     assert isinstance(created, InstanceCreated) and created.created_at == 5.0
     assert created.instance.instance_id == "new-1"
@@ -112,7 +112,7 @@ def test_a_failed_ring_is_formed_again_on_its_nodes_or_where_it_fits() -> None:
     state = state_with((instance("i1", ("a", "b")), True))
     state = apply(state, RunnerFailed(instance_id="i1", node_id="b", error="stalled", reform=True))
     events, note = reform_events(state, "i1", resolve, lambda: "new-1", now=5.0)
-    assert events[0] == InstanceDeleted(instance_id="i1")
+    assert events[0] == InstanceDeleted(instance_id="i1", replaced_by="new-1")
     created = events[1]
     assert isinstance(created, InstanceCreated)
     assert [s.node_id for s in created.instance.shards] == ["a", "b"], "the same nodes, so the same ring"
