@@ -45,11 +45,11 @@ from ringlet.net.events import EventBus
 from ringlet.net.forwarding import TaskForwarding
 from ringlet.net.membership import Member, Membership
 from ringlet.net.session import DEFAULT_LISTEN, ControlPlane, ControlPlaneError, NetOptions, advertised_host
-from ringlet.saved import SavedInstance, SavedInstances, SavedList
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.errors import InstanceNotFoundError, NodeError, NoInstanceError
 from ringlet.shared.instances import EngineType, InstanceType, single_node_type
+from ringlet.shared.saved import SavedInstance, SavedInstances, SavedList
 from ringlet.shared.state import (
     DownloadProgressed,
     DownloadRecord,

@@ -57,8 +57,8 @@ from ringlet.models.store import (
     split_gguf_parts,
     write_manifest,
 )
-from ringlet.saved import SavedList
 from ringlet.shared.errors import ModelLoadError
+from ringlet.shared.saved import SavedList
 
 _log = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ class DownloadStatus(BaseModel):
 
 
 class SavedDownload(BaseModel):
-    """A download not yet finished, as the node keeps it to resume after a restart (`ringlet/saved.py`)."""
+    """A download not yet finished, as the node keeps it to resume after a restart (`ringlet/shared/saved.py`)."""
 
     download_id: str
     model: str

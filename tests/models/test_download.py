@@ -25,8 +25,8 @@ from ringlet.models.download import (
 )
 from ringlet.models.safetensors_loader import tensor_in_range
 from ringlet.models.store import INCOMPLETE_DIR, ModelStore, find_local
-from ringlet.saved import SavedList
 from ringlet.shared.errors import ModelLoadError
+from ringlet.shared.saved import SavedList
 from tests.support.fake_hub import FakeHub, HubRepo
 from tests.support.hub import NUM_LAYERS, REPO_ID
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ringlet.saved import SavedInstance, SavedInstances
 from ringlet.shared.instances import InstanceType
+from ringlet.shared.saved import SavedInstance, SavedInstances
 
 
 def saved(instance_id: str, model: str = "SmolLM2-135M-Instruct") -> SavedInstance:
