@@ -74,6 +74,8 @@ class GpuInfo(BaseModel):
     memory_total_bytes: int
     memory_free_bytes: int | None = None
     driver: str | None = None  # driver version, or the kernel driver's name where that is all we can read
+    integrated: bool | None = None  # shares the host's memory (Intel iGPU, Apple); None: not known
+    level_zero_version: str | None = None  # Intel: the Level Zero loader's version, where readable
 
 
 class IntelGpuInfo(BaseModel):

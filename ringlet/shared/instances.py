@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EngineType = Literal["mlx", "ipex", "cuda", "cpu"]
+# how the Intel engine optimises a model: IPEX where usable else torch.compile (auto), or exactly one of them
+IpexOptimizationLevel = Literal["auto", "ipex", "compile", "eager"]
 
 
 class InstanceType(str, Enum):
@@ -81,6 +83,10 @@ class Instance(BaseModel):
     model: str
     instance_type: InstanceType
     shards: list[Shard] = Field(min_length=1)
+    intel_gpu_devices: tuple[int, ...] | None = Field(
+        None, description="IpexRing: the XPU device indexes of its node it runs on; None: the discrete ones")
+    ipex_optimization_level: IpexOptimizationLevel = Field(
+        "auto", description="IpexRing: IPEX where usable, else torch.compile (auto), or only ipex/compile/eager")
 
     @field_validator("instance_type", mode="before")
     @classmethod

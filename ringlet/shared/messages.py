@@ -54,6 +54,17 @@ class Ready(Message):
     context_length: int
     warmup_s: float
     slots: int = Field(1, ge=1, description="tasks the runner takes at once (its batch); more wait in the node")
+    engine: str | None = Field(None, description="the engine the stage runs on (after a fallback at load, the new one)")
+    optimization: str | None = Field(None, description="what was applied to the model (IPEX, torch.compile, none)")
+    fallback: str | None = Field(None, description='a fallback at load: "ipex -> cpu: reason"')
+
+
+class FellBack(Message):
+    """The runner's engine left its device mid-stream for another (ipex -> cpu) and goes on serving."""
+
+    type: Literal["fell_back"] = "fell_back"
+    engine: str
+    reason: str
 
 
 class BatchStats(Message):
@@ -145,7 +156,7 @@ class TaskRequest(Message):
 
 
 ToRunner = Annotated[LoadShard | RunTask | CancelTask, Field(discriminator="type")]
-FromRunner = Annotated[Loading | RingHosted | Ready | LoadFailed | TaskStarted | BatchStats | Chunk | TaskFailed
+FromRunner = Annotated[Loading | RingHosted | Ready | FellBack | LoadFailed | TaskStarted | BatchStats | Chunk | TaskFailed
                        | TaskCancelled,
                        Field(discriminator="type")]
 StreamItem = Annotated[Chunk | TaskFailed | TaskAlive, Field(discriminator="type")]

@@ -96,6 +96,9 @@ class RunnerRecord(_Frozen):
     error: str | None = None
     pid: int | None = Field(None, description="the runner's process id on its node")
     context_length: int | None = None
+    engine: EngineType | None = Field(None, description="the engine the stage runs on now (after any fallback)")
+    optimization: str | None = Field(None, description="what was applied to the model, e.g. IPEX, torch.compile")
+    fallback: str | None = Field(None, description='why it left its engine, e.g. "ipex -> cpu: device lost"')
 
 
 class InstanceRecord(_Frozen):
@@ -222,6 +225,19 @@ class RunnerReady(Message):
     instance_id: str
     node_id: str
     context_length: int
+    engine: EngineType | None = None
+    optimization: str | None = None
+    fallback: str | None = None
+
+
+class RunnerFellBack(Message):
+    """A stage left its engine for another (an Intel GPU lost mid-stream: ipex -> cpu); it goes on serving."""
+
+    type: Literal["runner_fell_back"] = "runner_fell_back"
+    instance_id: str
+    node_id: str
+    engine: EngineType = Field(description="the engine it runs on now")
+    reason: str = Field(description='e.g. "ipex -> cpu: the device was lost (UR_RESULT_ERROR_DEVICE_LOST)"')
 
 
 class RunnerFailed(Message):
@@ -256,7 +272,7 @@ class DownloadProgressed(Message):
 
 Event = Annotated[
     NodeJoined | NodeUpdated | NodeLeft | MasterChanged | LinkUp | LinkDown | InstanceCreated | InstanceDeleted
-    | RingHosted | RunnerProgressed | RunnerReady | RunnerFailed | DownloadProgressed,
+    | RingHosted | RunnerProgressed | RunnerReady | RunnerFellBack | RunnerFailed | DownloadProgressed,
     Field(discriminator="type"),
 ]
 
@@ -302,7 +318,10 @@ def apply(state: State, event: Event) -> State:
                                      detail=detail, pid=pid)
         case RunnerReady(instance_id=instance_id, node_id=node_id, context_length=context_length):
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.READY, progress=1.0,
-                                     detail="ready", context_length=context_length)
+                                     detail="ready", context_length=context_length, engine=event.engine,
+                                     optimization=event.optimization, fallback=event.fallback)
+        case RunnerFellBack(instance_id=instance_id, node_id=node_id, engine=engine, reason=reason):
+            changed = _update_runner(state, instance_id, node_id, engine=engine, fallback=reason)
         case RunnerFailed(instance_id=instance_id, node_id=node_id, error=error):
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.FAILED, detail="failed",
                                      error=error)
