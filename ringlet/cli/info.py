@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ringlet.cli import CliError, engine_from_environment
+
+if TYPE_CHECKING:
+    from ringlet.shared.engine_info import GpuInfo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +34,7 @@ def info(args: argparse.Namespace) -> int:
         collect_engine_info,
         collect_node_hardware,
         get_intel_gpu_info,
+        install_notes,
         recommended_extras,
     )
 
@@ -43,10 +48,12 @@ def info(args: argparse.Namespace) -> int:
     statuses = detect_available_engines(inputs)
     intel = get_intel_gpu_info(inputs)
     extras = recommended_extras(hardware, intel)
+    notes = install_notes(hardware)
     if args.json:
         json.dump({"hardware": hardware.model_dump(), "engine_info": engines.model_dump(),
                    "engines": [s.model_dump() for s in statuses], "intel_gpu": intel.model_dump(),
-                   "recommended_extras": [{"extra": e, "why": why} for e, why in extras]}, sys.stdout, indent=2)
+                   "recommended_extras": [{"extra": a.extra, "why": a.why, "commands": list(a.commands)}
+                                          for a in extras], "install_notes": notes}, sys.stdout, indent=2)
         print()
         return 0 if engines.selected_engine else 1
 
@@ -57,8 +64,7 @@ def info(args: argparse.Namespace) -> int:
           f"{_gib(cpu.ram_total_bytes)} RAM ({_gib(cpu.ram_available_bytes)} free)")
     print(f"  features {' '.join(cpu.flags) or '-'}")
     for gpu in hardware.gpus:
-        print(f"  gpu {gpu.index}    {gpu.vendor} {gpu.name}, {_gib(gpu.memory_total_bytes)} "
-              f"({_gib(gpu.memory_free_bytes)} free), driver {gpu.driver or '?'}")
+        print(f"  gpu {gpu.index}    {gpu_line(gpu)}")
     if not hardware.gpus:
         print("  gpu      none usable")
     for device in intel.pci_devices if not intel.available else []:
@@ -80,7 +86,19 @@ def info(args: argparse.Namespace) -> int:
         print(f"Engine: {engines.selected_engine}" + ("" if wanted == "auto" else f" (asked for: {wanted})"))
     else:
         print(f"Engine: {wanted} cannot run here (see above); available: {', '.join(engines.available_engines)}")
-    print("Install (the pip extra of ringlet for this hardware)")
-    for extra, why in extras:
-        print(f"  {'pip install ' + repr(f'ringlet[{extra}]'):34} {why}")
+    print("Install (the pip extras of ringlet for this hardware; each one's commands in order)")
+    for advice in extras:
+        print(f"  {advice.extra:5} {advice.why}")
+        for command in advice.commands:
+            print(f"  {'':5}   {command}")
+    for note in notes:
+        print(f"Note: {note}")
     return 0 if engines.selected_engine else 1
+
+
+def gpu_line(gpu: GpuInfo) -> str:
+    """"intel Intel(R) Arc(TM) A770 Graphics, discrete, 16.0 GiB (15.6 GiB free), driver 1.6.31294+21, Level Zero 1.21.9"."""
+    kind = {True: "integrated, ", False: "discrete, ", None: ""}[gpu.integrated]
+    level_zero = f", Level Zero {gpu.level_zero_version}" if gpu.level_zero_version else ""
+    return (f"{gpu.vendor} {gpu.name}, {kind}{_gib(gpu.memory_total_bytes)} ({_gib(gpu.memory_free_bytes)} free), "
+            f"driver {gpu.driver or '?'}{level_zero}")

@@ -3,6 +3,8 @@
     collect_node_hardware() -> NodeHardware   (CPU model, cores, AVX-512/AMX flags, RAM, GPUs)
     collect_engine_info()   -> EngineInfo     (available engines, reasons and fixes, the chosen one)
     read_memory()           -> MemoryInfo     (RAM now: placement counts free memory)
+    refresh_gpu_memory(hw)  -> NodeHardware   (the GPUs' free memory now)
+    recommended_extras(...) -> InstallAdvice  (what to pip install for this hardware, in order)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import platform
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -19,12 +22,16 @@ from ringlet.shared.engine_info import CpuInfo, EngineInfo, GpuInfo, IntelGpuInf
 from ringlet.shared.state import MemoryInfo
 from ringlet.worker.engines.engine_utils import (
     INTEL_VENDOR,
+    XPU_TORCH_INSTALL,
     EngineUnavailableError,
     ProbeInputs,
     detect_available_engines,
     ipex_status,
+    level_zero_version,
     pci_display_devices,
     select_best_engine,
+    xpu_devices,
+    xpu_free_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -43,29 +50,22 @@ def get_intel_gpu_info(inputs: ProbeInputs | None = None) -> IntelGpuInfo:
     """Intel GPUs through torch.xpu (no IPEX needed), and what the PCI bus shows regardless."""
     inputs = inputs or ProbeInputs()
     pci = [str(d) for d in pci_display_devices(INTEL_VENDOR, inputs.sysfs_root)]
-    xpu = inputs.xpu
-    if xpu is None or not xpu.built_with_xpu or not xpu.api.is_available() or xpu.api.device_count() == 0:
+    devices = xpu_devices(inputs)
+    if not devices:
         return IntelGpuInfo(available=False, ipex_version=ipex_status().version, pci_devices=pci)
-    count = xpu.api.device_count()
-    props = [xpu.api.get_device_properties(i) for i in range(count)]
     return IntelGpuInfo(
-        available=True, count=count, total_memory=sum(int(p.total_memory) for p in props),
-        device_name=str(props[0].name), driver_version=getattr(props[0], "driver_version", None),
+        available=True, count=len(devices), total_memory=sum(d.total_bytes for d in devices),
+        device_name=devices[0].name, driver_version=devices[0].driver_version,
         ipex_version=ipex_status().version, pci_devices=pci,
     )
 
 
 def _intel_gpus(inputs: ProbeInputs) -> list[GpuInfo]:
-    xpu = inputs.xpu
-    if xpu is None or not xpu.built_with_xpu or not xpu.api.is_available():
-        return []
-    gpus = []
-    for i in range(xpu.api.device_count()):
-        props = xpu.api.get_device_properties(i)
-        free, total = xpu.api.mem_get_info(i)
-        gpus.append(GpuInfo(vendor="intel", index=i, name=str(props.name), memory_total_bytes=int(total),
-                            memory_free_bytes=int(free), driver=getattr(props, "driver_version", None)))
-    return gpus
+    devices = xpu_devices(inputs)
+    level_zero = level_zero_version(inputs.library_dirs) if devices else None
+    return [GpuInfo(vendor="intel", index=d.index, name=d.name, memory_total_bytes=d.total_bytes,
+                    memory_free_bytes=d.free_bytes, driver=d.driver_version, integrated=d.integrated,
+                    level_zero_version=level_zero) for d in devices]
 
 
 def get_nvidia_gpus() -> list[GpuInfo]:
@@ -123,7 +123,7 @@ def get_apple_info() -> tuple[str | None, list[GpuInfo]]:
     chip = _sysctl("machdep.cpu.brand_string") or "Apple Silicon"
     memory = psutil.virtual_memory()
     return chip, [GpuInfo(vendor="apple", index=0, name=f"{chip} GPU", memory_total_bytes=int(memory.total),
-                          memory_free_bytes=int(memory.available), driver="Metal")]
+                          memory_free_bytes=int(memory.available), driver="Metal", integrated=True)]
 
 
 def _cpu_model_and_flags(cpuinfo: Path) -> tuple[str, set[str]]:
@@ -174,20 +174,82 @@ def collect_engine_info(requested: str | None = None, inputs: ProbeInputs | None
     )
 
 
-def recommended_extras(hardware: NodeHardware, intel: IntelGpuInfo) -> list[tuple[str, str]]:
-    """The pip extras of ringlet this hardware wants, best first, each with why."""
+def refresh_gpu_memory(hardware: NodeHardware, inputs: ProbeInputs | None = None) -> NodeHardware:
+    """`hardware` with each GPU's free memory read again (Intel through the guarded torch.xpu query, NVIDIA
+    through NVML or torch.cuda, Apple's unified memory as the host's); the same object when nothing moved."""
     vendors = {g.vendor for g in hardware.gpus}
-    extras: list[tuple[str, str]] = []
-    if hardware.apple_chip:
-        extras.append(("mlx", f"{hardware.apple_chip}: MLX on Metal"))
+    if not vendors:
+        return hardware
+    inputs = inputs or ProbeInputs()
+    free: dict[tuple[str, int], int | None] = {}
     if "nvidia" in vendors:
-        extras.append(("cuda", "NVIDIA GPU: PyTorch with CUDA"))
+        free |= {("nvidia", g.index): g.memory_free_bytes for g in get_nvidia_gpus()}
+    if "intel" in vendors and inputs.xpu is not None and inputs.xpu.built_with_xpu:
+        host = inputs.host_available()
+        free |= {("intel", g.index): xpu_free_bytes(inputs.xpu, g.index, host)[0]
+                 for g in hardware.gpus if g.vendor == "intel"}
+    if "apple" in vendors:
+        free[("apple", 0)] = inputs.host_available()
+    gpus = [g.model_copy(update={"memory_free_bytes": free[(g.vendor, g.index)]}) if (g.vendor, g.index) in free
+            else g for g in hardware.gpus]
+    return hardware if gpus == hardware.gpus else hardware.model_copy(update={"gpus": gpus})
+
+
+def gpu_memory_moved(old: NodeHardware, new: NodeHardware, threshold: int) -> bool:
+    """Whether some GPU's free memory moved by `threshold` bytes or more (or became known, or unknown)."""
+    before = {(g.vendor, g.index): g.memory_free_bytes for g in old.gpus}
+    for gpu in new.gpus:
+        was, now = before.get((gpu.vendor, gpu.index)), gpu.memory_free_bytes
+        if (was is None) != (now is None) or (was is not None and now is not None and abs(now - was) >= threshold):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class InstallAdvice:
+    """A pip extra of ringlet for this hardware, why, and the commands that install it, in order."""
+
+    extra: str
+    why: str
+    commands: tuple[str, ...]  # each appears verbatim in docs/install.md
+
+
+CPU_TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+IPEX_XPU_INSTALL = (
+    "pip install torch==2.8.0 --index-url https://download.pytorch.org/whl/xpu",
+    ("pip install intel-extension-for-pytorch==2.8.10+xpu "
+     "--extra-index-url https://pytorch-extension.intel.com/release-whl/stable/xpu/us/"),
+    "pip install 'ringlet[ipex]'",
+)
+
+
+def recommended_extras(hardware: NodeHardware, intel: IntelGpuInfo) -> list[InstallAdvice]:
+    """The pip extras of ringlet this hardware wants, best first. PyPI's torch has no Intel GPU kernels and an
+    extra cannot pick a package index, so for an Intel GPU PyTorch's XPU build comes first, from its own index."""
+    vendors = {g.vendor for g in hardware.gpus}
+    extras: list[InstallAdvice] = []
+    if hardware.apple_chip:
+        extras.append(InstallAdvice("mlx", f"{hardware.apple_chip}: MLX on Metal", ("pip install 'ringlet[mlx]'",)))
+    if "nvidia" in vendors:
+        extras.append(InstallAdvice("cuda", "NVIDIA GPU: PyPI's PyTorch with CUDA, and NVML for GPU memory",
+                                    ("pip install 'ringlet[cuda]'",)))
     if intel.available or intel.pci_devices:
-        extras.append(("xpu", "Intel GPU: PyTorch's native XPU support"))
-        extras.append(("ipex", "optional, Intel GPU: IPEX 2.8 optimisations (pins PyTorch 2.8; IPEX is retired)"))
+        extras.append(InstallAdvice("xpu", "Intel GPU: PyTorch's XPU build from its own index first, then ringlet",
+                                    (XPU_TORCH_INSTALL, "pip install 'ringlet[xpu]'")))
+        extras.append(InstallAdvice("ipex", "optional, Intel GPU: IPEX 2.8's optimisations on the XPU build of "
+                                    "PyTorch 2.8 it was made for (IPEX is retired)", IPEX_XPU_INSTALL))
     if not extras:
-        extras.append(("cpu", "no GPU: the CPU build of PyTorch (smallest download)"))
-        if {"amx_bf16", "avx512_bf16"} & set(hardware.cpu.flags):
-            why = "optional: IPEX's CPU backend for this CPU's AMX/AVX-512 BF16 (pins PyTorch 2.8; see the README)"
-            extras.append(("ipex", why))
+        linux_x86 = hardware.system == "Linux" and hardware.machine == "x86_64"
+        extras.append(InstallAdvice("cpu", "no GPU: the CPU build of PyTorch (smallest download)",
+                                    ((CPU_TORCH_INSTALL,) if linux_x86 else ()) + ("pip install 'ringlet[cpu]'",)))
     return extras
+
+
+def install_notes(hardware: NodeHardware) -> list[str]:
+    """What `ringlet info` adds below the extras: IPEX is never recommended for a CPU, but an AMX CPU may measure it."""
+    if not {"amx_bf16", "amx_int8"} & set(hardware.cpu.flags):
+        return []
+    return [("IPEX's CPU backend is not recommended: it pins PyTorch 2.8, and on an AMD EPYC with AVX-512 BF16 its int8 "
+             "decode was far slower than the cpu engine's. On an Intel Xeon with AMX, measure before using it: ringlet "
+             "bench --engine ipex-cpu against ringlet bench --engine cpu, in an environment with IPEX (docs/install.md, "
+             "step 6)")]

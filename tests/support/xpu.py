@@ -3,7 +3,8 @@ tensors redirected to the CPU) and the PCI bus that would show it (a sysfs tree)
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,37 +12,82 @@ from ringlet.worker.engines.engine_utils import ProbeInputs, XpuRuntime
 
 GiB = 2**30
 ARC_A770 = "Intel(R) Arc(TM) A770 Graphics"
+CORE_ULTRA_IGPU = "Intel(R) Arc(TM) Graphics"  # Core Ultra's integrated GPU: no model number
+DRIVER = "1.6.31294+21"
+
+
+@dataclass
+class FakeDevice:
+    """One fake GPU. `integrated` None: its properties carry no is_integrated_gpu (as before PyTorch 2.9)."""
+
+    name: str = ARC_A770
+    total: int = 16 * GiB
+    free: int | None = None  # None: all of it
+    reserved: int = 0  # what torch.xpu.memory_reserved reports
+    integrated: bool | None = None
+    properties_error: Exception | None = None  # raised by get_device_properties
+    mem_get_info_error: Exception | None = None  # raised by mem_get_info
 
 
 class FakeXpu:
-    """is_available, device_count, get_device_properties, mem_get_info, synchronize, empty_cache.
+    """is_available, device_count, get_device_properties, mem_get_info, memory_reserved, synchronize, empty_cache.
 
-    `failures` are raised by synchronize(), one per call, after `fail_after` good calls: that is where a
-    real device reports a failed kernel (asynchronously, at the next synchronisation)."""
+    `devices` describes each GPU (default: `count` alike ones from `total`, `free` and `name`); `mem_get_info=False`
+    is a PyTorch without torch.xpu.mem_get_info (before 2.6): the attribute is absent; `count_error` is raised by
+    is_available and device_count. `failures` are raised by synchronize(), one per call, after `fail_after` good
+    calls: that is where a real device reports a failed kernel (asynchronously, at the next synchronisation)."""
 
     def __init__(self, count: int = 1, total: int = 16 * GiB, free: int | None = None, available: bool = True,
-                 name: str = ARC_A770) -> None:
-        self.count, self.total, self.free, self.available, self.name = count, total, free, available, name
+                 name: str = ARC_A770, devices: list[FakeDevice] | None = None, mem_get_info: bool = True,
+                 count_error: Exception | None = None) -> None:
+        self.devices = devices if devices is not None else [FakeDevice(name, total, free) for _ in range(count)]
+        self.available, self.count_error = available, count_error
         self.failures: deque[BaseException] = deque()
         self.fail_after = 0
         self.synchronize_calls = self.empty_cache_calls = 0
+        self.calls: Counter[str] = Counter()
+        if mem_get_info:
+            self.mem_get_info = self._mem_get_info
+
+    @property
+    def count(self) -> int:
+        return len(self.devices)
 
     def fail(self, *errors: BaseException, after: int = 0) -> None:
         self.failures.extend(errors)
         self.fail_after = self.synchronize_calls + after
 
     def is_available(self) -> bool:
+        if self.count_error is not None:
+            raise self.count_error
         return self.available
 
     def device_count(self) -> int:
+        if self.count_error is not None:
+            raise self.count_error
         return self.count if self.available else 0
 
-    def get_device_properties(self, device: int) -> SimpleNamespace:
+    def _device(self, device: int) -> FakeDevice:
         assert 0 <= device < self.count, f"no xpu:{device}"
-        return SimpleNamespace(name=self.name, total_memory=self.total, driver_version="1.6.31294+21")
+        return self.devices[device]
 
-    def mem_get_info(self, device: int) -> tuple[int, int]:
-        return (self.total if self.free is None else self.free), self.total
+    def get_device_properties(self, device: int) -> SimpleNamespace:
+        self.calls["get_device_properties"] += 1
+        spec = self._device(device)
+        if spec.properties_error is not None:
+            raise spec.properties_error
+        flag = {} if spec.integrated is None else {"is_integrated_gpu": spec.integrated}
+        return SimpleNamespace(name=spec.name, total_memory=spec.total, driver_version=DRIVER, type="gpu", **flag)
+
+    def _mem_get_info(self, device: int) -> tuple[int, int]:
+        self.calls["mem_get_info"] += 1
+        spec = self._device(device)
+        if spec.mem_get_info_error is not None:
+            raise spec.mem_get_info_error
+        return (spec.total if spec.free is None else spec.free), spec.total
+
+    def memory_reserved(self, device: int) -> int:
+        return self._device(device).reserved
 
     def synchronize(self, device: int) -> None:
         self.synchronize_calls += 1
@@ -79,7 +125,10 @@ NO_GPU_ON_BUS = [("0000:00:00.0", "0x8086", "0x060000", None), ("0000:00:03.0", 
 
 
 def probes(tmp_path: Path, xpu: FakeXpu | None, bus: list[tuple[str, str, str, str | None]] = NO_GPU_ON_BUS,
-           native_torch: bool = False) -> ProbeInputs:
-    """ProbeInputs over a fake sysfs; xpu None with native_torch: this machine's real torch.xpu."""
+           native_torch: bool = False, library_dirs: tuple[Path, ...] = (), host_available: int = 64 * GiB
+           ) -> ProbeInputs:
+    """ProbeInputs over a fake sysfs, no Level Zero library unless `library_dirs` has one, and `host_available`
+    bytes of free RAM; xpu None with native_torch: this machine's real torch.xpu."""
     runtime = XpuRuntime.native() if native_torch else (fake_runtime(xpu) if xpu else None)
-    return ProbeInputs(xpu=runtime, sysfs_root=make_sysfs(tmp_path / "sys", bus), system="Linux", machine="x86_64")
+    return ProbeInputs(xpu=runtime, sysfs_root=make_sysfs(tmp_path / "sys", bus), system="Linux", machine="x86_64",
+                       library_dirs=library_dirs, host_available=lambda: host_available)

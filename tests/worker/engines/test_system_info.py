@@ -9,7 +9,13 @@ import pytest
 from ringlet.cli import main
 from ringlet.shared.engine_info import CpuInfo, GpuInfo, IntelGpuInfo, NodeHardware
 from ringlet.worker.engines.engine_utils import detect_available_engines, select_best_engine
-from ringlet.worker.system_info import collect_node_hardware, get_cpu_info, get_intel_gpu_info, recommended_extras
+from ringlet.worker.system_info import (
+    collect_node_hardware,
+    get_cpu_info,
+    get_intel_gpu_info,
+    install_notes,
+    recommended_extras,
+)
 
 SAPPHIRE_RAPIDS = """processor	: 0
 vendor_id	: GenuineIntel
@@ -48,14 +54,50 @@ NO_INTEL = IntelGpuInfo(available=False)
     (hardware(["avx2"]), NO_INTEL, "cpu"),
 ])
 def test_recommended_extra_follows_the_hardware(node, intel, first) -> None:  # type: ignore[no-untyped-def]
-    extras = [name for name, _ in recommended_extras(node, intel)]
+    extras = [advice.extra for advice in recommended_extras(node, intel)]
     assert extras[0] == first
     assert ("ipex" in extras) == (first == "xpu")  # optional IPEX only where an Intel GPU is
 
 
-def test_amx_cpu_is_offered_ipex_as_an_option() -> None:
-    extras = dict(recommended_extras(hardware(["avx512f", "amx_bf16"]), NO_INTEL))
-    assert list(extras) == ["cpu", "ipex"] and "AMX" in extras["ipex"]
+def test_intel_gpu_gets_pytorchs_xpu_build_before_ringlet_and_ipex_only_on_top() -> None:
+    node = hardware(["avx2"])
+    xpu, ipex = recommended_extras(node, IntelGpuInfo(available=False, pci_devices=["0000:03:00.0 8086:56a0 (i915)"]))
+    assert xpu.commands == ("pip install torch --index-url https://download.pytorch.org/whl/xpu",
+                            "pip install 'ringlet[xpu]'")
+    assert ipex.why.startswith("optional") and ipex.commands[0].startswith("pip install torch==2.8.0 --index-url "
+                                                                           "https://download.pytorch.org/whl/xpu")
+    assert ipex.commands[-1] == "pip install 'ringlet[ipex]'"
+
+
+@pytest.mark.parametrize("flags", [["avx512f", "avx512_bf16"], ["avx512f", "avx512_bf16", "amx_bf16", "amx_int8"]])
+def test_a_cpu_is_never_recommended_ipex(flags: list[str]) -> None:
+    [cpu] = recommended_extras(hardware(flags), NO_INTEL)
+    assert cpu.extra == "cpu" and cpu.commands == ("pip install torch --index-url https://download.pytorch.org/whl/cpu",
+                                                   "pip install 'ringlet[cpu]'")
+    notes = install_notes(hardware(flags))
+    if "amx_bf16" in flags:  # an AMX Xeon may measure IPEX's CPU backend, not install it on advice
+        [note] = notes
+        assert "not recommended" in note and "ringlet bench --engine ipex-cpu" in note and "pip install" not in note
+    else:
+        assert notes == []
+
+
+def test_ringlet_info_shows_each_intel_gpu_on_its_own_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ringlet.cli.info import gpu_line
+    from tests.support.xpu import ARC_A770, CORE_ULTRA_IGPU, INTEL_ARC_ON_BUS, FakeDevice, FakeXpu, probes
+
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    (libs / "libze_loader.so.1.21.9").write_text("")
+    xpu = FakeXpu(devices=[FakeDevice(ARC_A770, 16 * 2**30, free=12 * 2**30),
+                           FakeDevice(CORE_ULTRA_IGPU, 32 * 2**30, free=30 * 2**30)])
+    inputs = probes(tmp_path, xpu, INTEL_ARC_ON_BUS, library_dirs=(libs,), host_available=8 * 2**30)
+    lines = [gpu_line(g) for g in collect_node_hardware(inputs).gpus if g.vendor == "intel"]
+    assert lines == [
+        f"intel {ARC_A770}, discrete, 16.0 GiB (12.0 GiB free), driver 1.6.31294+21, Level Zero 1.21.9",
+        f"intel {CORE_ULTRA_IGPU}, integrated, 32.0 GiB (8.0 GiB free), driver 1.6.31294+21, Level Zero 1.21.9"]
+    unknown = GpuInfo(vendor="nvidia", index=0, name="H100", memory_total_bytes=80 * 2**30)
+    assert gpu_line(unknown) == "nvidia H100, 80.0 GiB (? free), driver ?"
 
 
 def test_ringlet_info_prints_hardware_engines_choice_and_extra(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -77,7 +119,8 @@ def test_ringlet_info_for_an_engine_that_cannot_run_here(capsys) -> None:  # typ
     assert report["engine_info"]["reasons"]["ipex"]["fix"]
     assert [e["engine"] for e in report["engines"]] == ["mlx", "ipex", "cuda", "cpu"]
     expected = recommended_extras(collect_node_hardware(), get_intel_gpu_info())
-    assert [e["extra"] for e in report["recommended_extras"]] == [name for name, _ in expected]
+    assert [(e["extra"], e["commands"]) for e in report["recommended_extras"]] == [
+        (advice.extra, list(advice.commands)) for advice in expected]
 
 
 def test_ringlet_info_rejects_an_unknown_engine(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,14 @@ from typing import Protocol
 import psutil
 import torch
 
-from ringlet.worker.engines.engine_utils import ProbeInputs, XpuRuntime, probe_ipex
+from ringlet.worker.engines.engine_utils import (
+    ProbeInputs,
+    XpuRuntime,
+    probe_ipex,
+    xpu_device_count,
+    xpu_free_bytes,
+    xpu_properties,
+)
 from ringlet.worker.engines.ipex import IPEXDriverError
 
 
@@ -36,10 +43,12 @@ class XpuDevice:
 
     @property
     def name(self) -> str:
-        return f"xpu:{self.index} ({self.runtime.api.get_device_properties(self.index).name})"
+        props = xpu_properties(self.runtime, self.index)
+        return f"xpu:{self.index}" + (f" ({props.name})" if props is not None else "")
 
     def free_bytes(self) -> int:
-        return int(self.runtime.api.mem_get_info(self.index)[0])
+        """torch.xpu's figure where it has one, else the guarded fallback (see xpu_free_bytes)."""
+        return xpu_free_bytes(self.runtime, self.index, int(psutil.virtual_memory().available))[0]
 
     def synchronize(self) -> None:
         self.runtime.api.synchronize(self.index)
@@ -78,7 +87,7 @@ def open_xpu(inputs: ProbeInputs | None = None, index: int = 0) -> XpuDevice:
     if not status.available or inputs.xpu is None:
         assert status.problem is not None
         raise IPEXDriverError(f"{status.problem.reason}; fix: {status.problem.fix}")
-    count = inputs.xpu.api.device_count()
+    count, _ = xpu_device_count(inputs.xpu)
     if not 0 <= index < count:
         raise IPEXDriverError(f"Intel GPU index {index} does not exist; this machine has {count} (0..{count - 1})")
     return XpuDevice(inputs.xpu, index)

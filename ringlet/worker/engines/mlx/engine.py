@@ -43,8 +43,8 @@ def _import_mlx() -> tuple[Any, Any]:
         import mlx_lm.models.cache as mlx_cache
     except ImportError as e:
         raise EngineUnavailableError(
-            f"the mlx engine needs mlx and mlx-lm ({e}); fix: pip install 'ringlet[mlx]' "
-            "(on Linux: pip install mlx mlx-cpu mlx-lm)", engine="mlx",
+            f"the mlx engine needs mlx and mlx-lm ({e}); fix: pip install 'ringlet[mlx]' (on Linux it brings "
+            "mlx[cpu])", engine="mlx",
         ) from e
     return mx, mlx_cache
 
