@@ -17,9 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
-from ringlet.cli.bench import make_prompt, median
+from ringlet.cli.bench import make_prompt, median, peak_rss_bytes
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask, Timings
 
@@ -70,17 +71,29 @@ def write_random_llama_1b(directory: Path) -> Path:
     return directory
 
 
-def load(engine_name: str, model: str | None, precision: str) -> tuple[object, float]:
+def rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+@dataclass
+class Loaded:
+    engine: object
+    load_s: float
+    load_rss_bytes: int  # what the process's resident memory grew by while loading it: weights and KV cache
+
+
+def load(engine_name: str, model: str | None, precision: str) -> Loaded:
     """The CPU engine, or the ipex engine on IPEX's CPU backend, loaded eagerly (no compiled decode step); both
     batch as a node's do, here with a batch of one and a cache of a few sequences."""
     from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
     from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 
     config = EngineConfig(precision=precision, cpu_compile=False, kv_cache_tokens=4096)  # type: ignore[arg-type]
-    began = time.perf_counter()
-    engine = (load_ipex_engine(model, device="cpu", config=config, ipex="require") if engine_name == "ipex"
+    gc.collect()
+    began, rss = time.perf_counter(), rss_bytes()
+    engine = (load_ipex_engine(model, device="cpu", config=config, optimization="ipex") if engine_name == "ipex"
               else TorchBatchEngine.load(model, config=config))
-    return engine, time.perf_counter() - began
+    return Loaded(engine, time.perf_counter() - began, rss_bytes() - rss)
 
 
 @dataclass
@@ -106,22 +119,25 @@ def bench_pair(model: str | None, precision: str, args: argparse.Namespace) -> l
     """The cpu and ipex engines at one precision, loaded together and run in alternation, so that whatever
     else the machine does falls on both alike; the first round is a warm-up."""
     engines = {name: load(name, model, precision) for name in ("cpu", "ipex")}
-    tokenizer = engines["cpu"][0].tokenizer  # type: ignore[attr-defined]
+    tokenizer = engines["cpu"].engine.tokenizer  # type: ignore[attr-defined]
     prompt = tokenizer.decode(make_prompt(tokenizer, args.prompt_tokens), skip_special_tokens=False)
     task = TextGenerationTask(prompt=prompt, max_tokens=args.new_tokens, ignore_eos=True,
                               sampling=SamplingParams(temperature=0))
     prefill_only = task.model_copy(update={"max_tokens": 1})
     samples: dict[str, list[Sample]] = {name: [] for name in engines}
     for round_ in range(args.rounds + 1):
-        for name, (engine, _) in engines.items():
-            sample = run_once(engine, task, prefill_only)
+        for name, loaded in engines.items():
+            sample = run_once(loaded.engine, task, prefill_only)
             if round_:
                 samples[name].append(sample)
     results = []
-    for name, (engine, load_s) in engines.items():
-        runs = samples[name]
+    for name, loaded in engines.items():
+        runs, engine = samples[name], loaded.engine
         results.append({
-            "engine": name, "precision": precision, "load_s": round(load_s, 1),
+            "engine": name, "precision": precision, "load_s": round(loaded.load_s, 1),
+            "load_rss_mb": loaded.load_rss_bytes / 2**20,
+            # the process's peak so far: both engines of the pair, and the pairs before, are in it
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
             "ttft_ms": median([r.timings.time_to_first_token_s for r in runs]) * 1000,
             "prefill_tokens_per_s": median([r.timings.prefill_tokens_per_s for r in runs]),
             "decode_tokens_per_s": median([r.timings.decode_tokens_per_s for r in runs]),
@@ -156,14 +172,14 @@ def main() -> int:
     print(f"model {args.model}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"load average {os.getloadavg()[0]:.1f}  prompt {args.prompt_tokens}  new {args.new_tokens}", flush=True)
     print(f"{'engine':6}{'precision':>10}{'load s':>8}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}"
-          f"{'decode tok/CPU-s':>18}  optimisation", flush=True)
+          f"{'decode tok/CPU-s':>18}{'load MB':>9}{'peak RSS MB':>13}  optimisation", flush=True)
     results = []
     for precision in args.precisions.split(","):
         for r in bench_pair(model, precision, args):
             results.append(r)
             print(f"{r['engine']:6}{r['precision']:>10}{r['load_s']:>8}{r['ttft_ms']:>10.0f}"
-                  f"{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.2f}{r['decode_tokens_per_cpu_s']:>18.2f}  "
-                  f"{r['optimization']}", flush=True)
+                  f"{r['prefill_tokens_per_s']:>15.1f}{r['decode_tokens_per_s']:>14.2f}{r['decode_tokens_per_cpu_s']:>18.2f}"
+                  f"{r['load_rss_mb']:>9.0f}{r['peak_rss_mb']:>13.0f}  {r['optimization']}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print("json " + json.dumps({"model": args.model, "results": results}))
     return 0

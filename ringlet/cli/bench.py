@@ -55,6 +55,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def xpu_of(engine: Any) -> Any | None:
+    """The Intel GPU an ipex engine computes on (an `XpuDevice`), or None: any other engine, or IPEX's CPU backend."""
+    from ringlet.worker.engines.ipex.device import XpuDevice
+
+    compute = getattr(engine, "compute", None)
+    return compute if isinstance(compute, XpuDevice) else None
+
+
+def xpu_peak_bytes(xpu: Any) -> int | None:
+    """torch.xpu.max_memory_allocated of the GPU (through its runtime, so a test's fake answers), or None where
+    this PyTorch lacks it."""
+    query = getattr(xpu.runtime.api, "max_memory_allocated", None)
+    return None if query is None else int(query(xpu.index))
+
+
 def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -235,7 +250,9 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
 
     settings = engine_config(args, max_context=args.max_context)
     if args.shape is None:
-        return load_engine(args.model, args.engine, settings), None, None
+        return load_engine(args.model, args.engine, settings, args.ipex_optimization_level), None, None
+    if args.engine not in (None, "cpu", "cuda"):
+        raise CliError(f"--shape builds the torch engine on cpu or cuda, not {args.engine}; use --model for it")
     device = torch.device(args.engine or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(settings.precision, device)
     if precision in ("int8", "int4"):
@@ -252,26 +269,44 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
 
 
 def bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from ringlet.worker.engines.engine_init import warmup_engine
+    from ringlet.worker.engines.ipex import IPEXEngineError
 
     try:
         engine, weights, config = load_bench_engine(args)
     except (ModelLoadError, ValueError) as e:
         raise CliError(str(e)) from None
+    try:
+        return report(args, engine, weights, config)
+    except IPEXEngineError as e:  # an Intel GPU out of memory mid-run: the message says what to do
+        raise CliError(f"engine {engine.name}: {e}") from None
+
+
+def report(args: argparse.Namespace, engine: Any, weights: dict[str, Any] | None, config: dict[str, Any] | None
+           ) -> int:
+    """Warm `engine` up, time it as `args` ask, and print the results."""
+    import torch
+
+    from ringlet.worker.engines.engine_init import warmup_engine
+
     warmup_s = warmup_engine(engine)
     tokenizer = engine.tokenizer
     ids = make_prompt(tokenizer, args.prompt_tokens)
     prompt = tokenizer.decode(ids, skip_special_tokens=False)
-    device = engine.device
+    device, xpu = engine.device, xpu_of(engine)
     results: dict[str, Any] = {
         "model": args.shape and f"random weights shaped like {args.shape}" or str(args.model or "SmolLM2-135M-Instruct (embedded)"),
-        "engine": engine.name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "engine": engine.name, "device": xpu.name if xpu is not None else (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "precision": engine.precision, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
         "ringlet": time_engine(engine, prompt, args.new_tokens, args.repeats),
     }
-    if device.type == "cuda":
+    if optimization := getattr(engine, "optimization", None):
+        results["optimization"] = optimization
+    if xpu is not None:  # the device's memory, not the host's: the weights and the cache live there
+        device_peak = xpu_peak_bytes(xpu)
+        if device_peak is not None:
+            results["ringlet"]["peak_memory_mb"] = device_peak / 2**20
+    elif device.type == "cuda":
         results["ringlet"]["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         bandwidth = copy_bandwidth(device)
         weight_bytes = weight_bytes_per_token(engine.stage.model)
@@ -313,6 +348,8 @@ def bench(args: argparse.Namespace) -> int:
         return 0
     print(f"model {results['model']}  engine {results['engine']}  device {results['device']}  "
           f"precision {results['precision']}  threads {results['threads']}  warm-up {warmup_s:.1f} s")
+    if "optimization" in results:
+        print(f"optimisation {results['optimization']}")
     if "limit_tokens_per_s" in results:
         print(f"copy bandwidth {results['copy_bandwidth_gb_s']:.0f} GB/s, weights {results['weight_gb']:.2f} GB, "
               f"limit {results['limit_tokens_per_s']:.0f} tokens/s")

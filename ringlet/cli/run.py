@@ -7,15 +7,18 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from ringlet.cli import CliError, engine_from_environment
 from ringlet.shared.config import PRECISIONS, EngineConfig
 from ringlet.shared.errors import ContextWindowError, ModelLoadError
+from ringlet.shared.instances import IpexOptimizationLevel
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 
 if TYPE_CHECKING:
     from ringlet.worker.engines.base import Engine
+
+IPEX_CPU = "ipex-cpu"  # the ipex engine on IPEX's CPU backend: a --engine of the commands that run a model here
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +27,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "pulled with `ringlet pull` or with Ollama (llama3.2:1b), or a known name (default: the "
                              "embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--engine", default=engine_from_environment(),
-                        help="cpu, cuda, ipex or mlx (default: $RINGLET_ENGINE, else the best available)")
+                        help="cpu, cuda, ipex, ipex-cpu (IPEX's CPU backend, where IPEX is installed) or mlx "
+                             "(default: $RINGLET_ENGINE, else the best available)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
-                        help="int8 and int4 are weight-only, for CPUs (default: $RINGLET_PRECISION, else auto)")
+                        help="int8 and int4 are weight-only: for CPUs, and on Intel GPUs dequantised in the matmul "
+                             "(default: $RINGLET_PRECISION, else auto)")
+    parser.add_argument("--ipex-optimization-level", default="auto", choices=get_args(IpexOptimizationLevel),
+                        help="the ipex engines' optimisation: IPEX where usable else torch.compile (auto), or only "
+                             "ipex, compile or eager (default auto)")
 
 
 def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -37,18 +45,28 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
         raise CliError(str(error)) from None
 
 
-def load_engine(model: str | None, engine: str | None, config: EngineConfig) -> Engine:
-    """`model` on this machine with `engine` (or the best available); errors as CliError."""
+def load_engine(model: str | None, engine: str | None, config: EngineConfig,
+                ipex_optimization: IpexOptimizationLevel = "auto") -> Engine:
+    """`model` on this machine with `engine` (or the best available; "ipex-cpu": IPEX's CPU backend); errors as
+    CliError."""
     from ringlet.models.store import ringlet_home
     from ringlet.worker.engines.engine_init import initialize_engine, local_instance
     from ringlet.worker.engines.engine_utils import EngineUnavailableError, select_best_engine
+    from ringlet.worker.engines.ipex import IPEXEngineError
     from ringlet.worker.engines.torch.static_decode import use_persistent_compile_caches
 
     try:
+        if engine == IPEX_CPU:
+            from ringlet.worker.engines.ipex.utils_ipex import load_ipex_engine
+
+            with _layer_bar():
+                return load_ipex_engine(model, device="cpu", config=config, optimization=ipex_optimization)
         chosen = select_best_engine(engine)
         use_persistent_compile_caches(ringlet_home())
         with _layer_bar():
-            return initialize_engine(local_instance(model, chosen), config)
+            return initialize_engine(local_instance(model, chosen, ipex_optimization), config)
+    except IPEXEngineError as e:
+        raise CliError(f"engine {engine or 'ipex'}: {e}") from None
     except (ModelLoadError, EngineUnavailableError, ValueError) as e:
         raise CliError(str(e)) from None
 
@@ -98,12 +116,14 @@ def run(args: argparse.Namespace) -> int:
         task = TextGenerationTask(messages=messages, max_tokens=args.max_tokens, sampling=sampling)
     except ValueError as e:
         raise CliError(str(e)) from None
-    engine = load_engine(args.model, args.engine, engine_config(args))
+    engine = load_engine(args.model, args.engine, engine_config(args), args.ipex_optimization_level)
+    from ringlet.worker.engines.ipex import IPEXEngineError
+
     try:
         for chunk in engine.generate(task):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
-    except (ContextWindowError, ValueError) as e:
+    except (ContextWindowError, ValueError, IPEXEngineError) as e:  # an IPEXMemoryError says what to do
         raise CliError(str(e)) from None
     sys.stdout.write("\n")
     if args.stats and chunk.timings and chunk.usage:

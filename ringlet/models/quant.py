@@ -1,4 +1,5 @@
-"""Weight-only int8 and int4 linears for memory-bound decoding on CPUs.
+"""Weight-only int8 and int4 linears for memory-bound decoding on CPUs (and, dequantising in the matmul, on any
+device: `dequantizing_in_matmul`).
 
 Decoding one token reads every weight once, so bytes per weight set the speed. With bf16 activations
 (AMX / AVX-512 BF16):
@@ -63,6 +64,7 @@ class Int8Linear(nn.Module):
     scales: torch.Tensor
     bias: torch.Tensor | None
 
+    dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: the packed kernel is a CPU one
     ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -80,6 +82,8 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dequantize_in_matmul:
+            return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None], self.bias)
         shape = x.shape
         y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
         if self.bias is not None:
@@ -94,6 +98,7 @@ class Int4Linear(nn.Module):
     blocked layout and as plain nibble pairs for unpacking: one byte per weight in all, as int8."""
 
     DENSE_FROM_ROWS = 128
+    dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: every call unpacks, as a long chunk does
     # buffers, registered in __init__
     weight: torch.Tensor
     scale_zero: torch.Tensor
@@ -126,7 +131,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if rows.shape[0] >= self.DENSE_FROM_ROWS:
+        if self.dequantize_in_matmul or rows.shape[0] >= self.DENSE_FROM_ROWS:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
         y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scale_zero)
         if self.bias is not None:
@@ -185,6 +190,20 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
         else:
             quantize_int8(child, dtype)
     return model
+
+
+def dequantizing_in_matmul(model: nn.Module) -> int:
+    """Every quantised linear of `model` computes `F.linear` over its weight dequantised in the activations' dtype,
+    with plain tensor operations that every device runs (`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
+    are CPU kernels); an Int4Linear lets its CPU-packed codes go (its nibbles stay). In place; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear | Int4Linear):
+            module.dequantize_in_matmul = True
+            count += 1
+        if isinstance(module, Int4Linear):
+            module.weight = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
+    return count
 
 
 def cpu_supports_bf16() -> bool:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ringlet.net.xccl import ring_backend
 from ringlet.shared.instances import BoundInstance, EngineType, InstanceType
 from ringlet.shared.state import RingAddress
 
@@ -124,11 +125,12 @@ def backend_for(instance_type: InstanceType, engines: set[EngineType]) -> str:
     return "gloo"
 
 
-def transfer_device(backend: str) -> torch.device:
+def transfer_device(backend: str, device: torch.device | None = None) -> torch.device:
+    """Where frames are sent from: the stage's own GPU (`device`) on NCCL or xccl, the host on gloo."""
     if backend == "nccl":
-        return torch.device("cuda")
+        return device or torch.device("cuda")
     if backend == "xccl":
-        return torch.device("xpu")
+        return device or torch.device("xpu")
     return torch.device("cpu")
 
 
@@ -158,12 +160,17 @@ def join_store(address: RingAddress, world_size: int) -> dist.Store:
 class Ring:
     """This process's place in the ring: its rank, its neighbours, and frames moved to and from them."""
 
-    def __init__(self, bound: BoundInstance, store: dist.Store, host: str, hidden_size: int) -> None:
+    def __init__(self, bound: BoundInstance, store: dist.Store, host: str, hidden_size: int,
+                 device: torch.device | None = None) -> None:
+        """`device`: the GPU this stage computes on (an Intel GPU ring's frames go from there over xccl)."""
         instance = bound.instance
         self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.backend = backend_for(instance.instance_type, {s.engine for s in instance.shards})
-        self.device = transfer_device(self.backend)
+        if self.backend == "xccl":  # present in this PyTorch; whether it runs between these stages is tried here
+            self.backend = ring_backend(store, self.rank, self.size, device or torch.device("xpu"),
+                                        f"instance {instance.instance_id}")
+        self.device = transfer_device(self.backend, device)
         began = time.perf_counter()
         self._join(store, host)
         log.info("instance %s: stage %d/%d joined the %s ring in %.1f s", instance.instance_id, self.rank, self.size,
@@ -367,7 +374,8 @@ def _free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def open_ring(bound: BoundInstance, store: dist.Store, host: str, hidden_size: int) -> Ring:
-    """This stage's ring: torch.distributed, or mlx.distributed for an MlxRing."""
+def open_ring(bound: BoundInstance, store: dist.Store, host: str, hidden_size: int,
+              device: torch.device | None = None) -> Ring:
+    """This stage's ring: torch.distributed, or mlx.distributed for an MlxRing; `device`: the stage's GPU."""
     mlx = backend_for(bound.instance.instance_type, {s.engine for s in bound.instance.shards}) == MLX_RING_BACKEND
-    return (MlxRing if mlx else Ring)(bound, store, host, hidden_size)
+    return (MlxRing if mlx else Ring)(bound, store, host, hidden_size, device)

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+
+def first_line(error: BaseException) -> str:
+    """An error as one log line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
 # --- loading models
 
 

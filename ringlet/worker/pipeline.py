@@ -14,6 +14,11 @@ The stages' caches hold the same blocks: rank 0's block manager decides which bl
 every stage. At the rendezvous each stage says how many blocks it can hold and how long a context it serves, and
 all take the smallest.
 
+A stage on an Intel GPU is an `IpexEngine` over its layers, as a single-node instance would be (its GPU, memory
+check, optimisation level, guarded steps). Where its guard falls back to the CPU, the stage's cache is gone: it
+keeps on the host what each live sequence gave it (`StageInputs`) and computes them again into the CPU's cache, so
+the ring goes on with the same sequences.
+
 A ring with an MLX stage runs one request at a time (`worker/stages.py`).
 """
 
@@ -22,13 +27,13 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel
 
-from ringlet.models.loader import LoadedStage
-from ringlet.models.paged_cache import SequenceStep
+from ringlet.models.paged_cache import CacheLost, SequenceStep
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.net.ring import Op, Ring, RingBrokenError, RingHead, open_ring
@@ -37,7 +42,9 @@ from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.batching import generate_alone, sample_rows
 from ringlet.worker.engines.base import run_warmup_request
-from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
+from ringlet.worker.engines.engine_utils import ProbeInputs
+from ringlet.worker.engines.ipex.engine import IpexEngine, own_kv_cache_tokens
+from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE, TorchBatchEngine, own_context_length, own_num_blocks
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from ringlet.worker.stages import compute_device
 
@@ -84,38 +91,148 @@ def decode_steps(encoded: torch.Tensor) -> tuple[list[SequenceStep], list[int]]:
     return steps, keys
 
 
+StageEngine = TorchBatchEngine | IpexEngine
+
+
 def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.Store,
-                      loaded: Callable[[], None] = lambda: None) -> tuple[TorchBatchEngine, str]:
+                      loaded: Callable[[], None] = lambda: None, probes: ProbeInputs | None = None
+                      ) -> tuple[StageEngine, str]:
     """This stage's layers on its batched engine, and their precision; the KV cache as large as every stage of the
-    ring can hold. `loaded` is called once the weights are in, before waiting for the other stages."""
+    ring can hold. `loaded` is called once the weights are in, before waiting for the other stages. `probes`: what
+    detection looks at for an Intel GPU's stage (this machine by default)."""
+    if bound.engine == "ipex":
+        from ringlet.worker.engines.ipex.utils_ipex import load_ipex_layers
+
+        layers, compute = load_ipex_layers(bound, config, probes)
+        loaded()
+        own = -(-own_kv_cache_tokens(layers.stage, compute, config, layers.context_length) // BLOCK_SIZE)
+        num_blocks, context_length = _agreed(bound, own, layers.context_length, store)
+        return IpexEngine(layers, compute, bound.instance.model, config, num_blocks=num_blocks,
+                          context_length=context_length), layers.precision
     device = compute_device(bound.engine)
     stage, precision = load_torch_stage(bound.instance.model, bound.shard.start, bound.shard.end, config.precision,
                                         device)
     loaded()
-    return _agreed_engine(bound, stage, device, config, store), precision
+    num_blocks, context_length = _agreed(bound, own_num_blocks(stage, device, config),
+                                         own_context_length(stage, config), store)
+    return TorchBatchEngine(stage, device, config, num_blocks=num_blocks, context_length=context_length), precision
 
 
-def _agreed_engine(bound: BoundInstance, loaded: LoadedStage, device: torch.device, config: EngineConfig,
-                   store: dist.Store) -> TorchBatchEngine:
+def _agreed(bound: BoundInstance, num_blocks: int, context_length: int, store: dist.Store) -> tuple[int, int]:
+    """The KV cache's blocks and the context every stage of the ring can hold: the smallest offers."""
     rank, size = bound.shard.rank, len(bound.instance.shards)
-    store.set(f"kv-cache/{rank}", f"{own_num_blocks(loaded, device, config)} {own_context_length(loaded, config)}")
+    store.set(f"kv-cache/{rank}", f"{num_blocks} {context_length}")
     offers = [tuple(int(v) for v in store.get(f"kv-cache/{r}").decode().split()) for r in range(size)]
     num_blocks, context_length = min(o[0] for o in offers), min(o[1] for o in offers)
     log.info("instance %s: stage %d keeps a KV cache of %d blocks (the smallest of the ring's stages)",
              bound.instance.instance_id, rank, num_blocks)
-    return TorchBatchEngine(loaded, device, config, num_blocks=num_blocks, context_length=context_length)
+    return num_blocks, context_length
 
 
-class PipelineHead(RingHead):
+@dataclass
+class _Given:
+    """What one sequence gave a stage: its inputs from position `first` on, and its block table."""
+
+    first: int
+    chunks: list[torch.Tensor] = field(default_factory=list)
+    length: int = 0  # positions the chunks cover
+    blocks: list[int] = field(default_factory=list)
+
+
+class StageInputs:
+    """The inputs of every live sequence of a stage whose cache can be lost (an `IpexEngine`'s, on the device), on
+    the host: token ids on rank 0, hidden states after it (in the stage's dtype: hidden_size values a position,
+    where its cache holds 2 x layers x KV heads x head_dim). `rebuild` computes them again into a fresh cache."""
+
+    def __init__(self, engine: IpexEngine) -> None:
+        self.engine = engine
+        self.given: dict[int, _Given] = {}
+
+    def record(self, x: torch.Tensor, steps: Sequence[SequenceStep], keys: Sequence[int]) -> None:
+        at = 0
+        for step, key in zip(steps, keys, strict=True):
+            part = x[at:at + step.count]
+            at += step.count
+            given = self.given.get(key)
+            if given is None or step.start <= given.first or step.start > given.first + given.length:
+                given = self.given[key] = _Given(step.start)
+            elif step.start < given.first + given.length:  # computed again from `start` (a preempted sequence)
+                given.chunks = [torch.cat(given.chunks)[:step.start - given.first]]
+                given.length = step.start - given.first
+            dtype = self.engine.dtype if part.is_floating_point() else part.dtype
+            given.chunks.append(part.to("cpu", dtype, copy=True))
+            given.length += step.count
+            given.blocks = list(step.blocks)
+
+    def forget(self, keys: Sequence[int]) -> None:
+        for key in keys:
+            self.given.pop(key, None)
+
+    def rebuild(self) -> None:
+        """Every live sequence's positions computed again, a prompt chunk at a time, into the engine's cache."""
+        chunk = self.engine.config.max_step_tokens
+        for key, given in self.given.items():
+            if given.first != 0:
+                raise RingBrokenError(f"this stage's cache was lost and sequence {key} cannot be computed again "
+                                      f"here: its first {given.first} positions were a prefix another one computed")
+            inputs = torch.cat(given.chunks)
+            for start in range(0, given.length, chunk):
+                count = min(chunk, given.length - start)
+                blocks = given.blocks[:-(-(start + count) // self.engine.block_size)]
+                self.engine.forward_batch(inputs[start:start + count], [SequenceStep(start, count, blocks, False)])
+
+
+def _forward(engine: StageEngine, inputs: StageInputs | None, x: torch.Tensor, steps: Sequence[SequenceStep],
+             keys: Sequence[int]) -> tuple[torch.Tensor, StageInputs | None]:
+    """The stage's step; where its engine lost the cache (an Intel GPU fell back to the CPU), the cache is computed
+    again from `inputs` and the step runs once more. Returns the output and the inputs to keep (None once on the
+    CPU, whose cache is not lost)."""
+    if inputs is None:
+        return engine.forward_batch(x, steps), None
+    try:
+        out = engine.forward_batch(x, steps)
+    except CacheLost:
+        inputs.rebuild()
+        out = engine.forward_batch(x, steps)
+    if isinstance(engine, IpexEngine) and engine.fallback_reason is not None:
+        return out, None
+    inputs.record(x, steps, keys)
+    return out, inputs
+
+
+class _Described:
+    """What a ring's stage runs on: `name`, the engine ("cpu" once an Intel GPU's stage fell back; "torch" for a
+    CPU or CUDA stage, whose device says which), `optimization`, what was applied to its layers, `fallback_reason`."""
+
+    engine: StageEngine
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+    @property
+    def optimization(self) -> str:
+        return self.engine.optimization if isinstance(self.engine, IpexEngine) else "none"
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.engine.fallback_reason if isinstance(self.engine, IpexEngine) else None
+
+
+def _gpu_of(engine: StageEngine) -> torch.device | None:
+    """The Intel GPU an ipex stage computes on (its ring's frames go from there where xccl runs), else None."""
+    return engine.compute.torch_device if isinstance(engine, IpexEngine) else None
+
+
+class PipelineHead(RingHead, _Described):
     """Rank 0: a `PipelinedModel` for `BatchGenerator`, whose steps run down the whole ring."""
 
-    name = "torch-pipeline"
-
-    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.Store,
+    def __init__(self, bound: BoundInstance, engine: StageEngine, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
         self.engine, self.config = engine, engine.config
-        self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size)
+        self.inputs = StageInputs(engine) if isinstance(engine, IpexEngine) else None
+        self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size, _gpu_of(engine))
         self.depth = 1 if self.ring.backend == "nccl" else self.ring.size
         self.vocab_size, self.context_length, self.device = engine.vocab_size, engine.context_length, engine.device
         self.num_blocks, self.block_size, self.pad_slot = engine.num_blocks, engine.block_size, engine.pad_slot
@@ -130,11 +247,13 @@ class PipelineHead(RingHead):
             self.ring.post_payload(Op.BEGIN, _Begin(key=key, sampling=sampling, prompt=prompt).model_dump_json().encode())
 
     def end(self, keys: list[int]) -> None:
+        if self.inputs is not None:
+            self.inputs.forget(keys)
         with self._ring_errors():
             self.ring.post_payload(Op.END, _End(keys=keys).model_dump_json().encode())
 
     def launch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], keys: Sequence[int]) -> None:
-        hidden = self.engine.forward_batch(tokens, steps)
+        hidden, self.inputs = _forward(self.engine, self.inputs, tokens, steps, keys)
         with self._ring_errors():
             self.ring.post_batch(encode_steps(steps, keys), hidden)
         self._sampled.append(sum(s.wants_logits for s in steps))
@@ -162,16 +281,17 @@ class PipelineHead(RingHead):
         self.ring.close()
 
 
-class PipelineStage:
+class PipelineStage(_Described):
     """A stage after the first: run each step's tokens through this stage's layers; the last stage samples."""
 
-    def __init__(self, bound: BoundInstance, engine: TorchBatchEngine, store: dist.Store,
+    def __init__(self, bound: BoundInstance, engine: StageEngine, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert not bound.shard.is_first
         self.engine, self.context_length = engine, engine.context_length
-        self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size)
+        self.inputs = StageInputs(engine) if isinstance(engine, IpexEngine) else None
+        self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size, _gpu_of(engine))
         self.is_last = bound.shard.is_last
-        self.dtype = next(engine.model.parameters()).dtype  # what the hidden states are computed in
+        self.dtype = next(engine.stage.model.parameters()).dtype  # what the hidden states are computed in
         self.samplers: dict[int, RequestSampler] = {}  # the last stage's, by sequence key
 
     def serve(self) -> None:
@@ -186,6 +306,8 @@ class PipelineStage:
                 return
             if op in (Op.BEGIN, Op.END):
                 payload = ring.recv_payload(length)
+                if op == Op.END and self.inputs is not None:
+                    self.inputs.forget(_End.model_validate_json(payload).keys)
                 if not self.is_last:
                     ring.post_payload(op, payload)
                 elif op == Op.BEGIN:
@@ -204,7 +326,7 @@ class PipelineStage:
     def _step(self, encoded: torch.Tensor, hidden: torch.Tensor) -> None:
         engine = self.engine
         steps, keys = decode_steps(encoded)
-        out = engine.forward_batch(hidden.to(engine.device, self.dtype), steps)
+        out, self.inputs = _forward(engine, self.inputs, hidden.to(engine.device, self.dtype), steps, keys)
         if not self.is_last:
             self.ring.post_batch(encoded, out)
             return

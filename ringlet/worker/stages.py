@@ -30,6 +30,7 @@ from ringlet.shared.config import DEFAULT_MAX_CONTEXT, EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
+from ringlet.worker.engines.engine_utils import ProbeInputs
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from ringlet.worker.engines.torch.generate import TextGenerator
 
@@ -67,10 +68,15 @@ class StageModel(Protocol):
 
 
 class TorchStage:
-    """Layers [start, end) on a torch engine (cpu, cuda, ipex), with a static KV cache."""
+    """Layers [start, end) on a torch engine (cpu, cuda), with a static KV cache. (An Intel GPU's stage is an
+    `IpexStage`: `engines/ipex/stage.py`.)"""
+
+    optimization = "none"
+    fallback_reason: str | None = None
 
     def __init__(self, stage: LoadedStage, device: torch.device, max_context: int = DEFAULT_MAX_CONTEXT) -> None:
         self.model, self.tokenizer, self.device = stage.model, stage.tokenizer, device
+        self.name = device.type
         self.hidden_size, self.vocab_size = stage.args.hidden_size, stage.args.vocab_size
         self.context_length = min(stage.args.context_length, max_context)
         self.is_last = stage.end == stage.args.num_hidden_layers
@@ -85,26 +91,55 @@ class TorchStage:
         return out[:, -1] if self.is_last else out
 
 
-def load_for_stage(bound: BoundInstance, config: EngineConfig = EngineConfig()) -> tuple[StageModel, str]:
-    """This node's stage of `bound` on the shard's engine, and the precision it runs in."""
+def load_for_stage(bound: BoundInstance, config: EngineConfig = EngineConfig(),
+                   probes: ProbeInputs | None = None) -> tuple[StageModel, str]:
+    """This node's stage of `bound` on the shard's engine, and the precision it runs in. On an Intel GPU, as a
+    single-node instance there: the instance's GPU and optimisation level, a memory check for the stage's layers,
+    device faults retried and then the CPU (`probes`: what detection looks at, this machine by default)."""
     shard = bound.shard
     if bound.engine == "mlx":
         from ringlet.worker.engines.mlx.stage import MlxStage
 
         stage = MlxStage.load(bound.instance.model, shard.start, shard.end, config.precision, config.max_context)
         return stage, config.precision
+    if bound.engine == "ipex":
+        from ringlet.worker.engines.ipex.stage import IpexStage
+        from ringlet.worker.engines.ipex.utils_ipex import load_ipex_layers
+
+        layers, compute = load_ipex_layers(bound, config, probes)
+        return IpexStage(layers, compute, bound.instance.model), layers.precision
     device = compute_device(bound.engine)
     loaded, precision = load_torch_stage(bound.instance.model, shard.start, shard.end, config.precision, device)
     return TorchStage(loaded, device, config.max_context), precision
 
 
-class FirstStage(RingHead):
+class _Described:
+    """What a ring's stage runs on, read from its layers (an MLX stage's say none of it): `name`, the engine
+    ("cpu" once an Intel GPU's stage fell back), `optimization`, what was applied to them, `fallback_reason`."""
+
+    stage: StageModel
+    engine: EngineType
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.stage, "name", self.engine))
+
+    @property
+    def optimization(self) -> str:
+        return str(getattr(self.stage, "optimization", "none"))
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return getattr(self.stage, "fallback_reason", None)
+
+
+class FirstStage(RingHead, _Described):
     """Rank 0: an engine (the `Engine` protocol) whose forward pass spans the whole ring."""
 
     def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
-        self.name = "mlx-pipeline" if bound.engine == "mlx" else "torch-pipeline"
+        self.engine = bound.engine
         self.stage, self.context_length = stage, stage.context_length
         self.ring = open_ring(bound, store, data_host, stage.hidden_size)
         self.generator = TextGenerator(self._step, stage.tokenizer, self.context_length, stage.vocab_size,
@@ -147,12 +182,13 @@ class FirstStage(RingHead):
         self.ring.close()
 
 
-class RelayStage:
+class RelayStage(_Described):
     """A stage after the first: receive hidden states, run this stage's layers, pass the result on."""
 
     def __init__(self, bound: BoundInstance, stage: StageModel, store: dist.Store,
                  data_host: str = "127.0.0.1") -> None:
         assert not bound.shard.is_first
+        self.engine = bound.engine
         self.stage, self.context_length = stage, stage.context_length
         self.ring = open_ring(bound, store, data_host, stage.hidden_size)
         self.is_last = bound.shard.is_last

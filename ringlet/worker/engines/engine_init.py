@@ -14,10 +14,18 @@ import logging
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import Protocol
 
 from ringlet.models.loader import read_model_config
 from ringlet.shared.config import EngineConfig
-from ringlet.shared.instances import BoundInstance, EngineType, Instance, Shard, single_node_type
+from ringlet.shared.instances import (
+    BoundInstance,
+    EngineType,
+    Instance,
+    IpexOptimizationLevel,
+    Shard,
+    single_node_type,
+)
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import Engine, GeneratesText
 from ringlet.worker.engines.engine_utils import (
@@ -97,7 +105,13 @@ def initialize_engine(bound: BoundInstance, config: EngineConfig = EngineConfig(
     return ENGINES.factory(engine)(bound, config)
 
 
-def warmup_engine(engine: Engine) -> float:
+class WarmsUp(Protocol):
+    """An engine, or a ring's first stage (which warms the whole ring)."""
+
+    def warmup(self) -> None: ...
+
+
+def warmup_engine(engine: WarmsUp) -> float:
     """Compile, capture and touch everything once, so no request pays for it; returns the seconds it took."""
     began = time.perf_counter()
     engine.warmup()
@@ -108,14 +122,16 @@ def generate_with_engine(engine: GeneratesText, task: TextGenerationTask) -> Gen
     return engine.generate(task)
 
 
-def local_instance(model: str | Path | None, engine: EngineType) -> BoundInstance:
+def local_instance(model: str | Path | None, engine: EngineType,
+                   ipex_optimization: IpexOptimizationLevel = "auto") -> BoundInstance:
     """A single-stage instance of `model` (a path, a name, or None for the embedded model) on this machine, for
-    the commands that run a model without a node."""
+    the commands that run a model without a node; `ipex_optimization` applies to the ipex engine."""
     path, args = read_model_config(model)
     shard = Shard(node_id="local", rank=0, start=0, end=args.num_hidden_layers, num_layers=args.num_hidden_layers,
                   engine=engine)
     instance = Instance(instance_id="local", model=str(path if model is None else model),
-                        instance_type=single_node_type(engine), shards=[shard])
+                        instance_type=single_node_type(engine), shards=[shard],
+                        ipex_optimization_level=ipex_optimization)
     return BoundInstance(instance=instance, node_id="local")
 
 

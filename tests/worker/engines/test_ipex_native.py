@@ -36,13 +36,13 @@ def fake_gpu() -> FakeXpu:
 @pytest.fixture(scope="module")
 def xpu_engine(fake_gpu: FakeXpu) -> IpexEngine:
     assert not ipex_status().usable  # this environment has no IPEX: the native torch.xpu path
-    return load_ipex_engine(None, device=XpuDevice(fake_runtime(fake_gpu)), config=SETTINGS)
+    return load_ipex_engine(None, device=XpuDevice(fake_runtime(fake_gpu)), config=SETTINGS, optimization="eager")
 
 
 @pytest.mark.slow
 def test_loads_and_generates_through_native_xpu_like_the_cpu_engine(xpu_engine, cpu_reference) -> None:  # type: ignore[no-untyped-def]
     assert xpu_engine.name == "ipex" and xpu_engine.loaded.ipex_version is None
-    assert xpu_engine.optimization.startswith("none (native torch.xpu")
+    assert xpu_engine.optimization == "eager (native torch.xpu, no IPEX, not compiled)"
     run = run_greedy(xpu_engine, greedy_task())
     assert run == cpu_reference  # same fp32 kernels underneath: identical greedy tokens
     assert len(run.generated) == 32 and run.text
@@ -81,7 +81,8 @@ def test_a_bug_is_not_mistaken_for_a_device_error(xpu_engine, fake_gpu) -> None:
 @pytest.mark.slow
 def test_repeated_device_errors_fall_back_to_the_cpu_engine_mid_stream(cpu_reference, caplog) -> None:  # type: ignore[no-untyped-def]
     gpu = FakeXpu()
-    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(gpu)), config=SETTINGS, max_retries=2)
+    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(gpu)), config=SETTINGS, optimization="eager",
+                              max_retries=2)
     gpu.fail(*(RuntimeError(DEVICE_LOST) for _ in range(3)), after=10)  # the 10th decode step keeps failing
     with caplog.at_level(logging.WARNING):
         run = run_greedy(engine, greedy_task())
@@ -92,6 +93,8 @@ def test_repeated_device_errors_fall_back_to_the_cpu_engine_mid_stream(cpu_refer
     assert "failed 3 times in a row" in lines[0] and "UR_RESULT_ERROR_DEVICE_LOST" in lines[0]
     assert "now runs on the CPU engine" in lines[0]
     assert engine.name == "cpu" and engine.fallback_reason and engine.model is None
+    assert engine.fallback_reason.startswith("xpu:0 (Intel(R) Arc(TM) A770 Graphics) failed 3 times in a row")
+    assert engine.optimization == "none (the cpu engine, after the device failed)"
     later = run_greedy(engine, greedy_task(tokens=3))  # later requests run on the CPU too
     assert later.generated == cpu_reference.generated[:3]
     assert len([r for r in caplog.records if r.name == FALLBACK_LOGGER]) == 1
@@ -139,9 +142,9 @@ def test_instance_on_a_node_without_its_driver_falls_back_with_one_log_line(tmp_
 
 @pytest.mark.slow
 def test_without_ipex_an_intel_gpu_gets_torch_compile(cpu_reference_with_logits) -> None:  # type: ignore[no-untyped-def]
-    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(FakeXpu())), config=SETTINGS, compile_model=True)
+    engine = load_ipex_engine(None, device=XpuDevice(fake_runtime(FakeXpu())), config=SETTINGS)  # auto
     layers = engine.loaded.stage.args.num_hidden_layers
-    assert engine.optimization.startswith(f"torch.compile of {3 * layers + 1} MLP and norm layers")
+    assert engine.optimization == f"torch.compile of {3 * layers + 1} MLP and norm layers (native torch.xpu, no IPEX)"
     detail = compare_with_reference(engine, *cpu_reference_with_logits)
     # fused kernels sum in another order: fp32 rounding differences, far below any real preference
     assert_parting_is_a_near_tie(detail, 0.01)

@@ -1,5 +1,6 @@
-"""IpexEngine: one whole model on an Intel GPU (or on the CPU through IPEX's CPU backend), batching as the torch
-engines do: the same paged KV cache and batched steps (`TorchBatchEngine`) on the device, behind `DeviceGuard`."""
+"""IpexEngine: one whole model, or one stage of a ring, on an Intel GPU (or on the CPU through IPEX's CPU backend),
+batching as the torch engines do: the same paged KV cache and batched steps (`TorchBatchEngine`) on the device,
+behind `DeviceGuard`."""
 
 from __future__ import annotations
 
@@ -10,37 +11,50 @@ from typing import cast
 
 import torch
 
+from ringlet.models.loader import LoadedStage
 from ringlet.models.paged_cache import SequenceStep
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.ipex import IpexLoadedModel, IPEXTokenizerWrapper
+from ringlet.worker.engines.ipex.compiled import EagerOnCompileFailure
 from ringlet.worker.engines.ipex.device import ComputeDevice
 from ringlet.worker.engines.ipex.generator.generate import BatchForward, DeviceGuard
 from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE, TorchBatchEngine, kv_cache_tokens
 
 
 class IpexEngine:
-    """A loaded model (`utils_ipex.load_ipex_engine` builds one) as a batch model (`worker/batching.py`): its steps
-    run on the device, their logits come back to the host, where every sequence samples."""
+    """A loaded model (`utils_ipex.load_ipex_engine` builds one), or one stage's layers of a ring
+    (`worker/pipeline.py`), as a batch model (`worker/batching.py`): its steps run on the device, their outputs
+    (logits, or a stage's hidden states) come back to the host, where every sequence samples.
 
-    name = "ipex"
-    device = torch.device("cpu")  # where the logits are and the samplers run: the host, so a fallback goes on alike
+    `name` is the engine it runs on ("ipex", "cpu" once the guard fell back), `optimization` what was applied to
+    the model (what warm-up left of it), `fallback_reason` why it left the device (None while on it)."""
+
+    device = torch.device("cpu")  # where its outputs are and the samplers run: the host, so a fallback goes on alike
 
     def __init__(self, loaded: IpexLoadedModel, device: ComputeDevice, model_ref: str | Path | None,
-                 config: EngineConfig = EngineConfig(), max_retries: int = 3) -> None:
+                 config: EngineConfig = EngineConfig(), max_retries: int = 3, num_blocks: int | None = None,
+                 context_length: int | None = None) -> None:
+        """`num_blocks`, `context_length`: as the stages of a ring agreed (else this device's own)."""
+        self.name = "ipex"
         self.loaded, self.compute, self.model_ref, self.config = loaded, device, model_ref, config
-        self.precision, self.optimization = loaded.precision, loaded.optimization
-        self.context_length = loaded.context_length
-        stage = dataclasses.replace(loaded.stage, model=cast(torch.nn.Module, loaded.model))  # IPEX may copy it
-        self.vocab_size = stage.args.vocab_size
-        self._tokenizer = IPEXTokenizerWrapper(stage.tokenizer, stage.args.vocab_size)
-        positions = kv_cache_tokens(stage, device.torch_device, config, self.context_length, device.free_bytes())
+        self.precision, self.applied = loaded.precision, loaded.optimization
+        self.context_length = context_length or loaded.context_length
+        self.stage = dataclasses.replace(loaded.stage, model=cast(torch.nn.Module, loaded.model))  # IPEX may copy it
+        self.vocab_size = self.stage.args.vocab_size
+        self._tokenizer = IPEXTokenizerWrapper(self.stage.tokenizer, self.stage.args.vocab_size)
+        if num_blocks is None:
+            num_blocks = -(-own_kv_cache_tokens(self.stage, device, config, self.context_length) // BLOCK_SIZE)
         self.steps: TorchBatchEngine | None = TorchBatchEngine(
-            stage, device.torch_device, config, num_blocks=-(-positions // BLOCK_SIZE),
-            context_length=self.context_length)
+            self.stage, device.torch_device, config, num_blocks=num_blocks, context_length=self.context_length)
         self.num_blocks, self.block_size, self.pad_slot = self.steps.num_blocks, BLOCK_SIZE, self.steps.pad_slot
-        self.guard = DeviceGuard(self.steps.forward_batch, device, self._load_cpu_fallback, max_retries)
+        self.dtype = next(self.stage.model.parameters()).dtype  # a later stage's hidden states arrive in it
+        self.compiled = EagerOnCompileFailure(self.steps.forward_batch, self.stage.model,
+                                              f"layers {self.stage.start}-{self.stage.end - 1} on {device.name}")
+        whole = (self.stage.start, self.stage.end) == (0, self.stage.args.num_hidden_layers)
+        self.guard = DeviceGuard(self.compiled, device, self._load_cpu_fallback, max_retries,
+                                 owner="this instance" if whole else "this stage of the ring")
 
     @property
     def tokenizer(self) -> IPEXTokenizerWrapper:
@@ -52,10 +66,18 @@ class IpexEngine:
         return None if self.steps is None else self.steps.model
 
     @property
+    def optimization(self) -> str:
+        if self.guard.fallback is not None:
+            return "none (the cpu engine, after the device failed)"
+        return self.compiled.failure or self.applied
+
+    @property
     def fallback_reason(self) -> str | None:
         return self.guard.fallback_reason
 
     def forward_batch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
+        if tokens.is_floating_point():  # a later stage's input: the hidden states, in its model's dtype
+            tokens = tokens.to(self.dtype)
         return self.guard(tokens, steps)
 
     def _load_cpu_fallback(self) -> BatchForward:
@@ -65,15 +87,17 @@ class IpexEngine:
         self.compute.empty_cache()
         # the same precision where the CPU runs it (fp16 matmuls are emulated there), so the streams stay alike
         precision = "auto" if self.precision == "fp16" else self.precision
-        stage, _ = load_torch_stage(self.model_ref, precision=precision, device=torch.device("cpu"))
+        stage, _ = load_torch_stage(self.model_ref, self.stage.start, self.stage.end, precision=precision,
+                                    device=torch.device("cpu"))
         # the same blocks as the device's cache, so the batch's block tables stay valid (their contents are gone)
         cpu = TorchBatchEngine(stage, torch.device("cpu"), self.config, num_blocks=self.num_blocks,
                                context_length=self.context_length)
-        self.name = "cpu"
+        self.stage, self.dtype, self.name = stage, next(stage.model.parameters()).dtype, "cpu"
         return cpu.forward_batch
 
     def warmup(self) -> None:
-        """One short generation: primes IPEX's kernels (or compiles, natively) before the first request."""
+        """One short generation: primes IPEX's kernels or compiles (eager again if the compiler fails) before the
+        first request."""
         run_warmup_request(self)
 
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
@@ -85,3 +109,8 @@ class IpexEngine:
     def close(self) -> None:
         self.steps = None
         self.compute.empty_cache()
+
+
+def own_kv_cache_tokens(stage: LoadedStage, device: ComputeDevice, config: EngineConfig, context_length: int) -> int:
+    """Positions of the KV cache the device holds for `stage` (`kv_cache_tokens` over the device's free memory)."""
+    return kv_cache_tokens(stage, device.torch_device, config, context_length, device.free_bytes())

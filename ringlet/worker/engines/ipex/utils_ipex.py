@@ -1,10 +1,15 @@
-"""Loading a model for the ipex engine: memory check first, then weights, then the optimisation.
+"""Loading a model (or a stage's layers) for the ipex engine: the GPU first, then the memory check, then weights,
+then the optimisation.
 
-Optimisation, in order of preference:
-  - IPEX importable and built for this torch: `ipex.optimize` (prepacked linears), or on the CPU with
-    precision int8 IPEX's weight-only int8 quantisation (`prepare`/`convert`);
-  - otherwise, on an Intel GPU: `torch.compile` of the fusable layers (PyTorch compiles for XPU natively);
-  - never silently nothing on the CPU: the ipex engine on a CPU exists to run IPEX's CPU backend.
+The GPU: the instance's `intel_gpu_devices`, else the node's discrete Intel GPUs (every one where none is), the
+first of them with room for the layers. The optimisation, as the instance's `ipex_optimization_level` says:
+  - ipex: IPEX importable and built for this torch, else an error: `ipex.optimize` (prepacked linears), or on the
+    CPU with precision int8 IPEX's weight-only int8 quantisation (`prepare`/`convert`);
+  - compile: `torch.compile` of the fusable layers (PyTorch compiles for XPU natively), eager again where the
+    compiler fails at warm-up (`compiled.py`);
+  - eager: nothing;
+  - auto: ipex where IPEX is usable, else compile. On the CPU the ipex engine exists to run IPEX's CPU backend,
+    so there only ipex (or auto, which then requires it) is accepted.
 """
 
 from __future__ import annotations
@@ -12,26 +17,37 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import torch
 from torch import nn
 
 from ringlet.models.config import ModelArgs
-from ringlet.models.llama import MLP, RMSNorm
-from ringlet.models.loader import load_stage, read_model_config
-from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16
+from ringlet.models.loader import Quantization, load_stage, read_model_config
+from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16, dequantizing_in_matmul
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT, PRECISIONS, EngineConfig
-from ringlet.shared.instances import BoundInstance
-from ringlet.worker.engines.engine_utils import ipex_status
+from ringlet.shared.instances import BoundInstance, IpexOptimizationLevel
+from ringlet.worker.engines.engine_utils import (
+    ProbeInputs,
+    ipex_status,
+    xpu_device_count,
+    xpu_is_integrated,
+    xpu_properties,
+)
 from ringlet.worker.engines.ipex import IPEXEngineError, IpexLoadedModel, IPEXMemoryError, IpexMode
-from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, open_xpu
+from ringlet.worker.engines.ipex.compiled import compile_fusable_layers
+from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, XpuDevice, open_xpu
 from ringlet.worker.engines.ipex.engine import IpexEngine
 
 log = logging.getLogger(__name__)
 
-IPEX_INSTALL_FIX = ("pip install 'ringlet[ipex]' (PyTorch 2.8 with intel-extension-for-pytorch 2.8, its last "
-                    "release); without it the engine runs on native torch.xpu")
-IPEX_PRECISIONS = tuple(p for p in PRECISIONS if p != "int4")  # IPEX's weight-only quantisation is int8
+# the order docs/install.md gives: the XPU build of torch 2.8 first, then IPEX's XPU wheel, then the extra (IPEX 2.8
+# is its last release; PyPI's torch would replace the XPU build with one that cannot see the GPU)
+IPEX_INSTALL_FIX = ("pip install torch==2.8.0 --index-url https://download.pytorch.org/whl/xpu, then "
+                    "pip install intel-extension-for-pytorch==2.8.10+xpu --extra-index-url "
+                    "https://pytorch-extension.intel.com/release-whl/stable/xpu/us/, then pip install 'ringlet[ipex]' "
+                    "(on a CPU without an Intel GPU, pip install 'ringlet[ipex]' alone); without IPEX the engine runs "
+                    "on native torch.xpu")
 PREFILL_CHUNK = EngineConfig().max_step_tokens  # a batched step's tokens; sizes the activation workspace below
 
 
@@ -60,32 +76,42 @@ def import_ipex(mode: IpexMode) -> ModuleType | None:
 
 
 def resolve_precision(precision: str, device: ComputeDevice) -> str:
-    """auto: bf16 on an Intel GPU; on the CPU int8 weights (bf16 compute) where bf16 is native, else fp32."""
-    if precision not in IPEX_PRECISIONS:
-        raise IPEXEngineError(f"precision {precision!r} is not one of {', '.join(IPEX_PRECISIONS)}")
+    """auto: bf16 on an Intel GPU; on the CPU int8 weights (bf16 compute) where bf16 is native, else fp32. On an
+    Intel GPU int8 and int4 are ringlet's weight-only linears, dequantised in the matmul (`models/quant.py`)."""
+    if precision not in PRECISIONS:
+        raise IPEXEngineError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     on_host = isinstance(device, HostDevice)
     if precision == "auto":
         return ("int8" if cpu_supports_bf16() else "fp32") if on_host else "bf16"
-    if precision == "int8" and not on_host:
-        raise IPEXEngineError("int8 (IPEX weight-only quantisation) runs on IPEX's CPU backend only; "
-                              "use --precision bf16 or fp16 on an Intel GPU")
+    if precision == "int4" and on_host:
+        raise IPEXEngineError("IPEX's CPU backend quantises weights to int8 only; use --precision int8, or the cpu "
+                              "engine for int4")
     return precision
 
 
-def model_dtype(precision: str) -> torch.dtype:
-    if precision == "int8":  # int8 weights; everything else (embeddings, norms, KV cache) in bf16 where native
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+def model_dtype(precision: str, on_host: bool = True) -> torch.dtype:
+    """int8 / int4: everything but the quantised linears (embeddings, norms, KV cache) in bf16 where it is native."""
+    if precision in ("int8", "int4"):
+        return torch.bfloat16 if cpu_supports_bf16() or not on_host else torch.float32
     return COMPUTE_DTYPES[precision]
 
 
-def estimate_bytes(args: ModelArgs, precision: str, context_length: int) -> int:
-    """Device memory a whole model needs: weights, the static KV cache, and one prefill chunk's workspace."""
-    itemsize = torch.empty(0, dtype=model_dtype(precision)).element_size()
+def estimate_bytes(args: ModelArgs, precision: str, context_length: int, start: int = 0, end: int | None = None,
+                   on_host: bool = True) -> int:
+    """Device memory layers [start, end) of a model need (all of them by default): their weights (with the
+    embedding on the first stage, the lm_head on the last), their static KV cache, one prefill chunk's workspace."""
+    end = args.num_hidden_layers if end is None else end
+    itemsize = torch.empty(0, dtype=model_dtype(precision, on_host)).element_size()
+    quantized = precision in ("int8", "int4")
+    per_weight = 1 if quantized else itemsize  # an Int4Linear keeps its codes twice: a byte a weight, as int8
     embedding = args.vocab_size * args.hidden_size
-    linear = args.num_parameters - embedding * (1 if args.tie_word_embeddings else 2)
-    weights = embedding * itemsize + (linear + (embedding if args.tie_word_embeddings else 0)) * (
-        1 if precision == "int8" else itemsize)
-    kv = args.num_hidden_layers * 2 * args.num_key_value_heads * args.head_dim * context_length * itemsize
+    per_layer = (args.num_parameters - embedding * (1 if args.tie_word_embeddings else 2)) / args.num_hidden_layers
+    weights = per_layer * (end - start) * per_weight
+    if start == 0:
+        weights += embedding * itemsize
+    if end == args.num_hidden_layers and not (args.tie_word_embeddings and start == 0 and not quantized):
+        weights += embedding * per_weight  # its own lm_head: untied, quantised, or a later stage's copy
+    kv = (end - start) * 2 * args.num_key_value_heads * args.head_dim * context_length * itemsize
     # attention scores of one chunk against the whole context, plus the MLP's widest activations
     work = PREFILL_CHUNK * (args.num_attention_heads * context_length + 2 * args.intermediate_size) * itemsize
     return int((weights + kv + work) * 1.05)
@@ -99,6 +125,36 @@ def check_fits(device: ComputeDevice, needed: int, what: str) -> None:
             "use a smaller model or precision, lower the context length, or split the model across more nodes",
             needed_bytes=needed, free_bytes=free,
         )
+
+
+def choose_xpu(devices: tuple[int, ...] | None, needed: int, what: str, probes: ProbeInputs | None = None
+               ) -> XpuDevice:
+    """The Intel GPU an instance runs on: the first of `devices` (None: the discrete ones, or every one where none
+    is discrete) with `needed` bytes free. One instance runs on one GPU: layers are not split across a node's GPUs."""
+    first = open_xpu(probes, index=0 if devices is None else devices[0])
+    runtime = first.runtime
+    if devices is None:
+        every = range(xpu_device_count(runtime)[0])
+        # unknown (properties unreadable, a name the heuristic does not know) counts as discrete: it is tried
+        discrete = [i for i in every if xpu_is_integrated(xpu_properties(runtime, i)) is not True]
+        devices = tuple(discrete or every)
+    else:
+        for index in devices[1:]:
+            open_xpu(probes, index=index)  # each index exists
+    candidates = [XpuDevice(runtime, index) for index in devices]
+    free = [device.free_bytes() for device in candidates]
+    for device, available in zip(candidates, free, strict=True):
+        if needed <= available:
+            return device
+    if len(candidates) == 1:
+        check_fits(candidates[0], needed, what)
+    room = ", ".join(f"{device.name}: {available / 2**30:.2f} GiB" for device, available in zip(candidates, free,
+                                                                                                 strict=True))
+    raise IPEXMemoryError(
+        f"{what} needs about {needed / 2**30:.2f} GiB on one Intel GPU, and none of the {len(candidates)} chosen "
+        f"has it free ({room}); an instance does not split its layers across the GPUs of one node: place it on a "
+        "ring of several nodes, or use a smaller model or precision, or lower the context length",
+        needed_bytes=needed, free_bytes=max(free))
 
 
 def _onednn_runs(ipex: ModuleType, precision: str) -> bool:
@@ -137,68 +193,112 @@ def _ipex_optimize(ipex: ModuleType, model: nn.Module, precision: str, dtype: to
     return model, f"{method}: {replaced} of {linears} linear layers replaced by IPEX's"
 
 
-def compile_fusable_layers(model: nn.Module) -> int:
-    """torch.compile the MLPs and RMSNorms in place: they take and return tensors only and fuse well
-    (SiLU times up-projection, the norm's casts), cutting kernel launches per token. Whole blocks are not
-    compiled: the attention indexes its layer's cache slot by a Python int, which would specialise
-    (recompile) once per layer. dynamic: the token count changes between prefill and decode."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, (MLP, RMSNorm)):
-            module.compile(dynamic=True)
-            count += 1
-    return count
+def ipex_for(level: IpexOptimizationLevel, precision: str, device: ComputeDevice) -> ModuleType | None:
+    """The IPEX module the optimisation `level` uses on `device`, imported before any weight is read; errors say why
+    the level cannot be applied. On a CPU the ipex engine is IPEX's CPU backend or nothing."""
+    if isinstance(device, HostDevice):
+        if level in ("compile", "eager"):
+            raise IPEXEngineError(f"the ipex engine runs on the CPU only through IPEX, not {level}; without IPEX "
+                                  "use the cpu engine")
+        return import_ipex("require")
+    if precision in ("int8", "int4"):
+        if level == "ipex":
+            raise IPEXEngineError(f"{precision} on an Intel GPU runs ringlet's quantised linears, which IPEX does not "
+                                  "optimise; use --ipex-optimization compile or eager, or --precision bf16")
+        return None
+    if level in ("compile", "eager"):
+        return None
+    return import_ipex("require" if level == "ipex" else "auto")
+
+
+def optimize(model: nn.Module, level: IpexOptimizationLevel, ipex: ModuleType | None, precision: str,
+             device: ComputeDevice) -> tuple[nn.Module, str]:
+    """`level` applied to `model` (with `ipex` from `ipex_for`): the model and what was applied."""
+    on_host = isinstance(device, HostDevice)
+    if ipex is not None:
+        return _ipex_optimize(ipex, model, precision, model_dtype(precision, on_host), on_host)
+    if level == "eager":
+        return model, "eager (native torch.xpu, no IPEX, not compiled)"
+    compiled = compile_fusable_layers(model)
+    no_ipex = "IPEX not asked for" if level == "compile" else "no IPEX"
+    return model, f"torch.compile of {compiled} MLP and norm layers (native torch.xpu, {no_ipex})"
 
 
 def load_ipex_model(
     model_ref: str | Path | None, device: ComputeDevice, precision: str = "auto",
-    max_context: int = DEFAULT_MAX_CONTEXT, ipex_mode: IpexMode = "auto", compile_model: bool | None = None,
+    max_context: int = DEFAULT_MAX_CONTEXT, optimization: IpexOptimizationLevel = "auto", start: int = 0,
+    end: int | None = None,
 ) -> IpexLoadedModel:
-    """Check memory, load the shared model definition onto the device, then optimise it."""
+    """Check memory, load layers [start, end) (all by default) of the shared model definition onto the device,
+    then optimise them."""
     on_host = isinstance(device, HostDevice)
-    if on_host:  # on a CPU the ipex engine is IPEX's CPU backend or nothing: plain torch is the cpu engine
-        if ipex_mode == "off":
-            raise IPEXEngineError("the ipex engine runs on the CPU only through IPEX; without IPEX use the cpu engine")
-        ipex_mode = "require"
     precision = resolve_precision(precision, device)
     path, args = read_model_config(model_ref)
+    end = args.num_hidden_layers if end is None else end
     context_length = min(args.context_length, max_context)
-    check_fits(device, estimate_bytes(args, precision, context_length), f"{path.name} ({precision})")
-    ipex = import_ipex(ipex_mode)  # before loading: a failure here costs no weight reading
+    layers = "" if (start, end) == (0, args.num_hidden_layers) else f" layers {start}-{end - 1}"
+    check_fits(device, estimate_bytes(args, precision, context_length, start, end, on_host),
+               f"{path.name}{layers} ({precision})")
+    ipex = ipex_for(optimization, precision, device)  # before loading: a failure here costs no weight reading
     if on_host and ipex is not None and precision in ("bf16", "fp16") and not _onednn_runs(ipex, precision):
         raise IPEXEngineError(
             f"IPEX's CPU backend cannot run {precision} on this CPU (its oneDNN needs AVX-512 BW/VL/DQ or "
             f"AVX-NE-CONVERT, which this processor lacks); use --precision fp32 or int8, or the cpu engine")
 
-    dtype = model_dtype(precision)
-    stage = load_stage(path, dtype=dtype, device=device.torch_device)
-    model: nn.Module = stage.model
-    if ipex is not None:
-        model, optimization = _ipex_optimize(ipex, model, precision, dtype, on_host)
-    elif compile_model if compile_model is not None else device.torch_device.type == "xpu":
-        compiled = compile_fusable_layers(model)
-        optimization = f"torch.compile of {compiled} MLP and norm layers (native torch.xpu, no IPEX)"
+    dtype = model_dtype(precision, on_host)
+    if precision in ("int8", "int4") and not on_host:  # quantised on the host, a layer at a time, then moved
+        stage = load_stage(path, start, end, dtype=dtype, device="cpu", quantize=cast(Quantization, precision))
+        switched = dequantizing_in_matmul(stage.model)
+        stage.model.to(device.torch_device)
+        quantized = f"; {switched} {precision} weight-only linears dequantised in the matmul"
     else:
-        optimization = "none (native torch.xpu, no IPEX, not compiled)"
-    log.info("ipex: %s on %s, %s", path.name, device.name, optimization)
-    return IpexLoadedModel(stage, model, precision, context_length, optimization,  # type: ignore[arg-type]
+        stage, quantized = load_stage(path, start, end, dtype=dtype, device=device.torch_device), ""
+    model, applied = optimize(stage.model, optimization, ipex, precision, device)
+    applied += quantized
+    log.info("ipex: %s%s on %s, %s", path.name, layers, device.name, applied)
+    return IpexLoadedModel(stage, model, precision, context_length, applied,  # type: ignore[arg-type]
                            getattr(ipex, "__version__", None))
 
 
 def load_ipex_engine(
     model: str | Path | None = None, device: str | ComputeDevice = "xpu", config: EngineConfig = EngineConfig(),
-    ipex: IpexMode = "auto", compile_model: bool | None = None, max_retries: int = 3,
+    optimization: IpexOptimizationLevel = "auto", max_retries: int = 3,
 ) -> IpexEngine:
     """The ipex engine of a whole model; device: "xpu", "xpu:N", "cpu" (IPEX's CPU backend) or a ComputeDevice."""
     target = _device(device)
-    loaded = load_ipex_model(model, target, config.precision, config.max_context, ipex, compile_model)
+    loaded = load_ipex_model(model, target, config.precision, config.max_context, optimization)
     return IpexEngine(loaded, target, model, config, max_retries)
 
 
-def initialize_ipex(bound_instance: BoundInstance, config: EngineConfig, device: str | ComputeDevice = "xpu"
-                    ) -> IpexEngine:
-    """The engine of a single-stage instance on this node's Intel GPU (or IPEX's CPU backend with device "cpu")."""
-    return load_ipex_engine(bound_instance.instance.model, device=device, config=config)
+def initialize_ipex(bound_instance: BoundInstance, config: EngineConfig, device: str | ComputeDevice | None = None,
+                    probes: ProbeInputs | None = None) -> IpexEngine:
+    """The engine of a single-stage instance on the instance's Intel GPU (`choose_xpu`), or on `device` ("cpu":
+    IPEX's CPU backend), optimised as the instance says."""
+    instance = bound_instance.instance
+    target = device if device is not None else xpu_for_layers(bound_instance, config, probes)
+    return load_ipex_engine(instance.model, device=target, config=config,
+                            optimization=instance.ipex_optimization_level)
+
+
+def xpu_for_layers(bound: BoundInstance, config: EngineConfig, probes: ProbeInputs | None = None) -> XpuDevice:
+    """The Intel GPU of this node that the shard of `bound` runs on, chosen for its layers' memory."""
+    path, args = read_model_config(bound.instance.model)
+    shard = bound.shard
+    precision = "bf16" if config.precision == "auto" else config.precision
+    needed = estimate_bytes(args, precision, min(args.context_length, config.max_context), shard.start, shard.end,
+                            on_host=False)
+    layers = "" if (shard.start, shard.end) == (0, args.num_hidden_layers) else f" layers {shard.start}-{shard.end - 1}"
+    return choose_xpu(bound.instance.intel_gpu_devices, needed, f"{path.name}{layers} ({precision})", probes)
+
+
+def load_ipex_layers(bound: BoundInstance, config: EngineConfig, probes: ProbeInputs | None = None
+                     ) -> tuple[IpexLoadedModel, XpuDevice]:
+    """The layers of this node's shard of `bound` (a ring's stage) on its Intel GPU, optimised as the instance says."""
+    compute = xpu_for_layers(bound, config, probes)
+    shard = bound.shard
+    loaded = load_ipex_model(bound.instance.model, compute, config.precision, config.max_context,
+                             bound.instance.ipex_optimization_level, shard.start, shard.end)
+    return loaded, compute
 
 
 def _device(device: str | ComputeDevice) -> ComputeDevice:

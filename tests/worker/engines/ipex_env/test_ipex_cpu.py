@@ -54,7 +54,7 @@ def test_ipex_is_importable_and_matches_torch() -> None:
 
 def test_fp32_through_ipex_optimize_gives_the_cpu_engines_greedy_tokens(cpu_reference_with_logits) -> None:  # type: ignore[no-untyped-def]
     reference = cpu_reference_with_logits[0]
-    engine = load_ipex_engine(None, device="cpu", config=EngineConfig(precision="fp32"), ipex="require")
+    engine = load_ipex_engine(None, device="cpu", config=EngineConfig(precision="fp32"), optimization="ipex")
     layers = ipex_layer_types(engine)
     assert engine.optimization.startswith("ipex.optimize (fp32)"), engine.optimization
     blocks = engine.loaded.stage.args.num_hidden_layers
@@ -71,10 +71,10 @@ def test_low_precision_divergence_is_a_near_tie(cpu_reference_with_logits, preci
 
     if precision == "bf16" and not ipex._C.onednn_has_bf16_support():  # a CPU without AVX-512 (detected, here)
         with pytest.raises(IPEXEngineError, match="cannot run bf16 on this CPU.*use --precision fp32 or int8"):
-            load_ipex_engine(None, device="cpu", config=EngineConfig(precision=precision), ipex="require")
+            load_ipex_engine(None, device="cpu", config=EngineConfig(precision=precision), optimization="ipex")
         record(precision, {"refused": "IPEX's oneDNN has no bf16 kernels for this CPU"})
         return
-    engine = load_ipex_engine(None, device="cpu", config=EngineConfig(precision=precision), ipex="require")
+    engine = load_ipex_engine(None, device="cpu", config=EngineConfig(precision=precision), optimization="ipex")
     layers = ipex_layer_types(engine)
     assert layers.get(layer_type, 0) >= 4 * engine.loaded.stage.args.num_hidden_layers, layers
     detail = compare_with_reference(engine, *cpu_reference_with_logits)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ DEVICE_ERROR_MARKERS = ("UR_RESULT_ERROR", "PI_ERROR", "ZE_RESULT_ERROR", "DEVIC
 OOM_MARKERS = ("out of memory", "OUT_OF_DEVICE_MEMORY", "OUT_OF_HOST_MEMORY", "OUT_OF_RESOURCES")
 
 BatchForward = Callable[[torch.Tensor, Sequence[SequenceStep]], torch.Tensor]
+Where = TypeVar("Where")  # what a forward computes besides its input: a batch's steps, or a stage's start position
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -38,21 +40,24 @@ def is_device_error(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(m in str(error) for m in DEVICE_ERROR_MARKERS)
 
 
-class DeviceGuard:
-    """forward(tokens, steps) -> the step's logits as host float32, with the guard described above.
+class DeviceGuard(Generic[Where]):
+    """forward(tokens, steps) -> the step's logits (or a stage's hidden states) as host float32, with the guard
+    described above.
 
     Logits come back to the host and the batching loop samples there: that keeps sampling identical to the CPU
     engine's and lets a fallback continue the same streams on the CPU.
     """
 
-    def __init__(self, device_forward: BatchForward, device: ComputeDevice, load_fallback: Callable[[], BatchForward],
-                 max_retries: int = 3, retry_delay_s: float = 0.05) -> None:
+    def __init__(self, device_forward: Callable[[torch.Tensor, Where], torch.Tensor], device: ComputeDevice,
+                 load_fallback: Callable[[], Callable[[torch.Tensor, Where], torch.Tensor]], max_retries: int = 3,
+                 retry_delay_s: float = 0.05, owner: str = "this instance") -> None:
         self.device_forward, self.device, self.load_fallback = device_forward, device, load_fallback
+        self.owner = owner  # who moves to the CPU, for the log line: the instance, or one stage of its ring
         self.max_retries, self.retry_delay_s = max_retries, retry_delay_s
-        self.fallback: BatchForward | None = None
+        self.fallback: Callable[[torch.Tensor, Where], torch.Tensor] | None = None
         self.fallback_reason: str | None = None
 
-    def __call__(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, steps: Where) -> torch.Tensor:
         if self.fallback is not None:
             return self.fallback(tokens, steps)
         failures: list[RuntimeError] = []
@@ -86,6 +91,6 @@ class DeviceGuard:
     def _fall_back(self, failures: list[RuntimeError]) -> None:
         self.fallback_reason = (f"{self.device.name} failed {len(failures)} times in a row "
                                 f"({str(failures[-1]).splitlines()[0]})")
-        log.warning("ipex: %s; this instance now runs on the CPU engine (check the Intel GPU driver and dmesg)",
-                    self.fallback_reason)
+        log.warning("ipex: %s; %s now runs on the CPU engine (check the Intel GPU driver and dmesg)",
+                    self.fallback_reason, self.owner)
         self.fallback = self.load_fallback()
