@@ -52,12 +52,12 @@ def test_a_stopped_then_a_killed_runner_ends_its_stream_and_serves_the_queue_aft
         wait_until(lambda: node.ready_instances() or not node.alive(), LOAD_TIMEOUT_S, "the default instance ready",
                    node.log)
         model = node.ready_instances()[0]["instance"]["model"]
-        # idle longer than the stall time, then a prompt filled in one step of a second or two (the watchdog looks
-        # every second): a runner is silent by right while it has nothing to do, so its silence counts from its
-        # first request
+        # idle longer than the stall time, then a prompt of about 750 tokens filled in one step (well within the
+        # stall time, even on a loaded machine; the watchdog looks every second): a runner is silent by right while it
+        # has nothing to do, so its silence counts from its first request
         [idle] = node.runner_pids()
         time.sleep(STALL_S + 1)
-        long_prompt = chat_body(model, 2, False) | {"messages": [{"role": "user", "content": "tell me more " * 600}]}
+        long_prompt = chat_body(model, 2, False) | {"messages": [{"role": "user", "content": "tell me more " * 250}]}
         answered = node.post("/v1/chat/completions", json=long_prompt)
         assert answered.status_code == 200, answered.text
         assert node.runner_pids() == [idle] and "sent nothing" not in node.log()
