@@ -33,7 +33,16 @@ from ringlet.api.app import create_app
 from ringlet.api.limits import DEFAULT_MAX_BODY_BYTES
 from ringlet.api.security import API_KEY_ENV, LOCAL_NAMES, Access, host_name, own_host_names
 from ringlet.master.ordering import EventOrder
-from ringlet.master.placement import Placement, PlacementError, PlacementPreview, created, place, preview
+from ringlet.master.placement import (
+    DEFAULT_OPTIONS,
+    InstanceOptions,
+    Placement,
+    PlacementError,
+    PlacementPreview,
+    created,
+    place,
+    preview,
+)
 from ringlet.master.replacement import lost_node_events, reform_events
 from ringlet.master.routing import route
 from ringlet.models.catalog import ModelCard
@@ -69,7 +78,13 @@ from ringlet.shared.state import (
 )
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.supervisor import RESTART_WINDOW_S, InstanceLoad, Supervisor
-from ringlet.worker.system_info import collect_engine_info, collect_node_hardware, read_memory
+from ringlet.worker.system_info import (
+    collect_engine_info,
+    collect_node_hardware,
+    gpu_memory_moved,
+    read_memory,
+    refresh_gpu_memory,
+)
 
 log = logging.getLogger("ringlet.node")
 
@@ -239,29 +254,36 @@ class Node:
         while True:
             await asyncio.sleep(MEMORY_REFRESH_S)
             memory = await asyncio.to_thread(read_memory)
-            if abs(memory.available_bytes - self.info.memory.available_bytes) >= MEMORY_CHANGE_BYTES:
-                self.info = self.info.model_copy(update={"memory": memory})
+            hardware = await asyncio.to_thread(refresh_gpu_memory, self.info.hardware)
+            if (abs(memory.available_bytes - self.info.memory.available_bytes) >= MEMORY_CHANGE_BYTES
+                    or gpu_memory_moved(self.info.hardware, hardware, MEMORY_CHANGE_BYTES)):
+                self.info = self.info.model_copy(update={"memory": memory, "hardware": hardware})
                 self.emit(NodeUpdated(node=self.info))
 
     # --- models and instances
 
-    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1
-                ) -> tuple[ModelCard, list[PlacementPreview]]:
+    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1,
+                options: InstanceOptions = DEFAULT_OPTIONS) -> tuple[ModelCard, list[PlacementPreview]]:
         card = self.catalog.add_local(model)
-        return card, preview(card, list(self._state.nodes.values()), node_ids=node_ids, min_nodes=min_nodes)
+        return card, preview(card, list(self._state.nodes.values()), node_ids=node_ids, min_nodes=min_nodes,
+                             options=options, placed=list(self._state.instances.values()))
 
     def create_instance(self, model: str, instance_type: InstanceType, node_ids: Sequence[str] | None = None,
-                        min_nodes: int = 1, save: bool = True) -> InstanceRecord:
-        """Place the model and record the instance; its runners load in the background (watch its status). `save`:
-        keep it among the instances this node creates again after a restart.
+                        min_nodes: int = 1, options: InstanceOptions = DEFAULT_OPTIONS,
+                        save: bool = True) -> InstanceRecord:
+        """Place the model beside the instances the cluster has and record the instance; its runners load in the
+        background (watch its status). `save`: keep it among the instances this node creates again after a restart.
 
         Raises ModelNotFoundError, or PlacementError saying why it cannot be placed."""
         card = self.catalog.add_local(model)
         placement: Placement = place(card, instance_type, list(self._state.nodes.values()),
-                                     instance_id=new_id("inst"), node_ids=node_ids, min_nodes=min_nodes)
+                                     instance_id=new_id("inst"), node_ids=node_ids, min_nodes=min_nodes,
+                                     options=options, placed=list(self._state.instances.values()))
         self._check_room(placement)
-        log.info("instance %s: %s as %s on %s", placement.instance.instance_id, card.id, instance_type.value,
-                 ", ".join(f"{s.node_name}[{s.start}:{s.end}]" for s in placement.stages))
+        devices = "" if instance_type != InstanceType.IPEX_RING else (
+            f" (Intel GPUs {options.intel_gpu_devices or 'discrete'}, optimisation {options.ipex_optimization_level})")
+        log.info("instance %s: %s as %s on %s%s", placement.instance.instance_id, card.id, instance_type.value,
+                 ", ".join(f"{s.node_name}[{s.start}:{s.end}]" for s in placement.stages), devices)
         event = created(placement, time.time())
         self.emit(event)
         instance_id = placement.instance.instance_id
@@ -269,7 +291,8 @@ class Node:
             self._unsaved.add(instance_id)
         elif self.saved is not None:
             self.saved.add(SavedInstance(instance_id=instance_id, model=model, instance_type=instance_type,
-                                         min_nodes=min_nodes))
+                                         min_nodes=min_nodes, intel_gpu_devices=options.intel_gpu_devices,
+                                         ipex_optimization_level=options.ipex_optimization_level))
         return new_instance_record(event)  # in a cluster the state has it once the master has ordered it
 
     def restore_saved(self) -> None:
@@ -288,7 +311,10 @@ class Node:
                 if others[key]:
                     others[key] -= 1
                     continue
-                record = self.create_instance(saved.model, saved.instance_type, min_nodes=saved.min_nodes, save=False)
+                options = InstanceOptions(intel_gpu_devices=saved.intel_gpu_devices,
+                                          ipex_optimization_level=saved.ipex_optimization_level)
+                record = self.create_instance(saved.model, saved.instance_type, min_nodes=saved.min_nodes,
+                                              options=options, save=False)
             except (NodeError, PlacementError) as error:
                 log.warning("the saved instance %s of %s was not created again, and is forgotten: %s",
                             saved.instance_id, saved.model, error)
@@ -302,22 +328,14 @@ class Node:
                      saved.instance_type.value, saved.instance_id)
 
     def _check_room(self, placement: Placement) -> None:
-        """Each node of the placement has room for one more runner: fewer than `max_instances` instances there, and
-        the memory of its stage on top of what its instances still loading will take (a node's free memory shows
-        them only once they are loaded)."""
+        """Each node of the placement has room for one more runner: fewer than `max_instances` instances there (its
+        memory, with what its instances still loading will take, placement counted already)."""
         for stage in placement.stages:
             here = [r for r in self._state.instances.values() if stage.node_id in r.runners]
             if len(here) >= self.config.max_instances:
                 raise PlacementError(
                     f"node {stage.node_name} runs {len(here)} instances already, the most it takes "
                     f"(RINGLET_MAX_INSTANCES={self.config.max_instances}); delete one first (DELETE /instance/ID)")
-            loading = sum(r.memory_bytes.get(stage.node_id, 0) for r in here
-                          if r.runners[stage.node_id].status == RunnerStatus.LOADING)
-            if loading and stage.memory_bytes + loading > stage.usable_bytes:
-                raise PlacementError(
-                    f"node {stage.node_name} is still loading instances that will take {loading / 2**30:.1f} GiB "
-                    f"of its {stage.usable_bytes / 2**30:.1f} GiB; this one needs {stage.memory_bytes / 2**30:.1f} "
-                    "GiB more: try again once they are loaded")
 
     def get_instance(self, instance_id: str) -> InstanceRecord:
         record = self._state.instances.get(instance_id)
@@ -397,6 +415,7 @@ class NodeOptions:
     engine: EngineType | None = None  # None: the best available
     engine_config: EngineConfig = EngineConfig()
     default_instance: bool = True
+    instance_options: InstanceOptions = DEFAULT_OPTIONS  # the default instance's (an IpexRing's devices, ...)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # the API's callers: keys wanted as Bearer tokens (none: no key), names it answers to and web origins it
     # serves beyond its own (api/security.py)
@@ -454,7 +473,8 @@ def create_default_instance(node: Node, options: NodeOptions) -> None:
     instance_type = single_node_type(engine)
     model = options.model or EMBEDDED_MODEL_ID
     try:
-        record = node.create_instance(model, instance_type, node_ids=[node.node_id], save=False)
+        record = node.create_instance(model, instance_type, node_ids=[node.node_id], options=options.instance_options,
+                                      save=False)
     except (NodeError, PlacementError) as error:
         raise NodeStartError(f"cannot serve {model} as {instance_type.value}: {error}; start with "
                              "--no-default-instance to run the node without it") from None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from pydantic import ValidationError
 
 from ringlet.api.cluster_schemas import (
     CatalogModel,
@@ -18,16 +20,15 @@ from ringlet.api.cluster_schemas import (
     StateResponse,
     Topology,
 )
-from ringlet.api.errors import error_responses
+from ringlet.api.errors import ApiError, error_responses
 from ringlet.api.facade import node_of
-from ringlet.master.placement import preview
+from ringlet.master.placement import InstanceOptions, preview
 from ringlet.models.store import find_local
 from ringlet.shared.engine_info import EngineInfo
-from ringlet.shared.instances import InstanceType
+from ringlet.shared.instances import InstanceType, IpexOptimizationLevel
 from ringlet.shared.state import InstanceRecord, RunnerStatus
 
 router = APIRouter(tags=["cluster"])
-
 
 
 def ringlet_version() -> str:
@@ -100,10 +101,22 @@ def models(request: Request) -> ModelsResponse:
 
 
 @router.get("/instance/previews", response_model=PreviewsResponse, responses=error_responses(400, 404))
-def instance_previews(request: Request, model: str = Query(min_length=1, description="a model id or local path"),
-                      min_nodes: int = Query(1, ge=1, le=64)) -> PreviewsResponse:
-    """Where each instance type would put the model's layers (and the memory per node), or why it cannot."""
-    card, previews = node_of(request).preview(model, min_nodes=min_nodes)
+def instance_previews(
+    request: Request, model: str = Query(min_length=1, description="a model id or local path"),
+    min_nodes: int = Query(1, ge=1, le=64),
+    intel_gpu_devices: Annotated[list[int] | None, Query(description="IpexRing: the XPU devices to place on "
+                                                                     "(repeat the parameter for each)")] = None,
+    ipex_optimization_level: Annotated[IpexOptimizationLevel, Query(description="IpexRing: what to apply")] = "auto",
+) -> PreviewsResponse:
+    """Where each instance type would put the model's layers (and the memory per node, per Intel GPU device), or
+    why it cannot; the Intel options shape IpexRing's preview only."""
+    try:
+        options = InstanceOptions(intel_gpu_devices=None if intel_gpu_devices is None else tuple(intel_gpu_devices),
+                                  ipex_optimization_level=ipex_optimization_level)
+    except ValidationError as error:
+        raise ApiError(400, f"invalid request: intel_gpu_devices: {error.errors()[0]['msg']}",
+                       param="intel_gpu_devices", code="invalid_parameter") from None
+    card, previews = node_of(request).preview(model, min_nodes=min_nodes, options=options)
     return PreviewsResponse(model=card.id, card=card, previews=previews)
 
 
@@ -112,7 +125,8 @@ def instance_previews(request: Request, model: str = Query(min_length=1, descrip
 async def create_instance(body: CreateInstanceRequest, request: Request) -> InstanceRecord:
     """Place a model and start loading it; watch GET /instance/{id} until its status is ready."""
     return without_secrets(node_of(request).create_instance(body.model, InstanceType.parse(body.instance_type),
-                                                            node_ids=body.nodes, min_nodes=body.min_nodes))
+                                                            node_ids=body.nodes, min_nodes=body.min_nodes,
+                                                            options=body.options))
 
 
 @router.get("/instance/{instance_id}", response_model=InstanceRecord, responses=error_responses(404))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from ringlet.master.placement import PlacementPreview
+from ringlet.master.placement import InstanceOptions, PlacementPreview
 from ringlet.models.catalog import ModelCard
-from ringlet.shared.instances import InstanceType
+from ringlet.shared.instances import InstanceType, IpexOptimizationLevel
 from ringlet.shared.state import Link, NodeInfo, State, TaskRecord
 
 InstanceTypeName = Literal["MlxRing", "MlxIbv", "MlxJaccl", "CpuRing", "CudaRing", "IpexRing", "MixedRing"]
@@ -68,6 +68,23 @@ class CreateInstanceRequest(BaseModel):
     nodes: list[str] | None = Field(None, min_length=1, description="node ids or names, in ring order; "
                                                                    "default: placement picks")
     min_nodes: int = Field(1, ge=1, le=64, description="use at least this many nodes")
+    intel_gpu_devices: list[int] | None = Field(
+        None, min_length=1, description="IpexRing only: the XPU device indexes of its node to run on (GET /state: "
+                                        "each node's hardware.gpus); default: the node's discrete Intel GPUs")
+    ipex_optimization_level: IpexOptimizationLevel = Field(
+        "auto", description="IpexRing only: ipex (intel-extension-for-pytorch), compile (torch.compile), eager "
+                            "(neither), or auto: IPEX where a matching version imports, else torch.compile")
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> CreateInstanceRequest:
+        if (misfit := self.options.misfit(InstanceType.parse(self.instance_type))) is not None:
+            raise ValueError(misfit)
+        return self
+
+    @property
+    def options(self) -> InstanceOptions:
+        devices = None if self.intel_gpu_devices is None else tuple(self.intel_gpu_devices)
+        return InstanceOptions(intel_gpu_devices=devices, ipex_optimization_level=self.ipex_optimization_level)
 
 
 class DeletedInstance(BaseModel):

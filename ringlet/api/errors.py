@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ringlet.master.placement import PlacementError
+from ringlet.master.placement import DeviceChoiceError, PlacementError
 from ringlet.shared.errors import (
     InstanceNotFoundError,
     InvalidModelError,
@@ -100,6 +100,8 @@ def to_api_error(error: Exception) -> ApiError:
                             headers={"Retry-After": str(RETRY_AFTER_LOADING_S)})
         case NoInstanceError():
             return ApiError(503, str(error), type="unavailable_error", code="no_instance")
+        case DeviceChoiceError():
+            return ApiError(400, str(error), param="intel_gpu_devices", code="invalid_device")
         case PlacementError():
             return ApiError(409, str(error), code="placement_impossible")
         case TaskError(kind="context_window"):

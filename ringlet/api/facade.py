@@ -8,7 +8,7 @@ from typing import Protocol
 
 from fastapi import Request
 
-from ringlet.master.placement import PlacementPreview
+from ringlet.master.placement import DEFAULT_OPTIONS, InstanceOptions, PlacementPreview
 from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager
 from ringlet.shared.engine_info import EngineInfo
@@ -62,11 +62,11 @@ class NodeFacade(Protocol):
     @property
     def catalog(self) -> ModelResolver: ...
 
-    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1
-                ) -> tuple[ModelCard, list[PlacementPreview]]: ...
+    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1,
+                options: InstanceOptions = DEFAULT_OPTIONS) -> tuple[ModelCard, list[PlacementPreview]]: ...
 
     def create_instance(self, model: str, instance_type: InstanceType, node_ids: Sequence[str] | None = None,
-                        min_nodes: int = 1) -> InstanceRecord: ...
+                        min_nodes: int = 1, options: InstanceOptions = DEFAULT_OPTIONS) -> InstanceRecord: ...
 
     def get_instance(self, instance_id: str) -> InstanceRecord: ...
 

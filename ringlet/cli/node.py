@@ -7,12 +7,15 @@ import asyncio
 import os
 import socket
 from collections.abc import Callable
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 from urllib.parse import urlsplit
 
 from ringlet.cli import CliError, engine_from_environment
 from ringlet.shared.config import EngineConfig
-from ringlet.shared.instances import EngineType
+from ringlet.shared.instances import EngineType, IpexOptimizationLevel
+
+if TYPE_CHECKING:
+    from ringlet.node import InstanceOptions
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "pulled with Ollama (llama3.2:1b) (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engine", choices=get_args(EngineType), default=None,
                    help="engine for this node (default: $RINGLET_ENGINE, else the best available)")
+    intel = p.add_argument_group("Intel GPU", "How the default instance runs where it is an IpexRing (--engine ipex, "
+                                              "or an Intel GPU detected).")
+    intel.add_argument("--intel-gpu-devices", default=None, metavar="INDEXES",
+                       help="the XPU devices it may run on, e.g. 0 or 0,1 (default: the discrete Intel GPUs; the "
+                            "integrated one where there is no other)")
+    intel.add_argument("--ipex-optimization-level", choices=get_args(IpexOptimizationLevel), default="auto",
+                       help="ipex: intel-extension-for-pytorch's optimize; compile: torch.compile; eager: neither; "
+                            "auto (default): IPEX where a matching version imports, else torch.compile")
     p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                    help="a directory whose models the API may load by path (repeatable); beyond it only the model "
                         "store, RINGLET_MODEL_DIRS and --model are loaded: any other path is a 404")
@@ -79,6 +90,23 @@ def check_endpoints(endpoints: list[str]) -> list[str]:
         raise CliError(str(error)) from None
 
 
+def instance_options(devices: str | None, level: IpexOptimizationLevel) -> InstanceOptions:
+    """--intel-gpu-devices (indexes separated by commas) and --ipex-optimization-level, checked."""
+    from pydantic import ValidationError
+
+    from ringlet.node import InstanceOptions
+
+    try:
+        indexes = None if devices is None else tuple(int(i) for i in devices.split(","))
+    except ValueError:
+        raise CliError(f"--intel-gpu-devices {devices!r}: write device indexes separated by commas, e.g. 0 or 0,1"
+                       ) from None
+    try:
+        return InstanceOptions(intel_gpu_devices=indexes, ipex_optimization_level=level)
+    except ValidationError as error:
+        raise CliError(f"--intel-gpu-devices {devices!r}: {error.errors()[0]['msg']}") from None
+
+
 def engine_choice(requested: str | None) -> EngineType | None:
     """--engine, or $RINGLET_ENGINE (an alias like xpu allowed), or None for the best available."""
     from ringlet.worker.engines.engine_utils import parse_engine_name
@@ -118,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         discovery=not args.no_discovery, api_keys=keys_from(args.api_key, os.environ.get(API_KEY_ENV)),
         allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin), cluster_secret=secret,
         models_dirs=tuple(args.models_dir),
+        instance_options=instance_options(args.intel_gpu_devices, args.ipex_optimization_level),
     )
     try:
         with asyncio.Runner(loop_factory=_fast_event_loop()) as runner:

@@ -25,10 +25,34 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
                      for row in [header, *rows])
 
 
+def engine_cell(record: dict[str, Any]) -> str:
+    """What each stage runs on: its runner's engine once ready (else the planned one), with any fallback."""
+    cells = []
+    for shard in record["instance"]["shards"]:
+        runner = record["runners"].get(shard["node_id"], {})
+        engine = runner.get("engine") or shard["engine"]
+        cells.append(f"{engine} ({runner['fallback']})" if runner.get("fallback") else engine)
+    return ", ".join(dict.fromkeys(cells))
+
+
+def instance_settings(instance_id: str, record: dict[str, Any], name: dict[str, str]) -> list[str]:
+    """An IpexRing's devices and optimisation level, and what each runner applied to the model."""
+    instance, lines = record["instance"], []
+    if instance["instance_type"] == "IpexRing":
+        devices = instance.get("intel_gpu_devices")
+        chosen = ",".join(map(str, devices)) if devices else "the discrete ones"
+        lines.append(f"{instance_id}: Intel GPUs {chosen}, optimisation level "
+                     f"{instance.get('ipex_optimization_level', 'auto')}")
+    for node_id, runner in record["runners"].items():
+        if runner.get("optimization"):
+            lines.append(f"{instance_id} on {name.get(node_id, node_id)}: {runner['optimization']}")
+    return lines
+
+
 def format_state(state: dict[str, Any]) -> str:
     nodes = state["nodes"]
     name = {node_id: n["name"] for node_id, n in nodes.items()}
-    instance_rows = []
+    instance_rows, settings = [], []
     for instance_id, record in state["instances"].items():
         instance = record["instance"]
         stages = []
@@ -41,16 +65,19 @@ def format_state(state: dict[str, Any]) -> str:
             status = f"loading {record['progress']:.0%}"
         tasks = sum(1 for t in state["tasks"].values() if t["instance_id"] == instance_id)
         instance_rows.append([instance_id, instance["model"], instance["instance_type"], status, str(tasks),
-                              ", ".join(stages)])
+                              engine_cell(record), ", ".join(stages)])
+        settings += instance_settings(instance_id, record, name)
     node_rows = [[node_id, n["name"], ",".join(n["engines"]["available_engines"]),
                   str(n["engines"]["selected_engine"]), f"{n['memory']['available_bytes'] / GIB:.1f} GiB"]
                  for node_id, n in nodes.items()]
     failed = [f"{instance_id}: {record['error']}" for instance_id, record in state["instances"].items()
               if record.get("error")]
-    parts = [_table(["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "STAGES"], instance_rows)
+    parts = [_table(["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "ENGINE", "STAGES"], instance_rows)
              if instance_rows else "no instances",
              "",
              _table(["NODE", "NAME", "ENGINES", "SELECTED", "FREE MEMORY"], node_rows)]
+    if settings:
+        parts += ["", "settings and optimisations:", *settings]
     if failed:
         parts += ["", "errors:", *failed]
     return "\n".join(parts)

@@ -5,18 +5,27 @@ whose engines suit the type. A mixed ring runs each stage on its own node's engi
 with, or the best it detected), so there each node counts with the memory of its engine. Without an explicit node
 list the fewest nodes that fit are used (every extra stage costs a hop per token), the ones with the most memory
 first.
+
+An Intel GPU stage runs on one device: a node counts with the free memory of the largest of the devices the
+instance may use (its `intel_gpu_devices`, else the node's discrete Intel GPUs, else its integrated ones), so a
+model larger than any one device is split over nodes, or refused naming each device and its memory.
+
+Memory already promised: a node's reported free memory shows a runner's memory once it is loaded (the node refreshes
+it), not while it loads; so the estimated memory of the instances still loading on a node is subtracted from what a
+new one may use there, and that of ready ones is not (it would be counted twice).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.models.catalog import WEIGHT_ONLY_INT8, ModelCard
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT
-from ringlet.shared.instances import EngineType, Instance, InstanceType, Shard
-from ringlet.shared.state import InstanceCreated, NodeInfo
+from ringlet.shared.instances import EngineType, Instance, InstanceType, IpexOptimizationLevel, Shard
+from ringlet.shared.state import InstanceCreated, InstanceRecord, NodeInfo, RunnerStatus
 
 GIB = 1024**3
 # The engine computes in this dtype, so its weights take this many bytes per parameter in memory (MLX: on Metal;
@@ -39,6 +48,58 @@ class PlacementError(ValueError):
     """The instance cannot be placed; the message says why and what would make it fit."""
 
 
+class DeviceChoiceError(PlacementError):
+    """The instance's options do not suit it: a device its node lacks, or Intel options on another instance type."""
+
+
+class InstanceOptions(BaseModel):
+    """What an instance may be told beyond its model and type: an IpexRing's devices and optimisation level."""
+
+    model_config = ConfigDict(frozen=True)
+
+    intel_gpu_devices: tuple[int, ...] | None = Field(
+        None, min_length=1, description="IpexRing: the XPU device indexes of its node; None: its discrete Intel GPUs")
+    ipex_optimization_level: IpexOptimizationLevel = "auto"
+
+    @field_validator("intel_gpu_devices")
+    @classmethod
+    def _distinct(cls, devices: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if devices is not None and (min(devices) < 0 or len(set(devices)) != len(devices)):
+            raise ValueError(f"intel_gpu_devices must be distinct device indexes (0, 1, ...), got {list(devices)}")
+        return devices
+
+    @classmethod
+    def of(cls, instance: Instance) -> InstanceOptions:
+        """The options an instance was placed with (to place it again alike)."""
+        return cls(intel_gpu_devices=instance.intel_gpu_devices,
+                   ipex_optimization_level=instance.ipex_optimization_level)
+
+    def misfit(self, instance_type: InstanceType) -> str | None:
+        """Why these options do not apply to `instance_type`, or None."""
+        if instance_type == InstanceType.IPEX_RING or self == DEFAULT_OPTIONS:
+            return None
+        return (f"intel_gpu_devices and ipex_optimization_level apply to IpexRing instances only, not "
+                f"{instance_type.value}; leave them out or pick IpexRing")
+
+
+DEFAULT_OPTIONS = InstanceOptions()
+
+
+class IntelDevice(BaseModel):
+    """One Intel GPU of a node, as placement counts it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    name: str
+    integrated: bool | None
+    free_bytes: int
+
+    def describe(self) -> str:
+        kind = {True: "integrated", False: "discrete", None: "kind unknown"}[self.integrated]
+        return f"{self.index} ({self.name}, {kind}, {self.free_bytes / GIB:.1f} GiB free)"
+
+
 class StagePlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -48,7 +109,9 @@ class StagePlan(BaseModel):
     start: int
     end: int
     memory_bytes: int = Field(description="estimated weights + KV cache of this stage")
-    usable_bytes: int = Field(description="memory the node can give the engine")
+    usable_bytes: int = Field(description="memory the node can give the engine (on an Intel GPU: its largest "
+                                          "allowed device), less what its instances still loading will take")
+    device: int | None = Field(None, description="an Intel GPU stage: the device index counted with")
 
 
 class Placement(BaseModel):
@@ -77,6 +140,33 @@ class PlacementPreview(BaseModel):
 
 def usable_bytes(node: NodeInfo, engine: EngineType) -> int:
     return int(node.engine_memory_bytes(engine) * USABLE_FRACTION)
+
+
+def intel_devices(node: NodeInfo) -> list[IntelDevice]:
+    """The node's Intel GPUs; where only torch.xpu saw them (no PCI names), its count, sharing the total memory."""
+    gpus = [g for g in node.hardware.gpus if g.vendor == "intel"]
+    if gpus:
+        return [IntelDevice(index=g.index, name=g.name, integrated=g.integrated,
+                            free_bytes=g.memory_total_bytes if g.memory_free_bytes is None else g.memory_free_bytes)
+                for g in gpus]
+    count = node.engines.intel_gpu_count
+    return [IntelDevice(index=i, name="Intel GPU", integrated=None, free_bytes=node.engines.intel_gpu_memory // count)
+            for i in range(count)]
+
+
+def allowed_devices(node: NodeInfo, wanted: tuple[int, ...] | None) -> list[IntelDevice]:
+    """The devices an Intel GPU stage on `node` may run on: `wanted` (raises DeviceChoiceError naming the node's
+    devices when it has not one of them), else the discrete ones, else (an iGPU-only node) the integrated ones."""
+    devices = intel_devices(node)
+    if wanted is not None:
+        by_index = {d.index: d for d in devices}
+        missing = [i for i in wanted if i not in by_index]
+        if missing:
+            raise DeviceChoiceError(f"node {node.name} has no Intel GPU {', '.join(map(str, missing))}; "
+                                    f"its Intel GPUs: {_device_list(devices)}")
+        return [by_index[i] for i in wanted]
+    discrete = [d for d in devices if d.integrated is not True]
+    return discrete or devices
 
 
 def stage_bytes(card: ModelCard, start: int, end: int, engine: EngineType, kv_tokens: int,
@@ -127,9 +217,13 @@ def split_layers(num_layers: int, weights: Sequence[float]) -> list[tuple[int, i
 def place(
     card: ModelCard, instance_type: InstanceType, nodes: Sequence[NodeInfo], *, instance_id: str,
     node_ids: Sequence[str] | None = None, min_nodes: int = 1, kv_tokens: int | None = None,
+    options: InstanceOptions = DEFAULT_OPTIONS, placed: Sequence[InstanceRecord] = (),
 ) -> Placement:
-    """Place `card` as an instance of `instance_type`; raises PlacementError with the reason when impossible."""
+    """Place `card` as an instance of `instance_type`, beside the instances `placed` already (those still loading
+    hold their memory); raises PlacementError with the reason when impossible (DeviceChoiceError: the options)."""
     tokens = min(card.context_length, DEFAULT_KV_TOKENS) if kv_tokens is None else kv_tokens
+    if (misfit := options.misfit(instance_type)) is not None:
+        raise DeviceChoiceError(misfit)
     if not serves(card, instance_type):
         served_by = ", ".join(dict.fromkeys(t.value for t in [*card.instance_types, InstanceType.MIXED_RING]))
         raise PlacementError(f"{card.id} ({card.format}) cannot run as {instance_type.value}; it runs as: {served_by}")
@@ -149,35 +243,41 @@ def place(
                              f"{len(candidates)} nodes have {needs}")
     if min_nodes > card.num_layers:
         raise PlacementError(f"{card.id} has {card.num_layers} layers; it cannot be split over {min_nodes} nodes")
+    if instance_type == InstanceType.IPEX_RING and options.intel_gpu_devices is not None:
+        suitable = _with_devices(suitable, options.intel_gpu_devices, strict=node_ids is not None)
 
+    rooms = {n.node_id: _room(n, instance_type, options, placed) for n in suitable}
     if node_ids is not None:
         ring_sizes = [len(suitable)]
     else:
-        suitable.sort(key=lambda n: (-_usable(n, instance_type), n.node_id))
+        suitable.sort(key=lambda n: (-rooms[n.node_id].usable, n.node_id))
         ring_sizes = list(range(min_nodes, min(len(suitable), card.num_layers) + 1))
     for size in ring_sizes:
-        stages = _plan(card, suitable[:size], instance_type, tokens)
+        stages = _plan(card, suitable[:size], instance_type, tokens, rooms)
         if all(s.memory_bytes <= s.usable_bytes for s in stages):
             shards = [Shard(node_id=s.node_id, rank=rank, start=s.start, end=s.end, num_layers=card.num_layers,
                             engine=s.engine) for rank, s in enumerate(stages)]
-            instance = Instance(instance_id=instance_id, model=card.id, instance_type=instance_type, shards=shards)
+            instance = Instance(instance_id=instance_id, model=card.id, instance_type=instance_type, shards=shards,
+                                intel_gpu_devices=options.intel_gpu_devices,
+                                ipex_optimization_level=options.ipex_optimization_level)
             return Placement(instance=instance, stages=stages)
     ring = suitable[: ring_sizes[-1]]
     if instance_type.engine is None:
-        raise PlacementError(_mixed_does_not_fit(card, tokens, _plan(card, ring, instance_type, tokens)))
-    raise PlacementError(_does_not_fit(card, instance_type.engine, tokens, ring))
+        raise PlacementError(_mixed_does_not_fit(card, tokens, _plan(card, ring, instance_type, tokens, rooms)))
+    raise PlacementError(_does_not_fit(card, instance_type.engine, tokens, ring, rooms, options))
 
 
 def preview(
     card: ModelCard, nodes: Sequence[NodeInfo], *, node_ids: Sequence[str] | None = None, min_nodes: int = 1,
-    kv_tokens: int | None = None,
+    kv_tokens: int | None = None, options: InstanceOptions = DEFAULT_OPTIONS, placed: Sequence[InstanceRecord] = (),
 ) -> list[PlacementPreview]:
-    """The placement each instance type would get, or why it cannot serve the model."""
+    """The placement each instance type would get, or why it cannot serve the model; `options` go to IpexRing's."""
     previews = []
     for instance_type in InstanceType:
         try:
             placement = place(card, instance_type, nodes, instance_id="preview", node_ids=node_ids,
-                              min_nodes=min_nodes, kv_tokens=kv_tokens)
+                              min_nodes=min_nodes, kv_tokens=kv_tokens, placed=placed,
+                              options=options if instance_type == InstanceType.IPEX_RING else DEFAULT_OPTIONS)
         except PlacementError as refusal:
             previews.append(PlacementPreview(instance_type=instance_type, possible=False, reason=str(refusal)))
         else:
@@ -210,10 +310,74 @@ def _suits(node: NodeInfo, instance_type: InstanceType) -> bool:
     return engine is not None and node.engine_available(engine)
 
 
-def _usable(node: NodeInfo, instance_type: InstanceType) -> int:
+def _with_devices(nodes: list[NodeInfo], wanted: tuple[int, ...], strict: bool) -> list[NodeInfo]:
+    """The nodes that have every device asked for; `strict` (the nodes were named): any without them is refused."""
+    lacking: list[str] = []
+    having = []
+    for node in nodes:
+        try:
+            allowed_devices(node, wanted)
+        except DeviceChoiceError as refusal:
+            lacking.append(str(refusal))
+        else:
+            having.append(node)
+    if lacking and (strict or not having):
+        raise DeviceChoiceError("; ".join(lacking))
+    return having
+
+
+class _Room(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    usable: int
+    held: int  # of the node's usable memory, what its instances still loading will take
+    device: int | None = None
+
+
+def _room(node: NodeInfo, instance_type: InstanceType, options: InstanceOptions,
+          placed: Sequence[InstanceRecord]) -> _Room:
+    """What a new stage may take on `node`: the engine's usable memory (an Intel GPU stage: its largest allowed
+    device's) less what the instances still loading there will take."""
     engine = stage_engine(node, instance_type)
     assert engine is not None, "only suitable nodes are measured"
-    return usable_bytes(node, engine)
+    held = _held(node, placed)
+    if engine != "ipex":
+        pool = _pool(engine)
+        return _Room(usable=max(0, usable_bytes(node, engine) - held[pool]), held=held[pool])
+    rooms = [_Room(usable=max(0, int(d.free_bytes * USABLE_FRACTION) - held[f"xpu:{d.index}"]),
+                   held=held[f"xpu:{d.index}"], device=d.index)
+             for d in allowed_devices(node, options.intel_gpu_devices)]
+    return max(rooms, key=lambda r: r.usable, default=_Room(usable=0, held=0))
+
+
+def _pool(engine: EngineType) -> str:
+    return "cuda" if engine == "cuda" else "ram"  # cpu and mlx (unified memory) take the host's memory
+
+
+def _held(node: NodeInfo, placed: Sequence[InstanceRecord]) -> Counter[str]:
+    """Memory the instances still loading on `node` will take, by pool ("ram", "cuda", "xpu:<index>"). A loading
+    Intel GPU stage may land on any device it is allowed, so it holds its memory on each of them."""
+    held: Counter[str] = Counter()
+    for record in placed:
+        runner = record.runners.get(node.node_id)
+        if runner is None or runner.status != RunnerStatus.LOADING:
+            continue  # a ready runner shows in the node's free memory already; a failed one holds nothing
+        engine = record.instance.shard_of(node.node_id).engine
+        memory = record.memory_bytes.get(node.node_id, 0)
+        if engine != "ipex":
+            held[_pool(engine)] += memory
+            continue
+        try:
+            devices = allowed_devices(node, record.instance.intel_gpu_devices)
+        except DeviceChoiceError:
+            devices = intel_devices(node)  # placed when the node reported other devices: count it everywhere
+        for device in devices:
+            held[f"xpu:{device.index}"] += memory
+    return held
+
+
+def _device_list(devices: Sequence[IntelDevice]) -> str:
+    return ", ".join(d.describe() for d in devices) or "none"
 
 
 def _needs(instance_type: InstanceType) -> str:
@@ -229,16 +393,17 @@ def _missing_reason(node: NodeInfo, instance_type: InstanceType) -> str:
     return f"no engine is available ({problems or 'none detected'})"
 
 
-def _plan(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType, kv_tokens: int) -> list[StagePlan]:
-    usable = [_usable(n, instance_type) for n in ring]
-    ranges = split_layers(card.num_layers, [float(max(u, 1)) for u in usable])
+def _plan(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType, kv_tokens: int,
+          rooms: dict[str, _Room]) -> list[StagePlan]:
+    ranges = split_layers(card.num_layers, [float(max(rooms[n.node_id].usable, 1)) for n in ring])
     stages = []
-    for node, u, (start, end) in zip(ring, usable, ranges):
+    for node, (start, end) in zip(ring, ranges):
         engine = stage_engine(node, instance_type)
         assert engine is not None
+        room = rooms[node.node_id]
         memory = stage_bytes(card, start, end, engine, kv_tokens, engine_dtype(node, engine))
         stages.append(StagePlan(node_id=node.node_id, node_name=node.name, engine=engine, start=start, end=end,
-                                usable_bytes=u, memory_bytes=memory))
+                                usable_bytes=room.usable, memory_bytes=memory, device=room.device))
     return stages
 
 
@@ -249,13 +414,24 @@ def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo
             f"node{'s' if count != 1 else ''} has one ({reasons})")
 
 
-def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Sequence[NodeInfo]) -> str:
+def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Sequence[NodeInfo],
+                  rooms: dict[str, _Room], options: InstanceOptions) -> str:
     dtype = engine_dtype(ring[0], engine) if ring else ENGINE_DTYPE[engine]
     needed = stage_bytes(card, 0, card.num_layers, engine, kv_tokens, dtype)
-    have = sum(usable_bytes(n, engine) for n in ring)
+    have = sum(rooms[n.node_id].usable for n in ring)
+    held = sum(rooms[n.node_id].held for n in ring)
+    plural = len(ring) != 1
+    waiting = (f" (after {held / GIB:.1f} GiB held for {'their' if plural else 'its'} still loading instances: "
+               "try again once they are loaded)" if held else "")
+    if engine == "ipex":
+        devices = "; ".join(f"{n.name}: {_device_list(allowed_devices(n, options.intel_gpu_devices))}" for n in ring)
+        return (f"{card.id} needs {needed / GIB:.1f} GiB on Intel GPUs ({dtype} weights and a {kv_tokens}-token KV "
+                f"cache), one stage per node on one device; the devices it may use have "
+                f"{have / GIB:.1f} GiB usable together{waiting} ({devices}): add a node, allow a larger device "
+                "(intel_gpu_devices) or pick a smaller model")
     return (f"{card.id} needs {needed / GIB:.1f} GiB on {engine} ({dtype} weights and a "
-            f"{kv_tokens}-token KV cache); the {len(ring)} suitable node{'s' if len(ring) != 1 else ''} "
-            f"{'have' if len(ring) != 1 else 'has'} {have / GIB:.1f} GiB usable: add a node or pick a smaller model")
+            f"{kv_tokens}-token KV cache); the {len(ring)} suitable node{'s' if plural else ''} "
+            f"{'have' if plural else 'has'} {have / GIB:.1f} GiB usable{waiting}: add a node or pick a smaller model")
 
 
 def _mixed_does_not_fit(card: ModelCard, kv_tokens: int, stages: Sequence[StagePlan]) -> str:

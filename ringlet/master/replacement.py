@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ringlet.master.placement import PlacementError, created, place
+from ringlet.master.placement import InstanceOptions, PlacementError, created, place
 from ringlet.models.catalog import ModelCard
 from ringlet.shared.errors import NodeError
 from ringlet.shared.instances import Instance
@@ -45,7 +45,7 @@ def _placed_again(instance: Instance, nodes: list[NodeInfo], node_ids: list[str]
                   new_id: Callable[[], str], now: float, why: str) -> tuple[list[Event], str]:
     try:
         placement = place(card_of(instance.model), instance.instance_type, nodes, instance_id=new_id(),
-                          node_ids=node_ids)
+                          node_ids=node_ids, options=InstanceOptions.of(instance))
     except (PlacementError, NodeError) as refusal:
         return ([InstanceDeleted(instance_id=instance.instance_id)],
                 f"instance {instance.instance_id} {why} and cannot be placed again: {refusal}")

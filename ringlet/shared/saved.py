@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ringlet.shared.instances import InstanceType
+from ringlet.shared.instances import InstanceType, IpexOptimizationLevel
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item", bound=BaseModel)
@@ -24,6 +24,8 @@ class SavedInstance(BaseModel):
     model: str
     instance_type: InstanceType
     min_nodes: int = 1
+    intel_gpu_devices: tuple[int, ...] | None = None  # an IpexRing's options, as it was created with them
+    ipex_optimization_level: IpexOptimizationLevel = "auto"
 
 
 class SavedList(Generic[Item]):

@@ -53,8 +53,8 @@ class NodeInfo(_Frozen):
             if gpus:
                 return sum(g.memory_total_bytes if g.memory_free_bytes is None else g.memory_free_bytes
                            for g in gpus)
-            if engine == "ipex":  # torch.xpu saw it, the PCI scan did not name it
-                return self.engines.intel_gpu_memory * max(self.engines.intel_gpu_count, 1)
+            if engine == "ipex":  # torch.xpu saw it, the PCI scan did not name it: all its devices together
+                return self.engines.intel_gpu_memory
             return 0
         return self.memory.available_bytes  # cpu, and mlx on unified memory
 

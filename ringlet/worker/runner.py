@@ -17,14 +17,16 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast, get_args
 
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError, TaskErrorKind
+from ringlet.shared.instances import EngineType
 from ringlet.shared.messages import (
     TO_RUNNER,
     CancelTask,
     Chunk,
+    FellBack,
     LoadFailed,
     Loading,
     LoadShard,
@@ -123,6 +125,55 @@ def _task_failed(task_id: str, error: Exception) -> TaskFailed:
     return TaskFailed(task_id=task_id, kind=kind, error=str(error) or type(error).__name__)
 
 
+ENGINE_TYPES: frozenset[str] = frozenset(get_args(EngineType))
+TORCH_DEVICE_ENGINE: dict[str, EngineType] = {"cpu": "cpu", "cuda": "cuda", "xpu": "ipex"}
+
+
+def running_engine(engine: object, planned: EngineType) -> EngineType:
+    """The engine a loaded stage runs on: its `name` where that is an engine ("ipex"; "cpu" once it fell back), a
+    torch engine's device, else (a ring's stage) the one placement planned."""
+    name = getattr(engine, "name", None)
+    if name in ENGINE_TYPES:
+        return cast(EngineType, name)
+    device = getattr(getattr(engine, "device", None), "type", None)
+    return TORCH_DEVICE_ENGINE.get(device, planned) if name == "torch" and device else planned
+
+
+def fallback_of(engine: object, planned: EngineType) -> str | None:
+    """"ipex -> cpu: <reason>" once the engine left the one placement planned (at load, or later: its
+    `fallback_reason`), else None."""
+    reason = getattr(engine, "fallback_reason", None)
+    now = running_engine(engine, planned)
+    if now == planned and not reason:
+        return None
+    if now == planned:
+        now = "cpu"  # a stage that reports a fallback without renaming itself: every engine falls back to the CPU
+    reason = reason or f"the {planned} engine cannot run on this node (the node's log says why)"
+    return reason if reason.startswith(f"{planned} -> ") else f"{planned} -> {now}: {reason}"
+
+
+def ready(engine: object, planned: EngineType, context_length: int, warmup_s: float, slots: int = 1) -> Ready:
+    """The runner's Ready, with what it runs on and what was applied to the model."""
+    optimization = getattr(engine, "optimization", None)
+    return Ready(context_length=context_length, warmup_s=warmup_s, slots=slots,
+                 engine=running_engine(engine, planned), fallback=fallback_of(engine, planned),
+                 optimization=optimization if isinstance(optimization, str) else None)
+
+
+class FallbackWatch:
+    """Sends FellBack once when the engine leaves its device while serving (an Intel GPU lost: ipex -> cpu)."""
+
+    def __init__(self, engine: object, planned: EngineType, outbox: Outbox, reported: str | None) -> None:
+        self.engine, self.planned, self.outbox, self.reported = engine, planned, outbox, reported
+
+    def __call__(self) -> None:
+        fallback = fallback_of(self.engine, self.planned)
+        if fallback is not None and fallback != self.reported:
+            self.reported = fallback
+            log.warning("%s", fallback)
+            self.outbox.send(FellBack(engine=running_engine(self.engine, self.planned), reason=fallback))
+
+
 def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outbox: Outbox) -> None:
     from ringlet.worker.engines.engine_init import generate_with_engine
 
@@ -147,21 +198,22 @@ def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outb
 
 
 def serve_tasks(engine: GeneratesText, inbox: Inbox, outbox: Outbox,
-                broken: Callable[[], bool] = lambda: False) -> None:
+                broken: Callable[[], bool] = lambda: False, fell_back: Callable[[], None] = lambda: None) -> None:
     """Run the node's tasks on `engine`, one at a time, until the node goes away (the inbox exits the process) or,
-    for a ring's first stage, the ring breaks (`broken()`)."""
+    for a ring's first stage, the ring breaks (`broken()`); `fell_back()` after each task reports a fallback."""
     while not broken():
         command = inbox.commands.get()
         assert isinstance(command, RunTask), "the node loads one shard per runner"
         run_task(engine, command.task, inbox, outbox)
+        fell_back()
 
 
 def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: EngineConfig, inbox: Inbox, outbox: Outbox,
-                  broken: Callable[[], bool] = lambda: False) -> None:
+                  broken: Callable[[], bool] = lambda: False, fell_back: Callable[[], None] = lambda: None) -> None:
     """Run the node's tasks together, one batched step at a time (a pipeline: as many as it keeps in flight): a task
     joins at the next step and leaves when it ends; a cancel takes effect between two steps. A step that fails fails
     the tasks in it, and the batch starts over empty; for a ring's first stage whose ring broke (`broken()`), the
-    loop ends."""
+    loop ends. `fell_back()` after each step reports an engine that left its device."""
     generator = _batch_generator(engine, config)
     admitted: set[str] = set()
     reported, reported_at = generator.stats(), 0.0
@@ -190,6 +242,7 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
                 outbox.send(TaskFailed(task_id=task_id, kind="engine", error=str(error) or type(error).__name__))
             generator = _batch_generator(engine, config)
             admitted.clear()
+            fell_back()
             continue
         messages: list[Message] = []
         for task_id in generator.running_ids() - admitted:
@@ -200,6 +253,7 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
             if chunk.last:
                 admitted.discard(chunk.task_id)
         outbox.send_all(messages)
+        fell_back()
         stats = generator.stats()
         if time.monotonic() - reported_at > STATS_EVERY_S or (stats != reported and not generator):
             outbox.send(stats)
@@ -238,12 +292,15 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         traceback.print_exc(file=sys.stderr)
         outbox.send(LoadFailed(error=f"{type(error).__name__}: {error}"))
         return 1
-    if hasattr(engine, "forward_batch") or hasattr(engine, "batch_generator"):
-        outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s, slots=load.config.max_batch))
-        serve_batched(cast("BatchModel | BatchesItself", engine), load.config, inbox, outbox)
+    planned = load.bound.engine
+    batching = hasattr(engine, "forward_batch") or hasattr(engine, "batch_generator")
+    told = ready(engine, planned, engine.context_length, warmup_s, load.config.max_batch if batching else 1)
+    outbox.send(told)
+    fell_back = FallbackWatch(engine, planned, outbox, told.fallback)
+    if batching:
+        serve_batched(cast("BatchModel | BatchesItself", engine), load.config, inbox, outbox, fell_back=fell_back)
     else:
-        outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
-        serve_tasks(engine, inbox, outbox)
+        serve_tasks(engine, inbox, outbox, fell_back=fell_back)
     return 0
 
 
@@ -289,7 +346,7 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         return 1
     log.info("instance %s: stage %d ready (%s)", instance_id, bound.shard.rank, precision)
     if isinstance(engine, RelayStage | PipelineStage):
-        outbox.send(Ready(context_length=engine.context_length, warmup_s=warmup_s))
+        outbox.send(ready(engine, bound.engine, engine.context_length, warmup_s))
         try:
             engine.serve()
         except RingBrokenError as error:
@@ -298,12 +355,16 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         return 0
     if isinstance(engine, PipelineHead):
         head = engine
-        outbox.send(Ready(context_length=head.context_length, warmup_s=warmup_s, slots=load.config.max_batch))
-        serve_batched(head, load.config, inbox, outbox, broken=lambda: head.broken)
+        told = ready(head, bound.engine, head.context_length, warmup_s, load.config.max_batch)
+        outbox.send(told)
+        serve_batched(head, load.config, inbox, outbox, broken=lambda: head.broken,
+                      fell_back=FallbackWatch(head, bound.engine, outbox, told.fallback))
     else:
         first = engine
-        outbox.send(Ready(context_length=first.context_length, warmup_s=warmup_s))
-        serve_tasks(first, inbox, outbox, broken=lambda: first.broken)
+        told = ready(first, bound.engine, first.context_length, warmup_s)
+        outbox.send(told)
+        serve_tasks(first, inbox, outbox, broken=lambda: first.broken,
+                    fell_back=FallbackWatch(first, bound.engine, outbox, told.fallback))
     log.error("instance %s: the ring is broken; this stage stops", instance_id)
     return 1
 

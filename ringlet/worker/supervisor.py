@@ -24,15 +24,17 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
+from typing import cast, get_args
 
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import TaskError
-from ringlet.shared.instances import BoundInstance
+from ringlet.shared.instances import BoundInstance, EngineType
 from ringlet.shared.messages import (
     FROM_RUNNER,
     BatchStats,
     CancelTask,
     Chunk,
+    FellBack,
     FromRunner,
     LoadFailed,
     Loading,
@@ -47,6 +49,7 @@ from ringlet.shared.state import (
     Event,
     RingHosted,
     RunnerFailed,
+    RunnerFellBack,
     RunnerProgressed,
     RunnerReady,
     RunnerStatus,
@@ -63,6 +66,7 @@ WATCH_EVERY_S = 1.0
 RING_OMP_SPINCOUNT = 10_000
 # a chunk line is small, but a huge prompt echoed in an error message must not break the reader
 _LINE_LIMIT = 64 * 1024 * 1024
+ENGINE_TYPES: frozenset[str] = frozenset(get_args(EngineType))
 
 
 @dataclass(eq=False)
@@ -217,10 +221,20 @@ class _Runner:
                 # into the state: the nodes of the later stages start their runners when they see it
                 self._emit(message)
             case Ready(context_length=context_length, warmup_s=warmup_s, slots=slots):
-                log.info("instance %s: ready (warm-up %.1f s, %d at once)", self.instance_id, warmup_s, slots)
+                log.info("instance %s: ready on %s (warm-up %.1f s, %d at once; optimisation: %s)%s",
+                         self.instance_id, message.engine, warmup_s, slots, message.optimization,
+                         f"; fell back: {message.fallback}" if message.fallback else "")
                 self.ready, self.slots = True, slots
-                self._emit(RunnerReady(instance_id=self.instance_id, node_id=node_id, context_length=context_length))
+                self._emit(RunnerReady(instance_id=self.instance_id, node_id=node_id, context_length=context_length,
+                                       engine=self._engine(message.engine), optimization=message.optimization,
+                                       fallback=message.fallback))
                 self._dispatch()
+            case FellBack(engine=engine, reason=reason):
+                log.warning("instance %s: %s; it goes on serving", self.instance_id, reason)
+                now = self._engine(engine)
+                if now is not None:
+                    self._emit(RunnerFellBack(instance_id=self.instance_id, node_id=node_id, engine=now,
+                                              reason=reason))
             case LoadFailed(error=error):
                 self.fail(f"loading failed: {error}")
             case BatchStats():
@@ -240,6 +254,14 @@ class _Runner:
                     self._ended(task_id)
             case TaskCancelled(task_id=task_id):
                 self._ended(task_id)
+
+    def _engine(self, name: str | None) -> EngineType | None:
+        """A runner's engine name as the state records it; another name (a runner of a newer ringlet) is logged."""
+        if name is None or name in ENGINE_TYPES:
+            return cast(EngineType | None, name)
+        log.warning("instance %s: the runner reports an engine %r ringlet does not know; not recorded",
+                    self.instance_id, name)
+        return None
 
     def _ended(self, task_id: str) -> None:
         self.active.pop(task_id, None)

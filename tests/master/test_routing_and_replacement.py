@@ -122,3 +122,19 @@ def test_a_failed_ring_is_formed_again_on_its_nodes_or_where_it_fits() -> None:
     events, _ = reform_events(without_b, "i1", resolve, lambda: "new-2", now=6.0)
     created = events[1]
     assert isinstance(created, InstanceCreated) and "b" not in {s.node_id for s in created.instance.shards}
+
+
+def test_an_ipex_ring_placed_again_keeps_its_devices_and_optimisation_level() -> None:
+    from tests.support.node_infos import intel_gpu_node
+
+    state = State()
+    for node_id in ("a", "b"):
+        state = apply(state, NodeJoined(node=intel_gpu_node(node_id, 8, 16)))
+    chosen = Instance(instance_id="i1", model=MODEL, instance_type=InstanceType.IPEX_RING,
+                      shards=[Shard(node_id="b", rank=0, start=0, end=30, num_layers=30, engine="ipex")],
+                      intel_gpu_devices=(0,), ipex_optimization_level="eager")
+    state = apply(state, InstanceCreated(instance=chosen, created_at=0.0))
+    events, _ = lost_node_events(state, "b", resolve, lambda: "new-1", now=5.0)
+    created = events[-1]
+    assert isinstance(created, InstanceCreated) and [s.node_id for s in created.instance.shards] == ["a"]
+    assert created.instance.intel_gpu_devices == (0,) and created.instance.ipex_optimization_level == "eager"

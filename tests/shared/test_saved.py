@@ -44,3 +44,11 @@ def test_a_broken_file_is_set_aside_with_a_warning(tmp_path: Path, caplog: pytes
     assert "cannot be read" in caplog.text and (tmp_path / "instances.json.bad").exists()
     store.add(saved("inst-2"))
     assert store.load() == [saved("inst-2")]
+
+
+def test_an_ipex_ring_is_kept_with_its_devices_and_optimisation_level(tmp_path: Path) -> None:
+    store = SavedInstances(tmp_path / "instances.json")
+    ipex = SavedInstance(instance_id="inst-1", model="m", instance_type=InstanceType.IPEX_RING,
+                         intel_gpu_devices=(1, 2), ipex_optimization_level="compile")
+    store.add(ipex)
+    assert SavedInstances(store.path).load() == [ipex]

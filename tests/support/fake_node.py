@@ -27,7 +27,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from ringlet.master.placement import PlacementPreview, created, place, preview
+from ringlet.master.placement import DEFAULT_OPTIONS, InstanceOptions, PlacementPreview, created, place, preview
 from ringlet.master.routing import route
 from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager, DownloadStatus, HubSettings
@@ -133,16 +133,18 @@ class FakeNode:
 
     # --- models and instances, as the real node places and records them
 
-    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1
-                ) -> tuple[ModelCard, list[PlacementPreview]]:
+    def preview(self, model: str, node_ids: Sequence[str] | None = None, min_nodes: int = 1,
+                options: InstanceOptions = DEFAULT_OPTIONS) -> tuple[ModelCard, list[PlacementPreview]]:
         card = self.catalog.add_local(model)
-        return card, preview(card, list(self.state.nodes.values()), node_ids=node_ids, min_nodes=min_nodes)
+        return card, preview(card, list(self.state.nodes.values()), node_ids=node_ids, min_nodes=min_nodes,
+                             options=options, placed=list(self.state.instances.values()))
 
     def create_instance(self, model: str, instance_type: InstanceType, node_ids: Sequence[str] | None = None,
-                        min_nodes: int = 1) -> InstanceRecord:
+                        min_nodes: int = 1, options: InstanceOptions = DEFAULT_OPTIONS) -> InstanceRecord:
         card = self.catalog.add_local(model)
         placement = place(card, instance_type, list(self.state.nodes.values()),
-                          instance_id=f"inst-{uuid.uuid4().hex[:12]}", node_ids=node_ids, min_nodes=min_nodes)
+                          instance_id=f"inst-{uuid.uuid4().hex[:12]}", node_ids=node_ids, min_nodes=min_nodes,
+                          options=options, placed=list(self.state.instances.values()))
         event = created(placement, time.time())
         self.emit(event)
         return new_instance_record(event)

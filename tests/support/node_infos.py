@@ -24,7 +24,7 @@ def node_info(node_id: str, free_gib: float, engines: tuple[EngineType, ...] = (
         available_engines=list(engines), selected_engine=engines[0] if engines else None, mlx_available="mlx" in engines,
         torch_available=True, cpu_available="cpu" in engines, cuda_available="cuda" in engines,
         ipex_available="ipex" in engines, intel_gpu_count=len(intel),
-        intel_gpu_memory=intel[0].memory_total_bytes if intel else 0,
+        intel_gpu_memory=sum(g.memory_total_bytes for g in intel),
         reasons={e: p for e, p in _MISSING.items() if e not in engines},
     )
     hardware = NodeHardware(system="Linux", machine="x86_64", cpu=cpu, gpus=list(gpus))

@@ -46,6 +46,9 @@ export interface GpuInfo {
 	memory_total_bytes: number;
 	memory_free_bytes: number | null;
 	driver: string | null;
+	/** shares the host's memory (an Intel iGPU); null: not known */
+	integrated: boolean | null;
+	level_zero_version: string | null;
 }
 
 export interface NodeHardware {
@@ -86,6 +89,12 @@ export interface RunnerRecord {
 	error: string | null;
 	pid: number | null;
 	context_length: number | null;
+	/** the engine the stage runs on (after any fallback) */
+	engine: EngineType | null;
+	/** what was applied to the model, e.g. IPEX, torch.compile */
+	optimization: string | null;
+	/** why it left its engine: "ipex -> cpu: reason" */
+	fallback: string | null;
 }
 
 export interface Shard {
@@ -102,6 +111,17 @@ export interface Instance {
 	model: string;
 	instance_type: InstanceType;
 	shards: Shard[];
+	intel_gpu_devices: number[] | null;
+	ipex_optimization_level: IpexOptimizationLevel;
+}
+
+/** How an IpexRing optimises its model: IPEX where usable else torch.compile (auto), or exactly one. */
+export type IpexOptimizationLevel = 'auto' | 'ipex' | 'compile' | 'eager';
+
+/** An IpexRing's options (the API refuses them on other instance types). */
+export interface IntelOptions {
+	intel_gpu_devices: number[] | null;
+	ipex_optimization_level: IpexOptimizationLevel;
 }
 
 export interface InstanceRecord {
@@ -177,6 +197,8 @@ export interface StagePlan {
 	end: number;
 	memory_bytes: number;
 	usable_bytes: number;
+	/** an Intel GPU stage: the device index placement counted with */
+	device: number | null;
 }
 
 export interface PlacementPreview {
@@ -197,6 +219,8 @@ export interface CreateInstanceRequest {
 	instance_type: InstanceMeta;
 	nodes?: string[];
 	min_nodes?: number;
+	intel_gpu_devices?: number[] | null;
+	ipex_optimization_level?: IpexOptimizationLevel;
 }
 
 export interface DeletedInstance {

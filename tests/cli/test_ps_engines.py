@@ -1,0 +1,52 @@
+"""`ringlet ps` shows what each instance runs on, its fallback, an IpexRing's options and what was applied."""
+
+from __future__ import annotations
+
+import pytest
+
+from ringlet.cli import CliError
+from ringlet.cli.node import instance_options
+from ringlet.cli.ps import format_state
+from ringlet.master.placement import InstanceOptions
+from ringlet.shared.instances import Instance, InstanceType, Shard
+from ringlet.shared.state import InstanceCreated, NodeJoined, RunnerFellBack, RunnerReady, State, apply
+from tests.support.node_infos import intel_gpu_node
+
+OPTIMIZATION = "ipex.optimize (bf16): 211 of 211 linear layers prepacked"
+
+
+def state_of(ipex_fell_back: bool) -> dict[str, object]:
+    state = apply(State(), NodeJoined(node=intel_gpu_node("node-arc", 32, 16)))
+    instance = Instance(instance_id="inst-x", model="m", instance_type=InstanceType.IPEX_RING,
+                        shards=[Shard(node_id="node-arc", rank=0, start=0, end=30, num_layers=30, engine="ipex")],
+                        intel_gpu_devices=(0,), ipex_optimization_level="ipex")
+    state = apply(state, InstanceCreated(instance=instance, created_at=0.0))
+    state = apply(state, RunnerReady(instance_id="inst-x", node_id="node-arc", context_length=4096, engine="ipex",
+                                     optimization=OPTIMIZATION))
+    if ipex_fell_back:
+        state = apply(state, RunnerFellBack(instance_id="inst-x", node_id="node-arc", engine="cpu",
+                                            reason="ipex -> cpu: device lost"))
+    return {**state.model_dump(mode="json"), "tasks": {}}
+
+
+def test_ps_shows_the_engine_and_the_settings() -> None:
+    lines = format_state(state_of(ipex_fell_back=False)).splitlines()
+    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "ENGINE", "STAGES"]
+    assert lines[1].split() == ["inst-x", "m", "IpexRing", "ready", "0", "ipex", "node-arc[0:30]"]
+    settings = lines[lines.index("settings and optimisations:") + 1:]
+    assert settings == ["inst-x: Intel GPUs 0, optimisation level ipex", f"inst-x on node-arc: {OPTIMIZATION}"]
+
+
+def test_ps_shows_a_fallback_in_the_engine_column() -> None:
+    lines = format_state(state_of(ipex_fell_back=True)).splitlines()
+    assert "  cpu (ipex -> cpu: device lost)  node-arc[0:30]" in lines[1]
+
+
+def test_the_node_commands_intel_options_are_checked() -> None:
+    assert instance_options("1,0", "eager") == InstanceOptions(intel_gpu_devices=(1, 0),
+                                                               ipex_optimization_level="eager")
+    assert instance_options(None, "auto") == InstanceOptions()
+    with pytest.raises(CliError, match="write device indexes separated by commas"):
+        instance_options("0;1", "auto")
+    with pytest.raises(CliError, match="distinct device indexes"):
+        instance_options("1,1", "auto")
