@@ -16,7 +16,7 @@ from torch import nn
 
 from ringlet.models.llama import MLP, RMSNorm
 from ringlet.shared.errors import first_line
-from ringlet.worker.engines.ipex.generator.generate import is_device_error, is_out_of_memory
+from ringlet.worker.engines.ipex.generator.generate import DeviceGuard, is_device_error, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +78,21 @@ class EagerOnCompileFailure:
             return self.forward(*args)
         self.calls += 1
         return out
+
+
+class ReportsOptimization:
+    """What an ipex engine or stage applied and why it left its device, from its compile wrapper and its guard."""
+
+    applied: str  # what loading applied (IPEX, torch.compile, eager)
+    compiled: EagerOnCompileFailure
+    guard: DeviceGuard[Any]
+
+    @property
+    def optimization(self) -> str:
+        if self.guard.fallback is not None:
+            return "none (the cpu engine, after the device failed)"
+        return self.compiled.failure or self.applied
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.guard.fallback_reason

@@ -17,13 +17,13 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.ipex import IpexLoadedModel, IPEXTokenizerWrapper
-from ringlet.worker.engines.ipex.compiled import EagerOnCompileFailure
+from ringlet.worker.engines.ipex.compiled import EagerOnCompileFailure, ReportsOptimization
 from ringlet.worker.engines.ipex.device import ComputeDevice
 from ringlet.worker.engines.ipex.generator.generate import BatchForward, DeviceGuard
 from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE, TorchBatchEngine, kv_cache_tokens
 
 
-class IpexEngine:
+class IpexEngine(ReportsOptimization):
     """A loaded model (`utils_ipex.load_ipex_engine` builds one), or one stage's layers of a ring
     (`worker/pipeline.py`), as a batch model (`worker/batching.py`): its steps run on the device, their outputs
     (logits, or a stage's hidden states) come back to the host, where every sequence samples.
@@ -64,16 +64,6 @@ class IpexEngine:
     def model(self) -> torch.nn.Module | None:
         """The model on the device; None once a fallback let it go."""
         return None if self.steps is None else self.steps.model
-
-    @property
-    def optimization(self) -> str:
-        if self.guard.fallback is not None:
-            return "none (the cpu engine, after the device failed)"
-        return self.compiled.failure or self.applied
-
-    @property
-    def fallback_reason(self) -> str | None:
-        return self.guard.fallback_reason
 
     def forward_batch(self, tokens: torch.Tensor, steps: Sequence[SequenceStep]) -> torch.Tensor:
         if tokens.is_floating_point():  # a later stage's input: the hidden states, in its model's dtype

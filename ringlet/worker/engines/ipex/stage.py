@@ -20,7 +20,7 @@ from ringlet.models.loader import LoadedStage
 from ringlet.models.paged_cache import CacheLost
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.worker.engines.ipex import IpexLoadedModel
-from ringlet.worker.engines.ipex.compiled import EagerOnCompileFailure
+from ringlet.worker.engines.ipex.compiled import EagerOnCompileFailure, ReportsOptimization
 from ringlet.worker.engines.ipex.device import ComputeDevice
 from ringlet.worker.engines.ipex.generator.generate import DeviceGuard
 
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ringlet.models.llama import Transformer
 
 
-class IpexStage:
+class IpexStage(ReportsOptimization):
     """A `StageModel` (`worker/stages.py`): layers [start, end) on an Intel GPU, their outputs on the host."""
 
     device = torch.device("cpu")  # where its outputs are, and the last stage samples
@@ -50,16 +50,6 @@ class IpexStage:
                                                    owner="this stage of the ring")
         self.inputs: list[torch.Tensor] = []  # the request's inputs so far, [1, L(, H)] each, on the host
         self.length = 0  # positions they cover
-
-    @property
-    def optimization(self) -> str:
-        if self.guard.fallback is not None:
-            return "none (the cpu engine, after the device failed)"
-        return self.compiled.failure or self.applied
-
-    @property
-    def fallback_reason(self) -> str | None:
-        return self.guard.fallback_reason
 
     def _use(self, stage: LoadedStage, model: torch.nn.Module) -> None:
         self.model, self.dtype = model, next(model.parameters()).dtype
