@@ -294,8 +294,9 @@ class PipelineStage(_Described):
         self.dtype = next(engine.stage.model.parameters()).dtype  # what the hidden states are computed in
         self.samplers: dict[int, RequestSampler] = {}  # the last stage's, by sequence key
 
-    def serve(self) -> None:
-        """Serve until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
+    def serve(self, after_step: Callable[[], None] = lambda: None) -> None:
+        """Serve until rank 0 says stop; raises RingBrokenError when a neighbour goes away. `after_step()` runs after
+        each batch (the runner reports there an engine that left its device)."""
         ring = self.ring
         while True:
             op, start, length, _ = ring.recv_frame()
@@ -322,6 +323,7 @@ class PipelineStage(_Described):
                 raise RingBrokenError(f"a batched stage got a frame it does not serve ({op.name})")
             encoded, hidden = ring.recv_batch(start, length)
             self._step(encoded, hidden)
+            after_step()
 
     def _step(self, encoded: torch.Tensor, hidden: torch.Tensor) -> None:
         engine = self.engine

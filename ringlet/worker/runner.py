@@ -346,9 +346,10 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         return 1
     log.info("instance %s: stage %d ready (%s)", instance_id, bound.shard.rank, precision)
     if isinstance(engine, RelayStage | PipelineStage):
-        outbox.send(ready(engine, bound.engine, engine.context_length, warmup_s))
+        told = ready(engine, bound.engine, engine.context_length, warmup_s)
+        outbox.send(told)
         try:
-            engine.serve()
+            engine.serve(after_step=FallbackWatch(engine, bound.engine, outbox, told.fallback))
         except RingBrokenError as error:
             log.error("instance %s: %s; this stage stops", instance_id, error)
             return 1

@@ -194,8 +194,9 @@ class RelayStage(_Described):
         self.is_last = bound.shard.is_last
         self.sampler: RequestSampler | None = None  # the last stage's, for the current request
 
-    def serve(self) -> None:
-        """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away."""
+    def serve(self, after_step: Callable[[], None] = lambda: None) -> None:
+        """Relay until rank 0 says stop; raises RingBrokenError when a neighbour goes away. `after_step()` runs after
+        each forward (the runner reports there a stage that left its device)."""
         while True:
             op, start, length, first = self.ring.recv_frame()
             if op == Op.STOP:
@@ -218,6 +219,7 @@ class RelayStage(_Described):
                 if self.sampler is None:
                     raise RingBrokenError("rank 0 asked for a token before it began a request")
                 self.ring.send(self.sampler(out).view(1).to(torch.int64), 0)
+            after_step()
 
 
 def _sampled_down_the_ring(token: torch.Tensor) -> torch.Tensor:
