@@ -45,21 +45,24 @@ log = logging.getLogger(__name__)
 # is its last release; PyPI's torch would replace the XPU build with one that cannot see the GPU)
 IPEX_INSTALL_FIX = ("pip install torch==2.8.0 --index-url https://download.pytorch.org/whl/xpu, then "
                     "pip install intel-extension-for-pytorch==2.8.10+xpu --extra-index-url "
-                    "https://pytorch-extension.intel.com/release-whl/stable/xpu/us/, then pip install 'ringlet[ipex]' "
-                    "(on a CPU without an Intel GPU, pip install 'ringlet[ipex]' alone); without IPEX the engine runs "
-                    "on native torch.xpu")
+                    "https://pytorch-extension.intel.com/release-whl/stable/xpu/us/, then pip install 'ringlet[ipex]'; "
+                    "without IPEX the engine runs on native torch.xpu")
+# IPEX's CPU backend: PyPI's torch 2.8 and IPEX 2.8 are CPU builds, so the extra alone
+IPEX_CPU_INSTALL_FIX = ("pip install 'ringlet[ipex]' in an environment of its own (it pins PyTorch 2.8; "
+                        "docs/install.md, step 6)")
 PREFILL_CHUNK = EngineConfig().max_step_tokens  # a batched step's tokens; sizes the activation workspace below
 
 
-def import_ipex(mode: IpexMode) -> ModuleType | None:
-    """The IPEX module, or None where it is not to be used; with mode "require", an error instead of None."""
+def import_ipex(mode: IpexMode, fix: str = IPEX_INSTALL_FIX) -> ModuleType | None:
+    """The IPEX module, or None where it is not to be used; with mode "require", an error instead of None (`fix`:
+    how to install it for the device it is for)."""
     if mode == "off":
         return None
     status = ipex_status()
     if not status.usable:
         if mode == "require":
-            raise IPEXEngineError(f"IPEX is required but {status.reason}; fix: {IPEX_INSTALL_FIX}")
-        log.info("ipex: %s; running on native torch (fix: %s)", status.reason, IPEX_INSTALL_FIX)
+            raise IPEXEngineError(f"IPEX is required but {status.reason}; fix: {fix}")
+        log.info("ipex: %s; running on native torch (fix: %s)", status.reason, fix)
         return None
     try:
         import intel_extension_for_pytorch as ipex
@@ -69,7 +72,7 @@ def import_ipex(mode: IpexMode) -> ModuleType | None:
         message = (f"intel-extension-for-pytorch {status.version} is installed but failed to import "
                    f"({type(e).__name__}: {e})")
         if mode == "require":
-            raise IPEXEngineError(f"{message}; fix: reinstall it with a matching torch: {IPEX_INSTALL_FIX}") from e
+            raise IPEXEngineError(f"{message}; fix: reinstall it with a matching torch: {fix}") from e
         log.warning("ipex: %s; running on native torch without IPEX optimisations", message)
         return None
     return ipex
@@ -200,11 +203,11 @@ def ipex_for(level: IpexOptimizationLevel, precision: str, device: ComputeDevice
         if level in ("compile", "eager"):
             raise IPEXEngineError(f"the ipex engine runs on the CPU only through IPEX, not {level}; without IPEX "
                                   "use the cpu engine")
-        return import_ipex("require")
+        return import_ipex("require", IPEX_CPU_INSTALL_FIX)
     if precision in ("int8", "int4"):
         if level == "ipex":
             raise IPEXEngineError(f"{precision} on an Intel GPU runs ringlet's quantised linears, which IPEX does not "
-                                  "optimise; use --ipex-optimization compile or eager, or --precision bf16")
+                                  "optimise; use --ipex-optimization-level compile or eager, or --precision bf16")
         return None
     if level in ("compile", "eager"):
         return None
