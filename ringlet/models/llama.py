@@ -270,7 +270,10 @@ class Transformer(nn.Module):
         if self.norm is None:
             return h
         assert self.lm_head is not None  # built with the norm, on the last stage
-        return self.lm_head(self.norm(h[layout.logit_rows]))
+        rows = h[layout.logit_rows]
+        if rows.shape[0] == 0:  # a prompt chunk that wants no logits; IPEX's weight-only int8 linear faults (SIGFPE)
+            return rows.new_empty(0, self.args.vocab_size)  # on zero rows on an AMX Xeon
+        return self.lm_head(self.norm(rows))
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None,

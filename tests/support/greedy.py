@@ -91,14 +91,15 @@ def teacher_forced_logits(engine, reference: GreedyRun) -> list[torch.Tensor]:  
                 for i in range(start - 1, len(ids) - 1)]
 
 
-def compare_with_reference(engine, reference: GreedyRun, reference_logits: list[torch.Tensor]) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def compare_with_reference(engine, reference: GreedyRun, reference_logits: list[torch.Tensor],  # type: ignore[no-untyped-def]
+                           task: TextGenerationTask | None = None) -> dict[str, object]:
     """Where the engine's greedy stream parts from the fp32 reference, and why.
 
     Up to the parting the engine's own choices were the reference tokens (gap 0). Past it, the engine is fed
     the reference stream, and each step's gap is how far below its best logit it ranks the reference token.
     At the parting, the reference's own fp32 margin between the two candidates shows whether it was a near tie.
     """
-    run, logits = greedy_with_logits(engine, greedy_task())
+    run, logits = greedy_with_logits(engine, task or greedy_task())
     pairs = zip(run.generated, reference.generated)
     parted = next((i for i, (a, b) in enumerate(pairs) if a != b), len(reference.generated))
     if parted < len(reference.generated):

@@ -19,7 +19,13 @@ from ringlet.worker.engines.ipex import IPEXEngineError, IPEXMemoryError
 from ringlet.worker.engines.ipex.device import XpuDevice
 from ringlet.worker.engines.ipex.utils_ipex import choose_xpu, initialize_ipex, load_ipex_engine
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
-from tests.support.greedy import greedy_task, run_greedy
+from tests.support.greedy import (
+    assert_parting_is_a_near_tie,
+    compare_with_reference,
+    greedy_task,
+    greedy_with_logits,
+    run_greedy,
+)
 from tests.support.xpu import (
     ARC_A770,
     CORE_ULTRA_IGPU,
@@ -33,6 +39,7 @@ from tests.support.xpu import (
 
 SETTINGS = EngineConfig(precision="fp32", kv_cache_tokens=1024)
 COMPILE_LOGGER = "ringlet.worker.engines.ipex.compiled"
+NEAR_TIE = 0.25  # two bf16 steps of a logit near 27: kernels that round differently may part there
 NO_COMPILER = "InductorError: RuntimeError: Cannot find a working triton installation for XPU"
 
 
@@ -119,7 +126,7 @@ def test_the_first_chosen_gpu_with_room_is_taken_and_none_with_room_is_an_error(
     with pytest.raises(IPEXMemoryError) as caught:
         choose_xpu((0, 1), 3 * GiB, "model (bf16)", tight)
     message = str(caught.value)
-    assert "none of the 2 chosen has it free" in message and "does not split its layers" in message
+    assert "none of the 2 chosen has it free" in message and "placement splits it over the GPUs" in message
     assert "xpu:0 (Intel(R) Arc(TM) Graphics): 0.10 GiB" in message and caught.value.free_bytes == 2 * GiB
     with pytest.raises(IPEXMemoryError, match="only 2.00 GiB is free"):
         choose_xpu((1,), 3 * GiB, "model (bf16)", tight)
@@ -154,6 +161,9 @@ def test_weight_only_precisions_run_on_an_intel_gpu(precision: str) -> None:
     assert engine.precision == precision and f"{precision} weight-only linears dequantised in the matmul" in engine.optimization
     quantised = [m for m in engine.model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     assert quantised and all(m.dequantize_in_matmul for m in quantised)
-    # the CPU engine at the same precision, on its packed kernels: the same weights, the same greedy tokens
+    # the CPU engine at the same precision, on its packed kernels: the same weights, so the same greedy tokens up to
+    # a near tie (bf16 logits: two candidates of the embedded model's first token meet at 26.75 on an AMX Xeon),
+    # where the two kernels' roundings may pick differently
     cpu = TorchBatchEngine.load(None, config=EngineConfig(precision=precision, kv_cache_tokens=1024, cpu_compile=False))  # type: ignore[arg-type]
-    assert run_greedy(engine, greedy_task(tokens=8)).generated == run_greedy(cpu, greedy_task(tokens=8)).generated
+    reference, logits = greedy_with_logits(cpu, task := greedy_task(tokens=8))
+    assert_parting_is_a_near_tie(compare_with_reference(engine, reference, logits, task), NEAR_TIE)
