@@ -6,9 +6,11 @@ with, or the best it detected), so there each node counts with the memory of its
 list the fewest nodes that fit are used (every extra stage costs a hop per token), the ones with the most memory
 first.
 
-An Intel GPU stage runs on one device: a node counts with the free memory of the largest of the devices the
-instance may use (its `intel_gpu_devices`, else the node's discrete Intel GPUs, else its integrated ones), so a
-model larger than any one device is split over nodes, or refused naming each device and its memory.
+Intel GPUs: an IpexRing stage may use the devices the instance allows on its node (its `intel_gpu_devices`, else
+the node's discrete Intel GPUs, else its integrated ones), so a node counts with their free memory together. Its
+stage runs on the one device with the most room where it fits there, else its layers are split over the fewest of
+its devices that hold them (the largest first; in proportion to each device's own room; `Shard.devices`), else it
+is refused naming each device and its memory. A mixed ring's Intel GPU stage runs on one device (the largest).
 
 Memory already promised: a node's reported free memory shows a runner's memory once it is loaded (the node refreshes
 it), not while it loads; so the estimated memory of the instances still loading on a node is subtracted from what a
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.models.catalog import WEIGHT_ONLY_INT8, ModelCard
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT
-from ringlet.shared.instances import EngineType, Instance, InstanceType, IpexOptimizationLevel, Shard
+from ringlet.shared.instances import DeviceLayers, EngineType, Instance, InstanceType, IpexOptimizationLevel, Shard
 from ringlet.shared.state import InstanceCreated, InstanceRecord, NodeInfo, RunnerStatus
 
 GIB = 1024**3
@@ -100,6 +102,18 @@ class IntelDevice(BaseModel):
         return f"{self.index} ({self.name}, {kind}, {self.free_bytes / GIB:.1f} GiB free)"
 
 
+class DevicePlan(BaseModel):
+    """The layers of a stage on one Intel GPU of its node, where the stage is split over several."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device: int
+    start: int
+    end: int
+    memory_bytes: int = Field(description="estimated weights + KV cache of these layers")
+    usable_bytes: int = Field(description="what the device can give them")
+
+
 class StagePlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -109,9 +123,17 @@ class StagePlan(BaseModel):
     start: int
     end: int
     memory_bytes: int = Field(description="estimated weights + KV cache of this stage")
-    usable_bytes: int = Field(description="memory the node can give the engine (on an Intel GPU: its largest "
-                                          "allowed device), less what its instances still loading will take")
-    device: int | None = Field(None, description="an Intel GPU stage: the device index counted with")
+    usable_bytes: int = Field(description="memory the node can give the engine (an IpexRing stage: its allowed Intel "
+                                          "GPUs together; a mixed ring's: its largest), less what its instances "
+                                          "still loading will take")
+    device: int | None = Field(None, description="an Intel GPU stage on one device: the device index counted with")
+    devices: list[DevicePlan] = Field(default_factory=list, description="an Intel GPU stage split over devices")
+
+    @property
+    def fits(self) -> bool:
+        if self.devices:
+            return all(d.memory_bytes <= d.usable_bytes for d in self.devices)
+        return self.memory_bytes <= self.usable_bytes
 
 
 class Placement(BaseModel):
@@ -254,9 +276,11 @@ def place(
         ring_sizes = list(range(min_nodes, min(len(suitable), card.num_layers) + 1))
     for size in ring_sizes:
         stages = _plan(card, suitable[:size], instance_type, tokens, rooms)
-        if all(s.memory_bytes <= s.usable_bytes for s in stages):
+        if all(s.fits for s in stages):
             shards = [Shard(node_id=s.node_id, rank=rank, start=s.start, end=s.end, num_layers=card.num_layers,
-                            engine=s.engine) for rank, s in enumerate(stages)]
+                            engine=s.engine, devices=tuple(DeviceLayers(device=d.device, start=d.start, end=d.end)
+                                                           for d in s.devices))
+                      for rank, s in enumerate(stages)]
             instance = Instance(instance_id=instance_id, model=card.id, instance_type=instance_type, shards=shards,
                                 intel_gpu_devices=options.intel_gpu_devices,
                                 ipex_optimization_level=options.ipex_optimization_level)
@@ -331,23 +355,31 @@ class _Room(BaseModel):
 
     usable: int
     held: int  # of the node's usable memory, what its instances still loading will take
-    device: int | None = None
+    device: int | None = None  # an Intel GPU stage: its largest device
+    devices: list[_Room] = Field(default_factory=list)  # an IpexRing stage: each device it may be split over
 
 
 def _room(node: NodeInfo, instance_type: InstanceType, options: InstanceOptions,
           placed: Sequence[InstanceRecord]) -> _Room:
-    """What a new stage may take on `node`: the engine's usable memory (an Intel GPU stage: its largest allowed
-    device's) less what the instances still loading there will take."""
+    """What a new stage may take on `node`: the engine's usable memory (an IpexRing stage: its allowed devices'
+    together; a mixed ring's Intel GPU stage: its largest device's) less what the instances still loading there
+    will take."""
     engine = stage_engine(node, instance_type)
     assert engine is not None, "only suitable nodes are measured"
     held = _held(node, placed)
     if engine != "ipex":
         pool = _pool(engine)
         return _Room(usable=max(0, usable_bytes(node, engine) - held[pool]), held=held[pool])
-    rooms = [_Room(usable=max(0, int(d.free_bytes * USABLE_FRACTION) - held[f"xpu:{d.index}"]),
-                   held=held[f"xpu:{d.index}"], device=d.index)
-             for d in allowed_devices(node, options.intel_gpu_devices)]
-    return max(rooms, key=lambda r: r.usable, default=_Room(usable=0, held=0))
+    rooms = sorted((_Room(usable=max(0, int(d.free_bytes * USABLE_FRACTION) - held[f"xpu:{d.index}"]),
+                          held=held[f"xpu:{d.index}"], device=d.index)
+                    for d in allowed_devices(node, options.intel_gpu_devices)),
+                   key=lambda r: (-r.usable, r.device))
+    if not rooms:
+        return _Room(usable=0, held=0)
+    if instance_type != InstanceType.IPEX_RING:
+        return rooms[0]
+    return _Room(usable=sum(r.usable for r in rooms), held=_held_on_intel_gpus(node, placed), device=rooms[0].device,
+                 devices=rooms)
 
 
 def _pool(engine: EngineType) -> str:
@@ -362,10 +394,14 @@ def _held(node: NodeInfo, placed: Sequence[InstanceRecord]) -> Counter[str]:
         runner = record.runners.get(node.node_id)
         if runner is None or runner.status != RunnerStatus.LOADING:
             continue  # a ready runner shows in the node's free memory already; a failed one holds nothing
-        engine = record.instance.shard_of(node.node_id).engine
+        shard = record.instance.shard_of(node.node_id)
         memory = record.memory_bytes.get(node.node_id, 0)
-        if engine != "ipex":
-            held[_pool(engine)] += memory
+        if shard.engine != "ipex":
+            held[_pool(shard.engine)] += memory
+            continue
+        if shard.devices:  # split over devices: each holds its layers' share
+            for part in shard.devices:
+                held[f"xpu:{part.device}"] += memory * (part.end - part.start) // (shard.end - shard.start)
             continue
         try:
             devices = allowed_devices(node, record.instance.intel_gpu_devices)
@@ -374,6 +410,13 @@ def _held(node: NodeInfo, placed: Sequence[InstanceRecord]) -> Counter[str]:
         for device in devices:
             held[f"xpu:{device.index}"] += memory
     return held
+
+
+def _held_on_intel_gpus(node: NodeInfo, placed: Sequence[InstanceRecord]) -> int:
+    """The memory the Intel GPU stages still loading on `node` will take, each counted once."""
+    return sum(record.memory_bytes.get(node.node_id, 0) for record in placed
+               if (runner := record.runners.get(node.node_id)) is not None and runner.status == RunnerStatus.LOADING
+               and record.instance.shard_of(node.node_id).engine == "ipex")
 
 
 def _device_list(devices: Sequence[IntelDevice]) -> str:
@@ -401,10 +444,31 @@ def _plan(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType
         engine = stage_engine(node, instance_type)
         assert engine is not None
         room = rooms[node.node_id]
-        memory = stage_bytes(card, start, end, engine, kv_tokens, engine_dtype(node, engine))
+        dtype = engine_dtype(node, engine)
+        memory = stage_bytes(card, start, end, engine, kv_tokens, dtype)
+        devices = _over_devices(card, start, end, kv_tokens, dtype, room) if room.devices else []
         stages.append(StagePlan(node_id=node.node_id, node_name=node.name, engine=engine, start=start, end=end,
-                                usable_bytes=room.usable, memory_bytes=memory, device=room.device))
+                                usable_bytes=room.usable, memory_bytes=memory, devices=devices,
+                                device=None if devices else room.device))
     return stages
+
+
+def _over_devices(card: ModelCard, start: int, end: int, kv_tokens: int, dtype: str, room: _Room) -> list[DevicePlan]:
+    """Layers [start, end) over the fewest of `room`'s devices (the largest first) that hold them, in proportion to
+    each one's room, in device order; [] where the largest holds them alone; the split over every device (which does
+    not fit) where none does."""
+    if stage_bytes(card, start, end, "ipex", kv_tokens, dtype) <= room.devices[0].usable:
+        return []
+    plan: list[DevicePlan] = []
+    for count in range(2, min(len(room.devices), end - start) + 1):
+        chosen = sorted(room.devices[:count], key=lambda r: r.device or 0)
+        parts = split_layers(end - start, [float(max(r.usable, 1)) for r in chosen])
+        plan = [DevicePlan(device=r.device or 0, start=start + a, end=start + b, usable_bytes=r.usable,
+                           memory_bytes=stage_bytes(card, start + a, start + b, "ipex", kv_tokens, dtype))
+                for r, (a, b) in zip(chosen, parts, strict=True)]
+        if all(d.memory_bytes <= d.usable_bytes for d in plan):
+            return plan
+    return plan
 
 
 def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo]) -> str:
@@ -426,9 +490,8 @@ def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Seq
     if engine == "ipex":
         devices = "; ".join(f"{n.name}: {_device_list(allowed_devices(n, options.intel_gpu_devices))}" for n in ring)
         return (f"{card.id} needs {needed / GIB:.1f} GiB on Intel GPUs ({dtype} weights and a {kv_tokens}-token KV "
-                f"cache), one stage per node on one device; the devices it may use have "
-                f"{have / GIB:.1f} GiB usable together{waiting} ({devices}): add a node, allow a larger device "
-                "(intel_gpu_devices) or pick a smaller model")
+                f"cache), split over the devices it may use, which have {have / GIB:.1f} GiB usable together"
+                f"{waiting} ({devices}): add a node, allow more devices (intel_gpu_devices) or pick a smaller model")
     return (f"{card.id} needs {needed / GIB:.1f} GiB on {engine} ({dtype} weights and a "
             f"{kv_tokens}-token KV cache); the {len(ring)} suitable node{'s' if plural else ''} "
             f"{'have' if plural else 'has'} {have / GIB:.1f} GiB usable{waiting}: add a node or pick a smaller model")

@@ -6,7 +6,7 @@ import itertools
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EngineType = Literal["mlx", "ipex", "cuda", "cpu"]
 # how the Intel engine optimises a model: IPEX where usable else torch.compile (auto), or exactly one of them
@@ -55,8 +55,20 @@ def single_node_type(engine: EngineType) -> InstanceType:
             "mlx": InstanceType.MLX_RING}[engine]
 
 
+class DeviceLayers(BaseModel):
+    """Layers [start, end) of a shard on one Intel GPU of its node."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device: int = Field(ge=0)
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+
 class Shard(BaseModel):
-    """Layers [start, end) of a model on one node; rank is the node's place in the ring."""
+    """Layers [start, end) of a model on one node; rank is the node's place in the ring. An IpexRing shard too
+    large for any one Intel GPU of its node is split over several (`devices`, in order); empty: one GPU, which the
+    runner picks."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -66,6 +78,22 @@ class Shard(BaseModel):
     end: int = Field(gt=0)
     num_layers: int = Field(gt=0)
     engine: EngineType = "cpu"  # a mixed ring may run a different engine per stage
+    devices: tuple[DeviceLayers, ...] = ()
+
+    @model_validator(mode="after")
+    def _devices_cover_the_shard(self) -> Shard:
+        if not self.devices:
+            return self
+        if self.engine != "ipex":
+            raise ValueError(f"only an ipex shard is split over devices, not a {self.engine} one")
+        if len({d.device for d in self.devices}) != len(self.devices):
+            raise ValueError("a shard's devices must be distinct")
+        bounds = [self.start] + [d.end for d in self.devices]
+        if [d.start for d in self.devices] != bounds[:-1] or bounds[-1] != self.end or \
+                any(d.start >= d.end for d in self.devices):
+            raise ValueError(f"the devices' layers must split the shard's layers {self.start}-{self.end - 1} "
+                             "in order, at least one each")
+        return self
 
     @property
     def is_first(self) -> bool:

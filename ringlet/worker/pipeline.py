@@ -15,9 +15,9 @@ every stage. At the rendezvous each stage says how many blocks it can hold and h
 all take the smallest.
 
 A stage on an Intel GPU is an `IpexEngine` over its layers, as a single-node instance would be (its GPU, memory
-check, optimisation level, guarded steps). Where its guard falls back to the CPU, the stage's cache is gone: it
-keeps on the host what each live sequence gave it (`StageInputs`) and computes them again into the CPU's cache, so
-the ring goes on with the same sequences.
+check, optimisation level, guarded steps), or an `IpexChain` of them where placement split the stage over several
+GPUs of its node. Where a guard falls back to the CPU, that cache is gone: the stage keeps on the host what each
+live sequence gave it (`StageInputs`) and computes them again, so the ring goes on with the same sequences.
 
 A ring with an MLX stage runs one request at a time (`worker/stages.py`).
 """
@@ -43,6 +43,7 @@ from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGeneration
 from ringlet.worker.batching import generate_alone, sample_rows
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import ProbeInputs
+from ringlet.worker.engines.ipex.chain import IpexChain
 from ringlet.worker.engines.ipex.engine import IpexEngine, own_kv_cache_tokens
 from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE, TorchBatchEngine, own_context_length, own_num_blocks
 from ringlet.worker.engines.torch.engine import load_torch_stage
@@ -91,7 +92,8 @@ def decode_steps(encoded: torch.Tensor) -> tuple[list[SequenceStep], list[int]]:
     return steps, keys
 
 
-StageEngine = TorchBatchEngine | IpexEngine
+OnIntelGpu = IpexEngine | IpexChain
+StageEngine = TorchBatchEngine | OnIntelGpu
 
 
 def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.Store,
@@ -100,6 +102,15 @@ def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.St
     """This stage's layers on its batched engine, and their precision; the KV cache as large as every stage of the
     ring can hold. `loaded` is called once the weights are in, before waiting for the other stages. `probes`: what
     detection looks at for an Intel GPU's stage (this machine by default)."""
+    if bound.engine == "ipex" and bound.shard.devices:
+        from ringlet.worker.engines.ipex.utils_ipex import chain_of, load_ipex_parts, own_chain_blocks
+
+        parts = load_ipex_parts(bound, config, probes)
+        loaded()
+        own_context = min(part.context_length for part, _ in parts)
+        num_blocks, context_length = _agreed(bound, own_chain_blocks(parts, config, own_context), own_context, store)
+        chain = chain_of(bound, config, parts, num_blocks=num_blocks, context_length=context_length)
+        return chain, chain.precision
     if bound.engine == "ipex":
         from ringlet.worker.engines.ipex.utils_ipex import load_ipex_layers
 
@@ -144,7 +155,7 @@ class StageInputs:
     the host: token ids on rank 0, hidden states after it (in the stage's dtype: hidden_size values a position,
     where its cache holds 2 x layers x KV heads x head_dim). `rebuild` computes them again into a fresh cache."""
 
-    def __init__(self, engine: IpexEngine) -> None:
+    def __init__(self, engine: OnIntelGpu) -> None:
         self.engine = engine
         self.given: dict[int, _Given] = {}
 
@@ -185,8 +196,8 @@ class StageInputs:
 def _forward(engine: StageEngine, inputs: StageInputs | None, x: torch.Tensor, steps: Sequence[SequenceStep],
              keys: Sequence[int]) -> tuple[torch.Tensor, StageInputs | None]:
     """The stage's step; where its engine lost the cache (an Intel GPU fell back to the CPU), the cache is computed
-    again from `inputs` and the step runs once more. Returns the output and the inputs to keep (None once on the
-    CPU, whose cache is not lost)."""
+    again from `inputs` and the step runs once more. Returns the output and the inputs to keep (None once wholly on
+    the CPU, whose cache is not lost)."""
     if inputs is None:
         return engine.forward_batch(x, steps), None
     try:
@@ -194,7 +205,7 @@ def _forward(engine: StageEngine, inputs: StageInputs | None, x: torch.Tensor, s
     except CacheLost:
         inputs.rebuild()
         out = engine.forward_batch(x, steps)
-    if isinstance(engine, IpexEngine) and engine.fallback_reason is not None:
+    if isinstance(engine, OnIntelGpu) and engine.name == "cpu":  # every part of it on the CPU, whose cache stays
         return out, None
     inputs.record(x, steps, keys)
     return out, inputs
@@ -212,16 +223,16 @@ class _Described:
 
     @property
     def optimization(self) -> str:
-        return self.engine.optimization if isinstance(self.engine, IpexEngine) else "none"
+        return self.engine.optimization if isinstance(self.engine, OnIntelGpu) else "none"
 
     @property
     def fallback_reason(self) -> str | None:
-        return self.engine.fallback_reason if isinstance(self.engine, IpexEngine) else None
+        return self.engine.fallback_reason if isinstance(self.engine, OnIntelGpu) else None
 
 
 def _gpu_of(engine: StageEngine) -> torch.device | None:
     """The Intel GPU an ipex stage computes on (its ring's frames go from there where xccl runs), else None."""
-    return engine.compute.torch_device if isinstance(engine, IpexEngine) else None
+    return engine.compute.torch_device if isinstance(engine, OnIntelGpu) else None
 
 
 class PipelineHead(RingHead, _Described):
@@ -231,7 +242,7 @@ class PipelineHead(RingHead, _Described):
                  data_host: str = "127.0.0.1") -> None:
         assert bound.shard.is_first and not bound.shard.is_last, "rank 0 of a ring of two or more stages"
         self.engine, self.config = engine, engine.config
-        self.inputs = StageInputs(engine) if isinstance(engine, IpexEngine) else None
+        self.inputs = StageInputs(engine) if isinstance(engine, OnIntelGpu) else None
         self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size, _gpu_of(engine))
         self.depth = 1 if self.ring.backend == "nccl" else self.ring.size
         self.vocab_size, self.context_length, self.device = engine.vocab_size, engine.context_length, engine.device
@@ -288,7 +299,7 @@ class PipelineStage(_Described):
                  data_host: str = "127.0.0.1") -> None:
         assert not bound.shard.is_first
         self.engine, self.context_length = engine, engine.context_length
-        self.inputs = StageInputs(engine) if isinstance(engine, IpexEngine) else None
+        self.inputs = StageInputs(engine) if isinstance(engine, OnIntelGpu) else None
         self.ring: Ring = open_ring(bound, store, data_host, engine.stage.args.hidden_size, _gpu_of(engine))
         self.is_last = bound.shard.is_last
         self.dtype = next(engine.stage.model.parameters()).dtype  # what the hidden states are computed in

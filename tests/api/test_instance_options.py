@@ -97,3 +97,21 @@ def test_previews_place_ipex_ring_on_the_chosen_device(tmp_path: Path) -> None:
     assert next(p for p in missing if p["instance_type"] == "CpuRing")["possible"]
     bad = call(node, "GET", "/instance/previews", params={**query, "intel_gpu_devices": [2, 2]})
     assert bad.status_code == 400 and "distinct" in bad.json()["error"]["message"]
+
+
+def test_a_model_larger_than_either_gpu_is_split_over_both(tmp_path: Path) -> None:
+    # the embedded model needs about 0.43 GiB in bf16 with its 8192-token cache; each GPU has 0.35 GiB free
+    gpus = tuple(GpuInfo(vendor="intel", index=i, name="Intel(R) Arc(TM) A310", memory_total_bytes=4 * GIB,
+                         memory_free_bytes=int(0.35 * GIB), integrated=False) for i in (0, 1))
+    node = FakeNode(tmp_path, info=node_info("node-arc", 32, engines=("ipex", "cpu"), gpus=gpus, name="arc-box"))
+    previews = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID}).json()["previews"]
+    (stage,) = next(p for p in previews if p["instance_type"] == "IpexRing")["stages"]
+    assert [(d["device"], d["start"], d["end"]) for d in stage["devices"]] == [(0, 0, 15), (1, 15, 30)]
+    refused = create(node, intel_gpu_devices=[1])
+    message = refused.json()["error"]["message"]
+    assert refused.status_code == 409 and "split over the devices it may use, which have 0.3 GiB usable" in message
+    assert "(arc-box: 1 (Intel(R) Arc(TM) A310, discrete, 0.3 GiB free))" in message
+    reply = create(node)
+    assert reply.status_code == 201, reply.text
+    (shard,) = reply.json()["instance"]["shards"]
+    assert shard["devices"] == [{"device": 0, "start": 0, "end": 15}, {"device": 1, "start": 15, "end": 30}]

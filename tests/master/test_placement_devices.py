@@ -50,8 +50,9 @@ def test_the_card_is_between_the_two_devices() -> None:
 def test_a_stage_goes_on_the_one_device_it_fits() -> None:
     placement = place(seven_b_card(), InstanceType.IPEX_RING, [two_gpu_node()], instance_id="i", kv_tokens=KV_TOKENS)
     (stage,) = placement.stages
-    assert stage.device == 1 and stage.usable_bytes == int(16 * GIB * USABLE_FRACTION), \
-        "one device's memory, not both devices' together"
+    assert stage.device == 1 and stage.devices == [] and placement.instance.shards[0].devices == (), \
+        "on the one device that holds it, not split"
+    assert stage.usable_bytes == int(8 * GIB * USABLE_FRACTION) + int(16 * GIB * USABLE_FRACTION)
     assert placement.instance.intel_gpu_devices is None and placement.instance.ipex_optimization_level == "auto"
 
 
@@ -62,18 +63,51 @@ def test_a_stage_larger_than_the_allowed_device_is_refused_naming_the_devices() 
               options=options)
     message = str(refusal.value)
     assert message.startswith("test/seven-b needs 1") and "on Intel GPUs" in message
-    assert "one stage per node on one device" in message
+    assert "split over the devices it may use" in message
     assert "arc: 0 (Intel(R) Arc(TM) A750, discrete, 8.0 GiB free)" in message and "16.0" not in message
 
 
-def test_the_sum_of_two_devices_does_not_count_as_one() -> None:
+def test_a_stage_larger_than_any_device_is_split_over_the_nodes_devices() -> None:
     twins = node_info("twins", 64, engines=("ipex", "cpu"), gpus=(gpu(0, 8), gpu(1, 8)))
-    with pytest.raises(PlacementError, match="0 \\(Intel\\(R\\) Arc\\(TM\\) A770, discrete, 8.0 GiB free\\), 1 "):
-        place(seven_b_card(), InstanceType.IPEX_RING, [twins], instance_id="i", kv_tokens=KV_TOKENS)
-    # two such nodes: the model is split, one stage on one device of each
-    other = node_info("twins2", 64, engines=("ipex", "cpu"), gpus=(gpu(0, 8), gpu(1, 8)))
-    placement = place(seven_b_card(), InstanceType.IPEX_RING, [twins, other], instance_id="i", kv_tokens=KV_TOKENS)
-    assert [(s.node_id, s.start, s.end) for s in placement.instance.shards] == [("twins", 0, 15), ("twins2", 15, 30)]
+    placement = place(seven_b_card(), InstanceType.IPEX_RING, [twins], instance_id="i", kv_tokens=KV_TOKENS)
+    (stage,) = placement.stages
+    assert [(d.device, d.start, d.end) for d in stage.devices] == [(0, 0, 15), (1, 15, 30)]
+    assert all(d.memory_bytes <= d.usable_bytes == int(8 * GIB * USABLE_FRACTION) for d in stage.devices)
+    assert stage.device is None
+    (shard,) = placement.instance.shards
+    assert [(d.device, d.start, d.end) for d in shard.devices] == [(0, 0, 15), (1, 15, 30)]
+
+
+def test_layers_go_over_devices_in_proportion_to_each_ones_room() -> None:
+    uneven = node_info("uneven", 64, engines=("ipex", "cpu"), gpus=(gpu(0, 4), gpu(1, 12)))
+    (stage,) = place(seven_b_card(), InstanceType.IPEX_RING, [uneven], instance_id="i", kv_tokens=KV_TOKENS).stages
+    [(first, a, b), (second, c, d)] = [(p.device, p.start, p.end) for p in stage.devices]
+    assert (first, second, a, d, b) == (0, 1, 0, 30, c) and b - a < d - c, "the smaller device takes fewer layers"
+    assert all(p.memory_bytes <= p.usable_bytes for p in stage.devices)
+
+
+def test_the_fewest_devices_that_hold_the_stage_are_used() -> None:
+    four = node_info("four", 64, engines=("ipex", "cpu"), gpus=tuple(gpu(i, 8) for i in range(4)))
+    (stage,) = place(seven_b_card(), InstanceType.IPEX_RING, [four], instance_id="i", kv_tokens=KV_TOKENS).stages
+    assert [d.device for d in stage.devices] == [0, 1]
+
+
+def test_devices_that_do_not_hold_the_stage_together_are_refused_naming_them() -> None:
+    small = node_info("small", 64, engines=("ipex", "cpu"), gpus=(gpu(0, 4), gpu(1, 4)))
+    with pytest.raises(PlacementError, match="0 \\(Intel\\(R\\) Arc\\(TM\\) A770, discrete, 4.0 GiB free\\), 1 "):
+        place(seven_b_card(), InstanceType.IPEX_RING, [small], instance_id="i", kv_tokens=KV_TOKENS)
+    # with a second such node the model is split over the nodes, and each node's stage over its devices
+    other = node_info("small2", 64, engines=("ipex", "cpu"), gpus=(gpu(0, 4), gpu(1, 4)))
+    placement = place(seven_b_card(), InstanceType.IPEX_RING, [small, other], instance_id="i", kv_tokens=KV_TOKENS)
+    assert [(s.node_id, s.start, s.end, [(d.device, d.start, d.end) for d in s.devices])
+            for s in placement.instance.shards] == [("small", 0, 15, [(0, 0, 8), (1, 8, 15)]),
+                                                    ("small2", 15, 30, [(0, 15, 23), (1, 23, 30)])]
+
+
+def test_a_mixed_rings_intel_stage_runs_on_one_device() -> None:
+    twins = node_info("twins", 64, engines=("ipex", "cpu"), gpus=(gpu(0, 8), gpu(1, 8)))
+    with pytest.raises(PlacementError, match="does not fit a mixed ring"):
+        place(seven_b_card(), InstanceType.MIXED_RING, [twins], instance_id="i", kv_tokens=KV_TOKENS)
 
 
 def test_chosen_devices_are_carried_in_the_instance() -> None:
@@ -144,7 +178,17 @@ def test_instances_still_loading_hold_their_memory_and_ready_ones_do_not_count_t
     ready = apply(state, RunnerReady(instance_id="first", node_id="arc", context_length=4096))
     placed = place(seven_b_card(), InstanceType.IPEX_RING, [node], instance_id="second", kv_tokens=KV_TOKENS,
                    placed=records(ready))
-    assert placed.stages[0].usable_bytes == int(16 * GIB * USABLE_FRACTION)
+    assert placed.stages[0].usable_bytes == int(8 * GIB * USABLE_FRACTION) + int(16 * GIB * USABLE_FRACTION)
+
+
+def test_a_loading_stage_split_over_devices_holds_each_ones_share() -> None:
+    twins = node_info("twins", 64, engines=("ipex", "cpu"), gpus=(gpu(0, 8), gpu(1, 8)))
+    first = place(seven_b_card(), InstanceType.IPEX_RING, [twins], instance_id="first", kv_tokens=KV_TOKENS)
+    state = apply(State(), InstanceCreated(instance=first.instance, memory_bytes={"twins": 12 * GIB}, created_at=0.0))
+    small = seven_b_card(layers=4)  # about 1.6 GiB: it fits beside the 6 GiB each device holds for the first
+    beside = place(small, InstanceType.IPEX_RING, [twins], instance_id="beside", kv_tokens=KV_TOKENS,
+                   placed=records(state))
+    assert beside.stages[0].usable_bytes == 2 * (int(8 * GIB * USABLE_FRACTION) - 6 * GIB)
 
 
 def test_a_loading_instance_holds_memory_of_its_own_engine_only() -> None:
@@ -153,7 +197,8 @@ def test_a_loading_instance_holds_memory_of_its_own_engine_only() -> None:
     state = apply(State(), InstanceCreated(instance=cpu.instance, memory_bytes={"arc": 20 * GIB}, created_at=0.0))
     on_gpu = place(seven_b_card(), InstanceType.IPEX_RING, [node], instance_id="gpu", kv_tokens=KV_TOKENS,
                    placed=records(state))
-    assert on_gpu.stages[0].usable_bytes == int(16 * GIB * USABLE_FRACTION), "RAM held, not the GPU's memory"
+    assert on_gpu.stages[0].usable_bytes == int(8 * GIB * USABLE_FRACTION) + int(16 * GIB * USABLE_FRACTION), \
+        "RAM held, not the GPUs' memory"
     on_cpu = place(seven_b_card(), InstanceType.CPU_RING, [node], instance_id="cpu2", kv_tokens=KV_TOKENS,
                    placed=records(state))
     assert on_cpu.stages[0].usable_bytes == int(64 * GIB * USABLE_FRACTION) - 20 * GIB
@@ -163,5 +208,6 @@ def test_a_loading_instance_holds_memory_of_its_own_engine_only() -> None:
     four_gib = seven_b_card(layers=10)
     beside = place(four_gib, InstanceType.IPEX_RING, [node], instance_id="beside", kv_tokens=KV_TOKENS,
                    placed=records(state))
-    assert (beside.stages[0].device, beside.stages[0].usable_bytes) == (0, int(8 * GIB * USABLE_FRACTION)), \
+    assert (beside.stages[0].device, beside.stages[0].usable_bytes) == (
+        0, int(8 * GIB * USABLE_FRACTION) + int(16 * GIB * USABLE_FRACTION) - 12 * GIB), \
         "the instance loading on device 1 holds that device only"

@@ -44,6 +44,7 @@ class FakeXpu:
         self.available, self.count_error = available, count_error
         self.failures: deque[BaseException] = deque()
         self.fail_after = 0
+        self.failing_device: int | None = None
         self.synchronize_calls = self.empty_cache_calls = 0
         self.calls: Counter[str] = Counter()
         if mem_get_info:
@@ -53,9 +54,10 @@ class FakeXpu:
     def count(self) -> int:
         return len(self.devices)
 
-    def fail(self, *errors: BaseException, after: int = 0) -> None:
+    def fail(self, *errors: BaseException, after: int = 0, device: int | None = None) -> None:
+        """`errors` from synchronize() after `after` good calls; `device`: only that device's calls fail."""
         self.failures.extend(errors)
-        self.fail_after = self.synchronize_calls + after
+        self.fail_after, self.failing_device = self.synchronize_calls + after, device
 
     def is_available(self) -> bool:
         if self.count_error is not None:
@@ -91,7 +93,7 @@ class FakeXpu:
 
     def synchronize(self, device: int) -> None:
         self.synchronize_calls += 1
-        if self.failures and self.synchronize_calls > self.fail_after:
+        if self.failures and self.synchronize_calls > self.fail_after and self.failing_device in (None, device):
             raise self.failures.popleft()
 
     def empty_cache(self) -> None:

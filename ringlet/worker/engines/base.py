@@ -18,8 +18,10 @@ class GeneratesText(Protocol):
 
 
 class Engine(GeneratesText, Protocol):
-    name: str
     context_length: int
+
+    @property
+    def name(self) -> str: ...
 
     def warmup(self) -> None:
         """Compile / capture / touch everything once, so that no request pays for it."""

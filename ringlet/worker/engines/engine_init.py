@@ -136,4 +136,5 @@ def local_instance(model: str | Path | None, engine: EngineType,
 
 
 def _on_engine(instance: Instance, engine: EngineType) -> Instance:
-    return instance.model_copy(update={"shards": [s.model_copy(update={"engine": engine}) for s in instance.shards]})
+    return instance.model_copy(update={"shards": [s.model_copy(update={"engine": engine, "devices": ()})
+                                                 for s in instance.shards]})

@@ -35,8 +35,9 @@ class IpexEngine(ReportsOptimization):
 
     def __init__(self, loaded: IpexLoadedModel, device: ComputeDevice, model_ref: str | Path | None,
                  config: EngineConfig = EngineConfig(), max_retries: int = 3, num_blocks: int | None = None,
-                 context_length: int | None = None) -> None:
-        """`num_blocks`, `context_length`: as the stages of a ring agreed (else this device's own)."""
+                 context_length: int | None = None, owner: str | None = None) -> None:
+        """`num_blocks`, `context_length`: as the stages of a ring agreed (else this device's own); `owner`: what
+        moves to the CPU when the device fails, for its log line (the instance, or a stage of its ring)."""
         self.name = "ipex"
         self.loaded, self.compute, self.model_ref, self.config = loaded, device, model_ref, config
         self.precision, self.applied = loaded.precision, loaded.optimization
@@ -54,7 +55,7 @@ class IpexEngine(ReportsOptimization):
                                               f"layers {self.stage.start}-{self.stage.end - 1} on {device.name}")
         whole = (self.stage.start, self.stage.end) == (0, self.stage.args.num_hidden_layers)
         self.guard = DeviceGuard(self.compiled, device, self._load_cpu_fallback, max_retries,
-                                 owner="this instance" if whole else "this stage of the ring")
+                                 owner=owner or ("this instance" if whole else "this stage of the ring"))
 
     @property
     def tokenizer(self) -> IPEXTokenizerWrapper:

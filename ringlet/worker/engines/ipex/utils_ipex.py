@@ -2,7 +2,8 @@
 then the optimisation.
 
 The GPU: the instance's `intel_gpu_devices`, else the node's discrete Intel GPUs (every one where none is), the
-first of them with room for the layers. The optimisation, as the instance's `ipex_optimization_level` says:
+first of them with room for the layers; or, where placement split the shard over several (`Shard.devices`), each
+of those for its layers, as one `IpexChain`. The optimisation, as the instance's `ipex_optimization_level` says:
   - ipex: IPEX importable and built for this torch, else an error: `ipex.optimize` (prepacked linears), or on the
     CPU with precision int8 IPEX's weight-only int8 quantisation (`prepare`/`convert`);
   - compile: `torch.compile` of the fusable layers (PyTorch compiles for XPU natively), eager again where the
@@ -35,9 +36,11 @@ from ringlet.worker.engines.engine_utils import (
     xpu_properties,
 )
 from ringlet.worker.engines.ipex import IPEXEngineError, IpexLoadedModel, IPEXMemoryError, IpexMode
+from ringlet.worker.engines.ipex.chain import IpexChain
 from ringlet.worker.engines.ipex.compiled import compile_fusable_layers
 from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, XpuDevice, open_xpu
-from ringlet.worker.engines.ipex.engine import IpexEngine
+from ringlet.worker.engines.ipex.engine import IpexEngine, own_kv_cache_tokens
+from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +135,8 @@ def check_fits(device: ComputeDevice, needed: int, what: str) -> None:
 
 def choose_xpu(devices: tuple[int, ...] | None, needed: int, what: str, probes: ProbeInputs | None = None
                ) -> XpuDevice:
-    """The Intel GPU an instance runs on: the first of `devices` (None: the discrete ones, or every one where none
-    is discrete) with `needed` bytes free. One instance runs on one GPU: layers are not split across a node's GPUs."""
+    """The Intel GPU a stage runs on whole: the first of `devices` (None: the discrete ones, or every one where none
+    is discrete) with `needed` bytes free. Placement splits a stage over several GPUs where none holds it."""
     first = open_xpu(probes, index=0 if devices is None else devices[0])
     runtime = first.runtime
     if devices is None:
@@ -155,8 +158,8 @@ def choose_xpu(devices: tuple[int, ...] | None, needed: int, what: str, probes: 
                                                                                                  strict=True))
     raise IPEXMemoryError(
         f"{what} needs about {needed / 2**30:.2f} GiB on one Intel GPU, and none of the {len(candidates)} chosen "
-        f"has it free ({room}); an instance does not split its layers across the GPUs of one node: place it on a "
-        "ring of several nodes, or use a smaller model or precision, or lower the context length",
+        f"has it free ({room}); create the instance again, and placement splits it over the GPUs' free memory as "
+        "it is now, or use a smaller model or precision, or lower the context length",
         needed_bytes=needed, free_bytes=max(free))
 
 
@@ -274,13 +277,52 @@ def load_ipex_engine(
 
 
 def initialize_ipex(bound_instance: BoundInstance, config: EngineConfig, device: str | ComputeDevice | None = None,
-                    probes: ProbeInputs | None = None) -> IpexEngine:
-    """The engine of a single-stage instance on the instance's Intel GPU (`choose_xpu`), or on `device` ("cpu":
-    IPEX's CPU backend), optimised as the instance says."""
+                    probes: ProbeInputs | None = None) -> IpexEngine | IpexChain:
+    """The engine of a single-stage instance on the instance's Intel GPU (`choose_xpu`), or on the GPUs placement
+    split it over (an `IpexChain`), or on `device` ("cpu": IPEX's CPU backend), optimised as the instance says."""
     instance = bound_instance.instance
+    if device is None and bound_instance.shard.devices:
+        return chain_of(bound_instance, config, load_ipex_parts(bound_instance, config, probes))
     target = device if device is not None else xpu_for_layers(bound_instance, config, probes)
     return load_ipex_engine(instance.model, device=target, config=config,
                             optimization=instance.ipex_optimization_level)
+
+
+def load_ipex_parts(bound: BoundInstance, config: EngineConfig, probes: ProbeInputs | None = None
+                    ) -> list[tuple[IpexLoadedModel, XpuDevice]]:
+    """The layers of this node's shard of `bound` on each Intel GPU placement split it over, in layer order; every
+    device is checked for its own layers' memory before any weight is read."""
+    path, args = read_model_config(bound.instance.model)
+    precision = "bf16" if config.precision == "auto" else config.precision
+    context_length = min(args.context_length, config.max_context)
+    devices = [open_xpu(probes, index=part.device) for part in bound.shard.devices]
+    for part, compute in zip(bound.shard.devices, devices, strict=True):
+        check_fits(compute, estimate_bytes(args, precision, context_length, part.start, part.end, on_host=False),
+                   f"{path.name} layers {part.start}-{part.end - 1} ({precision})")
+    return [(load_ipex_model(bound.instance.model, compute, config.precision, config.max_context,
+                             bound.instance.ipex_optimization_level, part.start, part.end), compute)
+            for part, compute in zip(bound.shard.devices, devices, strict=True)]
+
+
+def chain_of(bound: BoundInstance, config: EngineConfig, parts: list[tuple[IpexLoadedModel, XpuDevice]],
+             num_blocks: int | None = None, context_length: int | None = None) -> IpexChain:
+    """`parts` as one chain, whose KV cache holds the blocks every part can (`num_blocks`: as the ring agreed)."""
+    context_length = context_length or min(loaded.context_length for loaded, _ in parts)
+    if num_blocks is None:
+        num_blocks = own_chain_blocks(parts, config, context_length)
+    whole = len(bound.instance.shards) == 1
+    return IpexChain([
+        IpexEngine(loaded, compute, bound.instance.model, config, num_blocks=num_blocks, context_length=context_length,
+                   owner=f"layers {loaded.stage.start}-{loaded.stage.end - 1} of "
+                         f"{'this instance' if whole else 'this stage of the ring'}")
+        for loaded, compute in parts])
+
+
+def own_chain_blocks(parts: list[tuple[IpexLoadedModel, XpuDevice]], config: EngineConfig, context_length: int
+                     ) -> int:
+    """The KV cache blocks every part's device holds for its layers: the fewest."""
+    return min(-(-own_kv_cache_tokens(loaded.stage, compute, config, context_length) // BLOCK_SIZE)
+               for loaded, compute in parts)
 
 
 def xpu_for_layers(bound: BoundInstance, config: EngineConfig, probes: ProbeInputs | None = None) -> XpuDevice:
