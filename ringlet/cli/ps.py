@@ -59,7 +59,9 @@ def format_state(state: dict[str, Any]) -> str:
         for shard in instance["shards"]:
             runner = record["runners"].get(shard["node_id"], {})
             pid = f" pid {runner['pid']}" if runner.get("pid") else ""
-            stages.append(f"{name.get(shard['node_id'], shard['node_id'])}[{shard['start']}:{shard['end']}]{pid}")
+            split = "".join(f" xpu:{d['device']}[{d['start']}:{d['end']}]" for d in shard.get("devices") or [])
+            stages.append(f"{name.get(shard['node_id'], shard['node_id'])}[{shard['start']}:{shard['end']}]{split}"
+                          f"{pid}")
         status = record["status"]
         if status == "loading":
             status = f"loading {record['progress']:.0%}"

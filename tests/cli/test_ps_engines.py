@@ -8,17 +8,18 @@ from ringlet.cli import CliError
 from ringlet.cli.node import instance_options
 from ringlet.cli.ps import format_state
 from ringlet.master.placement import InstanceOptions
-from ringlet.shared.instances import Instance, InstanceType, Shard
+from ringlet.shared.instances import DeviceLayers, Instance, InstanceType, Shard
 from ringlet.shared.state import InstanceCreated, NodeJoined, RunnerFellBack, RunnerReady, State, apply
 from tests.support.node_infos import intel_gpu_node
 
 OPTIMIZATION = "ipex.optimize (bf16): 211 of 211 linear layers prepacked"
 
 
-def state_of(ipex_fell_back: bool) -> dict[str, object]:
+def state_of(ipex_fell_back: bool, devices: tuple[DeviceLayers, ...] = ()) -> dict[str, object]:
     state = apply(State(), NodeJoined(node=intel_gpu_node("node-arc", 32, 16)))
     instance = Instance(instance_id="inst-x", model="m", instance_type=InstanceType.IPEX_RING,
-                        shards=[Shard(node_id="node-arc", rank=0, start=0, end=30, num_layers=30, engine="ipex")],
+                        shards=[Shard(node_id="node-arc", rank=0, start=0, end=30, num_layers=30, engine="ipex",
+                                      devices=devices)],
                         intel_gpu_devices=(0,), ipex_optimization_level="ipex")
     state = apply(state, InstanceCreated(instance=instance, created_at=0.0))
     state = apply(state, RunnerReady(instance_id="inst-x", node_id="node-arc", context_length=4096, engine="ipex",
@@ -40,6 +41,12 @@ def test_ps_shows_the_engine_and_the_settings() -> None:
 def test_ps_shows_a_fallback_in_the_engine_column() -> None:
     lines = format_state(state_of(ipex_fell_back=True)).splitlines()
     assert "  cpu (ipex -> cpu: device lost)  node-arc[0:30]" in lines[1]
+
+
+def test_ps_shows_the_layers_of_each_gpu_a_stage_is_split_over() -> None:
+    split = (DeviceLayers(device=0, start=0, end=12), DeviceLayers(device=1, start=12, end=30))
+    lines = format_state(state_of(ipex_fell_back=False, devices=split)).splitlines()
+    assert lines[1].split()[-3:] == ["node-arc[0:30]", "xpu:0[0:12]", "xpu:1[12:30]"]
 
 
 def test_the_node_commands_intel_options_are_checked() -> None:

@@ -21,6 +21,7 @@ GIB = 1024**3
 INSTANCE_ID = "inst-ipexdash0001"
 OPTIMIZATION = "torch.compile of 60 MLP and norm layers (native torch.xpu, no IPEX)"
 FALLBACK = "ipex -> cpu: the device was lost (UR_RESULT_ERROR_DEVICE_LOST)"
+SPLIT = [{"device": 0, "start": 0, "end": 12}, {"device": 1, "start": 12, "end": 30}]
 
 
 class IntelCluster:
@@ -43,7 +44,8 @@ class IntelCluster:
         return node
 
     def record(self, body: dict[str, Any]) -> dict[str, Any]:
-        shard = {"node_id": INTEL_NODE_ID, "rank": 0, "start": 0, "end": 30, "num_layers": 30, "engine": "ipex"}
+        shard = {"node_id": INTEL_NODE_ID, "rank": 0, "start": 0, "end": 30, "num_layers": 30, "engine": "ipex",
+                 "devices": SPLIT if body.get("intel_gpu_devices") == [0, 1] else []}
         runner = {"node_id": INTEL_NODE_ID, "status": "ready", "progress": 1.0, "detail": "ready", "error": None,
                   "pid": 4242, "context_length": 8192, "engine": "cpu", "optimization": OPTIMIZATION,
                   "fallback": FALLBACK}
@@ -68,9 +70,13 @@ class IntelCluster:
         self.previews.append(query)
         response = route.fetch()
         answer = response.json()
-        device = int(query.get("intel_gpu_devices", ["1"])[-1])
+        devices = [int(d) for d in query.get("intel_gpu_devices", ["1"])]
         stage = {"node_id": INTEL_NODE_ID, "node_name": INTEL_NODE_NAME, "engine": "ipex", "start": 0, "end": 30,
-                 "memory_bytes": 300 * 1024**2, "usable_bytes": int(self.free[device] * 0.9), "device": device}
+                 "memory_bytes": 300 * 1024**2, "usable_bytes": sum(int(self.free[d] * 0.9) for d in devices),
+                 "device": devices[-1], "devices": []}
+        if devices == [0, 1]:  # as placement answers for a model larger than either device
+            stage.update(device=None, devices=[dict(d, memory_bytes=150 * 1024**2, usable_bytes=int(
+                self.free[d["device"]] * 0.9)) for d in SPLIT])
         answer["previews"] = [{"instance_type": "IpexRing", "possible": True, "reason": None, "stages": [stage]}
                               if p["instance_type"] == "IpexRing" else p for p in answer["previews"]]
         route.fulfill(response=response, body=json.dumps(answer), content_type="application/json")
@@ -134,5 +140,25 @@ def test_launch_an_ipex_ring_on_a_chosen_device_and_see_its_fallback(dashboard: 
     expect(arc.get_by_test_id("gpu-memory")).to_have_text("12.0 GiB used of 16.0 GiB")
     expect(arc.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "75")
     dashboard.screenshot("topology-intel-gpu-memory")
+    page.unroute("**/state")
+    dashboard.watch.assert_clean()
+
+
+def test_an_ipex_ring_split_over_two_gpus_shows_each_ones_layers(dashboard: DashboardPage) -> None:
+    page, cluster = dashboard.page, IntelCluster()
+    page.route("**/state", cluster.state)
+    page.route(re.compile(r".*/instance/previews\?.*"), cluster.preview)
+    page.route(re.compile(r".*/instance$"), cluster.create)
+    dashboard.open("instances")
+    page.get_by_test_id("instance-type-IpexRing").click()
+    page.get_by_test_id("intel-device-0").get_by_role("checkbox").check()
+    page.get_by_test_id("intel-device-1").get_by_role("checkbox").check()
+    expect(page.get_by_test_id("placement-devices")).to_have_text(" · GPU 0: layers 0–11 · GPU 1: layers 12–29")
+    expect(page.get_by_test_id("placement-device")).to_have_count(0)
+    assert cluster.previews[-1]["intel_gpu_devices"] == ["0", "1"]
+    page.get_by_test_id("launch").click()
+    card = page.locator(f"[data-testid=instance-card][data-instance-id={INSTANCE_ID}]")
+    expect(card.get_by_test_id("shard-devices")).to_have_text("GPU 0: layers 0–11 · GPU 1: layers 12–29")
+    expect(card.get_by_test_id("instance-intel")).to_have_text("Intel GPUs 0, 1 · optimisation level auto")
     page.unroute("**/state")
     dashboard.watch.assert_clean()

@@ -40,3 +40,8 @@ export function formatAge(epochSeconds: number, now = Date.now() / 1000): string
 	if (age < 3600) return `${Math.round(age / 60)} min ago`;
 	return `${(age / 3600).toFixed(1)} h ago`;
 }
+
+/** A stage split over Intel GPUs: "GPU 0: layers 0–14 · GPU 1: layers 15–29". */
+export function splitOver(devices: { device: number; start: number; end: number }[]): string {
+	return devices.map((d) => `GPU ${d.device}: layers ${d.start}–${d.end - 1}`).join(' · ');
+}

@@ -104,6 +104,20 @@ export interface Shard {
 	end: number;
 	num_layers: number;
 	engine: EngineType;
+	/** an IpexRing shard split over several Intel GPUs of its node: each one's layers, in order */
+	devices?: DeviceLayers[];
+}
+
+export interface DeviceLayers {
+	device: number;
+	start: number;
+	end: number;
+}
+
+/** A stage's layers on one Intel GPU, where placement split the stage over several */
+export interface DevicePlan extends DeviceLayers {
+	memory_bytes: number;
+	usable_bytes: number;
 }
 
 export interface Instance {
@@ -197,8 +211,10 @@ export interface StagePlan {
 	end: number;
 	memory_bytes: number;
 	usable_bytes: number;
-	/** an Intel GPU stage: the device index placement counted with */
+	/** an Intel GPU stage on one device: the device index placement counted with */
 	device: number | null;
+	/** an Intel GPU stage split over devices */
+	devices?: DevicePlan[];
 }
 
 export interface PlacementPreview {
