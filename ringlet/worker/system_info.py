@@ -249,7 +249,7 @@ def install_notes(hardware: NodeHardware) -> list[str]:
     """What `ringlet info` adds below the extras: IPEX is never recommended for a CPU, but an AMX CPU may measure it."""
     if not {"amx_bf16", "amx_int8"} & set(hardware.cpu.flags):
         return []
-    return [("IPEX's CPU backend is not recommended: it pins PyTorch 2.8, and on an AMD EPYC with AVX-512 BF16 its int8 "
-             "decode was far slower than the cpu engine's. On an Intel Xeon with AMX, measure before using it: ringlet "
-             "bench --engine ipex-cpu against ringlet bench --engine cpu, in an environment with IPEX (docs/install.md, "
-             "step 6)")]
+    return [("IPEX's CPU backend is not recommended: it pins PyTorch 2.8, and its int8 decode was slower than the cpu "
+             "engine's on a 2-core Xeon with AMX (0.82x; its prefill 2.3x) and far slower on an AMD EPYC "
+             "(docs/benchmarks.md). To measure it here: ringlet bench --engine ipex-cpu against ringlet bench --engine "
+             "cpu, in an environment with IPEX (docs/install.md, step 6)")]
