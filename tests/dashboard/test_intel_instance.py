@@ -81,6 +81,16 @@ class IntelCluster:
                               if p["instance_type"] == "IpexRing" else p for p in answer["previews"]]
         route.fulfill(response=response, body=json.dumps(answer), content_type="application/json")
 
+    @classmethod
+    def serving(cls, dashboard: DashboardPage) -> IntelCluster:
+        """A cluster that answers the page's /state, previews and instance creation, the instances view open."""
+        cluster, page = cls(), dashboard.page
+        page.route("**/state", cluster.state)
+        page.route(re.compile(r".*/instance/previews\?.*"), cluster.preview)
+        page.route(re.compile(r".*/instance$"), cluster.create)
+        dashboard.open("instances")
+        return cluster
+
     def create(self, route: Route) -> None:
         if route.request.method != "POST":
             route.fallback()
@@ -91,11 +101,7 @@ class IntelCluster:
 
 
 def test_launch_an_ipex_ring_on_a_chosen_device_and_see_its_fallback(dashboard: DashboardPage) -> None:
-    page, cluster = dashboard.page, IntelCluster()
-    page.route("**/state", cluster.state)
-    page.route(re.compile(r".*/instance/previews\?.*"), cluster.preview)
-    page.route(re.compile(r".*/instance$"), cluster.create)
-    dashboard.open("instances")
+    page, cluster = dashboard.page, IntelCluster.serving(dashboard)
 
     ipex = page.get_by_test_id("instance-type-IpexRing")
     expect(ipex).to_be_enabled()
@@ -145,11 +151,7 @@ def test_launch_an_ipex_ring_on_a_chosen_device_and_see_its_fallback(dashboard: 
 
 
 def test_an_ipex_ring_split_over_two_gpus_shows_each_ones_layers(dashboard: DashboardPage) -> None:
-    page, cluster = dashboard.page, IntelCluster()
-    page.route("**/state", cluster.state)
-    page.route(re.compile(r".*/instance/previews\?.*"), cluster.preview)
-    page.route(re.compile(r".*/instance$"), cluster.create)
-    dashboard.open("instances")
+    page, cluster = dashboard.page, IntelCluster.serving(dashboard)
     page.get_by_test_id("instance-type-IpexRing").click()
     page.get_by_test_id("intel-device-0").get_by_role("checkbox").check()
     page.get_by_test_id("intel-device-1").get_by_role("checkbox").check()
