@@ -55,12 +55,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def xpu_of(engine: Any) -> Any | None:
-    """The Intel GPU an ipex engine computes on (an `XpuDevice`), or None: any other engine, or IPEX's CPU backend."""
+def xpus_of(engine: Any) -> list[Any]:
+    """The Intel GPUs an ipex engine computes on (`XpuDevice`s: one, or each part's of a split model), or none: any
+    other engine, or IPEX's CPU backend."""
     from ringlet.worker.engines.ipex.device import XpuDevice
 
-    compute = getattr(engine, "compute", None)
-    return compute if isinstance(compute, XpuDevice) else None
+    computes = [getattr(part, "compute", None) for part in getattr(engine, "parts", [engine])]
+    return [compute for compute in computes if isinstance(compute, XpuDevice)]
 
 
 def xpu_peak_bytes(xpu: Any) -> int | None:
@@ -250,7 +251,8 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
 
     settings = engine_config(args, max_context=args.max_context)
     if args.shape is None:
-        return load_engine(args.model, args.engine, settings, args.ipex_optimization_level), None, None
+        return load_engine(args.model, args.engine, settings, args.ipex_optimization_level,
+                           args.intel_gpu_devices), None, None
     if args.engine not in (None, "cpu", "cuda"):
         raise CliError(f"--shape builds the torch engine on cpu or cuda, not {args.engine}; use --model for it")
     device = torch.device(args.engine or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -292,20 +294,22 @@ def report(args: argparse.Namespace, engine: Any, weights: dict[str, Any] | None
     tokenizer = engine.tokenizer
     ids = make_prompt(tokenizer, args.prompt_tokens)
     prompt = tokenizer.decode(ids, skip_special_tokens=False)
-    device, xpu = engine.device, xpu_of(engine)
+    device, xpus = engine.device, xpus_of(engine)
     results: dict[str, Any] = {
         "model": args.shape and f"random weights shaped like {args.shape}" or str(args.model or "SmolLM2-135M-Instruct (embedded)"),
-        "engine": engine.name, "device": xpu.name if xpu is not None else (
+        "engine": engine.name, "device": ", ".join(xpu.name for xpu in xpus) if xpus else (
             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "precision": engine.precision, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
         "ringlet": time_engine(engine, prompt, args.new_tokens, args.repeats),
     }
     if optimization := getattr(engine, "optimization", None):
         results["optimization"] = optimization
-    if xpu is not None:  # the device's memory, not the host's: the weights and the cache live there
-        device_peak = xpu_peak_bytes(xpu)
-        if device_peak is not None:
-            results["ringlet"]["peak_memory_mb"] = device_peak / 2**20
+    if xpus:  # the devices' memory, not the host's: the weights and the cache live there
+        peaks = [xpu_peak_bytes(xpu) for xpu in xpus]
+        if None not in peaks:
+            results["ringlet"]["peak_memory_mb"] = sum(peaks) / 2**20  # type: ignore[arg-type]
+            if len(peaks) > 1:
+                results["ringlet"]["peak_memory_mb_per_device"] = [peak / 2**20 for peak in peaks]  # type: ignore[operator]
     elif device.type == "cuda":
         results["ringlet"]["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         bandwidth = copy_bandwidth(device)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, get_args
 from ringlet.cli import CliError, engine_from_environment
 from ringlet.shared.config import PRECISIONS, EngineConfig
 from ringlet.shared.errors import ContextWindowError, ModelLoadError
-from ringlet.shared.instances import IpexOptimizationLevel
+from ringlet.shared.instances import BoundInstance, IpexOptimizationLevel
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ipex-optimization-level", default="auto", choices=get_args(IpexOptimizationLevel),
                         help="the ipex engines' optimisation: IPEX where usable else torch.compile (auto), or only "
                              "ipex, compile or eager (default auto)")
+    parser.add_argument("--intel-gpu-devices", default=None, metavar="INDEXES",
+                        help="the ipex engine's Intel GPUs, e.g. 0,1: the model runs on the one with room, else "
+                             "split over them as a node places it (default: one GPU, the discrete ones first)")
 
 
 def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig:
@@ -46,9 +49,9 @@ def engine_config(args: argparse.Namespace, **overrides: object) -> EngineConfig
 
 
 def load_engine(model: str | None, engine: str | None, config: EngineConfig,
-                ipex_optimization: IpexOptimizationLevel = "auto") -> Engine:
-    """`model` on this machine with `engine` (or the best available; "ipex-cpu": IPEX's CPU backend); errors as
-    CliError."""
+                ipex_optimization: IpexOptimizationLevel = "auto", intel_gpu_devices: str | None = None) -> Engine:
+    """`model` on this machine with `engine` (or the best available; "ipex-cpu": IPEX's CPU backend; "ipex" with
+    `intel_gpu_devices`: placed on them as a node would, split where no one holds it); errors as CliError."""
     from ringlet.models.store import ringlet_home
     from ringlet.worker.engines.engine_init import initialize_engine, local_instance
     from ringlet.worker.engines.engine_utils import EngineUnavailableError, select_best_engine
@@ -63,12 +66,40 @@ def load_engine(model: str | None, engine: str | None, config: EngineConfig,
                 return load_ipex_engine(model, device="cpu", config=config, optimization=ipex_optimization)
         chosen = select_best_engine(engine)
         use_persistent_compile_caches(ringlet_home())
+        bound = local_instance(model, chosen, ipex_optimization)
+        if intel_gpu_devices is not None:
+            if chosen != "ipex":
+                raise CliError(f"--intel-gpu-devices is for the ipex engine, not {chosen}; add --engine ipex")
+            bound = on_intel_gpus(bound, model, intel_gpu_devices, config)
         with _layer_bar():
-            return initialize_engine(local_instance(model, chosen, ipex_optimization), config)
+            return initialize_engine(bound, config)
     except IPEXEngineError as e:
         raise CliError(f"engine {engine or 'ipex'}: {e}") from None
     except (ModelLoadError, EngineUnavailableError, ValueError) as e:
         raise CliError(str(e)) from None
+
+
+def on_intel_gpus(bound: BoundInstance, model: str | None, devices: str, config: EngineConfig) -> BoundInstance:
+    """`bound` placed on this machine's Intel GPUs `devices` as a node places an IpexRing: on the one with room, else
+    split over them (PlacementError, a ValueError, says why it does not fit)."""
+    from ringlet.cli.node import instance_options
+    from ringlet.master.placement import place
+    from ringlet.models.catalog import card_from_path
+    from ringlet.models.embedded import EMBEDDED_MODEL_ID
+    from ringlet.models.loader import read_model_config
+    from ringlet.shared.instances import InstanceType
+    from ringlet.shared.state import NodeInfo
+    from ringlet.worker.system_info import collect_engine_info, collect_node_hardware, read_memory
+
+    options = instance_options(devices, bound.instance.ipex_optimization_level)
+    path, _ = read_model_config(bound.instance.model)
+    card = card_from_path(model or EMBEDDED_MODEL_ID, path)
+    node = NodeInfo(node_id=bound.node_id, name="this machine", hardware=collect_node_hardware(),
+                    engines=collect_engine_info("ipex"), memory=read_memory())
+    placed = place(card, InstanceType.IPEX_RING, [node], instance_id=bound.instance.instance_id, options=options,
+                   kv_tokens=min(card.context_length, config.max_context))
+    instance = placed.instance.model_copy(update={"model": bound.instance.model})
+    return BoundInstance(instance=instance, node_id=bound.node_id)
 
 
 @contextlib.contextmanager
@@ -116,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         task = TextGenerationTask(messages=messages, max_tokens=args.max_tokens, sampling=sampling)
     except ValueError as e:
         raise CliError(str(e)) from None
-    engine = load_engine(args.model, args.engine, engine_config(args), args.ipex_optimization_level)
+    engine = load_engine(args.model, args.engine, engine_config(args), args.ipex_optimization_level,
+                         args.intel_gpu_devices)
     from ringlet.worker.engines.ipex import IPEXEngineError
 
     try:
