@@ -8,8 +8,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from ringlet.shared.engine_info import CpuInfo, GpuInfo, IntelGpuInfo, NodeHardware
 from ringlet.worker.engines import engine_utils
 from ringlet.worker.engines.engine_utils import detect_available_engines, probe_cuda, probe_ipex
@@ -91,11 +89,14 @@ def test_the_command_pattern_stops_where_the_command_does() -> None:
 
 
 def test_xpu_extra_is_never_the_way_to_an_xpu_pytorch(tmp_path: Path) -> None:
+    # a pip extra cannot name PyTorch's XPU index, so [xpu] would take PyPI's torch, which has no XPU support
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["xpu"]
-    if any("whl/xpu" in requirement or "+xpu" in requirement for requirement in extra):
-        pytest.skip(f"pyproject's [xpu] extra installs an XPU build itself: {extra}")
+    assert not any("whl/xpu" in requirement or "+xpu" in requirement for requirement in extra), extra
+    advised = 0
     for text in given_advice(tmp_path):  # whole advice: a literal alone may be one step of several
         found = commands(text)
         for i, command in enumerate(found):
             if "ringlet[xpu]" in command:  # only after PyTorch's XPU build, from its index, in the same advice
                 assert any(XPU_INDEX in earlier for earlier in found[:i]), text
+                advised += 1
+    assert advised, "no advice names ringlet[xpu]: the check above checked nothing"
