@@ -44,8 +44,8 @@ from ringlet.worker.batching import generate_alone, sample_rows
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import ProbeInputs
 from ringlet.worker.engines.ipex.chain import IpexChain
-from ringlet.worker.engines.ipex.engine import IpexEngine, own_kv_cache_tokens
-from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE, TorchBatchEngine, own_context_length, own_num_blocks
+from ringlet.worker.engines.ipex.engine import IpexEngine
+from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from ringlet.worker.stages import compute_device
 
@@ -102,24 +102,15 @@ def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.St
     """This stage's layers on its batched engine, and their precision; the KV cache as large as every stage of the
     ring can hold. `loaded` is called once the weights are in, before waiting for the other stages. `probes`: what
     detection looks at for an Intel GPU's stage (this machine by default)."""
-    if bound.engine == "ipex" and bound.shard.devices:
-        from ringlet.worker.engines.ipex.utils_ipex import chain_of, load_ipex_parts, own_chain_blocks
+    if bound.engine == "ipex":
+        from ringlet.worker.engines.ipex.utils_ipex import ipex_engine_of, load_ipex_parts, own_ipex_blocks
 
         parts = load_ipex_parts(bound, config, probes)
         loaded()
         own_context = min(part.context_length for part, _ in parts)
-        num_blocks, context_length = _agreed(bound, own_chain_blocks(parts, config, own_context), own_context, store)
-        chain = chain_of(bound, config, parts, num_blocks=num_blocks, context_length=context_length)
-        return chain, chain.precision
-    if bound.engine == "ipex":
-        from ringlet.worker.engines.ipex.utils_ipex import load_ipex_layers
-
-        layers, compute = load_ipex_layers(bound, config, probes)
-        loaded()
-        own = -(-own_kv_cache_tokens(layers.stage, compute, config, layers.context_length) // BLOCK_SIZE)
-        num_blocks, context_length = _agreed(bound, own, layers.context_length, store)
-        return IpexEngine(layers, compute, bound.instance.model, config, num_blocks=num_blocks,
-                          context_length=context_length), layers.precision
+        num_blocks, context_length = _agreed(bound, own_ipex_blocks(parts, config, own_context), own_context, store)
+        engine = ipex_engine_of(bound, config, parts, num_blocks=num_blocks, context_length=context_length)
+        return engine, engine.precision
     device = compute_device(bound.engine)
     stage, precision = load_torch_stage(bound.instance.model, bound.shard.start, bound.shard.end, config.precision,
                                         device)

@@ -16,7 +16,7 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, DeviceLayers, Instance, Shard
 from ringlet.worker.engines.ipex import IPEXMemoryError
 from ringlet.worker.engines.ipex.chain import IpexChain
-from ringlet.worker.engines.ipex.utils_ipex import chain_of, estimate_bytes, initialize_ipex, load_ipex_parts
+from ringlet.worker.engines.ipex.utils_ipex import estimate_bytes, initialize_ipex, ipex_engine_of, load_ipex_parts
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from ringlet.worker.pipeline import StageInputs, _forward, load_stage_engine
@@ -115,7 +115,7 @@ def test_a_split_ring_stage_rebuilds_its_lost_part_and_goes_on(tmp_path: Path) -
     ring = Instance(instance_id="ring", model="default", instance_type="IpexRing", ipex_optimization_level="eager",
                     shards=[Shard(node_id="n1", rank=0, start=0, end=15, num_layers=30, engine="ipex"), later])
     bound, gpus = BoundInstance(instance=ring, node_id="n2"), two_gpus()
-    engine = chain_of(bound, SETTINGS, load_ipex_parts(bound, SETTINGS, probes(tmp_path, gpus, INTEL_ARC_ON_BUS)),
+    engine = ipex_engine_of(bound, SETTINGS, load_ipex_parts(bound, SETTINGS, probes(tmp_path, gpus, INTEL_ARC_ON_BUS)),
                       num_blocks=8)
     cpu = torch.device("cpu")
     reference = TorchBatchEngine(load_torch_stage(None, 15, 30, "fp32", cpu)[0], cpu, SETTINGS, num_blocks=8)

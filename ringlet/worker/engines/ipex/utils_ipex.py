@@ -242,7 +242,7 @@ def load_ipex_model(
     path, args = read_model_config(model_ref)
     end = args.num_hidden_layers if end is None else end
     context_length = min(args.context_length, max_context)
-    layers = "" if (start, end) == (0, args.num_hidden_layers) else f" layers {start}-{end - 1}"
+    layers = _layers(args, start, end)
     check_fits(device, estimate_bytes(args, precision, context_length, start, end, on_host),
                f"{path.name}{layers} ({precision})")
     ipex = ipex_for(optimization, precision, device)  # before loading: a failure here costs no weight reading
@@ -280,67 +280,69 @@ def initialize_ipex(bound_instance: BoundInstance, config: EngineConfig, device:
                     probes: ProbeInputs | None = None) -> IpexEngine | IpexChain:
     """The engine of a single-stage instance on the instance's Intel GPU (`choose_xpu`), or on the GPUs placement
     split it over (an `IpexChain`), or on `device` ("cpu": IPEX's CPU backend), optimised as the instance says."""
-    instance = bound_instance.instance
-    if device is None and bound_instance.shard.devices:
-        return chain_of(bound_instance, config, load_ipex_parts(bound_instance, config, probes))
-    target = device if device is not None else xpu_for_layers(bound_instance, config, probes)
-    return load_ipex_engine(instance.model, device=target, config=config,
-                            optimization=instance.ipex_optimization_level)
+    if device is not None:
+        return load_ipex_engine(bound_instance.instance.model, device=device, config=config,
+                                optimization=bound_instance.instance.ipex_optimization_level)
+    return ipex_engine_of(bound_instance, config, load_ipex_parts(bound_instance, config, probes))
 
 
 def load_ipex_parts(bound: BoundInstance, config: EngineConfig, probes: ProbeInputs | None = None
                     ) -> list[tuple[IpexLoadedModel, XpuDevice]]:
-    """The layers of this node's shard of `bound` on each Intel GPU placement split it over, in layer order; every
-    device is checked for its own layers' memory before any weight is read."""
-    path, args = read_model_config(bound.instance.model)
-    precision = "bf16" if config.precision == "auto" else config.precision
-    context_length = min(args.context_length, config.max_context)
+    """The layers of this node's shard of `bound` on its Intel GPU, or, where placement split the shard, on each of
+    its GPUs in layer order (every one checked for its own layers' memory before any weight is read)."""
+    if not bound.shard.devices:
+        return [load_ipex_layers(bound, config, probes)]
     devices = [open_xpu(probes, index=part.device) for part in bound.shard.devices]
     for part, compute in zip(bound.shard.devices, devices, strict=True):
-        check_fits(compute, estimate_bytes(args, precision, context_length, part.start, part.end, on_host=False),
-                   f"{path.name} layers {part.start}-{part.end - 1} ({precision})")
+        check_fits(compute, *gpu_layers_need(bound.instance.model, config, part.start, part.end))
     return [(load_ipex_model(bound.instance.model, compute, config.precision, config.max_context,
                              bound.instance.ipex_optimization_level, part.start, part.end), compute)
             for part, compute in zip(bound.shard.devices, devices, strict=True)]
 
 
-def chain_of(bound: BoundInstance, config: EngineConfig, parts: list[tuple[IpexLoadedModel, XpuDevice]],
-             num_blocks: int | None = None, context_length: int | None = None) -> IpexChain:
-    """`parts` as one chain, whose KV cache holds the blocks every part can (`num_blocks`: as the ring agreed)."""
+def ipex_engine_of(bound: BoundInstance, config: EngineConfig, parts: list[tuple[IpexLoadedModel, XpuDevice]],
+                   num_blocks: int | None = None, context_length: int | None = None) -> IpexEngine | IpexChain:
+    """`parts` as one engine (a chain where there are several), whose KV cache holds the blocks every part can
+    (`num_blocks`: as the ring agreed)."""
     context_length = context_length or min(loaded.context_length for loaded, _ in parts)
     if num_blocks is None:
-        num_blocks = own_chain_blocks(parts, config, context_length)
-    whole = len(bound.instance.shards) == 1
-    return IpexChain([
-        IpexEngine(loaded, compute, bound.instance.model, config, num_blocks=num_blocks, context_length=context_length,
-                   owner=f"layers {loaded.stage.start}-{loaded.stage.end - 1} of "
-                         f"{'this instance' if whole else 'this stage of the ring'}")
-        for loaded, compute in parts])
+        num_blocks = own_ipex_blocks(parts, config, context_length)
+    model = bound.instance.model
+    if len(parts) == 1:
+        (loaded, compute), = parts
+        return IpexEngine(loaded, compute, model, config, num_blocks=num_blocks, context_length=context_length)
+    whole = "this instance" if len(bound.instance.shards) == 1 else "this stage of the ring"
+    return IpexChain([IpexEngine(loaded, compute, model, config, num_blocks=num_blocks, context_length=context_length,
+                                 owner=f"layers {loaded.stage.start}-{loaded.stage.end - 1} of {whole}")
+                      for loaded, compute in parts])
 
 
-def own_chain_blocks(parts: list[tuple[IpexLoadedModel, XpuDevice]], config: EngineConfig, context_length: int
-                     ) -> int:
+def own_ipex_blocks(parts: list[tuple[IpexLoadedModel, XpuDevice]], config: EngineConfig, context_length: int) -> int:
     """The KV cache blocks every part's device holds for its layers: the fewest."""
     return min(-(-own_kv_cache_tokens(loaded.stage, compute, config, context_length) // BLOCK_SIZE)
                for loaded, compute in parts)
 
 
-def xpu_for_layers(bound: BoundInstance, config: EngineConfig, probes: ProbeInputs | None = None) -> XpuDevice:
-    """The Intel GPU of this node that the shard of `bound` runs on, chosen for its layers' memory."""
-    path, args = read_model_config(bound.instance.model)
-    shard = bound.shard
+def gpu_layers_need(model_ref: str | Path | None, config: EngineConfig, start: int, end: int) -> tuple[int, str]:
+    """The bytes layers [start, end) of a model need on an Intel GPU at `config`'s precision, and their name."""
+    path, args = read_model_config(model_ref)
     precision = "bf16" if config.precision == "auto" else config.precision
-    needed = estimate_bytes(args, precision, min(args.context_length, config.max_context), shard.start, shard.end,
-                            on_host=False)
-    layers = "" if (shard.start, shard.end) == (0, args.num_hidden_layers) else f" layers {shard.start}-{shard.end - 1}"
-    return choose_xpu(bound.instance.intel_gpu_devices, needed, f"{path.name}{layers} ({precision})", probes)
+    needed = estimate_bytes(args, precision, min(args.context_length, config.max_context), start, end, on_host=False)
+    return needed, f"{path.name}{_layers(args, start, end)} ({precision})"
+
+
+def _layers(args: ModelArgs, start: int, end: int) -> str:
+    """" layers 3-9" of a stage, nothing for the whole model."""
+    return "" if (start, end) == (0, args.num_hidden_layers) else f" layers {start}-{end - 1}"
 
 
 def load_ipex_layers(bound: BoundInstance, config: EngineConfig, probes: ProbeInputs | None = None
                      ) -> tuple[IpexLoadedModel, XpuDevice]:
-    """The layers of this node's shard of `bound` (a ring's stage) on its Intel GPU, optimised as the instance says."""
-    compute = xpu_for_layers(bound, config, probes)
+    """The layers of this node's shard of `bound` on the Intel GPU chosen for their memory, optimised as the
+    instance says."""
     shard = bound.shard
+    compute = choose_xpu(bound.instance.intel_gpu_devices,
+                         *gpu_layers_need(bound.instance.model, config, shard.start, shard.end), probes)
     loaded = load_ipex_model(bound.instance.model, compute, config.precision, config.max_context,
                              bound.instance.ipex_optimization_level, shard.start, shard.end)
     return loaded, compute
