@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 from enum import Enum
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EngineType = Literal["mlx", "ipex", "cuda", "cpu"]
+ENGINE_TYPES: frozenset[str] = frozenset(get_args(EngineType))
 # how the Intel engine optimises a model: IPEX where usable else torch.compile (auto), or exactly one of them
 IpexOptimizationLevel = Literal["auto", "ipex", "compile", "eager"]
 

@@ -17,11 +17,11 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO, cast, get_args
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError, TaskErrorKind
-from ringlet.shared.instances import EngineType
+from ringlet.shared.instances import ENGINE_TYPES, EngineType
 from ringlet.shared.messages import (
     TO_RUNNER,
     CancelTask,
@@ -125,7 +125,6 @@ def _task_failed(task_id: str, error: Exception) -> TaskFailed:
     return TaskFailed(task_id=task_id, kind=kind, error=str(error) or type(error).__name__)
 
 
-ENGINE_TYPES: frozenset[str] = frozenset(get_args(EngineType))
 TORCH_DEVICE_ENGINE: dict[str, EngineType] = {"cpu": "cpu", "cuda": "cuda", "xpu": "ipex"}
 
 
@@ -172,6 +171,14 @@ class FallbackWatch:
             self.reported = fallback
             log.warning("%s", fallback)
             self.outbox.send(FellBack(engine=running_engine(self.engine, self.planned), reason=fallback))
+
+
+def announce_ready(engine: Any, planned: EngineType, outbox: Outbox, warmup_s: float, slots: int = 1
+                   ) -> FallbackWatch:
+    """Sends the runner's Ready for `engine`; returns the watch that reports its later fallback."""
+    told = ready(engine, planned, engine.context_length, warmup_s, slots)
+    outbox.send(told)
+    return FallbackWatch(engine, planned, outbox, told.fallback)
 
 
 def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outbox: Outbox) -> None:
@@ -294,9 +301,7 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         return 1
     planned = load.bound.engine
     batching = hasattr(engine, "forward_batch") or hasattr(engine, "batch_generator")
-    told = ready(engine, planned, engine.context_length, warmup_s, load.config.max_batch if batching else 1)
-    outbox.send(told)
-    fell_back = FallbackWatch(engine, planned, outbox, told.fallback)
+    fell_back = announce_ready(engine, planned, outbox, warmup_s, load.config.max_batch if batching else 1)
     if batching:
         serve_batched(cast("BatchModel | BatchesItself", engine), load.config, inbox, outbox, fell_back=fell_back)
     else:
@@ -346,26 +351,21 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         return 1
     log.info("instance %s: stage %d ready (%s)", instance_id, bound.shard.rank, precision)
     if isinstance(engine, RelayStage | PipelineStage):
-        told = ready(engine, bound.engine, engine.context_length, warmup_s)
-        outbox.send(told)
+        after_step = announce_ready(engine, bound.engine, outbox, warmup_s)
         try:
-            engine.serve(after_step=FallbackWatch(engine, bound.engine, outbox, told.fallback))
+            engine.serve(after_step=after_step)
         except RingBrokenError as error:
             log.error("instance %s: %s; this stage stops", instance_id, error)
             return 1
         return 0
     if isinstance(engine, PipelineHead):
         head = engine
-        told = ready(head, bound.engine, head.context_length, warmup_s, load.config.max_batch)
-        outbox.send(told)
-        serve_batched(head, load.config, inbox, outbox, broken=lambda: head.broken,
-                      fell_back=FallbackWatch(head, bound.engine, outbox, told.fallback))
+        fell_back = announce_ready(head, bound.engine, outbox, warmup_s, load.config.max_batch)
+        serve_batched(head, load.config, inbox, outbox, broken=lambda: head.broken, fell_back=fell_back)
     else:
         first = engine
-        told = ready(first, bound.engine, first.context_length, warmup_s)
-        outbox.send(told)
-        serve_tasks(first, inbox, outbox, broken=lambda: first.broken,
-                    fell_back=FallbackWatch(first, bound.engine, outbox, told.fallback))
+        fell_back = announce_ready(first, bound.engine, outbox, warmup_s)
+        serve_tasks(first, inbox, outbox, broken=lambda: first.broken, fell_back=fell_back)
     log.error("instance %s: the ring is broken; this stage stops", instance_id)
     return 1
 

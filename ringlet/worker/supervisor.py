@@ -24,11 +24,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
-from typing import cast, get_args
+from typing import cast
 
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import TaskError
-from ringlet.shared.instances import BoundInstance, EngineType
+from ringlet.shared.instances import ENGINE_TYPES, BoundInstance, EngineType
 from ringlet.shared.messages import (
     FROM_RUNNER,
     BatchStats,
@@ -66,7 +66,6 @@ WATCH_EVERY_S = 1.0
 RING_OMP_SPINCOUNT = 10_000
 # a chunk line is small, but a huge prompt echoed in an error message must not break the reader
 _LINE_LIMIT = 64 * 1024 * 1024
-ENGINE_TYPES: frozenset[str] = frozenset(get_args(EngineType))
 
 
 @dataclass(eq=False)

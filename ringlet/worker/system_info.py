@@ -22,6 +22,7 @@ from ringlet.shared.engine_info import CpuInfo, EngineInfo, GpuInfo, IntelGpuInf
 from ringlet.shared.state import MemoryInfo
 from ringlet.worker.engines.engine_utils import (
     INTEL_VENDOR,
+    IPEX_XPU_INSTALL,
     XPU_TORCH_INSTALL,
     EngineUnavailableError,
     ProbeInputs,
@@ -215,12 +216,6 @@ class InstallAdvice:
 
 
 CPU_TORCH_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
-IPEX_XPU_INSTALL = (
-    "pip install torch==2.8.0 --index-url https://download.pytorch.org/whl/xpu",
-    ("pip install intel-extension-for-pytorch==2.8.10+xpu "
-     "--extra-index-url https://pytorch-extension.intel.com/release-whl/stable/xpu/us/"),
-    "pip install 'ringlet[ipex]'",
-)
 
 
 def recommended_extras(hardware: NodeHardware, intel: IntelGpuInfo) -> list[InstallAdvice]:

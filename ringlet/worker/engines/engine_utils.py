@@ -46,6 +46,14 @@ XPU_WHEEL_FIX = ("replace it with PyTorch's XPU build (PyPI's torch has no Intel
                  "extra cannot choose the index): pip install --force-reinstall torch --index-url "
                  "https://download.pytorch.org/whl/xpu")
 XPU_FRESH_FIX = f"{XPU_TORCH_INSTALL}, then pip install 'ringlet[xpu]'"
+# IPEX on an Intel GPU, in docs/install.md's order: the XPU build of torch 2.8, IPEX's XPU wheel, then the extra (IPEX
+# 2.8 is its last release; PyPI's torch would replace the XPU build with one that cannot see the GPU)
+IPEX_XPU_INSTALL = (
+    "pip install torch==2.8.0 --index-url https://download.pytorch.org/whl/xpu",
+    ("pip install intel-extension-for-pytorch==2.8.10+xpu "
+     "--extra-index-url https://pytorch-extension.intel.com/release-whl/stable/xpu/us/"),
+    "pip install 'ringlet[ipex]'",
+)
 LEVEL_ZERO_FIX = ("install Intel's GPU compute runtime with Level Zero (Debian/Ubuntu: apt install "
                   "intel-opencl-icd libze1 libze-intel-gpu1), then add your user to the 'render' group")
 

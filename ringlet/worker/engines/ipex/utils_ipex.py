@@ -29,6 +29,7 @@ from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16, dequantizing
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT, PRECISIONS, EngineConfig
 from ringlet.shared.instances import BoundInstance, IpexOptimizationLevel
 from ringlet.worker.engines.engine_utils import (
+    IPEX_XPU_INSTALL,
     ProbeInputs,
     ipex_status,
     xpu_device_count,
@@ -44,12 +45,7 @@ from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE
 
 log = logging.getLogger(__name__)
 
-# the order docs/install.md gives: the XPU build of torch 2.8 first, then IPEX's XPU wheel, then the extra (IPEX 2.8
-# is its last release; PyPI's torch would replace the XPU build with one that cannot see the GPU)
-IPEX_INSTALL_FIX = ("pip install torch==2.8.0 --index-url https://download.pytorch.org/whl/xpu, then "
-                    "pip install intel-extension-for-pytorch==2.8.10+xpu --extra-index-url "
-                    "https://pytorch-extension.intel.com/release-whl/stable/xpu/us/, then pip install 'ringlet[ipex]'; "
-                    "without IPEX the engine runs on native torch.xpu")
+IPEX_INSTALL_FIX = ", then ".join(IPEX_XPU_INSTALL) + "; without IPEX the engine runs on native torch.xpu"
 # IPEX's CPU backend: PyPI's torch 2.8 and IPEX 2.8 are CPU builds, so the extra alone
 IPEX_CPU_INSTALL_FIX = ("pip install 'ringlet[ipex]' in an environment of its own (it pins PyTorch 2.8; "
                         "docs/install.md, step 6)")
