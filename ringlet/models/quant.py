@@ -13,6 +13,7 @@ The lm_head stays int8 under int4: its logits decide every token.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
@@ -20,6 +21,8 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 GROUP_SIZE = 32
 # the dtype a model computes in at each precision (weight-only int8/int4 compute in bf16)
@@ -92,19 +95,18 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Decode steps (one row) run PyTorch's int4 kernel. Its cost grows with the rows (16 ms for 512 rows of a
-    3072x576 weight here), so a long prompt chunk unpacks the weight once and runs a dense bf16 matmul (AMX):
-    3.6 ms for the same 512 rows; at 128 rows the two cost the same. The codes are kept twice, in the kernel's
-    blocked layout and as plain nibble pairs for unpacking: one byte per weight in all, as int8."""
+    """Decode steps (few rows) run PyTorch's int4 kernel. Its cost grows with the rows (16 ms for 512 rows of a
+    3072x576 weight here), so a long prompt chunk unpacks the weight and runs a dense bf16 matmul (AMX): 3.6 ms for
+    the same 512 rows; at 128 rows the two cost the same. The codes are kept once, in the kernel's blocked layout
+    (half a byte a weight), and unpacked from it (`_cpu_packed_codes`); where a PyTorch build packs them in a layout
+    that unpacking does not reproduce, plain nibble pairs are kept beside them."""
 
     DENSE_FROM_ROWS = 128
     dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: every call unpacks, as a long chunk does
     # buffers, registered in __init__
     weight: torch.Tensor
     scale_zero: torch.Tensor
-    nibbles: torch.Tensor
-    scale: torch.Tensor
-    offset: torch.Tensor
+    nibbles: torch.Tensor | None
     bias: torch.Tensor | None
 
     def __init__(self, weight: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -113,20 +115,28 @@ class Int4Linear(nn.Module):
         self.group_size = weight.group_size
         # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K / group, N, 2]
         scale_zero = torch.stack((weight.scale, weight.offset + 8 * weight.scale), dim=-1).transpose(0, 1)
-        self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1))
+        packed = torch._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
+        self.register_buffer("weight", packed)
         self.register_buffer("scale_zero", scale_zero.contiguous().to(dtype))
-        codes = weight.codes.view(self.out_features, -1, 2)
-        self.register_buffer("nibbles", codes[..., 0] | (codes[..., 1] << 4))  # [N, K / 2]: even | odd << 4
-        # fp16, as GGUF stores them: a file's groups unpack exactly
-        self.register_buffer("scale", weight.scale.to(torch.float16))
-        self.register_buffer("offset", weight.offset.to(torch.float16))
+        self.register_buffer("nibbles", None if _unpacks(packed, weight.codes) else _nibble_pairs(weight.codes))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes, uint8 [N, K]."""
+        if self.nibbles is not None:
+            return torch.stack((self.nibbles & 0x0F, self.nibbles >> 4), dim=-1).view(self.out_features, -1)
+        return _cpu_packed_codes(self.weight, self.out_features, self.in_features)
+
+    def groups(self) -> GroupQuantized:
+        """The layer's weight as codes, scales and offsets (in the dtype the layer computes its scales in)."""
+        scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
+        return GroupQuantized(self.codes(), scale.contiguous(), (zero - 8 * scale).contiguous(), self.group_size)
+
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        codes = torch.stack((self.nibbles & 0x0F, self.nibbles >> 4), dim=-1).float()
-        groups = codes.view(self.out_features, -1, self.group_size)
-        weight = torch.addcmul(self.offset.float()[..., None], groups, self.scale.float()[..., None])
-        return weight.view(self.out_features, -1).to(dtype)
+        """(code - 8) * scale + zero, as the kernel computes it."""
+        scale, zero = self.scale_zero.to(dtype).transpose(0, 1).contiguous().unbind(-1)  # [N, K / group]
+        centred = self.codes().view(self.out_features, -1, self.group_size).to(dtype) - 8
+        return torch.addcmul(zero[..., None], centred, scale[..., None]).view(self.out_features, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -137,6 +147,41 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+
+_PACK_BLOCK = 64  # rows of a block in the CPU kernel's layout (AVX-512 builds)
+_unpack_checked: dict[tuple[int, int], bool] = {}  # (N, K) -> whether `_cpu_packed_codes` reproduces the codes
+
+
+def _nibble_pairs(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes as [N, K / 2] bytes: element 2j in the low nibble, 2j + 1 in the high one."""
+    pairs = codes.view(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _cpu_packed_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes [N, K] from `_convert_weight_to_int4pack_for_cpu`'s layout: blocks of 64 rows, each input column's
+    32 bytes holding row j in the low nibble and row j + 32 in the high one; the rows past the last whole block
+    column by column, each byte holding a pair of neighbouring rows."""
+    full = n // _PACK_BLOCK * _PACK_BLOCK
+    blocks = packed[:full].reshape(-1, k, _PACK_BLOCK // 2).transpose(1, 2)  # [blocks, 32, K]
+    codes = torch.cat((blocks & 0x0F, blocks >> 4), dim=1).reshape(full, k)
+    if full == n:
+        return codes
+    tail = packed[full:].reshape(k, (n - full) // 2).t()  # [pairs of rows, K]
+    return torch.cat((codes, torch.stack((tail & 0x0F, tail >> 4), dim=1).reshape(n - full, k)))
+
+
+def _unpacks(packed: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether `_cpu_packed_codes` gives `codes` back from `packed`: checked once per shape, on the first weight."""
+    shape = (int(codes.shape[0]), int(codes.shape[1]))
+    if shape not in _unpack_checked:
+        ok = packed.shape == (shape[0], shape[1] // 2) and torch.equal(_cpu_packed_codes(packed, *shape), codes)
+        _unpack_checked[shape] = ok
+        if not ok:
+            log.info("this PyTorch packs int4 weights of shape %s in a layout not unpacked here: their codes are "
+                     "kept a second time for long prompt chunks", shape)
+    return _unpack_checked[shape]
 
 
 # the model's fused linears -> the Hugging Face weights they stack, inside model.layers.{i}.
@@ -159,12 +204,30 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     for i, layer in enumerate(model.layers):  # type: ignore[arg-type]
         quantize_layer_int4(layer, cast(int, model.start) + i, dtype, source or {}, file_groups=bool(source))
     if getattr(model, "lm_head", None) is not None:
-        model.lm_head = Int8Linear(cast(nn.Linear, model.lm_head).weight.data, None, dtype)
+        model.lm_head = int8_linear(cast(nn.Linear, model.lm_head).weight.data, None, dtype)
     return model
 
 
+def int4_linear(groups: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """The int4 linear for the device the codes are on: CUDA's Triton kernels, else the CPU one."""
+    if groups.codes.device.type == "cuda":
+        from ringlet.models.quant_cuda import CudaInt4Linear
+
+        return CudaInt4Linear(groups, bias, dtype)
+    return Int4Linear(groups, bias, dtype)
+
+
+def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """The per-channel int8 linear for the device `weight` is on: CUDA's Triton kernels, else the CPU one."""
+    if weight.device.type == "cuda":
+        from ringlet.models.quant_cuda import CudaInt8Linear
+
+        return CudaInt8Linear(weight, bias, dtype)
+    return Int8Linear(weight, bias, dtype)
+
+
 def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source: Mapping[str, GroupQuantized],
-                        file_groups: bool) -> None:
+                        file_groups: bool, group_size: int = GROUP_SIZE) -> None:
     """The linears of decoder layer `index` (global) as int4, in place. A linear whose parts are all in `source`
     runs the file's own codes. Where the file gives 4-bit groups (`file_groups`), a linear it stores in more bits
     (Q4_K_M keeps some in Q6_K) becomes int8 rather than losing them; otherwise every linear is rounded to 4 bits."""
@@ -174,19 +237,19 @@ def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source
         owner, linear = layer.get_submodule(owner_path), cast(nn.Linear, layer.get_submodule(path))
         stored = [source.get(f"{prefix}{part}.weight") for part in parts]
         from_file = all(g is not None for g in stored)
-        if linear.in_features % GROUP_SIZE != 0 or (file_groups and not from_file):
-            setattr(owner, attr, Int8Linear(linear.weight.data, linear.bias, dtype))
+        if linear.in_features % group_size != 0 or (file_groups and not from_file):
+            setattr(owner, attr, int8_linear(linear.weight.data, linear.bias, dtype))
             continue
         groups = (GroupQuantized.cat(stored) if from_file  # type: ignore[arg-type]
-                  else GroupQuantized.round(linear.weight.data))
-        setattr(owner, attr, Int4Linear(groups, linear.bias, dtype))
+                  else GroupQuantized.round(linear.weight.data, group_size))
+        setattr(owner, attr, int4_linear(groups, linear.bias, dtype))
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Replace every nn.Linear of the model by an Int8Linear, in place; returns the model."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
-            setattr(model, name, Int8Linear(child.weight.data, child.bias, dtype))
+            setattr(model, name, int8_linear(child.weight.data, child.bias, dtype))
         else:
             quantize_int8(child, dtype)
     return model
@@ -201,7 +264,9 @@ def dequantizing_in_matmul(model: nn.Module) -> int:
         if isinstance(module, Int8Linear | Int4Linear):
             module.dequantize_in_matmul = True
             count += 1
-        if isinstance(module, Int4Linear):
+        if isinstance(module, Int4Linear):  # its codes as nibble pairs, for every device; the CPU layout goes
+            if module.nibbles is None:
+                module.nibbles = _nibble_pairs(module.codes())
             module.weight = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
     return count
 

@@ -72,11 +72,14 @@ def test_quantize_int4_uses_file_groups_where_every_part_has_them_and_int8_where
     reference = build_stage(args, weights=gguf.load_state_dict(0, LAYERS), dtype=torch.float32)
     model = build_stage(args, weights=gguf.load_state_dict(0, LAYERS), dtype=torch.bfloat16)
     model = quantize_int4(model, torch.bfloat16, groups)
-    # layer 1's down_proj is Q4_0 in the file: its int4 weight is the file's, exactly
+    # layer 1's down_proj is Q4_0 in the file: its int4 codes are the file's, exactly, its scales the file's in bf16
     down = model.layers[1].mlp.down_proj
     assert isinstance(down, Int4Linear)
-    file_weight = groups["model.layers.1.mlp.down_proj.weight"].dequantize().bfloat16()
-    assert torch.equal(down.dense_weight(torch.bfloat16), file_weight)
+    stored = groups["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(down.codes(), stored.codes)
+    torch.testing.assert_close(down.groups().scale, stored.scale.bfloat16().float(), rtol=0, atol=0)
+    file_weight = stored.dequantize()
+    torch.testing.assert_close(down.dense_weight(torch.float32), file_weight, rtol=2**-7, atol=1e-6)
     # q Q4_1, k Q8_0, v BF16: the file keeps k and v in more bits, so the fused linear is int8, not rounded to 4
     assert isinstance(model.layers[0].self_attn.qkv_proj, Int8Linear)
     assert isinstance(model.layers[1].self_attn.o_proj, Int4Linear)  # Q4_1
@@ -139,3 +142,14 @@ def test_a_file_with_4_bit_groups_says_once_which_other_types_are_dequantised(
             model.load_groups(i, i + 1)
     [line] = [r.getMessage() for r in caplog.records]
     assert line == "tiny.gguf: weights of layers 0-1 stored as Q8_0 (3) are dequantised (not 4-bit groups)"
+
+
+@pytest.mark.parametrize("rows", [576, 160, 96, 48, 32])  # whole blocks of 64 rows, and rows past the last one
+def test_int4_linear_keeps_its_codes_once_in_the_kernels_layout_and_unpacks_them_exactly(rows: int) -> None:
+    torch.manual_seed(2)
+    groups = GroupQuantized.round(torch.randn(rows, 128))
+    linear = Int4Linear(groups, None, torch.bfloat16)
+    assert linear.nibbles is None  # no second copy of the codes
+    assert linear.weight.numel() == rows * 128 // 2  # half a byte a weight
+    assert torch.equal(linear.codes(), groups.codes)
+    assert torch.equal(linear.groups().codes, groups.codes)
