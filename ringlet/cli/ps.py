@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from ringlet.cli import CliError
+from ringlet.shared.state import LayerLoad
 
 GIB = 1024**3
 
@@ -49,6 +50,20 @@ def instance_settings(instance_id: str, record: dict[str, Any], name: dict[str, 
     return lines
 
 
+def text_bar(fraction: float, width: int = 10) -> str:
+    """[#####.....] for one half."""
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
+
+
+def loading_status(record: dict[str, Any]) -> str:
+    """loading [#####.....] 12/30 layers, 0.45/1.1 GiB; a state without layer counts: loading 40%."""
+    if record.get("load") is None:
+        return f"loading {record['progress']:.0%}"
+    load = LayerLoad.model_validate(record["load"])
+    return f"loading {text_bar(load.fraction)} {load.describe()}"
+
+
 def format_state(state: dict[str, Any]) -> str:
     nodes = state["nodes"]
     name = {node_id: n["name"] for node_id, n in nodes.items()}
@@ -64,7 +79,7 @@ def format_state(state: dict[str, Any]) -> str:
                           f"{pid}")
         status = record["status"]
         if status == "loading":
-            status = f"loading {record['progress']:.0%}"
+            status = loading_status(record)
         tasks = sum(1 for t in state["tasks"].values() if t["instance_id"] == instance_id)
         instance_rows.append([instance_id, instance["model"], instance["instance_type"], status, str(tasks),
                               engine_cell(record), ", ".join(stages)])

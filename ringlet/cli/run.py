@@ -53,10 +53,12 @@ def load_engine(model: str | None, engine: str | None, config: EngineConfig,
     """`model` on this machine with `engine` (or the best available; "ipex-cpu": IPEX's CPU backend; "ipex" with
     `intel_gpu_devices`: placed on them as a node would, split where no one holds it); errors as CliError."""
     from ringlet.models.store import ringlet_home
+    from ringlet.shared.messages import LoadShard
     from ringlet.worker.engines.engine_init import initialize_engine, local_instance
     from ringlet.worker.engines.engine_utils import EngineUnavailableError, select_best_engine
     from ringlet.worker.engines.ipex import IPEXEngineError
     from ringlet.worker.engines.torch.static_decode import use_persistent_compile_caches
+    from ringlet.worker.runner import stage_weight_bytes
 
     try:
         if engine == IPEX_CPU:
@@ -71,7 +73,7 @@ def load_engine(model: str | None, engine: str | None, config: EngineConfig,
             if chosen != "ipex":
                 raise CliError(f"--intel-gpu-devices is for the ipex engine, not {chosen}; add --engine ipex")
             bound = on_intel_gpus(bound, model, intel_gpu_devices, config)
-        with _layer_bar():
+        with _layer_bar(stage_weight_bytes(LoadShard(bound=bound, config=config))):
             return initialize_engine(bound, config)
     except IPEXEngineError as e:
         raise CliError(f"engine {engine or 'ipex'}: {e}") from None
@@ -103,8 +105,9 @@ def on_intel_gpus(bound: BoundInstance, model: str | None, devices: str, config:
 
 
 @contextlib.contextmanager
-def _layer_bar() -> Iterator[None]:
-    """A bar of the layers loaded so far on a terminal's stderr, gone once the model is loaded."""
+def _layer_bar(bytes_total: int | None = None) -> Iterator[None]:
+    """A bar of the layers loaded so far on a terminal's stderr, with the weight bytes they keep (of `bytes_total`,
+    what the stage holds when loaded, where known), gone once the model is loaded."""
     if not sys.stderr.isatty():
         yield
         return
@@ -112,13 +115,15 @@ def _layer_bar() -> Iterator[None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from ringlet.models.loader import reporting_load_progress
+    from ringlet.shared.sizes import format_bytes, format_bytes_of
 
     with Progress(TextColumn("loading layers"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("", total=None)
 
         def show(done: int, total: int, kept: int) -> None:
-            bar.update(task, completed=done, total=total, description=f"{kept / 2**30:.2f} GiB")
+            held = format_bytes_of(kept, bytes_total) if bytes_total else format_bytes(kept)
+            bar.update(task, completed=done, total=total, description=held)
 
         with reporting_load_progress(show):
             yield

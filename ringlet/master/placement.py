@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ringlet.models.catalog import WEIGHT_ONLY_INT8, ModelCard
-from ringlet.shared.config import DEFAULT_MAX_CONTEXT
+from ringlet.models.catalog import ModelCard, engine_weight_format
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT, Precision
 from ringlet.shared.instances import DeviceLayers, EngineType, Instance, InstanceType, IpexOptimizationLevel, Shard
 from ringlet.shared.state import InstanceCreated, InstanceRecord, NodeInfo, RunnerStatus
 
@@ -111,6 +111,8 @@ class DevicePlan(BaseModel):
     start: int
     end: int
     memory_bytes: int = Field(description="estimated weights + KV cache of these layers")
+    weight_bytes: int = Field(0, description="of memory_bytes, the weights")
+    kv_bytes: int = Field(0, description="of memory_bytes, the KV cache")
     usable_bytes: int = Field(description="what the device can give them")
 
 
@@ -123,6 +125,10 @@ class StagePlan(BaseModel):
     start: int
     end: int
     memory_bytes: int = Field(description="estimated weights + KV cache of this stage")
+    weight_bytes: int = Field(0, description="of memory_bytes, the weights as the engine holds them")
+    kv_bytes: int = Field(0, description="of memory_bytes, the KV cache")
+    weight_format: str = Field("", description="how the engine holds the weights: a dtype, or a quantised format "
+                                               "(catalog.WEIGHT_FORMATS: int8, int4/128, int4/32)")
     usable_bytes: int = Field(description="memory the node can give the engine (an IpexRing stage: its allowed Intel "
                                           "GPUs together; a mixed ring's: its largest), less what its instances "
                                           "still loading will take")
@@ -193,18 +199,22 @@ def allowed_devices(node: NodeInfo, wanted: tuple[int, ...] | None) -> list[Inte
 
 def stage_bytes(card: ModelCard, start: int, end: int, engine: EngineType, kv_tokens: int,
                 dtype: str | None = None) -> int:
+    return sum(stage_parts(card, start, end, engine, kv_tokens, dtype))
+
+
+def stage_parts(card: ModelCard, start: int, end: int, engine: EngineType, kv_tokens: int,
+                dtype: str | None = None) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) of layers [start, end) on `engine`, its weights in `dtype` (a dtype or a weight
+    format of the catalog; the engine's default by default)."""
     dtype = dtype or ENGINE_DTYPE[engine]
-    return card.stage_bytes(start, end, dtype) + card.kv_cache_bytes_per_token(dtype, end - start) * kv_tokens
+    return card.stage_bytes(start, end, dtype), card.kv_cache_bytes_per_token(dtype, end - start) * kv_tokens
 
 
-def engine_dtype(node: NodeInfo, engine: EngineType) -> str:
-    """The dtype of `engine`'s weights on `node`: MLX without Metal (not a Mac) runs float32; the CPU engine
-    quantises its weights (int8, or int4 from a file's 4-bit blocks) where the CPU computes in bf16 natively."""
-    if engine == "mlx" and node.hardware.apple_chip is None:
-        return "float32"
-    if engine == "cpu" and {"avx512_bf16", "amx_bf16"} & set(node.hardware.cpu.flags):
-        return WEIGHT_ONLY_INT8
-    return ENGINE_DTYPE[engine]
+def engine_dtype(node: NodeInfo, engine: EngineType, precision: Precision = "auto") -> str:
+    """How `engine` holds a stage's weights on `node` at `precision` (catalog.engine_weight_format): MLX without
+    Metal (not a Mac) in float32; the CPU engine quantises where the CPU computes in bf16 natively."""
+    return engine_weight_format(engine, precision, cpu_bf16=bool({"avx512_bf16", "amx_bf16"} & set(node.hardware.cpu.flags)),
+                                metal=node.hardware.apple_chip is not None)
 
 
 def stage_engine(node: NodeInfo, instance_type: InstanceType) -> EngineType | None:
@@ -239,10 +249,11 @@ def split_layers(num_layers: int, weights: Sequence[float]) -> list[tuple[int, i
 def place(
     card: ModelCard, instance_type: InstanceType, nodes: Sequence[NodeInfo], *, instance_id: str,
     node_ids: Sequence[str] | None = None, min_nodes: int = 1, kv_tokens: int | None = None,
-    options: InstanceOptions = DEFAULT_OPTIONS, placed: Sequence[InstanceRecord] = (),
+    options: InstanceOptions = DEFAULT_OPTIONS, placed: Sequence[InstanceRecord] = (), precision: Precision = "auto",
 ) -> Placement:
     """Place `card` as an instance of `instance_type`, beside the instances `placed` already (those still loading
-    hold their memory); raises PlacementError with the reason when impossible (DeviceChoiceError: the options)."""
+    hold their memory), its engines holding the weights at `precision` (`engine_dtype`); raises PlacementError with
+    the reason when impossible (DeviceChoiceError: the options)."""
     tokens = min(card.context_length, DEFAULT_KV_TOKENS) if kv_tokens is None else kv_tokens
     if (misfit := options.misfit(instance_type)) is not None:
         raise DeviceChoiceError(misfit)
@@ -275,7 +286,7 @@ def place(
         suitable.sort(key=lambda n: (-rooms[n.node_id].usable, n.node_id))
         ring_sizes = list(range(min_nodes, min(len(suitable), card.num_layers) + 1))
     for size in ring_sizes:
-        stages = _plan(card, suitable[:size], instance_type, tokens, rooms)
+        stages = _plan(card, suitable[:size], instance_type, tokens, rooms, precision)
         if all(s.fits for s in stages):
             shards = [Shard(node_id=s.node_id, rank=rank, start=s.start, end=s.end, num_layers=card.num_layers,
                             engine=s.engine, devices=tuple(DeviceLayers(device=d.device, start=d.start, end=d.end)
@@ -287,20 +298,22 @@ def place(
             return Placement(instance=instance, stages=stages)
     ring = suitable[: ring_sizes[-1]]
     if instance_type.engine is None:
-        raise PlacementError(_mixed_does_not_fit(card, tokens, _plan(card, ring, instance_type, tokens, rooms)))
-    raise PlacementError(_does_not_fit(card, instance_type.engine, tokens, ring, rooms, options))
+        raise PlacementError(_mixed_does_not_fit(card, tokens, _plan(card, ring, instance_type, tokens, rooms,
+                                                                     precision)))
+    raise PlacementError(_does_not_fit(card, instance_type.engine, tokens, ring, rooms, options, precision))
 
 
 def preview(
     card: ModelCard, nodes: Sequence[NodeInfo], *, node_ids: Sequence[str] | None = None, min_nodes: int = 1,
     kv_tokens: int | None = None, options: InstanceOptions = DEFAULT_OPTIONS, placed: Sequence[InstanceRecord] = (),
+    precision: Precision = "auto",
 ) -> list[PlacementPreview]:
     """The placement each instance type would get, or why it cannot serve the model; `options` go to IpexRing's."""
     previews = []
     for instance_type in InstanceType:
         try:
             placement = place(card, instance_type, nodes, instance_id="preview", node_ids=node_ids,
-                              min_nodes=min_nodes, kv_tokens=kv_tokens, placed=placed,
+                              min_nodes=min_nodes, kv_tokens=kv_tokens, placed=placed, precision=precision,
                               options=options if instance_type == InstanceType.IPEX_RING else DEFAULT_OPTIONS)
         except PlacementError as refusal:
             previews.append(PlacementPreview(instance_type=instance_type, possible=False, reason=str(refusal)))
@@ -437,18 +450,19 @@ def _missing_reason(node: NodeInfo, instance_type: InstanceType) -> str:
 
 
 def _plan(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType, kv_tokens: int,
-          rooms: dict[str, _Room]) -> list[StagePlan]:
+          rooms: dict[str, _Room], precision: Precision = "auto") -> list[StagePlan]:
     ranges = split_layers(card.num_layers, [float(max(rooms[n.node_id].usable, 1)) for n in ring])
     stages = []
     for node, (start, end) in zip(ring, ranges):
         engine = stage_engine(node, instance_type)
         assert engine is not None
         room = rooms[node.node_id]
-        dtype = engine_dtype(node, engine)
-        memory = stage_bytes(card, start, end, engine, kv_tokens, dtype)
+        dtype = engine_dtype(node, engine, precision)
+        weights, kv = stage_parts(card, start, end, engine, kv_tokens, dtype)
         devices = _over_devices(card, start, end, kv_tokens, dtype, room) if room.devices else []
         stages.append(StagePlan(node_id=node.node_id, node_name=node.name, engine=engine, start=start, end=end,
-                                usable_bytes=room.usable, memory_bytes=memory, devices=devices,
+                                usable_bytes=room.usable, memory_bytes=weights + kv, weight_bytes=weights,
+                                kv_bytes=kv, weight_format=dtype, devices=devices,
                                 device=None if devices else room.device))
     return stages
 
@@ -463,12 +477,17 @@ def _over_devices(card: ModelCard, start: int, end: int, kv_tokens: int, dtype: 
     for count in range(2, min(len(room.devices), end - start) + 1):
         chosen = sorted(room.devices[:count], key=lambda r: r.device or 0)
         parts = split_layers(end - start, [float(max(r.usable, 1)) for r in chosen])
-        plan = [DevicePlan(device=r.device or 0, start=start + a, end=start + b, usable_bytes=r.usable,
-                           memory_bytes=stage_bytes(card, start + a, start + b, "ipex", kv_tokens, dtype))
+        plan = [_device_plan(card, r, start + a, start + b, kv_tokens, dtype)
                 for r, (a, b) in zip(chosen, parts, strict=True)]
         if all(d.memory_bytes <= d.usable_bytes for d in plan):
             return plan
     return plan
+
+
+def _device_plan(card: ModelCard, room: _Room, start: int, end: int, kv_tokens: int, dtype: str) -> DevicePlan:
+    weights, kv = stage_parts(card, start, end, "ipex", kv_tokens, dtype)
+    return DevicePlan(device=room.device or 0, start=start, end=end, usable_bytes=room.usable,
+                      memory_bytes=weights + kv, weight_bytes=weights, kv_bytes=kv)
 
 
 def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo]) -> str:
@@ -479,8 +498,8 @@ def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo
 
 
 def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Sequence[NodeInfo],
-                  rooms: dict[str, _Room], options: InstanceOptions) -> str:
-    dtype = engine_dtype(ring[0], engine) if ring else ENGINE_DTYPE[engine]
+                  rooms: dict[str, _Room], options: InstanceOptions, precision: Precision) -> str:
+    dtype = engine_dtype(ring[0], engine, precision) if ring else ENGINE_DTYPE[engine]
     needed = stage_bytes(card, 0, card.num_layers, engine, kv_tokens, dtype)
     have = sum(rooms[n.node_id].usable for n in ring)
     held = sum(rooms[n.node_id].held for n in ring)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +29,64 @@ CardSource = Literal["catalog", "embedded", "hub", "local", "ollama"]
 
 # Bytes per parameter of the dtypes the torch engines compute in.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-# the CPU engine's weights where it quantises (int8, or int4 from a file's 4-bit blocks): a byte a linear weight
-# (int4 keeps its codes twice: the kernel's layout and plain nibbles), the embedding in bf16
+# the weight formats of the engines that quantise (names beside the dtypes above; `WEIGHT_FORMATS` says what each
+# holds): the CPU engine where bf16 is native (int4 where a file keeps 4-bit groups, int8 elsewhere), and int4 asked
+# of a GPU engine (CUDA: groups of 128, the Intel GPU kernel: the groups of 32 that GGUF files and the CPU use)
 WEIGHT_ONLY_INT8 = "int8"
+CUDA_INT4 = "int4/128"
+XPU_INT4 = "int4/32"
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """Bytes per weight an engine holds a stage in: the decoder layers' linears (those a GGUF file keeps in 4-bit
+    groups and the others), the lm_head, the embedding and norms; and the dtype of its KV cache."""
+
+    four_bit_linear: float  # a linear the file keeps in 4-bit groups (its codes as they are, where the format has int4)
+    linear: float
+    lm_head: float
+    embedding: str  # the dtype of the embedding and the norms (and of the activations)
+    cache: str
+    row_scale: int = 0  # bytes of the per-output-channel scale of an int8 linear
+
+
+def _int4(group: int, scale_bytes: int) -> float:
+    """Half a byte a code plus a scale and a zero point per group."""
+    return 0.5 + 2 * scale_bytes / group
+
+
+WEIGHT_FORMATS: dict[str, WeightFormat] = {
+    **{dtype: WeightFormat(size, size, size, dtype, dtype) for dtype, size in DTYPE_BYTES.items()},
+    # codes and bf16 scale/zero pairs of the file's groups of 32, else int8 with a bf16 scale per output channel;
+    # an int8 lm_head (its logits decide every token)
+    WEIGHT_ONLY_INT8: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2),
+    # every linear rounded to 4 bits in groups of 128 with fp16 scale/zero pairs
+    CUDA_INT4: WeightFormat(_int4(128, 2), _int4(128, 2), 1, "bfloat16", "bfloat16", row_scale=2),
+    XPU_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2),
+}
+# the dtype of an asked-for precision (the weight-only ones: `engine_weight_format`)
+PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def engine_weight_format(engine: str, precision: str = "auto", *, cpu_bf16: bool = False, metal: bool = True) -> str:
+    """How `engine` holds a stage's weights at `precision` (a dtype, or a weight format of `WEIGHT_FORMATS`): MLX in
+    bf16 (float32 without Metal); the CPU engine where bf16 is native (`cpu_bf16`) quantises (int4 where a GGUF file
+    keeps 4-bit groups, int8 elsewhere; every linear int4 in groups of 32 when int4 is asked), else float32; CUDA and
+    Intel GPUs in bf16 unless int4 (CUDA: groups of 128; an Intel GPU: the groups of 32 its kernel takes from a file
+    or rounds to) or int8 is asked."""
+    if engine == "mlx":
+        return "bfloat16" if metal else "float32"
+    if precision in PRECISION_DTYPES:
+        return PRECISION_DTYPES[precision]
+    if engine == "cpu":
+        return (XPU_INT4 if precision == "int4" else WEIGHT_ONLY_INT8) if cpu_bf16 else "float32"
+    if precision == "int4":
+        return CUDA_INT4 if engine == "cuda" else XPU_INT4
+    return WEIGHT_ONLY_INT8 if precision == "int8" else "bfloat16"
+
+
+# the 4-bit GGUF types whose codes the int4 kernels take as they are (gguf_loader's grouped types)
+FOUR_BIT_GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 # Every engine reads both formats (MLX takes a GGUF file through ringlet's reader, dequantised).
 _ALL_INSTANCE_TYPES = tuple(InstanceType)
@@ -59,48 +115,61 @@ class ModelCard(BaseModel):
     context_length: int = Field(gt=0)
     instance_types: list[InstanceType]
     download_bytes: int | None = Field(None, description="size of the files a full download fetches, if known")
+    layer_linear_parameters: int | None = Field(None, description="of a layer's parameters, its linear weights "
+                                                                  "(None: all but two norms)")
+    four_bit_share: float = Field(0.0, ge=0.0, le=1.0, description="of the layers' linear weights, the share a GGUF "
+                                  "file keeps in 4-bit groups that the int4 kernels run as they are")
 
     def weight_bytes(self, dtype: str = "bfloat16") -> int:
         if dtype in self.bytes_per_dtype:
             return self.bytes_per_dtype[dtype]
-        if dtype == WEIGHT_ONLY_INT8:
-            return self.stage_bytes(0, self.num_layers, dtype)
-        return self.num_parameters * _dtype_size(dtype)
+        return self.stage_bytes(0, self.num_layers, dtype)
 
     def stage_bytes(self, start: int, end: int, dtype: str = "bfloat16") -> int:
-        """Weight bytes of a stage holding layers [start, end), with the embedding/head tensors it loads.
-        `WEIGHT_ONLY_INT8` counts what the CPU engine holds when it quantises: a byte a weight."""
+        """Weight bytes of a stage holding layers [start, end), with the embedding/head tensors it loads, in `dtype`
+        or one of the quantised `WEIGHT_FORMATS`."""
         if not 0 <= start < end <= self.num_layers:
             raise ValueError(f"layer range {start}:{end} is outside 0:{self.num_layers} of {self.id}")
+        held = weight_format(dtype)
         first, last = start == 0, end == self.num_layers
-        if dtype == WEIGHT_ONLY_INT8:
-            held = (end - start) * self.layer_parameters  # int8, or int4 with its codes kept twice
-            if first or (last and self.tie_word_embeddings):
-                held += self.embedding_parameters * DTYPE_BYTES["bfloat16"]
-            if last:
-                held += self.embedding_parameters + self.hidden_size * DTYPE_BYTES["bfloat16"]  # int8 head, norm
-            return held
-        parameters = (end - start) * self.layer_parameters
-        # the same rule as safetensors_loader.tensor_in_range: a tied last stage reuses the embedding as lm_head
+        plain = DTYPE_BYTES[held.embedding]
+        linears = self.layer_linear_parameters or self.layer_parameters - 2 * self.hidden_size
+        per_layer = (linears * (self.four_bit_share * held.four_bit_linear + (1 - self.four_bit_share) * held.linear)
+                     + (self.layer_parameters - linears) * plain)
+        if held.row_scale and held.linear < plain:  # int8 linears: one scale per output row, at most a row a hidden
+            per_layer += linears * (1 - self.four_bit_share) * held.row_scale / self.hidden_size
+        total = (end - start) * per_layer
+        # the same rule as safetensors_loader.tensor_in_range: a tied last stage loads the embedding as its lm_head
         if first or (last and self.tie_word_embeddings):
-            parameters += self.embedding_parameters
+            total += self.embedding_parameters * plain
         if last:
-            parameters += self.hidden_size  # final norm
-            if not self.tie_word_embeddings:
-                parameters += self.embedding_parameters
-        return parameters * _dtype_size(dtype)
+            total += self.hidden_size * plain  # final norm
+            if not self.tie_word_embeddings or held.lm_head != plain:  # its own lm_head, or a quantised copy
+                total += self.embedding_parameters * held.lm_head
+                total += self.vocab_size * held.row_scale if held.lm_head < plain else 0
+        return round(total)
 
     def kv_cache_bytes_per_token(self, dtype: str = "bfloat16", num_layers: int | None = None) -> int:
+        """KV cache bytes a position takes in layers of a stage whose weights are in `dtype` (a dtype or a weight
+        format: the cache is in the dtype the engine computes in)."""
         layers = self.num_layers if num_layers is None else num_layers
-        cache_dtype = "bfloat16" if dtype == WEIGHT_ONLY_INT8 else dtype  # quantised weights, bf16 activations
-        return 2 * layers * self.num_key_value_heads * self.head_dim * _dtype_size(cache_dtype)
+        return 2 * layers * self.num_key_value_heads * self.head_dim * DTYPE_BYTES[weight_format(dtype).cache]
+
+
+def weight_format(dtype: str) -> WeightFormat:
+    try:
+        return WEIGHT_FORMATS[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(WEIGHT_FORMATS)}") from None
 
 
 def card_from_args(
     model_id: str, args: ModelArgs, *, format: ModelFormat = "safetensors", source: CardSource = "hub",
-    download_bytes: int | None = None,
+    download_bytes: int | None = None, four_bit_share: float = 0.0,
 ) -> ModelCard:
     layer_parameters, embedding_parameters = _parameter_counts(args)
+    h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    linear_parameters = h * (q + 2 * kv) + q * h + 3 * h * args.intermediate_size
     num_parameters = (
         args.num_hidden_layers * layer_parameters
         + embedding_parameters * (1 if args.tie_word_embeddings else 2)
@@ -116,7 +185,7 @@ def card_from_args(
         embedding_parameters=embedding_parameters, bytes_per_dtype=bytes_per_dtype,
         context_length=args.context_length,
         instance_types=list(_ALL_INSTANCE_TYPES),
-        download_bytes=download_bytes,
+        download_bytes=download_bytes, layer_linear_parameters=linear_parameters, four_bit_share=four_bit_share,
     )
 
 
@@ -128,10 +197,12 @@ def card_from_config(
     `file_sizes` maps repo file names to bytes; the weight files among them give `download_bytes`
     (the safetensors files, or the GGUF file when the repo has no safetensors).
     """
+    from ringlet.models.hf_quant import quant_scheme
     from ringlet.models.registry import model_args  # imports torch; keep the card types light to import
 
     try:
         args = model_args(config)
+        scheme = quant_scheme(config)
     except ModelLoadError as e:
         raise ModelLoadError(f"{repo_id}: {e}") from None
     sizes = file_sizes or {}
@@ -139,8 +210,14 @@ def card_from_config(
     gguf = [n for n in sizes if n.endswith(".gguf")]
     weight_files = safetensors or gguf
     download = sum(sizes[n] for n in weight_files) if weight_files else None
-    return card_from_args(repo_id, args, format="safetensors" if safetensors or not gguf else "gguf",
-                          source=source, download_bytes=download)
+    # an AWQ/GPTQ checkpoint keeps every layer linear in 4-bit groups, which the int4 kernels run as they are
+    card = card_from_args(repo_id, args, format="safetensors" if safetensors or not gguf else "gguf",
+                          source=source, download_bytes=download,
+                          four_bit_share=1.0 if scheme is not None and scheme.grouped else 0.0)
+    if scheme is None or download is None:
+        return card
+    # the checkpoint's own bytes under its method's name (AWQ, GPTQ, fp8): what it is quantised to
+    return card.model_copy(update={"bytes_per_dtype": {**card.bytes_per_dtype, scheme.method: download}})
 
 
 @functools.cache
@@ -154,7 +231,7 @@ def embedded_card() -> ModelCard:
 
     path, args = read_model_config(None)
     return card_from_args(EMBEDDED_MODEL_ID, args, format="gguf", source="embedded",
-                          download_bytes=path.stat().st_size)
+                          download_bytes=path.stat().st_size, four_bit_share=gguf_four_bit_share(path))
 
 
 def catalog(include_embedded: bool = True) -> list[ModelCard]:
@@ -225,9 +302,36 @@ def card_from_path(model_id: str, path: Path) -> ModelCard:
 
     if path.is_file():
         _, args = read_model_config(path)
-        return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path))
+        return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
+                              four_bit_share=gguf_four_bit_share(path))
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     return card_from_config(model_id, read_config(path), sizes, source="local")
+
+
+# the linears the torch models fuse: one runs int4 only where the file keeps every part of it in 4-bit groups
+_FUSED_GGUF_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+
+
+def gguf_four_bit_share(path: Path) -> float:
+    """Of the layers' linear weights of a GGUF model, the share in fused linears whose parts the file keeps in 4-bit
+    groups (`FOUR_BIT_GGUF_TYPES`): what the CPU engine runs as int4; read from the tensors' types, no data."""
+    from gguf import GGUFReader
+
+    from ringlet.models.store import split_gguf_parts
+
+    tensors = {t.name: t for part in split_gguf_parts(path) if part.is_file() for t in GGUFReader(part).tensors}
+    four_bit = everything = 0
+    for name in tensors:
+        if not (name.startswith("blk.") and name.endswith(".attn_q.weight")):
+            continue
+        layer = name.removesuffix("attn_q.weight")
+        for fused in _FUSED_GGUF_LINEARS:
+            parts = [tensors.get(f"{layer}{part}.weight") for part in fused]
+            weights = sum(int(t.n_elements) for t in parts if t is not None)
+            everything += weights
+            if all(t is not None and t.tensor_type.name in FOUR_BIT_GGUF_TYPES for t in parts):
+                four_bit += weights
+    return four_bit / everything if everything else 0.0
 
 
 def _parameter_counts(args: ModelArgs) -> tuple[int, int]:
@@ -241,13 +345,6 @@ def _parameter_counts(args: ModelArgs) -> tuple[int, int]:
         attention += 2 * head
     mlp = 3 * h * args.intermediate_size
     return attention + mlp + 2 * h, args.vocab_size * h
-
-
-def _dtype_size(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
 
 
 @functools.cache

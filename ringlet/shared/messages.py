@@ -12,7 +12,7 @@ from pydantic import Field, TypeAdapter
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import TaskErrorKind
 from ringlet.shared.instances import BoundInstance
-from ringlet.shared.state import Event, RingAddress, RingHosted
+from ringlet.shared.state import Event, LayerLoad, RingAddress, RingHosted
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.shared.wire import Message
 
@@ -47,6 +47,7 @@ class Loading(Message):
     type: Literal["loading"] = "loading"
     progress: float = Field(ge=0.0, le=1.0)
     detail: str
+    load: LayerLoad | None = None
 
 
 class Ready(Message):

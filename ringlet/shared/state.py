@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from ringlet.shared.engine_info import EngineInfo, NodeHardware
 from ringlet.shared.instances import EngineType, Instance
+from ringlet.shared.sizes import format_bytes, format_bytes_of
 from ringlet.shared.wire import Message
 
 
@@ -86,6 +87,37 @@ class RunnerStatus(str, Enum):
     FAILED = "failed"
 
 
+class LayerLoad(_Frozen):
+    """How far the load of a stage's layers is: layers read of the stage's, and the weight bytes the loaded layers
+    keep of what the stage will hold when loaded (an estimate from the model card, embedding and head included)."""
+
+    layers_loaded: int = Field(ge=0)
+    layers_total: int = Field(ge=1)
+    bytes_loaded: int = Field(0, ge=0)
+    bytes_total: int | None = Field(None, ge=0, description="estimated; None where the model card is unknown")
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.layers_loaded / self.layers_total)
+
+    def describe(self) -> str:
+        """12/30 layers, 0.45/1.1 GiB (or 450 MiB where the total is unknown)."""
+        kept = (format_bytes_of(self.bytes_loaded, self.bytes_total) if self.bytes_total
+                else format_bytes(self.bytes_loaded))
+        return f"{self.layers_loaded}/{self.layers_total} layers, {kept}"
+
+    @classmethod
+    def together(cls, loads: list[LayerLoad]) -> LayerLoad | None:
+        """The loads of an instance's stages as one (a total only where every stage knows its own)."""
+        if not loads:
+            return None
+        totals = [load.bytes_total for load in loads]
+        return cls(layers_loaded=sum(load.layers_loaded for load in loads),
+                   layers_total=sum(load.layers_total for load in loads),
+                   bytes_loaded=sum(load.bytes_loaded for load in loads),
+                   bytes_total=None if None in totals else sum(t or 0 for t in totals))
+
+
 class RunnerRecord(_Frozen):
     """The runner process of one shard of an instance."""
 
@@ -93,6 +125,7 @@ class RunnerRecord(_Frozen):
     status: RunnerStatus = RunnerStatus.LOADING
     progress: float = Field(0.0, ge=0.0, le=1.0)
     detail: str = "waiting for the runner"
+    load: LayerLoad | None = Field(None, description="the layers and weight bytes loaded so far (the last report)")
     error: str | None = None
     pid: int | None = Field(None, description="the runner's process id on its node")
     context_length: int | None = None
@@ -120,6 +153,12 @@ class InstanceRecord(_Frozen):
     @property
     def progress(self) -> float:
         return min(r.progress for r in self.runners.values()) if self.runners else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def load(self) -> LayerLoad | None:
+        """The stages' layer loads together; None until a runner reports one."""
+        return LayerLoad.together([r.load for r in self.runners.values() if r.load is not None])
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -218,6 +257,7 @@ class RunnerProgressed(Message):
     progress: float = Field(ge=0.0, le=1.0)
     detail: str
     pid: int | None = None
+    load: LayerLoad | None = None
 
 
 class RunnerReady(Message):
@@ -315,7 +355,7 @@ def apply(state: State, event: Event) -> State:
                 "instances": {**state.instances, instance_id: record.model_copy(update={"ring": address})}})
         case RunnerProgressed(instance_id=instance_id, node_id=node_id, progress=progress, detail=detail, pid=pid):
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.LOADING, progress=progress,
-                                     detail=detail, pid=pid)
+                                     detail=detail, pid=pid, load=event.load)
         case RunnerReady(instance_id=instance_id, node_id=node_id, context_length=context_length):
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.READY, progress=1.0,
                                      detail="ready", context_length=context_length, engine=event.engine,

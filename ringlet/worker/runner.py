@@ -36,7 +36,7 @@ from ringlet.shared.messages import (
     TaskFailed,
     TaskStarted,
 )
-from ringlet.shared.state import RingHosted
+from ringlet.shared.state import LayerLoad, RingHosted
 from ringlet.shared.tasks import TextGenerationTask
 from ringlet.shared.wire import BadMessageError, Message, decode, encode
 from ringlet.worker.engines.base import GeneratesText
@@ -276,12 +276,35 @@ def _batch_generator(engine: BatchModel | PipelinedModel | BatchesItself, config
     return BatchGenerator.configured(cast("BatchModel | PipelinedModel", engine), config)
 
 
-def _layers_loaded(outbox: Outbox, first: float, last: float) -> Callable[[int, int, int], None]:
-    """Reports each layer a load finishes, as progress from `first` to `last`."""
+def _layers_loaded(outbox: Outbox, first: float, last: float, bytes_total: int | None = None
+                   ) -> Callable[[int, int, int], None]:
+    """Reports each layer a load finishes, as progress from `first` to `last`, with the weight bytes the loaded
+    layers keep of `bytes_total` (what the stage holds when loaded, where it is known)."""
     def report(done: int, total: int, kept: int) -> None:
-        outbox.send(Loading(progress=first + (last - first) * done / total,
-                            detail=f"loaded {done} of {total} layers ({kept / 2**30:.2f} GiB)"))
+        load = LayerLoad(layers_loaded=done, layers_total=total, bytes_loaded=kept, bytes_total=bytes_total)
+        outbox.send(Loading(progress=first + (last - first) * done / total, detail=f"loaded {load.describe()}",
+                            load=load))
     return report
+
+
+def stage_weight_bytes(load: LoadShard) -> int | None:
+    """The weight bytes this runner's stage will hold, from the model card of its local files and the format its
+    engine holds them in; None where they cannot be read (the load then reports why)."""
+    from ringlet.models.catalog import card_from_path, engine_weight_format
+    from ringlet.models.loader import resolve_model_path
+    from ringlet.models.quant import cpu_supports_bf16
+    from ringlet.shared.errors import ModelLoadError
+
+    shard = load.bound.shard
+    try:
+        card = card_from_path(load.bound.instance.model, resolve_model_path(load.bound.instance.model))
+        held = engine_weight_format(shard.engine, load.config.precision, cpu_bf16=cpu_supports_bf16(),
+                                    metal=sys.platform == "darwin")
+        return card.stage_bytes(shard.start, shard.end, held)
+    except (ModelLoadError, OSError, ValueError) as error:
+        log.info("instance %s: the stage's size is unknown (%s); its load reports layers only",
+                 load.bound.instance.instance_id, error)
+        return None
 
 
 def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
@@ -291,7 +314,7 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
 
     try:
         outbox.send(Loading(progress=0.05, detail="loading weights"))
-        with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.85)):
+        with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.85, stage_weight_bytes(load))):
             engine = initialize_engine(load.bound, load.config)
         outbox.send(Loading(progress=0.9, detail="warming up"))
         warmup_s = warmup_engine(engine)
@@ -330,13 +353,14 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
             store = join_store(load.ring, size)
         outbox.send(Loading(progress=0.05, detail=f"loading layers {bound.shard.start}-{bound.shard.end - 1}"))
         engine: FirstStage | RelayStage | PipelineHead | PipelineStage
+        stage_bytes = stage_weight_bytes(load)
         if batches(bound):
-            with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55)):
+            with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55, stage_bytes)):
                 batched, precision = load_stage_engine(bound, load.config, store, loaded=lambda: outbox.send(
                     Loading(progress=0.6, detail="waiting for the other stages")))
             engine = (PipelineHead if bound.shard.is_first else PipelineStage)(bound, batched, store, load.data_host)
         else:
-            with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55)):
+            with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55, stage_bytes)):
                 stage, precision = load_for_stage(bound, load.config)
             outbox.send(Loading(progress=0.6, detail="waiting for the other stages"))
             engine = (FirstStage if bound.shard.is_first else RelayStage)(bound, stage, store, load.data_host)

@@ -212,10 +212,10 @@ class _Runner:
     def _handle(self, message: FromRunner) -> None:
         node_id = self.bound.node_id
         match message:
-            case Loading(progress=progress, detail=detail):
+            case Loading(progress=progress, detail=detail, load=load):
                 pid = self.process.pid if self.process else None
                 self._emit(RunnerProgressed(instance_id=self.instance_id, node_id=node_id, progress=progress,
-                                            detail=detail, pid=pid))
+                                            detail=detail, pid=pid, load=load))
             case RingHosted():
                 # into the state: the nodes of the later stages start their runners when they see it
                 self._emit(message)

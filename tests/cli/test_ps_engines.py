@@ -9,7 +9,16 @@ from ringlet.cli.node import instance_options
 from ringlet.cli.ps import format_state
 from ringlet.master.placement import InstanceOptions
 from ringlet.shared.instances import DeviceLayers, Instance, InstanceType, Shard
-from ringlet.shared.state import InstanceCreated, NodeJoined, RunnerFellBack, RunnerReady, State, apply
+from ringlet.shared.state import (
+    InstanceCreated,
+    LayerLoad,
+    NodeJoined,
+    RunnerFellBack,
+    RunnerProgressed,
+    RunnerReady,
+    State,
+    apply,
+)
 from tests.support.node_infos import intel_gpu_node
 
 OPTIMIZATION = "ipex.optimize (bf16): 211 of 211 linear layers prepacked"
@@ -57,3 +66,20 @@ def test_the_node_commands_intel_options_are_checked() -> None:
         instance_options("0;1", "auto")
     with pytest.raises(CliError, match="distinct device indexes"):
         instance_options("1,1", "auto")
+
+
+def test_ps_shows_a_loading_stage_as_a_bar_of_layers_and_bytes() -> None:
+    state = apply(State(), NodeJoined(node=intel_gpu_node("node-arc", 32, 16)))
+    instance = Instance(instance_id="inst-l", model="m", instance_type=InstanceType.CPU_RING,
+                        shards=[Shard(node_id="node-arc", rank=0, start=0, end=30, num_layers=30, engine="cpu")])
+    state = apply(state, InstanceCreated(instance=instance, created_at=0.0))
+    state = apply(state, RunnerProgressed(instance_id="inst-l", node_id="node-arc", progress=0.3, detail="loading"))
+    [row] = [line for line in format_state({**state.model_dump(mode="json"), "tasks": {}}).splitlines()
+             if line.startswith("inst-l")]
+    assert "loading 30%" in row  # no layer counts yet
+    load = LayerLoad(layers_loaded=12, layers_total=30, bytes_loaded=450 * 2**20, bytes_total=int(1.1 * 2**30))
+    state = apply(state, RunnerProgressed(instance_id="inst-l", node_id="node-arc", progress=0.37,
+                                          detail="loaded 12 of 30 layers", load=load))
+    [row] = [line for line in format_state({**state.model_dump(mode="json"), "tasks": {}}).splitlines()
+             if line.startswith("inst-l")]
+    assert "loading [####......] 12/30 layers, 0.44/1.1 GiB" in row

@@ -31,6 +31,7 @@ class IntelCluster:
         self.free = {0: 6 * GIB, 1: 12 * GIB}
         self.previews: list[dict[str, list[str]]] = []
         self.created: list[dict[str, Any]] = []
+        self.load: dict[str, Any] | None = None  # the runner's load report: the instance is loading
 
     def node(self, real: dict[str, Any]) -> dict[str, Any]:
         node = intel_node_from(real)
@@ -49,11 +50,16 @@ class IntelCluster:
         runner = {"node_id": INTEL_NODE_ID, "status": "ready", "progress": 1.0, "detail": "ready", "error": None,
                   "pid": 4242, "context_length": 8192, "engine": "cpu", "optimization": OPTIMIZATION,
                   "fallback": FALLBACK}
+        if self.load is not None:
+            runner.update(status="loading", progress=0.37, detail="loaded 12/30 layers", load=self.load,
+                          optimization=None, fallback=None, engine=None)
+        status = runner["status"]
         return {"instance": {"instance_id": INSTANCE_ID, "model": body["model"], "instance_type": "IpexRing",
                              "shards": [shard], "intel_gpu_devices": body.get("intel_gpu_devices"),
                              "ipex_optimization_level": body.get("ipex_optimization_level", "auto")},
                 "runners": {INTEL_NODE_ID: runner}, "memory_bytes": {INTEL_NODE_ID: 300 * 1024**2},
-                "created_at": 1_700_000_000.0, "ring": None, "status": "ready", "progress": 1.0, "error": None}
+                "created_at": 1_700_000_000.0, "ring": None, "status": status, "progress": runner["progress"],
+                "load": self.load, "error": None}
 
     def state(self, route: Route) -> None:
         response = route.fetch()
@@ -72,7 +78,8 @@ class IntelCluster:
         answer = response.json()
         devices = [int(d) for d in query.get("intel_gpu_devices", ["1"])]
         stage = {"node_id": INTEL_NODE_ID, "node_name": INTEL_NODE_NAME, "engine": "ipex", "start": 0, "end": 30,
-                 "memory_bytes": 300 * 1024**2, "usable_bytes": sum(int(self.free[d] * 0.9) for d in devices),
+                 "memory_bytes": 300 * 1024**2, "weight_bytes": 200 * 1024**2, "kv_bytes": 100 * 1024**2,
+                 "weight_format": "int4/32", "usable_bytes": sum(int(self.free[d] * 0.9) for d in devices),
                  "device": devices[-1], "devices": []}
         if devices == [0, 1]:  # as placement answers for a model larger than either device
             stage.update(device=None, devices=[dict(d, memory_bytes=150 * 1024**2, usable_bytes=int(
@@ -162,5 +169,22 @@ def test_an_ipex_ring_split_over_two_gpus_shows_each_ones_layers(dashboard: Dash
     card = page.locator(f"[data-testid=instance-card][data-instance-id={INSTANCE_ID}]")
     expect(card.get_by_test_id("shard-devices")).to_have_text("GPU 0: layers 0–11 · GPU 1: layers 12–29")
     expect(card.get_by_test_id("instance-intel")).to_have_text("Intel GPUs 0, 1 · optimisation level auto")
+    page.unroute("**/state")
+    dashboard.watch.assert_clean()
+
+
+def test_a_loading_instance_shows_its_layers_and_bytes_and_the_preview_its_weights_and_cache(
+        dashboard: DashboardPage) -> None:
+    page, cluster = dashboard.page, IntelCluster.serving(dashboard)
+    cluster.load = {"layers_loaded": 12, "layers_total": 30, "bytes_loaded": 450 * 1024**2,
+                    "bytes_total": int(1.1 * GIB)}
+    page.get_by_test_id("instance-type-IpexRing").click()
+    expect(page.get_by_test_id("placement-split")).to_have_text("weights 200.0 MiB (int4/32) · KV cache 100.0 MiB")
+    page.get_by_test_id("launch").click()
+    card = page.locator(f"[data-testid=instance-card][data-instance-id={INSTANCE_ID}]")
+    expect(card.get_by_test_id("instance-load")).to_have_text("12/30 layers · 450.0 MiB of 1.1 GiB")
+    runner = card.get_by_test_id("runner-load")
+    expect(runner).to_contain_text("12/30 layers · 450.0 MiB of 1.1 GiB")
+    expect(runner.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "40")
     page.unroute("**/state")
     dashboard.watch.assert_clean()

@@ -7,9 +7,19 @@ from itertools import pairwise
 import pytest
 
 from ringlet.master.placement import GIB, PlacementError, place, preview, split_layers, stage_bytes
-from ringlet.models.catalog import ModelCard, card_from_args, embedded_card, find_card
+from ringlet.models.catalog import (
+    CUDA_INT4,
+    WEIGHT_ONLY_INT8,
+    XPU_INT4,
+    ModelCard,
+    card_from_args,
+    embedded_card,
+    find_card,
+)
 from ringlet.models.config import ModelArgs
+from ringlet.shared.engine_info import GpuInfo
 from ringlet.shared.instances import InstanceType
+from ringlet.shared.state import NodeInfo
 from tests.support.node_infos import intel_gpu_node, node_info
 
 
@@ -181,3 +191,54 @@ def test_a_cpu_that_quantises_is_counted_at_a_byte_a_weight() -> None:
     placement = place(card, InstanceType.CPU_RING, [bf16_cpu], instance_id="i", kv_tokens=8192)
     [stage] = placement.stages
     assert stage.memory_bytes == stage_bytes(card, 0, card.num_layers, "cpu", 8192, "int8") <= stage.usable_bytes
+
+
+def q4_k_m_like_8b() -> ModelCard:
+    """Llama 3.1 8B as a Q4_K_M GGUF file: most linears in 4-bit groups, attn_v and ffn_down of half the layers in
+    Q6_K (so their fused q/k/v and their down projection run as int8)."""
+    card = find_card("meta-llama/Llama-3.1-8B-Instruct")
+    assert card is not None
+    return card.model_copy(update={"format": "gguf", "four_bit_share": 0.72})
+
+
+def nvidia_node(node_id: str, gpu_gib: float) -> NodeInfo:
+    gpu = GpuInfo(vendor="nvidia", index=0, name="NVIDIA Test", memory_total_bytes=int(gpu_gib * GIB))
+    return node_info(node_id, 64, engines=("cuda", "cpu"), gpus=(gpu,))
+
+
+def test_an_8b_q4_k_m_file_is_counted_as_each_engine_holds_it() -> None:
+    card = q4_k_m_like_8b()
+    linears = card.num_layers * (card.layer_linear_parameters or 0)
+    # the CPU with native bf16: the file's groups as int4 (codes and bf16 scale/zero per 32: 0.625 B), the rest int8
+    # (a byte and a bf16 scale per output row), an int8 lm_head, the embedding and the norms in bf16
+    cpu_bytes = card.weight_bytes(WEIGHT_ONLY_INT8)
+    expected = linears * (0.72 * 0.625 + 0.28) + card.embedding_parameters * (2 + 1)
+    assert cpu_bytes == pytest.approx(expected, rel=2e-3)
+    assert 5.9 * GIB < cpu_bytes < 6.4 * GIB < card.weight_bytes("bfloat16") / 2.3
+    # CUDA's int4 rounds every linear in groups of 128 (fp16 scale/zero: 0.53 B); an Intel GPU's in groups of 32
+    assert card.weight_bytes(CUDA_INT4) < card.weight_bytes(XPU_INT4) < cpu_bytes
+    assert card.weight_bytes(CUDA_INT4) == pytest.approx(linears * (0.5 + 4 / 128) + card.embedding_parameters * 3,
+                                                         rel=2e-3)
+    assert card.kv_cache_bytes_per_token(WEIGHT_ONLY_INT8) == card.kv_cache_bytes_per_token("bfloat16")
+    assert card.kv_cache_bytes_per_token("float32") == 2 * card.kv_cache_bytes_per_token("bfloat16")
+
+    bf16_cpu, plain_cpu = node_info("bf16", 8.5), node_info("plain", 16)
+    bf16_cpu.hardware.cpu.flags.append("amx_bf16")
+    [stage] = place(card, InstanceType.CPU_RING, [bf16_cpu], instance_id="i").stages
+    assert (stage.weight_format, stage.weight_bytes) == (WEIGHT_ONLY_INT8, cpu_bytes)
+    assert stage.kv_bytes == 8192 * card.kv_cache_bytes_per_token("bfloat16")  # bf16 cache for the 8192 positions
+    assert stage.memory_bytes == stage.weight_bytes + stage.kv_bytes <= stage.usable_bytes
+    with pytest.raises(PlacementError, match=r"needs 31\.9 GiB on cpu \(float32 weights"):
+        place(card, InstanceType.CPU_RING, [plain_cpu], instance_id="i")  # no native bf16: fp32, twice the cache
+
+    gpu = nvidia_node("gpu", 12)  # bf16 by default: 15 GiB of weights do not fit; int4 asked for does
+    with pytest.raises(PlacementError, match=r"on cuda \(bfloat16 weights"):
+        place(card, InstanceType.CUDA_RING, [gpu], instance_id="i")
+    [stage] = place(card, InstanceType.CUDA_RING, [gpu], instance_id="i", precision="int4").stages
+    assert stage.weight_format == CUDA_INT4 and stage.weight_bytes < 5 * GIB
+
+    arc = intel_gpu_node("arc", 64, 8)  # an 8 GiB Intel GPU: int4 in groups of 32 fits, bf16 does not
+    with pytest.raises(PlacementError, match=r"on Intel GPUs \(bfloat16 weights"):
+        place(card, InstanceType.IPEX_RING, [arc], instance_id="i")
+    [stage] = place(card, InstanceType.IPEX_RING, [arc], instance_id="i", precision="int4").stages
+    assert stage.weight_format == XPU_INT4 and stage.memory_bytes <= stage.usable_bytes

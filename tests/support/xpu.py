@@ -3,10 +3,14 @@ tensors redirected to the CPU) and the PCI bus that would show it (a sysfs tree)
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter, deque
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+
+import torch
 
 from ringlet.worker.engines.engine_utils import ProbeInputs, XpuRuntime
 
@@ -134,3 +138,48 @@ def probes(tmp_path: Path, xpu: FakeXpu | None, bus: list[tuple[str, str, str, s
     runtime = XpuRuntime.native() if native_torch else (fake_runtime(xpu) if xpu else None)
     return ProbeInputs(xpu=runtime, sysfs_root=make_sysfs(tmp_path / "sys", bus), system="Linux", machine="x86_64",
                        library_dirs=library_dirs, host_available=lambda: host_available)
+
+
+@dataclass
+class Int4KernelCalls:
+    """What the fake int4 kernel was called with: (op, [(shape, dtype) of each tensor argument], group size)."""
+
+    calls: list[tuple[str, list[tuple[tuple[int, ...], torch.dtype]], int]] = field(default_factory=list)
+
+    def record(self, op: str, group: int, *tensors: torch.Tensor) -> None:
+        self.calls.append((op, [(tuple(t.shape), t.dtype) for t in tensors], group))
+
+
+def _unpacked_codes(packed: torch.Tensor) -> torch.Tensor:
+    pairs = packed.contiguous().view(torch.uint8)  # [N, K / 2], each int32 holding four bytes in order
+    return torch.stack((pairs >> 4, pairs & 0x0F), dim=-1).reshape(packed.shape[0], -1)
+
+
+@contextlib.contextmanager
+def int4_kernel_on_fake_xpu() -> Iterator[Int4KernelCalls]:
+    """PyTorch's XPU int4 ops (`_convert_weight_to_int4pack`, `_weight_int4pack_mm`) for the fake GPU's tensors,
+    which live on the CPU: a reference implementation of the XPU kernel's layout (uint8 pairs [N, K / 2], the even
+    input high, as int32 [N, K / 8]; w = (code - 8) * scale + zero with [K / group, N, 2] pairs), registered for the
+    CPU within the block only."""
+    seen = Int4KernelCalls()
+
+    def pack(pairs: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+        assert pairs.dtype == torch.uint8 and pairs.dim() == 2 and inner_k_tiles in (2, 4, 8)
+        seen.record("_convert_weight_to_int4pack", inner_k_tiles, pairs)
+        return pairs.contiguous().view(torch.int32).clone()
+
+    def matmul(x: torch.Tensor, packed: torch.Tensor, group: int, scale_zero: torch.Tensor) -> torch.Tensor:
+        assert x.dim() == 2 and x.is_contiguous() and packed.dtype == torch.int32 and group in (32, 64, 128, 256)
+        assert scale_zero.shape == (x.shape[1] // group, packed.shape[0], 2) and scale_zero.dtype == x.dtype
+        seen.record("_weight_int4pack_mm", group, x, packed, scale_zero)
+        scale, zero = (scale_zero[..., i].float().t().repeat_interleave(group, dim=1) for i in (0, 1))
+        weight = (_unpacked_codes(packed).float() - 8) * scale + zero
+        return (x.float() @ weight.t()).to(x.dtype)
+
+    library = torch.library.Library("aten", "IMPL")
+    try:
+        library.impl("_convert_weight_to_int4pack", pack, "CPU")
+        library.impl("_weight_int4pack_mm", matmul, "CPU")
+        yield seen
+    finally:
+        library._destroy()

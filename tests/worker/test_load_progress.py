@@ -8,9 +8,14 @@ import io
 import pytest
 import torch
 
+from ringlet.models.catalog import embedded_card
 from ringlet.models.loader import load_stage, reporting_load_progress
-from ringlet.shared.messages import FROM_RUNNER, Loading
-from ringlet.worker.runner import Outbox, _layers_loaded
+from ringlet.models.quant import cpu_supports_bf16
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.instances import BoundInstance, Instance, InstanceType, Shard
+from ringlet.shared.messages import FROM_RUNNER, Loading, LoadShard
+from ringlet.shared.state import InstanceCreated, LayerLoad, RunnerProgressed, State, apply
+from ringlet.worker.runner import Outbox, _layers_loaded, stage_weight_bytes
 
 
 def test_every_layer_loaded_is_reported_with_the_bytes_kept_so_far() -> None:
@@ -26,12 +31,44 @@ def test_every_layer_loaded_is_reported_with_the_bytes_kept_so_far() -> None:
     assert len(calls) == 3  # outside the block nothing is reported
 
 
-def test_the_runner_sends_each_layer_as_loading_progress() -> None:
+def test_the_runner_sends_each_layer_as_loading_progress_with_its_bytes() -> None:
     stream = io.BytesIO()
-    report = _layers_loaded(Outbox(stream), 0.05, 0.85)
+    report = _layers_loaded(Outbox(stream), 0.05, 0.85, bytes_total=3 << 30)
     report(15, 30, 1 << 30)
     report(30, 30, 2 << 30)
     sent = [FROM_RUNNER.validate_json(line) for line in stream.getvalue().splitlines()]
     assert all(isinstance(message, Loading) for message in sent)
     assert [(pytest.approx(m.progress), m.detail) for m in sent] == [  # type: ignore[union-attr]
-        (0.45, "loaded 15 of 30 layers (1.00 GiB)"), (0.85, "loaded 30 of 30 layers (2.00 GiB)")]
+        (0.45, "loaded 15/30 layers, 1/3 GiB"), (0.85, "loaded 30/30 layers, 2/3 GiB")]
+    assert sent[0].load == LayerLoad(layers_loaded=15, layers_total=30, bytes_loaded=1 << 30,  # type: ignore[union-attr]
+                                     bytes_total=3 << 30)
+
+
+def test_the_stage_bytes_come_from_the_model_card_in_the_engines_format() -> None:
+    shards = [Shard(node_id="a", rank=0, start=0, end=10, num_layers=30, engine="cpu"),
+              Shard(node_id="b", rank=1, start=10, end=30, num_layers=30, engine="cpu")]
+    bound = BoundInstance(instance=Instance(instance_id="i", model="default", instance_type=InstanceType.CPU_RING,
+                                            shards=shards), node_id="b")
+    card = embedded_card()
+    fp32 = LoadShard(bound=bound, config=EngineConfig(precision="fp32"))
+    assert stage_weight_bytes(fp32) == card.stage_bytes(10, 30, "float32")
+    held = "int8" if cpu_supports_bf16() else "float32"  # the CPU engine quantises where bf16 is native
+    assert stage_weight_bytes(LoadShard(bound=bound, config=EngineConfig())) == card.stage_bytes(10, 30, held)
+    missing = bound.model_copy(update={"instance": bound.instance.model_copy(update={"model": "nobody/nothing"})})
+    assert stage_weight_bytes(LoadShard(bound=missing, config=EngineConfig())) is None
+
+
+def test_state_carries_each_runners_load_and_the_instances_together() -> None:
+    shards = [Shard(node_id="a", rank=0, start=0, end=10, num_layers=30, engine="cpu"),
+              Shard(node_id="b", rank=1, start=10, end=30, num_layers=30, engine="cpu")]
+    instance = Instance(instance_id="i", model="m", instance_type=InstanceType.CPU_RING, shards=shards)
+    state = apply(State(), InstanceCreated(instance=instance, created_at=0.0))
+    for node, load in (("a", LayerLoad(layers_loaded=10, layers_total=10, bytes_loaded=100, bytes_total=120)),
+                       ("b", LayerLoad(layers_loaded=5, layers_total=20, bytes_loaded=50, bytes_total=240))):
+        state = apply(state, RunnerProgressed(instance_id="i", node_id=node, progress=0.5, detail="", load=load))
+    state = apply(state, RunnerProgressed(instance_id="i", node_id="b", progress=0.9, detail="warming up"))
+    record = state.instances["i"]
+    assert record.runners["b"].load == LayerLoad(layers_loaded=5, layers_total=20, bytes_loaded=50, bytes_total=240)
+    assert record.load == LayerLoad(layers_loaded=15, layers_total=30, bytes_loaded=150, bytes_total=360)
+    dumped = record.model_dump(mode="json")
+    assert dumped["progress"] == 0.5 and dumped["load"]["layers_loaded"] == 15  # the old fields stay beside it

@@ -45,3 +45,14 @@ export function formatAge(epochSeconds: number, now = Date.now() / 1000): string
 export function splitOver(devices: { device: number; start: number; end: number }[]): string {
 	return devices.map((d) => `GPU ${d.device}: layers ${d.start}–${d.end - 1}`).join(' · ');
 }
+
+/** 12/30 layers · 450.0 MiB of 1.1 GiB */
+export function describeLoad(load: {
+	layers_loaded: number;
+	layers_total: number;
+	bytes_loaded: number;
+	bytes_total: number | null;
+}): string {
+	const kept = load.bytes_total ? `${formatBytes(load.bytes_loaded)} of ${formatBytes(load.bytes_total)}` : formatBytes(load.bytes_loaded);
+	return `${load.layers_loaded}/${load.layers_total} layers · ${kept}`;
+}

@@ -81,11 +81,22 @@ export interface Link {
 
 export type RunnerStatus = 'loading' | 'ready' | 'failed';
 
+/** how far a stage's load is: layers read, and the weight bytes they keep of what the stage will hold */
+export interface LayerLoad {
+	layers_loaded: number;
+	layers_total: number;
+	bytes_loaded: number;
+	/** estimated from the model card; null where it is unknown */
+	bytes_total: number | null;
+}
+
 export interface RunnerRecord {
 	node_id: string;
 	status: RunnerStatus;
 	progress: number;
 	detail: string;
+	/** the last load report (absent from older nodes' states) */
+	load?: LayerLoad | null;
 	error: string | null;
 	pid: number | null;
 	context_length: number | null;
@@ -145,6 +156,8 @@ export interface InstanceRecord {
 	created_at: number;
 	status: RunnerStatus;
 	progress: number;
+	/** the stages' loads together */
+	load?: LayerLoad | null;
 	error: string | null;
 }
 
@@ -210,6 +223,12 @@ export interface StagePlan {
 	start: number;
 	end: number;
 	memory_bytes: number;
+	/** of memory_bytes, the weights as the engine holds them */
+	weight_bytes?: number;
+	/** of memory_bytes, the KV cache */
+	kv_bytes?: number;
+	/** a dtype, or a quantised format: int8, int4/128, int4/32 */
+	weight_format?: string;
 	usable_bytes: number;
 	/** an Intel GPU stage on one device: the device index placement counted with */
 	device: number | null;

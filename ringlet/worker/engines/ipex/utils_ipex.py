@@ -41,6 +41,7 @@ from ringlet.worker.engines.ipex.chain import IpexChain
 from ringlet.worker.engines.ipex.compiled import compile_fusable_layers
 from ringlet.worker.engines.ipex.device import ComputeDevice, HostDevice, XpuDevice, open_xpu
 from ringlet.worker.engines.ipex.engine import IpexEngine, own_kv_cache_tokens
+from ringlet.worker.engines.ipex.int4_xpu import use_int4_kernel
 from ringlet.worker.engines.torch.batch_engine import BLOCK_SIZE
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,9 @@ def load_ipex_model(
         stage = load_stage(path, start, end, dtype=dtype, device="cpu", quantize=cast(Quantization, precision))
         switched = dequantizing_in_matmul(stage.model)
         stage.model.to(device.torch_device)
-        quantized = f"; {switched} {precision} weight-only linears dequantised in the matmul"
+        on_kernel = use_int4_kernel(stage.model, dtype) if precision == "int4" else 0
+        quantized = (f"; {on_kernel} int4 linears on PyTorch's XPU int4 kernel" if on_kernel else "") + (
+            f"; {switched - on_kernel} {precision} weight-only linears dequantised in the matmul")
     else:
         stage, quantized = load_stage(path, start, end, dtype=dtype, device=device.torch_device), ""
     model, applied = optimize(stage.model, optimization, ipex, precision, device)
