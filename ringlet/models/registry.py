@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ringlet.models.config import ModelArgs
+from ringlet.models.hf_quant import quant_scheme
 from ringlet.shared.errors import ModelLoadError
 
 StageBuilder = Callable[[ModelArgs, int, int], nn.Module]
@@ -41,11 +42,7 @@ def model_args(config: dict[str, Any]) -> ModelArgs:
     supported = supported_architectures()
     if model_type not in supported:
         raise ModelLoadError(f"architecture {model_type!r} is not supported; supported: {', '.join(supported)}")
-    quantization = config.get("quantization_config")
-    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-    if method is not None:  # AWQ, GPTQ, FP8, bitsandbytes...: read as plain weights they would give wrong answers
-        raise ModelLoadError(f"the checkpoint's weights are quantised with {method!r} (its quantization_config), "
-                             "which ringlet does not read; use the model's bf16 checkpoint or a GGUF file of it")
+    quant_scheme(config)  # refuses a quantisation ringlet does not read: as plain weights it would give wrong answers
     return ModelArgs.from_dict(config)
 
 

@@ -1,6 +1,8 @@
 """Hugging Face model directories: config.json plus one or several safetensors files.
 
-Only the tensors of the requested layer range are read, and only the files that hold them are opened.
+Only the tensors of the requested layer range are read, and only the files that hold them are opened. A quantised
+checkpoint's linears (AWQ, GPTQ, fp8: `hf_quant`) are read as their dequantised weights, under the plain weight's
+name, and as their own codes (`quantized_linears`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ringlet.models.hf_quant import QuantizedLinears, quant_scheme
 from ringlet.models.weights import LazyWeights
 from ringlet.shared.errors import ModelLoadError
 
@@ -60,11 +63,32 @@ def weight_map(model_dir: Path) -> dict[str, str]:
     return mapping
 
 
+def quantized_linears(model_dir: Path, config: dict[str, Any]) -> QuantizedLinears | None:
+    """The checkpoint's quantised linears, when its config has a quantization_config (None otherwise)."""
+    scheme = quant_scheme(config)
+    if scheme is None:
+        if config.get("quantization_config") is not None:
+            raise ModelLoadError("the checkpoint's weights are quantised by MLX (a quantization_config without "
+                                 "quant_method), which only the mlx engine reads; use the mlx engine or the model's "
+                                 "bf16 checkpoint")
+        return None
+    files = weight_map(model_dir)
+    return QuantizedLinears(scheme, files, lambda name: _read(model_dir / files[name], name, None))
+
+
 def lazy_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: bool,
-                 dtype: torch.dtype | None = None) -> LazyWeights:
-    """The stage's tensors, each read (and converted to `dtype`) only when it is looked up."""
+                 dtype: torch.dtype | None = None, quantized: QuantizedLinears | None = None) -> LazyWeights:
+    """The stage's tensors, each read (and converted to `dtype`) only when it is looked up; the `quantized` linears
+    dequantised, in place of their packed tensors."""
     wanted = {n: f for n, f in weight_map(model_dir).items() if tensor_in_range(n, start, end, num_layers, tied)}
-    return LazyWeights({name: functools.partial(_read, model_dir / file, name, dtype) for name, file in wanted.items()})
+    readers = {name: functools.partial(_read, model_dir / file, name, dtype) for name, file in wanted.items()}
+    if quantized is not None:
+        for name, parts in quantized.parts.items():
+            if tensor_in_range(name, start, end, num_layers, tied):
+                for part in parts:
+                    readers.pop(part, None)
+                readers[name] = functools.partial(quantized.dense, name, dtype)
+    return LazyWeights(readers)
 
 
 def _read(path: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -133,7 +133,7 @@ def test_unknown_architecture_names_supported_ones():
         model_args({**TINY, "model_type": "gpt_neox"})
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes"])
+@pytest.mark.parametrize("method", ["bitsandbytes", "hqq", "eetq", "aqlm", "exl2"])
 def test_a_quantised_checkpoint_is_refused_by_its_method_not_read_wrongly(method):
     with pytest.raises(ModelLoadError, match=f"quantised with '{method}' .*use the model's bf16 checkpoint"):
         model_args({**TINY, "model_type": "llama", "quantization_config": {"quant_method": method, "bits": 4}})
