@@ -1,7 +1,8 @@
 """Weights and hyper-parameters from a llama.cpp GGUF file, under Hugging Face names.
 
 A pipeline stage asks for its own layer range only, so `load_state_dict(start, end)` reads and
-dequantises just those tensors (the file is memory-mapped; untouched tensors cost nothing).
+dequantises just those tensors (the file is memory-mapped; untouched tensors cost nothing). The blocks are decoded
+by `gguf_quants`; an int4 stage takes the 4-bit ones as they are (`stage_groups`), through a `RepackCache`.
 
     model = GGUFModel.open(path)
     args = ModelArgs.from_dict(model.config)
@@ -16,16 +17,22 @@ import logging
 import math
 import mmap
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderTensor
-from gguf import quants as gguf_quants
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 
+from ringlet.models.gguf_quants import (
+    DECODED_TYPES,
+    FLOAT_TYPES,
+    GROUPED_TYPES,
+    decode_groups,
+    dequantize,
+    dequantize_groups,
+)
 from ringlet.models.quant import GroupQuantized
+from ringlet.models.repack_cache import RepackCache
 from ringlet.models.store import split_gguf_parts
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
 from ringlet.models.weights import LazyWeights
@@ -73,7 +80,8 @@ class GGUFModel:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         readers = _open_parts(path)
-        self.path = split_gguf_parts(path)[0] if len(readers) > 1 else path  # the file with the metadata
+        self.files = split_gguf_parts(path) if len(readers) > 1 else [path]
+        self.path = self.files[0]  # the file with the metadata
         self._reader = readers[0]
         self._tensors: dict[str, ReaderTensor] = {t.name: t for reader in readers for t in reader.tensors}
         self._maps = {t.name: reader.data for reader in readers for t in reader.tensors}  # each tensor's file map
@@ -173,13 +181,28 @@ class GGUFModel:
         """
         return dict(self.lazy_state_dict(start, end, dtype))
 
-    def lazy_state_dict(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> LazyWeights:
-        """The same tensors, each read and converted to `dtype` only when it is looked up."""
+    def lazy_state_dict(self, start: int, end: int, dtype: torch.dtype = torch.float32,
+                        groups: LayerGroups | None = None) -> LazyWeights:
+        """The same tensors, each read in `dtype` only when it is looked up. With `groups` (`stage_groups`), the
+        layers' 4-bit weights are the values of those groups, which the file is not decoded again for."""
         names = self._stage_names(start, end)
-        return LazyWeights({hf: functools.partial(self._read_as, gguf_name, dtype) for gguf_name, hf in names.items()})
+        self._log_slow_types(names)
+        readers = {hf: functools.partial(self._read_tensor, gguf_name, dtype) for gguf_name, hf in names.items()}
+        if groups is not None:
+            for gguf_name, hf in names.items():
+                if hf.startswith("model.layers.") and self._qtype(gguf_name) in GROUPED_TYPES:
+                    readers[hf] = functools.partial(groups.values, int(hf.split(".")[2]), hf, dtype)
+        return LazyWeights(readers)
 
-    def _read_as(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return self._read_tensor(name).to(dtype)
+    def _qtype(self, name: str) -> GGMLQuantizationType:
+        return GGMLQuantizationType(self._tensors[name].tensor_type)
+
+    def _log_slow_types(self, names: dict[str, str]) -> None:
+        """One line naming the types of a stage that gguf.quants decodes (in numpy, several times slower)."""
+        slow = Counter(qtype.name for name in names if (qtype := self._qtype(name)) not in DECODED_TYPES)
+        if slow:
+            log.info("%s: tensors stored as %s are decoded by gguf.quants (numpy, slower)", self.path.name,
+                     ", ".join(f"{kind} ({count})" for kind, count in sorted(slow.items())))
 
     def _stage_names(self, start: int, end: int) -> dict[str, str]:
         """GGUF name -> HF name of every tensor the stage [start, end) needs; all of them must be in the file."""
@@ -209,40 +232,59 @@ class GGUFModel:
         """Whether any linear weight of layers [start, end) is stored in a 4-bit type the int4 kernel takes as it
         is (`load_groups`): read from the tensors' types, no data. When so, one log line names the quantised types
         of the others, which are dequantised."""
-        types = Counter(GGMLQuantizationType(tensor.tensor_type) for i in range(start, end)
-                        for g in self._layer_tensor_names() if g.endswith(".weight")
-                        and (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None and len(tensor.shape) == 2)
-        grouped = any(qtype in _GROUPED for qtype in types)
-        others = {qtype.name: count for qtype, count in types.items() if qtype not in _GROUPED and qtype not in _FLOAT_TYPES}
+        types = self._linear_types(start, end)
+        grouped = any(qtype in GROUPED_TYPES for qtype in types)
+        others = {qtype.name: count for qtype, count in types.items()
+                  if qtype not in GROUPED_TYPES and qtype not in FLOAT_TYPES}
         if grouped and others:
             log.info("%s: weights of layers %d-%d stored as %s are dequantised (not 4-bit groups)", self.path.name,
                      start, end - 1, ", ".join(f"{kind} ({count})" for kind, count in sorted(others.items())))
         return grouped
 
-    def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
+    def _linear_types(self, start: int, end: int) -> Counter[GGMLQuantizationType]:
+        return Counter(GGMLQuantizationType(tensor.tensor_type) for i in range(start, end)
+                       for g in self._layer_tensor_names() if g.endswith(".weight")
+                       and (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None and len(tensor.shape) == 2)
+
+    def stage_groups(self, start: int, end: int, cache: RepackCache | None = None) -> LayerGroups | None:
+        """The 4-bit groups of layers [start, end) for an int4 stage, one layer at a time (see `LayerGroups`), or None
+        where the file stores none of them in 4 bits."""
+        return LayerGroups(self, cache) if self.stores_groups(start, end) else None
+
+    def load_groups(self, start: int, end: int, cache: RepackCache | None = None) -> dict[str, GroupQuantized]:
         """The Q4_0/Q4_1/Q4_K weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
-        names and layout), for int4 kernels that take them as they are; weights of other types are left out."""
+        names and layout), for int4 kernels that take them as they are; weights of other types are left out. With
+        `cache`, each layer's are read from it where it has them, and written to it where not."""
         groups = {}
         for i in range(start, end):
-            for gguf_name, hf_name in self._layer_tensor_names().items():
-                name = f"blk.{i}.{gguf_name}"
-                tensor = self._tensors.get(name)
-                if tensor is not None and GGMLQuantizationType(tensor.tensor_type) in _GROUPED:
-                    groups[f"model.layers.{i}.{hf_name}"] = self._read_groups(name)
+            names = {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in self._layer_tensor_names().items()
+                     if f"blk.{i}.{g}" in self._tensors and self._qtype(f"blk.{i}.{g}") in GROUPED_TYPES}
+            if not names:
+                continue
+            types = {name: self._qtype(name).name for name in names}
+            layer = cache.read(f"blk.{i}", types) if cache is not None else None
+            if layer is None:
+                layer = {name: self._read_groups(name) for name in names}
+                if cache is not None:
+                    cache.write(f"blk.{i}", types, layer)
+            groups.update({names[name]: g for name, g in layer.items()})
         return groups
 
     def _read_groups(self, name: str) -> GroupQuantized:
         tensor = self._tensors[name]
         rows, columns = (int(d) for d in reversed(tensor.shape.tolist()))
-        codes, scale, offset = _GROUPED[GGMLQuantizationType(tensor.tensor_type)](
-            np.asarray(tensor.data).reshape(-1).view(np.uint8))
-        arrays = [codes.reshape(rows, columns), scale.reshape(rows, -1), offset.reshape(rows, -1)]
-        if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
-            heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
-            arrays = [unpermute_qk(a, heads) for a in arrays]
-        codes_t, scale_t, offset_t = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        groups = decode_groups(tensor.data, self._qtype(name), (rows, columns))
+        if (heads := self._permuted_heads(name)) is not None:
+            groups = GroupQuantized(unpermute_qk(groups.codes, heads), unpermute_qk(groups.scale, heads),
+                                    unpermute_qk(groups.offset, heads), groups.group_size)
         self._release(name)
-        return GroupQuantized(codes_t, scale_t, offset_t)
+        return groups
+
+    def _permuted_heads(self, name: str) -> int | None:
+        """The head count a q/k tensor's rows were permuted over by llama.cpp's converter; None for the others."""
+        if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
+            return int(self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"])
+        return None
 
     def _release(self, name: str) -> None:
         """Drop the file's pages of a tensor decoded into memory of its own from this process's resident memory
@@ -263,26 +305,26 @@ class GGUFModel:
             names.update(_QK_NORM_TENSORS)
         return names
 
-    def _read_tensor(self, name: str) -> torch.Tensor:
-        """Dequantise one tensor to float32, in HF layout (row-major [out, in], q/k un-permuted)."""
+    def _read_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor's values in `dtype`, in HF layout (row-major [out, in], q/k un-permuted)."""
         tensor = self._tensors[name]
-        qtype = GGMLQuantizationType(tensor.tensor_type)
+        qtype = self._qtype(name)
         # GGUF lists dimensions innermost first; torch wants them outermost first.
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        heads = self._permuted_heads(name)
+        order = None if heads is None or len(shape) != 2 else unpermute_qk(torch.arange(shape[0]), heads).argsort()
         try:
-            values = dequantize_tensor(tensor.data, qtype)
+            values = dequantize(tensor.data, qtype, shape, dtype, row_order=order)
         except NotImplementedError as e:
             raise ModelLoadError(
                 f"{self.path}: tensor {name} has GGML type {qtype.name}, which cannot be dequantised"
             ) from e
-        if values.size != math.prod(shape):
-            raise ModelLoadError(f"{self.path}: tensor {name} holds {values.size} values, expected shape {shape}")
-        values = values.reshape(shape)
-        if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
-            heads = self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"]
+        except ValueError as e:
+            raise ModelLoadError(f"{self.path}: tensor {name}: {e}") from e
+        if heads is not None and order is None:
             values = unpermute_qk(values, heads)
-        self._release(name)  # every decoder above returns an array of its own, never a view of the map
-        return torch.from_numpy(values)
+        self._release(name)  # the values are a tensor of their own, never a view of the map
+        return values
 
     # ---- tokenizer ------------------------------------------------------------------------
 
@@ -290,116 +332,36 @@ class GGUFModel:
         return Tokenizer.from_gguf_file(self.path, gguf_metadata(self._reader))
 
 
-def dequantize_tensor(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Values of a GGUF tensor as a fresh, flat float32 array.
+class LayerGroups:
+    """A stage's 4-bit groups, one layer at a time: read once (from the repack cache, else decoded from the file) for
+    both the layer's float weights, which a linear fusing them with wider tensors needs, and its int4 linears."""
 
-    The common types are decoded here over the whole tensor at once; the rest (the K-quants, the IQ types) by
-    gguf.quants' own block decoders over long runs of blocks (its `dequantize` walks 16 rows at a time, several
-    times slower). Same arithmetic as ggml's dequantize_row_* (d * q [+ m], with fp16 d and m), so the results are
-    bit-identical. numpy, not torch: torch's OpenMP threads stall badly when the cores are shared with other
-    processes.
-    """
-    raw = np.asarray(data).reshape(-1).view(np.uint8)
-    decode = _DEQUANT.get(qtype)
-    return decode(raw) if decode is not None else _by_blocks(raw, qtype)
+    def __init__(self, model: GGUFModel, cache: RepackCache | None) -> None:
+        self._model, self._cache = model, cache
+        self._index = -1
+        self._groups: dict[str, GroupQuantized] = {}
 
+    def stores_groups(self, start: int, end: int) -> bool:
+        return any(qtype in GROUPED_TYPES for qtype in self._model._linear_types(start, end))
 
-_RUN_BYTES = 8 << 20  # bytes of blocks decoded at once: bounds the decoder's temporaries (a few times 4x this)
+    def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
+        """HF weight name -> groups, of layers [start, end); one layer is kept for the next call."""
+        if end - start == 1:
+            return self.of_layer(start)
+        return self._model.load_groups(start, end, self._cache)
 
+    def of_layer(self, index: int) -> dict[str, GroupQuantized]:
+        """HF weight name -> groups, of decoder layer `index` (global)."""
+        if index != self._index:
+            self._groups = {}  # the previous layer's go before the next are read
+            self._groups, self._index = self._model.load_groups(index, index + 1, self._cache), index
+        return self._groups
 
-def _by_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Through gguf.quants' block decoder for the type, a run of blocks at a time into one output array."""
-    decoder = getattr(gguf_quants, qtype.name, None)
-    if decoder is None or qtype not in GGML_QUANT_SIZES:
-        raise NotImplementedError(f"gguf.quants has no decoder for {qtype.name}")
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    decoder.init_grid()  # the IQ types' lookup tables
-    blocks = raw.reshape(-1, type_size)
-    out = np.empty(blocks.shape[0] * block_size, dtype=np.float32)
-    run = max(1, _RUN_BYTES // type_size)
-    for start in range(0, blocks.shape[0], run):
-        part = blocks[start:start + run]
-        out[start * block_size:(start + part.shape[0]) * block_size] = decoder.dequantize_blocks(part).reshape(-1)
-    return out
+    def values(self, index: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_groups(self.of_layer(index)[name], dtype)
 
 
-def _half(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The fp16 scale at byte `start` of each block, as a float32 column."""
-    return blocks[:, start:start + 2].view(np.float16).astype(np.float32)
-
-
-def _nibbles(packed: np.ndarray) -> np.ndarray:
-    """ggml packs element j in the low nibble and j + 16 in the high nibble of byte j."""
-    out = np.empty((packed.shape[0], 2 * packed.shape[1]), dtype=np.uint8)
-    np.bitwise_and(packed, 0x0F, out=out[:, :packed.shape[1]])
-    np.right_shift(packed, 4, out=out[:, packed.shape[1]:])
-    return out
-
-
-def _q8_0(raw: np.ndarray) -> np.ndarray:  # block: fp16 d, 32 x int8; x = d * q
-    blocks = raw.reshape(-1, 34)
-    values: np.ndarray = _half(blocks, 0) * blocks[:, 2:].view(np.int8)
-    return values.reshape(-1)
-
-
-def _q4_0(raw: np.ndarray) -> np.ndarray:  # block: fp16 d, 16 bytes of 4-bit q; x = d * (q - 8)
-    blocks = raw.reshape(-1, 18)
-    centred = _nibbles(blocks[:, 2:]).view(np.int8) - np.int8(8)
-    values: np.ndarray = _half(blocks, 0) * centred
-    return values.reshape(-1)
-
-
-def _q4_1(raw: np.ndarray) -> np.ndarray:  # block: fp16 d, fp16 m, 16 bytes of 4-bit q; x = d * q + m
-    blocks = raw.reshape(-1, 20)
-    values: np.ndarray = _half(blocks, 0) * _nibbles(blocks[:, 4:]) + _half(blocks, 2)
-    return values.reshape(-1)
-
-
-def _q4_0_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # x = d * q - 8 d
-    blocks = raw.reshape(-1, 18)
-    d = _half(blocks, 0)
-    return _nibbles(blocks[:, 2:]), d, -8 * d
-
-
-def _q4_1_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # x = d * q + m
-    blocks = raw.reshape(-1, 20)
-    return _nibbles(blocks[:, 4:]), _half(blocks, 0), _half(blocks, 2)
-
-
-def _q4_k_groups(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Super-blocks of 256: fp16 d and dmin, 6-bit scales and mins of its 8 groups of 32, 128 bytes of 4-bit codes
-    (64 values per 32 bytes: the low nibbles, then the high ones); x = d * scale * q - dmin * min."""
-    blocks = raw.reshape(-1, 144)
-    scales, mins = gguf_quants.Q4_K.get_scale_min(blocks[:, 4:16])
-    scale = _half(blocks, 0) * scales.astype(np.float32)
-    offset = -(_half(blocks, 2) * mins.astype(np.float32))
-    packed = blocks[:, 16:].reshape(-1, 4, 1, 32)
-    codes = (packed >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
-    return codes.reshape(-1, 256), scale, offset
-
-
-_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
-# 4-bit types whose blocks hold groups of (32 codes, scale, offset): codes, scale and offset per group
-_GROUPED = {GGMLQuantizationType.Q4_0: _q4_0_groups, GGMLQuantizationType.Q4_1: _q4_1_groups,
-            GGMLQuantizationType.Q4_K: _q4_k_groups}
-
-
-def _bf16(raw: np.ndarray) -> np.ndarray:  # the high half of a float32
-    high: np.ndarray = raw.view(np.uint16).astype(np.uint32) << 16
-    return high.view(np.float32)
-
-
-_DEQUANT: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
-    GGMLQuantizationType.F32: lambda raw: raw.view(np.float32).copy(),  # copy out of the read-only map
-    GGMLQuantizationType.F16: lambda raw: raw.view(np.float16).astype(np.float32),
-    GGMLQuantizationType.BF16: _bf16,
-    GGMLQuantizationType.Q8_0: _q8_0,
-    GGMLQuantizationType.Q4_0: _q4_0,
-    GGMLQuantizationType.Q4_1: _q4_1,
-}
-
-
-def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
+def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's `permute` of q/k rows (interleaved rotary pairs -> HF's rotate-half halves).
 
     llama.cpp: w.reshape(heads, 2, rows // heads // 2, ...).swapaxes(1, 2); this is its inverse,
@@ -407,7 +369,7 @@ def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """
     half_head = weight.shape[0] // num_heads // 2
     w = weight.reshape(num_heads, half_head, 2, *weight.shape[1:])
-    return np.ascontiguousarray(w.swapaxes(2, 1)).reshape(weight.shape)
+    return w.transpose(1, 2).reshape(weight.shape).contiguous()
 
 
 def _llama3_rope_factors(theta: float, head_dim: int, scaling: dict[str, Any]) -> torch.Tensor:

@@ -14,9 +14,12 @@ from torch import nn
 from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
+from ringlet.models.fp8 import runs_fp8, use_fp8_layer
 from ringlet.models.ollama import find_ollama_model, ollama_models_dir
-from ringlet.models.quant import quantize_int8, quantize_layer_int4
+from ringlet.models.quant import GROUP_SIZE, quantize_int8, quantize_layer_int4
+from ringlet.models.quant_cuda import CUDA_GROUP_SIZE
 from ringlet.models.registry import build_stage, model_args
+from ringlet.models.repack_cache import RepackCache
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.errors import ModelLoadError
 
@@ -94,32 +97,45 @@ def load_stage(
     its linears quantised, a GGUF file's 4-bit groups kept as they are) before the next is read, so the load never
     holds the stage in fp32 nor twice. Quantised stages have an int8 lm_head."""
     path = resolve_model_path(ref)
+    stored = None  # a quantised checkpoint's linears (AWQ, GPTQ, fp8)
     if path.is_dir():
-        args = model_args(safetensors_loader.read_config(path))
+        config = safetensors_loader.read_config(path)
+        args = model_args(config)
         end = args.num_hidden_layers if end is None else end
+        stored = safetensors_loader.quantized_linears(path, config)
         weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings,
-                                                  dtype)
+                                                  dtype, stored)
         tokenizer = Tokenizer.from_hf_dir(path)
         gguf = None
     else:
         gguf = _open_gguf(path)
         args = model_args(gguf.config)
         end = args.num_hidden_layers if end is None else end
-        weights = gguf.lazy_state_dict(start, end, dtype)
+        # an int4 stage reads the file's 4-bit groups once a layer, from the repack cache where it holds them
+        gguf_groups = (gguf.stage_groups(start, end, RepackCache.for_files(gguf.files))
+                       if quantize in ("int4", "int4 where stored") else None)
+        weights = gguf.lazy_state_dict(start, end, dtype, gguf_groups)
         tokenizer = gguf.tokenizer()
-    file_groups = gguf is not None and quantize in ("int4", "int4 where stored") and gguf.stores_groups(start, end)
+    grouped = gguf_groups if gguf is not None else stored  # what may keep the linears in 4-bit groups
+    file_groups = grouped is not None and quantize in ("int4", "int4 where stored") and grouped.stores_groups(start, end)
+    group_size = (stored.group_size if stored is not None and stored.scheme.grouped
+                  else CUDA_GROUP_SIZE if torch.device(device).type == "cuda" else GROUP_SIZE)
     quantized: Literal["int8", "int4"] | None = (
         "int4" if quantize == "int4" or file_groups else "int8" if quantize is not None else None)
+    keeps_fp8 = stored is not None and quantized is None and runs_fp8(device)
 
     kept = 0
 
     def finish_layer(layer: nn.Module, index: int) -> None:
         nonlocal kept
         if quantized == "int4":
-            source = gguf.load_groups(index, index + 1) if gguf is not None and file_groups else {}
-            quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups)
+            source = grouped.load_groups(index, index + 1) if grouped is not None and file_groups else {}
+            quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups, group_size=group_size)
         elif quantized == "int8":
             quantize_int8(layer, dtype)
+        elif keeps_fp8:
+            assert stored is not None
+            use_fp8_layer(layer, index, dtype, stored.load_fp8(index, index + 1, device))
         kept += sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
         for listener in _progress_listeners:
             listener(index + 1 - start, end - start, kept)

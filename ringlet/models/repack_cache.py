@@ -1,0 +1,102 @@
+"""A GGUF file's weights as a stage keeps them, cached on disk beside the store so that a second load skips decoding.
+
+Each layer's 4-bit groups (`GroupQuantized`) are one safetensors file, `ringlet_home()/cache/gguf/<file>/blk.<i>
+.safetensors`, written atomically (a temporary file, then a rename) and read back with safetensors. An entry records
+the size and mtime of the GGUF file (of each part of a split one) and the name and type of each tensor: an entry that
+does not match them, or does not read, is a miss, and is written again. `RINGLET_GGUF_CACHE=0` turns the cache off;
+a cache directory that cannot be written turns it off for the load, with one log line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
+
+from ringlet.models.quant import GroupQuantized
+from ringlet.models.store import ringlet_home
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "RINGLET_GGUF_CACHE"
+_PARTS = ("codes", "scale", "offset")
+
+
+class RepackCache:
+    """Entries of one GGUF model: `read(entry, tensors)` and `write(entry, tensors, groups)`, where `tensors` maps each
+    GGUF tensor name of the entry to its GGML type name."""
+
+    def __init__(self, directory: Path, source: str) -> None:
+        self.directory = directory
+        self._source = source  # what the entries must have been made from
+        self._writable = True
+
+    @classmethod
+    def for_files(cls, files: Sequence[Path], home: Path | None = None) -> RepackCache | None:
+        """The cache of the model in `files` (its parts, the first first), or None where `RINGLET_GGUF_CACHE=0`."""
+        if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        stats = [(str(f.resolve()), f.stat()) for f in files]
+        source = json.dumps([[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats])
+        first = Path(stats[0][0])
+        digest = hashlib.sha256(str(first).encode()).hexdigest()[:16]
+        return cls((home or ringlet_home()) / "cache" / "gguf" / f"{first.name}-{digest}", source)
+
+    def _path(self, entry: str) -> Path:
+        return self.directory / f"{entry}.safetensors"
+
+    def _metadata(self, tensors: Mapping[str, str]) -> dict[str, str]:
+        return {"source": self._source, "tensors": json.dumps(sorted(tensors.items()))}
+
+    def read(self, entry: str, tensors: Mapping[str, str]) -> dict[str, GroupQuantized] | None:
+        """The entry's groups by GGUF tensor name, or None where it is missing, stale or unreadable."""
+        path = self._path(entry)
+        if not path.is_file():
+            return None
+        try:
+            # read whole (one layer's worth): tensors of their own, not views of a map that would stay resident
+            data = path.read_bytes()
+            header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+            if header.get("__metadata__") != self._metadata(tensors):
+                return None
+            stored = load(data)
+            groups = {name: GroupQuantized(stored[f"{name}.codes"], stored[f"{name}.scale"], stored[f"{name}.offset"])
+                      for name in tensors}
+        except (OSError, SafetensorError, ValueError, KeyError, RuntimeError) as e:
+            log.info("GGUF repack cache entry %s does not read (%s); decoding the file again", path, e)
+            return None
+        if not all(_well_formed(g) for g in groups.values()):
+            log.info("GGUF repack cache entry %s holds malformed groups; decoding the file again", path)
+            return None
+        return groups
+
+    def write(self, entry: str, tensors: Mapping[str, str], groups: Mapping[str, GroupQuantized]) -> None:
+        if not self._writable:
+            return
+        flat = {f"{name}.{part}": getattr(g, part).contiguous() for name, g in groups.items() for part in _PARTS}
+        path = self._path(entry)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file(flat, str(temporary), metadata=self._metadata(tensors))
+            os.replace(temporary, path)
+        except (OSError, SafetensorError) as e:
+            self._writable = False
+            log.warning("cannot write the GGUF repack cache in %s (%s); loading without it", self.directory, e)
+            with contextlib.suppress(OSError):  # nothing to remove where the directory could not be made
+                temporary.unlink()
+
+
+def _well_formed(groups: GroupQuantized) -> bool:
+    codes, scale, offset = groups.codes, groups.scale, groups.offset
+    return (codes.dtype == torch.uint8 and scale.dtype == offset.dtype == torch.float32 and codes.dim() == 2
+            and scale.shape == offset.shape == (codes.shape[0], codes.shape[1] // groups.group_size))

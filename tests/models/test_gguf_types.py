@@ -1,0 +1,296 @@
+"""GGML block types decoded in torch (`gguf_quants`) against gguf.quants' numpy decoders, bit for bit; small models
+whose linears are in each type against the same model built from gguf.quants' values; the on-disk repack cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from safetensors.torch import load, load_file
+from tokenizers import pre_tokenizers
+
+from ringlet.models import gguf_loader, gguf_quants
+from ringlet.models.loader import load_stage
+from ringlet.models.quant import cpu_supports_bf16
+from ringlet.models.registry import build_stage
+
+DECODED = [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0]
+QUANTISED_HERE = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}  # gguf.quants has a quantiser for these
+# byte offsets of each block's fp16 scales (d, and dmin where the type has one), and about how large its values are
+# for d = 1 (random 6-bit scales and codes: Q4_K ~ 32 * 7.5, Q6_K ~ 64 * 16 ...)
+HALVES = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q2_K: (80, 82), Q.Q3_K: (108,)}
+UNIT = {Q.Q4_K: 240, Q.Q5_K: 480, Q.Q6_K: 1000, Q.Q2_K: 11, Q.Q3_K: 32}
+
+
+def blocks_of(qtype: Q, values: int, seed: int = 0, size: float = 1.0) -> np.ndarray:
+    """The bytes of `values` values of about `size` in `qtype`: what gguf.quants' quantiser makes of random numbers
+    where it has one, else random blocks whose fp16 scales are finite (some subnormal)."""
+    rng = np.random.default_rng(seed)
+    if qtype in QUANTISED_HERE:
+        numbers = rng.standard_normal((1, values), dtype=np.float32) * np.float32(size)
+        return gguf.quants.quantize(numbers, qtype).reshape(-1)
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(values // block_size, type_size), dtype=np.uint8)
+    for at in HALVES[qtype]:
+        d = rng.uniform(0.05, 1.0, (raw.shape[0], 1)) * size / UNIT[qtype]
+        raw[:, at:at + 2] = d.astype(np.float16).view(np.uint8)
+    return raw.reshape(-1)
+
+
+def reference(raw: np.ndarray, qtype: Q) -> np.ndarray:
+    return gguf.quants.dequantize(raw, qtype).reshape(-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", [*DECODED, Q.Q3_K])
+def test_blocks_decode_bit_identical_to_gguf_quants_over_several_runs(qtype: Q,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = blocks_of(qtype, 64 * 256)
+    expected = reference(raw, qtype)
+    monkeypatch.setattr(gguf_quants, "RUN_VALUES", 700)  # a few rows a run: the runs must join up
+    got = gguf_quants.dequantize(raw, qtype, (64, 256))
+    assert got.dtype == torch.float32 and got.shape == (64, 256)
+    assert np.array_equal(got.reshape(-1).numpy(), expected)
+    in_bf16 = gguf_quants.dequantize(raw, qtype, (64, 256), torch.bfloat16)
+    assert torch.equal(in_bf16, torch.from_numpy(expected).view(64, 256).bfloat16())
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16])
+def test_float_types_come_through_unchanged(qtype: Q) -> None:
+    values = np.random.default_rng(2).standard_normal((8, 96), dtype=np.float32)
+    stored = {Q.F32: values, Q.F16: values.astype(np.float16), Q.BF16: gguf.quants.quantize(values, Q.BF16)}[qtype]
+    expected = values if qtype == Q.F32 else gguf.quants.dequantize(stored, qtype) if qtype == Q.BF16 else \
+        stored.astype(np.float32)
+    assert np.array_equal(gguf_quants.dequantize(stored, qtype, (8, 96)).numpy(), expected)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_4_bit_types_are_their_own_codes_and_groups_of_32(qtype: Q, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = blocks_of(qtype, 32 * 256, seed=3)
+    monkeypatch.setattr(gguf_quants, "RUN_VALUES", 1000)
+    groups = gguf_quants.decode_groups(raw, qtype, (32, 256))
+    assert groups.codes.dtype == torch.uint8 and groups.codes.shape == (32, 256)
+    assert int(groups.codes.max()) == 15 and groups.group_size == 32
+    assert groups.scale.shape == groups.offset.shape == (32, 8) and groups.scale.dtype == torch.float32
+    expected = torch.from_numpy(reference(raw, qtype)).view(32, 256)
+    assert torch.equal(groups.dequantize(), expected)
+    assert torch.equal(gguf_quants.dequantize_groups(groups, torch.bfloat16), expected.bfloat16())
+    if qtype == Q.Q4_0:
+        assert torch.equal(groups.offset, -8 * groups.scale)
+
+
+# ---- small models --------------------------------------------------------------------------------------------------
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 260
+LINEARS = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (KV_HEADS * HIDDEN // HEADS, HIDDEN),
+           "attn_v": (KV_HEADS * HIDDEN // HEADS, HIDDEN), "attn_output": (HIDDEN, HIDDEN),
+           "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN), "ffn_down": (HIDDEN, INTER)}
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
+
+
+def write_model(path: Path, types: dict[str, Q], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A two-layer Llama whose linears are stored in `types` (by GGUF name inside `blk.{i}.`), with a byte-level
+    tokenizer; returns its weights as gguf.quants decodes them, in HF names and layout (q/k un-permuted)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"block_count": LAYERS, "context_length": 256, "embedding_length": HIDDEN,
+                       "feed_forward_length": INTER, "head_count": HEADS, "head_count_kv": KV_HEADS}.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([*sorted(pre_tokenizers.ByteLevel.alphabet()), "Ġt", *(f"<x{i}>" for i in range(3))])
+    writer.add_token_merges(["Ġ t"])
+    writer.add_eos_token_id(0)
+    rng = np.random.default_rng(seed)
+    weights: dict[str, torch.Tensor] = {}
+
+    def add(name: str, hf: str, shape: tuple[int, ...], qtype: Q, spread: float = 0.0) -> None:
+        if qtype == Q.F32:
+            data = 1 + rng.standard_normal(shape, dtype=np.float32) * np.float32(spread)  # a norm's weight
+            values = data.copy()
+        else:
+            data = blocks_of(qtype, int(np.prod(shape)), int(rng.integers(1 << 30)), 0.06).reshape(shape[0], -1)
+            values = reference(data, qtype).reshape(shape)
+        writer.add_tensor(name, data, raw_dtype=None if qtype == Q.F32 else qtype)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):  # transformers' _reverse_permute_weights
+            heads = HEADS if "attn_q" in name else KV_HEADS
+            values = values.reshape(heads, shape[0] // heads // 2, 2, -1).swapaxes(2, 1).reshape(shape)
+        weights[hf] = torch.from_numpy(np.ascontiguousarray(values))
+
+    add("token_embd.weight", "model.embed_tokens.weight", (VOCAB, HIDDEN), Q.Q8_0)
+    for i in range(LAYERS):
+        for name, shape in LINEARS.items():
+            add(f"blk.{i}.{name}.weight", f"model.layers.{i}.{HF_NAMES[name]}.weight", shape, types[name])
+        for norm, hf in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            add(f"blk.{i}.{norm}.weight", f"model.layers.{i}.{hf}.weight", (HIDDEN,), Q.F32, 0.1)
+    add("output_norm.weight", "model.norm.weight", (HIDDEN,), Q.F32)
+    add("output.weight", "lm_head.weight", (VOCAB, HIDDEN), Q.Q6_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return weights
+
+
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.tensor([[1, 50, 9, 200, 33, 7]])
+    with torch.inference_mode():
+        return model(ids, model.make_cache(1, 16), 0).float()  # type: ignore[operator]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RINGLET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RINGLET_GGUF_CACHE", raising=False)
+    return tmp_path / "home"
+
+
+# int4 where stored: the 4-bit types run their own codes; the others are rounded to int8 per channel (bf16 compute)
+# (relative errors of the logits measured: 0.007-0.014 for the 4-bit types, 0.008-0.026 for the others, by
+# `pytest tests/models/test_gguf_types.py -k each_type` with the errors printed)
+TOLERANCE = {Q.Q4_0: 0.03, Q.Q4_1: 0.03, Q.Q4_K: 0.03, Q.Q5_0: 0.05, Q.Q5_1: 0.05, Q.Q5_K: 0.05, Q.Q6_K: 0.05,
+             Q.Q8_0: 0.05}
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
+@pytest.mark.parametrize("qtype", DECODED)
+def test_a_model_in_each_type_gives_the_logits_of_gguf_quants_values(qtype: Q, tmp_path: Path, home: Path) -> None:
+    path = tmp_path / f"{qtype.name}.gguf"
+    weights = write_model(path, dict.fromkeys(LINEARS, qtype))
+    stage = load_stage(path)
+    want = logits(build_stage(stage.args, weights=weights))
+    assert torch.equal(logits(stage.model), want)  # fp32: the very same weights
+    quantised = load_stage(path, quantize="int4 where stored", dtype=torch.bfloat16)
+    assert quantised.quantized == ("int4" if qtype in gguf_quants.GROUPED_TYPES else "int8")
+    assert relative_error(logits(quantised.model), want) < TOLERANCE[qtype]
+
+
+def test_other_types_go_through_gguf_quants_with_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "q3_k.gguf"
+    weights = write_model(path, {**dict.fromkeys(LINEARS, Q.Q6_K), "ffn_up": Q.Q3_K, "ffn_gate": Q.Q2_K})
+    with caplog.at_level("INFO", logger="ringlet.models.gguf_loader"):
+        stage = load_stage(path)
+    [line] = [r.getMessage() for r in caplog.records if "gguf.quants" in r.getMessage()]
+    assert line == "q3_k.gguf: tensors stored as Q2_K (2), Q3_K (2) are decoded by gguf.quants (numpy, slower)"
+    assert torch.equal(logits(stage.model), logits(build_stage(stage.args, weights=weights)))
+
+
+# ---- the repack cache ------------------------------------------------------------------------------------------------
+
+MIXED = {**dict.fromkeys(LINEARS, Q.Q4_K), "attn_v": Q.Q6_K, "ffn_down": Q.Q6_K, "attn_output": Q.Q4_0}
+
+
+class Decodes:
+    """Counts the file decoding the loader does: 4-bit groups, and values of the 4-bit types."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.groups: list[Q] = []
+        self.grouped_values: list[Q] = []
+        decode_groups, dequantize = gguf_loader.decode_groups, gguf_loader.dequantize
+
+        def count_groups(data, qtype, shape):  # type: ignore[no-untyped-def]
+            self.groups.append(qtype)
+            return decode_groups(data, qtype, shape)
+
+        def count_values(data, qtype, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if qtype in gguf_quants.GROUPED_TYPES:
+                self.grouped_values.append(qtype)
+            return dequantize(data, qtype, *args, **kwargs)
+
+        monkeypatch.setattr(gguf_loader, "decode_groups", count_groups)
+        monkeypatch.setattr(gguf_loader, "dequantize", count_values)
+
+    def reset(self) -> None:
+        self.groups.clear()
+        self.grouped_values.clear()
+
+
+def load_int4(path: Path) -> torch.Tensor:
+    return logits(load_stage(path, quantize="int4 where stored", dtype=torch.bfloat16).model)
+
+
+def entries(home: Path) -> list[Path]:
+    return sorted((home / "cache" / "gguf").glob("*/*.safetensors"))
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Decodes]:
+    yield Decodes(monkeypatch)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
+def test_a_second_load_reads_the_groups_from_the_cache(tmp_path: Path, home: Path, decodes: Decodes) -> None:
+    path = tmp_path / "mixed.gguf"
+    write_model(path, MIXED)
+    first = load_int4(path)
+    assert decodes.groups.count(Q.Q4_K) == 4 * LAYERS and decodes.groups.count(Q.Q4_0) == LAYERS
+    assert not decodes.grouped_values  # the layers' float weights came from the same groups
+    assert [p.name for p in entries(home)] == [f"blk.{i}.safetensors" for i in range(LAYERS)]
+
+    decodes.reset()
+    assert torch.equal(load_int4(path), first)
+    assert not decodes.groups and not decodes.grouped_values
+
+    decodes.reset()
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed: every entry is stale
+    assert torch.equal(load_int4(path), first)
+    assert len(decodes.groups) == 5 * LAYERS
+    decodes.reset()
+    load_int4(path)
+    assert not decodes.groups
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other tensors"])
+def test_a_corrupt_entry_is_decoded_again_and_rewritten(tmp_path: Path, home: Path, decodes: Decodes,
+                                                        damage: str) -> None:
+    path = tmp_path / "mixed.gguf"
+    write_model(path, MIXED)
+    first = load_int4(path)
+    entry = entries(home)[1]
+    data = entry.read_bytes()
+    if damage == "other tensors":  # a readable entry made for another file: the stage's first layer's
+        entry.write_bytes(entries(home)[0].read_bytes())
+    else:
+        entry.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\x10" * 64)
+    decodes.reset()
+    assert torch.equal(load_int4(path), first)
+    assert len(decodes.groups) == 5  # layer 1's, only
+    rewritten, written = load_file(entry), load(data)  # the same tensors again (in whatever order)
+    assert rewritten.keys() == written.keys() and all(torch.equal(rewritten[k], written[k]) for k in written)
+    decodes.reset()
+    load_int4(path)
+    assert not decodes.groups
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
+def test_a_cache_that_cannot_be_written_or_is_off_only_costs_decoding(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decodes: Decodes, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mixed.gguf"
+    write_model(path, MIXED)
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the cache's directory would be")
+    monkeypatch.setenv("RINGLET_HOME", str(blocker))
+    with caplog.at_level(logging.INFO, logger="ringlet.models.repack_cache"):
+        first = load_int4(path)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("cannot write the GGUF repack cache in ") and line.endswith("; loading without it")
+
+    monkeypatch.setenv("RINGLET_HOME", str(tmp_path / "other"))
+    monkeypatch.setenv("RINGLET_GGUF_CACHE", "0")
+    decodes.reset()
+    assert torch.equal(load_int4(path), first)
+    assert len(decodes.groups) == 5 * LAYERS
+    assert not (tmp_path / "other").exists()
