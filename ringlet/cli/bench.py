@@ -243,7 +243,7 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
     import torch
 
     from ringlet.models.loader import LoadedStage
-    from ringlet.models.quant import COMPUTE_DTYPES
+    from ringlet.models.quant import COMPUTE_DTYPES, quantize_int8
     from ringlet.models.random_checkpoint import random_weights, shape_config, synthetic_tokenizer
     from ringlet.models.registry import build_stage, model_args
     from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
@@ -257,17 +257,37 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
         raise CliError(f"--shape builds the torch engine on cpu or cuda, not {args.engine}; use --model for it")
     device = torch.device(args.engine or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(settings.precision, device)
-    if precision in ("int8", "int4"):
-        raise CliError("--shape builds bf16/fp16/fp32 models; use --precision bf16")
+    if precision in ("int8", "int4") and device.type != "cuda":
+        raise CliError("--shape quantises on CUDA GPUs only; use --precision bf16 (or --model) on a CPU")
     config = shape_config(args.shape)
     model_arguments = model_args(config)
-    weights = random_weights(model_arguments, COMPUTE_DTYPES[precision], device)
-    model = build_stage(model_arguments, weights=weights, dtype=COMPUTE_DTYPES[precision], device=device)
+    dtype = COMPUTE_DTYPES[precision]
+    weights: dict[str, Any] | None = random_weights(model_arguments, dtype, device)
+    model = build_stage(model_arguments, weights=weights, dtype=dtype, device=device,
+                        finish_layer=quantizer(precision, dtype))
+    if precision in ("int8", "int4"):
+        quantize_int8(model, dtype)  # the lm_head, as load_stage does
+        if args.baseline == "none":  # the float weights go: the peak below is the quantised instance's
+            weights = None
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
     stage = LoadedStage(model_arguments, model, synthetic_tokenizer(model_arguments.vocab_size), 0,
                         model_arguments.num_hidden_layers)
     engine = TorchBatchEngine(stage, device, settings)
     engine.precision = precision
     return engine, weights, config
+
+
+def quantizer(precision: str, dtype: Any) -> Any:
+    """What load_stage does to each layer as it loads at `precision`: int4 groups of CUDA_GROUP_SIZE, or int8."""
+    from ringlet.models.quant import quantize_int8, quantize_layer_int4
+    from ringlet.models.quant_cuda import CUDA_GROUP_SIZE
+
+    if precision == "int4":
+        return lambda layer, index: quantize_layer_int4(layer, index, dtype, {}, False, CUDA_GROUP_SIZE)
+    if precision == "int8":
+        return lambda layer, index: quantize_int8(layer, dtype)
+    return None
 
 
 def bench(args: argparse.Namespace) -> int:

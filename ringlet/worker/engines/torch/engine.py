@@ -22,12 +22,12 @@ if TYPE_CHECKING:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs; int8 weights with bf16 activations on CPUs with native bf16 (int4 where the file
-    itself is stored in 4 bits: see `load_torch_stage`), else fp32."""
+    """int8 / int4 (weight-only) on CPUs and CUDA GPUs. auto: bf16 on GPUs; int8 weights with bf16 activations on
+    CPUs with native bf16 (int4 where the file itself is stored in 4 bits: see `load_torch_stage`), else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if precision in ("int8", "int4") and device.type != "cpu":
-        raise ValueError(f"precision {precision} runs on CPUs only; use bf16 or fp16 on {device.type}")
+    if precision in ("int8", "int4") and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"precision {precision} runs on CPUs and CUDA GPUs; use bf16 or fp16 on {device.type}")
     if precision != "auto":
         return precision
     if device.type == "cuda":

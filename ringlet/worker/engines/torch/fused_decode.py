@@ -33,6 +33,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
+from ringlet.models.quant_cuda import CudaQuantizedLinear
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -242,10 +243,13 @@ def _attention_combine(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, SPLITS
     tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def project(x: torch.Tensor, linear: nn.Linear, out: torch.Tensor, eps: float, pdl: bool,
+def project(x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch.Tensor, eps: float, pdl: bool,
             norm: torch.Tensor | None = None, gated: bool = False, residual: bool = False) -> None:
     """out = linear(x) of one vector x, with `_projection`'s options (`pdl`: launched with programmatic dependent
-    launch)."""
+    launch); a quantised linear (`CudaQuantizedLinear`) runs its own kernel with the same options, over any rows."""
+    if isinstance(linear, CudaQuantizedLinear):
+        linear.project(x, out, norm=norm, eps=eps, gated=gated, residual=residual, pdl=pdl)
+        return
     n, k = linear.weight.shape
     n = n // 2 if gated else n
     bias = linear.bias
@@ -272,8 +276,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
             return f"{name} is not contiguous"
     projections = [model.lm_head] + [m for block in cast("Iterable[Block]", model.layers) for m in (
         block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)]
-    if any(type(m) is not nn.Linear for m in projections):
-        return "quantised projections"
+    if any(type(m) is not nn.Linear and not isinstance(m, CudaQuantizedLinear) for m in projections):
+        return "projections of a kind it has no kernel for"
+    if len({isinstance(m, CudaQuantizedLinear) for m in projections}) > 1:
+        return "float and quantised projections mixed"
     return None
 
 
@@ -313,7 +319,7 @@ class FusedDecodeStep:
         self.part_max = buffer(self.heads * self.splits, dtype=torch.float32)
         self.part_sum = buffer(self.heads * self.splits, dtype=torch.float32)
 
-    def _project(self, x: torch.Tensor, linear: nn.Linear, out: torch.Tensor, norm: torch.Tensor | None = None,
+    def _project(self, x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch.Tensor, norm: torch.Tensor | None = None,
                  gated: bool = False, residual: bool = False) -> None:
         project(x, linear, out, self.eps, self.pdl, norm, gated, residual)
 

@@ -39,6 +39,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
+from ringlet.models.quant_cuda import CudaQuantizedLinear
 from ringlet.worker.engines.torch.fused_decode import (
     _INTERPRETED,
     _attention_combine,
@@ -215,6 +216,7 @@ class PagedDecodeStep:
         device = next(model.parameters()).device
         self.model, self.cache, self.device = model, cache, device
         self.dtype = next(model.parameters()).dtype
+        self.quantized = isinstance(model.lm_head, CudaQuantizedLinear)
         self.heads, self.kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.hidden_size, self.intermediate = args.hidden_size, args.intermediate_size
         self.eps = args.rms_norm_eps
@@ -296,10 +298,13 @@ class PagedDecodeStep:
             tokens = torch.where(tokens == FED, self.picked[:batch], tokens)
         torch.index_select(model.embed_tokens.weight, 0, tokens, out=hidden)
         splits = self._splits(batch)
+        # the GEMV kernels at a batch of one; a quantised model's kernels at any batch (they take many rows)
+        fused = batch == 1 or self.quantized
+        pdl = self.pdl and batch == 1
         for i, block in enumerate(cast("Iterable[Block]", model.layers)):
             attn, mlp = block.self_attn, block.mlp
-            if batch == 1:
-                project(hidden, attn.qkv_proj, qkv, self.eps, self.pdl, norm=block.input_layernorm.weight)
+            if fused:
+                project(hidden, attn.qkv_proj, qkv, self.eps, pdl, norm=block.input_layernorm.weight)
             else:
                 normed = self._norm(hidden, block.input_layernorm.weight)
                 if attn.qkv_proj.bias is not None:
@@ -312,11 +317,11 @@ class PagedDecodeStep:
                     self._k_norm(attn), self.eps, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
                     QK_NORM=attn.q_norm is not None, num_warps=1)
             self._attend(i, attn, batch, splits, positions, slots, tables)
-            if batch == 1:
-                project(attention, attn.o_proj, hidden, self.eps, self.pdl, residual=True)
-                project(hidden, mlp.gate_up_proj, gated, self.eps, self.pdl,
-                        norm=block.post_attention_layernorm.weight, gated=True)
-                project(gated, mlp.down_proj, hidden, self.eps, self.pdl, residual=True)
+            if fused:
+                project(attention, attn.o_proj, hidden, self.eps, pdl, residual=True)
+                project(hidden, mlp.gate_up_proj, gated, self.eps, pdl, norm=block.post_attention_layernorm.weight,
+                        gated=True)
+                project(gated, mlp.down_proj, hidden, self.eps, pdl, residual=True)
             else:
                 hidden.addmm_(attention, attn.o_proj.weight.t())
                 gate_up = torch.mm(self._norm(hidden, block.post_attention_layernorm.weight),
@@ -326,12 +331,15 @@ class PagedDecodeStep:
                 hidden.addmm_(gated, mlp.down_proj.weight.t())
         if mixed:
             sampled = min(batch, self.max_batch)
-            last = torch.index_select(self._norm(hidden, model.norm.weight), 0, wanted[:sampled])
-            torch.mm(last, model.lm_head.weight.t(), out=self.logits[:sampled])
+            last = torch.index_select(hidden, 0, wanted[:sampled])
+            if self.quantized:
+                project(last, model.lm_head, self.logits[:sampled], self.eps, False, norm=model.norm.weight)
+            else:
+                torch.mm(self._norm(last, model.norm.weight), model.lm_head.weight.t(), out=self.logits[:sampled])
             torch.argmax(self.logits[:sampled], dim=-1, out=self.picked[:sampled])
             return
-        if batch == 1:
-            project(hidden, model.lm_head, logits, self.eps, self.pdl, norm=model.norm.weight)
+        if fused:
+            project(hidden, model.lm_head, logits, self.eps, pdl, norm=model.norm.weight)
         else:
             torch.mm(self._norm(hidden, model.norm.weight), model.lm_head.weight.t(), out=logits)
         torch.argmax(logits, dim=-1, out=self.picked[:batch])

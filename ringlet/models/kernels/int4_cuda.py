@@ -1,0 +1,195 @@
+"""Weight-only int4 and int8 matrix products on CUDA: launchers of the Triton kernels (`int4_triton.py`) and the
+torch custom ops `ringlet::int4_linear` / `ringlet::int8_linear` that the linears' forward calls, so that
+torch.compile keeps them whole (an opaque op with a fake implementation) and CUDA graphs replay them.
+
+Triton is imported at the first launch, not here: CPU machines without it import this module too.
+"""
+
+import functools
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+# bits OR'd into a 4-bit code to make the floating-point number MAGIC + code (int4_triton.py says why)
+_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """A launch of the kernels: rows of x and of W per program, the K a loop step covers, warps and pipeline
+    stages. For int4, `k_step` is a multiple of the group size."""
+
+    block_m: int
+    block_n: int
+    k_step: int
+    warps: int = 4
+    stages: int = 4
+
+
+def tiling(rows: int, n: int, k: int, group: int) -> Tiling:
+    """The tiling for `rows` of x against W [n, k] (`group`: the int4 group size, 0 for int8)."""
+    step = next(s for s in (512, 256, 128, group) if s % group == 0 and k % s == 0) if group else 256
+    if rows <= 16:  # a decode step: each program streams a few weight rows; many programs keep loads in flight
+        return Tiling(16, 16 if n <= 8192 else 32, step, 4, 4)
+    if rows <= 64:
+        return Tiling(32 if rows <= 32 else 64, 64, min(step, 256), 4, 4)
+    return Tiling(128, 128, min(step, 128), 8, 3)
+
+
+GEMV_BLOCK_N = 64  # weight rows per program of a one-row product
+GEMV_INT8_BLOCK_K = 128
+FINISH_BLOCK_N = 256
+PROGRAMS_PER_SM = 4  # programs of a one-row product per SM: enough loads in flight to stream the weight
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _splits(blocks: int, steps: int, device: torch.device) -> tuple[int, int]:
+    """K cut into splits (of `steps` loop steps in all) so that `blocks` row blocks times the splits fill the SMs:
+    (steps per split, splits)."""
+    wanted = max(1, min(steps, -(-PROGRAMS_PER_SM * _sm_count(device.index or 0) // blocks)))
+    per_split = -(-steps // wanted)
+    return per_split, -(-steps // per_split)
+
+
+def _finish_gemv(part: torch.Tensor, squares: torch.Tensor, splits: int, out: torch.Tensor, n: int, k: int,
+                 row_scale: torch.Tensor | None, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
+                 gated: bool, residual: bool, pdl: bool) -> None:
+    _kernels().gemv_finish_kernel[(-(-n // FINISH_BLOCK_N),)](
+        part, squares, row_scale if row_scale is not None else part, out, bias if bias is not None else part, n, k,
+        splits, eps, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual,
+        ROW_SCALE=row_scale is not None, PDL=pdl, BLOCK_N=FINISH_BLOCK_N,
+        MAX_SPLITS=triton_next_power_of_2(splits), num_warps=4, **({"launch_pdl": True} if pdl else {}),
+    )
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+def _int4_gemv(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+               out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
+               gated: bool, residual: bool, pdl: bool) -> None:
+    width = packed.shape[0]  # 2n when gated
+    blocks = -(-width // GEMV_BLOCK_N)
+    per_split, splits = _splits(blocks, k // group_size, row.device)
+    part = torch.empty(splits, width, dtype=torch.float32, device=row.device)
+    squares = torch.empty(splits, dtype=torch.float32, device=row.device)
+    _kernels().int4_gemv_kernel[(blocks, splits)](
+        row, packed.view(torch.int32), scale, offset, part, squares, norm if norm is not None else row, width, k,
+        per_split, GROUP=group_size, BLOCK_N=GEMV_BLOCK_N, NORM=norm is not None, PDL=pdl, num_warps=4,
+        num_stages=3, **({"launch_pdl": True} if pdl else {}),
+    )
+    _finish_gemv(part, squares, splits, out, n, k, None, bias, norm, eps, gated, residual, pdl)
+
+
+def _int8_gemv(row: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, n: int, k: int,
+               bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float, gated: bool, residual: bool,
+               pdl: bool) -> None:
+    width = codes.shape[0]
+    blocks = -(-width // 32)
+    per_step, splits = _splits(blocks, -(-k // GEMV_INT8_BLOCK_K), row.device)
+    part = torch.empty(splits, width, dtype=torch.float32, device=row.device)
+    squares = torch.empty(splits, dtype=torch.float32, device=row.device)
+    _kernels().int8_gemv_kernel[(blocks, splits)](
+        row, codes, part, squares, norm if norm is not None else row, width, k, per_step * GEMV_INT8_BLOCK_K,
+        BLOCK_N=32, BLOCK_K=GEMV_INT8_BLOCK_K, NORM=norm is not None, PDL=pdl, num_warps=4, num_stages=3,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    _finish_gemv(part, squares, splits, out, n, k, scale, bias, norm, eps, gated, residual, pdl)
+
+
+def _kernels() -> ModuleType:
+    from ringlet.models.kernels import int4_triton
+
+    return int4_triton
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    assert x.shape[-1] == k, f"input of {x.shape[-1]} features for a weight of {k}"
+    rows = x.reshape(-1, k)
+    return rows if rows.is_contiguous() else rows.contiguous()
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+                out: torch.Tensor | None = None, *, bias: torch.Tensor | None = None, norm: torch.Tensor | None = None,
+                eps: float = 0.0, gated: bool = False, residual: bool = False, pdl: bool = False,
+                config: Tiling | None = None) -> torch.Tensor:
+    """out [M, N] = x [..., K] @ W^T of W given as `packed` nibbles uint8 [N, K / 2] (element 2j in the low nibble
+    of byte j, 2j + 1 in the high one), `scale` and `offset` [N, K / group_size]: w = code * scale + offset.
+
+    `norm`: x is RMSNorm(x) * norm first (`eps`); `gated`: W holds gate then up rows and out [M, N / 2] is
+    SiLU(gate) * up; `residual`: out += the product; `pdl`: launched with programmatic dependent launch."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    n = n // 2 if gated else n
+    rows = _rows(x, k)
+    m = rows.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 1 and config is None:
+        _int4_gemv(rows, packed, scale, offset, group_size, out, n, k, bias, norm, eps, gated, residual, pdl)
+        return out
+    magic_bits, magic = _MAGIC[x.dtype]
+    t = config or tiling(m, n, k, group_size)
+    grid = (-(-n // t.block_n), -(-m // t.block_m))
+    _kernels().int4_matmul_kernel[grid](
+        rows, packed.view(torch.int32), scale, offset, out, norm if norm is not None else rows,
+        bias if bias is not None else rows, m, n, k, eps, GROUP=group_size, MAGIC_BITS=magic_bits, MAGIC=magic,
+        NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, GROUPS_PER_STEP=t.k_step // group_size, num_warps=t.warps,
+        num_stages=t.stages, **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, *,
+                bias: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+                gated: bool = False, residual: bool = False, pdl: bool = False,
+                config: Tiling | None = None) -> torch.Tensor:
+    """As `int4_matmul` for int8 `codes` [N, K] with one `scale` per weight row: w = code * scale."""
+    n, k = codes.shape
+    n = n // 2 if gated else n
+    rows = _rows(x, k)
+    m = rows.shape[0]
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 1 and config is None:
+        _int8_gemv(rows, codes, scale, out, n, k, bias, norm, eps, gated, residual, pdl)
+        return out
+    t = config or tiling(m, n, k, 0)
+    grid = (-(-n // t.block_n), -(-m // t.block_m))
+    _kernels().int8_matmul_kernel[grid](
+        rows, codes, scale, out, norm if norm is not None else rows, bias if bias is not None else rows, m, n, k,
+        eps, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=min(t.k_step, 256), num_warps=t.warps, num_stages=t.stages,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return out
+
+
+@torch.library.custom_op("ringlet::int4_linear", mutates_args=(), device_types="cuda")
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, W, bias) of an int4 weight (`int4_matmul`'s layout)."""
+    return int4_matmul(x, packed, scale, offset, group_size, bias=bias).view(*x.shape[:-1], packed.shape[0])
+
+
+@int4_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+      bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+@torch.library.custom_op("ringlet::int8_linear", mutates_args=(), device_types="cuda")
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, W, bias) of a per-channel int8 weight (`int8_matmul`'s layout)."""
+    return int8_matmul(x, codes, scale, bias=bias).view(*x.shape[:-1], codes.shape[0])
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], codes.shape[0])

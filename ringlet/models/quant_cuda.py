@@ -1,0 +1,108 @@
+"""Weight-only int4 and int8 linears on CUDA GPUs (`quant.int4_linear` / `quant.int8_linear` build them for weights
+on a CUDA device), packed once here and kept packed: the Triton kernels of `kernels/int4_cuda.py` dequantise tiles
+of the weight next to the tensor cores.
+
+int4: half a byte a weight plus an fp16 scale and offset per group (4 bytes per 128 weights at group size 128);
+int8: a byte a weight plus a scale per output channel. A decode step reads every weight once, so these bytes set its
+speed. `project` is the fused decode steps' entry (fused_decode.py, paged_decode.py): the input's RMSNorm, the SiLU
+gate and the residual add run inside the product, as they do for the bf16 weights there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ringlet.models.kernels import int4_cuda
+from ringlet.models.quant import GroupQuantized
+
+# the group size CUDA stages round to where the file gives no 4-bit groups: larger groups than the CPU's 32 halve
+# the bytes of scales and offsets a decode step reads (4 bytes per 128 weights next to 64 of codes)
+CUDA_GROUP_SIZE = 128
+
+
+class CudaQuantizedLinear(nn.Module):
+    """What the fused decode steps call instead of reading a float `.weight`."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def project(self, x: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                gated: bool = False, residual: bool = False, pdl: bool = False) -> None:
+        """out [M, N] = self(x) of x [M, K] (or [K]), with `int4_cuda.int4_matmul`'s options."""
+        raise NotImplementedError
+
+
+class CudaInt4Linear(CudaQuantizedLinear):
+    # buffers, registered in __init__
+    packed: torch.Tensor  # uint8 [N, K / 2]: element 2j in the low nibble of byte j, 2j + 1 in the high one
+    scale: torch.Tensor  # fp16 [N, K / group_size]
+    offset: torch.Tensor  # fp16 [N, K / group_size]
+
+    def __init__(self, weight: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"int4 linears on CUDA compute in bf16 or fp16, not {dtype}")
+        self.out_features, self.in_features = weight.codes.shape
+        self.group_size = weight.group_size
+        codes = weight.codes.view(self.out_features, -1, 2)
+        self.register_buffer("packed", codes[..., 0] | (codes[..., 1] << 4))
+        # fp16, as GGUF stores them: a file's groups unpack exactly
+        self.register_buffer("scale", weight.scale.to(torch.float16))
+        self.register_buffer("offset", weight.offset.to(torch.float16))
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ringlet.int4_linear(x, self.packed, self.scale, self.offset, self.group_size, self.bias)
+
+    def project(self, x: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                gated: bool = False, residual: bool = False, pdl: bool = False) -> None:
+        int4_cuda.int4_matmul(x, self.packed, self.scale, self.offset, self.group_size, out, bias=self.bias,
+                              norm=norm, eps=eps, gated=gated, residual=residual, pdl=pdl)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] in fp32 (tests, references)."""
+        codes = torch.stack((self.packed & 0x0F, self.packed >> 4), dim=-1).float()
+        groups = codes.view(self.out_features, -1, self.group_size)
+        weight = torch.addcmul(self.offset.float()[..., None], groups, self.scale.float()[..., None])
+        return weight.view(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+class CudaInt8Linear(CudaQuantizedLinear):
+    # buffers, registered in __init__
+    weight: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32 [N]
+
+    ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        super().__init__()
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"int8 linears on CUDA compute in bf16 or fp16, not {dtype}")
+        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for first in range(0, weight.shape[0], self.ROWS_AT_ONCE):
+            rows = weight[first:first + self.ROWS_AT_ONCE].float()
+            step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            codes[first:first + rows.shape[0]] = (rows / step[:, None]).round().clamp(-127, 127)
+            scale[first:first + rows.shape[0]] = step
+        self.register_buffer("weight", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ringlet.int8_linear(x, self.weight, self.scale, self.bias)
+
+    def project(self, x: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                gated: bool = False, residual: bool = False, pdl: bool = False) -> None:
+        int4_cuda.int8_matmul(x, self.weight, self.scale, out, bias=self.bias, norm=norm, eps=eps, gated=gated,
+                              residual=residual, pdl=pdl)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [N, K] in fp32 (tests, references)."""
+        return self.weight.float() * self.scale.float()[:, None]
