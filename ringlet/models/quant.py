@@ -56,6 +56,12 @@ class GroupQuantized:
         return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                    torch.cat([p.offset for p in parts]), parts[0].group_size)
 
+    def to(self, device: torch.device) -> GroupQuantized:
+        """On `device` (itself where it is there already)."""
+        if self.codes.device == device:
+            return self
+        return GroupQuantized(self.codes.to(device), self.scale.to(device), self.offset.to(device), self.group_size)
+
     def dequantize(self) -> torch.Tensor:
         expand = lambda t: t.repeat_interleave(self.group_size, dim=1)
         return self.codes.float() * expand(self.scale) + expand(self.offset)
@@ -240,7 +246,7 @@ def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source
         if linear.in_features % group_size != 0 or (file_groups and not from_file):
             setattr(owner, attr, int8_linear(linear.weight.data, linear.bias, dtype))
             continue
-        groups = (GroupQuantized.cat(stored) if from_file  # type: ignore[arg-type]
+        groups = (GroupQuantized.cat(stored).to(linear.weight.device) if from_file  # type: ignore[arg-type]
                   else GroupQuantized.round(linear.weight.data, group_size))
         setattr(owner, attr, int4_linear(groups, linear.bias, dtype))
 

@@ -153,3 +153,26 @@ def test_int4_linear_keeps_its_codes_once_in_the_kernels_layout_and_unpacks_them
     assert linear.weight.numel() == rows * 128 // 2  # half a byte a weight
     assert torch.equal(linear.codes(), groups.codes)
     assert torch.equal(linear.groups().codes, groups.codes)
+
+
+def test_a_files_groups_go_to_the_device_of_the_layer_they_replace(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF file's groups are decoded on the host; a stage built on a GPU gets them on the GPU, so the int4 linear
+    made for them is the GPU's (the linear's device decides, not the decoder's)."""
+    from ringlet.models import quant
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    gguf = GGUFModel.open(path)
+    model = build_stage(model_args(gguf.config), weights=gguf.load_state_dict(0, LAYERS), dtype=torch.bfloat16)
+    model.to("meta")  # a device other than the host's, where the groups are decoded
+    groups = gguf.load_groups(0, LAYERS)
+    seen: list[torch.device] = []
+
+    def recording(g: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.nn.Module:
+        seen.append(g.codes.device)
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(quant, "int4_linear", recording)
+    quantize_int4(model, torch.bfloat16, groups)
+    assert seen and all(device == torch.device("meta") for device in seen)

@@ -38,6 +38,7 @@ def tiling(rows: int, n: int, k: int, group: int) -> Tiling:
 
 
 GEMV_BLOCK_N = 64  # weight rows per program of a one-row product
+GEMV_WARPS = 4
 GEMV_INT8_BLOCK_K = 128
 FINISH_BLOCK_N = 256
 PROGRAMS_PER_SM = 4  # programs of a one-row product per SM: enough loads in flight to stream the weight
@@ -81,7 +82,7 @@ def _int4_gemv(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
     squares = torch.empty(splits, dtype=torch.float32, device=row.device)
     _kernels().int4_gemv_kernel[(blocks, splits)](
         row, packed.view(torch.int32), scale, offset, part, squares, norm if norm is not None else row, width, k,
-        per_split, GROUP=group_size, BLOCK_N=GEMV_BLOCK_N, NORM=norm is not None, PDL=pdl, num_warps=4,
+        per_split, GROUP=group_size, BLOCK_N=GEMV_BLOCK_N, NORM=norm is not None, PDL=pdl, num_warps=GEMV_WARPS,
         num_stages=3, **({"launch_pdl": True} if pdl else {}),
     )
     _finish_gemv(part, squares, splits, out, n, k, None, bias, norm, eps, gated, residual, pdl)

@@ -189,7 +189,12 @@ class TorchBatchEngine:
     def _compile_decode(self) -> None:
         began = time.perf_counter()
         log.info("compiling the CPU decode step (minutes on a first start; cached for later ones)")
-        compiled = torch.compile(self._decode, fullgraph=True, dynamic=True)
+        # No guards on the model's modules and no size checks of the graph's inputs: nothing changes the model after
+        # loading (its rotary tables are built for the whole context in __init__), and the step's own inputs keep
+        # their guards. Both checks ran on every step over every weight: 0.8 ms of a 9.6 ms step of the embedded
+        # model on a 2-core Xeon (compiled with and without, 100 steps each, interleaved three times).
+        compiled = torch.compile(self._decode, fullgraph=True, dynamic=True, options={
+            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "size_asserts": False})
         try:
             # one graph for a batch of one (a size of 1 is always a graph of its own) and one for every other batch;
             # the inputs are made as the serving loop makes them (not as inference tensors), so no guard fails later
