@@ -55,7 +55,7 @@ class RepackCache:
         return self.directory / f"{entry}.safetensors"
 
     def _metadata(self, tensors: Mapping[str, str]) -> dict[str, str]:
-        return {"source": self._source, "tensors": json.dumps(sorted(tensors.items()))}
+        return {"source": self._source, "tensors": json.dumps(sorted(tensors.items())), "codes": "nibble pairs"}
 
     def read(self, entry: str, tensors: Mapping[str, str]) -> dict[str, GroupQuantized] | None:
         """The entry's groups by GGUF tensor name, or None where it is missing, stale or unreadable."""
@@ -69,8 +69,8 @@ class RepackCache:
             if header.get("__metadata__") != self._metadata(tensors):
                 return None
             stored = load(data)
-            groups = {name: GroupQuantized(stored[f"{name}.codes"], stored[f"{name}.scale"], stored[f"{name}.offset"])
-                      for name in tensors}
+            groups = {name: GroupQuantized(_unpaired(stored[f"{name}.codes"]), stored[f"{name}.scale"],
+                                           stored[f"{name}.offset"]) for name in tensors}
         except (OSError, SafetensorError, ValueError, KeyError, RuntimeError) as e:
             log.info("GGUF repack cache entry %s does not read (%s); decoding the file again", path, e)
             return None
@@ -82,7 +82,8 @@ class RepackCache:
     def write(self, entry: str, tensors: Mapping[str, str], groups: Mapping[str, GroupQuantized]) -> None:
         if not self._writable:
             return
-        flat = {f"{name}.{part}": getattr(g, part).contiguous() for name, g in groups.items() for part in _PARTS}
+        flat = {f"{name}.{part}": (_paired(g.codes) if part == "codes" else getattr(g, part)).contiguous()
+                for name, g in groups.items() for part in _PARTS}
         path = self._path(entry)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
@@ -94,6 +95,18 @@ class RepackCache:
             log.warning("cannot write the GGUF repack cache in %s (%s); loading without it", self.directory, e)
             with contextlib.suppress(OSError):  # nothing to remove where the directory could not be made
                 temporary.unlink()
+
+
+def _paired(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] stored two to a byte, [N, K / 2]: the even one in the low nibble."""
+    pairs = codes.view(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _unpaired(stored: torch.Tensor) -> torch.Tensor:
+    if stored.dtype != torch.uint8 or stored.dim() != 2:
+        raise ValueError(f"codes of dtype {stored.dtype} and shape {tuple(stored.shape)}")
+    return torch.stack((stored & 0x0F, stored >> 4), dim=-1).view(stored.shape[0], -1)
 
 
 def _well_formed(groups: GroupQuantized) -> bool:
