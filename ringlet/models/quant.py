@@ -67,6 +67,21 @@ class GroupQuantized:
         return self.codes.float() * expand(self.scale) + expand(self.offset)
 
 
+ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
+
+
+def round_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: codes int8 [N, K] and the float32 step [N] of each row, w = code * step."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for first in range(0, weight.shape[0], ROWS_AT_ONCE):
+        rows = weight[first:first + ROWS_AT_ONCE].float()
+        step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        codes[first:first + rows.shape[0]] = (rows / step[:, None]).round().clamp(-127, 127)
+        scale[first:first + rows.shape[0]] = step
+    return codes, scale
+
+
 class Int8Linear(nn.Module):
     # buffers, registered in __init__
     weight: torch.Tensor
@@ -74,17 +89,10 @@ class Int8Linear(nn.Module):
     bias: torch.Tensor | None
 
     dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: the packed kernel is a CPU one
-    ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for first in range(0, weight.shape[0], self.ROWS_AT_ONCE):
-            rows = weight[first:first + self.ROWS_AT_ONCE].float()
-            step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-            codes[first:first + rows.shape[0]] = (rows / step[:, None]).round().clamp(-128, 127)
-            scale[first:first + rows.shape[0]] = step
+        codes, scale = round_rows_int8(weight)
         self.register_buffer("weight", codes)
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ringlet.models.kernels import int4_cuda
-from ringlet.models.quant import GroupQuantized
+from ringlet.models.quant import GroupQuantized, round_rows_int8
 
 # the group size CUDA stages round to where the file gives no 4-bit groups: larger groups than the CPU's 32 halve
 # the bytes of scales and offsets a decode step reads (4 bytes per 128 weights next to 64 of codes)
@@ -77,19 +77,11 @@ class CudaInt8Linear(CudaQuantizedLinear):
     weight: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # float32 [N]
 
-    ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
-
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"int8 linears on CUDA compute in bf16 or fp16, not {dtype}")
-        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for first in range(0, weight.shape[0], self.ROWS_AT_ONCE):
-            rows = weight[first:first + self.ROWS_AT_ONCE].float()
-            step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-            codes[first:first + rows.shape[0]] = (rows / step[:, None]).round().clamp(-127, 127)
-            scale[first:first + rows.shape[0]] = step
+        codes, scale = round_rows_int8(weight)
         self.register_buffer("weight", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
