@@ -45,9 +45,10 @@ class WeightFormat:
     four_bit_linear: float  # a linear the file keeps in 4-bit groups (its codes as they are, where the format has int4)
     linear: float
     lm_head: float
-    embedding: str  # the dtype of the embedding and the norms (and of the activations)
+    embedding: str  # the dtype of the norms and the activations (and of the embedding unless `int8_embedding`)
     cache: str
     row_scale: int = 0  # bytes of the per-output-channel scale of an int8 linear
+    int8_embedding: bool = False  # int8 rows with a float32 step each; a tied whole model's lm_head shares its codes
 
 
 def _int4(group: int, scale_bytes: int) -> float:
@@ -58,11 +59,11 @@ def _int4(group: int, scale_bytes: int) -> float:
 WEIGHT_FORMATS: dict[str, WeightFormat] = {
     **{dtype: WeightFormat(size, size, size, dtype, dtype) for dtype, size in DTYPE_BYTES.items()},
     # codes and bf16 scale/zero pairs of the file's groups of 32, else int8 with a bf16 scale per output channel;
-    # an int8 lm_head (its logits decide every token)
-    WEIGHT_ONLY_INT8: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2),
+    # an int8 embedding and lm_head (the lm_head's logits decide every token)
+    WEIGHT_ONLY_INT8: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
     # every linear rounded to 4 bits in groups of 128 with fp16 scale/zero pairs
-    CUDA_INT4: WeightFormat(_int4(128, 2), _int4(128, 2), 1, "bfloat16", "bfloat16", row_scale=2),
-    XPU_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2),
+    CUDA_INT4: WeightFormat(_int4(128, 2), _int4(128, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
+    XPU_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
 }
 # the dtype of an asked-for precision (the weight-only ones: `engine_weight_format`)
 PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -139,14 +140,16 @@ class ModelCard(BaseModel):
         if held.row_scale and held.linear < plain:  # int8 linears: one scale per output row, at most a row a hidden
             per_layer += linears * (1 - self.four_bit_share) * held.row_scale / self.hidden_size
         total = (end - start) * per_layer
-        # the same rule as safetensors_loader.tensor_in_range: a tied last stage loads the embedding as its lm_head
-        if first or (last and self.tie_word_embeddings):
-            total += self.embedding_parameters * plain
+        if first:
+            total += (self.embedding_parameters + 4 * self.vocab_size if held.int8_embedding
+                      else self.embedding_parameters * plain)
         if last:
             total += self.hidden_size * plain  # final norm
-            if not self.tie_word_embeddings or held.lm_head != plain:  # its own lm_head, or a quantised copy
+            # a tied last stage loads the embedding as its lm_head (safetensors_loader.tensor_in_range's rule), one
+            # tensor with the embedding where the stage has both
+            if not (self.tie_word_embeddings and first):
                 total += self.embedding_parameters * held.lm_head
-                total += self.vocab_size * held.row_scale if held.lm_head < plain else 0
+            total += self.vocab_size * held.row_scale if held.lm_head < plain else 0
         return round(total)
 
     def kv_cache_bytes_per_token(self, dtype: str = "bfloat16", num_layers: int | None = None) -> int:

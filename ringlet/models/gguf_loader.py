@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 
@@ -35,7 +36,7 @@ from ringlet.models.quant import GroupQuantized
 from ringlet.models.repack_cache import RepackCache
 from ringlet.models.store import split_gguf_parts
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
-from ringlet.models.weights import LazyWeights
+from ringlet.models.weights import LazyWeights, RowReader
 from ringlet.shared.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ GGUF_MAGIC = b"GGUF"
 # Llama-derived architectures only (LlamaModel.permute); Qwen files keep the HF layout.
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_QK = {"llama", "mistral"}
+# what a quantised stage reads a slice of rows at a time: vocabulary-sized, they are rounded to int8 as they are read
+_ROW_READ = {"model.embed_tokens.weight", "lm_head.weight"}
 
 # GGUF tensor name inside `blk.{i}.` -> HF name inside `model.layers.{i}.`
 _LAYER_TENSORS = {
@@ -192,7 +195,8 @@ class GGUFModel:
             for gguf_name, hf in names.items():
                 if hf.startswith("model.layers.") and self._qtype(gguf_name) in GROUPED_TYPES:
                     readers[hf] = functools.partial(groups.values, int(hf.split(".")[2]), hf, dtype)
-        return LazyWeights(readers)
+        ends = {gguf_name: hf for gguf_name, hf in names.items() if hf in _ROW_READ}
+        return LazyWeights(readers, {hf: self._row_reader(gguf_name, dtype) for gguf_name, hf in ends.items()})
 
     def _qtype(self, name: str) -> GGMLQuantizationType:
         return GGMLQuantizationType(self._tensors[name].tensor_type)
@@ -280,22 +284,46 @@ class GGUFModel:
         self._release(name)
         return groups
 
+    def _row_reader(self, name: str, dtype: torch.dtype) -> RowReader:
+        """The rows of a 2-d tensor that llama.cpp's converter did not permute (the embedding, the lm_head)."""
+        rows, columns = (int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return RowReader(rows, columns, functools.partial(self._read_rows, name, dtype))
+
+    def _read_rows(self, name: str, dtype: torch.dtype, first: int, end: int) -> torch.Tensor:
+        tensor = self._tensors[name]
+        columns = int(tensor.shape[0])
+        data = np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)  # a row's bytes a line
+        try:
+            values = dequantize(data[first:end], self._qtype(name), (end - first, columns), dtype)
+        except NotImplementedError as e:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} has GGML type {self._qtype(name).name}, which cannot be dequantised"
+            ) from e
+        except ValueError as e:
+            raise ModelLoadError(f"{self.path}: tensor {name}: {e}") from e
+        row_bytes = data.shape[1] * data.itemsize
+        self._release(name, first * row_bytes, (end - first) * row_bytes)
+        return values
+
     def _permuted_heads(self, name: str) -> int | None:
         """The head count a q/k tensor's rows were permuted over by llama.cpp's converter; None for the others."""
         if self.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
             return int(self.config["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"])
         return None
 
-    def _release(self, name: str) -> None:
-        """Drop the file's pages of a tensor decoded into memory of its own from this process's resident memory
-        (they stay in the page cache): a mapped page once read stays resident, and a load would otherwise grow by
-        the whole file on top of the weights it keeps. Where the map or madvise is missing, the pages just stay."""
+    def _release(self, name: str, skip: int = 0, length: int | None = None) -> None:
+        """Drop the file's pages of a tensor (or of its bytes [skip, skip + length)) decoded into memory of its own
+        from this process's resident memory (they stay in the page cache): a mapped page once read stays resident,
+        and a load would otherwise grow by the whole file on top of the weights it keeps. Where the map or madvise
+        is missing, the pages just stay."""
         mapped = getattr(self._maps[name], "_mmap", None)  # numpy.memmap keeps its mmap.mmap here
         if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         tensor = self._tensors[name]
-        first = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
-        mapped.madvise(mmap.MADV_DONTNEED, first, int(tensor.data_offset) + int(tensor.n_bytes) - first)
+        start = int(tensor.data_offset) + skip
+        end = start + (int(tensor.n_bytes) - skip if length is None else length)
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def _layer_tensor_names(self) -> dict[str, str]:
         names = dict(_LAYER_TENSORS)

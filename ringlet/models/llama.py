@@ -19,7 +19,10 @@ from torch.nn.attention.bias import causal_lower_right
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
 from ringlet.models.paged_cache import BatchLayout, PagedKVCache
+from ringlet.models.quant import Int8Embedding, int8_linear
+from ringlet.models.quant_format import Int8Rows, read_rows_int8
 from ringlet.models.registry import register
+from ringlet.models.weights import row_reader
 from ringlet.shared.errors import ModelLoadError
 
 
@@ -192,10 +195,12 @@ class Transformer(nn.Module):
             raise ModelLoadError(f"layer range [{start}, {end}) is not within the model's {args.num_hidden_layers} layers")
         self.args, self.start, self.end = args, start, end
         self.is_first, self.is_last = start == 0, end == args.num_hidden_layers
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size) if self.is_first else None
+        self.embed_tokens: nn.Module | None = (nn.Embedding(args.vocab_size, args.hidden_size) if self.is_first
+                                               else None)  # an Int8Embedding in a quantised stage
         self.layers = nn.ModuleList(Block(args) for _ in range(start, end))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_last else None
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_last else None
+        self.lm_head: nn.Module | None = (nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_last
+                                          else None)  # an int8 linear in a quantised stage
         self._rope_len = 0  # cos/sin tables are built on first use, on the weights' device
 
     @property
@@ -277,12 +282,13 @@ class Transformer(nn.Module):
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None,
-                     finish_layer: Callable[[nn.Module, int], None] | None = None) -> None:
+                     finish_layer: Callable[[nn.Module, int], None] | None = None, int8_ends: bool = False) -> None:
         """Load Hugging Face-named tensors (global layer indices) of this stage; fuses qkv and gate/up.
 
         One layer at a time: its tensors are looked up (a `LazyWeights` reads them then), converted, fused and
         assigned, then `finish_layer(layer, global index)` runs (quantising it, say) before the next layer is read,
-        so a load holds one layer beyond what the finished layers keep."""
+        so a load holds one layer beyond what the finished layers keep. With `int8_ends`, the embedding and the
+        lm_head are rounded to int8 rows as they are read, a slice of rows at a time (one tensor when tied)."""
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
@@ -312,16 +318,30 @@ class Transformer(nn.Module):
             del own
             if finish_layer is not None:
                 finish_layer(layer, self.start + i)
+        def int8_rows(name: str) -> Int8Rows:
+            if name not in weights:
+                raise ModelLoadError(f"weights are missing tensor {name!r}")
+            rows = row_reader(weights, name)
+            return read_rows_int8(rows.rows, rows.read, rows.columns, device or "cpu")
+
         if self.embed_tokens is not None:
-            self.embed_tokens.load_state_dict({"weight": take("model.embed_tokens.weight")}, assign=True)
+            if int8_ends:
+                self.embed_tokens = Int8Embedding(int8_rows("model.embed_tokens.weight"), dtype)
+            else:
+                self.embed_tokens.load_state_dict({"weight": take("model.embed_tokens.weight")}, assign=True)
         if self.norm is not None and self.lm_head is not None:
             self.norm.load_state_dict({"weight": take("model.norm.weight")}, assign=True)
             tied = self.args.tie_word_embeddings and "lm_head.weight" not in weights
+            head = "model.embed_tokens.weight" if tied else "lm_head.weight"
             if tied and self.embed_tokens is not None:  # a whole model: one tensor, as in the checkpoint
-                self.lm_head.weight = self.embed_tokens.weight
+                if isinstance(self.embed_tokens, Int8Embedding):
+                    self.lm_head = int8_linear(self.embed_tokens.rows(), None, dtype)
+                else:
+                    cast(nn.Linear, self.lm_head).weight = cast(nn.Embedding, self.embed_tokens).weight
+            elif int8_ends:
+                self.lm_head = int8_linear(int8_rows(head), None, dtype)
             else:
-                head = take("model.embed_tokens.weight" if tied else "lm_head.weight")
-                self.lm_head.load_state_dict({"weight": head}, assign=True)
+                self.lm_head.load_state_dict({"weight": take(head)}, assign=True)
         self._rope_len = 0
 
 

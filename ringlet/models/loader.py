@@ -95,7 +95,7 @@ def load_stage(
 ) -> LoadedStage:
     """Layers [start, end) of a model, read one layer at a time: each is converted to `dtype` (and with `quantize`,
     its linears quantised, a GGUF file's 4-bit groups kept as they are) before the next is read, so the load never
-    holds the stage in fp32 nor twice. Quantised stages have an int8 lm_head."""
+    holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are read."""
     path = resolve_model_path(ref)
     stored = None  # a quantised checkpoint's linears (AWQ, GPTQ, fp8)
     if path.is_dir():
@@ -140,9 +140,8 @@ def load_stage(
         for listener in _progress_listeners:
             listener(index + 1 - start, end - start, kept)
 
-    model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device, finish_layer=finish_layer)
-    if quantized is not None:
-        quantize_int8(model, dtype)  # what is left as nn.Linear: the lm_head
+    model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device, finish_layer=finish_layer,
+                        int8_ends=quantized is not None)
     return LoadedStage(args, model, tokenizer, start, end, quantized)
 
 

@@ -8,78 +8,59 @@ Decoding one token reads every weight once, so bytes per weight set the speed. W
   `_weight_int4pack_mm_for_cpu`. A GGUF file's Q4_0/Q4_1/Q4_K tensors are exactly this layout, so their codes
   are used as they are (no second rounding); a file's wider tensors become int8; the weights of a file with no
   4-bit tensors are rounded to the nearest of 16 levels.
-The lm_head stays int8 under int4: its logits decide every token.
+The lm_head stays int8 under int4: its logits decide every token; the embedding is int8 too (`Int8Embedding`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ringlet.models.quant_format import GROUP_SIZE, GroupQuantized, Int8Rows, round_rows_int8
+
 log = logging.getLogger(__name__)
 
-GROUP_SIZE = 32
 # the dtype a model computes in at each precision (weight-only int8/int4 compute in bf16)
 COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                                           "int8": torch.bfloat16, "int4": torch.bfloat16}
 
 
-@dataclass
-class GroupQuantized:
-    """A weight [N, K] as codes [N, K] (0..15) with `scale` and `offset` per group of `group_size` inputs:
-    w = codes * scale + offset."""
+class Int8Embedding(nn.Module):
+    """A token embedding kept as int8 rows with a step each (half of bf16's bytes); a looked-up row is scaled back in
+    float32 and given in `dtype`. Its rows are also a tied lm_head's (`rows`)."""
 
-    codes: torch.Tensor  # uint8
-    scale: torch.Tensor  # float32 [N, K // group_size]
-    offset: torch.Tensor  # float32 [N, K // group_size]
-    group_size: int = GROUP_SIZE
+    # buffers, registered in __init__
+    weight: torch.Tensor  # int8 [V, H]
+    step: torch.Tensor  # float32 [V]
 
-    @classmethod
-    def round(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> GroupQuantized:
-        """Round-to-nearest over each group's [min, max] in 16 levels."""
-        n, k = weight.shape
-        groups = weight.float().reshape(n, k // group_size, group_size)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-8)
-        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
-        return cls(codes.reshape(n, k), scale, low, group_size)
+    def __init__(self, rows: Int8Rows, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", rows.codes)
+        self.register_buffer("step", rows.step)
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = rows.codes.shape
 
-    @classmethod
-    def cat(cls, parts: list[GroupQuantized]) -> GroupQuantized:
-        """Stacked along the output dimension (fused q/k/v, gate/up)."""
-        return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                   torch.cat([p.offset for p in parts]), parts[0].group_size)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(ids, self.weight).float() * F.embedding(ids, self.step[:, None])).to(self.dtype)
 
-    def to(self, device: torch.device) -> GroupQuantized:
-        """On `device` (itself where it is there already)."""
-        if self.codes.device == device:
-            return self
-        return GroupQuantized(self.codes.to(device), self.scale.to(device), self.offset.to(device), self.group_size)
+    def rows(self) -> Int8Rows:
+        return Int8Rows(self.weight, self.step)
 
-    def dequantize(self) -> torch.Tensor:
-        expand = lambda t: t.repeat_interleave(self.group_size, dim=1)
-        return self.codes.float() * expand(self.scale) + expand(self.offset)
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
-
-
-def round_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: codes int8 [N, K] and the float32 step [N] of each row, w = code * step."""
-    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for first in range(0, weight.shape[0], ROWS_AT_ONCE):
-        rows = weight[first:first + ROWS_AT_ONCE].float()
-        step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        codes[first:first + rows.shape[0]] = (rows / step[:, None]).round().clamp(-127, 127)
-        scale[first:first + rows.shape[0]] = step
-    return codes, scale
+def embed_rows(embedding: nn.Module, tokens: torch.Tensor, out: torch.Tensor) -> None:
+    """out [T, H] = the embedding's rows of `tokens` [T], written in place (what a captured decode step runs)."""
+    if isinstance(embedding, Int8Embedding):
+        torch.mul(torch.index_select(embedding.weight, 0, tokens), embedding.step[tokens, None], out=out)
+    else:
+        torch.index_select(cast(nn.Embedding, embedding).weight, 0, tokens, out=out)
 
 
 class Int8Linear(nn.Module):
@@ -90,13 +71,13 @@ class Int8Linear(nn.Module):
 
     dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: the packed kernel is a CPU one
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
-        codes, scale = round_rows_int8(weight)
+        codes, scale = weight if isinstance(weight, Int8Rows) else round_rows_int8(weight)
         self.register_buffer("weight", codes)
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = codes.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dequantize_in_matmul:
@@ -231,9 +212,10 @@ def int4_linear(groups: GroupQuantized, bias: torch.Tensor | None, dtype: torch.
     return Int4Linear(groups, bias, dtype)
 
 
-def int8_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """The per-channel int8 linear for the device `weight` is on: CUDA's Triton kernels, else the CPU one."""
-    if weight.device.type == "cuda":
+def int8_linear(weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
+    """The per-channel int8 linear for the device `weight` (float, or already rounded) is on: CUDA's Triton kernels,
+    else the CPU one."""
+    if (weight.codes if isinstance(weight, Int8Rows) else weight).device.type == "cuda":
         from ringlet.models.quant_cuda import CudaInt8Linear
 
         return CudaInt8Linear(weight, bias, dtype)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ringlet.models.kernels import int4_cuda
-from ringlet.models.quant import GroupQuantized, round_rows_int8
+from ringlet.models.quant_format import GroupQuantized, Int8Rows, round_rows_int8
 
 # the group size CUDA stages round to where the file gives no 4-bit groups: larger groups than the CPU's 32 halve
 # the bytes of scales and offsets a decode step reads (4 bytes per 128 weights next to 64 of codes)
@@ -77,15 +77,15 @@ class CudaInt8Linear(CudaQuantizedLinear):
     weight: torch.Tensor  # int8 [N, K]
     scale: torch.Tensor  # float32 [N]
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"int8 linears on CUDA compute in bf16 or fp16, not {dtype}")
-        codes, scale = round_rows_int8(weight)
+        codes, scale = weight if isinstance(weight, Int8Rows) else round_rows_int8(weight)
         self.register_buffer("weight", codes)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = codes.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.ringlet.int8_linear(x, self.weight, self.scale, self.bias)

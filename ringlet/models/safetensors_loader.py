@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ringlet.models.hf_quant import QuantizedLinears, quant_scheme
-from ringlet.models.weights import LazyWeights
+from ringlet.models.weights import LazyWeights, RowReader
 from ringlet.shared.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -88,7 +88,25 @@ def lazy_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: b
                 for part in parts:
                     readers.pop(part, None)
                 readers[name] = functools.partial(quantized.dense, name, dtype)
-    return LazyWeights(readers)
+    ends = {name: file for name, file in wanted.items()
+            if name in ("model.embed_tokens.weight", "lm_head.weight") and name in readers}
+    return LazyWeights(readers, {name: _row_reader(model_dir / file, name, dtype) for name, file in ends.items()})
+
+
+def _row_reader(path: Path, name: str, dtype: torch.dtype | None) -> RowReader:
+    """A vocabulary-sized tensor's rows, read a slice at a time (a quantised stage rounds them to int8 so)."""
+    with _open(path) as handle:
+        rows, columns = handle.get_slice(name).get_shape()
+
+    def read(first: int, end: int) -> torch.Tensor:
+        with _open(path) as handle:
+            try:
+                part = handle.get_slice(name)[first:end]
+            except SafetensorError as e:
+                raise ModelLoadError(f"cannot read tensor {name} from {path}: {e}; the file may be truncated") from None
+        return part if dtype is None else part.to(dtype)
+
+    return RowReader(rows, columns, read)
 
 
 def _read(path: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:

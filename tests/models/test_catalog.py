@@ -8,6 +8,8 @@ import pytest
 
 from ringlet.models.catalog import (
     CURATED_CONFIGS,
+    WEIGHT_ONLY_INT8,
+    XPU_INT4,
     card_from_config,
     catalog,
     embedded_card,
@@ -15,9 +17,11 @@ from ringlet.models.catalog import (
     resolve_card,
 )
 from ringlet.models.download import HubUnreachable, download_model
+from ringlet.models.quant import cpu_supports_bf16
 from ringlet.models.store import ModelStore
 from ringlet.shared.errors import ModelLoadError
 from ringlet.shared.instances import InstanceType
+from ringlet.worker.engines.torch.engine import load_torch_stage
 from tests.support.fake_hub import FakeHub
 from tests.support.hub import NUM_LAYERS, REPO_ID
 
@@ -145,3 +149,14 @@ def test_resolve_card_without_the_hub_falls_back_to_the_curated_card(
         resolve_card("nobody/unknown")
     with pytest.raises(ModelLoadError, match="offline: nobody/unknown is neither curated nor complete on disk"):
         resolve_card("nobody/unknown", offline=True)
+
+
+@pytest.mark.parametrize("precision, held_as", [("auto", WEIGHT_ONLY_INT8), ("int4", XPU_INT4), ("bf16", "bfloat16")])
+def test_the_card_counts_the_bytes_the_cpu_engine_holds_for_the_embedded_model(precision: str, held_as: str) -> None:
+    if not cpu_supports_bf16():
+        pytest.skip("the CPU engine quantises only where bf16 is native")
+    stage, _ = load_torch_stage(None, precision=precision)
+    # a tensor two modules share (the tied int8 embedding and lm_head) counted once, as the memory holds it
+    held = sum(t.numel() * t.element_size() for t in [*stage.model.parameters(), *stage.model.buffers()])
+    card = embedded_card()
+    assert card.stage_bytes(0, card.num_layers, held_as) == pytest.approx(held, rel=0.01)

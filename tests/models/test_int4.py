@@ -11,8 +11,18 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
+from ringlet.models import quant_format
 from ringlet.models.gguf_loader import GGUFModel
-from ringlet.models.quant import GroupQuantized, Int4Linear, Int8Linear, cpu_supports_bf16, quantize_int4
+from ringlet.models.quant import (
+    GroupQuantized,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    cpu_supports_bf16,
+    embed_rows,
+    quantize_int4,
+)
+from ringlet.models.quant_format import read_rows_int8, round_rows_int8
 from ringlet.models.registry import build_stage, model_args
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from tests.support.tiny_gguf import LAYER_WEIGHTS, LAYERS, write_tiny_gguf
@@ -176,3 +186,70 @@ def test_a_files_groups_go_to_the_device_of_the_layer_they_replace(tmp_path: Pat
     monkeypatch.setattr(quant, "int4_linear", recording)
     quantize_int4(model, torch.bfloat16, groups)
     assert seen and all(device == torch.device("meta") for device in seen)
+
+
+def test_int8_rows_read_a_slice_at_a_time_are_the_whole_weights_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant_format, "ROWS_AT_ONCE", 7)  # slices that do not divide the rows
+    weight = torch.randn(50, 24)
+    reads: list[tuple[int, int]] = []
+
+    def read(first: int, end: int) -> torch.Tensor:
+        reads.append((first, end))
+        return weight[first:end].to(torch.bfloat16)
+
+    rows = read_rows_int8(50, read, 24, "cpu")
+    whole = round_rows_int8(weight.to(torch.bfloat16))
+    assert torch.equal(rows.codes, whole.codes) and torch.equal(rows.step, whole.step)
+    assert reads == [(first, min(50, first + 7)) for first in range(0, 50, 7)]
+    # each value within half a step of its row
+    assert float(((rows.codes.float() * rows.step[:, None] - weight.bfloat16().float()).abs()
+                  / rows.step[:, None]).max()) <= 0.5 + 1e-4
+    with pytest.raises(ValueError, match="came as"):
+        read_rows_int8(50, lambda first, end: weight[first:end + 1], 24, "cpu")
+
+
+def test_an_int8_embedding_looks_up_its_rows_within_half_a_step() -> None:
+    weight = torch.randn(40, 16) * torch.linspace(0.01, 3, 40)[:, None]  # rows of very different sizes
+    embedding = Int8Embedding(round_rows_int8(weight), torch.bfloat16)
+    ids = torch.tensor([[0, 39, 7, 7], [12, 3, 0, 25]])
+    got = embedding(ids)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 4, 16)
+    step = embedding.step[ids][..., None]
+    # half a step of rounding, then bf16's own rounding of the result
+    assert bool(((got.float() - weight[ids]).abs() <= 0.5 * step + weight[ids].abs() / 128).all())
+    out = torch.empty(4, 16, dtype=torch.bfloat16)
+    embed_rows(embedding, ids[0], out)
+    assert torch.equal(out, got[0])
+    dense = torch.nn.Embedding.from_pretrained(weight)
+    out = torch.empty(4, 16)
+    embed_rows(dense, ids[1], out)
+    assert torch.equal(out, weight[ids[1]])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_quantised_stage_rounds_its_embedding_and_lm_head_to_int8_rows_as_it_reads_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool) -> None:
+    monkeypatch.setattr(quant_format, "ROWS_AT_ONCE", 5)  # the vocabulary read in many slices
+    path = tmp_path / "tiny.gguf"
+    originals = write_tiny_gguf(path, tied=tied)
+    gguf_model = GGUFModel.open(path)
+    args = model_args(gguf_model.config)
+    model = build_stage(args, weights=gguf_model.lazy_state_dict(0, LAYERS, torch.bfloat16), dtype=torch.bfloat16,
+                        int8_ends=True)
+    assert isinstance(model.embed_tokens, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    if tied:  # one tensor of codes for both
+        assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    # the file's values (Q8_0 embedding, Q4_0 lm_head) rounded to int8 per row, the same as rounding them whole
+    for module, name in ((model.embed_tokens, "token_embd.weight"), (model.lm_head, "output.weight")):
+        if tied and name == "output.weight":
+            continue
+        whole = round_rows_int8(gguf_model._read_tensor(name, torch.bfloat16))
+        assert torch.equal(module.weight, whole.codes), name
+    # the model's logits stay those of the dequantised file
+    full = build_stage(args, weights=gguf_model.lazy_state_dict(0, LAYERS))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():
+        got = model(ids, model.make_cache(1, 16), 0).float()
+        want = full(ids, full.make_cache(1, 16), 0)
+    assert float((got - want).norm() / want.norm()) < 0.05
+    assert "lm_head.weight" not in originals if tied else "lm_head.weight" in originals

@@ -123,7 +123,7 @@ def k_quant_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("precision, kept", [("bf16", 1.0), ("int8", 0.57)])
+@pytest.mark.parametrize("precision, kept", [("bf16", 1.0), ("int8", 0.5)])
 def test_a_load_peaks_at_what_it_keeps_plus_one_layer(model_file: Path, precision: str, kept: float) -> None:
     result = subprocess.run([sys.executable, "-c", LOAD, str(model_file), precision], capture_output=True, text=True,
                             timeout=300, check=False)
@@ -131,7 +131,7 @@ def test_a_load_peaks_at_what_it_keeps_plus_one_layer(model_file: Path, precisio
     measured = json.loads(result.stdout.splitlines()[-1])
     size = model_file.stat().st_size
     assert measured["precision"] == precision
-    # bf16 as the F16 file; int8 a byte a weight, its embedding left in bf16
+    # bf16 as the F16 file; int8 a byte a weight, the embedding and lm_head too
     assert measured["held"] == pytest.approx(kept * size, rel=0.1)
     # the whole stage in fp32 first, then cast, peaked at over four times the file here
     assert measured["peak"] - measured["before"] <= size + MARGIN, measured

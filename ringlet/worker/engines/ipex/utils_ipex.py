@@ -111,9 +111,9 @@ def estimate_bytes(args: ModelArgs, precision: str, context_length: int, start: 
     per_layer = (args.num_parameters - embedding * (1 if args.tie_word_embeddings else 2)) / args.num_hidden_layers
     weights = per_layer * (end - start) * per_weight
     if start == 0:
-        weights += embedding * itemsize
-    if end == args.num_hidden_layers and not (args.tie_word_embeddings and start == 0 and not quantized):
-        weights += embedding * per_weight  # its own lm_head: untied, quantised, or a later stage's copy
+        weights += embedding * per_weight  # int8 rows where quantised
+    if end == args.num_hidden_layers and not (args.tie_word_embeddings and start == 0):
+        weights += embedding * per_weight  # its own lm_head: untied, or a later stage's copy of a tied embedding
     kv = (end - start) * 2 * args.num_key_value_heads * args.head_dim * context_length * itemsize
     # attention scores of one chunk against the whole context, plus the MLP's widest activations
     work = PREFILL_CHUNK * (args.num_attention_heads * context_length + 2 * args.intermediate_size) * itemsize

@@ -33,6 +33,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
+from ringlet.models.quant import embed_rows
 from ringlet.models.quant_cuda import CudaQuantizedLinear
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
@@ -342,7 +343,7 @@ class FusedDecodeStep:
         model = self.model
         # a whole model (unsupported_reason): embedding, norm and lm_head all there
         assert model.embed_tokens is not None and model.norm is not None and model.lm_head is not None
-        torch.index_select(model.embed_tokens.weight, 0, self.token.view(1), out=self.hidden)
+        embed_rows(model.embed_tokens, self.token.view(1), self.hidden)
         for i, block in enumerate(cast("Iterable[Block]", model.layers)):
             attention, mlp = block.self_attn, block.mlp
             self._project(self.hidden, attention.qkv_proj, self.qkv, norm=block.input_layernorm.weight)
@@ -351,5 +352,6 @@ class FusedDecodeStep:
             self._project(self.hidden, mlp.gate_up_proj, self.gated, norm=block.post_attention_layernorm.weight,
                           gated=True)
             self._project(self.gated, mlp.down_proj, self.hidden, residual=True)
-        self._project(self.hidden, model.lm_head, self.logits, norm=model.norm.weight)
+        self._project(self.hidden, cast("nn.Linear | CudaQuantizedLinear", model.lm_head), self.logits,
+                      norm=model.norm.weight)  # as unsupported_reason checked
         return self.logits

@@ -35,10 +35,12 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
+from ringlet.models.quant import embed_rows
 from ringlet.models.quant_cuda import CudaQuantizedLinear
 from ringlet.worker.engines.torch.fused_decode import (
     _INTERPRETED,
@@ -296,7 +298,7 @@ class PagedDecodeStep:
         attention, gated, logits = self.attention[:batch], self.gated[:batch], self.logits[:batch]
         if not mixed:  # only a decode step follows on from the previous one's picks, row for row
             tokens = torch.where(tokens == FED, self.picked[:batch], tokens)
-        torch.index_select(model.embed_tokens.weight, 0, tokens, out=hidden)
+        embed_rows(model.embed_tokens, tokens, hidden)
         splits = self._splits(batch)
         # the GEMV kernels at a batch of one; a quantised model's kernels at any batch (they take many rows)
         fused = batch == 1 or self.quantized
@@ -329,19 +331,20 @@ class PagedDecodeStep:
                 _silu_gate[(batch, triton.cdiv(self.intermediate, 1024))](gate_up, gated, self.intermediate,
                                                                           BLOCK=1024, num_warps=4)
                 hidden.addmm_(gated, mlp.down_proj.weight.t())
+        head = cast("nn.Linear | CudaQuantizedLinear", model.lm_head)  # as the constructor checked
         if mixed:
             sampled = min(batch, self.max_batch)
             last = torch.index_select(hidden, 0, wanted[:sampled])
             if self.quantized:
-                project(last, model.lm_head, self.logits[:sampled], self.eps, False, norm=model.norm.weight)
+                project(last, head, self.logits[:sampled], self.eps, False, norm=model.norm.weight)
             else:
-                torch.mm(self._norm(last, model.norm.weight), model.lm_head.weight.t(), out=self.logits[:sampled])
+                torch.mm(self._norm(last, model.norm.weight), cast(nn.Linear, head).weight.t(), out=self.logits[:sampled])
             torch.argmax(self.logits[:sampled], dim=-1, out=self.picked[:sampled])
             return
         if fused:
-            project(hidden, model.lm_head, logits, self.eps, pdl, norm=model.norm.weight)
+            project(hidden, head, logits, self.eps, pdl, norm=model.norm.weight)
         else:
-            torch.mm(self._norm(hidden, model.norm.weight), model.lm_head.weight.t(), out=logits)
+            torch.mm(self._norm(hidden, model.norm.weight), cast(nn.Linear, head).weight.t(), out=logits)
         torch.argmax(logits, dim=-1, out=self.picked[:batch])
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""The device-independent forms of quantised weights: 4-bit codes in groups with a scale and offset each, and int8
+rows with a step each; rounding to them, a slice of rows at a time where a weight is vocabulary-sized. The linears
+that run them on each device are in `quant` (CPU) and `quant_cuda`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+GROUP_SIZE = 32
+
+
+@dataclass
+class GroupQuantized:
+    """A weight [N, K] as codes [N, K] (0..15) with `scale` and `offset` per group of `group_size` inputs:
+    w = codes * scale + offset."""
+
+    codes: torch.Tensor  # uint8
+    scale: torch.Tensor  # float32 [N, K // group_size]
+    offset: torch.Tensor  # float32 [N, K // group_size]
+    group_size: int = GROUP_SIZE
+
+    @classmethod
+    def round(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> GroupQuantized:
+        """Round-to-nearest over each group's [min, max] in 16 levels."""
+        n, k = weight.shape
+        groups = weight.float().reshape(n, k // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8)
+        return cls(codes.reshape(n, k), scale, low, group_size)
+
+    @classmethod
+    def cat(cls, parts: list[GroupQuantized]) -> GroupQuantized:
+        """Stacked along the output dimension (fused q/k/v, gate/up)."""
+        return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                   torch.cat([p.offset for p in parts]), parts[0].group_size)
+
+    def to(self, device: torch.device) -> GroupQuantized:
+        """On `device` (itself where it is there already)."""
+        if self.codes.device == device:
+            return self
+        return GroupQuantized(self.codes.to(device), self.scale.to(device), self.offset.to(device), self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        expand = lambda t: t.repeat_interleave(self.group_size, dim=1)
+        return self.codes.float() * expand(self.scale) + expand(self.offset)
+
+
+ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
+
+
+class Int8Rows(NamedTuple):
+    """A weight [N, K] rounded to int8 per output row: w = codes * step[:, None]."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    step: torch.Tensor  # float32 [N]
+
+
+def round_rows_int8(weight: torch.Tensor) -> Int8Rows:
+    """Symmetric int8 per output row of a weight held whole."""
+    return read_rows_int8(weight.shape[0], lambda first, end: weight[first:end], weight.shape[1], weight.device)
+
+
+def read_rows_int8(rows: int, read: Callable[[int, int], torch.Tensor], columns: int,
+                   device: torch.device | str) -> Int8Rows:
+    """Symmetric int8 per output row of a weight whose rows `read(first, end)` gives ROWS_AT_ONCE at a time, so a
+    vocabulary-sized embedding or lm_head is never held whole in a float type."""
+    codes = torch.empty(rows, columns, dtype=torch.int8, device=device)
+    step = torch.empty(rows, dtype=torch.float32, device=device)
+    for first in range(0, rows, ROWS_AT_ONCE):
+        end = min(rows, first + ROWS_AT_ONCE)
+        part = read(first, end).to(device=device, dtype=torch.float32)
+        if part.shape != (end - first, columns):
+            raise ValueError(f"rows {first}-{end} of a [{rows}, {columns}] weight came as {list(part.shape)}")
+        part_step = part.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        codes[first:end] = (part / part_step[:, None]).round().clamp(-127, 127)
+        step[first:end] = part_step
+    return Int8Rows(codes, step)
