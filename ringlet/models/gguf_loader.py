@@ -32,7 +32,7 @@ from ringlet.models.gguf_quants import (
     dequantize,
     dequantize_groups,
 )
-from ringlet.models.quant import GroupQuantized
+from ringlet.models.quant import GroupQuantized, fused_with
 from ringlet.models.repack_cache import RepackCache
 from ringlet.models.store import split_gguf_parts
 from ringlet.models.tokenizer import Tokenizer, gguf_metadata
@@ -386,7 +386,12 @@ class LayerGroups:
         return self._groups
 
     def values(self, index: int, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_groups(self.of_layer(index)[name], dtype)
+        """The weight's values; a meta tensor of its shape where every part of the fused linear it belongs to has
+        groups, as the int4 linear made of them reads no values (`quantize_layer_int4`)."""
+        groups = self.of_layer(index)
+        if all(part in groups for part in fused_with(name)):
+            return torch.empty(groups[name].codes.shape, dtype=dtype, device="meta")
+        return dequantize_groups(groups[name], dtype)
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -287,13 +287,15 @@ class Transformer(nn.Module):
 
         One layer at a time: its tensors are looked up (a `LazyWeights` reads them then), converted, fused and
         assigned, then `finish_layer(layer, global index)` runs (quantising it, say) before the next layer is read,
-        so a load holds one layer beyond what the finished layers keep. With `int8_ends`, the embedding and the
+        so a load holds one layer beyond what the finished layers keep. A weight given as a meta tensor is assigned
+        as it is: `finish_layer` replaces its linear without reading it (from a file's 4-bit groups). With `int8_ends`, the embedding and the
         lm_head are rounded to int8 rows as they are read, a slice of rows at a time (one tensor when tied)."""
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
                 raise ModelLoadError(f"weights are missing tensor {name!r}")
-            return weights[name].to(device=device, dtype=dtype)
+            tensor = weights[name]
+            return tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)  # meta: see `finish_layer`
 
         def fused(*names: str) -> torch.Tensor:
             return torch.cat([take(name) for name in names]) if len(names) > 1 else take(names[0])

@@ -130,7 +130,8 @@ def load_stage(
         nonlocal kept
         if quantized == "int4":
             source = grouped.load_groups(index, index + 1) if grouped is not None and file_groups else {}
-            quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups, group_size=group_size)
+            quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups, group_size=group_size,
+                                device=device)
         elif quantized == "int8":
             quantize_int8(layer, dtype)
         elif keeps_fp8:

@@ -110,7 +110,9 @@ class Int4Linear(nn.Module):
         self.group_size = weight.group_size
         # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K / group, N, 2]
         scale_zero = torch.stack((weight.scale, weight.offset + 8 * weight.scale), dim=-1).transpose(0, 1)
-        packed = torch._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
+        # a slice of rows at a time: the kernel takes int32 codes, 8 bytes for each byte kept
+        packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)
+                            for rows in weight.codes.split(_PACK_ROWS)])
         self.register_buffer("weight", packed)
         self.register_buffer("scale_zero", scale_zero.contiguous().to(dtype))
         self.register_buffer("nibbles", None if _unpacks(packed, weight.codes) else _nibble_pairs(weight.codes))
@@ -145,6 +147,7 @@ class Int4Linear(nn.Module):
 
 
 _PACK_BLOCK = 64  # rows of a block in the CPU kernel's layout (AVX-512 builds)
+_PACK_ROWS = 64 * _PACK_BLOCK  # rows packed at a time: whole blocks, which pack alone as they do in the whole
 _unpack_checked: dict[tuple[int, int], bool] = {}  # (N, K) -> whether `_cpu_packed_codes` reproduces the codes
 
 
@@ -180,12 +183,20 @@ def _unpacks(packed: torch.Tensor, codes: torch.Tensor) -> bool:
 
 
 # the model's fused linears -> the Hugging Face weights they stack, inside model.layers.{i}.
-_FUSED_PARTS = {
+FUSED_PARTS = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "self_attn.o_proj": ("self_attn.o_proj",),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
     "mlp.down_proj": ("mlp.down_proj",),
 }
+
+
+def fused_with(weight: str) -> list[str]:
+    """The Hugging Face weights (`model.layers.{i}.{part}.weight`) of the fused linear that `weight` is part of."""
+    prefix, _, part = weight.removesuffix(".weight").partition(".layers.")
+    index, _, part = part.partition(".")
+    parts = next((parts for parts in FUSED_PARTS.values() if part in parts), (part,))
+    return [f"{prefix}.layers.{index}.{p}.weight" for p in parts]
 
 
 def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
@@ -223,22 +234,29 @@ def int8_linear(weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtyp
 
 
 def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source: Mapping[str, GroupQuantized],
-                        file_groups: bool, group_size: int = GROUP_SIZE) -> None:
-    """The linears of decoder layer `index` (global) as int4, in place. A linear whose parts are all in `source`
-    runs the file's own codes. Where the file gives 4-bit groups (`file_groups`), a linear it stores in more bits
-    (Q4_K_M keeps some in Q6_K) becomes int8 rather than losing them; otherwise every linear is rounded to 4 bits."""
+                        file_groups: bool, group_size: int = GROUP_SIZE, device: torch.device | str | None = None
+                        ) -> None:
+    """The linears of decoder layer `index` (global) as int4, in place, on `device` (by default the linears'). A linear
+    whose parts are all in `source` runs the file's own codes (its float weight may be a meta tensor: it is not read).
+    Where the file gives 4-bit groups (`file_groups`), a linear it stores in more bits (Q4_K_M keeps some in Q6_K)
+    becomes int8 rather than losing them; otherwise every linear is rounded to 4 bits."""
     prefix = f"model.layers.{index}."
-    for path, parts in _FUSED_PARTS.items():
+    for path, parts in FUSED_PARTS.items():
         owner_path, _, attr = path.rpartition(".")
         owner, linear = layer.get_submodule(owner_path), cast(nn.Linear, layer.get_submodule(path))
         stored = [source.get(f"{prefix}{part}.weight") for part in parts]
-        from_file = all(g is not None for g in stored)
-        if linear.in_features % group_size != 0 or (file_groups and not from_file):
+        if all(g is not None for g in stored):
+            if device is None and linear.weight.is_meta:
+                raise ValueError(f"layer {index}: {path}'s groups need the device to put them on")
+            target = torch.device(device) if device is not None else linear.weight.device
+            groups = GroupQuantized.cat(cast("list[GroupQuantized]", stored)).to(target)
+            setattr(owner, attr, int4_linear(groups, linear.bias, dtype))
+        elif linear.weight.is_meta:
+            raise ValueError(f"layer {index}: {path} has neither weights nor the file's groups for all its parts")
+        elif linear.in_features % group_size != 0 or file_groups:
             setattr(owner, attr, int8_linear(linear.weight.data, linear.bias, dtype))
-            continue
-        groups = (GroupQuantized.cat(stored).to(linear.weight.device) if from_file  # type: ignore[arg-type]
-                  else GroupQuantized.round(linear.weight.data, group_size))
-        setattr(owner, attr, int4_linear(groups, linear.bias, dtype))
+        else:
+            setattr(owner, attr, int4_linear(GroupQuantized.round(linear.weight.data, group_size), linear.bias, dtype))
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

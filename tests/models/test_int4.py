@@ -4,6 +4,8 @@ choice of int4 for the embedded Q4_1 model."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,13 @@ from ringlet.models.quant import (
     Int8Linear,
     cpu_supports_bf16,
     embed_rows,
+    fused_with,
     quantize_int4,
+    quantize_layer_int4,
 )
 from ringlet.models.quant_format import read_rows_int8, round_rows_int8
 from ringlet.models.registry import build_stage, model_args
+from ringlet.models.weights import LazyWeights
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from tests.support.tiny_gguf import LAYER_WEIGHTS, LAYERS, write_tiny_gguf
 
@@ -165,17 +170,15 @@ def test_int4_linear_keeps_its_codes_once_in_the_kernels_layout_and_unpacks_them
     assert torch.equal(linear.groups().codes, groups.codes)
 
 
-def test_a_files_groups_go_to_the_device_of_the_layer_they_replace(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_files_groups_go_to_the_device_the_stage_is_built_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GGUF file's groups are decoded on the host; a stage built on a GPU gets them on the GPU, so the int4 linear
-    made for them is the GPU's (the linear's device decides, not the decoder's)."""
+    made for them is the GPU's. "meta" stands for a device other than the host's."""
     from ringlet.models import quant
 
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path)
     gguf = GGUFModel.open(path)
     model = build_stage(model_args(gguf.config), weights=gguf.load_state_dict(0, LAYERS), dtype=torch.bfloat16)
-    model.to("meta")  # a device other than the host's, where the groups are decoded
     groups = gguf.load_groups(0, LAYERS)
     seen: list[torch.device] = []
 
@@ -184,8 +187,54 @@ def test_a_files_groups_go_to_the_device_of_the_layer_they_replace(tmp_path: Pat
         return torch.nn.Identity()
 
     monkeypatch.setattr(quant, "int4_linear", recording)
-    quantize_int4(model, torch.bfloat16, groups)
+    for i, layer in enumerate(model.layers):
+        quant.quantize_layer_int4(layer, i, torch.bfloat16, groups, file_groups=True, device="meta")
     assert seen and all(device == torch.device("meta") for device in seen)
+    # by default, the device the linears are on; a linear without values must be told, and must have groups
+    bare = build_stage(model_args(gguf.config), weights=gguf.load_state_dict(0, LAYERS)).to("meta")
+    with pytest.raises(ValueError, match="neither weights nor the file's groups"):
+        quant.quantize_layer_int4(bare.layers[0], 0, torch.bfloat16, groups, file_groups=True)
+    every = {f"model.layers.0.{name}": GroupQuantized.round(torch.randn(shape))
+             for name, (_, shape, *_) in LAYER_WEIGHTS.items() if len(shape) == 2}
+    with pytest.raises(ValueError, match="need the device"):
+        quant.quantize_layer_int4(bare.layers[0], 0, torch.bfloat16, every, file_groups=True)
+
+
+def test_an_int4_load_makes_no_float_values_of_linears_it_takes_from_the_files_groups(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a weight fused with one the file stores in more bits (it becomes int8 with it) is decoded to values."""
+    from ringlet.models import gguf_loader
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    decoded: list[tuple[int, ...]] = []
+    decode = gguf_loader.dequantize_groups
+
+    def counting(groups: GroupQuantized, dtype: torch.dtype) -> torch.Tensor:
+        decoded.append(tuple(groups.codes.shape))
+        return decode(groups, dtype)
+
+    monkeypatch.setattr(gguf_loader, "dequantize_groups", counting)
+    gguf = GGUFModel.open(path)
+    layer_groups = gguf.stage_groups(0, LAYERS)
+    assert layer_groups is not None
+    stage = build_stage(model_args(gguf.config), weights=gguf.lazy_state_dict(0, LAYERS, torch.bfloat16, layer_groups),
+                        dtype=torch.bfloat16, finish_layer=lambda layer, i: quantize_layer_int4(
+                            layer, i, torch.bfloat16, layer_groups.of_layer(i), file_groups=True, device="cpu"))
+    fused_int8 = sum(isinstance(m, Int8Linear) for m in stage.layers.modules())
+    fused_int4 = sum(isinstance(m, Int4Linear) for m in stage.layers.modules())
+    assert fused_int4 > 0 and fused_int8 > 0  # the tiny file mixes 4-bit types with wider ones
+    grouped_in_int8 = [(i, name) for i in range(LAYERS) for name, (_, _, *types) in LAYER_WEIGHTS.items()
+                       if types[i] in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and not _all_grouped(name, i)]
+    assert len(decoded) == len(grouped_in_int8)
+    assert not any(p.is_meta for p in [*stage.parameters(), *stage.buffers()])
+
+
+def _all_grouped(name: str, index: int) -> bool:
+    """Whether every weight of the fused linear `name` (an HF name in a layer) is stored in 4-bit groups."""
+    parts = fused_with(f"model.layers.{index}.{name}")
+    grouped = {Q.Q4_0, Q.Q4_1, Q.Q4_K}
+    return all(LAYER_WEIGHTS[part.split(f"layers.{index}.")[1]][2 + index] in grouped for part in parts)
 
 
 def test_int8_rows_read_a_slice_at_a_time_are_the_whole_weights_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,3 +302,20 @@ def test_a_quantised_stage_rounds_its_embedding_and_lm_head_to_int8_rows_as_it_r
         want = full(ids, full.make_cache(1, 16), 0)
     assert float((got - want).norm() / want.norm()) < 0.05
     assert "lm_head.weight" not in originals if tied else "lm_head.weight" in originals
+
+
+def test_a_load_reads_each_tensor_from_its_file_once(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    gguf = GGUFModel.open(path)
+    reads: Counter[str] = Counter()
+    weights = gguf.lazy_state_dict(0, LAYERS)
+
+    def counted(name: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            reads[name] += 1
+            return weights[name]
+        return read
+
+    build_stage(model_args(gguf.config), weights=LazyWeights({name: counted(name) for name in weights}))
+    assert set(reads) == set(weights) and set(reads.values()) == {1}
