@@ -373,9 +373,12 @@ class LayerGroups:
         return any(qtype in GROUPED_TYPES for qtype in self._model._linear_types(start, end))
 
     def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
-        """HF weight name -> groups, of layers [start, end); one layer is kept for the next call."""
+        """HF weight name -> groups, of layers [start, end). A layer's are asked for here once its values were read
+        (`values`), to make its int4 linears: they are not kept after."""
         if end - start == 1:
-            return self.of_layer(start)
+            groups = self.of_layer(start)
+            self._groups, self._index = {}, -1
+            return groups
         return self._model.load_groups(start, end, self._cache)
 
     def of_layer(self, index: int) -> dict[str, GroupQuantized]:

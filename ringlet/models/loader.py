@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,18 +134,39 @@ def load_stage(
             source = grouped.load_groups(index, index + 1) if grouped is not None and file_groups else {}
             quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups, group_size=group_size,
                                 device=device)
+            del source  # before the memory it leaves is given back
         elif quantized == "int8":
             quantize_int8(layer, dtype)
         elif keeps_fp8:
             assert stored is not None
             use_fp8_layer(layer, index, dtype, stored.load_fp8(index, index + 1, device))
         kept += sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+        _return_freed_memory()
         for listener in _progress_listeners:
             listener(index + 1 - start, end - start, kept)
 
     model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device, finish_layer=finish_layer,
                         int8_ends=quantized is not None)
+    _return_freed_memory()
     return LoadedStage(args, model, tokenizer, start, end, quantized)
+
+
+def _return_freed_memory() -> None:
+    """Give the memory a finished layer's conversions freed back to the system. glibc keeps freed blocks under 32 MB
+    in its heap, where the layers converted after them scatter what they keep: loading an 8B Q4_K_M file left 0.9 GB
+    resident beyond its weights (measured with /proc/self/statm before and after `malloc_trim` at the end of
+    `load_torch_stage`). Elsewhere than glibc, nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _open_gguf(path: Path):

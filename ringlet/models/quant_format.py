@@ -50,7 +50,7 @@ class GroupQuantized:
         return self.codes.float() * expand(self.scale) + expand(self.offset)
 
 
-ROWS_AT_ONCE = 4096  # rows rounded at a time: a vocabulary-sized lm_head is never copied whole in fp32
+VALUES_AT_ONCE = 1 << 22  # values rounded at a time (16 MB in float32): a weight is never copied whole in float32
 
 
 class Int8Rows(NamedTuple):
@@ -67,16 +67,16 @@ def round_rows_int8(weight: torch.Tensor) -> Int8Rows:
 
 def read_rows_int8(rows: int, read: Callable[[int, int], torch.Tensor], columns: int,
                    device: torch.device | str) -> Int8Rows:
-    """Symmetric int8 per output row of a weight whose rows `read(first, end)` gives ROWS_AT_ONCE at a time, so a
-    vocabulary-sized embedding or lm_head is never held whole in a float type."""
+    """Symmetric int8 per output row of a weight whose rows `read(first, end)` gives about VALUES_AT_ONCE values at a
+    time, so a vocabulary-sized embedding or lm_head is never held whole in a float type."""
     codes = torch.empty(rows, columns, dtype=torch.int8, device=device)
     step = torch.empty(rows, dtype=torch.float32, device=device)
-    for first in range(0, rows, ROWS_AT_ONCE):
-        end = min(rows, first + ROWS_AT_ONCE)
-        part = read(first, end).to(device=device, dtype=torch.float32)
+    at_once = max(1, VALUES_AT_ONCE // columns)
+    for first in range(0, rows, at_once):
+        end = min(rows, first + at_once)
+        part = read(first, end).to(device=device, dtype=torch.float32, copy=True)  # rounded in place below
         if part.shape != (end - first, columns):
             raise ValueError(f"rows {first}-{end} of a [{rows}, {columns}] weight came as {list(part.shape)}")
-        part_step = part.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        codes[first:end] = (part / part_step[:, None]).round().clamp(-127, 127)
-        step[first:end] = part_step
+        step[first:end] = part.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        codes[first:end] = part.div_(step[first:end, None]).round_().clamp_(-127, 127)
     return Int8Rows(codes, step)

@@ -238,7 +238,7 @@ def _all_grouped(name: str, index: int) -> bool:
 
 
 def test_int8_rows_read_a_slice_at_a_time_are_the_whole_weights_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quant_format, "ROWS_AT_ONCE", 7)  # slices that do not divide the rows
+    monkeypatch.setattr(quant_format, "VALUES_AT_ONCE", 7 * 24)  # slices of 7 rows, which do not divide 50
     weight = torch.randn(50, 24)
     reads: list[tuple[int, int]] = []
 
@@ -278,7 +278,7 @@ def test_an_int8_embedding_looks_up_its_rows_within_half_a_step() -> None:
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_quantised_stage_rounds_its_embedding_and_lm_head_to_int8_rows_as_it_reads_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool) -> None:
-    monkeypatch.setattr(quant_format, "ROWS_AT_ONCE", 5)  # the vocabulary read in many slices
+    monkeypatch.setattr(quant_format, "VALUES_AT_ONCE", 5 * 64)  # the vocabulary read 5 rows at a time
     path = tmp_path / "tiny.gguf"
     originals = write_tiny_gguf(path, tied=tied)
     gguf_model = GGUFModel.open(path)
