@@ -50,7 +50,7 @@ class GroupQuantized:
         return self.codes.float() * expand(self.scale) + expand(self.offset)
 
 
-VALUES_AT_ONCE = 1 << 22  # values rounded at a time (16 MB in float32): a weight is never copied whole in float32
+VALUES_AT_ONCE = 1 << 20  # values rounded at a time (4 MB in float32): a weight is never copied whole in float32
 
 
 class Int8Rows(NamedTuple):
@@ -77,6 +77,6 @@ def read_rows_int8(rows: int, read: Callable[[int, int], torch.Tensor], columns:
         part = read(first, end).to(device=device, dtype=torch.float32, copy=True)  # rounded in place below
         if part.shape != (end - first, columns):
             raise ValueError(f"rows {first}-{end} of a [{rows}, {columns}] weight came as {list(part.shape)}")
-        step[first:end] = part.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        step[first:end] = torch.linalg.vector_norm(part, ord=float("inf"), dim=1).clamp(min=1e-8) / 127.0  # max |w|
         codes[first:end] = part.div_(step[first:end, None]).round_().clamp_(-127, 127)
     return Int8Rows(codes, step)

@@ -18,9 +18,10 @@ from tokenizers import pre_tokenizers
 pytestmark = pytest.mark.slow
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS = 1024, 2816, 16, 32000, 16, 8
-# bytes beyond the file's that a load may peak at: a layer and the embedding in fp32 as they are converted, the
-# file's metadata and the tokenizer, the allocator's slack
-MARGIN = 512 << 20
+# bytes beyond what a stage keeps that its load may peak at: a layer as it is converted, slices of the embedding and
+# lm_head, the file's metadata and the tokenizer, the allocator's slack (measured 100-116 MB over by the loads below,
+# `pytest tests/models/test_load_memory.py` with the difference printed)
+MARGIN = 320 << 20
 
 # The peak is the kernel's high-water mark of this process's memory (VmHWM). getrusage's ru_maxrss would not do: it
 # survives exec, so a child of a large pytest process starts at its parent's size.
@@ -133,8 +134,8 @@ def test_a_load_peaks_at_what_it_keeps_plus_one_layer(model_file: Path, precisio
     assert measured["precision"] == precision
     # bf16 as the F16 file; int8 a byte a weight, the embedding and lm_head too
     assert measured["held"] == pytest.approx(kept * size, rel=0.1)
-    # the whole stage in fp32 first, then cast, peaked at over four times the file here
-    assert measured["peak"] - measured["before"] <= size + MARGIN, measured
+    # the whole stage in fp32 first, then cast, would peak at over four times the file here
+    assert measured["peak"] - measured["before"] <= measured["held"] + MARGIN, measured
 
 
 def test_an_int4_load_of_a_k_quant_file_peaks_at_what_it_keeps_plus_one_layer(k_quant_file: Path,
@@ -147,7 +148,5 @@ def test_an_int4_load_of_a_k_quant_file_peaks_at_what_it_keeps_plus_one_layer(k_
         assert result.returncode == 0, result.stderr
         measured = json.loads(result.stdout.splitlines()[-1])
         assert measured["precision"] == "int4", load
-        # what the stage keeps plus 1 GB (measured: 240-570 MB above what it keeps, varying run to run, by this
-        # test's LOAD on its 215 MB file, loads writing and reading the cache alike)
-        assert measured["peak"] - measured["before"] <= measured["held"] + (1 << 30), (load, measured)
+        assert measured["peak"] - measured["before"] <= measured["held"] + MARGIN, (load, measured)
         assert list((tmp_path / "home" / "cache" / "gguf").glob("*/blk.*.safetensors")), load
