@@ -437,7 +437,8 @@ class NodeOptions:
 
 def detect_node(options: NodeOptions) -> NodeInfo:
     return NodeInfo(node_id=new_id("node"), name=options.name, hardware=collect_node_hardware(),
-                    engines=collect_engine_info(options.engine), memory=read_memory(), api_port=options.api_port)
+                    engines=collect_engine_info(options.engine), memory=read_memory(), api_port=options.api_port,
+                    precision=options.engine_config.precision)
 
 
 def model_roots(options: NodeOptions) -> list[Path]:

@@ -97,7 +97,7 @@ def on_intel_gpus(bound: BoundInstance, model: str | None, devices: str, config:
     path, _ = read_model_config(bound.instance.model)
     card = card_from_path(model or EMBEDDED_MODEL_ID, path)
     node = NodeInfo(node_id=bound.node_id, name="this machine", hardware=collect_node_hardware(),
-                    engines=collect_engine_info("ipex"), memory=read_memory())
+                    engines=collect_engine_info("ipex"), memory=read_memory(), precision=config.precision)
     placed = place(card, InstanceType.IPEX_RING, [node], instance_id=bound.instance.instance_id, options=options,
                    kv_tokens=min(card.context_length, config.max_context))
     instance = placed.instance.model_copy(update={"model": bound.instance.model})

@@ -211,9 +211,11 @@ def stage_parts(card: ModelCard, start: int, end: int, engine: EngineType, kv_to
 
 
 def engine_dtype(node: NodeInfo, engine: EngineType, precision: Precision = "auto") -> str:
-    """How `engine` holds a stage's weights on `node` at `precision` (catalog.engine_weight_format): MLX without
-    Metal (not a Mac) in float32; the CPU engine quantises where the CPU computes in bf16 natively."""
-    return engine_weight_format(engine, precision, cpu_bf16=bool({"avx512_bf16", "amx_bf16"} & set(node.hardware.cpu.flags)),
+    """How `engine` holds a stage's weights on `node` at `precision`, by default the node's own (`--precision`)
+    (catalog.engine_weight_format): MLX without Metal (not a Mac) in float32; the CPU engine quantises where the CPU
+    computes in bf16 natively."""
+    return engine_weight_format(engine, node.precision if precision == "auto" else precision,
+                                cpu_bf16=bool({"avx512_bf16", "amx_bf16"} & set(node.hardware.cpu.flags)),
                                 metal=node.hardware.apple_chip is not None)
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from ringlet.shared.config import Precision
 from ringlet.shared.engine_info import EngineInfo, NodeHardware
 from ringlet.shared.instances import EngineType, Instance
 from ringlet.shared.sizes import format_bytes, format_bytes_of
@@ -38,6 +39,7 @@ class NodeInfo(_Frozen):
     engines: EngineInfo
     memory: MemoryInfo
     api_port: int | None = Field(None, description="where this node serves the HTTP API")
+    precision: Precision = Field("auto", description="what this node's engines load weights at (--precision)")
 
     def engine_available(self, engine: EngineType) -> bool:
         return engine in self.engines.available_engines

@@ -238,6 +238,10 @@ def test_an_8b_q4_k_m_file_is_counted_as_each_engine_holds_it() -> None:
         place(card, InstanceType.CUDA_RING, [gpu], instance_id="i")
     [stage] = place(card, InstanceType.CUDA_RING, [gpu], instance_id="i", precision="int4").stages
     assert stage.weight_format == CUDA_INT4 and stage.weight_bytes < 5 * GIB
+    # a node started with --precision int4 is counted at what it will load, unasked
+    int4_gpu = gpu.model_copy(update={"precision": "int4"})
+    [stage] = place(card, InstanceType.CUDA_RING, [int4_gpu], instance_id="i").stages
+    assert stage.weight_format == CUDA_INT4
 
     arc = intel_gpu_node("arc", 64, 8)  # an 8 GiB Intel GPU: int4 in groups of 32 fits, bf16 does not
     with pytest.raises(PlacementError, match=r"on Intel GPUs \(bfloat16 weights"):

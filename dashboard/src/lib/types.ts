@@ -71,6 +71,7 @@ export interface NodeInfo {
 	engines: EngineInfo;
 	memory: MemoryInfo;
 	api_port: number | null;
+	precision: 'auto' | 'fp32' | 'bf16' | 'fp16' | 'int8' | 'int4';
 }
 
 export interface Link {
