@@ -8,6 +8,8 @@ import importlib
 import pytest
 import torch
 
+from ringlet.models.quant import Int8Embedding
+from ringlet.models.quant_format import round_rows_int8
 from tests.support.random_models import BASE, VARIANTS, random_model
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
@@ -70,3 +72,21 @@ def test_models_the_fused_step_cannot_run_are_named(fused_decode):
     with pytest.raises(ValueError, match="cannot run this model: head_dim 24"):
         fused_decode.FusedDecodeStep(model, model.make_cache(1, 8), torch.zeros((1, 1), dtype=torch.long),
                                      torch.zeros(1, dtype=torch.long))
+
+
+def test_fused_step_reads_an_int8_embedding_as_the_eager_forward_does(fused_decode):
+    """A quantised stage's embedding is int8 rows with a step each: the step scales the rows it looks up."""
+    model = random_model(BASE, torch.float32)
+    model.embed_tokens = Int8Embedding(round_rows_int8(model.embed_tokens.weight.detach()), torch.float32)
+    eager_cache, fused_cache = model.make_cache(1, 64), model.make_cache(1, 64)
+    token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    step = fused_decode.FusedDecodeStep(model, fused_cache, token, position)
+    prompt = torch.tensor([[11, 2, 77, 40, 9]])
+    with torch.inference_mode():
+        for cache in (eager_cache, fused_cache):
+            model(prompt, cache, 0)
+        want = model(torch.tensor([[64]]), eager_cache, 5, last_logits_only=True)[:, -1]
+        token.fill_(64)
+        position.fill_(5)
+        got = step()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

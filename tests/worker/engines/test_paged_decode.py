@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from ringlet.models.paged_cache import FED, BatchLayout, SequenceStep
+from ringlet.models.quant import Int8Embedding
+from ringlet.models.quant_format import round_rows_int8
 from tests.support.random_models import BASE, VARIANTS, random_model
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
@@ -112,3 +114,20 @@ def test_a_step_with_prompt_chunks_gives_the_packed_forwards_logits_and_cache(pa
             torch.testing.assert_close(paged.keys[layer][written], eager.keys[layer][written])
             torch.testing.assert_close(paged.values[layer][written], eager.values[layer][written])
         assert not paged.keys[layer][paged.pad_slot].any()
+
+
+def test_paged_step_reads_an_int8_embedding_as_the_packed_forward_does(paged_decode):
+    """A quantised stage's embedding is int8 rows with a step each: the step scales the rows it looks up."""
+    model = random_model(BASE, torch.float32)
+    model.embed_tokens = Int8Embedding(round_rows_int8(model.embed_tokens.weight.detach()), torch.float32)
+    sequences = SEQUENCES[:2]
+    eager, paged = model.make_paged_cache(10, BLOCK), model.make_paged_cache(10, BLOCK)
+    step = paged_decode.PagedDecodeStep(model, paged, context_length=128, max_batch=4)
+    with torch.inference_mode():
+        for cache in (eager, paged):
+            prefill(model, cache, sequences)
+        tokens = torch.tensor([7, 118])
+        steps = [SequenceStep(len(prompt), 1, blocks) for prompt, blocks in sequences]
+        want = model.forward_batch(tokens, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
+        got = step(tokens, steps)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
