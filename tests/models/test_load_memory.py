@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 HIDDEN, INTER, LAYERS, VOCAB, HEADS, KV_HEADS = 1024, 2816, 16, 32000, 16, 8
 # bytes beyond what a stage keeps that its load may peak at: a layer as it is converted, slices of the embedding and
-# lm_head, the file's metadata and the tokenizer, the allocator's slack (measured 100-116 MB over by the loads below,
+# lm_head, the file's metadata and the tokenizer, the allocator's slack (measured 34-115 MB over by the loads below,
 # `pytest tests/models/test_load_memory.py` with the difference printed)
 MARGIN = 320 << 20
 
