@@ -293,14 +293,7 @@ class GGUFModel:
         tensor = self._tensors[name]
         columns = int(tensor.shape[0])
         data = np.asarray(tensor.data).reshape(int(tensor.shape[1]), -1)  # a row's bytes a line
-        try:
-            values = dequantize(data[first:end], self._qtype(name), (end - first, columns), dtype)
-        except NotImplementedError as e:
-            raise ModelLoadError(
-                f"{self.path}: tensor {name} has GGML type {self._qtype(name).name}, which cannot be dequantised"
-            ) from e
-        except ValueError as e:
-            raise ModelLoadError(f"{self.path}: tensor {name}: {e}") from e
+        values = self._dequantize(name, data[first:end], (end - first, columns), dtype)
         row_bytes = data.shape[1] * data.itemsize
         self._release(name, first * row_bytes, (end - first) * row_bytes)
         return values
@@ -333,22 +326,27 @@ class GGUFModel:
             names.update(_QK_NORM_TENSORS)
         return names
 
-    def _read_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One tensor's values in `dtype`, in HF layout (row-major [out, in], q/k un-permuted)."""
-        tensor = self._tensors[name]
+    def _dequantize(self, name: str, data: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype,
+                    row_order: torch.Tensor | None = None) -> torch.Tensor:
+        """`gguf_quants.dequantize` of (part of) tensor `name`, its failures a ModelLoadError naming the tensor."""
         qtype = self._qtype(name)
-        # GGUF lists dimensions innermost first; torch wants them outermost first.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        heads = self._permuted_heads(name)
-        order = None if heads is None or len(shape) != 2 else unpermute_qk(torch.arange(shape[0]), heads).argsort()
         try:
-            values = dequantize(tensor.data, qtype, shape, dtype, row_order=order)
-        except NotImplementedError as e:
+            return dequantize(data, qtype, shape, dtype, row_order=row_order)
+        except NotImplementedError as e:  # a GGML type without a decoder
             raise ModelLoadError(
                 f"{self.path}: tensor {name} has GGML type {qtype.name}, which cannot be dequantised"
             ) from e
         except ValueError as e:
             raise ModelLoadError(f"{self.path}: tensor {name}: {e}") from e
+
+    def _read_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor's values in `dtype`, in HF layout (row-major [out, in], q/k un-permuted)."""
+        tensor = self._tensors[name]
+        # GGUF lists dimensions innermost first; torch wants them outermost first.
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        heads = self._permuted_heads(name)
+        order = None if heads is None or len(shape) != 2 else unpermute_qk(torch.arange(shape[0]), heads).argsort()
+        values = self._dequantize(name, tensor.data, shape, dtype, order)
         if heads is not None and order is None:
             values = unpermute_qk(values, heads)
         self._release(name)  # the values are a tensor of their own, never a view of the map

@@ -31,7 +31,7 @@ class CudaQuantizedLinear(nn.Module):
     def project(self, x: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
                 gated: bool = False, residual: bool = False, pdl: bool = False) -> None:
         """out [M, N] = self(x) of x [M, K] (or [K]), with `int4_cuda.int4_matmul`'s options."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define project (CudaInt4Linear and CudaInt8Linear do)")
 
 
 class CudaInt4Linear(CudaQuantizedLinear):

@@ -49,8 +49,8 @@ def test_fused_step_gives_the_eager_logits_and_cache(fused_decode, variant):
         torch.testing.assert_close(fused_cache.values[layer][:, :, :end], eager_cache.values[layer][:, :, :end])
 
 
-def test_fused_step_tracks_eager_bf16_within_rounding(fused_decode):
-    model = random_model(BASE, torch.bfloat16)
+def one_step(fused_decode, model):
+    """(the fused step's logits, the eager forward's) of one token after a five-token prompt."""
     eager_cache, fused_cache = model.make_cache(1, 64), model.make_cache(1, 64)
     token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
     step = fused_decode.FusedDecodeStep(model, fused_cache, token, position)
@@ -58,10 +58,14 @@ def test_fused_step_tracks_eager_bf16_within_rounding(fused_decode):
     with torch.inference_mode():
         for cache in (eager_cache, fused_cache):
             model(prompt, cache, 0)
-        want = model(torch.tensor([[64]]), eager_cache, 5, last_logits_only=True)[:, -1].float()
+        want = model(torch.tensor([[64]]), eager_cache, 5, last_logits_only=True)[:, -1]
         token.fill_(64)
         position.fill_(5)
-        got = step().float()
+        return step(), want
+
+
+def test_fused_step_tracks_eager_bf16_within_rounding(fused_decode):
+    got, want = (logits.float() for logits in one_step(fused_decode, random_model(BASE, torch.bfloat16)))
     assert got.dtype == want.dtype and got.shape == want.shape == (1, 120)
     torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * want.abs().max().item())
 
@@ -78,15 +82,5 @@ def test_fused_step_reads_an_int8_embedding_as_the_eager_forward_does(fused_deco
     """A quantised stage's embedding is int8 rows with a step each: the step scales the rows it looks up."""
     model = random_model(BASE, torch.float32)
     model.embed_tokens = Int8Embedding(round_rows_int8(model.embed_tokens.weight.detach()), torch.float32)
-    eager_cache, fused_cache = model.make_cache(1, 64), model.make_cache(1, 64)
-    token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
-    step = fused_decode.FusedDecodeStep(model, fused_cache, token, position)
-    prompt = torch.tensor([[11, 2, 77, 40, 9]])
-    with torch.inference_mode():
-        for cache in (eager_cache, fused_cache):
-            model(prompt, cache, 0)
-        want = model(torch.tensor([[64]]), eager_cache, 5, last_logits_only=True)[:, -1]
-        token.fill_(64)
-        position.fill_(5)
-        got = step()
+    got, want = one_step(fused_decode, model)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
