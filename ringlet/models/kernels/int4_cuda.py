@@ -37,11 +37,9 @@ def tiling(rows: int, n: int, k: int, group: int) -> Tiling:
     return Tiling(128, 128, min(step, 128), 8, 3)
 
 
-GEMV_BLOCK_N = 64  # weight rows per program of a one-row product
-GEMV_WARPS = 4
 GEMV_INT8_BLOCK_K = 128
 FINISH_BLOCK_N = 256
-PROGRAMS_PER_SM = 4  # programs of a one-row product per SM: enough loads in flight to stream the weight
+PROGRAMS_PER_SM = 4  # programs of a one-row int8 product per SM: enough loads in flight to stream the weight
 
 
 @functools.cache
@@ -72,20 +70,37 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
-def _int4_gemv(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
-               out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
-               gated: bool, residual: bool, pdl: bool) -> None:
-    width = packed.shape[0]  # 2n when gated
-    blocks = -(-width // GEMV_BLOCK_N)
-    per_split, splits = _splits(blocks, k // group_size, row.device)
-    part = torch.empty(splits, width, dtype=torch.float32, device=row.device)
-    squares = torch.empty(splits, dtype=torch.float32, device=row.device)
-    _kernels().int4_gemv_kernel[(blocks, splits)](
-        row, packed.view(torch.int32), scale, offset, part, squares, norm if norm is not None else row, width, k,
-        per_split, GROUP=group_size, BLOCK_N=GEMV_BLOCK_N, NORM=norm is not None, PDL=pdl, num_warps=GEMV_WARPS,
-        num_stages=3, **({"launch_pdl": True} if pdl else {}),
+@dataclass(frozen=True)
+class GemvTiling:
+    """A launch of `int4_gemv_rows_kernel`: weight rows per program, int32 words (8 codes) of each row a loop step,
+    warps and pipeline stages."""
+
+    block_n: int
+    words: int
+    warps: int = 4
+    stages: int = 3
+
+
+def gemv_tiling(n: int, k: int, group: int) -> GemvTiling:
+    """The one-row int4 tiling for W [n, k]: 16 rows a program for the wide projections, 8 for the rest, 128 words
+    (1,024 columns) a step where K allows. The fastest of `scripts/bench_int4_gemv.py --sweep` on an H200 for each
+    Llama-3.1-8B projection, or within 3% of it."""
+    words = next(w for w in (128, 64, 32, 16, 8, 4) if (k // 8) % w == 0 and (8 * w) % group == 0)
+    return GemvTiling(16 if n >= 6144 else 8, words)
+
+
+def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                    group_size: int, out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
+                    norm: torch.Tensor | None, eps: float, gated: bool, residual: bool, pdl: bool,
+                    t: GemvTiling | None = None) -> None:
+    assert k % 32 == 0 and k % group_size == 0, f"int4 rows of {k} columns in groups of {group_size}"
+    t = t or gemv_tiling(n, k, group_size)
+    _kernels().int4_gemv_rows_kernel[(-(-n // t.block_n),)](
+        row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,
+        bias if bias is not None else row, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n, WORDS=t.words,
+        NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl, num_warps=t.warps,
+        num_stages=t.stages, **({"launch_pdl": True} if pdl else {}),
     )
-    _finish_gemv(part, squares, splits, out, n, k, None, bias, norm, eps, gated, residual, pdl)
 
 
 def _int8_gemv(row: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, n: int, k: int,
@@ -132,7 +147,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1 and config is None:
-        _int4_gemv(rows, packed, scale, offset, group_size, out, n, k, bias, norm, eps, gated, residual, pdl)
+        _int4_gemv_rows(rows, packed, scale, offset, group_size, out, n, k, bias, norm, eps, gated, residual, pdl)
         return out
     magic_bits, magic = _MAGIC[x.dtype]
     t = config or tiling(m, n, k, group_size)

@@ -1,8 +1,8 @@
 """Triton kernels of the weight-only int4 / int8 linears: out[M, N] = x[M, K] @ W[N, K]^T, W dequantised in tiles.
 
-One kernel covers a single row (a decode step) and many (a prompt chunk): the rows of x are the M side of a tensor
-core product (a decode step pads them to 16), so the multiply-adds cost nothing next to reading the weights. The
-work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number MAGIC + code, exactly, in
+The matmul kernels cover many rows (a prompt chunk, a batch's decode step): the rows of x are the M side of a tensor
+core product, so the multiply-adds cost nothing next to reading the weights; the gemv kernels cover one row (a
+decode step of one sequence). The work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number MAGIC + code, exactly, in
 bf16 (128) or fp16 (1024), with no integer-to-float conversion. Each group's product is then corrected in fp32:
     sum_k x_k * (code_k * scale + offset) = scale * (sum_k x_k * (MAGIC + code_k)) + (offset - MAGIC * scale) * sum_k x_k
 Options fuse what sits around a projection in a decode step: NORM (RMSNorm of x first: its 1/rms scales the sums),
@@ -138,53 +138,9 @@ def int8_matmul_kernel(
 
 
 
-# One row of x (a decode step of one sequence): no tensor-core tile to fill, so each program reads a slab of weight
-# rows over a split of K with plain multiply-adds, and enough programs run (splits of K times blocks of rows) to keep
-# every SM's loads in flight. The splits' partial sums go to a float32 workspace; `gemv_finish_kernel` adds them and
-# applies what `_finish` applies.
-
-
-@triton.jit
-def int4_gemv_kernel(
-    x_ptr, words_ptr, scale_ptr, offset_ptr, part_ptr, squares_ptr, norm_ptr, N, K, groups_per_split,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
-):
-    """Program (n, split): part[split, rows] = sum over the split's groups of x[k] * w[row, k], x times the norm's
-    weight (NORM; squares[split] = the split's sum of x^2, written by the programs of the first row block). The
-    weight is int32 words [N, K / 8] (element 8w + i is nibble i of word w), scale and offset [N, K / GROUP]."""
-    WORDS: tl.constexpr = GROUP // 8
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < N
-    split = tl.program_id(1)
-    groups = K // GROUP
-    word = tl.arange(0, WORDS)
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    squares = tl.zeros([WORDS], dtype=tl.float32)
-    first = split * groups_per_split
-    for g in range(first, tl.minimum(first + groups_per_split, groups)):
-        words = tl.load(words_ptr + rows[:, None] * (K // 8) + g * WORDS + word[None, :], mask=row_ok[:, None],
-                        other=0)
-        dot = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-        x_sum = tl.zeros([WORDS], dtype=tl.float32)
-        for i in tl.static_range(8):
-            k = g * GROUP + word * 8 + i
-            x = tl.load(x_ptr + k).to(tl.float32)
-            if NORM:
-                squares += x * x
-                x = x * tl.load(norm_ptr + k).to(tl.float32)
-            x_sum += x
-            # the code as a float without a conversion instruction: OR'd into the mantissa of 2^23, minus 2^23
-            code = (((words >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            dot += code * x[None, :]
-        scale = tl.load(scale_ptr + rows * groups + g, mask=row_ok, other=0.0).to(tl.float32)
-        offset = tl.load(offset_ptr + rows * groups + g, mask=row_ok, other=0.0).to(tl.float32)
-        acc += scale * tl.sum(dot, axis=1) + offset * tl.sum(x_sum, axis=0)
-    tl.store(part_ptr + split * N + rows, acc, mask=row_ok)
-    if NORM:  # once per split: by the programs of the first row block
-        tl.store(squares_ptr + split, tl.sum(squares, axis=0), mask=tl.program_id(0) == 0)
+# One row of x (a decode step of one sequence): no tensor-core tile to fill, so the multiply-adds run on the CUDA cores
+# and each program streams a slab of weight rows. int8: the splits of K write float32 partial sums, which
+# `gemv_finish_kernel` adds before applying what `_finish` applies; int4 (`int4_gemv_rows_kernel`, below) in one pass.
 
 
 @triton.jit
@@ -192,7 +148,9 @@ def int8_gemv_kernel(
     x_ptr, codes_ptr, part_ptr, squares_ptr, norm_ptr, N, K, k_per_split,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
 ):
-    """As `int4_gemv_kernel` for int8 codes [N, K] (the row scales are applied by `gemv_finish_kernel`)."""
+    """Program (n, split): part[split, rows] = sum over the split's columns of x[k] * codes[row, k], x times the
+    norm's weight (NORM; squares[split] = the split's sum of x^2, written by the programs of the first row block), for
+    int8 codes [N, K] (the row scales are applied by `gemv_finish_kernel`)."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     split = tl.program_id(1)
@@ -247,3 +205,72 @@ def gemv_finish_kernel(
     m = tl.arange(0, 1)
     _finish(acc[None, :], acc_up[None, :], squares, out_ptr, bias_ptr, m, m < 1, rows, row_ok, N, K, eps,
             NORM, GATED, BIAS, RESIDUAL)
+
+
+
+
+@triton.jit
+def _int4_row_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_ptr, norm_ptr, K,
+                     BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr):
+    """[BLOCK_N, WORDS * 8 / GROUP]: the products of weight rows `rows` with x over the groups `g` of the loop step,
+    whose int32 words are `w` [WORDS]. A nibble moved to bits 16-19 of 128.0's bits is the float 128 + code, with no
+    conversion instruction; the 128s come off with the offset, once per group."""
+    starts = tl.multiple_of(rows * (K // 8), 4)  # K is a multiple of 32: each row's words start 16-byte aligned
+    words = tl.load(words_ptr + starts[:, None] + w[None, :], mask=row_ok[:, None], other=0)
+    dot = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    x_sum = tl.zeros([WORDS], dtype=tl.float32)
+    for i in tl.static_range(8):
+        x = tl.load(x_ptr + w * 8 + i).to(tl.float32)
+        if NORM:
+            x = x * tl.load(norm_ptr + w * 8 + i).to(tl.float32)
+        x_sum += x
+        if i < 4:
+            bits = (words << (16 - 4 * i)) & 0xF0000
+        elif i == 4:
+            bits = words & 0xF0000
+        else:
+            bits = (words >> (4 * i - 16)) & 0xF0000
+        dot += (bits | 0x43000000).to(tl.float32, bitcast=True) * x[None, :]
+    STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
+    dot = tl.sum(tl.reshape(dot, [BLOCK_N, STEP_GROUPS, GROUP // 8]), axis=2)
+    x_groups = tl.sum(tl.reshape(x_sum, [STEP_GROUPS, GROUP // 8]), axis=1)
+    scale = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
+    offset = tl.load(offset_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
+    scale = scale.to(tl.float32)
+    return scale * dot + (offset.to(tl.float32) - 128.0 * scale) * x_groups[None, :]
+
+
+@triton.jit
+def int4_gemv_rows_kernel(
+    x_ptr, words_ptr, scale_ptr, offset_ptr, out_ptr, norm_ptr, bias_ptr, N, K, eps,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+):
+    """out[0, rows] for one row of x: each program takes BLOCK_N weight rows over all of K, WORDS int32 words
+    (8 codes each) of every row a loop step, so one pass writes the finished output (no partial sums for a second
+    kernel). The weight is int32 words [N (2N when GATED), K / 8] (element 8w + i is nibble i of word w), scale and
+    offset [rows, K / GROUP]; K is a multiple of 32 and of 8 * WORDS, and 8 * WORDS of GROUP."""
+    STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
+    squares = tl.zeros([WORDS * 8], dtype=tl.float32)
+    for w0 in range(0, K // 8, WORDS):
+        w = w0 + tl.arange(0, WORDS)
+        g = w0 * 8 // GROUP + tl.arange(0, STEP_GROUPS)
+        if NORM:
+            x = tl.load(x_ptr + w0 * 8 + tl.arange(0, WORDS * 8)).to(tl.float32)
+            squares += x * x
+        acc += _int4_row_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_ptr, norm_ptr, K,
+                                BLOCK_N, WORDS, GROUP, NORM)
+        if GATED:
+            acc_up += _int4_row_groups(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, w, g, x_ptr, norm_ptr, K,
+                                       BLOCK_N, WORDS, GROUP, NORM)
+    m = tl.arange(0, 1)
+    total = tl.zeros([1], dtype=tl.float32) + tl.sum(squares, axis=0)
+    _finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], total, out_ptr, bias_ptr, m, m < 1, rows,
+            row_ok, N, K, eps, NORM, GATED, BIAS, RESIDUAL)

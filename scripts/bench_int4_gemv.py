@@ -1,0 +1,143 @@
+"""One-row (decode) weight-only int4 products on CUDA against the copy bandwidth: GB/s of weight bytes per kernel.
+
+Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--sweep]
+
+For each projection of the shape's layer (q/k/v with the input's RMSNorm, o with the residual add, gate/up with the
+norm and SiLU gate, down with the residual) and the int8 lm_head: the bf16 product (cuBLAS) and the int4 kernel
+(`int4_gemv_rows_kernel`) at its default tiling, or at every tiling of a grid with --sweep (the six fastest). Each timing replays a CUDA graph that runs the product over enough
+copies of the weight to overflow the L2 cache, so the bytes come from device memory as in a decode step. The
+largest difference from an fp32 reference is printed beside each int4 kernel.
+"""
+
+import argparse
+import itertools
+
+import torch
+import triton
+
+from ringlet.cli.bench import copy_bandwidth
+from ringlet.models.kernels import int4_cuda
+from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
+from ringlet.models.quant_format import GroupQuantized
+from ringlet.models.random_checkpoint import shape_config
+
+ROTATE_BYTES = 512 << 20  # weight copies cycled through per replay: ten times the H200's 50 MB L2
+
+
+def graph_seconds(calls: list) -> float:
+    """Seconds of one call, from a CUDA graph of all `calls` replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best / len(calls)
+
+
+def reference(x, weight, norm, eps, gated, residual_into):
+    xf = x.float()
+    if norm is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.float()
+    y = xf @ weight.t()
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if residual_into is not None:
+        y = y + residual_into.float()
+    return y
+
+
+def measure(name: str, n: int, inp: torch.Tensor, norm: torch.Tensor | None, eps: float, gated: bool,
+            residual: bool, group_size: int, grid: list, bandwidth: float) -> None:
+    """Prints one projection's bf16 and int4 speeds (int4 at each tiling of `grid`; None: the default)."""
+    k = inp.shape[-1]
+    out_n = n // 2 if gated else n
+    weight = torch.randn(n, k, device=inp.device) * 0.02
+    layer = CudaInt4Linear(GroupQuantized.round(weight, group_size), None, torch.bfloat16).to(inp.device)
+    int4_bytes = layer.packed.numel() + 2 * layer.scale.numel() * 2
+    layers = [layer] + [CudaInt4Linear(GroupQuantized.round(weight, group_size), None, torch.bfloat16)
+                        for _ in range(min(64, max(1, ROTATE_BYTES // int4_bytes)) - 1)]
+    start = torch.randn(1, out_n, dtype=torch.bfloat16, device=inp.device)
+    expected = reference(inp, layer.dequantize(), norm, eps, gated, start if residual else None)
+    bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device=inp.device)
+            for _ in range(max(1, ROTATE_BYTES // (n * k * 2)))]
+    seconds = graph_seconds([lambda w=w: torch.nn.functional.linear(inp, w) for w in bf16])
+    print(f"\n{name}: W [{n}, {k}]; bf16 (cuBLAS, product alone) {n * k * 2 / seconds / 1e9:,.0f} GB/s "
+          f"({n * k * 2 / seconds / bandwidth:.0%}), {seconds * 1e6:.1f} us")
+
+    def project(lay: CudaInt4Linear, out: torch.Tensor, tiling: int4_cuda.GemvTiling | None) -> None:
+        int4_cuda._int4_gemv_rows(inp, lay.packed, lay.scale, lay.offset, lay.group_size, out, out_n, k, None, norm,
+                                  eps, gated, residual, False, tiling)
+
+    results = []
+    for tiling in grid:
+        out = start.clone()
+        try:
+            project(layer, out, tiling)
+        except triton.CompilationError as failure:  # a tiling the compiler refuses (registers, shared memory)
+            print(f"  {tiling}: {str(failure)[:120]}")
+            continue
+        error = (out.float() - expected).abs().max().item() / expected.abs().max().item()
+        outs = [start.clone() for _ in layers]
+        secs = graph_seconds([lambda lay=lay, o=o, t=tiling: project(lay, o, t) for lay, o in zip(layers, outs)])
+        results.append((secs, error, tiling or int4_cuda.gemv_tiling(out_n, k, group_size)))
+    for secs, error, tiling in sorted(results, key=lambda r: r[0])[:6]:
+        print(f"  int4 {int4_bytes / secs / 1e9:7,.0f} GB/s ({int4_bytes / secs / bandwidth:4.0%}) "
+              f"{secs * 1e6:7.1f} us  error {error:.1e}  {tiling}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--sweep", action="store_true")
+    options = parser.parse_args()
+    config = shape_config(options.shape)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    device = torch.device("cuda")
+    bandwidth = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
+    torch.manual_seed(0)
+    x = torch.randn(1, hidden, dtype=torch.bfloat16, device=device)
+    x_inter = torch.randn(1, inter, dtype=torch.bfloat16, device=device)
+    norm = (1 + 0.1 * torch.randn(hidden, device=device)).to(torch.bfloat16)
+    eps = 1e-5
+    projections = [  # name, rows, input, norm, gated, residual
+        ("q/k/v + norm", (heads + 2 * kv) * head_dim, x, norm, False, False),
+        ("o + residual", hidden, x, None, False, True),
+        ("gate/up + norm, SiLU", 2 * inter, x, norm, True, False),
+        ("down + residual", hidden, x_inter, None, False, True),
+    ]
+    grid = ([int4_cuda.GemvTiling(b, w, warps, stages) for b, w, warps, stages in
+             itertools.product((4, 8, 16), (128, 256), (2, 4, 8), (1,))
+             if b * w >= warps * 128] if options.sweep else [None])
+    for name, n, inp, nrm, gated, residual in projections:
+        measure(name, n, inp, nrm, eps, gated, residual, options.group_size, grid, bandwidth)
+        torch.cuda.empty_cache()
+
+    vocab = config["vocab_size"]
+    head = CudaInt8Linear(torch.randn(vocab, hidden, device=device) * 0.02, None, torch.bfloat16).to(device)
+    out = torch.empty(1, vocab, dtype=torch.bfloat16, device=device)
+    secs = graph_seconds([lambda: int4_cuda.int8_matmul(x, head.weight, head.scale, out, norm=norm, eps=eps)] * 4)
+    print(f"\nlm_head int8 [{vocab}, {hidden}] + norm: {vocab * hidden / secs / 1e9:,.0f} GB/s "
+          f"({vocab * hidden / secs / bandwidth:.0%}), {secs * 1e6:.1f} us (in L2 only in part: 4 replays)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The one-row int4 product (`int4_gemv_rows_kernel`, a CUDA decode step's projection) run by Triton's interpreter on
+CPU tensors against the dequantised weight in fp32, with each option the fused decode steps use. On a GPU,
+tests/worker/gpu/test_int4_cuda.py runs it compiled."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ringlet.models.kernels import int4_cuda
+from ringlet.models.quant_cuda import CudaInt4Linear
+from ringlet.models.quant_format import GroupQuantized
+
+pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="a GPU machine: tests/worker/gpu runs this kernel compiled")
+
+
+def expected(x, weight, norm, bias, gated, residual):  # type: ignore[no-untyped-def]
+    xf = x.float()
+    if norm is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.float()
+    y = xf @ weight.t() + (0 if bias is None else bias.float())
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y + (0 if residual is None else residual.float())
+
+
+@pytest.mark.parametrize(("n", "k", "group", "words"), [
+    (40, 512, 128, None),  # the default tiling: 64 words a step, 2 blocks of rows, the last one partly masked
+    (24, 768, 128, 32),  # K of 96 words: 3 steps of 2 groups
+    (16, 256, 32, 8),  # GGUF's groups of 32: 2 groups a step
+])
+@pytest.mark.parametrize("options", ["plain", "norm", "gated+norm", "bias+residual"])
+def test_one_row_matches_the_dequantised_weight(n, k, group, words, options):
+    torch.manual_seed(n + k)
+    rows = 2 * n if "gated" in options else n
+    layer = CudaInt4Linear(GroupQuantized.round(torch.randn(rows, k) * 0.02, group), None, torch.bfloat16)
+    if "bias" in options:
+        layer.bias = torch.randn(rows).to(torch.bfloat16)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    norm = (1 + 0.1 * torch.randn(k)).to(torch.bfloat16) if "norm" in options else None
+    start = torch.randn(1, n, dtype=torch.bfloat16)
+    out = start.clone()
+    tiling = None if words is None else int4_cuda.GemvTiling(8, words)
+    int4_cuda._int4_gemv_rows(x, layer.packed, layer.scale, layer.offset, group, out, n, k, layer.bias, norm, 1e-5,
+                              "gated" in options, "residual" in options, False, tiling)
+    reference = expected(x, layer.dequantize(), norm, layer.bias, "gated" in options,
+                         start if "residual" in options else None)
+    # bf16 output: its rounding (and, gated, the SiLU's input rounded as the eager path rounds it)
+    torch.testing.assert_close(out.float(), reference, atol=2e-3, rtol=2e-2)
+
+
+def test_the_default_tiling_steps_over_whole_groups():
+    for n, k, group in [(4096, 4096, 128), (4096, 14336, 128), (28672, 4096, 128), (1001, 768, 32), (64, 96, 32)]:
+        t = int4_cuda.gemv_tiling(n, k, group)
+        assert (k // 8) % t.words == 0 and (8 * t.words) % group == 0, (n, k, group, t)
