@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from ringlet.api.errors import ApiError, ClientGone, to_api_error
 from ringlet.api.facade import NodeFacade, TaskStream
 from ringlet.api.metrics import ApiMetrics, Outcome
+from ringlet.models import grammar
 from ringlet.shared.errors import NodeError, TaskError
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 
@@ -54,12 +55,20 @@ async def _next_watching(chunks: AsyncIterator[GenerationChunk], watch: Disconne
             await asyncio.gather(pending, return_exceptions=True)
 
 
-def build_task(build: Callable[[], TextGenerationTask]) -> TextGenerationTask:
-    """Turn an adapter's request into a task; a value the task refuses is the client's error (400)."""
+def build_task(build: Callable[[], TextGenerationTask], constraint_param: str | None = None) -> TextGenerationTask:
+    """Turn an adapter's request into a task; a value the task refuses, or a constraint on the output that cannot be
+    compiled (`constraint_param`: the request's field that gave it), is the client's error (400)."""
     try:
-        return build()
+        task = build()
     except ValidationError as error:
         raise ApiError(400, f"invalid request: {error.errors()[0]['msg']}", code="invalid_parameter") from None
+    if task.sampling.constraint is not None:
+        try:
+            grammar.check(task.sampling.constraint)
+        except grammar.ConstraintError as error:
+            raise ApiError(400, f"invalid {constraint_param or 'constraint'}: {error}", param=constraint_param,
+                           code="invalid_parameter") from None
+    return task
 
 
 def error_kind(error: Exception) -> str:

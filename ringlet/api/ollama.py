@@ -57,7 +57,9 @@ def _task(body: ChatRequest | GenerateRequest, messages: list[ChatMessage] | Non
     options = body.opts
     return build_task(lambda: TextGenerationTask(model=body.model, messages=messages, prompt=prompt,
                                                  max_tokens=options.max_tokens(), stop=options.stop_list(),
-                                                 sampling=options.sampling()))
+                                                 sampling=options.sampling().model_copy(
+                                                     update={"constraint": body.constraint()})),
+                      constraint_param="format")
 
 
 def _stats(last: GenerationChunk, total_s: float) -> dict[str, object]:

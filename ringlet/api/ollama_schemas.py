@@ -6,11 +6,12 @@ for options a model does not use."""
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringlet.shared.tasks import ChatMessage, SamplingParams, StopString
+from ringlet.shared.tasks import ChatMessage, Constraint, SamplingParams, StopString
 
 # Ollama's default num_predict is -1 (until the model stops); -2 means "fill the context"
 _UNLIMITED = (-1, -2)
@@ -64,12 +65,21 @@ class _GenerateFields(BaseModel):
     model: str = Field(min_length=1)
     stream: bool = True
     options: Options | None = None
-    format: Literal[""] | None = Field(None, description="structured output is not supported")
+    format: Literal["", "json"] | dict[str, object] | None = Field(
+        None, description='"json": any JSON object; a JSON schema: JSON that validates against it')
     keep_alive: float | str | None = Field(None, description="accepted and ignored: instances stay until deleted")
 
     @property
     def opts(self) -> Options:
         return self.options or Options()
+
+    def constraint(self) -> Constraint | None:
+        """What the answer must be, from `format`, if anything."""
+        if self.format == "json" or self.format == {}:
+            return Constraint(kind="json_object")
+        if isinstance(self.format, dict):
+            return Constraint(kind="json_schema", spec=json.dumps(self.format))
+        return None
 
 
 class ChatRequest(_GenerateFields):

@@ -122,7 +122,7 @@ async def _stream_events(generation: Generation, choices: _Choices,
                                                                              **_sse_docs(ChatCompletionChunk)})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
     """Chat with a model; `stream: true` streams chunks as server-sent events; `n` answers in `choices`."""
-    task = build_task(body.to_task)
+    task = build_task(body.to_task, body.constraint_param())
     generation = await Generation.start(node_of(request), task, request, api="openai")
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     choices = _Choices(task.n)
@@ -163,7 +163,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
     """Continue a raw prompt (no chat template); `stream: true` streams chunks as server-sent events; `n` answers
     in `choices`."""
-    task = build_task(body.to_task)
+    task = build_task(body.to_task, body.constraint_param())
     generation = await Generation.start(node_of(request), task, request, api="openai")
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = body.prompt_text if body.echo else ""

@@ -4,11 +4,20 @@ so a client that sends them learns it from a 400 instead of being silently ignor
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ringlet.shared.tasks import ChatMessage, FinishReason, SamplingParams, StopString, TextGenerationTask, Timings
+from ringlet.shared.tasks import (
+    ChatMessage,
+    Constraint,
+    FinishReason,
+    SamplingParams,
+    StopString,
+    TextGenerationTask,
+    Timings,
+)
 
 MAX_STOP_STRINGS = 16
 
@@ -36,8 +45,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(False, description="send a last chunk with the usage of the whole request")
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, object] = Field(default_factory=dict, alias="schema",
+                                       description="the JSON schema the answer validates against (empty: any JSON)")
+    strict: bool | None = Field(None, description="accepted; the schema is enforced either way")
+
+
 class ResponseFormat(BaseModel):
-    type: Literal["text"] = Field(description="only plain text is supported")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
+
+    def constraint(self) -> Constraint | None:
+        if self.type == "json_object" or (self.json_schema is not None and not self.json_schema.schema_):
+            return Constraint(kind="json_object")
+        if self.json_schema is not None:
+            return Constraint(kind="json_schema", spec=json.dumps(self.json_schema.schema_))
+        return None
 
 
 class _SamplingFields(BaseModel):
@@ -58,12 +89,35 @@ class _SamplingFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
+    guided_regex: str | None = Field(None, min_length=1, description="extension, as in vLLM: the answer matches it")
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, min_length=1, max_length=1000, description="extension, as in vLLM: the answer is one of these")
 
     @model_validator(mode="after")
     def _stop_strings_not_empty(self) -> _SamplingFields:
         if any(not s for s in self.stop_list()):
             raise ValueError("stop strings must not be empty")
+        if len(self._constraints()) > 1:
+            raise ValueError("give at most one of response_format (json_object, json_schema), guided_regex and "
+                             "guided_choice")
         return self
+
+    def _constraints(self) -> list[tuple[str, Constraint]]:
+        """(the field, what it asks of the answer) for each field that constrains the answer."""
+        found = []
+        if self.guided_regex is not None:
+            found.append(("guided_regex", Constraint(kind="regex", spec=self.guided_regex)))
+        if self.guided_choice is not None:
+            found.append(("guided_choice", Constraint(kind="choice", spec=json.dumps(self.guided_choice))))
+        return found
+
+    def constraint(self) -> Constraint | None:
+        """What the answer must be, if anything (`models/grammar.py` holds the sampled tokens to it)."""
+        return next((c for _, c in self._constraints()), None)
+
+    def constraint_param(self) -> str | None:
+        """The field the constraint comes from (named in a 400 when it cannot be compiled)."""
+        return next((field for field, _ in self._constraints()), None)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -81,6 +135,7 @@ class _SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
+            constraint=self.constraint(),
         )
 
     @property
@@ -94,6 +149,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: Literal[False] | None = Field(None, description="not supported")
     tools: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
     response_format: ResponseFormat | None = None
+
+    def _constraints(self) -> list[tuple[str, Constraint]]:
+        formatted = self.response_format.constraint() if self.response_format is not None else None
+        return ([("response_format", formatted)] if formatted is not None else []) + super()._constraints()
 
     def to_task(self) -> TextGenerationTask:
         return TextGenerationTask(

@@ -3,17 +3,23 @@
 Everything stays on the device (no .item() per token): the draw inverts the cumulative distribution at one
 seeded uniform number per row. On the CPU, the few steps that torch runs slowly over a whole vocabulary (argmax,
 sort, top-k: ~0.1-7 ms for 49k entries on one core, against 5-250 us in numpy's SIMD kernels) go through numpy
-on the same memory, and the penalties touch only the tokens seen so far.
+on the same memory, and the penalties touch only the tokens seen so far. A constrained request is the exception: its
+grammar (`grammar.py`) reads each token drawn on the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ringlet.shared.tasks import SamplingParams
+
+if TYPE_CHECKING:
+    from ringlet.models.grammar import TokenMask
+    from ringlet.models.tokenizer import Tokenizer
 
 
 def apply_penalties(
@@ -130,24 +136,42 @@ def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> 
 
 
 class RequestSampler:
-    """One request's sampler with the token history its penalties need (prompt and output tokens so far)."""
+    """One request's sampler with the token history its penalties need (prompt and output tokens so far) and, for a
+    constrained request (`SamplingParams.constraint`), its grammar's mask over each step's logits."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> None:
         self.sampler = make_sampler(params, device)
         self.history = self.output_counts = torch.zeros(0)
         if self.sampler.needs_history:
             self.history = torch.tensor([prompt], dtype=torch.long, device=device)
             self.output_counts = torch.zeros(1, vocab_size, device=device)
+        self.mask: TokenMask | None = None
+        if params.constraint is not None:
+            if tokenizer is None:
+                raise ValueError("constrained output needs the model's tokenizer where the request samples")
+            from ringlet.models.grammar import TokenMask
+
+            self.mask = TokenMask(params.constraint, tokenizer, vocab_size)
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with no penalties: the argmax of the logits, which a batch takes for all such rows at once."""
-        return self.sampler.params.greedy and not self.sampler.needs_history
+        """Greedy with no penalties and no grammar: the argmax of the logits, which a batch takes for all such rows at
+        once."""
+        return self.sampler.params.greedy and not self.sampler.needs_history and self.mask is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the request's grammar failed, if it did: its answer ends with finish reason "error"."""
+        return self.mask.failure if self.mask is not None else None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            logits = self.mask.apply(logits.float().clone())
         token = self.sampler(logits, self.history, self.output_counts)
         if self.sampler.needs_history:
             self.history = torch.cat((self.history, token.view(1, 1)), dim=-1)
             self.output_counts[0, token] += 1
+        if self.mask is not None:
+            self.mask.advance(int(token.item()))
         return token

@@ -11,6 +11,20 @@ MAX_STOP_CHARS = 1000  # a stop string's characters: the text held back while it
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
+MAX_CONSTRAINT_CHARS = 100_000  # a schema, regular expression or choice list, as text
+
+
+class Constraint(BaseModel):
+    """What the output must be (`models/grammar.py` holds each sampled token to it): any JSON object, JSON that
+    validates against a schema (`spec`: the schema as JSON text), text matching a regular expression (`spec`), or
+    one of a list of strings (`spec`: the JSON list)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["json_object", "json_schema", "regex", "choice"]
+    spec: str = Field("", max_length=MAX_CONSTRAINT_CHARS)
+
+
 class SamplingParams(BaseModel):
     """Validated sampling settings; temperature 0 means greedy."""
 
@@ -24,6 +38,7 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="over the output (OpenAI style)")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="over the output (OpenAI style)")
     seed: int | None = Field(None, ge=0, lt=2**63)
+    constraint: Constraint | None = None
 
     @property
     def greedy(self) -> bool:

@@ -326,7 +326,7 @@ class BatchGenerator:
         if self.pipeline is not None:
             self.pipeline.begin(key, sampling, prompt)
             return _sampled_by_the_last_stage
-        return RequestSampler(sampling, prompt, self.model.vocab_size, self.model.device)
+        return RequestSampler(sampling, prompt, self.model.vocab_size, self.model.device, self.model.tokenizer)
 
     def _end(self, sequences: list[Sequence[Choice]]) -> None:
         if self.pipeline is not None and sequences:
@@ -379,7 +379,7 @@ def feed_token(choice: Choice, token_id: int, generated: int,
     if generated == 1:
         choice.first_token_at = time.perf_counter()
     if token_id in eos and not task.ignore_eos:
-        return None, "stop"
+        return None, "error" if getattr(choice.sampler, "failure", None) else "stop"
     text = choice.stops.feed(choice.detokenizer.add_token(token_id))
     chunk = GenerationChunk(task_id=task.task_id, choice=choice.choice, text=text, token_id=token_id) if text else None
     if choice.stops.stopped:

@@ -316,7 +316,7 @@ class PipelineStage(_Described):
                 elif op == Op.BEGIN:
                     begin = _Begin.model_validate_json(payload)
                     self.samplers[begin.key] = RequestSampler(begin.sampling, begin.prompt, self.engine.vocab_size,
-                                                              self.engine.device)
+                                                              self.engine.device, self.engine.tokenizer)
                 else:
                     for key in _End.model_validate_json(payload).keys:
                         self.samplers.pop(key, None)

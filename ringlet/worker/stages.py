@@ -208,7 +208,8 @@ class RelayStage(_Described):
                 payload = self.ring.recv_payload(length)
                 if self.is_last:
                     begin = _Begin.model_validate_json(payload)
-                    self.sampler = RequestSampler(begin.sampling, begin.prompt, self.stage.vocab_size, self.stage.device)
+                    self.sampler = RequestSampler(begin.sampling, begin.prompt, self.stage.vocab_size, self.stage.device,
+                                                  self.stage.tokenizer)
                 else:
                     self.ring.send_payload(Op.BEGIN, payload)
                 continue

@@ -11,7 +11,7 @@ import pytest
 
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.shared.errors import TaskError
-from ringlet.shared.tasks import ChatMessage, SamplingParams
+from ringlet.shared.tasks import ChatMessage, Constraint, SamplingParams
 from tests.support.fake_node import REPLY, FakeNode, prompt_tokens
 
 ANSWER = "".join(REPLY)
@@ -133,3 +133,20 @@ def test_version_and_curl_style_bodies(url: str, node: FakeNode) -> None:
                        headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert reply.status_code == 200 and reply.json()["done"] is True and reply.json()["response"] == "The capital"
     assert node.submitted[-1].max_tokens == 2
+
+
+def test_format_json_or_a_schema_becomes_the_tasks_constraint(client: ollama.Client, node: FakeNode) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, format="json", options={"num_predict": 2})
+    assert node.submitted[-1].sampling.constraint == Constraint(kind="json_object")
+    client.generate(model=EMBEDDED_MODEL_ID, prompt="Where?", format=schema, options={"num_predict": 2})
+    assert node.submitted[-1].sampling.constraint == Constraint(kind="json_schema", spec=json.dumps(schema))
+    client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_predict": 2})
+    assert node.submitted[-1].sampling.constraint is None
+
+
+def test_a_format_that_cannot_compile_is_a_bad_request(client: ollama.Client, node: FakeNode) -> None:
+    with pytest.raises(ollama.ResponseError) as error:
+        client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, format={"type": "sandwich"})
+    assert error.value.status_code == 400 and "format" in error.value.error and "sandwich" in error.value.error
+    assert node.submitted == []

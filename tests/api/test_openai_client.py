@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.shared.errors import TaskError
-from ringlet.shared.tasks import ChatMessage, SamplingParams
+from ringlet.shared.tasks import ChatMessage, Constraint, SamplingParams
 from tests.support.fake_node import REPLY, FakeNode, prompt_tokens
 from tests.support.processes import wait_until
 
@@ -280,3 +280,47 @@ def test_n_choices_come_back_whole_and_streamed(client: openai.OpenAI, node: Fak
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     text = client.completions.create(model=EMBEDDED_MODEL_ID, prompt="Name a city", n=2, max_tokens=3, echo=True)
     assert [c.text for c in text.choices] == ["Name a cityThe capital of"] * 2
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name"], "additionalProperties": False}
+
+
+def test_response_formats_and_guided_fields_become_the_tasks_constraint(client: openai.OpenAI,
+                                                                        node: FakeNode) -> None:
+    def constraint_of(**fields: object) -> Constraint | None:
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=2, **fields)  # type: ignore[call-overload]
+        return node.submitted[-1].sampling.constraint
+
+    schema = {"name": "person", "schema": PERSON, "strict": True}
+    assert constraint_of(response_format={"type": "json_schema", "json_schema": schema}) == Constraint(
+        kind="json_schema", spec=json.dumps(PERSON))
+    assert constraint_of(response_format={"type": "json_object"}) == Constraint(kind="json_object")
+    assert constraint_of(response_format={"type": "json_schema", "json_schema": {"name": "any"}}) == Constraint(
+        kind="json_object")
+    assert constraint_of(response_format={"type": "text"}) is None
+    assert constraint_of(extra_body={"guided_regex": "[0-9]+"}) == Constraint(kind="regex", spec="[0-9]+")
+    assert constraint_of(extra_body={"guided_choice": ["yes", "no"]}) == Constraint(kind="choice",
+                                                                                   spec='["yes", "no"]')
+    client.completions.create(model=EMBEDDED_MODEL_ID, prompt="Yes or no?", max_tokens=2,
+                              extra_body={"guided_choice": ["yes", "no"]})
+    assert node.submitted[-1].sampling.constraint == Constraint(kind="choice", spec='["yes", "no"]')
+
+
+@pytest.mark.parametrize(("fields", "param", "problem"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "sandwich"}}}},
+     "response_format", "sandwich"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema is given with type json_schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", "json_schema"),
+    ({"extra_body": {"guided_regex": "[a-"}}, "guided_regex", "regex"),
+    ({"response_format": {"type": "json_object"}, "extra_body": {"guided_choice": ["a"]}}, None, "at most one of"),
+])
+def test_a_constraint_that_cannot_compile_is_a_bad_request_naming_it(client: openai.OpenAI, node: FakeNode,
+                                                                     fields: dict, param: str | None,
+                                                                     problem: str) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=2, **fields)
+    assert problem in error.value.message and error.value.code == "invalid_parameter"
+    if param is not None:
+        assert error.value.param == param and param.split(".")[0] in error.value.message
+    assert node.submitted == []

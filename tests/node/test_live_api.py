@@ -1,10 +1,14 @@
 """What only the real model can answer, through the official clients against a live node serving the embedded model:
-it names Paris (whole and streamed), seeded sampling repeats, echo and streaming agree with the plain completion, and
-the real tokenizer's 8192-token context window refuses a longer prompt. The API's contract is tested against a fake
+it names Paris (whole and streamed), seeded sampling repeats, echo and streaming agree with the plain completion, the
+real tokenizer's 8192-token context window refuses a longer prompt, and structured output (JSON schemas, any JSON
+object, a choice list, Ollama's format) parses and validates. The API's contract is tested against a fake
 node in tests/api/."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema_rs
 import ollama
 import openai
 import pytest
@@ -71,3 +75,65 @@ def test_ollama_chat_answers(live_node: LiveNode, model_id: str) -> None:
         options={"temperature": 0, "num_predict": 12})
     assert "Paris" in (reply.message.content or "")
     assert reply.done and reply.done_reason in ("stop", "length") and reply.eval_count and reply.prompt_eval_count
+
+
+SCHEMAS = {
+    "city": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                              "country": {"type": "string", "maxLength": 20}},
+             "required": ["city", "country"], "additionalProperties": False},
+    "nested, arrays, enums": {
+        "type": "object",
+        "properties": {
+            "answer": {"enum": ["Paris", "Lyon", "Marseille"]},
+            "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+            "facts": {"type": "array", "items": {"type": "string", "maxLength": 24}, "minItems": 1, "maxItems": 2},
+            "source": {"type": "object", "properties": {"kind": {"enum": ["memory", "book"]},
+                                                        "checked": {"type": "boolean"}},
+                       "required": ["kind", "checked"], "additionalProperties": False},
+        },
+        "required": ["answer", "confidence", "facts", "source"], "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_json_schema_answers_parse_and_validate_whole_and_streamed(client: openai.OpenAI, model_id: str,
+                                                                   name: str) -> None:
+    schema = SCHEMAS[name]
+    fields = {"model": model_id, "messages": QUESTION, "max_tokens": 200, "temperature": 0,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema,
+                                                                          "strict": True}}}
+    reply = client.chat.completions.create(**fields)  # type: ignore[call-overload]
+    text = reply.choices[0].message.content or ""
+    jsonschema_rs.validate(schema, json.loads(text))
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(**fields, stream=True)  # type: ignore[call-overload]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+
+
+def test_json_object_and_choices_constrain_sampled_answers(client: openai.OpenAI, model_id: str) -> None:
+    for seed in range(3):
+        reply = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=120, temperature=0.8,
+                                               seed=seed, response_format={"type": "json_object"})
+        if reply.choices[0].finish_reason == "stop":  # a sampled object may outrun max_tokens
+            assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+        choice = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=10, temperature=1.0,
+                                                seed=seed, extra_body={"guided_choice": ["Paris", "Rome", "Madrid"]})
+        assert choice.choices[0].message.content in ("Paris", "Rome", "Madrid")
+
+
+def test_ollama_format_schema_answers_validate(live_node: LiveNode, model_id: str) -> None:
+    schema = SCHEMAS["city"]
+    reply = ollama.Client(host=live_node.url, timeout=120).chat(
+        model=f"{model_id}:latest", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        format=schema, options={"temperature": 0, "num_predict": 100})
+    jsonschema_rs.validate(schema, json.loads(reply.message.content or ""))
+    assert reply.done_reason == "stop"
+
+
+def test_a_grammar_failing_mid_answer_ends_that_answer_alone(client: openai.OpenAI, model_id: str) -> None:
+    failed = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=20, temperature=0,
+                                            extra_body={"guided_regex": "(a{1000}){1000}"})
+    assert failed.choices[0].finish_reason == "error"  # type: ignore[comparison-overlap]
+    reply = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=12, temperature=0)
+    assert "Paris" in (reply.choices[0].message.content or "")

@@ -14,8 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from ringlet.models.grammar import TokenMask
 from ringlet.models.stop import StopMatcher
-from ringlet.models.tokenizer import StreamingDetokenizer
+from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.messages import BatchStats
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
@@ -82,7 +85,8 @@ class MlxBatchGenerator:
         params = [choice_sampling(task.sampling, i) for i in range(task.n)]
         uids = self.batch.insert(
             [list(ids) for _ in choices], max_tokens=[c.max_tokens for c in choices],
-            samplers=[mlx_sampler(p) for p in params], logits_processors=[mlx_processors(p) for p in params],
+            samplers=[mlx_sampler(p) for p in params],
+            logits_processors=[mlx_processors(p, self.tokenizer, self.engine.generator.vocab_size) for p in params],
             stop_sequences=[self._no_stop_tokens] * len(choices))
         for uid, choice in zip(uids, choices, strict=True):
             self.running[uid] = _Running(choice, len(ids))
@@ -160,12 +164,34 @@ def mlx_sampler(params: SamplingParams) -> Any:
     return sample
 
 
-def mlx_processors(params: SamplingParams) -> list[Any]:
+def mlx_processors(params: SamplingParams, tokenizer: Tokenizer, vocab_size: int) -> list[Any]:
     from mlx_lm.sample_utils import make_logits_processors
 
-    return make_logits_processors(
+    processors = make_logits_processors(
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
         presence_penalty=params.presence_penalty or None, frequency_penalty=params.frequency_penalty or None)
+    if params.constraint is not None:
+        processors.append(_grammar_processor(TokenMask(params.constraint, tokenizer, vocab_size)))
+    return list(processors)
+
+
+def _grammar_processor(mask: TokenMask) -> Any:
+    """A logits processor for mlx-lm holding a sequence to its grammar. mlx-lm calls it before each draw with the
+    sequence's tokens, whose last is the one just fed in: the token drawn at the step before (at the first call,
+    the prompt's last)."""
+    import mlx.core as mx
+
+    started = [False]
+
+    def process(tokens: Any, logits: Any) -> Any:
+        if started[0]:
+            mask.advance(int(tokens[-1].item()))
+        started[0] = True
+        width = logits.shape[-1]
+        mask_bits = np.unpackbits(mask.next_bits().view(np.uint8), bitorder="little")[:width]
+        return mx.where(mx.array(mask_bits.astype(bool))[None, :], logits, -mx.inf)
+
+    return process
 
 
 def _unused_sampler(logits: Any) -> Any:

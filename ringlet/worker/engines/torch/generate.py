@@ -55,7 +55,8 @@ class TextGenerator:
         token ids from `forward` and a sampler that passes them through."""
         self.forward, self.tokenizer = forward, tokenizer
         self.fill = fill or forward
-        self.sampler_for = sampler_for or (lambda params, ids: RequestSampler(params, ids, vocab_size, self.device))
+        self.sampler_for = sampler_for or (lambda params, ids: RequestSampler(params, ids, vocab_size, self.device,
+                                                                                      tokenizer))
         self.context_length, self.vocab_size = context_length, vocab_size
         self.device, self.prefill_chunk = torch.device(device), prefill_chunk
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
@@ -133,7 +134,7 @@ class TextGenerator:
             if generated == 1:
                 first_token_at = time.perf_counter()
             if token_id in self.eos and not task.ignore_eos:
-                finish = "stop"
+                finish = "error" if getattr(sampler, "failure", None) else "stop"
                 break
             text = stops.feed(detok.add_token(token_id))
             if text:
