@@ -53,21 +53,33 @@ class Options(BaseModel):
 
 
 class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant"]
     content: str = ""
     images: list[str] | None = Field(None, max_length=0, description="not supported")
+    thinking: Literal[""] | None = Field(None, description="thinking output is not supported")
+    tool_name: None = Field(None, description="tool calls are not supported")
+    tool_calls: list[dict[str, object]] | None = Field(None, max_length=0, description="tool calls are not supported")
 
     def to_message(self) -> ChatMessage:
         return ChatMessage(role=self.role, content=self.content)
 
 
 class _GenerateFields(BaseModel):
+    """Fields /api/chat and /api/generate share; one the model does not declare is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
     model: str = Field(min_length=1)
     stream: bool = True
     options: Options | None = None
     format: Literal["", "json"] | dict[str, object] | None = Field(
         None, description='"json": any JSON object; a JSON schema: JSON that validates against it')
     keep_alive: float | str | None = Field(None, description="accepted and ignored: instances stay until deleted")
+    think: Literal[False] | None = Field(None, description="thinking output is not supported")
+    logprobs: Literal[False] | None = Field(None, description="not supported")
+    top_logprobs: Literal[0] | None = Field(None, description="not supported")
 
     @property
     def opts(self) -> Options:
@@ -93,6 +105,11 @@ class GenerateRequest(_GenerateFields):
     raw: bool = Field(False, description="true: the prompt as is, without the chat template")
     images: list[str] | None = Field(None, max_length=0, description="not supported")
     suffix: Literal[""] | None = Field(None, description="not supported")
+    template: Literal[""] | None = Field(None, description="not supported: the model's own chat template is used")
+    context: list[int] | None = Field(None, max_length=0, description="not supported (deprecated by Ollama)")
+    width: None = Field(None, description="image generation is not supported")
+    height: None = Field(None, description="image generation is not supported")
+    steps: None = Field(None, description="image generation is not supported")
 
 
 class _Stats(BaseModel):

@@ -23,14 +23,27 @@ MAX_STOP_STRINGS = 16
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
     text: str
 
 
+_NOT_SUPPORTED = "not supported: only null is accepted"
+
+
 class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = Field(description="text, or a list of text parts")
     name: str | None = None
+    # what a client sends back with an earlier answer of ours: empty, or nothing ringlet answers with
+    refusal: None = Field(None, description=_NOT_SUPPORTED)
+    tool_calls: list[dict[str, object]] | None = Field(None, max_length=0, description="tool calls are not supported")
+    function_call: None = Field(None, description=_NOT_SUPPORTED)
+    audio: None = Field(None, description=_NOT_SUPPORTED)
+    annotations: list[dict[str, object]] | None = Field(None, max_length=0, description="none are produced")
 
     def to_message(self) -> ChatMessage:
         if isinstance(self.content, list):
@@ -42,10 +55,14 @@ class ChatMessageIn(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = Field(False, description="send a last chunk with the usage of the whole request")
 
 
 class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, object] = Field(default_factory=dict, alias="schema",
@@ -54,6 +71,8 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -72,7 +91,10 @@ class ResponseFormat(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    """The sampling parameters both OpenAI endpoints share (plus top_k, min_p, repetition_penalty as vLLM has)."""
+    """The sampling parameters both OpenAI endpoints share (plus top_k, min_p, repetition_penalty as vLLM has). A
+    field the model does not declare is a 400 naming it: nothing a client asks for is silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, description="a model id from GET /v1/models, or an instance id to use that one")
     max_tokens: int | None = Field(None, ge=1, description="most tokens to generate; capped by the context window")
@@ -89,6 +111,8 @@ class _SamplingFields(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=300, description="token id (as a string) -> a bias from -100 to 100 added to its logit")
     guided_regex: str | None = Field(None, min_length=1, description="extension, as in vLLM: the answer matches it")
     guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(
         None, min_length=1, max_length=1000, description="extension, as in vLLM: the answer is one of these")
@@ -136,7 +160,11 @@ class _SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
             constraint=self.constraint(),
+            logit_bias=self._token_bias(),
         )
+
+    def _token_bias(self) -> dict[int, float] | None:
+        return {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None
 
     @property
     def include_usage(self) -> bool:
@@ -147,8 +175,27 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     logprobs: Literal[False] | None = Field(None, description="not supported")
+    top_logprobs: Literal[0] | None = Field(None, description="not supported")
     tools: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="with no tools, no call is ever made")
+    parallel_tool_calls: bool | None = Field(None, description="with no tools, no call is ever made")
+    functions: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
+    function_call: Literal["none", "auto"] | None = Field(None, description="with no functions, none is called")
     response_format: ResponseFormat | None = None
+    modalities: list[Literal["text"]] | None = Field(None, description="text only")
+    audio: None = Field(None, description=_NOT_SUPPORTED)
+    prediction: None = Field(None, description=_NOT_SUPPORTED)
+    web_search_options: None = Field(None, description=_NOT_SUPPORTED)
+    reasoning_effort: None = Field(None, description=_NOT_SUPPORTED)
+    verbosity: None = Field(None, description=_NOT_SUPPORTED)
+    store: Literal[False] | None = Field(None, description="nothing is stored")
+    metadata: dict[str, str] | None = Field(None, description="accepted and ignored (for stored completions)")
+    service_tier: str | None = Field(None, description="accepted and ignored")
+    safety_identifier: str | None = Field(None, description="accepted and ignored")
+    prompt_cache_key: str | None = Field(None, description="accepted and ignored: shared prefixes are cached anyway")
+    prompt_cache_retention: str | None = Field(None, description="accepted and ignored")
+    prompt_cache_options: dict[str, object] | None = Field(None, description="accepted and ignored")
+    moderation: None = Field(None, description=_NOT_SUPPORTED)
 
     def _constraints(self) -> list[tuple[str, Constraint]]:
         formatted = self.response_format.constraint() if self.response_format is not None else None

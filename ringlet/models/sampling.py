@@ -112,10 +112,16 @@ class Sampler:
 
     params: SamplingParams
     generator: torch.Generator | None
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias: token ids [N] and what to add [N]
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor, output_counts: torch.Tensor) -> torch.Tensor:
         p = self.params
-        logits = apply_penalties(logits.float(), p, history, output_counts)
+        logits = logits.float()
+        if self.bias is not None:
+            ids, values = self.bias
+            logits = logits.clone()  # the engine's logits stay as they are
+            logits[..., ids] += values
+        logits = apply_penalties(logits, p, history, output_counts)
         if p.greedy:
             return argmax(logits)
         logits = apply_min_p(apply_top_p(apply_top_k(logits / p.temperature, p.top_k), p.top_p), p.min_p)
@@ -127,12 +133,20 @@ class Sampler:
         return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
-def make_sampler(params: SamplingParams, device: torch.device | str = "cpu") -> Sampler:
+def make_sampler(params: SamplingParams, device: torch.device | str = "cpu", vocab_size: int | None = None) -> Sampler:
+    """The sampler of `params`; a logit_bias naming a token id the vocabulary (`vocab_size`) lacks is a ValueError."""
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed)
-    return Sampler(params, generator)
+    bias = None
+    if params.logit_bias:
+        outside = sorted(t for t in params.logit_bias if vocab_size is not None and t >= vocab_size)
+        if outside:
+            raise ValueError(f"logit_bias names token ids {outside[:5]} beyond the model's {vocab_size} tokens")
+        bias = (torch.tensor(list(params.logit_bias), dtype=torch.long, device=device),
+                torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device))
+    return Sampler(params, generator, bias)
 
 
 class RequestSampler:
@@ -141,7 +155,7 @@ class RequestSampler:
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int,
                  device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> None:
-        self.sampler = make_sampler(params, device)
+        self.sampler = make_sampler(params, device, vocab_size)
         self.history = self.output_counts = torch.zeros(0)
         if self.sampler.needs_history:
             self.history = torch.tensor([prompt], dtype=torch.long, device=device)
@@ -156,9 +170,10 @@ class RequestSampler:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with no penalties and no grammar: the argmax of the logits, which a batch takes for all such rows at
-        once."""
-        return self.sampler.params.greedy and not self.sampler.needs_history and self.mask is None
+        """Greedy with no penalties, bias or grammar: the argmax of the logits, which a batch takes for all such rows
+        at once."""
+        return (self.sampler.params.greedy and not self.sampler.needs_history and self.sampler.bias is None
+                and self.mask is None)
 
     @property
     def failure(self) -> str | None:

@@ -39,6 +39,8 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="over the output (OpenAI style)")
     seed: int | None = Field(None, ge=0, lt=2**63)
     constraint: Constraint | None = None
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=300, description="added to the logits of these token ids before sampling (OpenAI's)")
 
     @property
     def greedy(self) -> bool:

@@ -324,3 +324,12 @@ def test_a_constraint_that_cannot_compile_is_a_bad_request_naming_it(client: ope
     if param is not None:
         assert error.value.param == param and param.split(".")[0] in error.value.message
     assert node.submitted == []
+
+
+def test_logit_bias_reaches_the_task_as_token_ids(client: openai.OpenAI, node: FakeNode) -> None:
+    client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=2,
+                                   logit_bias={"17": 5, "42": -100})
+    assert node.submitted[-1].sampling.logit_bias == {17: 5.0, 42: -100.0}
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, logit_bias={"seventeen": 5})
+    assert (error.value.param or "").startswith("logit_bias")

@@ -125,3 +125,18 @@ def test_a_top_p_too_small_for_float32_keeps_the_most_likely_token() -> None:
     logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
     kept = apply_top_p(logits, 7e-289)
     assert torch.isfinite(kept).tolist() == [[False, True, False, False]]
+
+
+def test_logit_bias_moves_the_draw_and_names_ids_beyond_the_vocabulary():
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    best = int(logits.argmax())
+    other = (best + 1) % 64
+    for params in (SamplingParams(temperature=0, logit_bias={other: 100.0}),
+                   SamplingParams(temperature=0.7, seed=1, logit_bias={other: 100.0})):
+        sampler = RequestSampler(params, [1], 64)
+        assert not sampler.plain_greedy and int(sampler(logits).item()) == other
+    banned = RequestSampler(SamplingParams(temperature=0, logit_bias={best: -100.0}), [1], 64)
+    assert int(banned(logits).item()) != best
+    assert int(logits.argmax()) == best, "the engine's logits are left as they were"
+    with pytest.raises(ValueError, match=r"token ids \[64\] beyond the model's 64 tokens"):
+        RequestSampler(SamplingParams(logit_bias={64: 1.0}), [1], 64)

@@ -168,6 +168,7 @@ def mlx_processors(params: SamplingParams, tokenizer: Tokenizer, vocab_size: int
     from mlx_lm.sample_utils import make_logits_processors
 
     processors = make_logits_processors(
+        logit_bias=dict(params.logit_bias) if params.logit_bias else None,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
         presence_penalty=params.presence_penalty or None, frequency_penalty=params.frequency_penalty or None)
     if params.constraint is not None:
