@@ -21,6 +21,7 @@ from ringlet.api.ollama_schemas import (
     ChatResponse,
     GenerateRequest,
     GenerateResponse,
+    LogprobOut,
     ModelDetails,
     ResponseMessage,
     TagModel,
@@ -29,7 +30,7 @@ from ringlet.api.ollama_schemas import (
 )
 from ringlet.models.catalog import ModelCard
 from ringlet.shared.errors import TaskError
-from ringlet.shared.tasks import ChatMessage, GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import ChatMessage, GenerationChunk, TextGenerationTask, TokenLogprob
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -58,7 +59,8 @@ def _task(body: ChatRequest | GenerateRequest, messages: list[ChatMessage] | Non
     return build_task(lambda: TextGenerationTask(model=body.model, messages=messages, prompt=prompt,
                                                  max_tokens=options.max_tokens(), stop=options.stop_list(),
                                                  sampling=options.sampling().model_copy(
-                                                     update={"constraint": body.constraint()})),
+                                                     update={"constraint": body.constraint(),
+                                                             "logprobs": body.logprob_count()})),
                       constraint_param="format")
 
 
@@ -75,27 +77,34 @@ def _stats(last: GenerationChunk, total_s: float) -> dict[str, object]:
     return stats
 
 
-async def _answer(generation: Generation, stream: bool, line: Callable[[str, dict[str, object]], BaseModel]
-                  ) -> BaseModel | StreamingResponse:
-    """Stream one line per chunk plus a final line with the counts, or collect everything into one object."""
+async def _answer(generation: Generation, stream: bool, line: Callable[[str, dict[str, object]], BaseModel],
+                  with_top: bool = False) -> BaseModel | StreamingResponse:
+    """Stream one line per chunk plus a final line with the counts, or collect everything into one object (with
+    each token's log-probability when asked; `with_top`: and the most likely tokens')."""
     began = datetime.now(UTC)
 
     def elapsed() -> float:
         return (datetime.now(UTC) - began).total_seconds()
 
+    def logprobs(tokens: list[TokenLogprob]) -> dict[str, object]:
+        return {"logprobs": [LogprobOut.of(t, with_top) for t in tokens]} if tokens else {}
+
     if not stream:
         text, last = [], None
+        tokens: list[TokenLogprob] = []
         async for chunk in generation.chunks(watch_disconnect=True):
             text.append(chunk.text)
+            tokens.extend(chunk.logprobs or ())
             last = chunk
         assert last is not None
-        return line("".join(text), {"done": True, **_stats(last, elapsed())})
+        return line("".join(text), {"done": True, **_stats(last, elapsed()), **logprobs(tokens)})
 
     async def lines() -> AsyncIterator[str]:
         try:
             async for chunk in generation.chunks(watch_disconnect=False):
                 if chunk.text:
-                    yield line(chunk.text, {"done": False}).model_dump_json(exclude_none=True) + "\n"
+                    yield line(chunk.text, {"done": False, **logprobs(chunk.logprobs or [])}).model_dump_json(
+                        exclude_none=True) + "\n"
                 if chunk.finish_reason is not None:
                     yield line("", {"done": True, **_stats(chunk, elapsed())}).model_dump_json(exclude_none=True) + "\n"
         except TaskError as failure:  # the status is sent already: Ollama reports errors as a line
@@ -115,7 +124,7 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
         return ChatResponse.model_validate({"model": body.model, "created_at": _now(),
                                             "message": ResponseMessage(content=text), **extra})
 
-    return await _answer(generation, body.stream, line)
+    return await _answer(generation, body.stream, line, bool(body.top_logprobs))
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
@@ -138,7 +147,7 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
         messages = [ChatMessage(role="system", content=body.system)] if body.system else []
         task = _task(body, messages=[*messages, ChatMessage(role="user", content=body.prompt)])
     generation = await Generation.start(node, task, request, api="ollama")
-    return await _answer(generation, body.stream, line)
+    return await _answer(generation, body.stream, line, bool(body.top_logprobs))
 
 
 def _tag(card: ModelCard, modified: str) -> TagModel:

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringlet.shared.tasks import ChatMessage, Constraint, SamplingParams, StopString
+from ringlet.api.openai_schemas import LogprobFields
+from ringlet.shared.tasks import ChatMessage, Constraint, SamplingParams, StopString, TokenLogprob
 
 # Ollama's default num_predict is -1 (until the model stops); -2 means "fill the context"
 _UNLIMITED = (-1, -2)
@@ -66,7 +67,7 @@ class OllamaMessage(BaseModel):
         return ChatMessage(role=self.role, content=self.content)
 
 
-class _GenerateFields(BaseModel):
+class _GenerateFields(LogprobFields):
     """Fields /api/chat and /api/generate share; one the model does not declare is a 400 naming it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -78,8 +79,6 @@ class _GenerateFields(BaseModel):
         None, description='"json": any JSON object; a JSON schema: JSON that validates against it')
     keep_alive: float | str | None = Field(None, description="accepted and ignored: instances stay until deleted")
     think: Literal[False] | None = Field(None, description="thinking output is not supported")
-    logprobs: Literal[False] | None = Field(None, description="not supported")
-    top_logprobs: Literal[0] | None = Field(None, description="not supported")
 
     @property
     def opts(self) -> Options:
@@ -123,6 +122,23 @@ class _Stats(BaseModel):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+    logprobs: list[LogprobOut] | None = None
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class LogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut] | None = None
+
+    @classmethod
+    def of(cls, token: TokenLogprob, with_top: bool) -> LogprobOut:
+        return cls(token=token.token, logprob=token.logprob, bytes=list(token.token.encode()),
+                   top_logprobs=[TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()))
+                                 for t in token.top] if with_top else None)
 
 
 class ResponseMessage(BaseModel):

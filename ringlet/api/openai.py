@@ -20,6 +20,7 @@ from ringlet.api.openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
     CompletionChoice,
@@ -31,7 +32,7 @@ from ringlet.api.openai_schemas import (
 )
 from ringlet.shared.errors import TaskError
 from ringlet.shared.state import RunnerStatus
-from ringlet.shared.tasks import FinishReason, GenerationChunk, Timings
+from ringlet.shared.tasks import FinishReason, GenerationChunk, Timings, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -60,9 +61,11 @@ class _Choices:
         self.completion_tokens = [0] * n
         self.prompt_tokens = 0
         self.timings: Timings | None = None
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
 
     def add(self, chunk: GenerationChunk) -> None:
         self.text[chunk.choice].append(chunk.text)
+        self.logprobs[chunk.choice].extend(chunk.logprobs or ())
         if chunk.finish_reason is not None:
             self.finish[chunk.choice] = chunk.finish_reason
         if chunk.usage is not None:
@@ -134,13 +137,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
             choices=[ChunkChoice(index=_TextEvents.INDEX, delta=Delta(content=_TextEvents.TEXT))]))
 
         def chunk_event(chunk: GenerationChunk) -> ChatCompletionChunk | str:
-            if chunk.choice in with_role and chunk.finish_reason is None and chunk.timings is None:
+            if (chunk.choice in with_role and chunk.finish_reason is None and chunk.timings is None
+                    and chunk.logprobs is None):
                 return text_event(chunk.choice, chunk.text)
             delta = Delta(role=None if chunk.choice in with_role else "assistant", content=chunk.text)
             with_role.add(chunk.choice)
+            logprobs = ChoiceLogprobs.of(chunk.logprobs) if chunk.logprobs else None
             return ChatCompletionChunk(
                 id=completion_id, created=created, model=generation.model,
-                choices=[ChunkChoice(index=chunk.choice, delta=delta, finish_reason=chunk.finish_reason)],
+                choices=[ChunkChoice(index=chunk.choice, delta=delta, finish_reason=chunk.finish_reason,
+                                     logprobs=logprobs)],
                 timings=chunk.timings)
 
         def usage_event(usage: Usage) -> ChatCompletionChunk:
@@ -155,7 +161,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         choices.add(chunk)
     return ChatCompletion(
         id=completion_id, created=created, model=generation.model, usage=choices.usage(), timings=choices.timings,
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=choices.joined(i)), finish_reason=finish)
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=choices.joined(i)), finish_reason=finish,
+                            logprobs=ChoiceLogprobs.of(choices.logprobs[i]) if task.sampling.logprobs is not None
+                            else None)
                  for i, finish in enumerate(choices.finish)])
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ringlet.shared.tasks import (
     ChatMessage,
@@ -17,6 +17,7 @@ from ringlet.shared.tasks import (
     StopString,
     TextGenerationTask,
     Timings,
+    TokenLogprob,
 )
 
 MAX_STOP_STRINGS = 16
@@ -90,6 +91,26 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class LogprobFields(BaseModel):
+    """`logprobs` and `top_logprobs`, as OpenAI's chat completions and Ollama take them."""
+
+    logprobs: bool | None = Field(None, description="each answer token's log-probability (after penalties, bias and "
+                                                      "grammar, before temperature)")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="and this many of the most likely tokens' (with "
+                                                                    "logprobs)")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def logprob_count(self) -> int | None:
+        """SamplingParams.logprobs: None without logprobs, else how many of the most likely tokens to report."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
 class _SamplingFields(BaseModel):
     """The sampling parameters both OpenAI endpoints share (plus top_k, min_p, repetition_penalty as vLLM has). A
     field the model does not declare is a 400 naming it: nothing a client asks for is silently dropped."""
@@ -161,7 +182,11 @@ class _SamplingFields(BaseModel):
             seed=self.seed,
             constraint=self.constraint(),
             logit_bias=self._token_bias(),
+            logprobs=self._logprobs(),
         )
+
+    def _logprobs(self) -> int | None:
+        return None
 
     def _token_bias(self) -> dict[int, float] | None:
         return {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None
@@ -171,11 +196,9 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, LogprobFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    logprobs: Literal[False] | None = Field(None, description="not supported")
-    top_logprobs: Literal[0] | None = Field(None, description="not supported")
     tools: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
     tool_choice: Literal["none", "auto"] | None = Field(None, description="with no tools, no call is ever made")
     parallel_tool_calls: bool | None = Field(None, description="with no tools, no call is ever made")
@@ -196,6 +219,9 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_cache_retention: str | None = Field(None, description="accepted and ignored")
     prompt_cache_options: dict[str, object] | None = Field(None, description="accepted and ignored")
     moderation: None = Field(None, description=_NOT_SUPPORTED)
+
+    def _logprobs(self) -> int | None:
+        return self.logprob_count()
 
     def _constraints(self) -> list[tuple[str, Constraint]]:
         formatted = self.response_format.constraint() if self.response_format is not None else None
@@ -240,11 +266,36 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class LogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+    @classmethod
+    def of(cls, token: str, logprob: float) -> LogprobOut:
+        return cls(token=token, logprob=logprob, bytes=list(token.encode()))
+
+
+class ContentLogprob(LogprobOut):
+    top_logprobs: list[LogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[ContentLogprob] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, logprobs: list[TokenLogprob]) -> ChoiceLogprobs:
+        return cls(content=[ContentLogprob(**LogprobOut.of(t.token, t.logprob).model_dump(),
+                                           top_logprobs=[LogprobOut.of(o.token, o.logprob) for o in t.top])
+                            for t in logprobs])
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -266,7 +317,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -10,12 +10,12 @@ grammar (`grammar.py`) reads each token drawn on the host.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 
-from ringlet.shared.tasks import SamplingParams
+from ringlet.shared.tasks import SamplingParams, TokenLogprob, TopLogprob
 
 if TYPE_CHECKING:
     from ringlet.models.grammar import TokenMask
@@ -115,13 +115,20 @@ class Sampler:
     bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias: token ids [N] and what to add [N]
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor, output_counts: torch.Tensor) -> torch.Tensor:
-        p = self.params
+        return self.pick(self.process(logits, history, output_counts))
+
+    def process(self, logits: torch.Tensor, history: torch.Tensor, output_counts: torch.Tensor) -> torch.Tensor:
+        """The logits in float32 with the bias and the penalties applied (the distribution logprobs report)."""
         logits = logits.float()
         if self.bias is not None:
             ids, values = self.bias
             logits = logits.clone()  # the engine's logits stay as they are
             logits[..., ids] += values
-        logits = apply_penalties(logits, p, history, output_counts)
+        return apply_penalties(logits, self.params, history, output_counts)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The drawn token of each row of processed logits: temperature, top-k, top-p, min-p, then a draw."""
+        p = self.params
         if p.greedy:
             return argmax(logits)
         logits = apply_min_p(apply_top_p(apply_top_k(logits / p.temperature, p.top_k), p.top_p), p.min_p)
@@ -160,6 +167,10 @@ class RequestSampler:
         if self.sampler.needs_history:
             self.history = torch.tensor([prompt], dtype=torch.long, device=device)
             self.output_counts = torch.zeros(1, vocab_size, device=device)
+        self.tokenizer = tokenizer
+        self.last_logprobs: TokenLogprob | None = None  # the last token drawn's, when the request asks for them
+        if params.logprobs is not None and tokenizer is None:
+            raise ValueError("logprobs need the model's tokenizer where the request samples")
         self.mask: TokenMask | None = None
         if params.constraint is not None:
             if tokenizer is None:
@@ -173,7 +184,7 @@ class RequestSampler:
         """Greedy with no penalties, bias or grammar: the argmax of the logits, which a batch takes for all such rows
         at once."""
         return (self.sampler.params.greedy and not self.sampler.needs_history and self.sampler.bias is None
-                and self.mask is None)
+                and self.mask is None and self.sampler.params.logprobs is None)
 
     @property
     def failure(self) -> str | None:
@@ -183,10 +194,25 @@ class RequestSampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             logits = self.mask.apply(logits.float().clone())
-        token = self.sampler(logits, self.history, self.output_counts)
+        processed = self.sampler.process(logits, self.history, self.output_counts)
+        token = self.sampler.pick(processed)
+        if self.sampler.params.logprobs is not None:
+            self.last_logprobs = token_logprobs(processed[0], int(token.item()), self.sampler.params.logprobs,
+                                                cast("Tokenizer", self.tokenizer))
         if self.sampler.needs_history:
             self.history = torch.cat((self.history, token.view(1, 1)), dim=-1)
             self.output_counts[0, token] += 1
         if self.mask is not None:
             self.mask.advance(int(token.item()))
         return token
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int, tokenizer: Tokenizer) -> TokenLogprob:
+    """The drawn `token`'s log-probability under `logits` [V] and the `top` most likely tokens' (texts decoded one
+    token at a time, as OpenAI gives them)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    return TokenLogprob(
+        token=tokenizer.decode([token]), logprob=float(logprobs[token]),
+        top=[] if best is None else [TopLogprob(token=tokenizer.decode([i]), logprob=v)
+                                     for v, i in zip(best.values.tolist(), best.indices.tolist(), strict=True)])

@@ -41,6 +41,8 @@ class SamplingParams(BaseModel):
     constraint: Constraint | None = None
     logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, max_length=300, description="added to the logits of these token ids before sampling (OpenAI's)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="report each drawn token's log-probability and this "
+                                                               "many of the most likely tokens' (None: none)")
 
     @property
     def greedy(self) -> bool:
@@ -96,6 +98,20 @@ class Timings(BaseModel):
     decode_tokens_per_s: float
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A drawn token's text and log-probability (after penalties, bias and grammar, before temperature), with the
+    most likely tokens' when asked."""
+
+    token: str
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class GenerationChunk(BaseModel):
     """A piece of the stream: text of one choice to show; a choice's last chunk has its finish reason and counts, and
     the task's very last chunk (every choice finished) has `last`."""
@@ -109,3 +125,4 @@ class GenerationChunk(BaseModel):
     error: str | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the tokens this chunk's text completes (asked for: sampling.logprobs)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard, cast
 
 import torch
@@ -32,7 +32,15 @@ from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.messages import BatchStats
-from ringlet.shared.tasks import FinishReason, GenerationChunk, SamplingParams, TextGenerationTask, Timings, Usage
+from ringlet.shared.tasks import (
+    FinishReason,
+    GenerationChunk,
+    SamplingParams,
+    TextGenerationTask,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
 from ringlet.worker.blocks import BlockManager
 from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids
 from ringlet.worker.scheduler import Planned, Scheduler, Sequence
@@ -126,6 +134,7 @@ class Choice:
     stops: StopMatcher
     arrived_at: float
     first_token_at: float = 0.0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens whose text is not out yet
 
 
 class BatchGenerator:
@@ -175,6 +184,8 @@ class BatchGenerator:
 
     def submit(self, task: TextGenerationTask) -> None:
         """Queue a task; a prompt that cannot run at all raises ValueError (ContextWindowError) here."""
+        if self.pipeline is not None and task.sampling.logprobs is not None:
+            raise ValueError("logprobs are not available from an instance split over several stages")
         ids = prompt_ids(self.model.tokenizer, task)
         if not ids:
             raise ValueError("the prompt has no tokens (empty, or only characters the tokenizer drops); send some text")
@@ -371,17 +382,24 @@ def generate_alone(model: BatchModel | PipelinedModel, config: EngineConfig,
         yield from generator.step()
 
 
-def feed_token(choice: Choice, token_id: int, generated: int,
-               eos: set[int]) -> tuple[GenerationChunk | None, FinishReason | None]:
+def feed_token(choice: Choice, token_id: int, generated: int, eos: set[int],
+               logprob: TokenLogprob | None = None) -> tuple[GenerationChunk | None, FinishReason | None]:
     """A choice's `generated`-th token: the text it completes (held back while it may begin a stop string), and
-    why the choice ends here, if it does."""
+    why the choice ends here, if it does. Its log-probability (`logprob`, else its sampler's) goes out with the
+    first chunk that has text."""
     task = choice.of.task
     if generated == 1:
         choice.first_token_at = time.perf_counter()
     if token_id in eos and not task.ignore_eos:
         return None, "error" if getattr(choice.sampler, "failure", None) else "stop"
+    logprob = logprob or getattr(choice.sampler, "last_logprobs", None)
+    if logprob is not None and task.sampling.logprobs is not None:
+        choice.logprobs.append(logprob)
     text = choice.stops.feed(choice.detokenizer.add_token(token_id))
-    chunk = GenerationChunk(task_id=task.task_id, choice=choice.choice, text=text, token_id=token_id) if text else None
+    chunk = None
+    if text:
+        chunk = GenerationChunk(task_id=task.task_id, choice=choice.choice, text=text, token_id=token_id,
+                                logprobs=_take_logprobs(choice))
     if choice.stops.stopped:
         return chunk, "stop"
     return chunk, "length" if generated >= choice.max_tokens else None
@@ -396,11 +414,16 @@ def last_chunk(choice: Choice, prompt_length: int, generated: int, finish: Finis
     decode_s = done - choice.first_token_at
     return GenerationChunk(
         task_id=choice.of.task.task_id, choice=choice.choice, text=tail, finish_reason=finish,
-        last=choice.of.unfinished == 0,
+        last=choice.of.unfinished == 0, logprobs=_take_logprobs(choice),
         usage=Usage(prompt_tokens=prompt_length, completion_tokens=generated),
         timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt_length / prefill_s,
                         decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0),
     )
+
+
+def _take_logprobs(choice: Choice) -> list[TokenLogprob] | None:
+    taken, choice.logprobs = choice.logprobs or None, []
+    return taken
 
 
 def _is_pipelined(model: BatchModel | PipelinedModel) -> TypeGuard[PipelinedModel]:

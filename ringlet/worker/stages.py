@@ -150,6 +150,8 @@ class FirstStage(RingHead, _Described):
         return self.stage.tokenizer
 
     def _begin(self, params: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        if params.logprobs is not None:
+            raise ValueError("logprobs are not available from an instance split over several stages")
         with self._ring_errors():
             self.ring.send_payload(Op.BEGIN, _Begin(sampling=params, prompt=prompt).model_dump_json().encode())
         return _sampled_down_the_ring

@@ -150,3 +150,16 @@ def test_a_format_that_cannot_compile_is_a_bad_request(client: ollama.Client, no
         client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, format={"type": "sandwich"})
     assert error.value.status_code == 400 and "format" in error.value.error and "sandwich" in error.value.error
     assert node.submitted == []
+
+
+def test_logprobs_come_with_each_token(client: ollama.Client, node: FakeNode) -> None:
+    reply = client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, logprobs=True, top_logprobs=2,
+                        options={"num_predict": 12})
+    assert node.submitted[-1].sampling.logprobs == 2
+    assert reply.logprobs is not None and "".join(t.token for t in reply.logprobs) == reply.message.content
+    assert all(len(t.top_logprobs or []) == 2 for t in reply.logprobs)
+    lines = list(client.generate(model=EMBEDDED_MODEL_ID, prompt="Hi", logprobs=True, stream=True,
+                                 options={"num_predict": 12}))
+    tokens = [t for line in lines for t in line.logprobs or []]
+    assert "".join(t.token for t in tokens) == "".join(line.response for line in lines)
+    assert all(t.top_logprobs is None for t in tokens)

@@ -333,3 +333,24 @@ def test_logit_bias_reaches_the_task_as_token_ids(client: openai.OpenAI, node: F
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, logit_bias={"seventeen": 5})
     assert (error.value.param or "").startswith("logit_bias")
+
+
+def test_logprobs_come_with_each_token_whole_and_streamed(client: openai.OpenAI, node: FakeNode) -> None:
+    reply = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12, logprobs=True,
+                                           top_logprobs=3)
+    assert node.submitted[-1].sampling.logprobs == 3
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and "".join(t.token for t in content) == reply.choices[0].message.content == ANSWER
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob for t in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    streamed = list(client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=12,
+                                                   logprobs=True, top_logprobs=3, stream=True))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    assert [(t.token, t.logprob) for t in tokens] == [(t.token, t.logprob) for t in content]
+    plain = client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=2)
+    assert plain.choices[0].logprobs is None and node.submitted[-1].sampling.logprobs is None
+    client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, max_tokens=2, logprobs=True)
+    assert node.submitted[-1].sampling.logprobs == 0
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, top_logprobs=2)
+    assert error.value.param == "top_logprobs" and "needs logprobs" in error.value.message

@@ -29,7 +29,7 @@ CHAT: dict[str, tuple[object, str]] = {
     "tool_choice": ("none", OK), "parallel_tool_calls": (False, OK), "user": ("me", OK), "metadata": ({"a": "b"}, OK),
     "service_tier": ("auto", OK), "safety_identifier": ("x", OK), "prompt_cache_key": ("k", OK),
     "prompt_cache_retention": ("24h", OK), "prompt_cache_options": ({"mode": "x"}, OK), "modalities": (["text"], OK),
-    "store": (True, REFUSED), "logprobs": (True, REFUSED), "top_logprobs": (3, REFUSED),
+    "store": (True, REFUSED), "logprobs": (True, OK), "top_logprobs": (3, REFUSED),  # top_logprobs alone
     "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], REFUSED),
     "functions": ([{"name": "f", "parameters": {"type": "object"}}], REFUSED), "function_call": ({"name": "f"}, REFUSED),
     "audio": ({"voice": "alloy", "format": "wav"}, REFUSED), "prediction": ({"type": "content", "content": "x"}, REFUSED),
@@ -46,14 +46,14 @@ COMPLETION: dict[str, tuple[object, str]] = {
 OLLAMA_CHAT: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "messages": (QUESTION, OK), "stream": (False, OK), "format": ("json", OK),
     "options": ({"num_predict": 3}, OK), "keep_alive": ("5m", OK), "think": (True, REFUSED),
-    "logprobs": (True, REFUSED), "top_logprobs": (2, REFUSED),
+    "logprobs": (True, OK), "top_logprobs": (2, REFUSED),  # top_logprobs alone
     "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], REFUSED),
 }
 OLLAMA_GENERATE: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "prompt": ("Hello", OK), "stream": (False, OK), "format": ("json", OK),
     "options": ({"num_predict": 3}, OK), "keep_alive": (0, OK), "system": ("Be brief.", OK), "raw": (True, OK),
     "suffix": ("end", REFUSED), "template": ("{{ .Prompt }}", REFUSED), "context": ([1, 2], REFUSED),
-    "images": (["aGk="], REFUSED), "think": (True, REFUSED), "logprobs": (True, REFUSED), "top_logprobs": (2, REFUSED),
+    "images": (["aGk="], REFUSED), "think": (True, REFUSED), "logprobs": (True, OK), "top_logprobs": (2, REFUSED),
     "width": (64, REFUSED), "height": (64, REFUSED), "steps": (4, REFUSED),
 }
 

@@ -140,3 +140,23 @@ def test_logit_bias_moves_the_draw_and_names_ids_beyond_the_vocabulary():
     assert int(logits.argmax()) == best, "the engine's logits are left as they were"
     with pytest.raises(ValueError, match=r"token ids \[64\] beyond the model's 64 tokens"):
         RequestSampler(SamplingParams(logit_bias={64: 1.0}), [1], 64)
+
+
+def test_logprobs_report_the_drawn_token_and_the_most_likely_ones():
+    from ringlet.models.random_checkpoint import synthetic_tokenizer
+
+    tokenizer = synthetic_tokenizer(64)
+    logits = torch.randn(1, 64, generator=torch.Generator().manual_seed(1)) * 3
+    expected = torch.log_softmax(logits[0], -1)
+    greedy = RequestSampler(SamplingParams(temperature=0, logprobs=4), [1], 64, tokenizer=tokenizer)
+    token = int(greedy(logits).item())
+    assert not greedy.plain_greedy and greedy.last_logprobs is not None
+    assert greedy.last_logprobs.token == tokenizer.decode([token])
+    assert greedy.last_logprobs.logprob == pytest.approx(float(expected.max()))
+    assert [t.logprob for t in greedy.last_logprobs.top] == pytest.approx(expected.topk(4).values.tolist())
+    sampled = RequestSampler(SamplingParams(temperature=1.0, seed=2, logprobs=0), [1], 64, tokenizer=tokenizer)
+    token = int(sampled(logits).item())
+    assert sampled.last_logprobs is not None and sampled.last_logprobs.top == []
+    assert sampled.last_logprobs.logprob == pytest.approx(float(expected[token]))
+    with pytest.raises(ValueError, match="tokenizer"):
+        RequestSampler(SamplingParams(logprobs=1), [1], 64)

@@ -7,6 +7,7 @@ node in tests/api/."""
 from __future__ import annotations
 
 import json
+import math
 
 import jsonschema_rs
 import ollama
@@ -137,3 +138,19 @@ def test_a_grammar_failing_mid_answer_ends_that_answer_alone(client: openai.Open
     assert failed.choices[0].finish_reason == "error"  # type: ignore[comparison-overlap]
     reply = client.chat.completions.create(model=model_id, messages=QUESTION, max_tokens=12, temperature=0)
     assert "Paris" in (reply.choices[0].message.content or "")
+
+
+def test_logprobs_of_greedy_tokens_are_the_top_ones_whole_and_streamed(client: openai.OpenAI, model_id: str) -> None:
+    fields = {"model": model_id, "messages": QUESTION, "max_tokens": 10, "temperature": 0, "logprobs": True,
+              "top_logprobs": 5}
+    reply = client.chat.completions.create(**fields)  # type: ignore[call-overload]
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens - (reply.choices[0].finish_reason == "stop")
+    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    for token in content:
+        assert len(token.top_logprobs) == 5 and token.logprob == max(t.logprob for t in token.top_logprobs) <= 0
+        assert sum(math.exp(t.logprob) for t in token.top_logprobs) <= 1 + 1e-4
+    streamed = list(client.chat.completions.create(**fields, stream=True))  # type: ignore[call-overload]
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in tokens] == [t.token for t in content]
+    assert [t.logprob for t in tokens] == pytest.approx([t.logprob for t in content], abs=1e-4)

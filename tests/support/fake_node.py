@@ -54,7 +54,15 @@ from ringlet.shared.state import (
     apply,
     new_instance_record,
 )
-from ringlet.shared.tasks import FinishReason, GenerationChunk, TextGenerationTask, Timings, Usage
+from ringlet.shared.tasks import (
+    FinishReason,
+    GenerationChunk,
+    TextGenerationTask,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from ringlet.worker.supervisor import InstanceLoad
 from tests.support.node_infos import node_info
 from tests.support.processes import wait_until
@@ -211,7 +219,8 @@ class FakeNode:
                 finish = "stop"
                 break
             if text := stops.feed(token):
-                yield GenerationChunk(task_id=task.task_id, choice=choice, text=text)
+                yield GenerationChunk(task_id=task.task_id, choice=choice, text=text,
+                                      logprobs=_logprobs(token, generated, task.sampling.logprobs))
             if stops.stopped:
                 finish = "stop"
                 break
@@ -222,6 +231,15 @@ class FakeNode:
             usage=Usage(prompt_tokens=prompt, completion_tokens=generated),
             timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt / prefill_s,
                             decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 else 0.0))
+
+
+def _logprobs(token: str, generated: int, top: int | None) -> list[TokenLogprob] | None:
+    """Made-up log-probabilities for a scripted token: the drawn one first among `top` alternatives."""
+    if top is None:
+        return None
+    best = -0.1 * generated
+    return [TokenLogprob(token=token, logprob=best,
+                         top=[TopLogprob(token=token if i == 0 else f"alt{i}", logprob=best - i) for i in range(top)])]
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from ringlet.models.paged_cache import SequenceStep
 from ringlet.net.ring import MLX_RING_BACKEND, backend_for
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType, Instance, InstanceType, Shard
-from ringlet.shared.tasks import SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import Constraint, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 from ringlet.worker.pipeline import decode_steps, encode_steps
 from tests.support.stage_process import Job
@@ -159,3 +159,18 @@ def test_mlx_ring_over_mlx_distributed_gives_single_stage_tokens(
     pytest.importorskip("mlx_lm")
     requests = run_ring(ring(["mlx", "mlx", "mlx"]))  # mlx.distributed's ring backend, three hops a token
     assert token_ids(requests) == single_stage_tokens
+
+
+@pytest.mark.slow
+def test_a_ring_holds_a_constrained_request_to_its_grammar(single_stage_engine: TorchBatchEngine) -> None:
+    """The last stage samples under the request's grammar as a single stage does."""
+    schema = {"type": "object", "properties": {"answer": {"enum": ["Paris", "Lyon", "Nice"]},
+                                               "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"], "additionalProperties": False}
+    constrained = SEEDED.model_copy(update={"constraint": Constraint(kind="json_schema", spec=json.dumps(schema))})
+    expected = single_stage_run(single_stage_engine, constrained, max_tokens=30)
+    assert token_ids(run_ring(ring(["cpu", "cpu"]), Job(prompts=PROMPTS, max_tokens=30, sampling=constrained))) == expected
+    tokenizer = single_stage_engine.tokenizer
+    for tokens in expected:
+        text = tokenizer.decode([t for t in tokens if t is not None and t not in tokenizer.eos_token_ids])
+        assert json.loads(text)["answer"] in ("Paris", "Lyon", "Nice")

@@ -67,3 +67,24 @@ def test_the_mlx_batch_holds_answers_to_their_constraint():
         for chunk in generator.step():
             chunks[chunk.task_id].append(chunk)
     check({task_id: texts_of(task_chunks) for task_id, task_chunks in chunks.items()})
+
+
+@pytest.mark.parametrize("path", ["cpu", pytest.param("mlx", marks=pytest.mark.slow),
+                                  pytest.param("mlx batch", marks=pytest.mark.slow)])
+def test_logprobs_come_out_with_the_tokens_on_each_path(path):
+    if path.startswith("mlx"):
+        pytest.importorskip("mlx_lm", reason="the mlx engine needs mlx, mlx-cpu and mlx-lm (pip install them)")
+    engine = initialize_engine(local_instance(None, path.split()[0]), EngineConfig(precision="fp32"))
+    task = TextGenerationTask(task_id="t", prompt="The capital of France is", max_tokens=8, ignore_eos=True,
+                              sampling=SamplingParams(temperature=0, logprobs=3))
+    if path == "mlx batch":
+        generator = engine.batch_generator(8)
+        generator.submit(task)
+        chunks = []
+        while generator:
+            chunks += generator.step()
+    else:
+        chunks = list(engine.generate(task))
+    logprobs = [t for c in chunks for t in c.logprobs or []]
+    assert len(logprobs) == 8 and "".join(t.token for t in logprobs) == "".join(c.text for c in chunks)
+    assert all(len(t.top) == 3 and t.logprob == pytest.approx(t.top[0].logprob, abs=1e-5) for t in logprobs)

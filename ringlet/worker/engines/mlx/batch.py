@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from ringlet.models.grammar import TokenMask
+from ringlet.models.sampling import token_logprobs
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.messages import BatchStats
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, TokenLogprob
 from ringlet.worker.batching import Choice, TaskState, feed_token, last_chunk
 from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids
 
@@ -115,7 +116,9 @@ class MlxBatchGenerator:
             if running is None:  # cancelled while its step was computed
                 continue
             running.generated += 1
-            chunk, finish = feed_token(running.choice, int(response.token), running.generated, self.eos)
+            asked = running.choice.of.task.sampling.logprobs
+            logprob = None if asked is None else _logprob(response, asked, self.tokenizer)
+            chunk, finish = feed_token(running.choice, int(response.token), running.generated, self.eos, logprob)
             if chunk is not None:
                 out.append(chunk)
             if finish is None and response.finish_reason is not None:
@@ -193,6 +196,14 @@ def _grammar_processor(mask: TokenMask) -> Any:
         return mx.where(mx.array(mask_bits.astype(bool))[None, :], logits, -mx.inf)
 
     return process
+
+
+def _logprob(response: Any, top: int, tokenizer: Tokenizer) -> TokenLogprob:
+    """The drawn token's log-probability from mlx-lm's response (its log-probabilities over the vocabulary)."""
+    import torch
+
+    return token_logprobs(torch.from_numpy(np.array(response.logprobs, dtype=np.float32)).view(-1),
+                          int(response.token), top, tokenizer)
 
 
 def _unused_sampler(logits: Any) -> Any:

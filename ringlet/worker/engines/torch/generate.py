@@ -15,7 +15,7 @@ from ringlet.models.sampling import RequestSampler
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
 from ringlet.shared.errors import ContextWindowError
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, Timings, Usage
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, Timings, TokenLogprob, Usage
 
 # forward(token_ids [1, L], start_position) -> logits of the last position [1, V]
 Forward = Callable[[torch.Tensor, int], torch.Tensor]
@@ -123,6 +123,7 @@ class TextGenerator:
         logits = self._prefill(ids)
         detok, stops = StreamingDetokenizer(self.tokenizer), StopMatcher(task.stop)
         first_token_at, finish, generated = 0.0, "length", 0
+        pending: list[TokenLogprob] = []  # log-probabilities of tokens whose text is not out yet
         while generated < max_tokens:
             token = sampler(logits)
             generated += 1
@@ -136,9 +137,13 @@ class TextGenerator:
             if token_id in self.eos and not task.ignore_eos:
                 finish = "error" if getattr(sampler, "failure", None) else "stop"
                 break
+            if task.sampling.logprobs is not None and (logprob := getattr(sampler, "last_logprobs", None)):
+                pending.append(logprob)
             text = stops.feed(detok.add_token(token_id))
             if text:
-                yield GenerationChunk(task_id=task.task_id, choice=choice, text=text, token_id=token_id)
+                yield GenerationChunk(task_id=task.task_id, choice=choice, text=text, token_id=token_id,
+                                      logprobs=pending or None)
+                pending = []
             if stops.stopped:
                 finish = "stop"
                 break
@@ -153,6 +158,7 @@ class TextGenerator:
         decode_s = done - first_token_at if generated > 1 else 0.0
         yield GenerationChunk(
             task_id=task.task_id, choice=choice, text=tail, finish_reason=finish, last=choice == task.n - 1,
+            logprobs=pending or None,
             usage=Usage(prompt_tokens=len(ids), completion_tokens=generated),
             timings=Timings(
                 time_to_first_token_s=prefill_s,
