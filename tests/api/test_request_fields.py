@@ -72,51 +72,36 @@ def test_every_field_the_clients_send_is_decided(table, fields):
     assert fields == set(table), f"undecided: {sorted(fields - set(table))}; gone: {sorted(set(table) - fields)}"
 
 
-def _base(table: dict[str, tuple[object, str]], *required: str) -> dict[str, object]:
-    return {name: table[name][0] for name in required}
+# endpoint -> its table, the fields every request needs, what each request adds, and how to send it
+ENDPOINTS = {
+    "openai chat": (CHAT, ("model", "messages"), {"max_tokens": 3},
+                    lambda url: _openai(url).chat.completions.create),
+    "openai completions": (COMPLETION, ("model", "prompt"), {"max_tokens": 3},
+                           lambda url: _openai(url).completions.create),
+    "ollama chat": (OLLAMA_CHAT, ("model", "messages"), {}, lambda url: ollama.Client(host=url, timeout=30).chat),
+    "ollama generate": (OLLAMA_GENERATE, ("model", "prompt"), {},
+                        lambda url: ollama.Client(host=url, timeout=30).generate),
+}
 
 
-@pytest.mark.parametrize("field", sorted(CHAT))
-def test_openai_chat_field(url: str, node: FakeNode, field: str) -> None:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    fields = _base(CHAT, "model", "messages") | {"max_tokens": 3, field: CHAT[field][0]}
-    _expect(lambda: client.chat.completions.create(**fields), field, CHAT[field][1])  # type: ignore[call-overload]
+def _openai(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
-@pytest.mark.parametrize("field", sorted(COMPLETION))
-def test_openai_completions_field(url: str, node: FakeNode, field: str) -> None:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    fields = _base(COMPLETION, "model", "prompt") | {"max_tokens": 3, field: COMPLETION[field][0]}
-    _expect(lambda: client.completions.create(**fields), field, COMPLETION[field][1])  # type: ignore[call-overload]
-
-
-def _expect(call: typing.Callable[[], object], field: str, answer: str) -> None:
+@pytest.mark.parametrize(("endpoint", "field"), [(e, f) for e, (table, *_) in ENDPOINTS.items() for f in sorted(table)])
+def test_each_field_is_honoured_or_refused_by_name(url: str, node: FakeNode, endpoint: str, field: str) -> None:
+    table, required, extra, sender = ENDPOINTS[endpoint]
+    value, answer = table[field]
+    send = sender(url)
+    fields = {name: table[name][0] for name in required} | extra | {field: value}
     if answer == OK:
-        call()
+        send(**fields)
         return
-    with pytest.raises(openai.BadRequestError) as error:
-        call()
-    assert field in error.value.message and (error.value.param or "").split(".")[0] == field
-
-
-@pytest.mark.parametrize("field", sorted(OLLAMA_CHAT))
-def test_ollama_chat_field(url: str, node: FakeNode, field: str) -> None:
-    client = ollama.Client(host=url, timeout=30)
-    fields = _base(OLLAMA_CHAT, "model", "messages") | {field: OLLAMA_CHAT[field][0]}
-    _expect_ollama(lambda: client.chat(**fields), field, OLLAMA_CHAT[field][1])  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("field", sorted(OLLAMA_GENERATE))
-def test_ollama_generate_field(url: str, node: FakeNode, field: str) -> None:
-    client = ollama.Client(host=url, timeout=30)
-    fields = _base(OLLAMA_GENERATE, "model", "prompt") | {field: OLLAMA_GENERATE[field][0]}
-    _expect_ollama(lambda: client.generate(**fields), field, OLLAMA_GENERATE[field][1])  # type: ignore[arg-type]
-
-
-def _expect_ollama(call: typing.Callable[[], object], field: str, answer: str) -> None:
-    if answer == OK:
-        call()
-        return
-    with pytest.raises(ollama.ResponseError) as error:
-        call()
-    assert error.value.status_code == 400 and field in error.value.error
+    if endpoint.startswith("openai"):
+        with pytest.raises(openai.BadRequestError) as error:
+            send(**fields)
+        assert field in error.value.message and (error.value.param or "").split(".")[0] == field
+    else:
+        with pytest.raises(ollama.ResponseError) as refused:
+            send(**fields)
+        assert refused.value.status_code == 400 and field in refused.value.error
