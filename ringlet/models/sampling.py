@@ -164,9 +164,13 @@ class RequestSampler:
                  device: torch.device | str = "cpu", tokenizer: Tokenizer | None = None) -> None:
         self.sampler = make_sampler(params, device, vocab_size)
         self.history = self.output_counts = torch.zeros(0)
+        self.window = params.penalty_window
         if self.sampler.needs_history:
             self.history = torch.tensor([prompt], dtype=torch.long, device=device)
             self.output_counts = torch.zeros(1, vocab_size, device=device)
+            if self.window is not None:  # the counts are of the window's tokens, the prompt's among them
+                self.output_counts.scatter_add_(-1, self.history[:, -self.window:],
+                                                torch.ones(1, min(self.window, len(prompt)), device=device))
         self.tokenizer = tokenizer
         self.last_logprobs: TokenLogprob | None = None  # the last token drawn's, when the request asks for them
         if params.logprobs is not None and tokenizer is None:
@@ -194,7 +198,8 @@ class RequestSampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             logits = self.mask.apply(logits.float().clone())
-        processed = self.sampler.process(logits, self.history, self.output_counts)
+        history = self.history if self.window is None else self.history[:, -self.window:]
+        processed = self.sampler.process(logits, history, self.output_counts)
         token = self.sampler.pick(processed)
         if self.sampler.params.logprobs is not None:
             self.last_logprobs = token_logprobs(processed[0], int(token.item()), self.sampler.params.logprobs,
@@ -202,6 +207,8 @@ class RequestSampler:
         if self.sampler.needs_history:
             self.history = torch.cat((self.history, token.view(1, 1)), dim=-1)
             self.output_counts[0, token] += 1
+            if self.window is not None and self.history.shape[-1] > self.window:
+                self.output_counts[0, self.history[0, -self.window - 1]] -= 1  # it left the window
         if self.mask is not None:
             self.mask.advance(int(token.item()))
         return token

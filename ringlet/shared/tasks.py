@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,6 +37,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="over prompt and output (HF style)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="over the output (OpenAI style)")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="over the output (OpenAI style)")
+    penalty_window: int | None = Field(None, ge=1, description="the three penalties look at only the last this many "
+                                                               "tokens of prompt and output (Ollama's repeat_last_n); "
+                                                               "None: as described above")
     seed: int | None = Field(None, ge=0, lt=2**63)
     constraint: Constraint | None = None
     logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
@@ -49,11 +52,47 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0 or self.top_k == 1
 
 
+MAX_TOOLS = 128
+# how a model writes its tool calls: Hermes/Qwen <tool_call> JSON, Llama 3 JSON (after <|python_tag|>), Mistral's
+# [TOOL_CALLS]
+ToolFormat = Literal["hermes", "llama3", "mistral"]
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class FunctionSpec(BaseModel):
+    """A function the model may call: its name, what it does, and its parameters as a JSON schema."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ToolName
+    description: str = Field("", max_length=10_000)
+    parameters: dict[str, Any] = Field(default_factory=dict, description="a JSON schema of the arguments object")
+
+    def template_form(self) -> dict[str, Any]:
+        """As chat templates take a tool (OpenAI's shape, which transformers passes on)."""
+        function: dict[str, Any] = {"name": self.name, "description": self.description}
+        function["parameters"] = self.parameters or {"type": "object", "properties": {}}
+        return {"type": "function", "function": function}
+
+
+class ToolCall(BaseModel):
+    """A call the model made: the function's name and its arguments object as JSON text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field("", max_length=200)
+    name: ToolName
+    arguments: str = Field("{}", max_length=MAX_CONSTRAINT_CHARS)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, max_length=200, description="a tool message: the call it answers")
+    name: str | None = Field(None, max_length=200, description="a tool message: the function that answered")
 
 
 class TextGenerationTask(BaseModel):
@@ -70,6 +109,8 @@ class TextGenerationTask(BaseModel):
     sampling: SamplingParams = SamplingParams()
     n: int = Field(1, ge=1, le=16, description="independent answers to the prompt (choices); a seed s gives choice i "
                                                "the seed s + i")
+    tools: list[FunctionSpec] | None = Field(None, max_length=MAX_TOOLS, description="functions the model is told "
+                                                                                  "it may call (chat only)")
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
 
     @model_validator(mode="after")
@@ -80,6 +121,8 @@ class TextGenerationTask(BaseModel):
             raise ValueError("messages must not be empty")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("tools need chat messages, not a raw prompt")
         return self
 
 

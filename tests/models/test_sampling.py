@@ -70,6 +70,16 @@ def test_request_sampler_penalises_its_own_output():
     assert sampler.output_counts.tolist() == [[0.0, 1.0, 0.0, 1.0]]
 
 
+def test_a_penalty_window_looks_at_the_last_tokens_only():
+    params = SamplingParams(temperature=0, repetition_penalty=10.0, frequency_penalty=1.0, penalty_window=2)
+    sampler = RequestSampler(params, prompt=[0, 2, 1], vocab_size=4)
+    assert sampler.output_counts.tolist() == [[0.0, 1.0, 1.0, 0.0]], "the window's prompt tokens count"
+    logits = torch.tensor([[3.0, 2.0, 2.5, 1.0]])
+    # 0 left the window, so it wins; then the window is [1, 0]: 2 (2.5) beats 3 (1.0)
+    assert [int(sampler(logits)) for _ in range(2)] == [0, 2]
+    assert sampler.output_counts.tolist() == [[1.0, 0.0, 1.0, 0.0]], "what leaves the window stops counting"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_fast_paths_agree_with_torch(dtype):
     """argmax / k-th largest / descending sort go through numpy for float32 CPU tensors; float64 stays in torch."""

@@ -167,13 +167,20 @@ def mlx_sampler(params: SamplingParams) -> Any:
     return sample
 
 
+_WHOLE_SEQUENCE = 1 << 30
+
+
 def mlx_processors(params: SamplingParams, tokenizer: Tokenizer, vocab_size: int) -> list[Any]:
     from mlx_lm.sample_utils import make_logits_processors
 
+    # mlx-lm's penalties look at a window of the sequence's tokens (its default: 20); without one, at all of them
+    window = params.penalty_window or _WHOLE_SEQUENCE
     processors = make_logits_processors(
         logit_bias=dict(params.logit_bias) if params.logit_bias else None,
         repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
-        presence_penalty=params.presence_penalty or None, frequency_penalty=params.frequency_penalty or None)
+        repetition_context_size=window, presence_penalty=params.presence_penalty or None,
+        presence_context_size=window, frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=window)
     if params.constraint is not None:
         processors.append(_grammar_processor(TokenMask(params.constraint, tokenizer, vocab_size)))
     return list(processors)
