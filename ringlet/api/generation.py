@@ -9,6 +9,8 @@ the client leaves. Either way the task is closed, which cancels it in the runner
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -20,7 +22,8 @@ from ringlet.api.facade import NodeFacade, TaskStream
 from ringlet.api.metrics import ApiMetrics, Outcome
 from ringlet.models import grammar
 from ringlet.shared.errors import NodeError, TaskError
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.state import InstanceRecord
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask, ToolFormat
 
 DISCONNECT_POLL_S = 0.1
 
@@ -76,9 +79,19 @@ def error_kind(error: Exception) -> str:
     return to_api_error(error).code or type(error).__name__
 
 
+def _ringlet_version() -> str:
+    try:
+        return importlib.metadata.version("ringlet")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 class Generation:
-    def __init__(self, handle: TaskStream, request: Request, api: str, metrics: ApiMetrics) -> None:
+    def __init__(self, handle: TaskStream, request: Request, api: str, metrics: ApiMetrics,
+                 instance: InstanceRecord | None = None) -> None:
+        """`instance`: the record of the instance that serves the task, as it stood at submission."""
         self.handle, self.request, self.api, self.metrics = handle, request, api, metrics
+        self.instance = instance
         self._watch = DisconnectWatch(request)
         self._chunks = aiter(handle)
         self.first: GenerationChunk | None = None
@@ -91,6 +104,19 @@ class Generation:
     def task_id(self) -> str:
         return self.handle.task.task_id
 
+    def tool_format(self) -> ToolFormat:
+        """How the serving model writes tool calls (from its chat template, as its runner reported)."""
+        return self.instance.tool_format if self.instance is not None else "hermes"
+
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: the same model, ring, engines and ringlet version give the same value (and,
+        with a seed, the same answer)."""
+        parts = [self.model, _ringlet_version()]
+        if self.instance is not None:
+            parts += [self.instance.instance.instance_type.value, *sorted(
+                f"{node}:{runner.engine}:{runner.optimization}" for node, runner in self.instance.runners.items())]
+        return "fp_" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
     @classmethod
     async def start(cls, node: NodeFacade, task: TextGenerationTask, request: Request, api: str) -> Generation:
         """Submit the task and wait for its first chunk; raises NodeError, TaskError or ClientGone."""
@@ -100,7 +126,7 @@ class Generation:
         except NodeError as refusal:
             metrics.error(api, error_kind(refusal))
             raise
-        generation = cls(handle, request, api, metrics)
+        generation = cls(handle, request, api, metrics, node.state.instances.get(handle.instance_id))
         try:
             generation.first = await _next_watching(generation._chunks, generation._watch)
         except BaseException as error:

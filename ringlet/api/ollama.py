@@ -23,14 +23,16 @@ from ringlet.api.ollama_schemas import (
     GenerateResponse,
     LogprobOut,
     ModelDetails,
+    OllamaToolCall,
     ResponseMessage,
     TagModel,
     TagsResponse,
     VersionResponse,
 )
+from ringlet.api.tool_calls import CallReader
 from ringlet.models.catalog import ModelCard
 from ringlet.shared.errors import TaskError
-from ringlet.shared.tasks import ChatMessage, GenerationChunk, TextGenerationTask, TokenLogprob
+from ringlet.shared.tasks import ChatMessage, FunctionSpec, GenerationChunk, TextGenerationTask, TokenLogprob, ToolCall
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -54,9 +56,9 @@ def _now() -> str:
 
 
 def _task(body: ChatRequest | GenerateRequest, messages: list[ChatMessage] | None = None,
-          prompt: str | None = None) -> TextGenerationTask:
+          prompt: str | None = None, tools: list[FunctionSpec] | None = None) -> TextGenerationTask:
     options = body.opts
-    return build_task(lambda: TextGenerationTask(model=body.model, messages=messages, prompt=prompt,
+    return build_task(lambda: TextGenerationTask(model=body.model, messages=messages, prompt=prompt, tools=tools,
                                                  max_tokens=options.max_tokens(), stop=options.stop_list(),
                                                  sampling=options.sampling().model_copy(
                                                      update={"constraint": body.constraint(),
@@ -77,11 +79,16 @@ def _stats(last: GenerationChunk, total_s: float) -> dict[str, object]:
     return stats
 
 
-async def _answer(generation: Generation, stream: bool, line: Callable[[str, dict[str, object]], BaseModel],
-                  with_top: bool = False) -> BaseModel | StreamingResponse:
+Line = Callable[[str, list[ToolCall], dict[str, object]], BaseModel]
+
+
+async def _answer(generation: Generation, stream: bool, line: Line, with_top: bool = False,
+                  reader: CallReader | None = None) -> BaseModel | StreamingResponse:
     """Stream one line per chunk plus a final line with the counts, or collect everything into one object (with
-    each token's log-probability when asked; `with_top`: and the most likely tokens')."""
+    each token's log-probability when asked; `with_top`: and the most likely tokens'). `reader` reads tool calls out
+    of the text: a call comes in a line of its own once its text is complete."""
     began = datetime.now(UTC)
+    reader = reader or CallReader("none", [], "hermes")
 
     def elapsed() -> float:
         return (datetime.now(UTC) - began).total_seconds()
@@ -97,16 +104,19 @@ async def _answer(generation: Generation, stream: bool, line: Callable[[str, dic
             tokens.extend(chunk.logprobs or ())
             last = chunk
         assert last is not None
-        return line("".join(text), {"done": True, **_stats(last, elapsed()), **logprobs(tokens)})
+        piece = reader.read("".join(text), last=True)
+        return line(piece.content, reader.calls, {"done": True, **_stats(last, elapsed()), **logprobs(tokens)})
 
     async def lines() -> AsyncIterator[str]:
         try:
             async for chunk in generation.chunks(watch_disconnect=False):
-                if chunk.text:
-                    yield line(chunk.text, {"done": False, **logprobs(chunk.logprobs or [])}).model_dump_json(
-                        exclude_none=True) + "\n"
+                piece = reader.read(chunk.text, last=chunk.finish_reason is not None)
+                if piece.content or piece.finished or chunk.logprobs:
+                    yield line(piece.content, piece.finished, {"done": False, **logprobs(chunk.logprobs or [])}
+                               ).model_dump_json(exclude_none=True) + "\n"
                 if chunk.finish_reason is not None:
-                    yield line("", {"done": True, **_stats(chunk, elapsed())}).model_dump_json(exclude_none=True) + "\n"
+                    yield line("", [], {"done": True, **_stats(chunk, elapsed())}).model_dump_json(
+                        exclude_none=True) + "\n"
         except TaskError as failure:  # the status is sent already: Ollama reports errors as a line
             yield json.dumps(OllamaError(error=to_api_error(failure).message).model_dump()) + "\n"
 
@@ -117,14 +127,16 @@ async def _answer(generation: Generation, stream: bool, line: Callable[[str, dic
              responses={**GENERATION_ERRORS, **_ndjson_docs(ChatResponse)})
 async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResponse:
     """Chat with a model, Ollama style."""
-    task = _task(body, messages=[m.to_message() for m in body.messages])
+    tools = [t.spec() for t in body.tools] if body.tools else None
+    task = _task(body, messages=[m.to_message() for m in body.messages], tools=tools)
     generation = await Generation.start(node_of(request), task, request, api="ollama")
 
-    def line(text: str, extra: dict[str, object]) -> ChatResponse:
-        return ChatResponse.model_validate({"model": body.model, "created_at": _now(),
-                                            "message": ResponseMessage(content=text), **extra})
+    def line(text: str, calls: list[ToolCall], extra: dict[str, object]) -> ChatResponse:
+        message = ResponseMessage(content=text, tool_calls=[OllamaToolCall.of(c) for c in calls] or None)
+        return ChatResponse.model_validate({"model": body.model, "created_at": _now(), "message": message, **extra})
 
-    return await _answer(generation, body.stream, line, bool(body.top_logprobs))
+    reader = CallReader("auto" if tools else "none", tools or [], generation.tool_format())
+    return await _answer(generation, body.stream, line, bool(body.top_logprobs), reader)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
@@ -133,13 +145,13 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
     """Complete a prompt, Ollama style: through the chat template unless `raw` is true."""
     node = node_of(request)
 
-    def line(text: str, extra: dict[str, object]) -> GenerateResponse:
+    def line(text: str, calls: list[ToolCall], extra: dict[str, object]) -> GenerateResponse:
         return GenerateResponse.model_validate({"model": body.model, "created_at": _now(), "response": text, **extra})
 
     if not body.prompt and (body.raw or not body.system):
         # Ollama answers an empty prompt by loading the model: here, by checking that an instance serves it
         node.instance_for(body.model)
-        return line("", {"done": True, "done_reason": "load"})
+        return line("", [], {"done": True, "done_reason": "load"})
 
     if body.raw:
         task = _task(body, prompt=body.prompt)

@@ -11,11 +11,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ringlet.api.openai_schemas import LogprobFields
-from ringlet.shared.tasks import ChatMessage, Constraint, SamplingParams, StopString, TokenLogprob
+from ringlet.api.openai_schemas import LogprobFields, ToolIn
+from ringlet.shared.tasks import (
+    MAX_TOOLS,
+    ChatMessage,
+    Constraint,
+    SamplingParams,
+    StopString,
+    TokenLogprob,
+    ToolCall,
+    ToolName,
+)
 
 # Ollama's default num_predict is -1 (until the model stops); -2 means "fill the context"
 _UNLIMITED = (-1, -2)
+DEFAULT_REPEAT_LAST_N = 64  # Ollama's: the penalties look at the last 64 tokens
 
 
 class Options(BaseModel):
@@ -31,17 +41,24 @@ class Options(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repeat_last_n: int | None = Field(None, ge=-1, description="the penalties look at the last this many tokens of "
+                                                               "prompt and answer (default 64); 0: no penalties; -1: "
+                                                               "all of them")
 
     def sampling(self) -> SamplingParams:
         greedy = self.top_p == 0.0
+        window = DEFAULT_REPEAT_LAST_N if self.repeat_last_n is None else self.repeat_last_n
+        penalised = window != 0 and bool(self.repeat_penalty not in (None, 1.0) or self.presence_penalty
+                                         or self.frequency_penalty)
         return SamplingParams(
             # Ollama's default temperature is 0.8
             temperature=0.0 if greedy else (0.8 if self.temperature is None else self.temperature),
             top_p=1.0 if greedy or self.top_p is None else self.top_p,
             top_k=self.top_k or 0, min_p=self.min_p or 0.0,
-            repetition_penalty=self.repeat_penalty or 1.0,
-            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            seed=self.seed,
+            repetition_penalty=(self.repeat_penalty or 1.0) if penalised else 1.0,
+            presence_penalty=(self.presence_penalty or 0.0) if penalised else 0.0,
+            frequency_penalty=(self.frequency_penalty or 0.0) if penalised else 0.0,
+            penalty_window=window if penalised and window > 0 else None, seed=self.seed,
         )
 
     def max_tokens(self) -> int | None:
@@ -53,18 +70,40 @@ class Options(BaseModel):
         return [s for s in self.stop or [] if s]
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+    arguments: dict[str, object] = Field(default_factory=dict)
+    index: int | None = Field(None, description="accepted and ignored")
+
+
+class OllamaToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    function: FunctionCall
+
+    @classmethod
+    def of(cls, call: ToolCall) -> OllamaToolCall:
+        arguments = json.loads(call.arguments)
+        return cls(function=FunctionCall(name=call.name, arguments=arguments if isinstance(arguments, dict) else {}))
+
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = Field(None, max_length=0, description="not supported")
     thinking: Literal[""] | None = Field(None, description="thinking output is not supported")
-    tool_name: None = Field(None, description="tool calls are not supported")
-    tool_calls: list[dict[str, object]] | None = Field(None, max_length=0, description="tool calls are not supported")
+    tool_name: str | None = Field(None, max_length=200, description="a tool message: the function that answered")
+    tool_calls: list[OllamaToolCall] | None = Field(None, max_length=MAX_TOOLS, description="an assistant's calls")
 
     def to_message(self) -> ChatMessage:
-        return ChatMessage(role=self.role, content=self.content)
+        calls = [ToolCall(name=c.function.name, arguments=json.dumps(c.function.arguments, ensure_ascii=False))
+                 for c in self.tool_calls] if self.tool_calls else None
+        return ChatMessage(role=self.role, content=self.content, tool_calls=calls,
+                           name=self.tool_name if self.role == "tool" else None)
 
 
 class _GenerateFields(LogprobFields):
@@ -95,7 +134,8 @@ class _GenerateFields(LogprobFields):
 
 class ChatRequest(_GenerateFields):
     messages: list[OllamaMessage] = Field(min_length=1)
-    tools: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
+    tools: list[ToolIn] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may call (it "
+                                                                             "chooses, as with Ollama)")
 
 
 class GenerateRequest(_GenerateFields):
@@ -144,6 +184,7 @@ class LogprobOut(TopLogprobOut):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class ChatResponse(_Stats):

@@ -6,6 +6,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -20,6 +21,7 @@ from ringlet.api.openai_schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatFinishReason,
     ChoiceLogprobs,
     ChunkChoice,
     Completion,
@@ -28,8 +30,11 @@ from ringlet.api.openai_schemas import (
     Delta,
     ModelList,
     ModelObject,
+    ToolCallDelta,
+    ToolCallOut,
     Usage,
 )
+from ringlet.api.tool_calls import CallReader
 from ringlet.shared.errors import TaskError
 from ringlet.shared.state import RunnerStatus
 from ringlet.shared.tasks import FinishReason, GenerationChunk, Timings, TokenLogprob
@@ -105,12 +110,16 @@ class _TextEvents:
 
 
 async def _stream_events(generation: Generation, choices: _Choices,
-                         make_chunk: Callable[[GenerationChunk], BaseModel | str],
+                         make_chunk: Callable[[GenerationChunk], BaseModel | str | None],
                          usage_chunk: Callable[[Usage], BaseModel] | None) -> AsyncIterator[str]:
+    """The stream's events; `make_chunk` returns None for a chunk with nothing to send yet (text held back while it
+    may be a tool call)."""
     try:
         async for chunk in generation.chunks(watch_disconnect=False):
             choices.add(chunk)
-            yield _sse(make_chunk(chunk))
+            event = make_chunk(chunk)
+            if event is not None:
+                yield _sse(event)
     except TaskError as failure:
         # the status line is sent already: report the error in the stream, the way OpenAI does
         error = to_api_error(failure)
@@ -128,30 +137,40 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     task = build_task(body.to_task, body.constraint_param())
     generation = await Generation.start(node_of(request), task, request, api="openai")
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    fingerprint = generation.fingerprint()
     choices = _Choices(task.n)
+    specs, tool_format = body.tool_specs(), generation.tool_format()
+    readers = [CallReader(body.tool_mode(), specs, tool_format, body.named_function()) for _ in range(task.n)]
+
+    def finish_reason(choice: int, finish: FinishReason | None) -> ChatFinishReason | None:
+        return "tool_calls" if finish == "stop" and readers[choice].calls else finish
 
     if body.stream:
         with_role: set[int] = set()
         text_event = _TextEvents(ChatCompletionChunk(
-            id=completion_id, created=created, model=generation.model,
+            id=completion_id, created=created, model=generation.model, system_fingerprint=fingerprint,
             choices=[ChunkChoice(index=_TextEvents.INDEX, delta=Delta(content=_TextEvents.TEXT))]))
 
-        def chunk_event(chunk: GenerationChunk) -> ChatCompletionChunk | str:
+        def chunk_event(chunk: GenerationChunk) -> ChatCompletionChunk | str | None:
+            piece = readers[chunk.choice].read(chunk.text, last=chunk.finish_reason is not None)
             if (chunk.choice in with_role and chunk.finish_reason is None and chunk.timings is None
-                    and chunk.logprobs is None):
-                return text_event(chunk.choice, chunk.text)
-            delta = Delta(role=None if chunk.choice in with_role else "assistant", content=chunk.text)
+                    and chunk.logprobs is None and not piece.deltas):
+                return text_event(chunk.choice, piece.content) if piece.content else None
+            calls = [ToolCallDelta.of(d) for d in piece.deltas] or None
+            delta = Delta(role=None if chunk.choice in with_role else "assistant",
+                          content=piece.content if piece.content or not calls else None, tool_calls=calls)
             with_role.add(chunk.choice)
             logprobs = ChoiceLogprobs.of(chunk.logprobs) if chunk.logprobs else None
             return ChatCompletionChunk(
-                id=completion_id, created=created, model=generation.model,
-                choices=[ChunkChoice(index=chunk.choice, delta=delta, finish_reason=chunk.finish_reason,
+                id=completion_id, created=created, model=generation.model, system_fingerprint=fingerprint,
+                choices=[ChunkChoice(index=chunk.choice, delta=delta,
+                                     finish_reason=finish_reason(chunk.choice, chunk.finish_reason),
                                      logprobs=logprobs)],
                 timings=chunk.timings)
 
         def usage_event(usage: Usage) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=completion_id, created=created, model=generation.model, choices=[],
-                                       usage=usage)
+            return ChatCompletionChunk(id=completion_id, created=created, model=generation.model,
+                                       system_fingerprint=fingerprint, choices=[], usage=usage)
 
         return StreamingResponse(_stream_events(generation, choices, chunk_event,
                                                 usage_event if body.include_usage else None),
@@ -159,12 +178,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
 
     async for chunk in generation.chunks(watch_disconnect=True):
         choices.add(chunk)
+
+    def choice(i: int) -> ChatChoice:
+        content = readers[i].read(choices.joined(i), last=True).content
+        calls = [ToolCallOut.of(c) for c in readers[i].calls] or None
+        finish = finish_reason(i, choices.finish[i])
+        assert finish is not None
+        return ChatChoice(index=i, message=AssistantMessage(content=content or (None if calls else ""),
+                                                            tool_calls=calls),
+                          finish_reason=finish,
+                          logprobs=ChoiceLogprobs.of(choices.logprobs[i]) if task.sampling.logprobs is not None
+                          else None)
+
     return ChatCompletion(
         id=completion_id, created=created, model=generation.model, usage=choices.usage(), timings=choices.timings,
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=choices.joined(i)), finish_reason=finish,
-                            logprobs=ChoiceLogprobs.of(choices.logprobs[i]) if task.sampling.logprobs is not None
-                            else None)
-                 for i, finish in enumerate(choices.finish)])
+        system_fingerprint=fingerprint, choices=[choice(i) for i in range(task.n)])
 
 
 @router.post("/completions", response_model=Completion, responses={**GENERATION_ERRORS, **_sse_docs(Completion)})
@@ -174,25 +202,27 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     task = build_task(body.to_task, body.constraint_param())
     generation = await Generation.start(node_of(request), task, request, api="openai")
     completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    head: dict[str, Any] = {"id": completion_id, "created": created, "model": generation.model,
+                            "system_fingerprint": generation.fingerprint()}
     echo = body.prompt_text if body.echo else ""
     choices = _Choices(task.n, prefix=echo)
 
     if body.stream:
         echoed: set[int] = set()
-        text_event = _TextEvents(Completion(id=completion_id, created=created, model=generation.model,
-                                            choices=[CompletionChoice(index=_TextEvents.INDEX, text=_TextEvents.TEXT)]))
+        text_event = _TextEvents(Completion(**head, choices=[CompletionChoice(index=_TextEvents.INDEX,
+                                                                              text=_TextEvents.TEXT)]))
 
         def chunk_event(chunk: GenerationChunk) -> Completion | str:
             if chunk.choice in echoed and chunk.finish_reason is None and chunk.timings is None:
                 return text_event(chunk.choice, chunk.text)
             text = chunk.text if chunk.choice in echoed else echo + chunk.text
             echoed.add(chunk.choice)
-            return Completion(id=completion_id, created=created, model=generation.model, timings=chunk.timings,
+            return Completion(**head, timings=chunk.timings,
                               choices=[CompletionChoice(index=chunk.choice, text=text,
                                                         finish_reason=chunk.finish_reason)])
 
         def usage_event(usage: Usage) -> Completion:
-            return Completion(id=completion_id, created=created, model=generation.model, choices=[], usage=usage)
+            return Completion(**head, choices=[], usage=usage)
 
         return StreamingResponse(_stream_events(generation, choices, chunk_event,
                                                 usage_event if body.include_usage else None),
@@ -200,8 +230,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
 
     async for chunk in generation.chunks(watch_disconnect=True):
         choices.add(chunk)
-    return Completion(id=completion_id, created=created, model=generation.model, usage=choices.usage(),
-                      timings=choices.timings,
+    return Completion(**head, usage=choices.usage(), timings=choices.timings,
                       choices=[CompletionChoice(index=i, text=choices.joined(i), finish_reason=finish)
                                for i, finish in enumerate(choices.finish)])
 

@@ -9,15 +9,21 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ringlet.api.tool_calls import CallDelta, ToolMode
+from ringlet.models.tools import named_call_constraint, required_call_constraint
 from ringlet.shared.tasks import (
+    MAX_TOOLS,
     ChatMessage,
     Constraint,
     FinishReason,
+    FunctionSpec,
     SamplingParams,
     StopString,
     TextGenerationTask,
     Timings,
     TokenLogprob,
+    ToolCall,
+    ToolName,
 )
 
 MAX_STOP_STRINGS = 16
@@ -33,26 +39,91 @@ class TextPart(BaseModel):
 _NOT_SUPPORTED = "not supported: only null is accepted"
 
 
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+    arguments: str = Field(description="the arguments object as JSON text")
+
+
+class ToolCallIn(BaseModel):
+    """A call from an earlier answer, sent back with the conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(max_length=200)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = Field(description="text, or a list of text parts")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, description="text, or a list of text parts")
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_TOOLS, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, max_length=200, description="a tool message: the call it answers")
     # what a client sends back with an earlier answer of ours: empty, or nothing ringlet answers with
     refusal: None = Field(None, description=_NOT_SUPPORTED)
-    tool_calls: list[dict[str, object]] | None = Field(None, max_length=0, description="tool calls are not supported")
     function_call: None = Field(None, description=_NOT_SUPPORTED)
     audio: None = Field(None, description=_NOT_SUPPORTED)
     annotations: list[dict[str, object]] | None = Field(None, max_length=0, description="none are produced")
+
+    @model_validator(mode="after")
+    def _fields_of_the_role(self) -> ChatMessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
 
     def to_message(self) -> ChatMessage:
         if isinstance(self.content, list):
             text = "".join(part.text for part in self.content)
         else:
             text = self.content or ""
+        calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                 for c in self.tool_calls] if self.tool_calls else None
         # chat templates know system, user and assistant; OpenAI's newer "developer" is a system message
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text, tool_calls=calls,
+                           tool_call_id=self.tool_call_id, name=self.name if self.role == "tool" else None)
+
+
+class FunctionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+    description: str | None = Field(None, max_length=10_000)
+    parameters: dict[str, object] | None = Field(None, description="a JSON schema of the arguments object")
+    strict: bool | None = Field(None, description="accepted; a forced call (tool_choice required or named) is held "
+                                                  "to the schema either way")
+
+
+class ToolIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionIn
+
+    def spec(self) -> FunctionSpec:
+        return FunctionSpec(name=self.function.name, description=self.function.description or "",
+                            parameters=self.function.parameters or {})
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolName
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -143,8 +214,8 @@ class _SamplingFields(BaseModel):
         if any(not s for s in self.stop_list()):
             raise ValueError("stop strings must not be empty")
         if len(self._constraints()) > 1:
-            raise ValueError("give at most one of response_format (json_object, json_schema), guided_regex and "
-                             "guided_choice")
+            raise ValueError("give at most one of response_format (json_object, json_schema), guided_regex, "
+                             "guided_choice and tool_choice (required or a named function)")
         return self
 
     def _constraints(self) -> list[tuple[str, Constraint]]:
@@ -199,11 +270,14 @@ class _SamplingFields(BaseModel):
 class ChatCompletionRequest(_SamplingFields, LogprobFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
-    tools: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
-    tool_choice: Literal["none", "auto"] | None = Field(None, description="with no tools, no call is ever made")
-    parallel_tool_calls: bool | None = Field(None, description="with no tools, no call is ever made")
-    functions: list[dict[str, object]] | None = Field(None, max_length=0, description="not supported")
-    function_call: Literal["none", "auto"] | None = Field(None, description="with no functions, none is called")
+    tools: list[ToolIn] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (the default with tools): the model chooses; required or a named function: the "
+                          "grammar makes the answer a call; none: no call")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call in an answer")
+    functions: list[dict[str, object]] | None = Field(None, max_length=0, description="deprecated by OpenAI: use "
+                                                                                       "tools")
+    function_call: Literal["none", "auto"] | None = Field(None, description="deprecated by OpenAI: use tool_choice")
     response_format: ResponseFormat | None = None
     modalities: list[Literal["text"]] | None = Field(None, description="text only")
     audio: None = Field(None, description=_NOT_SUPPORTED)
@@ -220,18 +294,50 @@ class ChatCompletionRequest(_SamplingFields, LogprobFields):
     prompt_cache_options: dict[str, object] | None = Field(None, description="accepted and ignored")
     moderation: None = Field(None, description=_NOT_SUPPORTED)
 
+    @model_validator(mode="after")
+    def _tool_choice_among_tools(self) -> ChatCompletionRequest:
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice required or a named function needs tools")
+        named = self.named_function()
+        if named is not None and named not in {t.function.name for t in self.tools or ()}:
+            raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
+        return self
+
     def _logprobs(self) -> int | None:
         return self.logprob_count()
 
+    def tool_mode(self) -> ToolMode:
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def named_function(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    def tool_specs(self) -> list[FunctionSpec]:
+        return [t.spec() for t in self.tools or ()]
+
     def _constraints(self) -> list[tuple[str, Constraint]]:
+        found = super()._constraints()
         formatted = self.response_format.constraint() if self.response_format is not None else None
-        return ([("response_format", formatted)] if formatted is not None else []) + super()._constraints()
+        if formatted is not None:
+            found.insert(0, ("response_format", formatted))
+        mode, specs = self.tool_mode(), self.tool_specs()
+        named = next((s for s in specs if s.name == self.named_function()), None)
+        if named is not None:  # (a name not among the tools is refused by the validator)
+            found.append(("tool_choice", named_call_constraint(named)))
+        elif mode == "required":
+            found.append(("tool_choice", required_call_constraint(specs, self.parallel_tool_calls is not False)))
+        return found
 
     def to_task(self) -> TextGenerationTask:
+        # with `none` the model is not told of its tools: it answers in words
         return TextGenerationTask(
             model=self.model, messages=[m.to_message() for m in self.messages],
             max_tokens=self.max_completion_tokens or self.max_tokens, stop=self.stop_list(), sampling=self.sampling(),
-            n=self.n or 1,
+            n=self.n or 1, tools=self.tool_specs() if self.tool_mode() != "none" else None,
         )
 
 
@@ -261,9 +367,28 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+ChatFinishReason = Literal["stop", "length", "error", "tool_calls"]
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="the arguments object as JSON text")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+    @classmethod
+    def of(cls, call: ToolCall) -> ToolCallOut:
+        return cls(id=call.id, function=FunctionCallOut(name=call.name, arguments=call.arguments))
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class LogprobOut(BaseModel):
@@ -294,7 +419,7 @@ class ChoiceLogprobs(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -305,18 +430,42 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = Field(None, description="the model, engine and ringlet version that answered: "
+                                                             "with a seed, the same fingerprint gives the same answer")
     timings: Timings | None = Field(None, description="extension: time to first token and tokens/s")
+
+
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed call: its first delta has `id`, `type` and the function's name; the arguments' text comes in
+    pieces to concatenate."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+    @classmethod
+    def of(cls, delta: CallDelta) -> ToolCallDelta:
+        began = delta.id is not None
+        return cls(index=delta.index, id=delta.id, type="function" if began else None,
+                   function=FunctionDelta(name=delta.name, arguments=delta.arguments))
 
 
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -331,6 +480,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
     timings: Timings | None = None
 
 
@@ -350,6 +500,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
     timings: Timings | None = None
 
 

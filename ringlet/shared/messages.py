@@ -13,7 +13,7 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import TaskErrorKind
 from ringlet.shared.instances import BoundInstance
 from ringlet.shared.state import Event, LayerLoad, RingAddress, RingHosted
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, TextGenerationTask, ToolFormat
 from ringlet.shared.wire import Message
 
 # --- node -> runner
@@ -58,6 +58,8 @@ class Ready(Message):
     engine: str | None = Field(None, description="the engine the stage runs on (after a fallback at load, the new one)")
     optimization: str | None = Field(None, description="what was applied to the model (IPEX, torch.compile, none)")
     fallback: str | None = Field(None, description='a fallback at load: "ipex -> cpu: reason"')
+    tool_format: ToolFormat | None = Field(None, description="how the model writes tool calls (a stage that renders "
+                                                             "or reads no text: None)")
 
 
 class FellBack(Message):

@@ -17,6 +17,7 @@ from ringlet.shared.config import Precision
 from ringlet.shared.engine_info import EngineInfo, NodeHardware
 from ringlet.shared.instances import EngineType, Instance
 from ringlet.shared.sizes import format_bytes, format_bytes_of
+from ringlet.shared.tasks import ToolFormat
 from ringlet.shared.wire import Message
 
 
@@ -134,6 +135,7 @@ class RunnerRecord(_Frozen):
     engine: EngineType | None = Field(None, description="the engine the stage runs on now (after any fallback)")
     optimization: str | None = Field(None, description="what was applied to the model, e.g. IPEX, torch.compile")
     fallback: str | None = Field(None, description='why it left its engine, e.g. "ipex -> cpu: device lost"')
+    tool_format: ToolFormat | None = Field(None, description="how the model writes tool calls (from its template)")
 
 
 class InstanceRecord(_Frozen):
@@ -172,6 +174,11 @@ class InstanceRecord(_Frozen):
     def context_length(self) -> int | None:
         lengths = [r.context_length for r in self.runners.values() if r.context_length is not None]
         return min(lengths) if lengths else None
+
+    @property
+    def tool_format(self) -> ToolFormat:
+        """How the model writes tool calls, as a stage holding its tokenizer reported (ringlet's default before)."""
+        return next((r.tool_format for r in self.runners.values() if r.tool_format is not None), "hermes")
 
 
 # --- tasks
@@ -270,6 +277,7 @@ class RunnerReady(Message):
     engine: EngineType | None = None
     optimization: str | None = None
     fallback: str | None = None
+    tool_format: ToolFormat | None = None
 
 
 class RunnerFellBack(Message):
@@ -361,7 +369,8 @@ def apply(state: State, event: Event) -> State:
         case RunnerReady(instance_id=instance_id, node_id=node_id, context_length=context_length):
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.READY, progress=1.0,
                                      detail="ready", context_length=context_length, engine=event.engine,
-                                     optimization=event.optimization, fallback=event.fallback)
+                                     optimization=event.optimization, fallback=event.fallback,
+                                     tool_format=event.tool_format)
         case RunnerFellBack(instance_id=instance_id, node_id=node_id, engine=engine, reason=reason):
             changed = _update_runner(state, instance_id, node_id, engine=engine, fallback=reason)
         case RunnerFailed(instance_id=instance_id, node_id=node_id, error=error):

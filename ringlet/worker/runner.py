@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from ringlet.models.tools import tool_format
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError, TaskErrorKind
 from ringlet.shared.instances import ENGINE_TYPES, EngineType
@@ -37,7 +38,7 @@ from ringlet.shared.messages import (
     TaskStarted,
 )
 from ringlet.shared.state import LayerLoad, RingHosted
-from ringlet.shared.tasks import TextGenerationTask
+from ringlet.shared.tasks import TextGenerationTask, ToolFormat
 from ringlet.shared.wire import BadMessageError, Message, decode, encode
 from ringlet.worker.engines.base import GeneratesText
 
@@ -156,7 +157,17 @@ def ready(engine: object, planned: EngineType, context_length: int, warmup_s: fl
     optimization = getattr(engine, "optimization", None)
     return Ready(context_length=context_length, warmup_s=warmup_s, slots=slots,
                  engine=running_engine(engine, planned), fallback=fallback_of(engine, planned),
-                 optimization=optimization if isinstance(optimization, str) else None)
+                 optimization=optimization if isinstance(optimization, str) else None,
+                 tool_format=_tool_format(engine))
+
+
+def _tool_format(engine: object) -> ToolFormat | None:
+    """The tool-call format the engine's chat template teaches, if the engine holds the tokenizer."""
+    try:
+        tokenizer = getattr(engine, "tokenizer", None)
+    except (AttributeError, RuntimeError):  # a middle stage's engine has none to give
+        return None
+    return None if tokenizer is None else tool_format(getattr(tokenizer, "chat_template", None))
 
 
 class FallbackWatch:

@@ -226,7 +226,7 @@ class _Runner:
                 self.ready, self.slots = True, slots
                 self._emit(RunnerReady(instance_id=self.instance_id, node_id=node_id, context_length=context_length,
                                        engine=self._engine(message.engine), optimization=message.optimization,
-                                       fallback=message.fallback))
+                                       fallback=message.fallback, tool_format=message.tool_format))
                 self._dispatch()
             case FellBack(engine=engine, reason=reason):
                 log.warning("instance %s: %s; it goes on serving", self.instance_id, reason)

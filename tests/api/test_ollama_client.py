@@ -92,7 +92,14 @@ def test_options_reach_the_task(client: ollama.Client, node: FakeNode) -> None:
         "presence_penalty": 0.3, "frequency_penalty": 0.4, "stop": ["Rome"], "num_predict": 5, "num_ctx": 2048})
     task = node.submitted[-1]
     assert task.sampling == SamplingParams(temperature=1.5, top_p=0.8, top_k=20, min_p=0.1, seed=7,
-                                           repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.4)
+                                           repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.4,
+                                           penalty_window=64), "Ollama's default repeat_last_n"
+    for last_n, window in ((16, 16), (-1, None)):
+        client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"repeat_penalty": 1.2,
+                                                                         "repeat_last_n": last_n})
+        assert node.submitted[-1].sampling.penalty_window == window
+    client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"repeat_penalty": 1.2, "repeat_last_n": 0})
+    assert node.submitted[-1].sampling == SamplingParams(temperature=0.8), "0: no penalties"
     assert task.stop == ["Rome"] and task.max_tokens == 5
     client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_predict": -1})
     assert node.submitted[-1].max_tokens is None, "-1: until the model stops"

@@ -26,11 +26,11 @@ CHAT: dict[str, tuple[object, str]] = {
     "seed": (7, OK), "stop": (["\n\n"], OK), "n": (2, OK), "max_tokens": (3, OK), "max_completion_tokens": (3, OK),
     "stream_options": ({"include_usage": True}, OK),  # a whole answer always carries its usage
     "logit_bias": ({"17": 5.0}, OK), "response_format": ({"type": "json_object"}, OK),
-    "tool_choice": ("none", OK), "parallel_tool_calls": (False, OK), "user": ("me", OK), "metadata": ({"a": "b"}, OK),
+    "tool_choice": ("auto", OK), "parallel_tool_calls": (False, OK), "user": ("me", OK), "metadata": ({"a": "b"}, OK),
     "service_tier": ("auto", OK), "safety_identifier": ("x", OK), "prompt_cache_key": ("k", OK),
     "prompt_cache_retention": ("24h", OK), "prompt_cache_options": ({"mode": "x"}, OK), "modalities": (["text"], OK),
     "store": (True, REFUSED), "logprobs": (True, OK), "top_logprobs": (3, REFUSED),  # top_logprobs alone
-    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], REFUSED),
+    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], OK),
     "functions": ([{"name": "f", "parameters": {"type": "object"}}], REFUSED), "function_call": ({"name": "f"}, REFUSED),
     "audio": ({"voice": "alloy", "format": "wav"}, REFUSED), "prediction": ({"type": "content", "content": "x"}, REFUSED),
     "web_search_options": ({}, REFUSED), "reasoning_effort": ("low", REFUSED), "verbosity": ("low", REFUSED),
@@ -47,7 +47,7 @@ OLLAMA_CHAT: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "messages": (QUESTION, OK), "stream": (False, OK), "format": ("json", OK),
     "options": ({"num_predict": 3}, OK), "keep_alive": ("5m", OK), "think": (True, REFUSED),
     "logprobs": (True, OK), "top_logprobs": (2, REFUSED),  # top_logprobs alone
-    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], REFUSED),
+    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], OK),
 }
 OLLAMA_GENERATE: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "prompt": ("Hello", OK), "stream": (False, OK), "format": ("json", OK),

@@ -1,7 +1,8 @@
 """What only the real model can answer, through the official clients against a live node serving the embedded model:
 it names Paris (whole and streamed), seeded sampling repeats, echo and streaming agree with the plain completion, the
 real tokenizer's 8192-token context window refuses a longer prompt, and structured output (JSON schemas, any JSON
-object, a choice list, Ollama's format) parses and validates. The API's contract is tested against a fake
+object, a choice list, Ollama's format) parses and validates, and a forced tool call (a named function, or
+`required`) gives arguments that validate, whole and streamed alike. The API's contract is tested against a fake
 node in tests/api/."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jsonschema_rs
 import ollama
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam, ChatCompletionToolParam
 
 from tests.support.processes import LiveNode
 
@@ -154,3 +155,71 @@ def test_logprobs_of_greedy_tokens_are_the_top_ones_whole_and_streamed(client: o
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.token for t in tokens] == [t.token for t in content]
     assert [t.logprob for t in tokens] == pytest.approx([t.logprob for t in content], abs=1e-4)
+
+
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                  "required": ["city", "unit"], "additionalProperties": False}
+TOOLS: list[ChatCompletionToolParam] = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city now",
+                                      "parameters": WEATHER_SCHEMA}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "maxLength": 40}}, "required": ["zone"],
+        "additionalProperties": False}}},
+]
+WEATHER_QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_calls(chunks: list[ChatCompletionChunk]) -> tuple[str, list[tuple[str, str]]]:
+    content, calls = "", {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            for delta in choice.delta.tool_calls or ():
+                if delta.id is not None:
+                    calls[delta.index] = [delta.function.name, ""]
+                calls[delta.index][1] += delta.function.arguments or ""
+    return content, [(name, arguments) for name, arguments in calls.values()]
+
+
+def test_a_named_tool_choice_gives_a_valid_call_whole_and_streamed(client: openai.OpenAI, model_id: str) -> None:
+    fields = {"model": model_id, "messages": WEATHER_QUESTION, "tools": TOOLS, "max_tokens": 60, "temperature": 0,
+              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    reply = client.chat.completions.create(**fields)  # type: ignore[call-overload]
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema_rs.validate(WEATHER_SCHEMA, json.loads(call.function.arguments))
+    streamed = list(client.chat.completions.create(**fields, stream=True))  # type: ignore[call-overload]
+    assert streamed_calls(streamed) == ("", [("get_weather", call.function.arguments)])
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_required_tool_choice_calls_one_tool_with_valid_arguments(client: openai.OpenAI, model_id: str) -> None:
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(2):
+        reply = client.chat.completions.create(model=model_id, messages=WEATHER_QUESTION, tools=TOOLS, seed=seed,
+                                               tool_choice="required", parallel_tool_calls=False, max_tokens=80,
+                                               temperature=0.7)
+        (call,) = reply.choices[0].message.tool_calls or []
+        jsonschema_rs.validate(schemas[call.function.name], json.loads(call.function.arguments))
+
+
+def test_a_conversation_with_a_call_and_its_result_goes_on(client: openai.OpenAI, live_node: LiveNode,
+                                                          model_id: str) -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
+    messages: list[ChatCompletionMessageParam] = [
+        *WEATHER_QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},  # type: ignore[list-item]
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"}]
+    reply = client.chat.completions.create(model=model_id, messages=messages, tools=TOOLS, max_tokens=20,
+                                           temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    answer = ollama.Client(host=live_node.url, timeout=120).chat(
+        model=f"{model_id}:latest", tools=TOOLS, options={"temperature": 0, "num_predict": 20}, messages=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+            {"role": "tool", "content": "18 degrees and sunny", "tool_name": "get_weather"}])
+    assert answer.done and answer.eval_count

@@ -42,6 +42,16 @@ def test_engines_without_the_attributes_report_their_device_or_the_planned_engin
     assert ready(fell, "ipex", 4096, 0.0).engine == "cpu"
 
 
+def test_ready_says_how_the_models_template_writes_tool_calls() -> None:
+    def holding(chat_template: str | None) -> SimpleNamespace:
+        return SimpleNamespace(name="torch", device=SimpleNamespace(type="cpu"),
+                               tokenizer=SimpleNamespace(chat_template=chat_template))
+
+    assert ready(holding("{{ tools }}[TOOL_CALLS]"), "cpu", 4096, 0.0).tool_format == "mistral"
+    assert ready(holding(None), "cpu", 4096, 0.0).tool_format == "hermes"
+    assert ready(SimpleNamespace(name="torch-pipeline"), "cpu", 4096, 0.0).tool_format is None, "a middle stage"
+
+
 def test_a_fallback_while_serving_is_sent_once() -> None:
     engine, stream = FakeIpexEngine(), io.BytesIO()
     watch = FallbackWatch(engine, "ipex", Outbox(stream), reported=None)
@@ -74,10 +84,12 @@ def runner_emitting() -> tuple[_Runner, list[Event]]:
 
 def test_the_supervisor_turns_ready_and_fell_back_into_events() -> None:
     runner, events = runner_emitting()
-    runner._handle(Ready(context_length=4096, warmup_s=1.0, slots=4, engine="ipex", optimization=OPTIMIZATION))
+    runner._handle(Ready(context_length=4096, warmup_s=1.0, slots=4, engine="ipex", optimization=OPTIMIZATION,
+                         tool_format="llama3"))
     runner._handle(FellBack(engine="cpu", reason="ipex -> cpu: the device was lost"))
     assert events == [
-        RunnerReady(instance_id="inst-1", node_id="a", context_length=4096, engine="ipex", optimization=OPTIMIZATION),
+        RunnerReady(instance_id="inst-1", node_id="a", context_length=4096, engine="ipex", optimization=OPTIMIZATION,
+                    tool_format="llama3"),
         RunnerFellBack(instance_id="inst-1", node_id="a", engine="cpu", reason="ipex -> cpu: the device was lost"),
     ]
     assert runner.ready and runner.slots == 4

@@ -14,6 +14,7 @@ import torch
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.stop import StopMatcher
 from ringlet.models.tokenizer import StreamingDetokenizer, Tokenizer
+from ringlet.models.tools import template_inputs
 from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, Timings, TokenLogprob, Usage
 
@@ -36,7 +37,8 @@ def choice_sampling(params: SamplingParams, choice: int) -> SamplingParams:
 
 def prompt_ids(tokenizer: Tokenizer, task: TextGenerationTask) -> list[int]:
     if task.messages is not None:
-        text = tokenizer.apply_chat_template([m.model_dump() for m in task.messages], add_generation_prompt=True)
+        messages, extra = template_inputs(tokenizer.chat_template, task.messages, task.tools)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
         return tokenizer.encode(text, add_special_tokens=False)
     assert task.prompt is not None
     return tokenizer.encode(task.prompt, add_special_tokens=True)
