@@ -26,6 +26,7 @@ from ringlet.api.openai_schemas import (
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ModelList,
@@ -209,16 +210,21 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
 
     if body.stream:
         echoed: set[int] = set()
+        offsets = [0] * task.n  # each choice's text so far, for the logprobs' text_offset
         text_event = _TextEvents(Completion(**head, choices=[CompletionChoice(index=_TextEvents.INDEX,
                                                                               text=_TextEvents.TEXT)]))
 
         def chunk_event(chunk: GenerationChunk) -> Completion | str:
-            if chunk.choice in echoed and chunk.finish_reason is None and chunk.timings is None:
+            offset = offsets[chunk.choice]
+            offsets[chunk.choice] += len(chunk.text)
+            if (chunk.choice in echoed and chunk.finish_reason is None and chunk.timings is None
+                    and chunk.logprobs is None):
                 return text_event(chunk.choice, chunk.text)
             text = chunk.text if chunk.choice in echoed else echo + chunk.text
             echoed.add(chunk.choice)
+            logprobs = CompletionLogprobs.of(chunk.logprobs, offset) if chunk.logprobs else None
             return Completion(**head, timings=chunk.timings,
-                              choices=[CompletionChoice(index=chunk.choice, text=text,
+                              choices=[CompletionChoice(index=chunk.choice, text=text, logprobs=logprobs,
                                                         finish_reason=chunk.finish_reason)])
 
         def usage_event(usage: Usage) -> Completion:
@@ -231,7 +237,9 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     async for chunk in generation.chunks(watch_disconnect=True):
         choices.add(chunk)
     return Completion(**head, usage=choices.usage(), timings=choices.timings,
-                      choices=[CompletionChoice(index=i, text=choices.joined(i), finish_reason=finish)
+                      choices=[CompletionChoice(index=i, text=choices.joined(i), finish_reason=finish,
+                                                logprobs=CompletionLogprobs.of(choices.logprobs[i])
+                                                if task.sampling.logprobs is not None else None)
                                for i, finish in enumerate(choices.finish)])
 
 

@@ -349,8 +349,21 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = Field(16, ge=1, description="most tokens to generate (OpenAI's default is 16)")
     echo: bool | None = Field(False, description="put the prompt before the completion")
     suffix: None = Field(None, description="not supported")
-    logprobs: None = Field(None, description="not supported")
+    logprobs: int | None = Field(None, ge=0, le=20, description="each generated token's log-probability, and this "
+                                                                "many of the most likely tokens' (not with echo: "
+                                                                "the prompt's are not computed)")
     best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_without_echo(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo would need the prompt tokens' log-probabilities, which are not "
+                             "computed; leave out echo")
+        return value
+
+    def _logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompt_text(self) -> str:
@@ -484,11 +497,30 @@ class ChatCompletionChunk(BaseModel):
     timings: Timings | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """The legacy completions' log-probabilities: one entry per generated token in each list."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="where each token starts in the choice's text")
+
+    @classmethod
+    def of(cls, logprobs: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+        """`offset`: where the first token starts in the choice's text."""
+        starts = []
+        for token in logprobs:
+            starts.append(offset)
+            offset += len(token.token)
+        return cls(tokens=[t.token for t in logprobs], token_logprobs=[t.logprob for t in logprobs],
+                   top_logprobs=[{o.token: o.logprob for o in t.top} for t in logprobs], text_offset=starts)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

@@ -354,3 +354,23 @@ def test_logprobs_come_with_each_token_whole_and_streamed(client: openai.OpenAI,
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=EMBEDDED_MODEL_ID, messages=QUESTION, top_logprobs=2)
     assert error.value.param == "top_logprobs" and "needs logprobs" in error.value.message
+
+
+def test_completions_logprobs_come_in_the_legacy_shape_whole_and_streamed(client: openai.OpenAI,
+                                                                          node: FakeNode) -> None:
+    reply = client.completions.create(model=EMBEDDED_MODEL_ID, prompt="The capital", max_tokens=12, logprobs=2)
+    assert node.submitted[-1].sampling.logprobs == 2
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens == list(REPLY) and "".join(logprobs.tokens) == ANSWER
+    assert logprobs.text_offset == [0, *itertools.accumulate(len(t) for t in REPLY)][:-1]
+    assert logprobs.token_logprobs is not None and logprobs.top_logprobs is not None
+    assert all(len(top) == 2 and top[token] == best for token, best, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True))
+    streamed = list(client.completions.create(model=EMBEDDED_MODEL_ID, prompt="The capital", max_tokens=12,
+                                              logprobs=2, stream=True))
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [t for p in pieces for t in p.tokens or []] == logprobs.tokens
+    assert [o for p in pieces for o in p.text_offset or []] == logprobs.text_offset
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model=EMBEDDED_MODEL_ID, prompt="The capital", logprobs=2, echo=True)
+    assert error.value.param == "logprobs" and "echo" in error.value.message

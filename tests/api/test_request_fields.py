@@ -41,7 +41,7 @@ COMPLETION: dict[str, tuple[object, str]] = {
     "best_of": (1, OK), "echo": (True, OK), "frequency_penalty": (0.5, OK), "presence_penalty": (0.5, OK),
     "logit_bias": ({"17": -5.0}, OK), "max_tokens": (3, OK), "n": (2, OK), "seed": (1, OK), "stop": ("\n", OK),
     "temperature": (0.2, OK), "top_p": (0.5, OK), "user": ("me", OK),
-    "stream_options": ({"include_usage": True}, OK), "logprobs": (2, REFUSED), "suffix": ("end", REFUSED),
+    "stream_options": ({"include_usage": True}, OK), "logprobs": (2, OK), "suffix": ("end", REFUSED),
 }
 OLLAMA_CHAT: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "messages": (QUESTION, OK), "stream": (False, OK), "format": ("json", OK),

@@ -155,6 +155,12 @@ def test_logprobs_of_greedy_tokens_are_the_top_ones_whole_and_streamed(client: o
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [t.token for t in tokens] == [t.token for t in content]
     assert [t.logprob for t in tokens] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    completion = client.completions.create(model=model_id, prompt="The capital of France is", max_tokens=6,
+                                           temperature=0, logprobs=3).choices[0]
+    legacy = completion.logprobs
+    assert legacy is not None and "".join(legacy.tokens or []) == completion.text
+    for best, top in zip(legacy.token_logprobs or [], legacy.top_logprobs or [], strict=True):
+        assert len(top) == 3 and best == max(top.values()) <= 0
 
 
 WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
