@@ -295,6 +295,18 @@ class Ring:
         """The payload of a frame announcing `length` bytes."""
         return self.recv((length,), torch.uint8, self.prev).numpy().tobytes()
 
+    def post_bytes(self, data: bytes, to: int) -> None:
+        """Bytes with their length, outside the frames (the last stage's log-probabilities back to rank 0)."""
+        self.post(torch.tensor([len(data)], dtype=torch.int64), to)
+        self.post(torch.frombuffer(bytearray(data), dtype=torch.uint8), to)
+
+    def recv_bytes(self, source: int, most: int) -> bytes:
+        """What `post_bytes` sent; more than `most` bytes breaks the ring (a stage out of step)."""
+        length = int(self.recv((1,), torch.int64, source).item())
+        if not 0 < length <= most:
+            raise RingBrokenError(f"stage {source} announced {length} bytes where at most {most} can come")
+        return self.recv((length,), torch.uint8, source).cpu().numpy().tobytes()
+
     def close(self) -> None:
         try:
             self.flush()

@@ -82,7 +82,9 @@ class PipelinedModel(Protocol):
     pad_slot: int
     depth: int
 
-    def begin(self, key: int, sampling: SamplingParams, prompt: list[int]) -> None: ...
+    def begin(self, key: int, sampling: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The sequence's sampler here: it passes on the token the last stage drew (with its `last_logprobs`)."""
+        ...
 
     def end(self, keys: list[int]) -> None:
         """These sequences are done: their samplers go (after every step launched so far)."""
@@ -184,8 +186,6 @@ class BatchGenerator:
 
     def submit(self, task: TextGenerationTask) -> None:
         """Queue a task; a prompt that cannot run at all raises ValueError (ContextWindowError) here."""
-        if self.pipeline is not None and task.sampling.logprobs is not None:
-            raise ValueError("logprobs are not available from an instance split over several stages")
         ids = prompt_ids(self.model.tokenizer, task)
         if not ids:
             raise ValueError("the prompt has no tokens (empty, or only characters the tokenizer drops); send some text")
@@ -335,8 +335,7 @@ class BatchGenerator:
 
     def _sampler(self, key: int, sampling: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.pipeline is not None:
-            self.pipeline.begin(key, sampling, prompt)
-            return _sampled_by_the_last_stage
+            return self.pipeline.begin(key, sampling, prompt)
         return RequestSampler(sampling, prompt, self.model.vocab_size, self.model.device, self.model.tokenizer)
 
     def _end(self, sequences: list[Sequence[Choice]]) -> None:
@@ -428,11 +427,6 @@ def _take_logprobs(choice: Choice) -> list[TokenLogprob] | None:
 
 def _is_pipelined(model: BatchModel | PipelinedModel) -> TypeGuard[PipelinedModel]:
     return hasattr(model, "launch")
-
-
-def _sampled_by_the_last_stage(token: torch.Tensor) -> torch.Tensor:
-    """A pipeline's sampler: its step returned the token ids themselves."""
-    return token
 
 
 def _seq_id(task: TextGenerationTask, choice: int) -> str:

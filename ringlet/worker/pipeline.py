@@ -47,7 +47,7 @@ from ringlet.worker.engines.ipex.chain import IpexChain
 from ringlet.worker.engines.ipex.engine import IpexEngine
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
 from ringlet.worker.engines.torch.engine import load_torch_stage
-from ringlet.worker.stages import compute_device
+from ringlet.worker.stages import SampledDownTheRing, compute_device, post_logprobs, recv_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -238,19 +238,25 @@ class PipelineHead(RingHead, _Described):
         self.depth = 1 if self.ring.backend == "nccl" else self.ring.size
         self.vocab_size, self.context_length, self.device = engine.vocab_size, engine.context_length, engine.device
         self.num_blocks, self.block_size, self.pad_slot = engine.num_blocks, engine.block_size, engine.pad_slot
-        self._sampled: deque[int] = deque()  # how many tokens each step in flight brings back
+        # the sequences whose tokens each step in flight brings back
+        self._sampled: deque[list[int]] = deque()
+        self.samplers: dict[int, SampledDownTheRing] = {}  # by sequence key
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
-    def begin(self, key: int, sampling: SamplingParams, prompt: list[int]) -> None:
+    def begin(self, key: int, sampling: SamplingParams, prompt: list[int]) -> SampledDownTheRing:
         with self._ring_errors():
             self.ring.post_payload(Op.BEGIN, _Begin(key=key, sampling=sampling, prompt=prompt).model_dump_json().encode())
+        self.samplers[key] = SampledDownTheRing(sampling)
+        return self.samplers[key]
 
     def end(self, keys: list[int]) -> None:
         if self.inputs is not None:
             self.inputs.forget(keys)
+        for key in keys:
+            self.samplers.pop(key, None)
         with self._ring_errors():
             self.ring.post_payload(Op.END, _End(keys=keys).model_dump_json().encode())
 
@@ -258,14 +264,21 @@ class PipelineHead(RingHead, _Described):
         hidden, self.inputs = _forward(self.engine, self.inputs, tokens, steps, keys)
         with self._ring_errors():
             self.ring.post_batch(encode_steps(steps, keys), hidden)
-        self._sampled.append(sum(s.wants_logits for s in steps))
+        self._sampled.append([key for step, key in zip(steps, keys, strict=True) if step.wants_logits])
 
     def collect(self) -> torch.Tensor:
-        count = self._sampled.popleft()
-        if count == 0:
+        sampled = self._sampled.popleft()
+        if not sampled:
             return torch.zeros(0, dtype=torch.int64)
         with self._ring_errors():
-            return self.ring.recv((count,), torch.int64, self.ring.prev)
+            tokens = self.ring.recv((len(sampled),), torch.int64, self.ring.prev)
+            # (a sequence ended while its step was in flight still has its sampler here: `end` comes after)
+            samplers = [self.samplers.get(key) for key in sampled]
+            if any(s is not None and s.wants_logprobs for s in samplers):
+                for sampler, logprobs in zip(samplers, recv_logprobs(self.ring, len(sampled)), strict=True):
+                    if sampler is not None:
+                        sampler.last_logprobs = logprobs
+        return tokens
 
     def warmup(self) -> None:
         run_warmup_request(self)
@@ -339,6 +352,9 @@ class PipelineStage(_Described):
         if missing:
             raise RingBrokenError(f"rank 0 asked for tokens of sequences it never began: {missing}")
         if sampled:  # a step of prompt chunks alone samples nothing, and nothing goes back
+            samplers = [self.samplers[key] for key in sampled]
+            draws: list[Callable[[torch.Tensor], torch.Tensor]] = list(samplers)
             with torch.inference_mode():
-                tokens = sample_rows(out, list(range(len(sampled))), [self.samplers[key] for key in sampled])
+                tokens = sample_rows(out, list(range(len(sampled))), draws)
             self.ring.post(torch.tensor(tokens, dtype=torch.int64), self.ring.next)
+            post_logprobs(self.ring, self.ring.next, samplers)

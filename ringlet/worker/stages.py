@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from ringlet.models.loader import LoadedStage
 from ringlet.models.sampling import RequestSampler
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.net.ring import Op, RingBrokenError, RingHead, open_ring
+from ringlet.net.ring import Op, Ring, RingBrokenError, RingHead, open_ring
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT, EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, TokenLogprob
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import ProbeInputs
 from ringlet.worker.engines.torch.engine import load_torch_stage
@@ -45,6 +45,39 @@ class _Begin(BaseModel):
 
     sampling: SamplingParams
     prompt: list[int]
+
+
+_LOGPROBS = TypeAdapter(list[TokenLogprob | None])
+# a sampled row's log-probabilities as JSON (its token's and up to 20 others'): a few kilobytes at most
+MOST_LOGPROB_BYTES_PER_ROW = 64 * 1024
+
+
+class SampledDownTheRing:
+    """Rank 0's sampler of a request that the ring's last stage samples: what the step returns is already the
+    token; its log-probabilities, when the request asks for them, come back after it (`last_logprobs`)."""
+
+    def __init__(self, sampling: SamplingParams) -> None:
+        self.wants_logprobs = sampling.logprobs is not None
+        self.last_logprobs: TokenLogprob | None = None
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        return token
+
+
+def post_logprobs(ring: Ring, to: int, samplers: list[RequestSampler]) -> None:
+    """After the tokens the last stage sampled with `samplers`: their log-probabilities, if any of them asks."""
+    asked = [s.sampler.params.logprobs is not None for s in samplers]
+    if any(asked):
+        ring.post_bytes(_LOGPROBS.dump_json([s.last_logprobs if wants else None
+                                             for s, wants in zip(samplers, asked, strict=True)]), to)
+
+
+def recv_logprobs(ring: Ring, rows: int) -> list[TokenLogprob | None]:
+    """What `post_logprobs` sent for `rows` sampled rows."""
+    got = _LOGPROBS.validate_json(ring.recv_bytes(ring.prev, rows * MOST_LOGPROB_BYTES_PER_ROW))
+    if len(got) != rows:
+        raise RingBrokenError(f"the last stage sent log-probabilities of {len(got)} tokens, not {rows}")
+    return got
 
 
 def compute_device(engine: EngineType) -> torch.device:
@@ -144,17 +177,17 @@ class FirstStage(RingHead, _Described):
         self.ring = open_ring(bound, store, data_host, stage.hidden_size)
         self.generator = TextGenerator(self._step, stage.tokenizer, self.context_length, stage.vocab_size,
                                        stage.device, fill=self._fill, sampler_for=self._begin)
+        self._sampled = SampledDownTheRing(SamplingParams())  # the current request's
 
     @property
     def tokenizer(self) -> Tokenizer:
         return self.stage.tokenizer
 
     def _begin(self, params: SamplingParams, prompt: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-        if params.logprobs is not None:
-            raise ValueError("logprobs are not available from an instance split over several stages")
         with self._ring_errors():
             self.ring.send_payload(Op.BEGIN, _Begin(sampling=params, prompt=prompt).model_dump_json().encode())
-        return _sampled_down_the_ring
+        self._sampled = SampledDownTheRing(params)
+        return self._sampled
 
     def _fill(self, ids: torch.Tensor, start: int) -> None:
         hidden = self.stage.forward(ids, start)
@@ -166,7 +199,10 @@ class FirstStage(RingHead, _Described):
         hidden = self.stage.forward(ids, start)
         with self._ring_errors():
             self.ring.send_hidden(Op.SAMPLE, start, hidden)
-            return self.ring.recv((1,), torch.int64, self.ring.prev)
+            token = self.ring.recv((1,), torch.int64, self.ring.prev)
+            if self._sampled.wants_logprobs:
+                (self._sampled.last_logprobs,) = recv_logprobs(self.ring, 1)
+            return token
 
     def warmup(self) -> None:
         run_warmup_request(self)
@@ -222,9 +258,5 @@ class RelayStage(_Described):
                 if self.sampler is None:
                     raise RingBrokenError("rank 0 asked for a token before it began a request")
                 self.ring.send(self.sampler(out).view(1).to(torch.int64), 0)
+                post_logprobs(self.ring, 0, [self.sampler])
             after_step()
-
-
-def _sampled_down_the_ring(token: torch.Tensor) -> torch.Tensor:
-    """Rank 0's sampler when the last stage samples: what its forward returned is already the token."""
-    return token

@@ -2,7 +2,8 @@
 single-stage tokens. A ring of torch stages batches: its requests join at different steps, prompts go in chunks,
 several steps are in flight round the ring (micro-batches), a small cache preempts, a cancel ends one request; each
 request still gets its single-stage tokens, greedy or seeded with penalties (the last stage samples). A ring with
-an MLX stage (a mixed ring, or MLX over mlx.distributed) runs its requests one after another."""
+an MLX stage (a mixed ring, or MLX over mlx.distributed) runs its requests one after another. The last stage sends
+back the log-probabilities a request asks for."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ringlet.models.paged_cache import SequenceStep
 from ringlet.net.ring import MLX_RING_BACKEND, backend_for
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, EngineType, Instance, InstanceType, Shard
-from ringlet.shared.tasks import Constraint, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import Constraint, GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 from ringlet.worker.pipeline import decode_steps, encode_steps
 from tests.support.stage_process import Job
@@ -35,6 +36,7 @@ GREEDY = SamplingParams(temperature=0)
 # every part of the sampler that keeps state across steps: the seeded draw and the penalties' token history
 SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=11, repetition_penalty=1.3, presence_penalty=0.4,
                         frequency_penalty=0.2)
+WITH_LOGPROBS = SEEDED.model_copy(update={"logprobs": 3})
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +44,34 @@ def single_stage_engine() -> TorchBatchEngine:
     return TorchBatchEngine.load(None, config=FP32)
 
 
+def single_stage_chunks(engine: TorchBatchEngine, sampling: SamplingParams,
+                        max_tokens: int = MAX_TOKENS) -> list[list[GenerationChunk]]:
+    """Each prompt's chunks, its request alone on one stage."""
+    return [list(engine.generate(TextGenerationTask(prompt=prompt, max_tokens=max_tokens, sampling=sampling)))
+            for prompt in PROMPTS]
+
+
 def single_stage_run(engine: TorchBatchEngine, sampling: SamplingParams,
                      max_tokens: int = MAX_TOKENS) -> list[list[int | None]]:
     """Each prompt's tokens, its request alone on one stage."""
-    return [[c.token_id for c in engine.generate(TextGenerationTask(prompt=prompt, max_tokens=max_tokens,
-                                                                     sampling=sampling))] for prompt in PROMPTS]
+    return [[c.token_id for c in chunks] for chunks in single_stage_chunks(engine, sampling, max_tokens)]
+
+
+def logprobs_of(requests: list[list[dict]]) -> list[list[tuple[str, float, list[str]]]]:
+    """Each request's tokens' (text, log-probability, the most likely tokens' texts)."""
+    return [[(t["token"], t["logprob"], [o["token"] for o in t["top"]]) for c in chunks for t in c["logprobs"]]
+            for chunks in requests]
+
+
+def assert_same_logprobs(ring_run: list[list[dict]], single: list[list[GenerationChunk]]) -> None:
+    expected = logprobs_of([[{"logprobs": [t.model_dump() for t in c.logprobs or ()]} for c in chunks]
+                            for chunks in single])
+    got = logprobs_of(ring_run)
+    assert all(len(tokens) >= 3 for tokens in got)
+    assert [[(text, top) for text, _, top in tokens] for tokens in got] == \
+        [[(text, top) for text, _, top in tokens] for tokens in expected]
+    assert [value for tokens in got for _, value, _ in tokens] == pytest.approx(
+        [value for tokens in expected for _, value, _ in tokens], abs=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +160,25 @@ def test_two_stage_ring_preempts_and_cancels_without_changing_tokens(single_stag
 
 
 @pytest.mark.slow
-def test_last_stage_samples_as_a_single_stage_does(single_stage_engine: TorchBatchEngine) -> None:
-    expected = single_stage_run(single_stage_engine, SEEDED)
+def test_last_stage_samples_as_a_single_stage_does_with_its_logprobs(single_stage_engine: TorchBatchEngine) -> None:
+    single = single_stage_chunks(single_stage_engine, WITH_LOGPROBS)
+    expected = [[c.token_id for c in chunks] for chunks in single]
     assert expected != single_stage_run(single_stage_engine, GREEDY)  # the parameters change what is drawn
-    assert token_ids(run_ring(ring(["cpu", "cpu"]), Job(prompts=PROMPTS, max_tokens=MAX_TOKENS,
-                                                         sampling=SEEDED))) == expected
+    requests = run_ring(ring(["cpu", "cpu"]), Job(prompts=PROMPTS, max_tokens=MAX_TOKENS, sampling=WITH_LOGPROBS))
+    assert token_ids(requests) == expected
+    assert_same_logprobs(requests, single)
+
+
+@pytest.mark.slow
+def test_a_mixed_rings_last_stage_sends_back_logprobs(single_stage_engine: TorchBatchEngine) -> None:
+    pytest.importorskip("mlx_lm")
+    greedy = GREEDY.model_copy(update={"logprobs": 2})
+    requests = run_ring(ring(["cpu", "mlx"]), Job(prompts=PROMPTS[:1], max_tokens=6, sampling=greedy))
+    single = single_stage_chunks(single_stage_engine, greedy, max_tokens=6)[:1]
+    assert token_ids(requests) == [[c.token_id for c in chunks] for chunks in single]
+    got = logprobs_of(requests)[0]
+    assert [text for text, _, _ in got] == [t.token for c in single[0] for t in c.logprobs or ()]
+    assert all(top[0] == text for text, _, top in got), "a greedy token is the most likely"
 
 
 @pytest.mark.slow
