@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,7 @@ from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager, DownloadStatus, SavedDownload
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.models.names import Catalog, default_model_roots
-from ringlet.models.store import ringlet_home
+from ringlet.models.store import find_local, ringlet_home
 from ringlet.net.events import EventBus
 from ringlet.net.forwarding import TaskForwarding
 from ringlet.net.membership import Member, Membership
@@ -91,6 +91,10 @@ log = logging.getLogger("ringlet.node")
 DEFAULT_API_PORT = 52415
 DEFAULT_HOST = "127.0.0.1"
 MEMORY_REFRESH_S = 2.0
+EXPIRY_CHECK_S = 1.0  # how often instances past their keep-alive are looked for
+LOAD_POLL_S = 0.25
+DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's
+LOAD_ORDER_S = 30.0  # an instance made for a request is not made again while the cluster orders it
 MEMORY_CHANGE_BYTES = 64 * 1024**2  # smaller changes of free memory are not worth an event
 # how long a starting node listens for members before it decides who is master (scouting answers within ~1 s)
 SETTLE_S = 1.5
@@ -131,6 +135,8 @@ class Node:
         self.config = config
         self._state = State()
         self._tasks: dict[str, TaskRecord] = {}  # in flight through this node's API
+        self._expiry: dict[str, float] = {}  # instance id -> when (time.monotonic) it goes once idle (keep_alive)
+        self._loading_for: dict[str, float] = {}  # model id -> when an instance was made for a request
         self._supervisor = Supervisor(self.emit, config)
         self._order: EventOrder | None = None
         self._forwarding: TaskForwarding | None = None
@@ -232,7 +238,8 @@ class Node:
         self._loop = asyncio.get_running_loop()
         self.emit(NodeJoined(node=self.info))
         self._background = [asyncio.create_task(self._follow_state(), name="reconcile"),
-                            asyncio.create_task(self._refresh_memory(), name="memory")]
+                            asyncio.create_task(self._refresh_memory(), name="memory"),
+                            asyncio.create_task(self._expire_idle(), name="keep-alive")]
 
     async def stop(self) -> None:
         self.downloads.close()
@@ -249,6 +256,74 @@ class Node:
                 await self._supervisor.reconcile(self._state, self.node_id, self.data_host)
             except Exception:
                 log.exception("starting or stopping runners for the new state failed; trying again on the next change")
+
+    async def _expire_idle(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_S)
+            self.expire_idle(time.monotonic())
+
+    def expire_idle(self, now: float) -> list[str]:
+        """Delete the instances whose keep-alive has run out and that serve no request through this node now; their
+        ids."""
+        busy = {t.instance_id for t in self._tasks.values()}
+        expired = [i for i, at in self._expiry.items() if at <= now and i not in busy]
+        for instance_id in expired:
+            del self._expiry[instance_id]
+            if instance_id in self._state.instances:
+                log.info("instance %s: idle past its keep_alive; unloading it", instance_id)
+                self.delete_instance(instance_id)
+                if self.saved is not None:
+                    self.saved.remove(instance_id)
+        return expired
+
+    def keep_alive(self, instance_id: str, seconds: float | None) -> None:
+        """Ollama's keep_alive, after a request: the instance goes once it has been idle `seconds` from now (0: as
+        soon as it is idle; negative: never). None (the request did not say): an instance that has a keep-alive gets
+        Ollama's default again, one that has none stays until deleted."""
+        if seconds is None:
+            if instance_id not in self._expiry:
+                return
+            seconds = DEFAULT_KEEP_ALIVE_S
+        if seconds < 0:
+            self._expiry.pop(instance_id, None)
+        else:
+            self._expiry[instance_id] = time.monotonic() + seconds
+
+    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
+        """Ollama's way with a model: one that has no instance but whose files this node holds gets an instance
+        here, and a request waits (at most `wait_s`; `watch` raises when its client has gone) while one loads.
+        Raises what `instance_for` raises for anything else (unknown, failed, or not on this node's disk)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.instance_for(model)
+                return
+            except NoInstanceError as refusal:
+                if not refusal.loading and not self._load_here(model):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+            await watch()
+            await asyncio.sleep(LOAD_POLL_S)
+
+    def _load_here(self, model: str) -> bool:
+        """Create an instance of `model` on this node when it has none at all and its files are here; whether one was
+        created."""
+        if model in self._state.instances:
+            return False
+        card = self.catalog.resolve(model)
+        if self._state.instances_of(card.id):
+            return False
+        if time.monotonic() - self._loading_for.get(card.id, -LOAD_ORDER_S) < LOAD_ORDER_S:
+            return True  # made already; the cluster's state has not shown it yet
+        if not (card.source in ("embedded", "local", "ollama") or find_local(card.id) is not None):
+            return False
+        engine = self.engine_info.selected_engine or "cpu"
+        record = self.create_instance(card.id, single_node_type(engine), node_ids=[self.node_id], save=False)
+        self._loading_for[card.id] = time.monotonic()
+        log.info("instance %s: %s loads for a request (as Ollama loads a model on use)", record.instance.instance_id,
+                 card.id)
+        return True
 
     async def _refresh_memory(self) -> None:
         while True:

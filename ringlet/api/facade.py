@@ -3,7 +3,7 @@ contract tests. The routers only ever see this protocol."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from fastapi import Request
@@ -73,6 +73,15 @@ class NodeFacade(Protocol):
     def delete_instance(self, instance_id: str) -> InstanceRecord: ...
 
     def instance_for(self, model: str) -> InstanceRecord: ...
+
+    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
+        """Load the model here if it has no instance and this node holds its files, and wait while an instance of it
+        loads (Ollama's way); raises as `instance_for` does."""
+        ...
+
+    def keep_alive(self, instance_id: str, seconds: float | None) -> None:
+        """Unload the instance once idle this long (Ollama's keep_alive; 0: now, negative: never)."""
+        ...
 
     def submit(self, task: TextGenerationTask) -> TaskStream: ...
 

@@ -14,8 +14,8 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ringlet.api.errors import OllamaError, error_responses, to_api_error
-from ringlet.api.facade import node_of
-from ringlet.api.generation import Generation, build_task
+from ringlet.api.facade import NodeFacade, node_of
+from ringlet.api.generation import DisconnectWatch, Generation, build_task
 from ringlet.api.ollama_schemas import (
     ChatRequest,
     ChatResponse,
@@ -31,12 +31,13 @@ from ringlet.api.ollama_schemas import (
 )
 from ringlet.api.tool_calls import CallReader
 from ringlet.models.catalog import ModelCard
-from ringlet.shared.errors import TaskError
+from ringlet.shared.errors import NoInstanceError, TaskError
 from ringlet.shared.tasks import ChatMessage, FunctionSpec, GenerationChunk, TextGenerationTask, TokenLogprob, ToolCall
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
 OLLAMA_API_VERSION = "0.6.0"
+LOAD_WAIT_S = 300.0  # a request waits this long for its model to load, as Ollama's does
 NDJSON = "application/x-ndjson"
 GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503, ollama=True)
 
@@ -82,13 +83,25 @@ def _stats(last: GenerationChunk, total_s: float) -> dict[str, object]:
 Line = Callable[[str, list[ToolCall], dict[str, object]], BaseModel]
 
 
-async def _answer(generation: Generation, stream: bool, line: Line, with_top: bool = False,
+async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: TextGenerationTask,
+                 request: Request) -> Generation:
+    """Ollama's way: a model this node holds but does not serve is loaded first, and the request waits for it."""
+    await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check)
+    return await Generation.start(node, task, request, api="ollama")
+
+
+async def _answer(generation: Generation, body: ChatRequest | GenerateRequest, node: NodeFacade, line: Line,
                   reader: CallReader | None = None) -> BaseModel | StreamingResponse:
     """Stream one line per chunk plus a final line with the counts, or collect everything into one object (with
-    each token's log-probability when asked; `with_top`: and the most likely tokens'). `reader` reads tool calls out
-    of the text: a call comes in a line of its own once its text is complete."""
+    each token's log-probability when asked, and the most likely tokens' with top_logprobs). `reader` reads tool
+    calls out of the text: a call comes in a line of its own once its text is complete. Once the answer is out, the
+    instance's keep_alive starts."""
     began = datetime.now(UTC)
     reader = reader or CallReader("none", [], "hermes")
+    with_top = bool(body.top_logprobs)
+
+    def finished() -> None:
+        node.keep_alive(generation.handle.instance_id, body.keep_alive_s())
 
     def elapsed() -> float:
         return (datetime.now(UTC) - began).total_seconds()
@@ -96,13 +109,16 @@ async def _answer(generation: Generation, stream: bool, line: Line, with_top: bo
     def logprobs(tokens: list[TokenLogprob]) -> dict[str, object]:
         return {"logprobs": [LogprobOut.of(t, with_top) for t in tokens]} if tokens else {}
 
-    if not stream:
+    if not body.stream:
         text, last = [], None
         tokens: list[TokenLogprob] = []
-        async for chunk in generation.chunks(watch_disconnect=True):
-            text.append(chunk.text)
-            tokens.extend(chunk.logprobs or ())
-            last = chunk
+        try:
+            async for chunk in generation.chunks(watch_disconnect=True):
+                text.append(chunk.text)
+                tokens.extend(chunk.logprobs or ())
+                last = chunk
+        finally:
+            finished()
         assert last is not None
         piece = reader.read("".join(text), last=True)
         return line(piece.content, reader.calls, {"done": True, **_stats(last, elapsed()), **logprobs(tokens)})
@@ -119,6 +135,8 @@ async def _answer(generation: Generation, stream: bool, line: Line, with_top: bo
                         exclude_none=True) + "\n"
         except TaskError as failure:  # the status is sent already: Ollama reports errors as a line
             yield json.dumps(OllamaError(error=to_api_error(failure).message).model_dump()) + "\n"
+        finally:
+            finished()
 
     return StreamingResponse(lines(), media_type=NDJSON)
 
@@ -129,14 +147,15 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
     """Chat with a model, Ollama style."""
     tools = [t.spec() for t in body.tools] if body.tools else None
     task = _task(body, messages=[m.to_message() for m in body.messages], tools=tools)
-    generation = await Generation.start(node_of(request), task, request, api="ollama")
+    node = node_of(request)
+    generation = await _start(node, body, task, request)
 
     def line(text: str, calls: list[ToolCall], extra: dict[str, object]) -> ChatResponse:
         message = ResponseMessage(content=text, tool_calls=[OllamaToolCall.of(c) for c in calls] or None)
         return ChatResponse.model_validate({"model": body.model, "created_at": _now(), "message": message, **extra})
 
     reader = CallReader("auto" if tools else "none", tools or [], generation.tool_format())
-    return await _answer(generation, body.stream, line, bool(body.top_logprobs), reader)
+    return await _answer(generation, body, node, line, reader)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
@@ -149,8 +168,16 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
         return GenerateResponse.model_validate({"model": body.model, "created_at": _now(), "response": text, **extra})
 
     if not body.prompt and (body.raw or not body.system):
-        # Ollama answers an empty prompt by loading the model: here, by checking that an instance serves it
-        node.instance_for(body.model)
+        # Ollama answers an empty prompt by loading the model, or with keep_alive 0 by unloading it (`ollama stop`)
+        keep_alive = body.keep_alive_s()
+        if keep_alive == 0:
+            try:
+                node.keep_alive(node.instance_for(body.model).instance.instance_id, 0)
+            except NoInstanceError:
+                pass  # nothing serves it: nothing to unload
+            return line("", [], {"done": True, "done_reason": "unload"})
+        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check)
+        node.keep_alive(node.instance_for(body.model).instance.instance_id, keep_alive)
         return line("", [], {"done": True, "done_reason": "load"})
 
     if body.raw:
@@ -158,8 +185,8 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
     else:
         messages = [ChatMessage(role="system", content=body.system)] if body.system else []
         task = _task(body, messages=[*messages, ChatMessage(role="user", content=body.prompt)])
-    generation = await Generation.start(node, task, request, api="ollama")
-    return await _answer(generation, body.stream, line, bool(body.top_logprobs))
+    generation = await _start(node, body, task, request)
+    return await _answer(generation, body, node, line)
 
 
 def _tag(card: ModelCard, modified: str) -> TagModel:

@@ -7,9 +7,11 @@ for options a model does not use."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.api.openai_schemas import LogprobFields, ToolIn
 from ringlet.shared.tasks import (
@@ -22,6 +24,29 @@ from ringlet.shared.tasks import (
     ToolCall,
     ToolName,
 )
+
+_UNITS_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^(-?)((?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+def duration_s(value: float | str) -> float:
+    """Seconds of an Ollama duration: a number of seconds, or Go's duration text ("5m", "1h30m", "-1s")."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        if math.isnan(seconds):
+            raise ValueError("keep_alive is not a number")
+        return seconds
+    text = str(value).strip()
+    found = _DURATION.match(text)
+    if found is None:
+        raise ValueError(f"{value!r} is not a duration: give seconds or text like 5m, 1h30m, 0")
+    seconds = sum(float(number) * _UNITS_S[unit] for number, unit in _DURATION_PART.findall(text))
+    return -seconds if found.group(1) else seconds
+
 
 # Ollama's default num_predict is -1 (until the model stops); -2 means "fill the context"
 _UNLIMITED = (-1, -2)
@@ -116,8 +141,21 @@ class _GenerateFields(LogprobFields):
     options: Options | None = None
     format: Literal["", "json"] | dict[str, object] | None = Field(
         None, description='"json": any JSON object; a JSON schema: JSON that validates against it')
-    keep_alive: float | str | None = Field(None, description="accepted and ignored: instances stay until deleted")
+    keep_alive: float | str | None = Field(None, description='how long the instance stays loaded once idle: seconds, '
+                                                            'or a duration ("5m", "1h30m"); 0 unloads it after this '
+                                                            "request, a negative value keeps it until deleted")
     think: Literal[False] | None = Field(None, description="thinking output is not supported")
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _a_duration(cls, value: float | str | None) -> float | str | None:
+        if value is not None:
+            duration_s(value)
+        return value
+
+    def keep_alive_s(self) -> float | None:
+        """keep_alive in seconds (negative: for ever), None when not given."""
+        return None if self.keep_alive is None else duration_s(self.keep_alive)
 
     @property
     def opts(self) -> Options:

@@ -170,3 +170,34 @@ def test_logprobs_come_with_each_token(client: ollama.Client, node: FakeNode) ->
     tokens = [t for line in lines for t in line.logprobs or []]
     assert "".join(t.token for t in tokens) == "".join(line.response for line in lines)
     assert all(t.top_logprobs is None for t in tokens)
+
+
+@pytest.mark.parametrize(("keep_alive", "seconds"), [("10m", 600.0), ("1h30m", 5400.0), (45, 45.0), (-1, -1.0),
+                                                     ("0", 0.0), (None, None)])
+def test_keep_alive_reaches_the_node_once_the_answer_is_out(client: ollama.Client, node: FakeNode,
+                                                            keep_alive: str | int | None,
+                                                            seconds: float | None) -> None:
+    for stream in (False, True):
+        node.kept_alive.clear()
+        reply = client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, keep_alive=keep_alive, stream=stream)
+        if stream:
+            assert "".join(line.message.content or "" for line in reply) == ANSWER  # type: ignore[union-attr]
+        instance = node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id
+        assert node.kept_alive == [(instance, seconds)]
+
+
+def test_an_empty_prompt_loads_and_with_keep_alive_0_unloads(client: ollama.Client, node: FakeNode) -> None:
+    instance = node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id
+    assert client.generate(model=EMBEDDED_MODEL_ID, prompt="").done_reason == "load"
+    assert client.generate(model=EMBEDDED_MODEL_ID, prompt="", keep_alive=0).done_reason == "unload"
+    assert node.kept_alive == [(instance, None), (instance, 0.0)]
+    with pytest.raises(ollama.ResponseError) as error:
+        client.generate(model=EMBEDDED_MODEL_ID, prompt="", keep_alive="soon")
+    assert error.value.status_code == 400 and "keep_alive" in error.value.error
+
+
+def test_a_model_on_disk_with_no_instance_is_loaded_for_the_request(client: ollama.Client, node: FakeNode) -> None:
+    node.delete_instance(node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id)
+    node.loaded_on_demand.clear()
+    assert client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION).message.content == ANSWER
+    assert node.loaded_on_demand == [node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id]

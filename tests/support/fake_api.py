@@ -36,6 +36,7 @@ def node(fake_server: FakeServer) -> Iterator[FakeNode]:
     fake = fake_server.node
     fake.submitted.clear()
     fake.closed.clear()
+    fake.kept_alive.clear()
     yield fake
     fake.script, fake.token_delay_s = lambda: REPLY, 0.0
 

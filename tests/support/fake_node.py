@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from ringlet.models.names import Catalog
 from ringlet.models.stop import StopMatcher
 from ringlet.models.store import ModelStore
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT
-from ringlet.shared.errors import InstanceNotFoundError, TaskError
+from ringlet.shared.errors import InstanceNotFoundError, NoInstanceError, TaskError
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import (
     DownloadProgressed,
@@ -110,6 +110,8 @@ class FakeNode:
         self.catalog = Catalog()
         self.submitted: list[TextGenerationTask] = []  # every task the API submitted, as the API built it
         self.closed: list[str] = []  # the ids of the tasks whose stream the API closed
+        self.kept_alive: list[tuple[str, float | None]] = []  # (instance id, seconds) of each keep_alive call
+        self.loaded_on_demand: list[str] = []  # the instances ensure_instance created
         self.state = State()
         self._state_lock = threading.Lock()  # downloads report from their own threads
         self.tasks: dict[str, TaskRecord] = {}  # in flight
@@ -173,6 +175,22 @@ class FakeNode:
     def instance_for(self, model: str) -> InstanceRecord:
         busy = Counter(task.instance_id for task in self.tasks.values())
         return route(self.state, model, self.catalog.resolve, self.node_id, False, busy)
+
+    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
+        """As the node does for a model on its disk: the embedded model, when nothing serves it, gets an instance
+        (ready at once: nothing loads here), listed in `loaded_on_demand`."""
+        try:
+            self.instance_for(model)
+        except NoInstanceError:
+            card = self.catalog.resolve(model)
+            if card.source != "embedded" or self.state.instances_of(card.id):
+                raise
+            record = self.create_instance(card.id, InstanceType.CPU_RING, node_ids=[self.node_id])
+            self.make_ready(record.instance.instance_id)
+            self.loaded_on_demand.append(record.instance.instance_id)
+
+    def keep_alive(self, instance_id: str, seconds: float | None) -> None:
+        self.kept_alive.append((instance_id, seconds))
 
     def submit(self, task: TextGenerationTask) -> ScriptedStream:
         self.submitted.append(task)

@@ -1,0 +1,46 @@
+"""Ollama's model lifecycle on a real node: keep_alive 0 unloads the instance once its answer is out, a request for a
+model the node holds loads it again and waits for it, and an empty prompt loads (or, with keep_alive 0, unloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ollama
+import pytest
+
+from tests.support.processes import LOAD_TIMEOUT_S, LiveNode, start_node, stop_node, wait_until
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def instances(node: LiveNode) -> list[dict]:
+    return list(node.state()["instances"].values())
+
+
+@pytest.mark.slow
+def test_keep_alive_unloads_and_a_request_loads_the_model_again(tmp_path: Path) -> None:
+    node = start_node(tmp_path, "keep-alive", env={"RINGLET_CPU_COMPILE": "0"})
+    try:
+        wait_until(lambda: [i for i in instances(node) if i["status"] == "ready"], LOAD_TIMEOUT_S,
+                   "the default instance ready", node.log)
+        [first] = instances(node)
+        model = first["instance"]["model"]
+        client = ollama.Client(host=node.url, timeout=LOAD_TIMEOUT_S)
+
+        reply = client.chat(model=model, messages=QUESTION, options={"temperature": 0, "num_predict": 8},
+                            keep_alive=0)
+        assert reply.message.content
+        wait_until(lambda: not instances(node), 10, "the instance unloaded after its answer", node.log)
+
+        # nothing serves the model now, but its file is here: the request loads it and waits
+        reply = client.chat(model=model, messages=QUESTION, options={"temperature": 0, "num_predict": 8})
+        assert reply.message.content and "loads for a request" in node.log()
+        [again] = instances(node)
+        assert again["instance"]["instance_id"] != first["instance"]["instance_id"]
+
+        assert client.generate(model=model, prompt="", keep_alive=0).done_reason == "unload"
+        wait_until(lambda: not instances(node), 10, "the instance unloaded by an empty prompt", node.log)
+        assert client.generate(model=model, prompt="", keep_alive="1h").done_reason == "load"
+        assert [i["status"] for i in instances(node)] == ["ready"]
+    finally:
+        assert stop_node(node) == 0, node.log()
