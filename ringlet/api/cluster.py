@@ -107,12 +107,14 @@ def instance_previews(
     intel_gpu_devices: Annotated[list[int] | None, Query(description="IpexRing: the XPU devices to place on "
                                                                      "(repeat the parameter for each)")] = None,
     ipex_optimization_level: Annotated[IpexOptimizationLevel, Query(description="IpexRing: what to apply")] = "auto",
+    max_context: Annotated[int | None, Query(ge=16, le=1 << 20, description="the context window to count the KV "
+                                                                            "cache for")] = None,
 ) -> PreviewsResponse:
     """Where each instance type would put the model's layers (and the memory per node, per Intel GPU device), or
     why it cannot; the Intel options shape IpexRing's preview only."""
     try:
         options = InstanceOptions(intel_gpu_devices=None if intel_gpu_devices is None else tuple(intel_gpu_devices),
-                                  ipex_optimization_level=ipex_optimization_level)
+                                  ipex_optimization_level=ipex_optimization_level, max_context=max_context)
     except ValidationError as error:
         raise ApiError(400, f"invalid request: intel_gpu_devices: {error.errors()[0]['msg']}",
                        param="intel_gpu_devices", code="invalid_parameter") from None

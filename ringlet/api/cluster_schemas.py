@@ -74,6 +74,9 @@ class CreateInstanceRequest(BaseModel):
     ipex_optimization_level: IpexOptimizationLevel = Field(
         "auto", description="IpexRing only: ipex (intel-extension-for-pytorch), compile (torch.compile), eager "
                             "(neither), or auto: IPEX where a matching version imports, else torch.compile")
+    max_context: int | None = Field(None, ge=16, le=1 << 20, description="the context window in tokens (capped by "
+                                                                         "the model's own); default: the node's, "
+                                                                         "8192")
 
     @model_validator(mode="after")
     def _options_fit(self) -> CreateInstanceRequest:
@@ -84,7 +87,8 @@ class CreateInstanceRequest(BaseModel):
     @property
     def options(self) -> InstanceOptions:
         devices = None if self.intel_gpu_devices is None else tuple(self.intel_gpu_devices)
-        return InstanceOptions(intel_gpu_devices=devices, ipex_optimization_level=self.ipex_optimization_level)
+        return InstanceOptions(intel_gpu_devices=devices, ipex_optimization_level=self.ipex_optimization_level,
+                               max_context=self.max_context)
 
 
 class DeletedInstance(BaseModel):

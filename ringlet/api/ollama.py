@@ -61,6 +61,7 @@ def _task(body: ChatRequest | GenerateRequest, messages: list[ChatMessage] | Non
     options = body.opts
     return build_task(lambda: TextGenerationTask(model=body.model, messages=messages, prompt=prompt, tools=tools,
                                                  max_tokens=options.max_tokens(), stop=options.stop_list(),
+                                                 context_window=options.num_ctx,
                                                  sampling=options.sampling().model_copy(
                                                      update={"constraint": body.constraint(),
                                                              "logprobs": body.logprob_count()})),

@@ -66,6 +66,9 @@ class Options(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    num_ctx: int | None = Field(None, ge=1, description="the request's context window: prompt and answer within it; "
+                                                         "more than the instance holds is a 400 (create one with "
+                                                         "max_context)")
     repeat_last_n: int | None = Field(None, ge=-1, description="the penalties look at the last this many tokens of "
                                                                "prompt and answer (default 64); 0: no penalties; -1: "
                                                                "all of them")

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "pulled with Ollama (llama3.2:1b) (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--engine", choices=get_args(EngineType), default=None,
                    help="engine for this node (default: $RINGLET_ENGINE, else the best available)")
+    p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                   help="context window of the default instance (capped by the model's own; default 8192); more "
+                        "takes more memory for the KV cache")
     intel = p.add_argument_group("Intel GPU", "How the default instance runs where it is an IpexRing (--engine ipex, "
                                               "or an Intel GPU detected).")
     intel.add_argument("--intel-gpu-devices", default=None, metavar="INDEXES",
@@ -90,8 +93,9 @@ def check_endpoints(endpoints: list[str]) -> list[str]:
         raise CliError(str(error)) from None
 
 
-def instance_options(devices: str | None, level: IpexOptimizationLevel) -> InstanceOptions:
-    """--intel-gpu-devices (indexes separated by commas) and --ipex-optimization-level, checked."""
+def instance_options(devices: str | None, level: IpexOptimizationLevel, max_context: int | None = None
+                     ) -> InstanceOptions:
+    """--intel-gpu-devices (indexes separated by commas), --ipex-optimization-level and --max-context, checked."""
     from pydantic import ValidationError
 
     from ringlet.node import InstanceOptions
@@ -102,9 +106,10 @@ def instance_options(devices: str | None, level: IpexOptimizationLevel) -> Insta
         raise CliError(f"--intel-gpu-devices {devices!r}: write device indexes separated by commas, e.g. 0 or 0,1"
                        ) from None
     try:
-        return InstanceOptions(intel_gpu_devices=indexes, ipex_optimization_level=level)
+        return InstanceOptions(intel_gpu_devices=indexes, ipex_optimization_level=level, max_context=max_context)
     except ValidationError as error:
-        raise CliError(f"--intel-gpu-devices {devices!r}: {error.errors()[0]['msg']}") from None
+        field = "--max-context" if error.errors()[0]["loc"][0] == "max_context" else "--intel-gpu-devices"
+        raise CliError(f"{field}: {error.errors()[0]['msg']}") from None
 
 
 def engine_choice(requested: str | None) -> EngineType | None:
@@ -146,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         discovery=not args.no_discovery, api_keys=keys_from(args.api_key, os.environ.get(API_KEY_ENV)),
         allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin), cluster_secret=secret,
         models_dirs=tuple(args.models_dir),
-        instance_options=instance_options(args.intel_gpu_devices, args.ipex_optimization_level),
+        instance_options=instance_options(args.intel_gpu_devices, args.ipex_optimization_level, args.max_context),
     )
     try:
         with asyncio.Runner(loop_factory=_fast_event_loop()) as runner:

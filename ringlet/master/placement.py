@@ -55,13 +55,16 @@ class DeviceChoiceError(PlacementError):
 
 
 class InstanceOptions(BaseModel):
-    """What an instance may be told beyond its model and type: an IpexRing's devices and optimisation level."""
+    """What an instance may be told beyond its model and type: its context window, an IpexRing's devices and
+    optimisation level."""
 
     model_config = ConfigDict(frozen=True)
 
     intel_gpu_devices: tuple[int, ...] | None = Field(
         None, min_length=1, description="IpexRing: the XPU device indexes of its node; None: its discrete Intel GPUs")
     ipex_optimization_level: IpexOptimizationLevel = "auto"
+    max_context: int | None = Field(None, ge=16, description="the context window (KV cache positions a sequence may "
+                                                             "use), capped by the model's own; None: the node's")
 
     @field_validator("intel_gpu_devices")
     @classmethod
@@ -74,11 +77,12 @@ class InstanceOptions(BaseModel):
     def of(cls, instance: Instance) -> InstanceOptions:
         """The options an instance was placed with (to place it again alike)."""
         return cls(intel_gpu_devices=instance.intel_gpu_devices,
-                   ipex_optimization_level=instance.ipex_optimization_level)
+                   ipex_optimization_level=instance.ipex_optimization_level, max_context=instance.max_context)
 
     def misfit(self, instance_type: InstanceType) -> str | None:
         """Why these options do not apply to `instance_type`, or None."""
-        if instance_type == InstanceType.IPEX_RING or self == DEFAULT_OPTIONS:
+        if (instance_type == InstanceType.IPEX_RING
+                or (self.intel_gpu_devices, self.ipex_optimization_level) == (None, "auto")):
             return None
         return (f"intel_gpu_devices and ipex_optimization_level apply to IpexRing instances only, not "
                 f"{instance_type.value}; leave them out or pick IpexRing")
@@ -256,7 +260,7 @@ def place(
     """Place `card` as an instance of `instance_type`, beside the instances `placed` already (those still loading
     hold their memory), its engines holding the weights at `precision` (`engine_dtype`); raises PlacementError with
     the reason when impossible (DeviceChoiceError: the options)."""
-    tokens = min(card.context_length, DEFAULT_KV_TOKENS) if kv_tokens is None else kv_tokens
+    tokens = min(card.context_length, options.max_context or DEFAULT_KV_TOKENS) if kv_tokens is None else kv_tokens
     if (misfit := options.misfit(instance_type)) is not None:
         raise DeviceChoiceError(misfit)
     if not serves(card, instance_type):
@@ -296,7 +300,8 @@ def place(
                       for rank, s in enumerate(stages)]
             instance = Instance(instance_id=instance_id, model=card.id, instance_type=instance_type, shards=shards,
                                 intel_gpu_devices=options.intel_gpu_devices,
-                                ipex_optimization_level=options.ipex_optimization_level)
+                                ipex_optimization_level=options.ipex_optimization_level,
+                                max_context=options.max_context)
             return Placement(instance=instance, stages=stages)
     ring = suitable[: ring_sizes[-1]]
     if instance_type.engine is None:
@@ -310,13 +315,15 @@ def preview(
     kv_tokens: int | None = None, options: InstanceOptions = DEFAULT_OPTIONS, placed: Sequence[InstanceRecord] = (),
     precision: Precision = "auto",
 ) -> list[PlacementPreview]:
-    """The placement each instance type would get, or why it cannot serve the model; `options` go to IpexRing's."""
+    """The placement each instance type would get, or why it cannot serve the model; the Intel options go to
+    IpexRing's, the context window to each."""
     previews = []
+    everyones = InstanceOptions(max_context=options.max_context)
     for instance_type in InstanceType:
         try:
             placement = place(card, instance_type, nodes, instance_id="preview", node_ids=node_ids,
                               min_nodes=min_nodes, kv_tokens=kv_tokens, placed=placed, precision=precision,
-                              options=options if instance_type == InstanceType.IPEX_RING else DEFAULT_OPTIONS)
+                              options=options if instance_type == InstanceType.IPEX_RING else everyones)
         except PlacementError as refusal:
             previews.append(PlacementPreview(instance_type=instance_type, possible=False, reason=str(refusal)))
         else:

@@ -116,6 +116,8 @@ class Instance(BaseModel):
         None, description="IpexRing: the XPU device indexes of its node it runs on; None: the discrete ones")
     ipex_optimization_level: IpexOptimizationLevel = Field(
         "auto", description="IpexRing: IPEX where usable, else torch.compile (auto), or only ipex/compile/eager")
+    max_context: int | None = Field(None, ge=16, description="the context window its engines hold (capped by the "
+                                                             "model's own); None: the node's (8192 by default)")
 
     @field_validator("instance_type", mode="before")
     @classmethod

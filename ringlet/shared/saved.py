@@ -26,6 +26,7 @@ class SavedInstance(BaseModel):
     min_nodes: int = 1
     intel_gpu_devices: tuple[int, ...] | None = None  # an IpexRing's options, as it was created with them
     ipex_optimization_level: IpexOptimizationLevel = "auto"
+    max_context: int | None = None
 
 
 class SavedList(Generic[Item]):

@@ -109,6 +109,9 @@ class TextGenerationTask(BaseModel):
     sampling: SamplingParams = SamplingParams()
     n: int = Field(1, ge=1, le=16, description="independent answers to the prompt (choices); a seed s gives choice i "
                                                "the seed s + i")
+    context_window: int | None = Field(None, ge=1, description="the request's own context window (Ollama's num_ctx): "
+                                                               "prompt and answer within this many tokens; more than "
+                                                               "the instance holds is refused")
     tools: list[FunctionSpec] | None = Field(None, max_length=MAX_TOOLS, description="functions the model is told "
                                                                                   "it may call (chat only)")
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens

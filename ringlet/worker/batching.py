@@ -42,7 +42,7 @@ from ringlet.shared.tasks import (
     Usage,
 )
 from ringlet.worker.blocks import BlockManager
-from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids
+from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids, request_context
 from ringlet.worker.scheduler import Planned, Scheduler, Sequence
 
 ASYNC_DEVICES = ("cuda", "xpu")  # a forward returns once its kernels are queued
@@ -189,9 +189,9 @@ class BatchGenerator:
         ids = prompt_ids(self.model.tokenizer, task)
         if not ids:
             raise ValueError("the prompt has no tokens (empty, or only characters the tokenizer drops); send some text")
-        context = min(self.model.context_length, self.blocks.num_blocks * self.blocks.block_size)
+        context = request_context(task, min(self.model.context_length, self.blocks.num_blocks * self.blocks.block_size))
         if len(ids) >= context:
-            raise ContextWindowError(f"the prompt has {len(ids)} tokens but the model's context window is {context}; "
+            raise ContextWindowError(f"the prompt has {len(ids)} tokens but the context window is {context}; "
                                      "shorten the prompt")
         room = context - len(ids)
         group, arrived_at = TaskState(task, task.n), time.perf_counter()

@@ -348,10 +348,12 @@ def plan(state: State, node_id: str, running: Collection[str], data_host: str = 
         if instance_id in running or node_id not in record.runners or record.status == RunnerStatus.FAILED:
             continue
         bound = BoundInstance(instance=record.instance, node_id=node_id)
+        own = config if record.instance.max_context is None else config.model_copy(
+            update={"max_context": record.instance.max_context})
         if bound.shard.rank == 0:
-            start.append(LoadShard(bound=bound, config=config, data_host=data_host))
+            start.append(LoadShard(bound=bound, config=own, data_host=data_host))
         elif record.ring is not None:
-            start.append(LoadShard(bound=bound, config=config, ring=record.ring, data_host=data_host))
+            start.append(LoadShard(bound=bound, config=own, ring=record.ring, data_host=data_host))
     stop = [instance_id for instance_id in running
             if instance_id not in state.instances or state.instances[instance_id].status == RunnerStatus.FAILED]
     return start, stop

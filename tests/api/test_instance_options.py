@@ -60,6 +60,21 @@ def test_the_options_are_placed_carried_and_reported(tmp_path: Path) -> None:
     assert (default["intel_gpu_devices"], default["ipex_optimization_level"]) == (None, "auto")
 
 
+def test_a_context_window_is_placed_carried_and_checked(tmp_path: Path) -> None:
+    node = intel_node(tmp_path)
+    reply = create(node, instance_type="CpuRing", max_context=2048)
+    assert reply.status_code == 201, reply.text
+    instance_id = reply.json()["instance"]["instance_id"]
+    assert call(node, "GET", "/state").json()["instances"][instance_id]["instance"]["max_context"] == 2048
+    previews = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID, "max_context": 2048})
+    wide = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID})
+    kv = [next(p["stages"][0]["kv_bytes"] for p in r.json()["previews"] if p["instance_type"] == "CpuRing")
+          for r in (previews, wide)]
+    assert kv[0] * 4 == kv[1], "2048 positions against the default 8192"
+    reply = create(node, instance_type="CpuRing", max_context=4)
+    assert reply.status_code == 400 and "max_context" in reply.json()["error"]["message"]
+
+
 def test_a_device_the_node_lacks_is_a_400_naming_its_devices(tmp_path: Path) -> None:
     reply = create(intel_node(tmp_path), intel_gpu_devices=[1, 4])
     assert reply.status_code == 400

@@ -91,6 +91,7 @@ def test_options_reach_the_task(client: ollama.Client, node: FakeNode) -> None:
         "temperature": 1.5, "top_p": 0.8, "top_k": 20, "min_p": 0.1, "seed": 7, "repeat_penalty": 1.2,
         "presence_penalty": 0.3, "frequency_penalty": 0.4, "stop": ["Rome"], "num_predict": 5, "num_ctx": 2048})
     task = node.submitted[-1]
+    assert task.context_window == 2048
     assert task.sampling == SamplingParams(temperature=1.5, top_p=0.8, top_k=20, min_p=0.1, seed=7,
                                            repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.4,
                                            penalty_window=64), "Ollama's default repeat_last_n"
@@ -201,3 +202,17 @@ def test_a_model_on_disk_with_no_instance_is_loaded_for_the_request(client: olla
     node.loaded_on_demand.clear()
     assert client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION).message.content == ANSWER
     assert node.loaded_on_demand == [node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id]
+
+
+def test_num_ctx_is_the_requests_context_window(client: ollama.Client, node: FakeNode) -> None:
+    reply = client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": 64})
+    assert reply.message.content == ANSWER and node.submitted[-1].context_window == 64
+    prompt = prompt_tokens(node.submitted[-1])
+    short = client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": prompt + 3})
+    assert short.done_reason == "length" and short.eval_count == 3, "the answer fits in what is left of the window"
+    with pytest.raises(ollama.ResponseError) as error:
+        client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": prompt})
+    assert error.value.status_code == 400 and "context window is" in error.value.error
+    with pytest.raises(ollama.ResponseError) as error:
+        client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": node.context_window * 2})
+    assert error.value.status_code == 400 and "num_ctx" in error.value.error and "max_context" in error.value.error

@@ -66,6 +66,9 @@ def test_the_node_commands_intel_options_are_checked() -> None:
         instance_options("0;1", "auto")
     with pytest.raises(CliError, match="distinct device indexes"):
         instance_options("1,1", "auto")
+    assert instance_options(None, "auto", 32768) == InstanceOptions(max_context=32768)
+    with pytest.raises(CliError, match="--max-context"):
+        instance_options(None, "auto", 4)
 
 
 def test_ps_shows_a_loading_stage_as_a_bar_of_layers_and_bytes() -> None:

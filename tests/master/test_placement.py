@@ -6,7 +6,7 @@ from itertools import pairwise
 
 import pytest
 
-from ringlet.master.placement import GIB, PlacementError, place, preview, split_layers, stage_bytes
+from ringlet.master.placement import GIB, InstanceOptions, PlacementError, place, preview, split_layers, stage_bytes
 from ringlet.models.catalog import (
     CUDA_INT4,
     WEIGHT_ONLY_INT8,
@@ -52,6 +52,19 @@ def test_single_node_gets_every_layer() -> None:
     (shard,) = placement.instance.shards
     assert (shard.node_id, shard.start, shard.end, shard.engine) == ("a", 0, 30, "cpu")
     assert placement.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 8192)
+
+
+def test_an_instances_context_window_sizes_its_kv_cache_capped_by_the_models() -> None:
+    short = place(small_card(), InstanceType.CPU_RING, [node_info("a", 8)], instance_id="i",
+                  options=InstanceOptions(max_context=2048))
+    assert short.instance.max_context == 2048
+    assert short.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 2048)
+    longer = place(small_card(), InstanceType.CPU_RING, [node_info("a", 8)], instance_id="i",
+                   options=InstanceOptions(max_context=65536))
+    assert longer.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 8192), "the model's own limit"
+    (cpu,) = [p for p in preview(small_card(), [node_info("a", 8)], options=InstanceOptions(max_context=2048))
+              if p.instance_type == InstanceType.CPU_RING]
+    assert cpu.stages[0].kv_bytes == short.stages[0].kv_bytes
 
 
 def test_fewest_nodes_that_fit_most_memory_first() -> None:

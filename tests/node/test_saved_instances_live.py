@@ -1,5 +1,5 @@
-"""Instances a user created come back when their node restarts (and a deleted one does not); the node's own default
-instance is made anew from its options, not saved."""
+"""Instances a user created come back when their node restarts, with their context window (and a deleted one does
+not); the node's own default instance is made anew from its options, not saved."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_a_created_instance_comes_back_after_a_restart_and_a_deleted_one_does_no
     try:
         [default] = instances_when_ready(node, 1)
         model = default["instance"]["model"]
-        created = node.post("/instance", json={"model": model, "instance_type": "CpuRing"})
+        created = node.post("/instance", json={"model": model, "instance_type": "CpuRing", "max_context": 1024})
         assert created.status_code == 201, created.text
         mine = created.json()["instance"]["instance_id"]
         instances_when_ready(node, 2)
@@ -45,6 +45,9 @@ def test_a_created_instance_comes_back_after_a_restart_and_a_deleted_one_does_no
         [saved] = json.loads(saved_file.read_text())
         restored = saved["instance_id"]
         assert restored != mine and restored in node.state()["instances"] and "created again" in node.log()
+        again = node.state()["instances"][restored]
+        assert again["instance"]["max_context"] == 1024 and saved["max_context"] == 1024
+        assert [r["context_length"] for r in again["runners"].values()] == [1024], "its engine holds 1024 positions"
         assert httpx.delete(f"{node.url}/instance/{restored}").status_code == 200
         # a deleted instance is not created again
         wait_until(lambda: json.loads(saved_file.read_text()) == [], 10, "the deleted instance leaving the file")

@@ -36,7 +36,7 @@ from ringlet.models.names import Catalog
 from ringlet.models.stop import StopMatcher
 from ringlet.models.store import ModelStore
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT
-from ringlet.shared.errors import InstanceNotFoundError, NoInstanceError, TaskError
+from ringlet.shared.errors import ContextWindowError, InstanceNotFoundError, NoInstanceError, TaskError
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import (
     DownloadProgressed,
@@ -63,6 +63,7 @@ from ringlet.shared.tasks import (
     TopLogprob,
     Usage,
 )
+from ringlet.worker.engines.torch.generate import request_context
 from ringlet.worker.supervisor import InstanceLoad
 from tests.support.node_infos import node_info
 from tests.support.processes import wait_until
@@ -207,18 +208,22 @@ class FakeNode:
             if prompt == 0:
                 raise TaskError("invalid_request", "the prompt has no tokens (empty, or only characters the "
                                                    "tokenizer drops); send some text")
-            if prompt >= self.context_window:
-                raise TaskError("context_window", f"the prompt has {prompt} tokens but the model's context window "
-                                                  f"is {self.context_window}; shorten the prompt")
+            try:
+                context = request_context(task, self.context_window)
+            except ContextWindowError as refusal:
+                raise TaskError("context_window", str(refusal)) from None
+            if prompt >= context:
+                raise TaskError("context_window", f"the prompt has {prompt} tokens but the context window "
+                                                  f"is {context}; shorten the prompt")
             for choice in range(task.n):  # choices one after another, as an engine without batching runs them
-                async for chunk in self._choice(task, prompt, choice):
+                async for chunk in self._choice(task, prompt, choice, context):
                     yield chunk
         finally:
             self.tasks.pop(task.task_id, None)
 
-    async def _choice(self, task: TextGenerationTask, prompt: int, choice: int
+    async def _choice(self, task: TextGenerationTask, prompt: int, choice: int, context: int
                       ) -> AsyncGenerator[GenerationChunk, None]:
-        room = self.context_window - prompt
+        room = context - prompt
         max_tokens = min(task.max_tokens or room, room)
         tokens, stops = iter(self.script()), StopMatcher(task.stop)
         started, first_token_at, generated = time.perf_counter(), 0.0, 0

@@ -240,6 +240,20 @@ def test_a_prompt_that_cannot_run_is_refused_when_submitted(engine: TorchBatchEn
     assert not generator
 
 
+def test_a_requests_own_context_window_bounds_its_answer(engine: TorchBatchEngine,
+                                                         alone: dict[str, list[int]]) -> None:
+    prompt = PROMPTS[1]
+    prompt_length = len(engine.tokenizer.encode(prompt))
+    windowed = task(1, prompt).model_copy(update={"context_window": prompt_length + 5})
+    assert run(engine, [windowed])["task-1"] == alone["task-1"][:5], "five positions are left for the answer"
+    generator = BatchGenerator(engine)
+    with pytest.raises(ContextWindowError, match="context window is 8"):
+        generator.submit(task(2, words(*range(20))).model_copy(update={"context_window": 8}))
+    with pytest.raises(ContextWindowError, match="num_ctx.*max_context 4096"):
+        generator.submit(task(3, prompt).model_copy(update={"context_window": 4096}))
+    assert not generator
+
+
 def test_slots_never_written_are_never_read(alone: dict[str, list[int]]) -> None:
     """A cache full of NaN (what unwritten memory may hold) gives the same tokens: padding reads the zero slot."""
     poisoned = tiny_batch_engine()

@@ -24,7 +24,7 @@ from ringlet.shared.errors import ContextWindowError
 from ringlet.shared.messages import BatchStats
 from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask, TokenLogprob
 from ringlet.worker.batching import Choice, TaskState, feed_token, last_chunk
-from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids
+from ringlet.worker.engines.torch.generate import choice_sampling, prompt_ids, request_context
 
 
 @dataclass(eq=False)
@@ -74,9 +74,9 @@ class MlxBatchGenerator:
         ids = prompt_ids(self.tokenizer, task)
         if not ids:
             raise ValueError("the prompt has no tokens (empty, or only characters the tokenizer drops); send some text")
-        context = self.engine.context_length
+        context = request_context(task, self.engine.context_length)
         if len(ids) >= context:
-            raise ContextWindowError(f"the prompt has {len(ids)} tokens but the model's context window is {context}; "
+            raise ContextWindowError(f"the prompt has {len(ids)} tokens but the context window is {context}; "
                                      "shorten the prompt")
         room = context - len(ids)
         state, arrived_at = TaskState(task, task.n), time.perf_counter()

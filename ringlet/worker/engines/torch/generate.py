@@ -35,6 +35,20 @@ def choice_sampling(params: SamplingParams, choice: int) -> SamplingParams:
     return params.model_copy(update={"seed": (params.seed + choice) % 2**63})
 
 
+def request_context(task: TextGenerationTask, context: int) -> int:
+    """The context window a task runs in: the instance's `context`, or the task's own smaller one (a larger one is a
+    ContextWindowError saying how to get it)."""
+    asked = task.context_window
+    if asked is None or asked == context:
+        return context
+    if asked > context:
+        raise ContextWindowError(
+            f"the request asks for a context window of {asked} tokens (num_ctx) but the instance holds {context}; "
+            f"place an instance with max_context {asked} (POST /instance, or ringlet node --max-context {asked}), "
+            "or ask for less")
+    return asked
+
+
 def prompt_ids(tokenizer: Tokenizer, task: TextGenerationTask) -> list[int]:
     if task.messages is not None:
         messages, extra = template_inputs(tokenizer.chat_template, task.messages, task.tools)
@@ -70,14 +84,14 @@ class TextGenerator:
             self._host_token = torch.zeros(1, dtype=torch.long, pin_memory=True)
             self._copied = torch.cuda.Event()
 
-    def check_fits(self, ids: list[int]) -> None:
+    def check_fits(self, ids: list[int], context: int | None = None) -> None:
+        """The prompt `ids` leaves room for an answer in `context` (default: the model's context window)."""
+        context = context or self.context_length
         if not ids:
             raise ValueError("the prompt has no tokens (empty, or only characters the tokenizer drops); send some text")
-        if len(ids) >= self.context_length:
+        if len(ids) >= context:
             raise ContextWindowError(
-                f"the prompt has {len(ids)} tokens but the model's context window is {self.context_length}; "
-                "shorten the prompt"
-            )
+                f"the prompt has {len(ids)} tokens but the context window is {context}; shorten the prompt")
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
         """Fill the cache with the prompt and return the logits of its last token.
@@ -110,13 +124,14 @@ class TextGenerator:
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         """The task's choices one after another (the second and later reuse the cached prompt)."""
         ids = prompt_ids(self.tokenizer, task)
-        self.check_fits(ids)
+        context = request_context(task, self.context_length)
+        self.check_fits(ids, context)
         for choice in range(task.n):
-            yield from self._generate_choice(task, ids, choice)
+            yield from self._generate_choice(task, ids, choice, context)
 
-    def _generate_choice(self, task: TextGenerationTask, ids: list[int], choice: int
+    def _generate_choice(self, task: TextGenerationTask, ids: list[int], choice: int, context: int
                          ) -> Generator[GenerationChunk, None, None]:
-        room = self.context_length - len(ids)
+        room = context - len(ids)
         max_tokens = min(task.max_tokens or room, room)
         sampler = self.sampler_for(choice_sampling(task.sampling, choice), ids)
 
