@@ -6,14 +6,18 @@ the guard that retries device errors and falls back to the CPU engine.
 
 from __future__ import annotations
 
+import json
 import logging
 
+import jsonschema_rs
 import pytest
 import torch
 
 from ringlet.models.loader import read_model_config
+from ringlet.models.tools import named_call_constraint, template_inputs
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, Instance, Shard
+from ringlet.shared.tasks import ChatMessage, FunctionSpec, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.engine_init import initialize_engine
 from ringlet.worker.engines.engine_utils import ipex_status
 from ringlet.worker.engines.ipex import IPEXDriverError, IPEXMemoryError, IPEXTokenizerWrapper
@@ -159,3 +163,22 @@ def test_tokenizer_wrapper_refuses_ids_the_model_has_no_embedding_for(xpu_engine
         == xpu_engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="beyond the model's 1000 embedding rows"):
         narrow.encode("Hello, world: tokenizers")
+
+
+@pytest.mark.slow
+def test_a_forced_tool_call_with_logprobs_on_the_intel_gpu(xpu_engine) -> None:  # type: ignore[no-untyped-def]
+    """The tools reach the prompt, the call's grammar holds the sampler, and logprobs come back, on the XPU path."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    weather = FunctionSpec(name="get_weather", description="The weather in a city", parameters=schema)
+    task = TextGenerationTask(task_id="tool", messages=[ChatMessage(role="user", content="Weather in Paris?")],
+                              tools=[weather], max_tokens=40,
+                              sampling=SamplingParams(temperature=0, constraint=named_call_constraint(weather),
+                                                      logprobs=2))
+    chunks = list(xpu_engine.generate(task))
+    text = "".join(c.text for c in chunks)
+    jsonschema_rs.validate(schema, json.loads(text))
+    assert chunks[-1].finish_reason == "stop"
+    messages, extra = template_inputs(xpu_engine.tokenizer.chat_template, task.messages or [], task.tools)
+    assert '"name": "get_weather"' in xpu_engine.tokenizer.apply_chat_template(messages, **extra)
+    logprobs = [t for c in chunks for t in c.logprobs or ()]
+    assert "".join(t.token for t in logprobs) == text and all(len(t.top) == 2 for t in logprobs)
