@@ -47,7 +47,7 @@ from ringlet.worker.engines.ipex.chain import IpexChain
 from ringlet.worker.engines.ipex.engine import IpexEngine
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
 from ringlet.worker.engines.torch.engine import load_torch_stage
-from ringlet.worker.stages import SampledDownTheRing, compute_device, post_logprobs, recv_logprobs
+from ringlet.worker.stages import SampledDownTheRing, compute_device, post_reports, recv_reports
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,8 @@ class PipelineHead(RingHead, _Described):
         self.depth = 1 if self.ring.backend == "nccl" else self.ring.size
         self.vocab_size, self.context_length, self.device = engine.vocab_size, engine.context_length, engine.device
         self.num_blocks, self.block_size, self.pad_slot = engine.num_blocks, engine.block_size, engine.pad_slot
-        # the sequences whose tokens each step in flight brings back
-        self._sampled: deque[list[int]] = deque()
+        # the sequences whose tokens each step in flight brings back, and whether their samplers' reports follow
+        self._sampled: deque[tuple[list[int], bool]] = deque()
         self.samplers: dict[int, SampledDownTheRing] = {}  # by sequence key
 
     @property
@@ -264,20 +264,20 @@ class PipelineHead(RingHead, _Described):
         hidden, self.inputs = _forward(self.engine, self.inputs, tokens, steps, keys)
         with self._ring_errors():
             self.ring.post_batch(encode_steps(steps, keys), hidden)
-        self._sampled.append([key for step, key in zip(steps, keys, strict=True) if step.wants_logits])
+        sampled = [key for step, key in zip(steps, keys, strict=True) if step.wants_logits]
+        # decided as the last stage decides, with the samplers of this step (one may end before its tokens are in)
+        self._sampled.append((sampled, any(self.samplers[key].reports for key in sampled)))
 
     def collect(self) -> torch.Tensor:
-        sampled = self._sampled.popleft()
+        sampled, reported = self._sampled.popleft()
         if not sampled:
             return torch.zeros(0, dtype=torch.int64)
         with self._ring_errors():
             tokens = self.ring.recv((len(sampled),), torch.int64, self.ring.prev)
-            # (a sequence ended while its step was in flight still has its sampler here: `end` comes after)
-            samplers = [self.samplers.get(key) for key in sampled]
-            if any(s is not None and s.wants_logprobs for s in samplers):
-                for sampler, logprobs in zip(samplers, recv_logprobs(self.ring, len(sampled)), strict=True):
-                    if sampler is not None:
-                        sampler.last_logprobs = logprobs
+            if reported:
+                for key, report in zip(sampled, recv_reports(self.ring, len(sampled)), strict=True):
+                    if (sampler := self.samplers.get(key)) is not None:
+                        sampler.take(report)
         return tokens
 
     def warmup(self) -> None:
@@ -357,4 +357,4 @@ class PipelineStage(_Described):
             with torch.inference_mode():
                 tokens = sample_rows(out, list(range(len(sampled))), draws)
             self.ring.post(torch.tensor(tokens, dtype=torch.int64), self.ring.next)
-            post_logprobs(self.ring, self.ring.next, samplers)
+            post_reports(self.ring, self.ring.next, samplers)

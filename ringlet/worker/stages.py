@@ -47,36 +47,53 @@ class _Begin(BaseModel):
     prompt: list[int]
 
 
-_LOGPROBS = TypeAdapter(list[TokenLogprob | None])
-# a sampled row's log-probabilities as JSON (its token's and up to 20 others'): a few kilobytes at most
-MOST_LOGPROB_BYTES_PER_ROW = 64 * 1024
+class SamplerReport(BaseModel):
+    """What the last stage's sampler has to tell rank 0 beside a token: its log-probabilities, and why the request's
+    grammar failed (the answer then ends with finish reason "error")."""
+
+    logprobs: TokenLogprob | None = None
+    failure: str | None = None
+
+
+_REPORTS = TypeAdapter(list[SamplerReport])
+# a sampled row's report as JSON (its token's log-probability and up to 20 others'): a few kilobytes at most
+MOST_REPORT_BYTES_PER_ROW = 64 * 1024
+
+
+def reports(sampling: SamplingParams) -> bool:
+    """Whether a request's sampler reports back beside its tokens (both ends of the ring decide alike)."""
+    return sampling.logprobs is not None or sampling.constraint is not None
 
 
 class SampledDownTheRing:
     """Rank 0's sampler of a request that the ring's last stage samples: what the step returns is already the
-    token; its log-probabilities, when the request asks for them, come back after it (`last_logprobs`)."""
+    token; what the last stage's sampler reports comes back after it (`last_logprobs`, `failure`)."""
 
     def __init__(self, sampling: SamplingParams) -> None:
-        self.wants_logprobs = sampling.logprobs is not None
+        self.reports = reports(sampling)
         self.last_logprobs: TokenLogprob | None = None
+        self.failure: str | None = None
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         return token
 
-
-def post_logprobs(ring: Ring, to: int, samplers: list[RequestSampler]) -> None:
-    """After the tokens the last stage sampled with `samplers`: their log-probabilities, if any of them asks."""
-    asked = [s.sampler.params.logprobs is not None for s in samplers]
-    if any(asked):
-        ring.post_bytes(_LOGPROBS.dump_json([s.last_logprobs if wants else None
-                                             for s, wants in zip(samplers, asked, strict=True)]), to)
+    def take(self, report: SamplerReport | None) -> None:
+        if report is not None:
+            self.last_logprobs, self.failure = report.logprobs, report.failure or self.failure
 
 
-def recv_logprobs(ring: Ring, rows: int) -> list[TokenLogprob | None]:
-    """What `post_logprobs` sent for `rows` sampled rows."""
-    got = _LOGPROBS.validate_json(ring.recv_bytes(ring.prev, rows * MOST_LOGPROB_BYTES_PER_ROW))
+def post_reports(ring: Ring, to: int, samplers: list[RequestSampler]) -> None:
+    """After the tokens the last stage sampled with `samplers`: their reports, if any of them reports."""
+    if any(reports(s.sampler.params) for s in samplers):
+        ring.post_bytes(_REPORTS.dump_json([SamplerReport(logprobs=s.last_logprobs, failure=s.failure)
+                                            for s in samplers]), to)
+
+
+def recv_reports(ring: Ring, rows: int) -> list[SamplerReport]:
+    """What `post_reports` sent for `rows` sampled rows."""
+    got = _REPORTS.validate_json(ring.recv_bytes(ring.prev, rows * MOST_REPORT_BYTES_PER_ROW))
     if len(got) != rows:
-        raise RingBrokenError(f"the last stage sent log-probabilities of {len(got)} tokens, not {rows}")
+        raise RingBrokenError(f"the last stage sent reports of {len(got)} tokens, not {rows}")
     return got
 
 
@@ -200,8 +217,8 @@ class FirstStage(RingHead, _Described):
         with self._ring_errors():
             self.ring.send_hidden(Op.SAMPLE, start, hidden)
             token = self.ring.recv((1,), torch.int64, self.ring.prev)
-            if self._sampled.wants_logprobs:
-                (self._sampled.last_logprobs,) = recv_logprobs(self.ring, 1)
+            if self._sampled.reports:
+                self._sampled.take(recv_reports(self.ring, 1)[0])
             return token
 
     def warmup(self) -> None:
@@ -258,5 +275,5 @@ class RelayStage(_Described):
                 if self.sampler is None:
                     raise RingBrokenError("rank 0 asked for a token before it began a request")
                 self.ring.send(self.sampler(out).view(1).to(torch.int64), 0)
-                post_logprobs(self.ring, 0, [self.sampler])
+                post_reports(self.ring, 0, [self.sampler])
             after_step()

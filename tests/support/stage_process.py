@@ -36,7 +36,8 @@ class Job(BaseModel):
 def emit(request: int, chunk: GenerationChunk) -> None:
     print(json.dumps({"request": request, "token_id": chunk.token_id, "text": chunk.text,
                       "decode_tps": chunk.timings.decode_tokens_per_s if chunk.timings else None,
-                      "logprobs": [t.model_dump() for t in chunk.logprobs or ()]}), flush=True)
+                      "logprobs": [t.model_dump() for t in chunk.logprobs or ()],
+                      "finish_reason": chunk.finish_reason}), flush=True)
 
 
 def run_batched(head: PipelineHead, job: Job) -> None:

@@ -170,6 +170,13 @@ def test_last_stage_samples_as_a_single_stage_does_with_its_logprobs(single_stag
 
 
 @pytest.mark.slow
+def test_a_grammar_failing_on_the_last_stage_ends_that_answer_with_an_error() -> None:
+    failing = GREEDY.model_copy(update={"constraint": Constraint(kind="regex", spec="(a{1000}){1000}")})
+    requests = run_ring(ring(["cpu", "cpu"]), Job(prompts=PROMPTS[:1], max_tokens=8, sampling=failing))
+    assert [c["finish_reason"] for c in requests[0] if c["finish_reason"]] == ["error"]
+
+
+@pytest.mark.slow
 def test_a_mixed_rings_last_stage_sends_back_logprobs(single_stage_engine: TorchBatchEngine) -> None:
     pytest.importorskip("mlx_lm")
     greedy = GREEDY.model_copy(update={"logprobs": 2})
