@@ -1,4 +1,5 @@
-"""Errors as clients expect them: OpenAI's `{"error": {...}}` everywhere, Ollama's `{"error": "..."}` under /api/.
+"""Errors as clients expect them: OpenAI's `{"error": {...}}` everywhere, Ollama's `{"error": "..."}` under /api/,
+Anthropic's `{"type": "error", "error": {...}}` under /v1/messages.
 
 Each refusal of the node maps to one status: unknown model 404, invalid parameters 400 (naming the
 parameter), no instance 503 (saying how to create one), prompt over the context window 400, placement
@@ -30,6 +31,7 @@ from ringlet.shared.errors import (
 log = logging.getLogger(__name__)
 
 OLLAMA_PREFIX = "/api/"
+ANTHROPIC_PREFIX = "/v1/messages"
 RETRY_AFTER_LOADING_S = 5
 RETRY_AFTER_BUSY_S = 1
 
@@ -71,9 +73,22 @@ class ApiError(Exception):
         return str(self)
 
 
+# Anthropic's error types, for ours
+_ANTHROPIC_TYPES = {"invalid_request_error": "invalid_request_error", "not_found_error": "not_found_error",
+                    "rate_limit_error": "rate_limit_error", "unavailable_error": "overloaded_error",
+                    "authentication_error": "authentication_error", "permission_error": "permission_error"}
+
+
+def anthropic_error(error: ApiError) -> dict[str, str]:
+    """The `error` of Anthropic's error shape."""
+    return {"type": _ANTHROPIC_TYPES.get(error.type, "api_error"), "message": error.message}
+
+
 def error_body(path: str, error: ApiError) -> dict[str, Any]:
     if path.startswith(OLLAMA_PREFIX):
         return OllamaError(error=error.message).model_dump()
+    if path.startswith(ANTHROPIC_PREFIX):
+        return {"type": "error", "error": anthropic_error(error)}
     detail = ErrorDetail(message=error.message, type=error.type, param=error.param, code=error.code)
     return ErrorResponse(error=detail).model_dump()
 

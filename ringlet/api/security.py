@@ -140,10 +140,13 @@ class ApiAccess:
                             type="permission_error", code="foreign_origin")
         if not self.access.keys or path in PUBLIC_PATHS or (method in SAFE_METHODS and self.is_dashboard(path)):
             return None
-        if self.access.key_matches(headers.get("authorization", "")):
+        # Anthropic's clients send the key as x-api-key
+        if self.access.key_matches(headers.get("authorization", "")) or (
+                "x-api-key" in headers and self.access.key_matches(f"Bearer {headers['x-api-key']}")):
             return None
-        given = "a wrong API key" if headers.get("authorization") else "no API key"
+        given = "a wrong API key" if headers.get("authorization") or headers.get("x-api-key") else "no API key"
         return ApiError(401, f"this node wants an API key and the request has {given}: send the header "
-                             "'Authorization: Bearer KEY' (the key the node was started with: --api-key or "
+                             "'Authorization: Bearer KEY' or 'x-api-key: KEY' (the key the node was started with: "
+                             "--api-key or "
                              f"{API_KEY_ENV})", type="authentication_error", code="invalid_api_key",
                         headers={"WWW-Authenticate": 'Bearer realm="ringlet"'})

@@ -167,6 +167,7 @@ class GenerationChunk(BaseModel):
     text: str = ""
     token_id: int | None = None
     finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None  # with finish_reason stop: the stop string that ended the text, if one did
     last: bool = False
     error: str | None = None
     usage: Usage | None = None

@@ -413,7 +413,7 @@ def last_chunk(choice: Choice, prompt_length: int, generated: int, finish: Finis
     decode_s = done - choice.first_token_at
     return GenerationChunk(
         task_id=choice.of.task.task_id, choice=choice.choice, text=tail, finish_reason=finish,
-        last=choice.of.unfinished == 0, logprobs=_take_logprobs(choice),
+        stop_sequence=choice.stops.matched, last=choice.of.unfinished == 0, logprobs=_take_logprobs(choice),
         usage=Usage(prompt_tokens=prompt_length, completion_tokens=generated),
         timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt_length / prefill_s,
                         decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s > 0 else 0.0),

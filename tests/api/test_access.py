@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
 from fastapi.routing import APIRoute
 
+from ringlet.api import anthropic as anthropic_routes
 from ringlet.api import cluster, downloads, metrics, ollama
 from ringlet.api import openai as openai_routes
 from ringlet.api.app import create_app
@@ -42,7 +44,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def routes() -> list[tuple[str, str]]:
     """(method, path) of every API route, path parameters filled in."""
     found = []
-    for router in (openai_routes.router, ollama.router, cluster.router, downloads.router, metrics.router):
+    for router in (openai_routes.router, anthropic_routes.router, ollama.router, cluster.router, downloads.router,
+                   metrics.router):
         for route in router.routes:
             assert isinstance(route, APIRoute)
             for method in sorted(route.methods):
@@ -86,6 +89,10 @@ def test_the_official_clients_and_the_cli_pass_with_the_key(keyed: str, monkeypa
     assert answer.choices[0].message.content
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed + "/v1", api_key="wrong", max_retries=0).models.list()
+    messages = anthropic.Anthropic(base_url=keyed, api_key=KEY, max_retries=0).messages  # the key as x-api-key
+    assert messages.create(**CHAT).content  # type: ignore[call-overload]
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=keyed, api_key="wrong", max_retries=0).messages.create(**CHAT)  # type: ignore[call-overload]
     monkeypatch.setenv("RINGLET_API_KEY", f" ,{OTHER_KEY}")
     assert NodeClient(keyed).get("/v1/models")["object"] == "list"
     monkeypatch.delenv("RINGLET_API_KEY")

@@ -1,4 +1,4 @@
-"""Every field the official openai and ollama clients can send, sent through them: each is honoured, accepted as
+"""Every field the official openai, ollama and anthropic clients can send, sent through them: each is honoured, accepted as
 documented, or refused with a 400 naming it; none is silently dropped. A field a newer client adds fails the first
 test until it is decided here."""
 
@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import typing
 
+import anthropic
 import ollama
 import openai
 import pytest
+from anthropic.types import message_create_params as anthropic_params
 from ollama import _types as ollama_types
 from openai.types import completion_create_params as completion_params
 from openai.types.chat import completion_create_params as chat_params
@@ -57,6 +59,16 @@ OLLAMA_GENERATE: dict[str, tuple[object, str]] = {
     "width": (64, REFUSED), "height": (64, REFUSED), "steps": (4, REFUSED),
 }
 
+ANTHROPIC: dict[str, tuple[object, str]] = {
+    "model": (EMBEDDED_MODEL_ID, OK), "messages": (QUESTION, OK), "max_tokens": (3, OK), "stream": (False, OK),
+    "system": ("Be brief.", OK), "stop_sequences": (["\n\n"], OK), "metadata": ({"user_id": "u"}, OK),
+    "tools": ([{"name": "f", "input_schema": {"type": "object"}}], OK), "tool_choice": ({"type": "auto"}, OK),
+    "output_config": ({"format": {"type": "json_schema", "schema": {"type": "object"}}}, OK),
+    "thinking": ({"type": "enabled", "budget_tokens": 1024}, REFUSED), "service_tier": ("auto", OK),
+    "cache_control": ({"type": "ephemeral"}, OK), "container": ("c-1", REFUSED), "diagnostics": ({}, OK),
+    "inference_geo": ("us", OK), "speed": ("fast", REFUSED), "user_profile_id": ("p", OK), "workspace_id": ("w", OK),
+}
+
 
 def client_fields(params: type) -> set[str]:
     return set(typing.get_type_hints(params)) | {"stream"}
@@ -67,7 +79,8 @@ def client_fields(params: type) -> set[str]:
     (COMPLETION, client_fields(completion_params.CompletionCreateParamsBase)),
     (OLLAMA_CHAT, set(ollama_types.ChatRequest.model_fields)),
     (OLLAMA_GENERATE, set(ollama_types.GenerateRequest.model_fields)),
-], ids=["openai chat", "openai completions", "ollama chat", "ollama generate"])
+    (ANTHROPIC, client_fields(anthropic_params.MessageCreateParamsBase)),
+], ids=["openai chat", "openai completions", "ollama chat", "ollama generate", "anthropic messages"])
 def test_every_field_the_clients_send_is_decided(table, fields):
     assert fields == set(table), f"undecided: {sorted(fields - set(table))}; gone: {sorted(set(table) - fields)}"
 
@@ -81,6 +94,9 @@ ENDPOINTS = {
     "ollama chat": (OLLAMA_CHAT, ("model", "messages"), {}, lambda url: ollama.Client(host=url, timeout=30).chat),
     "ollama generate": (OLLAMA_GENERATE, ("model", "prompt"), {},
                         lambda url: ollama.Client(host=url, timeout=30).generate),
+    "anthropic messages": (ANTHROPIC, ("model", "messages", "max_tokens"), {},
+                           lambda url: anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0,
+                                                           timeout=30).messages.create),
 }
 
 
@@ -101,6 +117,10 @@ def test_each_field_is_honoured_or_refused_by_name(url: str, node: FakeNode, end
         with pytest.raises(openai.BadRequestError) as error:
             send(**fields)
         assert field in error.value.message and (error.value.param or "").split(".")[0] == field
+    elif endpoint.startswith("anthropic"):
+        with pytest.raises(anthropic.BadRequestError) as refusal:
+            send(**fields)
+        assert field in refusal.value.message
     else:
         with pytest.raises(ollama.ResponseError) as refused:
             send(**fields)

@@ -24,8 +24,12 @@ def test_held_back_text_flushed_at_end():
     assert stream(["a", "S", "T"], ["STOP"]) == ("aST", False)
 
 
-def test_earliest_of_several_stops_wins():
+def test_earliest_of_several_stops_wins_and_is_the_one_matched():
     assert stream(["x", "yBz", "A"], ["A", "B"]) == ("xy", True)
+    matcher = StopMatcher(["A", "B"])
+    matcher.feed("xyBzA")
+    assert matcher.matched == "B"
+    assert StopMatcher(["A"]).matched is None
 
 
 def test_nothing_after_stop():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 
+import anthropic
 import jsonschema_rs
 import ollama
 import openai
@@ -229,3 +230,19 @@ def test_a_conversation_with_a_call_and_its_result_goes_on(client: openai.OpenAI
                 {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
             {"role": "tool", "content": "18 degrees and sunny", "tool_name": "get_weather"}])
     assert answer.done and answer.eval_count
+
+
+def test_anthropic_messages_answer_and_force_a_valid_tool_use(live_node: LiveNode, model_id: str) -> None:
+    client = anthropic.Anthropic(base_url=live_node.url, api_key="unused", max_retries=0, timeout=120)
+    reply = client.messages.create(model=model_id, max_tokens=12, messages=[  # type: ignore[arg-type]
+        {"role": "user", "content": "What is the capital of France?"}], extra_body={"temperature": 0})
+    assert "Paris" in reply.content[0].text and reply.stop_reason in ("end_turn", "max_tokens")  # type: ignore[union-attr]
+    tool = {"name": "get_weather", "description": "The weather in a city now", "input_schema": WEATHER_SCHEMA}
+    fields = {"model": model_id, "max_tokens": 60, "tools": [tool], "extra_body": {"temperature": 0},
+              "tool_choice": {"type": "tool", "name": "get_weather"},
+              "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    forced = client.messages.create(**fields)  # type: ignore[call-overload]
+    (use,) = forced.content
+    jsonschema_rs.validate(WEATHER_SCHEMA, use.input)
+    with client.messages.stream(**fields) as stream:  # type: ignore[arg-type]
+        assert stream.get_final_message().content[0].input == use.input  # type: ignore[union-attr]

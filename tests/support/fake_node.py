@@ -251,7 +251,7 @@ class FakeNode:
         decode_s = time.perf_counter() - first_token_at
         yield GenerationChunk(
             task_id=task.task_id, choice=choice, text=stops.flush(), finish_reason=finish, last=choice == task.n - 1,
-            usage=Usage(prompt_tokens=prompt, completion_tokens=generated),
+            stop_sequence=stops.matched, usage=Usage(prompt_tokens=prompt, completion_tokens=generated),
             timings=Timings(time_to_first_token_s=prefill_s, prefill_tokens_per_s=prompt / prefill_s,
                             decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 else 0.0))
 

@@ -175,7 +175,7 @@ class TextGenerator:
         decode_s = done - first_token_at if generated > 1 else 0.0
         yield GenerationChunk(
             task_id=task.task_id, choice=choice, text=tail, finish_reason=finish, last=choice == task.n - 1,
-            logprobs=pending or None,
+            stop_sequence=stops.matched, logprobs=pending or None,
             usage=Usage(prompt_tokens=len(ids), completion_tokens=generated),
             timings=Timings(
                 time_to_first_token_s=prefill_s,
