@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import BaseRoute
 
-from ringlet.api import anthropic, cluster, downloads, ollama, openai
+from ringlet.api import anthropic, cluster, downloads, ollama, openai, responses
 from ringlet.api import metrics as metrics_router
 from ringlet.api.cluster import ringlet_version
 from ringlet.api.dashboard import REPO_DASHBOARD_BUILD, mount_dashboard
@@ -30,7 +30,7 @@ def create_app(node: NodeFacade, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.state.node = node
     app.state.metrics = ApiMetrics(node)
     install_error_handlers(app)
-    routers = (openai.router, anthropic.router, ollama.router, cluster.router, downloads.router,
+    routers = (openai.router, responses.router, anthropic.router, ollama.router, cluster.router, downloads.router,
                metrics_router.router)
     for router in routers:
         app.include_router(router)

@@ -15,7 +15,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from ringlet.api import anthropic as anthropic_routes
-from ringlet.api import cluster, downloads, metrics, ollama
+from ringlet.api import cluster, downloads, metrics, ollama, responses
 from ringlet.api import openai as openai_routes
 from ringlet.api.app import create_app
 from ringlet.api.security import Access, host_name, keys_from
@@ -44,8 +44,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def routes() -> list[tuple[str, str]]:
     """(method, path) of every API route, path parameters filled in."""
     found = []
-    for router in (openai_routes.router, anthropic_routes.router, ollama.router, cluster.router, downloads.router,
-                   metrics.router):
+    for router in (openai_routes.router, responses.router, anthropic_routes.router, ollama.router, cluster.router,
+                   downloads.router, metrics.router):
         for route in router.routes:
             assert isinstance(route, APIRoute)
             for method in sorted(route.methods):

@@ -14,6 +14,7 @@ from anthropic.types import message_create_params as anthropic_params
 from ollama import _types as ollama_types
 from openai.types import completion_create_params as completion_params
 from openai.types.chat import completion_create_params as chat_params
+from openai.types.responses import response_create_params as responses_params
 
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from tests.support.fake_node import FakeNode
@@ -59,6 +60,20 @@ OLLAMA_GENERATE: dict[str, tuple[object, str]] = {
     "width": (64, REFUSED), "height": (64, REFUSED), "steps": (4, REFUSED),
 }
 
+RESPONSES: dict[str, tuple[object, str]] = {
+    "model": (EMBEDDED_MODEL_ID, OK), "input": ("Hi", OK), "stream": (False, OK), "instructions": ("Be brief.", OK),
+    "max_output_tokens": (3, OK), "metadata": ({"a": "b"}, OK), "parallel_tool_calls": (False, OK),
+    "prompt_cache_key": ("k", OK), "prompt_cache_options": ({}, OK), "prompt_cache_retention": ("24h", OK),
+    "safety_identifier": ("x", OK), "service_tier": ("auto", OK), "store": (False, OK),
+    "stream_options": ({"include_obfuscation": False}, OK), "temperature": (0.5, OK), "top_p": (0.9, OK),
+    "text": ({"format": {"type": "json_object"}}, OK), "tool_choice": ("auto", OK), "truncation": ("disabled", OK),
+    "tools": ([{"type": "function", "name": "f", "parameters": {"type": "object"}}], OK), "user": ("me", OK),
+    "access_programs": ({}, REFUSED), "background": (True, REFUSED), "background_options": ({}, REFUSED),
+    "context_management": ([{"type": "compaction"}], REFUSED), "conversation": ("conv_1", REFUSED),
+    "image": ({}, REFUSED), "include": (["message.output_text.logprobs"], REFUSED), "max_tool_calls": (2, REFUSED),
+    "moderation": ({}, REFUSED), "previous_response_id": ("resp_1", REFUSED), "prompt": ({"id": "p"}, REFUSED),
+    "reasoning": ({"effort": "low"}, REFUSED), "top_logprobs": (2, REFUSED),
+}
 ANTHROPIC: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "messages": (QUESTION, OK), "max_tokens": (3, OK), "stream": (False, OK),
     "system": ("Be brief.", OK), "stop_sequences": (["\n\n"], OK), "metadata": ({"user_id": "u"}, OK),
@@ -80,7 +95,9 @@ def client_fields(params: type) -> set[str]:
     (OLLAMA_CHAT, set(ollama_types.ChatRequest.model_fields)),
     (OLLAMA_GENERATE, set(ollama_types.GenerateRequest.model_fields)),
     (ANTHROPIC, client_fields(anthropic_params.MessageCreateParamsBase)),
-], ids=["openai chat", "openai completions", "ollama chat", "ollama generate", "anthropic messages"])
+    (RESPONSES, client_fields(responses_params.ResponseCreateParamsBase)),
+], ids=["openai chat", "openai completions", "ollama chat", "ollama generate", "anthropic messages",
+        "openai responses"])
 def test_every_field_the_clients_send_is_decided(table, fields):
     assert fields == set(table), f"undecided: {sorted(fields - set(table))}; gone: {sorted(set(table) - fields)}"
 
@@ -94,6 +111,8 @@ ENDPOINTS = {
     "ollama chat": (OLLAMA_CHAT, ("model", "messages"), {}, lambda url: ollama.Client(host=url, timeout=30).chat),
     "ollama generate": (OLLAMA_GENERATE, ("model", "prompt"), {},
                         lambda url: ollama.Client(host=url, timeout=30).generate),
+    "openai responses": (RESPONSES, ("model", "input"), {"max_output_tokens": 3},
+                         lambda url: _openai(url).responses.create),
     "anthropic messages": (ANTHROPIC, ("model", "messages", "max_tokens"), {},
                            lambda url: anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0,
                                                            timeout=30).messages.create),

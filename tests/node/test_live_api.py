@@ -246,3 +246,12 @@ def test_anthropic_messages_answer_and_force_a_valid_tool_use(live_node: LiveNod
     jsonschema_rs.validate(WEATHER_SCHEMA, use.input)
     with client.messages.stream(**fields) as stream:  # type: ignore[arg-type]
         assert stream.get_final_message().content[0].input == use.input  # type: ignore[union-attr]
+
+
+def test_a_response_whole_and_streamed_names_paris(client: openai.OpenAI, model_id: str) -> None:
+    fields = {"model": model_id, "input": "What is the capital of France?", "max_output_tokens": 12,
+              "temperature": 0}
+    reply = client.responses.create(**fields)  # type: ignore[call-overload]
+    assert "Paris" in reply.output_text
+    with client.responses.stream(**fields) as stream:  # type: ignore[arg-type]
+        assert stream.get_final_response().output_text == reply.output_text
