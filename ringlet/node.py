@@ -289,6 +289,10 @@ class Node:
         else:
             self._expiry[instance_id] = time.monotonic() + seconds
 
+    def expires_at(self, instance_id: str) -> float | None:
+        at = self._expiry.get(instance_id)
+        return None if at is None else time.time() + (at - time.monotonic())
+
     async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
         """Ollama's way with a model: one that has no instance but whose files this node holds gets an instance
         here, and a request waits (at most `wait_s`; `watch` raises when its client has gone) while one loads.

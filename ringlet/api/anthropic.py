@@ -32,6 +32,9 @@ from ringlet.shared.tasks import GenerationChunk, ToolCall
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
 GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503)
+STREAM_DOCS: dict[int | str, dict[str, object]] = {200: {
+    "description": "the message, or with `stream: true` Anthropic's named events (`event: TYPE`, `data: {json}`)",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def _stop_reason(finish: str | None, stop_sequence: str | None, calls: list[ToolCall]) -> StopReason | None:
@@ -64,7 +67,7 @@ async def _generate(request: Request, body: MessagesRequest | CountTokensRequest
     return generation, reader
 
 
-@router.post("/messages", response_model=MessageOut, responses=GENERATION_ERRORS)
+@router.post("/messages", response_model=MessageOut, responses={**GENERATION_ERRORS, **STREAM_DOCS})
 async def messages(body: MessagesRequest, request: Request) -> MessageOut | StreamingResponse:
     """Anthropic's Messages API; `stream: true` streams its named events (message_start ... message_stop)."""
     generation, reader = await _generate(request, body)

@@ -83,6 +83,10 @@ class NodeFacade(Protocol):
         """Unload the instance once idle this long (Ollama's keep_alive; 0: now, negative: never)."""
         ...
 
+    def expires_at(self, instance_id: str) -> float | None:
+        """When (time.time) keep_alive unloads the instance; None: never."""
+        ...
+
     def submit(self, task: TextGenerationTask) -> TaskStream: ...
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +14,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ringlet.api.errors import OllamaError, error_responses, to_api_error
+from ringlet.api.cluster import ringlet_version
+from ringlet.api.errors import ApiError, OllamaError, error_responses, to_api_error
 from ringlet.api.facade import NodeFacade, node_of
 from ringlet.api.generation import DisconnectWatch, Generation, build_task
 from ringlet.api.ollama_schemas import (
@@ -23,21 +25,32 @@ from ringlet.api.ollama_schemas import (
     GenerateResponse,
     LogprobOut,
     ModelDetails,
+    ModelRequest,
     OllamaToolCall,
+    ProcessResponse,
+    ProgressLine,
+    PullRequest,
     ResponseMessage,
+    RunningModel,
+    ShowResponse,
+    StatusLine,
     TagModel,
     TagsResponse,
     VersionResponse,
 )
 from ringlet.api.tool_calls import CallReader
 from ringlet.models.catalog import ModelCard
-from ringlet.shared.errors import NoInstanceError, TaskError
+from ringlet.models.download import DownloadStatus, TooManyDownloads
+from ringlet.models.store import ModelStore
+from ringlet.shared.errors import ModelLoadError, ModelNotFoundError, NodeError, NoInstanceError, TaskError
 from ringlet.shared.tasks import ChatMessage, FunctionSpec, GenerationChunk, TextGenerationTask, TokenLogprob, ToolCall
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
 OLLAMA_API_VERSION = "0.6.0"
 LOAD_WAIT_S = 300.0  # a request waits this long for its model to load, as Ollama's does
+PULL_PROGRESS_S = 0.5  # a pull's progress lines, at most this often
+GPU_ENGINES = ("cuda", "ipex", "mlx")
 NDJSON = "application/x-ndjson"
 GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503, ollama=True)
 
@@ -190,16 +203,24 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
     return await _answer(generation, body, node, line)
 
 
-def _tag(card: ModelCard, modified: str) -> TagModel:
+def _details(card: ModelCard) -> ModelDetails:
     quantization = next((d for d in card.bytes_per_dtype if d not in ("float32", "bfloat16", "float16")), "bf16")
+    return ModelDetails(format=card.format, family=card.architecture, families=[card.architecture],
+                        parameter_size=f"{card.num_parameters / 1e9:.2f}B", quantization_level=quantization)
+
+
+def _name(card: ModelCard) -> str:
+    return card.id if card.source == "ollama" else f"{card.id}:latest"  # Ollama's own names carry their tag
+
+
+def _digest(card: ModelCard) -> str:
+    return hashlib.sha256(card.id.encode()).hexdigest()  # an id for tools that key on it, not a file hash
+
+
+def _tag(card: ModelCard, modified: str) -> TagModel:
     size = card.download_bytes or card.weight_bytes("bfloat16")
-    name = card.id if card.source == "ollama" else f"{card.id}:latest"  # Ollama's own names carry their tag
-    return TagModel(
-        name=name, model=name, modified_at=modified, size=size,
-        digest=hashlib.sha256(card.id.encode()).hexdigest(),  # an id for tools that key on it, not a file hash
-        details=ModelDetails(format=card.format, family=card.architecture, families=[card.architecture],
-                             parameter_size=f"{card.num_parameters / 1e9:.2f}B", quantization_level=quantization),
-    )
+    return TagModel(name=_name(card), model=_name(card), modified_at=modified, size=size, digest=_digest(card),
+                    details=_details(card))
 
 
 @router.get("/tags", response_model=TagsResponse)
@@ -211,8 +232,108 @@ def tags(request: Request) -> TagsResponse:
 
 @router.get("/version", response_model=VersionResponse)
 def version() -> VersionResponse:
-    """The Ollama API version these endpoints follow."""
-    return VersionResponse(version=OLLAMA_API_VERSION)
+    """The Ollama API version these endpoints follow, and ringlet's own."""
+    return VersionResponse(version=OLLAMA_API_VERSION, ringlet=ringlet_version())
+
+
+@router.post("/show", response_model=ShowResponse, responses=error_responses(400, 404, ollama=True))
+def show(body: ModelRequest, request: Request) -> ShowResponse:
+    """A model's details, shape and capabilities, Ollama style."""
+    card = node_of(request).catalog.resolve(body.model)
+    arch = card.architecture
+    info: dict[str, object] = {
+        "general.architecture": arch, "general.parameter_count": card.num_parameters, "general.name": card.id,
+        f"{arch}.context_length": card.context_length, f"{arch}.block_count": card.num_layers,
+        f"{arch}.embedding_length": card.hidden_size, f"{arch}.attention.head_count": card.num_attention_heads,
+        f"{arch}.attention.head_count_kv": card.num_key_value_heads, f"{arch}.vocab_size": card.vocab_size}
+    return ShowResponse(modified_at=_now(), template="", modelfile=f"FROM {card.id}\n", details=_details(card),
+                        model_info=info, capabilities=["completion", "tools"])
+
+
+@router.get("/ps", response_model=ProcessResponse)
+def ps(request: Request) -> ProcessResponse:
+    """The models loaded now (each instance, ready or loading), Ollama style."""
+    node = node_of(request)
+    running = []
+    for instance_id, record in node.state.instances.items():
+        try:
+            card = node.catalog.resolve(record.instance.model)
+        except NodeError:
+            continue  # a model this node cannot describe (a path on another node)
+        on_gpu = sum(record.memory_bytes.get(n, 0) for n, r in record.runners.items() if r.engine in GPU_ENGINES)
+        expires = node.expires_at(instance_id)
+        running.append(RunningModel(
+            name=_name(card), model=_name(card), size=sum(record.memory_bytes.values()), size_vram=on_gpu,
+            digest=_digest(card), details=_details(card), context_length=record.context_length,
+            expires_at=None if expires is None else datetime.fromtimestamp(expires, UTC).isoformat()))
+    return ProcessResponse(models=running)
+
+
+@router.delete("/delete", response_model=StatusLine, responses=error_responses(400, 404, 409, ollama=True))
+def delete(body: ModelRequest, request: Request) -> StatusLine:
+    """Remove a model from this node's store; one an instance serves must be stopped first."""
+    node = node_of(request)
+    try:
+        name = node.catalog.resolve(body.model).id
+    except ModelNotFoundError:
+        name = body.model  # a model in the store that the catalog does not list
+    serving = node.state.instances_of(name)
+    if serving:
+        raise ApiError(409, f"{name} is served by instance {serving[0].instance.instance_id}; stop it first "
+                            f"(DELETE /instance/{serving[0].instance.instance_id}, or keep_alive 0)",
+                       code="model_in_use")
+    store = node.downloads.store or ModelStore()
+    try:
+        store.remove(name)
+    except ModelLoadError as error:
+        raise ApiError(404, str(error), type="not_found_error", code="model_not_found") from None
+    return StatusLine(status="success")
+
+
+@router.post("/pull", response_model=ProgressLine, responses={**error_responses(400, 404, 429, ollama=True),
+                                                              **_ndjson_docs(ProgressLine)})
+async def pull(body: PullRequest, request: Request) -> BaseModel | StreamingResponse:
+    """Download a model into this node's store (a Hugging Face repo id), with its progress as NDJSON lines."""
+    downloads = node_of(request).downloads
+    try:
+        started = downloads.start(body.model)
+    except TooManyDownloads as error:
+        raise ApiError(429, str(error), type="rate_limit_error", code="too_many_downloads") from None
+    except ModelLoadError as error:
+        raise ApiError(400, f"{error}; ringlet pulls Hugging Face repos (ORG/NAME); a model pulled with Ollama "
+                            "is used from Ollama's store as it is", param="model", code="invalid_model") from None
+
+    def line(status: DownloadStatus) -> ProgressLine:
+        if status.state == "done":
+            return ProgressLine(status="success")
+        return ProgressLine(status=f"pulling {status.model}", digest=status.download_id, total=status.total or None,
+                            completed=status.done)
+
+    async def progress() -> AsyncIterator[DownloadStatus]:
+        status = started
+        while True:
+            status = downloads.status(started.download_id)
+            yield status
+            if status.state != "running":
+                return
+            await asyncio.sleep(PULL_PROGRESS_S)
+
+    if not body.stream:
+        async for status in progress():
+            last = status
+        if last.state != "done":
+            raise ApiError(500, f"the download of {last.model} {last.state}: {last.error}", type="server_error",
+                           code="download_failed")
+        return line(last)
+
+    async def lines() -> AsyncIterator[str]:
+        async for status in progress():
+            if status.state in ("failed", "cancelled"):
+                yield json.dumps({"error": f"the download of {status.model} {status.state}: {status.error}"}) + "\n"
+                return
+            yield line(status).model_dump_json(exclude_none=True) + "\n"
+
+    return StreamingResponse(lines(), media_type=NDJSON)
 
 
 class JsonBodiesUnderApi:

@@ -11,7 +11,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.api.openai_schemas import LogprobFields, ToolIn
 from ringlet.shared.tasks import (
@@ -264,3 +264,59 @@ class TagsResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str = Field(description="the Ollama API version these endpoints follow")
+    ringlet: str = Field(description="the version of ringlet that serves them")
+
+
+class ModelRequest(BaseModel):
+    """/api/show, /api/delete: one model by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"))
+    verbose: bool | None = Field(None, description="accepted: the model info is always whole")
+
+
+class PullRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"),
+                       description="a Hugging Face repo id, ORG/NAME (a GGUF repo's quantisation as :Q4_K_M)")
+    stream: bool = True
+    insecure: bool | None = Field(None, description="accepted and ignored: downloads are always over HTTPS")
+
+
+class ProgressLine(BaseModel):
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+class StatusLine(BaseModel):
+    status: str
+
+
+class ShowResponse(BaseModel):
+    modified_at: str
+    template: str = Field(description="the model's chat template, where it is known here (a Jinja template)")
+    modelfile: str
+    license: str = ""
+    details: ModelDetails
+    model_info: dict[str, object]
+    parameters: str = ""
+    capabilities: list[str]
+
+
+class RunningModel(BaseModel):
+    name: str
+    model: str
+    size: int = Field(description="bytes its instance holds, over all its nodes")
+    size_vram: int = Field(description="of which in GPU memory")
+    digest: str
+    details: ModelDetails
+    expires_at: str | None = Field(None, description="when keep_alive unloads it; null: it stays until deleted")
+    context_length: int | None = None
+
+
+class ProcessResponse(BaseModel):
+    models: list[RunningModel]

@@ -79,7 +79,10 @@ def _function_call(call: ToolCall, status: str) -> Json:
             "arguments": call.arguments, "status": status}
 
 
-@router.post("/responses", response_model=None, responses=error_responses(400, 404, 413, 429, 500, 503))
+@router.post("/responses", response_model=None, responses={**error_responses(400, 404, 413, 429, 500, 503), 200: {
+    "description": "the response object, or with `stream: true` its typed events (`event: TYPE`, `data: {json}`)",
+    "content": {"application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"schema": {"type": "string"}}}}})
 async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
     """A response to a whole conversation (no state is kept); `stream: true` streams the API's typed events."""
     choice = body.constraint()

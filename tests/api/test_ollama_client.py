@@ -134,7 +134,7 @@ def test_errors_have_ollama_shape(url: str, node: FakeNode) -> None:
 
 
 def test_version_and_curl_style_bodies(url: str, node: FakeNode) -> None:
-    assert httpx.get(url + "/api/version").json() == {"version": "0.6.0"}
+    assert httpx.get(url + "/api/version").json()["version"] == "0.6.0"
     # `curl -d` sends form encoding; Ollama reads the body as JSON anyway
     body = json.dumps({"model": EMBEDDED_MODEL_ID, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
     reply = httpx.post(url + "/api/generate", content=body, timeout=30,

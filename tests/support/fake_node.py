@@ -193,6 +193,11 @@ class FakeNode:
     def keep_alive(self, instance_id: str, seconds: float | None) -> None:
         self.kept_alive.append((instance_id, seconds))
 
+    def expires_at(self, instance_id: str) -> float | None:
+        """As the last keep_alive of the instance set it, counted from now."""
+        seconds = next((s for i, s in reversed(self.kept_alive) if i == instance_id), None)
+        return None if seconds is None or seconds < 0 else time.time() + seconds
+
     def submit(self, task: TextGenerationTask) -> ScriptedStream:
         self.submitted.append(task)
         instance = self.instance_for(task.model).instance
