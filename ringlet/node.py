@@ -492,6 +492,7 @@ class NodeOptions:
     name: str = field(default_factory=socket.gethostname)
     host: str = DEFAULT_HOST
     api_port: int = DEFAULT_API_PORT
+    ollama_port: int | None = None  # the same API on Ollama's port too, for tools with a fixed Ollama URL
     model: str | None = None  # None: the embedded model
     engine: EngineType | None = None  # None: the best available
     engine_config: EngineConfig = EngineConfig()
@@ -535,7 +536,8 @@ def is_loopback(host: str) -> bool:
         return host_name(host) in LOCAL_NAMES
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, flag: str = "--api-port") -> socket.socket:
+    """A listening socket; `flag`: the option that chose the port (named in the error)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -543,8 +545,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise NodeStartError(f"cannot listen on {host}:{port} ({error.strerror}); is another node running? "
-                             "pick another port with --api-port") from None
+        running = "is Ollama running?" if flag == "--ollama-port" else "is another node running?"
+        raise NodeStartError(f"cannot listen on {host}:{port} ({error.strerror}); {running} pick another port "
+                             f"with {flag}") from None
     sock.listen(128)
     sock.set_inheritable(False)
     return sock
@@ -613,6 +616,13 @@ async def serve(options: NodeOptions) -> None:
     except ValueError as error:
         raise NodeStartError(str(error)) from None
     sock = bind(options.host, options.api_port)
+    socks = [sock]
+    if options.ollama_port is not None:
+        try:
+            socks.append(bind(options.host, options.ollama_port, "--ollama-port"))
+        except NodeStartError:
+            sock.close()
+            raise
     info = await asyncio.to_thread(detect_node, options)
     node = Node(info, catalog=Catalog(model_roots(options)), data_host=data_host, config=options.engine_config,
                 saved=SavedInstances(ringlet_home() / "instances.json"),
@@ -620,7 +630,8 @@ async def serve(options: NodeOptions) -> None:
     try:
         cluster = Cluster(node, net)
     except ControlPlaneError as error:
-        sock.close()
+        for listening in socks:
+            listening.close()
         raise NodeStartError(str(error)) from None
     await cluster.join()
     await node.start()
@@ -639,6 +650,8 @@ async def serve(options: NodeOptions) -> None:
         shown = "localhost" if options.host in ("127.0.0.1", "::1") else options.host
         log.info("node %s (%s): dashboard http://%s:%d/  OpenAI API http://%s:%d/v1  engine %s", info.name,
                  info.node_id, shown, options.api_port, shown, options.api_port, info.engines.selected_engine)
+        if options.ollama_port is not None:
+            log.info("the same API on Ollama's port: http://%s:%d/api", shown, options.ollama_port)
         if options.api_keys:
             log.info("the API wants one of %d API key(s) (Authorization: Bearer KEY)", len(options.api_keys))
         elif options.host == DEFAULT_HOST:
@@ -649,8 +662,9 @@ async def serve(options: NodeOptions) -> None:
                         API_KEY_ENV)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
         _let_serving_end_on_signals()
-        await server.serve(sockets=[sock])
+        await server.serve(sockets=socks)
     finally:
         await node.stop()
         cluster.close()
-        sock.close()
+        for listening in socks:
+            listening.close()

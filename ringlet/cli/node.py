@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run this machine's node: the OpenAI- and Ollama-compatible API, the dashboard, and (unless "
                     "--no-default-instance) an instance of the default model.")
     p.add_argument("--api-port", type=int, default=52415, help="HTTP port of the API and dashboard (default 52415)")
+    p.add_argument("--ollama-port", type=int, nargs="?", const=11434, default=None, metavar="PORT",
+                   help="also serve the API on this port (alone: Ollama's 11434), for tools with a fixed Ollama URL")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 serves your LAN, "
                         "with --api-key)")
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CliError(str(error)) from None
     options = NodeOptions(
-        name=args.node_name, host=args.host, api_port=args.api_port, model=args.model,
+        name=args.node_name, host=args.host, api_port=args.api_port, ollama_port=args.ollama_port, model=args.model,
         engine=engine_choice(args.engine), engine_config=config,
         default_instance=not args.no_default_instance, max_body_bytes=args.max_body_bytes,
         connect=tuple(check_endpoints(args.connect)), listen=args.listen and check_endpoints([args.listen])[0],

@@ -1,5 +1,6 @@
-"""Ollama's model lifecycle on a real node: keep_alive 0 unloads the instance once its answer is out, a request for a
-model the node holds loads it again and waits for it, and an empty prompt loads (or, with keep_alive 0, unloads)."""
+"""Ollama's model lifecycle on a real node, through its --ollama-port: keep_alive 0 unloads the instance once its
+answer is out, a request for a model the node holds loads it again and waits for it, and an empty prompt loads (or,
+with keep_alive 0, unloads)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import ollama
 import pytest
 
-from tests.support.processes import LOAD_TIMEOUT_S, LiveNode, start_node, stop_node, wait_until
+from tests.support.processes import LOAD_TIMEOUT_S, LiveNode, free_port, start_node, stop_node, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -19,13 +20,15 @@ def instances(node: LiveNode) -> list[dict]:
 
 @pytest.mark.slow
 def test_keep_alive_unloads_and_a_request_loads_the_model_again(tmp_path: Path) -> None:
-    node = start_node(tmp_path, "keep-alive", env={"RINGLET_CPU_COMPILE": "0"})
+    ollama_port = free_port()
+    node = start_node(tmp_path, "keep-alive", "--ollama-port", str(ollama_port), env={"RINGLET_CPU_COMPILE": "0"})
     try:
         wait_until(lambda: [i for i in instances(node) if i["status"] == "ready"], LOAD_TIMEOUT_S,
                    "the default instance ready", node.log)
         [first] = instances(node)
         model = first["instance"]["model"]
-        client = ollama.Client(host=node.url, timeout=LOAD_TIMEOUT_S)
+        # the same API on the Ollama port the node was given
+        client = ollama.Client(host=f"http://127.0.0.1:{ollama_port}", timeout=LOAD_TIMEOUT_S)
 
         reply = client.chat(model=model, messages=QUESTION, options={"temperature": 0, "num_predict": 8},
                             keep_alive=0)
