@@ -1,5 +1,6 @@
-"""The models a node knows by name: the curated catalog, the embedded model, local paths it was given, and the
-models pulled with Ollama on this machine (by their Ollama names, `llama3.2:1b`).
+"""The models a node knows by name: the curated catalog, the embedded model, local paths it was given, models pulled
+into the store (`ORG/NAME`), and the models pulled with Ollama on this machine (by their Ollama names,
+`llama3.2:1b`).
 
 A local path is loaded only from the node's model directories (the store, `RINGLET_MODEL_DIRS`, `--models-dir`,
 and the `--model` it started with): any other path reads as a missing model, the same 404, so the API neither
@@ -18,7 +19,7 @@ from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_
 from ringlet.models.gguf_loader import gguf_size
 from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
 from ringlet.models.ollama import OllamaModel, find_ollama_model, ollama_models
-from ringlet.models.store import extra_model_dirs, ringlet_home
+from ringlet.models.store import ModelRef, extra_model_dirs, find_local, ringlet_home
 from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError
 
 
@@ -34,11 +35,12 @@ class Catalog:
         RINGLET_MODEL_DIRS)."""
         self._local: dict[str, ModelCard] = {}  # cards of local paths, by their id (the absolute path)
         self._ollama: dict[tuple[str, Path], ModelCard | None] = {}  # by Ollama name and blob; None: cannot run
+        self._store: dict[str, ModelCard] = {}  # cards of pulled models the curated catalog lacks, by ORG/NAME
         roots = default_model_roots() if local_roots is None else local_roots
         self.local_roots = [Path(r).expanduser().resolve() for r in roots]
 
     def cards(self) -> list[ModelCard]:
-        return [*catalog(), *self._local.values(), *self.ollama_cards()]
+        return [*catalog(), *self._local.values(), *self._store.values(), *self.ollama_cards()]
 
     def resolve(self, name: str) -> ModelCard:
         """The card a request's model name means; ModelNotFoundError lists the names that work."""
@@ -54,7 +56,27 @@ class Catalog:
         for card in self.ollama_cards():
             if _normalise(card.id) == wanted:
                 return card
+        stored = self._stored(name)
+        if stored is not None:
+            return stored
         raise ModelNotFoundError(name, [c.id for c in self.cards()])
+
+    def _stored(self, name: str) -> ModelCard | None:
+        """The card of a model pulled into the store (ORG/NAME, a GGUF repo's file as ORG/NAME:QUANT) that the
+        curated catalog does not list; None when the store has no such model."""
+        path = find_local(name.strip())
+        if path is None:
+            return None
+        model_id = str(ModelRef.parse(name.strip()))
+        if model_id not in self._store:
+            try:
+                _, args = read_model_config(path)
+            except ModelLoadError as error:
+                raise InvalidModelError(f"{model_id} is in the store but is not a model this node can load: "
+                                        f"{error}") from None
+            self._store[model_id] = card_from_args(model_id, args, format="gguf" if path.suffix == ".gguf" else
+                                                   "safetensors", source="local", download_bytes=_size_on_disk(path))
+        return self._store[model_id]
 
     def ollama_cards(self) -> list[ModelCard]:
         """Cards of the models pulled with Ollama that this node can run (each blob's metadata read once)."""

@@ -1,5 +1,6 @@
 """Ollama's model endpoints: /api/show and /api/ps through the official client against the fake node, /api/version,
-and /api/pull (NDJSON progress) then /api/delete on a real node's store against the fake hub."""
+and /api/pull (NDJSON progress), /api/show of the pulled model (known by name from the store), then /api/delete on a
+real node's store against the fake hub."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ async def pull_and_delete(node: Node) -> dict[str, object]:
             return {
                 "lines": [json.loads(line) for line in pulled.text.splitlines()],
                 "stored": ModelStore().get(REPO_ID) is not None,
+                "shown": await client.post("/api/show", json={"model": REPO_ID}),
                 "bad_name": await client.post("/api/pull", json={"model": "not a repo!"}),
                 "deleted": await client.request("DELETE", "/api/delete", json={"model": REPO_ID}),
                 "gone": ModelStore().get(REPO_ID) is None,
@@ -75,6 +77,9 @@ def test_pull_streams_progress_then_delete_removes_the_model(hub: FakeHub) -> No
     lines = seen["lines"]
     assert isinstance(lines, list) and lines[-1] == {"status": "success"} and seen["stored"]
     assert all(line["status"].startswith("pulling") for line in lines[:-1])
+    shown = seen["shown"]  # the catalog does not list it, the store has it: known by its name
+    assert isinstance(shown, httpx.Response) and shown.status_code == 200, shown
+    assert shown.json()["details"]["family"] == "llama"
     bad, deleted, again = seen["bad_name"], seen["deleted"], seen["again"]
     assert isinstance(bad, httpx.Response) and bad.status_code == 400 and "Hugging Face" in bad.json()["error"]
     assert isinstance(deleted, httpx.Response) and deleted.status_code == 200 and seen["gone"]
