@@ -1,4 +1,5 @@
-"""A small client of a node's API for the CLI (`ringlet chat`, `ringlet ps`), on the standard library alone."""
+"""A small client of a node's API for the CLI (`ringlet run`, `chat`, `ps`, `stop`), on the standard library
+alone."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class NodeClient:
         from_environment = [k.strip() for k in os.environ.get("RINGLET_API_KEY", "").split(",") if k.strip()]
         self.api_key = api_key or (from_environment[0] if from_environment else None)
 
-    def _open(self, path: str, body: dict[str, Any] | None = None):
+    def _open(self, path: str, body: dict[str, Any] | None = None, timeout_s: float | None = None):
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json", "Accept": "*/*"}
         if self.api_key:
@@ -31,7 +32,7 @@ class NodeClient:
         request = urllib.request.Request(self.url + path, data=data, method="GET" if body is None else "POST",
                                          headers=headers)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout_s)
+            return urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s)
         except urllib.error.HTTPError as error:
             hint = "; set RINGLET_API_KEY to the node's key" if error.code == 401 else ""
             raise NodeApiError(f"{error.code}: {_error_message(error.read())}{hint}") from None
@@ -39,9 +40,26 @@ class NodeClient:
             raise NodeApiError(f"no ringlet node answers at {self.url} ({error.reason}); start one with "
                                "`ringlet node`, or point --url at one") from None
 
-    def get(self, path: str) -> Any:
-        with self._open(path) as response:
+    def get(self, path: str, timeout_s: float | None = None) -> Any:
+        with self._open(path, timeout_s=timeout_s) as response:
             return json.load(response)
+
+    def get_json(self, path: str, body: dict[str, Any]) -> Any:
+        """POST `body` and read the JSON answer."""
+        with self._open(path, body) as response:
+            return json.load(response)
+
+    def stream_lines(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """POST and yield each line of a newline-delimited JSON answer (Ollama's); an error line raises
+        NodeApiError."""
+        with self._open(path, body) as response:
+            for raw in response:
+                if not raw.strip():
+                    continue
+                line = json.loads(raw)
+                if "error" in line:
+                    raise NodeApiError(str(line["error"]))
+                yield line
 
     def stream_events(self, path: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """POST and yield each server-sent event's JSON until `[DONE]`; an error event raises NodeApiError."""

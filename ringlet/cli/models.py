@@ -54,31 +54,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rm.add_argument("model", help="ORG/NAME as `ringlet models` lists it")
     rm.set_defaults(func=_remove)
 
+    show = subparsers.add_parser("show", help="a model's architecture, size, context and quantisation")
+    show.add_argument("model", help="a name, ORG/NAME, a path or an Ollama name")
+    show.set_defaults(func=_show)
+
+    stop = subparsers.add_parser("stop", help="unload a model from a running node")
+    stop.add_argument("model", help="the model, as `ringlet ps` lists it")
+    stop.add_argument("--url", default="http://localhost:52415", help="the node (default http://localhost:52415)")
+    stop.set_defaults(func=_stop)
+
 
 def _pull(args: argparse.Namespace) -> int:
+    return pull(args.model, layers=args.layers, revision=args.revision, offline=args.offline, workers=args.workers)
+
+
+def pull(model: str, layers: tuple[int, int] | None = None, revision: str = "main", offline: bool = False,
+         workers: int = 4) -> int:
+    """Download `model` into the store with progress bars on stderr; the exit code (errors as CliError)."""
     from ringlet.models.download import DownloadCancelled, HubSettings, download_model
     from ringlet.models.store import ModelRef
 
-    if args.model.strip().lower() in _EMBEDDED_NAMES:
+    if model.strip().lower() in _EMBEDDED_NAMES:
         print(f"{EMBEDDED_MODEL_ID} is embedded in ringlet; nothing to download")
         return 0
-    if Path(args.model).expanduser().exists():
-        raise CliError(f"{args.model} is a local path; run it directly, there is nothing to pull")
+    if Path(model).expanduser().exists():
+        raise CliError(f"{model} is a local path; run it directly, there is nothing to pull")
     try:
-        ModelRef.parse(args.model)
+        ModelRef.parse(model)
     except ModelLoadError as e:
         raise CliError(str(e)) from None
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request drowns the progress bars
-    settings = HubSettings.from_env(offline=True if args.offline else None)
+    settings = HubSettings.from_env(offline=True if offline else None)
     cancel = threading.Event()
     outcome: dict[str, object] = {}
     console = Console(stderr=True)
     with _ProgressBars(console) as bars:
         def run() -> None:
             try:
-                outcome["path"] = download_model(args.model, layers=args.layers, revision=args.revision,
-                                                 settings=settings, max_workers=args.workers,
-                                                 progress=bars.show, cancel=cancel)
+                outcome["path"] = download_model(model, layers=layers, revision=revision, settings=settings,
+                                                 max_workers=workers, progress=bars.show, cancel=cancel)
             except ModelLoadError as e:  # DownloadError and friends: the message says what to do
                 outcome["error"] = e
 
@@ -90,7 +104,7 @@ def _pull(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             cancel.set()
             worker.join()
-            console.print(f"interrupted; `ringlet pull {args.model}` resumes where it stopped")
+            console.print(f"interrupted; `ringlet pull {model}` resumes where it stopped")
             return 130
     error = outcome.get("error")
     if isinstance(error, DownloadCancelled):
@@ -99,7 +113,42 @@ def _pull(args: argparse.Namespace) -> int:
         raise CliError(str(error))
     path = Path(str(outcome["path"]))
     size = sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir()) if f.is_file())
-    print(f"{args.model}: ready at {path} ({_size(size)})")
+    print(f"{model}: ready at {path} ({_size(size)})")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ringlet.models.names import Catalog
+    from ringlet.shared.errors import NodeError
+
+    try:
+        card = Catalog().add_local(args.model)
+    except NodeError as error:
+        raise CliError(str(error)) from None
+    quantised = [d for d in card.bytes_per_dtype if d not in ("float32", "bfloat16", "float16")]
+    rows = [("model", card.id), ("architecture", card.architecture), ("format", card.format),
+            ("parameters", f"{card.num_parameters / 1e9:.2f}B"), ("layers", str(card.num_layers)),
+            ("hidden size", str(card.hidden_size)),
+            ("attention heads", f"{card.num_attention_heads} ({card.num_key_value_heads} for keys and values)"),
+            ("context length", str(card.context_length)), ("vocabulary", str(card.vocab_size)),
+            ("weights", ", ".join(quantised) or "bf16"),
+            ("size", _size(card.download_bytes or card.weight_bytes("bfloat16"))),
+            ("runs as", ", ".join(t.value for t in card.instance_types))]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from ringlet.cli.client import NodeApiError, NodeClient
+
+    try:
+        answer = NodeClient(args.url).get_json("/api/generate", {"model": args.model, "prompt": "", "keep_alive": 0,
+                                                                 "stream": False})
+    except NodeApiError as error:
+        raise CliError(str(error)) from None
+    print(f"{args.model}: {'unloaded' if answer.get('done_reason') == 'unload' else answer.get('done_reason')}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`ringlet run PROMPT`: answer one prompt on this machine, streaming, no server needed."""
+"""`ringlet run [MODEL] [PROMPT]`: answer a prompt, or chat, streaming: on a running node when one answers (which
+loads the model on first use and keeps it), else in this process, no server needed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from ringlet.cli import CliError, engine_from_environment
 from ringlet.shared.config import PRECISIONS, EngineConfig
@@ -16,6 +17,7 @@ from ringlet.shared.instances import BoundInstance, IpexOptimizationLevel
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 
 if TYPE_CHECKING:
+    from ringlet.cli.client import NodeClient
     from ringlet.worker.engines.base import Engine
 
 IPEX_CPU = "ipex-cpu"  # the ipex engine on IPEX's CPU backend: a --engine of the commands that run a model here
@@ -129,11 +131,22 @@ def _layer_bar(bytes_total: int | None = None) -> Iterator[None]:
             yield
 
 
+RUN_DESCRIPTION = (
+    "Run MODEL and answer PROMPT, streaming; without a prompt, chat with it (a prompt piped in on stdin is read "
+    "whole). A first argument with spaces is the prompt, for --model or the embedded SmolLM2-135M-Instruct. With a "
+    "node answering at --url (default http://localhost:52415) the model runs there, loaded on first use and kept "
+    "loaded; otherwise here, in this process. A Hugging Face ORG/NAME not on disk yet is pulled first.")
+CHAT_HELP = 'type a message; """ starts and ends one of several lines; /clear forgets the conversation; /bye quits'
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="answer one prompt locally, streaming the reply",
-                       description="Answer one prompt on this machine with a chat model, streaming the reply.")
-    p.add_argument("prompt", help="what to ask")
+    p = sub.add_parser("run", help="chat with a model, or answer a prompt, streaming", description=RUN_DESCRIPTION)
+    p.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]",
+                   help="the model (a name, ORG/NAME, a path, an Ollama name), then the prompt")
     add_model_options(p)
+    p.add_argument("--url", default=None, help="the node to run on (default: http://localhost:52415 when a node "
+                                               "answers there)")
+    p.add_argument("--local", action="store_true", help="run in this process even when a node answers")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
@@ -144,28 +157,201 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def model_and_prompt(words: list[str], model: str | None) -> tuple[str | None, str | None]:
+    """(the model, the prompt) of `ringlet run`'s arguments: the first is the model, unless --model names it or the
+    first has spaces (then every argument is the prompt)."""
+    if model is not None or not words or any(c.isspace() for c in words[0]):
+        return model, " ".join(words) or None
+    return words[0], " ".join(words[1:]) or None
+
+
+class Session:
+    """Where `ringlet run` generates: `reply(messages)` streams the answer's text."""
+
+    def reply(self, messages: list[ChatMessage]) -> Iterator[str]:
+        raise NotImplementedError
+
+
+class LocalSession(Session):
+    def __init__(self, args: argparse.Namespace, model: str | None, sampling: SamplingParams) -> None:
+        _pull_if_missing(model)
+        self.engine = load_engine(model, args.engine, engine_config(args), args.ipex_optimization_level,
+                                  args.intel_gpu_devices)
+        self.args, self.sampling = args, sampling
+
+    def reply(self, messages: list[ChatMessage]) -> Iterator[str]:
+        from ringlet.worker.engines.ipex import IPEXEngineError
+
+        try:
+            task = TextGenerationTask(messages=messages, max_tokens=self.args.max_tokens, sampling=self.sampling)
+            chunk = None
+            for chunk in self.engine.generate(task):
+                yield chunk.text
+        except (ContextWindowError, ValueError, IPEXEngineError) as e:  # an IPEXMemoryError says what to do
+            raise CliError(str(e)) from None
+        if self.args.stats and chunk is not None and chunk.timings and chunk.usage:
+            _print_stats(self.engine.name, chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
+                         chunk.timings.time_to_first_token_s, chunk.timings.decode_tokens_per_s)
+
+
+class NodeSession(Session):
+    """A running node's Ollama API: it loads the model on first use and keeps it loaded."""
+
+    def __init__(self, client: NodeClient, model: str | None, args: argparse.Namespace) -> None:
+        self.client, self.args = client, args
+        self.model = model or _served_model(client)
+        self.options = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+                        "num_predict": args.max_tokens, **({"seed": args.seed} if args.seed is not None else {})}
+
+    def reply(self, messages: list[ChatMessage]) -> Iterator[str]:
+        from ringlet.cli.client import NodeApiError
+
+        body = {"model": self.model, "messages": [{"role": m.role, "content": m.content} for m in messages],
+                "options": self.options}
+        try:
+            last: dict[str, Any] = {}
+            for line in self._chat(body):
+                last = line
+                yield line.get("message", {}).get("content", "")
+        except NodeApiError as error:
+            raise CliError(str(error)) from None
+        if self.args.stats and last.get("eval_count"):
+            decode = last["eval_count"] / max(last.get("eval_duration", 0) / 1e9, 1e-9)
+            _print_stats(f"node {self.client.url}", last.get("prompt_eval_count", 0), last["eval_count"],
+                         last.get("prompt_eval_duration", 0) / 1e9, decode)
+
+    def _chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        from ringlet.cli.client import NodeApiError
+
+        try:
+            yield from self.client.stream_lines("/api/chat", body)
+        except NodeApiError as error:
+            if "/" not in self.model or not str(error).startswith(("404", "503")):
+                raise
+            print(f"pulling {self.model} on the node at {self.client.url}", file=sys.stderr)
+            for line in self.client.stream_lines("/api/pull", {"model": self.model}):
+                if line.get("total"):
+                    print(f"\r  {line.get('completed', 0) / 1e6:.0f} of {line['total'] / 1e6:.0f} MB", end="",
+                          file=sys.stderr)
+            print(file=sys.stderr)
+            yield from self.client.stream_lines("/api/chat", body)
+
+
+def _served_model(client: NodeClient) -> str:
+    from ringlet.cli.chat import _pick_model
+
+    return _pick_model(client)
+
+
+def _print_stats(where: str, prompt: int, generated: int, first_token_s: float, decode_tps: float) -> None:
+    print(f"[{where}] prompt {prompt} tokens, {generated} generated; time to first token {first_token_s * 1000:.0f} "
+          f"ms; decode {decode_tps:.1f} tokens/s", file=sys.stderr)
+
+
+def _pull_if_missing(model: str | None) -> None:
+    """A Hugging Face ORG/NAME that is neither on disk nor a local path is pulled into the store first."""
+    from pathlib import Path
+
+    from ringlet.models.store import ModelRef, find_local
+
+    if model is None or "/" not in model or Path(model).expanduser().exists() or find_local(model) is not None:
+        return
+    try:
+        ModelRef.parse(model)
+    except ModelLoadError:
+        return  # not a repo id: loading says what it is not
+    from ringlet.cli.models import pull
+
+    print(f"{model} is not on this machine; pulling it", file=sys.stderr)
+    if pull(model) != 0:
+        raise CliError(f"{model} could not be pulled; `ringlet pull {model}` says why")
+
+
+def _session(args: argparse.Namespace, model: str | None, sampling: SamplingParams) -> Session:
+    from ringlet.cli.client import DEFAULT_URL, NodeApiError, NodeClient
+
+    if not args.local:
+        client = NodeClient(args.url or DEFAULT_URL)
+        try:
+            client.get("/health", timeout_s=1.0)
+        except NodeApiError:
+            if args.url is not None:
+                raise CliError(f"no ringlet node answers at {args.url}; start one with `ringlet node`") from None
+        else:
+            try:
+                return NodeSession(client, model, args)
+            except NodeApiError as error:
+                raise CliError(str(error)) from None
+    return LocalSession(args, model, sampling)
+
+
+def _read_message() -> str | None:
+    """One message from the terminal: a line, or the lines between two triple quotes; None at the end of input."""
+    try:
+        line = input(">>> ")
+    except EOFError:
+        return None
+    if not line.lstrip().startswith('"""'):
+        return line
+    text = line.lstrip()[3:]
+    while not text.rstrip().endswith('"""'):
+        try:
+            text += "\n" + input("... ")
+        except EOFError:
+            break
+    return text.rstrip().removesuffix('"""')
+
+
+def _converse(session: Session, system: str | None) -> int:
+    history = [ChatMessage(role="system", content=system)] if system else []
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            text = _read_message()
+        except KeyboardInterrupt:
+            print()
+            return 130
+        if text is None or text.strip() in ("/bye", "/exit", "/quit"):
+            return 0
+        if not text.strip():
+            continue
+        if text.strip() == "/clear":
+            history = history[:1] if system else []
+            continue
+        history.append(ChatMessage(role="user", content=text))
+        parts = []
+        try:
+            for piece in session.reply(history):
+                parts.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except CliError as error:
+            history.pop()
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n\n")
+        history.append(ChatMessage(role="assistant", content="".join(parts)))
+
+
 def run(args: argparse.Namespace) -> int:
+    model, prompt = model_and_prompt(args.words, args.model)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise CliError("nothing to answer: stdin was empty; give a prompt, or run in a terminal to chat")
     try:
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        messages = ([ChatMessage(role="system", content=args.system)] if args.system else [])
-        messages.append(ChatMessage(role="user", content=args.prompt))
-        task = TextGenerationTask(messages=messages, max_tokens=args.max_tokens, sampling=sampling)
+        system = [ChatMessage(role="system", content=args.system)] if args.system else []
+        messages = [*system, ChatMessage(role="user", content=prompt or "")]
     except ValueError as e:
         raise CliError(str(e)) from None
-    engine = load_engine(args.model, args.engine, engine_config(args), args.ipex_optimization_level,
-                         args.intel_gpu_devices)
-    from ringlet.worker.engines.ipex import IPEXEngineError
-
-    try:
-        for chunk in engine.generate(task):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-    except (ContextWindowError, ValueError, IPEXEngineError) as e:  # an IPEXMemoryError says what to do
-        raise CliError(str(e)) from None
+    session = _session(args, model, sampling)
+    if prompt is None:
+        return _converse(session, args.system)
+    for piece in session.reply(messages):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
     sys.stdout.write("\n")
-    if args.stats and chunk.timings and chunk.usage:
-        t = chunk.timings
-        print(f"[{engine.name}] prompt {chunk.usage.prompt_tokens} tokens, {chunk.usage.completion_tokens} generated; "
-              f"time to first token {t.time_to_first_token_s * 1000:.0f} ms; decode {t.decode_tokens_per_s:.1f} tokens/s",
-              file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from ringlet.cli import build_parser
+from ringlet.cli.run import Session, _converse, model_and_prompt
 
 
 def ringlet(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -48,7 +49,7 @@ def test_run_bad_model_is_one_clear_line():
 
 
 def test_run_bad_sampling_value_is_clear():
-    result = ringlet("run", "hi", "--temperature", "-1")
+    result = ringlet("run", "Say hi", "--temperature", "-1")
     assert result.returncode == 2
     assert "temperature" in result.stderr and "Traceback" not in result.stderr
 
@@ -65,11 +66,11 @@ def test_bench_json():
 
 def test_settings_come_from_the_environment_and_a_bad_one_is_one_clear_line():
     env = {**os.environ, "RINGLET_ENGINE": "tpu"}
-    result = subprocess.run([sys.executable, "-m", "ringlet", "run", "hi"], check=False, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "ringlet", "run", "Say hi"], check=False, capture_output=True, text=True,
                             timeout=120, env=env)
     assert result.returncode == 2 and "unknown engine 'tpu'" in result.stderr and "Traceback" not in result.stderr
     env = {**os.environ, "RINGLET_PRECISION": "int3"}
-    for command in (["run", "hi"], ["node", "--api-port", "1"]):
+    for command in (["run", "Say hi"], ["node", "--api-port", "1"]):
         result = subprocess.run([sys.executable, "-m", "ringlet", *command], check=False, capture_output=True, text=True,
                                 timeout=120, env=env)
         assert result.returncode == 2, result.stderr
@@ -107,3 +108,46 @@ def test_cluster_token_is_created_once_kept_private_and_a_bad_join_is_one_clear_
 def test_node_refuses_a_models_dir_that_is_not_a_directory(tmp_path):
     result = ringlet("node", "--models-dir", str(tmp_path / "missing"), "--no-default-instance", timeout=60)
     assert result.returncode == 2 and "is not a directory" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("words", "model", "expected"), [
+    (["qwen3"], None, ("qwen3", None)),
+    (["qwen3", "Why", "is the sky blue?"], None, ("qwen3", "Why is the sky blue?")),
+    (["What is the capital of France?"], None, (None, "What is the capital of France?")),
+    (["hi"], "org/model", ("org/model", "hi")),
+    ([], None, (None, None)),
+])
+def test_run_reads_the_model_then_the_prompt(words, model, expected):
+    assert model_and_prompt(words, model) == expected
+
+
+class ScriptedSession(Session):
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    def reply(self, messages):
+        self.asked.append([m.content for m in messages])
+        yield f"answer {len(self.asked)}"
+
+
+def test_the_chat_keeps_history_reads_several_lines_and_ends_with_bye(monkeypatch, capsys):
+    typed = iter(["Hello", '"""First line', "second line", '"""', "/clear", "Again", "/bye", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    session = ScriptedSession()
+    assert _converse(session, "Be brief.") == 0
+    assert session.asked == [["Be brief.", "Hello"],
+                             ["Be brief.", "Hello", "answer 1", "First line\nsecond line\n"],
+                             ["Be brief.", "Again"]]
+    assert "answer 3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_run_takes_the_model_first_and_a_piped_prompt():
+    named = ringlet("run", "SmolLM2-135M-Instruct", "What is the capital of France?", "--max-tokens", "16",
+                    "--local")
+    assert named.returncode == 0 and "Paris" in named.stdout, named.stderr
+    piped = subprocess.run([sys.executable, "-m", "ringlet", "run", "--local", "--max-tokens", "16"], check=False,
+                           capture_output=True, text=True, timeout=300, input="What is the capital of France?\n")
+    assert piped.returncode == 0 and "Paris" in piped.stdout, piped.stderr
+    unknown = ringlet("run", "no-such-model", "Hello there", "--local")
+    assert unknown.returncode == 2 and "no-such-model" in unknown.stderr and "Traceback" not in unknown.stderr

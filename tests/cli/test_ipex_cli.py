@@ -26,7 +26,7 @@ class MeasuringXpu(FakeXpu):
 
 
 def test_ipex_cpu_without_ipex_is_one_line_with_the_fix(capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["run", "hi", "--engine", "ipex-cpu"]) == 2
+    assert main(["run", "Say hi", "--engine", "ipex-cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ringlet: error: engine ipex-cpu: IPEX is required but intel-extension-for-pytorch is "
                           "not installed; fix: pip install 'ringlet[ipex]'")
@@ -42,7 +42,7 @@ def test_an_intel_gpu_without_room_is_a_message_with_the_fix(monkeypatch, capsys
 
     monkeypatch.setattr("ringlet.worker.engines.engine_utils.select_best_engine", lambda engine: "ipex")
     monkeypatch.setattr("ringlet.worker.engines.engine_init.initialize_engine", initialize_engine)
-    assert main(["run", "hi", "--engine", "ipex", "--ipex-optimization-level", "compile"]) == 2
+    assert main(["run", "Say hi", "--engine", "ipex", "--ipex-optimization-level", "compile"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ringlet: error: engine ipex: model.gguf (bf16) needs about 3.00 GiB on xpu:0 (Intel(R) "
                           "Arc(TM) A770 Graphics) but only 0.50 GiB is free: use a smaller model or precision")
@@ -92,12 +92,12 @@ def test_run_splits_a_model_over_the_intel_gpus_it_is_given_as_a_node_would(monk
         raise ValueError("stop here")
 
     monkeypatch.setattr("ringlet.worker.engines.engine_init.initialize_engine", initialize_engine)
-    assert main(["run", "hi", "--engine", "ipex", "--intel-gpu-devices", "0,1"]) == 2
+    assert main(["run", "Say hi", "--engine", "ipex", "--intel-gpu-devices", "0,1"]) == 2
     (bound,) = asked
     assert [(d.device, d.start, d.end) for d in bound.shard.devices] == [(0, 0, 15), (1, 15, 30)]
     assert bound.instance.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and bound.engine == "ipex"
     assert bound.instance.intel_gpu_devices == (0, 1)
-    assert main(["run", "hi", "--engine", "ipex", "--intel-gpu-devices", "1"]) == 2
+    assert main(["run", "Say hi", "--engine", "ipex", "--intel-gpu-devices", "1"]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("ringlet: error: SmolLM2-135M-Instruct needs 0.4 GiB on Intel GPUs") and len(asked) == 1
     assert "this machine: 1 (Intel(R) Arc(TM) A310, discrete, 0.3 GiB free)" in err
@@ -105,7 +105,7 @@ def test_run_splits_a_model_over_the_intel_gpus_it_is_given_as_a_node_would(monk
 
 def test_intel_gpu_devices_are_for_the_ipex_engine(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr("ringlet.worker.engines.engine_utils.select_best_engine", lambda engine: "cpu")
-    assert main(["run", "hi", "--engine", "cpu", "--intel-gpu-devices", "0"]) == 2
+    assert main(["run", "Say hi", "--engine", "cpu", "--intel-gpu-devices", "0"]) == 2
     assert capsys.readouterr().err.strip() == ("ringlet: error: --intel-gpu-devices is for the ipex engine, not cpu; "
                                                "add --engine ipex")
 

@@ -1,9 +1,11 @@
 """Ollama's model lifecycle on a real node, through its --ollama-port: keep_alive 0 unloads the instance once its
 answer is out, a request for a model the node holds loads it again and waits for it, and an empty prompt loads (or,
-with keep_alive 0, unloads)."""
+with keep_alive 0, unloads); `ringlet run` answers through the node and `ringlet stop` unloads."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import ollama
@@ -12,6 +14,11 @@ import pytest
 from tests.support.processes import LOAD_TIMEOUT_S, LiveNode, free_port, start_node, stop_node, wait_until
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ringlet", *args], check=False, capture_output=True, text=True,
+                          timeout=LOAD_TIMEOUT_S)
 
 
 def instances(node: LiveNode) -> list[dict]:
@@ -45,5 +52,12 @@ def test_keep_alive_unloads_and_a_request_loads_the_model_again(tmp_path: Path) 
         wait_until(lambda: not instances(node), 10, "the instance unloaded by an empty prompt", node.log)
         assert client.generate(model=model, prompt="", keep_alive="1h").done_reason == "load"
         assert [i["status"] for i in instances(node)] == ["ready"]
+
+        # the CLI through the node: `ringlet run` answers there, `ringlet stop` unloads
+        ran = cli("run", "--url", node.url, model, "What is the capital of France?", "--max-tokens", "12")
+        assert ran.returncode == 0 and "Paris" in ran.stdout, ran.stderr
+        stopped = cli("stop", model, "--url", node.url)
+        assert stopped.returncode == 0 and "unloaded" in stopped.stdout, stopped.stderr
+        wait_until(lambda: not instances(node), 10, "the instance unloaded by ringlet stop", node.log)
     finally:
         assert stop_node(node) == 0, node.log()
