@@ -14,7 +14,8 @@ GIB = 1024**3
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ps", help="list instances and nodes of a running node",
-                       description="List the instances (model, type, status, stages per node) and the nodes.")
+                       description="List the instances (model, type, status, requests in flight, the memory they "
+                                   "hold, their context window, engines, stages per node) and the nodes.")
     p.add_argument("--url", default="http://localhost:52415", help="the node's API (default http://localhost:52415)")
     p.add_argument("--json", action="store_true", help="print the raw state as JSON")
     p.set_defaults(func=run)
@@ -81,7 +82,10 @@ def format_state(state: dict[str, Any]) -> str:
         if status == "loading":
             status = loading_status(record)
         tasks = sum(1 for t in state["tasks"].values() if t["instance_id"] == instance_id)
+        contexts = [r["context_length"] for r in record["runners"].values() if r.get("context_length")]
+        size = sum(record.get("memory_bytes", {}).values())
         instance_rows.append([instance_id, instance["model"], instance["instance_type"], status, str(tasks),
+                              f"{size / GIB:.2f} GiB" if size else "-", str(min(contexts)) if contexts else "-",
                               engine_cell(record), ", ".join(stages)])
         settings += instance_settings(instance_id, record, name)
     node_rows = [[node_id, n["name"], ",".join(n["engines"]["available_engines"]),
@@ -89,7 +93,8 @@ def format_state(state: dict[str, Any]) -> str:
                  for node_id, n in nodes.items()]
     failed = [f"{instance_id}: {record['error']}" for instance_id, record in state["instances"].items()
               if record.get("error")]
-    parts = [_table(["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "ENGINE", "STAGES"], instance_rows)
+    parts = [_table(["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "SIZE", "CONTEXT", "ENGINE", "STAGES"],
+                    instance_rows)
              if instance_rows else "no instances",
              "",
              _table(["NODE", "NAME", "ENGINES", "SELECTED", "FREE MEMORY"], node_rows)]

@@ -32,10 +32,11 @@ def test_ps_lists_the_instances_their_tasks_and_the_nodes(url: str, node: FakeNo
         result = ringlet("ps", "--url", url)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "ENGINE", "STAGES"]
+    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "SIZE", "CONTEXT", "ENGINE", "STAGES"]
     (instance_id,) = node.state.instances
-    assert lines[1].split() == [instance_id, EMBEDDED_MODEL_ID, "CpuRing", "ready", "1", "cpu", "fake-node[0:30]", "pid",
-                                str(RUNNER_PID)]
+    size = sum(node.state.instances[instance_id].memory_bytes.values()) / 1024**3
+    assert lines[1].split() == [instance_id, EMBEDDED_MODEL_ID, "CpuRing", "ready", "1", f"{size:.2f}", "GiB", "8192",
+                                "cpu", "fake-node[0:30]", "pid", str(RUNNER_PID)]
     assert lines[2] == "" and lines[3].split() == ["NODE", "NAME", "ENGINES", "SELECTED", "FREE", "MEMORY"]
     assert lines[4].split() == [node.node_id, "fake-node", "cpu", "cpu", "8.0", "GiB"]
 

@@ -41,8 +41,8 @@ def state_of(ipex_fell_back: bool, devices: tuple[DeviceLayers, ...] = ()) -> di
 
 def test_ps_shows_the_engine_and_the_settings() -> None:
     lines = format_state(state_of(ipex_fell_back=False)).splitlines()
-    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "ENGINE", "STAGES"]
-    assert lines[1].split() == ["inst-x", "m", "IpexRing", "ready", "0", "ipex", "node-arc[0:30]"]
+    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "SIZE", "CONTEXT", "ENGINE", "STAGES"]
+    assert lines[1].split() == ["inst-x", "m", "IpexRing", "ready", "0", "-", "4096", "ipex", "node-arc[0:30]"]
     settings = lines[lines.index("settings and optimisations:") + 1:]
     assert settings == ["inst-x: Intel GPUs 0, optimisation level ipex", f"inst-x on node-arc: {OPTIMIZATION}"]
 
