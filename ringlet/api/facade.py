@@ -11,6 +11,7 @@ from fastapi import Request
 from ringlet.master.placement import DEFAULT_OPTIONS, InstanceOptions, PlacementPreview
 from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager
+from ringlet.models.names import DiskModel
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import InstanceRecord, NodeInfo, State, TaskRecord
@@ -33,6 +34,10 @@ class ModelResolver(Protocol):
     def cards(self) -> list[ModelCard]: ...
 
     def resolve(self, name: str) -> ModelCard: ...
+
+    def on_disk(self) -> list[DiskModel]:
+        """The models whose files are on this node."""
+        ...
 
 
 class NodeFacade(Protocol):

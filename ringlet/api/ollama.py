@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ringlet.api.cluster import ringlet_version
 from ringlet.api.errors import ApiError, OllamaError, error_responses, to_api_error
 from ringlet.api.facade import NodeFacade, node_of
-from ringlet.api.generation import DisconnectWatch, Generation, build_task
+from ringlet.api.generation import DisconnectWatch, Generation, build_task, error_kind
 from ringlet.api.ollama_schemas import (
     ChatRequest,
     ChatResponse,
@@ -100,7 +100,11 @@ Line = Callable[[str, list[ToolCall], dict[str, object]], BaseModel]
 async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: TextGenerationTask,
                  request: Request) -> Generation:
     """Ollama's way: a model this node holds but does not serve is loaded first, and the request waits for it."""
-    await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check)
+    try:
+        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check)
+    except NodeError as refusal:  # counted as Generation.start counts its refusals
+        request.app.state.metrics.error("ollama", error_kind(refusal))
+        raise
     return await Generation.start(node, task, request, api="ollama")
 
 
@@ -217,17 +221,27 @@ def _digest(card: ModelCard) -> str:
     return hashlib.sha256(card.id.encode()).hexdigest()  # an id for tools that key on it, not a file hash
 
 
-def _tag(card: ModelCard, modified: str) -> TagModel:
-    size = card.download_bytes or card.weight_bytes("bfloat16")
-    return TagModel(name=_name(card), model=_name(card), modified_at=modified, size=size, digest=_digest(card),
+def _tag(card: ModelCard, modified: float, size: int | None = None, digest: str | None = None) -> TagModel:
+    return TagModel(name=_name(card), model=_name(card),
+                    modified_at=datetime.fromtimestamp(modified, UTC).isoformat().replace("+00:00", "Z"),
+                    size=size or card.download_bytes or card.weight_bytes("bfloat16"), digest=digest or _digest(card),
                     details=_details(card))
 
 
 @router.get("/tags", response_model=TagsResponse)
 def tags(request: Request) -> TagsResponse:
-    """The models this cluster knows, Ollama style."""
-    now = _now()
-    return TagsResponse(models=[_tag(card, now) for card in node_of(request).catalog.cards()])
+    """The models on this node's disk (with their files' size, modification time and digest), and those loaded
+    elsewhere in the cluster, Ollama style."""
+    node = node_of(request)
+    listed = {d.card.id: _tag(d.card, d.modified, d.size_bytes, d.digest) for d in node.catalog.on_disk()}
+    for record in node.state.instances.values():
+        if record.instance.model in listed:
+            continue
+        try:
+            listed[record.instance.model] = _tag(node.catalog.resolve(record.instance.model), record.created_at)
+        except NodeError:
+            continue  # a path on another node: its name says nothing here
+    return TagsResponse(models=list(listed.values()))
 
 
 @router.get("/version", response_model=VersionResponse)

@@ -245,12 +245,13 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
 
 @router.get("/models", response_model=ModelList)
 def list_models(request: Request) -> ModelList:
-    """The models this cluster knows; `ready` tells which have an instance serving them now."""
+    """The models on this node's disk and those the cluster serves; `ready` tells which have an instance serving them
+    now (those first: a client that takes the first model gets one that answers)."""
     node = node_of(request)
     state = node.state
     ready = {r.instance.model for r in state.instances.values() if r.status == RunnerStatus.READY}
-    created = {r.instance.model: int(r.created_at) for r in state.instances.values()}
-    cards = node.catalog.cards()
-    # models being served first: a client that takes the first model gets one that answers
-    cards.sort(key=lambda c: (c.id not in ready, c.id not in created))
-    return ModelList(data=[ModelObject(id=c.id, created=created.get(c.id, 0), ready=c.id in ready) for c in cards])
+    created = {d.card.id: int(d.modified) for d in node.catalog.on_disk()}
+    for record in state.instances.values():
+        created.setdefault(record.instance.model, int(record.created_at))
+    ids = sorted(created, key=lambda model: (model not in ready, model))
+    return ModelList(data=[ModelObject(id=model, created=created[model], ready=model in ready) for model in ids])

@@ -12,15 +12,28 @@ the directory name of a local model); `resolve` turns any of them into the one c
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card
 from ringlet.models.gguf_loader import gguf_size
 from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
 from ringlet.models.ollama import OllamaModel, find_ollama_model, ollama_models
-from ringlet.models.store import ModelRef, extra_model_dirs, find_local, ringlet_home
-from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError
+from ringlet.models.store import MANIFEST_FILE, ModelRef, ModelStore, extra_model_dirs, find_local, ringlet_home
+from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError, NodeError
+
+
+@dataclass(frozen=True)
+class DiskModel:
+    """A model whose files are on this node: its card, their size, when they last changed, and a digest of them."""
+
+    card: ModelCard
+    size_bytes: int
+    modified: float  # seconds since the epoch
+    digest: str  # sha256, hex
 
 
 def _normalise(name: str) -> str:
@@ -77,6 +90,33 @@ class Catalog:
             self._store[model_id] = card_from_args(model_id, args, format="gguf" if path.suffix == ".gguf" else
                                                    "safetensors", source="local", download_bytes=_size_on_disk(path))
         return self._store[model_id]
+
+    def on_disk(self) -> list[DiskModel]:
+        """The models whose files are on this node: the embedded one, those in the store (complete), local paths the
+        node was given, and those pulled with Ollama."""
+        from ringlet.models.embedded import embedded_model_path
+
+        embedded = embedded_model_path()
+        found = [DiskModel(embedded_card(), embedded.stat().st_size, embedded.stat().st_mtime,
+                           _file_digest(embedded, embedded.stat().st_size, embedded.stat().st_mtime_ns))]
+        for stored in ModelStore().models():
+            if stored.status != "complete":
+                continue
+            try:
+                card = self._stored(stored.repo_id)
+            except NodeError:
+                continue  # not a model this node runs
+            if card is not None:
+                found.append(DiskModel(card, stored.size_bytes, _newest(stored.path), _manifest_digest(stored.path)))
+        for card in self._local.values():
+            path = Path(card.id)
+            found.append(DiskModel(card, _size_on_disk(path), _newest(path), _listing_digest(path)))
+        for pulled in ollama_models():
+            card = self._ollama.get((pulled.name, pulled.path))
+            if card is not None:  # the blob is named by its own sha256, as Ollama stores it
+                found.append(DiskModel(card, pulled.size_bytes, pulled.path.stat().st_mtime,
+                                       pulled.path.name.removeprefix("sha256-")))
+        return found
 
     def ollama_cards(self) -> list[ModelCard]:
         """Cards of the models pulled with Ollama that this node can run (each blob's metadata read once)."""
@@ -148,3 +188,32 @@ def _size_on_disk(path: Path) -> int:
     if path.is_file():
         return gguf_size(path)
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _newest(path: Path) -> float:
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return max((f.stat().st_mtime for f in files), default=path.stat().st_mtime)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (computed once for each size and modification time)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_digest(directory: Path) -> str:
+    """sha256 of the store's manifest, which holds every file's own hash (Ollama's digest is its manifest's too)."""
+    manifest = directory / MANIFEST_FILE
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else _listing_digest(directory)
+
+
+def _listing_digest(path: Path) -> str:
+    """sha256 of a model's file names, sizes and modification times: changes whenever a file does."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    listing = "\n".join(f"{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+

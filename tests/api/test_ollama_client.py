@@ -3,13 +3,14 @@ as newline-delimited JSON), the options each request turns into for the node, an
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
 import ollama
 import pytest
 
-from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.shared.errors import TaskError
 from ringlet.shared.tasks import ChatMessage, Constraint, SamplingParams
 from tests.support.fake_node import REPLY, FakeNode, prompt_tokens
@@ -24,12 +25,14 @@ def client(url: str) -> ollama.Client:
     return ollama.Client(host=url, timeout=30)
 
 
-def test_list_shows_the_catalog_with_the_embedded_model(client: ollama.Client) -> None:
+def test_list_shows_what_is_on_disk_with_real_sizes_and_digests(client: ollama.Client) -> None:
     models = {m.model: m for m in client.list().models}
     embedded = models[f"{EMBEDDED_MODEL_ID}:latest"]
-    assert embedded.size and embedded.digest and embedded.details and embedded.details.family == "llama"
-    assert embedded.details.format == "gguf" and (embedded.details.parameter_size or "").endswith("B")
-    assert len(models) > 1 and all((name or "").endswith(":latest") for name in models)
+    path = embedded_model_path()
+    assert embedded.size == path.stat().st_size and embedded.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert embedded.modified_at is not None and abs(embedded.modified_at.timestamp() - path.stat().st_mtime) < 1
+    assert embedded.details and embedded.details.family == "llama" and embedded.details.format == "gguf"
+    assert "Qwen/Qwen3-8B:latest" not in models, "the catalog's models are not listed until on disk"
 
 
 def test_chat(client: ollama.Client, node: FakeNode) -> None:

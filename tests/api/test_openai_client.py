@@ -30,11 +30,13 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
 
 
-def test_models_list_puts_the_served_model_first(client: openai.OpenAI) -> None:
+def test_models_list_what_is_on_disk_and_served_the_served_first(client: openai.OpenAI) -> None:
     models = client.models.list().data
     assert models[0].id == EMBEDDED_MODEL_ID == "SmolLM2-135M-Instruct"
-    assert len({m.id for m in models}) == len(models) > 1, "the catalog is listed too"
+    assert len({m.id for m in models}) == len(models)
+    assert "Qwen/Qwen3-8B" not in {m.id for m in models}, "the catalog's models are not listed until on disk"
     assert [m.id for m in models if m.model_extra and m.model_extra["ready"]] == [EMBEDDED_MODEL_ID]
+    assert models[0].created > 0
 
 
 def test_chat_completion_answers_with_the_generated_text_and_usage(client: openai.OpenAI, node: FakeNode) -> None:
