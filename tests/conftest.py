@@ -18,6 +18,10 @@ os.environ.setdefault("RINGLET_CPU_COMPILE", "0")
 # Models pulled with Ollama are found by name: tests see only the Ollama stores they build, never the machine's own.
 os.environ["OLLAMA_MODELS"] = "/nonexistent/ollama-store-of-the-tests"
 
+# No test reaches a real hub (a repo id placed by a test, or by the API fuzzer, is looked up there): a closed port,
+# refused at once; the tests that download point HF_ENDPOINT at the fake hub.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+
 # Without a GPU, Triton kernels (the fused CUDA decode step) run in Triton's interpreter on CPU tensors. Read when a
 # kernel is defined, so it is set before anything imports triton.
 if not os.path.exists("/dev/nvidia0"):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card
+from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card, resolve_card
 from ringlet.models.gguf_loader import gguf_size
 from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
 from ringlet.models.ollama import OllamaModel, find_ollama_model, ollama_models
@@ -72,6 +72,9 @@ class Catalog:
         stored = self._stored(name)
         if stored is not None:
             return stored
+        for card in self._store.values():  # a repo placed before its files are here
+            if card.id.lower() == wanted:
+                return card
         raise ModelNotFoundError(name, [c.id for c in self.cards()])
 
     def _stored(self, name: str) -> ModelCard | None:
@@ -141,7 +144,9 @@ class Catalog:
         return card_from_args(pulled.name, args, format="gguf", source="ollama", download_bytes=pulled.size_bytes)
 
     def add_local(self, ref: str) -> ModelCard:
-        """A card for a model directory or .gguf file on this node, remembered under its absolute path."""
+        """A card for a model to place: one the node knows by name, a model directory or .gguf file on this node
+        (remembered under its absolute path), a model pulled with Ollama, or a Hugging Face repo not downloaded yet
+        (its card read from the hub: the runners fetch their stages' files)."""
         try:
             return self.resolve(ref)
         except ModelNotFoundError:
@@ -151,7 +156,7 @@ class Catalog:
                 except ModelLoadError as error:
                     raise InvalidModelError(str(error)) from None
                 if pulled is None:
-                    raise
+                    return self._from_hub(ref)
                 card = self._ollama_card(pulled)
                 self._ollama[(pulled.name, pulled.path)] = card
                 return card
@@ -167,6 +172,21 @@ class Catalog:
         self._local[model_id] = card
         return card
 
+
+    def _from_hub(self, ref: str) -> ModelCard:
+        """The card of a Hugging Face repo that is not on disk, from its config on the hub (HF_ENDPOINT)."""
+        try:
+            model_id = str(ModelRef.parse(ref.strip()))
+        except ModelLoadError:
+            raise ModelNotFoundError(ref, [c.id for c in self.cards()]) from None
+        if model_id not in self._store:
+            try:
+                card = resolve_card(model_id)
+            except ModelLoadError as error:  # the hub's word: no such repo, gated, unreachable
+                raise InvalidModelError(f"{model_id} is not on this node and its card could not be read from the "
+                                        f"hub: {error}") from None
+            self._store[model_id] = card.model_copy(update={"id": model_id})
+        return self._store[model_id]
 
     def _within_roots(self, ref: str) -> bool:
         path = Path(ref).expanduser().resolve()

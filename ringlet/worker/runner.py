@@ -318,12 +318,41 @@ def stage_weight_bytes(load: LoadShard) -> int | None:
         return None
 
 
+def fetch_stage_files(load: LoadShard, outbox: Outbox, until: float) -> None:
+    """A model named by its Hugging Face repo id whose files for this stage's layers are not here: fetch them into
+    the store first, reporting the bytes as progress up to `until` (a model on disk, a path, the embedded or an
+    Ollama model: nothing to do)."""
+    from pathlib import Path
+
+    from ringlet.models.download import DownloadProgress, download_model
+    from ringlet.models.store import ModelRef
+    from ringlet.shared.errors import ModelLoadError
+    from ringlet.shared.sizes import format_bytes_of
+
+    model, shard = load.bound.instance.model, load.bound.shard
+    if Path(model).expanduser().exists():
+        return
+    try:
+        ModelRef.parse(model)
+    except ModelLoadError:
+        return  # not a repo id
+    layers = None if (shard.start, shard.end) == (0, shard.num_layers) else (shard.start, shard.end)
+
+    def progress(update: DownloadProgress) -> None:
+        if update.total:
+            outbox.send(Loading(progress=until * update.done / update.total,
+                                detail=f"downloading {format_bytes_of(update.done, update.total)}"))
+
+    download_model(model, layers=layers, progress=progress)
+
+
 def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     """Load, warm up and serve a single-stage instance; returns the runner's exit code."""
     from ringlet.models.loader import reporting_load_progress
     from ringlet.worker.engines.engine_init import initialize_engine, warmup_engine
 
     try:
+        fetch_stage_files(load, outbox, until=0.05)
         outbox.send(Loading(progress=0.05, detail="loading weights"))
         with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.85, stage_weight_bytes(load))):
             engine = initialize_engine(load.bound, load.config)
@@ -354,6 +383,7 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     bound, size = load.bound, len(load.bound.instance.shards)
     instance_id = bound.instance.instance_id
     try:
+        fetch_stage_files(load, outbox, until=0.05)  # before the ring: a stage joins it once it can load
         if bound.shard.is_first:
             store, address = host_store(load.data_host, size)
             # into the state: the nodes of the later stages start their runners when they see it

@@ -11,11 +11,14 @@ import torch
 from ringlet.models.catalog import embedded_card
 from ringlet.models.loader import load_stage, reporting_load_progress
 from ringlet.models.quant import cpu_supports_bf16
+from ringlet.models.store import ModelStore
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance, Instance, InstanceType, Shard
 from ringlet.shared.messages import FROM_RUNNER, Loading, LoadShard
 from ringlet.shared.state import InstanceCreated, LayerLoad, RunnerProgressed, State, apply
-from ringlet.worker.runner import Outbox, _layers_loaded, stage_weight_bytes
+from ringlet.shared.wire import decode
+from ringlet.worker.runner import Outbox, _layers_loaded, fetch_stage_files, stage_weight_bytes
+from tests.support.hub import REPO_ID
 
 
 def test_every_layer_loaded_is_reported_with_the_bytes_kept_so_far() -> None:
@@ -72,3 +75,15 @@ def test_state_carries_each_runners_load_and_the_instances_together() -> None:
     assert record.load == LayerLoad(layers_loaded=15, layers_total=30, bytes_loaded=150, bytes_total=360)
     dumped = record.model_dump(mode="json")
     assert dumped["progress"] == 0.5 and dumped["load"]["layers_loaded"] == 15  # the old fields stay beside it
+
+
+def test_a_repo_not_on_disk_is_fetched_with_its_bytes_as_progress(hub, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    stream = io.BytesIO()
+    instance = Instance(instance_id="inst-1", model=REPO_ID, instance_type=InstanceType.CPU_RING,
+                        shards=[Shard(node_id="a", rank=0, start=0, end=2, num_layers=4),
+                                Shard(node_id="b", rank=1, start=2, end=4, num_layers=4)])
+    fetch_stage_files(LoadShard(bound=BoundInstance(instance=instance, node_id="a")), Outbox(stream), until=0.05)
+    reports = [decode(FROM_RUNNER, line, "test") for line in stream.getvalue().splitlines()]
+    assert reports and all(isinstance(r, Loading) and r.detail.startswith("downloading") for r in reports)
+    assert reports[-1].progress == pytest.approx(0.05)
+    assert ModelStore().get(REPO_ID) is not None
