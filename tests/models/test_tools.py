@@ -21,7 +21,7 @@ from ringlet.models.tools import (
     tool_format,
 )
 from ringlet.shared.tasks import ChatMessage, FunctionSpec, ToolCall
-from tests.models.test_grammar import VOCAB, closing_tokens, walk
+from tests.support.grammar_walk import VOCAB, closing_tokens, walk
 
 # the parts of real templates that decide: each family's own markers around its `tools`
 QWEN = "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> <tool_call>{% endif %}"
