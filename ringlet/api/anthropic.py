@@ -32,9 +32,13 @@ from ringlet.shared.tasks import GenerationChunk, ToolCall
 router = APIRouter(prefix="/v1", tags=["anthropic"])
 
 GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503)
+# one server-sent event: its type, and its JSON
+NAMED_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"},
+    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"type": "object"}}}}
 STREAM_DOCS: dict[int | str, dict[str, object]] = {200: {
     "description": "the message, or with `stream: true` Anthropic's named events (`event: TYPE`, `data: {json}`)",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    "content": {"text/event-stream": {"schema": NAMED_EVENT}}}}
 
 
 def _stop_reason(finish: str | None, stop_sequence: str | None, calls: list[ToolCall]) -> StopReason | None:

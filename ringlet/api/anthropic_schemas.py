@@ -9,8 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ringlet.api.tool_calls import ToolMode
-from ringlet.models.tools import named_call_constraint, required_call_constraint
+from ringlet.api.tool_calls import ToolMode, forced_call
 from ringlet.shared.tasks import (
     MAX_TOOLS,
     ChatMessage,
@@ -164,12 +163,10 @@ class _Conversation(_Strict):
 
     def constraint(self) -> tuple[str, Constraint] | None:
         """(the field it comes from, what the answer must be), if anything."""
-        mode, specs = self.tool_mode(), self.tool_specs()
-        if mode == "named":
-            return "tool_choice", named_call_constraint(next(s for s in specs if s.name == self.named_tool()))
-        if mode == "required":
-            parallel = not (self.tool_choice is not None and self.tool_choice.disable_parallel_tool_use)
-            return "tool_choice", required_call_constraint(specs, parallel)
+        parallel = not (self.tool_choice is not None and self.tool_choice.disable_parallel_tool_use)
+        forced = forced_call(self.tool_mode(), self.tool_specs(), self.named_tool(), parallel)
+        if forced is not None:
+            return "tool_choice", forced
         if self.output_config is not None and self.output_config.format is not None:
             return "output_config", Constraint(kind="json_schema", spec=json.dumps(self.output_config.format.schema_))
         return None

@@ -9,8 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from ringlet.api.tool_calls import CallDelta, ToolMode
-from ringlet.models.tools import named_call_constraint, required_call_constraint
+from ringlet.api.tool_calls import CallDelta, ToolMode, forced_call
 from ringlet.shared.tasks import (
     MAX_TOOLS,
     ChatMessage,
@@ -324,13 +323,9 @@ class ChatCompletionRequest(_SamplingFields, LogprobFields):
         formatted = self.response_format.constraint() if self.response_format is not None else None
         if formatted is not None:
             found.insert(0, ("response_format", formatted))
-        mode, specs = self.tool_mode(), self.tool_specs()
-        named = next((s for s in specs if s.name == self.named_function()), None)
-        if named is not None:  # (a name not among the tools is refused by the validator)
-            found.append(("tool_choice", named_call_constraint(named)))
-        elif mode == "required":
-            found.append(("tool_choice", required_call_constraint(specs, self.parallel_tool_calls is not False)))
-        return found
+        forced = forced_call(self.tool_mode(), self.tool_specs(), self.named_function(),
+                             self.parallel_tool_calls is not False)
+        return found + ([("tool_choice", forced)] if forced is not None else [])
 
     def to_task(self) -> TextGenerationTask:
         # with `none` the model is not told of its tools: it answers in words

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ringlet.api.anthropic import NAMED_EVENT
 from ringlet.api.errors import error_responses, to_api_error
 from ringlet.api.facade import node_of
 from ringlet.api.generation import Generation, build_task
@@ -82,7 +83,7 @@ def _function_call(call: ToolCall, status: str) -> Json:
 @router.post("/responses", response_model=None, responses={**error_responses(400, 404, 413, 429, 500, 503), 200: {
     "description": "the response object, or with `stream: true` its typed events (`event: TYPE`, `data: {json}`)",
     "content": {"application/json": {"schema": {"type": "object"}},
-                "text/event-stream": {"schema": {"type": "string"}}}}})
+                "text/event-stream": {"schema": NAMED_EVENT}}}})
 async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | StreamingResponse:
     """A response to a whole conversation (no state is kept); `stream: true` streams the API's typed events."""
     choice = body.constraint()

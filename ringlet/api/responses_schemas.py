@@ -9,8 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ringlet.api.tool_calls import ToolMode
-from ringlet.models.tools import named_call_constraint, required_call_constraint
+from ringlet.api.tool_calls import ToolMode, forced_call
 from ringlet.shared.tasks import (
     MAX_TOOLS,
     ChatMessage,
@@ -179,12 +178,10 @@ class ResponsesRequest(_Strict):
 
     def constraint(self) -> tuple[str, Constraint] | None:
         """(the field it comes from, what the answer must be), if anything."""
-        mode, specs = self.tool_mode(), self.tool_specs()
-        named = next((s for s in specs if s.name == self.named_function()), None)
-        if named is not None:
-            return "tool_choice", named_call_constraint(named)
-        if mode == "required":
-            return "tool_choice", required_call_constraint(specs, self.parallel_tool_calls is not False)
+        forced = forced_call(self.tool_mode(), self.tool_specs(), self.named_function(),
+                             self.parallel_tool_calls is not False)
+        if forced is not None:
+            return "tool_choice", forced
         formatted = self._format_constraint()
         return ("text", formatted) if formatted is not None else None
 

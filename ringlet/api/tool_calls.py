@@ -16,9 +16,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ringlet.models.tool_parsing import ParsedCall, ToolCallParser
-from ringlet.shared.tasks import FunctionSpec, ToolCall, ToolFormat
+from ringlet.models.tools import named_call_constraint, required_call_constraint
+from ringlet.shared.tasks import Constraint, FunctionSpec, ToolCall, ToolFormat
 
 ToolMode = Literal["none", "auto", "required", "named"]
+
+
+def forced_call(mode: ToolMode, tools: Sequence[FunctionSpec], named: str | None, parallel: bool) -> Constraint | None:
+    """The grammar of a call the request demands: the named function's arguments, or `required`'s array of calls
+    (one at most unless `parallel`); None when the model may answer in words."""
+    function = next((t for t in tools if t.name == named), None)
+    if mode == "named" and function is not None:  # (a name not among the tools is refused by the schemas)
+        return named_call_constraint(function)
+    return required_call_constraint(list(tools), parallel) if mode == "required" else None
 
 
 def new_call_id() -> str:
