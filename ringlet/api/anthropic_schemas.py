@@ -211,7 +211,7 @@ class MessagesRequest(_Conversation):
 
 
 class CountTokensRequest(_Conversation):
-    pass
+    """`/v1/messages/count_tokens`: the conversation alone (its `to_task` computes one token)."""
 
 
 # --- responses

@@ -32,18 +32,16 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 def duration_s(value: float | str) -> float:
     """Seconds of an Ollama duration: a number of seconds, or Go's duration text ("5m", "1h30m", "-1s")."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        if math.isnan(seconds):
-            raise ValueError("keep_alive is not a number")
-        return seconds
     text = str(value).strip()
     found = _DURATION.match(text)
     if found is None:
-        raise ValueError(f"{value!r} is not a duration: give seconds or text like 5m, 1h30m, 0")
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration: give seconds or text like 5m, 1h30m, 0") from None
+        if math.isnan(seconds):
+            raise ValueError("keep_alive is not a number")
+        return seconds
     seconds = sum(float(number) * _UNITS_S[unit] for number, unit in _DURATION_PART.findall(text))
     return -seconds if found.group(1) else seconds
 

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _pick_model(client: Any) -> str:
+def pick_model(client: Any) -> str:
+    """The first model with a ready instance on the node."""
     models = client.get("/v1/models")["data"]
     ready = [m["id"] for m in models if m.get("ready")]
     if not ready:
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     client = NodeClient(args.url)
     interactive = sys.stdin.isatty()
     try:
-        model = args.model or _pick_model(client)
+        model = args.model or pick_model(client)
     except NodeApiError as error:
         raise CliError(str(error)) from None
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []

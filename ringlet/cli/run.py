@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 from ringlet.cli import CliError, engine_from_environment
 from ringlet.shared.config import PRECISIONS, EngineConfig
@@ -165,14 +165,13 @@ def model_and_prompt(words: list[str], model: str | None) -> tuple[str | None, s
     return words[0], " ".join(words[1:]) or None
 
 
-class Session:
+class Session(Protocol):
     """Where `ringlet run` generates: `reply(messages)` streams the answer's text."""
 
-    def reply(self, messages: list[ChatMessage]) -> Iterator[str]:
-        raise NotImplementedError
+    def reply(self, messages: list[ChatMessage]) -> Iterator[str]: ...
 
 
-class LocalSession(Session):
+class LocalSession:
     def __init__(self, args: argparse.Namespace, model: str | None, sampling: SamplingParams) -> None:
         _pull_if_missing(model)
         self.engine = load_engine(model, args.engine, engine_config(args), args.ipex_optimization_level,
@@ -194,12 +193,14 @@ class LocalSession(Session):
                          chunk.timings.time_to_first_token_s, chunk.timings.decode_tokens_per_s)
 
 
-class NodeSession(Session):
+class NodeSession:
     """A running node's Ollama API: it loads the model on first use and keeps it loaded."""
 
     def __init__(self, client: NodeClient, model: str | None, args: argparse.Namespace) -> None:
         self.client, self.args = client, args
-        self.model = model or _served_model(client)
+        from ringlet.cli.chat import pick_model
+
+        self.model = model or pick_model(client)
         self.options = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                         "num_predict": args.max_tokens, **({"seed": args.seed} if args.seed is not None else {})}
 
@@ -235,12 +236,6 @@ class NodeSession(Session):
                           file=sys.stderr)
             print(file=sys.stderr)
             yield from self.client.stream_lines("/api/chat", body)
-
-
-def _served_model(client: NodeClient) -> str:
-    from ringlet.cli.chat import _pick_model
-
-    return _pick_model(client)
 
 
 def _print_stats(where: str, prompt: int, generated: int, first_token_s: float, decode_tps: float) -> None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from ringlet.cli import build_parser
-from ringlet.cli.run import Session, _converse, model_and_prompt
+from ringlet.cli.run import _converse, model_and_prompt
 
 
 def ringlet(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -121,7 +121,7 @@ def test_run_reads_the_model_then_the_prompt(words, model, expected):
     assert model_and_prompt(words, model) == expected
 
 
-class ScriptedSession(Session):
+class ScriptedSession:
     def __init__(self) -> None:
         self.asked: list[list[str]] = []
 
