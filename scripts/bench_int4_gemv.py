@@ -4,7 +4,7 @@ Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--sweep]
 
 For each projection of the shape's layer (q/k/v with the input's RMSNorm, o with the residual add, gate/up with the
 norm and SiLU gate, down with the residual) and the int8 lm_head: the bf16 product (cuBLAS) and the int4 kernel
-(`int4_gemv_rows_kernel`) at its default tiling, or at every tiling of a grid with --sweep (the six fastest). Each timing replays a CUDA graph that runs the product over enough
+(`int4_gemv_dp4a_kernel`) at its default tiling, or at every tiling of a grid with --sweep (the eight fastest). Each timing replays a CUDA graph that runs the product over enough
 copies of the weight to overflow the L2 cache, so the bytes come from device memory as in a decode step. The
 largest difference from an fp32 reference is printed beside each int4 kernel.
 """
@@ -94,8 +94,8 @@ def measure(name: str, n: int, inp: torch.Tensor, norm: torch.Tensor | None, eps
         error = (out.float() - expected).abs().max().item() / expected.abs().max().item()
         outs = [start.clone() for _ in layers]
         secs = graph_seconds([lambda lay=lay, o=o, t=tiling: project(lay, o, t) for lay, o in zip(layers, outs)])
-        results.append((secs, error, tiling or int4_cuda.gemv_tiling(out_n, k, group_size)))
-    for secs, error, tiling in sorted(results, key=lambda r: r[0])[:6]:
+        results.append((secs, error, tiling or int4_cuda.gemv_tiling(out_n, k, group_size, gated)))
+    for secs, error, tiling in sorted(results, key=lambda r: r[0])[:8]:
         print(f"  int4 {int4_bytes / secs / 1e9:7,.0f} GB/s ({int4_bytes / secs / bandwidth:4.0%}) "
               f"{secs * 1e6:7.1f} us  error {error:.1e}  {tiling}")
 
@@ -125,8 +125,8 @@ def main() -> None:
         ("down + residual", hidden, x_inter, None, False, True),
     ]
     grid = ([int4_cuda.GemvTiling(b, w, warps, stages) for b, w, warps, stages in
-             itertools.product((4, 8, 16), (128, 256), (2, 4, 8), (1,))
-             if b * w >= warps * 128] if options.sweep else [None])
+             itertools.product((8, 16, 32), (64, 128, 256), (4, 8), (1, 3)) if b * w >= warps * 128]
+            if options.sweep else [None])
     for name, n, inp, nrm, gated, residual in projections:
         measure(name, n, inp, nrm, eps, gated, residual, options.group_size, grid, bandwidth)
         torch.cuda.empty_cache()
@@ -134,9 +134,16 @@ def main() -> None:
     vocab = config["vocab_size"]
     head = CudaInt8Linear(torch.randn(vocab, hidden, device=device) * 0.02, None, torch.bfloat16).to(device)
     out = torch.empty(1, vocab, dtype=torch.bfloat16, device=device)
-    secs = graph_seconds([lambda: int4_cuda.int8_matmul(x, head.weight, head.scale, out, norm=norm, eps=eps)] * 4)
-    print(f"\nlm_head int8 [{vocab}, {hidden}] + norm: {vocab * hidden / secs / 1e9:,.0f} GB/s "
-          f"({vocab * hidden / secs / bandwidth:.0%}), {secs * 1e6:.1f} us (in L2 only in part: 4 replays)")
+    expected = reference(x, head.dequantize(), norm, eps, False, None)
+    print(f"\nlm_head int8 [{vocab}, {hidden}] + norm (in L2 only in part: 4 replays)")
+    for name, kernel in [("dp4a rows", int4_cuda._int8_gemv_rows), ("split-K float", int4_cuda._int8_gemv)]:
+        def call(kernel=kernel) -> None:
+            kernel(x, head.weight, head.scale, out, vocab, hidden, None, norm, eps, False, False, False)
+        call()
+        error = (out.float() - expected).abs().max().item() / expected.abs().max().item()
+        secs = graph_seconds([call] * 4)
+        print(f"  {name}: {vocab * hidden / secs / 1e9:,.0f} GB/s ({vocab * hidden / secs / bandwidth:.0%}), "
+              f"{secs * 1e6:.1f} us  error {error:.1e}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The one-row int4 product (`int4_gemv_rows_kernel`, a CUDA decode step's projection) run by Triton's interpreter on
-CPU tensors against the dequantised weight in fp32, with each option the fused decode steps use. On a GPU,
-tests/worker/gpu/test_int4_cuda.py runs it compiled."""
+"""The one-row int4 and int8 products (`int4_gemv_dp4a_kernel`, `int8_gemv_dp4a_kernel`: a CUDA decode step's
+projections) run by Triton's interpreter on CPU tensors against the dequantised weight in fp32 times x rounded as
+the kernels round it, with each option the fused decode steps use. On a GPU, tests/worker/gpu/test_int4_cuda.py runs
+them compiled."""
 
 from __future__ import annotations
 
@@ -19,10 +20,21 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="a GPU machine: tests/worker/gpu runs this kernel compiled")
 
 
-def expected(x, weight, norm, bias, gated, residual):  # type: ignore[no-untyped-def]
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 with its absmax scale, as the dp4a kernel rounds it, back in fp32."""
+    blocks = x.view(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.floor(blocks / scale.clamp_min(1e-30) + 0.5) * scale).view(x.shape)
+
+
+def expected(x, weight, norm, bias, gated, residual, int8_x=False):  # type: ignore[no-untyped-def]
     xf = x.float()
     if norm is not None:
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
+        xf = xf * norm.float()
+        xf = (int8_blocks(xf) if int8_x else xf) * rstd
+    elif int8_x:
+        xf = int8_blocks(xf)
     y = xf @ weight.t() + (0 if bias is None else bias.float())
     if gated:
         gate, up = y.chunk(2, dim=-1)
@@ -50,7 +62,7 @@ def test_one_row_matches_the_dequantised_weight(n, k, group, words, options):
     int4_cuda._int4_gemv_rows(x, layer.packed, layer.scale, layer.offset, group, out, n, k, layer.bias, norm, 1e-5,
                               "gated" in options, "residual" in options, False, tiling)
     reference = expected(x, layer.dequantize(), norm, layer.bias, "gated" in options,
-                         start if "residual" in options else None)
+                         start if "residual" in options else None, int8_x=True)
     # bf16 output: its rounding (and, gated, the SiLU's input rounded as the eager path rounds it)
     torch.testing.assert_close(out.float(), reference, atol=2e-3, rtol=2e-2)
 
@@ -59,3 +71,24 @@ def test_the_default_tiling_steps_over_whole_groups():
     for n, k, group in [(4096, 4096, 128), (4096, 14336, 128), (28672, 4096, 128), (1001, 768, 32), (64, 96, 32)]:
         t = int4_cuda.gemv_tiling(n, k, group)
         assert (k // 8) % t.words == 0 and (8 * t.words) % group == 0, (n, k, group, t)
+
+
+@pytest.mark.parametrize(("n", "k"), [(40, 512), (24, 96)])
+@pytest.mark.parametrize("options", ["plain", "norm", "gated+norm", "bias+residual"])
+def test_one_row_int8_matches_the_dequantised_weight(n, k, options):
+    from ringlet.models.quant_cuda import CudaInt8Linear
+
+    torch.manual_seed(n + k)
+    rows = 2 * n if "gated" in options else n
+    layer = CudaInt8Linear(torch.randn(rows, k) * 0.02, torch.randn(rows) if "bias" in options else None,
+                           torch.bfloat16)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    norm = (1 + 0.1 * torch.randn(k)).to(torch.bfloat16) if "norm" in options else None
+    start = torch.randn(1, n, dtype=torch.bfloat16)
+    out = start.clone()
+    int4_cuda._int8_gemv_rows(x, layer.weight, layer.scale, out, n, k, layer.bias, norm, 1e-5, "gated" in options,
+                              "residual" in options, False, block_n=16)
+    reference = expected(x, layer.dequantize(), norm, layer.bias, "gated" in options,
+                         start if "residual" in options else None, int8_x=True)
+    # the product plus a bias of about 1 is rounded to bf16 before the residual adds (up to 2^-8 of it)
+    torch.testing.assert_close(out.float(), reference, atol=1e-2 if "bias" in options else 2e-3, rtol=2e-2)

@@ -6,6 +6,7 @@ Triton is imported at the first launch, not here: CPU machines without it import
 """
 
 import functools
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -72,7 +73,7 @@ def triton_next_power_of_2(n: int) -> int:
 
 @dataclass(frozen=True)
 class GemvTiling:
-    """A launch of `int4_gemv_rows_kernel`: weight rows per program, int32 words (8 codes) of each row a loop step,
+    """A launch of `int4_gemv_dp4a_kernel`: weight rows per program, int32 words (8 codes) of each row a loop step,
     warps and pipeline stages."""
 
     block_n: int
@@ -81,26 +82,35 @@ class GemvTiling:
     stages: int = 3
 
 
-def gemv_tiling(n: int, k: int, group: int) -> GemvTiling:
-    """The one-row int4 tiling for W [n, k]: 16 rows a program for the wide projections, 8 for the rest, 128 words
-    (1,024 columns) a step where K allows. The fastest of `scripts/bench_int4_gemv.py --sweep` on an H200 for each
+def gemv_tiling(n: int, k: int, group: int, gated: bool = False) -> GemvTiling:
+    """The one-row int4 tiling for W [n, k] (`gated`: gate and up rows, 2n in all): 16 rows a program for the wide
+    projections and 8 for the rest, 256 words (2,048 columns) a step and 8 warps where K allows, 128 words and 4 warps
+    for gate/up. The fastest of `scripts/bench_int4_gemv.py --sweep` on an H200 for each
     Llama-3.1-8B projection, or within 3% of it."""
-    words = next(w for w in (128, 64, 32, 16, 8, 4) if (k // 8) % w == 0 and (8 * w) % group == 0)
-    return GemvTiling(16 if n >= 6144 else 8, words)
+    widest = 128 if gated else 256
+    words = next(w for w in (256, 128, 64, 32, 16, 8, 4)
+                 if w <= widest and (k // 8) % w == 0 and (8 * w) % group == 0 and w % 4 == 0)
+    return GemvTiling(16 if n >= 6144 else 8, words, 8 if words >= 256 else 4, 3)
 
 
 def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                     group_size: int, out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
                     norm: torch.Tensor | None, eps: float, gated: bool, residual: bool, pdl: bool,
                     t: GemvTiling | None = None) -> None:
-    assert k % 32 == 0 and k % group_size == 0, f"int4 rows of {k} columns in groups of {group_size}"
-    t = t or gemv_tiling(n, k, group_size)
-    _kernels().int4_gemv_rows_kernel[(-(-n // t.block_n),)](
+    assert k % 32 == 0 and k % group_size == 0 and group_size % 32 == 0, \
+        f"int4 rows of {k} columns in groups of {group_size}"
+    t = t or gemv_tiling(n, k, group_size, gated)
+    _kernels().int4_gemv_dp4a_kernel[(-(-n // t.block_n),)](
         row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,
         bias if bias is not None else row, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n, WORDS=t.words,
         NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl, num_warps=t.warps,
-        num_stages=t.stages, **({"launch_pdl": True} if pdl else {}),
+        num_stages=t.stages, ASM=not _interpreted(), **({"launch_pdl": True} if pdl else {}),
     )
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (the CPU tests), which executes no inline PTX."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _int8_gemv(row: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, n: int, k: int,
@@ -117,6 +127,21 @@ def _int8_gemv(row: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out:
         **({"launch_pdl": True} if pdl else {}),
     )
     _finish_gemv(part, squares, splits, out, n, k, scale, bias, norm, eps, gated, residual, pdl)
+
+
+def _int8_gemv_rows(row: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, n: int, k: int,
+                    bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float, gated: bool, residual: bool,
+                    pdl: bool, block_n: int = 16) -> None:
+    words = next((w for w in (256, 128, 64, 32, 16, 8) if (k // 4) % w == 0 and k % 16 == 0), None)
+    if words is None:  # x rounds to int8 in blocks of 32 columns: other widths take the split-K float kernel
+        _int8_gemv(row, codes, scale, out, n, k, bias, norm, eps, gated, residual, pdl)
+        return
+    _kernels().int8_gemv_dp4a_kernel[(-(-n // block_n),)](
+        row, codes.view(torch.int32), scale, out, norm if norm is not None else row, bias if bias is not None else row,
+        n, k, eps, BLOCK_N=block_n, WORDS=words, NORM=norm is not None, GATED=gated, BIAS=bias is not None,
+        RESIDUAL=residual, PDL=pdl, ASM=not _interpreted(), num_warps=8 if words >= 256 else 4, num_stages=3,
+        **({"launch_pdl": True} if pdl else {}),
+    )
 
 
 def _kernels() -> ModuleType:
@@ -174,7 +199,7 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: 
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1 and config is None:
-        _int8_gemv(rows, codes, scale, out, n, k, bias, norm, eps, gated, residual, pdl)
+        _int8_gemv_rows(rows, codes, scale, out, n, k, bias, norm, eps, gated, residual, pdl)
         return out
     t = config or tiling(m, n, k, 0)
     grid = (-(-n // t.block_n), -(-m // t.block_m))

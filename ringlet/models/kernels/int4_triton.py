@@ -140,7 +140,8 @@ def int8_matmul_kernel(
 
 # One row of x (a decode step of one sequence): no tensor-core tile to fill, so the multiply-adds run on the CUDA cores
 # and each program streams a slab of weight rows. int8: the splits of K write float32 partial sums, which
-# `gemv_finish_kernel` adds before applying what `_finish` applies; int4 (`int4_gemv_rows_kernel`, below) in one pass.
+# `gemv_finish_kernel` adds before applying what `_finish` applies (widths that are not whole blocks of 32); the
+# one-row kernels below round x to int8 and write the finished output in one pass.
 
 
 @triton.jit
@@ -209,47 +210,80 @@ def gemv_finish_kernel(
 
 
 
+# One row of x: x is rounded to int8 per block of 32 (absmax scale, as llama.cpp's q8_1) inside each program, so a
+# word of 8 codes costs two `dp4a` instructions (four byte products each) and the masks that split its nibbles. In
+# the machine code of `int4_gemv_dp4a_kernel` for sm_90 (16 rows, 128 words a step, compiled with Triton 3.9 and read
+# with cuobjdump -sass) a loop step takes 2.4 instructions a weight with the rounding of x; unpacking each code to a
+# float and multiplying took about 4, which held that kernel to 26-44% of the copy bandwidth.
+
+
 @triton.jit
-def _int4_row_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_ptr, norm_ptr, K,
-                     BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr, NORM: tl.constexpr):
-    """[BLOCK_N, WORDS * 8 / GROUP]: the products of weight rows `rows` with x over the groups `g` of the loop step,
-    whose int32 words are `w` [WORDS]. A nibble moved to bits 16-19 of 128.0's bits is the float 128 + code, with no
-    conversion instruction; the 128s come off with the offset, once per group."""
-    starts = tl.multiple_of(rows * (K // 8), 4)  # K is a multiple of 32: each row's words start 16-byte aligned
-    words = tl.load(words_ptr + starts[:, None] + w[None, :], mask=row_ok[:, None], other=0)
-    dot = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-    x_sum = tl.zeros([WORDS], dtype=tl.float32)
-    for i in tl.static_range(8):
-        x = tl.load(x_ptr + w * 8 + i).to(tl.float32)
-        if NORM:
-            x = x * tl.load(norm_ptr + w * 8 + i).to(tl.float32)
-        x_sum += x
-        if i < 4:
-            bits = (words << (16 - 4 * i)) & 0xF0000
-        elif i == 4:
-            bits = words & 0xF0000
-        else:
-            bits = (words >> (4 * i - 16)) & 0xF0000
-        dot += (bits | 0x43000000).to(tl.float32, bitcast=True) * x[None, :]
+def _dp4a_word(words, x_even, x_odd, ASM: tl.constexpr):
+    """int32 per word: its 8 codes (nibble i = element i) times 8 int8 values of x, x_even holding elements 0, 2, 4,
+    6 of the word as bytes 0-3 and x_odd elements 1, 3, 5, 7 (byte j of `w & 0x0F0F0F0F` is nibble 2j). Without ASM
+    (Triton's interpreter, which runs no PTX) the same sum in plain integer operations."""
+    if not ASM:
+        total = tl.zeros(words.shape, dtype=tl.int32)
+        for j in tl.static_range(4):
+            total += ((words >> (8 * j)) & 0xF) * ((x_even << (24 - 8 * j)) >> 24)
+            total += ((words >> (8 * j + 4)) & 0xF) * ((x_odd << (24 - 8 * j)) >> 24)
+        return total
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 lo, hi, t;
+        and.b32 lo, $1, 0x0F0F0F0F;
+        shr.u32 hi, $1, 4;
+        and.b32 hi, hi, 0x0F0F0F0F;
+        dp4a.u32.s32 t, lo, $2, 0;
+        dp4a.u32.s32 $0, hi, $3, t;
+        }""",
+        "=r,r,r,r", [words, x_even, x_odd], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _int8_x_words(x, WORDS: tl.constexpr):
+    """x [WORDS * 8] (fp32) rounded to int8 per block of 32: the even and odd elements of each word packed four to an
+    int32 (`_dp4a_word`'s operands), the blocks' scales [WORDS / 4] and the rounded x summed per block (the groups'
+    offsets multiply the same x as their codes: with the float sum, the rounding errors of a group would not cancel)."""
+    blocks = tl.reshape(x, [WORDS // 4, 32])
+    amax = tl.max(tl.abs(blocks), axis=1)
+    inverse = tl.where(amax > 0, 127.0 / amax, 0.0)
+    q = tl.floor(blocks * inverse[:, None] + 0.5).to(tl.int32)
+    scale = amax / 127.0
+    even, odd = tl.split(tl.reshape(q & 0xFF, [WORDS, 4, 2]))
+    shifts = (8 * tl.arange(0, 4))[None, :]
+    return tl.sum(even << shifts, axis=1), tl.sum(odd << shifts, axis=1), scale, tl.sum(q, axis=1) * scale
+
+
+@triton.jit
+def _int4_dp4a_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_even, x_odd, x_scale, x_groups, K,
+                      BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, WORDS * 8 / GROUP]: the products of weight rows `rows` with the int8 x over the groups `g` of the
+    loop step (words `w`); x_groups: the rounded x summed per group, for the offsets."""
     STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
-    dot = tl.sum(tl.reshape(dot, [BLOCK_N, STEP_GROUPS, GROUP // 8]), axis=2)
-    x_groups = tl.sum(tl.reshape(x_sum, [STEP_GROUPS, GROUP // 8]), axis=1)
+    starts = tl.multiple_of(rows * (K // 8), 4)
+    words = tl.load(words_ptr + starts[:, None] + w[None, :], mask=row_ok[:, None], other=0)
+    dots = _dp4a_word(words, tl.broadcast_to(x_even[None, :], [BLOCK_N, WORDS]),
+                      tl.broadcast_to(x_odd[None, :], [BLOCK_N, WORDS]), ASM)
+    blocks = tl.sum(tl.reshape(dots, [BLOCK_N, WORDS // 4, 4]), axis=2).to(tl.float32) * x_scale[None, :]
+    dot = tl.sum(tl.reshape(blocks, [BLOCK_N, STEP_GROUPS, GROUP // 32]), axis=2)
     scale = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
     offset = tl.load(offset_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
-    scale = scale.to(tl.float32)
-    return scale * dot + (offset.to(tl.float32) - 128.0 * scale) * x_groups[None, :]
+    return scale.to(tl.float32) * dot + offset.to(tl.float32) * x_groups[None, :]
 
 
 @triton.jit
-def int4_gemv_rows_kernel(
+def int4_gemv_dp4a_kernel(
     x_ptr, words_ptr, scale_ptr, offset_ptr, out_ptr, norm_ptr, bias_ptr, N, K, eps,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """out[0, rows] for one row of x: each program takes BLOCK_N weight rows over all of K, WORDS int32 words
-    (8 codes each) of every row a loop step, so one pass writes the finished output (no partial sums for a second
-    kernel). The weight is int32 words [N (2N when GATED), K / 8] (element 8w + i is nibble i of word w), scale and
-    offset [rows, K / GROUP]; K is a multiple of 32 and of 8 * WORDS, and 8 * WORDS of GROUP."""
+    (8 codes each) of every row a loop step, so one pass writes the finished output. The weight is int32 words
+    [N (2N when GATED), K / 8] (element 8w + i is nibble i of word w), scale and offset [rows, K / GROUP]; K is a
+    multiple of 8 * WORDS, 8 * WORDS of GROUP, and GROUP of 32. x is rounded to int8 per block of 32 as each step
+    reads it (the RMSNorm's 1/rms is a factor of the whole row, applied at the end)."""
     STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
@@ -262,15 +296,79 @@ def int4_gemv_rows_kernel(
     for w0 in range(0, K // 8, WORDS):
         w = w0 + tl.arange(0, WORDS)
         g = w0 * 8 // GROUP + tl.arange(0, STEP_GROUPS)
+        k = w0 * 8 + tl.arange(0, WORDS * 8)
+        x = tl.load(x_ptr + k).to(tl.float32)
         if NORM:
-            x = tl.load(x_ptr + w0 * 8 + tl.arange(0, WORDS * 8)).to(tl.float32)
             squares += x * x
-        acc += _int4_row_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_ptr, norm_ptr, K,
-                                BLOCK_N, WORDS, GROUP, NORM)
+            x = x * tl.load(norm_ptr + k).to(tl.float32)
+        x_even, x_odd, x_scale, x_blocks = _int8_x_words(x, WORDS)
+        x_groups = tl.sum(tl.reshape(x_blocks, [STEP_GROUPS, GROUP // 32]), axis=1)
+        acc += _int4_dp4a_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_even, x_odd, x_scale,
+                                 x_groups, K, BLOCK_N, WORDS, GROUP, ASM)
         if GATED:
-            acc_up += _int4_row_groups(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, w, g, x_ptr, norm_ptr, K,
-                                       BLOCK_N, WORDS, GROUP, NORM)
+            acc_up += _int4_dp4a_groups(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, w, g, x_even, x_odd,
+                                        x_scale, x_groups, K, BLOCK_N, WORDS, GROUP, ASM)
     m = tl.arange(0, 1)
     total = tl.zeros([1], dtype=tl.float32) + tl.sum(squares, axis=0)
     _finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], total, out_ptr, bias_ptr, m, m < 1, rows,
             row_ok, N, K, eps, NORM, GATED, BIAS, RESIDUAL)
+
+
+@triton.jit
+def _dp4a_int8(codes, x_words, ASM: tl.constexpr):
+    """int32 per word: 4 int8 codes (byte j = element j) times 4 int8 values of x packed alike."""
+    if not ASM:
+        total = tl.zeros(codes.shape, dtype=tl.int32)
+        for j in tl.static_range(4):
+            total += ((codes << (24 - 8 * j)) >> 24) * ((x_words << (24 - 8 * j)) >> 24)
+        return total
+    return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [codes, x_words], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def int8_gemv_dp4a_kernel(
+    x_ptr, codes_ptr, scale_ptr, out_ptr, norm_ptr, bias_ptr, N, K, eps,
+    BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """out[0, rows] for one row of x and int8 codes [N (2N when GATED), K] with a scale per row: each program takes
+    BLOCK_N rows over all of K, WORDS int32 words (4 codes) of every row a step, x rounded to int8 per block of 32 as
+    it is read. K is a multiple of 4 * WORDS, and WORDS of 8."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([BLOCK_N, WORDS // 8], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, WORDS // 8], dtype=tl.float32)
+    squares = tl.zeros([WORDS * 4], dtype=tl.float32)
+    for w0 in range(0, K // 4, WORDS):
+        w = w0 + tl.arange(0, WORDS)
+        k = w0 * 4 + tl.arange(0, WORDS * 4)
+        x = tl.load(x_ptr + k).to(tl.float32)
+        if NORM:
+            squares += x * x
+            x = x * tl.load(norm_ptr + k).to(tl.float32)
+        blocks = tl.reshape(x, [WORDS // 8, 32])
+        amax = tl.max(tl.abs(blocks), axis=1)
+        q = tl.floor(blocks * tl.where(amax > 0, 127.0 / amax, 0.0)[:, None] + 0.5).to(tl.int32) & 0xFF
+        x_words = tl.sum(tl.reshape(q, [WORDS, 4]) << (8 * tl.arange(0, 4))[None, :], axis=1)
+        x_scale = amax / 127.0
+        starts = tl.multiple_of(rows * (K // 4), 4)
+        codes = tl.load(codes_ptr + starts[:, None] + w[None, :], mask=row_ok[:, None], other=0)
+        dots = _dp4a_int8(codes, tl.broadcast_to(x_words[None, :], [BLOCK_N, WORDS]), ASM)
+        acc += tl.sum(tl.reshape(dots, [BLOCK_N, WORDS // 8, 8]), axis=2).to(tl.float32) * x_scale[None, :]
+        if GATED:
+            up = tl.load(codes_ptr + starts[:, None] + N * (K // 4) + w[None, :], mask=row_ok[:, None], other=0)
+            dots = _dp4a_int8(up, tl.broadcast_to(x_words[None, :], [BLOCK_N, WORDS]), ASM)
+            acc_up += tl.sum(tl.reshape(dots, [BLOCK_N, WORDS // 8, 8]), axis=2).to(tl.float32) * x_scale[None, :]
+    total = tl.sum(acc, axis=1) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    total_up = tl.sum(acc_up, axis=1)
+    if GATED:
+        total_up *= tl.load(scale_ptr + rows + N, mask=row_ok, other=0.0).to(tl.float32)
+    m = tl.arange(0, 1)
+    squared = tl.zeros([1], dtype=tl.float32) + tl.sum(squares, axis=0)
+    _finish(total[None, :], total_up[None, :], squared, out_ptr, bias_ptr, m, m < 1, rows, row_ok, N, K, eps,
+            NORM, GATED, BIAS, RESIDUAL)

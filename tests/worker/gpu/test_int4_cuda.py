@@ -129,10 +129,21 @@ def stage_of(model: nn.Module) -> LoadedStage:
     return LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
 
 
-def greedy(engine, n: int = 32) -> list[int]:  # type: ignore[no-untyped-def]
+Greedy = tuple[list[int], list[dict[str, float]]]
+
+
+def greedy(engine, n: int = 32) -> Greedy:  # type: ignore[no-untyped-def]
+    """Greedy tokens and, at each, the five most likely tokens' log-probabilities."""
     task = TextGenerationTask(prompt=" ".join(f"t{i * 7 % 997}" for i in range(100)), max_tokens=n,
-                              ignore_eos=True, sampling=SamplingParams(temperature=0))
-    return [c.token_id for c in engine.generate(task) if c.token_id is not None]
+                              ignore_eos=True, sampling=SamplingParams(temperature=0, logprobs=5))
+    tokens: list[int] = []
+    tops: list[dict[str, float]] = []
+    for chunk in engine.generate(task):
+        if chunk.token_id is not None:
+            tokens.append(chunk.token_id)
+        tops.extend({top.token: top.logprob for top in drawn.top} for drawn in chunk.logprobs or [])
+    assert len(tops) == len(tokens) == n
+    return tokens, tops
 
 
 def agreement(a: list[int], b: list[int]) -> int:
@@ -140,11 +151,28 @@ def agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
+def assert_tracks(got: Greedy, expected: Greedy, atol: float = 0.05) -> None:
+    """The engine follows the reference's greedy path: at every step where both read the same tokens (up to and
+    including the first that differs), the reference's likeliest token is among the engine's five, and the
+    log-probabilities of the tokens both list agree within `atol`; a different choice is a near-tie of the reference.
+    A random model's logits are nearly flat (its top two differ by 0.02-0.7 nats, its bf16 logits step by 0.016), so
+    the rounding of the activations may pick either of a near-tie."""
+    (tokens, tops), (ref_tokens, ref_tops) = got, expected
+    same = agreement(tokens, ref_tokens)
+    for step in range(min(same + 1, len(tokens))):
+        assert max(ref_tops[step], key=ref_tops[step].__getitem__) in tops[step], step
+        for token in tops[step].keys() & ref_tops[step].keys():
+            assert abs(tops[step][token] - ref_tops[step][token]) <= atol, (step, token, tops[step], ref_tops[step])
+    if same < len(tokens):
+        ranked = sorted(ref_tops[same].values(), reverse=True)
+        assert ranked[0] - ranked[1] <= 2 * atol, (same, ranked)
+
+
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @on_gpu
 def test_batch_engine_generates_the_dequantised_models_tokens(kind):
-    """The batch engine's graphed steps (fused kernels at a batch of one) over int4 / int8 weights: greedy tokens of
-    the bf16 model holding the dequantised weights, for most of a short generation."""
+    """The batch engine's graphed steps (fused kernels at a batch of one) over int4 / int8 weights track the greedy
+    path of the bf16 model holding the dequantised weights (`assert_tracks`)."""
     from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 
     model, reference = quantised_and_reference(kind)
@@ -152,8 +180,7 @@ def test_batch_engine_generates_the_dequantised_models_tokens(kind):
     engine = TorchBatchEngine(stage_of(model), torch.device("cuda"), config)
     assert engine.paged_decode is not None and engine.paged_decode.quantized
     engine.warmup()
-    expected = greedy(TorchBatchEngine(stage_of(reference), torch.device("cuda"), config))
-    assert agreement(greedy(engine), expected) >= 24
+    assert_tracks(greedy(engine), greedy(TorchBatchEngine(stage_of(reference), torch.device("cuda"), config)))
 
 
 @pytest.mark.parametrize("step", ["fused", "compiled"])
@@ -168,5 +195,5 @@ def test_static_decoder_runs_int4_under_graphs(step):
     engine = TorchEngine(stage_of(model), torch.device("cuda"), config)
     assert engine.decoder is not None and (engine.decoder.fused is not None) == (step == "fused")
     engine.warmup()
-    expected = greedy(TorchEngine(stage_of(reference), torch.device("cuda"), config, cuda_graphs=False))
-    assert agreement(greedy(engine), expected) >= 24
+    assert_tracks(greedy(engine), greedy(TorchEngine(stage_of(reference), torch.device("cuda"), config,
+                                                     cuda_graphs=False)))
