@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=get_args(EngineType), default=None,
                    help="engine for this node (default: $RINGLET_ENGINE, else the best available)")
     p.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
-                   help="context window of the default instance (capped by the model's own; default 8192); more "
-                        "takes more memory for the KV cache")
+                   help="context window of the default instance (capped by the model's own; default: the model's "
+                        "own, capped by what the memory left after the weights holds); more takes more memory for "
+                        "the KV cache")
     intel = p.add_argument_group("Intel GPU", "How the default instance runs where it is an IpexRing (--engine ipex, "
                                               "or an Intel GPU detected).")
     intel.add_argument("--intel-gpu-devices", default=None, metavar="INDEXES",

@@ -12,6 +12,10 @@ stage runs on the one device with the most room where it fits there, else its la
 its devices that hold them (the largest first; in proportion to each device's own room; `Shard.devices`), else it
 is refused naming each device and its memory. A mixed ring's Intel GPU stage runs on one device (the largest).
 
+The context window: as asked (capped by the model's own), else the model's own capped by what the memory each stage's
+weights leave holds for its KV cache (`fitting_context`); the instance records it and its engines hold that many
+positions, so the memory counted is the memory they take.
+
 Memory already promised: a node's reported free memory shows a runner's memory once it is loaded (the node refreshes
 it), not while it loads; so the estimated memory of the instances still loading on a node is subtracted from what a
 new one may use there, and that of ready ones is not (it would be counted twice).
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.models.catalog import ModelCard, engine_weight_format
-from ringlet.shared.config import DEFAULT_MAX_CONTEXT, Precision
+from ringlet.shared.config import KV_SHARE, Precision, context_that_fits
 from ringlet.shared.instances import DeviceLayers, EngineType, Instance, InstanceType, IpexOptimizationLevel, Shard
 from ringlet.shared.state import InstanceCreated, InstanceRecord, NodeInfo, RunnerStatus
 
@@ -40,8 +44,6 @@ ENGINE_NEEDS: dict[EngineType, str] = {
     "mlx": "Apple Silicon (MLX)",
 }
 MIXED_NEEDS = "an engine of its own (its --engine, or the best it detected)"
-# The engines size their KV cache for min(model context, EngineConfig.max_context) tokens.
-DEFAULT_KV_TOKENS = DEFAULT_MAX_CONTEXT
 # Leave room for activations, the runtime and the rest of the machine.
 USABLE_FRACTION = 0.9
 
@@ -64,7 +66,8 @@ class InstanceOptions(BaseModel):
         None, min_length=1, description="IpexRing: the XPU device indexes of its node; None: its discrete Intel GPUs")
     ipex_optimization_level: IpexOptimizationLevel = "auto"
     max_context: int | None = Field(None, ge=16, description="the context window (KV cache positions a sequence may "
-                                                             "use), capped by the model's own; None: the node's")
+                                                             "use), capped by the model's own; None: the model's "
+                                                             "own, capped by what the nodes' memory holds")
 
     @field_validator("intel_gpu_devices")
     @classmethod
@@ -167,6 +170,8 @@ class PlacementPreview(BaseModel):
     instance_type: InstanceType
     possible: bool
     reason: str | None = Field(None, description="why this instance type cannot serve the model now")
+    context_length: int | None = Field(None, description="the context window it would hold (its KV cache is sized "
+                                                         "for it)")
     stages: list[StagePlan] = Field(default_factory=list)
 
 
@@ -260,7 +265,8 @@ def place(
     """Place `card` as an instance of `instance_type`, beside the instances `placed` already (those still loading
     hold their memory), its engines holding the weights at `precision` (`engine_dtype`); raises PlacementError with
     the reason when impossible (DeviceChoiceError: the options)."""
-    tokens = min(card.context_length, options.max_context or DEFAULT_KV_TOKENS) if kv_tokens is None else kv_tokens
+    if kv_tokens is None and options.max_context is not None:
+        kv_tokens = min(card.context_length, options.max_context)
     if (misfit := options.misfit(instance_type)) is not None:
         raise DeviceChoiceError(misfit)
     if not serves(card, instance_type):
@@ -291,7 +297,12 @@ def place(
     else:
         suitable.sort(key=lambda n: (-rooms[n.node_id].usable, n.node_id))
         ring_sizes = list(range(min_nodes, min(len(suitable), card.num_layers) + 1))
+
+    def context(ring: Sequence[NodeInfo]) -> int:
+        return kv_tokens if kv_tokens is not None else fitting_context(card, ring, instance_type, rooms, precision)
+
     for size in ring_sizes:
+        tokens = context(suitable[:size])
         stages = _plan(card, suitable[:size], instance_type, tokens, rooms, precision)
         if all(s.fits for s in stages):
             shards = [Shard(node_id=s.node_id, rank=rank, start=s.start, end=s.end, num_layers=card.num_layers,
@@ -301,9 +312,10 @@ def place(
             instance = Instance(instance_id=instance_id, model=card.id, instance_type=instance_type, shards=shards,
                                 intel_gpu_devices=options.intel_gpu_devices,
                                 ipex_optimization_level=options.ipex_optimization_level,
-                                max_context=options.max_context)
+                                max_context=options.max_context, context_length=tokens)
             return Placement(instance=instance, stages=stages)
     ring = suitable[: ring_sizes[-1]]
+    tokens = context(ring)
     if instance_type.engine is None:
         raise PlacementError(_mixed_does_not_fit(card, tokens, _plan(card, ring, instance_type, tokens, rooms,
                                                                      precision)))
@@ -327,7 +339,8 @@ def preview(
         except PlacementError as refusal:
             previews.append(PlacementPreview(instance_type=instance_type, possible=False, reason=str(refusal)))
         else:
-            previews.append(PlacementPreview(instance_type=instance_type, possible=True, stages=placement.stages))
+            previews.append(PlacementPreview(instance_type=instance_type, possible=True, stages=placement.stages,
+                                             context_length=placement.instance.context_length))
     return previews
 
 
@@ -474,6 +487,21 @@ def _plan(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType
                                 kv_bytes=kv, weight_format=dtype, devices=devices,
                                 device=None if devices else room.device))
     return stages
+
+
+def fitting_context(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType, rooms: dict[str, _Room],
+                    precision: Precision = "auto") -> int:
+    """The context window of an instance placed on `ring` without one: the model's own, capped by the KV cache
+    positions that each stage's share (`KV_SHARE`, as its engine sizes its cache) of the room its weights leave holds
+    (`context_that_fits`)."""
+    contexts = []
+    for stage in _plan(card, ring, instance_type, 0, rooms, precision):
+        per_token = stage_parts(card, stage.start, stage.end, stage.engine, 1, stage.weight_format)[1]
+        # MLX's memory is the host's, shared with the rest of the machine as the CPU engine's is
+        share = KV_SHARE["xpu" if stage.engine == "ipex" else "cuda" if stage.engine == "cuda" else "cpu"]
+        contexts.append(context_that_fits(card.context_length, stage.usable_bytes - stage.weight_bytes, per_token,
+                                          share))
+    return min(contexts)
 
 
 def _over_devices(card: ModelCard, start: int, end: int, kv_tokens: int, dtype: str, room: _Room) -> list[DevicePlan]:

@@ -18,7 +18,20 @@ CudaDecode = Literal["fused", "compiled"]
 # launch parameters; + a benchmarked choice between cuBLAS and Triton templates for every matmul
 CudaCompile = Literal["default", "tuned", "max-autotune"]
 
-DEFAULT_MAX_CONTEXT = 8192
+DEFAULT_MAX_CONTEXT = 8192  # of an engine loaded without an instance (`ringlet run`, benchmarks)
+# of the memory left after the weights, the share a KV cache takes, by torch device type: the host's RAM is shared
+# with everything else on the machine, an accelerator's is not
+KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}
+# an instance given no context window is not given one shorter than this (or than the model's own): where not even
+# that fits, placement refuses it saying what it needs
+LEAST_CHOSEN_CONTEXT = 2048
+
+
+def context_that_fits(model_context: int, free_bytes: int, kv_bytes_per_token: int, share: float) -> int:
+    """The context window of an instance given none: the model's own, capped by the positions whose KV cache fits in
+    `share` of `free_bytes` (the memory the weights leave) in whole 1024s, and at least LEAST_CHOSEN_CONTEXT."""
+    fits = int(max(free_bytes, 0) * share) // max(kv_bytes_per_token, 1) // 1024 * 1024
+    return min(model_context, max(fits, LEAST_CHOSEN_CONTEXT))
 
 PRECISION_ENV = "RINGLET_PRECISION"
 CPU_COMPILE_ENV = "RINGLET_CPU_COMPILE"

@@ -130,7 +130,9 @@ class TorchStage:
         self.hidden_size, self.vocab_size = stage.args.hidden_size, stage.args.vocab_size
         self.context_length = min(stage.args.context_length, max_context)
         self.is_last = stage.end == stage.args.num_hidden_layers
-        self.cache = cast("Transformer", stage.model).make_cache(1, self.context_length)  # every architecture's stage
+        model = cast("Transformer", stage.model)  # every architecture's stage
+        model.prepare_positions(self.context_length)
+        self.cache = model.make_cache(1, self.context_length)
         self.dtype = next(stage.model.parameters()).dtype
 
     @torch.inference_mode()

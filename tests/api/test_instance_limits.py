@@ -14,7 +14,8 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.state import NodeJoined
 from tests.support.node_infos import node_info
 
-MODEL = {"model": "SmolLM2-135M-Instruct"}
+# each asks for the same context window, so each is the same size (given none, the last to fit would hold less)
+MODEL = {"model": "SmolLM2-135M-Instruct", "max_context": 8192}
 
 
 def create_many(node: Node, count: int) -> list[httpx.Response]:

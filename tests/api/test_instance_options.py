@@ -122,7 +122,7 @@ def test_a_model_larger_than_either_gpu_is_split_over_both(tmp_path: Path) -> No
     previews = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID}).json()["previews"]
     (stage,) = next(p for p in previews if p["instance_type"] == "IpexRing")["stages"]
     assert [(d["device"], d["start"], d["end"]) for d in stage["devices"]] == [(0, 0, 15), (1, 15, 30)]
-    refused = create(node, intel_gpu_devices=[1])
+    refused = create(node, intel_gpu_devices=[1], max_context=8192)  # given none, one GPU holds a shorter one
     message = refused.json()["error"]["message"]
     assert refused.status_code == 409 and "split over the devices it may use, which have 0.3 GiB usable" in message
     assert "(arc-box: 1 (Intel(R) Arc(TM) A310, discrete, 0.3 GiB free))" in message

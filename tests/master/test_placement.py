@@ -239,12 +239,13 @@ def test_an_8b_q4_k_m_file_is_counted_as_each_engine_holds_it() -> None:
 
     bf16_cpu, plain_cpu = node_info("bf16", 8.5), node_info("plain", 16)
     bf16_cpu.hardware.cpu.flags.append("amx_bf16")
-    [stage] = place(card, InstanceType.CPU_RING, [bf16_cpu], instance_id="i").stages
+    eight_k = InstanceOptions(max_context=8192)
+    [stage] = place(card, InstanceType.CPU_RING, [bf16_cpu], instance_id="i", options=eight_k).stages
     assert (stage.weight_format, stage.weight_bytes) == (WEIGHT_ONLY_INT8, cpu_bytes)
     assert stage.kv_bytes == 8192 * card.kv_cache_bytes_per_token("bfloat16")  # bf16 cache for the 8192 positions
     assert stage.memory_bytes == stage.weight_bytes + stage.kv_bytes <= stage.usable_bytes
     with pytest.raises(PlacementError, match=r"needs 31\.9 GiB on cpu \(float32 weights"):
-        place(card, InstanceType.CPU_RING, [plain_cpu], instance_id="i")  # no native bf16: fp32, twice the cache
+        place(card, InstanceType.CPU_RING, [plain_cpu], instance_id="i", options=eight_k)  # fp32, twice the cache
 
     gpu = nvidia_node("gpu", 12)  # bf16 by default: 15 GiB of weights do not fit; int4 asked for does
     with pytest.raises(PlacementError, match=r"on cuda \(bfloat16 weights"):

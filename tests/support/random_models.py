@@ -15,6 +15,8 @@ VARIANTS = {
     "llama (3 query heads a key head, tied lm_head)": {},
     "qwen2 (q/k/v biases, untied lm_head)": {"model_type": "qwen2", "tie_word_embeddings": False},
     "qwen3 (per-head q/k norms)": {"model_type": "qwen3", "num_key_value_heads": 3},
+    "yarn rope scaling (cos and sin scaled by its attention factor)": {"rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
 }
 
 # the GPU tests' model: big enough for the tuned kernels' tile shapes, small enough to build in a second

@@ -39,6 +39,15 @@ def test_an_instances_context_window_reaches_its_runners_config() -> None:
     assert plain.config == EngineConfig(precision="fp32")
 
 
+def test_the_context_window_placement_chose_reaches_its_runners_config() -> None:
+    instance = Instance(instance_id="inst-3", model="m", instance_type="CpuRing", context_length=20480,
+                        shards=[Shard(node_id="a", rank=0, start=0, end=30, num_layers=30)])
+    state = apply(apply(State(), NodeJoined(node=node_info("a", 8.0))), InstanceCreated(instance=instance,
+                                                                                     created_at=0.0))
+    (load,), _ = plan(state, "a", [], config=EngineConfig(precision="fp32"))
+    assert load.config == EngineConfig(precision="fp32", max_context=20480)
+
+
 def test_later_stage_starts_only_once_the_ring_is_hosted() -> None:
     state = with_two_stage_instance()
     start_a, _ = plan(state, "a", [])

@@ -53,7 +53,9 @@ class IpexStage(ReportsOptimization):
 
     def _use(self, stage: LoadedStage, model: torch.nn.Module) -> None:
         self.model, self.dtype = model, next(model.parameters()).dtype
-        self.cache: StaticKVCache = cast("Transformer", stage.model).make_cache(1, self.context_length)
+        layers = cast("Transformer", stage.model)
+        layers.prepare_positions(self.context_length)
+        self.cache: StaticKVCache = layers.make_cache(1, self.context_length)
         self.on = next(model.parameters()).device
 
     def _run(self, x: torch.Tensor, start: int) -> torch.Tensor:
