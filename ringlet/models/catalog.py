@@ -99,7 +99,7 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str = Field(description="Hugging Face repo id, or the embedded model's name")
-    architecture: str = Field(description="config.json model_type: llama, mistral, qwen2, qwen3")
+    architecture: str = Field(description="config.json model_type: llama, mistral, phi3, qwen2, qwen3")
     format: ModelFormat
     source: CardSource
     num_layers: int = Field(gt=0)
@@ -120,6 +120,8 @@ class ModelCard(BaseModel):
                                                                   "(None: all but two norms)")
     four_bit_share: float = Field(0.0, ge=0.0, le=1.0, description="of the layers' linear weights, the share a GGUF "
                                   "file keeps in 4-bit groups that the int4 kernels run as they are")
+    layer_expert_parameters: int = Field(0, ge=0, description="of a layer's linear weights, its experts' (a mixture "
+                                         "of experts, on average over the layers): int8 where other linears are int4")
 
     def weight_bytes(self, dtype: str = "bfloat16") -> int:
         if dtype in self.bytes_per_dtype:
@@ -135,10 +137,12 @@ class ModelCard(BaseModel):
         first, last = start == 0, end == self.num_layers
         plain = DTYPE_BYTES[held.embedding]
         linears = self.layer_linear_parameters or self.layer_parameters - 2 * self.hidden_size
-        per_layer = (linears * (self.four_bit_share * held.four_bit_linear + (1 - self.four_bit_share) * held.linear)
-                     + (self.layer_parameters - linears) * plain)
+        experts, expert_bytes = self.layer_expert_parameters, max(held.linear, 1)
+        dense = linears - experts
+        per_layer = (dense * (self.four_bit_share * held.four_bit_linear + (1 - self.four_bit_share) * held.linear)
+                     + experts * expert_bytes + (self.layer_parameters - linears) * plain)
         if held.row_scale and held.linear < plain:  # int8 linears: one scale per output row, at most a row a hidden
-            per_layer += linears * (1 - self.four_bit_share) * held.row_scale / self.hidden_size
+            per_layer += (dense * (1 - self.four_bit_share) + experts) * held.row_scale / self.hidden_size
         total = (end - start) * per_layer
         if first:
             total += (self.embedding_parameters + 4 * self.vocab_size if held.int8_embedding
@@ -172,7 +176,7 @@ def card_from_args(
 ) -> ModelCard:
     layer_parameters, embedding_parameters = _parameter_counts(args)
     h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-    linear_parameters = h * (q + 2 * kv) + q * h + 3 * h * args.intermediate_size
+    linear_parameters = h * (q + 2 * kv) + q * h + _mlp_parameters(args)
     num_parameters = (
         args.num_hidden_layers * layer_parameters
         + embedding_parameters * (1 if args.tie_word_embeddings else 2)
@@ -189,6 +193,7 @@ def card_from_args(
         context_length=args.context_length,
         instance_types=list(_ALL_INSTANCE_TYPES),
         download_bytes=download_bytes, layer_linear_parameters=linear_parameters, four_bit_share=four_bit_share,
+        layer_expert_parameters=_expert_parameters(args),
     )
 
 
@@ -346,8 +351,21 @@ def _parameter_counts(args: ModelArgs) -> tuple[int, int]:
         attention += q + 2 * kv
     if args.qk_norm:
         attention += 2 * head
-    mlp = 3 * h * args.intermediate_size
-    return attention + mlp + 2 * h, args.vocab_size * h
+    return attention + _mlp_parameters(args) + 2 * h, args.vocab_size * h
+
+
+def _expert_parameters(args: ModelArgs) -> int:
+    """A layer's experts' weights (not its router's), on average over the layers."""
+    layers = args.num_hidden_layers
+    sparse = sum(args.is_moe_layer(n) for n in range(layers))
+    return -(-sparse * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size // layers)
+
+
+def _mlp_parameters(args: ModelArgs) -> int:
+    """A layer's MLP weights, on average over the layers: every expert's and the router's in a mixture of experts
+    (whose dense layers, if any, have fewer)."""
+    layers = args.num_hidden_layers
+    return -(-sum(args.mlp_parameters(n) for n in range(layers)) // layers)
 
 
 @functools.cache

@@ -45,7 +45,7 @@ GGUF_MAGIC = b"GGUF"
 
 # general.architecture -> model_type. llama.cpp's converter permutes the q/k rows of the
 # Llama-derived architectures only (LlamaModel.permute); Qwen files keep the HF layout.
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "phi3": "phi3", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_QK = {"llama", "mistral"}
 # what a quantised stage reads a slice of rows at a time: vocabulary-sized, they are rounded to int8 as they are read
 _ROW_READ = {"model.embed_tokens.weight", "lm_head.weight"}
@@ -71,6 +71,9 @@ _QK_NORM_TENSORS = {
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
+# Phi-3 keeps its checkpoint's fused tensors: q, k, v rows in `attn_qkv`; gate, then up rows in `ffn_up`
+_PHI3_FUSED = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+_PHI3_SPLIT = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight", "ffn_up.weight")
 
 # Llama 3.1/3.2 rope scaling as Meta ships it; llama.cpp stores only the per-frequency factors it
 # implies (`rope_freqs.weight`), so we recover the parameters and check they reproduce the tensor.
@@ -113,6 +116,12 @@ class GGUFModel:
     def _arch(self, key: str, default: Any = None, required: bool = False) -> Any:
         return self._metadata(f"{self.architecture}.{key}", default, required)
 
+    def pooling_type(self) -> int | None:
+        """llama.cpp's pooling of an embedding model (`<arch>.pooling_type`: 0 none, 1 mean, 2 cls, 3 last, 4 rank);
+        None where the file says nothing (a generation model)."""
+        value = self._arch("pooling_type")
+        return None if value is None else int(value)
+
     def _build_config(self) -> dict[str, Any]:
         """A Hugging Face config.json equivalent, so ModelArgs.from_dict reads GGUF and HF alike."""
         heads = int(self._arch("attention.head_count", required=True))
@@ -142,12 +151,37 @@ class GGUFModel:
         eos_keys = ("eos_token_id", "eot_token_id", "eom_token_id")
         eos = [int(v) for k in eos_keys if (v := self._metadata(f"tokenizer.ggml.{k}")) is not None]
         config["eos_token_id"] = list(dict.fromkeys(eos))  # unique, in order
+        if self.architecture == "phi3":
+            config.update(self._phi3_config(config))
         rope_scaling = self._rope_scaling(config)
         if rope_scaling is not None:
             config["rope_scaling"] = rope_scaling
         return config
 
+    def _phi3_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """What llama.cpp's converter writes of a Phi-3 config besides the common keys: the rotary dims a head
+        (Phi-4-mini's partial rotary embedding), the sliding window (0: none, as Phi-4), the original context."""
+        values: dict[str, Any] = {}
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        rotary = self._arch("rope.dimension_count")
+        if rotary is not None and int(rotary) != head_dim:
+            values["partial_rotary_factor"] = int(rotary) / head_dim
+        if window := self._arch("attention.sliding_window"):
+            values["sliding_window"] = int(window)
+        if (original := self._arch("rope.scaling.original_context_length")) is not None:
+            values["original_max_position_embeddings"] = int(original)
+        return values
+
     def _rope_scaling(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        if "rope_factors_long.weight" in self._tensors:  # Phi-3's longrope, its factors as two tensors
+            if "rope_factors_short.weight" not in self._tensors:
+                raise ModelLoadError(f"{self.path}: rope_factors_long.weight without rope_factors_short.weight")
+            longrope: dict[str, Any] = {
+                "rope_type": "longrope", "long_factor": self._read_tensor("rope_factors_long.weight").tolist(),
+                "short_factor": self._read_tensor("rope_factors_short.weight").tolist()}
+            if (attention := self._arch("rope.scaling.attn_factor")) is not None:
+                longrope["attention_factor"] = float(attention)
+            return longrope
         kind = self._arch("rope.scaling.type")
         if kind is not None and kind != "none":
             scaling: dict[str, Any] = {"rope_type": kind, "factor": float(self._arch("rope.scaling.factor", 1.0))}
@@ -320,6 +354,8 @@ class GGUFModel:
 
     def _layer_tensor_names(self) -> dict[str, str]:
         names = dict(_LAYER_TENSORS)
+        if self.config["model_type"] == "phi3":
+            names = {g: h for g, h in names.items() if g not in _PHI3_SPLIT} | _PHI3_FUSED
         if self.config["attention_bias"]:
             names.update(_BIAS_TENSORS)
         if self.config["model_type"] == "qwen3":

@@ -7,7 +7,6 @@ they chain. q/k/v and gate/up are fused into one matmul each at load time (fewer
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import cast
 
@@ -22,29 +21,9 @@ from ringlet.models.paged_cache import BatchLayout, PagedKVCache
 from ringlet.models.quant import Int8Embedding, int8_linear
 from ringlet.models.quant_format import Int8Rows, read_rows_int8
 from ringlet.models.registry import register
+from ringlet.models.rope import rope_frequencies, rope_tables
 from ringlet.models.weights import row_reader
 from ringlet.shared.errors import ModelLoadError
-
-
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
-    scaling = args.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq.float()
-    if kind == "linear":
-        return (inv_freq / scaling["factor"]).float()
-    if kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, smoothed, scaled).float()
-    raise ModelLoadError(f"rope_scaling type {kind!r} is not supported; supported: default, linear, llama3")
 
 
 class RMSNorm(nn.Module):
@@ -59,7 +38,11 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half convention (Hugging Face weight layout). x: [B, H, L, D]; cos/sin: [L, D]."""
+    """Rotate-half convention (Hugging Face weight layout). x: [B, H, L, D]; cos/sin: [L, R], R the rotary dims: D, or
+    fewer with a partial rotary embedding (Phi-4-mini), which turns the leading R of each head and keeps the rest."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -201,7 +184,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_last else None
         self.lm_head: nn.Module | None = (nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_last
                                           else None)  # an int8 linear in a quantised stage
-        self._rope_len = 0  # cos/sin tables are built on first use, on the weights' device
+        # the positions it serves (longrope picks its factors by it: `prepare_positions`); cos/sin tables are built
+        # on first use, on the weights' device
+        self.context_length = args.context_length
+        rope_frequencies(args, self.context_length)  # an unsupported or incomplete rope_scaling fails here, not later
+        self._rope_len = 0
 
     @property
     def num_local_layers(self) -> int:
@@ -221,18 +208,18 @@ class Transformer(nn.Module):
         if start + length > self._rope_len:  # tables grow in powers of two, built once
             n = max(1024, 1 << (start + length - 1).bit_length())
             device = next(self.parameters()).device
-            freqs = torch.outer(torch.arange(n, device=device, dtype=torch.float32), rope_inv_freq(self.args).to(device))
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin, self._rope_len = emb.cos().to(dtype), emb.sin().to(dtype), n
+            self._cos, self._sin = rope_tables(self.args, self.context_length, n, dtype, device)
+            self._rope_len = n
         return self._cos[start:start + length], self._sin[start:start + length]
 
     def forward(
         self, x: torch.Tensor, cache: StaticKVCache, start: int | torch.Tensor,
-        last_logits_only: bool = False, kv_len: int | None = None,
+        last_logits_only: bool = False, kv_len: int | None = None, head: bool = True,
     ) -> torch.Tensor:
         """x: token ids [B, L] on the first stage, hidden states [B, L, H] elsewhere.
 
-        Returns hidden states, or logits [B, L, V] on the last stage ([B, 1, V] with last_logits_only).
+        Returns hidden states, or logits [B, L, V] on the last stage ([B, 1, V] with last_logits_only; without
+        `head`, the final norm's output [B, L, H], what an embedding model pools).
         `start` is the position of x[:, 0]. As a 1-element tensor (one decode token, `kv_len` cached
         positions attended under a mask) every shape is static, for CUDA graphs and torch.compile.
         """
@@ -253,14 +240,18 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cache, i, start, mask, kv_len)
         if self.norm is None:
             return h
+        if not head:
+            return self.norm(h)
         assert self.lm_head is not None  # built with the norm, on the last stage
         if last_logits_only:
             h = h[:, -1:]
         return self.lm_head(self.norm(h))
 
     def prepare_positions(self, count: int) -> None:
-        """Build the rotary tables for positions 0..count-1 (forward_batch reads them without checking, so that a
-        compiled step has no data-dependent branch)."""
+        """Serve positions 0..count-1 (the context window; longrope picks its factors by it) and build their rotary
+        tables (forward_batch reads them without checking, so that a compiled step has no data-dependent branch)."""
+        if count != self.context_length:
+            self.context_length, self._rope_len = count, 0
         p = next(self.parameters())
         self._rope(0, count, p.dtype if p.is_floating_point() else torch.float32)
 
@@ -297,22 +288,27 @@ class Transformer(nn.Module):
             tensor = weights[name]
             return tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)  # meta: see `finish_layer`
 
-        def fused(*names: str) -> torch.Tensor:
+        def fused(whole: str, *names: str) -> torch.Tensor:
+            """The checkpoint's own fused tensor `whole` where it has one (Phi-3 stores qkv_proj and gate_up_proj in
+            the layout of ours: q, k, v rows; gate rows, then up), else its parts `names` stacked."""
+            if whole in weights:
+                return take(whole)
             return torch.cat([take(name) for name in names]) if len(names) > 1 else take(names[0])
 
         for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
             src = f"model.layers.{self.start + i}."
             attn = src + "self_attn."
             own = {
-                "self_attn.qkv_proj.weight": fused(*(attn + f"{p}_proj.weight" for p in "qkv")),
+                "self_attn.qkv_proj.weight": fused(attn + "qkv_proj.weight",
+                                                   *(attn + f"{p}_proj.weight" for p in "qkv")),
                 "self_attn.o_proj.weight": take(attn + "o_proj.weight"),
-                "mlp.gate_up_proj.weight": fused(src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"),
-                "mlp.down_proj.weight": take(src + "mlp.down_proj.weight"),
+                **self.mlp_weights(take, fused, src, self.start + i),
                 "input_layernorm.weight": take(src + "input_layernorm.weight"),
                 "post_attention_layernorm.weight": take(src + "post_attention_layernorm.weight"),
             }
             if self.args.attention_bias:
-                own["self_attn.qkv_proj.bias"] = fused(*(attn + f"{p}_proj.bias" for p in "qkv"))
+                own["self_attn.qkv_proj.bias"] = fused(attn + "qkv_proj.bias",
+                                                       *(attn + f"{p}_proj.bias" for p in "qkv"))
             if self.args.qk_norm:
                 own["self_attn.q_norm.weight"] = take(attn + "q_norm.weight")
                 own["self_attn.k_norm.weight"] = take(attn + "k_norm.weight")
@@ -345,6 +341,14 @@ class Transformer(nn.Module):
             else:
                 self.lm_head.load_state_dict({"weight": take(head)}, assign=True)
         self._rope_len = 0
+
+    def mlp_weights(self, take: Callable[[str], torch.Tensor], fused: Callable[..., torch.Tensor], prefix: str,
+                    layer: int) -> dict[str, torch.Tensor]:
+        """Layer `layer`'s MLP tensors under the block's names, from the checkpoint's under `prefix` (`take` reads one,
+        `fused` a fused one or its parts stacked, as `load_weights` defines them)."""
+        return {"mlp.gate_up_proj.weight": fused(prefix + "mlp.gate_up_proj.weight", prefix + "mlp.gate_proj.weight",
+                                                 prefix + "mlp.up_proj.weight"),
+                "mlp.down_proj.weight": take(prefix + "mlp.down_proj.weight")}
 
 
 @register("llama")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ringlet.models.experts import Experts, Int8Experts, quantize_experts_int8
 from ringlet.models.quant_format import GROUP_SIZE, GroupQuantized, Int8Rows, round_rows_int8
 
 log = logging.getLogger(__name__)
@@ -241,10 +242,15 @@ def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source
     Where the file gives 4-bit groups (`file_groups`), a linear it stores in more bits (Q4_K_M keeps some in Q6_K)
     becomes int8 rather than losing them; otherwise every linear is rounded to 4 bits."""
     prefix = f"model.layers.{index}."
+    quantize_experts_int8(layer, dtype)  # a mixture-of-experts layer's experts: int8 rows (no 4-bit experts)
+    present = {name for name, _ in layer.named_modules()}
     for path, parts in FUSED_PARTS.items():
+        if path not in present:  # the dense MLP of a mixture-of-experts layer
+            continue
         owner_path, _, attr = path.rpartition(".")
         owner, linear = layer.get_submodule(owner_path), cast(nn.Linear, layer.get_submodule(path))
-        stored = [source.get(f"{prefix}{part}.weight") for part in parts]
+        whole = source.get(f"{prefix}{path}.weight")  # a file that stores the linear fused (Phi-3's GGUF)
+        stored = [whole] if whole is not None else [source.get(f"{prefix}{part}.weight") for part in parts]
         if all(g is not None for g in stored):
             if device is None and linear.weight.is_meta:
                 raise ValueError(f"layer {index}: {path}'s groups need the device to put them on")
@@ -260,10 +266,13 @@ def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every nn.Linear of the model by an Int8Linear, in place; returns the model."""
+    """Replace every nn.Linear of the model by an Int8Linear, and stacked experts by Int8Experts, in place; returns
+    the model."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Linear):
             setattr(model, name, int8_linear(child.weight.data, child.bias, dtype))
+        elif isinstance(child, Experts):
+            setattr(model, name, Int8Experts(child, dtype))
         else:
             quantize_int8(child, dtype)
     return model

@@ -32,7 +32,7 @@ def register(model_type: str) -> Callable[[StageBuilder], StageBuilder]:
 
 
 def supported_architectures() -> list[str]:
-    from ringlet.models import llama, mistral, qwen2, qwen3  # noqa: F401  (each registers itself)
+    from ringlet.models import llama, mistral, moe, phi3, qwen2, qwen3  # noqa: F401  (each registers itself)
 
     return sorted(_ARCHITECTURES)
 
@@ -42,7 +42,11 @@ def model_args(config: dict[str, Any]) -> ModelArgs:
     supported = supported_architectures()
     if model_type not in supported:
         raise ModelLoadError(f"architecture {model_type!r} is not supported; supported: {', '.join(supported)}")
-    quant_scheme(config)  # refuses a quantisation ringlet does not read: as plain weights it would give wrong answers
+    # refuses a quantisation ringlet does not read: as plain weights it would give wrong answers
+    if quant_scheme(config) is not None and model_type == "phi3":
+        raise ModelLoadError("a quantised phi3 checkpoint (config.json's quantization_config) is not supported: its "
+                             "q/k/v and gate/up are quantised as fused tensors, which ringlet reads only unquantised; "
+                             "use the model's bf16 checkpoint")
     return ModelArgs.from_dict(config)
 
 

@@ -64,11 +64,14 @@ class TorchEngine:
         self.stage, self.device = stage, device
         self.precision = str(next(stage.model.parameters()).dtype).removeprefix("torch.")
         self.context_length = min(stage.args.context_length, config.max_context)
-        self.cache = cast("Transformer", stage.model).make_cache(1, self.context_length)  # every architecture's stage
+        model = cast("Transformer", stage.model)  # every architecture's stage
+        model.prepare_positions(self.context_length)
+        self.cache = model.make_cache(1, self.context_length)
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile = device.type != "cpu" or config.cpu_compile
         self.decoder: StaticDecoder | None = None
-        if graphs or (device.type == "cpu" and compile):
+        # a mixture of experts routes by the data: its steps are neither compiled nor graphed
+        if (graphs or (device.type == "cpu" and compile)) and not stage.args.has_experts:
             self.decoder = StaticDecoder(stage.model, self.cache, self.context_length, compile=compile,
                                          capture=graphs, config=config)
         self.generator = TextGenerator(

@@ -267,11 +267,15 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if not isinstance(model, Transformer) or not (model.is_first and model.is_last):
         return "not a whole Llama-family model"
     args = model.args
+    if args.has_experts:
+        return "mixture-of-experts layers"
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"weights in {dtype}"
     if args.head_dim < 16 or args.head_dim & (args.head_dim - 1):
         return f"head_dim {args.head_dim} is not a power of two"
+    if args.rotary_dim != args.head_dim:  # its kernels turn every dim of a head
+        return f"a partial rotary embedding ({args.rotary_dim} of head_dim {args.head_dim})"
     for name, param in model.named_parameters():
         if not param.is_contiguous():
             return f"{name} is not contiguous"
