@@ -1,6 +1,7 @@
 """Anthropic's Messages API: `POST /v1/messages` (whole, or streamed as Anthropic's named server-sent events) and
 `POST /v1/messages/count_tokens`, so Claude Code and other Anthropic clients work against a node. Text and tool calls
-(`tool_use` blocks, read out of the answer as the OpenAI adapter reads them) come back as content blocks."""
+(`tool_use` blocks, read out of the answer as the OpenAI adapter reads them) come back as content blocks, after the
+`thinking` block of a model that thinks when the request enables thinking."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from ringlet.api.anthropic_schemas import (
     MessagesRequest,
     StopReason,
     TextOut,
+    ThinkingOut,
     ToolUseOut,
     UsageOut,
+    signature,
 )
 from ringlet.api.errors import anthropic_error, error_responses, to_api_error
 from ringlet.api.facade import node_of
@@ -67,7 +70,7 @@ async def _generate(request: Request, body: MessagesRequest | CountTokensRequest
     task = build_task(body.to_task, choice[0] if choice else None)
     generation = await Generation.start(node_of(request), task, request, api="anthropic")
     reader = CallReader(body.tool_mode(), body.tool_specs(), generation.tool_format(),
-                        body.named_tool() if body.tool_mode() == "named" else None)
+                        body.named_tool() if body.tool_mode() == "named" else None, generation.thinking_splitter())
     return generation, reader
 
 
@@ -77,7 +80,7 @@ async def messages(body: MessagesRequest, request: Request) -> MessageOut | Stre
     generation, reader = await _generate(request, body)
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
-        return StreamingResponse(_events(generation, reader, message_id), media_type="text/event-stream",
+        return StreamingResponse(_events(generation, reader, message_id, body), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     text: list[str] = []
@@ -86,7 +89,8 @@ async def messages(body: MessagesRequest, request: Request) -> MessageOut | Stre
         text.append(chunk.text)
         last = chunk
     assert last is not None and last.usage is not None
-    content = reader.read("".join(text), last=True).content
+    piece = reader.read("".join(text), last=True)
+    content = piece.content
     uses: list[ToolUseOut] = []
     calls = []
     for call in reader.calls:
@@ -96,7 +100,10 @@ async def messages(body: MessagesRequest, request: Request) -> MessageOut | Stre
         else:
             uses.append(block)
             calls.append(call)
-    blocks: list[TextOut | ToolUseOut] = [TextOut(text=content)] if content or not uses else []
+    blocks: list[ThinkingOut | TextOut | ToolUseOut] = []
+    if piece.thinking and body.thinks():  # thinking the request did not enable is left out, as Anthropic's would be
+        blocks.append(ThinkingOut.of(piece.thinking, body.shows_thinking()))
+    blocks += [TextOut(text=content)] if content or not uses else []
     blocks += uses
     return MessageOut(id=message_id, model=generation.model, content=blocks,
                       stop_reason=_stop_reason(last.finish_reason, last.stop_sequence, calls),
@@ -105,15 +112,25 @@ async def messages(body: MessagesRequest, request: Request) -> MessageOut | Stre
 
 
 class _Blocks:
-    """The content blocks of a streamed answer: a text block opened by text, a tool_use block by each call; one open
-    at a time, as Anthropic streams them."""
+    """The content blocks of a streamed answer: a thinking block opened by thinking (when the request enables it), a
+    text block by text, a tool_use block by each call; one open at a time, as Anthropic streams them. A thinking
+    block gets its signature just before it closes."""
 
-    def __init__(self) -> None:
+    def __init__(self, thinking: bool, shown: bool) -> None:
         self.index = -1
         self.open: str | None = None  # the type of the block open now
+        self.thinking, self.shown = thinking, shown
+        self._thought: list[str] = []  # the open thinking block's text
 
     def events(self, piece: Piece) -> list[str]:
         out = []
+        if piece.thinking and self.thinking:
+            if self.open != "thinking":
+                out += self._start({"type": "thinking", "thinking": "", "signature": ""})
+            self._thought.append(piece.thinking)
+            if self.shown:
+                out.append(_event("content_block_delta", {
+                    "index": self.index, "delta": {"type": "thinking_delta", "thinking": piece.thinking}}))
         if piece.content:
             if self.open != "text":
                 out += self._start({"type": "text", "text": ""})
@@ -139,16 +156,22 @@ class _Blocks:
     def _close(self) -> list[str]:
         if self.open is None:
             return []
+        out = []
+        if self.open == "thinking":
+            out.append(_event("content_block_delta", {"index": self.index, "delta": {
+                "type": "signature_delta", "signature": signature("".join(self._thought))}}))
+            self._thought = []
         self.open = None
-        return [_event("content_block_stop", {"index": self.index})]
+        return [*out, _event("content_block_stop", {"index": self.index})]
 
 
-async def _events(generation: Generation, reader: CallReader, message_id: str) -> AsyncIterator[str]:
+async def _events(generation: Generation, reader: CallReader, message_id: str,
+                  body: MessagesRequest) -> AsyncIterator[str]:
     start = MessageOut(id=message_id, model=generation.model, content=[], stop_reason=None,
                        usage=UsageOut(input_tokens=0, output_tokens=0))
     yield _event("message_start", {"message": start.model_dump()})
     yield _event("ping", {})
-    blocks = _Blocks()
+    blocks = _Blocks(body.thinks(), body.shows_thinking())
     try:
         async for chunk in generation.chunks(watch_disconnect=False):
             last = chunk.finish_reason is not None

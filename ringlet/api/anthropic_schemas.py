@@ -4,6 +4,8 @@ Anthropic's own service (caching hints, workspace, geography) are accepted and h
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from typing import Annotated, Literal
 
@@ -58,7 +60,25 @@ class ToolResultBlock(_Strict):
         return f"Error: {text}" if self.is_error else text
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+class ThinkingBlock(_Strict):
+    """An earlier answer's thinking, sent back with the conversation: accepted, and left out of the prompt (as
+    thinking models' templates drop it)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str = Field(description="as the answer gave it (not checked)")
+    cache_control: dict[str, object] | None = Field(None, description=_IGNORED)
+
+
+class RedactedThinkingBlock(_Strict):
+    """Anthropic's encrypted thinking: accepted, and left out of the prompt."""
+
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+                  Field(discriminator="type")]
 
 
 class MessageIn(_Strict):
@@ -72,6 +92,8 @@ class MessageIn(_Strict):
             raise ValueError("tool_use blocks belong to assistant messages")
         if self.role == "assistant" and any(isinstance(b, ToolResultBlock) for b in blocks):
             raise ValueError("tool_result blocks belong to user messages")
+        if self.role == "user" and any(isinstance(b, ThinkingBlock | RedactedThinkingBlock) for b in blocks):
+            raise ValueError("thinking blocks belong to assistant messages")
         return self
 
     def to_messages(self) -> list[ChatMessage]:
@@ -112,8 +134,31 @@ class ToolChoice(_Strict):
         return self
 
 
+_DISPLAY = "summarized (the default): the thinking comes whole; omitted: its blocks come empty"
+
+
+class ThinkingEnabled(_Strict):
+    """A model that thinks does, and its thinking comes as `thinking` blocks before the answer."""
+
+    type: Literal["enabled"]
+    budget_tokens: int = Field(ge=1024, description="at least 1024 and under max_tokens, as Anthropic asks; max_tokens "
+                                                    "caps thinking and answer together")
+    display: Literal["summarized", "omitted"] | None = Field(None, description=_DISPLAY)
+
+
+class ThinkingAdaptive(_Strict):
+    """As enabled: the model thinks as long as it thinks."""
+
+    type: Literal["adaptive"]
+    display: Literal["summarized", "omitted"] | None = Field(None, description=_DISPLAY)
+
+
 class ThinkingDisabled(_Strict):
-    type: Literal["disabled"] = Field(description="thinking output is not supported: only disabled is accepted")
+    type: Literal["disabled"] = Field(description="the model answers without thinking, where its chat template has "
+                                                  "the switch (Qwen3); any thinking it writes anyway is left out")
+
+
+Thinking = Annotated[ThinkingEnabled | ThinkingAdaptive | ThinkingDisabled, Field(discriminator="type")]
 
 
 class JsonOutputFormat(_Strict):
@@ -134,7 +179,7 @@ class _Conversation(_Strict):
     system: str | list[TextBlock] | None = None
     tools: list[ToolIn] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
-    thinking: ThinkingDisabled | None = None
+    thinking: Thinking | None = Field(None, description="left out: disabled, as Anthropic's default")
     output_config: OutputConfig | None = None
     cache_control: dict[str, object] | None = Field(None, description=_IGNORED)
 
@@ -148,6 +193,14 @@ class _Conversation(_Strict):
         if self.tool_mode() in ("required", "named") and self.output_config and self.output_config.format:
             raise ValueError("give at most one of tool_choice (any or tool) and output_config.format")
         return self
+
+    def thinks(self) -> bool:
+        """Whether the model is to think, its thinking coming as blocks (left out: it is not)."""
+        return isinstance(self.thinking, ThinkingEnabled | ThinkingAdaptive)
+
+    def shows_thinking(self) -> bool:
+        """Whether the thinking blocks carry the thinking text (display omitted: empty blocks)."""
+        return self.thinks() and getattr(self.thinking, "display", None) != "omitted"
 
     def tool_mode(self) -> ToolMode:
         if not self.tools or (self.tool_choice is not None and self.tool_choice.type == "none"):
@@ -184,7 +237,7 @@ class _Conversation(_Strict):
         constrained = self.constraint()
         return TextGenerationTask(
             model=self.model, messages=self.chat_messages(), max_tokens=max_tokens, stop=stop,
-            tools=self.tool_specs() if self.tool_mode() != "none" else None,
+            tools=self.tool_specs() if self.tool_mode() != "none" else None, thinking=self.thinks(),
             sampling=sampling.model_copy(update={"constraint": constrained[1] if constrained else None}))
 
 
@@ -203,6 +256,12 @@ class MessagesRequest(_Conversation):
     speed: Literal["standard"] | None = Field(None, description="standard only")
     user_profile_id: str | None = Field(None, description="accepted and ignored")
     workspace_id: str | None = Field(None, description="accepted and ignored")
+
+    @model_validator(mode="after")
+    def _budget_under_max_tokens(self) -> MessagesRequest:
+        if isinstance(self.thinking, ThinkingEnabled) and self.thinking.budget_tokens >= self.max_tokens:
+            raise ValueError("thinking.budget_tokens must be less than max_tokens")
+        return self
 
     def to_task(self) -> TextGenerationTask:
         return self._task(self.max_tokens, list(self.stop_sequences or []), SamplingParams(
@@ -224,6 +283,20 @@ class TextOut(BaseModel):
     text: str
 
 
+class ThinkingOut(BaseModel):
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = Field(description="a digest of the thinking, for clients that keep it with the block")
+
+    @classmethod
+    def of(cls, thinking: str, shown: bool) -> ThinkingOut:
+        return cls(thinking=thinking if shown else "", signature=signature(thinking))
+
+
+def signature(thinking: str) -> str:
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
 class ToolUseOut(BaseModel):
     type: Literal["tool_use"] = "tool_use"
     id: str
@@ -243,7 +316,7 @@ class MessageOut(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextOut | ToolUseOut]
+    content: list[ThinkingOut | TextOut | ToolUseOut]
     stop_reason: StopReason | None
     stop_sequence: str | None = None
     usage: UsageOut

@@ -141,25 +141,30 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     fingerprint = generation.fingerprint()
     choices = _Choices(task.n)
     specs, tool_format = body.tool_specs(), generation.tool_format()
-    readers = [CallReader(body.tool_mode(), specs, tool_format, body.named_function()) for _ in range(task.n)]
+    readers = [CallReader(body.tool_mode(), specs, tool_format, body.named_function(), generation.thinking_splitter())
+               for _ in range(task.n)]
 
     def finish_reason(choice: int, finish: FinishReason | None) -> ChatFinishReason | None:
         return "tool_calls" if finish == "stop" and readers[choice].calls else finish
 
     if body.stream:
         with_role: set[int] = set()
-        text_event = _TextEvents(ChatCompletionChunk(
+        text_event, thinking_event = (_TextEvents(ChatCompletionChunk(
             id=completion_id, created=created, model=generation.model, system_fingerprint=fingerprint,
-            choices=[ChunkChoice(index=_TextEvents.INDEX, delta=Delta(content=_TextEvents.TEXT))]))
+            choices=[ChunkChoice(index=_TextEvents.INDEX, delta=delta)])) for delta in (
+                Delta(content=_TextEvents.TEXT), Delta(reasoning_content=_TextEvents.TEXT)))
 
         def chunk_event(chunk: GenerationChunk) -> ChatCompletionChunk | str | None:
             piece = readers[chunk.choice].read(chunk.text, last=chunk.finish_reason is not None)
             if (chunk.choice in with_role and chunk.finish_reason is None and chunk.timings is None
-                    and chunk.logprobs is None and not piece.deltas):
+                    and chunk.logprobs is None and not piece.deltas and not (piece.content and piece.thinking)):
+                if piece.thinking:
+                    return thinking_event(chunk.choice, piece.thinking)
                 return text_event(chunk.choice, piece.content) if piece.content else None
             calls = [ToolCallDelta.of(d) for d in piece.deltas] or None
             delta = Delta(role=None if chunk.choice in with_role else "assistant",
-                          content=piece.content if piece.content or not calls else None, tool_calls=calls)
+                          content=piece.content if piece.content or not (calls or piece.thinking) else None,
+                          reasoning_content=piece.thinking or None, tool_calls=calls)
             with_role.add(chunk.choice)
             logprobs = ChoiceLogprobs.of(chunk.logprobs) if chunk.logprobs else None
             return ChatCompletionChunk(
@@ -181,11 +186,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         choices.add(chunk)
 
     def choice(i: int) -> ChatChoice:
-        content = readers[i].read(choices.joined(i), last=True).content
+        piece = readers[i].read(choices.joined(i), last=True)
         calls = [ToolCallOut.of(c) for c in readers[i].calls] or None
         finish = finish_reason(i, choices.finish[i])
         assert finish is not None
-        return ChatChoice(index=i, message=AssistantMessage(content=content or (None if calls else ""),
+        return ChatChoice(index=i, message=AssistantMessage(content=piece.content or (None if calls else ""),
+                                                            reasoning_content=piece.thinking or None,
                                                             tool_calls=calls),
                           finish_reason=finish,
                           logprobs=ChoiceLogprobs.of(choices.logprobs[i]) if task.sampling.logprobs is not None

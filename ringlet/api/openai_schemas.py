@@ -68,6 +68,8 @@ class ChatMessageIn(BaseModel):
     function_call: None = Field(None, description=_NOT_SUPPORTED)
     audio: None = Field(None, description=_NOT_SUPPORTED)
     annotations: list[dict[str, object]] | None = Field(None, max_length=0, description="none are produced")
+    reasoning_content: str | None = Field(None, description="an earlier answer's thinking: accepted, and left out of "
+                                                            "the prompt (as thinking models' templates drop it)")
 
     @model_validator(mode="after")
     def _fields_of_the_role(self) -> ChatMessageIn:
@@ -123,6 +125,24 @@ class NamedToolChoice(BaseModel):
 
     type: Literal["function"]
     function: NamedFunction
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+def thinking_of(effort: ReasoningEffort | None) -> bool | None:
+    """The thinking switch a reasoning effort sets: none turns thinking off, any other level on (how long the model
+    thinks is its own affair); None leaves the template's default."""
+    return None if effort is None else effort != "none"
+
+
+class ChatTemplateKwargs(BaseModel):
+    """Values for the chat template (vLLM's extension); the thinking switch is the one taken."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable_thinking: bool | None = Field(None, description="false: the model answers without thinking, where its "
+                                                           "template has the switch (Qwen3)")
 
 
 class StreamOptions(BaseModel):
@@ -282,7 +302,10 @@ class ChatCompletionRequest(_SamplingFields, LogprobFields):
     audio: None = Field(None, description=_NOT_SUPPORTED)
     prediction: None = Field(None, description=_NOT_SUPPORTED)
     web_search_options: None = Field(None, description=_NOT_SUPPORTED)
-    reasoning_effort: None = Field(None, description=_NOT_SUPPORTED)
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="none: answer without thinking (where the chat template has the switch); the other levels "
+                          "turn thinking on")
+    chat_template_kwargs: ChatTemplateKwargs | None = Field(None, description="extension, as in vLLM")
     verbosity: None = Field(None, description=_NOT_SUPPORTED)
     store: Literal[False] | None = Field(None, description="nothing is stored")
     metadata: dict[str, str] | None = Field(None, description="accepted and ignored (for stored completions)")
@@ -300,7 +323,17 @@ class ChatCompletionRequest(_SamplingFields, LogprobFields):
         named = self.named_function()
         if named is not None and named not in {t.function.name for t in self.tools or ()}:
             raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
+        switch = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs is not None else None
+        effort = thinking_of(self.reasoning_effort)
+        if None not in (switch, effort) and switch != effort:
+            raise ValueError(f"reasoning_effort {self.reasoning_effort} and chat_template_kwargs.enable_thinking "
+                             f"{str(switch).lower()} contradict each other; give one of them")
         return self
+
+    def thinking(self) -> bool | None:
+        """The chat template's thinking switch, as the request sets it (None: the template's default)."""
+        switch = self.chat_template_kwargs.enable_thinking if self.chat_template_kwargs is not None else None
+        return switch if switch is not None else thinking_of(self.reasoning_effort)
 
     def _logprobs(self) -> int | None:
         return self.logprob_count()
@@ -332,7 +365,7 @@ class ChatCompletionRequest(_SamplingFields, LogprobFields):
         return TextGenerationTask(
             model=self.model, messages=[m.to_message() for m in self.messages],
             max_tokens=self.max_completion_tokens or self.max_tokens, stop=self.stop_list(), sampling=self.sampling(),
-            n=self.n or 1, tools=self.tool_specs() if self.tool_mode() != "none" else None,
+            n=self.n or 1, tools=self.tool_specs() if self.tool_mode() != "none" else None, thinking=self.thinking(),
         )
 
 
@@ -396,6 +429,8 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = Field(None, description="the model's thinking before its answer (a model that "
+                                                            "thinks), as vLLM and DeepSeek send it")
     tool_calls: list[ToolCallOut] | None = None
 
 
@@ -467,6 +502,7 @@ class ToolCallDelta(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = Field(None, description="more of the model's thinking (it comes before content)")
     tool_calls: list[ToolCallDelta] | None = None
 
 

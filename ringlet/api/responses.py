@@ -1,6 +1,6 @@
-"""OpenAI's Responses API, stateless: `POST /v1/responses` answers with output items (a message of output text, and
-a function_call item per tool call), whole or as the API's typed server-sent events, so Codex and other Responses
-clients work against a node."""
+"""OpenAI's Responses API, stateless: `POST /v1/responses` answers with output items (a reasoning item with the
+thinking of a model that thinks, a message of output text, and a function_call item per tool call), whole or as the
+API's typed server-sent events, so Codex and other Responses clients work against a node."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class _Answer:
         self.usage: Usage | None = None
         self.finish: FinishReason | None = None
         self.message: Json | None = None  # the message item being written, while it is
+        self.reasoning: Json | None = None  # the reasoning item being written, while it is
 
     def response(self) -> Json:
         body = self.body
@@ -63,6 +64,7 @@ class _Answer:
             "top_p": body.top_p, "max_output_tokens": body.max_output_tokens, "tool_choice": tool_choice,
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()], "text": {"format": text_format},
             "store": False, "usage": usage,
+            "reasoning": body.reasoning.model_dump(exclude_none=True) if body.reasoning is not None else None,
         }
 
     def finished(self, chunk: GenerationChunk) -> None:
@@ -73,6 +75,12 @@ class _Answer:
 def _message(text: str, status: str) -> Json:
     return {"type": "message", "id": _new_id("msg"), "role": "assistant", "status": status,
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if text else []}
+
+
+def _reasoning(text: str, status: str) -> Json:
+    """The thinking, whole, as the item's reasoning text (no summary is written)."""
+    return {"type": "reasoning", "id": _new_id("rs"), "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}] if text else []}
 
 
 def _function_call(call: ToolCall, status: str) -> Json:
@@ -89,7 +97,8 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
     choice = body.constraint()
     task = build_task(body.to_task, choice[0] if choice else None)
     generation = await Generation.start(node_of(request), task, request, api="openai")
-    reader = CallReader(body.tool_mode(), body.tool_specs(), generation.tool_format(), body.named_function())
+    reader = CallReader(body.tool_mode(), body.tool_specs(), generation.tool_format(), body.named_function(),
+                        generation.thinking_splitter())
     answer = _Answer(body, generation.model)
     if body.stream:
         return StreamingResponse(_events(generation, reader, answer), media_type="text/event-stream",
@@ -99,7 +108,10 @@ async def create_response(body: ResponsesRequest, request: Request) -> JSONRespo
         text.append(chunk.text)
         last = chunk
     assert last is not None
-    content = reader.read("".join(text), last=True).content
+    piece = reader.read("".join(text), last=True)
+    content = piece.content
+    if piece.thinking:
+        answer.output.append(_reasoning(piece.thinking, "completed"))
     if content or not reader.calls:
         answer.output.append(_message(content, "completed"))
     answer.output += [_function_call(call, "completed") for call in reader.calls]
@@ -113,6 +125,7 @@ class _Events:
     def __init__(self, answer: _Answer) -> None:
         self.answer, self.number = answer, 0
         self.text: list[str] = []  # the open message's text
+        self.thought: list[str] = []  # the open reasoning item's text
         self.call: Json | None = None  # the function_call item being written (a named function's arguments stream)
 
     def event(self, kind: str, **fields: object) -> str:
@@ -122,9 +135,22 @@ class _Events:
 
     def piece(self, piece: Piece) -> list[str]:
         out = []
+        if piece.thinking:
+            if self.answer.reasoning is None:
+                reasoning = _reasoning("", "in_progress")
+                self.answer.reasoning, self.thought = reasoning, []
+                self.answer.output.append(reasoning)
+                out.append(self.event("response.output_item.added", output_index=len(self.answer.output) - 1,
+                                      item=reasoning))
+                out.append(self.event("response.content_part.added", item_id=reasoning["id"],
+                                      output_index=len(self.answer.output) - 1, content_index=0,
+                                      part={"type": "reasoning_text", "text": ""}))
+            self.thought.append(piece.thinking)
+            out.append(self.event("response.reasoning_text.delta", item_id=self.answer.reasoning["id"],
+                                  output_index=len(self.answer.output) - 1, content_index=0, delta=piece.thinking))
         if piece.content:
             if self.answer.message is None:
-                out += self._close_call()
+                out += self._close_reasoning() + self._close_call()
                 message = _message("", "in_progress")
                 self.answer.message, self.text = message, []
                 self.answer.output.append(message)
@@ -139,7 +165,7 @@ class _Events:
                                   logprobs=[]))
         for delta in piece.deltas:
             if delta.id is not None:
-                out += self._close_message() + self._close_call()
+                out += self._close_reasoning() + self._close_message() + self._close_call()
                 assert delta.name is not None
                 self.call = _function_call(ToolCall(id=delta.id, name=delta.name, arguments=""), "in_progress")
                 self.answer.output.append(self.call)
@@ -152,13 +178,29 @@ class _Events:
         return out
 
     def close(self) -> list[str]:
-        """The end of the answer: the open item is done (an answer with none is an empty message)."""
-        if not self.answer.output:
-            message = _message("", "completed")
+        """The end of the answer: the open item is done (an answer with no message or call has an empty message)."""
+        out = self._close_reasoning() + self._close_message() + self._close_call()
+        if all(item["type"] == "reasoning" for item in self.answer.output):
+            message, index = _message("", "completed"), len(self.answer.output)
             self.answer.output.append(message)
-            return [self.event("response.output_item.added", output_index=0, item={**message, "status": "in_progress"}),
-                    self.event("response.output_item.done", output_index=0, item=message)]
-        return self._close_message() + self._close_call()
+            out += [self.event("response.output_item.added", output_index=index,
+                               item={**message, "status": "in_progress"}),
+                    self.event("response.output_item.done", output_index=index, item=message)]
+        return out
+
+    def _close_reasoning(self) -> list[str]:
+        reasoning = self.answer.reasoning
+        if reasoning is None:
+            return []
+        index, text = self.answer.output.index(reasoning), "".join(self.thought)
+        part = {"type": "reasoning_text", "text": text}
+        reasoning.update(status="completed", content=[part])
+        self.answer.reasoning = None
+        return [self.event("response.reasoning_text.done", item_id=reasoning["id"], output_index=index,
+                           content_index=0, text=text),
+                self.event("response.content_part.done", item_id=reasoning["id"], output_index=index,
+                           content_index=0, part=part),
+                self.event("response.output_item.done", output_index=index, item=reasoning)]
 
     def _close_message(self) -> list[str]:
         message = self.answer.message

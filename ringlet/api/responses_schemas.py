@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ringlet.api.openai_schemas import ReasoningEffort, thinking_of
 from ringlet.api.tool_calls import ToolMode, forced_call
 from ringlet.shared.tasks import (
     MAX_TOOLS,
@@ -70,7 +71,36 @@ class FunctionCallOutputItem(_Strict):
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
 
 
-Item = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(union_mode="left_to_right")]
+class ReasoningPart(_Strict):
+    type: Literal["summary_text", "reasoning_text"]
+    text: str
+
+
+class ReasoningItem(_Strict):
+    """An earlier answer's thinking, sent back with the conversation: accepted, and left out of the prompt (as
+    thinking models' templates drop it)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[ReasoningPart] = Field(default_factory=list)
+    content: list[ReasoningPart] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
+Item = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
+                 Field(union_mode="left_to_right")]
+
+
+class ReasoningConfig(_Strict):
+    effort: ReasoningEffort | None = Field(None, description="none: answer without thinking (where the chat template "
+                                                             "has the switch); the other levels turn thinking on")
+    summary: Literal["auto", "concise", "detailed"] | None = Field(
+        None, description="accepted: the thinking comes whole as the reasoning item's content; no summary is written")
+    generate_summary: Literal["auto", "concise", "detailed"] | None = Field(None, description="the older name of "
+                                                                                               "summary")
+    context: Literal["auto", "current_turn"] | None = Field(None, description="earlier turns' thinking is left out "
+                                                                              "of the prompt")
 
 
 class FunctionTool(_Strict):
@@ -135,7 +165,8 @@ class ResponsesRequest(_Strict):
     conversation: None = Field(None, description="not supported: stateless, send the whole conversation")
     background: Literal[False] | None = Field(None, description="not supported")
     background_options: None = Field(None, description=_NOT_SUPPORTED)
-    reasoning: None = Field(None, description=_NOT_SUPPORTED)
+    reasoning: ReasoningConfig | None = Field(None, description="a model that thinks sends its thinking as a "
+                                                                "reasoning item before its answer")
     max_tool_calls: None = Field(None, description=_NOT_SUPPORTED)
     top_logprobs: None = Field(None, description=_NOT_SUPPORTED)
     prompt: None = Field(None, description=_NOT_SUPPORTED)
@@ -195,6 +226,8 @@ class ResponsesRequest(_Strict):
                 messages.append(ChatMessage(role=role, content=item.text()))
             elif isinstance(item, FunctionCallOutputItem):
                 messages.append(ChatMessage(role="tool", content=item.text(), tool_call_id=item.call_id))
+            elif isinstance(item, ReasoningItem):
+                continue
             else:  # the model's calls of one turn go back as one assistant message
                 call = ToolCall(id=item.call_id, name=item.name, arguments=item.arguments)
                 previous = messages[-1] if messages else None
@@ -210,6 +243,7 @@ class ResponsesRequest(_Strict):
         return TextGenerationTask(
             model=self.model, messages=self.chat_messages(), max_tokens=self.max_output_tokens,
             tools=self.tool_specs() if self.tool_mode() != "none" else None,
+            thinking=thinking_of(self.reasoning.effort) if self.reasoning is not None else None,
             sampling=SamplingParams(
                 temperature=0.0 if greedy else (1.0 if self.temperature is None else self.temperature),
                 top_p=1.0 if greedy or self.top_p is None else self.top_p,

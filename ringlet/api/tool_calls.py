@@ -6,7 +6,8 @@ How the answer is read depends on what the request asked:
   once its text is complete;
 - a named function: the grammar made the whole answer that function's arguments object, streamed as it comes;
 - `required`: the grammar made the answer a JSON array of calls, each coming out once complete;
-- no tools, or `none`: everything is content."""
+- no tools, or `none`: everything is content.
+A model that thinks writes its thinking first: a `ThinkingSplitter` takes it out before the rest is read for calls."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ringlet.models.thinking import ThinkingSplitter
 from ringlet.models.tool_parsing import ParsedCall, ToolCallParser
 from ringlet.models.tools import named_call_constraint, required_call_constraint
 from ringlet.shared.tasks import Constraint, FunctionSpec, ToolCall, ToolFormat
@@ -52,17 +54,19 @@ class Piece:
     content: str = ""
     deltas: list[CallDelta] = field(default_factory=list)
     finished: list[ToolCall] = field(default_factory=list)  # calls whose text completed with this piece
+    thinking: str = ""  # the model's thinking, before its answer
 
     def then(self, later: Piece) -> Piece:
-        return Piece(self.content + later.content, self.deltas + later.deltas, self.finished + later.finished)
+        return Piece(self.content + later.content, self.deltas + later.deltas, self.finished + later.finished,
+                     self.thinking + later.thinking)
 
 
 class CallReader:
     def __init__(self, mode: ToolMode, tools: Sequence[FunctionSpec], fmt: ToolFormat,
-                 named: str | None = None) -> None:
-        """`named`: the function a `named` request demands."""
+                 named: str | None = None, thinking: ThinkingSplitter | None = None) -> None:
+        """`named`: the function a `named` request demands; `thinking`: the splitter of a model that thinks."""
         assert (mode == "named") == (named is not None), "a name with the named mode, and only then"
-        self.mode, self.named = mode, named
+        self.mode, self.named, self.thinking = mode, named, thinking
         self.calls: list[ToolCall] = []
         self._arguments: list[str] = []  # a named call's arguments so far
         names = [t.name for t in tools]
@@ -71,6 +75,14 @@ class CallReader:
                         else ToolCallParser("mistral", names) if mode == "required" else None)
 
     def feed(self, text: str) -> Piece:
+        if self.thinking is None:
+            return self._answer(text)
+        thinking, text = self.thinking.feed(text)
+        piece = self._answer(text) if text else Piece()
+        piece.thinking = thinking
+        return piece
+
+    def _answer(self, text: str) -> Piece:
         if self.mode == "named":
             return self._named(text)
         if self._parser is None:
@@ -84,6 +96,14 @@ class CallReader:
 
     def finish(self) -> Piece:
         """The answer ended: whatever was held back comes out (an unfinished call as the text it was)."""
+        if self.thinking is not None:
+            thinking, text = self.thinking.finish()
+            piece = self._answer(text) if text else Piece()
+            piece.thinking = thinking
+            return piece.then(self._finish_answer())
+        return self._finish_answer()
+
+    def _finish_answer(self) -> Piece:
         if self.mode == "named":
             assert self.named is not None
             if not self.calls:  # the answer was empty

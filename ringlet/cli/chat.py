@@ -33,17 +33,28 @@ def pick_model(client: Any) -> str:
 
 
 def _reply(client: Any, body: dict[str, Any]) -> str:
-    parts = []
+    """Stream the reply to stdout and return its answer; a thinking model's thinking shows first (dimmed on a
+    terminal) and stays out of the answer kept in the conversation."""
+    parts: list[str] = []
+    dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    thinking = False
     try:
         for event in client.stream_events("/v1/chat/completions", body):
             for choice in event.get("choices", []):
-                text = choice.get("delta", {}).get("content") or ""
+                delta = choice.get("delta", {})
+                thought, text = delta.get("reasoning_content") or "", delta.get("content") or ""
+                if thought:
+                    sys.stdout.write((dim if not thinking else "") + thought)
+                    thinking = True
+                if text and thinking:
+                    sys.stdout.write(plain + "\n\n")
+                    thinking = False
                 parts.append(text)
                 sys.stdout.write(text)
                 sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write(" [stopped]")  # leaving the stream closes the connection: the node stops generating
-    sys.stdout.write("\n")
+    sys.stdout.write((plain if thinking else "") + "\n")
     return "".join(parts)
 
 

@@ -107,7 +107,7 @@ def test_count_tokens_counts_the_rendered_prompt(client: anthropic.Anthropic, no
 
 
 @pytest.mark.parametrize(("fields", "problem"), [
-    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "budget_tokens must be less than max_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages"),
     ({"tool_choice": {"type": "any"}}, "needs tools"),
     ({"extra_body": {"surprise": 1}}, "surprise"),

@@ -106,7 +106,7 @@ def test_a_json_schema_format_is_the_answers_grammar(client: openai.OpenAI, node
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"store": True}, "store"),
     ({"tools": [{"type": "web_search"}]}, "tools"),
-    ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ({"reasoning": {"context": "all_turns"}}, "reasoning"),
     ({"tool_choice": "required"}, "tool_choice"),
 ])
 def test_state_and_hosted_features_are_400s_naming_the_field(client: openai.OpenAI, fields: dict,

@@ -52,6 +52,8 @@ def request_context(task: TextGenerationTask, context: int) -> int:
 def prompt_ids(tokenizer: Tokenizer, task: TextGenerationTask) -> list[int]:
     if task.messages is not None:
         messages, extra = template_inputs(tokenizer.chat_template, task.messages, task.tools)
+        if task.thinking_switch is not None:
+            extra["enable_thinking"] = task.thinking_switch
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
         return tokenizer.encode(text, add_special_tokens=False)
     assert task.prompt is not None
