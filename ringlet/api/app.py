@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.routing import BaseRoute
 
-from ringlet.api import anthropic, cluster, downloads, ollama, openai, responses
+from ringlet.api import anthropic, cluster, downloads, embeddings, ollama, openai, responses
 from ringlet.api import metrics as metrics_router
 from ringlet.api.cluster import ringlet_version
 from ringlet.api.dashboard import REPO_DASHBOARD_BUILD, mount_dashboard
@@ -31,7 +31,7 @@ def create_app(node: NodeFacade, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app.state.metrics = ApiMetrics(node)
     install_error_handlers(app)
     routers = (openai.router, responses.router, anthropic.router, ollama.router, cluster.router, downloads.router,
-               metrics_router.router)
+               metrics_router.router, embeddings.openai_router, embeddings.ollama_router)
     for router in routers:
         app.include_router(router)
     api_roots = _roots([*app.routes, *(route for router in routers for route in router.routes)])

@@ -21,9 +21,10 @@ from ringlet.api.errors import ApiError, ClientGone, to_api_error
 from ringlet.api.facade import NodeFacade, TaskStream
 from ringlet.api.metrics import ApiMetrics, Outcome
 from ringlet.models import grammar
+from ringlet.models.thinking import ThinkingSplitter, splitter_for
 from ringlet.shared.errors import NodeError, TaskError
 from ringlet.shared.state import InstanceRecord
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask, ToolFormat
+from ringlet.shared.tasks import GenerationChunk, Task, TextGenerationTask, ToolFormat
 
 DISCONNECT_POLL_S = 0.1
 
@@ -108,6 +109,12 @@ class Generation:
         """How the serving model writes tool calls (from its chat template, as its runner reported)."""
         return self.instance.tool_format if self.instance is not None else "hermes"
 
+    def thinking_splitter(self) -> ThinkingSplitter | None:
+        """The splitter of the answer's thinking, when the serving model thinks (as its runner reported)."""
+        task = self.handle.task
+        thinking = self.instance.thinking if self.instance is not None else None
+        return splitter_for(thinking, task) if isinstance(task, TextGenerationTask) else None
+
     def fingerprint(self) -> str:
         """OpenAI's system_fingerprint: the same model, ring, engines and ringlet version give the same value (and,
         with a seed, the same answer)."""
@@ -118,7 +125,7 @@ class Generation:
         return "fp_" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
     @classmethod
-    async def start(cls, node: NodeFacade, task: TextGenerationTask, request: Request, api: str) -> Generation:
+    async def start(cls, node: NodeFacade, task: Task, request: Request, api: str) -> Generation:
         """Submit the task and wait for its first chunk; raises NodeError, TaskError or ClientGone."""
         metrics: ApiMetrics = request.app.state.metrics
         try:

@@ -21,7 +21,7 @@ def engine_from_environment() -> str | None:
 
 
 # subcommand modules under ringlet.cli; each defines register(subparsers) which sets `func`
-COMMANDS = ["run", "bench", "node", "chat", "ps", "info", "models", "service", "cluster"]
+COMMANDS = ["run", "bench", "node", "chat", "embed", "ps", "info", "models", "service", "cluster"]
 
 
 def build_parser() -> argparse.ArgumentParser:

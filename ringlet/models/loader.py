@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.models.fp8 import runs_fp8, use_fp8_layer
-from ringlet.models.ollama import find_ollama_model, ollama_models_dir
+from ringlet.models.ollama import find_ollama_model, library_model, ollama_models_dir
+from ringlet.models.pooling import Pooling, gguf_pooling, read_pooling
 from ringlet.models.quant import GROUP_SIZE, quantize_int8, quantize_layer_int4
 from ringlet.models.quant_cuda import CUDA_GROUP_SIZE
 from ringlet.models.registry import build_stage, model_args
@@ -42,6 +44,7 @@ class LoadedStage:
     start: int
     end: int
     quantized: Literal["int8", "int4"] | None = None  # what the linears were quantised to while loading
+    pooling: Pooling | None = None  # an embedding model's (`models/pooling.py`); None: a generation model
 
 
 # called after each layer a stage loads: (layers loaded, layers of the stage, bytes the loaded layers keep)
@@ -59,14 +62,16 @@ def reporting_load_progress(listener: LoadProgress) -> Iterator[None]:
         _progress_listeners.remove(listener)
 
 
-def resolve_model_path(ref: str | Path | None) -> Path:
+def resolve_model_path(ref: str | Path | None, aliases: bool = True) -> Path:
     """A local path, then a model in the store (`ringlet pull`), then one pulled with Ollama (`llama3.2:1b`), then
-    the embedded model's names."""
+    the embedded model's names, then a second name made by a copy (`aliases`), then an Ollama library name pulled
+    into the store (`qwen3:8b`)."""
     if ref is None:
         return embedded_model_path()
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    from ringlet.models.aliases import ModelAliases
     from ringlet.models.store import find_local, ringlet_home
 
     # the store first: a pulled full-precision HuggingFaceTB/SmolLM2-135M-Instruct beats the embedded Q4_1 file
@@ -76,7 +81,15 @@ def resolve_model_path(ref: str | Path | None) -> Path:
         return pulled.path
     if str(ref).lower() in EMBEDDED_ALIASES:
         return embedded_model_path()
-    fetch = f"`ringlet pull {ref}` downloads it" if "/" in str(ref) else f"`ollama pull {ref}` fetches it"
+    if aliases and (alias := ModelAliases().get(str(ref))) is not None:
+        return resolve_model_path(alias.target, aliases=False)
+    library = library_model(str(ref))
+    if library is not None and (stored := find_local(library.ref)) is not None:
+        return stored
+    if library is not None:
+        fetch = f"`ringlet pull {ref}` downloads it ({library.repo_id}, {library.quant})"
+    else:
+        fetch = f"`ringlet pull {ref}` downloads it" if "/" in str(ref) else f"`ollama pull {ref}` fetches it"
     raise ModelLoadError(
         f"model {str(ref)!r} not found: not a local path, not in the store ({ringlet_home() / 'models'}) and not "
         f"pulled with Ollama ({ollama_models_dir()}); {fetch}, `ringlet models` lists what is there, "
@@ -100,9 +113,14 @@ def load_stage(
     holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are read."""
     path = resolve_model_path(ref)
     stored = None  # a quantised checkpoint's linears (AWQ, GPTQ, fp8)
+    pooling = read_pooling(path)
     if path.is_dir():
         config = safetensors_loader.read_config(path)
         args = model_args(config)
+        if pooling is not None and "lm_head.weight" not in safetensors_loader.weight_map(path):
+            # an embedding model's checkpoint without a head (Qwen3-Embedding-8B says it is untied but ships none):
+            # its logits are never used, so the embedding stands in as the tied head
+            args = dataclasses.replace(args, tie_word_embeddings=True)
         end = args.num_hidden_layers if end is None else end
         stored = safetensors_loader.quantized_linears(path, config)
         weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings,
@@ -112,6 +130,7 @@ def load_stage(
     else:
         gguf = _open_gguf(path)
         args = model_args(gguf.config)
+        pooling = gguf_pooling(gguf.pooling_type(), path)
         end = args.num_hidden_layers if end is None else end
         # an int4 stage reads the file's 4-bit groups once a layer, from the repack cache where it holds them
         gguf_groups = (gguf.stage_groups(start, end, RepackCache.for_files(gguf.files))
@@ -148,7 +167,7 @@ def load_stage(
     model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device, finish_layer=finish_layer,
                         int8_ends=quantized is not None)
     _return_freed_memory()
-    return LoadedStage(args, model, tokenizer, start, end, quantized)
+    return LoadedStage(args, model, tokenizer, start, end, quantized, pooling=pooling)
 
 
 def _return_freed_memory() -> None:

@@ -80,8 +80,10 @@ def lazy_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: b
                  dtype: torch.dtype | None = None, quantized: QuantizedLinears | None = None) -> LazyWeights:
     """The stage's tensors, each read (and converted to `dtype`) only when it is looked up; the `quantized` linears
     dequantised, in place of their packed tensors."""
-    wanted = {n: f for n, f in weight_map(model_dir).items() if tensor_in_range(n, start, end, num_layers, tied)}
-    readers = {name: functools.partial(_read, model_dir / file, name, dtype) for name, file in wanted.items()}
+    files = weight_map(model_dir)
+    stored = _stored_names(files)
+    wanted = {n: files[stored[n]] for n in stored if tensor_in_range(n, start, end, num_layers, tied)}
+    readers = {name: functools.partial(_read, model_dir / file, stored[name], dtype) for name, file in wanted.items()}
     if quantized is not None:
         for name, parts in quantized.parts.items():
             if tensor_in_range(name, start, end, num_layers, tied):
@@ -90,7 +92,25 @@ def lazy_weights(model_dir: Path, start: int, end: int, num_layers: int, tied: b
                 readers[name] = functools.partial(quantized.dense, name, dtype)
     ends = {name: file for name, file in wanted.items()
             if name in ("model.embed_tokens.weight", "lm_head.weight") and name in readers}
-    return LazyWeights(readers, {name: _row_reader(model_dir / file, name, dtype) for name, file in ends.items()})
+    return LazyWeights(readers, {name: _row_reader(model_dir / file, stored[name], dtype)
+                                 for name, file in ends.items()})
+
+
+_BACKBONE = ("embed_tokens.", "layers.", "norm.")
+
+
+def named_weight_map(model_dir: Path) -> dict[str, str]:
+    """Tensor name as the model names it (`model.layers.0....`, whatever the file calls it) -> file name."""
+    files = weight_map(model_dir)
+    return {name: files[stored] for name, stored in _stored_names(files).items()}
+
+
+def _stored_names(files: dict[str, str]) -> dict[str, str]:
+    """Tensor name as the model names it -> as the file stores it. A checkpoint of the bare backbone (as
+    sentence-transformers saves Qwen3-Embedding: `embed_tokens.weight`, `layers.0....`, `norm.weight`, no lm_head)
+    stores the names without their `model.` prefix."""
+    flat = not any(name.startswith("model.") for name in files)
+    return {("model." + name if flat and name.startswith(_BACKBONE) else name): name for name in files}
 
 
 def _row_reader(path: Path, name: str, dtype: torch.dtype | None) -> RowReader:

@@ -26,12 +26,12 @@ from ringlet.shared.messages import (
     TaskFailed,
     TaskRequest,
 )
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, Task
 
 log = logging.getLogger(__name__)
 
 # runs a task on this node's runner of an instance (its first stage); raises NodeError or TaskError
-RunLocal = Callable[[str, TextGenerationTask], AsyncIterator[GenerationChunk]]
+RunLocal = Callable[[str, Task], AsyncIterator[GenerationChunk]]
 
 
 class TaskForwarding:
@@ -43,7 +43,7 @@ class TaskForwarding:
         self._streams: dict[str, tuple[str, asyncio.Queue[Chunk | TaskFailed | TaskAlive]]] = {}  # sent elsewhere
         plane.subscribe(topics.node_tasks(node_id), TASK_REQUEST, self._on_task_request)
 
-    async def forward(self, node_id: str, instance_id: str, task: TextGenerationTask) -> AsyncIterator[GenerationChunk]:
+    async def forward(self, node_id: str, instance_id: str, task: Task) -> AsyncIterator[GenerationChunk]:
         """Send the task to `node_id` (its instance's first stage) and stream the chunks; raises TaskError. Closing
         the stream early cancels the task there."""
         queue: asyncio.Queue[Chunk | TaskFailed | TaskAlive] = asyncio.Queue()

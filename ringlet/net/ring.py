@@ -65,6 +65,8 @@ class Op(IntEnum):
     BEGIN = 3  # a request begins: a JSON payload of its sampling parameters and prompt follows
     BATCH = 4  # a batched step: its layout and hidden states follow
     END = 5  # batched sequences are done: a JSON payload of their keys follows
+    EMBED = 6  # inputs of an embeddings request: their lengths and hidden states follow; the last stage sends back
+    #            their pooled vectors
 
 
 class _Group(Protocol):
@@ -90,6 +92,10 @@ def check_frame(op: int, start: int, length: int) -> None:
         if not 0 <= start <= MAX_FRAME_POSITIONS:
             raise RingBrokenError(f"a batch frame announced a layout of {start} values (at most "
                                   f"{MAX_FRAME_POSITIONS})")
+    elif Op(op) == Op.EMBED:  # start: the inputs; length: the positions of each (padded)
+        limit, what = MAX_FRAME_POSITIONS // max(start, 1), "positions an input"
+        if not 0 < start <= MAX_FRAME_POSITIONS:
+            raise RingBrokenError(f"an embed frame announced {start} inputs (at most {MAX_FRAME_POSITIONS})")
     else:
         limit, what = MAX_FRAME_POSITIONS, "positions"
     if not 0 <= length <= limit or start < 0:
@@ -244,6 +250,24 @@ class Ring:
         body = torch.cat((layout.to(self.device).view(torch.uint8),
                           hidden.to(self.device, torch.float32).contiguous().view(-1).view(torch.uint8)))
         self.post(body, self.next)
+
+    def post_embed(self, lengths: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Inputs of an embeddings request: `lengths` int64 [B] (on the host), `hidden` [B, L, H] of right-padded
+        inputs (sent as float32)."""
+        self.post_frame(Op.EMBED, hidden.shape[0], hidden.shape[1])
+        body = torch.cat((lengths.to(self.device, torch.int64).view(torch.uint8),
+                          hidden.to(self.device, torch.float32).contiguous().view(-1).view(torch.uint8)))
+        self.post(body, self.next)
+
+    def recv_embed(self, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lengths (int64, on the host) and hidden states [B, L, H] (float32) of a frame announcing `count`
+        inputs of `length` positions."""
+        body = self.recv((8 * count + 4 * count * length * self.hidden_size,), torch.uint8, self.prev)
+        lengths = body[:8 * count].cpu().view(torch.int64)
+        if not bool(((lengths > 0) & (lengths <= length)).all()):
+            raise RingBrokenError(f"an embed frame's input lengths {lengths.tolist()} do not fit its {length} "
+                                  "positions")
+        return lengths, body[8 * count:].view(torch.float32).view(count, length, self.hidden_size)
 
     def recv_batch(self, layout_length: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layout (int64, on the host) and hidden states [T, H] (float32) of a frame announcing a batched step."""

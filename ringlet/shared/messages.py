@@ -12,8 +12,8 @@ from pydantic import Field, TypeAdapter
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import TaskErrorKind
 from ringlet.shared.instances import BoundInstance
-from ringlet.shared.state import Event, LayerLoad, RingAddress, RingHosted
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask, ToolFormat
+from ringlet.shared.state import DownloadStatus, Event, LayerLoad, RingAddress, RingHosted
+from ringlet.shared.tasks import GenerationChunk, Task, ThinkingFormat, ToolFormat
 from ringlet.shared.wire import Message
 
 # --- node -> runner
@@ -30,7 +30,7 @@ class LoadShard(Message):
 
 class RunTask(Message):
     type: Literal["run_task"] = "run_task"
-    task: TextGenerationTask
+    task: Task
 
 
 class CancelTask(Message):
@@ -60,6 +60,8 @@ class Ready(Message):
     fallback: str | None = Field(None, description='a fallback at load: "ipex -> cpu: reason"')
     tool_format: ToolFormat | None = Field(None, description="how the model writes tool calls (a stage that renders "
                                                              "or reads no text: None)")
+    thinking: ThinkingFormat | None = Field(None, description="how the model writes its thinking (None: it does not, "
+                                                              "or the stage reads no text)")
 
 
 class FellBack(Message):
@@ -155,7 +157,41 @@ class TaskRequest(Message):
     type: Literal["task_request"] = "task_request"
     origin: str
     instance_id: str
-    task: TextGenerationTask
+    task: Task
+
+
+class StartDownload(Message):
+    """Download a model into the receiving node's store (`POST /models/download` with that node's id)."""
+
+    type: Literal["start_download"] = "start_download"
+    origin: str
+    model: str = Field(min_length=1, max_length=200)
+    layers: tuple[int, int] | None = None
+
+
+class CancelDownload(Message):
+    type: Literal["cancel_download"] = "cancel_download"
+    origin: str
+    download_id: str = Field(min_length=1, max_length=100)
+
+
+class DeleteModel(Message):
+    """Remove a model from the receiving node's store."""
+
+    type: Literal["delete_model"] = "delete_model"
+    origin: str
+    model: str = Field(min_length=1, max_length=200)
+
+
+class ModelCommandReply(Message):
+    """What a model command did, as the HTTP answer of the API that received it: `status` is that answer's code."""
+
+    type: Literal["model_command_reply"] = "model_command_reply"
+    status: int = Field(ge=200, le=599)
+    download: DownloadStatus | None = None
+    model: str | None = Field(None, description="a deleted model's repo id")
+    error: str | None = None
+    code: str | None = Field(None, description="the API's error code (too_many_downloads, model_in_use, ...)")
 
 
 ToRunner = Annotated[LoadShard | RunTask | CancelTask, Field(discriminator="type")]
@@ -171,3 +207,6 @@ PROPOSAL = TypeAdapter(Proposal)
 ORDERED = TypeAdapter(Ordered)
 TASK_REQUEST = TypeAdapter(TaskRequest)
 CANCEL_TASK = TypeAdapter(CancelTask)
+ModelCommand = Annotated[StartDownload | CancelDownload | DeleteModel, Field(discriminator="type")]
+MODEL_COMMAND: TypeAdapter[ModelCommand] = TypeAdapter(ModelCommand)
+MODEL_COMMAND_REPLY = TypeAdapter(ModelCommandReply)

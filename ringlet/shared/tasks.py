@@ -59,6 +59,23 @@ ToolFormat = Literal["hermes", "llama3", "mistral"]
 ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
+class ThinkingFormat(BaseModel):
+    """How a model that thinks before it answers writes it: `<think>` ... `</think>`, then the answer (Qwen3, QwQ,
+    DeepSeek-R1), as its chat template and vocabulary show; and whether the prompt itself opens the thinking, by the
+    value of the template's switch (`enable_thinking`: left out, true, false)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    switch: bool = Field(False, description="the chat template reads enable_thinking: thinking can be turned off")
+    opened_by_default: bool = Field(False, description="the prompt ends inside <think> (switch left out)")
+    opened_when_on: bool = False
+    opened_when_off: bool = False
+
+    def opened(self, switch: bool | None) -> bool:
+        """Whether the answer starts inside its thinking, the template's switch being `switch`."""
+        return self.opened_by_default if switch is None else self.opened_when_on if switch else self.opened_when_off
+
+
 class FunctionSpec(BaseModel):
     """A function the model may call: its name, what it does, and its parameters as a JSON schema."""
 
@@ -115,6 +132,16 @@ class TextGenerationTask(BaseModel):
     tools: list[FunctionSpec] | None = Field(None, max_length=MAX_TOOLS, description="functions the model is told "
                                                                                   "it may call (chat only)")
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
+    thinking: bool | None = Field(None, description="the chat template's thinking switch (enable_thinking); None: "
+                                                    "the template's default")
+
+    @property
+    def thinking_switch(self) -> bool | None:
+        """The value the chat template's enable_thinking gets (None: left out): the request's; off when a grammar
+        holds the whole answer, which leaves no room for thinking."""
+        if self.thinking is None and self.sampling.constraint is not None:
+            return False
+        return self.thinking
 
     @model_validator(mode="after")
     def _one_input(self) -> TextGenerationTask:
@@ -126,7 +153,38 @@ class TextGenerationTask(BaseModel):
             raise ValueError("stop strings must not be empty")
         if self.tools is not None and self.messages is None:
             raise ValueError("tools need chat messages, not a raw prompt")
+        if self.thinking is not None and self.messages is None:
+            raise ValueError("the thinking switch needs chat messages (it is the chat template's), not a raw prompt")
+        if self.thinking and self.sampling.constraint is not None:
+            raise ValueError("thinking cannot be on when the answer is held to a format or a forced tool call (the "
+                             "grammar holds the whole answer): turn thinking off, or drop the constraint")
         return self
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs in one embeddings request
+MAX_INPUT_CHARS = 1_000_000  # one input's text
+MAX_INPUT_TOKENS = 1_000_000  # one input's token ids
+EmbeddingInput = Annotated[str, Field(max_length=MAX_INPUT_CHARS)] | Annotated[
+    list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_INPUT_TOKENS)]
+
+
+class EmbeddingTask(BaseModel):
+    """One embeddings request, from any API adapter: each input (text, or token ids) through the model, its final
+    hidden states pooled (and normalised) as the model's files say; all inputs in the fewest forwards."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_id: str = ""
+    model: str = ""
+    inputs: list[EmbeddingInput] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    truncate: bool = Field(True, description="an input longer than the context window is cut to fit it (Ollama's "
+                                             "default); false: such an input is refused")
+    dimensions: int | None = Field(None, ge=1, description="keep the first this many values of each embedding, "
+                                                           "normalised again where the model normalises "
+                                                           "(Matryoshka); None: all of them")
+
+
+Task = TextGenerationTask | EmbeddingTask  # what a runner runs; each refuses the other's fields (extra="forbid")
 
 
 class Usage(BaseModel):
@@ -173,3 +231,4 @@ class GenerationChunk(BaseModel):
     usage: Usage | None = None
     timings: Timings | None = None
     logprobs: list[TokenLogprob] | None = None  # of the tokens this chunk's text completes (asked for: sampling.logprobs)
+    embeddings: list[list[float]] | None = None  # an EmbeddingTask's answer: one vector per input, in input order

@@ -19,6 +19,10 @@ check, optimisation level, guarded steps), or an `IpexChain` of them where place
 GPUs of its node. Where a guard falls back to the CPU, that cache is gone: the stage keeps on the host what each
 live sequence gave it (`StageInputs`) and computes them again, so the ring goes on with the same sequences.
 
+An embeddings request goes down the ring when no step is in flight (`PipelineHead.embed`): `Op.EMBED` carries its
+inputs' hidden states through every stage's layers (no KV cache), and the last stage pools them, as the model's files
+say, and sends the vectors back to rank 0.
+
 A ring with an MLX stage runs one request at a time (`worker/stages.py`).
 """
 
@@ -39,13 +43,14 @@ from ringlet.models.tokenizer import Tokenizer
 from ringlet.net.ring import Op, Ring, RingBrokenError, RingHead, open_ring
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import BoundInstance
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import EmbeddingTask, GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.batching import generate_alone, sample_rows
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.engine_utils import ProbeInputs
 from ringlet.worker.engines.ipex.chain import IpexChain
 from ringlet.worker.engines.ipex.engine import IpexEngine
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
+from ringlet.worker.engines.torch.embed import PassThroughCache, embed_inputs, pool
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from ringlet.worker.stages import SampledDownTheRing, compute_device, post_reports, recv_reports
 
@@ -283,6 +288,27 @@ class PipelineHead(RingHead, _Described):
     def warmup(self) -> None:
         run_warmup_request(self)
 
+    def embed(self, task: EmbeddingTask, after_forward: Callable[[], None] = lambda: None) -> list[GenerationChunk]:
+        """An embeddings request down the ring (`torch/embed.py`), with no step in flight: each group of inputs
+        through this stage's layers, then the next stages'; the last one pools and sends the vectors back."""
+        engine = self.engine if isinstance(self.engine, TorchBatchEngine) else None
+        if engine is None:  # the request's fault (a 400): it asks what this kind of ring does not do
+            raise ValueError(f"model {task.model!r}: a ring of Intel GPU stages computes no embeddings; create an "
+                             "instance of one node")
+        stage = engine.stage
+
+        @torch.inference_mode()
+        def pooled(batch: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            hidden = engine.model(batch.to(engine.device), PassThroughCache(), 0)
+            with self._ring_errors():
+                self.ring.post_embed(lengths, hidden)
+                vectors = self.ring.recv((batch.shape[0], stage.args.hidden_size), torch.float32, self.ring.prev)
+            after_forward()
+            return vectors.cpu()
+
+        return embed_inputs(pooled, stage.tokenizer, stage.pooling, task, stage.args, self.context_length,
+                            self.config.max_step_tokens)
+
     def generate(self, task: TextGenerationTask) -> Generator[GenerationChunk, None, None]:
         """One task alone: the batched loop with a batch of one."""
         return generate_alone(self, self.config, task)
@@ -334,11 +360,29 @@ class PipelineStage(_Described):
                     for key in _End.model_validate_json(payload).keys:
                         self.samplers.pop(key, None)
                 continue
+            if op == Op.EMBED:
+                self._embed(*ring.recv_embed(start, length))
+                after_step()
+                continue
             if op != Op.BATCH:
                 raise RingBrokenError(f"a batched stage got a frame it does not serve ({op.name})")
             encoded, hidden = ring.recv_batch(start, length)
             self._step(encoded, hidden)
             after_step()
+
+    @torch.inference_mode()
+    def _embed(self, lengths: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Inputs of an embeddings request through this stage's layers; the last stage pools them (as its files say)
+        and sends the vectors back to rank 0."""
+        engine = self.engine
+        if not isinstance(engine, TorchBatchEngine) or engine.stage.pooling is None:
+            raise RingBrokenError("rank 0 sent inputs to embed, which this stage cannot (an Intel GPU stage, or "
+                                  "a model whose files here name no pooling)")
+        out = engine.model(hidden.to(engine.device, self.dtype), PassThroughCache(), 0, head=False)
+        if not self.is_last:
+            self.ring.post_embed(lengths, out)
+            return
+        self.ring.post(pool(out, lengths.to(out.device), engine.stage.pooling), self.ring.next)
 
     def _step(self, encoded: torch.Tensor, hidden: torch.Tensor) -> None:
         engine = self.engine

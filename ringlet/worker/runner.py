@@ -16,9 +16,12 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from ringlet.models.thinking import thinking_format
+from ringlet.models.tokenizer import Tokenizer
 from ringlet.models.tools import tool_format
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ContextWindowError, TaskErrorKind
@@ -38,7 +41,7 @@ from ringlet.shared.messages import (
     TaskStarted,
 )
 from ringlet.shared.state import LayerLoad, RingHosted
-from ringlet.shared.tasks import TextGenerationTask, ToolFormat
+from ringlet.shared.tasks import EmbeddingTask, TextGenerationTask, ThinkingFormat, ToolFormat
 from ringlet.shared.wire import BadMessageError, Message, decode, encode
 from ringlet.worker.engines.base import GeneratesText
 
@@ -158,16 +161,26 @@ def ready(engine: object, planned: EngineType, context_length: int, warmup_s: fl
     return Ready(context_length=context_length, warmup_s=warmup_s, slots=slots,
                  engine=running_engine(engine, planned), fallback=fallback_of(engine, planned),
                  optimization=optimization if isinstance(optimization, str) else None,
-                 tool_format=_tool_format(engine))
+                 tool_format=_tool_format(engine), thinking=_thinking(engine))
+
+
+def _tokenizer(engine: object) -> object | None:
+    try:
+        return getattr(engine, "tokenizer", None)
+    except (AttributeError, RuntimeError):  # a middle stage's engine has none to give
+        return None
 
 
 def _tool_format(engine: object) -> ToolFormat | None:
     """The tool-call format the engine's chat template teaches, if the engine holds the tokenizer."""
-    try:
-        tokenizer = getattr(engine, "tokenizer", None)
-    except (AttributeError, RuntimeError):  # a middle stage's engine has none to give
-        return None
+    tokenizer = _tokenizer(engine)
     return None if tokenizer is None else tool_format(getattr(tokenizer, "chat_template", None))
+
+
+def _thinking(engine: object) -> ThinkingFormat | None:
+    """How the model writes its thinking, if it thinks and the engine holds the tokenizer (ringlet's own)."""
+    tokenizer = _tokenizer(engine)
+    return thinking_format(tokenizer) if isinstance(tokenizer, Tokenizer) else None
 
 
 class FallbackWatch:
@@ -215,6 +228,39 @@ def run_task(engine: GeneratesText, task: TextGenerationTask, inbox: Inbox, outb
         stream.close()
 
 
+class Heartbeat:
+    """Sends `report()` at most every STATS_EVERY_S, however often it is called: a sign of life from inside a long
+    piece of work."""
+
+    def __init__(self, outbox: Outbox, report: Callable[[], Message]) -> None:
+        self.outbox, self.report, self.sent_at = outbox, report, time.monotonic()
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.sent_at >= STATS_EVERY_S:
+            self.sent_at = time.monotonic()
+            self.outbox.send(self.report())
+
+
+def run_embedding(engine: object, task: EmbeddingTask, outbox: Outbox, alive: Callable[[], None] = lambda: None
+                  ) -> None:
+    """An embeddings request, all its inputs at once, between two steps of the generations; an engine (or a ring's
+    stage) that computes none refuses it. `alive()` runs after each of its forwards (a long request's forwards
+    tell the node's watchdog that the runner is working)."""
+    embed = getattr(engine, "embed", None)
+    if embed is None:
+        outbox.send(TaskFailed(task_id=task.task_id, kind="invalid_request", error=(
+            f"model {task.model!r}: this instance computes no embeddings; embeddings run on the torch engines (cpu, "
+            "cuda), on one node or on a ring of torch stages")))
+        return
+    outbox.send(TaskStarted(task_id=task.task_id))
+    try:
+        chunks = embed(task, alive)
+    except Exception as error:  # noqa: BLE001  a failed request is reported; the runner serves the next one
+        outbox.send(_task_failed(task.task_id, error))
+        return
+    outbox.send_all([Chunk(chunk=chunk) for chunk in chunks])
+
+
 def serve_tasks(engine: GeneratesText, inbox: Inbox, outbox: Outbox,
                 broken: Callable[[], bool] = lambda: False, fell_back: Callable[[], None] = lambda: None) -> None:
     """Run the node's tasks on `engine`, one at a time, until the node goes away (the inbox exits the process) or,
@@ -222,7 +268,10 @@ def serve_tasks(engine: GeneratesText, inbox: Inbox, outbox: Outbox,
     while not broken():
         command = inbox.commands.get()
         assert isinstance(command, RunTask), "the node loads one shard per runner"
-        run_task(engine, command.task, inbox, outbox)
+        if isinstance(command.task, EmbeddingTask):
+            run_embedding(engine, command.task, outbox)
+        else:
+            run_task(engine, command.task, inbox, outbox)
         fell_back()
 
 
@@ -231,17 +280,22 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
     """Run the node's tasks together, one batched step at a time (a pipeline: as many as it keeps in flight): a task
     joins at the next step and leaves when it ends; a cancel takes effect between two steps. A step that fails fails
     the tasks in it, and the batch starts over empty; for a ring's first stage whose ring broke (`broken()`), the
-    loop ends. `fell_back()` after each step reports an engine that left its device."""
+    loop ends. `fell_back()` after each step reports an engine that left its device. An embeddings request runs
+    whole between two steps, once no step is in flight (a ring launches none while one waits)."""
     generator = _batch_generator(engine, config)
     admitted: set[str] = set()
     reported, reported_at = generator.stats(), 0.0
+    embeddings: deque[EmbeddingTask] = deque()  # each runs once no step is in flight (a ring's come back first)
     while not broken():
-        if not generator:
+        if not generator and not embeddings:
             inbox.woken.wait()
         inbox.woken.clear()
         while not inbox.commands.empty():
             command = inbox.commands.get()
             assert isinstance(command, RunTask), "the node loads one shard per runner"
+            if isinstance(command.task, EmbeddingTask):
+                embeddings.append(command.task)
+                continue
             try:
                 generator.submit(command.task)
             except Exception as error:  # noqa: BLE001  this task cannot start (a ValueError: empty, over the context
@@ -251,8 +305,11 @@ def serve_batched(engine: BatchModel | PipelinedModel | BatchesItself, config: E
             if generator.cancel(task_id):
                 admitted.discard(task_id)
                 outbox.send(TaskCancelled(task_id=task_id))
+        while embeddings and not generator.in_flight:
+            run_embedding(engine, embeddings.popleft(), outbox, Heartbeat(outbox, generator.stats))
         try:
-            generator.launch()
+            if not embeddings:
+                generator.launch()
             chunks = generator.collect() if generator.in_flight else []
         except Exception as error:  # noqa: BLE001  the engine failed: its tasks end with the reason, the runner goes on
             traceback.print_exc(file=sys.stderr)

@@ -55,7 +55,7 @@ from ringlet.shared.state import (
     RunnerStatus,
     State,
 )
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, Task
 from ringlet.shared.wire import BadMessageError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ _LINE_LIMIT = 64 * 1024 * 1024
 
 @dataclass(eq=False)
 class _Pending:
-    task: TextGenerationTask
+    task: Task
     on_started: Callable[[], None]
     outbox: asyncio.Queue[GenerationChunk | TaskError] = field(default_factory=asyncio.Queue)
     done: bool = False
@@ -226,7 +226,8 @@ class _Runner:
                 self.ready, self.slots = True, slots
                 self._emit(RunnerReady(instance_id=self.instance_id, node_id=node_id, context_length=context_length,
                                        engine=self._engine(message.engine), optimization=message.optimization,
-                                       fallback=message.fallback, tool_format=message.tool_format))
+                                       fallback=message.fallback, tool_format=message.tool_format,
+                                       thinking=message.thinking))
                 self._dispatch()
             case FellBack(engine=engine, reason=reason):
                 log.warning("instance %s: %s; it goes on serving", self.instance_id, reason)
@@ -294,7 +295,7 @@ class _Runner:
             pending.finish(error)
         self.active.clear()
 
-    def submit(self, task: TextGenerationTask, on_started: Callable[[], None]) -> _Pending:
+    def submit(self, task: Task, on_started: Callable[[], None]) -> _Pending:
         if self.failure is not None:
             raise TaskError("runner_failed", f"instance {self.instance_id} has failed: {self.failure}")
         if len(self.active) >= self.slots and len(self.queue) >= self._load.config.max_queued:
@@ -348,8 +349,8 @@ def plan(state: State, node_id: str, running: Collection[str], data_host: str = 
         if instance_id in running or node_id not in record.runners or record.status == RunnerStatus.FAILED:
             continue
         bound = BoundInstance(instance=record.instance, node_id=node_id)
-        own = config if record.instance.max_context is None else config.model_copy(
-            update={"max_context": record.instance.max_context})
+        context = record.instance.context_length or record.instance.max_context
+        own = config if context is None else config.model_copy(update={"max_context": context})
         if bound.shard.rank == 0:
             start.append(LoadShard(bound=bound, config=own, data_host=data_host))
         elif record.ring is not None:
@@ -393,7 +394,7 @@ class Supervisor:
         return {instance_id: InstanceLoad(queued=len(runner.queue), batch=runner.stats)
                 for instance_id, runner in self._runners.items()}
 
-    async def generate(self, instance_id: str, task: TextGenerationTask,
+    async def generate(self, instance_id: str, task: Task,
                        on_started: Callable[[], None] = lambda: None) -> AsyncIterator[GenerationChunk]:
         """Queue the task and stream its chunks; `on_started` runs when the runner takes it. Raises TaskError.
         Closing the stream early cancels the task."""

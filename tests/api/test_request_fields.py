@@ -13,6 +13,7 @@ import pytest
 from anthropic.types import message_create_params as anthropic_params
 from ollama import _types as ollama_types
 from openai.types import completion_create_params as completion_params
+from openai.types import embedding_create_params as embedding_params
 from openai.types.chat import completion_create_params as chat_params
 from openai.types.responses import response_create_params as responses_params
 
@@ -36,7 +37,7 @@ CHAT: dict[str, tuple[object, str]] = {
     "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], OK),
     "functions": ([{"name": "f", "parameters": {"type": "object"}}], REFUSED), "function_call": ({"name": "f"}, REFUSED),
     "audio": ({"voice": "alloy", "format": "wav"}, REFUSED), "prediction": ({"type": "content", "content": "x"}, REFUSED),
-    "web_search_options": ({}, REFUSED), "reasoning_effort": ("low", REFUSED), "verbosity": ("low", REFUSED),
+    "web_search_options": ({}, REFUSED), "reasoning_effort": ("low", OK), "verbosity": ("low", REFUSED),
     "moderation": ({"mode": "x"}, REFUSED),
 }
 COMPLETION: dict[str, tuple[object, str]] = {
@@ -48,7 +49,7 @@ COMPLETION: dict[str, tuple[object, str]] = {
 }
 OLLAMA_CHAT: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "messages": (QUESTION, OK), "stream": (False, OK), "format": ("json", OK),
-    "options": ({"num_predict": 3}, OK), "keep_alive": ("5m", OK), "think": (True, REFUSED),
+    "options": ({"num_predict": 3}, OK), "keep_alive": ("5m", OK), "think": (False, OK),
     "logprobs": (True, OK), "top_logprobs": (2, REFUSED),  # top_logprobs alone
     "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], OK),
 }
@@ -56,7 +57,7 @@ OLLAMA_GENERATE: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "prompt": ("Hello", OK), "stream": (False, OK), "format": ("json", OK),
     "options": ({"num_predict": 3}, OK), "keep_alive": (0, OK), "system": ("Be brief.", OK), "raw": (True, OK),
     "suffix": ("end", REFUSED), "template": ("{{ .Prompt }}", REFUSED), "context": ([1, 2], REFUSED),
-    "images": (["aGk="], REFUSED), "think": (True, REFUSED), "logprobs": (True, OK), "top_logprobs": (2, REFUSED),
+    "images": (["aGk="], REFUSED), "think": (False, OK), "logprobs": (True, OK), "top_logprobs": (2, REFUSED),
     "width": (64, REFUSED), "height": (64, REFUSED), "steps": (4, REFUSED),
 }
 
@@ -72,16 +73,27 @@ RESPONSES: dict[str, tuple[object, str]] = {
     "context_management": ([{"type": "compaction"}], REFUSED), "conversation": ("conv_1", REFUSED),
     "image": ({}, REFUSED), "include": (["message.output_text.logprobs"], REFUSED), "max_tool_calls": (2, REFUSED),
     "moderation": ({}, REFUSED), "previous_response_id": ("resp_1", REFUSED), "prompt": ({"id": "p"}, REFUSED),
-    "reasoning": ({"effort": "low"}, REFUSED), "top_logprobs": (2, REFUSED),
+    "reasoning": ({"effort": "low", "summary": "auto"}, OK), "top_logprobs": (2, REFUSED),
 }
 ANTHROPIC: dict[str, tuple[object, str]] = {
     "model": (EMBEDDED_MODEL_ID, OK), "messages": (QUESTION, OK), "max_tokens": (3, OK), "stream": (False, OK),
     "system": ("Be brief.", OK), "stop_sequences": (["\n\n"], OK), "metadata": ({"user_id": "u"}, OK),
     "tools": ([{"name": "f", "input_schema": {"type": "object"}}], OK), "tool_choice": ({"type": "auto"}, OK),
     "output_config": ({"format": {"type": "json_schema", "schema": {"type": "object"}}}, OK),
-    "thinking": ({"type": "enabled", "budget_tokens": 1024}, REFUSED), "service_tier": ("auto", OK),
+    "thinking": ({"type": "adaptive"}, OK), "service_tier": ("auto", OK),
     "cache_control": ({"type": "ephemeral"}, OK), "container": ("c-1", REFUSED), "diagnostics": ({}, OK),
     "inference_geo": ("us", OK), "speed": ("fast", REFUSED), "user_profile_id": ("p", OK), "workspace_id": ("w", OK),
+}
+EMBEDDINGS: dict[str, tuple[object, str]] = {
+    "model": (EMBEDDED_MODEL_ID, OK), "input": (["Hello", "world"], OK), "dimensions": (4, OK),
+    "encoding_format": ("float", OK), "user": ("me", OK),
+}
+OLLAMA_EMBED: dict[str, tuple[object, str]] = {
+    "model": (EMBEDDED_MODEL_ID, OK), "input": (["Hello", "world"], OK), "truncate": (False, OK),
+    "options": ({"num_ctx": 64}, OK), "keep_alive": ("5m", OK), "dimensions": (4, OK),
+}
+OLLAMA_EMBEDDINGS: dict[str, tuple[object, str]] = {
+    "model": (EMBEDDED_MODEL_ID, OK), "prompt": ("Hello", OK), "options": ({"num_ctx": 64}, OK), "keep_alive": (0, OK),
 }
 
 
@@ -96,8 +108,11 @@ def client_fields(params: type) -> set[str]:
     (OLLAMA_GENERATE, set(ollama_types.GenerateRequest.model_fields)),
     (ANTHROPIC, client_fields(anthropic_params.MessageCreateParamsBase)),
     (RESPONSES, client_fields(responses_params.ResponseCreateParamsBase)),
+    (EMBEDDINGS, set(typing.get_type_hints(embedding_params.EmbeddingCreateParams))),
+    (OLLAMA_EMBED, set(ollama_types.EmbedRequest.model_fields)),
+    (OLLAMA_EMBEDDINGS, set(ollama_types.EmbeddingsRequest.model_fields)),
 ], ids=["openai chat", "openai completions", "ollama chat", "ollama generate", "anthropic messages",
-        "openai responses"])
+        "openai responses", "openai embeddings", "ollama embed", "ollama embeddings"])
 def test_every_field_the_clients_send_is_decided(table, fields):
     assert fields == set(table), f"undecided: {sorted(fields - set(table))}; gone: {sorted(set(table) - fields)}"
 
@@ -116,6 +131,10 @@ ENDPOINTS = {
     "anthropic messages": (ANTHROPIC, ("model", "messages", "max_tokens"), {},
                            lambda url: anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0,
                                                            timeout=30).messages.create),
+    "openai embeddings": (EMBEDDINGS, ("model", "input"), {}, lambda url: _openai(url).embeddings.create),
+    "ollama embed": (OLLAMA_EMBED, ("model", "input"), {}, lambda url: ollama.Client(host=url, timeout=30).embed),
+    "ollama embeddings": (OLLAMA_EMBEDDINGS, ("model", "prompt"), {},
+                          lambda url: ollama.Client(host=url, timeout=30).embeddings),
 }
 
 

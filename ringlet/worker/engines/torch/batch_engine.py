@@ -29,9 +29,9 @@ from ringlet.models.llama import Transformer
 from ringlet.models.loader import LoadedStage
 from ringlet.models.paged_cache import BatchLayout, PagedKVCache, SequenceStep
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.shared.config import EngineConfig
+from ringlet.shared.config import KV_SHARE, EngineConfig
 from ringlet.shared.instances import BoundInstance
-from ringlet.shared.tasks import GenerationChunk, SamplingParams, TextGenerationTask
+from ringlet.shared.tasks import EmbeddingTask, GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import load_torch_stage
 
 if TYPE_CHECKING:
@@ -45,8 +45,6 @@ BLOCK_SIZE = 16
 # llama-3.1-8b --streams 1 8 64` took 0.8-2 s, each the first of its shape; the same steps later took 20-40 ms)
 EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MOST_GRAPHED_ROWS = 1024  # tokens of the largest step on a CUDA graph; a longer step runs its chunks eagerly
-# of the memory left after the weights: the host's RAM is shared with everything else on the machine, a GPU's is not
-KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}
 # a CPU's cache holds this many sequences at the longest context (many more short ones): a CPU computes a few
 # sequences at a time usefully, and the cache is committed at load, so a larger one only takes memory from the machine
 CPU_CONTEXTS = 8
@@ -175,7 +173,8 @@ class TorchBatchEngine:
     def warmup(self) -> None:
         """Compile the CPU decode step (when configured), then run a short generation, so that no request pays for
         either. A step that fails to compile leaves eager decoding, which always works."""
-        if self.device.type == "cpu" and self.config.cpu_compile:
+        # a mixture of experts routes by the data: its step is not compiled (nor graphed: `unsupported_reason`)
+        if self.device.type == "cpu" and self.config.cpu_compile and not self.stage.args.has_experts:
             self._compile_decode()
         if self.paged_decode is not None:
             began = time.perf_counter()
@@ -215,6 +214,13 @@ class TorchBatchEngine:
         from ringlet.worker.batching import generate_alone
 
         return generate_alone(self, self.config, task)
+
+    def embed(self, task: EmbeddingTask, after_forward: Callable[[], None] = lambda: None) -> list[GenerationChunk]:
+        """An embeddings request, all its inputs at once (`embed.py`); ValueError for a generation-only model."""
+        from ringlet.worker.engines.torch.embed import embed
+
+        return embed(self.model, self.stage.tokenizer, self.stage.pooling, task, self.context_length,
+                     self.config.max_step_tokens, after_forward)
 
     def close(self) -> None:
         del self.cache
