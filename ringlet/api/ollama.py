@@ -21,6 +21,7 @@ from ringlet.api.generation import DisconnectWatch, Generation, build_task, erro
 from ringlet.api.ollama_schemas import (
     ChatRequest,
     ChatResponse,
+    CopyRequest,
     GenerateRequest,
     GenerateResponse,
     LogprobOut,
@@ -39,10 +40,13 @@ from ringlet.api.ollama_schemas import (
     VersionResponse,
 )
 from ringlet.api.tool_calls import CallReader
+from ringlet.models.aliases import ModelAliases
 from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadStatus, TooManyDownloads
-from ringlet.models.store import ModelStore
+from ringlet.models.ollama import pull_ref
 from ringlet.shared.errors import ModelLoadError, ModelNotFoundError, NodeError, NoInstanceError, TaskError
+from ringlet.shared.instances import GPU_ENGINES
+from ringlet.shared.messages import DeleteModel
 from ringlet.shared.tasks import ChatMessage, FunctionSpec, GenerationChunk, TextGenerationTask, TokenLogprob, ToolCall
 
 router = APIRouter(prefix="/api", tags=["ollama"])
@@ -50,7 +54,6 @@ router = APIRouter(prefix="/api", tags=["ollama"])
 OLLAMA_API_VERSION = "0.6.0"
 LOAD_WAIT_S = 300.0  # a request waits this long for its model to load, as Ollama's does
 PULL_PROGRESS_S = 0.5  # a pull's progress lines, at most this often
-GPU_ENGINES = ("cuda", "ipex", "mlx")
 NDJSON = "application/x-ndjson"
 GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503, ollama=True)
 
@@ -74,7 +77,7 @@ def _task(body: ChatRequest | GenerateRequest, messages: list[ChatMessage] | Non
     options = body.opts
     return build_task(lambda: TextGenerationTask(model=body.model, messages=messages, prompt=prompt, tools=tools,
                                                  max_tokens=options.max_tokens(), stop=options.stop_list(),
-                                                 context_window=options.num_ctx,
+                                                 context_window=options.num_ctx, thinking=body.thinking(),
                                                  sampling=options.sampling().model_copy(
                                                      update={"constraint": body.constraint(),
                                                              "logprobs": body.logprob_count()})),
@@ -94,7 +97,7 @@ def _stats(last: GenerationChunk, total_s: float) -> dict[str, object]:
     return stats
 
 
-Line = Callable[[str, list[ToolCall], dict[str, object]], BaseModel]
+Line = Callable[[str, str | None, list[ToolCall], dict[str, object]], BaseModel]  # (text, thinking, calls, fields)
 
 
 async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: TextGenerationTask,
@@ -105,6 +108,8 @@ async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: Te
     except NodeError as refusal:  # counted as Generation.start counts its refusals
         request.app.state.metrics.error("ollama", error_kind(refusal))
         raise
+    if task.thinking and node.instance_for(body.model).thinking is None:  # as Ollama refuses it
+        raise ApiError(400, f'"{body.model}" does not support thinking', param="think", code="invalid_parameter")
     return await Generation.start(node, task, request, api="ollama")
 
 
@@ -115,7 +120,7 @@ async def _answer(generation: Generation, body: ChatRequest | GenerateRequest, n
     calls out of the text: a call comes in a line of its own once its text is complete. Once the answer is out, the
     instance's keep_alive starts."""
     began = datetime.now(UTC)
-    reader = reader or CallReader("none", [], "hermes")
+    reader = reader or CallReader("none", [], "hermes", thinking=generation.thinking_splitter())
     with_top = bool(body.top_logprobs)
 
     def finished() -> None:
@@ -139,17 +144,19 @@ async def _answer(generation: Generation, body: ChatRequest | GenerateRequest, n
             finished()
         assert last is not None
         piece = reader.read("".join(text), last=True)
-        return line(piece.content, reader.calls, {"done": True, **_stats(last, elapsed()), **logprobs(tokens)})
+        return line(piece.content, piece.thinking or None, reader.calls,
+                    {"done": True, **_stats(last, elapsed()), **logprobs(tokens)})
 
     async def lines() -> AsyncIterator[str]:
         try:
             async for chunk in generation.chunks(watch_disconnect=False):
                 piece = reader.read(chunk.text, last=chunk.finish_reason is not None)
-                if piece.content or piece.finished or chunk.logprobs:
-                    yield line(piece.content, piece.finished, {"done": False, **logprobs(chunk.logprobs or [])}
-                               ).model_dump_json(exclude_none=True) + "\n"
+                if piece.content or piece.thinking or piece.finished or chunk.logprobs:
+                    yield line(piece.content, piece.thinking or None, piece.finished,
+                               {"done": False, **logprobs(chunk.logprobs or [])}).model_dump_json(
+                        exclude_none=True) + "\n"
                 if chunk.finish_reason is not None:
-                    yield line("", [], {"done": True, **_stats(chunk, elapsed())}).model_dump_json(
+                    yield line("", None, [], {"done": True, **_stats(chunk, elapsed())}).model_dump_json(
                         exclude_none=True) + "\n"
         except TaskError as failure:  # the status is sent already: Ollama reports errors as a line
             yield json.dumps(OllamaError(error=to_api_error(failure).message).model_dump()) + "\n"
@@ -168,11 +175,13 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
     node = node_of(request)
     generation = await _start(node, body, task, request)
 
-    def line(text: str, calls: list[ToolCall], extra: dict[str, object]) -> ChatResponse:
-        message = ResponseMessage(content=text, tool_calls=[OllamaToolCall.of(c) for c in calls] or None)
+    def line(text: str, thinking: str | None, calls: list[ToolCall], extra: dict[str, object]) -> ChatResponse:
+        message = ResponseMessage(content=text, thinking=thinking,
+                                  tool_calls=[OllamaToolCall.of(c) for c in calls] or None)
         return ChatResponse.model_validate({"model": body.model, "created_at": _now(), "message": message, **extra})
 
-    reader = CallReader("auto" if tools else "none", tools or [], generation.tool_format())
+    reader = CallReader("auto" if tools else "none", tools or [], generation.tool_format(),
+                        thinking=generation.thinking_splitter())
     return await _answer(generation, body, node, line, reader)
 
 
@@ -182,8 +191,9 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
     """Complete a prompt, Ollama style: through the chat template unless `raw` is true."""
     node = node_of(request)
 
-    def line(text: str, calls: list[ToolCall], extra: dict[str, object]) -> GenerateResponse:
-        return GenerateResponse.model_validate({"model": body.model, "created_at": _now(), "response": text, **extra})
+    def line(text: str, thinking: str | None, calls: list[ToolCall], extra: dict[str, object]) -> GenerateResponse:
+        return GenerateResponse.model_validate({"model": body.model, "created_at": _now(), "response": text,
+                                                "thinking": thinking, **extra})
 
     if not body.prompt and (body.raw or not body.system):
         # Ollama answers an empty prompt by loading the model, or with keep_alive 0 by unloading it (`ollama stop`)
@@ -193,10 +203,10 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
                 node.keep_alive(node.instance_for(body.model).instance.instance_id, 0)
             except NoInstanceError:
                 pass  # nothing serves it: nothing to unload
-            return line("", [], {"done": True, "done_reason": "unload"})
+            return line("", None, [], {"done": True, "done_reason": "unload"})
         await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check)
         node.keep_alive(node.instance_for(body.model).instance.instance_id, keep_alive)
-        return line("", [], {"done": True, "done_reason": "load"})
+        return line("", None, [], {"done": True, "done_reason": "load"})
 
     if body.raw:
         task = _task(body, prompt=body.prompt)
@@ -214,7 +224,8 @@ def _details(card: ModelCard) -> ModelDetails:
 
 
 def _name(card: ModelCard) -> str:
-    return card.id if card.source == "ollama" else f"{card.id}:latest"  # Ollama's own names carry their tag
+    # Ollama's names carry their tag; ORG/NAME:QUANT has one already
+    return card.id if card.source == "ollama" or ":" in card.id else f"{card.id}:latest"
 
 
 def _digest(card: ModelCard) -> str:
@@ -241,6 +252,9 @@ def tags(request: Request) -> TagsResponse:
             listed[record.instance.model] = _tag(node.catalog.resolve(record.instance.model), record.created_at)
         except NodeError:
             continue  # a path on another node: its name says nothing here
+    for alias in ModelAliases().all():  # a copy's name, listed beside its model as `ollama list` lists one
+        if (tag := listed.get(alias.target)) is not None:
+            listed[alias.name] = tag.model_copy(update={"name": alias.name, "model": alias.name})
     return TagsResponse(models=list(listed.values()))
 
 
@@ -260,8 +274,9 @@ def show(body: ModelRequest, request: Request) -> ShowResponse:
         f"{arch}.context_length": card.context_length, f"{arch}.block_count": card.num_layers,
         f"{arch}.embedding_length": card.hidden_size, f"{arch}.attention.head_count": card.num_attention_heads,
         f"{arch}.attention.head_count_kv": card.num_key_value_heads, f"{arch}.vocab_size": card.vocab_size}
+    thinks = any(record.thinking is not None for record in node_of(request).state.instances_of(card.id))
     return ShowResponse(modified_at=_now(), template="", modelfile=f"FROM {card.id}\n", details=_details(card),
-                        model_info=info, capabilities=["completion", "tools"])
+                        model_info=info, capabilities=["completion", "tools", *(["thinking"] if thinks else [])])
 
 
 @router.get("/ps", response_model=ProcessResponse)
@@ -285,8 +300,11 @@ def ps(request: Request) -> ProcessResponse:
 
 @router.delete("/delete", response_model=StatusLine, responses=error_responses(400, 404, 409, ollama=True))
 def delete(body: ModelRequest, request: Request) -> StatusLine:
-    """Remove a model from this node's store; one an instance serves must be stopped first."""
+    """Remove a model from this node's store (and the names copies gave it); one an instance serves must be stopped
+    first. A name made by a copy is removed alone: its files stay with their model."""
     node = node_of(request)
+    if ModelAliases().remove(body.model) is not None:
+        return StatusLine(status="success")
     try:
         name = node.catalog.resolve(body.model).id
     except ModelNotFoundError:
@@ -296,26 +314,35 @@ def delete(body: ModelRequest, request: Request) -> StatusLine:
         raise ApiError(409, f"{name} is served by instance {serving[0].instance.instance_id}; stop it first "
                             f"(DELETE /instance/{serving[0].instance.instance_id}, or keep_alive 0)",
                        code="model_in_use")
-    store = node.downloads.store or ModelStore()
-    try:
-        store.remove(name)
-    except ModelLoadError as error:
-        raise ApiError(404, str(error), type="not_found_error", code="model_not_found") from None
+    removed = node.run_model_command(DeleteModel(origin=node.node_id, model=name))  # the node lists its store anew
+    if removed.status >= 300:
+        raise ApiError(removed.status, removed.error or f"{name} was not deleted",
+                       type="not_found_error" if removed.status == 404 else "invalid_request_error", code=removed.code)
+    return StatusLine(status="success")
+
+
+@router.post("/copy", response_model=StatusLine, responses=error_responses(400, 404, ollama=True))
+def copy(body: CopyRequest, request: Request) -> StatusLine:
+    """Give a model on this node a second name (Ollama's `cp`); the name shares the model's files, nothing is
+    duplicated, and deleting it leaves the model be."""
+    node_of(request).catalog.copy(body.source, body.destination)
     return StatusLine(status="success")
 
 
 @router.post("/pull", response_model=ProgressLine, responses={**error_responses(400, 404, 429, ollama=True),
                                                               **_ndjson_docs(ProgressLine)})
 async def pull(body: PullRequest, request: Request) -> BaseModel | StreamingResponse:
-    """Download a model into this node's store (a Hugging Face repo id), with its progress as NDJSON lines."""
+    """Download a model into this node's store (a Hugging Face repo id, or an Ollama library name mapped to a GGUF
+    repo), with its progress as NDJSON lines."""
     downloads = node_of(request).downloads
     try:
-        started = downloads.start(body.model)
+        started = downloads.start(pull_ref(body.model))
     except TooManyDownloads as error:
         raise ApiError(429, str(error), type="rate_limit_error", code="too_many_downloads") from None
     except ModelLoadError as error:
-        raise ApiError(400, f"{error}; ringlet pulls Hugging Face repos (ORG/NAME); a model pulled with Ollama "
-                            "is used from Ollama's store as it is", param="model", code="invalid_model") from None
+        raise ApiError(400, f"{error}; ringlet pulls Hugging Face repos (ORG/NAME) and the Ollama library names "
+                            "it maps (qwen3:8b); a model pulled with Ollama is used from Ollama's store as it is",
+                       param="model", code="invalid_model") from None
 
     def line(status: DownloadStatus) -> ProgressLine:
         if status.state == "done":

@@ -121,7 +121,8 @@ class OllamaMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = Field(None, max_length=0, description="not supported")
-    thinking: Literal[""] | None = Field(None, description="thinking output is not supported")
+    thinking: str | None = Field(None, description="an earlier answer's thinking: accepted, and left out of the prompt "
+                                                   "(as thinking models' templates drop it)")
     tool_name: str | None = Field(None, max_length=200, description="a tool message: the function that answered")
     tool_calls: list[OllamaToolCall] | None = Field(None, max_length=MAX_TOOLS, description="an assistant's calls")
 
@@ -145,7 +146,14 @@ class _GenerateFields(LogprobFields):
     keep_alive: float | str | None = Field(None, description='how long the instance stays loaded once idle: seconds, '
                                                             'or a duration ("5m", "1h30m"); 0 unloads it after this '
                                                             "request, a negative value keeps it until deleted")
-    think: Literal[False] | None = Field(None, description="thinking output is not supported")
+    think: bool | Literal["low", "medium", "high"] | None = Field(
+        None, description="a model that thinks: true (or a level) thinks first and sends the thinking apart from the "
+                          "answer, false answers without thinking where the template has the switch; left out: the "
+                          "model's default, thinking apart")
+
+    def thinking(self) -> bool | None:
+        """The chat template's thinking switch: a level turns thinking on (its length is the model's affair)."""
+        return None if self.think is None else self.think is not False
 
     @field_validator("keep_alive")
     @classmethod
@@ -223,6 +231,7 @@ class LogprobOut(TopLogprobOut):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    thinking: str | None = Field(None, description="the model's thinking before its answer (a model that thinks)")
     tool_calls: list[OllamaToolCall] | None = None
 
 
@@ -236,6 +245,7 @@ class GenerateResponse(_Stats):
     """One line of the newline-delimited JSON stream (or the whole answer with `stream: false`)."""
 
     response: str
+    thinking: str | None = Field(None, description="the model's thinking before its answer (a model that thinks)")
 
 
 class ModelDetails(BaseModel):
@@ -278,9 +288,20 @@ class PullRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, validation_alias=AliasChoices("model", "name"),
-                       description="a Hugging Face repo id, ORG/NAME (a GGUF repo's quantisation as :Q4_K_M)")
+                       description="a Hugging Face repo id, ORG/NAME (a GGUF repo's quantisation as :Q4_K_M), or an "
+                                   "Ollama library name (qwen3:8b) that ringlet maps to a GGUF repo")
     stream: bool = True
     insecure: bool | None = Field(None, description="accepted and ignored: downloads are always over HTTPS")
+
+
+class CopyRequest(BaseModel):
+    """/api/copy: `destination` becomes a second name of the model `source` (its files shared, not duplicated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=300, description="a model on this node, by any of its names")
+    destination: str = Field(min_length=1, max_length=300, description="the new name: model[:tag] or "
+                                                                        "namespace/model[:tag]")
 
 
 class ProgressLine(BaseModel):

@@ -36,7 +36,8 @@ _EMBEDDED_NAMES = {EMBEDDED_MODEL_ID.lower(), "default", "smollm2-135m", "smollm
 def register(subparsers: argparse._SubParsersAction) -> None:
     pull = subparsers.add_parser("pull", help="download a model from Hugging Face into the local store")
     pull.add_argument("model", help="ORG/NAME as on Hugging Face (e.g. Qwen/Qwen3-0.6B); ORG/NAME:QUANT picks one "
-                                    "GGUF file of a GGUF repo")
+                                    "GGUF file of a GGUF repo; an Ollama library name (qwen3:8b, llama3.2:1b) "
+                                    "pulls the GGUF repo and quantisation ringlet maps it to")
     pull.add_argument("--layers", metavar="START:END", type=_layers_arg,
                       help="fetch only the files that hold layers START..END-1 (one pipeline stage)")
     pull.add_argument("--offline", action="store_true",
@@ -51,8 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.set_defaults(func=_list)
 
     rm = subparsers.add_parser("rm", help="delete a downloaded model from the local store")
-    rm.add_argument("model", help="ORG/NAME as `ringlet models` lists it")
+    rm.add_argument("model", help="ORG/NAME as `ringlet models` lists it, an Ollama library name pulled with "
+                                  "`ringlet pull`, or a name `ringlet cp` made (only the name goes)")
     rm.set_defaults(func=_remove)
+
+    cp = subparsers.add_parser("cp", help="give a model a second name (its files are shared, not copied)")
+    cp.add_argument("source", help="a model on this machine, by any of its names")
+    cp.add_argument("destination", help="the new name: model[:tag] or namespace/model[:tag]")
+    cp.set_defaults(func=_copy)
 
     show = subparsers.add_parser("show", help="a model's architecture, size, context and quantisation")
     show.add_argument("model", help="a name, ORG/NAME, a path or an Ollama name")
@@ -72,6 +79,7 @@ def pull(model: str, layers: tuple[int, int] | None = None, revision: str = "mai
          workers: int = 4) -> int:
     """Download `model` into the store with progress bars on stderr; the exit code (errors as CliError)."""
     from ringlet.models.download import DownloadCancelled, HubSettings, download_model
+    from ringlet.models.ollama import pull_ref
     from ringlet.models.store import ModelRef
 
     if model.strip().lower() in _EMBEDDED_NAMES:
@@ -79,10 +87,13 @@ def pull(model: str, layers: tuple[int, int] | None = None, revision: str = "mai
         return 0
     if Path(model).expanduser().exists():
         raise CliError(f"{model} is a local path; run it directly, there is nothing to pull")
+    ref = pull_ref(model)
     try:
-        ModelRef.parse(model)
+        ModelRef.parse(ref)
     except ModelLoadError as e:
-        raise CliError(str(e)) from None
+        raise CliError(f"{e}; or an Ollama library name ringlet maps, such as qwen3:8b") from None
+    if ref != model.strip():
+        print(f"{model} is {ref}", file=sys.stderr)
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per HTTP request drowns the progress bars
     settings = HubSettings.from_env(offline=True if offline else None)
     cancel = threading.Event()
@@ -91,7 +102,7 @@ def pull(model: str, layers: tuple[int, int] | None = None, revision: str = "mai
     with _ProgressBars(console) as bars:
         def run() -> None:
             try:
-                outcome["path"] = download_model(model, layers=layers, revision=revision, settings=settings,
+                outcome["path"] = download_model(ref, layers=layers, revision=revision, settings=settings,
                                                  max_workers=workers, progress=bars.show, cancel=cancel)
             except ModelLoadError as e:  # DownloadError and friends: the message says what to do
                 outcome["error"] = e
@@ -153,6 +164,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from ringlet.models.aliases import ModelAliases
     from ringlet.models.catalog import catalog
     from ringlet.models.embedded import embedded_model_path
     from ringlet.models.ollama import ollama_models
@@ -185,6 +197,8 @@ def _list(args: argparse.Namespace) -> int:
         rows.append((model.repo_id, model.status, _size(model.size_bytes), detail, str(model.path)))
     for pulled in ollama_models():  # served in place, by the name Ollama gave them
         rows.append((pulled.name, "ollama", _size(pulled.size_bytes), "GGUF pulled with Ollama", str(pulled.path)))
+    for alias in ModelAliases().all():  # names `ringlet cp` made: their model's files, no more space
+        rows.append((alias.name, "name", "-", f"another name of {alias.target}", "-"))
     _print_table(rows)
     if len(rows) == 2:
         print(f"\nno downloaded models in {store.root}; `ringlet pull Qwen/Qwen3-0.6B` fetches one")
@@ -194,13 +208,33 @@ def _list(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     if args.model.strip().lower() in _EMBEDDED_NAMES:
         raise CliError(f"{EMBEDDED_MODEL_ID} is embedded in the installed package and cannot be removed")
+    from ringlet.models.aliases import ModelAliases
+    from ringlet.models.ollama import pull_ref
     from ringlet.models.store import ModelStore
 
+    aliases = ModelAliases()
+    if (alias := aliases.remove(args.model)) is not None:
+        print(f"removed the name {alias.name}; {alias.target} stays")
+        return 0
     try:
-        model = ModelStore().remove(args.model)
+        model = ModelStore().remove(pull_ref(args.model))
     except ModelLoadError as e:
         raise CliError(str(e)) from None
-    print(f"removed {model.repo_id} ({_size(model.size_bytes + model.incomplete_bytes)} freed)")
+    names = [alias.name for alias in aliases.remove_pointing_to(model.repo_id)]
+    print(f"removed {model.repo_id} ({_size(model.size_bytes + model.incomplete_bytes)} freed)"
+          + (f" and its names {', '.join(names)}" if names else ""))
+    return 0
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from ringlet.models.names import Catalog
+    from ringlet.shared.errors import NodeError
+
+    try:
+        alias = Catalog().copy(args.source, args.destination)
+    except NodeError as error:
+        raise CliError(str(error)) from None
+    print(f"{alias.name} is now a name of {alias.target}")
     return 0
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 from ringlet.cli import CliError
+from ringlet.shared.instances import GPU_ENGINES
 from ringlet.shared.state import LayerLoad
 
 GIB = 1024**3
@@ -14,8 +16,10 @@ GIB = 1024**3
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ps", help="list instances and nodes of a running node",
-                       description="List the instances (model, type, status, requests in flight, the memory they "
-                                   "hold, their context window, engines, stages per node) and the nodes.")
+                       description="List the instances (model, type, status, requests in flight, idle time since "
+                                   "their last request through this node and when keep_alive unloads them, the "
+                                   "memory they hold and on which processor, their context window, engines, stages "
+                                   "per node) and the nodes.")
     p.add_argument("--url", default="http://localhost:52415", help="the node's API (default http://localhost:52415)")
     p.add_argument("--json", action="store_true", help="print the raw state as JSON")
     p.set_defaults(func=run)
@@ -35,6 +39,48 @@ def engine_cell(record: dict[str, Any]) -> str:
         engine = runner.get("engine") or shard["engine"]
         cells.append(f"{engine} ({runner['fallback']})" if runner.get("fallback") else engine)
     return ", ".join(dict.fromkeys(cells))
+
+
+def stage_engines(record: dict[str, Any]) -> dict[str, str]:
+    """Each stage's engine by node id: its runner's once ready, else the planned one."""
+    return {shard["node_id"]: record["runners"].get(shard["node_id"], {}).get("engine") or shard["engine"]
+            for shard in record["instance"]["shards"]}
+
+
+def processor_cell(record: dict[str, Any]) -> str:
+    """Where the instance's weights are, as `ollama ps` says it: 100% GPU, 100% CPU, or 40%/60% CPU/GPU (the memory
+    of the stages on a GPU engine; the stages counted alike while no size is known)."""
+    engines = stage_engines(record)
+    memory = {node_id: record.get("memory_bytes", {}).get(node_id, 0) for node_id in engines}
+    if not sum(memory.values()):
+        memory = dict.fromkeys(engines, 1)
+    gpu = round(100 * sum(size for node_id, size in memory.items() if engines[node_id] in GPU_ENGINES)
+                / sum(memory.values()))
+    return {100: "100% GPU", 0: "100% CPU"}.get(gpu, f"{100 - gpu}%/{gpu}% CPU/GPU")
+
+
+def duration(seconds: float) -> str:
+    """12s, 4m, 2h5m."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60}m"
+
+
+def idle_cell(activity: dict[str, Any], tasks: int, now: float) -> str:
+    """busy while requests run; else the time since the last one through this node ("-": none yet)."""
+    if tasks:
+        return "busy"
+    last = activity.get("last_request_at")
+    return "-" if last is None else duration(now - last)
+
+
+def until_cell(activity: dict[str, Any], now: float) -> str:
+    """How long until keep_alive unloads the instance (4m); forever when no keep_alive is set."""
+    expires = activity.get("expires_at")
+    return "forever" if expires is None else duration(expires - now)
 
 
 def instance_settings(instance_id: str, record: dict[str, Any], name: dict[str, str]) -> list[str]:
@@ -65,7 +111,8 @@ def loading_status(record: dict[str, Any]) -> str:
     return f"loading {text_bar(load.fraction)} {load.describe()}"
 
 
-def format_state(state: dict[str, Any]) -> str:
+def format_state(state: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
     nodes = state["nodes"]
     name = {node_id: n["name"] for node_id, n in nodes.items()}
     instance_rows, settings = [], []
@@ -84,17 +131,19 @@ def format_state(state: dict[str, Any]) -> str:
         tasks = sum(1 for t in state["tasks"].values() if t["instance_id"] == instance_id)
         contexts = [r["context_length"] for r in record["runners"].values() if r.get("context_length")]
         size = sum(record.get("memory_bytes", {}).values())
+        activity = state.get("activity", {}).get(instance_id, {})
         instance_rows.append([instance_id, instance["model"], instance["instance_type"], status, str(tasks),
-                              f"{size / GIB:.2f} GiB" if size else "-", str(min(contexts)) if contexts else "-",
-                              engine_cell(record), ", ".join(stages)])
+                              idle_cell(activity, tasks, now), until_cell(activity, now),
+                              f"{size / GIB:.2f} GiB" if size else "-", processor_cell(record),
+                              str(min(contexts)) if contexts else "-", engine_cell(record), ", ".join(stages)])
         settings += instance_settings(instance_id, record, name)
     node_rows = [[node_id, n["name"], ",".join(n["engines"]["available_engines"]),
                   str(n["engines"]["selected_engine"]), f"{n['memory']['available_bytes'] / GIB:.1f} GiB"]
                  for node_id, n in nodes.items()]
     failed = [f"{instance_id}: {record['error']}" for instance_id, record in state["instances"].items()
               if record.get("error")]
-    parts = [_table(["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "SIZE", "CONTEXT", "ENGINE", "STAGES"],
-                    instance_rows)
+    parts = [_table(["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "IDLE", "UNTIL", "SIZE", "PROCESSOR", "CONTEXT",
+                     "ENGINE", "STAGES"], instance_rows)
              if instance_rows else "no instances",
              "",
              _table(["NODE", "NAME", "ENGINES", "SELECTED", "FREE MEMORY"], node_rows)]

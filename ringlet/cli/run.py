@@ -7,13 +7,14 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 from ringlet.cli import CliError, engine_from_environment
 from ringlet.shared.config import PRECISIONS, EngineConfig
 from ringlet.shared.errors import ContextWindowError, ModelLoadError
 from ringlet.shared.instances import BoundInstance, IpexOptimizationLevel
+from ringlet.shared.sizes import format_bytes_of
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
 
 if TYPE_CHECKING:
@@ -194,7 +195,8 @@ class LocalSession:
 
 
 class NodeSession:
-    """A running node's Ollama API: it loads the model on first use and keeps it loaded."""
+    """A running node's Ollama API: it loads the model on first use and keeps it loaded. Loading (and pulling a model
+    the node lacks) shows the node's progress on stderr."""
 
     def __init__(self, client: NodeClient, model: str | None, args: argparse.Namespace) -> None:
         self.client, self.args = client, args
@@ -203,6 +205,7 @@ class NodeSession:
         self.model = model or pick_model(client)
         self.options = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                         "num_predict": args.max_tokens, **({"seed": args.seed} if args.seed is not None else {})}
+        self._load()
 
     def reply(self, messages: list[ChatMessage]) -> Iterator[str]:
         from ringlet.cli.client import NodeApiError
@@ -211,7 +214,7 @@ class NodeSession:
                 "options": self.options}
         try:
             last: dict[str, Any] = {}
-            for line in self._chat(body):
+            for line in self.client.stream_lines("/api/chat", body):
                 last = line
                 yield line.get("message", {}).get("content", "")
         except NodeApiError as error:
@@ -221,21 +224,99 @@ class NodeSession:
             _print_stats(f"node {self.client.url}", last.get("prompt_eval_count", 0), last["eval_count"],
                          last.get("prompt_eval_duration", 0) / 1e9, decode)
 
-    def _chat(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _load(self) -> None:
+        """Have the node load the model (Ollama's empty prompt), pulling it there first when the node lacks a
+        Hugging Face repo or an Ollama library name; errors as CliError."""
         from ringlet.cli.client import NodeApiError
 
         try:
-            yield from self.client.stream_lines("/api/chat", body)
+            try:
+                self._load_showing_progress()
+            except NodeApiError as error:
+                if not (_pullable(self.model) and str(error).startswith(("404", "503"))):
+                    raise
+                self._pull()
+                self._load_showing_progress()
         except NodeApiError as error:
-            if "/" not in self.model or not str(error).startswith(("404", "503")):
-                raise
-            print(f"pulling {self.model} on the node at {self.client.url}", file=sys.stderr)
+            raise CliError(str(error)) from None
+
+    def _load_showing_progress(self) -> None:
+        """Ask the node to load the model and, until it answers, show what its /state says of the load."""
+        import threading
+
+        from ringlet.cli.client import NodeApiError
+
+        shown = self.client.get_json("/api/show", {"model": self.model})
+        model_id = str(shown.get("model_info", {}).get("general.name", self.model))
+        outcome: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                self.client.get_json("/api/generate", {"model": self.model, "prompt": "", "stream": False})
+            except NodeApiError as error:
+                outcome["error"] = error
+
+        loading = threading.Thread(target=load, name="load", daemon=True)
+        loading.start()
+        with _status_line() as show:
+            while loading.is_alive():
+                loading.join(LOAD_POLL_S)
+                if loading.is_alive():
+                    show(load_progress(self.client.get("/state", timeout_s=10), model_id))
+        if "error" in outcome:
+            raise outcome["error"]
+
+    def _pull(self) -> None:
+        print(f"pulling {self.model} on the node at {self.client.url}", file=sys.stderr)
+        with _status_line() as show:
             for line in self.client.stream_lines("/api/pull", {"model": self.model}):
                 if line.get("total"):
-                    print(f"\r  {line.get('completed', 0) / 1e6:.0f} of {line['total'] / 1e6:.0f} MB", end="",
-                          file=sys.stderr)
-            print(file=sys.stderr)
-            yield from self.client.stream_lines("/api/chat", body)
+                    show(f"pulling {self.model}: {format_bytes_of(line.get('completed', 0), line['total'])}")
+
+
+LOAD_POLL_S = 0.25  # how often `ringlet run` reads a loading node's /state
+
+
+def load_progress(state: dict[str, Any], model_id: str) -> str:
+    """What a node's /state says of `model_id` coming in: its downloads' bytes, its instance's layers loaded."""
+    from ringlet.cli.ps import loading_status
+
+    repo = model_id.split(":")[0].lower()
+    parts = [f"downloading {d['model']}: {format_bytes_of(d['done'], d['total'])}"
+             for d in state.get("downloads", {}).values()
+             if d["state"] == "running" and d["model"].split(":")[0].lower() == repo and d.get("total")]
+    records = [r for r in state.get("instances", {}).values() if r["instance"]["model"] == model_id]
+    if records and records[0]["status"] == "loading":
+        parts.append(f"{model_id}: {loading_status(records[0])}")
+    return "; ".join(parts) or f"{model_id}: waiting for the node"
+
+
+@contextlib.contextmanager
+def _status_line() -> Iterator[Callable[[str], None]]:
+    """`show(text)` rewrites one line on a terminal's stderr, cleared at the end; nothing when stderr is no
+    terminal."""
+    if not sys.stderr.isatty():
+        yield lambda text: None
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    with Console(stderr=True).status("") as status:
+        yield lambda text: status.update(escape(text))  # a bar's [###...] is text, not markup
+
+
+def _pullable(model: str) -> bool:
+    """Whether a node can pull `model`: a Hugging Face ORG/NAME[:QUANT], or an Ollama library name ringlet maps."""
+    from ringlet.models.ollama import library_model
+    from ringlet.models.store import ModelRef
+
+    if library_model(model) is not None:
+        return True
+    try:
+        ModelRef.parse(model)
+    except ModelLoadError:
+        return False
+    return True
 
 
 def _print_stats(where: str, prompt: int, generated: int, first_token_s: float, decode_tps: float) -> None:
@@ -244,17 +325,17 @@ def _print_stats(where: str, prompt: int, generated: int, first_token_s: float, 
 
 
 def _pull_if_missing(model: str | None) -> None:
-    """A Hugging Face ORG/NAME that is neither on disk nor a local path is pulled into the store first."""
-    from pathlib import Path
+    """A Hugging Face ORG/NAME or an Ollama library name (`qwen3:8b`) that this machine does not hold is pulled into
+    the store first."""
+    from ringlet.models.loader import resolve_model_path
 
-    from ringlet.models.store import ModelRef, find_local
-
-    if model is None or "/" not in model or Path(model).expanduser().exists() or find_local(model) is not None:
-        return
+    if model is None or not _pullable(model):
+        return  # not a name a hub has: loading says what it is not
     try:
-        ModelRef.parse(model)
+        resolve_model_path(model)
+        return  # here already: a local path, in the store, pulled with Ollama, or a copy's name
     except ModelLoadError:
-        return  # not a repo id: loading says what it is not
+        pass
     from ringlet.cli.models import pull
 
     print(f"{model} is not on this machine; pulling it", file=sys.stderr)

@@ -18,11 +18,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringlet.models.aliases import ModelAlias, ModelAliases
 from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card, resolve_card
 from ringlet.models.gguf_loader import gguf_size
 from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
-from ringlet.models.ollama import OllamaModel, find_ollama_model, ollama_models
-from ringlet.models.store import MANIFEST_FILE, ModelRef, ModelStore, extra_model_dirs, find_local, ringlet_home
+from ringlet.models.ollama import OllamaModel, find_ollama_model, library_model, ollama_models
+from ringlet.models.store import (
+    MANIFEST_FILE,
+    ModelRef,
+    ModelStore,
+    extra_model_dirs,
+    find_local,
+    gguf_models,
+    ringlet_home,
+)
 from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError, NodeError
 
 
@@ -56,7 +65,30 @@ class Catalog:
         return [*catalog(), *self._local.values(), *self._store.values(), *self.ollama_cards()]
 
     def resolve(self, name: str) -> ModelCard:
-        """The card a request's model name means; ModelNotFoundError lists the names that work."""
+        """The card a request's model name means; ModelNotFoundError lists the names that work. A second name made
+        by a copy (`ModelAliases`) and an Ollama library name pulled into the store (`qwen3:8b`) mean the card of
+        the model they stand for."""
+        try:
+            return self._resolve(name)
+        except ModelNotFoundError:
+            alias = ModelAliases().get(name)
+            if alias is not None:
+                try:
+                    return self._resolve(alias.target)
+                except ModelNotFoundError:
+                    raise ModelNotFoundError(name, [c.id for c in self.cards()],
+                                             f"it names {alias.target}, which this node no longer has") from None
+            library = library_model(name)
+            if library is None:
+                raise
+            stored = self._stored(library.ref)
+            if stored is None:
+                raise ModelNotFoundError(name, [c.id for c in self.cards()],
+                                         f"it is {library.ref}, not pulled yet: `ringlet pull {name}` (or POST "
+                                         "/api/pull) fetches it") from None
+            return stored
+
+    def _resolve(self, name: str) -> ModelCard:
         wanted = _normalise(name)
         card = find_card(wanted)
         if card is not None:
@@ -83,7 +115,14 @@ class Catalog:
         path = find_local(name.strip())
         if path is None:
             return None
-        model_id = str(ModelRef.parse(name.strip()))
+        ref = ModelRef.parse(name.strip())
+        model_id = str(ref)
+        # a repo of one GGUF model is known by the repo's name alone, however it was asked for (`qwen3:0.6b` and
+        # the ORG/NAME the dashboard lists are one model, with one instance)
+        if ref.variant is not None and path.suffix == ".gguf":
+            stored = ModelStore().get(ref.repo_id)
+            if stored is not None and len(gguf_models(stored.gguf_files)) == 1:
+                model_id = ref.repo_id
         if model_id not in self._store:
             try:
                 _, args = read_model_config(path)
@@ -156,6 +195,8 @@ class Catalog:
                 except ModelLoadError as error:
                     raise InvalidModelError(str(error)) from None
                 if pulled is None:
+                    if library_model(ref) is not None:
+                        raise  # not pulled yet; the error says how to pull it
                     return self._from_hub(ref)
                 card = self._ollama_card(pulled)
                 self._ollama[(pulled.name, pulled.path)] = card
@@ -171,6 +212,28 @@ class Catalog:
                               download_bytes=_size_on_disk(path))
         self._local[model_id] = card
         return card
+
+    def copy(self, source: str, destination: str) -> ModelAlias:
+        """Ollama's `cp`: `destination` becomes a second name of the model `source` names, sharing its files (nothing
+        is duplicated). ModelNotFoundError when this node has no files of `source`; InvalidModelError when
+        `destination` cannot be a name or names another model already."""
+        card = self.resolve(source)
+        if card.source == "local" and Path(card.id).is_absolute():
+            raise InvalidModelError(f"{source} is a local path, known by its path; copy its directory or file "
+                                    "instead")
+        if not (card.source in ("embedded", "ollama") or find_local(card.id) is not None):
+            raise ModelNotFoundError(source, [c.id for c in self.cards()], f"its files are not on this node: "
+                                     f"`ringlet pull {source}` fetches them")
+        try:
+            taken = self._resolve(destination)
+        except (ModelNotFoundError, InvalidModelError):
+            taken = None
+        if taken is not None and taken.id != card.id:
+            raise InvalidModelError(f"{destination} names the model {taken.id} already; pick another name")
+        try:
+            return ModelAliases().add(destination, card.id)
+        except ModelLoadError as error:
+            raise InvalidModelError(str(error)) from None
 
 
     def _from_hub(self, ref: str) -> ModelCard:

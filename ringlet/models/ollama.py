@@ -8,6 +8,9 @@ Ollama keeps a model as an OCI-style manifest naming content-addressed blobs; th
 
 A name is Ollama's `[host/][namespace/]model[:tag]`: `llama3.2:1b`, `qwen3` (tag `latest`), `user/model:q4`,
 `hf.co/org/repo:Q4_K_M`. The chat template comes from the GGUF file itself; Ollama's Go template is not read.
+
+A library name that Ollama's store lacks (`qwen3:8b`) stands for a Hugging Face GGUF repo and quantisation of
+`OLLAMA_LIBRARY` (`Qwen/Qwen3-8B-GGUF:Q4_K_M`), which `ringlet pull` fetches into ringlet's own store.
 """
 
 from __future__ import annotations
@@ -126,3 +129,69 @@ def _read_manifest(name: str, manifest: Path, root: Path) -> OllamaModel:
             return OllamaModel(name, blob, blob.stat().st_size)
     raise ModelLoadError(f"Ollama model {name}: its weights {root / 'blobs'}/sha256-{match.group(1)} are missing; "
                          f"`ollama pull {name}` fetches them again")
+
+
+@dataclass(frozen=True)
+class LibraryModel:
+    """A name of Ollama's library (`qwen3:8b`) as a Hugging Face GGUF repo and the quantisation picked from it."""
+
+    name: str  # the short form, e.g. qwen3:8b
+    repo_id: str
+    quant: str
+
+    @property
+    def ref(self) -> str:
+        """What `ringlet pull` and the store know it by: ORG/NAME:QUANT."""
+        return f"{self.repo_id}:{self.quant}"
+
+
+# Ollama library models whose architecture ringlet runs, by size tag: the GGUF repo of the model's own publisher where
+# it has one (else bartowski's llama.cpp conversions), and the quantisation Ollama ships (Q4_K_M; Q8_0 where the repo
+# has no 4-bit file)
+OLLAMA_LIBRARY: dict[str, dict[str, tuple[str, str]]] = {
+    "qwen3": {"0.6b": ("Qwen/Qwen3-0.6B-GGUF", "Q8_0"), "1.7b": ("Qwen/Qwen3-1.7B-GGUF", "Q8_0"),
+              "4b": ("Qwen/Qwen3-4B-GGUF", "Q4_K_M"), "8b": ("Qwen/Qwen3-8B-GGUF", "Q4_K_M"),
+              "14b": ("Qwen/Qwen3-14B-GGUF", "Q4_K_M"), "32b": ("Qwen/Qwen3-32B-GGUF", "Q4_K_M")},
+    "qwen2.5": {"0.5b": ("Qwen/Qwen2.5-0.5B-Instruct-GGUF", "Q4_K_M"),
+                "1.5b": ("Qwen/Qwen2.5-1.5B-Instruct-GGUF", "Q4_K_M"),
+                "3b": ("Qwen/Qwen2.5-3B-Instruct-GGUF", "Q4_K_M"), "7b": ("Qwen/Qwen2.5-7B-Instruct-GGUF", "Q4_K_M")},
+    "llama3.2": {"1b": ("bartowski/Llama-3.2-1B-Instruct-GGUF", "Q4_K_M"),
+                 "3b": ("bartowski/Llama-3.2-3B-Instruct-GGUF", "Q4_K_M")},
+    "llama3.1": {"8b": ("bartowski/Meta-Llama-3.1-8B-Instruct-GGUF", "Q4_K_M")},
+    "mistral": {"7b": ("bartowski/Mistral-7B-Instruct-v0.3-GGUF", "Q4_K_M")},
+}
+# the size Ollama's `latest` tag of each stands for
+LIBRARY_LATEST = {"qwen3": "8b", "qwen2.5": "7b", "llama3.2": "3b", "llama3.1": "8b", "mistral": "7b"}
+# a library tag: a size, optionally `-instruct`, optionally a quantisation (`8b`, `3b-instruct-q8_0`, `8b-q4_K_M`)
+_LIBRARY_TAG = re.compile(r"^(?P<size>\d+(?:\.\d+)?[mb])(?:-instruct)?(?:-(?P<quant>q\d(?:_[a-z0-9]+)*|f16|bf16))?$")
+
+
+def library_model(text: str) -> LibraryModel | None:
+    """The GGUF repo and quantisation of an Ollama library name (`qwen3:8b`, `llama3.2`, `qwen3:4b-q8_0`); None for
+    any other name (another namespace or host, a model or size not in `OLLAMA_LIBRARY`)."""
+    name = OllamaName.parse(text)
+    if name is None or name.host != DEFAULT_HOST or name.namespace != DEFAULT_NAMESPACE:
+        return None
+    model, tag = name.model.lower(), name.tag.lower()
+    sizes = OLLAMA_LIBRARY.get(model)
+    if sizes is None:
+        return None
+    if tag == DEFAULT_TAG:
+        tag = LIBRARY_LATEST[model]
+    match = _LIBRARY_TAG.match(tag)
+    if match is None or match["size"] not in sizes:
+        return None
+    repo_id, quant = sizes[match["size"]]
+    return LibraryModel(f"{model}:{name.tag.lower()}", repo_id, (match["quant"] or quant).upper())
+
+
+def library_names() -> list[str]:
+    """Every library name `library_model` maps, the way Ollama writes them."""
+    return [f"{model}:{size}" for model, sizes in OLLAMA_LIBRARY.items() for size in sizes]
+
+
+def pull_ref(name: str) -> str:
+    """What pulling `name` downloads: an Ollama library name's GGUF repo and quantisation (`qwen3:8b` ->
+    `Qwen/Qwen3-8B-GGUF:Q4_K_M`), else the name itself (a Hugging Face ORG/NAME[:QUANT])."""
+    library = library_model(name)
+    return library.ref if library is not None else name.strip()

@@ -33,8 +33,10 @@ class NodeError(Exception):
 
 
 class ModelNotFoundError(NodeError):
-    def __init__(self, model: str, available: list[str]) -> None:
-        super().__init__(f"model {model!r} not found; available models: {', '.join(available) or 'none'}")
+    def __init__(self, model: str, available: list[str], hint: str = "") -> None:
+        """`hint`: what the name is and what to do, where that is known."""
+        hint = f"{hint}; " if hint else ""
+        super().__init__(f"model {model!r} not found; {hint}available models: {', '.join(available) or 'none'}")
         self.model, self.available = model, available
 
 

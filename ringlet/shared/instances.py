@@ -9,6 +9,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 EngineType = Literal["mlx", "ipex", "cuda", "cpu"]
+GPU_ENGINES: tuple[EngineType, ...] = ("cuda", "ipex", "mlx")  # those that hold a stage in a GPU's memory
 ENGINE_TYPES: frozenset[str] = frozenset(get_args(EngineType))
 # how the Intel engine optimises a model: IPEX where usable else torch.compile (auto), or exactly one of them
 IpexOptimizationLevel = Literal["auto", "ipex", "compile", "eager"]
@@ -116,8 +117,12 @@ class Instance(BaseModel):
         None, description="IpexRing: the XPU device indexes of its node it runs on; None: the discrete ones")
     ipex_optimization_level: IpexOptimizationLevel = Field(
         "auto", description="IpexRing: IPEX where usable, else torch.compile (auto), or only ipex/compile/eager")
-    max_context: int | None = Field(None, ge=16, description="the context window its engines hold (capped by the "
-                                                             "model's own); None: the node's (8192 by default)")
+    max_context: int | None = Field(None, ge=16, description="the context window asked for (capped by the model's "
+                                                             "own); None: placement chooses it")
+    context_length: int | None = Field(None, ge=16, description="the context window its engines hold: max_context "
+                                                                "capped by the model's own, else the model's own "
+                                                                "capped by what its nodes' memory holds (placement "
+                                                                "sizes its KV cache for it); None: the node's")
 
     @field_validator("instance_type", mode="before")
     @classmethod

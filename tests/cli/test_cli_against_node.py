@@ -4,6 +4,7 @@ show, what they send, and their errors."""
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 
@@ -32,13 +33,21 @@ def test_ps_lists_the_instances_their_tasks_and_the_nodes(url: str, node: FakeNo
         result = ringlet("ps", "--url", url)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "SIZE", "CONTEXT", "ENGINE", "STAGES"]
+    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "IDLE", "UNTIL", "SIZE", "PROCESSOR",
+                                "CONTEXT", "ENGINE", "STAGES"]
     (instance_id,) = node.state.instances
     size = sum(node.state.instances[instance_id].memory_bytes.values()) / 1024**3
-    assert lines[1].split() == [instance_id, EMBEDDED_MODEL_ID, "CpuRing", "ready", "1", f"{size:.2f}", "GiB", "8192",
-                                "cpu", "fake-node[0:30]", "pid", str(RUNNER_PID)]
+    assert lines[1].split() == [instance_id, EMBEDDED_MODEL_ID, "CpuRing", "ready", "1", "busy", "forever",
+                                f"{size:.2f}", "GiB", "100%", "CPU", "8192", "cpu", "fake-node[0:30]", "pid",
+                                str(RUNNER_PID)]
     assert lines[2] == "" and lines[3].split() == ["NODE", "NAME", "ENGINES", "SELECTED", "FREE", "MEMORY"]
     assert lines[4].split() == [node.node_id, "fake-node", "cpu", "cpu", "8.0", "GiB"]
+
+    # once the answer is out: idle since then, and unloaded after the keep_alive a request set
+    httpx.post(url + "/api/chat", json={"model": EMBEDDED_MODEL_ID, "messages": body["messages"], "stream": False,
+                                        "keep_alive": "5m", "options": {"num_predict": 2}}, timeout=30)
+    idle, until = ringlet("ps", "--url", url).stdout.splitlines()[1].split()[5:7]
+    assert re.fullmatch(r"\d+s", idle) and int(idle[:-1]) < 30 and until in ("4m", "5m"), (idle, until)
 
 
 def test_chat_streams_answers_and_keeps_the_conversation(url: str, node: FakeNode) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from ringlet.cli import main
-from tests.support.fake_hub import FakeHub
+from tests.support.fake_hub import FakeHub, HubRepo
 from tests.support.hub import NUM_LAYERS, REPO_ID
+from tests.support.tiny_gguf import write_tiny_gguf
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -40,6 +41,32 @@ def test_pull_list_remove(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 0 and f"removed {REPO_ID}" in out
     code, _, err = run(capsys, "rm", REPO_ID)
     assert code == 2 and f"model '{REPO_ID}' is not in the store" in err
+
+
+def test_an_ollama_name_is_pulled_shown_copied_and_removed(hub: FakeHub, capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", arch="qwen3")
+    hub.repos["Qwen/Qwen3-0.6B-GGUF"] = HubRepo({"Qwen3-0.6B-Q8_0.gguf": (tmp_path / "tiny.gguf").read_bytes()})
+    code, _, err = run(capsys, "show", "qwen3:0.6b")
+    assert code == 2 and "`ringlet pull qwen3:0.6b`" in err
+    code, out, err = run(capsys, "pull", "qwen3:0.6b")
+    assert code == 0 and "qwen3:0.6b is Qwen/Qwen3-0.6B-GGUF:Q8_0" in err and "qwen3:0.6b: ready at" in out
+    code, out, _ = run(capsys, "show", "qwen3:0.6b")
+    assert code == 0 and "Qwen/Qwen3-0.6B-GGUF" in out and "qwen3" in out
+
+    code, out, _ = run(capsys, "cp", "qwen3:0.6b", "mine")
+    assert code == 0 and "mine:latest is now a name of Qwen/Qwen3-0.6B-GGUF" in out
+    code, out, _ = run(capsys, "models")
+    assert any(line.startswith("mine:latest") and "Qwen/Qwen3-0.6B-GGUF" in line for line in out.splitlines())
+    code, out, _ = run(capsys, "show", "mine")
+    assert code == 0 and "Qwen/Qwen3-0.6B-GGUF" in out
+    code, out, _ = run(capsys, "rm", "mine")
+    assert code == 0 and "removed the name mine:latest" in out
+    run(capsys, "cp", "qwen3:0.6b", "again")
+    code, out, _ = run(capsys, "rm", "qwen3:0.6b")
+    assert code == 0 and "removed Qwen/Qwen3-0.6B-GGUF" in out and "its names again:latest" in out
+    code, _, err = run(capsys, "cp", "qwen3:0.6b", "third")
+    assert code == 2 and "not pulled yet" in err
 
 
 def test_pull_errors_are_one_clear_line(hub: FakeHub, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from ringlet.cli import CliError
 from ringlet.cli.node import instance_options
-from ringlet.cli.ps import format_state
+from ringlet.cli.ps import format_state, idle_cell, processor_cell, until_cell
 from ringlet.master.placement import InstanceOptions
 from ringlet.shared.instances import DeviceLayers, Instance, InstanceType, Shard
 from ringlet.shared.state import (
@@ -41,15 +41,29 @@ def state_of(ipex_fell_back: bool, devices: tuple[DeviceLayers, ...] = ()) -> di
 
 def test_ps_shows_the_engine_and_the_settings() -> None:
     lines = format_state(state_of(ipex_fell_back=False)).splitlines()
-    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "SIZE", "CONTEXT", "ENGINE", "STAGES"]
-    assert lines[1].split() == ["inst-x", "m", "IpexRing", "ready", "0", "-", "4096", "ipex", "node-arc[0:30]"]
+    assert lines[0].split() == ["INSTANCE", "MODEL", "TYPE", "STATUS", "TASKS", "IDLE", "UNTIL", "SIZE", "PROCESSOR",
+                                "CONTEXT", "ENGINE", "STAGES"]
+    assert lines[1].split() == ["inst-x", "m", "IpexRing", "ready", "0", "-", "forever", "-", "100%", "GPU", "4096",
+                                "ipex", "node-arc[0:30]"]
     settings = lines[lines.index("settings and optimisations:") + 1:]
     assert settings == ["inst-x: Intel GPUs 0, optimisation level ipex", f"inst-x on node-arc: {OPTIMIZATION}"]
 
 
 def test_ps_shows_a_fallback_in_the_engine_column() -> None:
     lines = format_state(state_of(ipex_fell_back=True)).splitlines()
-    assert "  cpu (ipex -> cpu: device lost)  node-arc[0:30]" in lines[1]
+    assert "  cpu (ipex -> cpu: device lost)  node-arc[0:30]" in lines[1] and "100% CPU" in lines[1]
+
+
+def test_the_processor_is_the_share_of_memory_on_gpu_engines_and_idle_counts_from_the_last_request() -> None:
+    shards = [{"node_id": "mac", "engine": "mlx"}, {"node_id": "pc", "engine": "cuda"}]
+    record = {"instance": {"shards": shards}, "runners": {"pc": {"engine": "cpu"}},  # pc fell back to its CPU
+              "memory_bytes": {"mac": 3 * 2**30, "pc": 1 * 2**30}}
+    assert processor_cell(record) == "25%/75% CPU/GPU"
+    assert processor_cell({**record, "memory_bytes": {}}) == "50%/50% CPU/GPU"  # no sizes: stages alike
+    assert processor_cell({**record, "runners": {}}) == "100% GPU"
+    assert idle_cell({"last_request_at": 1000.0}, 0, now=1125.0) == "2m"
+    assert idle_cell({"last_request_at": 1000.0}, 2, now=1125.0) == "busy" and idle_cell({}, 0, 5.0) == "-"
+    assert until_cell({"expires_at": 1000.0 + 7500}, now=1000.0) == "2h5m" and until_cell({}, 0.0) == "forever"
 
 
 def test_ps_shows_the_layers_of_each_gpu_a_stage_is_split_over() -> None:

@@ -90,8 +90,10 @@ def test_the_node_lists_and_places_pulled_models_by_their_ollama_names(store: Pa
     assert catalog.resolve("smollm2:135m") is card and catalog.add_local("SmolLM2:135m") is card
     with pytest.raises(InvalidModelError, match="gemma3:1b is not a model this node can load: .*'gemma3'"):
         catalog.add_local("gemma3:1b")
-    with pytest.raises(ModelNotFoundError):
-        catalog.add_local("llama3.2:1b")
+    with pytest.raises(ModelNotFoundError, match="not pulled yet: `ringlet pull llama3.2:1b`"):
+        catalog.add_local("llama3.2:1b")  # a library name: mapped to a GGUF repo, not in ringlet's store either
+    pull(store, ("registry.ollama.ai", "library", "llama3.2", "1b"), embedded_model_path(), digest="99" * 32)
+    assert catalog.resolve("llama3.2:1b").source == "ollama", "the model pulled with Ollama wins over the mapping"
 
 
 @pytest.mark.slow
@@ -109,6 +111,6 @@ def test_ringlet_run_and_models_serve_a_model_pulled_with_ollama(store: Path) ->
     embedded = ringlet(*prompt, "--model", str(embedded_model_path()))
     assert pulled.returncode == 0, pulled.stderr
     assert pulled.stdout == embedded.stdout and "Paris" in pulled.stdout
-    missing = ringlet(*prompt, "--model", "llama3.2:1b")
+    missing = ringlet(*prompt, "--model", "phi4-mini:3.8b")  # a name ringlet maps to no Hugging Face repo
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
-    assert f"not pulled with Ollama ({store})" in missing.stderr and "`ollama pull llama3.2:1b`" in missing.stderr
+    assert f"not pulled with Ollama ({store})" in missing.stderr and "`ollama pull phi4-mini:3.8b`" in missing.stderr
