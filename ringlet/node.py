@@ -46,6 +46,7 @@ from ringlet.master.placement import (
 from ringlet.master.replacement import lost_node_events, reform_events
 from ringlet.master.routing import route
 from ringlet.models.catalog import ModelCard
+from ringlet.models.commands import run_model_command, stored_models
 from ringlet.models.download import DownloadManager, DownloadStatus, SavedDownload
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.models.names import Catalog, default_model_roots
@@ -53,11 +54,13 @@ from ringlet.models.store import find_local, ringlet_home
 from ringlet.net.events import EventBus
 from ringlet.net.forwarding import TaskForwarding
 from ringlet.net.membership import Member, Membership
+from ringlet.net.model_commands import ModelCommands
 from ringlet.net.session import DEFAULT_LISTEN, ControlPlane, ControlPlaneError, NetOptions, advertised_host
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.errors import InstanceNotFoundError, NodeError, NoInstanceError
 from ringlet.shared.instances import EngineType, InstanceType, single_node_type
+from ringlet.shared.messages import DeleteModel, ModelCommand, ModelCommandReply
 from ringlet.shared.saved import SavedInstance, SavedInstances, SavedList
 from ringlet.shared.state import (
     DownloadProgressed,
@@ -71,12 +74,13 @@ from ringlet.shared.state import (
     RunnerFailed,
     RunnerStatus,
     State,
+    StoredModelInfo,
     TaskRecord,
     TaskStatus,
     apply,
     new_instance_record,
 )
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, Task
 from ringlet.worker.supervisor import RESTART_WINDOW_S, InstanceLoad, Supervisor
 from ringlet.worker.system_info import (
     collect_engine_info,
@@ -108,7 +112,7 @@ def new_id(prefix: str) -> str:
 class TaskHandle:
     """A submitted task: which instance serves it, and its stream of chunks (close it to cancel the task)."""
 
-    task: TextGenerationTask
+    task: Task
     instance_id: str
     _chunks: AsyncIterator[GenerationChunk] = field(repr=False)
 
@@ -136,10 +140,12 @@ class Node:
         self._state = State()
         self._tasks: dict[str, TaskRecord] = {}  # in flight through this node's API
         self._expiry: dict[str, float] = {}  # instance id -> when (time.monotonic) it goes once idle (keep_alive)
+        self._last_request: dict[str, float] = {}  # instance id -> when (time.time) its last request here ended
         self._loading_for: dict[str, float] = {}  # model id -> when an instance was made for a request
         self._supervisor = Supervisor(self.emit, config)
         self._order: EventOrder | None = None
         self._forwarding: TaskForwarding | None = None
+        self._model_commands: ModelCommands | None = None
         self._changed = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,9 +170,11 @@ class Node:
     def instance_load(self) -> dict[str, InstanceLoad]:
         return self._supervisor.load()
 
-    def attach_cluster(self, order: EventOrder, forwarding: TaskForwarding) -> None:
-        """From now on the master orders this node's events, and tasks may run on other nodes."""
-        self._order, self._forwarding = order, forwarding
+    def attach_cluster(self, order: EventOrder, forwarding: TaskForwarding,
+                       model_commands: ModelCommands | None = None) -> None:
+        """From now on the master orders this node's events, tasks may run on other nodes, and model commands may go
+        to their stores."""
+        self._order, self._forwarding, self._model_commands = order, forwarding, model_commands
 
     # --- the state
 
@@ -233,6 +241,44 @@ class Node:
         self.emit(DownloadProgressed(download=DownloadRecord(
             node_id=self.node_id, **status.model_dump(include={"download_id", "model", "layers", "state", "done",
                                                                  "total", "error"}))))
+        if status.state != "running":  # done, or stopped with some files on disk
+            self.store_changed()
+
+    # --- the model store, on this node and the others
+
+    def store_changed(self) -> None:
+        """List this node's store again in its NodeInfo (after a download or a deletion), for every node to see."""
+        models = stored_models(self.downloads.store)
+        if self._loop is not None and not self._on_loop():
+            self._loop.call_soon_threadsafe(self._set_stored, models)
+        else:
+            self._set_stored(models)
+
+    def _set_stored(self, models: list[StoredModelInfo]) -> None:
+        if models != self.info.models:
+            self.info = self.info.model_copy(update={"models": models})
+            self.emit(NodeUpdated(node=self.info))
+
+    def run_model_command(self, command: ModelCommand) -> ModelCommandReply:
+        """A command on this node's store, from its API or another node (blocking: it may wait on the disk)."""
+        reply = run_model_command(command, self.downloads, lambda model: [
+            r.instance.instance_id for r in self._state.instances.values() if r.instance.model.lower() == model.lower()])
+        if isinstance(command, DeleteModel) and reply.status < 300:
+            self.store_changed()
+        return reply
+
+    async def model_command(self, node_id: str | None, command: ModelCommand) -> ModelCommandReply:
+        """Run a command on the store of `node_id` (None: this node's): here, or over the control plane."""
+        if node_id is None or node_id == self.node_id:
+            return await asyncio.to_thread(self.run_model_command, command)
+        if node_id not in self._state.nodes:
+            return ModelCommandReply(status=404, code="node_not_found", error=f"no node {node_id!r} in the cluster; "
+                                     f"known: {', '.join(self._state.nodes)} (GET /state lists them)")
+        live = self._order.live_ids() if self._order is not None else {self.node_id}
+        if self._model_commands is None or node_id not in live:
+            return ModelCommandReply(status=503, code="node_unreachable",
+                                     error=f"node {node_id} is not connected to this node now; try again once it is")
+        return await self._model_commands.send(node_id, command)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -267,6 +313,8 @@ class Node:
         ids."""
         busy = {t.instance_id for t in self._tasks.values()}
         expired = [i for i, at in self._expiry.items() if at <= now and i not in busy]
+        for gone in set(self._last_request) - set(self._state.instances):
+            del self._last_request[gone]
         for instance_id in expired:
             del self._expiry[instance_id]
             if instance_id in self._state.instances:
@@ -292,6 +340,9 @@ class Node:
     def expires_at(self, instance_id: str) -> float | None:
         at = self._expiry.get(instance_id)
         return None if at is None else time.time() + (at - time.monotonic())
+
+    def last_request_at(self, instance_id: str) -> float | None:
+        return self._last_request.get(instance_id)
 
     async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
         """Ollama's way with a model: one that has no instance but whose files this node holds gets an instance
@@ -440,7 +491,7 @@ class Node:
         return route(self._state, model, self.catalog.resolve, self.node_id, self._forwarding is not None, busy,
                      gone=set(self._state.nodes) - live)
 
-    def submit(self, task: TextGenerationTask) -> TaskHandle:
+    def submit(self, task: Task) -> TaskHandle:
         """Route a task to the least busy ready instance of its model; raises ModelNotFoundError or
         NoInstanceError at once, so the API can answer with a status before it streams anything."""
         instance = self.instance_for(task.model).instance
@@ -456,7 +507,7 @@ class Node:
             chunks = self._forwarding.forward(first, instance.instance_id, task)
         return TaskHandle(task, instance.instance_id, self._in_flight(chunks, task.task_id))
 
-    def run_local(self, instance_id: str, task: TextGenerationTask) -> AsyncIterator[GenerationChunk]:
+    def run_local(self, instance_id: str, task: Task) -> AsyncIterator[GenerationChunk]:
         """Run a task on this node's runner of the instance (its first stage), for a request that reached
         another node; that node tracks the task."""
         if not self._supervisor.runs(instance_id):
@@ -477,7 +528,8 @@ class Node:
                     self._running(task_id)
                     yield chunk
         finally:
-            self._tasks.pop(task_id, None)
+            if (record := self._tasks.pop(task_id, None)) is not None:
+                self._last_request[record.instance_id] = time.time()
 
 
 # --- starting a node
@@ -520,7 +572,7 @@ class NodeOptions:
 def detect_node(options: NodeOptions) -> NodeInfo:
     return NodeInfo(node_id=new_id("node"), name=options.name, hardware=collect_node_hardware(),
                     engines=collect_engine_info(options.engine), memory=read_memory(), api_port=options.api_port,
-                    precision=options.engine_config.precision)
+                    precision=options.engine_config.precision, models=stored_models())
 
 
 def model_roots(options: NodeOptions) -> list[Path]:
@@ -582,7 +634,9 @@ class Cluster:
         idle_s = node.config.stream_idle_s
         self.forwarding = TaskForwarding(self.plane, node.node_id, node.run_local, idle_s, min(5.0, idle_s / 3))
         self.membership = Membership(self.plane, self.me, self._members_changed)
-        node.attach_cluster(self.order, self.forwarding)
+        commands = ModelCommands(self.plane, node.node_id, node.run_model_command,
+                                 lambda node_id: node_id in self.order.live_ids())
+        node.attach_cluster(self.order, self.forwarding, commands)
 
     def _members_changed(self, joined: set[str], left: set[str]) -> None:
         self.order.members_changed(self.membership.members, left, self.membership.claims)

@@ -13,6 +13,7 @@ from ringlet.api.cluster_schemas import (
     CreateInstanceRequest,
     DeletedInstance,
     Health,
+    InstanceActivity,
     InstanceTypeFit,
     ModelsResponse,
     NodeIdResponse,
@@ -62,7 +63,9 @@ def state(request: Request) -> StateResponse:
     node = node_of(request)
     state = dict(node.state)
     state["instances"] = {i: without_secrets(r) for i, r in node.state.instances.items()}
-    return StateResponse(**state, tasks=dict(node.tasks))
+    activity = {i: InstanceActivity(last_request_at=node.last_request_at(i), expires_at=node.expires_at(i))
+                for i in node.state.instances}
+    return StateResponse(**state, tasks=dict(node.tasks), activity=activity)
 
 
 def without_secrets(record: InstanceRecord) -> InstanceRecord:
@@ -95,7 +98,10 @@ def models(request: Request) -> ModelsResponse:
         fits = [InstanceTypeFit(instance_type=p.instance_type, possible=p.possible, reason=p.reason)
                 for p in preview(card, nodes)]
         on_disk = card.source in ("embedded", "local", "ollama") or find_local(card.id) is not None
-        entries.append(CatalogModel(card=card, on_disk=on_disk, fits=fits,
+        repo_id = card.id.partition(":")[0].lower()  # a GGUF model's id may name its file (org/name:Q4_K_M)
+        on_nodes = [n.node_id for n in nodes
+                    if any(m.model.lower() == repo_id and m.status != "incomplete" for m in n.models)]
+        entries.append(CatalogModel(card=card, on_disk=on_disk, on_nodes=on_nodes, fits=fits,
                                     instance_ids=[r.instance.instance_id for r in current.instances_of(card.id)]))
     return ModelsResponse(models=entries)
 

@@ -28,10 +28,20 @@ class Health(BaseModel):
     instances_failed: int
 
 
+class InstanceActivity(BaseModel):
+    """An instance's use through this node's API (not replicated): what `ringlet ps` shows as idle time."""
+
+    last_request_at: float | None = Field(None, description="when (seconds since the epoch) the last request "
+                                                            "through this node ended; null: none yet")
+    expires_at: float | None = Field(None, description="when keep_alive unloads it; null: it stays until deleted")
+
+
 class StateResponse(State):
-    """The cluster state, with the tasks in flight through this node's API (those are not replicated)."""
+    """The cluster state, with the tasks in flight through this node's API and the instances' use through it (those
+    are not replicated)."""
 
     tasks: dict[str, TaskRecord] = Field(default_factory=dict)
+    activity: dict[str, InstanceActivity] = Field(default_factory=dict, description="by instance id")
 
 
 class Topology(BaseModel):
@@ -48,6 +58,8 @@ class InstanceTypeFit(BaseModel):
 class CatalogModel(BaseModel):
     card: ModelCard
     on_disk: bool = Field(description="the weights are on this node (the embedded model always is)")
+    on_nodes: list[str] = Field(default_factory=list, description="the nodes whose stores hold this model's weights "
+                                                                  "(all or some layers; NodeInfo.models)")
     instance_ids: list[str] = Field(description="instances serving this model")
     fits: list[InstanceTypeFit] = Field(description="for each instance type, whether the cluster can place it now")
 
@@ -75,8 +87,9 @@ class CreateInstanceRequest(BaseModel):
         "auto", description="IpexRing only: ipex (intel-extension-for-pytorch), compile (torch.compile), eager "
                             "(neither), or auto: IPEX where a matching version imports, else torch.compile")
     max_context: int | None = Field(None, ge=16, le=1 << 20, description="the context window in tokens (capped by "
-                                                                         "the model's own); default: the node's, "
-                                                                         "8192")
+                                                                         "the model's own); default: the model's "
+                                                                         "own, capped by what the nodes' memory "
+                                                                         "holds for the KV cache")
 
     @model_validator(mode="after")
     def _options_fit(self) -> CreateInstanceRequest:

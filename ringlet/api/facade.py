@@ -9,20 +9,22 @@ from typing import Protocol
 from fastapi import Request
 
 from ringlet.master.placement import DEFAULT_OPTIONS, InstanceOptions, PlacementPreview
+from ringlet.models.aliases import ModelAlias
 from ringlet.models.catalog import ModelCard
 from ringlet.models.download import DownloadManager
 from ringlet.models.names import DiskModel
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.instances import InstanceType
+from ringlet.shared.messages import ModelCommand, ModelCommandReply
 from ringlet.shared.state import InstanceRecord, NodeInfo, State, TaskRecord
-from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
+from ringlet.shared.tasks import GenerationChunk, Task
 from ringlet.worker.supervisor import InstanceLoad
 
 
 class TaskStream(Protocol):
     """A submitted task: iterate it for chunks; closing it early cancels the generation."""
 
-    task: TextGenerationTask
+    task: Task
     instance_id: str
 
     def __aiter__(self) -> AsyncIterator[GenerationChunk]: ...
@@ -37,6 +39,10 @@ class ModelResolver(Protocol):
 
     def on_disk(self) -> list[DiskModel]:
         """The models whose files are on this node."""
+        ...
+
+    def copy(self, source: str, destination: str) -> ModelAlias:
+        """A second name for a model on this node (Ollama's `cp`)."""
         ...
 
 
@@ -92,7 +98,20 @@ class NodeFacade(Protocol):
         """When (time.time) keep_alive unloads the instance; None: never."""
         ...
 
-    def submit(self, task: TextGenerationTask) -> TaskStream: ...
+    def last_request_at(self, instance_id: str) -> float | None:
+        """When (time.time) the instance's last request through this node ended; None: none yet."""
+        ...
+
+    def submit(self, task: Task) -> TaskStream: ...
+
+    def run_model_command(self, command: ModelCommand) -> ModelCommandReply:
+        """A command on this node's model store (blocking: it may wait on the disk)."""
+        ...
+
+    async def model_command(self, node_id: str | None, command: ModelCommand) -> ModelCommandReply:
+        """A command on the store of `node_id` (None: this node's), with that node's answer; an unknown node is a 404
+        answer, one that cannot be reached a 503."""
+        ...
 
 
 def node_of(request: Request) -> NodeFacade:

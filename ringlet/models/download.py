@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import httpx2
 from huggingface_hub import HfApi, hf_hub_url
@@ -43,7 +43,7 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 from pydantic import BaseModel
 
-from ringlet.models.safetensors_loader import INDEX_FILE, read_config, tensor_in_range, weight_map
+from ringlet.models.safetensors_loader import INDEX_FILE, named_weight_map, read_config, tensor_in_range
 from ringlet.models.store import (
     INCOMPLETE_DIR,
     Manifest,
@@ -59,13 +59,15 @@ from ringlet.models.store import (
 )
 from ringlet.shared.errors import ModelLoadError
 from ringlet.shared.saved import SavedList
+from ringlet.shared.state import DownloadStatus, FileProgress
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # What the loader and tokenizer read next to the weights (top-level files only).
 SUPPORT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", INDEX_FILE)
+                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", INDEX_FILE,
+                 "modules.json", "1_Pooling/config.json")  # an embedding model's pooling (models/pooling.py)
 _HASH_BLOCK = 8 * 1024 * 1024
 
 LayerRange = tuple[int, int]
@@ -90,12 +92,6 @@ class HubUnreachable(DownloadError):
 
 class TooManyDownloads(DownloadError):
     """As many downloads run as a node takes at once; the message says how many and to try later."""
-
-
-class FileProgress(BaseModel):
-    name: str
-    done: int
-    total: int
 
 
 class DownloadProgress(BaseModel):
@@ -398,7 +394,8 @@ def _progress_hook(on_start: Callable[[int], None], on_chunk: Callable[[int], No
 
 
 def _model_files(repo_id: str, revision: str, settings: HubSettings) -> tuple[str, str, dict[str, RemoteFile]]:
-    """(canonical repo id, commit sha, top-level files with size and hashes) from the hub."""
+    """(canonical repo id, commit sha, top-level files and the nested SUPPORT_FILES, with size and hashes) from
+    the hub."""
     api = HfApi(endpoint=settings.endpoint, token=settings.token)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
@@ -425,7 +422,7 @@ def _model_files(repo_id: str, revision: str, settings: HubSettings) -> tuple[st
     files = {
         s.rfilename: RemoteFile(s.rfilename, int(s.lfs.size if s.lfs else s.size or 0),
                                 s.lfs.sha256 if s.lfs else None, None if s.lfs else s.blob_id)
-        for s in info.siblings if "/" not in s.rfilename
+        for s in info.siblings if "/" not in s.rfilename or s.rfilename in SUPPORT_FILES
     }
     return info.id or repo_id, info.sha, files
 
@@ -446,7 +443,7 @@ def _shards_for(directory: Path, shards: list[str], layers: LayerRange | None) -
         # no index: the weights are in one file (or a few whose contents we cannot tell apart unread)
         return sorted(shards)
     tied = bool(config.get("tie_word_embeddings", False))
-    return sorted({file for name, file in weight_map(directory).items()
+    return sorted({file for name, file in named_weight_map(directory).items()
                    if tensor_in_range(name, start, end, num_layers, tied)})
 
 
@@ -509,23 +506,6 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-DownloadState = Literal["running", "done", "failed", "cancelled"]
-
-
-class DownloadStatus(BaseModel):
-    """One download as `GET /state` and the dashboard show it."""
-
-    download_id: str
-    model: str
-    layers: LayerRange | None = None
-    state: DownloadState = "running"
-    done: int = 0
-    total: int = 0
-    files: list[FileProgress] = []
-    error: str | None = None
-    path: str | None = None
-
-
 class SavedDownload(BaseModel):
     """A download not yet finished, as the node keeps it to resume after a restart (`ringlet/shared/saved.py`)."""
 
@@ -560,6 +540,8 @@ class DownloadManager:
         self._cancels: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._published_at: dict[str, float] = {}
+        self._held: dict[str, threading.Timer] = {}  # progress waiting for its publish interval to end
+        self._publish_lock = threading.Lock()
 
     def start(self, model: str, layers: LayerRange | None = None, revision: str = "main",
               download_id: str | None = None) -> DownloadStatus:
@@ -585,7 +567,7 @@ class DownloadManager:
         if self.saved is not None:
             self.saved.remove(download_id)
             self.saved.add(SavedDownload(download_id=download_id, model=str(ref), layers=layers, revision=revision))
-        self._publish(status, force=True)
+        self._publish(download_id, force=True)
         thread.start()
         return status
 
@@ -670,16 +652,30 @@ class DownloadManager:
         with self._lock:
             status = self._statuses[download_id].model_copy(update=changes)
             self._statuses[download_id] = status
-        self._publish(status, force="state" in changes)
+        self._publish(download_id, force="state" in changes)
 
-    def _publish(self, status: DownloadStatus, force: bool = False) -> None:
+    def _publish(self, download_id: str, force: bool = False) -> None:
+        """Hand the download's latest status to `on_update`: every change of state at once, progress at most every
+        `publish_interval` seconds. Progress held back goes when its interval ends, so the last one always reaches
+        the state; one at a time, so an older status never follows a newer one."""
         if self.on_update is None:
             return
-        now = time.monotonic()
-        with self._lock:
-            last = self._published_at.get(status.download_id)
-            due = force or last is None or now - last >= self.publish_interval
-            if due:
-                self._published_at[status.download_id] = now
-        if due:
-            self.on_update(status)
+        with self._publish_lock:
+            now = time.monotonic()
+            last = self._published_at.get(download_id)
+            wait = 0.0 if force or last is None else self.publish_interval - (now - last)
+            if wait > 0:
+                if download_id not in self._held:
+                    held = threading.Timer(wait, self._publish, args=(download_id, True))
+                    held.daemon = True
+                    self._held[download_id] = held
+                    held.start()
+                return
+            waiting = self._held.pop(download_id, None)
+            if waiting is not None:
+                waiting.cancel()  # this publish sends what it held
+            self._published_at[download_id] = now
+            with self._lock:
+                status = self._statuses.get(download_id)
+            if status is not None:
+                self.on_update(status)

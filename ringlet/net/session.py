@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -115,6 +116,7 @@ class ControlPlane:
         self._publishers: dict[str, zenoh.Publisher] = {}
         self._scouted: set[str] = set()  # zenoh ids of peers scouting found, each checked once
         self._scout: Any = None  # a zenoh.Scout
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="answer")  # `answer`'s handlers
         if options.discovery and options.secret is not None:
             # zenoh's stubs pick their first overload (channels) for a callback, which it does take
             self._scout = zenoh.scout(self._on_hello, what="peer",  # type: ignore[arg-type]
@@ -186,6 +188,43 @@ class ControlPlane:
 
         self._declared.append(self._session.declare_queryable(key, on_query))
 
+    def answer(self, key: str, adapter: TypeAdapter[T], handle: Callable[[T], BaseModel]) -> None:
+        """Answer each query on `key` that carries a valid message with `handle(message)`, run on a worker thread (it
+        may wait on the disk); a query with anything else gets no answer, and a warning is logged."""
+
+        def respond(query: zenoh.Query, message: T) -> None:
+            try:
+                query.reply(key, encode(handle(message)))
+            finally:
+                query.drop()  # the query's final reply: the asker stops waiting
+
+        def on_query(query: zenoh.Query) -> None:
+            payload = query.payload
+            try:
+                message = decode(adapter, payload.to_bytes() if payload is not None else b"", key)
+            except BadMessageError as error:
+                log.warning("%s; ignored", error)
+                query.drop()
+                return
+            self._workers.submit(respond, query, message)
+
+        self._declared.append(self._session.declare_queryable(key, on_query))
+
+    async def request(self, key: str, message: BaseModel, adapter: TypeAdapter[T], timeout_s: float = 10.0) -> T | None:
+        """Send `message` to the queryable on `key`; its answer, or None when none came within `timeout_s`."""
+
+        def query() -> T | None:
+            for reply in self._session.get(key, payload=encode(message), timeout=timeout_s):
+                if reply.ok is None:
+                    continue
+                try:
+                    return decode(adapter, reply.ok.payload.to_bytes(), key)
+                except BadMessageError as error:
+                    log.warning("%s; ignored", error)
+            return None
+
+        return await asyncio.to_thread(query)
+
     async def ask(self, key: str, adapter: TypeAdapter[T], timeout_s: float = 3.0) -> list[T]:
         """Query `key`; the valid replies."""
 
@@ -230,6 +269,7 @@ class ControlPlane:
         for publisher in self._publishers.values():
             publisher.undeclare()
         self._publishers.clear()
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self._session.close()
 
 

@@ -52,3 +52,8 @@ def task_cancel(task_id: str) -> str:
 
 def state_of(node_id: str) -> str:
     return f"{STATE}/{node_id}"
+
+
+def node_models(node_id: str) -> str:
+    """Queryable on every node: commands on its model store (download, cancel, delete) from the others."""
+    return f"{ROOT}/nodes/{node_id}/models"

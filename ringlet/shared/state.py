@@ -17,7 +17,7 @@ from ringlet.shared.config import Precision
 from ringlet.shared.engine_info import EngineInfo, NodeHardware
 from ringlet.shared.instances import EngineType, Instance
 from ringlet.shared.sizes import format_bytes, format_bytes_of
-from ringlet.shared.tasks import ToolFormat
+from ringlet.shared.tasks import ThinkingFormat, ToolFormat
 from ringlet.shared.wire import Message
 
 
@@ -33,6 +33,19 @@ class MemoryInfo(_Frozen):
     available_bytes: int = Field(ge=0)
 
 
+MAX_STORED_MODELS = 1000  # models a node lists in its NodeInfo (a store with more lists the first, by name)
+
+
+class StoredModelInfo(_Frozen):
+    """A model in a node's store, as the other nodes see it."""
+
+    model: str = Field(description="the repo id, ORG/NAME")
+    bytes: int = Field(ge=0, description="whole files on disk")
+    status: Literal["complete", "partial", "incomplete"] = Field(
+        description="complete: every layer; partial: some layers (one stage of a split model); incomplete: no "
+                    "usable weights yet (a download stopped part-way)")
+
+
 class NodeInfo(_Frozen):
     node_id: str
     name: str
@@ -41,6 +54,8 @@ class NodeInfo(_Frozen):
     memory: MemoryInfo
     api_port: int | None = Field(None, description="where this node serves the HTTP API")
     precision: Precision = Field("auto", description="what this node's engines load weights at (--precision)")
+    models: list[StoredModelInfo] = Field(default_factory=list, max_length=MAX_STORED_MODELS,
+                                          description="the models in this node's store")
 
     def engine_available(self, engine: EngineType) -> bool:
         return engine in self.engines.available_engines
@@ -136,6 +151,7 @@ class RunnerRecord(_Frozen):
     optimization: str | None = Field(None, description="what was applied to the model, e.g. IPEX, torch.compile")
     fallback: str | None = Field(None, description='why it left its engine, e.g. "ipex -> cpu: device lost"')
     tool_format: ToolFormat | None = Field(None, description="how the model writes tool calls (from its template)")
+    thinking: ThinkingFormat | None = Field(None, description="how the model writes its thinking (None: it does not)")
 
 
 class InstanceRecord(_Frozen):
@@ -179,6 +195,11 @@ class InstanceRecord(_Frozen):
     def tool_format(self) -> ToolFormat:
         """How the model writes tool calls, as a stage holding its tokenizer reported (ringlet's default before)."""
         return next((r.tool_format for r in self.runners.values() if r.tool_format is not None), "hermes")
+
+    @property
+    def thinking(self) -> ThinkingFormat | None:
+        """How the model writes its thinking, as the stage holding its tokenizer reported; None: it does not."""
+        return next((r.thinking for r in self.runners.values() if r.thinking is not None), None)
 
 
 # --- tasks
@@ -278,6 +299,7 @@ class RunnerReady(Message):
     optimization: str | None = None
     fallback: str | None = None
     tool_format: ToolFormat | None = None
+    thinking: ThinkingFormat | None = None
 
 
 class RunnerFellBack(Message):
@@ -300,6 +322,29 @@ class RunnerFailed(Message):
 
 
 
+
+
+DownloadState = Literal["running", "done", "failed", "cancelled"]
+
+
+class FileProgress(BaseModel):
+    name: str
+    done: int
+    total: int
+
+
+class DownloadStatus(BaseModel):
+    """One download as the node running it knows it: its API's answer, and the reply to another node's command."""
+
+    download_id: str
+    model: str
+    layers: tuple[int, int] | None = None
+    state: DownloadState = "running"
+    done: int = 0
+    total: int = 0
+    files: list[FileProgress] = []
+    error: str | None = None
+    path: str | None = None
 
 
 class DownloadRecord(_Frozen):
@@ -370,7 +415,7 @@ def apply(state: State, event: Event) -> State:
             changed = _update_runner(state, instance_id, node_id, status=RunnerStatus.READY, progress=1.0,
                                      detail="ready", context_length=context_length, engine=event.engine,
                                      optimization=event.optimization, fallback=event.fallback,
-                                     tool_format=event.tool_format)
+                                     tool_format=event.tool_format, thinking=event.thinking)
         case RunnerFellBack(instance_id=instance_id, node_id=node_id, engine=engine, reason=reason):
             changed = _update_runner(state, instance_id, node_id, engine=engine, fallback=reason)
         case RunnerFailed(instance_id=instance_id, node_id=node_id, error=error):

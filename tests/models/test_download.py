@@ -292,6 +292,32 @@ def test_download_manager_runs_reports_and_cancels(hub: FakeHub, tiny_checkpoint
     manager.close()
 
 
+def test_progress_held_back_by_the_publish_interval_is_published_when_it_ends(hub: FakeHub) -> None:
+    published = []
+    manager = DownloadManager(on_update=published.append, publish_interval=0.5)
+    shards = sorted(name for name in hub.repos[REPO_ID].files if name.endswith(".safetensors"))
+    hub.slow_files.add(shards[-1])  # the download stalls half-way through its last file: no progress follows
+    started = manager.start(REPO_ID)
+    try:
+        def stalled() -> bool:
+            done = manager.status(started.download_id).done
+            time.sleep(0.3)
+            return 0 < done == manager.status(started.download_id).done
+
+        deadline = time.monotonic() + 30
+        while not stalled():
+            assert time.monotonic() < deadline, "the download never stalled"
+        time.sleep(0.8)  # the interval ends: what it held back goes
+        assert published[-1] == manager.status(started.download_id)
+        assert 0 < published[-1].done < published[-1].total
+        assert [p.done for p in published] == sorted(p.done for p in published)  # never an older status later
+    finally:
+        hub.slow_files.clear()
+    done = manager.wait(started.download_id, timeout=30)
+    assert done.state == "done" and published[-1] == done
+    manager.close()
+
+
 def test_a_download_stopped_with_its_node_is_resumed_when_it_starts_again(hub: FakeHub, tmp_path: Path,
                                                                           tiny_checkpoint: dict[str, bytes]) -> None:
     saved = SavedList(tmp_path / "downloads.json", SavedDownload, lambda d: d.download_id)

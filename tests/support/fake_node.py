@@ -14,6 +14,7 @@ reply (finish_reason "length"), stop strings go through the real `StopMatcher` (
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import threading
 import time
@@ -30,20 +31,23 @@ from fastapi import FastAPI
 from ringlet.master.placement import DEFAULT_OPTIONS, InstanceOptions, PlacementPreview, created, place, preview
 from ringlet.master.routing import route
 from ringlet.models.catalog import ModelCard
+from ringlet.models.commands import run_model_command
 from ringlet.models.download import DownloadManager, DownloadStatus, HubSettings
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.models.names import Catalog
 from ringlet.models.stop import StopMatcher
-from ringlet.models.store import ModelStore
+from ringlet.models.store import ModelStore, find_local
 from ringlet.shared.config import DEFAULT_MAX_CONTEXT
 from ringlet.shared.errors import ContextWindowError, InstanceNotFoundError, NoInstanceError, TaskError
 from ringlet.shared.instances import InstanceType
+from ringlet.shared.messages import ModelCommand, ModelCommandReply
 from ringlet.shared.state import (
     DownloadProgressed,
     DownloadRecord,
     Event,
     InstanceDeleted,
     InstanceRecord,
+    LayerLoad,
     NodeInfo,
     NodeJoined,
     RunnerProgressed,
@@ -55,8 +59,10 @@ from ringlet.shared.state import (
     new_instance_record,
 )
 from ringlet.shared.tasks import (
+    EmbeddingTask,
     FinishReason,
     GenerationChunk,
+    Task,
     TextGenerationTask,
     Timings,
     TokenLogprob,
@@ -70,6 +76,7 @@ from tests.support.processes import wait_until
 
 REPLY = ("The", " capital", " of", " France", " is", " Paris", ".")
 RUNNER_PID = 4242  # shown as the runner's pid; no such process exists
+FAKE_DIMENSIONS = 8  # the size of the fake's embeddings
 # a download fails at once, without the network, however the environment is set
 OFFLINE_HUB = HubSettings(endpoint="http://127.0.0.1:9", offline=True)
 
@@ -87,7 +94,7 @@ def prompt_tokens(task: TextGenerationTask) -> int:
 class ScriptedStream:
     """A submitted task (the API's TaskStream); the node notes each one the API closes, as a runner hears a cancel."""
 
-    task: TextGenerationTask
+    task: Task
     instance_id: str
     chunks: AsyncGenerator[GenerationChunk, None]
     on_close: Callable[[str], None]
@@ -109,10 +116,12 @@ class FakeNode:
         self.node_id, self.engine_info = self.info.node_id, self.info.engines
         self.context_window, self.script, self.token_delay_s = context_window, script, token_delay_s
         self.catalog = Catalog()
-        self.submitted: list[TextGenerationTask] = []  # every task the API submitted, as the API built it
+        self.submitted: list[Task] = []  # every task the API submitted, as the API built it
         self.closed: list[str] = []  # the ids of the tasks whose stream the API closed
         self.kept_alive: list[tuple[str, float | None]] = []  # (instance id, seconds) of each keep_alive call
         self.loaded_on_demand: list[str] = []  # the instances ensure_instance created
+        self.load_s = 0.0  # how long such an instance takes to load
+        self.last_requests: dict[str, float] = {}  # instance id -> when its last generation ended
         self.state = State()
         self._state_lock = threading.Lock()  # downloads report from their own threads
         self.tasks: dict[str, TaskRecord] = {}  # in flight
@@ -141,6 +150,18 @@ class FakeNode:
         self.emit(DownloadProgressed(download=DownloadRecord(
             node_id=self.node_id, **status.model_dump(include={"download_id", "model", "layers", "state", "done",
                                                                  "total", "error"}))))
+
+    def run_model_command(self, command: ModelCommand) -> ModelCommandReply:
+        return run_model_command(command, self.downloads, lambda model: [
+            r.instance.instance_id for r in self.state.instances.values() if r.instance.model.lower() == model.lower()])
+
+    async def model_command(self, node_id: str | None, command: ModelCommand) -> ModelCommandReply:
+        """This node's store; another node of the state is out of reach (a fake node has no control plane)."""
+        if node_id is None or node_id == self.node_id:
+            return await asyncio.to_thread(self.run_model_command, command)
+        if node_id not in self.state.nodes:
+            return ModelCommandReply(status=404, code="node_not_found", error=f"no node {node_id!r} in the cluster")
+        return ModelCommandReply(status=503, code="node_unreachable", error=f"node {node_id} is not connected")
 
     # --- models and instances, as the real node places and records them
 
@@ -178,17 +199,25 @@ class FakeNode:
         return route(self.state, model, self.catalog.resolve, self.node_id, False, busy)
 
     async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
-        """As the node does for a model on its disk: the embedded model, when nothing serves it, gets an instance
-        (ready at once: nothing loads here), listed in `loaded_on_demand`."""
+        """As the node does for a model on its disk (the embedded one, a local path, one pulled with Ollama or into
+        the store): when nothing serves it, it gets an instance (ready at once, or after `load_s` reporting its
+        layers loaded as a runner does), listed in `loaded_on_demand`."""
         try:
             self.instance_for(model)
         except NoInstanceError:
             card = self.catalog.resolve(model)
-            if card.source != "embedded" or self.state.instances_of(card.id):
+            on_disk = card.source in ("embedded", "local", "ollama") or find_local(card.id) is not None
+            if not on_disk or self.state.instances_of(card.id):
                 raise
             record = self.create_instance(card.id, InstanceType.CPU_RING, node_ids=[self.node_id])
-            self.make_ready(record.instance.instance_id)
-            self.loaded_on_demand.append(record.instance.instance_id)
+            instance_id = record.instance.instance_id
+            for layer in range(card.num_layers) if self.load_s else ():
+                await asyncio.sleep(self.load_s / card.num_layers)
+                self.emit(RunnerProgressed(instance_id=instance_id, node_id=self.node_id, progress=0.0,
+                                           detail="loading", load=LayerLoad(layers_loaded=layer + 1,
+                                                                            layers_total=card.num_layers)))
+            self.make_ready(instance_id)
+            self.loaded_on_demand.append(instance_id)
 
     def keep_alive(self, instance_id: str, seconds: float | None) -> None:
         self.kept_alive.append((instance_id, seconds))
@@ -198,14 +227,39 @@ class FakeNode:
         seconds = next((s for i, s in reversed(self.kept_alive) if i == instance_id), None)
         return None if seconds is None or seconds < 0 else time.time() + seconds
 
-    def submit(self, task: TextGenerationTask) -> ScriptedStream:
+    def last_request_at(self, instance_id: str) -> float | None:
+        return self.last_requests.get(instance_id)
+
+    def submit(self, task: Task) -> ScriptedStream:
         self.submitted.append(task)
         instance = self.instance_for(task.model).instance
         task_id = task.task_id or f"task-{uuid.uuid4().hex[:12]}"
         task = task.model_copy(update={"task_id": task_id, "model": instance.model})
         self.tasks[task_id] = TaskRecord(task_id=task_id, instance_id=instance.instance_id, model=instance.model,
                                          origin_node_id=self.node_id, submitted_at=time.time())
-        return ScriptedStream(task, instance.instance_id, self._generate(task), self.closed.append)
+        chunks = self._embed(task) if isinstance(task, EmbeddingTask) else self._generate(task)
+        return ScriptedStream(task, instance.instance_id, chunks, self.closed.append)
+
+    async def _embed(self, task: EmbeddingTask) -> AsyncGenerator[GenerationChunk, None]:
+        """Every model embeds here: each input's vector of FAKE_DIMENSIONS values made from its words (or ids), one
+        token per word, normalised; `dimensions` cuts them as the engine does."""
+        try:
+            size = FAKE_DIMENSIONS if task.dimensions is None else task.dimensions
+            if size > FAKE_DIMENSIONS:
+                raise TaskError("invalid_request", f"dimensions {size} is more than the model's {FAKE_DIMENSIONS}")
+            tokens = [item.split() if isinstance(item, str) else item for item in task.inputs]
+            if not all(tokens):
+                raise TaskError("invalid_request", "an input has no tokens; send some text")
+            vectors = []
+            for words in tokens:
+                digest = hashlib.sha256(str(words).encode()).digest()
+                values = [float(1 + digest[i]) for i in range(size)]
+                norm = sum(v * v for v in values) ** 0.5
+                vectors.append([v / norm for v in values])
+            yield GenerationChunk(task_id=task.task_id, embeddings=vectors, finish_reason="stop", last=True,
+                                  usage=Usage(prompt_tokens=sum(map(len, tokens)), completion_tokens=0))
+        finally:
+            self.tasks.pop(task.task_id, None)
 
     async def _generate(self, task: TextGenerationTask) -> AsyncGenerator[GenerationChunk, None]:
         try:
@@ -224,7 +278,8 @@ class FakeNode:
                 async for chunk in self._choice(task, prompt, choice, context):
                     yield chunk
         finally:
-            self.tasks.pop(task.task_id, None)
+            if (record := self.tasks.pop(task.task_id, None)) is not None:
+                self.last_requests[record.instance_id] = time.time()
 
     async def _choice(self, task: TextGenerationTask, prompt: int, choice: int, context: int
                       ) -> AsyncGenerator[GenerationChunk, None]:

@@ -47,6 +47,7 @@ class LiveNode:
     zenoh_port: int
     process: subprocess.Popen[bytes]
     log_path: Path
+    home: Path  # its RINGLET_HOME: the store is home/models
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return httpx.get(self.url + path, timeout=30, **kwargs)
@@ -121,7 +122,8 @@ def launch_node(work_dir: Path, name: str, *extra: str, env: dict[str, str] | No
              "--no-discovery", "--listen", f"tcp/127.0.0.1:{zenoh_port}", *extra],
             stdout=log, stderr=subprocess.STDOUT, env=environment,
         )
-    return LiveNode(name, f"http://127.0.0.1:{api_port}", zenoh_port, process, log_path)
+    return LiveNode(name, f"http://127.0.0.1:{api_port}", zenoh_port, process, log_path,
+                    Path(environment["RINGLET_HOME"]))
 
 
 def start_node(work_dir: Path, name: str = "test-node", *extra: str, env: dict[str, str] | None = None) -> LiveNode:
@@ -164,17 +166,19 @@ class Cluster:
     """Nodes started in one directory; every node connects to the first live one (gossip does the rest). Nodes run
     in fp32 unless told otherwise, so a split model gives a single node's greedy tokens."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
-        """`env`: settings of every node, beside the cluster's own."""
-        self.root, self.env = root, env or {}
+    def __init__(self, root: Path, env: dict[str, str] | None = None, own_homes: bool = False) -> None:
+        """`env`: settings of every node, beside the cluster's own; `own_homes`: each node has its own RINGLET_HOME
+        (its own model store) under root/NAME, as on separate machines, rather than one for all."""
+        self.root, self.env, self.own_homes = root, env or {}, own_homes
         self.nodes: list[LiveNode] = []
 
     def launch(self, name: str, *extra: str) -> LiveNode:
         seeds = [n for n in self.nodes if n.alive()][:1]
         connect = [a for n in seeds for a in ("--connect", f"tcp/127.0.0.1:{n.zenoh_port}")]
         # a short grace before a lost node's instances are placed again, so that departures show within seconds
+        home = {"RINGLET_HOME": str(self.root / name / "home")} if self.own_homes else {}
         node = launch_node(self.root, name, "--no-default-instance", *connect, *extra,
-                           env={"RINGLET_PRECISION": "fp32", "RINGLET_REPLACE_GRACE_S": "2", **self.env})
+                           env={"RINGLET_PRECISION": "fp32", "RINGLET_REPLACE_GRACE_S": "2", **home, **self.env})
         self.nodes.append(node)
         return node
 
