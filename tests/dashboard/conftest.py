@@ -15,6 +15,8 @@ import pytest
 from playwright.sync_api import Browser, Playwright, sync_playwright
 
 from tests.support.dashboard import DESKTOP, PHONE, DashboardPage, open_page
+from tests.support.fake_api import FakeServer
+from tests.support.fake_node import FakeNode
 from tests.support.processes import LiveNode, start_node, stop_node
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,12 +39,17 @@ def _ensure_dashboard_built() -> None:
     subprocess.run([npm, "run", "build"], cwd=DASHBOARD, check=True)
 
 
+@pytest.fixture(scope="package")
+def dashboard_build() -> None:
+    """dashboard/build/, which a node serves when it exists as the node starts (or as its app is made)."""
+    _ensure_dashboard_built()
+
+
 # Package scope: Playwright's sync API keeps an event loop running in this thread while it is open, which other
 # tests' asyncio.run() would trip over.
 @pytest.fixture(scope="package")
-def dashboard_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
+def dashboard_node(dashboard_build: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
     """A node without instances (the tests create one from the UI), its catalog warmed up."""
-    _ensure_dashboard_built()
     node = start_node(tmp_path_factory.mktemp("dashboard-node"), "dash-node", "--no-default-instance")
     try:
         node.json("/models")  # the first catalog request imports torch; take that wait here, once
@@ -69,10 +76,18 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
 
 
 @pytest.fixture
-def dashboard(browser: Browser, dashboard_node: LiveNode) -> Iterator[DashboardPage]:
+def dashboard(browser: Browser, dashboard_node: LiveNode) -> Iterator[DashboardPage[LiveNode]]:
     yield from open_page(browser, dashboard_node, DESKTOP)
 
 
 @pytest.fixture
-def phone_dashboard(browser: Browser, dashboard_node: LiveNode) -> Iterator[DashboardPage]:
+def phone_dashboard(browser: Browser, dashboard_node: LiveNode) -> Iterator[DashboardPage[LiveNode]]:
     yield from open_page(browser, dashboard_node, PHONE)
+
+
+@pytest.fixture
+def scripted_dashboard(browser: Browser, dashboard_build: None, fake_server: FakeServer,
+                       node: FakeNode) -> Iterator[DashboardPage[FakeServer]]:
+    """The page served by the API over a fake node (tests/support/fake_api.py): one ready instance of the embedded
+    model whose answers the test scripts (`node.script`, `node.token_delay_s`), streamed over real HTTP."""
+    yield from open_page(browser, fake_server, DESKTOP)

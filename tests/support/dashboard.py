@@ -1,16 +1,18 @@
 """A dashboard page in Chromium, watched: a console error, an uncaught exception or a request to anything but the
-node fails the test that caused it (`PageWatch.assert_clean`). Screenshots go to `test-artifacts/dashboard/`."""
+node fails the test that caused it (`PageWatch.assert_clean`). Screenshots go to `test-artifacts/dashboard/`.
+
+The page comes from whatever serves the dashboard at `url`: a live `ringlet node`, or the API over a fake node
+(tests/support/fake_api.py) where a test scripts the answers."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request
-
-from tests.support.processes import LiveNode
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -45,11 +47,21 @@ class PageWatch:
         assert not self.foreign_requests, f"requests to hosts other than the node: {self.foreign_requests}"
 
 
+class Served(Protocol):
+    """Something serving the dashboard and the API at `url`."""
+
+    @property
+    def url(self) -> str: ...
+
+
+ServedBy = TypeVar("ServedBy", bound=Served)
+
+
 @dataclass
-class DashboardPage:
+class DashboardPage(Generic[ServedBy]):
     page: Page
     watch: PageWatch
-    node: LiveNode
+    node: ServedBy
 
     def open(self, view: str) -> None:
         self.page.goto(f"{self.node.url}/#{view}")
@@ -65,7 +77,7 @@ class DashboardPage:
         return path
 
 
-def open_page(browser: Browser, node: LiveNode, viewport: dict[str, int]) -> Iterator[DashboardPage]:
+def open_page(browser: Browser, node: ServedBy, viewport: dict[str, int]) -> Iterator[DashboardPage[ServedBy]]:
     context = browser.new_context(viewport=viewport)
     watch = PageWatch()
     context.on("request", watch.on_request)

@@ -5,6 +5,7 @@ import type {
 	ClusterState,
 	CreateInstanceRequest,
 	DeletedInstance,
+	DownloadStatus,
 	EngineInfo,
 	ErrorResponse,
 	InstanceRecord,
@@ -114,4 +115,29 @@ export function createInstance(body: CreateInstanceRequest): Promise<InstanceRec
 
 export function deleteInstance(instanceId: string): Promise<DeletedInstance> {
 	return request(`instance/${encodeURIComponent(instanceId)}`, { method: 'DELETE' });
+}
+
+/** Start (or join the running) download of a model into the store of a node (null: this node, the one serving the
+ * page; another node's is reached through it); its progress comes in /state. */
+export function startDownload(model: string, nodeId: string | null = null): Promise<DownloadStatus> {
+	return request('models/download', {
+		method: 'POST',
+		headers: { 'Content-Type': 'application/json' },
+		body: JSON.stringify(nodeId ? { model, node_id: nodeId } : { model })
+	});
+}
+
+/** This node's downloads, with their progress as its download manager has it now. */
+export const listDownloads = (): Promise<DownloadStatus[]> => request('models/downloads', { cache: 'no-store' });
+
+/** Cancel a download, on whichever node runs it. */
+export function cancelDownload(downloadId: string): Promise<DownloadStatus> {
+	return request(`models/downloads/${encodeURIComponent(downloadId)}`, { method: 'DELETE' });
+}
+
+/** Remove a model's files from a node's store (null: this node's; refused while an instance serves it). */
+export function deleteModel(model: string, nodeId: string | null = null): Promise<{ model: string; node_id: string }> {
+	const path = model.split('/').map(encodeURIComponent).join('/');
+	const query = nodeId ? `?${new URLSearchParams({ node_id: nodeId })}` : '';
+	return request(`models/${path}${query}`, { method: 'DELETE', signal: AbortSignal.timeout(SLOW_REQUEST_TIMEOUT_MS) });
 }

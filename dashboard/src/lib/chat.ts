@@ -2,7 +2,7 @@
 // (EventSource cannot POST), so aborting the fetch closes the connection and the node stops generating.
 
 import { ApiError, errorFrom, fetchWithKey } from './api';
-import type { ChatCompletionChunk, ChatMessage, ErrorResponse } from './types';
+import type { ChatCompletionChunk, ChatDelta, ChatMessage, ErrorResponse } from './types';
 
 export interface ChatRequest {
 	model: string;
@@ -60,7 +60,13 @@ export async function* streamChat(request: ChatRequest, signal: AbortSignal): As
 	throw new ApiError(response.status, 'the stream ended before [DONE]; the node may have stopped');
 }
 
-/** Timing of one answer as the browser saw it; the node's own figures are kept next to it. */
+/** The thinking and the answer text of one streamed delta (either may be empty). */
+export function deltaText(delta: ChatDelta): { reasoning: string; content: string } {
+	return { reasoning: delta.reasoning_content ?? delta.reasoning ?? '', content: delta.content ?? '' };
+}
+
+/** Timing of one answer as the browser saw it (thinking tokens count: they take the instance's time too); the
+ * node's own figures are kept next to it. */
 export class StreamClock {
 	readonly startedAt = performance.now();
 	firstTokenAt: number | null = null;

@@ -1,8 +1,8 @@
 // The live cluster as the page sees it: /state polled every second (joins and leaves show within 2 s),
 // the model catalog refreshed when the state changes, and a short log of what changed.
 
-import { describeError, getModels, getNodeId, getState } from './api';
-import type { CatalogModel, ClusterState, InstanceRecord, NodeInfo } from './types';
+import { describeError, getModels, getNodeId, getState, listDownloads } from './api';
+import type { CatalogModel, ClusterState, DownloadRecord, DownloadStatus, InstanceRecord, NodeInfo } from './types';
 
 const STATE_POLL_MS = 1000;
 const MODELS_REFRESH_MS = 10000;
@@ -36,6 +36,21 @@ export class Cluster {
 		this.state ? Object.values(this.state.instances).sort((a, b) => a.created_at - b.created_at) : []
 	);
 	readyInstances: InstanceRecord[] = $derived(this.instances.filter((r) => r.status === 'ready'));
+	/** this node's downloads as its download manager has them now (/state carries progress at most twice a
+	 * second); fetched while one of them runs */
+	ownDownloads = $state<Record<string, DownloadStatus>>({});
+	/** running first, then the newest; this node's with their latest progress */
+	downloads: DownloadRecord[] = $derived(
+		this.state
+			? Object.values(this.state.downloads)
+					.map((d) => {
+						const own = d.node_id === this.self?.node_id ? this.ownDownloads[d.download_id] : undefined;
+						return own && own.state === d.state ? { ...d, done: own.done, total: own.total } : d;
+					})
+					.reverse()
+					.sort((a, b) => Number(b.state === 'running') - Number(a.state === 'running'))
+			: []
+	);
 
 	#timer: ReturnType<typeof setTimeout> | null = null;
 	#modelsFetchedAt = 0;
@@ -89,6 +104,7 @@ export class Cluster {
 	async #poll(): Promise<void> {
 		if (!this.self) void this.#loadSelf(); // until the node has answered once
 		await this.#fetchState();
+		await this.#fetchOwnDownloads();
 		// the fits in the catalog follow the nodes and instances; refetch when those change
 		const key = this.#catalogKey();
 		if (key !== this.#modelsKey || Date.now() - this.#modelsFetchedAt > MODELS_REFRESH_MS) {
@@ -110,11 +126,31 @@ export class Cluster {
 		}
 	}
 
+	async #fetchOwnDownloads(): Promise<void> {
+		const selfId = this.self?.node_id;
+		const running = Object.values(this.state?.downloads ?? {}).some((d) => d.node_id === selfId && d.state === 'running');
+		if (!running) {
+			if (Object.keys(this.ownDownloads).length > 0) this.ownDownloads = {};
+			return;
+		}
+		try {
+			this.ownDownloads = Object.fromEntries((await listDownloads()).map((d) => [d.download_id, d]));
+		} catch {
+			this.ownDownloads = {}; // /state's figures stand; its own poll reports a node that cannot be reached
+		}
+	}
+
 	#catalogKey(): string {
 		if (!this.state) return '';
-		const nodes = Object.values(this.state.nodes).map((n) => `${n.node_id}:${n.engines.available_engines.join('+')}`);
+		// a node's store changing (a download done, a model deleted) changes where each model is on disk
+		const nodes = Object.values(this.state.nodes).map(
+			(n) =>
+				`${n.node_id}:${n.engines.available_engines.join('+')}:${(n.models ?? []).map((m) => `${m.model}@${m.status}`).join('+')}`
+		);
 		const instances = Object.values(this.state.instances).map((r) => `${r.instance.instance_id}:${r.status}`);
-		return [...nodes.sort(), ...instances.sort()].join(',');
+		// a finished download changes what is on disk
+		const downloads = Object.values(this.state.downloads).map((d) => `${d.download_id}:${d.state}`);
+		return [...nodes.sort(), ...instances.sort(), ...downloads.sort()].join(',');
 	}
 
 	#noteChanges(before: ClusterState, after: ClusterState): void {

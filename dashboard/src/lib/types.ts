@@ -72,6 +72,15 @@ export interface NodeInfo {
 	memory: MemoryInfo;
 	api_port: number | null;
 	precision: 'auto' | 'fp32' | 'bf16' | 'fp16' | 'int8' | 'int4';
+	/** the models in the node's store */
+	models?: StoredModelInfo[];
+}
+
+/** A model in a node's store: complete, some layers (partial), or no usable weights yet (incomplete). */
+export interface StoredModelInfo {
+	model: string;
+	bytes: number;
+	status: 'complete' | 'partial' | 'incomplete';
 }
 
 export interface Link {
@@ -176,7 +185,32 @@ export interface ClusterState {
 	links: Link[];
 	instances: Record<string, InstanceRecord>;
 	tasks: Record<string, TaskRecord>;
+	downloads: Record<string, DownloadRecord>;
 	last_event: number;
+}
+
+/** A model download on one node, as /state lists it (`done` and `total` in bytes). */
+export interface DownloadRecord {
+	download_id: string;
+	node_id: string;
+	model: string;
+	layers: [number, number] | null;
+	state: 'running' | 'done' | 'failed' | 'cancelled';
+	done: number;
+	total: number;
+	error: string | null;
+}
+
+/** The answer of POST /models/download and DELETE /models/downloads/{id}: the download on the node asked. */
+export interface DownloadStatus {
+	download_id: string;
+	model: string;
+	layers: [number, number] | null;
+	state: DownloadRecord['state'];
+	done: number;
+	total: number;
+	error: string | null;
+	path: string | null;
 }
 
 export interface ModelCard {
@@ -209,6 +243,8 @@ export interface InstanceTypeFit {
 export interface CatalogModel {
 	card: ModelCard;
 	on_disk: boolean;
+	/** the nodes whose stores hold the model's weights (all or some layers) */
+	on_nodes?: string[];
 	instance_ids: string[];
 	fits: InstanceTypeFit[];
 }
@@ -280,12 +316,21 @@ export interface Usage {
 	total_tokens: number;
 }
 
+/** One streamed piece of a chat answer. Servers that parse a model's thinking send it apart from the answer:
+ * `reasoning_content` (DeepSeek, vLLM) or `reasoning` (newer vLLM). */
+export interface ChatDelta {
+	role?: 'assistant' | null;
+	content?: string | null;
+	reasoning_content?: string | null;
+	reasoning?: string | null;
+}
+
 export interface ChatCompletionChunk {
 	id: string;
 	object: 'chat.completion.chunk';
 	created: number;
 	model: string;
-	choices: { index: number; delta: { role?: 'assistant' | null; content?: string | null }; finish_reason: string | null }[];
+	choices: { index: number; delta: ChatDelta; finish_reason: string | null }[];
 	usage?: Usage | null;
 	timings?: Timings | null;
 }
