@@ -7,9 +7,9 @@ import base64
 import struct
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from ringlet.api.ollama_schemas import Options, duration_s
+from ringlet.api.ollama_schemas import KeepAliveField, Options
 from ringlet.shared.tasks import MAX_EMBEDDING_INPUTS, MAX_INPUT_CHARS, MAX_INPUT_TOKENS, EmbeddingTask
 
 Text = Annotated[str, Field(min_length=1, max_length=MAX_INPUT_CHARS)]
@@ -95,24 +95,11 @@ def encoded(vector: list[float], encoding_format: Literal["float", "base64"]) ->
 # --- Ollama
 
 
-class _OllamaEmbedFields(BaseModel):
+class _OllamaEmbedFields(KeepAliveField):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
     options: Options | None = Field(None, description="accepted; none of them changes an embedding")
-    keep_alive: float | str | None = Field(None, description='how long the instance stays loaded once idle: seconds, '
-                                                            'or a duration ("5m"); 0 unloads it after this request, '
-                                                            "a negative value keeps it until deleted")
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _a_duration(cls, value: float | str | None) -> float | str | None:
-        if value is not None:
-            duration_s(value)
-        return value
-
-    def keep_alive_s(self) -> float | None:
-        return None if self.keep_alive is None else duration_s(self.keep_alive)
 
 
 class EmbedRequest(_OllamaEmbedFields):

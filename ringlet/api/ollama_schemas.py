@@ -133,27 +133,12 @@ class OllamaMessage(BaseModel):
                            name=self.tool_name if self.role == "tool" else None)
 
 
-class _GenerateFields(LogprobFields):
-    """Fields /api/chat and /api/generate share; one the model does not declare is a 400 naming it."""
+class KeepAliveField(BaseModel):
+    """Ollama's keep_alive, which every request that loads a model takes."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1)
-    stream: bool = True
-    options: Options | None = None
-    format: Literal["", "json"] | dict[str, object] | None = Field(
-        None, description='"json": any JSON object; a JSON schema: JSON that validates against it')
     keep_alive: float | str | None = Field(None, description='how long the instance stays loaded once idle: seconds, '
                                                             'or a duration ("5m", "1h30m"); 0 unloads it after this '
                                                             "request, a negative value keeps it until deleted")
-    think: bool | Literal["low", "medium", "high"] | None = Field(
-        None, description="a model that thinks: true (or a level) thinks first and sends the thinking apart from the "
-                          "answer, false answers without thinking where the template has the switch; left out: the "
-                          "model's default, thinking apart")
-
-    def thinking(self) -> bool | None:
-        """The chat template's thinking switch: a level turns thinking on (its length is the model's affair)."""
-        return None if self.think is None else self.think is not False
 
     @field_validator("keep_alive")
     @classmethod
@@ -165,6 +150,26 @@ class _GenerateFields(LogprobFields):
     def keep_alive_s(self) -> float | None:
         """keep_alive in seconds (negative: for ever), None when not given."""
         return None if self.keep_alive is None else duration_s(self.keep_alive)
+
+
+class _GenerateFields(LogprobFields, KeepAliveField):
+    """Fields /api/chat and /api/generate share; one the model does not declare is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: Options | None = None
+    format: Literal["", "json"] | dict[str, object] | None = Field(
+        None, description='"json": any JSON object; a JSON schema: JSON that validates against it')
+    think: bool | Literal["low", "medium", "high"] | None = Field(
+        None, description="a model that thinks: true (or a level) thinks first and sends the thinking apart from the "
+                          "answer, false answers without thinking where the template has the switch; left out: the "
+                          "model's default, thinking apart")
+
+    def thinking(self) -> bool | None:
+        """The chat template's thinking switch: a level turns thinking on (its length is the model's affair)."""
+        return None if self.think is None else self.think is not False
 
     @property
     def opts(self) -> Options:

@@ -331,16 +331,14 @@ def _pull_if_missing(model: str | None) -> None:
 
     if model is None or not _pullable(model):
         return  # not a name a hub has: loading says what it is not
-    try:
-        resolve_model_path(model)
-        return  # here already: a local path, in the store, pulled with Ollama, or a copy's name
-    except ModelLoadError:
-        pass
     from ringlet.cli.models import pull
 
-    print(f"{model} is not on this machine; pulling it", file=sys.stderr)
-    if pull(model) != 0:
-        raise CliError(f"{model} could not be pulled; `ringlet pull {model}` says why")
+    try:
+        resolve_model_path(model)  # here already: a local path, in the store, pulled with Ollama, or a copy's name
+    except ModelLoadError:
+        print(f"{model} is not on this machine; pulling it", file=sys.stderr)
+        if pull(model) != 0:
+            raise CliError(f"{model} could not be pulled; `ringlet pull {model}` says why") from None
 
 
 def _session(args: argparse.Namespace, model: str | None, sampling: SamplingParams) -> Session:

@@ -12,6 +12,7 @@ import transformers
 from ringlet.models import safetensors_loader
 from ringlet.models.registry import build_stage, model_args
 from ringlet.shared.errors import ModelLoadError
+from tests.support.random_models import load_checkpoint_stage
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 128, "max_position_embeddings": 256, "rms_norm_eps": 1e-5}
@@ -41,13 +42,6 @@ def make_checkpoint(name: str, path: Path) -> transformers.PreTrainedModel:
     return model
 
 
-def load(path: Path, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
-    args = model_args(safetensors_loader.read_config(path))
-    end = args.num_hidden_layers if end is None else end
-    weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
-    return build_stage(args, start, end, weights=weights)
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def checkpoint(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp(request.param)
@@ -63,7 +57,7 @@ def test_index_has_several_files(checkpoint):  # type: ignore[no-untyped-def]
 @torch.no_grad()
 def test_logits_match_transformers_with_cache_batch2(checkpoint):  # type: ignore[no-untyped-def]
     reference, path = checkpoint
-    model = load(path)
+    model = load_checkpoint_stage(path)
     torch.manual_seed(1)
     ids = torch.randint(0, TINY["vocab_size"], (2, 11))
     cache = model.make_cache(batch_size=2, max_seq_len=64)
@@ -82,7 +76,7 @@ def test_logits_match_transformers_with_cache_batch2(checkpoint):  # type: ignor
 @torch.no_grad()
 def test_chunked_prefill_equals_one_pass(checkpoint):  # type: ignore[no-untyped-def]
     _, path = checkpoint
-    model = load(path)
+    model = load_checkpoint_stage(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 23))
     whole = model(ids, model.make_cache(2, 64), 0)
     cache = model.make_cache(2, 64)
@@ -95,8 +89,8 @@ def test_chunked_prefill_equals_one_pass(checkpoint):  # type: ignore[no-untyped
 def test_chained_stages_equal_whole_model(checkpoint, cuts):  # type: ignore[no-untyped-def]
     _, path = checkpoint
     bounds = [0, *cuts, TINY["num_hidden_layers"]]
-    stages = [load(path, a, b) for a, b in itertools.pairwise(bounds)]
-    whole = load(path)
+    stages = [load_checkpoint_stage(path, a, b) for a, b in itertools.pairwise(bounds)]
+    whole = load_checkpoint_stage(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     h: torch.Tensor = ids
     caches = [s.make_cache(2, 32) for s in stages]
@@ -114,10 +108,10 @@ def test_half_range_reads_only_its_files(tmp_path):  # type: ignore[no-untyped-d
     first_half = {f for n, f in weight_map.items() if safetensors_loader.tensor_in_range(n, 0, 3, 6, True)}
     for f in set(weight_map.values()) - first_half:  # files only the second half needs: gone
         (tmp_path / f).unlink()
-    model = load(tmp_path, 0, 3)
+    model = load_checkpoint_stage(tmp_path, 0, 3)
     assert model.num_local_layers == 3
     with pytest.raises(ModelLoadError, match="missing"):
-        load(tmp_path, 3, 6)
+        load_checkpoint_stage(tmp_path, 3, 6)
 
 
 def test_truncated_safetensors_is_a_clear_error(tmp_path):  # type: ignore[no-untyped-def]
@@ -125,7 +119,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):  # type: ignore[no-un
     victim = min(tmp_path.glob("*.safetensors"))
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="truncated|corrupt"):
-        load(tmp_path)
+        load_checkpoint_stage(tmp_path)
 
 
 def test_unknown_architecture_names_supported_ones():
@@ -151,7 +145,7 @@ def test_bad_layer_range():
 def test_tensor_position_decode_equals_int_position(checkpoint):  # type: ignore[no-untyped-def]
     """The static-shape decode step (CUDA graphs) computes what the dynamic one does."""
     _, path = checkpoint
-    model = load(path)
+    model = load_checkpoint_stage(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     a, b = model.make_cache(2, 64), model.make_cache(2, 64)
     model(ids, a, 0)

@@ -16,11 +16,12 @@ from ringlet.models.loader import LoadedStage
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import quantize_int8, quantize_layer_int4
 from ringlet.models.random_checkpoint import synthetic_tokenizer
-from ringlet.models.registry import build_stage, model_args
+from ringlet.models.registry import model_args
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 from ringlet.worker.engines.torch.engine import TorchEngine
+from tests.support.random_models import load_checkpoint_stage
 
 TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "num_experts_per_tok": 2}
@@ -73,13 +74,6 @@ def _router(layer):  # type: ignore[no-untyped-def]
     return layer.mlp.gate
 
 
-def load(path: Path, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
-    args = model_args(safetensors_loader.read_config(path))
-    end = args.num_hidden_layers if end is None else end
-    weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
-    return build_stage(args, start, end, weights=weights)
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def checkpoint(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp(request.param)
@@ -90,7 +84,7 @@ def test_checkpoint_names_each_expert_and_is_read_into_stacked_experts(checkpoin
     reference, path = checkpoint
     names = safetensors_loader.weight_map(path)
     assert any(".experts.3." in name for name in names)  # the layout published checkpoints have
-    model = load(path)
+    model = load_checkpoint_stage(path)
     sparse = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, SparseMoE)]
     assert sparse == [i for i, layer in enumerate(reference.model.layers) if hasattr(layer.mlp, "experts")]
     args = model.args
@@ -105,7 +99,7 @@ def test_checkpoint_names_each_expert_and_is_read_into_stacked_experts(checkpoin
 @torch.no_grad()
 def test_logits_match_transformers_with_and_without_cache_batch2(checkpoint):  # type: ignore[no-untyped-def]
     reference, path = checkpoint
-    model = load(path)
+    model = load_checkpoint_stage(path)
     torch.manual_seed(1)
     ids = torch.randint(0, TINY["vocab_size"], (2, 11))
     cache = model.make_cache(batch_size=2, max_seq_len=64)
@@ -129,8 +123,8 @@ def test_logits_match_transformers_with_and_without_cache_batch2(checkpoint):  #
 def test_pipeline_stages_equal_whole_model(checkpoint, cuts):  # type: ignore[no-untyped-def]
     _, path = checkpoint
     bounds = [0, *cuts, LAYERS]
-    stages = [load(path, a, b) for a, b in itertools.pairwise(bounds)]
-    whole = load(path)
+    stages = [load_checkpoint_stage(path, a, b) for a, b in itertools.pairwise(bounds)]
+    whole = load_checkpoint_stage(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     h: torch.Tensor = ids
     for stage in stages:
@@ -144,7 +138,7 @@ def test_pipeline_stages_equal_whole_model(checkpoint, cuts):  # type: ignore[no
 @torch.no_grad()
 def test_router_picks_and_weighs_as_transformers(checkpoint):  # type: ignore[no-untyped-def]
     reference, path = checkpoint
-    model = load(path)
+    model = load_checkpoint_stage(path)
     layer = next(i for i in range(LAYERS) if model.args.is_moe_layer(i))
     tokens = torch.randn(64, 64)
     _, their_weights, their_experts = _router(reference.model.layers[layer])(tokens)
@@ -162,7 +156,7 @@ def test_router_picks_and_weighs_as_transformers(checkpoint):  # type: ignore[no
 @pytest.mark.parametrize("tied", [(1, 2), (2, 1), (0, 3)])
 def test_tied_router_logits_pick_transformers_expert(name, tied, tmp_path):  # type: ignore[no-untyped-def]
     reference = make_checkpoint(name, tmp_path, tie_experts=tied)
-    model = load(tmp_path)
+    model = load_checkpoint_stage(tmp_path)
     hidden = reference.model.embed_tokens(torch.randint(0, TINY["vocab_size"], (2, 7)))
     tokens = reference.model.layers[0].post_attention_layernorm(hidden).view(-1, 64)
     logits, _, their_experts = _router(reference.model.layers[0])(tokens)
@@ -206,7 +200,7 @@ def test_experts_run_grouped_with_every_expert_or_none_routed_to(hidden, width):
 @pytest.mark.parametrize("how", ["int8", "int4"])
 def test_quantised_stage_keeps_router_and_has_int8_experts(how, tmp_path):  # type: ignore[no-untyped-def]
     reference = make_checkpoint("qwen3_moe", tmp_path)
-    model = load(tmp_path)
+    model = load_checkpoint_stage(tmp_path)
     if how == "int8":
         quantize_int8(model, torch.float32)
     else:
@@ -245,7 +239,7 @@ def test_placement_counts_every_experts_bytes(checkpoint):  # type: ignore[no-un
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_engine_greedy_tokens_equal_transformers_generate(name, engine_class, tmp_path):  # type: ignore[no-untyped-def]
     reference = make_checkpoint(name, tmp_path)
-    model = load(tmp_path)
+    model = load_checkpoint_stage(tmp_path)
     args = model.args
     stage = LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
     engine = engine_class(stage, torch.device("cpu"), EngineConfig(kv_cache_tokens=1024, max_context=256))

@@ -25,6 +25,7 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.errors import ModelLoadError
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 from tests.support.greedy import greedy_task, run_greedy
+from tests.support.random_models import load_checkpoint_stage
 from tests.support.tiny_gguf import encode, raw_dtype
 from tests.support.tiny_model import words
 
@@ -70,13 +71,6 @@ def make_checkpoint(name: str, path: Path) -> transformers.Phi3ForCausalLM:
     return model
 
 
-def load(path: Path, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
-    args = model_args(safetensors_loader.read_config(path))
-    end = args.num_hidden_layers if end is None else end
-    weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
-    return build_stage(args, start, end, weights=weights)
-
-
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def checkpoint(request, tmp_path_factory):  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp(request.param)
@@ -88,7 +82,7 @@ def test_the_checkpoint_holds_fused_tensors_and_the_stage_reads_them(checkpoint)
     names = set(safetensors_loader.weight_map(path))
     assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
     assert not any("q_proj" in n or "gate_proj." in n for n in names)
-    model = load(path)
+    model = load_checkpoint_stage(path)
     layer = reference.model.layers[2]
     torch.testing.assert_close(model.layers[2].self_attn.qkv_proj.weight, layer.self_attn.qkv_proj.weight)
     torch.testing.assert_close(model.layers[2].mlp.gate_up_proj.weight, layer.mlp.gate_up_proj.weight)
@@ -97,7 +91,7 @@ def test_the_checkpoint_holds_fused_tensors_and_the_stage_reads_them(checkpoint)
 @torch.no_grad()
 def test_logits_match_transformers_without_and_with_the_cache_batch2(checkpoint):  # type: ignore[no-untyped-def]
     reference, path = checkpoint
-    model = load(path)
+    model = load_checkpoint_stage(path)
     torch.manual_seed(1)
     ids = torch.randint(0, TINY["vocab_size"], (2, ORIGINAL + 9))  # past the original length: longrope's long factors
     cache = model.make_cache(batch_size=2, max_seq_len=96)
@@ -119,7 +113,7 @@ def test_logits_match_transformers_without_and_with_the_cache_batch2(checkpoint)
 @torch.no_grad()
 def test_chunked_prefill_equals_one_pass(checkpoint):  # type: ignore[no-untyped-def]
     _, path = checkpoint
-    model = load(path)
+    model = load_checkpoint_stage(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, 45))
     whole = model(ids, model.make_cache(2, 64), 0)
     cache = model.make_cache(2, 64)
@@ -132,8 +126,8 @@ def test_chunked_prefill_equals_one_pass(checkpoint):  # type: ignore[no-untyped
 def test_two_and_three_stages_give_the_whole_models_logits(checkpoint, cuts):  # type: ignore[no-untyped-def]
     _, path = checkpoint
     bounds = [0, *cuts, TINY["num_hidden_layers"]]
-    stages = [load(path, a, b) for a, b in itertools.pairwise(bounds)]
-    whole = load(path)
+    stages = [load_checkpoint_stage(path, a, b) for a, b in itertools.pairwise(bounds)]
+    whole = load_checkpoint_stage(path)
     ids = torch.randint(0, TINY["vocab_size"], (2, ORIGINAL + 4))
     h: torch.Tensor = ids
     for stage in stages:
@@ -146,7 +140,7 @@ def test_two_and_three_stages_give_the_whole_models_logits(checkpoint, cuts):  #
 @torch.no_grad()
 def test_the_batch_engine_generates_transformers_greedy_tokens(tmp_path):  # type: ignore[no-untyped-def]
     reference = make_checkpoint("partial-rotary", tmp_path)
-    model = load(tmp_path)
+    model = load_checkpoint_stage(tmp_path)
     args = model_args(safetensors_loader.read_config(tmp_path))
     stage = LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
     engine = TorchBatchEngine(stage, torch.device("cpu"), EngineConfig(kv_cache_tokens=4096))
@@ -201,7 +195,7 @@ def test_the_fused_decode_step_runs_a_longrope_checkpoint_as_the_eager_forward(t
     if not fused_decode._INTERPRETED:
         pytest.skip("a GPU machine: the compiled kernels are tested through the engine in tests/worker/gpu")
     make_checkpoint("longrope", tmp_path)
-    model = load(tmp_path)
+    model = load_checkpoint_stage(tmp_path)
     eager_cache, fused_cache = model.make_cache(1, 64), model.make_cache(1, 64)
     token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
     step = fused_decode.FusedDecodeStep(model, fused_cache, token, position)

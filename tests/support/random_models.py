@@ -3,8 +3,11 @@ norms), with norms that are not all ones and activations of a realistic size; an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from ringlet.models import safetensors_loader
 from ringlet.models.random_checkpoint import random_weights
 from ringlet.models.registry import build_stage, model_args
 
@@ -44,3 +47,11 @@ def random_model(config: dict, dtype: torch.dtype):  # type: ignore[no-untyped-d
                 weights[attention + f"{p}_norm.weight"] = 1 + 0.3 * torch.randn(args.head_dim, generator=generator)
     weights["model.embed_tokens.weight"] *= 20  # activations of a realistic size, not 0.02
     return build_stage(args, weights=weights, dtype=dtype, device="cpu")
+
+
+def load_checkpoint_stage(path: Path, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
+    """Layers [start, end) of the safetensors checkpoint in `path`, read lazily as a node's loader reads them."""
+    args = model_args(safetensors_loader.read_config(path))
+    end = args.num_hidden_layers if end is None else end
+    weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
+    return build_stage(args, start, end, weights=weights)
