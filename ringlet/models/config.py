@@ -9,6 +9,8 @@ from typing import Any
 from ringlet.shared.errors import ModelLoadError
 
 PHI3_ORIGINAL = 4096  # transformers' Phi3Config default of original_max_position_embeddings
+GEMMA = ("gemma2", "gemma3_text")
+GEMMA_ACTIVATION = "gelu_pytorch_tanh"  # Gemma's GeGLU: the tanh approximation of GELU gates the up projection
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,20 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # qwen2: bias on q/k/v projections
     qk_norm: bool = False  # qwen3: RMSNorm on each head of q and k
-    sliding_window: int | None = None  # mistral v0.1, phi3; we serve at most this many positions
+    # the window of the layers `layer_types` calls sliding; mistral v0.1 and phi3 name none: they serve at most this
+    # many positions (`context_length`)
+    sliding_window: int | None = None
     partial_rotary_factor: float = 1.0  # phi3 (Phi-4-mini): rotary on the first share of each head's dims only
+    hidden_act: str = "silu"  # the gated MLP's activation: SiLU, or Gemma's gelu_pytorch_tanh (GeGLU)
+    # each layer's attention, "sliding_attention" (the last `sliding_window` positions) or "full_attention"; none
+    # named: every layer attends every position (gemma2, gemma3_text name them)
+    layer_types: tuple[str, ...] = ()
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar ** -0.5; None: head_dim's
+    attn_logit_softcapping: float | None = None  # gemma2: attention logits become cap * tanh(logits / cap)
+    final_logit_softcapping: float | None = None  # gemma2: and so do the output logits
+    # gemma3_text: the sliding layers' own rotary base and scaling (rope_theta and rope_scaling are the full layers')
+    sliding_rope_theta: float | None = None
+    sliding_rope_scaling: dict[str, Any] | None = None
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     # mixture of experts (qwen3_moe, mixtral): each token runs `num_experts_per_tok` of `num_experts` SiLU-gated MLPs
@@ -41,6 +55,11 @@ class ModelArgs:
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # gpt_oss: experts with biases, gate and up interleaved, a clamped gated activation (`swiglu_limit`); kept as
+    # MXFP4 codes where the checkpoint stores them so
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.702
+    mxfp4_experts: bool = False
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -60,6 +79,9 @@ class ModelArgs:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in config.items() if k in known and v is not None}
         values.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+        if config.get("model_type") in GEMMA:
+            gemma, config = _gemma(config)
+            values.update(gemma)
         # transformers >= 5 writes rope settings as one `rope_parameters` dict
         if rope := config.get("rope_parameters"):
             values.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
@@ -71,7 +93,11 @@ class ModelArgs:
             if scaling.get("partial_rotary_factor") is not None:
                 values["partial_rotary_factor"] = scaling["partial_rotary_factor"]
             values["rope_scaling"] = _standard_rope_scaling(config, scaling)
-        if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
+        if config.get("model_type") in GEMMA:
+            if values["hidden_act"] != GEMMA_ACTIVATION or config.get("mlp_bias"):
+                raise ModelLoadError(f"only GeGLU MLPs without bias are supported for {config['model_type']} "
+                                     f"(hidden_activation {GEMMA_ACTIVATION!r}, mlp_bias false)")
+        elif config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
             raise ModelLoadError("only SiLU-gated MLPs without bias are supported (hidden_act 'silu', mlp_bias false)")
         eos = values.get("eos_token_id", [])
         values["eos_token_id"] = [eos] if isinstance(eos, int) else list(eos)
@@ -79,6 +105,8 @@ class ModelArgs:
             values.setdefault("attention_bias", True)
         if config.get("model_type") in ("qwen3", "qwen3_moe"):
             values["qk_norm"] = True
+        if config.get("model_type") == "gpt_oss":
+            values.setdefault("attention_bias", True)
         values.update(_experts(config))
         values.update(overrides)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
@@ -92,6 +120,12 @@ class ModelArgs:
         if self.model_type in ("mistral", "phi3") and self.sliding_window:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+    def attention_window(self, layer: int) -> int | None:
+        """How many positions layer `layer` attends, the query's own and those before it; None: all of them."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     @property
     def rotary_dim(self) -> int:
@@ -117,24 +151,80 @@ class ModelArgs:
     def mlp_parameters(self, layer: int) -> int:
         """Weights of layer `layer`'s MLP: every expert's and the router's in a mixture-of-experts layer."""
         if self.is_moe_layer(layer):
-            return self.num_experts * (3 * self.hidden_size * self.moe_intermediate_size + self.hidden_size)
+            h, width = self.hidden_size, self.moe_intermediate_size
+            biases = 2 * width + h + 1 if self.model_type == "gpt_oss" else 0  # the experts' and the router's
+            return self.num_experts * (3 * h * width + h + biases)
         return 3 * self.hidden_size * self.intermediate_size
 
 
+def _gemma(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Gemma 2 / Gemma 3 settings as ModelArgs names them, transformers' defaults where a key is absent; and the
+    config with the full-attention layers' rope parameters where it names them per layer type (as transformers >= 5
+    writes Gemma 3's: `rope_parameters` {"full_attention": ..., "sliding_attention": ...})."""
+    kind = config["model_type"]
+    if config.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"a {kind} model with bidirectional attention (EmbeddingGemma) is not supported")
+    layers = config.get("num_hidden_layers", 0)
+    # transformers' default pattern: Gemma 2 alternates sliding and full layers, Gemma 3 has five sliding to one full
+    pattern = 2 if kind == "gemma2" else config.get("sliding_window_pattern") or 6
+    types = tuple(config.get("layer_types") or ("sliding_attention" if (i + 1) % pattern else "full_attention"
+                                                for i in range(layers)))
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ModelLoadError(f"layer_types must name one of 'sliding_attention' and 'full_attention' for each of the "
+                             f"{layers} layers; got {list(types)}")
+    capped = kind == "gemma2"  # Gemma 2 caps its logits unless its config says null
+    values: dict[str, Any] = {
+        "hidden_act": config.get("hidden_activation") or config.get("hidden_act") or GEMMA_ACTIVATION,
+        "layer_types": types,
+        "query_pre_attn_scalar": config.get("query_pre_attn_scalar") or 256,
+        "attn_logit_softcapping": config.get("attn_logit_softcapping", 50.0 if capped else None),
+        "final_logit_softcapping": config.get("final_logit_softcapping", 30.0 if capped else None),
+        "sliding_window": config.get("sliding_window", 4096),
+        "tie_word_embeddings": config.get("tie_word_embeddings", True) is not False,
+        "qk_norm": kind == "gemma3_text",  # Gemma 3 normalises each head of q and k (a Gemma norm: 1 + weight)
+    }
+    if kind == "gemma3_text":
+        rope = config.get("rope_parameters") or {}
+        if "full_attention" in rope or "sliding_attention" in rope:
+            full, sliding = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+            config = {**config, "rope_parameters": full}
+        else:  # transformers 4: the full layers' rope_theta and rope_scaling, the sliding ones' rope_local_base_freq
+            full, sliding = {}, {"rope_theta": config.get("rope_local_base_freq")}
+        values["rope_theta"] = float(full.get("rope_theta") or config.get("rope_theta") or 1_000_000.0)
+        values["sliding_rope_theta"] = float(sliding.get("rope_theta") or 10_000.0)
+        if sliding.get("rope_type", "default") != "default":
+            values["sliding_rope_scaling"] = _standard_rope_scaling(config, sliding)
+    return values, config
+
+
 def _experts(config: dict[str, Any]) -> dict[str, Any]:
-    """The mixture-of-experts settings as ModelArgs names them: Mixtral's experts count `num_local_experts`, are as
-    wide as `intermediate_size` and always renormalise the chosen experts' weights."""
+    """The mixture-of-experts settings as ModelArgs names them: Mixtral's and gpt_oss's experts count
+    `num_local_experts` and are as wide as `intermediate_size`; Mixtral always renormalises the chosen experts' weights
+    (gpt_oss's are a softmax over the chosen logits); gpt_oss names its top k `experts_per_token` in older files, and
+    its layers alternate sliding-window and full attention where `layer_types` is absent (as transformers does)."""
     kind = config.get("model_type")
-    if kind not in ("qwen3_moe", "mixtral"):
+    if kind not in ("qwen3_moe", "mixtral", "gpt_oss"):
         return {}
     experts = config.get("num_experts", config.get("num_local_experts"))
-    if not experts or not config.get("num_experts_per_tok") or not config.get(
-            "moe_intermediate_size" if kind == "qwen3_moe" else "intermediate_size"):
+    top_k = config.get("num_experts_per_tok", config.get("experts_per_token"))
+    width = "moe_intermediate_size" if kind == "qwen3_moe" else "intermediate_size"
+    if not experts or not top_k or not config.get(width):
         raise ModelLoadError(f"a {kind} config needs num_experts (or num_local_experts), num_experts_per_tok and "
-                             f"{'moe_intermediate_size' if kind == 'qwen3_moe' else 'intermediate_size'}")
-    values = {"num_experts": int(experts), "mlp_only_layers": tuple(config.get("mlp_only_layers") or ())}
+                             f"{width}")
+    values = {"num_experts": int(experts), "num_experts_per_tok": int(top_k),
+              "mlp_only_layers": tuple(config.get("mlp_only_layers") or ())}
     if kind == "mixtral":
         values |= {"moe_intermediate_size": config.get("intermediate_size"), "norm_topk_prob": True}
+    if kind == "gpt_oss":
+        layers = config.get("num_hidden_layers", 0)
+        types = config.get("layer_types") or ["sliding_attention" if n % 2 == 0 else "full_attention"
+                                              for n in range(layers)]
+        if len(types) != layers or set(types) - {"sliding_attention", "full_attention"}:
+            raise ModelLoadError(f"a gpt_oss config's layer_types must name 'sliding_attention' or 'full_attention' "
+                                 f"for each of its {layers} layers; it has {types}")
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        values |= {"moe_intermediate_size": config.get("intermediate_size"), "layer_types": tuple(types),
+                   "swiglu_limit": float(config.get("swiglu_limit", 7.0)), "mxfp4_experts": method == "mxfp4"}
     return values
 
 

@@ -3,6 +3,8 @@
 - AWQ (GEMM layout) and GPTQ: 4-bit codes with a scale and zero point per group of inputs, unpacked into
   `GroupQuantized` (w = codes * scale + offset, offset = -zero * scale), which the int4 kernels run as they are.
 - fp8 (compressed-tensors `float-quantized`, or Hugging Face's `fp8` with 128x128 blocks): `Fp8Weight`.
+- MXFP4, gpt_oss's experts only: e2m1 codes with a power-of-two scale per 32 weights, which the model reads itself
+  (`gpt_oss.Mxfp4Experts`); its other tensors are plain.
 Every other method is refused by name: read as plain weights it would give wrong answers.
 """
 
@@ -19,7 +21,7 @@ from ringlet.models.quant import GroupQuantized
 from ringlet.shared.errors import ModelLoadError
 
 SUPPORTED = ("AWQ (4-bit, GEMM layout), GPTQ (4-bit, groups of 32, 64 or 128), fp8 e4m3 (compressed-tensors "
-             "float-quantized, or quant_method fp8)")
+             "float-quantized, or quant_method fp8), mxfp4 (gpt_oss's experts)")
 GROUP_SIZES = (32, 64, 128)  # those the int4 kernels take
 # nibble i of an AWQ word holds column AWQ_ORDER[i] of its eight
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -28,7 +30,7 @@ _FP8_SCALES = ("weight_scale", "weight_scale_inv")  # compressed-tensors; Huggin
 
 @dataclass(frozen=True)
 class QuantScheme:
-    method: Literal["awq", "gptq", "fp8"]
+    method: Literal["awq", "gptq", "fp8", "mxfp4"]
     group_size: int = 0  # awq, gptq
     zero_offset: int = 0  # gptq's original format stores each zero point minus one
     block: int = 128  # fp8 scaled per square block
@@ -57,6 +59,8 @@ def quant_scheme(config: dict[str, Any]) -> QuantScheme | None:
         return _fp8(settings)
     if method == "compressed-tensors":
         return _compressed_tensors(settings)
+    if method == "mxfp4":
+        return _mxfp4(config)
     raise unsupported(repr(method))
 
 
@@ -102,6 +106,14 @@ def _fp8(settings: dict[str, Any]) -> QuantScheme:
     if len(block) != 2 or block[0] != block[1]:
         raise unsupported(f"fp8 with weight blocks of {block}")
     return QuantScheme("fp8", block=int(block[0]))
+
+
+def _mxfp4(config: dict[str, Any]) -> QuantScheme:
+    if config.get("model_type") != "gpt_oss":
+        raise ModelLoadError(f"the checkpoint's weights are quantised with mxfp4 (its quantization_config), which "
+                             f"ringlet reads for gpt_oss's experts only, not for a {config.get('model_type')!r} model; "
+                             "use the model's bf16 checkpoint or a GGUF file of it")
+    return QuantScheme("mxfp4")
 
 
 def _compressed_tensors(settings: dict[str, Any]) -> QuantScheme:

@@ -48,7 +48,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
     """One query position over `kv_len` cached ones, as two matmuls around a masked softmax.
 
     Each group of query heads sharing a key/value head becomes the rows of one small matmul, so keys and
@@ -58,12 +59,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     b, heads, _, dim = q.shape
     kv_heads = k.shape[1]
-    scores = (q.view(b, kv_heads, heads // kv_heads, dim) @ k.transpose(-1, -2)).float() * dim**-0.5
+    scores = (q.view(b, kv_heads, heads // kv_heads, dim) @ k.transpose(-1, -2)).float() * (
+        dim**-0.5 if scale is None else scale)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
     return (weights @ v).view(b, heads, 1, dim)
 
 
 class Attention(nn.Module):
+    # whether the paths run SDPA's kernels (and the CUDA decode step's): an attention they cannot run (gpt_oss's sinks)
+    # sets it False and overrides `attend`, which every path then calls with its final mask
+    fused_kernels = True
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
@@ -72,6 +78,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps) if args.qk_norm else None
+        self.scale = args.query_pre_attn_scalar**-0.5 if args.query_pre_attn_scalar else None  # None: head_dim's
+        # a sliding window (set by the stage, per layer): the query at position p attends the keys in (p - window, p]
+        self.window: int | None = None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -89,12 +98,16 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
         v = v.transpose(1, 2)
         k, v = cache.update_and_fetch(layer, start, k, v, kv_len)
-        if isinstance(start, torch.Tensor) and q.is_cuda:  # the static decode step (compiled, CUDA-graphed)
+        if self.window is not None:  # a mask of its own: the causal one, cut to the window
+            mask = self.visible(start, length, k.shape[2], q.device)
+        if not self.fused_kernels:
+            out = self.attend(q, k, v, mask)
+        elif isinstance(start, torch.Tensor) and q.is_cuda:  # the static decode step (compiled, CUDA-graphed)
             assert mask is not None  # Transformer.forward masks every tensor-position step
-            out = decode_attention(q, k, v, mask)
+            out = decode_attention(q, k, v, mask, self.scale)
         else:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=True
+                q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, scale=self.scale, enable_gqa=True
             )
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
 
@@ -115,16 +128,50 @@ class Attention(nn.Module):
         for group in layout.groups:
             keys, values = cache.context(layer, group)
             queries = q[group.rows].view(-1, group.queries, self.n_heads, self.head_dim).transpose(1, 2)
-            if group.causal:  # a prompt chunk: the causal mask as a bias that the flash kernels apply themselves
+            mask, causal = group.mask, group.causal and self.window is None
+            if self.window is not None:  # the keys are the group's positions 0..S-1, each query row at its own
+                at = layout.positions[group.rows].view(-1, 1, group.queries, 1)
+                mask = mask & self.in_window(torch.arange(keys.shape[2], device=at.device), at)
+            if not self.fused_kernels:
+                attended = self.attend(queries, keys, values, None if causal else mask)
+            elif causal:  # a prompt chunk: the causal mask as a bias that the flash kernels apply themselves
                 attended = F.scaled_dot_product_attention(
-                    queries, keys, values, attn_mask=causal_lower_right(group.queries, keys.shape[2]), enable_gqa=True)
+                    queries, keys, values, attn_mask=causal_lower_right(group.queries, keys.shape[2]),
+                    scale=self.scale, enable_gqa=True)
             else:
-                attended = _folded_attention(queries, keys, values, group.mask)
+                attended = _folded_attention(queries, keys, values, mask, self.scale)
             out[group.rows] = attended.transpose(1, 2).reshape(-1, self.n_heads, self.head_dim)
         return self.o_proj(out.view(tokens, -1))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q [B, H, Q, D] over k, v [B, KV, S, D], the queries at the last Q of the S positions, under
+        `mask` (True where a query sees a key; broadcastable to [B, 1, Q, S]), causal where None."""
+        if mask is None:
+            mask = causal_mask(q.shape[2], k.shape[2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
 
-def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def visible(self, start: int | torch.Tensor, length: int, context: int, device: torch.device) -> torch.Tensor:
+        """[length, context]: whether the query at position start + i sees the key at position j (j no later than the
+        query, and within the window). `start` may be a decode step's 1-element position tensor."""
+        keys = torch.arange(context, device=device)
+        queries = (start + torch.arange(length, device=device))[:, None]
+        return (keys <= queries) & self.in_window(keys, queries)
+
+    def in_window(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Whether keys at positions `keys` lie within the window of queries at positions `queries` (broadcast)."""
+        if self.window is None:
+            return torch.ones((), dtype=torch.bool, device=keys.device)
+        return keys > queries - self.window
+
+
+def causal_mask(queries: int, context: int, device: torch.device) -> torch.Tensor:
+    """[Q, S]: True where a query, at the last `queries` of `context` positions, sees a key."""
+    keys = torch.arange(context, device=device)
+    return keys[None, :] <= keys[context - queries:, None]
+
+
+def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float | None = None) -> torch.Tensor:
     """Attention of q [G, H, Q, D] over k, v [G, KV, S, D] under mask [G, 1, Q, S], the H / KV query heads of each
     key head folded into its queries: one attention per key head, which the kernels that take a mask run as it is
     (grouped-query attention with a mask runs in the math kernel, which first copies every key and value per query
@@ -135,7 +182,7 @@ def _folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     folded_mask = mask[:, :, None].expand(groups, 1, share, queries, context).reshape(groups, 1, share * queries,
                                                                                         context)
     attended = F.scaled_dot_product_attention(q.reshape(groups, kv_heads, share * queries, dim), k, v,
-                                              attn_mask=folded_mask)
+                                              attn_mask=folded_mask, scale=scale)
     return attended.reshape(groups, heads, queries, dim)
 
 
@@ -181,6 +228,8 @@ class Transformer(nn.Module):
         self.embed_tokens: nn.Module | None = (nn.Embedding(args.vocab_size, args.hidden_size) if self.is_first
                                                else None)  # an Int8Embedding in a quantised stage
         self.layers = nn.ModuleList(Block(args) for _ in range(start, end))
+        self.kv_heads = args.num_key_value_heads  # what its caches hold: a share under tensor parallelism
+        self.set_windows()
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps) if self.is_last else None
         self.lm_head: nn.Module | None = (nn.Linear(args.hidden_size, args.vocab_size, bias=False) if self.is_last
                                           else None)  # an int8 linear in a quantised stage
@@ -190,27 +239,45 @@ class Transformer(nn.Module):
         rope_frequencies(args, self.context_length)  # an unsupported or incomplete rope_scaling fails here, not later
         self._rope_len = 0
 
+    def set_windows(self) -> None:
+        """Give each layer's attention its sliding window, where the model's config gives it one."""
+        for index, block in zip(range(self.start, self.end), cast("Iterable[Block]", self.layers)):
+            block.self_attn.window = self.args.attention_window(index)
+
     @property
     def num_local_layers(self) -> int:
         return self.end - self.start
 
     def make_paged_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         p = next(self.parameters())
-        return PagedKVCache(self.num_local_layers, num_blocks, block_size, self.args.num_key_value_heads,
+        return PagedKVCache(self.num_local_layers, num_blocks, block_size, self.kv_heads,
                             self.args.head_dim, p.dtype, p.device)
 
     def make_cache(self, batch_size: int, max_seq_len: int) -> StaticKVCache:
         p = next(self.parameters())
-        return StaticKVCache(self.num_local_layers, batch_size, self.args.num_key_value_heads,
+        return StaticKVCache(self.num_local_layers, batch_size, self.kv_heads,
                              self.args.head_dim, max_seq_len, p.dtype, p.device)
 
     def _rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if start + length > self._rope_len:  # tables grow in powers of two, built once
             n = max(1024, 1 << (start + length - 1).bit_length())
             device = next(self.parameters()).device
-            self._cos, self._sin = rope_tables(self.args, self.context_length, n, dtype, device)
+            self._cos, self._sin = self.rope_tables(n, dtype, device)
             self._rope_len = n
         return self._cos[start:start + length], self._sin[start:start + length]
+
+    def rope_tables(self, positions: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [positions, rotary dims] that the layers read (`rope.rope_tables`)."""
+        return rope_tables(self.args, self.context_length, positions, dtype, device)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the first layer's input on the first stage; elsewhere x is that already (hidden states)."""
+        return self.embed_tokens(x) if self.embed_tokens is not None else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm's output -> logits (on the last stage)."""
+        assert self.lm_head is not None  # built with the norm, on the last stage
+        return self.lm_head(h)
 
     def forward(
         self, x: torch.Tensor, cache: StaticKVCache, start: int | torch.Tensor,
@@ -223,7 +290,7 @@ class Transformer(nn.Module):
         `start` is the position of x[:, 0]. As a 1-element tensor (one decode token, `kv_len` cached
         positions attended under a mask) every shape is static, for CUDA graphs and torch.compile.
         """
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        h = self.embed(x)
         length = h.shape[1]
         mask = None
         if isinstance(start, torch.Tensor):
@@ -242,10 +309,9 @@ class Transformer(nn.Module):
             return h
         if not head:
             return self.norm(h)
-        assert self.lm_head is not None  # built with the norm, on the last stage
         if last_logits_only:
             h = h[:, -1:]
-        return self.lm_head(self.norm(h))
+        return self.logits(self.norm(h))
 
     def prepare_positions(self, count: int) -> None:
         """Serve positions 0..count-1 (the context window; longrope picks its factors by it) and build their rotary
@@ -259,17 +325,16 @@ class Transformer(nn.Module):
         """One step of many sequences, their tokens packed: x is token ids [T] on the first stage, hidden states
         [T, H] elsewhere. Returns hidden states [T, H], or on the last stage the logits [R, V] of
         `layout.logit_rows`. Every position must be below `prepare_positions`'s count."""
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        h = self.embed(x)
         cos, sin = self._cos[layout.positions].to(h.dtype), self._sin[layout.positions].to(h.dtype)
         for i, layer in enumerate(cast("Iterable[Block]", self.layers)):
             h = layer.forward_packed(h, cos, sin, cache, i, layout)
         if self.norm is None:
             return h
-        assert self.lm_head is not None  # built with the norm, on the last stage
         rows = h[layout.logit_rows]
         if rows.shape[0] == 0:  # a prompt chunk that wants no logits; IPEX's weight-only int8 linear faults (SIGFPE)
             return rows.new_empty(0, self.args.vocab_size)  # on zero rows on an AMX Xeon
-        return self.lm_head(self.norm(rows))
+        return self.logits(self.norm(rows))
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None,
@@ -286,7 +351,10 @@ class Transformer(nn.Module):
             if name not in weights:
                 raise ModelLoadError(f"weights are missing tensor {name!r}")
             tensor = weights[name]
-            return tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)  # meta: see `finish_layer`
+            if tensor.is_meta:  # see `finish_layer`
+                return tensor
+            # integer tensors are packed codes (gpt_oss's MXFP4 experts), kept as stored
+            return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
 
         def fused(whole: str, *names: str) -> torch.Tensor:
             """The checkpoint's own fused tensor `whole` where it has one (Phi-3 stores qkv_proj and gate_up_proj in

@@ -72,6 +72,8 @@ def quantized_linears(model_dir: Path, config: dict[str, Any]) -> QuantizedLinea
                                  "quant_method), which only the mlx engine reads; use the mlx engine or the model's "
                                  "bf16 checkpoint")
         return None
+    if scheme.method == "mxfp4":  # experts only, whose blocks and scales the model reads as they are
+        return None
     files = weight_map(model_dir)
     return QuantizedLinears(scheme, files, lambda name: _read(model_dir / files[name], name, None))
 
@@ -113,6 +115,20 @@ def _stored_names(files: dict[str, str]) -> dict[str, str]:
     return {("model." + name if flat and name.startswith(_BACKBONE) else name): name for name in files}
 
 
+def tensor_shapes(model_dir: Path) -> dict[str, tuple[list[int], str]]:
+    """Tensor name -> (shape, safetensors dtype name: F32, BF16, U32, ...), from the files' headers alone."""
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map(model_dir).items():
+        by_file.setdefault(file, []).append(name)
+    shapes = {}
+    for file, names in by_file.items():
+        with _open(model_dir / file) as handle:
+            for name in names:
+                tensor = handle.get_slice(name)
+                shapes[name] = (list(tensor.get_shape()), str(tensor.get_dtype()))
+    return shapes
+
+
 def _row_reader(path: Path, name: str, dtype: torch.dtype | None) -> RowReader:
     """A vocabulary-sized tensor's rows, read a slice at a time (a quantised stage rounds them to int8 so)."""
     with _open(path) as handle:
@@ -135,7 +151,8 @@ def _read(path: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:
             tensor = handle.get_tensor(name)
         except SafetensorError as e:
             raise ModelLoadError(f"cannot read tensor {name} from {path}: {e}; the file may be truncated") from None
-    return tensor if dtype is None else tensor.to(dtype)
+    # integer tensors are packed codes (MXFP4 experts' blocks and scales), kept as stored
+    return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
 
 def _open(path: Path):
