@@ -56,7 +56,7 @@ from ringlet.net.forwarding import TaskForwarding
 from ringlet.net.membership import Member, Membership
 from ringlet.net.model_commands import ModelCommands
 from ringlet.net.session import DEFAULT_LISTEN, ControlPlane, ControlPlaneError, NetOptions, advertised_host
-from ringlet.shared.config import EngineConfig
+from ringlet.shared.config import MIN_CONTEXT, EngineConfig
 from ringlet.shared.engine_info import EngineInfo
 from ringlet.shared.errors import InstanceNotFoundError, NodeError, NoInstanceError
 from ringlet.shared.instances import EngineType, InstanceType, single_node_type
@@ -344,26 +344,28 @@ class Node:
     def last_request_at(self, instance_id: str) -> float | None:
         return self._last_request.get(instance_id)
 
-    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
+    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]],
+                              context_length: int | None = None) -> None:
         """Ollama's way with a model: one that has no instance but whose files this node holds gets an instance
-        here, and a request waits (at most `wait_s`; `watch` raises when its client has gone) while one loads.
-        Raises what `instance_for` raises for anything else (unknown, failed, or not on this node's disk)."""
+        here, with a context window of `context_length` where the request names one (Ollama's num_ctx), and a request
+        waits (at most `wait_s`; `watch` raises when its client has gone) while one loads. Raises what `instance_for`
+        raises for anything else (unknown, failed, or not on this node's disk)."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 self.instance_for(model)
                 return
             except NoInstanceError as refusal:
-                if not refusal.loading and not self._load_here(model):
+                if not refusal.loading and not self._load_here(model, context_length):
                     raise
                 if time.monotonic() >= deadline:
                     raise
             await watch()
             await asyncio.sleep(LOAD_POLL_S)
 
-    def _load_here(self, model: str) -> bool:
-        """Create an instance of `model` on this node when it has none at all and its files are here; whether one was
-        created."""
+    def _load_here(self, model: str, context_length: int | None = None) -> bool:
+        """Create an instance of `model` on this node when it has none at all and its files are here, its context
+        window `context_length` (None: the model's own as memory allows); whether one was created."""
         if model in self._state.instances:
             return False
         card = self.catalog.resolve(model)
@@ -374,7 +376,10 @@ class Node:
         if not (card.source in ("embedded", "local", "ollama") or find_local(card.id) is not None):
             return False
         engine = self.engine_info.selected_engine or "cpu"
-        record = self.create_instance(card.id, single_node_type(engine), node_ids=[self.node_id], save=False)
+        options = DEFAULT_OPTIONS if context_length is None else InstanceOptions(
+            max_context=max(context_length, MIN_CONTEXT))  # a smaller window is the request's own, within it
+        record = self.create_instance(card.id, single_node_type(engine), node_ids=[self.node_id], options=options,
+                                      save=False)
         self._loading_for[card.id] = time.monotonic()
         log.info("instance %s: %s loads for a request (as Ollama loads a model on use)", record.instance.instance_id,
                  card.id)

@@ -85,8 +85,10 @@ class NodeFacade(Protocol):
 
     def instance_for(self, model: str) -> InstanceRecord: ...
 
-    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
-        """Load the model here if it has no instance and this node holds its files, and wait while an instance of it
+    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]],
+                              context_length: int | None = None) -> None:
+        """Load the model here if it has no instance and this node holds its files, placed with a context window of
+        `context_length` (Ollama's num_ctx; None: the model's own, as memory allows), and wait while an instance of it
         loads (Ollama's way); raises as `instance_for` does."""
         ...
 

@@ -55,7 +55,7 @@ OLLAMA_API_VERSION = "0.6.0"
 LOAD_WAIT_S = 300.0  # a request waits this long for its model to load, as Ollama's does
 PULL_PROGRESS_S = 0.5  # a pull's progress lines, at most this often
 NDJSON = "application/x-ndjson"
-GENERATION_ERRORS = error_responses(400, 404, 413, 429, 500, 503, ollama=True)
+GENERATION_ERRORS = error_responses(400, 404, 409, 413, 429, 500, 503, ollama=True)  # 409: a load that cannot fit
 
 
 def _ndjson_docs(model: type[BaseModel]) -> dict[int | str, dict[str, object]]:
@@ -102,9 +102,10 @@ Line = Callable[[str, str | None, list[ToolCall], dict[str, object]], BaseModel]
 
 async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: TextGenerationTask,
                  request: Request) -> Generation:
-    """Ollama's way: a model this node holds but does not serve is loaded first, and the request waits for it."""
+    """Ollama's way: a model this node holds but does not serve is loaded first, with the request's num_ctx as its
+    context window, and the request waits for it."""
     try:
-        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check)
+        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check, body.opts.num_ctx)
     except NodeError as refusal:  # counted as Generation.start counts its refusals
         request.app.state.metrics.error("ollama", error_kind(refusal))
         raise
@@ -204,7 +205,7 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
             except NoInstanceError:
                 pass  # nothing serves it: nothing to unload
             return line("", None, [], {"done": True, "done_reason": "unload"})
-        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check)
+        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check, body.opts.num_ctx)
         node.keep_alive(node.instance_for(body.model).instance.instance_id, keep_alive)
         return line("", None, [], {"done": True, "done_reason": "load"})
 

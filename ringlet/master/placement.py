@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.models.catalog import ModelCard, engine_weight_format
-from ringlet.shared.config import KV_SHARE, Precision, context_that_fits
+from ringlet.shared.config import KV_SHARE, MIN_CONTEXT, Precision, context_that_fits
 from ringlet.shared.instances import DeviceLayers, EngineType, Instance, InstanceType, IpexOptimizationLevel, Shard
 from ringlet.shared.state import InstanceCreated, InstanceRecord, NodeInfo, RunnerStatus
 
@@ -65,9 +65,9 @@ class InstanceOptions(BaseModel):
     intel_gpu_devices: tuple[int, ...] | None = Field(
         None, min_length=1, description="IpexRing: the XPU device indexes of its node; None: its discrete Intel GPUs")
     ipex_optimization_level: IpexOptimizationLevel = "auto"
-    max_context: int | None = Field(None, ge=16, description="the context window (KV cache positions a sequence may "
-                                                             "use), capped by the model's own; None: the model's "
-                                                             "own, capped by what the nodes' memory holds")
+    max_context: int | None = Field(None, ge=MIN_CONTEXT, description="the context window (KV cache positions a "
+                                    "sequence may use), capped by the model's own; None: the model's own, capped by "
+                                    "what the nodes' memory holds")
 
     @field_validator("intel_gpu_devices")
     @classmethod
@@ -234,9 +234,16 @@ def stage_engine(node: NodeInfo, instance_type: InstanceType) -> EngineType | No
 
 
 def serves(card: ModelCard, instance_type: InstanceType) -> bool:
-    # a mixed ring serves any card: torch stages read GGUF and safetensors, MLX stages read Hugging Face
-    # directories through mlx-lm and GGUF through ringlet's reader
-    return instance_type == InstanceType.MIXED_RING or instance_type in card.instance_types
+    # a mixed ring serves any card the torch engines run: torch stages read GGUF and safetensors, MLX stages read
+    # Hugging Face directories through mlx-lm and GGUF through ringlet's reader; a model only mlx-lm has (its card
+    # lists the MLX types alone) runs on MLX stages only
+    mixed = instance_type == InstanceType.MIXED_RING and InstanceType.CPU_RING in card.instance_types
+    return mixed or instance_type in card.instance_types
+
+
+def served_by(card: ModelCard) -> list[InstanceType]:
+    """The instance types that can serve `card`."""
+    return [t for t in InstanceType if serves(card, t)]
 
 
 def split_layers(num_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
@@ -270,8 +277,11 @@ def place(
     if (misfit := options.misfit(instance_type)) is not None:
         raise DeviceChoiceError(misfit)
     if not serves(card, instance_type):
-        served_by = ", ".join(dict.fromkeys(t.value for t in [*card.instance_types, InstanceType.MIXED_RING]))
-        raise PlacementError(f"{card.id} ({card.format}) cannot run as {instance_type.value}; it runs as: {served_by}")
+        types = ", ".join(t.value for t in served_by(card))
+        only_mlx = "" if InstanceType.CPU_RING in card.instance_types else (
+            f" (its architecture {card.architecture!r} is one of mlx-lm's that ringlet's torch engines do not build)")
+        raise PlacementError(f"{card.id} ({card.format}) cannot run as {instance_type.value}{only_mlx}; it runs as: "
+                             f"{types}")
     if min_nodes < 1:
         raise PlacementError(f"min_nodes must be at least 1, got {min_nodes}")
     candidates = _chosen_nodes(nodes, node_ids)

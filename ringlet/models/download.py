@@ -43,6 +43,7 @@ from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers
 from pydantic import BaseModel
 
+from ringlet.models.registry import supported_architectures
 from ringlet.models.safetensors_loader import INDEX_FILE, named_weight_map, read_config, tensor_in_range
 from ringlet.models.store import (
     INCOMPLETE_DIR,
@@ -435,6 +436,8 @@ def _gated_message(repo_id: str, settings: HubSettings) -> str:
 def _shards_for(directory: Path, shards: list[str], layers: LayerRange | None) -> list[str]:
     """The safetensors files that hold layers [start, end) (and the embedding/head that stage needs)."""
     config = read_config(directory)
+    if config.get("model_type") not in supported_architectures():
+        return sorted(shards)  # a model only mlx-lm runs: its tensors' names are its own, so every file is fetched
     num_layers = int(config.get("num_hidden_layers", 0))
     start, end = layers or (0, num_layers)
     if not 0 <= start < end <= num_layers:

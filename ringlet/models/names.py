@@ -19,9 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ringlet.models.aliases import ModelAlias, ModelAliases
-from ringlet.models.catalog import ModelCard, card_from_args, catalog, embedded_card, find_card, resolve_card
+from ringlet.models.catalog import (
+    ModelCard,
+    card_from_args,
+    card_from_path,
+    catalog,
+    embedded_card,
+    find_card,
+    resolve_card,
+)
 from ringlet.models.gguf_loader import gguf_size
-from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config
+from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config, resolve_model_path
 from ringlet.models.ollama import OllamaModel, find_ollama_model, library_model, ollama_models
 from ringlet.models.store import (
     MANIFEST_FILE,
@@ -125,12 +133,10 @@ class Catalog:
                 model_id = ref.repo_id
         if model_id not in self._store:
             try:
-                _, args = read_model_config(path)
+                self._store[model_id] = _disk_card(model_id, path)
             except ModelLoadError as error:
                 raise InvalidModelError(f"{model_id} is in the store but is not a model this node can load: "
                                         f"{error}") from None
-            self._store[model_id] = card_from_args(model_id, args, format="gguf" if path.suffix == ".gguf" else
-                                                   "safetensors", source="local", download_bytes=_size_on_disk(path))
         return self._store[model_id]
 
     def on_disk(self) -> list[DiskModel]:
@@ -204,12 +210,11 @@ class Catalog:
             if not self._within_roots(ref):
                 raise
         try:
-            path, args = read_model_config(ref)
+            path = resolve_model_path(ref)
+            model_id = str(path.resolve())
+            card = _disk_card(model_id, path)
         except ModelLoadError as error:
             raise InvalidModelError(f"{ref!r} is not a model this node can load: {error}") from None
-        model_id = str(path.resolve())
-        card = card_from_args(model_id, args, format="safetensors" if path.is_dir() else "gguf", source="local",
-                              download_bytes=_size_on_disk(path))
         self._local[model_id] = card
         return card
 
@@ -265,6 +270,19 @@ def _is_existing_path(ref: str) -> bool:
         return Path(ref).expanduser().exists()
     except (OSError, ValueError, RuntimeError):  # a NUL byte, an unknown ~user, a name too long: not a path
         return False
+
+
+def _disk_card(model_id: str, path: Path) -> ModelCard:
+    """The card of a model directory or GGUF file on this node; ModelLoadError when no engine can run it (a directory
+    of an architecture only mlx-lm has gets an MLX-only card)."""
+    try:
+        _, args = read_model_config(path)
+    except ModelLoadError:
+        if not path.is_dir():
+            raise
+        return card_from_path(model_id, path).model_copy(update={"download_bytes": _size_on_disk(path)})
+    return card_from_args(model_id, args, format="safetensors" if path.is_dir() else "gguf", source="local",
+                          download_bytes=_size_on_disk(path))
 
 
 def _size_on_disk(path: Path) -> int:

@@ -19,6 +19,7 @@ CudaDecode = Literal["fused", "compiled"]
 CudaCompile = Literal["default", "tuned", "max-autotune"]
 
 DEFAULT_MAX_CONTEXT = 8192  # of an engine loaded without an instance (`ringlet run`, benchmarks)
+MIN_CONTEXT = 16  # the smallest context window an instance is placed with (InstanceOptions.max_context)
 # of the memory left after the weights, the share a KV cache takes, by torch device type: the host's RAM is shared
 # with everything else on the machine, an accelerator's is not
 KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}

@@ -219,3 +219,28 @@ def test_num_ctx_is_the_requests_context_window(client: ollama.Client, node: Fak
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": node.context_window * 2})
     assert error.value.status_code == 400 and "num_ctx" in error.value.error and "max_context" in error.value.error
+
+
+def test_a_model_loaded_for_a_request_is_placed_with_its_num_ctx(client: ollama.Client, node: FakeNode) -> None:
+    node.delete_instance(node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id)
+    node.loaded_on_demand.clear()
+    reply = client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": 300})
+    assert reply.message.content == ANSWER
+    record = node.instance_for(EMBEDDED_MODEL_ID)
+    assert node.loaded_on_demand == [record.instance.instance_id]
+    # placed as Ollama sizes a model it loads: the KV cache (and the memory counted for it) holds num_ctx positions
+    assert (record.instance.max_context, record.instance.context_length, record.context_length) == (300, 300, 300)
+
+    assert client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": 200}).done
+    with pytest.raises(ollama.ResponseError) as error:  # more than the running instance holds
+        client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_ctx": 600})
+    assert error.value.status_code == 400 and "num_ctx" in error.value.error and "holds 300" in error.value.error
+    assert node.loaded_on_demand == [record.instance.instance_id], "a running instance is not placed again"
+
+
+def test_an_empty_prompt_loads_the_model_with_its_num_ctx(client: ollama.Client, node: FakeNode) -> None:
+    node.delete_instance(node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id)
+    assert client.generate(model=EMBEDDED_MODEL_ID, prompt="", options={"num_ctx": 8}).done_reason == "load"
+    record = node.instance_for(EMBEDDED_MODEL_ID)
+    # the smallest window an instance is placed with; the request's own smaller one runs within it
+    assert record.instance.context_length == 16

@@ -114,8 +114,19 @@ def test_card_from_a_repo_config_and_file_sizes(tiny_checkpoint: dict[str, bytes
 
 
 def test_unsupported_architecture_names_the_repo() -> None:
-    with pytest.raises(ModelLoadError, match=r"someone/gpt: architecture 'gpt2' is not supported; supported: llama"):
-        card_from_config("someone/gpt", {"model_type": "gpt2", **TINY})
+    with pytest.raises(ModelLoadError, match=r"someone/x: architecture 'no_such_arch' is not supported; supported: "
+                                             r".*llama"):
+        card_from_config("someone/x", {"model_type": "no_such_arch", **TINY})
+
+
+def test_an_architecture_only_mlx_lm_has_gets_an_mlx_only_card_sized_from_its_files() -> None:
+    pytest.importorskip("mlx_lm")
+    card = card_from_config("someone/gpt", {"model_type": "gpt2", "torch_dtype": "float16", **TINY},
+                            {"model.safetensors": 2 * 10**6})
+    assert card.instance_types == [InstanceType.MLX_RING, InstanceType.MLX_JACCL]
+    assert (card.architecture, card.num_layers, card.vocab_size, card.download_bytes) == ("gpt2", 3, 100, 2 * 10**6)
+    assert card.num_parameters == 10**6  # the weight files' bytes at the config's 2-byte dtype
+    assert card.layer_parameters == (10**6 - 64 * 100) // 3  # the rest after the tied embedding, a layer each
 
 
 @pytest.mark.slow

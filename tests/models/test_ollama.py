@@ -79,17 +79,17 @@ def test_a_model_with_an_adapter_or_missing_weights_is_a_clear_error(tmp_path: P
 
 
 def test_the_node_lists_and_places_pulled_models_by_their_ollama_names(store: Path, tmp_path: Path) -> None:
-    tiny = tmp_path / "tiny-gemma"
-    write_tiny_gguf(tiny, arch="gemma3")
-    pull(store, ("registry.ollama.ai", "library", "gemma3", "1b"), tiny, digest="77" * 32)
+    tiny = tmp_path / "tiny-falcon"
+    write_tiny_gguf(tiny, arch="falcon")
+    pull(store, ("registry.ollama.ai", "library", "falcon", "7b"), tiny, digest="77" * 32)
     catalog = Catalog(local_roots=[])
     listed = [card for card in catalog.cards() if card.source == "ollama"]
-    assert [card.id for card in listed] == ["smollm2:135m"]  # the gemma3 file is an architecture ringlet lacks
+    assert [card.id for card in listed] == ["smollm2:135m"]  # the falcon file is an architecture ringlet lacks
     card = listed[0]
     assert card.format == "gguf" and card.num_layers == 30
     assert catalog.resolve("smollm2:135m") is card and catalog.add_local("SmolLM2:135m") is card
-    with pytest.raises(InvalidModelError, match="gemma3:1b is not a model this node can load: .*'gemma3'"):
-        catalog.add_local("gemma3:1b")
+    with pytest.raises(InvalidModelError, match="falcon:7b is not a model this node can load: .*'falcon'"):
+        catalog.add_local("falcon:7b")
     with pytest.raises(ModelNotFoundError, match="not pulled yet: `ringlet pull llama3.2:1b`"):
         catalog.add_local("llama3.2:1b")  # a library name: mapped to a GGUF repo, not in ringlet's store either
     pull(store, ("registry.ollama.ai", "library", "llama3.2", "1b"), embedded_model_path(), digest="99" * 32)

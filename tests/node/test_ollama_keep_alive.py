@@ -1,6 +1,7 @@
 """Ollama's model lifecycle on a real node, through its --ollama-port: keep_alive 0 unloads the instance once its
-answer is out, a request for a model the node holds loads it again and waits for it, and an empty prompt loads (or,
-with keep_alive 0, unloads); `ringlet run` answers through the node and `ringlet stop` unloads."""
+answer is out, a request for a model the node holds loads it again (with the request's num_ctx as its context window)
+and waits for it, and an empty prompt loads (or, with keep_alive 0, unloads); `ringlet run` answers through the node
+and `ringlet stop` unloads."""
 
 from __future__ import annotations
 
@@ -42,11 +43,14 @@ def test_keep_alive_unloads_and_a_request_loads_the_model_again(tmp_path: Path) 
         assert reply.message.content
         wait_until(lambda: not instances(node), 10, "the instance unloaded after its answer", node.log)
 
-        # nothing serves the model now, but its file is here: the request loads it and waits
-        reply = client.chat(model=model, messages=QUESTION, options={"temperature": 0, "num_predict": 8})
+        # nothing serves the model now, but its file is here: the request loads it, with its num_ctx, and waits
+        reply = client.chat(model=model, messages=QUESTION, options={"temperature": 0, "num_predict": 8,
+                                                                     "num_ctx": 1024})
         assert reply.message.content and "loads for a request" in node.log()
         [again] = instances(node)
         assert again["instance"]["instance_id"] != first["instance"]["instance_id"]
+        assert again["instance"]["context_length"] == 1024
+        assert {r["context_length"] for r in again["runners"].values()} == {1024}  # what its engine holds
 
         assert client.generate(model=model, prompt="", keep_alive=0).done_reason == "unload"
         wait_until(lambda: not instances(node), 10, "the instance unloaded by an empty prompt", node.log)

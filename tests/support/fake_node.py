@@ -37,7 +37,7 @@ from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.models.names import Catalog
 from ringlet.models.stop import StopMatcher
 from ringlet.models.store import ModelStore, find_local
-from ringlet.shared.config import DEFAULT_MAX_CONTEXT
+from ringlet.shared.config import DEFAULT_MAX_CONTEXT, MIN_CONTEXT
 from ringlet.shared.errors import ContextWindowError, InstanceNotFoundError, NoInstanceError, TaskError
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.messages import ModelCommand, ModelCommandReply
@@ -144,7 +144,9 @@ class FakeNode:
         """What a runner reports once it has loaded the instance (created instances stay loading until then)."""
         self.emit(RunnerProgressed(instance_id=instance_id, node_id=self.node_id, progress=0.5, detail="loading",
                                    pid=RUNNER_PID))
-        self.emit(RunnerReady(instance_id=instance_id, node_id=self.node_id, context_length=self.context_window))
+        instance = self.state.instances[instance_id].instance
+        self.emit(RunnerReady(instance_id=instance_id, node_id=self.node_id,
+                              context_length=min(instance.context_length or self.context_window, self.context_window)))
 
     def _download_changed(self, status: DownloadStatus) -> None:
         self.emit(DownloadProgressed(download=DownloadRecord(
@@ -198,10 +200,11 @@ class FakeNode:
         busy = Counter(task.instance_id for task in self.tasks.values())
         return route(self.state, model, self.catalog.resolve, self.node_id, False, busy)
 
-    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]]) -> None:
+    async def ensure_instance(self, model: str, wait_s: float, watch: Callable[[], Awaitable[None]],
+                              context_length: int | None = None) -> None:
         """As the node does for a model on its disk (the embedded one, a local path, one pulled with Ollama or into
         the store): when nothing serves it, it gets an instance (ready at once, or after `load_s` reporting its
-        layers loaded as a runner does), listed in `loaded_on_demand`."""
+        layers loaded as a runner does) with a context window of `context_length`, listed in `loaded_on_demand`."""
         try:
             self.instance_for(model)
         except NoInstanceError:
@@ -209,7 +212,9 @@ class FakeNode:
             on_disk = card.source in ("embedded", "local", "ollama") or find_local(card.id) is not None
             if not on_disk or self.state.instances_of(card.id):
                 raise
-            record = self.create_instance(card.id, InstanceType.CPU_RING, node_ids=[self.node_id])
+            options = DEFAULT_OPTIONS if context_length is None else InstanceOptions(
+                max_context=max(context_length, MIN_CONTEXT))
+            record = self.create_instance(card.id, InstanceType.CPU_RING, node_ids=[self.node_id], options=options)
             instance_id = record.instance.instance_id
             for layer in range(card.num_layers) if self.load_s else ():
                 await asyncio.sleep(self.load_s / card.num_layers)
@@ -268,7 +273,7 @@ class FakeNode:
                 raise TaskError("invalid_request", "the prompt has no tokens (empty, or only characters the "
                                                    "tokenizer drops); send some text")
             try:
-                context = request_context(task, self.context_window)
+                context = request_context(task, self._context_of(task.task_id))
             except ContextWindowError as refusal:
                 raise TaskError("context_window", str(refusal)) from None
             if prompt >= context:
@@ -280,6 +285,11 @@ class FakeNode:
         finally:
             if (record := self.tasks.pop(task.task_id, None)) is not None:
                 self.last_requests[record.instance_id] = time.time()
+
+    def _context_of(self, task_id: str) -> int:
+        """The context window of the instance serving the task, as its runner reported it."""
+        context = self.state.instances[self.tasks[task_id].instance_id].context_length
+        return self.context_window if context is None else context
 
     async def _choice(self, task: TextGenerationTask, prompt: int, choice: int, context: int
                       ) -> AsyncGenerator[GenerationChunk, None]:

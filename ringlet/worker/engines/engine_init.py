@@ -16,7 +16,9 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Protocol
 
-from ringlet.models.loader import read_model_config
+from ringlet.models.loader import read_model_config, resolve_model_path
+from ringlet.models.mlx_only import check_mlx_architecture, config_shape
+from ringlet.models.safetensors_loader import read_config
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.instances import (
     BoundInstance,
@@ -126,13 +128,24 @@ def local_instance(model: str | Path | None, engine: EngineType,
                    ipex_optimization: IpexOptimizationLevel = "auto") -> BoundInstance:
     """A single-stage instance of `model` (a path, a name, or None for the embedded model) on this machine, for
     the commands that run a model without a node; `ipex_optimization` applies to the ipex engine."""
-    path, args = read_model_config(model)
-    shard = Shard(node_id="local", rank=0, start=0, end=args.num_hidden_layers, num_layers=args.num_hidden_layers,
-                  engine=engine)
+    path, num_layers = _model_layers(model, engine)
+    shard = Shard(node_id="local", rank=0, start=0, end=num_layers, num_layers=num_layers, engine=engine)
     instance = Instance(instance_id="local", model=str(path if model is None else model),
                         instance_type=single_node_type(engine), shards=[shard],
                         ipex_optimization_level=ipex_optimization)
     return BoundInstance(instance=instance, node_id="local")
+
+
+def _model_layers(model: str | Path | None, engine: EngineType) -> tuple[Path, int]:
+    """The model's path and number of layers; ModelLoadError where `engine` cannot run it: the MLX engine takes a
+    Hugging Face directory of any architecture mlx-lm has, the torch engines those of ringlet's models."""
+    path = resolve_model_path(model)
+    if engine == "mlx" and path.is_dir():
+        config = read_config(path)
+        check_mlx_architecture(config)
+        return path, config_shape(config).num_layers
+    path, args = read_model_config(path)
+    return path, args.num_hidden_layers
 
 
 def _on_engine(instance: Instance, engine: EngineType) -> Instance:
