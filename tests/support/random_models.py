@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ringlet.models import safetensors_loader
+from ringlet.models.config import ModelArgs
 from ringlet.models.random_checkpoint import random_weights
 from ringlet.models.registry import build_stage, model_args
 
@@ -31,6 +32,11 @@ GPU_CONFIG = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2
 
 def random_model(config: dict, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     args = model_args(config)
+    return build_stage(args, weights=checkpoint_weights(args), dtype=dtype, device="cpu")
+
+
+def checkpoint_weights(args: ModelArgs) -> dict[str, torch.Tensor]:
+    """`random_model`'s tensors, Hugging Face-named."""
     weights = random_weights(args, torch.float32, "cpu", seed=2)
     generator = torch.Generator().manual_seed(3)
     for name in list(weights):
@@ -46,7 +52,7 @@ def random_model(config: dict, dtype: torch.dtype):  # type: ignore[no-untyped-d
             for p in "qk":
                 weights[attention + f"{p}_norm.weight"] = 1 + 0.3 * torch.randn(args.head_dim, generator=generator)
     weights["model.embed_tokens.weight"] *= 20  # activations of a realistic size, not 0.02
-    return build_stage(args, weights=weights, dtype=dtype, device="cpu")
+    return weights
 
 
 def load_checkpoint_stage(path: Path, start: int = 0, end: int | None = None):  # type: ignore[no-untyped-def]
