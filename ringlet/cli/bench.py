@@ -160,16 +160,22 @@ def stream_prompts(tokenizer: Any, n_tokens: int, streams: int) -> list[str]:
 
 def transformers_model(model_path: Any, weights: dict[str, Any] | None, config: dict[str, Any] | None,
                        dtype: Any, device: Any) -> Any:
-    """transformers' own loading of the same file, or its LlamaForCausalLM over the same random tensors."""
+    """transformers' own loading of the same file, or its model of the shape's architecture over the same random
+    tensors."""
     import torch
     import transformers
 
     if weights is not None:
         assert config is not None
+        settings = {k: v for k, v in config.items() if k != "model_type"}
+        hf_config = transformers.AutoConfig.for_model(config["model_type"], **settings, dtype=dtype)
         with torch.device(device):  # random init, replaced by the shared tensors below
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config, dtype=dtype)).to(dtype)
-        model.load_state_dict(weights, assign=True, strict=False)
+            model = transformers.AutoModelForCausalLM.from_config(hf_config).to(dtype)
+        missing = model.load_state_dict(weights, assign=True, strict=False).missing_keys
         model.tie_weights()
+        if [name for name in missing if name != "lm_head.weight"]:
+            raise RuntimeError(f"transformers' {config['model_type']} model has weights the random ones lack: "
+                               f"{missing[:3]}")
     elif model_path.is_dir():
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     else:
@@ -228,13 +234,16 @@ def copy_bandwidth(device: Any, nbytes: int = 1 << 30) -> float:
 
 
 def weight_bytes_per_token(model: Any) -> int:
-    """Bytes one decode step reads: every weight, except an untied embedding table (one row is read)."""
+    """Bytes one decode step of one sequence reads: every weight, except an untied embedding table (one row is read)
+    and the experts a token does not choose (a sparse layer reads top_k of its num_experts)."""
     tied = model.lm_head is not None and model.embed_tokens is not None and model.lm_head.weight is model.embed_tokens.weight
+    args = model.args
     total = 0
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith("embed_tokens") and not tied:
             continue
-        total += tensor.numel() * tensor.element_size()
+        size = tensor.numel() * tensor.element_size()
+        total += size * args.num_experts_per_tok // args.num_experts if ".experts." in name else size
     return total
 
 

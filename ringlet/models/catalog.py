@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ringlet.models.config import ModelArgs
+from ringlet.models.mlx_only import ModelShape, check_mlx_architecture, config_shape, mlx_lm_module
 from ringlet.shared.errors import ModelLoadError
 from ringlet.shared.instances import InstanceType
 
@@ -35,6 +38,7 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_ONLY_INT8 = "int8"
 CUDA_INT4 = "int4/128"
 XPU_INT4 = "int4/32"
+MXFP4_BYTES = 4.25 / 8  # a 4-bit code a weight and a one-byte scale a group of 32
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ FOUR_BIT_GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 # Every engine reads both formats (MLX takes a GGUF file through ringlet's reader, dequantised).
 _ALL_INSTANCE_TYPES = tuple(InstanceType)
+# a model only mlx-lm has (`mlx_only.py`) runs on these alone
+MLX_INSTANCE_TYPES = (InstanceType.MLX_RING, InstanceType.MLX_JACCL)
+# a decoder layer's tensors in the checkpoints mlx-lm reads (model.layers.N, transformer.h.N, model.blocks.N, ...)
+_LAYER_TENSOR = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+                            "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class ModelCard(BaseModel):
@@ -99,7 +109,8 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str = Field(description="Hugging Face repo id, or the embedded model's name")
-    architecture: str = Field(description="config.json model_type: llama, mistral, phi3, qwen2, qwen3")
+    architecture: str = Field(description="config.json model_type: llama, mistral, phi3, qwen2, qwen3, or one only "
+                                          "mlx-lm has (its instance types are then the MLX ones)")
     format: ModelFormat
     source: CardSource
     num_layers: int = Field(gt=0)
@@ -121,7 +132,10 @@ class ModelCard(BaseModel):
     four_bit_share: float = Field(0.0, ge=0.0, le=1.0, description="of the layers' linear weights, the share a GGUF "
                                   "file keeps in 4-bit groups that the int4 kernels run as they are")
     layer_expert_parameters: int = Field(0, ge=0, description="of a layer's linear weights, its experts' (a mixture "
-                                         "of experts, on average over the layers): int8 where other linears are int4")
+                                         "of experts, on average over the layers)")
+    expert_weight_bytes: float = Field(0.0, ge=0.0, description="bytes an expert's weight is held in whatever the "
+                                       "other weights' dtype (gpt_oss's MXFP4 experts, kept packed: 4.25 bits); 0: "
+                                       "as the other linears")
 
     def weight_bytes(self, dtype: str = "bfloat16") -> int:
         if dtype in self.bytes_per_dtype:
@@ -137,12 +151,13 @@ class ModelCard(BaseModel):
         first, last = start == 0, end == self.num_layers
         plain = DTYPE_BYTES[held.embedding]
         linears = self.layer_linear_parameters or self.layer_parameters - 2 * self.hidden_size
-        experts, expert_bytes = self.layer_expert_parameters, max(held.linear, 1)
+        experts, expert_bytes = self.layer_expert_parameters, self.expert_weight_bytes or held.linear
         dense = linears - experts
         per_layer = (dense * (self.four_bit_share * held.four_bit_linear + (1 - self.four_bit_share) * held.linear)
                      + experts * expert_bytes + (self.layer_parameters - linears) * plain)
         if held.row_scale and held.linear < plain:  # int8 linears: one scale per output row, at most a row a hidden
-            per_layer += (dense * (1 - self.four_bit_share) + experts) * held.row_scale / self.hidden_size
+            rounded = dense * (1 - self.four_bit_share) + (0 if self.expert_weight_bytes else experts)
+            per_layer += rounded * held.row_scale / self.hidden_size
         total = (end - start) * per_layer
         if first:
             total += (self.embedding_parameters + 4 * self.vocab_size if held.int8_embedding
@@ -199,19 +214,26 @@ def card_from_args(
 
 def card_from_config(
     repo_id: str, config: dict[str, Any], file_sizes: dict[str, int] | None = None, *, source: CardSource = "hub",
+    path: Path | None = None,
 ) -> ModelCard:
     """A card for any Hugging Face repo from its config.json and the sizes of its files.
 
     `file_sizes` maps repo file names to bytes; the weight files among them give `download_bytes`
-    (the safetensors files, or the GGUF file when the repo has no safetensors).
+    (the safetensors files, or the GGUF file when the repo has no safetensors). A model only the MLX engine runs (an
+    architecture of mlx-lm's that ringlet's torch models lack) gets an MLX-only card (`mlx_only.mlx_only_card`), its
+    parameters read from the safetensors headers in the local directory `path` where there is one.
     """
     from ringlet.models.hf_quant import quant_scheme
-    from ringlet.models.registry import model_args  # imports torch; keep the card types light to import
+    from ringlet.models.registry import model_args, supported_architectures  # imports torch: kept out of import time
 
     try:
         args = model_args(config)
         scheme = quant_scheme(config)
     except ModelLoadError as e:
+        # an architecture ringlet's torch engines lack but mlx-lm has (a model of theirs that ringlet refuses for
+        # another reason, a quantisation it does not read, say, keeps the error)
+        if config.get("model_type") not in supported_architectures() and mlx_lm_module(config) is not None:
+            return mlx_only_card(repo_id, config, path=path, file_sizes=file_sizes, source=source)
         raise ModelLoadError(f"{repo_id}: {e}") from None
     sizes = file_sizes or {}
     safetensors = [n for n in sizes if n.endswith(".safetensors") and "/" not in n and not n.startswith("consolidated")]
@@ -222,10 +244,77 @@ def card_from_config(
     card = card_from_args(repo_id, args, format="safetensors" if safetensors or not gguf else "gguf",
                           source=source, download_bytes=download,
                           four_bit_share=1.0 if scheme is not None and scheme.grouped else 0.0)
+    if scheme is not None and scheme.method == "mxfp4":  # experts kept as their codes and scales, whatever the dtype
+        card = card.model_copy(update={"expert_weight_bytes": MXFP4_BYTES})
+        card = card.model_copy(update={"bytes_per_dtype": {
+            dtype: card.stage_bytes(0, card.num_layers, dtype) for dtype in card.bytes_per_dtype}})
     if scheme is None or download is None:
         return card
     # the checkpoint's own bytes under its method's name (AWQ, GPTQ, fp8): what it is quantised to
     return card.model_copy(update={"bytes_per_dtype": {**card.bytes_per_dtype, scheme.method: download}})
+
+
+def mlx_only_card(model_id: str, config: dict[str, Any], *, path: Path | None = None,
+                  file_sizes: dict[str, int] | None = None, format: ModelFormat = "safetensors",
+                  source: CardSource = "local") -> ModelCard:
+    """The card of a model only the MLX engine runs (ModelLoadError where mlx-lm cannot build it either): its shape
+    from config.json; its parameters from the safetensors headers of a local directory `path` (an mlx-lm quantised
+    checkpoint's packed weights counted one by one, so memory is counted as for the unquantised model), else from the
+    weight files' sizes (`file_sizes`, as the hub lists them) at the config's dtype, else counted from the shape."""
+    check_mlx_architecture(config)
+    shape = config_shape(config)
+    embedding = shape.vocab_size * shape.hidden_size
+    sizes = file_sizes or {}
+    weight_files = [n for n in sizes if n.endswith(".safetensors") and "/" not in n]
+    download = sum(sizes[n] for n in weight_files) if weight_files else None
+    if path is not None and path.is_dir():
+        quantization = config.get("quantization") or {}  # mlx-lm's: 32 // bits weights packed in each uint32
+        per_word = 32 // int(quantization["bits"]) if isinstance(quantization.get("bits"), int) else 1
+        layer_counts, total, stored_bytes = _checkpoint_parameters(path, shape.num_layers, per_word)
+        layer_parameters = -(-sum(layer_counts) // shape.num_layers)
+        download = download or stored_bytes
+    elif download is not None:
+        dtype = config.get("torch_dtype") or config.get("dtype")  # transformers >= 5 writes `dtype`
+        total = download // DTYPE_BYTES.get(str(dtype), 2)
+        ends = embedding * (1 if shape.tie_word_embeddings else 2)
+        layer_parameters = max(1, (total - ends) // shape.num_layers)
+    else:
+        layer_parameters = _layer_parameters_from_shape(shape)
+        total = shape.num_layers * layer_parameters + embedding * (1 if shape.tie_word_embeddings else 2)
+    return ModelCard(
+        id=model_id, architecture=shape.model_type, format=format, source=source, num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim, vocab_size=shape.vocab_size,
+        tie_word_embeddings=shape.tie_word_embeddings, num_parameters=total, layer_parameters=layer_parameters,
+        embedding_parameters=embedding, bytes_per_dtype={name: total * size for name, size in DTYPE_BYTES.items()},
+        context_length=shape.context_length, instance_types=list(MLX_INSTANCE_TYPES), download_bytes=download,
+    )
+
+
+def _checkpoint_parameters(path: Path, num_layers: int, per_word: int = 1) -> tuple[list[int], int, int]:
+    """(parameters of each decoder layer, parameters in all, bytes in all) from the safetensors headers; a uint32
+    holds `per_word` packed weights."""
+    from ringlet.models.safetensors_loader import tensor_shapes
+
+    layers, total, stored = [0] * num_layers, 0, 0
+    for name, (shape, dtype) in tensor_shapes(path).items():
+        elements = math.prod(shape)
+        stored += elements * _SAFETENSORS_DTYPE_BYTES.get(dtype, 4)
+        count = elements * (per_word if dtype == "U32" else 1)
+        total += count
+        if (m := _LAYER_TENSOR.search(name)) and int(m.group(1)) < num_layers:
+            layers[int(m.group(1))] += count
+    if not any(layers):
+        raise ModelLoadError(f"{path}: no tensor of a decoder layer (named ...layers.N..., ...h.N... or "
+                             "...blocks.N...) in its safetensors files, so its layers' size is unknown")
+    return layers, total, stored
+
+
+def _layer_parameters_from_shape(shape: ModelShape) -> int:
+    """Attention and a gated MLP (an upper bound for an ungated one) of a layer; norms aside."""
+    h, q, kv = shape.hidden_size, shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    intermediate = shape.intermediate_size or 4 * h
+    return h * (q + 2 * kv) + q * h + 3 * h * intermediate + 2 * h
 
 
 @functools.cache
@@ -313,7 +402,7 @@ def card_from_path(model_id: str, path: Path) -> ModelCard:
         return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
                               four_bit_share=gguf_four_bit_share(path))
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
-    return card_from_config(model_id, read_config(path), sizes, source="local")
+    return card_from_config(model_id, read_config(path), sizes, source="local", path=path)
 
 
 # the linears the torch models fuse: one runs int4 only where the file keeps every part of it in 4-bit groups

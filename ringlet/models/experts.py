@@ -4,7 +4,8 @@
 The rows come sorted by expert with `counts` rows for each; float experts run each projection as one grouped matmul
 where PyTorch has one (`torch._grouped_mm`, on CPUs, for rows of a multiple of 16 bytes), else one matmul per expert
 that has rows. Int8 experts keep one
-scale per output row of each expert, as `Int8Linear` does, and run its kernel on each expert's rows.
+scale per output row of each expert, as `Int8Linear` does, and run its kernel on each expert's rows; int4 experts are
+an int4 linear per expert and projection.
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ class Int8Experts(nn.Module):
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return _per_expert(rows, counts, lambda e, x: _int8_mm(x, self.gate_up_proj[e], self.gate_up_scales[e]),
                            lambda e, x: _int8_mm(x, self.down_proj[e], self.down_scales[e]))
+
+
+class Int4Experts(nn.Module):
+    """Experts whose projections are int4 linears in groups (`quant.quantize_experts_int4` makes them: the CPU's
+    int4 kernel, or CUDA's), one gate/up and one down linear per expert: half a byte a weight and a scale and offset
+    per group."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]) -> None:
+        super().__init__()
+        self.gate_up, self.down = nn.ModuleList(gate_up), nn.ModuleList(down)
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return _per_expert(rows, counts, lambda e, x: self.gate_up[e](x), lambda e, x: self.down[e](x))
 
 
 def _int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import logging
 import math
 import mmap
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,16 @@ GGUF_MAGIC = b"GGUF"
 
 # general.architecture -> model_type. llama.cpp's converter permutes the q/k rows of the
 # Llama-derived architectures only (LlamaModel.permute); Qwen files keep the HF layout.
-SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "phi3": "phi3", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "phi3": "phi3", "qwen2": "qwen2", "qwen3": "qwen3",
+                           "gemma2": "gemma2", "gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
 _PERMUTED_QK = {"llama", "mistral"}
+# a sparse layer's router and experts: GGUF name inside `blk.{i}.` -> HF name after the layer's MLP prefix. The experts
+# are stacked 3-d tensors ([E, I, H] gate and up, [E, H, I] down), which `MoETransformer` takes as they are
+_EXPERT_TENSORS = {"ffn_gate_inp.weight": "gate.weight", "ffn_gate_exps.weight": "experts.gate_proj",
+                   "ffn_up_exps.weight": "experts.up_proj", "ffn_down_exps.weight": "experts.down_proj"}
+# a stage reads gate and up as one tensor, each expert's gate rows followed by its up rows
+_GATE_UP_EXPERTS = ("experts.gate_proj", "experts.up_proj", "experts.gate_up_proj")
+_DENSE_MLP = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 # what a quantised stage reads a slice of rows at a time: vocabulary-sized, they are rounded to int8 as they are read
 _ROW_READ = {"model.embed_tokens.weight", "lm_head.weight"}
 
@@ -74,6 +83,13 @@ _QK_NORM_TENSORS = {
 # Phi-3 keeps its checkpoint's fused tensors: q, k, v rows in `attn_qkv`; gate, then up rows in `ffn_up`
 _PHI3_FUSED = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
 _PHI3_SPLIT = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight", "ffn_up.weight")
+# Gemma's four norms a layer: `ffn_norm` is the one before its MLP, `post_attention_norm` the attention output's
+_GEMMA_NORMS = {"post_attention_norm.weight": "post_attention_layernorm.weight",
+                "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+_GEMMA = ("gemma2", "gemma3")
+# llama.cpp's Gemma layer counts of the 27B models, whose attention scale is 1 / sqrt(hidden / heads), not head_dim's
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 # Llama 3.1/3.2 rope scaling as Meta ships it; llama.cpp stores only the per-frequency factors it
 # implies (`rope_freqs.weight`), so we recover the parameters and check they reproduce the tensor.
@@ -153,10 +169,28 @@ class GGUFModel:
         config["eos_token_id"] = list(dict.fromkeys(eos))  # unique, in order
         if self.architecture == "phi3":
             config.update(self._phi3_config(config))
+        if self.architecture in _GEMMA:
+            config.update(self._gemma_config(config))
+        if self._arch("expert_count"):
+            config.update(self._experts_config(config))
         rope_scaling = self._rope_scaling(config)
         if rope_scaling is not None:
             config["rope_scaling"] = rope_scaling
         return config
+
+    def _experts_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A mixture of experts as transformers' config names it: Qwen3-MoE's experts (`expert_feed_forward_length`
+        wide, their weights renormalised over the chosen ones unless `expert_weights_norm` says not, as llama.cpp
+        reads it); a `llama` file with experts is Mixtral (as wide as `feed_forward_length`)."""
+        experts, chosen = int(self._arch("expert_count")), int(self._arch("expert_used_count", required=True))
+        if self.architecture == "llama":
+            return {"model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": chosen}
+        if self.architecture != "qwen3moe":
+            raise ModelLoadError(f"{self.path}: a {self.architecture} file with experts is not supported; mixtures of "
+                                 "experts load from qwen3moe files and llama files with experts (Mixtral)")
+        return {"num_experts": experts, "num_experts_per_tok": chosen,
+                "moe_intermediate_size": int(self._arch("expert_feed_forward_length", required=True)),
+                "norm_topk_prob": bool(self._arch("expert_weights_norm", True))}
 
     def _phi3_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """What llama.cpp's converter writes of a Phi-3 config besides the common keys: the rotary dims a head
@@ -170,6 +204,34 @@ class GGUFModel:
             values["sliding_window"] = int(window)
         if (original := self._arch("rope.scaling.original_context_length")) is not None:
             values["original_max_position_embeddings"] = int(original)
+        return values
+
+    def _gemma_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """What llama.cpp reads of a Gemma 2/3 file besides the common keys, as transformers' config names it: the
+        sliding window (none where absent or 0), the logit caps, the sliding layers' pattern and rotary base
+        (llama.cpp's fixed 2 or 6, and 10000, where the file names none), and the attention scale, which no key holds:
+        llama.cpp takes hidden / heads for the 27B models (by their layer count) and head_dim for the others."""
+        heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        big = layers == _GEMMA_27B_LAYERS[self.architecture]
+        window = self._arch("attention.sliding_window")
+        values: dict[str, Any] = {
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": int(window) if window else None,
+            "query_pre_attn_scalar": config["hidden_size"] // heads if big else head_dim,
+        }
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if (value := self._arch(cap)) is not None:
+                values[cap] = float(value)
+        pattern = self._arch("attention.sliding_window_pattern")
+        if isinstance(pattern, list):  # one flag a layer (True: sliding)
+            values["layer_types"] = ["sliding_attention" if flag else "full_attention" for flag in pattern]
+        elif pattern:
+            values["sliding_window_pattern"] = int(pattern)
+        if self.architecture == "gemma3":
+            # llama.cpp's key, then Ollama's converter's
+            local = self._arch("rope.freq_base_swa", self._arch("rope.local.freq_base", 10000.0))
+            values["rope_local_base_freq"] = float(local)
         return values
 
     def _rope_scaling(self, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -221,19 +283,44 @@ class GGUFModel:
     def lazy_state_dict(self, start: int, end: int, dtype: torch.dtype = torch.float32,
                         groups: LayerGroups | None = None) -> LazyWeights:
         """The same tensors, each read in `dtype` only when it is looked up. With `groups` (`stage_groups`), the
-        layers' 4-bit weights are the values of those groups, which the file is not decoded again for."""
+        layers' 4-bit weights are the values of those groups, which the file is not decoded again for, and a layer's
+        experts stored in 4-bit groups whole (gate, up and down) are meta tensors: `quantize_layer_int4` makes them
+        of the groups without reading values."""
         names = self._stage_names(start, end)
         self._log_slow_types(names)
         readers = {hf: functools.partial(self._read_tensor, gguf_name, dtype) for gguf_name, hf in names.items()}
         if groups is not None:
             for gguf_name, hf in names.items():
-                if hf.startswith("model.layers.") and self._qtype(gguf_name) in GROUPED_TYPES:
+                if hf.startswith("model.layers.") and self._grouped_linear(gguf_name):
                     readers[hf] = functools.partial(groups.values, int(hf.split(".")[2]), hf, dtype)
+        gate, up, both = _GATE_UP_EXPERTS
+        for hf in [hf for hf in readers if hf.endswith(gate)]:
+            layer = hf.removesuffix(gate)
+            stacks = [gguf_name for gguf_name, name in names.items() if name.startswith(layer) and ".experts." in name]
+            parts = readers.pop(hf), readers.pop(layer + up)
+            readers[layer + both] = functools.partial(_experts_gate_up, *parts)
+            if groups is not None and all(self._qtype(name) in GROUPED_TYPES for name in stacks):
+                gate_stack, down_stack = (self._shape(next(n for n in stacks if n.endswith(kind)))
+                                          for kind in ("ffn_gate_exps.weight", "ffn_down_exps.weight"))
+                experts, width, hidden = gate_stack
+                readers[layer + both] = functools.partial(torch.empty, (experts, 2 * width, hidden), dtype=dtype,
+                                                          device="meta")
+                readers[layer + "experts.down_proj"] = functools.partial(torch.empty, down_stack, dtype=dtype,
+                                                                         device="meta")
         ends = {gguf_name: hf for gguf_name, hf in names.items() if hf in _ROW_READ}
         return LazyWeights(readers, {hf: self._row_reader(gguf_name, dtype) for gguf_name, hf in ends.items()})
 
     def _qtype(self, name: str) -> GGMLQuantizationType:
         return GGMLQuantizationType(self._tensors[name].tensor_type)
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, outermost dimension first (as torch has it; GGUF lists the innermost first)."""
+        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+
+    def _grouped_linear(self, name: str) -> bool:
+        """Whether tensor `name` is a linear's weight [N, K] stored in a 4-bit type whose groups the int4 kernels take
+        as they are (a stack of experts' weights is read as values too; its groups make `Int4Experts`)."""
+        return len(self._tensors[name].shape) == 2 and self._qtype(name) in GROUPED_TYPES
 
     def _log_slow_types(self, names: dict[str, str]) -> None:
         """One line naming the types of a stage that gguf.quants decodes (in numpy, several times slower)."""
@@ -282,7 +369,7 @@ class GGUFModel:
     def _linear_types(self, start: int, end: int) -> Counter[GGMLQuantizationType]:
         return Counter(GGMLQuantizationType(tensor.tensor_type) for i in range(start, end)
                        for g in self._layer_tensor_names() if g.endswith(".weight")
-                       and (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None and len(tensor.shape) == 2)
+                       and (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None and len(tensor.shape) in (2, 3))
 
     def stage_groups(self, start: int, end: int, cache: RepackCache | None = None) -> LayerGroups | None:
         """The 4-bit groups of layers [start, end) for an int4 stage, one layer at a time (see `LayerGroups`), or None
@@ -309,8 +396,10 @@ class GGUFModel:
         return groups
 
     def _read_groups(self, name: str) -> GroupQuantized:
+        """A weight's groups, [N, K]; a stack of experts' weights [E, N, K] as [E * N, K]."""
         tensor = self._tensors[name]
-        rows, columns = (int(d) for d in reversed(tensor.shape.tolist()))
+        columns = int(tensor.shape[0])
+        rows = int(np.prod(tensor.shape.tolist())) // columns
         groups = decode_groups(tensor.data, self._qtype(name), (rows, columns))
         if (heads := self._permuted_heads(name)) is not None:
             groups = GroupQuantized(unpermute_qk(groups.codes, heads), unpermute_qk(groups.scale, heads),
@@ -358,8 +447,14 @@ class GGUFModel:
             names = {g: h for g, h in names.items() if g not in _PHI3_SPLIT} | _PHI3_FUSED
         if self.config["attention_bias"]:
             names.update(_BIAS_TENSORS)
-        if self.config["model_type"] == "qwen3":
+        if self.config["model_type"] in ("qwen3", "gemma3_text", "qwen3_moe"):
             names.update(_QK_NORM_TENSORS)
+        if self.config["model_type"] in ("qwen3_moe", "mixtral"):  # every layer sparse, as llama.cpp builds them
+            mlp = "block_sparse_moe." if self.config["model_type"] == "mixtral" else "mlp."
+            names = {g: h for g, h in names.items() if g not in _DENSE_MLP}
+            names.update({g: mlp + h for g, h in _EXPERT_TENSORS.items()})
+        if self.architecture in _GEMMA:
+            names.update(_GEMMA_NORMS)
         return names
 
     def _dequantize(self, name: str, data: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype,
@@ -382,6 +477,11 @@ class GGUFModel:
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         heads = self._permuted_heads(name)
         order = None if heads is None or len(shape) != 2 else unpermute_qk(torch.arange(shape[0]), heads).argsort()
+        if self.architecture in _GEMMA and name.endswith("norm.weight"):
+            # llama.cpp's converter stores a Gemma norm's scale, 1 + weight; the model adds the 1 itself (in fp32)
+            values = (self._dequantize(name, tensor.data, shape, torch.float32) - 1).to(dtype)
+            self._release(name)
+            return values
         values = self._dequantize(name, tensor.data, shape, dtype, order)
         if heads is not None and order is None:
             values = unpermute_qk(values, heads)
@@ -429,6 +529,11 @@ class LayerGroups:
         if all(part in groups for part in fused_with(name)):
             return torch.empty(groups[name].codes.shape, dtype=dtype, device="meta")
         return dequantize_groups(groups[name], dtype)
+
+
+def _experts_gate_up(gate: Callable[[], torch.Tensor], up: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """[E, 2I, H] from stacked gate and up [E, I, H]: each expert's gate rows, then its up rows."""
+    return torch.cat((gate(), up()), dim=1)
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ringlet.models.experts import Experts, Int8Experts, quantize_experts_int8
+from ringlet.models.experts import Experts, Int4Experts, Int8Experts, quantize_experts_int8
 from ringlet.models.quant_format import GROUP_SIZE, GroupQuantized, Int8Rows, round_rows_int8
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,14 @@ def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source
     Where the file gives 4-bit groups (`file_groups`), a linear it stores in more bits (Q4_K_M keeps some in Q6_K)
     becomes int8 rather than losing them; otherwise every linear is rounded to 4 bits."""
     prefix = f"model.layers.{index}."
-    quantize_experts_int8(layer, dtype)  # a mixture-of-experts layer's experts: int8 rows (no 4-bit experts)
+    # a mixture-of-experts layer's experts: the file's own 4-bit groups where it stores all three stacks in them, else
+    # int4 where the codes are rounded here and their widths are whole groups; a file's experts in more bits than 4
+    # keep them as int8 rows
+    if not _experts_from_groups(layer, prefix, source, dtype, device):
+        if file_groups:
+            quantize_experts_int8(layer, dtype)
+        else:
+            quantize_experts_int4(layer, dtype, group_size, device)
     present = {name for name, _ in layer.named_modules()}
     for path, parts in FUSED_PARTS.items():
         if path not in present:  # the dense MLP of a mixture-of-experts layer
@@ -263,6 +270,49 @@ def quantize_layer_int4(layer: nn.Module, index: int, dtype: torch.dtype, source
             setattr(owner, attr, int8_linear(linear.weight.data, linear.bias, dtype))
         else:
             setattr(owner, attr, int4_linear(GroupQuantized.round(linear.weight.data, group_size), linear.bias, dtype))
+
+
+def _experts_from_groups(layer: nn.Module, prefix: str, source: Mapping[str, GroupQuantized], dtype: torch.dtype,
+                         device: torch.device | str | None) -> bool:
+    """The layer's `Experts` as `Int4Experts` of the file's groups (`source`: stacks of every expert's gate, up and
+    down rows, `experts.gate_proj`, `experts.up_proj`, `experts.down_proj` under the layer's MLP); whether it had
+    them."""
+    found = [(path, module) for path, module in layer.named_modules() if isinstance(module, Experts)]
+    stacks = {part: next((g for name, g in source.items() if name.startswith(prefix) and name.endswith(part)), None)
+              for part in ("experts.gate_proj", "experts.up_proj", "experts.down_proj")}
+    if not found or any(g is None for g in stacks.values()):
+        return False
+    (path, experts), = found
+    gate, up, down = (cast(GroupQuantized, g) for g in stacks.values())
+    count, width = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
+    hidden = experts.down_proj.shape[1]
+    target = torch.device(device) if device is not None else gate.codes.device
+    gate_ups = [int4_linear(GroupQuantized.cat([gate.rows(e * width, (e + 1) * width),
+                                                up.rows(e * width, (e + 1) * width)]).to(target), None, dtype)
+                for e in range(count)]
+    downs = [int4_linear(down.rows(e * hidden, (e + 1) * hidden).to(target), None, dtype) for e in range(count)]
+    owner, _, attr = path.rpartition(".")
+    setattr(layer.get_submodule(owner), attr, Int4Experts(gate_ups, downs))
+    return True
+
+
+def quantize_experts_int4(module: nn.Module, dtype: torch.dtype, group_size: int = GROUP_SIZE,
+                          device: torch.device | str | None = None) -> None:
+    """Every `Experts` inside `module` as `Int4Experts` (rounded to 4 bits in groups of `group_size`, an expert at a
+    time), or as `Int8Experts` where a width is not a whole number of groups; in place, on `device` (by default the
+    experts')."""
+    for name, child in list(module.named_children()):
+        if not isinstance(child, Experts):
+            quantize_experts_int4(child, dtype, group_size, device)
+            continue
+        gate_up, down = child.gate_up_proj.data, child.down_proj.data
+        if gate_up.shape[-1] % group_size or down.shape[-1] % group_size:
+            setattr(module, name, Int8Experts(child, dtype))
+            continue
+        target = torch.device(device) if device is not None else gate_up.device
+        gate_ups, downs = ([int4_linear(GroupQuantized.round(w.to(target), group_size), None, dtype) for w in weights]
+                           for weights in (gate_up, down))
+        setattr(module, name, Int4Experts(gate_ups, downs))
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

@@ -39,6 +39,10 @@ class GroupQuantized:
         return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                    torch.cat([p.offset for p in parts]), parts[0].group_size)
 
+    def rows(self, first: int, end: int) -> GroupQuantized:
+        """Output rows [first, end) (an expert's, of a stack of experts' weights)."""
+        return GroupQuantized(self.codes[first:end], self.scale[first:end], self.offset[first:end], self.group_size)
+
     def to(self, device: torch.device) -> GroupQuantized:
         """On `device` (itself where it is there already)."""
         if self.codes.device == device:

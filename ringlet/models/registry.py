@@ -10,6 +10,7 @@ from torch import nn
 
 from ringlet.models.config import ModelArgs
 from ringlet.models.hf_quant import quant_scheme
+from ringlet.models.mlx_only import mlx_lm_module
 from ringlet.shared.errors import ModelLoadError
 
 StageBuilder = Callable[[ModelArgs, int, int], nn.Module]
@@ -32,7 +33,7 @@ def register(model_type: str) -> Callable[[StageBuilder], StageBuilder]:
 
 
 def supported_architectures() -> list[str]:
-    from ringlet.models import llama, mistral, moe, phi3, qwen2, qwen3  # noqa: F401  (each registers itself)
+    from ringlet.models import gemma, gpt_oss, llama, mistral, moe, phi3, qwen2, qwen3  # noqa: F401  (each registers itself)
 
     return sorted(_ARCHITECTURES)
 
@@ -41,13 +42,21 @@ def model_args(config: dict[str, Any]) -> ModelArgs:
     model_type = config.get("model_type")
     supported = supported_architectures()
     if model_type not in supported:
-        raise ModelLoadError(f"architecture {model_type!r} is not supported; supported: {', '.join(supported)}")
+        raise ModelLoadError(f"architecture {model_type!r} is not supported; supported: {', '.join(supported)}"
+                             f"{_mlx_hint(config)}")
     # refuses a quantisation ringlet does not read: as plain weights it would give wrong answers
     if quant_scheme(config) is not None and model_type == "phi3":
         raise ModelLoadError("a quantised phi3 checkpoint (config.json's quantization_config) is not supported: its "
                              "q/k/v and gate/up are quantised as fused tensors, which ringlet reads only unquantised; "
                              "use the model's bf16 checkpoint")
     return ModelArgs.from_dict(config)
+
+
+def _mlx_hint(config: dict[str, Any]) -> str:
+    if mlx_lm_module(config) is None:
+        return ""
+    return (" (by ringlet's torch engines); mlx-lm has a model for it, so the MLX engine runs it: start the node or "
+            "`ringlet run` with --engine mlx")
 
 
 def build_stage(

@@ -11,10 +11,11 @@ import torch
 import transformers
 
 from ringlet.models import safetensors_loader
-from ringlet.models.experts import Experts, Int8Experts
+from ringlet.models.experts import Experts, Int4Experts, Int8Experts
 from ringlet.models.loader import LoadedStage
 from ringlet.models.moe import SparseMoE
-from ringlet.models.quant import quantize_int8, quantize_layer_int4
+from ringlet.models.quant import quantize_experts_int4, quantize_int8, quantize_layer_int4
+from ringlet.models.quant_format import GroupQuantized
 from ringlet.models.random_checkpoint import synthetic_tokenizer
 from ringlet.models.registry import model_args
 from ringlet.shared.config import EngineConfig
@@ -197,8 +198,34 @@ def test_experts_run_grouped_with_every_expert_or_none_routed_to(hidden, width):
 
 
 @torch.no_grad()
+def test_int4_experts_run_each_experts_rounded_weights():
+    """Each expert's projections rounded to 4 bits in groups of 32 (as `GroupQuantized.round` rounds a linear), run
+    by the int4 kernel on that expert's rows; a width that is not whole groups keeps int8 rows."""
+    torch.manual_seed(0)
+    hidden, width = 64, 32
+    holder = torch.nn.Module()
+    holder.experts = Experts(4, hidden, width)
+    experts = holder.experts
+    counts = torch.tensor([3, 0, 5, 2])
+    rows = torch.randn(10, hidden)
+    quantize_experts_int4(holder, torch.float32)
+    assert isinstance(holder.experts, Int4Experts)
+    got, want, first = holder.experts(rows, counts), [], 0
+    for e, count in enumerate(counts.tolist()):
+        gate_up = GroupQuantized.round(experts.gate_up_proj[e].detach()).dequantize()
+        down = GroupQuantized.round(experts.down_proj[e].detach()).dequantize()
+        gate, up = (rows[first:first + count] @ gate_up.T).chunk(2, dim=-1)
+        want.append((torch.nn.functional.silu(gate) * up) @ down.T)
+        first += count
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-4, rtol=1e-4)
+    holder.experts = Experts(2, hidden, 48)  # 48 inputs of the down projection: not whole groups of 32
+    quantize_experts_int4(holder, torch.float32)
+    assert isinstance(holder.experts, Int8Experts)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("how", ["int8", "int4"])
-def test_quantised_stage_keeps_router_and_has_int8_experts(how, tmp_path):  # type: ignore[no-untyped-def]
+def test_quantised_stage_keeps_router_and_quantises_experts(how, tmp_path):  # type: ignore[no-untyped-def]
     reference = make_checkpoint("qwen3_moe", tmp_path)
     model = load_checkpoint_stage(tmp_path)
     if how == "int8":
@@ -207,7 +234,8 @@ def test_quantised_stage_keeps_router_and_has_int8_experts(how, tmp_path):  # ty
         for i, layer in enumerate(model.layers):
             quantize_layer_int4(layer, i, torch.float32, {}, file_groups=False)
     moe = model.layers[0].mlp
-    assert isinstance(moe.experts, Int8Experts) and moe.router.dtype == torch.float32
+    assert isinstance(moe.experts, Int8Experts if how == "int8" else Int4Experts)
+    assert moe.router.dtype == torch.float32
     assert type(model.layers[1].mlp.gate_up_proj).__name__ in ("Int8Linear", "Int4Linear")  # the dense layer's
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     ours, theirs = model(ids, model.make_cache(2, 16), 0), reference(ids).logits
@@ -227,11 +255,14 @@ def test_placement_counts_every_experts_bytes(checkpoint):  # type: ignore[no-un
     assert whole == pytest.approx(4 * tensors, rel=0.02)
     experts_of_layer = 4 * 3 * 64 * args.moe_intermediate_size
     assert card.stage_bytes(1, 2, "float32") > 4 * experts_of_layer * 0.5  # a middle stage: its layer's experts
-    # under int4 the experts stay int8 (`Int8Experts`): a byte a weight and a scale a row
     sparse = sum(args.is_moe_layer(n) for n in range(LAYERS))
     assert card.layer_expert_parameters * LAYERS == pytest.approx(sparse * experts_of_layer, abs=LAYERS)
-    assert card.stage_bytes(0, LAYERS, XPU_INT4) > sparse * experts_of_layer
-    assert card.stage_bytes(0, LAYERS, WEIGHT_ONLY_INT8) > card.stage_bytes(0, LAYERS, XPU_INT4)
+    # int4 experts: half a byte a weight and a bf16 scale and offset per group of 32 (`Int4Experts`); int8 experts
+    # (the CPU's default format): a byte a weight
+    int4, int8 = card.stage_bytes(0, LAYERS, XPU_INT4), card.stage_bytes(0, LAYERS, WEIGHT_ONLY_INT8)
+    assert int4 > 0.625 * sparse * experts_of_layer and int8 > sparse * experts_of_layer
+    assert int8 - int4 > 0.375 * sparse * experts_of_layer  # the experts' part of the difference; the rest is the
+    # other linears' (0.625 bytes a weight against a byte)
 
 
 @torch.no_grad()

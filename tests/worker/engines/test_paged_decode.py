@@ -131,3 +131,75 @@ def test_paged_step_reads_an_int8_embedding_as_the_packed_forward_does(paged_dec
         want = model.forward_batch(tokens, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
         got = step(tokens, steps)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+MOE = {"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 48, "num_hidden_layers": 3}
+
+
+@pytest.mark.parametrize("config", [
+    BASE | MOE | {"model_type": "qwen3_moe", "num_key_value_heads": 3, "norm_topk_prob": True, "mlp_only_layers": [1]},
+    BASE | MOE | {"model_type": "qwen3_moe", "num_key_value_heads": 3, "norm_topk_prob": False},
+    BASE | MOE | {"model_type": "mixtral", "intermediate_size": 48},
+], ids=["qwen3_moe, a dense layer between sparse ones", "qwen3_moe, weights not renormalised", "mixtral"])
+def test_paged_step_routes_experts_as_the_packed_forward_does(paged_decode, config):
+    """Sparse layers in the graphed step: routing, each pair's gated product and the weighted sum of the chosen
+    experts' outputs on the device, for two sequences and then the step that follows on from their picks."""
+    model = random_model(config, torch.float32)
+    for moe in (block.mlp for block in model.layers if hasattr(block.mlp, "router")):
+        moe.router.data *= 50  # routers that choose: experts' weights differ
+    sequences = SEQUENCES[:2]
+    eager, paged = model.make_paged_cache(10, BLOCK), model.make_paged_cache(10, BLOCK)
+    step = paged_decode.PagedDecodeStep(model, paged, context_length=128, max_batch=2)
+    with torch.inference_mode():
+        for cache in (eager, paged):
+            prefill(model, cache, sequences)
+        tokens = torch.tensor([7, 118])
+        for n in range(2):
+            steps = [SequenceStep(len(prompt) + n, 1, blocks) for prompt, blocks in sequences]
+            want = model.forward_batch(tokens, eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
+            got = step(tokens if n == 0 else torch.full((2,), FED), steps)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            tokens = torch.tensor(step.last_picks.tokens())
+
+
+def test_route_kernel_chooses_as_the_sparse_layer_does(paged_decode):
+    """The top k of the softmax over the router's logits, ties to the lower index, weights renormalised or not: as
+    `SparseMoE.route` chooses (two one-hot tokens, so that the router's columns are the logits)."""
+    from ringlet.models.config import ModelArgs
+    from ringlet.models.moe import SparseMoE
+    from ringlet.worker.engines.torch.expert_kernels import _route
+
+    logits = torch.tensor([[0.5, 2.0, 2.0, -1.0, 0.1], [3.0, -2.0, 0.0, 1.0, 1.0]])
+    for renorm in (True, False):
+        args = ModelArgs("qwen3_moe", 2, 8, 1, 1, 1, 16, head_dim=2, num_experts=5, num_experts_per_tok=3,
+                         moe_intermediate_size=4, norm_topk_prob=renorm)
+        moe = SparseMoE(args)
+        moe.router.data = logits.t().contiguous()
+        want_ids, want_weights = moe.route(torch.eye(2))
+        ids, weights = torch.zeros(6, dtype=torch.int32), torch.zeros(6)
+        _route[(2,)](logits, ids, weights, 5, TOP_K=3, E_PAD=8, RENORM=renorm)
+        assert ids.view(2, 3).tolist() == [[1, 2, 0], [0, 3, 4]] == want_ids.tolist()
+        torch.testing.assert_close(weights.view(2, 3), want_weights)
+
+
+class Unbuildable:
+    """A graphed step whose kernels fail to build at warm-up, as on a GPU that Triton cannot compile for."""
+
+    def warm(self) -> None:
+        raise RuntimeError("PTX assembly failed\nthe rest of a long compiler message")
+
+
+def test_a_graphed_step_that_cannot_be_built_leaves_eager_decoding(caplog):
+    from ringlet.models.loader import LoadedStage
+    from ringlet.models.random_checkpoint import synthetic_tokenizer
+    from ringlet.shared.config import EngineConfig
+    from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
+
+    model = random_model(BASE, torch.float32)
+    stage = LoadedStage(model.args, model, synthetic_tokenizer(model.args.vocab_size), 0, model.args.num_hidden_layers)
+    engine = TorchBatchEngine(stage, torch.device("cpu"), EngineConfig(kv_cache_tokens=1024, cpu_compile=False))
+    engine.paged_decode = Unbuildable()
+    engine.warmup()  # its short generation runs on the eager step
+    assert engine.paged_decode is None
+    assert "decoding eagerly: RuntimeError: PTX assembly failed" in caplog.text
+    assert "the rest" not in caplog.text

@@ -173,12 +173,20 @@ class TorchBatchEngine:
     def warmup(self) -> None:
         """Compile the CPU decode step (when configured), then run a short generation, so that no request pays for
         either. A step that fails to compile leaves eager decoding, which always works."""
-        # a mixture of experts routes by the data: its step is not compiled (nor graphed: `unsupported_reason`)
+        # a mixture of experts routes by the data: its CPU step is not compiled (its CUDA step has kernels of its own)
         if self.device.type == "cpu" and self.config.cpu_compile and not self.stage.args.has_experts:
             self._compile_decode()
         if self.paged_decode is not None:
             began = time.perf_counter()
-            self.paged_decode.warm()
+            try:
+                self.paged_decode.warm()
+            # its kernels compile here, in the runs before each capture: a GPU or Triton that cannot build them leaves
+            # the eager step, which runs every model
+            except Exception as error:  # noqa: BLE001
+                log.warning("the graphed CUDA decode step could not be built, decoding eagerly: %s: %s",
+                            type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self.paged_decode = None
+        if self.paged_decode is not None:
             log.info("CUDA graphs for decode steps of %s sequences and steps with prompt chunks of %s tokens captured "
                      "in %.1f s", ", ".join(map(str, self.paged_decode.buckets)),
                      ", ".join(map(str, self.paged_decode.mixed_buckets)), time.perf_counter() - began)
@@ -241,11 +249,13 @@ def _paged_decode(model: Transformer, cache: PagedKVCache, context_length: int, 
 
     if not (model.is_first and model.is_last):
         return None
-    reason = unsupported_reason(model)
+    reason = unsupported_reason(model, experts=True)
     if reason is not None:
         log.warning("decoding eagerly on CUDA: %s", reason)
         return None
-    return PagedDecodeStep(model, cache, context_length, max_batch, max_rows)
+    # a prompt chunk's tokens would each read their experts' weights again: chunks of a mixture of experts run eagerly,
+    # their rows grouped by expert (`experts.py`)
+    return PagedDecodeStep(model, cache, context_length, max_batch, 0 if model.args.has_experts else max_rows)
 
 
 def _scratch_decode(batch: int, context: int, block_size: int, pad_slot: int,

@@ -32,7 +32,10 @@ from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.cache import StaticKVCache
+from ringlet.models.experts import Experts
+from ringlet.models.gemma import GemmaTransformer
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
+from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import embed_rows
 from ringlet.models.quant_cuda import CudaQuantizedLinear
 
@@ -262,13 +265,29 @@ def project(x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch
     )
 
 
-def unsupported_reason(model: nn.Module) -> str | None:
-    """Why `FusedDecodeStep` cannot run `model`, or None when it can."""
+def unsupported_reason(model: nn.Module, experts: bool = False) -> str | None:
+    """Why `FusedDecodeStep` cannot run `model` (with `experts`: why `PagedDecodeStep`, which also runs float
+    mixture-of-experts layers, cannot), or None when it can."""
     if not isinstance(model, Transformer) or not (model.is_first and model.is_last):
         return "not a whole Llama-family model"
     args = model.args
-    if args.has_experts:
+    if isinstance(model, GemmaTransformer):
+        return "Gemma's layers (scaled embeddings, norms by 1 + weight, GeGLU MLPs, soft-capped logits)"
+    attentions = [block.self_attn for block in cast("Iterable[Block]", model.layers)]
+    if any(not attention.fused_kernels for attention in attentions):
+        return "an attention of its own (gpt_oss's sinks)"
+    if any(attention.window is not None for attention in attentions):
+        return "sliding-window attention layers"
+    if any(attention.scale is not None for attention in attentions):
+        return "an attention scale other than head_dim ** -0.5"
+    if args.has_experts and not experts:
         return "mixture-of-experts layers"
+    mlps = [block.mlp for block in cast("Iterable[Block]", model.layers)]
+    if any(not isinstance(mlp, SparseMoE) and not isinstance(getattr(mlp, "gate_up_proj", None), nn.Module)
+           for mlp in mlps):
+        return "an MLP it has no kernels for"
+    if any(type(mlp.experts) is not Experts for mlp in mlps if isinstance(mlp, SparseMoE)):
+        return "quantised experts"
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"weights in {dtype}"
@@ -279,8 +298,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for name, param in model.named_parameters():
         if not param.is_contiguous():
             return f"{name} is not contiguous"
-    projections = [model.lm_head] + [m for block in cast("Iterable[Block]", model.layers) for m in (
-        block.self_attn.qkv_proj, block.self_attn.o_proj, block.mlp.gate_up_proj, block.mlp.down_proj)]
+    blocks = cast("Iterable[Block]", model.layers)
+    projections = [model.lm_head] + [m for block in blocks for m in (block.self_attn.qkv_proj, block.self_attn.o_proj)]
+    projections += [m for block in blocks if not isinstance(block.mlp, SparseMoE)
+                    for m in (block.mlp.gate_up_proj, block.mlp.down_proj)]
     if any(type(m) is not nn.Linear and not isinstance(m, CudaQuantizedLinear) for m in projections):
         return "projections of a kind it has no kernel for"
     if len({isinstance(m, CudaQuantizedLinear) for m in projections}) > 1:

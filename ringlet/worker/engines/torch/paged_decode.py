@@ -39,9 +39,11 @@ from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
+from ringlet.models.moe import SparseMoE
 from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
 from ringlet.models.quant import embed_rows
 from ringlet.models.quant_cuda import CudaQuantizedLinear
+from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decode
 from ringlet.worker.engines.torch.fused_decode import (
     _INTERPRETED,
     _attention_combine,
@@ -211,7 +213,7 @@ class PagedDecodeStep:
 
     def __init__(self, model: Transformer, cache: PagedKVCache, context_length: int, max_batch: int,
                  max_rows: int = 0) -> None:
-        reason = unsupported_reason(model)
+        reason = unsupported_reason(model, experts=True)
         if reason is not None:
             raise ValueError(f"the paged decode step cannot run this model: {reason}")
         args = model.args
@@ -256,6 +258,8 @@ class PagedDecodeStep:
         self.attention = buffer(n, q_dim)
         self.gated = buffer(n, args.intermediate_size)
         self.logits = buffer(self.max_batch, args.vocab_size)
+        sparse = [block.mlp for block in cast("Iterable[Block]", model.layers) if isinstance(block.mlp, SparseMoE)]
+        self.experts = ExpertBuffers(sparse[0], n, self.dtype, device) if sparse else None
         most_parts = self.heads * max(b * self._splits(b) for b in self.buckets + self.mixed_buckets)
         self.part_acc = buffer(most_parts, self.head_dim, dtype=torch.float32)
         self.part_max = buffer(most_parts, dtype=torch.float32)
@@ -321,11 +325,16 @@ class PagedDecodeStep:
             self._attend(i, attn, batch, splits, positions, slots, tables)
             if fused:
                 project(attention, attn.o_proj, hidden, self.eps, pdl, residual=True)
+            else:
+                hidden.addmm_(attention, attn.o_proj.weight.t())
+            if isinstance(mlp, SparseMoE):
+                assert self.experts is not None  # made for a model with sparse layers
+                moe_decode(mlp, self._norm(hidden, block.post_attention_layernorm.weight), hidden, self.experts)
+            elif fused:
                 project(hidden, mlp.gate_up_proj, gated, self.eps, pdl, norm=block.post_attention_layernorm.weight,
                         gated=True)
                 project(gated, mlp.down_proj, hidden, self.eps, pdl, residual=True)
             else:
-                hidden.addmm_(attention, attn.o_proj.weight.t())
                 gate_up = torch.mm(self._norm(hidden, block.post_attention_layernorm.weight),
                                    mlp.gate_up_proj.weight.t())
                 _silu_gate[(batch, triton.cdiv(self.intermediate, 1024))](gate_up, gated, self.intermediate,
