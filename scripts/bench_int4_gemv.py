@@ -16,36 +16,13 @@ import torch
 import triton
 
 from ringlet.cli.bench import copy_bandwidth
+from ringlet.cli.bench import cuda_graph_seconds as graph_seconds
 from ringlet.models.kernels import int4_cuda
 from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
 from ringlet.models.quant_format import GroupQuantized
 from ringlet.models.random_checkpoint import shape_config
 
 ROTATE_BYTES = 512 << 20  # weight copies cycled through per replay: ten times the H200's 50 MB L2
-
-
-def graph_seconds(calls: list) -> float:
-    """Seconds of one call, from a CUDA graph of all `calls` replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best / len(calls)
 
 
 def reference(x, weight, norm, eps, gated, residual_into):

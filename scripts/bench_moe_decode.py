@@ -15,6 +15,7 @@ import itertools
 import torch
 
 from ringlet.cli.bench import copy_bandwidth
+from ringlet.cli.bench import cuda_graph_seconds as graph_seconds
 from ringlet.models.config import ModelArgs
 from ringlet.models.moe import SparseMoE
 from ringlet.models.random_checkpoint import shape_config
@@ -22,29 +23,6 @@ from ringlet.worker.engines.torch import expert_kernels
 from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decode
 
 LAYERS = 16
-
-
-def graph_seconds(calls: list) -> float:
-    """Seconds of one call, from a CUDA graph of all `calls` replayed (best of five)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return best / len(calls)
 
 
 def main() -> None:

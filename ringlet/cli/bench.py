@@ -233,6 +233,33 @@ def copy_bandwidth(device: Any, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes * n / (time.perf_counter() - began)
 
 
+def cuda_graph_seconds(calls: list[Any]) -> float:
+    """Seconds of one of `calls` (callables of no argument), from a CUDA graph of all of them replayed: the best of
+    five replays, after one unmeasured."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up runs (compilation, workspaces) off the capturing stream
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best / len(calls)
+
+
 def weight_bytes_per_token(model: Any) -> int:
     """Bytes one decode step of one sequence reads: every weight, except an untied embedding table (one row is read)
     and the experts a token does not choose (a sparse layer reads top_k of its num_experts)."""

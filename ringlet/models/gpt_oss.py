@@ -21,6 +21,7 @@ from torch import nn
 
 from ringlet.models.config import ModelArgs
 from ringlet.models.llama import Attention, Block, Transformer, causal_mask
+from ringlet.models.moe import run_routed
 from ringlet.models.registry import register
 from ringlet.shared.errors import ModelLoadError
 
@@ -194,12 +195,7 @@ class GptOssMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         chosen, weights = self.route(tokens)
-        experts = chosen.flatten()
-        order = experts.argsort(stable=True)
-        source = order // self.top_k  # the token of each sorted pair
-        counts = torch.bincount(experts, minlength=self.router.shape[0])
-        out = self.experts(tokens[source], counts) * weights.flatten()[order, None]
-        return torch.zeros_like(tokens).index_add_(0, source, out).view(x.shape)
+        return run_routed(tokens, chosen, weights, self.experts, self.router.shape[0]).view(x.shape)
 
 
 class GptOssTransformer(Transformer):

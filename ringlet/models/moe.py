@@ -40,12 +40,19 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         chosen, weights = self.route(tokens)
-        experts = chosen.flatten()
-        order = experts.argsort(stable=True)
-        source = order // self.top_k  # the token of each sorted pair
-        counts = torch.bincount(experts, minlength=self.router.shape[0])
-        out = self.experts(tokens[source], counts) * weights.flatten()[order, None]
-        return torch.zeros_like(tokens).index_add_(0, source, out).view(x.shape)
+        return run_routed(tokens, chosen, weights, self.experts, self.router.shape[0]).view(x.shape)
+
+
+def run_routed(tokens: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: nn.Module,
+               num_experts: int) -> torch.Tensor:
+    """Each token's [T, H] weighted sum of its chosen experts' outputs (chosen, weights [T, k]): the token-expert pairs
+    sorted by expert, so that `experts(rows, counts)` runs each expert's rows together."""
+    flat = chosen.flatten()
+    order = flat.argsort(stable=True)
+    source = order // chosen.shape[1]  # the token of each sorted pair
+    counts = torch.bincount(flat, minlength=num_experts)
+    out = experts(tokens[source], counts) * weights.flatten()[order, None]
+    return torch.zeros_like(tokens).index_add_(0, source, out)
 
 
 class MoETransformer(Transformer):

@@ -5,11 +5,13 @@ batching loop): the runs read what each fed to its model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ringlet.models.paged_cache import CacheLost, SequenceStep
 from ringlet.shared.tasks import ChatMessage, SamplingParams, TextGenerationTask
+from ringlet.worker.batching import BatchGenerator
 from ringlet.worker.engines.torch.generate import prompt_ids
 
 COMPARED_TOKENS = 32
@@ -122,3 +124,16 @@ def assert_parting_is_a_near_tie(detail: dict[str, object], tolerance: float) ->
         assert float(detail["reference_margin_at_parting"]) <= tolerance, detail  # type: ignore[arg-type]
 
 
+
+
+def batch_tokens(engine: Any, tasks: list[TextGenerationTask]) -> dict[str, list[int]]:
+    """Each task's generated token ids, the tasks run together by the batching loop over `engine` (a batch model)."""
+    generator = BatchGenerator(engine, engine.config.max_step_tokens, engine.config.max_batch)
+    for task in tasks:
+        generator.submit(task)
+    tokens: dict[str, list[int]] = {task.task_id: [] for task in tasks}
+    while generator:
+        for chunk in generator.step():
+            if chunk.token_id is not None:
+                tokens[chunk.task_id].append(chunk.token_id)
+    return tokens

@@ -15,8 +15,8 @@ from ringlet.models.random_checkpoint import random_weights, synthetic_tokenizer
 from ringlet.models.registry import build_stage, model_args
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
-from ringlet.worker.batching import BatchGenerator
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
+from tests.support.greedy import batch_tokens
 from tests.support.random_models import GPU_CONFIG as CONFIG
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -44,18 +44,6 @@ def tasks(sampling: SamplingParams) -> list[TextGenerationTask]:
             for i, (n, m) in enumerate([(5, 70), (300, 20), (40, 50), (130, 64), (17, 33), (220, 45)])]
 
 
-def generate(engine: TorchBatchEngine, batch: list[TextGenerationTask]) -> dict[str, list[int]]:
-    generator = BatchGenerator(engine, engine.config.max_step_tokens, engine.config.max_batch)
-    for task in batch:
-        generator.submit(task)
-    tokens: dict[str, list[int]] = {task.task_id: [] for task in batch}
-    while generator:
-        for chunk in generator.step():
-            if chunk.token_id is not None:
-                tokens[chunk.task_id].append(chunk.token_id)
-    return tokens
-
-
 @pytest.mark.parametrize("sampling", [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=7)],
                          ids=["greedy", "seeded sampling"])
 def test_batched_tokens_equal_each_request_alone_and_the_eager_steps(sampling):
@@ -63,11 +51,11 @@ def test_batched_tokens_equal_each_request_alone_and_the_eager_steps(sampling):
     eager steps."""
     graphed, eager = batch_engine(torch.float32), batch_engine(torch.float32, graphs=False)
     assert graphed.paged_decode is not None and graphed.paged_decode.graphs
-    together = generate(graphed, tasks(sampling))
+    together = batch_tokens(graphed, tasks(sampling))
     assert [len(t) for t in together.values()] == [70, 20, 50, 64, 33, 45]
     for task in tasks(sampling):
-        assert generate(graphed, [task])[task.task_id] == together[task.task_id], task.task_id
-    assert generate(eager, tasks(sampling)) == together
+        assert batch_tokens(graphed, [task])[task.task_id] == together[task.task_id], task.task_id
+    assert batch_tokens(eager, tasks(sampling)) == together
 
 
 def test_bf16_graphed_step_tracks_the_packed_forward():

@@ -12,8 +12,8 @@ from ringlet.models.random_checkpoint import random_weights, synthetic_tokenizer
 from ringlet.models.registry import build_stage, model_args
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
-from ringlet.worker.batching import BatchGenerator
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
+from tests.support.greedy import batch_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -42,18 +42,6 @@ def batch_engine(dtype: torch.dtype, graphs: bool = True) -> TorchBatchEngine:
     return engine
 
 
-def generate(engine: TorchBatchEngine, tasks: list[TextGenerationTask]) -> dict[str, list[int]]:
-    generator = BatchGenerator(engine, engine.config.max_step_tokens, engine.config.max_batch)
-    for task in tasks:
-        generator.submit(task)
-    tokens: dict[str, list[int]] = {task.task_id: [] for task in tasks}
-    while generator:
-        for chunk in generator.step():
-            if chunk.token_id is not None:
-                tokens[chunk.task_id].append(chunk.token_id)
-    return tokens
-
-
 def test_graphed_moe_steps_give_the_eager_steps_tokens():
     """fp32: requests joining and leaving a batch get from the graphed steps the tokens the eager steps give."""
     graphed, eager = batch_engine(torch.float32), batch_engine(torch.float32, graphs=False)
@@ -61,9 +49,9 @@ def test_graphed_moe_steps_give_the_eager_steps_tokens():
     tasks = [TextGenerationTask(task_id=f"task-{i}", prompt=" ".join(f"t{(i * 31 + j * 7) % 997}" for j in range(n)),
                                 max_tokens=m, ignore_eos=True, sampling=SamplingParams(temperature=0))
              for i, (n, m) in enumerate([(5, 40), (120, 20), (33, 30), (64, 12)])]
-    together = generate(graphed, tasks)
+    together = batch_tokens(graphed, tasks)
     assert [len(t) for t in together.values()] == [40, 20, 30, 12]
-    assert generate(eager, tasks) == together
+    assert batch_tokens(eager, tasks) == together
 
 
 @pytest.mark.parametrize("rows", [1, 8])
