@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from ringlet.models import safetensors_loader
-from ringlet.models.experts import Experts, Int4Experts, Int8Experts
+from ringlet.models.experts import Experts, Int4Experts, Int8Experts, routes_in_grouped_products
 from ringlet.models.loader import LoadedStage
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import quantize_experts_int4, quantize_int8, quantize_layer_int4
@@ -274,7 +274,7 @@ def test_engine_greedy_tokens_equal_transformers_generate(name, engine_class, tm
     args = model.args
     stage = LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
     engine = engine_class(stage, torch.device("cpu"), EngineConfig(kv_cache_tokens=1024, max_context=256))
-    engine.warmup()  # compiles no routed step (cpu_compile is on), runs a short generation
+    engine.warmup()  # compiles no routed fp32 step (cpu_compile is on; grouped products compile in bf16), generates
     if isinstance(engine, TorchBatchEngine):
         assert engine._compiled_decode is None and engine.paged_decode is None
     else:
@@ -287,3 +287,28 @@ def test_engine_greedy_tokens_equal_transformers_generate(name, engine_class, tm
                                 pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == theirs
     assert len(set(ours)) > 1  # not one token repeated: the comparison says something
+
+
+@torch.no_grad()
+def test_a_compiled_bf16_step_gives_the_eager_steps_tokens(tmp_path):  # type: ignore[no-untyped-def]
+    """bf16 experts run as grouped products compile into the CPU decode step; its greedy tokens are the eager step's.
+    Per-expert products (int8 experts: each expert's row count is read on the host) are never compiled."""
+    make_checkpoint("qwen3_moe", tmp_path)
+    engines = []
+    for compiled in (True, False):
+        model = load_checkpoint_stage(tmp_path).to(torch.bfloat16)
+        assert routes_in_grouped_products(model)
+        stage = LoadedStage(model.args, model, synthetic_tokenizer(model.args.vocab_size), 0, LAYERS)
+        engine = TorchBatchEngine(stage, torch.device("cpu"), EngineConfig(kv_cache_tokens=1024, max_context=256,
+                                                                           cpu_compile=compiled))
+        engine.warmup()
+        assert (engine._compiled_decode is not None) == compiled
+        engines.append(engine)
+    task = TextGenerationTask(prompt="t5 t17 t3 t99 t42 t8", max_tokens=16, ignore_eos=True,
+                              sampling=SamplingParams(temperature=0))
+    compiled_tokens, eager_tokens = ([c.token_id for c in engine.generate(task) if c.token_id is not None]
+                                     for engine in engines)
+    assert compiled_tokens == eager_tokens and len(set(compiled_tokens)) > 1
+    quantize_int8(model, torch.bfloat16)
+    assert not routes_in_grouped_products(model)
+    assert not routes_in_grouped_products(load_checkpoint_stage(tmp_path))  # fp32 experts

@@ -25,6 +25,7 @@ import psutil
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ringlet.models.experts import routes_in_grouped_products
 from ringlet.models.llama import Transformer
 from ringlet.models.loader import LoadedStage
 from ringlet.models.paged_cache import BatchLayout, PagedKVCache, SequenceStep
@@ -173,8 +174,9 @@ class TorchBatchEngine:
     def warmup(self) -> None:
         """Compile the CPU decode step (when configured), then run a short generation, so that no request pays for
         either. A step that fails to compile leaves eager decoding, which always works."""
-        # a mixture of experts routes by the data: its CPU step is not compiled (its CUDA step has kernels of its own)
-        if self.device.type == "cpu" and self.config.cpu_compile and not self.stage.args.has_experts:
+        # a mixture of experts is compiled where its experts run as grouped products (their shapes never depend on
+        # the routing; per-expert products ask the host for each expert's rows); its CUDA step has kernels of its own
+        if self.device.type == "cpu" and self.config.cpu_compile and routes_in_grouped_products(self.model):
             self._compile_decode()
         if self.paged_decode is not None:
             began = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
+from ringlet.models.experts import routes_in_grouped_products
 from ringlet.models.loader import LoadedStage, Quantization, load_stage
 from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16
 from ringlet.models.tokenizer import Tokenizer
@@ -70,8 +71,10 @@ class TorchEngine:
         graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         compile = device.type != "cpu" or config.cpu_compile
         self.decoder: StaticDecoder | None = None
-        # a mixture of experts routes by the data: its steps are neither compiled nor graphed
-        if (graphs or (device.type == "cpu" and compile)) and not stage.args.has_experts:
+        # a mixture of experts routes by the data: its steps are compiled on a CPU where its experts run as grouped
+        # products (shapes that never depend on the routing), never graphed
+        routed = device.type == "cpu" and not graphs and routes_in_grouped_products(stage.model)
+        if (graphs or (device.type == "cpu" and compile)) and (not stage.args.has_experts or routed):
             self.decoder = StaticDecoder(stage.model, self.cache, self.context_length, compile=compile,
                                          capture=graphs, config=config)
         self.generator = TextGenerator(
