@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,18 @@ os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 # kernel is defined, so it is set before anything imports triton.
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compiled_functions() -> Iterator[None]:
+    """Each test module starts with torch.compile's caches empty. An engine compiles its decode step from the same
+    function as every other engine (`TorchBatchEngine._decode`), each adding entries to that function's cache: a
+    serving process holds one engine, but a test process makes dozens, and past dynamo's limit of entries a
+    function (8) a compiled step fails."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")  # only where a test compiled: this file imports no torch
+    if dynamo is not None:
+        dynamo.reset()
 
 
 # fixtures shared across directories: the fake hub and its tiny checkpoint, the API over a fake node, live nodes

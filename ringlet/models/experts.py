@@ -96,15 +96,6 @@ def _per_expert(rows: torch.Tensor, counts: torch.Tensor, gate_up: Projection, d
     return out
 
 
-def routes_in_grouped_products(model: nn.Module) -> bool:
-    """Whether every mixture-of-experts layer of `model` runs its experts as grouped products on a CPU in a compiled
-    step: shapes that never depend on the routing (per-expert products ask the host for each expert's row count). The
-    compiler takes grouped products in bf16 only (torch 2.13), where eager PyTorch also runs them in fp32."""
-    experts = [m for m in model.modules() if isinstance(m, (Experts, Int8Experts, Int4Experts))]
-    return hasattr(torch, "_grouped_mm") and all(
-        isinstance(m, Experts) and m._rows_aligned() and m.down_proj.dtype == torch.bfloat16 for m in experts)
-
-
 def quantize_experts_int8(module: nn.Module, dtype: torch.dtype) -> None:
     """Every `Experts` inside `module` as `Int8Experts`, in place."""
     for name, child in list(module.named_children()):

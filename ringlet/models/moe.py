@@ -55,6 +55,17 @@ def run_routed(tokens: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
     return torch.zeros_like(tokens).index_add_(0, source, out)
 
 
+def routes_in_grouped_products(model: nn.Module) -> bool:
+    """Whether every mixture-of-experts layer of `model` is a `SparseMoE` whose experts run as grouped products on a
+    CPU in a compiled step: shapes that never depend on the routing (per-expert products ask the host for each
+    expert's row count). The compiler takes grouped products in bf16 only (torch 2.13), where eager PyTorch also runs
+    them in fp32."""
+    layers = [m for m in model.modules() if hasattr(m, "experts")]  # every mixture-of-experts layer, of any kind
+    return hasattr(torch, "_grouped_mm") and all(
+        isinstance(m, SparseMoE) and type(m.experts) is Experts and m.experts._rows_aligned()
+        and m.experts.down_proj.dtype == torch.bfloat16 for m in layers)
+
+
 class MoETransformer(Transformer):
     """Layers [start, end) of a mixture-of-experts model: the Llama stage with a `SparseMoE` MLP in sparse layers.
     `experts_prefix` names a sparse layer's MLP in the checkpoint, `expert_parts` its experts' gate, up and down."""

@@ -11,9 +11,9 @@ import torch
 import transformers
 
 from ringlet.models import safetensors_loader
-from ringlet.models.experts import Experts, Int4Experts, Int8Experts, routes_in_grouped_products
+from ringlet.models.experts import Experts, Int4Experts, Int8Experts
 from ringlet.models.loader import LoadedStage
-from ringlet.models.moe import SparseMoE
+from ringlet.models.moe import SparseMoE, routes_in_grouped_products
 from ringlet.models.quant import quantize_experts_int4, quantize_int8, quantize_layer_int4
 from ringlet.models.quant_format import GroupQuantized
 from ringlet.models.random_checkpoint import synthetic_tokenizer

@@ -25,9 +25,9 @@ import psutil
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringlet.models.experts import routes_in_grouped_products
 from ringlet.models.llama import Transformer
 from ringlet.models.loader import LoadedStage
+from ringlet.models.moe import routes_in_grouped_products
 from ringlet.models.paged_cache import BatchLayout, PagedKVCache, SequenceStep
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.config import KV_SHARE, EngineConfig

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from ringlet.models.experts import routes_in_grouped_products
 from ringlet.models.loader import LoadedStage, Quantization, load_stage
+from ringlet.models.moe import routes_in_grouped_products
 from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.config import PRECISIONS, EngineConfig
