@@ -14,6 +14,7 @@ first stage (`net/forwarding.py`); the tasks this node's API serves are tracked 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -49,6 +50,7 @@ from ringlet.models.catalog import ModelCard
 from ringlet.models.commands import run_model_command, stored_models
 from ringlet.models.download import DownloadManager, DownloadStatus, SavedDownload
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
+from ringlet.models.loader import read_model_config
 from ringlet.models.names import Catalog, default_model_roots
 from ringlet.models.store import find_local, ringlet_home
 from ringlet.net.events import EventBus
@@ -58,7 +60,7 @@ from ringlet.net.model_commands import ModelCommands
 from ringlet.net.session import DEFAULT_LISTEN, ControlPlane, ControlPlaneError, NetOptions, advertised_host
 from ringlet.shared.config import MIN_CONTEXT, EngineConfig
 from ringlet.shared.engine_info import EngineInfo
-from ringlet.shared.errors import InstanceNotFoundError, NodeError, NoInstanceError
+from ringlet.shared.errors import InstanceNotFoundError, ModelLoadError, NodeError, NoInstanceError
 from ringlet.shared.instances import EngineType, InstanceType, single_node_type
 from ringlet.shared.messages import DeleteModel, ModelCommand, ModelCommandReply
 from ringlet.shared.saved import SavedInstance, SavedInstances, SavedList
@@ -610,6 +612,13 @@ def bind(host: str, port: int, flag: str = "--api-port") -> socket.socket:
     return sock
 
 
+def read_default_model(options: NodeOptions) -> None:
+    """Read the default instance's model configuration into the process's cache, where it is on disk. Whatever
+    fails here fails again where the instance is created, which says so."""
+    with contextlib.suppress(ModelLoadError, OSError):
+        read_model_config(options.model)
+
+
 def create_default_instance(node: Node, options: NodeOptions) -> None:
     engine = options.engine or node.engine_info.selected_engine or "cpu"
     instance_type = single_node_type(engine)
@@ -692,6 +701,8 @@ async def serve(options: NodeOptions) -> None:
         for listening in socks:
             listening.close()
         raise NodeStartError(str(error)) from None
+    # the default model's configuration is read (seconds for a GGUF file) while the node listens for members
+    reading = asyncio.create_task(asyncio.to_thread(read_default_model, options)) if options.default_instance else None
     await cluster.join()
     await node.start()
     try:
@@ -699,7 +710,8 @@ async def serve(options: NodeOptions) -> None:
             await cluster.order.wait_joined()
         except TimeoutError as error:
             raise NodeStartError(str(error)) from None
-        if options.default_instance:
+        if reading is not None:
+            await reading
             create_default_instance(node, options)
         node.restore_saved()
         node.downloads.resume()

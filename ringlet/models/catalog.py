@@ -412,11 +412,9 @@ _FUSED_GGUF_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_g
 def gguf_four_bit_share(path: Path) -> float:
     """Of the layers' linear weights of a GGUF model, the share in fused linears whose parts the file keeps in 4-bit
     groups (`FOUR_BIT_GGUF_TYPES`): what the CPU engine runs as int4; read from the tensors' types, no data."""
-    from gguf import GGUFReader
+    from ringlet.models.loader import gguf_facts
 
-    from ringlet.models.store import split_gguf_parts
-
-    tensors = {t.name: t for part in split_gguf_parts(path) if part.is_file() for t in GGUFReader(part).tensors}
+    tensors = gguf_facts(path).tensor_types
     four_bit = everything = 0
     for name in tensors:
         if not (name.startswith("blk.") and name.endswith(".attn_q.weight")):
@@ -424,9 +422,9 @@ def gguf_four_bit_share(path: Path) -> float:
         layer = name.removesuffix("attn_q.weight")
         for fused in _FUSED_GGUF_LINEARS:
             parts = [tensors.get(f"{layer}{part}.weight") for part in fused]
-            weights = sum(int(t.n_elements) for t in parts if t is not None)
+            weights = sum(elements for _, elements in filter(None, parts))
             everything += weights
-            if all(t is not None and t.tensor_type.name in FOUR_BIT_GGUF_TYPES for t in parts):
+            if all(part is not None and part[0] in FOUR_BIT_GGUF_TYPES for part in parts):
                 four_bit += weights
     return four_bit / everything if everything else 0.0
 

@@ -132,6 +132,10 @@ class GGUFModel:
     def _arch(self, key: str, default: Any = None, required: bool = False) -> Any:
         return self._metadata(f"{self.architecture}.{key}", default, required)
 
+    def tensor_types(self) -> dict[str, tuple[str, int]]:
+        """Each tensor's GGML type name and element count, in every file of the model."""
+        return {name: (t.tensor_type.name, int(t.n_elements)) for name, t in self._tensors.items()}
+
     def pooling_type(self) -> int | None:
         """llama.cpp's pooling of an embedding model (`<arch>.pooling_type`: 0 none, 1 mean, 2 cls, 3 last, 4 rank);
         None where the file says nothing (a generation model)."""

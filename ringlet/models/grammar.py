@@ -10,9 +10,9 @@ import functools
 import json
 import logging
 import re
+from types import ModuleType
 
 import llguidance
-import llguidance.torch
 import numpy as np
 import torch
 
@@ -80,6 +80,15 @@ def _tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
                                   eos_token=list(tokenizer.eos_token_ids) or None)
 
 
+@functools.cache
+def _bitmasks() -> ModuleType:
+    """llguidance's torch helpers, imported where a sequence is first masked: the module compiles a kernel with
+    torch.compile as it loads, which imports dynamo (seconds) into processes that only check constraints."""
+    import llguidance.torch as helpers
+
+    return helpers
+
+
 class TokenMask:
     """One sequence's grammar state: which tokens may come next. A grammar that fails while the answer is generated
     (a pattern that outgrows llguidance's limits on this vocabulary) never raises into the engine's step, where it
@@ -89,14 +98,14 @@ class TokenMask:
         self.matcher = llguidance.LLMatcher(_tokenizer(tokenizer, vocab_size), _checked(constraint))
         if self.matcher.is_error():
             raise ConstraintError(_one_line(self.matcher.get_error()))
-        self.bits = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self.bits = _bitmasks().allocate_token_bitmask(1, vocab_size)
         self.ends = [t for t in tokenizer.eos_token_ids if t < vocab_size]
         self.failure: str | None = None
 
     def next_bits(self) -> np.ndarray:
         """The tokens allowed next: bit i % 32 of int32 word i // 32 for token i, as a view this mask reuses."""
         if self.failure is None:
-            llguidance.torch.fill_next_token_bitmask(self.matcher, self.bits, 0)
+            _bitmasks().fill_next_token_bitmask(self.matcher, self.bits, 0)
             if self.matcher.is_error():
                 self._fail(self.matcher.get_error())
         if self.failure is not None:
@@ -108,7 +117,7 @@ class TokenMask:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [1, V] (float32, any device) with every token the grammar refuses at -inf, in place."""
         self.next_bits()
-        llguidance.torch.apply_token_bitmask_inplace(logits, self.bits.to(logits.device, non_blocking=True))
+        _bitmasks().apply_token_bitmask_inplace(logits, self.bits.to(logits.device, non_blocking=True))
         return logits
 
     def advance(self, token: int) -> None:

@@ -26,6 +26,8 @@ class LoadShard(Message):
     data_host: str = Field("127.0.0.1", description="where this node's data plane listens (a first stage hosts "
                                                     "the ring's rendezvous there)")
     ring: RingAddress | None = Field(None, description="the rendezvous a later stage of a multi-stage ring joins")
+    stage_bytes: int | None = Field(None, description="the weight bytes the stage will hold, as the node reckoned "
+                                                      "them from the model's card (None: the runner reckons them)")
 
 
 class RunTask(Message):

@@ -355,9 +355,9 @@ def _layers_loaded(outbox: Outbox, first: float, last: float, bytes_total: int |
     return report
 
 
-def stage_weight_bytes(load: LoadShard) -> int | None:
+def stage_weight_bytes(load: LoadShard, quiet: bool = False) -> int | None:
     """The weight bytes this runner's stage will hold, from the model card of its local files and the format its
-    engine holds them in; None where they cannot be read (the load then reports why)."""
+    engine holds them in; None where they cannot be read (logged unless `quiet`; the load then reports why)."""
     from ringlet.models.catalog import card_from_path, engine_weight_format
     from ringlet.models.loader import resolve_model_path
     from ringlet.models.quant import cpu_supports_bf16
@@ -370,9 +370,16 @@ def stage_weight_bytes(load: LoadShard) -> int | None:
                                     metal=sys.platform == "darwin")
         return card.stage_bytes(shard.start, shard.end, held)
     except (ModelLoadError, OSError, ValueError) as error:
+        if quiet:
+            return None
         log.info("instance %s: the stage's size is unknown (%s); its load reports layers only",
                  load.bound.instance.instance_id, error)
         return None
+
+
+def _stage_bytes(load: LoadShard) -> int | None:
+    """The stage's weight bytes as the node sent them, else as this runner reads them (a model fetched by it)."""
+    return load.stage_bytes if load.stage_bytes is not None else stage_weight_bytes(load)
 
 
 def fetch_stage_files(load: LoadShard, outbox: Outbox, until: float) -> None:
@@ -411,7 +418,7 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     try:
         fetch_stage_files(load, outbox, until=0.05)
         outbox.send(Loading(progress=0.05, detail="loading weights"))
-        with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.85, stage_weight_bytes(load))):
+        with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.85, _stage_bytes(load))):
             engine = initialize_engine(load.bound, load.config)
         outbox.send(Loading(progress=0.9, detail="warming up"))
         warmup_s = warmup_engine(engine)
@@ -451,7 +458,7 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
             store = join_store(load.ring, size)
         outbox.send(Loading(progress=0.05, detail=f"loading layers {bound.shard.start}-{bound.shard.end - 1}"))
         engine: FirstStage | RelayStage | PipelineHead | PipelineStage
-        stage_bytes = stage_weight_bytes(load)
+        stage_bytes = _stage_bytes(load)
         if batches(bound):
             with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55, stage_bytes)):
                 batched, precision = load_stage_engine(bound, load.config, store, loaded=lambda: outbox.send(

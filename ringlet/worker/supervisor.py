@@ -57,6 +57,7 @@ from ringlet.shared.state import (
 )
 from ringlet.shared.tasks import GenerationChunk, Task
 from ringlet.shared.wire import BadMessageError, decode, encode
+from ringlet.worker.runner import stage_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,8 @@ class Supervisor:
 
     async def start(self, load: LoadShard) -> None:
         """Start the runner of this node's shard of an instance."""
+        if load.stage_bytes is None:  # from the card this node read when it placed the model, not read again there
+            load = load.model_copy(update={"stage_bytes": await asyncio.to_thread(stage_weight_bytes, load, True)})
         instance_id = load.bound.instance.instance_id
         assert instance_id not in self._runners, "one runner per instance on a node"
         runner = _Runner(load, self._emit)

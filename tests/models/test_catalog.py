@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ringlet.models import loader
 from ringlet.models.catalog import (
     CURATED_CONFIGS,
     WEIGHT_ONLY_INT8,
     XPU_INT4,
     card_from_config,
+    card_from_path,
     catalog,
     embedded_card,
     find_card,
     resolve_card,
 )
 from ringlet.models.download import HubUnreachable, download_model
+from ringlet.models.loader import read_model_config
 from ringlet.models.quant import cpu_supports_bf16
 from ringlet.models.store import ModelStore
 from ringlet.shared.errors import ModelLoadError
@@ -24,6 +30,7 @@ from ringlet.shared.instances import InstanceType
 from ringlet.worker.engines.torch.engine import load_torch_stage
 from tests.support.fake_hub import FakeHub
 from tests.support.hub import NUM_LAYERS, REPO_ID
+from tests.support.tiny_gguf import write_tiny_gguf
 
 # Parameter counts as the model makers publish them (safetensors metadata / model cards).
 PUBLISHED_PARAMETERS = {
@@ -171,3 +178,21 @@ def test_the_card_counts_the_bytes_the_cpu_engine_holds_for_the_embedded_model(p
     held = sum(t.numel() * t.element_size() for t in [*stage.model.parameters(), *stage.model.buffers()])
     card = embedded_card()
     assert card.stage_bytes(0, card.num_layers, held_as) == pytest.approx(held, rel=0.01)
+
+
+def test_a_gguf_files_card_is_read_once_and_again_when_the_file_changes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, arch="llama")
+    opened: list[Path] = []
+    real_open = loader._open_gguf
+    monkeypatch.setattr(loader, "_open_gguf", lambda p: opened.append(p) or real_open(p))
+
+    first = card_from_path("tiny", path)
+    assert card_from_path("tiny", path) == first and read_model_config(path)[1].model_type == "llama"
+    assert len(opened) == 1
+
+    write_tiny_gguf(path, arch="qwen3", seed=1)  # another model under the same name
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert read_model_config(path)[1].model_type == "qwen3"
+    assert len(opened) == 2

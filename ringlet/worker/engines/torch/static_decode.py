@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -76,12 +77,18 @@ def use_persistent_compile_caches(home: Path) -> None:
     """Keep torch.compile's and Triton's artefacts under `home`/cache, so a restart reuses them (seconds, not
     minutes), unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR name places of their own. Called where a process
     that compiles starts (a runner, `ringlet run`, `ringlet bench`): the libraries read these variables."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+    # inductor writes its default into the variable once it has used it: that is no place of the user's (and
+    # without inductor imported, it cannot have; importing it takes seconds that an eager engine does not spend)
+    if current is None or ("torch._inductor" in sys.modules and _is_inductor_default(current)):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home / "cache" / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(home / "cache" / "triton"))
+
+
+def _is_inductor_default(path: str) -> bool:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(path) == os.path.abspath(default_cache_dir())
 
 
 class StaticDecoder:
