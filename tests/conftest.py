@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -15,6 +17,11 @@ if TYPE_CHECKING:  # imported by the fixtures, not here: tests/worker/engines/ip
 # CPU decode steps stay eager: compiling takes minutes and most tests decode a few tokens. The compiled path has its
 # own tests (tests/worker/engines/test_cpu_compile.py), which ask for it explicitly.
 os.environ.setdefault("RINGLET_CPU_COMPILE", "0")
+
+# The tests' nodes hold 16,384 positions of KV cache a runner (two 8k contexts), not a quarter of the machine's free
+# memory (65,536 fp32 positions of the embedded model, 3 GB zeroed as each runner loads: seconds a load, and nodes
+# beside each other crowd the machine's memory). Tests of the cache's own sizing pass their settings.
+os.environ.setdefault("RINGLET_KV_CACHE_TOKENS", "16384")
 
 # Models pulled with Ollama are found by name: tests see only the Ollama stores they build, never the machine's own.
 os.environ["OLLAMA_MODELS"] = "/nonexistent/ollama-store-of-the-tests"
@@ -39,6 +46,28 @@ def _fresh_compiled_functions() -> Iterator[None]:
     dynamo = sys.modules.get("torch._dynamo")  # only where a test compiled: this file imports no torch
     if dynamo is not None:
         dynamo.reset()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _gguf_files_parsed_once() -> Iterator[None]:
+    """gguf-py parses a file's whole vocabulary into arrays of its own as it opens it (1.6 s for the embedded
+    model's); the tests open the same few files hundreds of times in this process, so here each version of a file is
+    parsed once (a failed open is not kept). Node and runner processes open theirs as a user's do."""
+    try:
+        from ringlet.models import gguf_loader
+    except ImportError:  # the IPEX environment's tests, which run without ringlet's model layer
+        yield
+        return
+    real = gguf_loader._open_reader
+    parsed = functools.lru_cache(maxsize=8)(lambda path, _size, _mtime_ns: real(path))
+
+    def open_reader(path: Path) -> Any:
+        stat = path.stat()
+        return parsed(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+    gguf_loader._open_reader = open_reader
+    yield
+    gguf_loader._open_reader = real
 
 
 # fixtures shared across directories: the fake hub and its tiny checkpoint, the API over a fake node, live nodes

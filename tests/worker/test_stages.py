@@ -30,7 +30,7 @@ MAX_TOKENS = 12
 # one stage per process, run as a module so that the tests package imports as it does here
 STAGE = [sys.executable, "-m", "tests.support.stage_process"]
 REPO = Path(__file__).resolve().parents[2]
-FP32 = EngineConfig(precision="fp32")
+FP32 = EngineConfig(precision="fp32", kv_cache_tokens=16384)  # two 8k contexts, not a share of the memory
 
 GREEDY = SamplingParams(temperature=0)
 # every part of the sampler that keeps state across steps: the seeded draw and the penalties' token history

@@ -51,7 +51,7 @@ def texts_of(chunks) -> dict[int, str]:  # type: ignore[no-untyped-def]
 def test_the_one_request_generator_holds_answers_to_their_constraint(engine_type):
     if engine_type == "mlx":
         pytest.importorskip("mlx_lm", reason="the mlx engine needs mlx, mlx-cpu and mlx-lm (pip install them)")
-    engine = initialize_engine(local_instance(None, engine_type), EngineConfig(precision="fp32"))
+    engine = initialize_engine(local_instance(None, engine_type), EngineConfig(precision="fp32", kv_cache_tokens=16384))
     check({task.task_id: texts_of(engine.generate(task)) for task in tasks()})
 
 
@@ -74,7 +74,7 @@ def test_the_mlx_batch_holds_answers_to_their_constraint():
 def test_logprobs_come_out_with_the_tokens_on_each_path(path):
     if path.startswith("mlx"):
         pytest.importorskip("mlx_lm", reason="the mlx engine needs mlx, mlx-cpu and mlx-lm (pip install them)")
-    engine = initialize_engine(local_instance(None, path.split()[0]), EngineConfig(precision="fp32"))
+    engine = initialize_engine(local_instance(None, path.split()[0]), EngineConfig(precision="fp32", kv_cache_tokens=16384))
     task = TextGenerationTask(task_id="t", prompt="The capital of France is", max_tokens=8, ignore_eos=True,
                               sampling=SamplingParams(temperature=0, logprobs=3))
     if path == "mlx batch":

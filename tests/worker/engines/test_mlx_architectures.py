@@ -25,7 +25,7 @@ from ringlet.worker.engines.torch.generate import prompt_ids
 from tests.support.mlx_only_models import reference_greedy, reference_model, starcoder2_checkpoint
 from tests.support.node_infos import node_info
 
-FP32 = EngineConfig(precision="fp32")
+FP32 = EngineConfig(precision="fp32", kv_cache_tokens=16384)  # two 8k contexts, not a share of the memory
 PROMPT_IDS = [1, 504, 3000, 77, 12000, 9, 41000, 23]
 TOKENS = 10
 
