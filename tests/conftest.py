@@ -62,7 +62,10 @@ def _gguf_files_parsed_once() -> Iterator[None]:
     parsed = functools.lru_cache(maxsize=8)(lambda path, _size, _mtime_ns: real(path))
 
     def open_reader(path: Path) -> Any:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError:
+            return real(path)  # which says what is wrong with it
         return parsed(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
     gguf_loader._open_reader = open_reader
