@@ -55,6 +55,7 @@ def _gguf_files_parsed_once() -> Iterator[None]:
     parsed once (a failed open is not kept). Node and runner processes open theirs as a user's do."""
     try:
         from ringlet.models import gguf_loader
+        from ringlet.models.loader import file_version
     except ImportError:  # the IPEX environment's tests, which run without ringlet's model layer
         yield
         return
@@ -63,10 +64,10 @@ def _gguf_files_parsed_once() -> Iterator[None]:
 
     def open_reader(path: Path) -> Any:
         try:
-            stat = path.stat()
+            version = file_version(path)
         except OSError:
             return real(path)  # which says what is wrong with it
-        return parsed(path.resolve(), stat.st_size, stat.st_mtime_ns)
+        return parsed(*version)
 
     gguf_loader._open_reader = open_reader
     yield

@@ -113,16 +113,21 @@ class GGUFFacts:
     tensor_types: Mapping[str, tuple[str, int]]
 
 
+def file_version(path: Path) -> tuple[Path, int, int]:
+    """(resolved path, size, modification time in ns): a key that changes when the file is written again."""
+    stat = path.stat()
+    return path.resolve(), stat.st_size, stat.st_mtime_ns
+
+
 def gguf_facts(path: Path) -> GGUFFacts:
     """The facts of the GGUF model at `path`, read once a process for each version of the file: gguf-py's reader
     parses every entry of the vocabulary into arrays of its own, seconds for a 49,152-token one."""
-    stat = path.stat()
-    return _gguf_facts(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return _gguf_facts(*file_version(path))
 
 
 @functools.lru_cache(maxsize=16)
-def _gguf_facts(path: str, size: int, mtime_ns: int) -> GGUFFacts:
-    gguf = _open_gguf(Path(path))
+def _gguf_facts(path: Path, size: int, mtime_ns: int) -> GGUFFacts:
+    gguf = _open_gguf(path)
     return GGUFFacts(model_args(gguf.config), MappingProxyType(gguf.tensor_types()))
 
 
