@@ -430,7 +430,7 @@ class Node:
             self.saved.add(SavedInstance(instance_id=instance_id, model=model, instance_type=instance_type,
                                          min_nodes=min_nodes, intel_gpu_devices=options.intel_gpu_devices,
                                          ipex_optimization_level=options.ipex_optimization_level,
-                                         max_context=options.max_context))
+                                         max_context=options.max_context, tensor_parallel=options.tensor_parallel))
         return new_instance_record(event)  # in a cluster the state has it once the master has ordered it
 
     def restore_saved(self) -> None:
@@ -451,7 +451,7 @@ class Node:
                     continue
                 options = InstanceOptions(intel_gpu_devices=saved.intel_gpu_devices,
                                           ipex_optimization_level=saved.ipex_optimization_level,
-                                          max_context=saved.max_context)
+                                          max_context=saved.max_context, tensor_parallel=saved.tensor_parallel)
                 record = self.create_instance(saved.model, saved.instance_type, min_nodes=saved.min_nodes,
                                               options=options, save=False)
             except (NodeError, PlacementError) as error:

@@ -115,12 +115,15 @@ def instance_previews(
     ipex_optimization_level: Annotated[IpexOptimizationLevel, Query(description="IpexRing: what to apply")] = "auto",
     max_context: Annotated[int | None, Query(ge=16, le=1 << 20, description="the context window to count the KV "
                                                                             "cache for")] = None,
+    tensor_parallel: Annotated[int, Query(ge=1, le=64, description="GPUs a stage is split over by tensor "
+                                                                   "parallelism (CudaRing, CpuRing)")] = 1,
 ) -> PreviewsResponse:
     """Where each instance type would put the model's layers (and the memory per node, per Intel GPU device), or
     why it cannot; the Intel options shape IpexRing's preview only."""
     try:
         options = InstanceOptions(intel_gpu_devices=None if intel_gpu_devices is None else tuple(intel_gpu_devices),
-                                  ipex_optimization_level=ipex_optimization_level, max_context=max_context)
+                                  ipex_optimization_level=ipex_optimization_level, max_context=max_context,
+                                  tensor_parallel=tensor_parallel)
     except ValidationError as error:
         raise ApiError(400, f"invalid request: intel_gpu_devices: {error.errors()[0]['msg']}",
                        param="intel_gpu_devices", code="invalid_parameter") from None

@@ -90,6 +90,8 @@ class CreateInstanceRequest(BaseModel):
                                                                          "the model's own); default: the model's "
                                                                          "own, capped by what the nodes' memory "
                                                                          "holds for the KV cache")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="CudaRing: split each stage over this many GPUs of its "
+                                                            "node by tensor parallelism (CpuRing: processes); 1: none")
 
     @model_validator(mode="after")
     def _options_fit(self) -> CreateInstanceRequest:
@@ -101,7 +103,7 @@ class CreateInstanceRequest(BaseModel):
     def options(self) -> InstanceOptions:
         devices = None if self.intel_gpu_devices is None else tuple(self.intel_gpu_devices)
         return InstanceOptions(intel_gpu_devices=devices, ipex_optimization_level=self.ipex_optimization_level,
-                               max_context=self.max_context)
+                               max_context=self.max_context, tensor_parallel=self.tensor_parallel)
 
 
 class DeletedInstance(BaseModel):

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="context window of the default instance (capped by the model's own; default: the model's "
                         "own, capped by what the memory left after the weights holds); more takes more memory for "
                         "the KV cache")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="GPUS",
+                   help="split the default instance's model over this many GPUs of this node by tensor parallelism "
+                        "(--engine cuda: one process a GPU, NCCL between them; --engine cpu: processes, for testing); "
+                        "its weights stay bf16 (default: 1, no split)")
     intel = p.add_argument_group("Intel GPU", "How the default instance runs where it is an IpexRing (--engine ipex, "
                                               "or an Intel GPU detected).")
     intel.add_argument("--intel-gpu-devices", default=None, metavar="INDEXES",
@@ -96,9 +100,10 @@ def check_endpoints(endpoints: list[str]) -> list[str]:
         raise CliError(str(error)) from None
 
 
-def instance_options(devices: str | None, level: IpexOptimizationLevel, max_context: int | None = None
-                     ) -> InstanceOptions:
-    """--intel-gpu-devices (indexes separated by commas), --ipex-optimization-level and --max-context, checked."""
+def instance_options(devices: str | None, level: IpexOptimizationLevel, max_context: int | None = None,
+                     tensor_parallel: int = 1) -> InstanceOptions:
+    """--intel-gpu-devices (indexes separated by commas), --ipex-optimization-level, --max-context and
+    --tensor-parallel, checked."""
     from pydantic import ValidationError
 
     from ringlet.node import InstanceOptions
@@ -109,9 +114,11 @@ def instance_options(devices: str | None, level: IpexOptimizationLevel, max_cont
         raise CliError(f"--intel-gpu-devices {devices!r}: write device indexes separated by commas, e.g. 0 or 0,1"
                        ) from None
     try:
-        return InstanceOptions(intel_gpu_devices=indexes, ipex_optimization_level=level, max_context=max_context)
+        return InstanceOptions(intel_gpu_devices=indexes, ipex_optimization_level=level, max_context=max_context,
+                               tensor_parallel=tensor_parallel)
     except ValidationError as error:
-        field = "--max-context" if error.errors()[0]["loc"][0] == "max_context" else "--intel-gpu-devices"
+        field = {"max_context": "--max-context", "tensor_parallel": "--tensor-parallel"}.get(
+            str(error.errors()[0]["loc"][0]), "--intel-gpu-devices")
         raise CliError(f"{field}: {error.errors()[0]['msg']}") from None
 
 
@@ -154,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         discovery=not args.no_discovery, api_keys=keys_from(args.api_key, os.environ.get(API_KEY_ENV)),
         allow_hosts=tuple(args.allow_host), allow_origins=tuple(args.allow_origin), cluster_secret=secret,
         models_dirs=tuple(args.models_dir),
-        instance_options=instance_options(args.intel_gpu_devices, args.ipex_optimization_level, args.max_context),
+        instance_options=instance_options(args.intel_gpu_devices, args.ipex_optimization_level, args.max_context,
+                                          args.tensor_parallel),
     )
     try:
         with asyncio.Runner(loop_factory=_fast_event_loop()) as runner:

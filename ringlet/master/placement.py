@@ -29,8 +29,19 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.models.catalog import ModelCard, engine_weight_format
+from ringlet.models.config import shard_misfit
 from ringlet.shared.config import KV_SHARE, MIN_CONTEXT, Precision, context_that_fits
-from ringlet.shared.instances import DeviceLayers, EngineType, Instance, InstanceType, IpexOptimizationLevel, Shard
+from ringlet.shared.engine_info import GpuInfo
+from ringlet.shared.instances import (
+    MOST_TENSOR_PARALLEL,
+    DeviceLayers,
+    EngineType,
+    Instance,
+    InstanceType,
+    IpexOptimizationLevel,
+    Shard,
+    tensor_parallel_misfit,
+)
 from ringlet.shared.state import InstanceCreated, InstanceRecord, NodeInfo, RunnerStatus
 
 GIB = 1024**3
@@ -57,8 +68,8 @@ class DeviceChoiceError(PlacementError):
 
 
 class InstanceOptions(BaseModel):
-    """What an instance may be told beyond its model and type: its context window, an IpexRing's devices and
-    optimisation level."""
+    """What an instance may be told beyond its model and type: its context window, its tensor-parallel degree, an
+    IpexRing's devices and optimisation level."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -68,6 +79,8 @@ class InstanceOptions(BaseModel):
     max_context: int | None = Field(None, ge=MIN_CONTEXT, description="the context window (KV cache positions a "
                                     "sequence may use), capped by the model's own; None: the model's own, capped by "
                                     "what the nodes' memory holds")
+    tensor_parallel: int = Field(1, ge=1, le=MOST_TENSOR_PARALLEL, description=(
+        "split each stage over this many GPUs of its node (CudaRing; CpuRing: processes) by tensor parallelism"))
 
     @field_validator("intel_gpu_devices")
     @classmethod
@@ -80,10 +93,13 @@ class InstanceOptions(BaseModel):
     def of(cls, instance: Instance) -> InstanceOptions:
         """The options an instance was placed with (to place it again alike)."""
         return cls(intel_gpu_devices=instance.intel_gpu_devices,
-                   ipex_optimization_level=instance.ipex_optimization_level, max_context=instance.max_context)
+                   ipex_optimization_level=instance.ipex_optimization_level, max_context=instance.max_context,
+                   tensor_parallel=instance.tensor_parallel)
 
     def misfit(self, instance_type: InstanceType) -> str | None:
         """Why these options do not apply to `instance_type`, or None."""
+        if (misfit := tensor_parallel_misfit(instance_type, self.tensor_parallel)) is not None:
+            return misfit
         if (instance_type == InstanceType.IPEX_RING
                 or (self.intel_gpu_devices, self.ipex_optimization_level) == (None, "auto")):
             return None
@@ -140,6 +156,10 @@ class StagePlan(BaseModel):
                                           "GPUs together; a mixed ring's: its largest), less what its instances "
                                           "still loading will take")
     device: int | None = Field(None, description="an Intel GPU stage on one device: the device index counted with")
+    tensor_parallel: int = Field(1, description="the GPUs (CpuRing: processes) the stage is split over by tensor "
+                                                "parallelism; usable_bytes counts them together")
+    link: str | None = Field(None, description="how a tensor-parallel stage's GPUs are linked: NVLink, PCIe, "
+                                               "loopback (CPU processes), or unknown")
     devices: list[DevicePlan] = Field(default_factory=list, description="an Intel GPU stage split over devices")
 
     @property
@@ -284,10 +304,15 @@ def place(
                              f"{types}")
     if min_nodes < 1:
         raise PlacementError(f"min_nodes must be at least 1, got {min_nodes}")
+    degree = options.tensor_parallel
+    if (misfit := shard_misfit(card.architecture, card.num_attention_heads, card.num_key_value_heads, degree)):
+        raise PlacementError(f"{card.id}: {misfit}")
     candidates = _chosen_nodes(nodes, node_ids)
     suitable = [n for n in candidates if _suits(n, instance_type)]
     if not suitable:
         raise PlacementError(_no_suitable_node(instance_type, candidates))
+    if instance_type == InstanceType.CUDA_RING and degree > 1:
+        suitable = _with_gpus(suitable, degree, strict=node_ids is not None)
     needs = _needs(instance_type)
     if node_ids is not None and len(suitable) < len(candidates):
         unsuitable = [n for n in candidates if n not in suitable]
@@ -302,6 +327,8 @@ def place(
         suitable = _with_devices(suitable, options.intel_gpu_devices, strict=node_ids is not None)
 
     rooms = {n.node_id: _room(n, instance_type, options, placed) for n in suitable}
+    for node in suitable:  # a tensor-parallel stage's weights stay floats
+        _tensor_parallel_dtype(node, instance_type, precision, degree)
     if node_ids is not None:
         ring_sizes = [len(suitable)]
     else:
@@ -309,11 +336,12 @@ def place(
         ring_sizes = list(range(min_nodes, min(len(suitable), card.num_layers) + 1))
 
     def context(ring: Sequence[NodeInfo]) -> int:
-        return kv_tokens if kv_tokens is not None else fitting_context(card, ring, instance_type, rooms, precision)
+        return kv_tokens if kv_tokens is not None else fitting_context(card, ring, instance_type, rooms, precision,
+                                                                       degree)
 
     for size in ring_sizes:
         tokens = context(suitable[:size])
-        stages = _plan(card, suitable[:size], instance_type, tokens, rooms, precision)
+        stages = _plan(card, suitable[:size], instance_type, tokens, rooms, precision, degree)
         if all(s.fits for s in stages):
             shards = [Shard(node_id=s.node_id, rank=rank, start=s.start, end=s.end, num_layers=card.num_layers,
                             engine=s.engine, devices=tuple(DeviceLayers(device=d.device, start=d.start, end=d.end)
@@ -322,13 +350,14 @@ def place(
             instance = Instance(instance_id=instance_id, model=card.id, instance_type=instance_type, shards=shards,
                                 intel_gpu_devices=options.intel_gpu_devices,
                                 ipex_optimization_level=options.ipex_optimization_level,
-                                max_context=options.max_context, context_length=tokens)
+                                max_context=options.max_context, context_length=tokens,
+                                tensor_parallel=degree)
             return Placement(instance=instance, stages=stages)
     ring = suitable[: ring_sizes[-1]]
     tokens = context(ring)
     if instance_type.engine is None:
         raise PlacementError(_mixed_does_not_fit(card, tokens, _plan(card, ring, instance_type, tokens, rooms,
-                                                                     precision)))
+                                                                     precision, degree)))
     raise PlacementError(_does_not_fit(card, instance_type.engine, tokens, ring, rooms, options, precision))
 
 
@@ -340,7 +369,7 @@ def preview(
     """The placement each instance type would get, or why it cannot serve the model; the Intel options go to
     IpexRing's, the context window to each."""
     previews = []
-    everyones = InstanceOptions(max_context=options.max_context)
+    everyones = InstanceOptions(max_context=options.max_context, tensor_parallel=options.tensor_parallel)
     for instance_type in InstanceType:
         try:
             placement = place(card, instance_type, nodes, instance_id="preview", node_ids=node_ids,
@@ -404,6 +433,49 @@ class _Room(BaseModel):
     devices: list[_Room] = Field(default_factory=list)  # an IpexRing stage: each device it may be split over
 
 
+def _nvidia_gpus(node: NodeInfo, degree: int) -> list[GpuInfo]:
+    """The GPUs a CUDA stage of `degree` tensor-parallel ranks runs on: the node's first `degree` (rank r on GPU r)."""
+    return sorted((g for g in node.hardware.gpus if g.vendor == "nvidia"), key=lambda g: g.index)[:degree]
+
+
+def _with_gpus(nodes: list[NodeInfo], degree: int, strict: bool) -> list[NodeInfo]:
+    """The nodes with `degree` NVIDIA GPUs; `strict` (the nodes were named): any with fewer is refused."""
+    having = [n for n in nodes if len(_nvidia_gpus(n, degree)) == degree]
+    lacking = [n for n in nodes if n not in having]
+    if lacking and (strict or not having):
+        counts = "; ".join(f"{n.name} has {len(_nvidia_gpus(n, degree))}" for n in lacking)
+        raise PlacementError(f"tensor_parallel {degree} splits each stage over {degree} NVIDIA GPUs of its node: "
+                             f"{counts}; lower tensor_parallel or add GPUs")
+    return having
+
+
+def _tensor_parallel_dtype(node: NodeInfo, instance_type: InstanceType, precision: Precision, degree: int
+                           ) -> str | None:
+    """How a tensor-parallel stage on `node` holds its weights: floats (bf16 on a GPU, fp32 on a CPU at auto), or
+    PlacementError for a quantised precision, which tensor parallelism does not split; None without it."""
+    engine = stage_engine(node, instance_type)
+    if degree == 1 or engine is None:
+        return None
+    wanted = node.precision if precision == "auto" else precision
+    if wanted == "auto":
+        return ENGINE_DTYPE[engine]
+    if wanted in ("int8", "int4"):
+        raise PlacementError(f"tensor parallelism splits bf16, fp16 or fp32 weights, not {wanted} (the precision of "
+                             f"node {node.name}); start it with --precision bf16, or leave tensor_parallel at 1")
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[wanted]
+
+
+def _link(node: NodeInfo, engine: EngineType, degree: int) -> str | None:
+    """How a tensor-parallel stage's ranks reach each other: NVLink where every GPU reports one up, PCIe where one
+    reports none; CPU ranks over loopback."""
+    if degree == 1:
+        return None
+    if engine != "cuda":
+        return "loopback"
+    links = {g.nvlink for g in _nvidia_gpus(node, degree)}
+    return "NVLink" if links == {True} else "PCIe" if False in links else "unknown"
+
+
 def _room(node: NodeInfo, instance_type: InstanceType, options: InstanceOptions,
           placed: Sequence[InstanceRecord]) -> _Room:
     """What a new stage may take on `node`: the engine's usable memory (an IpexRing stage: its allowed devices'
@@ -412,6 +484,12 @@ def _room(node: NodeInfo, instance_type: InstanceType, options: InstanceOptions,
     engine = stage_engine(node, instance_type)
     assert engine is not None, "only suitable nodes are measured"
     held = _held(node, placed)
+    if engine == "cuda" and options.tensor_parallel > 1:  # each rank holds a share: the least room of its GPUs
+        gpus = _nvidia_gpus(node, options.tensor_parallel)
+        least = min((g.memory_total_bytes if g.memory_free_bytes is None else g.memory_free_bytes for g in gpus),
+                    default=0)
+        usable = int(least * USABLE_FRACTION) * len(gpus)
+        return _Room(usable=max(0, usable - held["cuda"]), held=held["cuda"])
     if engine != "ipex":
         pool = _pool(engine)
         return _Room(usable=max(0, usable_bytes(node, engine) - held[pool]), held=held[pool])
@@ -482,30 +560,31 @@ def _missing_reason(node: NodeInfo, instance_type: InstanceType) -> str:
 
 
 def _plan(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType, kv_tokens: int,
-          rooms: dict[str, _Room], precision: Precision = "auto") -> list[StagePlan]:
+          rooms: dict[str, _Room], precision: Precision = "auto", degree: int = 1) -> list[StagePlan]:
     ranges = split_layers(card.num_layers, [float(max(rooms[n.node_id].usable, 1)) for n in ring])
     stages = []
     for node, (start, end) in zip(ring, ranges):
         engine = stage_engine(node, instance_type)
         assert engine is not None
         room = rooms[node.node_id]
-        dtype = engine_dtype(node, engine, precision)
+        dtype = _tensor_parallel_dtype(node, instance_type, precision, degree) or engine_dtype(node, engine, precision)
         weights, kv = stage_parts(card, start, end, engine, kv_tokens, dtype)
         devices = _over_devices(card, start, end, kv_tokens, dtype, room) if room.devices else []
         stages.append(StagePlan(node_id=node.node_id, node_name=node.name, engine=engine, start=start, end=end,
                                 usable_bytes=room.usable, memory_bytes=weights + kv, weight_bytes=weights,
                                 kv_bytes=kv, weight_format=dtype, devices=devices,
-                                device=None if devices else room.device))
+                                device=None if devices else room.device, tensor_parallel=degree,
+                                link=_link(node, engine, degree)))
     return stages
 
 
 def fitting_context(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType, rooms: dict[str, _Room],
-                    precision: Precision = "auto") -> int:
+                    precision: Precision = "auto", degree: int = 1) -> int:
     """The context window of an instance placed on `ring` without one: the model's own, capped by the KV cache
     positions that each stage's share (`KV_SHARE`, as its engine sizes its cache) of the room its weights leave holds
     (`context_that_fits`)."""
     contexts = []
-    for stage in _plan(card, ring, instance_type, 0, rooms, precision):
+    for stage in _plan(card, ring, instance_type, 0, rooms, precision, degree):
         per_token = stage_parts(card, stage.start, stage.end, stage.engine, 1, stage.weight_format)[1]
         # MLX's memory is the host's, shared with the rest of the machine as the CPU engine's is
         share = KV_SHARE["xpu" if stage.engine == "ipex" else "cuda" if stage.engine == "cuda" else "cpu"]
@@ -546,7 +625,9 @@ def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo
 
 def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Sequence[NodeInfo],
                   rooms: dict[str, _Room], options: InstanceOptions, precision: Precision) -> str:
-    dtype = engine_dtype(ring[0], engine, precision) if ring else ENGINE_DTYPE[engine]
+    dtype = (_tensor_parallel_dtype(ring[0], InstanceType.CUDA_RING if engine == "cuda" else InstanceType.CPU_RING,
+                                    precision, options.tensor_parallel) or engine_dtype(ring[0], engine, precision)
+             if ring else ENGINE_DTYPE[engine])
     needed = stage_bytes(card, 0, card.num_layers, engine, kv_tokens, dtype)
     have = sum(rooms[n.node_id].usable for n in ring)
     held = sum(rooms[n.node_id].held for n in ring)

@@ -248,3 +248,28 @@ def _standard_rope_scaling(config: dict[str, Any], scaling: dict[str, Any]) -> d
         scaling.setdefault("original_max_position_embeddings",
                            config.get("max_position_embeddings", ModelArgs.max_position_embeddings))
     return scaling
+
+
+# the dense architectures built from the Llama block, which tensor parallelism splits (MoE, Gemma, gpt-oss blocks differ)
+SHARDABLE = ("llama", "mistral", "phi3", "qwen2", "qwen3")
+
+
+def shard_misfit(model_type: str, heads: int, kv_heads: int, ranks: int, intermediate_size: int | None = None
+                 ) -> str | None:
+    """Why `ranks` tensor-parallel ranks cannot split this model's attention heads and MLP columns, or None."""
+    if ranks < 1:
+        return f"tensor parallelism needs at least one rank, not {ranks}"
+    if ranks == 1:
+        return None
+    if model_type not in SHARDABLE:
+        return (f"architecture {model_type!r} cannot be split by tensor parallelism (it splits "
+                f"{', '.join(SHARDABLE)}); place it as pipeline stages instead")
+    if heads % ranks:
+        return f"{heads} attention heads do not split over {ranks} tensor-parallel ranks; use a degree that divides {heads}"
+    if kv_heads % ranks and ranks % kv_heads:
+        return (f"{kv_heads} key/value heads do not split over {ranks} tensor-parallel ranks, nor repeat evenly on "
+                f"them; use a degree that divides {kv_heads} or a multiple of it")
+    if intermediate_size is not None and intermediate_size % ranks:
+        return f"an MLP of {intermediate_size} columns does not split over {ranks} tensor-parallel ranks"
+    return None
+

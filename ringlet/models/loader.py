@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from ringlet.models.registry import build_stage, model_args
 from ringlet.models.repack_cache import RepackCache
 from ringlet.models.tokenizer import Tokenizer
 from ringlet.shared.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from ringlet.models.llama import Transformer
 
 EMBEDDED_ALIASES = {EMBEDDED_MODEL_ID.lower(), "default", "smollm2-135m", "smollm2-135m-instruct",
                     "huggingfacetb/smollm2-135m-instruct"}
@@ -134,10 +137,17 @@ def _gguf_facts(path: Path, size: int, mtime_ns: int) -> GGUFFacts:
 def load_stage(
     ref: str | Path | None, start: int = 0, end: int | None = None,
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", quantize: Quantization | None = None,
+    sharded: bool = False,
 ) -> LoadedStage:
     """Layers [start, end) of a model, read one layer at a time: each is converted to `dtype` (and with `quantize`,
     its linears quantised, a GGUF file's 4-bit groups kept as they are) before the next is read, so the load never
-    holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are read."""
+    holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are read.
+    `sharded`: this process is one rank of the stage's tensor-parallel group (torch.distributed's default group):
+    each layer is cut to the rank's share as it is read, and of the embedding and lm_head only its vocabulary rows
+    are read (`tensor_parallel.py`); the weights stay in `dtype`."""
+    if sharded and quantize is not None:
+        raise ModelLoadError(f"tensor parallelism splits bf16, fp16 or fp32 weights, not {quantize} ones; load at "
+                             "--precision bf16 (or fp16, fp32)")
     path = resolve_model_path(ref)
     stored = None  # a quantised checkpoint's linears (AWQ, GPTQ, fp8)
     pooling = read_pooling(path)
@@ -173,9 +183,18 @@ def load_stage(
     keeps_fp8 = stored is not None and quantized is None and runs_fp8(device)
 
     kept = 0
+    read: Mapping[str, torch.Tensor] = weights  # what the layers are built from
+    if sharded:
+        from ringlet.models import tensor_parallel
+
+        tensor_parallel.check_shardable(args, tensor_parallel.group_size())
+        keeps_fp8 = False  # the checkpoint's fp8 linears are read as `dtype`, then split
+        read = tensor_parallel.ends_deferred(weights)
 
     def finish_layer(layer: nn.Module, index: int) -> None:
         nonlocal kept
+        if sharded:
+            tensor_parallel.shard_layer(layer, None)
         if quantized == "int4":
             source = grouped.load_groups(index, index + 1) if grouped is not None and file_groups else {}
             quantize_layer_int4(layer, index, dtype, source, file_groups=file_groups, group_size=group_size,
@@ -191,8 +210,10 @@ def load_stage(
         for listener in _progress_listeners:
             listener(index + 1 - start, end - start, kept)
 
-    model = build_stage(args, start, end, weights=weights, dtype=dtype, device=device, finish_layer=finish_layer,
+    model = build_stage(args, start, end, weights=read, dtype=dtype, device=device, finish_layer=finish_layer,
                         int8_ends=quantized is not None)
+    if sharded:
+        tensor_parallel.shard_ends(cast("Transformer", model), None, weights, dtype, device)
     _return_freed_memory()
     return LoadedStage(args, model, tokenizer, start, end, quantized, pooling=pooling)
 

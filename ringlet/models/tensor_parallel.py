@@ -24,36 +24,33 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ringlet.models.config import ModelArgs
+from ringlet.models.config import ModelArgs, shard_misfit
 from ringlet.models.llama import MLP, Attention, Block, Transformer
 from ringlet.models.registry import build_stage
 from ringlet.models.weights import row_reader
 from ringlet.shared.errors import ModelLoadError
 
-# dense architectures built from the Llama block (the MoE, Gemma and gpt-oss blocks differ)
-SHARDABLE = ("llama", "mistral", "phi3", "qwen2", "qwen3")
 # all_gather_into_tensor's name from torch 2.13 on, where the old name warns that it is deprecated
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 _ENDS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
+def group_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks of `group` (the default group: a stage's tensor-parallel ranks in a runner)."""
+    return dist.get_world_size(group)
+
+
+def ends_deferred(weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """`weights` for `build_stage` with the embedding and lm_head left unread: `shard_ends` reads this rank's rows."""
+    return _EndsDeferred(weights)
+
+
 def check_shardable(args: ModelArgs, ranks: int) -> None:
     """Raise ModelLoadError unless `ranks` can split this model's attention heads and MLP columns."""
-    if ranks < 1:
-        raise ModelLoadError(f"tensor parallelism needs at least one rank, not {ranks}")
-    if args.model_type not in SHARDABLE:
-        raise ModelLoadError(f"architecture {args.model_type!r} cannot be split by tensor parallelism (it splits "
-                             f"{', '.join(SHARDABLE)}); place it as pipeline stages instead")
-    heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
-    if heads % ranks:
-        raise ModelLoadError(f"{heads} attention heads do not split over {ranks} tensor-parallel ranks; use a degree "
-                             f"that divides {heads}")
-    if kv_heads % ranks and ranks % kv_heads:
-        raise ModelLoadError(f"{kv_heads} key/value heads do not split over {ranks} tensor-parallel ranks, nor repeat "
-                             f"evenly on them; use a degree that divides {kv_heads} or a multiple of it")
-    if args.intermediate_size % ranks:
-        raise ModelLoadError(f"an MLP of {args.intermediate_size} columns does not split over {ranks} tensor-parallel "
-                             f"ranks")
+    misfit = shard_misfit(args.model_type, args.num_attention_heads, args.num_key_value_heads, ranks,
+                          args.intermediate_size)
+    if misfit is not None:
+        raise ModelLoadError(misfit)
 
 
 class RowParallelLinear(nn.Module):
@@ -99,6 +96,11 @@ class VocabParallelHead(nn.Module):
         shares = local.new_empty(self.ranks * local.shape[0], *local.shape[1:])
         _all_gather_single(shares, local, group=self.group)  # one collective, the shares stacked on dim 0
         return shares.view(self.ranks, *local.shape).movedim(0, -2).flatten(-2)[..., :self.vocab_size]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """`model` is one rank's share of a tensor-parallel stage."""
+    return any(isinstance(m, RowParallelLinear | VocabParallelEmbedding | VocabParallelHead) for m in model.modules())
 
 
 def _kv_share(kv_heads: int, rank: int, ranks: int) -> tuple[int, int]:
@@ -242,7 +244,7 @@ def load_sharded_stage(args: ModelArgs, start: int, end: int, weights: Mapping[s
     """Layers [start, end) of the model, this rank's share of them (see the module's docstring); every rank of
     `group` calls it."""
     check_shardable(args, dist.get_world_size(group))
-    model = build_stage(args, start, end, weights=_EndsDeferred(weights), dtype=dtype, device=device,
+    model = build_stage(args, start, end, weights=ends_deferred(weights), dtype=dtype, device=device,
                         finish_layer=lambda layer, index: shard_layer(layer, group))
     model = cast(Transformer, model)
     shard_ends(model, group, weights, dtype, device)

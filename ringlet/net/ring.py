@@ -118,10 +118,12 @@ class RingHead:
             raise
 
 
-def backend_for(instance_type: InstanceType, engines: set[EngineType]) -> str:
+def backend_for(instance_type: InstanceType, engines: set[EngineType], tensor_parallel: int = 1) -> str:
     """The torch.distributed backend of a ring whose stages run on `engines`, or MLX_RING_BACKEND."""
     if len(engines) > 1:
         return "gloo"  # mixed ring: host tensors
+    if tensor_parallel > 1:  # each stage's ranks have torch.distributed's default group; the ring's is gloo's own
+        return "gloo"
     if instance_type == InstanceType.MLX_RING and engines == {"mlx"}:
         return MLX_RING_BACKEND
     if instance_type == InstanceType.CUDA_RING:
@@ -172,7 +174,8 @@ class Ring:
         instance = bound.instance
         self.rank, self.size, self.hidden_size = bound.shard.rank, len(instance.shards), hidden_size
         self.next, self.prev = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self.backend = backend_for(instance.instance_type, {s.engine for s in instance.shards})
+        self.backend = backend_for(instance.instance_type, {s.engine for s in instance.shards},
+                                   instance.tensor_parallel)
         if self.backend == "xccl":  # present in this PyTorch; whether it runs between these stages is tried here
             self.backend = ring_backend(store, self.rank, self.size, device or torch.device("xpu"),
                                         f"instance {instance.instance_id}")

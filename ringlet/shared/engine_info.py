@@ -76,6 +76,7 @@ class GpuInfo(BaseModel):
     driver: str | None = None  # driver version, or the kernel driver's name where that is all we can read
     integrated: bool | None = None  # shares the host's memory (Intel iGPU, Apple); None: not known
     level_zero_version: str | None = None  # Intel: the Level Zero loader's version, where readable
+    nvlink: bool | None = None  # NVIDIA: an NVLink of this GPU is up (False: none, its peers over PCIe); None: not known
 
 
 class IntelGpuInfo(BaseModel):

@@ -51,6 +51,19 @@ INSTANCE_ENGINE: dict[InstanceType, EngineType] = {
 }
 
 
+# the instance types whose stages may be split by tensor parallelism: CUDA over NCCL, CPU processes over gloo
+TENSOR_PARALLEL_TYPES = (InstanceType.CUDA_RING, InstanceType.CPU_RING)
+MOST_TENSOR_PARALLEL = 64
+
+
+def tensor_parallel_misfit(instance_type: InstanceType, degree: int) -> str | None:
+    """Why `instance_type` cannot split its stages over `degree` tensor-parallel ranks, or None."""
+    if degree == 1 or instance_type in TENSOR_PARALLEL_TYPES:
+        return None
+    return (f"tensor_parallel applies to {' and '.join(t.value for t in TENSOR_PARALLEL_TYPES)} instances, not "
+            f"{instance_type.value}; leave it at 1 or pick CudaRing")
+
+
 def single_node_type(engine: EngineType) -> InstanceType:
     """The instance type that runs a single-node instance on `engine`."""
     return {"cpu": InstanceType.CPU_RING, "cuda": InstanceType.CUDA_RING, "ipex": InstanceType.IPEX_RING,
@@ -119,6 +132,9 @@ class Instance(BaseModel):
         "auto", description="IpexRing: IPEX where usable, else torch.compile (auto), or only ipex/compile/eager")
     max_context: int | None = Field(None, ge=16, description="the context window asked for (capped by the model's "
                                                              "own); None: placement chooses it")
+    tensor_parallel: int = Field(1, ge=1, le=MOST_TENSOR_PARALLEL, description=(
+        "ranks each stage is split over by tensor parallelism: a CudaRing stage over that many GPUs of its node, a "
+        "CpuRing's over that many processes; 1: none"))
     context_length: int | None = Field(None, ge=16, description="the context window its engines hold: max_context "
                                                                 "capped by the model's own, else the model's own "
                                                                 "capped by what its nodes' memory holds (placement "
@@ -140,6 +156,12 @@ class Instance(BaseModel):
         if any(a.end != b.start for a, b in itertools.pairwise(ordered)):
             raise ValueError("shards must be contiguous")
         return ordered
+
+    @model_validator(mode="after")
+    def _tensor_parallel_fits(self) -> Instance:
+        if (misfit := tensor_parallel_misfit(self.instance_type, self.tensor_parallel)) is not None:
+            raise ValueError(misfit)
+        return self
 
     def shard_of(self, node_id: str) -> Shard:
         for s in self.shards:

@@ -27,6 +27,7 @@ class SavedInstance(BaseModel):
     intel_gpu_devices: tuple[int, ...] | None = None  # an IpexRing's options, as it was created with them
     ipex_optimization_level: IpexOptimizationLevel = "auto"
     max_context: int | None = None
+    tensor_parallel: int = 1
 
 
 class SavedList(Generic[Item]):

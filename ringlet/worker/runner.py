@@ -102,6 +102,7 @@ class Inbox:
 class Outbox:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
+        self.told_ready = False  # Ready was sent: the runner serves
 
     def send(self, message: Message) -> None:
         self.send_all([message])
@@ -202,6 +203,7 @@ def announce_ready(engine: Any, planned: EngineType, outbox: Outbox, warmup_s: f
     """Sends the runner's Ready for `engine`; returns the watch that reports its later fallback."""
     told = ready(engine, planned, engine.context_length, warmup_s, slots)
     outbox.send(told)
+    outbox.told_ready = True
     return FallbackWatch(engine, planned, outbox, told.fallback)
 
 
@@ -366,7 +368,10 @@ def stage_weight_bytes(load: LoadShard, quiet: bool = False) -> int | None:
     shard = load.bound.shard
     try:
         card = card_from_path(load.bound.instance.model, resolve_model_path(load.bound.instance.model))
-        held = engine_weight_format(shard.engine, load.config.precision, cpu_bf16=cpu_supports_bf16(),
+        precision = load.config.precision
+        if load.bound.instance.tensor_parallel > 1 and precision == "auto":  # its ranks hold floats
+            precision = "fp32" if shard.engine == "cpu" else "bf16"
+        held = engine_weight_format(shard.engine, precision, cpu_bf16=cpu_supports_bf16(),
                                     metal=sys.platform == "darwin")
         return card.stage_bytes(shard.start, shard.end, held)
     except (ModelLoadError, OSError, ValueError) as error:
@@ -378,8 +383,10 @@ def stage_weight_bytes(load: LoadShard, quiet: bool = False) -> int | None:
 
 
 def _stage_bytes(load: LoadShard) -> int | None:
-    """The stage's weight bytes as the node sent them, else as this runner reads them (a model fetched by it)."""
-    return load.stage_bytes if load.stage_bytes is not None else stage_weight_bytes(load)
+    """The weight bytes this runner holds: the stage's as the node sent them, else as this runner reads them (a model
+    fetched by it); a tensor-parallel rank's share of them."""
+    stage = load.stage_bytes if load.stage_bytes is not None else stage_weight_bytes(load)
+    return None if stage is None else stage // load.bound.instance.tensor_parallel
 
 
 def fetch_stage_files(load: LoadShard, outbox: Outbox, until: float) -> None:
@@ -419,7 +426,8 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         fetch_stage_files(load, outbox, until=0.05)
         outbox.send(Loading(progress=0.05, detail="loading weights"))
         with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.85, _stage_bytes(load))):
-            engine = initialize_engine(load.bound, load.config)
+            engine = (_lead_ranks(load, outbox) if load.bound.instance.tensor_parallel > 1
+                      else initialize_engine(load.bound, load.config))
         outbox.send(Loading(progress=0.9, detail="warming up"))
         warmup_s = warmup_engine(engine)
     except Exception as error:  # noqa: BLE001  any load failure (file, driver, OOM) is reported, then we exit
@@ -434,6 +442,26 @@ def serve_single(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
     else:
         serve_tasks(engine, inbox, outbox, fell_back=fell_back)
     return 0
+
+
+def _lead_ranks(load: LoadShard, outbox: Outbox) -> Any:
+    """Rank 0 of a tensor-parallel single-stage instance: its share of the model, each step sent to the other ranks
+    first (`tensor_ranks.py`)."""
+    from ringlet.worker.tensor_ranks import lead, load_rank_engine, start_ranks
+
+    start_ranks(load, _rank_failed(outbox))
+    engine, _ = load_rank_engine(load.bound, load.config, 0)
+    lead(engine)
+    return engine
+
+
+def _rank_failed(outbox: Outbox) -> Callable[[str], None]:
+    """What rank 0 tells the node before it exits because another rank did: while loading, that the load failed;
+    once serving, nothing (the node starts a runner that exits again, as after a crash)."""
+    def report(reason: str) -> None:
+        if not outbox.told_ready:
+            outbox.send(LoadFailed(error=reason))
+    return report
 
 
 def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
@@ -460,6 +488,10 @@ def serve_stage(load: LoadShard, inbox: Inbox, outbox: Outbox) -> int:
         engine: FirstStage | RelayStage | PipelineHead | PipelineStage
         stage_bytes = _stage_bytes(load)
         if batches(bound):
+            if bound.instance.tensor_parallel > 1:
+                from ringlet.worker.tensor_ranks import start_ranks
+
+                start_ranks(load, _rank_failed(outbox))
             with reporting_load_progress(_layers_loaded(outbox, 0.05, 0.55, stage_bytes)):
                 batched, precision = load_stage_engine(bound, load.config, store, loaded=lambda: outbox.send(
                     Loading(progress=0.6, detail="waiting for the other stages")))

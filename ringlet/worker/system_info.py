@@ -15,6 +15,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -89,10 +90,26 @@ def get_nvidia_gpus() -> list[GpuInfo]:
             name = pynvml.nvmlDeviceGetName(handle)
             gpus.append(GpuInfo(vendor="nvidia", index=i, name=name if isinstance(name, str) else name.decode(),
                                 memory_total_bytes=int(memory.total), memory_free_bytes=int(memory.free),
-                                driver=driver if isinstance(driver, str) else driver.decode()))
+                                driver=driver if isinstance(driver, str) else driver.decode(),
+                                nvlink=_nvlink_up(pynvml, handle)))
         return gpus
     finally:
         pynvml.nvmlShutdown()
+
+
+def _nvlink_up(pynvml: Any, handle: Any) -> bool | None:
+    """Whether any NVLink of the GPU is up (how its tensor-parallel peers reach it); None where NVML cannot say."""
+    try:
+        links = int(pynvml.NVML_NVLINK_MAX_LINKS)
+    except AttributeError:
+        return None
+    for link in range(links):
+        try:
+            if pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED:
+                return True
+        except pynvml.NVMLError:  # no such link (a GPU without NVLink answers "not supported")
+            continue
+    return False
 
 
 def _nvidia_gpus_from_torch() -> list[GpuInfo]:

@@ -13,8 +13,10 @@ MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The three primary colours are"
 
 
-def create(node: LiveNode, cluster: Cluster, node_ids: list[str], instance_type: str = "CpuRing") -> str:
-    reply = node.post("/instance", json={"model": MODEL, "instance_type": instance_type, "nodes": node_ids})
+def create(node: LiveNode, cluster: Cluster, node_ids: list[str], instance_type: str = "CpuRing",
+           tensor_parallel: int = 1) -> str:
+    reply = node.post("/instance", json={"model": MODEL, "instance_type": instance_type, "nodes": node_ids,
+                                         "tensor_parallel": tensor_parallel})
     assert reply.status_code == 201, reply.text
     instance_id = reply.json()["instance"]["instance_id"]
     wait_until(lambda: node.get(f"/instance/{instance_id}").json()["status"] != "loading", 180,

@@ -59,8 +59,8 @@ def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConf
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     args, dtype = stage.args, next(stage.model.parameters()).dtype
-    per_token = PagedKVCache.bytes_per_block(stage.end - stage.start, 1, args.num_key_value_heads, args.head_dim,
-                                             dtype)
+    kv_heads = getattr(stage.model, "kv_heads", args.num_key_value_heads)  # a tensor-parallel rank holds its share
+    per_token = PagedKVCache.bytes_per_block(stage.end - stage.start, 1, kv_heads, args.head_dim, dtype)
     if free is None and device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     elif free is None and device.type == "xpu":
@@ -246,12 +246,14 @@ def _paged_decode(model: Transformer, cache: PagedKVCache, context_length: int, 
                   max_rows: int) -> PagedDecodeStep | None:
     """The graphed CUDA decode step of a whole model, or None (the eager step) for a stage or a model it cannot
     run."""
+    from ringlet.models.tensor_parallel import is_sharded
     from ringlet.worker.engines.torch.fused_decode import unsupported_reason
     from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep
 
     if not (model.is_first and model.is_last):
         return None
-    reason = unsupported_reason(model, experts=True)
+    reason = "a tensor-parallel rank's share of the model" if is_sharded(model) else unsupported_reason(
+        model, experts=True)
     if reason is not None:
         log.warning("decoding eagerly on CUDA: %s", reason)
         return None

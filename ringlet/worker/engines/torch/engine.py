@@ -39,19 +39,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None = None, precision: str = "auto",
-                     device: torch.device | None = None) -> tuple[LoadedStage, str]:
+                     device: torch.device | None = None, sharded: bool = False) -> tuple[LoadedStage, str]:
     """Layers [start, end) in `precision`, weight-only quantised for int8 / int4; returns the precision used.
 
     auto on a CPU picks int4 when the file stores the stage's linears in 4 bits (GGUF Q4_0 / Q4_1 / Q4_K): its own
     codes run as they are, so nothing is rounded twice and half of int8's bytes are read per token; the linears it
-    stores in more bits (Q6_K, Q8_0) run as int8.
+    stores in more bits (Q6_K, Q8_0) run as int8. `sharded`: this rank's share of a tensor-parallel stage
+    (`loader.load_stage`), whose weights stay floats: auto is bf16 on a GPU, fp32 on a CPU.
     """
     device = device or torch.device("cpu")
     resolved = resolve_precision(precision, device)
+    if sharded and precision == "auto" and device.type == "cpu":
+        resolved = "fp32"
     quantize: Quantization | None = (
         "int4 where stored" if precision == "auto" and resolved == "int8"
         else cast("Quantization", resolved) if resolved in ("int8", "int4") else None)
-    stage = load_stage(model, start, end, dtype=COMPUTE_DTYPES[resolved], device=device, quantize=quantize)
+    stage = load_stage(model, start, end, dtype=COMPUTE_DTYPES[resolved], device=device,
+                       quantize=quantize, sharded=sharded)
     return stage, stage.quantized or resolved
 
 
