@@ -97,10 +97,16 @@ export const getModels = (): Promise<ModelsResponse> =>
 export const getEngines = (): Promise<EngineInfo> => request('engines');
 export const getNodeId = (): Promise<{ node_id: string; name: string }> => request('node_id');
 
-export function getPreviews(model: string, minNodes: number, intel: IntelOptions | null = null): Promise<PreviewsResponse> {
+export function getPreviews(
+	model: string,
+	minNodes: number,
+	intel: IntelOptions | null = null,
+	tensorParallel = 1
+): Promise<PreviewsResponse> {
 	const query = new URLSearchParams({ model, min_nodes: String(minNodes) });
 	for (const device of intel?.intel_gpu_devices ?? []) query.append('intel_gpu_devices', String(device));
 	if (intel) query.set('ipex_optimization_level', intel.ipex_optimization_level);
+	if (tensorParallel > 1) query.set('tensor_parallel', String(tensorParallel));
 	return request(`instance/previews?${query}`, { signal: AbortSignal.timeout(SLOW_REQUEST_TIMEOUT_MS) });
 }
 

@@ -148,6 +148,8 @@ export interface Instance {
 	shards: Shard[];
 	intel_gpu_devices: number[] | null;
 	ipex_optimization_level: IpexOptimizationLevel;
+	/** the GPUs (CpuRing: processes) of its node each stage is split over by tensor parallelism; 1: not split */
+	tensor_parallel?: number;
 }
 
 /** How an IpexRing optimises its model: IPEX where usable else torch.compile (auto), or exactly one. */
@@ -271,6 +273,10 @@ export interface StagePlan {
 	device: number | null;
 	/** an Intel GPU stage split over devices */
 	devices?: DevicePlan[];
+	/** the GPUs (CpuRing: processes) the stage is split over by tensor parallelism; usable_bytes counts them together */
+	tensor_parallel?: number;
+	/** how those GPUs are linked: NVLink, PCIe, loopback (CPU processes) or unknown; null when not split */
+	link?: string | null;
 }
 
 export interface PlacementPreview {
@@ -293,6 +299,8 @@ export interface CreateInstanceRequest {
 	min_nodes?: number;
 	intel_gpu_devices?: number[] | null;
 	ipex_optimization_level?: IpexOptimizationLevel;
+	/** CudaRing, CpuRing: split each stage over this many GPUs (processes) of its node; the API refuses it on others */
+	tensor_parallel?: number;
 }
 
 export interface DeletedInstance {
