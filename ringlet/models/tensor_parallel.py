@@ -98,6 +98,11 @@ class VocabParallelHead(nn.Module):
         return shares.view(self.ranks, *local.shape).movedim(0, -2).flatten(-2)[..., :self.vocab_size]
 
 
+def local_linear(linear: nn.Module) -> nn.Linear:
+    """The linear layer of this rank's share (a row-parallel one's own), or `linear` itself."""
+    return cast(nn.Linear, linear.linear if isinstance(linear, RowParallelLinear) else linear)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """`model` is one rank's share of a tensor-parallel stage."""
     return any(isinstance(m, RowParallelLinear | VocabParallelEmbedding | VocabParallelHead) for m in model.modules())

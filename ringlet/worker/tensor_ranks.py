@@ -99,9 +99,32 @@ def load_rank_engine(bound: BoundInstance, config: EngineConfig, rank: int,
         offer = torch.tensor(agree(int(offer[0]), int(offer[1])))
     dist.broadcast(offer, 0)
     num_blocks, context_length = int(offer[0]), int(offer[1])
-    # a compiled step would trace the collectives; the ranks' steps run eagerly
+    # a compiled CPU step would trace the collectives; the ranks' CPU steps run eagerly
     config = config.model_copy(update={"cpu_compile": False})
-    return TorchBatchEngine(stage, device, config, num_blocks=num_blocks, context_length=context_length), precision
+    engine = TorchBatchEngine(stage, device, config, num_blocks=num_blocks, context_length=context_length)
+    _capture_together(engine)
+    return engine, precision
+
+
+def _capture_together(engine: TorchBatchEngine) -> None:
+    """Capture the graphed CUDA steps on every rank at once (the collectives in them meet), or on none: a rank that
+    fails to build them leaves every rank decoding eagerly, so that all of them run the same kernels."""
+    if engine.paged_decode is None:
+        return
+    began = time.perf_counter()
+    built = 1
+    try:
+        engine.paged_decode.warm()
+    except Exception as error:  # noqa: BLE001  the eager step runs every model
+        log.warning("the graphed CUDA decode step could not be built on this rank: %s: %s", type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "")
+        built = 0
+    agreed = torch.tensor([built])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if not agreed.item():
+        engine.paged_decode = None
+        return
+    log.info("CUDA graphs of this rank's decode steps captured in %.1f s", time.perf_counter() - began)
 
 
 def _broadcast_step(inputs: torch.Tensor, steps: Sequence[SequenceStep]) -> None:

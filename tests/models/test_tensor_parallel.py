@@ -1,7 +1,7 @@
 """Tensor parallelism (ringlet/models/tensor_parallel.py) against the whole model in one process: 4 CPU processes over
 gloo (on loopback, met through a file) load tiny random checkpoints split over 2 or 4 ranks, alone or as 2 pipeline
 stages of 2 ranks each, or load a stage whole and cut it, and their fp32 logits of every forward path must match
-(tests/support/tensor_parallel.py); each rank's cache holds its share of the kv heads, its lm_head its share of the
+(tests/support/tensor_parallel.py), the paged CUDA decode step's kernels (Triton's interpreter) among them; each rank's cache holds its share of the kv heads, its lm_head its share of the
 vocabulary, and a sharded load reads no tensor twice and neither end whole."""
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def compare(run: str, checkpoints: Path, out: Path, device: str = "cpu", tolerance: float = 1e-4) -> None:
     spec = RUNS[run]
-    expected = single_process(load_checkpoint_stage(checkpoints / spec.config).to(device))
+    expected = single_process(load_checkpoint_stage(checkpoints / spec.config).to(device),
+                              paged=spec.paged and device == "cpu")
     for rank in spec.stages[-1]:  # every rank of the last stage has the whole logits
         got = load_file(out / f"{run}-rank{rank}.safetensors")
         args, size = model_args(CONFIGS[spec.config]), len(spec.stages[-1])

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from ringlet.models import safetensors_loader
 from ringlet.models.llama import Transformer
-from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from ringlet.models.paged_cache import FED, BatchLayout, SequenceStep
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.tensor_parallel import VocabParallelHead, load_sharded_stage, shard_stage
 from ringlet.models.weights import LazyWeights
@@ -49,13 +49,14 @@ class Run:
     config: str
     stages: tuple[tuple[int, ...], ...]  # each pipeline stage's ranks (its tensor-parallel group), in layer order
     cut: bool = False  # load each stage whole, then cut it to the rank's share (`shard_stage`)
+    paged: bool = False  # also run the paged CUDA decode step's kernels (`paged_steps`)
 
 
 # phases: the runs of a phase use disjoint ranks and go on at once
 PHASES: tuple[tuple[Run, ...], ...] = (
-    (Run("llama-tp2", "llama", ((0, 1),)), Run("qwen2-tp2", "qwen2", ((2, 3),))),
+    (Run("llama-tp2", "llama", ((0, 1),), paged=True), Run("qwen2-tp2", "qwen2", ((2, 3),), paged=True)),
     (Run("qwen3-tp2", "qwen3", ((0, 1),)), Run("phi3-tp2", "phi3", ((2, 3),))),
-    (Run("wide-tp4", "wide", ((0, 1, 2, 3),)),),
+    (Run("wide-tp4", "wide", ((0, 1, 2, 3),), paged=True),),
     (Run("llama-pp2-tp2", "llama", ((0, 1), (2, 3))),),
     (Run("llama-cut-tp2", "llama", ((0, 1),), cut=True), Run("qwen2-cut-tp2", "qwen2", ((2, 3),), cut=True)),
 )
@@ -125,9 +126,28 @@ def exercise(model: Transformer, step: Step) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in out.items() if tensor is not None}
 
 
-def single_process(model: Transformer) -> dict[str, torch.Tensor]:
-    """`exercise` on a whole model in this process."""
-    return exercise(model, lambda forward, ids: forward(ids))
+@torch.inference_mode()
+def paged_steps(model: Transformer) -> dict[str, torch.Tensor]:
+    """The logits of the paged CUDA decode step (`PagedDecodeStep`, its kernels run by Triton's interpreter on a CPU,
+    as in tests/worker/engines/test_paged_decode.py) over a fresh cache: a step of two prompts' chunks, decode steps of
+    two sequences (the second taking the first one's picks, FED) and of one (the GEMV kernels)."""
+    from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep
+
+    cache = model.make_paged_cache(num_blocks=8, block_size=16)
+    step = PagedDecodeStep(model, cache, context_length=64, max_batch=2, max_rows=16)
+    a, b = [0, 1], [2, 3]
+    return {name: logits.clone() for name, logits in (
+        ("paged-chunks", step(torch.tensor([5, 17, 99, 3, 42, 8, 61, 2, 9]), [SequenceStep(0, 5, a),
+                                                                              SequenceStep(0, 4, b)])),
+        ("paged-decode2", step(torch.tensor([7, 3]), [SequenceStep(5, 1, a), SequenceStep(4, 1, b)])),
+        ("paged-fed", step(torch.full((2,), FED), [SequenceStep(6, 1, a), SequenceStep(5, 1, b)])),
+        ("paged-decode1", step(torch.tensor([11]), [SequenceStep(7, 1, a)])),
+    )}
+
+
+def single_process(model: Transformer, paged: bool = False) -> dict[str, torch.Tensor]:
+    """`exercise` on a whole model in this process (and with `paged`, `paged_steps`)."""
+    return exercise(model, lambda forward, ids: forward(ids)) | (paged_steps(model) if paged else {})
 
 
 def pipeline_step(hidden_size: int, previous: int | None, following: int | None) -> Step:
@@ -176,6 +196,8 @@ def take_part(run: Run, rank: int, groups: dict[tuple[int, ...], dist.ProcessGro
     previous = run.stages[index - 1][position] if index > 0 else None
     following = run.stages[index + 1][position] if index + 1 < len(run.stages) else None
     results = exercise(model, pipeline_step(args.hidden_size, previous, following))
+    if run.paged and device == "cpu":  # on a GPU the step captures graphs, and gloo's collectives cannot be captured
+        results |= paged_steps(model)
     if following is None:  # with what its rank holds: the kv heads its cache has, the vocabulary rows its lm_head has
         assert isinstance(model.lm_head, VocabParallelHead)
         shares = {"kv_heads": torch.tensor(model.make_cache(1, 1).keys[0].shape[1]),

@@ -246,14 +246,12 @@ def _paged_decode(model: Transformer, cache: PagedKVCache, context_length: int, 
                   max_rows: int) -> PagedDecodeStep | None:
     """The graphed CUDA decode step of a whole model, or None (the eager step) for a stage or a model it cannot
     run."""
-    from ringlet.models.tensor_parallel import is_sharded
     from ringlet.worker.engines.torch.fused_decode import unsupported_reason
     from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep
 
     if not (model.is_first and model.is_last):
         return None
-    reason = "a tensor-parallel rank's share of the model" if is_sharded(model) else unsupported_reason(
-        model, experts=True)
+    reason = unsupported_reason(model, experts=True)
     if reason is not None:
         log.warning("decoding eagerly on CUDA: %s", reason)
         return None

@@ -38,6 +38,7 @@ from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import embed_rows
 from ringlet.models.quant_cuda import CudaQuantizedLinear
+from ringlet.models.tensor_parallel import VocabParallelHead, is_sharded, local_linear
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -298,10 +299,17 @@ def unsupported_reason(model: nn.Module, experts: bool = False) -> str | None:
     for name, param in model.named_parameters():
         if not param.is_contiguous():
             return f"{name} is not contiguous"
+    sharded = is_sharded(model)
+    if sharded and not experts:
+        return "a tensor-parallel rank's share of the model (the paged step runs those)"
+    if sharded and not isinstance(model.lm_head, VocabParallelHead):
+        return "a tensor-parallel share without its vocabulary's lm_head"
     blocks = cast("Iterable[Block]", model.layers)
-    projections = [model.lm_head] + [m for block in blocks for m in (block.self_attn.qkv_proj, block.self_attn.o_proj)]
+    # a tensor-parallel rank's share: its own linears (its lm_head's rows run as a matrix product)
+    projections = [] if sharded else [model.lm_head]
+    projections += [m for block in blocks for m in (block.self_attn.qkv_proj, local_linear(block.self_attn.o_proj))]
     projections += [m for block in blocks if not isinstance(block.mlp, SparseMoE)
-                    for m in (block.mlp.gate_up_proj, block.mlp.down_proj)]
+                    for m in (block.mlp.gate_up_proj, local_linear(block.mlp.down_proj))]
     if any(type(m) is not nn.Linear and not isinstance(m, CudaQuantizedLinear) for m in projections):
         return "projections of a kind it has no kernel for"
     if len({isinstance(m, CudaQuantizedLinear) for m in projections}) > 1:

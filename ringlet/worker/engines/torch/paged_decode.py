@@ -20,6 +20,12 @@ causal within the chunk. Such a step first writes every row's key and value to t
 attends (a row reads the chunk's earlier tokens from the cache), and computes logits only for the rows that want
 them: each sequence's last row, gathered in the steps' order.
 
+A tensor-parallel rank's share of a model (`models/tensor_parallel.py`) runs the same kernels over its heads and
+columns: its attention output and its MLP output are projected into a buffer of their own and all-reduced over the
+ranks' group before the residual add, the embedding is its masked lookup summed over the ranks, and the logits its
+vocabulary rows gathered from every rank; the collectives are captured in the graphs with the kernels (NCCL), so
+every rank replays its graph and the ranks meet in them.
+
 Every step also picks each row's greedy token (the argmax of its logits) on the device and copies the picks to the
 host behind the step (`picks`). A row whose token id is given as `FED` takes the previous step's pick of the same
 row: the host can launch the next step of greedy sequences before it has read their tokens, so the GPU does not
@@ -33,6 +39,7 @@ from typing import cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import triton
 import triton.language as tl
 from torch import nn
@@ -43,6 +50,7 @@ from ringlet.models.moe import SparseMoE
 from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
 from ringlet.models.quant import embed_rows
 from ringlet.models.quant_cuda import CudaQuantizedLinear
+from ringlet.models.tensor_parallel import RowParallelLinear, is_sharded, local_linear
 from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decode
 from ringlet.worker.engines.torch.fused_decode import (
     _INTERPRETED,
@@ -221,8 +229,14 @@ class PagedDecodeStep:
         self.model, self.cache, self.device = model, cache, device
         self.dtype = next(model.parameters()).dtype
         self.quantized = isinstance(model.lm_head, CudaQuantizedLinear)
-        self.heads, self.kv_heads, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
-        self.hidden_size, self.intermediate = args.hidden_size, args.intermediate_size
+        first = cast(Block, model.layers[0])
+        # this rank's heads and MLP columns (all of them, unsharded)
+        self.heads, self.kv_heads, self.head_dim = first.self_attn.n_heads, model.kv_heads, args.head_dim
+        self.sharded = is_sharded(model)
+        self.group = cast(RowParallelLinear, first.self_attn.o_proj).group if self.sharded else None
+        self.hidden_size = args.hidden_size
+        self.intermediate = (local_linear(first.mlp.down_proj).in_features if self.sharded
+                             else args.intermediate_size)
         self.eps = args.rms_norm_eps
         self.group_pad = max(16, triton.next_power_of_2(self.heads // self.kv_heads))  # a matrix product's least rows
         self.pdl = _pdl_available(device)
@@ -254,9 +268,10 @@ class PagedDecodeStep:
             return torch.zeros(shape, dtype=dtype or self.dtype, device=device)
 
         self.hidden = buffer(n, args.hidden_size)
+        self.partial = buffer(n, args.hidden_size) if self.sharded else self.hidden  # a rank's share, then the sum
         self.qkv = buffer(n, q_dim + 2 * kv_dim)
         self.attention = buffer(n, q_dim)
-        self.gated = buffer(n, args.intermediate_size)
+        self.gated = buffer(n, self.intermediate)
         self.logits = buffer(self.max_batch, args.vocab_size)
         sparse = [block.mlp for block in cast("Iterable[Block]", model.layers) if isinstance(block.mlp, SparseMoE)]
         self.experts = ExpertBuffers(sparse[0], n, self.dtype, device) if sparse else None
@@ -302,7 +317,10 @@ class PagedDecodeStep:
         attention, gated, logits = self.attention[:batch], self.gated[:batch], self.logits[:batch]
         if not mixed:  # only a decode step follows on from the previous one's picks, row for row
             tokens = torch.where(tokens == FED, self.picked[:batch], tokens)
-        embed_rows(model.embed_tokens, tokens, hidden)
+        if self.sharded:  # this rank's vocabulary rows, summed over the ranks
+            hidden.copy_(model.embed_tokens(tokens))
+        else:
+            embed_rows(model.embed_tokens, tokens, hidden)
         splits = self._splits(batch)
         # the GEMV kernels at a batch of one; a quantised model's kernels at any batch (they take many rows)
         fused = batch == 1 or self.quantized
@@ -323,38 +341,61 @@ class PagedDecodeStep:
                     self._k_norm(attn), self.eps, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
                     QK_NORM=attn.q_norm is not None, num_warps=1)
             self._attend(i, attn, batch, splits, positions, slots, tables)
-            if fused:
-                project(attention, attn.o_proj, hidden, self.eps, pdl, residual=True)
+            o_proj = local_linear(attn.o_proj)
+            if self.sharded:
+                self._reduced(attention, o_proj, hidden, fused, pdl)
+            elif fused:
+                project(attention, o_proj, hidden, self.eps, pdl, residual=True)
             else:
-                hidden.addmm_(attention, attn.o_proj.weight.t())
+                hidden.addmm_(attention, o_proj.weight.t())
             if isinstance(mlp, SparseMoE):
                 assert self.experts is not None  # made for a model with sparse layers
                 moe_decode(mlp, self._norm(hidden, block.post_attention_layernorm.weight), hidden, self.experts)
-            elif fused:
-                project(hidden, mlp.gate_up_proj, gated, self.eps, pdl, norm=block.post_attention_layernorm.weight,
-                        gated=True)
-                project(gated, mlp.down_proj, hidden, self.eps, pdl, residual=True)
             else:
-                gate_up = torch.mm(self._norm(hidden, block.post_attention_layernorm.weight),
-                                   mlp.gate_up_proj.weight.t())
-                _silu_gate[(batch, triton.cdiv(self.intermediate, 1024))](gate_up, gated, self.intermediate,
-                                                                          BLOCK=1024, num_warps=4)
-                hidden.addmm_(gated, mlp.down_proj.weight.t())
+                down = local_linear(mlp.down_proj)
+                if fused:
+                    project(hidden, mlp.gate_up_proj, gated, self.eps, pdl,
+                            norm=block.post_attention_layernorm.weight, gated=True)
+                else:
+                    gate_up = torch.mm(self._norm(hidden, block.post_attention_layernorm.weight),
+                                       mlp.gate_up_proj.weight.t())
+                    _silu_gate[(batch, triton.cdiv(self.intermediate, 1024))](gate_up, gated, self.intermediate,
+                                                                              BLOCK=1024, num_warps=4)
+                if self.sharded:
+                    self._reduced(gated, down, hidden, fused, pdl)
+                elif fused:
+                    project(gated, down, hidden, self.eps, pdl, residual=True)
+                else:
+                    hidden.addmm_(gated, down.weight.t())
         head = cast("nn.Linear | CudaQuantizedLinear", model.lm_head)  # as the constructor checked
         if mixed:
             sampled = min(batch, self.max_batch)
             last = torch.index_select(hidden, 0, wanted[:sampled])
-            if self.quantized:
+            if self.sharded:  # every rank's vocabulary rows, gathered
+                self.logits[:sampled].copy_(model.lm_head(self._norm(last, model.norm.weight)))
+            elif self.quantized:
                 project(last, head, self.logits[:sampled], self.eps, False, norm=model.norm.weight)
             else:
                 torch.mm(self._norm(last, model.norm.weight), cast(nn.Linear, head).weight.t(), out=self.logits[:sampled])
             torch.argmax(self.logits[:sampled], dim=-1, out=self.picked[:sampled])
             return
-        if fused:
+        if self.sharded:
+            logits.copy_(model.lm_head(self._norm(hidden, model.norm.weight)))
+        elif fused:
             project(hidden, head, logits, self.eps, pdl, norm=model.norm.weight)
         else:
             torch.mm(self._norm(hidden, model.norm.weight), cast(nn.Linear, head).weight.t(), out=logits)
         torch.argmax(logits, dim=-1, out=self.picked[:batch])
+
+    def _reduced(self, x: torch.Tensor, linear: nn.Linear, hidden: torch.Tensor, fused: bool, pdl: bool) -> None:
+        """hidden += the sum over the ranks of x @ linear (each rank's share of a row-parallel projection)."""
+        partial = self.partial[:x.shape[0]]
+        if fused:
+            project(x, linear, partial, self.eps, pdl)
+        else:
+            torch.mm(x, linear.weight.t(), out=partial)
+        dist.all_reduce(partial, group=self.group)
+        hidden.add_(partial)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(x)
