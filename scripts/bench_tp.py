@@ -3,8 +3,11 @@ degree, beside the same GPUs as pipeline stages (one step in flight: each stage 
 
 Random weights shaped like a real model (decode speed depends on shapes and bytes, not values), bf16, over NCCL with
 NVLink multicast (NVLS) off; or, with `--device cpu`, a tiny shape over gloo on loopback, to check the script runs.
-Each configuration starts its own processes (one per GPU). A step's tokens are the greedy picks of the step before;
-on CUDA the decode step is captured as a CUDA graph (`--eager` leaves it eager).
+Each configuration starts its own processes (one per GPU). A step's tokens are the greedy picks of the step before.
+Tensor parallelism runs the step a node serves (`--step paged`, the default on CUDA): each rank's paged decode step
+(`paged_decode.PagedDecodeStep`), its graphs replayed with the all-reduces captured in them, the next step fed the
+picks on the device; `--step static` (the default on a CPU) runs the model's own static-cache step instead, as the
+pipeline stages do, captured as a CUDA graph unless `--eager`.
 
 Usage: python scripts/bench_tp.py --shape llama-3.1-8b [--degrees 1 2 4] [--batches 1 32] [--pipeline]
        python scripts/bench_tp.py --device cpu
@@ -113,7 +116,9 @@ def worker(rank: int, world: int, options: dict[str, Any], store_file: str, resu
         else:
             model = load_sharded_stage(args, start, end, weights, dist.group.WORLD, dtype, device)
         del weights
-        results = [decode_speed(cast(Transformer, model), batch, options, rank, world, pipeline)
+        paged = options["step"] == "paged" and not pipeline
+        results = [(paged_decode_speed if paged else decode_speed)(cast(Transformer, model), batch, options, rank,
+                                                                   world, pipeline)
                    for batch in options["batches"]]
     if rank == 0:
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -201,6 +206,48 @@ def decode_speed(stage: Transformer, batch: int, options: dict[str, Any], rank: 
             "graphed": graphed}
 
 
+def paged_decode_speed(stage: Transformer, batch: int, options: dict[str, Any], rank: int, world: int,
+                       pipeline: bool) -> dict[str, Any]:
+    """Prefill `batch` prompts into a paged cache (eagerly), then time the served decode step over all of them: the
+    rank's `PagedDecodeStep`, each step fed the previous one's picks on the device (`FED`)."""
+    from ringlet.models.paged_cache import FED, BatchLayout, SequenceStep
+    from ringlet.worker.engines.torch.paged_decode import PagedDecodeStep
+
+    device = next(stage.parameters()).device
+    prompt, steps, warmup, block = options["prompt_tokens"], options["steps"], 3, 16
+    context = -(-(prompt + warmup + steps + 1) // block) * block
+    per_sequence = context // block
+    cache = stage.make_paged_cache(batch * per_sequence + 1, block)
+    tables = [list(range(b * per_sequence, (b + 1) * per_sequence)) for b in range(batch)]
+    step = PagedDecodeStep(stage, cache, context, max_batch=batch)
+    ids = torch.randint(stage.args.vocab_size, (batch * prompt,), generator=torch.Generator().manual_seed(batch))
+    for b in range(batch):  # one prompt at a time: the eager step's attention groups are per sequence anyway
+        layout = BatchLayout.build([SequenceStep(0, prompt, tables[b])], block, device, cache.pad_slot)
+        stage.forward_batch(ids[b * prompt:(b + 1) * prompt].to(device), cache, layout)
+    if device.type == "cuda":
+        step.warm()
+    tokens = torch.zeros(batch, dtype=torch.long)
+    position = prompt
+
+    def decode(count: int) -> None:
+        nonlocal tokens, position
+        for _ in range(count):
+            step(tokens, [SequenceStep(position, 1, table) for table in tables])
+            tokens, position = torch.full((batch,), FED), position + 1
+
+    decode(warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    began = time.perf_counter()
+    decode(steps)
+    if step.last_picks is not None:
+        step.last_picks.tokens()  # waits for the last step
+    elapsed = time.perf_counter() - began
+    return {"batch": batch, "step_ms": 1000 * elapsed / steps, "tokens_per_s": batch * steps / elapsed,
+            "graphed": step.graphed}
+
+
 def run(mode: str, degree: int, options: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         store, result = str(Path(folder) / "store"), str(Path(folder) / "result.json")
@@ -220,7 +267,11 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=64, help="timed decode steps")
     parser.add_argument("--pipeline", action="store_true", help="also run the same devices as pipeline stages")
-    parser.add_argument("--eager", action="store_true", help="no CUDA graph: every step launched from Python")
+    parser.add_argument("--eager", action="store_true", help="--step static without a CUDA graph: every step "
+                                                               "launched from Python")
+    parser.add_argument("--step", choices=["paged", "static"], default=None,
+                        help="tensor parallelism's decode step: the served paged one (default on CUDA; on a CPU its "
+                             "Triton kernels run interpreted, TRITON_INTERPRET=1) or the static-cache one")
     parser.add_argument("--json", action="store_true")
     options = parser.parse_args()
     # inherited by the ranks: never NVLink multicast; one host, so NCCL's and gloo's sockets on loopback only
@@ -236,8 +287,8 @@ def main() -> int:
         capacity = min(torch.cuda.get_device_properties(i).total_memory for i in range(devices))
         wanted = options.degrees or [1, 2, 4, 8]
     else:  # processes share the cores: any degree runs, slower
-        devices, capacity = max(options.degrees or [1]), None
         wanted = options.degrees or [1, 2]
+        devices, capacity = max(wanted), None
     args = shape_args(shape)
     total = weight_bytes(args, 2 if options.device == "cuda" else 4)
     skipped: list[str] = []
@@ -257,7 +308,11 @@ def main() -> int:
             skipped.append(f"tensor x{degree}: {e}")
             modes.remove("tensor")
         plans += [(mode, degree) for mode in modes]
+    step = options.step or ("paged" if options.device == "cuda" else "static")
+    if step == "paged" and options.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # the ranks inherit it
     common = {"device": options.device, "shape": shape, "batches": options.batches, "eager": options.eager,
+              "step": step,
               "prompt_tokens": options.prompt_tokens, "steps": options.steps}
     rows = []
     for mode, degree in plans:
@@ -269,7 +324,8 @@ def main() -> int:
         json.dump({"shape": shape, "device": gpu, "rows": rows, "skipped": skipped}, sys.stdout, indent=2)
         print()
         return 0
-    print(f"{shape} ({total / 1e9:.1f} GB of weights) on {gpu}, NCCL_NVLS_ENABLE=0")
+    print(f"{shape} ({total / 1e9:.1f} GB of weights) on {gpu}, NCCL_NVLS_ENABLE=0; tensor parallelism on the "
+          f"{step} step")
     print(f"{'mode':>10}{'devices':>9}{'batch':>7}{'step ms':>10}{'tok/s':>11}{'graph':>7}{'peak GiB':>10}")
     for row in rows:
         peak = f"{row['peak_gib_rank0']:.1f}" if row["peak_gib_rank0"] is not None else "-"
