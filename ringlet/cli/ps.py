@@ -123,6 +123,8 @@ def format_state(state: dict[str, Any], now: float | None = None) -> str:
             runner = record["runners"].get(shard["node_id"], {})
             pid = f" pid {runner['pid']}" if runner.get("pid") else ""
             split = "".join(f" xpu:{d['device']}[{d['start']}:{d['end']}]" for d in shard.get("devices") or [])
+            if instance.get("tensor_parallel", 1) > 1:  # each stage over that many GPUs of its node
+                split += f" x{instance['tensor_parallel']}"
             stages.append(f"{name.get(shard['node_id'], shard['node_id'])}[{shard['start']}:{shard['end']}]{split}"
                           f"{pid}")
         status = record["status"]

@@ -100,3 +100,19 @@ def test_ps_shows_a_loading_stage_as_a_bar_of_layers_and_bytes() -> None:
     [row] = [line for line in format_state({**state.model_dump(mode="json"), "tasks": {}}).splitlines()
              if line.startswith("inst-l")]
     assert "loading [####......] 12/30 layers, 0.44/1.1 GiB" in row
+
+
+def test_ps_shows_how_many_gpus_each_stage_is_split_over() -> None:
+    state = apply(State(), NodeJoined(node=intel_gpu_node("node-a", 32, 16)))
+    instance = Instance(instance_id="inst-t", model="m", instance_type=InstanceType.CUDA_RING, tensor_parallel=4,
+                        shards=[Shard(node_id="node-a", rank=0, start=0, end=30, num_layers=30, engine="cuda")])
+    state = apply(state, InstanceCreated(instance=instance, created_at=0.0))
+    lines = format_state({**state.model_dump(mode="json"), "tasks": {}}).splitlines()
+    assert lines[1].split()[-2:] == ["node-a[0:30]", "x4"]
+
+
+def test_the_node_commands_tensor_parallel_degree_is_checked() -> None:
+    assert instance_options(None, "auto", tensor_parallel=2) == InstanceOptions(tensor_parallel=2)
+    with pytest.raises(CliError, match="--tensor-parallel: Input should be greater than or equal to 1"):
+        instance_options(None, "auto", tensor_parallel=0)
+
