@@ -52,3 +52,11 @@ def test_an_ipex_ring_is_kept_with_its_devices_and_optimisation_level(tmp_path: 
                          intel_gpu_devices=(1, 2), ipex_optimization_level="compile")
     store.add(ipex)
     assert SavedInstances(store.path).load() == [ipex]
+
+
+def test_a_tensor_parallel_instance_is_kept_with_its_degree(tmp_path: Path) -> None:
+    store = SavedInstances(tmp_path / "instances.json")
+    split = SavedInstance(instance_id="inst-1", model="m", instance_type=InstanceType.CUDA_RING, tensor_parallel=2)
+    store.add(split)
+    assert SavedInstances(store.path).load() == [split]
+    assert SavedInstances(store.path).load()[0].tensor_parallel == 2
