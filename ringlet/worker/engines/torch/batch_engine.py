@@ -140,7 +140,12 @@ class TorchBatchEngine:
             if self._compiled_decode is not None and layout.decode_only:
                 group = layout.groups[0]
                 return self._compiled_decode(tokens, layout.positions, layout.slots, group.slots, group.mask)
-            return self.model.forward_batch(tokens, self.cache, layout)
+            return self._host_logits(self.model.forward_batch(tokens, self.cache, layout))
+
+    def _host_logits(self, out: torch.Tensor) -> torch.Tensor:
+        """A CPU's logits in float32: the samplers' numpy kernels read them as they are (torch's argmax over a bf16
+        vocabulary is several times slower than the cast and numpy's argmax together)."""
+        return out.float() if self.device.type == "cpu" and self.model.is_last else out
 
     def _forward_split(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], decodes: list[int]) -> torch.Tensor:
         """A step of decodes and prompt chunks too long for a graph as two: the decodes on their CUDA graph, the
@@ -169,7 +174,8 @@ class TorchBatchEngine:
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, context: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_batch(tokens, self.cache, BatchLayout.for_decode(positions, slots, context, mask))
+        return self._host_logits(self.model.forward_batch(tokens, self.cache,
+                                                          BatchLayout.for_decode(positions, slots, context, mask)))
 
     def warmup(self) -> None:
         """Compile the CPU decode step (when configured), then run a short generation, so that no request pays for
