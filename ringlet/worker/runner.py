@@ -102,6 +102,7 @@ class Inbox:
 class Outbox:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
+        self._lock = threading.Lock()  # a watching thread may report beside the main one (a tensor-parallel rank lost)
         self.told_ready = False  # Ready was sent: the runner serves
 
     def send(self, message: Message) -> None:
@@ -110,8 +111,10 @@ class Outbox:
     def send_all(self, messages: list[Message]) -> None:
         """Several messages in one write (a batched step's chunks: one system call, not one per sequence)."""
         if messages:
-            self._stream.write(b"".join(encode(message) + b"\n" for message in messages))
-            self._stream.flush()
+            data = b"".join(encode(message) + b"\n" for message in messages)
+            with self._lock:
+                self._stream.write(data)
+                self._stream.flush()
 
 
 def _classify(error: Exception) -> TaskErrorKind:

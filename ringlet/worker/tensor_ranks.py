@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ log = logging.getLogger("ringlet.tensor_ranks")
 
 STEP_TIMEOUT_S = 600.0  # a rank waits this long for the next collective; a dead rank is seen sooner (it exits)
 HEADER = 6  # op, tokens, steps, block ids, input kind, hidden width
+MOST_ERROR_CHARS = 2000  # of what a failed rank says
 # what a step's inputs are: token ids, or a later pipeline stage's hidden states in one of these dtypes
 INPUT_DTYPES = (torch.int64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -90,19 +91,23 @@ def load_rank_engine(bound: BoundInstance, config: EngineConfig, rank: int,
 
     device = rank_device(bound.engine, rank)
     shard = bound.shard
-    stage, precision = load_torch_stage(bound.instance.model, shard.start, shard.end, config.precision, device,
-                                        sharded=True)
-    offer = torch.tensor([own_num_blocks(stage, device, config), own_context_length(stage, config)])
-    loaded()
-    dist.all_reduce(offer, op=dist.ReduceOp.MIN)
-    if agree is not None:
-        offer = torch.tensor(agree(int(offer[0]), int(offer[1])))
-    dist.broadcast(offer, 0)
-    num_blocks, context_length = int(offer[0]), int(offer[1])
-    # a compiled CPU step would trace the collectives; the ranks' CPU steps run eagerly
-    config = config.model_copy(update={"cpu_compile": False})
-    engine = TorchBatchEngine(stage, device, config, num_blocks=num_blocks, context_length=context_length)
-    _capture_together(engine)
+    try:
+        stage, precision = load_torch_stage(bound.instance.model, shard.start, shard.end, config.precision, device,
+                                            sharded=True)
+        offer = torch.tensor([own_num_blocks(stage, device, config), own_context_length(stage, config)])
+        loaded()
+        dist.all_reduce(offer, op=dist.ReduceOp.MIN)
+        if agree is not None:
+            offer = torch.tensor(agree(int(offer[0]), int(offer[1])))
+        dist.broadcast(offer, 0)
+        num_blocks, context_length = int(offer[0]), int(offer[1])
+        # a compiled CPU step would trace the collectives; the ranks' CPU steps run eagerly
+        config = config.model_copy(update={"cpu_compile": False})
+        engine = TorchBatchEngine(stage, device, config, num_blocks=num_blocks, context_length=context_length)
+        _capture_together(engine)
+    except Exception as error:
+        # where another rank failed first, this rank's error is only the lost connection: say what failed there
+        raise (_others.explained(error) if _others is not None else error) from error
     return engine, precision
 
 
@@ -167,9 +172,12 @@ def _received_payload(header: torch.Tensor) -> bytes:
 
 
 def _fatal(what: str) -> None:
-    """A collective or a step failed on this rank: the ranks cannot agree on what comes next."""
+    """A collective or a step failed on this rank: the ranks cannot agree on what comes next. Rank 0 first tells
+    the node why, where another rank failed first."""
     traceback.print_exc(file=sys.stderr)
     log.error("%s failed on this tensor-parallel rank; the stage's ranks cannot go on together, so it stops", what)
+    if _others is not None:
+        _others.explained(RuntimeError(what))
     sys.stderr.flush()
     os._exit(1)
 
@@ -225,10 +233,15 @@ def follow(engine: TorchBatchEngine) -> None:
             _fatal("a step")
 
 
+# rank 0's other ranks, once it has started them
+_others: Ranks | None = None
+
+
 def start_ranks(load: LoadShard, failed: Callable[[str], None]) -> Ranks:
-    """Rank 0 (a runner): start the stage's other ranks and join their group; `failed(reason)` runs before this
-    process exits because one of them did."""
-    ranks = Ranks(load)
+    """Rank 0 (a runner): start the stage's other ranks and join their group; `failed(reason)` tells the node why
+    one of them stopped, before this process exits."""
+    global _others
+    ranks = _others = Ranks(load)
     ranks.failed = failed
     join_group(ranks.store, 0, ranks.size, load.bound.engine)
     return ranks
@@ -244,27 +257,51 @@ class Ranks:
         self.store, address = host_store(store_host, self.size)
         env = os.environ | ({"NCCL_NVLS_ENABLE": "0"} if load.bound.engine == "cuda" else {})
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.errors: dict[int, str] = {}  # what a rank said failed it, on its stdout
         for rank in range(1, self.size):
             process = subprocess.Popen([sys.executable, "-m", "ringlet.worker.tensor_ranks", str(rank)],
-                                       stdin=subprocess.PIPE, env=env)
-            assert process.stdin is not None
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            assert process.stdin is not None and process.stdout is not None
             process.stdin.write(encode(load) + b"\n" + address.model_dump_json().encode() + b"\n")
             process.stdin.flush()
             self.processes.append(process)
+            threading.Thread(target=self._hear, args=(rank, process.stdout), name=f"rank-{rank}", daemon=True).start()
         self.failed: Callable[[str], None] = lambda reason: None
         threading.Thread(target=self._watch, name="tensor-ranks", daemon=True).start()
 
+    def _hear(self, rank: int, stream: IO[bytes]) -> None:
+        for line in stream:
+            self.errors[rank] = line.decode(errors="replace").strip()[:MOST_ERROR_CHARS]
+
+    def _stopped(self) -> str | None:
+        """Why a rank stopped (what it said, else its exit code), or None while all of them run."""
+        for rank, process in enumerate(self.processes, start=1):
+            code = process.poll()
+            if code is not None:
+                time.sleep(0.2)  # its last words, if any, reach `_hear`
+                said = self.errors.get(rank)
+                return (f"tensor-parallel rank {rank} failed: {said}" if said else
+                        f"tensor-parallel rank {rank} exited with code {code} (the node's log has its output)")
+        return None
+
+    def explained(self, error: Exception, wait_s: float = 2.0) -> Exception:
+        """The error to report for `error` on rank 0: a rank that stopped (within `wait_s`) is the cause, and the
+        node is told (`failed`); else `error` itself."""
+        deadline = time.monotonic() + wait_s
+        while (reason := self._stopped()) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if reason is None:
+            return error
+        self.failed(reason)
+        return RuntimeError(reason)
+
     def _watch(self) -> None:
-        while True:
-            for rank, process in enumerate(self.processes, start=1):
-                code = process.poll()
-                if code is not None:
-                    reason = f"tensor-parallel rank {rank} exited with code {code} (the node's log has its output)"
-                    log.error("%s; this runner stops", reason)
-                    self.failed(reason)
-                    sys.stderr.flush()
-                    os._exit(1)
+        while (reason := self._stopped()) is None:
             time.sleep(0.2)
+        log.error("%s; this runner stops", reason)
+        self.failed(reason)
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _leave_when_closed(stream: object) -> None:
@@ -280,6 +317,9 @@ def _leave_when_closed(stream: object) -> None:
 def main() -> int:
     from ringlet.net.ring import join_store
 
+    # stdout carries only the error that ends this rank, to rank 0 (libraries' prints go to stderr, the node's log)
+    report = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
                         datefmt="%H:%M:%S")
     rank = int(sys.argv[1])
@@ -291,12 +331,14 @@ def main() -> int:
     _leave_when_closed(stdin)
     bound, size = load.bound, load.bound.instance.tensor_parallel
     began = time.perf_counter()
-    join_group(join_store(address, size), rank, size, bound.engine)
     try:
+        join_group(join_store(address, size), rank, size, bound.engine)
         engine, precision = load_rank_engine(bound, load.config, rank)
-    except Exception:  # noqa: BLE001  rank 0 sees this rank exit and reports the load failed
+    except Exception as error:  # noqa: BLE001  rank 0 sees this rank exit and reports the load failed, with this
         traceback.print_exc(file=sys.stderr)
-        return 1
+        print(f"{type(error).__name__}: {error}".replace("\n", " "), file=report, flush=True)
+        sys.stderr.flush()
+        os._exit(1)  # not through the interpreter's shutdown: the thread that reads stdin holds its lock
     log.info("instance %s: tensor-parallel rank %d/%d of layers %d-%d loaded (%s) in %.1f s",
              bound.instance.instance_id, rank, size, bound.shard.start, bound.shard.end - 1, precision,
              time.perf_counter() - began)
