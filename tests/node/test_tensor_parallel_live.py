@@ -41,49 +41,39 @@ def ranks_of(node: LiveNode) -> list[psutil.Process]:
             if "ringlet.worker.tensor_ranks" in " ".join(child.cmdline())]
 
 
-def test_three_ranks_give_the_unsplit_tokens_alone_and_as_pipeline_stages(pair: tuple[Cluster, list[LiveNode]]
+def test_three_ranks_give_the_unsplit_tokens_survive_a_lost_rank_and_run_as_stages(pair: tuple[Cluster, list[LiveNode]]
                                                                           ) -> None:
     cluster, nodes = pair
-    ids = [n.node_id for n in nodes]
-    whole = create(nodes[0], cluster, ids[:1])
-    expected = complete(nodes[0])["choices"][0]["text"]
-    assert expected.strip()
-    delete(nodes[0], whole)
-
-    split = create(nodes[0], cluster, ids[:1], tensor_parallel=3)
-    record = nodes[0].get(f"/instance/{split}").json()
-    assert record["instance"]["tensor_parallel"] == 3
-    assert len(ranks_of(nodes[0])) == 2
-    assert complete(nodes[0])["choices"][0]["text"] == expected
-    assert stream(nodes[0])[0] == expected
-
-    refused = nodes[0].post("/v1/embeddings", json={"model": MODEL, "input": "hello"})
-    assert refused.status_code == 400, refused.text
-    assert complete(nodes[0])["choices"][0]["text"] == expected  # the ranks are still in step
-    delete(nodes[0], split)
-    wait_until(lambda: not ranks_of(nodes[0]), 10, "the ranks gone with their runner", cluster.logs)
-
-    both = create(nodes[0], cluster, ids, tensor_parallel=3)
-    assert len(ranks_of(nodes[0])) == len(ranks_of(nodes[1])) == 2
-    assert complete(nodes[0])["choices"][0]["text"] == expected
-    assert stream(nodes[1])[0] == expected  # forwarded to the first stage's node
-    delete(nodes[0], both)
-
-
-def test_a_killed_rank_restarts_the_runner_with_its_ranks(pair: tuple[Cluster, list[LiveNode]]) -> None:
-    cluster, nodes = pair
-    node = nodes[0]
-    instance_id = create(node, cluster, [node.node_id], tensor_parallel=3)
+    node, ids = nodes[0], [n.node_id for n in nodes]
+    whole = create(node, cluster, ids[:1])
     expected = complete(node)["choices"][0]["text"]
+    assert expected.strip()
+    delete(node, whole)
+
+    split = create(node, cluster, ids[:1], tensor_parallel=3)
+    assert node.get(f"/instance/{split}").json()["instance"]["tensor_parallel"] == 3
+    assert len(ranks_of(node)) == 2
+    assert complete(node)["choices"][0]["text"] == expected
+    assert stream(node)[0] == expected
+    refused = node.post("/v1/embeddings", json={"model": MODEL, "input": "hello"})
+    assert refused.status_code == 400, refused.text
+    assert complete(node)["choices"][0]["text"] == expected  # the ranks are still in step
+
+    # a rank killed: the runner exits, and the node starts it again with its ranks
     [runner] = runners_of(node)
-    victim = ranks_of(node)[0]
-    os.kill(victim.pid, signal.SIGKILL)
+    os.kill(ranks_of(node)[0].pid, signal.SIGKILL)
     wait_until(lambda: runner not in runners_of(node), 10, "the runner exits once a rank has", cluster.logs)
 
     def serving_again() -> bool:
-        record = node.get(f"/instance/{instance_id}").json()
-        return record["status"] == "ready" and len(ranks_of(node)) == 2
+        return node.get(f"/instance/{split}").json()["status"] == "ready" and len(ranks_of(node)) == 2
 
     wait_until(serving_again, 120, "the runner started again with its ranks", cluster.logs)
     assert complete(node)["choices"][0]["text"] == expected
-    delete(node, instance_id)
+    delete(node, split)
+    wait_until(lambda: not ranks_of(node), 10, "the ranks gone with their runner", cluster.logs)
+
+    both = create(node, cluster, ids, tensor_parallel=3)
+    assert len(ranks_of(nodes[0])) == len(ranks_of(nodes[1])) == 2
+    assert complete(node)["choices"][0]["text"] == expected
+    assert stream(nodes[1])[0] == expected  # forwarded to the first stage's node
+    delete(node, both)
