@@ -119,9 +119,9 @@ def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.St
     if bound.instance.tensor_parallel > 1:  # rank 0 of the stage's ranks, which `start_ranks` started
         from ringlet.worker.tensor_ranks import lead, load_rank_engine
 
-        rank, precision = load_rank_engine(bound, config, 0, lambda b, c: _agreed(bound, b, c, store), loaded)
-        lead(rank)
-        return rank, precision
+        share, precision = load_rank_engine(bound, config, 0, lambda b, c: _agreed(bound, b, c, store), loaded)
+        lead(share)
+        return share, precision
     device = compute_device(bound.engine)
     stage, precision = load_torch_stage(bound.instance.model, bound.shard.start, bound.shard.end, config.precision,
                                         device)

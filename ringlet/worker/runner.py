@@ -459,8 +459,8 @@ def _lead_ranks(load: LoadShard, outbox: Outbox) -> Any:
 
 
 def _rank_failed(outbox: Outbox) -> Callable[[str], None]:
-    """What rank 0 tells the node before it exits because another rank did: while loading, that the load failed;
-    once serving, nothing (the node starts a runner that exits again, as after a crash)."""
+    """What rank 0 tells the node before it exits because another rank did: while loading, that the load failed
+    (and why); once serving, nothing: the node sees the runner exit, as after a crash, and starts it again."""
     def report(reason: str) -> None:
         if not outbox.told_ready:
             outbox.send(LoadFailed(error=reason))
