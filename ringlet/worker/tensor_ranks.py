@@ -71,8 +71,7 @@ def join_group(store: dist.Store, rank: int, size: int, engine: EngineType) -> N
     """Make the ranks' default process group: NCCL for CUDA tensors (multicast off) and gloo for host ones; CPU
     ranks take a share of the cores each."""
     if engine == "cuda":
-        os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off, as on every rank: a decode step's all-reduces
-        # are small, and machines that share their NVSwitch fabric forbid it
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off on every rank (the ranks must agree on it)
         torch.cuda.set_device(rank)
     else:  # the ranks share the machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
