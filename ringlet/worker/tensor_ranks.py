@@ -304,11 +304,10 @@ class Ranks:
         os._exit(1)
 
 
-def _leave_when_closed(stream: object) -> None:
+def _leave_when_closed(stream: IO[bytes]) -> None:
     """Exit once rank 0 closes our stdin (it stopped or died)."""
     def wait() -> None:
-        for _ in stream:  # type: ignore[attr-defined]
-            pass
+        stream.read()  # nothing more comes until the end
         os._exit(0)
 
     threading.Thread(target=wait, name="rank-0-pipe", daemon=True).start()

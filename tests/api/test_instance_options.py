@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ringlet.api.app import create_app
 from ringlet.master.placement import GIB
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.shared.engine_info import GpuInfo
 from ringlet.shared.state import RunnerFellBack, RunnerReady
-from tests.support.fake_node import FakeNode
+from tests.support.fake_node import FakeNode, call_api
 from tests.support.node_infos import node_info
 
 OPTIMIZATION = "ipex.optimize (bf16): 211 of 211 linear layers prepacked"
@@ -27,17 +25,8 @@ def intel_node(tmp_path: Path) -> FakeNode:
     return FakeNode(tmp_path, info=node_info("node-arc", 32, engines=("ipex", "cpu"), gpus=gpus, name="arc-box"))
 
 
-def call(node: FakeNode, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=create_app(node))
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            return await client.request(method, path, **kwargs)
-
-    return asyncio.run(go())
-
-
 def create(node: FakeNode, **body: Any) -> httpx.Response:
-    return call(node, "POST", "/instance", json={"model": EMBEDDED_MODEL_ID, "instance_type": "IpexRing", **body})
+    return call_api(node, "POST", "/instance", json={"model": EMBEDDED_MODEL_ID, "instance_type": "IpexRing", **body})
 
 
 def test_the_options_are_placed_carried_and_reported(tmp_path: Path) -> None:
@@ -51,7 +40,7 @@ def test_the_options_are_placed_carried_and_reported(tmp_path: Path) -> None:
                           optimization=OPTIMIZATION))
     node.emit(RunnerFellBack(instance_id=instance_id, node_id="node-arc", engine="cpu",
                              reason="ipex -> cpu: the device was lost"))
-    record = call(node, "GET", "/state").json()["instances"][instance_id]
+    record = call_api(node, "GET", "/state").json()["instances"][instance_id]
     assert record["instance"]["intel_gpu_devices"] == [0]
     runner = record["runners"]["node-arc"]
     assert (runner["engine"], runner["optimization"], runner["fallback"]) == (
@@ -65,9 +54,9 @@ def test_a_context_window_is_placed_carried_and_checked(tmp_path: Path) -> None:
     reply = create(node, instance_type="CpuRing", max_context=2048)
     assert reply.status_code == 201, reply.text
     instance_id = reply.json()["instance"]["instance_id"]
-    assert call(node, "GET", "/state").json()["instances"][instance_id]["instance"]["max_context"] == 2048
-    previews = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID, "max_context": 2048})
-    wide = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID})
+    assert call_api(node, "GET", "/state").json()["instances"][instance_id]["instance"]["max_context"] == 2048
+    previews = call_api(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID, "max_context": 2048})
+    wide = call_api(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID})
     kv = [next(p["stages"][0]["kv_bytes"] for p in r.json()["previews"] if p["instance_type"] == "CpuRing")
           for r in (previews, wide)]
     assert kv[0] * 4 == kv[1], "2048 positions against the default 8192"
@@ -101,16 +90,16 @@ def test_the_options_on_another_instance_type_are_a_400(tmp_path: Path) -> None:
 def test_previews_place_ipex_ring_on_the_chosen_device(tmp_path: Path) -> None:
     node = intel_node(tmp_path)
     query = {"model": EMBEDDED_MODEL_ID}
-    previews = {p["instance_type"]: p for p in call(node, "GET", "/instance/previews", params=query).json()["previews"]}
+    previews = {p["instance_type"]: p for p in call_api(node, "GET", "/instance/previews", params=query).json()["previews"]}
     (stage,) = previews["IpexRing"]["stages"]
     assert stage["device"] == 1, "the discrete GPU by default"
-    chosen = call(node, "GET", "/instance/previews", params={**query, "intel_gpu_devices": [0]}).json()["previews"]
+    chosen = call_api(node, "GET", "/instance/previews", params={**query, "intel_gpu_devices": [0]}).json()["previews"]
     assert next(p for p in chosen if p["instance_type"] == "IpexRing")["stages"][0]["device"] == 0
-    missing = call(node, "GET", "/instance/previews", params={**query, "intel_gpu_devices": [7]}).json()["previews"]
+    missing = call_api(node, "GET", "/instance/previews", params={**query, "intel_gpu_devices": [7]}).json()["previews"]
     ipex = next(p for p in missing if p["instance_type"] == "IpexRing")
     assert not ipex["possible"] and ipex["reason"].startswith("node arc-box has no Intel GPU 7; its Intel GPUs: 0 (")
     assert next(p for p in missing if p["instance_type"] == "CpuRing")["possible"]
-    bad = call(node, "GET", "/instance/previews", params={**query, "intel_gpu_devices": [2, 2]})
+    bad = call_api(node, "GET", "/instance/previews", params={**query, "intel_gpu_devices": [2, 2]})
     assert bad.status_code == 400 and "distinct" in bad.json()["error"]["message"]
 
 
@@ -119,7 +108,7 @@ def test_a_model_larger_than_either_gpu_is_split_over_both(tmp_path: Path) -> No
     gpus = tuple(GpuInfo(vendor="intel", index=i, name="Intel(R) Arc(TM) A310", memory_total_bytes=4 * GIB,
                          memory_free_bytes=int(0.35 * GIB), integrated=False) for i in (0, 1))
     node = FakeNode(tmp_path, info=node_info("node-arc", 32, engines=("ipex", "cpu"), gpus=gpus, name="arc-box"))
-    previews = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID}).json()["previews"]
+    previews = call_api(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID}).json()["previews"]
     (stage,) = next(p for p in previews if p["instance_type"] == "IpexRing")["stages"]
     assert [(d["device"], d["start"], d["end"]) for d in stage["devices"]] == [(0, 0, 15), (1, 15, 30)]
     refused = create(node, intel_gpu_devices=[1], max_context=8192)  # given none, one GPU holds a shorter one

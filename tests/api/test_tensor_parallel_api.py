@@ -4,17 +4,15 @@ reason where it does not apply or does not fit."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ringlet.api.app import create_app
 from ringlet.master.placement import GIB
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.shared.engine_info import GpuInfo
-from tests.support.fake_node import FakeNode
+from tests.support.fake_node import FakeNode, call_api
 from tests.support.node_infos import node_info
 
 
@@ -24,17 +22,8 @@ def gpu_node(tmp_path: Path) -> FakeNode:
     return FakeNode(tmp_path, info=node_info("node-h100", 64, engines=("cuda", "cpu"), gpus=gpus, name="h100-box"))
 
 
-def call(node: FakeNode, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=create_app(node))
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            return await client.request(method, path, **kwargs)
-
-    return asyncio.run(go())
-
-
 def create(node: FakeNode, **body: Any) -> httpx.Response:
-    return call(node, "POST", "/instance", json={"model": EMBEDDED_MODEL_ID, "instance_type": "CudaRing", **body})
+    return call_api(node, "POST", "/instance", json={"model": EMBEDDED_MODEL_ID, "instance_type": "CudaRing", **body})
 
 
 def test_a_cuda_ring_split_over_three_gpus_is_placed_and_carried(tmp_path: Path) -> None:
@@ -43,8 +32,8 @@ def test_a_cuda_ring_split_over_three_gpus_is_placed_and_carried(tmp_path: Path)
     assert reply.status_code == 201, reply.text
     instance = reply.json()["instance"]
     assert instance["tensor_parallel"] == 3
-    assert call(node, "GET", "/state").json()["instances"][instance["instance_id"]]["instance"]["tensor_parallel"] == 3
-    previews = call(node, "GET", "/instance/previews",
+    assert call_api(node, "GET", "/state").json()["instances"][instance["instance_id"]]["instance"]["tensor_parallel"] == 3
+    previews = call_api(node, "GET", "/instance/previews",
                     params={"model": EMBEDDED_MODEL_ID, "tensor_parallel": 3}).json()["previews"]
     (stage,) = next(p for p in previews if p["instance_type"] == "CudaRing")["stages"]
     assert (stage["tensor_parallel"], stage["link"], stage["weight_format"]) == (3, "NVLink", "bfloat16")
@@ -61,6 +50,6 @@ def test_what_does_not_apply_or_fit_is_a_4xx_with_the_reason(tmp_path: Path) -> 
         reply = create(node, **body)
         assert reply.status_code == status, (body, reply.text)
         assert reason in reply.json()["error"]["message"], (body, reply.text)
-    bad = call(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID, "tensor_parallel": 0})
+    bad = call_api(node, "GET", "/instance/previews", params={"model": EMBEDDED_MODEL_ID, "tensor_parallel": 0})
     assert bad.status_code == 400, bad.text
     assert len(node.state.instances) == 1, "only the embedded model's instance"

@@ -24,7 +24,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -333,6 +335,18 @@ def _logprobs(token: str, generated: int, top: int | None) -> list[TokenLogprob]
     best = -0.1 * generated
     return [TokenLogprob(token=token, logprob=best,
                          top=[TopLogprob(token=token if i == 0 else f"alt{i}", logprob=best - i) for i in range(top)])]
+
+
+def call_api(node: FakeNode, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One request to `node`'s API in this process, over ASGI (no server, no port)."""
+    from ringlet.api.app import create_app
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(node)),
+                                     base_url="http://localhost") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
 
 
 @contextmanager
