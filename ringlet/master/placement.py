@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.models.catalog import ModelCard, engine_weight_format
 from ringlet.models.config import shard_misfit
-from ringlet.shared.config import KV_SHARE, MIN_CONTEXT, Precision, context_that_fits
+from ringlet.shared.config import KV_SHARE, MIN_CONTEXT, Precision, context_that_fits, sharded_precision
 from ringlet.shared.engine_info import GpuInfo
 from ringlet.shared.instances import (
     MOST_TENSOR_PARALLEL,
@@ -456,9 +456,7 @@ def _tensor_parallel_dtype(node: NodeInfo, instance_type: InstanceType, precisio
     engine = stage_engine(node, instance_type)
     if degree == 1 or engine is None:
         return None
-    wanted = node.precision if precision == "auto" else precision
-    if wanted == "auto":
-        return ENGINE_DTYPE[engine]
+    wanted = sharded_precision(node.precision if precision == "auto" else precision, engine)
     if wanted in ("int8", "int4"):
         raise PlacementError(f"tensor parallelism splits bf16, fp16 or fp32 weights, not {wanted} (the precision of "
                              f"node {node.name}); start it with --precision bf16, or leave tensor_parallel at 1")

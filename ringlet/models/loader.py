@@ -185,9 +185,11 @@ def load_stage(
     kept = 0
     read: Mapping[str, torch.Tensor] = weights  # what the layers are built from
     if sharded:
+        import torch.distributed as dist
+
         from ringlet.models import tensor_parallel
 
-        tensor_parallel.check_shardable(args, tensor_parallel.group_size())
+        tensor_parallel.check_shardable(args, dist.get_world_size())  # the default group: the stage's ranks
         keeps_fp8 = False  # the checkpoint's fp8 linears are read as `dtype`, then split
         read = tensor_parallel.ends_deferred(weights)
 

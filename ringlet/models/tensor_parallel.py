@@ -35,11 +35,6 @@ _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_ten
 _ENDS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def group_size(group: dist.ProcessGroup | None = None) -> int:
-    """Ranks of `group` (the default group: a stage's tensor-parallel ranks in a runner)."""
-    return dist.get_world_size(group)
-
-
 def ends_deferred(weights: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """`weights` for `build_stage` with the embedding and lm_head left unread: `shard_ends` reads this rank's rows."""
     return _EndsDeferred(weights)

@@ -11,6 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 # the precision of weights (int8/int4: weight-only, with bf16 activations where the CPU has native bf16)
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+
+
+def sharded_precision(precision: Precision, engine: str) -> Precision:
+    """What a tensor-parallel rank holds its weights in: floats, so auto is bf16 on a GPU and fp32 on a CPU (`engine`
+    or a torch device type); an explicit precision stays (int8/int4 are refused where the stage loads)."""
+    if precision != "auto":
+        return precision
+    return "fp32" if engine == "cpu" else "bf16"
 # which decode step a CUDA graph replays: fused Triton kernels where the model allows, or the model's own forward
 # through torch.compile (every architecture)
 CudaDecode = Literal["fused", "compiled"]

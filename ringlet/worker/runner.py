@@ -366,14 +366,15 @@ def stage_weight_bytes(load: LoadShard, quiet: bool = False) -> int | None:
     from ringlet.models.catalog import card_from_path, engine_weight_format
     from ringlet.models.loader import resolve_model_path
     from ringlet.models.quant import cpu_supports_bf16
+    from ringlet.shared.config import sharded_precision
     from ringlet.shared.errors import ModelLoadError
 
     shard = load.bound.shard
     try:
         card = card_from_path(load.bound.instance.model, resolve_model_path(load.bound.instance.model))
         precision = load.config.precision
-        if load.bound.instance.tensor_parallel > 1 and precision == "auto":  # its ranks hold floats
-            precision = "fp32" if shard.engine == "cpu" else "bf16"
+        if load.bound.instance.tensor_parallel > 1:
+            precision = sharded_precision(precision, shard.engine)
         held = engine_weight_format(shard.engine, precision, cpu_bf16=cpu_supports_bf16(),
                                     metal=sys.platform == "darwin")
         return card.stage_bytes(shard.start, shard.end, held)

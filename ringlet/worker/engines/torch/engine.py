@@ -12,7 +12,7 @@ from ringlet.models.loader import LoadedStage, Quantization, load_stage
 from ringlet.models.moe import routes_in_grouped_products
 from ringlet.models.quant import COMPUTE_DTYPES, cpu_supports_bf16
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.shared.config import PRECISIONS, EngineConfig
+from ringlet.shared.config import PRECISIONS, EngineConfig, sharded_precision
 from ringlet.shared.tasks import GenerationChunk, TextGenerationTask
 from ringlet.worker.engines.base import run_warmup_request
 from ringlet.worker.engines.torch.generate import TextGenerator
@@ -20,6 +20,7 @@ from ringlet.worker.engines.torch.static_decode import StaticDecoder
 
 if TYPE_CHECKING:
     from ringlet.models.llama import Transformer
+    from ringlet.shared.config import Precision
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -48,9 +49,9 @@ def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None =
     (`loader.load_stage`), whose weights stay floats: auto is bf16 on a GPU, fp32 on a CPU.
     """
     device = device or torch.device("cpu")
+    if sharded and device.type == "cpu":  # on a GPU auto is a float already (bf16, or fp16 where bf16 is missing)
+        precision = sharded_precision(cast("Precision", precision), "cpu")
     resolved = resolve_precision(precision, device)
-    if sharded and precision == "auto" and device.type == "cpu":
-        resolved = "fp32"
     quantize: Quantization | None = (
         "int4 where stored" if precision == "auto" and resolved == "int8"
         else cast("Quantization", resolved) if resolved in ("int8", "int4") else None)
