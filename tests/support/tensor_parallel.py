@@ -12,6 +12,7 @@ cuda: every rank on the one GPU). Runs on disjoint ranks go on at once.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ PHASES: tuple[tuple[Run, ...], ...] = (
 )
 RUNS = {run.name: run for phase in PHASES for run in phase}
 WORLD = 4
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels can take CPU tensors (no GPU: conftest.py)
 
 
 def write_checkpoint(name: str, path: Path) -> None:
@@ -151,17 +153,19 @@ def single_process(model: Transformer, paged: bool = False) -> dict[str, torch.T
 
 
 def pipeline_step(hidden_size: int, previous: int | None, following: int | None) -> Step:
-    """A stage's `step`: hidden states come from rank `previous` and go to rank `following` (None: no such stage)."""
+    """A stage's `step`: hidden states come from rank `previous` and go to rank `following` (None: no such stage),
+    through host memory as the ring's gloo frames go (gloo sends no CUDA tensors)."""
 
     def step(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor) -> torch.Tensor | None:
         x = ids
         if previous is not None:
-            x = torch.empty(*ids.shape, hidden_size, device=ids.device)
+            x = torch.empty(*ids.shape, hidden_size)
             dist.recv(x, previous)
+            x = x.to(ids.device)
         y = forward(x)
         if following is None:
             return y
-        dist.send(y.contiguous(), following)
+        dist.send(y.contiguous().cpu(), following)
         return None
 
     return step
@@ -196,7 +200,8 @@ def take_part(run: Run, rank: int, groups: dict[tuple[int, ...], dist.ProcessGro
     previous = run.stages[index - 1][position] if index > 0 else None
     following = run.stages[index + 1][position] if index + 1 < len(run.stages) else None
     results = exercise(model, pipeline_step(args.hidden_size, previous, following))
-    if run.paged and device == "cpu":  # on a GPU the step captures graphs, and gloo's collectives cannot be captured
+    # on a GPU the step captures graphs, and gloo's collectives cannot be captured; CPU tensors need Triton's interpreter
+    if run.paged and device == "cpu" and INTERPRETED:
         results |= paged_steps(model)
     if following is None:  # with what its rank holds: the kv heads its cache has, the vocabulary rows its lm_head has
         assert isinstance(model.lm_head, VocabParallelHead)
