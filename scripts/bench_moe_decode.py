@@ -25,6 +25,7 @@ from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decod
 LAYERS = 16
 
 
+@torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen3-30b-a3b")

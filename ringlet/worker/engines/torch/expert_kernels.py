@@ -107,7 +107,7 @@ def _expert_down(x_ptr, w_ptr, ids_ptr, weights_ptr, out_ptr, N, K, TOP_K: tl.co
 
 # tile sizes (python scripts/bench_moe_decode.py --sweep measures others)
 GATE_UP_TILE = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
-DOWN_TILE = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
+DOWN_TILE = {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4}
 
 
 class ExpertBuffers:
