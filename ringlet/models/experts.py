@@ -32,8 +32,12 @@ class Experts(nn.Module):
             ends = counts.cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
             return torch._grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=ends)
-        return _per_expert(rows, counts, lambda e, x: F.linear(x, self.gate_up_proj[e]),
+        return per_expert(rows, counts, lambda e, x: F.linear(x, self.gate_up_proj[e]),
                            lambda e, x: F.linear(x, self.down_proj[e]))
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.down_proj.shape[-1]
 
     def _rows_aligned(self) -> bool:
         """Whether the rows of the weights and activations start every 16 bytes, as `torch._grouped_mm` needs."""
@@ -58,7 +62,7 @@ class Int8Experts(nn.Module):
             self.register_buffer(name.replace("proj", "scales"), step.view(weight.shape[:2]).to(dtype))
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return _per_expert(rows, counts, lambda e, x: _int8_mm(x, self.gate_up_proj[e], self.gate_up_scales[e]),
+        return per_expert(rows, counts, lambda e, x: _int8_mm(x, self.gate_up_proj[e], self.gate_up_scales[e]),
                            lambda e, x: _int8_mm(x, self.down_proj[e], self.down_scales[e]))
 
 
@@ -72,7 +76,7 @@ class Int4Experts(nn.Module):
         self.gate_up, self.down = nn.ModuleList(gate_up), nn.ModuleList(down)
 
     def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return _per_expert(rows, counts, lambda e, x: self.gate_up[e](x), lambda e, x: self.down[e](x))
+        return per_expert(rows, counts, lambda e, x: self.gate_up[e](x), lambda e, x: self.down[e](x))
 
 
 def _int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,7 @@ def _int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torc
 Projection = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, its rows) -> the rows projected
 
 
-def _per_expert(rows: torch.Tensor, counts: torch.Tensor, gate_up: Projection, down: Projection) -> torch.Tensor:
+def per_expert(rows: torch.Tensor, counts: torch.Tensor, gate_up: Projection, down: Projection) -> torch.Tensor:
     """The gated MLP of each expert over its slice of `rows`: one pair of matmuls per expert that has rows."""
     out = torch.empty_like(rows)
     first = 0

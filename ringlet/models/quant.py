@@ -14,7 +14,7 @@ The lm_head stays int8 under int4: its logits decide every token; the embedding 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import cast
 
 import torch
@@ -224,6 +224,17 @@ def int4_linear(groups: GroupQuantized, bias: torch.Tensor | None, dtype: torch.
     return Int4Linear(groups, bias, dtype)
 
 
+def int4_experts(gate_ups: Iterable[GroupQuantized], downs: Iterable[GroupQuantized], count: int, dtype: torch.dtype,
+                 device: torch.device) -> nn.Module:
+    """`count` experts' int4 weights (each one's gate/up and down groups, on `device`) for the device: stacked for
+    CUDA's kernels, else an int4 linear per expert and projection."""
+    if device.type == "cuda":
+        from ringlet.models.quant_cuda import CudaInt4Experts
+
+        return CudaInt4Experts(gate_ups, downs, count, dtype)
+    return Int4Experts([int4_linear(g, None, dtype) for g in gate_ups], [int4_linear(g, None, dtype) for g in downs])
+
+
 def int8_linear(weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
     """The per-channel int8 linear for the device `weight` (float, or already rounded) is on: CUDA's Triton kernels,
     else the CPU one."""
@@ -287,12 +298,11 @@ def _experts_from_groups(layer: nn.Module, prefix: str, source: Mapping[str, Gro
     count, width = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
     hidden = experts.down_proj.shape[1]
     target = torch.device(device) if device is not None else gate.codes.device
-    gate_ups = [int4_linear(GroupQuantized.cat([gate.rows(e * width, (e + 1) * width),
-                                                up.rows(e * width, (e + 1) * width)]).to(target), None, dtype)
-                for e in range(count)]
-    downs = [int4_linear(down.rows(e * hidden, (e + 1) * hidden).to(target), None, dtype) for e in range(count)]
+    gate_ups = (GroupQuantized.cat([gate.rows(e * width, (e + 1) * width), up.rows(e * width, (e + 1) * width)])
+                .to(target) for e in range(count))
+    downs = (down.rows(e * hidden, (e + 1) * hidden).to(target) for e in range(count))
     owner, _, attr = path.rpartition(".")
-    setattr(layer.get_submodule(owner), attr, Int4Experts(gate_ups, downs))
+    setattr(layer.get_submodule(owner), attr, int4_experts(gate_ups, downs, count, dtype, target))
     return True
 
 
@@ -310,9 +320,9 @@ def quantize_experts_int4(module: nn.Module, dtype: torch.dtype, group_size: int
             setattr(module, name, Int8Experts(child, dtype))
             continue
         target = torch.device(device) if device is not None else gate_up.device
-        gate_ups, downs = ([int4_linear(GroupQuantized.round(w.to(target), group_size), None, dtype) for w in weights]
+        gate_ups, downs = ((GroupQuantized.round(w.to(target), group_size) for w in weights)
                            for weights in (gate_up, down))
-        setattr(module, name, Int4Experts(gate_ups, downs))
+        setattr(module, name, int4_experts(gate_ups, downs, gate_up.shape[0], dtype, target))
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

@@ -10,9 +10,12 @@ gate and the residual add run inside the product, as they do for the bf16 weight
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import nn
 
+from ringlet.models.experts import per_expert
 from ringlet.models.kernels import int4_cuda
 from ringlet.models.quant_format import GroupQuantized, Int8Rows, round_rows_int8
 
@@ -98,3 +101,56 @@ class CudaInt8Linear(CudaQuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         """The weight [N, K] in fp32 (tests, references)."""
         return self.weight.float() * self.scale.float()[:, None]
+
+
+class CudaInt4Experts(nn.Module):
+    """A mixture-of-experts layer's experts at int4 on CUDA: every expert's packed codes, scales and offsets stacked,
+    one tensor each per projection ([E, rows, ...], `CudaInt4Linear`'s layout per expert), so that the decode step's
+    kernels (`expert_kernels.moe_decode`) find a chosen expert's weights by its index on the device. Eager calls run
+    each expert that has rows through the int4 linear's kernels."""
+
+    # buffers, registered in __init__
+    gate_up_packed: torch.Tensor  # uint8 [E, 2I, H / 2]: each expert's gate rows, then its up rows
+    gate_up_scale: torch.Tensor  # fp16 [E, 2I, H / group_size]
+    gate_up_offset: torch.Tensor
+    down_packed: torch.Tensor  # uint8 [E, H, I / 2]
+    down_scale: torch.Tensor  # fp16 [E, H, I / group_size]
+    down_offset: torch.Tensor
+
+    def __init__(self, gate_ups: Iterable[GroupQuantized], downs: Iterable[GroupQuantized], count: int,
+                 dtype: torch.dtype) -> None:
+        """`count` experts' gate/up and down weights, packed one expert at a time (never all unpacked at once)."""
+        super().__init__()
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"int4 experts on CUDA compute in bf16 or fp16, not {dtype}")
+        self.dtype = dtype
+        for name, weights in (("gate_up", gate_ups), ("down", downs)):
+            for expert, weight in enumerate(weights):
+                if expert == 0:
+                    rows, columns = weight.codes.shape
+                    self.group_size = weight.group_size
+                    device, groups = weight.codes.device, columns // weight.group_size
+                    self.register_buffer(f"{name}_packed",
+                                         torch.empty(count, rows, columns // 2, dtype=torch.uint8, device=device))
+                    for part in ("scale", "offset"):
+                        self.register_buffer(f"{name}_{part}",
+                                             torch.empty(count, rows, groups, dtype=torch.float16, device=device))
+                codes = weight.codes.view(*weight.codes.shape[:-1], -1, 2)
+                getattr(self, f"{name}_packed")[expert] = codes[..., 0] | (codes[..., 1] << 4)
+                getattr(self, f"{name}_scale")[expert] = weight.scale
+                getattr(self, f"{name}_offset")[expert] = weight.offset
+        self.num_experts, self.hidden_size = count, self.down_packed.shape[1]
+        self.intermediate_size = self.down_packed.shape[2] * 2
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows [N, H] sorted by expert, `counts` [E] rows for each; returns each row's expert output [N, H]."""
+        def project(name: str) -> Callable[[int, torch.Tensor], torch.Tensor]:
+            packed, scale, offset = (getattr(self, f"{name}_{part}") for part in ("packed", "scale", "offset"))
+            return lambda e, x: torch.ops.ringlet.int4_linear(x, packed[e], scale[e], offset[e], self.group_size,
+                                                              None)
+
+        return per_expert(rows, counts, project("gate_up"), project("down"))
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, group_size={self.group_size}")

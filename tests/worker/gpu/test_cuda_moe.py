@@ -8,6 +8,8 @@ import torch
 
 from ringlet.models.loader import LoadedStage
 from ringlet.models.paged_cache import BatchLayout, SequenceStep
+from ringlet.models.quant import int8_linear, quantize_layer_int4
+from ringlet.models.quant_cuda import CUDA_GROUP_SIZE, CudaInt4Experts
 from ringlet.models.random_checkpoint import random_weights, synthetic_tokenizer
 from ringlet.models.registry import build_stage, model_args
 from ringlet.shared.config import EngineConfig
@@ -26,7 +28,7 @@ CONFIG = {"model_type": "qwen3_moe", "hidden_size": 1024, "intermediate_size": 2
 SETTINGS = EngineConfig(max_context=1024, max_batch=16, kv_cache_tokens=16 * 1024)
 
 
-def batch_engine(dtype: torch.dtype, graphs: bool = True) -> TorchBatchEngine:
+def batch_engine(dtype: torch.dtype, graphs: bool = True, int4: bool = False) -> TorchBatchEngine:
     args = model_args(CONFIG)
     weights = random_weights(args, dtype, "cuda", seed=1)
     weights["model.embed_tokens.weight"] *= 50  # peaked logits: greedy choices are not near-ties
@@ -34,6 +36,11 @@ def batch_engine(dtype: torch.dtype, graphs: bool = True) -> TorchBatchEngine:
         if name.endswith("mlp.gate.weight"):
             weights[name] *= 50  # routers that choose: the experts' weights differ
     model = build_stage(args, weights=weights, dtype=dtype, device="cuda")
+    if int4:  # as load_stage rounds a layer for --precision int4 on CUDA
+        for index, layer in enumerate(model.layers):
+            quantize_layer_int4(layer, index, dtype, {}, False, CUDA_GROUP_SIZE)
+        model.lm_head = int8_linear(model.lm_head.weight.data, None, dtype)
+        assert all(isinstance(b.mlp.experts, CudaInt4Experts) for b in model.layers if hasattr(b.mlp, "experts"))
     stage = LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
     engine = TorchBatchEngine(stage, torch.device("cuda"), SETTINGS)
     if not graphs:
@@ -55,8 +62,11 @@ def test_graphed_moe_steps_give_the_eager_steps_tokens():
 
 
 @pytest.mark.parametrize("rows", [1, 8])
-def test_bf16_moe_step_tracks_the_packed_forward(rows):
-    engine = batch_engine(torch.bfloat16)
+@pytest.mark.parametrize("precision", ["bf16", "int4"])
+def test_moe_step_tracks_the_packed_forward(rows, precision):
+    """bf16 experts, or int4 ones (`CudaInt4Experts`: the graphed step's int4 expert kernels against the eager
+    forward's int4 linear per expert)."""
+    engine = batch_engine(torch.bfloat16, int4=precision == "int4")
     model, step = engine.model, engine.paged_decode
     assert step is not None
     reference = model.make_paged_cache(engine.num_blocks, engine.block_size)

@@ -37,7 +37,7 @@ from ringlet.models.gemma import GemmaTransformer
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import embed_rows
-from ringlet.models.quant_cuda import CudaQuantizedLinear
+from ringlet.models.quant_cuda import CudaInt4Experts, CudaQuantizedLinear
 from ringlet.models.tensor_parallel import VocabParallelHead, is_sharded, local_linear
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
@@ -287,8 +287,8 @@ def unsupported_reason(model: nn.Module, experts: bool = False) -> str | None:
     if any(not isinstance(mlp, SparseMoE) and not isinstance(getattr(mlp, "gate_up_proj", None), nn.Module)
            for mlp in mlps):
         return "an MLP it has no kernels for"
-    if any(type(mlp.experts) is not Experts for mlp in mlps if isinstance(mlp, SparseMoE)):
-        return "quantised experts"
+    if any(type(mlp.experts) not in (Experts, CudaInt4Experts) for mlp in mlps if isinstance(mlp, SparseMoE)):
+        return "int8 or per-expert int4 experts"
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"weights in {dtype}"
