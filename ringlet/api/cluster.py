@@ -116,7 +116,7 @@ def instance_previews(
     max_context: Annotated[int | None, Query(ge=16, le=1 << 20, description="the context window to count the KV "
                                                                             "cache for")] = None,
     tensor_parallel: Annotated[int, Query(ge=1, le=64, description="GPUs a stage is split over by tensor "
-                                                                   "parallelism (CudaRing, CpuRing)")] = 1,
+                                                                   "parallelism (CudaRing, IpexRing, CpuRing)")] = 1,
 ) -> PreviewsResponse:
     """Where each instance type would put the model's layers (and the memory per node, per Intel GPU device), or
     why it cannot; the Intel options shape IpexRing's preview only."""

@@ -90,8 +90,9 @@ class CreateInstanceRequest(BaseModel):
                                                                          "the model's own); default: the model's "
                                                                          "own, capped by what the nodes' memory "
                                                                          "holds for the KV cache")
-    tensor_parallel: int = Field(1, ge=1, le=64, description="CudaRing: split each stage over this many GPUs of its "
-                                                            "node by tensor parallelism (CpuRing: processes); 1: none")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="CudaRing, IpexRing: split each stage over this "
+                                                            "many GPUs of its node by tensor parallelism (CpuRing: "
+                                                            "processes); 1: none")
 
     @model_validator(mode="after")
     def _options_fit(self) -> CreateInstanceRequest:

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the KV cache")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="GPUS",
                    help="split the default instance's model over this many GPUs of this node by tensor parallelism "
-                        "(--engine cuda: one process a GPU, NCCL between them; --engine cpu: processes, for testing); "
+                        "(--engine cuda: one process a GPU, NCCL between them; --engine ipex: xccl; --engine cpu: "
+                        "processes, for testing); "
                         "its weights stay bf16 (default: 1, no split)")
     intel = p.add_argument_group("Intel GPU", "How the default instance runs where it is an IpexRing (--engine ipex, "
                                               "or an Intel GPU detected).")

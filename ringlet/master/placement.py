@@ -40,6 +40,7 @@ from ringlet.shared.instances import (
     InstanceType,
     IpexOptimizationLevel,
     Shard,
+    single_node_type,
     tensor_parallel_misfit,
 )
 from ringlet.shared.state import InstanceCreated, InstanceRecord, NodeInfo, RunnerStatus
@@ -80,7 +81,8 @@ class InstanceOptions(BaseModel):
                                     "sequence may use), capped by the model's own; None: the model's own, capped by "
                                     "what the nodes' memory holds")
     tensor_parallel: int = Field(1, ge=1, le=MOST_TENSOR_PARALLEL, description=(
-        "split each stage over this many GPUs of its node (CudaRing; CpuRing: processes) by tensor parallelism"))
+        "split each stage over this many GPUs of its node (CudaRing, IpexRing; CpuRing: processes) by tensor "
+        "parallelism"))
 
     @field_validator("intel_gpu_devices")
     @classmethod
@@ -311,8 +313,8 @@ def place(
     suitable = [n for n in candidates if _suits(n, instance_type)]
     if not suitable:
         raise PlacementError(_no_suitable_node(instance_type, candidates))
-    if instance_type == InstanceType.CUDA_RING and degree > 1:
-        suitable = _with_gpus(suitable, degree, strict=node_ids is not None)
+    if instance_type in (InstanceType.CUDA_RING, InstanceType.IPEX_RING) and degree > 1:
+        suitable = _with_gpus(suitable, instance_type, options, strict=node_ids is not None)
     needs = _needs(instance_type)
     if node_ids is not None and len(suitable) < len(candidates):
         unsuitable = [n for n in candidates if n not in suitable]
@@ -323,7 +325,7 @@ def place(
                              f"{len(candidates)} nodes have {needs}")
     if min_nodes > card.num_layers:
         raise PlacementError(f"{card.id} has {card.num_layers} layers; it cannot be split over {min_nodes} nodes")
-    if instance_type == InstanceType.IPEX_RING and options.intel_gpu_devices is not None:
+    if instance_type == InstanceType.IPEX_RING and options.intel_gpu_devices is not None and degree == 1:
         suitable = _with_devices(suitable, options.intel_gpu_devices, strict=node_ids is not None)
 
     rooms = {n.node_id: _room(n, instance_type, options, placed) for n in suitable}
@@ -438,13 +440,41 @@ def _nvidia_gpus(node: NodeInfo, degree: int) -> list[GpuInfo]:
     return sorted((g for g in node.hardware.gpus if g.vendor == "nvidia"), key=lambda g: g.index)[:degree]
 
 
-def _with_gpus(nodes: list[NodeInfo], degree: int, strict: bool) -> list[NodeInfo]:
-    """The nodes with `degree` NVIDIA GPUs; `strict` (the nodes were named): any with fewer is refused."""
-    having = [n for n in nodes if len(_nvidia_gpus(n, degree)) == degree]
+def rank_intel_gpus(wanted: tuple[int, ...] | None, degree: int) -> tuple[int, ...]:
+    """The Intel GPUs an IpexRing stage of `degree` tensor-parallel ranks runs on, rank r on the r-th: the first
+    `degree` of the instance's `intel_gpu_devices`, else devices 0 ... degree - 1 (the runner opens the same ones)."""
+    return tuple(wanted[:degree]) if wanted is not None else tuple(range(degree))
+
+
+def _rank_gpus(node: NodeInfo, instance_type: InstanceType, options: InstanceOptions) -> list[tuple[int, int]]:
+    """(index, free bytes) of each GPU of `node` that a rank of a tensor-parallel stage runs on, of those it has."""
+    degree = options.tensor_parallel
+    if instance_type == InstanceType.IPEX_RING:
+        devices = {d.index: d.free_bytes for d in intel_devices(node)}
+        return [(i, devices[i]) for i in rank_intel_gpus(options.intel_gpu_devices, degree) if i in devices]
+    return [(g.index, g.memory_total_bytes if g.memory_free_bytes is None else g.memory_free_bytes)
+            for g in _nvidia_gpus(node, degree)]
+
+
+def _with_gpus(nodes: list[NodeInfo], instance_type: InstanceType, options: InstanceOptions, strict: bool
+               ) -> list[NodeInfo]:
+    """The nodes with a GPU for each tensor-parallel rank; `strict` (the nodes were named): any lacking is refused."""
+    degree = options.tensor_parallel
+    if instance_type == InstanceType.IPEX_RING and options.intel_gpu_devices is not None and \
+            len(options.intel_gpu_devices) < degree:
+        raise DeviceChoiceError(f"tensor_parallel {degree} runs a rank on each of {degree} Intel GPUs, but "
+                                f"intel_gpu_devices names {len(options.intel_gpu_devices)}; name {degree} or more")
+    having = [n for n in nodes if len(_rank_gpus(n, instance_type, options)) == degree]
     lacking = [n for n in nodes if n not in having]
     if lacking and (strict or not having):
-        counts = "; ".join(f"{n.name} has {len(_nvidia_gpus(n, degree))}" for n in lacking)
-        raise PlacementError(f"tensor_parallel {degree} splits each stage over {degree} NVIDIA GPUs of its node: "
+        if instance_type == InstanceType.IPEX_RING:
+            which = ", ".join(map(str, rank_intel_gpus(options.intel_gpu_devices, degree)))
+            kind, counts = f"Intel GPUs ({which})", "; ".join(
+                f"{n.name}'s: {_device_list(intel_devices(n))}" for n in lacking)
+        else:
+            kind = "NVIDIA GPUs"
+            counts = "; ".join(f"{n.name} has {len(_rank_gpus(n, instance_type, options))}" for n in lacking)
+        raise PlacementError(f"tensor_parallel {degree} splits each stage over {degree} {kind} of its node: "
                              f"{counts}; lower tensor_parallel or add GPUs")
     return having
 
@@ -468,6 +498,8 @@ def _link(node: NodeInfo, engine: EngineType, degree: int) -> str | None:
     reports none; CPU ranks over loopback."""
     if degree == 1:
         return None
+    if engine == "ipex":
+        return "unknown"  # nothing ringlet reads tells Xe Link from PCIe
     if engine != "cuda":
         return "loopback"
     links = {g.nvlink for g in _nvidia_gpus(node, degree)}
@@ -482,12 +514,14 @@ def _room(node: NodeInfo, instance_type: InstanceType, options: InstanceOptions,
     engine = stage_engine(node, instance_type)
     assert engine is not None, "only suitable nodes are measured"
     held = _held(node, placed)
-    if engine == "cuda" and options.tensor_parallel > 1:  # each rank holds a share: the least room of its GPUs
-        gpus = _nvidia_gpus(node, options.tensor_parallel)
-        least = min((g.memory_total_bytes if g.memory_free_bytes is None else g.memory_free_bytes for g in gpus),
-                    default=0)
-        usable = int(least * USABLE_FRACTION) * len(gpus)
-        return _Room(usable=max(0, usable - held["cuda"]), held=held["cuda"])
+    if engine in ("cuda", "ipex") and options.tensor_parallel > 1:  # a rank a GPU: the least room of its GPUs
+        gpus = _rank_gpus(node, instance_type, options)
+        pools = {index: "cuda" if engine == "cuda" else f"xpu:{index}" for index, _ in gpus}
+        least = min((int(free * USABLE_FRACTION) - (held[pools[index]] if engine == "ipex" else 0)
+                     for index, free in gpus), default=0)
+        taken = held["cuda"] if engine == "cuda" else 0
+        return _Room(usable=max(0, least * len(gpus) - taken),
+                     held=taken or sum(held[pool] for pool in pools.values()))
     if engine != "ipex":
         pool = _pool(engine)
         return _Room(usable=max(0, usable_bytes(node, engine) - held[pool]), held=held[pool])
@@ -623,8 +657,8 @@ def _no_suitable_node(instance_type: InstanceType, candidates: Sequence[NodeInfo
 
 def _does_not_fit(card: ModelCard, engine: EngineType, kv_tokens: int, ring: Sequence[NodeInfo],
                   rooms: dict[str, _Room], options: InstanceOptions, precision: Precision) -> str:
-    dtype = (_tensor_parallel_dtype(ring[0], InstanceType.CUDA_RING if engine == "cuda" else InstanceType.CPU_RING,
-                                    precision, options.tensor_parallel) or engine_dtype(ring[0], engine, precision)
+    dtype = (_tensor_parallel_dtype(ring[0], single_node_type(engine), precision, options.tensor_parallel)
+             or engine_dtype(ring[0], engine, precision)
              if ring else ENGINE_DTYPE[engine])
     needed = stage_bytes(card, 0, card.num_layers, engine, kv_tokens, dtype)
     have = sum(rooms[n.node_id].usable for n in ring)

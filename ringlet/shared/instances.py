@@ -52,7 +52,7 @@ INSTANCE_ENGINE: dict[InstanceType, EngineType] = {
 
 
 # the instance types whose stages may be split by tensor parallelism: CUDA over NCCL, CPU processes over gloo
-TENSOR_PARALLEL_TYPES = (InstanceType.CUDA_RING, InstanceType.CPU_RING)
+TENSOR_PARALLEL_TYPES = (InstanceType.CUDA_RING, InstanceType.IPEX_RING, InstanceType.CPU_RING)
 MOST_TENSOR_PARALLEL = 64
 
 
@@ -60,8 +60,8 @@ def tensor_parallel_misfit(instance_type: InstanceType, degree: int) -> str | No
     """Why `instance_type` cannot split its stages over `degree` tensor-parallel ranks, or None."""
     if degree == 1 or instance_type in TENSOR_PARALLEL_TYPES:
         return None
-    return (f"tensor_parallel applies to {' and '.join(t.value for t in TENSOR_PARALLEL_TYPES)} instances, not "
-            f"{instance_type.value}; leave it at 1 or pick CudaRing")
+    types = ", ".join(t.value for t in TENSOR_PARALLEL_TYPES)
+    return f"tensor_parallel applies to {types} instances, not {instance_type.value}; leave it at 1 or pick CudaRing"
 
 
 def single_node_type(engine: EngineType) -> InstanceType:
@@ -133,8 +133,8 @@ class Instance(BaseModel):
     max_context: int | None = Field(None, ge=16, description="the context window asked for (capped by the model's "
                                                              "own); None: placement chooses it")
     tensor_parallel: int = Field(1, ge=1, le=MOST_TENSOR_PARALLEL, description=(
-        "ranks each stage is split over by tensor parallelism: a CudaRing stage over that many GPUs of its node, a "
-        "CpuRing's over that many processes; 1: none"))
+        "ranks each stage is split over by tensor parallelism: a CudaRing or IpexRing stage over that many GPUs of "
+        "its node, a CpuRing's over that many processes; 1: none"))
     context_length: int | None = Field(None, ge=16, description="the context window its engines hold: max_context "
                                                                 "capped by the model's own, else the model's own "
                                                                 "capped by what its nodes' memory holds (placement "

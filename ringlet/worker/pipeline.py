@@ -107,6 +107,13 @@ def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.St
     """This stage's layers on its batched engine, and their precision; the KV cache as large as every stage of the
     ring can hold. `loaded` is called once the weights are in, before waiting for the other stages. `probes`: what
     detection looks at for an Intel GPU's stage (this machine by default)."""
+    # rank 0 of the stage's ranks (`start_ranks`); an IpexRing's ranks, too, run ringlet's torch engine on their GPUs
+    if bound.instance.tensor_parallel > 1:
+        from ringlet.worker.tensor_ranks import lead, load_rank_engine
+
+        share, precision = load_rank_engine(bound, config, 0, lambda b, c: _agreed(bound, b, c, store), loaded)
+        lead(share)
+        return share, precision
     if bound.engine == "ipex":
         from ringlet.worker.engines.ipex.utils_ipex import ipex_engine_of, load_ipex_parts, own_ipex_blocks
 
@@ -116,12 +123,6 @@ def load_stage_engine(bound: BoundInstance, config: EngineConfig, store: dist.St
         num_blocks, context_length = _agreed(bound, own_ipex_blocks(parts, config, own_context), own_context, store)
         engine = ipex_engine_of(bound, config, parts, num_blocks=num_blocks, context_length=context_length)
         return engine, engine.precision
-    if bound.instance.tensor_parallel > 1:  # rank 0 of the stage's ranks, which `start_ranks` started
-        from ringlet.worker.tensor_ranks import lead, load_rank_engine
-
-        share, precision = load_rank_engine(bound, config, 0, lambda b, c: _agreed(bound, b, c, store), loaded)
-        lead(share)
-        return share, precision
     device = compute_device(bound.engine)
     stage, precision = load_torch_stage(bound.instance.model, bound.shard.start, bound.shard.end, config.precision,
                                         device)

@@ -8,8 +8,9 @@ its end (the runner stopped or died) ends them. Every rank loads its share of th
 shares in lockstep (`follow`): the collectives inside the model (an all-reduce after attention and after the MLP,
 the embedding's and the logits') pair up because every rank runs the same calls in the same order.
 
-Transport: torch.distributed's default group of the ranks, NCCL for CUDA tensors (NVLink multicast off) and gloo for
-host tensors, on which the steps are broadcast. A rank that exits or a step that fails on any rank leaves the ranks
+Transport: torch.distributed's default group of the ranks, NCCL for CUDA tensors (NVLink multicast off), xccl for
+Intel GPU ones (an IpexRing stage's ranks run ringlet's torch engine on torch.xpu, without IPEX's optimisation
+levels) and gloo for host tensors, on which the steps are broadcast. A rank that exits or a step that fails on any rank leaves the ranks
 unable to agree on what comes next: rank 0 then exits, and the node reports the runner failed (its tasks end with
 that error; the instance is placed again).
 """
@@ -57,25 +58,47 @@ class Op(IntEnum):
     EMBED = 2  # an embeddings request: its JSON follows
 
 
-def rank_device(engine: EngineType, rank: int) -> torch.device:
-    """The device of a rank: the node's GPU of its index (CUDA), else the CPU (tensor-parallel CPU ranks are what
-    the tests run)."""
-    if engine == "cuda":
+def rank_device(bound: BoundInstance, rank: int) -> torch.device:
+    """The device of a rank: the node's GPU of its index (CUDA), its Intel GPU as placement chose it
+    (`placement.rank_intel_gpus`), else the CPU (tensor-parallel CPU ranks are what the tests run)."""
+    if bound.engine == "cuda":
         return torch.device("cuda", rank)
-    if engine == "cpu":
+    if bound.engine == "ipex":
+        from ringlet.master.placement import rank_intel_gpus
+
+        devices = rank_intel_gpus(bound.instance.intel_gpu_devices, bound.instance.tensor_parallel)
+        return torch.device("xpu", devices[rank])
+    if bound.engine == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"tensor parallelism runs on the cuda and cpu engines, not {engine}")
+    raise ValueError(f"tensor parallelism runs on the cuda, ipex and cpu engines, not {bound.engine}")
 
 
-def join_group(store: dist.Store, rank: int, size: int, engine: EngineType) -> None:
-    """Make the ranks' default process group: NCCL for CUDA tensors (multicast off) and gloo for host ones; CPU
-    ranks take a share of the cores each."""
+def group_backend(engine: EngineType) -> str:
+    """The ranks' torch.distributed backends: NCCL for CUDA tensors, xccl for Intel GPU ones (torch's own, in its
+    XPU builds from 2.8), gloo for host tensors (the broadcast steps, CPU ranks)."""
     if engine == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    if engine == "ipex":
+        if not getattr(dist, "is_xccl_available", lambda: False)():
+            raise RuntimeError(f"tensor parallelism on Intel GPUs needs torch.distributed's xccl backend, which this "
+                               f"torch ({torch.__version__}) lacks: install an XPU build of torch 2.8 or later "
+                               f"(scripts/setup-ipex.sh), or leave tensor_parallel at 1")
+        return "cpu:gloo,xpu:xccl"
+    return "gloo"
+
+
+def join_group(store: dist.Store, bound: BoundInstance, rank: int) -> None:
+    """Make the ranks' default process group (`group_backend`) on this rank's device; CPU ranks take a share of the
+    cores each."""
+    size = bound.instance.tensor_parallel
+    backend = group_backend(bound.engine)
+    if bound.engine == "cuda":
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off on every rank (the ranks must agree on it)
         torch.cuda.set_device(rank)
+    elif bound.engine == "ipex":
+        torch.xpu.set_device(rank_device(bound, rank))
     else:  # the ranks share the machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    backend = "cpu:gloo,cuda:nccl" if engine == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.PrefixStore("tensor-parallel", store), rank=rank, world_size=size,
                             timeout=timedelta(seconds=STEP_TIMEOUT_S))
 
@@ -89,7 +112,7 @@ def load_rank_engine(bound: BoundInstance, config: EngineConfig, rank: int,
     from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine, own_context_length, own_num_blocks
     from ringlet.worker.engines.torch.engine import load_torch_stage
 
-    device = rank_device(bound.engine, rank)
+    device = rank_device(bound, rank)
     shard = bound.shard
     try:
         stage, precision = load_torch_stage(bound.instance.model, shard.start, shard.end, config.precision, device,
@@ -243,7 +266,7 @@ def start_ranks(load: LoadShard, failed: Callable[[str], None]) -> Ranks:
     global _others
     ranks = _others = Ranks(load)
     ranks.failed = failed
-    join_group(ranks.store, 0, ranks.size, load.bound.engine)
+    join_group(ranks.store, load.bound, 0)
     return ranks
 
 
@@ -331,7 +354,7 @@ def main() -> int:
     bound, size = load.bound, load.bound.instance.tensor_parallel
     began = time.perf_counter()
     try:
-        join_group(join_store(address, size), rank, size, bound.engine)
+        join_group(join_store(address, size), bound, rank)
         engine, precision = load_rank_engine(bound, load.config, rank)
     except Exception as error:  # noqa: BLE001  rank 0 sees this rank exit and reports the load failed, with this
         traceback.print_exc(file=sys.stderr)

@@ -45,7 +45,7 @@ def test_what_does_not_apply_or_fit_is_a_4xx_with_the_reason(tmp_path: Path) -> 
             ({"tensor_parallel": 2}, 409, "9 attention heads do not split over 2"),
             ({"tensor_parallel": 4}, 409, "use a degree that divides 9"),
             ({"tensor_parallel": 9}, 409, "over 9 NVIDIA GPUs of its node: h100-box has 3"),
-            ({"tensor_parallel": 3, "instance_type": "MixedRing"}, 400, "applies to CudaRing and CpuRing"),
+            ({"tensor_parallel": 3, "instance_type": "MixedRing"}, 400, "applies to CudaRing, IpexRing, CpuRing"),
             ({"tensor_parallel": 0}, 400, "tensor_parallel")):
         reply = create(node, **body)
         assert reply.status_code == status, (body, reply.text)

@@ -1,5 +1,6 @@
 """Placement with tensor parallelism: a CudaRing stage over the first N GPUs of its node (their least free memory,
-N times), NVLink or PCIe as the GPUs report it; CPU ranks over loopback; and the refusals, each with its reason."""
+N times), NVLink or PCIe as the GPUs report it; an IpexRing stage over N Intel GPUs; CPU ranks over loopback; and
+the refusals, each with its reason."""
 
 from __future__ import annotations
 
@@ -92,9 +93,35 @@ def test_what_tensor_parallelism_cannot_split_is_refused_with_the_reason() -> No
         place(eight_b(), InstanceType.CUDA_RING, [int8], instance_id="i", options=SPLIT_IN_2)
 
 
-def test_only_cuda_and_cpu_rings_take_a_degree() -> None:
-    with pytest.raises(DeviceChoiceError, match="applies to CudaRing and CpuRing instances, not IpexRing"):
-        place(eight_b(), InstanceType.IPEX_RING, [gpu_node("g", (80, 80))], instance_id="i", options=SPLIT_IN_2)
+def intel_node(node_id: str, free_gib: tuple[float, ...]) -> NodeInfo:
+    gpus = tuple(GpuInfo(vendor="intel", index=i, name="Intel(R) Data Center GPU Max 1550",
+                         memory_total_bytes=64 * GIB, memory_free_bytes=int(free * GIB), integrated=False)
+                 for i, free in enumerate(free_gib))
+    return node_info(node_id, 64, engines=("ipex", "cpu"), gpus=gpus)
+
+
+def test_an_ipex_stage_is_split_over_its_nodes_intel_gpus() -> None:
+    node = intel_node("x", (60, 50, 64, 64))
+    [stage] = place(eight_b(), InstanceType.IPEX_RING, [node], instance_id="i", options=SPLIT_IN_2).stages
+    assert (stage.tensor_parallel, stage.link, stage.weight_format) == (2, "unknown", "bfloat16")
+    assert stage.usable_bytes == 2 * int(50 * GIB * USABLE_FRACTION)  # devices 0 and 1: the lesser, twice
+    assert (stage.devices, stage.device) == ([], None)  # the ranks split every layer; no layers a device
+
+    chosen = InstanceOptions(tensor_parallel=2, intel_gpu_devices=(2, 3, 0))
+    placement = place(eight_b(), InstanceType.IPEX_RING, [node], instance_id="i", options=chosen)
+    assert placement.stages[0].usable_bytes == 2 * int(64 * GIB * USABLE_FRACTION)  # the first two named: 2 and 3
+    assert placement.instance.intel_gpu_devices == (2, 3, 0) and placement.instance.shards[0].devices == ()
+
+    with pytest.raises(PlacementError, match=r"over 2 Intel GPUs \(0, 1\) of its node: one's: 0 \(Intel"):
+        place(eight_b(), InstanceType.IPEX_RING, [intel_node("one", (60,))], instance_id="i", options=SPLIT_IN_2)
+    with pytest.raises(DeviceChoiceError, match="intel_gpu_devices names 1; name 2 or more"):
+        place(eight_b(), InstanceType.IPEX_RING, [node], instance_id="i",
+              options=InstanceOptions(tensor_parallel=2, intel_gpu_devices=(1,)))
+
+
+def test_only_cuda_ipex_and_cpu_rings_take_a_degree() -> None:
+    with pytest.raises(DeviceChoiceError, match="applies to CudaRing, IpexRing, CpuRing instances, not MixedRing"):
+        place(eight_b(), InstanceType.MIXED_RING, [gpu_node("g", (80, 80))], instance_id="i", options=SPLIT_IN_2)
     shard = Shard(node_id="m", rank=0, start=0, end=32, num_layers=32, engine="mlx")
     with pytest.raises(ValidationError, match="not MlxRing"):
         Instance(instance_id="i", model="m", instance_type=InstanceType.MLX_RING, shards=[shard], tensor_parallel=2)
