@@ -40,6 +40,7 @@ from ringlet.shared.instances import (
     InstanceType,
     IpexOptimizationLevel,
     Shard,
+    rank_intel_gpus,
     single_node_type,
     tensor_parallel_misfit,
 )
@@ -438,12 +439,6 @@ class _Room(BaseModel):
 def _nvidia_gpus(node: NodeInfo, degree: int) -> list[GpuInfo]:
     """The GPUs a CUDA stage of `degree` tensor-parallel ranks runs on: the node's first `degree` (rank r on GPU r)."""
     return sorted((g for g in node.hardware.gpus if g.vendor == "nvidia"), key=lambda g: g.index)[:degree]
-
-
-def rank_intel_gpus(wanted: tuple[int, ...] | None, degree: int) -> tuple[int, ...]:
-    """The Intel GPUs an IpexRing stage of `degree` tensor-parallel ranks runs on, rank r on the r-th: the first
-    `degree` of the instance's `intel_gpu_devices`, else devices 0 ... degree - 1 (the runner opens the same ones)."""
-    return tuple(wanted[:degree]) if wanted is not None else tuple(range(degree))
 
 
 def _rank_gpus(node: NodeInfo, instance_type: InstanceType, options: InstanceOptions) -> list[tuple[int, int]]:

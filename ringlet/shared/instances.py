@@ -64,6 +64,13 @@ def tensor_parallel_misfit(instance_type: InstanceType, degree: int) -> str | No
     return f"tensor_parallel applies to {types} instances, not {instance_type.value}; leave it at 1 or pick CudaRing"
 
 
+def rank_intel_gpus(wanted: tuple[int, ...] | None, degree: int) -> tuple[int, ...]:
+    """The Intel GPUs an IpexRing stage of `degree` tensor-parallel ranks runs on, rank r on the r-th: the first
+    `degree` of the instance's `intel_gpu_devices`, else devices 0 ... degree - 1 (placement counts the memory of
+    these, the ranks open them)."""
+    return tuple(wanted[:degree]) if wanted is not None else tuple(range(degree))
+
+
 def single_node_type(engine: EngineType) -> InstanceType:
     """The instance type that runs a single-node instance on `engine`."""
     return {"cpu": InstanceType.CPU_RING, "cuda": InstanceType.CUDA_RING, "ipex": InstanceType.IPEX_RING,

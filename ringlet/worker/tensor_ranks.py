@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ringlet.models.paged_cache import SequenceStep
 from ringlet.shared.config import EngineConfig
-from ringlet.shared.instances import BoundInstance, EngineType
+from ringlet.shared.instances import BoundInstance, EngineType, rank_intel_gpus
 from ringlet.shared.messages import TO_RUNNER, LoadShard
 from ringlet.shared.state import RingAddress
 from ringlet.shared.tasks import EmbeddingTask, GenerationChunk
@@ -60,12 +60,10 @@ class Op(IntEnum):
 
 def rank_device(bound: BoundInstance, rank: int) -> torch.device:
     """The device of a rank: the node's GPU of its index (CUDA), its Intel GPU as placement chose it
-    (`placement.rank_intel_gpus`), else the CPU (tensor-parallel CPU ranks are what the tests run)."""
+    (`instances.rank_intel_gpus`), else the CPU (tensor-parallel CPU ranks are what the tests run)."""
     if bound.engine == "cuda":
         return torch.device("cuda", rank)
     if bound.engine == "ipex":
-        from ringlet.master.placement import rank_intel_gpus
-
         devices = rank_intel_gpus(bound.instance.intel_gpu_devices, bound.instance.tensor_parallel)
         return torch.device("xpu", devices[rank])
     if bound.engine == "cpu":

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ringlet.master.placement import rank_intel_gpus
-from ringlet.shared.instances import BoundInstance, Instance, InstanceType, Shard
+from ringlet.shared.instances import BoundInstance, Instance, InstanceType, Shard, rank_intel_gpus
 from ringlet.worker.tensor_ranks import group_backend, rank_device
 
 ENGINES = {InstanceType.CUDA_RING: "cuda", InstanceType.IPEX_RING: "ipex", InstanceType.CPU_RING: "cpu"}
