@@ -51,7 +51,8 @@ INSTANCE_ENGINE: dict[InstanceType, EngineType] = {
 }
 
 
-# the instance types whose stages may be split by tensor parallelism: CUDA over NCCL, CPU processes over gloo
+# the instance types whose stages may be split by tensor parallelism: CUDA over NCCL, Intel GPUs over xccl, CPU
+# processes over gloo
 TENSOR_PARALLEL_TYPES = (InstanceType.CUDA_RING, InstanceType.IPEX_RING, InstanceType.CPU_RING)
 MOST_TENSOR_PARALLEL = 64
 

@@ -10,9 +10,9 @@ the embedding's and the logits') pair up because every rank runs the same calls 
 
 Transport: torch.distributed's default group of the ranks, NCCL for CUDA tensors (NVLink multicast off), xccl for
 Intel GPU ones (an IpexRing stage's ranks run ringlet's torch engine on torch.xpu, without IPEX's optimisation
-levels) and gloo for host tensors, on which the steps are broadcast. A rank that exits or a step that fails on any rank leaves the ranks
-unable to agree on what comes next: rank 0 then exits, and the node reports the runner failed (its tasks end with
-that error; the instance is placed again).
+levels) and gloo for host tensors, on which the steps are broadcast. A rank that exits or a step that fails on any
+rank leaves the ranks unable to agree on what comes next: rank 0 then exits, and the node reports the runner failed
+(its tasks end with that error; the instance is placed again).
 """
 
 from __future__ import annotations
