@@ -24,6 +24,12 @@ from ringlet.models.quant_format import GroupQuantized, Int8Rows, round_rows_int
 CUDA_GROUP_SIZE = 128
 
 
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15) as bytes [N, K / 2]: element 2j in the low nibble of byte j, 2j + 1 in the high."""
+    pairs = codes.view(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
 class CudaQuantizedLinear(nn.Module):
     """What the fused decode steps call instead of reading a float `.weight`."""
 
@@ -49,8 +55,7 @@ class CudaInt4Linear(CudaQuantizedLinear):
             raise ValueError(f"int4 linears on CUDA compute in bf16 or fp16, not {dtype}")
         self.out_features, self.in_features = weight.codes.shape
         self.group_size = weight.group_size
-        codes = weight.codes.view(self.out_features, -1, 2)
-        self.register_buffer("packed", codes[..., 0] | (codes[..., 1] << 4))
+        self.register_buffer("packed", pack_nibbles(weight.codes))
         # fp16, as GGUF stores them: a file's groups unpack exactly
         self.register_buffer("scale", weight.scale.to(torch.float16))
         self.register_buffer("offset", weight.offset.to(torch.float16))
@@ -135,8 +140,7 @@ class CudaInt4Experts(nn.Module):
                     for part in ("scale", "offset"):
                         self.register_buffer(f"{name}_{part}",
                                              torch.empty(count, rows, groups, dtype=torch.float16, device=device))
-                codes = weight.codes.view(*weight.codes.shape[:-1], -1, 2)
-                getattr(self, f"{name}_packed")[expert] = codes[..., 0] | (codes[..., 1] << 4)
+                getattr(self, f"{name}_packed")[expert] = pack_nibbles(weight.codes)
                 getattr(self, f"{name}_scale")[expert] = weight.scale
                 getattr(self, f"{name}_offset")[expert] = weight.offset
         self.num_experts, self.hidden_size = count, self.down_packed.shape[1]
