@@ -21,8 +21,11 @@ def answer(engine: TorchEngine) -> tuple[list[int], str]:
 
 @pytest.mark.slow
 def test_compiled_cpu_decode_gives_the_eager_answer() -> None:
-    eager = TorchEngine.load(None, config=EngineConfig(max_context=1024, cpu_compile=False))
-    compiled = TorchEngine.load(None, config=EngineConfig(max_context=1024, cpu_compile=True))
+    # in fp32: the eager engine computes the last prompt token within the prompt, the compiled one alone, and an int4
+    # kernel's sums differ with the rows it is given (PyTorch's on an AMX Xeon; ringlet's rounds x to int8), which
+    # can flip a greedy token; `tests/models/test_cpu_vnni.py` compiles the int4/int8 ops themselves
+    eager = TorchEngine.load(None, config=EngineConfig(precision="fp32", max_context=1024, cpu_compile=False))
+    compiled = TorchEngine.load(None, config=EngineConfig(precision="fp32", max_context=1024, cpu_compile=True))
     assert compiled.decoder is not None and not compiled.decoder.ready  # nothing compiles before warm-up
     compiled.warmup()
     assert compiled.decoder.ready
@@ -38,7 +41,7 @@ def test_compiled_cpu_decode_gives_the_eager_answer() -> None:
     tokens, text = answer(compiled)
     # the last prompt token and every decode step ran compiled: one call per token sampled (the last may be EOS)
     assert calls in (len(tokens), len(tokens) + 1)
-    assert "Paris" in text
+    assert text.strip()
     assert tokens == answer(eager)[0]
 
 
@@ -53,4 +56,5 @@ def test_a_failed_compile_leaves_eager_decoding(caplog: pytest.LogCaptureFixture
     engine.warmup()
     assert not engine.decoder.ready
     assert "could not be compiled" in caplog.text
-    assert "Paris" in answer(engine)[1]
+    eager = TorchEngine.load(None, config=EngineConfig(max_context=256, cpu_compile=False))
+    assert answer(engine)[0] == answer(eager)[0]  # decoded eagerly, as an engine that never compiles
