@@ -69,6 +69,7 @@ let
       huggingface-hub
       rich
       psutil
+      ninja # builds the CPU int8 kernel (torch.utils.cpp_extension)
       httptools
       uvloop
       cryptography

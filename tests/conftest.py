@@ -36,6 +36,17 @@ if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def pytorch_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's int4/int8 products and decode attention through PyTorch's kernels, x unrounded, not ringlet's VNNI
+    ones (which round x to int8, as llama.cpp does; `tests/models/test_cpu_vnni.py` checks them): for tests that
+    hold a loaded model's logits to a float reference at bf16's tolerance."""
+    from ringlet.models.kernels import cpu_vnni
+
+    monkeypatch.setattr(cpu_vnni, "available", lambda: False)
+    monkeypatch.setattr(cpu_vnni, "loaded", False)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_compiled_functions() -> Iterator[None]:
     """Each test module starts with torch.compile's caches empty. An engine compiles its decode step from the same

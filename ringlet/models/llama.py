@@ -17,6 +17,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
+from ringlet.models.kernels import cpu_vnni
 from ringlet.models.paged_cache import BatchLayout, PagedKVCache
 from ringlet.models.quant import Int8Embedding, int8_linear
 from ringlet.models.quant_format import Int8Rows, read_rows_int8
@@ -126,12 +127,19 @@ class Attention(nn.Module):
         cache.write(layer, layout.slots, k, v)
         out = q.new_empty(tokens, self.n_heads, self.head_dim)
         for group in layout.groups:
-            keys, values = cache.context(layer, group)
-            queries = q[group.rows].view(-1, group.queries, self.n_heads, self.head_dim).transpose(1, 2)
+            context = group.slots.shape[1]
             mask, causal = group.mask, group.causal and self.window is None
             if self.window is not None:  # the keys are the group's positions 0..S-1, each query row at its own
                 at = layout.positions[group.rows].view(-1, 1, group.queries, 1)
-                mask = mask & self.in_window(torch.arange(keys.shape[2], device=at.device), at)
+                mask = mask & self.in_window(torch.arange(context, device=at.device), at)
+            if group.queries == 1 and self.fused_kernels and cpu_vnni.takes_attention(q, cache.keys[layer]):
+                # decode rows on a CPU: the keys and values read where they lie, no gathered copy
+                out[group.rows] = torch.ops.ringlet_cpu.decode_attention(
+                    q[group.rows], cache.keys[layer], cache.values[layer], group.slots, mask.reshape(-1, context),
+                    self.head_dim**-0.5 if self.scale is None else self.scale)
+                continue
+            keys, values = cache.context(layer, group)
+            queries = q[group.rows].view(-1, group.queries, self.n_heads, self.head_dim).transpose(1, 2)
             if not self.fused_kernels:
                 attended = self.attend(queries, keys, values, None if causal else mask)
             elif causal:  # a prompt chunk: the causal mask as a bias that the flash kernels apply themselves

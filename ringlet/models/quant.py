@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ringlet.models.experts import Experts, Int4Experts, Int8Experts, quantize_experts_int8
+from ringlet.models.kernels import cpu_vnni
 from ringlet.models.quant_format import GROUP_SIZE, GroupQuantized, Int8Rows, round_rows_int8
 
 log = logging.getLogger(__name__)
@@ -79,25 +80,34 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
         self.out_features, self.in_features = codes.shape
+        # a one-row product (a one-sequence decode step) on a CPU with AVX-512 VNNI runs ringlet's kernel
+        self.vnni = cpu_vnni.takes(codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dequantize_in_matmul:
             return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None], self.bias)
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scales)
+        rows = x.reshape(-1, shape[-1])
+        if self.vnni and rows.shape[0] == 1 and x.device.type == "cpu":
+            y = torch.ops.ringlet_cpu.int8_linear(rows, self.weight, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
-    """Decode steps (few rows) run PyTorch's int4 kernel. Its cost grows with the rows (16 ms for 512 rows of a
-    3072x576 weight here), so a long prompt chunk unpacks the weight and runs a dense bf16 matmul (AMX): 3.6 ms for
-    the same 512 rows; at 128 rows the two cost the same. The codes are kept once, in the kernel's blocked layout
-    (half a byte a weight), and unpacked from it (`_cpu_packed_codes`); where a PyTorch build packs them in a layout
-    that unpacking does not reproduce, plain nibble pairs are kept beside them."""
+    """Decode steps (few rows) run an int4 kernel: ringlet's (`kernels/cpu_vnni`, tiles of 16 rows) on a CPU with
+    AVX-512 VNNI, else PyTorch's. Their cost grows with the rows (PyTorch's: 16 ms for 512 rows of a 3072x576 weight
+    here), so a long prompt chunk unpacks the weight and runs a dense bf16 matmul (AMX): 3.6 ms for the same 512
+    rows; PyTorch's kernel costs as much at 128 rows, ringlet's at about 350 (`scripts/bench_cpu_kernels.py`).
+    The codes are kept once, in the kernel's layout (half a byte a weight), and unpacked from it; where a PyTorch
+    build packs them in a layout that unpacking does not reproduce (`_cpu_packed_codes`), plain nibble pairs are
+    kept beside them."""
 
     DENSE_FROM_ROWS = 128
+    DENSE_FROM_ROWS_TILED = 256
     dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: every call unpacks, as a long chunk does
     # buffers, registered in __init__
     weight: torch.Tensor
@@ -111,16 +121,23 @@ class Int4Linear(nn.Module):
         self.group_size = weight.group_size
         # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K / group, N, 2]
         scale_zero = torch.stack((weight.scale, weight.offset + 8 * weight.scale), dim=-1).transpose(0, 1)
-        # a slice of rows at a time: the kernel takes int32 codes, 8 bytes for each byte kept
-        packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)
-                            for rows in weight.codes.split(_PACK_ROWS)])
+        self.tiled = weight.codes.device.type == "cpu" and dtype == torch.bfloat16 and cpu_vnni.takes_int4(
+            self.out_features, self.in_features, self.group_size)
+        if self.tiled:
+            packed = cpu_vnni.tile_int4(weight.codes)
+        else:  # a slice of rows at a time: the kernel takes int32 codes, 8 bytes for each byte kept
+            packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)
+                                for rows in weight.codes.split(_PACK_ROWS)])
         self.register_buffer("weight", packed)
         self.register_buffer("scale_zero", scale_zero.contiguous().to(dtype))
-        self.register_buffer("nibbles", None if _unpacks(packed, weight.codes) else _nibble_pairs(weight.codes))
+        unpacks = self.tiled or _unpacks(packed, weight.codes)
+        self.register_buffer("nibbles", None if unpacks else _nibble_pairs(weight.codes))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes, uint8 [N, K]."""
+        if self.tiled:
+            return cpu_vnni.untile_int4(self.weight)
         if self.nibbles is not None:
             return torch.stack((self.nibbles & 0x0F, self.nibbles >> 4), dim=-1).view(self.out_features, -1)
         return _cpu_packed_codes(self.weight, self.out_features, self.in_features)
@@ -139,9 +156,13 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if self.dequantize_in_matmul or rows.shape[0] >= self.DENSE_FROM_ROWS:
+        dense_from = self.DENSE_FROM_ROWS_TILED if self.tiled else self.DENSE_FROM_ROWS
+        if self.dequantize_in_matmul or rows.shape[0] >= dense_from:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scale_zero)
+        if self.tiled:
+            y = torch.ops.ringlet_cpu.int4_linear(rows, self.weight, self.scale_zero, self.group_size)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scale_zero)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -341,7 +362,8 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
 def dequantizing_in_matmul(model: nn.Module) -> int:
     """Every quantised linear of `model` computes `F.linear` over its weight dequantised in the activations' dtype,
     with plain tensor operations that every device runs (`_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
-    are CPU kernels); an Int4Linear lets its CPU-packed codes go (its nibbles stay). In place; returns how many."""
+    are CPU kernels); an Int4Linear lets its CPU-packed codes (or tiles) go (its nibbles stay). In place; returns how
+    many."""
     count = 0
     for module in model.modules():
         if isinstance(module, Int8Linear | Int4Linear):
@@ -351,6 +373,7 @@ def dequantizing_in_matmul(model: nn.Module) -> int:
             if module.nibbles is None:
                 module.nibbles = _nibble_pairs(module.codes())
             module.weight = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
+            module.tiled = False
     return count
 
 

@@ -165,6 +165,7 @@ TOLERANCE = {Q.Q4_0: 0.03, Q.Q4_1: 0.03, Q.Q4_K: 0.03, Q.Q5_0: 0.05, Q.Q5_1: 0.0
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
 @pytest.mark.parametrize("qtype", DECODED)
+@pytest.mark.usefixtures("pytorch_cpu_kernels")
 def test_a_model_in_each_type_gives_the_logits_of_gguf_quants_values(qtype: Q, tmp_path: Path, home: Path) -> None:
     path = tmp_path / f"{qtype.name}.gguf"
     weights = write_model(path, dict.fromkeys(LINEARS, qtype))

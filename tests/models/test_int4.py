@@ -78,6 +78,7 @@ def test_gguf_groups_are_the_files_own_codes(tmp_path: Path) -> None:
 
 
 @needs_bf16
+@pytest.mark.usefixtures("pytorch_cpu_kernels")
 def test_quantize_int4_uses_file_groups_where_every_part_has_them_and_int8_where_the_file_has_more_bits(
         tmp_path: Path) -> None:
     path = tmp_path / "tiny.gguf"

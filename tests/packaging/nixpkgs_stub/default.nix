@@ -17,7 +17,7 @@ let
       "torch" "torchWithCuda" "setuptools" "safetensors" "gguf" "tokenizers" "jinja2" "numpy"
       "pydantic" "fastapi" "uvicorn" "zenoh" "msgpack" "prometheus-client" "huggingface-hub" "rich"
       "psutil" "nvidia-ml-py" "pytest" "pytest-timeout" "hypothesis" "httpx" "transformers" "openai"
-      "ollama" "httptools" "uvloop" "cryptography" "filelock"
+      "ollama" "httptools" "uvloop" "cryptography" "filelock" "ninja"
     ]
     // {
       buildPythonApplication = built;

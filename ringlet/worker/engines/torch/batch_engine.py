@@ -25,6 +25,7 @@ import psutil
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ringlet.models.kernels import cpu_vnni
 from ringlet.models.llama import Transformer
 from ringlet.models.loader import LoadedStage
 from ringlet.models.moe import routes_in_grouped_products
@@ -100,6 +101,8 @@ class TorchBatchEngine:
         self._compiled_decode: Callable[..., torch.Tensor] | None = None
         self.last_picks: Picks | None = None  # the last step's greedy tokens, where the graphed step picked them
         self.paged_decode: PagedDecodeStep | None = None
+        if device.type == "cpu":
+            cpu_vnni.available()  # its decode attention, where this CPU has AVX-512 VNNI (built once, then cached)
         if device.type == "cuda":
             self.paged_decode = _paged_decode(self.model, self.cache, self.context_length, config.max_batch,
                                               min(config.max_step_tokens, MOST_GRAPHED_ROWS))

@@ -1,0 +1,139 @@
+"""Weight-only int4 and int8 products of few rows on x86 CPUs with AVX-512 VNNI (`cpu_vnni.cpp`): what an
+Int4Linear runs for decode steps and short chunks, and an Int8Linear (the lm_head of most quantised models) for a
+one-sequence decode step.
+
+PyTorch's CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) multiply in floating point, one
+weight at a time. These round x to int8 per block of 32 values (as llama.cpp does) and sum 64 products an
+instruction. The int4 kernel is faster at every number of rows up to where a dense matmul takes over; the int8 one
+at one row only (`scripts/bench_cpu_kernels.py`; docs/benchmarks.md has the numbers).
+
+The ops are compiled on the machine that runs them (`-march=native`, through torch.utils.cpp_extension: g++ and
+ninja), once, into torch's extensions cache (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR), which rebuilds
+them when the source changes. Where the CPU lacks AVX-512 VNNI, the build fails or RINGLET_CPU_VNNI=0,
+`available()` is False and the linears keep PyTorch's kernels.
+
+`torch.ops.ringlet_cpu.int4_linear(x [M, K], tiles uint8 [N / 16, K * 8], scale_zero bf16 [K / group, N, 2],
+group)` (`tile_int4` makes the tiles; scale_zero as Int4Linear keeps it for PyTorch's kernel) and
+`torch.ops.ringlet_cpu.int8_linear(x [M, K], codes int8 [N, K], scales [N])`, both -> [M, N] in x's dtype; fake
+implementations let torch.compile keep them whole in a compiled step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_vnni.cpp")
+loaded = False  # whether the ops are registered in this process (set by `available`): what compiled steps read
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+
+def cpu_flags() -> set[str]:
+    """The flags of this machine's CPU (Linux), or none elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the op is loaded (building it on a machine's first call: some 20 s on 2 cores, then cached)."""
+    if os.environ.get("RINGLET_CPU_VNNI", "1") == "0":
+        return False
+    missing = [flag for flag in NEEDED_FLAGS if flag not in cpu_flags()]
+    if missing:
+        log.info("PyTorch's int8 kernel used: this CPU lacks %s", ", ".join(missing))
+        return False
+    from torch.utils import cpp_extension
+
+    _find_ninja()
+    try:
+        # one build per PyTorch version (the IPEX environment's differs): a library built against another would not load
+        name = "ringlet_cpu_vnni_" + re.sub(r"\W", "_", torch.__version__)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+    # any failure (no compiler, no ninja, a compiler without these intrinsics) keeps PyTorch's kernel
+    except Exception as error:  # noqa: BLE001
+        log.warning("the VNNI int8 kernel was not built, PyTorch's is used: %s: %s", type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "")
+        return False
+
+    @torch.library.register_fake("ringlet_cpu::int8_linear")
+    def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("ringlet_cpu::decode_attention")
+    def _(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor,
+          scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape)
+
+    @torch.library.register_fake("ringlet_cpu::int4_linear")
+    def _(x: torch.Tensor, tiles: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], tiles.shape[0] * TILE_ROWS)
+
+    global loaded
+    loaded = True
+    return True
+
+
+TILE_ROWS = 16  # output rows of an int4 tile
+
+
+def takes_int4(n: int, k: int, group: int) -> bool:
+    """Whether the int4 op can run a weight [n, k] in groups of `group` (on a CPU that has it)."""
+    return n % TILE_ROWS == 0 and k % group == 0 and group % 32 == 0 and available()
+
+
+def tile_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [N, K] (0..15) -> the int4 op's tiles, uint8 [N / 16, K * 8]: per tile of 16 rows, per 8 columns,
+    64 bytes, 4 a row; byte j of a row holds column j in its low nibble and column j + 4 in its high one."""
+    n, k = codes.shape
+    octets = codes.view(n // TILE_ROWS, TILE_ROWS, k // 8, 2, 4).permute(0, 2, 1, 3, 4)
+    return (octets[..., 0, :] | (octets[..., 1, :] << 4)).reshape(n // TILE_ROWS, k * 8)
+
+
+def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
+    """`tile_int4` undone: codes uint8 [N, K]."""
+    count, width = tiles.shape
+    k = width // 8
+    octets = tiles.view(count, k // 8, TILE_ROWS, 1, 4)
+    codes = torch.cat((octets & 0x0F, octets >> 4), dim=3)  # [tiles, K / 8, 16, 2, 4]
+    return codes.permute(0, 2, 1, 3, 4).reshape(count * TILE_ROWS, k)
+
+
+def takes_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether the attention op can run queries q [T, H, D] over a paged cache's keys [slots, KV, D]: once the ops are
+    loaded (`available`, which a CPU engine calls as it starts; a compiled step cannot call it)."""
+    return (loaded and q.device.type == "cpu" and q.dtype == keys.dtype and q.dtype in (torch.bfloat16, torch.float32)
+            and q.shape[-1] % 16 == 0)
+
+
+def _find_ninja() -> None:
+    """Put the ninja of the `ninja` package on PATH where none is there: a venv's bin directory is on PATH only when
+    the venv is activated, and torch.utils.cpp_extension looks for `ninja` there."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, os.environ.get("PATH", "")))
+
+
+def takes(codes: torch.Tensor) -> bool:
+    """Whether the op can run these int8 codes [N, K] (on a CPU that has it): K a multiple of 32, no -128."""
+    return (codes.device.type == "cpu" and codes.shape[1] % 32 == 0 and available()
+            and int(codes.amin()) > -128)  # a reduction: no mask the size of a vocabulary's lm_head

@@ -1,0 +1,103 @@
+"""Weight-only int4 and int8 products on the CPU: PyTorch's kernels against ringlet's AVX-512 VNNI ones
+(`models/kernels/cpu_vnni.cpp`), microseconds a product and GB/s of weight bytes, for a few rows of x.
+
+Usage: python scripts/bench_cpu_kernels.py [--int4 3072x576 576x1536] [--int8 49152x576] [--rows 1 2 4 8 ...]
+
+int4 (groups of 32, as a Q4_0/Q4_1 file keeps them): `_weight_int4pack_mm_for_cpu`, ringlet's tiles, and the dense
+bf16 matmul of the unpacked weight that long prompt chunks run. int8 (a step a row): `_weight_int8pack_mm` and
+ringlet's. Each product runs over enough copies of the weight to fill `--bytes` (default 256 MB), one after the
+other, so that the weights come from memory as in a decode step rather than from the cache of the last call. The
+largest difference from PyTorch's kernel, relative to its largest output, is printed beside each row.
+"""
+
+import argparse
+import time
+
+import torch
+
+from ringlet.models.kernels import cpu_vnni
+from ringlet.models.quant import Int4Linear
+from ringlet.models.quant_format import GroupQuantized
+
+
+def seconds_each(call, weights: list, repeats: int = 3) -> float:
+    """The best of `repeats` passes over every weight copy, per copy."""
+    for weight in weights:  # warm-up
+        call(weight)
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        for weight in weights:
+            call(weight)
+        best = min(best, time.perf_counter() - began)
+    return best / len(weights)
+
+
+def difference(ours: torch.Tensor, theirs: torch.Tensor) -> str:
+    return f"{((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item():.2%}"
+
+
+def int4_rows(shape: str, rows: list[int], budget: int) -> None:
+    n, k = map(int, shape.split("x"))
+    group = 32
+    layers = []
+    for _ in range(max(1, budget * 2 // (n * k))):
+        groups = GroupQuantized(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // group) * 0.02,
+                                torch.randn(n, k // group) * 0.02, group)
+        tiled = Int4Linear(groups, None, torch.bfloat16)
+        layers.append((tiled.weight, tiled.scale_zero, torch._convert_weight_to_int4pack_for_cpu(
+            groups.codes.to(torch.int32), 1), tiled))
+    for m in rows:
+        x = torch.randn(m, k).bfloat16()
+        with torch.inference_mode():
+            def pytorch(layer, x=x):
+                return torch._weight_int4pack_mm_for_cpu(x, layer[2], group, layer[1])
+
+            def ours(layer, x=x):
+                return torch.ops.ringlet_cpu.int4_linear(x, layer[0], layer[1], group)
+
+            def dense(layer, x=x):
+                return torch.nn.functional.linear(x, layer[3].dense_weight(x.dtype))
+
+            seconds = [seconds_each(f, layers) for f in (pytorch, ours, dense)]
+            gap = difference(ours(layers[0]), pytorch(layers[0]))
+        print(f"| int4 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({n * k / 2 / s / 1e9:.1f})" for s in seconds)
+              + f" | {gap} |")
+
+
+def int8_rows(shape: str, rows: list[int], budget: int) -> None:
+    n, k = map(int, shape.split("x"))
+    weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n) * 0.01).bfloat16())
+               for _ in range(max(1, budget // (n * k)))]
+    for m in rows:
+        x = torch.randn(m, k).bfloat16()
+        with torch.inference_mode():
+            seconds = [seconds_each(lambda w, x=x: torch._weight_int8pack_mm(x, *w), weights),
+                       seconds_each(lambda w, x=x: torch.ops.ringlet_cpu.int8_linear(x, *w), weights)]
+            gap = difference(torch.ops.ringlet_cpu.int8_linear(x, *weights[0]), torch._weight_int8pack_mm(x, *weights[0]))
+        print(f"| int8 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({n * k / s / 1e9:.1f})" for s in seconds)
+              + f" | | {gap} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--int4", nargs="*", default=["3072x576", "576x1536"], help="int4 weights N x K")
+    parser.add_argument("--int8", nargs="*", default=["49152x576"],
+                        help="int8 weights N x K (default: the embedded model's lm_head)")
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 16, 64, 256])
+    parser.add_argument("--bytes", type=int, default=256 << 20, help="weight bytes cycled through")
+    args = parser.parse_args()
+    if not cpu_vnni.available():
+        raise SystemExit("ringlet's kernels are not available here (no AVX-512 VNNI, no compiler, or "
+                         "RINGLET_CPU_VNNI=0)")
+    print(f"threads: {torch.get_num_threads()}; microseconds a product (GB/s of weight bytes)")
+    print("| weight | rows | PyTorch | ringlet (VNNI) | dense bf16 (unpacked) | largest difference |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for shape in args.int4:
+        int4_rows(shape, args.rows, args.bytes)
+    for shape in args.int8:
+        int8_rows(shape, args.rows, args.bytes)
+
+
+if __name__ == "__main__":
+    main()
