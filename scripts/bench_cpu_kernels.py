@@ -4,8 +4,8 @@
 Usage: python scripts/bench_cpu_kernels.py [--int4 3072x576 576x1536] [--int8 49152x576] [--rows 1 2 4 8 ...]
 
 int4 (groups of 32, as a Q4_0/Q4_1 file keeps them): `_weight_int4pack_mm_for_cpu`, ringlet's tiles, and the dense
-bf16 matmul of the unpacked weight that long prompt chunks run. int8 (a step a row): `_weight_int8pack_mm` and
-ringlet's. Each product runs over enough copies of the weight to fill `--bytes` (default 256 MB), one after the
+bf16 matmul of the unpacked weight that long prompt chunks run. int8 (a step a row): `_weight_int8pack_mm`,
+ringlet's, and the dense bf16 matmul. Each product runs over enough copies of the weight to fill `--bytes` (default 256 MB), one after the
 other, so that the weights come from memory as in a decode step rather than from the cache of the last call. The
 largest difference from PyTorch's kernel, relative to its largest output, is printed beside each row.
 """
@@ -73,10 +73,12 @@ def int8_rows(shape: str, rows: list[int], budget: int) -> None:
         x = torch.randn(m, k).bfloat16()
         with torch.inference_mode():
             seconds = [seconds_each(lambda w, x=x: torch._weight_int8pack_mm(x, *w), weights),
-                       seconds_each(lambda w, x=x: torch.ops.ringlet_cpu.int8_linear(x, *w), weights)]
+                       seconds_each(lambda w, x=x: torch.ops.ringlet_cpu.int8_linear(x, *w), weights),
+                       seconds_each(lambda w, x=x: torch.nn.functional.linear(x, w[0].to(x.dtype) * w[1][:, None]),
+                                    weights)]
             gap = difference(torch.ops.ringlet_cpu.int8_linear(x, *weights[0]), torch._weight_int8pack_mm(x, *weights[0]))
         print(f"| int8 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({n * k / s / 1e9:.1f})" for s in seconds)
-              + f" | | {gap} |")
+              + f" | {gap} |")
 
 
 def main() -> None:

@@ -72,6 +72,11 @@ class Int8Linear(nn.Module):
     bias: torch.Tensor | None
 
     dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: the packed kernel is a CPU one
+    # from these rows on (a prompt chunk) a weight of up to DENSE_VALUES is made dense and multiplied in the
+    # activations' dtype (AMX where the CPU has it), as Int4Linear does: `_weight_int8pack_mm`'s cost grows with the
+    # rows (`scripts/bench_cpu_kernels.py`); a larger weight (a big vocabulary's lm_head) would take too much memory
+    DENSE_FROM_ROWS = 64
+    DENSE_VALUES = 1 << 27
 
     def __init__(self, weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         super().__init__()
@@ -84,10 +89,11 @@ class Int8Linear(nn.Module):
         self.vnni = cpu_vnni.takes(codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dequantize_in_matmul:
-            return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None], self.bias)
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
+        if self.dequantize_in_matmul or (rows.shape[0] >= self.DENSE_FROM_ROWS
+                                         and self.weight.numel() <= self.DENSE_VALUES):
+            return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None], self.bias)
         if self.vnni and rows.shape[0] == 1 and x.device.type == "cpu":
             y = torch.ops.ringlet_cpu.int8_linear(rows, self.weight, self.scales)
         else:
@@ -101,13 +107,13 @@ class Int4Linear(nn.Module):
     """Decode steps (few rows) run an int4 kernel: ringlet's (`kernels/cpu_vnni`, tiles of 16 rows) on a CPU with
     AVX-512 VNNI, else PyTorch's. Their cost grows with the rows (PyTorch's: 16 ms for 512 rows of a 3072x576 weight
     here), so a long prompt chunk unpacks the weight and runs a dense bf16 matmul (AMX): 3.6 ms for the same 512
-    rows; PyTorch's kernel costs as much at 128 rows, ringlet's at about 350 (`scripts/bench_cpu_kernels.py`).
+    rows; PyTorch's kernel costs as much at 128 rows, ringlet's at 400-550 (`scripts/bench_cpu_kernels.py`).
     The codes are kept once, in the kernel's layout (half a byte a weight), and unpacked from it; where a PyTorch
     build packs them in a layout that unpacking does not reproduce (`_cpu_packed_codes`), plain nibble pairs are
     kept beside them."""
 
     DENSE_FROM_ROWS = 128
-    DENSE_FROM_ROWS_TILED = 256
+    DENSE_FROM_ROWS_TILED = 384
     dequantize_in_matmul = False  # `dequantizing_in_matmul` sets it: every call unpacks, as a long chunk does
     # buffers, registered in __init__
     weight: torch.Tensor
