@@ -10,6 +10,8 @@
 // 16 lanes of a `vpdpbusd` are the tile's rows, each summing 4 columns against x's 4 (broadcast): no horizontal
 // sums. Scales and zeros as Int4Linear keeps them for PyTorch's kernel: bf16 pairs [K / group, N, 2], the weight
 // being (code - 8) * scale + zero, so x . w = sum_groups scale * (x . code) + (zero - 8 scale) * sum(x).
+//
+// decode_attention: one query a sequence over its keys and values where they lie in a paged cache.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,72 +25,22 @@ namespace {
 
 constexpr int kBlock = 32;
 
-// One row of x rounded per block: |code|, a bit a value where the code is negative, and each block's step repeated
-// for the 8 int32 lanes that sum the block.
-struct RoundedRow {
-  std::vector<uint8_t> magnitude;
-  std::vector<uint64_t> negative;
-  std::vector<float> step8;
-};
-
 inline float as_float(float v) { return v; }
 inline float as_float(at::BFloat16 v) { return static_cast<float>(v); }
 
-template <typename T>
-RoundedRow round_row(const T* row, int64_t k) {
-  std::vector<float> converted(k);
-  for (int64_t i = 0; i < k; ++i) converted[i] = as_float(row[i]);
-  const float* x = converted.data();
-  RoundedRow out;
-  out.magnitude.resize(k);
-  out.negative.assign((k + 63) / 64, 0);
-  out.step8.resize(k / kBlock * 8);
-  for (int64_t b = 0; b < k / kBlock; ++b) {
-    const float* v = x + b * kBlock;
-    float amax = 0.0f;
-    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
-    const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int i = 0; i < kBlock; ++i) {
-      const int q = static_cast<int>(std::nearbyint(v[i] * inverse));
-      const int64_t at = b * kBlock + i;
-      out.magnitude[at] = static_cast<uint8_t>(std::abs(q));
-      if (q < 0) out.negative[at / 64] |= uint64_t{1} << (at % 64);
-    }
-    for (int i = 0; i < 8; ++i) out.step8[b * 8 + i] = amax / 127.0f;
-  }
-  return out;
-}
-
-float int8_dot(const int8_t* codes, const RoundedRow& x, int64_t k) {
-  const uint8_t* magnitude = x.magnitude.data();
-  const float* step8 = x.step8.data();
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t c = 0; c * 64 < k; ++c) {
-    const int64_t left = k - c * 64;  // a multiple of 32
-    const __mmask64 bytes = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-    const __mmask16 lanes = left >= 64 ? 0xFFFF : 0x00FF;
-    const __m512i w = _mm512_maskz_loadu_epi8(bytes, codes + c * 64);
-    const __m512i signed_w = _mm512_mask_sub_epi8(w, x.negative[c], _mm512_setzero_si512(), w);
-    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(bytes, magnitude + c * 64),
-                                            signed_w);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_maskz_loadu_ps(lanes, step8 + c * 16), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// x rounded per block for int4 tiles: codes in column order, a step a block, and the sum of the unrounded x per group.
-struct RoundedInt4Row {
+// One row of x rounded per block: its codes in column order, a step a block, and the sum of the unrounded x per group.
+struct RoundedRow {
   std::vector<int8_t> codes;
   std::vector<float> step;
   std::vector<float> group_sums;
 };
 
 template <typename T>
-RoundedInt4Row round_int4_row(const T* row, int64_t k, int64_t group) {
+RoundedRow round_row(const T* row, int64_t k, int64_t group) {
   std::vector<float> converted(k);
   for (int64_t i = 0; i < k; ++i) converted[i] = as_float(row[i]);
   const float* x = converted.data();
-  RoundedInt4Row out;
+  RoundedRow out;
   out.codes.resize(k);
   out.step.resize(k / kBlock);
   out.group_sums.assign(k / group, 0.0f);
@@ -107,13 +59,51 @@ RoundedInt4Row round_int4_row(const T* row, int64_t k, int64_t group) {
   return out;
 }
 
+// A rounded row as the int8 product takes it: |code|, a bit a value where the code is negative, and each block's
+// step repeated for the 8 int32 lanes that sum the block.
+struct SignedRow {
+  std::vector<uint8_t> magnitude;
+  std::vector<uint64_t> negative;
+  std::vector<float> step8;
+};
+
+SignedRow split_signs(const RoundedRow& x, int64_t k) {
+  SignedRow out;
+  out.magnitude.resize(k);
+  out.negative.assign((k + 63) / 64, 0);
+  out.step8.resize(k / kBlock * 8);
+  for (int64_t at = 0; at < k; ++at) {
+    out.magnitude[at] = static_cast<uint8_t>(std::abs(static_cast<int>(x.codes[at])));
+    if (x.codes[at] < 0) out.negative[at / 64] |= uint64_t{1} << (at % 64);
+  }
+  for (int64_t b = 0; b < k / kBlock; ++b)
+    for (int i = 0; i < 8; ++i) out.step8[b * 8 + i] = x.step[b];
+  return out;
+}
+
+float int8_dot(const int8_t* codes, const SignedRow& x, int64_t k) {
+  const uint8_t* magnitude = x.magnitude.data();
+  const float* step8 = x.step8.data();
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c * 64 < k; ++c) {
+    const int64_t left = k - c * 64;  // a multiple of 32
+    const __mmask64 bytes = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    const __mmask16 lanes = left >= 64 ? 0xFFFF : 0x00FF;
+    const __m512i w = _mm512_maskz_loadu_epi8(bytes, codes + c * 64);
+    const __m512i signed_w = _mm512_mask_sub_epi8(w, x.negative[c], _mm512_setzero_si512(), w);
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_maskz_loadu_epi8(bytes, magnitude + c * 64),
+                                            signed_w);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_maskz_loadu_ps(lanes, step8 + c * 16), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 inline int32_t four_codes(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-// out[i][16 rows] = x_i . w for kRows rows of x and one tile of 16 rows of W: each word of codes unpacked once.
 // 16 floats stored as they are, or rounded to bf16 (to nearest, ties to even).
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
 inline void store16(at::BFloat16* out, __m512 v) {
@@ -123,8 +113,9 @@ inline void store16(at::BFloat16* out, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
 
+// out[i][16 rows] = x_i . w for kRows rows of x and one tile of 16 rows of W: each word of codes unpacked once.
 template <int kRows, typename Out>
-void int4_tile(const uint8_t* tile, const uint32_t* scale_zero, const RoundedInt4Row* x, int64_t k, int64_t group,
+void int4_tile(const uint8_t* tile, const uint32_t* scale_zero, const RoundedRow* x, int64_t k, int64_t group,
                int64_t n, Out* out, int64_t out_stride) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
@@ -173,10 +164,10 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& codes, co
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "int8_linear: one scale a row");
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   const torch::Tensor rows = bf16 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
-  std::vector<RoundedRow> rounded;
+  std::vector<SignedRow> rounded;
   for (int64_t i = 0; i < m; ++i) {
-    rounded.push_back(bf16 ? round_row(rows.data_ptr<at::BFloat16>() + i * k, k)
-                           : round_row(rows.data_ptr<float>() + i * k, k));
+    rounded.push_back(split_signs(bf16 ? round_row(rows.data_ptr<at::BFloat16>() + i * k, k, kBlock)
+                                       : round_row(rows.data_ptr<float>() + i * k, k, kBlock), k));
   }
   const torch::Tensor step = scales.to(torch::kFloat32).contiguous();
   torch::Tensor out = torch::empty({m, n}, x.options().dtype(torch::kFloat32));
@@ -195,8 +186,8 @@ template <typename T>
 void int4_product(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scale_zero, int64_t group,
                   torch::Tensor& out) {
   const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
-  std::vector<RoundedInt4Row> rounded;
-  for (int64_t i = 0; i < m; ++i) rounded.push_back(round_int4_row(x.data_ptr<T>() + i * k, k, group));
+  std::vector<RoundedRow> rounded;
+  for (int64_t i = 0; i < m; ++i) rounded.push_back(round_row(x.data_ptr<T>() + i * k, k, group));
   const uint8_t* w = tiles.data_ptr<uint8_t>();
   const auto* sz = reinterpret_cast<const uint32_t*>(scale_zero.data_ptr<at::BFloat16>());
   T* y = out.data_ptr<T>();
