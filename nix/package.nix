@@ -69,7 +69,7 @@ let
       huggingface-hub
       rich
       psutil
-      ninja # builds the CPU int8 kernel (torch.utils.cpp_extension)
+      ninja # builds the CPU kernels (torch.utils.cpp_extension)
       httptools
       uvloop
       cryptography
