@@ -182,3 +182,18 @@ def test_the_ops_compile_whole() -> None:
     x = torch.randn(1, 128, generator=gen).bfloat16()
     with torch.inference_mode():
         assert torch.equal(torch.compile(step, fullgraph=True)(x), step(x))
+
+
+def test_a_build_lock_left_by_a_killed_process_is_dropped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import time
+
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = time.time() - cpu_vnni.STALE_LOCK_S - 60
+    os.utime(stale, (old, old))
+    cpu_vnni._drop_stale_lock(stale)
+    cpu_vnni._drop_stale_lock(fresh)  # a build under way keeps its lock
+    cpu_vnni._drop_stale_lock(tmp_path / "none")
+    assert not stale.exists() and fresh.exists()

@@ -115,7 +115,10 @@ def launch_node(work_dir: Path, name: str, *extra: str, env: dict[str, str] | No
                    # an empty model store, not the user's; no test may reach a real hub (the fuzzer starts downloads)
                    "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9",
                    # one cluster: the tests' nodes share its key (a test gives another to make a stranger)
-                   CLUSTER_KEY_ENV: TEST_CLUSTER_TOKEN, **(env or {})}
+                   CLUSTER_KEY_ENV: TEST_CLUSTER_TOKEN,
+                   # fp32: the embedded 4-bit file's greedy answers depend on the int4 kernel's rounding
+                   # (tests/worker/engines/test_generate.py says why); the tests ask for Paris
+                   "RINGLET_PRECISION": "fp32", **(env or {})}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "ringlet", "node", "--api-port", str(api_port), "--node-name", name,

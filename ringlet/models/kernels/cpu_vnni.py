@@ -21,10 +21,12 @@ implementations let torch.compile keep them whole in a compiled step.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -61,8 +63,12 @@ def available() -> bool:
 
     _find_ninja()
     try:
-        # one build per PyTorch version (the IPEX environment's differs): a library built against another would not load
-        name = "ringlet_cpu_vnni_" + re.sub(r"\W", "_", torch.__version__)
+        # one build per PyTorch version (the IPEX environment's differs: a library built against another would not
+        # load) and per source (checkouts of different versions side by side do not rebuild each other's)
+        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+        version = re.sub(r"\W", "_", torch.__version__)
+        name = f"ringlet_cpu_vnni_{version}_{digest}"
+        _drop_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     # any failure (no compiler, no ninja, a compiler without these intrinsics) keeps PyTorch's kernel
@@ -119,6 +125,20 @@ def takes_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
     loaded (`available`, which a CPU engine calls as it starts; a compiled step cannot call it)."""
     return (loaded and q.device.type == "cpu" and q.dtype == keys.dtype and q.dtype in (torch.bfloat16, torch.float32)
             and q.shape[-1] % 16 == 0)
+
+
+STALE_LOCK_S = 600  # a build takes some 20 s; a lock this old was left by a process killed while building
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """torch.utils.cpp_extension waits for its build lock without end: one left by a killed process would hang
+    every later start."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing %s, left by a build that did not finish", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        return
 
 
 def _find_ninja() -> None:
