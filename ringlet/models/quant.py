@@ -385,9 +385,5 @@ def dequantizing_in_matmul(model: nn.Module) -> int:
 
 def cpu_supports_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls run natively (otherwise they are emulated and slow)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
+    flags = cpu_vnni.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -39,7 +39,7 @@ NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 
 def cpu_flags() -> set[str]:
-    """The flags of this machine's CPU (Linux), or none elsewhere."""
+    """The flags of this machine's CPU (Linux), or none elsewhere: what the model layer reads of /proc/cpuinfo."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -52,12 +52,12 @@ def cpu_flags() -> set[str]:
 
 @functools.cache
 def available() -> bool:
-    """Whether the op is loaded (building it on a machine's first call: some 20 s on 2 cores, then cached)."""
+    """Whether the ops are loaded (building them on a machine's first call: some 20 s on 2 cores, then cached)."""
     if os.environ.get("RINGLET_CPU_VNNI", "1") == "0":
         return False
     missing = [flag for flag in NEEDED_FLAGS if flag not in cpu_flags()]
     if missing:
-        log.info("PyTorch's int8 kernel used: this CPU lacks %s", ", ".join(missing))
+        log.info("PyTorch's CPU kernels used: this CPU lacks %s", ", ".join(missing))
         return False
     from torch.utils import cpp_extension
 
@@ -69,11 +69,11 @@ def available() -> bool:
         version = re.sub(r"\W", "_", torch.__version__)
         name = f"ringlet_cpu_vnni_{version}_{digest}"
         _drop_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
-    # any failure (no compiler, no ninja, a compiler without these intrinsics) keeps PyTorch's kernel
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    # any failure (no compiler, no ninja, a compiler without these intrinsics) keeps PyTorch's kernels
     except Exception as error:  # noqa: BLE001
-        log.warning("the VNNI int8 kernel was not built, PyTorch's is used: %s: %s", type(error).__name__,
+        log.warning("ringlet's VNNI kernels were not built, PyTorch's are used: %s: %s", type(error).__name__,
                     str(error).splitlines()[0] if str(error) else "")
         return False
 
