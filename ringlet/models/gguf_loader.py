@@ -295,7 +295,7 @@ class GGUFModel:
         readers = {hf: functools.partial(self._read_tensor, gguf_name, dtype) for gguf_name, hf in names.items()}
         if groups is not None:
             for gguf_name, hf in names.items():
-                if hf.startswith("model.layers.") and self._grouped_linear(gguf_name):
+                if hf.startswith("model.layers.") and self._grouped_linear(gguf_name, groups.types):
                     readers[hf] = functools.partial(groups.values, int(hf.split(".")[2]), hf, dtype)
         gate, up, both = _GATE_UP_EXPERTS
         for hf in [hf for hf in readers if hf.endswith(gate)]:
@@ -303,7 +303,7 @@ class GGUFModel:
             stacks = [gguf_name for gguf_name, name in names.items() if name.startswith(layer) and ".experts." in name]
             parts = readers.pop(hf), readers.pop(layer + up)
             readers[layer + both] = functools.partial(_experts_gate_up, *parts)
-            if groups is not None and all(self._qtype(name) in GROUPED_TYPES for name in stacks):
+            if groups is not None and all(self._qtype(name) in groups.types for name in stacks):
                 gate_stack, down_stack = (self._shape(next(n for n in stacks if n.endswith(kind)))
                                           for kind in ("ffn_gate_exps.weight", "ffn_down_exps.weight"))
                 experts, width, hidden = gate_stack
@@ -321,10 +321,10 @@ class GGUFModel:
         """A tensor's shape, outermost dimension first (as torch has it; GGUF lists the innermost first)."""
         return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
 
-    def _grouped_linear(self, name: str) -> bool:
+    def _grouped_linear(self, name: str, types: frozenset[GGMLQuantizationType]) -> bool:
         """Whether tensor `name` is a linear's weight [N, K] stored in a 4-bit type whose groups the int4 kernels take
         as they are (a stack of experts' weights is read as values too; its groups make `Int4Experts`)."""
-        return len(self._tensors[name].shape) == 2 and self._qtype(name) in GROUPED_TYPES
+        return len(self._tensors[name].shape) == 2 and self._qtype(name) in types
 
     def _log_slow_types(self, names: dict[str, str]) -> None:
         """One line naming the types of a stage that gguf.quants decodes (in numpy, several times slower)."""
@@ -357,16 +357,16 @@ class GGUFModel:
             )
         return names
 
-    def stores_groups(self, start: int, end: int) -> bool:
-        """Whether any linear weight of layers [start, end) is stored in a 4-bit type the int4 kernel takes as it
-        is (`load_groups`): read from the tensors' types, no data. When so, one log line names the quantised types
-        of the others, which are dequantised."""
-        types = self._linear_types(start, end)
-        grouped = any(qtype in GROUPED_TYPES for qtype in types)
-        others = {qtype.name: count for qtype, count in types.items()
-                  if qtype not in GROUPED_TYPES and qtype not in FLOAT_TYPES}
+    def stores_groups(self, start: int, end: int, types: frozenset[GGMLQuantizationType] = GROUPED_TYPES) -> bool:
+        """Whether any linear weight of layers [start, end) is stored in one of `types` (4-bit types, which every int4
+        kernel takes as they are, or also 5-bit ones where ringlet's CPU kernels run: `load_groups`): read from the
+        tensors' types, no data. When so, one log line names the quantised types of the others, which are
+        dequantised."""
+        stored = self._linear_types(start, end)
+        grouped = any(qtype in types for qtype in stored)
+        others = {qtype.name: count for qtype, count in stored.items() if qtype not in types and qtype not in FLOAT_TYPES}
         if grouped and others:
-            log.info("%s: weights of layers %d-%d stored as %s are dequantised (not 4-bit groups)", self.path.name,
+            log.info("%s: weights of layers %d-%d stored as %s are dequantised (not groups the kernels take)", self.path.name,
                      start, end - 1, ", ".join(f"{kind} ({count})" for kind, count in sorted(others.items())))
         return grouped
 
@@ -375,27 +375,30 @@ class GGUFModel:
                        for g in self._layer_tensor_names() if g.endswith(".weight")
                        and (tensor := self._tensors.get(f"blk.{i}.{g}")) is not None and len(tensor.shape) in (2, 3))
 
-    def stage_groups(self, start: int, end: int, cache: RepackCache | None = None) -> LayerGroups | None:
+    def stage_groups(self, start: int, end: int, cache: RepackCache | None = None,
+                     types: frozenset[GGMLQuantizationType] = GROUPED_TYPES) -> LayerGroups | None:
         """The 4-bit groups of layers [start, end) for an int4 stage, one layer at a time (see `LayerGroups`), or None
         where the file stores none of them in 4 bits."""
-        return LayerGroups(self, cache) if self.stores_groups(start, end) else None
+        return LayerGroups(self, cache, types) if self.stores_groups(start, end, types) else None
 
-    def load_groups(self, start: int, end: int, cache: RepackCache | None = None) -> dict[str, GroupQuantized]:
-        """The Q4_0/Q4_1/Q4_K weights of layers [start, end) as their own 4-bit codes and per-32 scales/offsets (HF
-        names and layout), for int4 kernels that take them as they are; weights of other types are left out. With
+    def load_groups(self, start: int, end: int, cache: RepackCache | None = None,
+                    types: frozenset[GGMLQuantizationType] = GROUPED_TYPES) -> dict[str, GroupQuantized]:
+        """The weights of layers [start, end) stored in `types` (Q4_0/Q4_1/Q4_K; Q5_0/Q5_1/Q5_K where asked) as their
+        own codes and per-32 scales/offsets (HF names and layout), for int4 kernels that take them as they are;
+        weights of other types are left out. With
         `cache`, each layer's are read from it where it has them, and written to it where not."""
         groups = {}
         for i in range(start, end):
             names = {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in self._layer_tensor_names().items()
-                     if f"blk.{i}.{g}" in self._tensors and self._qtype(f"blk.{i}.{g}") in GROUPED_TYPES}
+                     if f"blk.{i}.{g}" in self._tensors and self._qtype(f"blk.{i}.{g}") in types}
             if not names:
                 continue
-            types = {name: self._qtype(name).name for name in names}
-            layer = cache.read(f"blk.{i}", types) if cache is not None else None
+            stored = {name: self._qtype(name).name for name in names}
+            layer = cache.read(f"blk.{i}", stored) if cache is not None else None
             if layer is None:
                 layer = {name: self._read_groups(name) for name in names}
                 if cache is not None:
-                    cache.write(f"blk.{i}", types, layer)
+                    cache.write(f"blk.{i}", stored, layer)
             groups.update({names[name]: g for name, g in layer.items()})
         return groups
 
@@ -407,7 +410,7 @@ class GGUFModel:
         groups = decode_groups(tensor.data, self._qtype(name), (rows, columns))
         if (heads := self._permuted_heads(name)) is not None:
             groups = GroupQuantized(unpermute_qk(groups.codes, heads), unpermute_qk(groups.scale, heads),
-                                    unpermute_qk(groups.offset, heads), groups.group_size)
+                                    unpermute_qk(groups.offset, heads), groups.group_size, groups.bits)
         self._release(name)
         return groups
 
@@ -499,16 +502,18 @@ class GGUFModel:
 
 
 class LayerGroups:
-    """A stage's 4-bit groups, one layer at a time: read once (from the repack cache, else decoded from the file) for
+    """A stage's groups (4-bit, or 5-bit where `types` has them), one layer at a time: read once (from the repack cache, else decoded from the file) for
     both the layer's float weights, which a linear fusing them with wider tensors needs, and its int4 linears."""
 
-    def __init__(self, model: GGUFModel, cache: RepackCache | None) -> None:
+    def __init__(self, model: GGUFModel, cache: RepackCache | None,
+                 types: frozenset[GGMLQuantizationType] = GROUPED_TYPES) -> None:
         self._model, self._cache = model, cache
+        self.types = types  # the GGML types kept as their codes
         self._index = -1
         self._groups: dict[str, GroupQuantized] = {}
 
     def stores_groups(self, start: int, end: int) -> bool:
-        return any(qtype in GROUPED_TYPES for qtype in self._model._linear_types(start, end))
+        return any(qtype in self.types for qtype in self._model._linear_types(start, end))
 
     def load_groups(self, start: int, end: int) -> dict[str, GroupQuantized]:
         """HF weight name -> groups, of layers [start, end). A layer's are asked for here once its values were read
@@ -517,13 +522,13 @@ class LayerGroups:
             groups = self.of_layer(start)
             self._groups, self._index = {}, -1
             return groups
-        return self._model.load_groups(start, end, self._cache)
+        return self._model.load_groups(start, end, self._cache, self.types)
 
     def of_layer(self, index: int) -> dict[str, GroupQuantized]:
         """HF weight name -> groups, of decoder layer `index` (global)."""
         if index != self._index:
             self._groups = {}  # the previous layer's go before the next are read
-            self._groups, self._index = self._model.load_groups(index, index + 1, self._cache), index
+            self._groups, self._index = self._model.load_groups(index, index + 1, self._cache, self.types), index
         return self._groups
 
     def values(self, index: int, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -2,7 +2,8 @@
 then one multiply and one add or subtract per value), so the values are bit-identical to llama.cpp's and gguf.quants'.
 
 - `decode_groups`: Q4_0, Q4_1 and Q4_K as they are stored, 4-bit codes with a scale and offset per 32 values, the
-  layout the int4 linear takes (`GroupQuantized`).
+  layout the int4 linear takes (`GroupQuantized`); Q5_0, Q5_1 and Q5_K the same way in 5 bits, which the int4 linear
+  takes on CPUs with ringlet's kernels (`kernels/cpu_vnni`).
 - `dequantize`: a tensor of any type as values of the dtype asked for, a run of rows at a time, so a decoder's
   temporaries stay a few MB whatever the tensor's size. The types in `DECODED_TYPES` are decoded here; the others
   (Q2_K, Q3_K, the IQ types...) by gguf.quants' numpy block decoders, run by run all the same.
@@ -49,7 +50,8 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, 
 
 
 def decode_groups(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> GroupQuantized:
-    """A Q4_0/Q4_1/Q4_K weight [N, K] as its own codes, with the scale and offset of each group of 32 inputs."""
+    """A Q4_0/Q4_1/Q4_K (or Q5_0/Q5_1/Q5_K) weight [N, K] as its own codes, with the scale and offset of each group of
+    32 inputs."""
     decode = _GROUP_DECODERS[qtype]
     rows, columns = shape
     codes = torch.empty(rows, columns, dtype=torch.uint8)
@@ -61,7 +63,7 @@ def decode_groups(data: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[in
         codes[first:first + count] = run_codes.view(count, columns)
         scale[first:first + count] = run_scale.view(count, -1)
         offset[first:first + count] = run_offset.view(count, -1)
-    return GroupQuantized(codes, scale, offset, GROUP)
+    return GroupQuantized(codes, scale, offset, GROUP, 5 if qtype in GROUPED5_TYPES else 4)
 
 
 def dequantize_groups(groups: GroupQuantized, dtype: torch.dtype) -> torch.Tensor:
@@ -147,14 +149,27 @@ def _q4_1(blocks: torch.Tensor) -> torch.Tensor:  # fp16 d, fp16 m, 16 bytes of 
     return _half(blocks, 0) * _nibbles(blocks[:, 4:]).float() + _half(blocks, 2)
 
 
+def _q5_codes(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The 5-bit codes of a Q5_0/Q5_1 block whose 32 fifth bits (bit j: value j) start at byte `at`, 16 bytes of low
+    nibbles after them."""
+    return _nibbles(blocks[:, at + 4:]) | (_bits(blocks[:, at:at + 4], 1).transpose(1, 2).reshape(-1, 32) << 4)
+
+
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:  # fp16 d, 32 high bits, 16 bytes of low nibbles; x = d * (q - 16)
-    q = _nibbles(blocks[:, 6:]) | (_bits(blocks[:, 2:6], 1).transpose(1, 2).reshape(-1, 32) << 4)
-    return _half(blocks, 0) * (q.to(torch.int8) - 16).float()
+    return _half(blocks, 0) * (_q5_codes(blocks, 2).to(torch.int8) - 16).float()
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:  # fp16 d, fp16 m, 32 high bits, 16 bytes; x = d * q + m
-    q = _nibbles(blocks[:, 8:]) | (_bits(blocks[:, 4:8], 1).transpose(1, 2).reshape(-1, 32) << 4)
-    return _half(blocks, 0) * q.float() + _half(blocks, 2)
+    return _half(blocks, 0) * _q5_codes(blocks, 4).float() + _half(blocks, 2)
+
+
+def _q5_0_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # x = d * q - 16 d
+    d = _half(blocks, 0)
+    return _q5_codes(blocks, 2), d, -16 * d
+
+
+def _q5_1_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # x = d * q + m
+    return _q5_codes(blocks, 4), _half(blocks, 0), _half(blocks, 2)
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:  # fp16 d, 32 x int8 q; x = q * d
@@ -175,10 +190,14 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:  # header, 128 bytes of codes (
     return _k_quant(blocks, _nibbles(blocks[:, 16:].view(-1, 4, 32)).view(-1, 8, GROUP))
 
 
-def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q5_k_codes(blocks: torch.Tensor) -> torch.Tensor:
     """Header, 32 bytes of 5th bits (bit g of byte j: value j of group g), 128 bytes of low nibbles as Q4_K's."""
     low = _nibbles(blocks[:, 48:].view(-1, 4, 32)).view(-1, 8, GROUP)
-    return _k_quant(blocks, low | (_bits(blocks[:, 16:48], 1) << 4))
+    return low | (_bits(blocks[:, 16:48], 1) << 4)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    return _k_quant(blocks, _q5_k_codes(blocks))
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -222,6 +241,13 @@ def _q4_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return codes, _half(blocks, 0) * scales.float(), -(_half(blocks, 2) * mins.float())
 
 
+def _q5_k_groups(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K's scales and mins over 5-bit codes (`_q5_k_codes`)."""
+    n = blocks.shape[0]
+    scales, mins = _k_scales(blocks[:, 4:16])
+    return _q5_k_codes(blocks).view(n, -1), _half(blocks, 0) * scales.float(), -(_half(blocks, 2) * mins.float())
+
+
 _DECODERS: dict[GGMLQuantizationType, BlockDecoder] = {
     Q.F32: _f32, Q.F16: _f16, Q.BF16: _bf16, Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0,
     Q.Q5_1: _q5_1, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
@@ -229,5 +255,7 @@ _DECODERS: dict[GGMLQuantizationType, BlockDecoder] = {
 DECODED_TYPES = frozenset(_DECODERS)
 _GROUP_DECODERS: dict[GGMLQuantizationType, GroupDecoder] = {
     Q.Q4_0: _q4_0_groups, Q.Q4_1: _q4_1_groups, Q.Q4_K: _q4_k_groups,
+    Q.Q5_0: _q5_0_groups, Q.Q5_1: _q5_1_groups, Q.Q5_K: _q5_k_groups,
 }
-GROUPED_TYPES = frozenset(_GROUP_DECODERS)
+GROUPED5_TYPES = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K})  # 5-bit codes: kept as such where a CPU's kernels take them
+GROUPED_TYPES = frozenset(_GROUP_DECODERS) - GROUPED5_TYPES  # 4-bit codes, which every engine's int4 linear takes

@@ -19,6 +19,8 @@ from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.models.fp8 import runs_fp8, use_fp8_layer
+from ringlet.models.gguf_quants import GROUPED5_TYPES, GROUPED_TYPES
+from ringlet.models.kernels import cpu_vnni
 from ringlet.models.ollama import find_ollama_model, library_model, ollama_models_dir
 from ringlet.models.pooling import Pooling, gguf_pooling, read_pooling
 from ringlet.models.quant import GROUP_SIZE, quantize_int8, quantize_layer_int4
@@ -134,17 +136,24 @@ def _gguf_facts(path: Path, size: int, mtime_ns: int) -> GGUFFacts:
     return GGUFFacts(model_args(gguf.config), MappingProxyType(gguf.tensor_types()))
 
 
+def cpu_tiles(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether linears computing in `dtype` on `device` run ringlet's CPU kernels, which also take 5-bit codes (a GGUF
+    file's Q5_0/Q5_1/Q5_K weights, kept as they are rather than rounded to int8)."""
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16 and cpu_vnni.available()
+
+
 def load_stage(
     ref: str | Path | None, start: int = 0, end: int | None = None,
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", quantize: Quantization | None = None,
-    sharded: bool = False,
+    sharded: bool = False, runs_here: bool = True,
 ) -> LoadedStage:
     """Layers [start, end) of a model, read one layer at a time: each is converted to `dtype` (and with `quantize`,
-    its linears quantised, a GGUF file's 4-bit groups kept as they are) before the next is read, so the load never
+    its linears quantised, a GGUF file's 4-bit (or 5-bit) groups kept as they are) before the next is read, so the load never
     holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are read.
     `sharded`: this process is one rank of the stage's tensor-parallel group (torch.distributed's default group):
     each layer is cut to the rank's share as it is read, and of the embedding and lm_head only its vocabulary rows
-    are read (`tensor_parallel.py`); the weights stay in `dtype`."""
+    are read (`tensor_parallel.py`); the weights stay in `dtype`. `runs_here`: the stage runs on `device` (not moved
+    after loading), so a CPU stage may keep a file's 5-bit codes for ringlet's kernels (`cpu_tiles`)."""
     if sharded and quantize is not None:
         raise ModelLoadError(f"tensor parallelism splits bf16, fp16 or fp32 weights, not {quantize} ones; load at "
                              "--precision bf16 (or fp16, fp32)")
@@ -170,7 +179,8 @@ def load_stage(
         pooling = gguf_pooling(gguf.pooling_type(), path)
         end = args.num_hidden_layers if end is None else end
         # an int4 stage reads the file's 4-bit groups once a layer, from the repack cache where it holds them
-        gguf_groups = (gguf.stage_groups(start, end, RepackCache.for_files(gguf.files))
+        types = GROUPED_TYPES | GROUPED5_TYPES if runs_here and cpu_tiles(device, dtype) else GROUPED_TYPES
+        gguf_groups = (gguf.stage_groups(start, end, RepackCache.for_files(gguf.files), types)
                        if quantize in ("int4", "int4 where stored") else None)
         weights = gguf.lazy_state_dict(start, end, dtype, gguf_groups)
         tokenizer = gguf.tokenizer()

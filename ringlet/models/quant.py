@@ -23,7 +23,7 @@ from torch import nn
 
 from ringlet.models.experts import Experts, Int4Experts, Int8Experts, quantize_experts_int8
 from ringlet.models.kernels import cpu_vnni
-from ringlet.models.quant_format import GROUP_SIZE, GroupQuantized, Int8Rows, round_rows_int8
+from ringlet.models.quant_format import GROUP_SIZE, GroupQuantized, Int8Rows, read_rows_int8, round_rows_int8
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class Int4Linear(nn.Module):
     # buffers, registered in __init__
     weight: torch.Tensor
     scale_zero: torch.Tensor
+    high: torch.Tensor | None  # the fifth bits of 5-bit codes (`cpu_vnni.tile_int5`)
     nibbles: torch.Tensor | None
     bias: torch.Tensor | None
 
@@ -125,23 +126,31 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.codes.shape
         self.group_size = weight.group_size
+        self.bits = weight.bits
         # the kernel computes (code - 8) * scale + zero, so zero = offset + 8 * scale; [K / group, N, 2]
         scale_zero = torch.stack((weight.scale, weight.offset + 8 * weight.scale), dim=-1).transpose(0, 1)
-        self.tiled = weight.codes.device.type == "cpu" and dtype == torch.bfloat16 and cpu_vnni.takes_int4(
-            self.out_features, self.in_features, self.group_size)
-        if self.tiled:
+        self.tiled = takes_tiles(weight, dtype)
+        high = None
+        if self.bits > 4 and not self.tiled:
+            raise ValueError("5-bit codes run on ringlet's CPU kernels only (int4_linear rounds them to int8 elsewhere)")
+        if self.bits > 4:
+            packed, high = cpu_vnni.tile_int5(weight.codes)
+        elif self.tiled:
             packed = cpu_vnni.tile_int4(weight.codes)
         else:  # a slice of rows at a time: the kernel takes int32 codes, 8 bytes for each byte kept
             packed = torch.cat([torch._convert_weight_to_int4pack_for_cpu(rows.to(torch.int32), 1)
                                 for rows in weight.codes.split(_PACK_ROWS)])
         self.register_buffer("weight", packed)
+        self.register_buffer("high", high)
         self.register_buffer("scale_zero", scale_zero.contiguous().to(dtype))
         unpacks = self.tiled or _unpacks(packed, weight.codes)
         self.register_buffer("nibbles", None if unpacks else _nibble_pairs(weight.codes))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
 
     def codes(self) -> torch.Tensor:
-        """The 4-bit codes, uint8 [N, K]."""
+        """The 4-bit (or 5-bit) codes, uint8 [N, K]."""
+        if self.high is not None:
+            return cpu_vnni.untile_int5(self.weight, self.high)
         if self.tiled:
             return cpu_vnni.untile_int4(self.weight)
         if self.nibbles is not None:
@@ -151,7 +160,8 @@ class Int4Linear(nn.Module):
     def groups(self) -> GroupQuantized:
         """The layer's weight as codes, scales and offsets (in the dtype the layer computes its scales in)."""
         scale, zero = self.scale_zero.float().transpose(0, 1).unbind(-1)
-        return GroupQuantized(self.codes(), scale.contiguous(), (zero - 8 * scale).contiguous(), self.group_size)
+        return GroupQuantized(self.codes(), scale.contiguous(), (zero - 8 * scale).contiguous(), self.group_size,
+                              self.bits)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """(code - 8) * scale + zero, as the kernel computes it."""
@@ -165,13 +175,22 @@ class Int4Linear(nn.Module):
         dense_from = self.DENSE_FROM_ROWS_TILED if self.tiled else self.DENSE_FROM_ROWS
         if self.dequantize_in_matmul or rows.shape[0] >= dense_from:
             return F.linear(x, self.dense_weight(x.dtype), self.bias)
-        if self.tiled:
+        if self.high is not None:
+            y = torch.ops.ringlet_cpu.int5_linear(rows, self.weight, self.high, self.scale_zero, self.group_size)
+        elif self.tiled:
             y = torch.ops.ringlet_cpu.int4_linear(rows, self.weight, self.scale_zero, self.group_size)
         else:
             y = torch._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size, self.scale_zero)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+
+def takes_tiles(weight: GroupQuantized, dtype: torch.dtype) -> bool:
+    """Whether an Int4Linear of `weight` computing in `dtype` keeps it in the tiles of ringlet's CPU kernels (which
+    alone run 5-bit codes)."""
+    n, k = weight.codes.shape
+    return weight.codes.device.type == "cpu" and dtype == torch.bfloat16 and cpu_vnni.takes_int4(n, k, weight.group_size)
 
 
 _PACK_BLOCK = 64  # rows of a block in the CPU kernel's layout (AVX-512 builds)
@@ -243,7 +262,12 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
 
 
 def int4_linear(groups: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
-    """The int4 linear for the device the codes are on: CUDA's Triton kernels, else the CPU one."""
+    """The int4 linear for the device the codes are on: CUDA's Triton kernels, else the CPU one. 5-bit codes that
+    ringlet's CPU kernels cannot take become int8 rows of their values."""
+    if groups.bits > 4 and not takes_tiles(groups, dtype):
+        n, k = groups.codes.shape
+        rows = read_rows_int8(n, lambda first, end: groups.rows(first, end).dequantize(), k, groups.codes.device)
+        return int8_linear(rows, bias, dtype)
     if groups.codes.device.type == "cuda":
         from ringlet.models.quant_cuda import CudaInt4Linear
 
@@ -375,7 +399,9 @@ def dequantizing_in_matmul(model: nn.Module) -> int:
         if isinstance(module, Int8Linear | Int4Linear):
             module.dequantize_in_matmul = True
             count += 1
-        if isinstance(module, Int4Linear):  # its codes as nibble pairs, for every device; the CPU layout goes
+        if isinstance(module, Int4Linear) and module.high is None:
+            # its codes as nibble pairs, for every device; the CPU layout goes (5-bit codes keep their tiles, which
+            # `codes` unpacks with plain tensor operations)
             if module.nibbles is None:
                 module.nibbles = _nibble_pairs(module.codes())
             module.weight = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)

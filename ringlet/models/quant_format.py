@@ -1,4 +1,4 @@
-"""The device-independent forms of quantised weights: 4-bit codes in groups with a scale and offset each, and int8
+"""The device-independent forms of quantised weights: 4-bit (or 5-bit) codes in groups with a scale and offset each, and int8
 rows with a step each; rounding to them, a slice of rows at a time where a weight is vocabulary-sized. The linears
 that run them on each device are in `quant` (CPU) and `quant_cuda`."""
 
@@ -15,13 +15,14 @@ GROUP_SIZE = 32
 
 @dataclass
 class GroupQuantized:
-    """A weight [N, K] as codes [N, K] (0..15) with `scale` and `offset` per group of `group_size` inputs:
-    w = codes * scale + offset."""
+    """A weight [N, K] as codes [N, K] (0..15, or 0..31 where `bits` is 5: GGUF's Q5 types) with `scale` and
+    `offset` per group of `group_size` inputs: w = codes * scale + offset."""
 
     codes: torch.Tensor  # uint8
     scale: torch.Tensor  # float32 [N, K // group_size]
     offset: torch.Tensor  # float32 [N, K // group_size]
     group_size: int = GROUP_SIZE
+    bits: int = 4
 
     @classmethod
     def round(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> GroupQuantized:
@@ -35,19 +36,22 @@ class GroupQuantized:
 
     @classmethod
     def cat(cls, parts: list[GroupQuantized]) -> GroupQuantized:
-        """Stacked along the output dimension (fused q/k/v, gate/up)."""
+        """Stacked along the output dimension (fused q/k/v, gate/up); in 5 bits where any part is (a 4-bit code is a
+        5-bit one of the same value)."""
         return cls(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                   torch.cat([p.offset for p in parts]), parts[0].group_size)
+                   torch.cat([p.offset for p in parts]), parts[0].group_size, max(p.bits for p in parts))
 
     def rows(self, first: int, end: int) -> GroupQuantized:
         """Output rows [first, end) (an expert's, of a stack of experts' weights)."""
-        return GroupQuantized(self.codes[first:end], self.scale[first:end], self.offset[first:end], self.group_size)
+        return GroupQuantized(self.codes[first:end], self.scale[first:end], self.offset[first:end], self.group_size,
+                              self.bits)
 
     def to(self, device: torch.device) -> GroupQuantized:
         """On `device` (itself where it is there already)."""
         if self.codes.device == device:
             return self
-        return GroupQuantized(self.codes.to(device), self.scale.to(device), self.offset.to(device), self.group_size)
+        return GroupQuantized(self.codes.to(device), self.scale.to(device), self.offset.to(device), self.group_size,
+                              self.bits)
 
     def dequantize(self) -> torch.Tensor:
         expand = lambda t: t.repeat_interleave(self.group_size, dim=1)

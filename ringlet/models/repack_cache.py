@@ -1,6 +1,6 @@
 """A GGUF file's weights as a stage keeps them, cached on disk beside the store so that a second load skips decoding.
 
-Each layer's 4-bit groups (`GroupQuantized`) are one safetensors file, `ringlet_home()/cache/gguf/<file>/blk.<i>
+Each layer's groups (`GroupQuantized`: 4-bit codes two to a byte, 5-bit ones a byte each) are one safetensors file, `ringlet_home()/cache/gguf/<file>/blk.<i>
 .safetensors`, written atomically (a temporary file, then a rename) and read back with safetensors. An entry records
 the size and mtime of the GGUF file (of each part of a split one) and the name and type of each tensor: an entry that
 does not match them, or does not read, is a miss, and is written again. `RINGLET_GGUF_CACHE=0` turns the cache off;
@@ -22,12 +22,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from ringlet.models.gguf_quants import GROUPED5_TYPES
 from ringlet.models.quant import GroupQuantized
 from ringlet.models.store import ringlet_home
 
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "RINGLET_GGUF_CACHE"
+FIVE_BIT_TYPES = frozenset(kind.name for kind in GROUPED5_TYPES)  # GGML types whose codes are stored a byte each
 _PARTS = ("codes", "scale", "offset")
 
 
@@ -55,7 +57,7 @@ class RepackCache:
         return self.directory / f"{entry}.safetensors"
 
     def _metadata(self, tensors: Mapping[str, str]) -> dict[str, str]:
-        return {"source": self._source, "tensors": json.dumps(sorted(tensors.items())), "codes": "nibble pairs"}
+        return {"source": self._source, "tensors": json.dumps(sorted(tensors.items())), "codes": "4-bit in nibble pairs, 5-bit a byte each"}
 
     def read(self, entry: str, tensors: Mapping[str, str]) -> dict[str, GroupQuantized] | None:
         """The entry's groups by GGUF tensor name, or None where it is missing, stale or unreadable."""
@@ -69,8 +71,7 @@ class RepackCache:
             if header.get("__metadata__") != self._metadata(tensors):
                 return None
             stored = load(data)
-            groups = {name: GroupQuantized(_unpaired(stored[f"{name}.codes"]), stored[f"{name}.scale"],
-                                           stored[f"{name}.offset"]) for name in tensors}
+            groups = {name: _groups(stored, name, kind in FIVE_BIT_TYPES) for name, kind in tensors.items()}
         except (OSError, SafetensorError, ValueError, KeyError, RuntimeError) as e:
             log.info("GGUF repack cache entry %s does not read (%s); decoding the file again", path, e)
             return None
@@ -82,7 +83,7 @@ class RepackCache:
     def write(self, entry: str, tensors: Mapping[str, str], groups: Mapping[str, GroupQuantized]) -> None:
         if not self._writable:
             return
-        flat = {f"{name}.{part}": (_paired(g.codes) if part == "codes" else getattr(g, part)).contiguous()
+        flat = {f"{name}.{part}": (_paired(g.codes) if part == "codes" and g.bits == 4 else getattr(g, part)).contiguous()
                 for name, g in groups.items() for part in _PARTS}
         path = self._path(entry)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -95,6 +96,15 @@ class RepackCache:
             log.warning("cannot write the GGUF repack cache in %s (%s); loading without it", self.directory, e)
             with contextlib.suppress(OSError):  # nothing to remove where the directory could not be made
                 temporary.unlink()
+
+
+def _groups(stored: Mapping[str, torch.Tensor], name: str, five_bit: bool) -> GroupQuantized:
+    codes = stored[f"{name}.codes"]
+    if not five_bit:
+        codes = _unpaired(codes)
+    elif codes.dtype != torch.uint8 or codes.dim() != 2 or int(codes.max()) > 31:
+        raise ValueError(f"5-bit codes of dtype {codes.dtype}, shape {tuple(codes.shape)}")
+    return GroupQuantized(codes, stored[f"{name}.scale"], stored[f"{name}.offset"], bits=5 if five_bit else 4)
 
 
 def _paired(codes: torch.Tensor) -> torch.Tensor:

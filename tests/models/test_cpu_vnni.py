@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ringlet.models.kernels import cpu_vnni
 from ringlet.models.paged_cache import BatchLayout, SequenceStep
-from ringlet.models.quant import Int4Linear, Int8Linear
+from ringlet.models.quant import Int4Linear, Int8Linear, dequantizing_in_matmul, int4_linear
 from ringlet.models.quant_format import GroupQuantized, Int8Rows
 from tests.support.random_models import BASE, random_model
 
@@ -108,6 +108,63 @@ def test_int4_linear_keeps_tiles_and_gives_its_codes_back() -> None:
     assert not Int4Linear(groups, None, torch.float32).tiled  # float32 scales: PyTorch's kernel
 
 
+@pytest.mark.parametrize(("n", "k", "group", "m"), [(3072, 576, 32, 1), (576, 1536, 32, 5), (96, 1024, 64, 2),
+                                                    (16, 64, 32, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int5_tiles_match_float(n: int, k: int, group: int, m: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n + k + group + m)
+    codes = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=gen)
+    scale = (torch.rand(n, k // group, generator=gen) * 0.02 + 1e-3).bfloat16()
+    zero = (torch.randn(n, k // group, generator=gen) * 0.02).bfloat16()
+    scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous()
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    tiles, high = cpu_vnni.tile_int5(codes)
+    assert tiles.shape == (n // 16, k * 8) and high.shape == (n // 16, k * 2)
+    assert torch.equal(cpu_vnni.untile_int5(tiles, high), codes)
+    assert torch.equal(tiles, cpu_vnni.tile_int4(codes & 0x0F))
+    got = torch.ops.ringlet_cpu.int5_linear(x, tiles, high, scale_zero, group)
+    assert got.shape == (m, n) and got.dtype == dtype
+    want = int4_reference(x.float(), codes, scale, zero, group)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+    low_only = torch.ops.ringlet_cpu.int4_linear(x, tiles, scale_zero, group)  # the fifth bits matter
+    assert (low_only.float() - want).abs().max() > 0.1 * want.abs().max()
+
+
+def test_int4_linear_of_5_bit_codes() -> None:
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 32, (48, 256), dtype=torch.uint8, generator=gen)
+    groups = GroupQuantized(codes, torch.rand(48, 8, generator=gen) * 0.02 + 1e-3,
+                            torch.randn(48, 8, generator=gen) * 0.02, 32, bits=5)
+    linear = Int4Linear(groups, None, torch.bfloat16)
+    assert linear.bits == 5 and linear.tiled and linear.high is not None and linear.nibbles is None
+    assert torch.equal(linear.codes(), codes) and linear.groups().bits == 5
+    dense = linear.dense_weight(torch.float32)
+    torch.testing.assert_close(dense, groups.dequantize(), rtol=0, atol=0.01 * dense.abs().max().item())  # bf16
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    exact = x.float() @ dense.t()
+    assert (linear(x).float() - exact).abs().max() < 0.03 * exact.abs().max()
+    long = torch.randn(Int4Linear.DENSE_FROM_ROWS_TILED, 256, generator=gen).bfloat16()
+    torch.testing.assert_close(linear(long), F.linear(long, linear.dense_weight(torch.bfloat16)))
+    assert dequantizing_in_matmul(linear) == 1  # plain tensor operations over the tiles, which stay
+    torch.testing.assert_close(linear(x), F.linear(x, linear.dense_weight(torch.bfloat16)))
+    with pytest.raises(ValueError, match="5-bit codes run on ringlet's CPU kernels only"):
+        Int4Linear(groups, None, torch.float32)
+
+
+def test_5_bit_codes_the_kernels_cannot_take_become_int8() -> None:
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 32, (40, 256), dtype=torch.uint8, generator=gen)  # 40 rows: not whole tiles
+    groups = GroupQuantized(codes, torch.rand(40, 8, generator=gen) * 0.02 + 1e-3,
+                            torch.randn(40, 8, generator=gen) * 0.02, 32, bits=5)
+    for dtype in (torch.bfloat16, torch.float32):
+        linear = int4_linear(groups, None, dtype)
+        assert isinstance(linear, Int8Linear)
+        x = torch.randn(2, 256, generator=gen).to(dtype)
+        exact = x.float() @ groups.dequantize().t()
+        assert (linear(x).float() - exact).abs().max() < 0.02 * exact.abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "heads", "kv_heads", "dim", "context"), [(1, 9, 3, 64, 300), (3, 8, 2, 128, 37),
                                                                            (2, 4, 4, 64, 17)])
@@ -169,19 +226,22 @@ def test_the_ops_compile_whole() -> None:
     codes = torch.randint(0, 16, (64, 128), dtype=torch.uint8, generator=gen)
     linear = Int4Linear(GroupQuantized(codes, torch.rand(64, 4, generator=gen) * 0.02 + 1e-3,
                                        torch.randn(64, 4, generator=gen) * 0.02, 32), None, torch.bfloat16)
+    five = Int4Linear(GroupQuantized(codes | 16, torch.rand(64, 4, generator=gen) * 0.02 + 1e-3,
+                                     torch.randn(64, 4, generator=gen) * 0.02, 32, bits=5), None, torch.bfloat16)
     head = Int8Linear(torch.randn(96, 64, generator=gen), None, torch.bfloat16)
     keys, values = torch.randn(40, 2, 16, generator=gen).bfloat16(), torch.randn(40, 2, 16, generator=gen).bfloat16()
     slots, visible = torch.arange(10)[None], torch.ones(1, 10, dtype=torch.bool)
 
-    def step(x: torch.Tensor) -> torch.Tensor:
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = linear(x)
         attended = torch.ops.ringlet_cpu.decode_attention(hidden[:, :32].reshape(1, 2, 16), keys, values, slots,
                                                           visible, 0.25)
-        return head(hidden + attended.reshape(1, 32).repeat(1, 2))
+        return head(hidden + attended.reshape(1, 32).repeat(1, 2)), five(x)
 
     x = torch.randn(1, 128, generator=gen).bfloat16()
     with torch.inference_mode():
-        assert torch.equal(torch.compile(step, fullgraph=True)(x), step(x))
+        compiled, eager = torch.compile(step, fullgraph=True)(x), step(x)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
 
 
 def test_a_build_lock_left_by_a_killed_process_is_dropped(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -157,7 +157,7 @@ def test_a_file_with_4_bit_groups_says_once_which_other_types_are_dequantised(
         for i in range(LAYERS):  # loading reads the groups layer by layer: no line per layer
             model.load_groups(i, i + 1)
     [line] = [r.getMessage() for r in caplog.records]
-    assert line == "tiny.gguf: weights of layers 0-1 stored as Q8_0 (3) are dequantised (not 4-bit groups)"
+    assert line == "tiny.gguf: weights of layers 0-1 stored as Q8_0 (3) are dequantised (not groups the kernels take)"
 
 
 @pytest.mark.parametrize("rows", [576, 160, 96, 48, 32])  # whole blocks of 64 rows, and rows past the last one

@@ -11,6 +11,10 @@
 // sums. Scales and zeros as Int4Linear keeps them for PyTorch's kernel: bf16 pairs [K / group, N, 2], the weight
 // being (code - 8) * scale + zero, so x . w = sum_groups scale * (x . code) + (zero - 8 scale) * sum(x).
 //
+// int5: the same tiles hold the low 4 bits of 5-bit codes (0..31); per tile, per octet, 16 more bytes hold the fifth
+// bits: two 64-bit masks, bit b of the first for byte b of the octet's low-nibble vector, of the second for its
+// high-nibble one. A mask adds 16 to the codes it marks before the product.
+//
 // decode_attention: one query a sequence over its keys and values where they lie in a paged cache.
 
 #include <torch/extension.h>
@@ -113,11 +117,13 @@ inline void store16(at::BFloat16* out, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
 }
 
-// out[i][16 rows] = x_i . w for kRows rows of x and one tile of 16 rows of W: each word of codes unpacked once.
-template <int kRows, typename Out>
-void int4_tile(const uint8_t* tile, const uint32_t* scale_zero, const RoundedRow* x, int64_t k, int64_t group,
-               int64_t n, Out* out, int64_t out_stride) {
+// out[i][16 rows] = x_i . w for kRows rows of x and one tile of 16 rows of W: each word of codes unpacked once. With
+// `high` (the tile's fifth bits), the codes are 5-bit.
+template <int kRows, bool kFive, typename Out>
+void int4_tile(const uint8_t* tile, const uint8_t* high, const uint32_t* scale_zero, const RoundedRow* x, int64_t k,
+               int64_t group, int64_t n, Out* out, int64_t out_stride) {
   const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i sixteen = _mm512_set1_epi8(16);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   __m512 acc[kRows];
   for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
@@ -131,8 +137,14 @@ void int4_tile(const uint8_t* tile, const uint32_t* scale_zero, const RoundedRow
       for (int o = 0; o < kBlock / 8; ++o) {
         const int64_t column = b * kBlock + o * 8;
         const __m512i w = _mm512_loadu_si512(tile + column * 8);
-        const __m512i lo = _mm512_and_si512(w, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+        __m512i lo = _mm512_and_si512(w, low);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+        if constexpr (kFive) {
+          uint64_t marks[2];
+          std::memcpy(marks, high + column * 2, sizeof(marks));
+          lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(marks[0]), lo, sixteen);
+          hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(marks[1]), hi, sixteen);
+        }
         for (int i = 0; i < kRows; ++i) {
           const int8_t* xc = x[i].codes.data() + column;
           dot[i] = _mm512_dpbusd_epi32(dot[i], lo, _mm512_set1_epi32(four_codes(xc)));
@@ -182,9 +194,9 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& codes, co
   return out.to(x.scalar_type());
 }
 
-template <typename T>
-void int4_product(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scale_zero, int64_t group,
-                  torch::Tensor& out) {
+template <bool kFive, typename T>
+void int4_product(const torch::Tensor& x, const torch::Tensor& tiles, const uint8_t* high,
+                  const torch::Tensor& scale_zero, int64_t group, torch::Tensor& out) {
   const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
   std::vector<RoundedRow> rounded;
   for (int64_t i = 0; i < m; ++i) rounded.push_back(round_row(x.data_ptr<T>() + i * k, k, group));
@@ -194,21 +206,24 @@ void int4_product(const torch::Tensor& x, const torch::Tensor& tiles, const torc
   at::parallel_for(0, n / 16, 1, [&](int64_t first, int64_t end) {
     for (int64_t t = first; t < end; ++t) {
       const uint8_t* tile = w + t * k * 8;
+      const uint8_t* marks = kFive ? high + t * k * 2 : nullptr;
       const uint32_t* pairs = sz + t * 16;
       int64_t i = 0;
-      for (; i + 4 <= m; i += 4) int4_tile<4>(tile, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n);
+      for (; i + 4 <= m; i += 4)
+        int4_tile<4, kFive>(tile, marks, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n);
       switch (m - i) {
-        case 3: int4_tile<3>(tile, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n); break;
-        case 2: int4_tile<2>(tile, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n); break;
-        case 1: int4_tile<1>(tile, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n); break;
+        case 3: int4_tile<3, kFive>(tile, marks, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n); break;
+        case 2: int4_tile<2, kFive>(tile, marks, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n); break;
+        case 1: int4_tile<1, kFive>(tile, marks, pairs, &rounded[i], k, group, n, y + i * n + t * 16, n); break;
         default: break;
       }
     }
   });
 }
 
-torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scale_zero,
-                          int64_t group) {
+// x [M, K] times tiled codes (with `high`, 5-bit ones) -> [M, N] in x's dtype.
+torch::Tensor tiled_linear(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor* high,
+                           const torch::Tensor& scale_zero, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && tiles.dim() == 2 && tiles.scalar_type() == torch::kUInt8, "int4_linear: bad shapes");
   TORCH_CHECK(scale_zero.dim() == 3 && scale_zero.size(2) == 2 && scale_zero.scalar_type() == torch::kBFloat16,
               "int4_linear: scale_zero must be bf16 [K / group, N, 2]");
@@ -216,12 +231,29 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& tiles, co
   TORCH_CHECK(tiles.size(1) == k * 8 && k % group == 0 && group % kBlock == 0, "int4_linear: K does not match");
   TORCH_CHECK(scale_zero.size(0) == k / group && scale_zero.size(1) == n, "int4_linear: scale_zero shape");
   TORCH_CHECK(tiles.is_contiguous() && scale_zero.is_contiguous(), "int4_linear: not contiguous");
+  if (high != nullptr) {
+    TORCH_CHECK(high->scalar_type() == torch::kUInt8 && high->dim() == 2 && high->size(0) == tiles.size(0) &&
+                high->size(1) == k * 2 && high->is_contiguous(), "int5_linear: high must be uint8 [N / 16, K * 2]");
+  }
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   const torch::Tensor rows = bf16 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
   torch::Tensor out = torch::empty({x.size(0), n}, rows.options());
-  if (bf16) int4_product<at::BFloat16>(rows, tiles, scale_zero, group, out);
-  else int4_product<float>(rows, tiles, scale_zero, group, out);
+  const uint8_t* marks = high != nullptr ? high->data_ptr<uint8_t>() : nullptr;
+  if (bf16 && marks != nullptr) int4_product<true, at::BFloat16>(rows, tiles, marks, scale_zero, group, out);
+  else if (bf16) int4_product<false, at::BFloat16>(rows, tiles, nullptr, scale_zero, group, out);
+  else if (marks != nullptr) int4_product<true, float>(rows, tiles, marks, scale_zero, group, out);
+  else int4_product<false, float>(rows, tiles, nullptr, scale_zero, group, out);
   return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scale_zero,
+                          int64_t group) {
+  return tiled_linear(x, tiles, nullptr, scale_zero, group);
+}
+
+torch::Tensor int5_linear(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& high,
+                          const torch::Tensor& scale_zero, int64_t group) {
+  return tiled_linear(x, tiles, &high, scale_zero, group);
 }
 
 // e^x, 16 lanes (Cephes' single-precision polynomial, scaled by 2^n with vscalefps); lanes of -inf give 0.
@@ -337,11 +369,13 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys
 TORCH_LIBRARY(ringlet_cpu, lib) {
   lib.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   lib.def("int4_linear(Tensor x, Tensor tiles, Tensor scale_zero, int group) -> Tensor");
+  lib.def("int5_linear(Tensor x, Tensor tiles, Tensor high, Tensor scale_zero, int group) -> Tensor");
   lib.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor visible, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ringlet_cpu, CPU, lib) {
   lib.impl("int8_linear", &int8_linear);
   lib.impl("int4_linear", &int4_linear);
+  lib.impl("int5_linear", &int5_linear);
   lib.impl("decode_attention", &decode_attention);
 }

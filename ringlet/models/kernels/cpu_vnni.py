@@ -1,5 +1,5 @@
-"""Weight-only int4 and int8 products of few rows on x86 CPUs with AVX-512 VNNI (`cpu_vnni.cpp`): what an
-Int4Linear runs for decode steps and short chunks, and an Int8Linear (the lm_head of most quantised models) for a
+"""Weight-only int4, int5 and int8 products of few rows on x86 CPUs with AVX-512 VNNI (`cpu_vnni.cpp`): what an
+Int4Linear (4- or 5-bit codes) runs for decode steps and short chunks, and an Int8Linear (the lm_head of most quantised models) for a
 one-sequence decode step.
 
 PyTorch's CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) multiply in floating point, one
@@ -13,8 +13,10 @@ them when the source changes. Where the CPU lacks AVX-512 VNNI, the build fails 
 `available()` is False and the linears keep PyTorch's kernels.
 
 `torch.ops.ringlet_cpu.int4_linear(x [M, K], tiles uint8 [N / 16, K * 8], scale_zero bf16 [K / group, N, 2],
-group)` (`tile_int4` makes the tiles; scale_zero as Int4Linear keeps it for PyTorch's kernel) and
-`torch.ops.ringlet_cpu.int8_linear(x [M, K], codes int8 [N, K], scales [N])`, both -> [M, N] in x's dtype; fake
+group)` (`tile_int4` makes the tiles; scale_zero as Int4Linear keeps it for PyTorch's kernel),
+`torch.ops.ringlet_cpu.int5_linear(x, tiles, high uint8 [N / 16, K * 2], scale_zero, group)` (5-bit codes: GGUF's Q5
+types; `tile_int5` makes tiles and high) and
+`torch.ops.ringlet_cpu.int8_linear(x [M, K], codes int8 [N, K], scales [N])`, all -> [M, N] in x's dtype; fake
 implementations let torch.compile keep them whole in a compiled step.
 """
 
@@ -90,6 +92,11 @@ def available() -> bool:
     def _(x: torch.Tensor, tiles: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], tiles.shape[0] * TILE_ROWS)
 
+    @torch.library.register_fake("ringlet_cpu::int5_linear")
+    def _(x: torch.Tensor, tiles: torch.Tensor, high: torch.Tensor, scale_zero: torch.Tensor, group: int
+          ) -> torch.Tensor:
+        return x.new_empty(x.shape[0], tiles.shape[0] * TILE_ROWS)
+
     global loaded
     loaded = True
     return True
@@ -118,6 +125,26 @@ def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
     octets = tiles.view(count, k // 8, TILE_ROWS, 1, 4)
     codes = torch.cat((octets & 0x0F, octets >> 4), dim=3)  # [tiles, K / 8, 16, 2, 4]
     return codes.permute(0, 2, 1, 3, 4).reshape(count * TILE_ROWS, k)
+
+
+def tile_int5(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes uint8 [N, K] (0..31) -> the int5 op's (tiles, high): `tile_int4` of their low 4 bits, and uint8
+    [N / 16, K * 2] of fifth bits, per tile, per 8 columns, 16 bytes: a 64-bit mask for each of the octet's two
+    64-byte vectors of `tile_int4` (its low nibbles, then its high ones), bit b for the vector's byte b."""
+    n, k = codes.shape
+    fifth = (codes >> 4).view(n // TILE_ROWS, TILE_ROWS, k // 8, 2, 4).permute(0, 2, 3, 1, 4)  # [tiles, K/8, 2, 16, 4]
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+    marks = (fifth.reshape(-1, 8) * weights).sum(-1, dtype=torch.uint8)  # byte i of a mask: its bits 8i..8i+7
+    return tile_int4(codes & 0x0F), marks.view(n // TILE_ROWS, k * 2)
+
+
+def untile_int5(tiles: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """`tile_int5` undone: codes uint8 [N, K]."""
+    count, width = tiles.shape
+    k = width // 8
+    bits = (high.view(-1, 1) >> torch.arange(8, dtype=torch.uint8, device=high.device)) & 1  # [.., 8 bytes, 8 bits]
+    fifth = bits.view(count, k // 8, 2, TILE_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(count * TILE_ROWS, k)
+    return untile_int4(tiles) | (fifth << 4)
 
 
 def takes_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:

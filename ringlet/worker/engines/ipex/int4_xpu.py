@@ -61,10 +61,10 @@ class XpuInt4Linear(nn.Module):
 
 
 def use_int4_kernel(model: nn.Module, dtype: torch.dtype) -> int:
-    """Every Int4Linear of `model` (a stage already on its Intel GPU) replaced by an XpuInt4Linear built from its
+    """Every Int4Linear of 4-bit codes of `model` (a stage already on its Intel GPU) replaced by an XpuInt4Linear built from its
     groups, in place; returns how many. Where the kernel is missing nothing changes (0) and one line says so."""
     targets = [(owner, name, cast(Int4Linear, child)) for owner in model.modules()
-               for name, child in owner.named_children() if isinstance(child, Int4Linear)]
+               for name, child in owner.named_children() if isinstance(child, Int4Linear) and child.bits == 4]
     if not targets:
         return 0
     device = next(targets[0][2].buffers()).device

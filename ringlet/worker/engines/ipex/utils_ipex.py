@@ -250,7 +250,8 @@ def load_ipex_model(
 
     dtype = model_dtype(precision, on_host)
     if precision in ("int8", "int4") and not on_host:  # quantised on the host, a layer at a time, then moved
-        stage = load_stage(path, start, end, dtype=dtype, device="cpu", quantize=cast(Quantization, precision))
+        stage = load_stage(path, start, end, dtype=dtype, device="cpu", quantize=cast(Quantization, precision),
+                           runs_here=False)
         switched = dequantizing_in_matmul(stage.model)
         stage.model.to(device.torch_device)
         on_kernel = use_int4_kernel(stage.model, dtype) if precision == "int4" else 0
