@@ -1,10 +1,13 @@
-"""Weight-only int4 and int8 products on the CPU: PyTorch's kernels against ringlet's AVX-512 VNNI ones
+"""Weight-only int4, int5 and int8 products on the CPU: PyTorch's kernels against ringlet's AVX-512 VNNI ones
 (`models/kernels/cpu_vnni.cpp`), microseconds a product and GB/s of weight bytes, for a few rows of x.
 
-Usage: python scripts/bench_cpu_kernels.py [--int4 3072x576 576x1536] [--int8 49152x576] [--rows 1 2 4 8 ...]
+Usage: python scripts/bench_cpu_kernels.py [--int4 3072x576 576x1536] [--int5 3072x576 576x1536] [--int8 49152x576]
+       [--rows 1 2 4 8 ...]
 
 int4 (groups of 32, as a Q4_0/Q4_1 file keeps them): `_weight_int4pack_mm_for_cpu`, ringlet's tiles, and the dense
-bf16 matmul of the unpacked weight that long prompt chunks run. int8 (a step a row): `_weight_int8pack_mm`,
+bf16 matmul of the unpacked weight that long prompt chunks run. int5 (a GGUF file's Q5 tensors): the int8 rows that
+PyTorch's kernel would run them as (a byte a weight), ringlet's 5-bit tiles, and the dense matmul; each column's GB/s
+over the bytes it reads. int8 (a step a row): `_weight_int8pack_mm`,
 ringlet's, and the dense bf16 matmul. Each product runs over enough copies of the weight to fill `--bytes` (default 256 MB), one after the
 other, so that the weights come from memory as in a decode step rather than from the cache of the last call. The
 largest difference from PyTorch's kernel, relative to its largest output, is printed beside each row.
@@ -17,7 +20,7 @@ import torch
 
 from ringlet.models.kernels import cpu_vnni
 from ringlet.models.quant import Int4Linear
-from ringlet.models.quant_format import GroupQuantized
+from ringlet.models.quant_format import GroupQuantized, round_rows_int8
 
 
 def seconds_each(call, weights: list, repeats: int = 3) -> float:
@@ -65,6 +68,36 @@ def int4_rows(shape: str, rows: list[int], budget: int) -> None:
               + f" | {gap} |")
 
 
+def int5_rows(shape: str, rows: list[int], budget: int) -> None:
+    n, k = map(int, shape.split("x"))
+    group = 32
+    layers = []
+    for _ in range(max(1, budget // (n * k))):
+        groups = GroupQuantized(torch.randint(0, 32, (n, k), dtype=torch.uint8), torch.rand(n, k // group) * 0.02,
+                                torch.randn(n, k // group) * 0.02, group, bits=5)
+        tiled = Int4Linear(groups, None, torch.bfloat16)
+        codes, step = round_rows_int8(groups.dequantize())
+        layers.append((tiled, codes, step.bfloat16()))
+    for m in rows:
+        x = torch.randn(m, k).bfloat16()
+        with torch.inference_mode():
+            def pytorch(layer, x=x):
+                return torch._weight_int8pack_mm(x, layer[1], layer[2])
+
+            def ours(layer, x=x):
+                tiled = layer[0]
+                return torch.ops.ringlet_cpu.int5_linear(x, tiled.weight, tiled.high, tiled.scale_zero, group)
+
+            def dense(layer, x=x):
+                return torch.nn.functional.linear(x, layer[0].dense_weight(x.dtype))
+
+            seconds = [seconds_each(f, layers) for f in (pytorch, ours, dense)]
+            gap = difference(ours(layers[0]), pytorch(layers[0]))
+        held = (n * k, n * k * 6 // 8, n * k * 6 // 8)  # int8 rows; 5-bit codes with a bf16 scale and zero per 32
+        print(f"| int5 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({b / s / 1e9:.1f})"
+                                                      for s, b in zip(seconds, held, strict=True)) + f" | {gap} |")
+
+
 def int8_rows(shape: str, rows: list[int], budget: int) -> None:
     n, k = map(int, shape.split("x"))
     weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n) * 0.01).bfloat16())
@@ -84,6 +117,7 @@ def int8_rows(shape: str, rows: list[int], budget: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--int4", nargs="*", default=["3072x576", "576x1536"], help="int4 weights N x K")
+    parser.add_argument("--int5", nargs="*", default=["3072x576", "576x1536"], help="5-bit weights N x K")
     parser.add_argument("--int8", nargs="*", default=["49152x576"],
                         help="int8 weights N x K (default: the embedded model's lm_head)")
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 16, 64, 256])
@@ -97,6 +131,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for shape in args.int4:
         int4_rows(shape, args.rows, args.bytes)
+    for shape in args.int5:
+        int5_rows(shape, args.rows, args.bytes)
     for shape in args.int8:
         int8_rows(shape, args.rows, args.bytes)
 

@@ -8,6 +8,9 @@ Decoding one token reads every weight once, so bytes per weight set the speed. W
   `_weight_int4pack_mm_for_cpu`. A GGUF file's Q4_0/Q4_1/Q4_K tensors are exactly this layout, so their codes
   are used as they are (no second rounding); a file's wider tensors become int8; the weights of a file with no
   4-bit tensors are rounded to the nearest of 16 levels.
+- 5-bit codes (GGUF's Q5_0/Q5_1/Q5_K, which llama.cpp's Q4_K_M uses where a row is not whole K-quant blocks): kept as
+  they are by an Int4Linear on CPUs where ringlet's kernels run (`kernels/cpu_vnni`: the int4 tiles plus a fifth-bit
+  mask, 6 bits a weight with the bf16 scales), else int8.
 The lm_head stays int8 under int4: its logits decide every token; the embedding is int8 too (`Int8Embedding`).
 """
 

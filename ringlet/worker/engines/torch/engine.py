@@ -44,8 +44,9 @@ def load_torch_stage(model: str | Path | None, start: int = 0, end: int | None =
     """Layers [start, end) in `precision`, weight-only quantised for int8 / int4; returns the precision used.
 
     auto on a CPU picks int4 when the file stores the stage's linears in 4 bits (GGUF Q4_0 / Q4_1 / Q4_K): its own
-    codes run as they are, so nothing is rounded twice and half of int8's bytes are read per token; the linears it
-    stores in more bits (Q6_K, Q8_0) run as int8. `sharded`: this rank's share of a tensor-parallel stage
+    codes run as they are, so nothing is rounded twice and half of int8's bytes are read per token; so do its 5-bit
+    ones (Q5_0 / Q5_1 / Q5_K) where ringlet's CPU kernels run; the linears it stores in more bits (Q6_K, Q8_0) run
+    as int8. `sharded`: this rank's share of a tensor-parallel stage
     (`loader.load_stage`), whose weights stay floats: auto is bf16 on a GPU, fp32 on a CPU.
     """
     device = device or torch.device("cpu")
