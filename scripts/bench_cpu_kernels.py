@@ -7,10 +7,11 @@ Usage: python scripts/bench_cpu_kernels.py [--int4 3072x576 576x1536] [--int5 30
 int4 (groups of 32, as a Q4_0/Q4_1 file keeps them): `_weight_int4pack_mm_for_cpu`, ringlet's tiles, and the dense
 bf16 matmul of the unpacked weight that long prompt chunks run. int5 (a GGUF file's Q5 tensors): the int8 rows that
 PyTorch's kernel would run them as (a byte a weight), ringlet's 5-bit tiles, and the dense matmul; each column's GB/s
-over the bytes it reads. int8 (a step a row): `_weight_int8pack_mm`,
-ringlet's, and the dense bf16 matmul. Each product runs over enough copies of the weight to fill `--bytes` (default 256 MB), one after the
-other, so that the weights come from memory as in a decode step rather than from the cache of the last call. The
-largest difference from PyTorch's kernel, relative to its largest output, is printed beside each row.
+over the bytes it reads. int8 (a step a row): `_weight_int8pack_mm`, ringlet's tiles (and, at one row, its one-row
+kernel over plain codes, which a weight whose shape is not whole tiles runs), and the dense bf16 matmul. Each
+product runs over enough copies of the weight to fill `--bytes` (default 256 MB), one after the other, so that the
+weights come from memory as in a decode step rather than from the cache of the last call. The largest difference
+from PyTorch's kernel, relative to its largest output, is printed beside each row.
 """
 
 import argparse
@@ -99,19 +100,33 @@ def int5_rows(shape: str, rows: list[int], budget: int) -> None:
 
 
 def int8_rows(shape: str, rows: list[int], budget: int) -> None:
+    """ringlet's tiles; for one row also its one-row kernel over plain codes."""
     n, k = map(int, shape.split("x"))
-    weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n) * 0.01).bfloat16())
-               for _ in range(max(1, budget // (n * k)))]
+    weights = [(codes := torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n) * 0.01).bfloat16(),
+                cpu_vnni.tile_int8(codes)) for _ in range(max(1, budget // (n * k)))]
     for m in rows:
         x = torch.randn(m, k).bfloat16()
         with torch.inference_mode():
-            seconds = [seconds_each(lambda w, x=x: torch._weight_int8pack_mm(x, *w), weights),
-                       seconds_each(lambda w, x=x: torch.ops.ringlet_cpu.int8_linear(x, *w), weights),
-                       seconds_each(lambda w, x=x: torch.nn.functional.linear(x, w[0].to(x.dtype) * w[1][:, None]),
-                                    weights)]
-            gap = difference(torch.ops.ringlet_cpu.int8_linear(x, *weights[0]), torch._weight_int8pack_mm(x, *weights[0]))
-        print(f"| int8 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({n * k / s / 1e9:.1f})" for s in seconds)
-              + f" | {gap} |")
+            def pytorch(w, x=x):
+                return torch._weight_int8pack_mm(x, w[0], w[1])
+
+            def tiles(w, x=x):
+                return torch.ops.ringlet_cpu.int8_tiled_linear(x, w[2], w[1])
+
+            def one_row(w, x=x):
+                return torch.ops.ringlet_cpu.int8_linear(x, w[0], w[1])
+
+            def dense(w, x=x):
+                return torch.nn.functional.linear(x, w[0].to(x.dtype) * w[1][:, None])
+
+            seconds = [seconds_each(f, weights) for f in (pytorch, tiles, dense)]
+            gap = difference(tiles(weights[0]), pytorch(weights[0]))
+            print(f"| int8 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({n * k / s / 1e9:.1f})" for s in seconds)
+                  + f" | {gap} |")
+            if m == 1:
+                alone = seconds_each(one_row, weights)
+                print(f"| int8 {n} x {k}, one-row kernel (plain codes) | 1 | | "
+                      f"{alone * 1e6:.0f} ({n * k / alone / 1e9:.1f}) | | {difference(one_row(weights[0]), pytorch(weights[0]))} |")
 
 
 def main() -> None:

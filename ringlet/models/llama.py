@@ -409,7 +409,7 @@ class Transformer(nn.Module):
             head = "model.embed_tokens.weight" if tied else "lm_head.weight"
             if tied and self.embed_tokens is not None:  # a whole model: one tensor, as in the checkpoint
                 if isinstance(self.embed_tokens, Int8Embedding):
-                    self.lm_head = int8_linear(self.embed_tokens.rows(), None, dtype)
+                    self.lm_head = self.embed_tokens.head(dtype)
                 else:
                     cast(nn.Linear, self.lm_head).weight = cast(nn.Embedding, self.embed_tokens).weight
             elif int8_ends:

@@ -37,38 +37,62 @@ COMPUTE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.b
 
 class Int8Embedding(nn.Module):
     """A token embedding kept as int8 rows with a step each (half of bf16's bytes); a looked-up row is scaled back in
-    float32 and given in `dtype`. Its rows are also a tied lm_head's (`rows`)."""
+    float32 and given in `dtype`. Its codes are also a tied lm_head's (`head`): on a CPU with AVX-512 VNNI both use
+    the tiles of ringlet's int8 kernel (`kernels/cpu_vnni.tile_int8`), which a lookup reads a row of in place."""
 
     # buffers, registered in __init__
-    weight: torch.Tensor  # int8 [V, H]
+    weight: torch.Tensor  # int8 [V, H], or its tiles (uint8 [V / 16, H * 16])
     step: torch.Tensor  # float32 [V]
 
     def __init__(self, rows: Int8Rows, dtype: torch.dtype) -> None:
         super().__init__()
-        self.register_buffer("weight", rows.codes)
+        self.num_embeddings, self.embedding_dim = rows.codes.shape
+        self.tiled = rows.codes.device.type == "cpu" and cpu_vnni.takes_int8_tiles(*rows.codes.shape)
+        self.register_buffer("weight", cpu_vnni.tile_int8(rows.codes) if self.tiled else rows.codes)
         self.register_buffer("step", rows.step)
         self.dtype = dtype
-        self.num_embeddings, self.embedding_dim = rows.codes.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tiled:  # row r: tile r // 16, lane r % 16 of each 4 columns' 64 bytes, codes + 128
+            tiles = self.weight.view(-1, self.embedding_dim // 4, cpu_vnni.TILE_ROWS, 4)
+            codes = tiles[ids // cpu_vnni.TILE_ROWS, :, ids % cpu_vnni.TILE_ROWS, :].reshape(*ids.shape, -1)
+            return ((codes.float() - 128) * self.step[ids, None]).to(self.dtype)
         return (F.embedding(ids, self.weight).float() * F.embedding(ids, self.step[:, None])).to(self.dtype)
 
-    def rows(self) -> Int8Rows:
-        return Int8Rows(self.weight, self.step)
+    def codes(self) -> torch.Tensor:
+        """The int8 codes, [V, H]."""
+        return cpu_vnni.untile_int8(self.weight) if self.tiled else self.weight
+
+    def head(self, dtype: torch.dtype) -> nn.Module:
+        """The tied lm_head over these codes (the same tensor: nothing is kept twice)."""
+        return Int8Linear(Int8Rows(self.weight, self.step), None, dtype, tiles=False, tiled_codes=self.tiled)
+
+    def untile(self) -> None:
+        """Plain int8 codes, for a device without ringlet's kernels (`dequantizing_in_matmul`)."""
+        if self.tiled:
+            self.weight = cpu_vnni.untile_int8(self.weight)
+            self.tiled = False
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8" + (", tiled" if self.tiled else "")
 
 
 def embed_rows(embedding: nn.Module, tokens: torch.Tensor, out: torch.Tensor) -> None:
     """out [T, H] = the embedding's rows of `tokens` [T], written in place (what a captured decode step runs)."""
-    if isinstance(embedding, Int8Embedding):
+    if isinstance(embedding, Int8Embedding) and embedding.tiled:
+        out.copy_(embedding(tokens))
+    elif isinstance(embedding, Int8Embedding):
         torch.mul(torch.index_select(embedding.weight, 0, tokens), embedding.step[tokens, None], out=out)
     else:
         torch.index_select(cast(nn.Embedding, embedding).weight, 0, tokens, out=out)
 
 
 class Int8Linear(nn.Module):
+    """Codes a row rounded to int8 with a scale each. On a CPU with AVX-512 VNNI the codes are kept in the tiles of
+    ringlet's int8 kernel (`kernels/cpu_vnni`: 16 rows a tile, no horizontal sums), which runs every product short of
+    the dense path below; codes shared with a tied embedding stay as they are (the embedding looks rows up in them),
+    with ringlet's one-row kernel for a one-sequence step and PyTorch's `_weight_int8pack_mm` for more rows."""
+
     # buffers, registered in __init__
     weight: torch.Tensor
     scales: torch.Tensor
@@ -79,25 +103,47 @@ class Int8Linear(nn.Module):
     # activations' dtype (AMX where the CPU has it), as Int4Linear does: `_weight_int8pack_mm`'s cost grows with the
     # rows (`scripts/bench_cpu_kernels.py`); a larger weight (a big vocabulary's lm_head) would take too much memory
     DENSE_FROM_ROWS = 64
+    DENSE_FROM_ROWS_TILED = 128  # the tiles run as fast as unpacking them and a dense matmul up to 128-192 rows
     DENSE_VALUES = 1 << 27
 
-    def __init__(self, weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor | Int8Rows, bias: torch.Tensor | None, dtype: torch.dtype,
+                 tiles: bool = True, tiled_codes: bool = False) -> None:
+        """`tiles`: keep the codes in the int8 kernel's tiles where it runs; `tiled_codes`: `weight`'s codes are such
+        tiles already (a tiled embedding's, shared)."""
         super().__init__()
         codes, scale = weight if isinstance(weight, Int8Rows) else round_rows_int8(weight)
-        self.register_buffer("weight", codes)
+        if tiled_codes:
+            self.out_features, self.in_features = codes.shape[0] * cpu_vnni.TILE_ROWS, codes.shape[1] // 16
+        else:
+            self.out_features, self.in_features = codes.shape
+        self.tiled = tiled_codes or (tiles and codes.device.type == "cpu"
+                                     and cpu_vnni.takes_int8_tiles(*codes.shape))
+        self.register_buffer("weight", cpu_vnni.tile_int8(codes) if self.tiled and not tiled_codes else codes)
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", None if bias is None else bias.to(dtype))
-        self.out_features, self.in_features = codes.shape
-        # a one-row product (a one-sequence decode step) on a CPU with AVX-512 VNNI runs ringlet's kernel
-        self.vnni = cpu_vnni.takes(codes)
+        # codes kept as they are: a one-row product (a one-sequence decode step) runs ringlet's one-row kernel
+        self.vnni = not self.tiled and cpu_vnni.takes(codes)
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes, [N, K]."""
+        return cpu_vnni.untile_int8(self.weight) if self.tiled else self.weight
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """codes * scale in `dtype` (the tiles' codes + 128 unpacked in one copy; 128 taken in `dtype`, exactly)."""
+        scales = self.scales.to(dtype)[:, None]
+        if self.tiled:
+            return (cpu_vnni.untile_int8(self.weight, shifted=True).to(dtype) - 128) * scales
+        return self.weight.to(dtype) * scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
-        if self.dequantize_in_matmul or (rows.shape[0] >= self.DENSE_FROM_ROWS
-                                         and self.weight.numel() <= self.DENSE_VALUES):
-            return F.linear(x, self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None], self.bias)
-        if self.vnni and rows.shape[0] == 1 and x.device.type == "cpu":
+        dense_from = self.DENSE_FROM_ROWS_TILED if self.tiled else self.DENSE_FROM_ROWS
+        if self.dequantize_in_matmul or (rows.shape[0] >= dense_from and self.weight.numel() <= self.DENSE_VALUES):
+            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        if self.tiled:
+            y = torch.ops.ringlet_cpu.int8_tiled_linear(rows, self.weight, self.scales)
+        elif self.vnni and rows.shape[0] == 1 and x.device.type == "cpu":
             y = torch.ops.ringlet_cpu.int8_linear(rows, self.weight, self.scales)
         else:
             y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
@@ -398,10 +444,20 @@ def dequantizing_in_matmul(model: nn.Module) -> int:
     are CPU kernels); an Int4Linear lets its CPU-packed codes (or tiles) go (its nibbles stay). In place; returns how
     many."""
     count = 0
+    untiled: dict[int, torch.Tensor] = {}  # a tiled embedding's tiles -> its plain codes, which a tied head shares
+    for module in model.modules():
+        if isinstance(module, Int8Embedding) and module.tiled:
+            tiles = module.weight
+            module.untile()
+            untiled[id(tiles)] = module.weight
     for module in model.modules():
         if isinstance(module, Int8Linear | Int4Linear):
             module.dequantize_in_matmul = True
             count += 1
+        if isinstance(module, Int8Linear) and module.tiled:  # plain codes, for every device
+            shared = untiled.get(id(module.weight))
+            module.weight = shared if shared is not None else module.codes()
+            module.tiled = False
         if isinstance(module, Int4Linear) and module.high is None:
             # its codes as nibble pairs, for every device; the CPU layout goes (5-bit codes keep their tiles, which
             # `codes` unpacks with plain tensor operations)

@@ -7,8 +7,15 @@ import torch.nn.functional as F
 
 from ringlet.models.kernels import cpu_vnni
 from ringlet.models.paged_cache import BatchLayout, SequenceStep
-from ringlet.models.quant import Int4Linear, Int8Linear, dequantizing_in_matmul, int4_linear
-from ringlet.models.quant_format import GroupQuantized, Int8Rows
+from ringlet.models.quant import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    dequantizing_in_matmul,
+    embed_rows,
+    int4_linear,
+)
+from ringlet.models.quant_format import GroupQuantized, Int8Rows, round_rows_int8
 from tests.support.random_models import BASE, random_model
 
 pytestmark = pytest.mark.skipif(not cpu_vnni.available(), reason="this CPU has no AVX-512 VNNI (or no compiler)")
@@ -38,11 +45,11 @@ def test_int8_product_matches_float(n: int, k: int, m: int) -> None:
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
 
 
-def test_int8_linear_runs_it_for_one_row() -> None:
+def test_int8_linear_of_shared_codes_runs_it_for_one_row() -> None:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(256, 128, generator=gen)
-    linear = Int8Linear(weight, None, torch.bfloat16)
-    assert linear.vnni
+    linear = Int8Linear(weight, None, torch.bfloat16, tiles=False)  # codes a tied embedding looks rows up in
+    assert linear.vnni and not linear.tiled and linear.weight.dtype == torch.int8
     x = torch.randn(1, 1, 128, generator=gen).bfloat16()
     reference = torch._weight_int8pack_mm(x.view(1, -1), linear.weight, linear.scales).view(1, 1, -1)
     got = linear(x)
@@ -53,12 +60,49 @@ def test_int8_linear_runs_it_for_one_row() -> None:
     assert torch.equal(linear(two), torch._weight_int8pack_mm(two, linear.weight, linear.scales))
 
 
-def test_codes_of_minus_128_keep_pytorchs_kernel() -> None:
+def test_shared_codes_of_minus_128_keep_pytorchs_kernel() -> None:
     codes = torch.full((64, 64), 5, dtype=torch.int8)
-    codes[3, 7] = -128  # |x| times -(-128) would wrap: the kernel cannot take it
-    linear = Int8Linear(Int8Rows(codes, torch.ones(64)), None, torch.bfloat16)
+    codes[3, 7] = -128  # |x| times -(-128) would wrap: the one-row kernel cannot take it
+    linear = Int8Linear(Int8Rows(codes, torch.ones(64)), None, torch.bfloat16, tiles=False)
     assert not linear.vnni
     assert not cpu_vnni.takes(codes[:, :48])  # K not a multiple of 32
+    tiled = Int8Linear(Int8Rows(codes, torch.ones(64)), None, torch.bfloat16)  # the tiles hold codes + 128
+    assert tiled.tiled and torch.equal(tiled.codes(), codes)
+
+
+@pytest.mark.parametrize(("n", "k", "m"), [(3072, 576, 1), (576, 1536, 5), (96, 1024, 2), (16, 32, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_tiles_match_float(n: int, k: int, m: int, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n + k + m)
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    scales = torch.rand(n, generator=gen) * 0.01 + 1e-4
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    tiles = cpu_vnni.tile_int8(codes)
+    assert tiles.shape == (n // 16, k * 16) and torch.equal(cpu_vnni.untile_int8(tiles), codes)
+    got = torch.ops.ringlet_cpu.int8_tiled_linear(x, tiles, scales)
+    assert got.shape == (m, n) and got.dtype == dtype
+    want = rounded(x.float()) @ (codes.float() * scales[:, None]).t()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, rtol=tolerance, atol=tolerance * want.abs().max().item())
+
+
+def test_int8_linear_keeps_tiles() -> None:
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(64, 256, generator=gen)
+    linear = Int8Linear(weight, torch.randn(64, generator=gen), torch.bfloat16)
+    assert linear.tiled and not linear.vnni and linear.weight.shape == (4, 256 * 16)
+    dense = linear.codes().float() * linear.scales.float()[:, None]
+    for rows in (1, 5, Int8Linear.DENSE_FROM_ROWS_TILED - 1):
+        x = torch.randn(rows, 256, generator=gen).bfloat16()
+        exact = x.float() @ dense.t() + linear.bias.float()
+        assert (linear(x).float() - exact).abs().max() < 0.03 * exact.abs().max()
+    long = torch.randn(Int8Linear.DENSE_FROM_ROWS_TILED, 256, generator=gen).bfloat16()  # a long chunk: dense
+    torch.testing.assert_close(linear(long), F.linear(long, linear.codes().bfloat16() * linear.scales[:, None],
+                                                      linear.bias))
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    assert dequantizing_in_matmul(linear) == 1 and not linear.tiled  # plain codes, which any device multiplies
+    assert linear.weight.dtype == torch.int8 and linear.weight.shape == (64, 256)
+    torch.testing.assert_close(linear(x), F.linear(x, linear.weight.bfloat16() * linear.scales[:, None], linear.bias))
 
 
 def int4_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -165,6 +209,30 @@ def test_5_bit_codes_the_kernels_cannot_take_become_int8() -> None:
         assert (linear(x).float() - exact).abs().max() < 0.02 * exact.abs().max()
 
 
+def test_a_tiled_embedding_and_its_tied_head_share_one_tensor() -> None:
+    gen = torch.Generator().manual_seed(5)
+    rows = round_rows_int8(torch.randn(96, 64, generator=gen))
+    embedding = Int8Embedding(rows, torch.bfloat16)
+    plain = Int8Embedding(rows, torch.bfloat16)
+    plain.untile()
+    assert embedding.tiled and not plain.tiled and torch.equal(embedding.codes(), rows.codes)
+    ids = torch.tensor([[0, 95, 17, 17, 40]])
+    assert torch.equal(embedding(ids), plain(ids))  # a row read in place from the tiles, the same values
+    out = torch.empty(5, 64, dtype=torch.bfloat16)
+    embed_rows(embedding, ids[0], out)
+    assert torch.equal(out, plain(ids)[0])
+    head = embedding.head(torch.bfloat16)
+    assert isinstance(head, Int8Linear) and head.tiled and head.weight is embedding.weight
+    assert (head.out_features, head.in_features) == (96, 64)
+    x = torch.randn(2, 64, generator=gen).bfloat16()
+    exact = x.float() @ (rows.codes.float() * rows.step[:, None]).t()
+    assert (head(x).float() - exact).abs().max() < 0.03 * exact.abs().max()
+    model = torch.nn.ModuleDict({"embed": embedding, "head": head})
+    assert dequantizing_in_matmul(model) == 1  # plain codes for another device, still one tensor
+    assert not embedding.tiled and head.weight is embedding.weight and torch.equal(head.weight, rows.codes)
+    torch.testing.assert_close(head(x), F.linear(x, rows.codes.bfloat16() * head.scales[:, None]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "heads", "kv_heads", "dim", "context"), [(1, 9, 3, 64, 300), (3, 8, 2, 128, 37),
                                                                            (2, 4, 4, 64, 17)])
@@ -229,6 +297,7 @@ def test_the_ops_compile_whole() -> None:
     five = Int4Linear(GroupQuantized(codes | 16, torch.rand(64, 4, generator=gen) * 0.02 + 1e-3,
                                      torch.randn(64, 4, generator=gen) * 0.02, 32, bits=5), None, torch.bfloat16)
     head = Int8Linear(torch.randn(96, 64, generator=gen), None, torch.bfloat16)
+    tied = Int8Linear(torch.randn(96, 64, generator=gen), None, torch.bfloat16, tiles=False)
     keys, values = torch.randn(40, 2, 16, generator=gen).bfloat16(), torch.randn(40, 2, 16, generator=gen).bfloat16()
     slots, visible = torch.arange(10)[None], torch.ones(1, 10, dtype=torch.bool)
 
@@ -236,7 +305,8 @@ def test_the_ops_compile_whole() -> None:
         hidden = linear(x)
         attended = torch.ops.ringlet_cpu.decode_attention(hidden[:, :32].reshape(1, 2, 16), keys, values, slots,
                                                           visible, 0.25)
-        return head(hidden + attended.reshape(1, 32).repeat(1, 2)), five(x)
+        mixed = hidden + attended.reshape(1, 32).repeat(1, 2)
+        return head(mixed), tied(mixed), five(x)
 
     x = torch.randn(1, 128, generator=gen).bfloat16()
     with torch.inference_mode():

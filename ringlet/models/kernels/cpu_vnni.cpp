@@ -15,6 +15,9 @@
 // bits: two 64-bit masks, bit b of the first for byte b of the octet's low-nibble vector, of the second for its
 // high-nibble one. A mask adds 16 to the codes it marks before the product.
 //
+// int8 in tiles of 16 rows: per tile, per 4 columns, 64 bytes, 4 a row, each code + 128 (so unsigned); x . w =
+// scale * sum_blocks step * (x_codes . (w + 128) - 128 sum(x_codes)), exact in int32 before the step.
+//
 // decode_attention: one query a sequence over its keys and values where they lie in a paged cache.
 
 #include <torch/extension.h>
@@ -37,6 +40,7 @@ struct RoundedRow {
   std::vector<int8_t> codes;
   std::vector<float> step;
   std::vector<float> group_sums;
+  std::vector<int32_t> code_sums;  // of each block's codes
 };
 
 template <typename T>
@@ -48,6 +52,7 @@ RoundedRow round_row(const T* row, int64_t k, int64_t group) {
   out.codes.resize(k);
   out.step.resize(k / kBlock);
   out.group_sums.assign(k / group, 0.0f);
+  out.code_sums.assign(k / kBlock, 0);
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float* v = x + b * kBlock;
     float amax = 0.0f, sum = 0.0f;
@@ -56,7 +61,10 @@ RoundedRow round_row(const T* row, int64_t k, int64_t group) {
       sum += v[i];
     }
     const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int i = 0; i < kBlock; ++i) out.codes[b * kBlock + i] = static_cast<int8_t>(std::nearbyint(v[i] * inverse));
+    for (int i = 0; i < kBlock; ++i) {
+      out.codes[b * kBlock + i] = static_cast<int8_t>(std::nearbyint(v[i] * inverse));
+      out.code_sums[b] += out.codes[b * kBlock + i];
+    }
     out.step[b] = amax / 127.0f;
     out.group_sums[b * kBlock / group] += sum;
   }
@@ -166,6 +174,27 @@ void int4_tile(const uint8_t* tile, const uint8_t* high, const uint32_t* scale_z
   for (int i = 0; i < kRows; ++i) store16(out + i * out_stride, acc[i]);
 }
 
+// out[i][16 rows] = x_i . w for kRows rows of x and one int8 tile of 16 rows.
+template <int kRows, typename Out>
+void int8_tile(const uint8_t* tile, const float* scales, const RoundedRow* x, int64_t k, Out* out, int64_t out_stride) {
+  __m512 acc[kRows];
+  for (int i = 0; i < kRows; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    __m512i dot[kRows];
+    for (int i = 0; i < kRows; ++i) dot[i] = _mm512_set1_epi32(-128 * x[i].code_sums[b]);
+    for (int o = 0; o < kBlock / 4; ++o) {
+      const int64_t column = b * kBlock + o * 4;
+      const __m512i w = _mm512_loadu_si512(tile + column * 16);
+      for (int i = 0; i < kRows; ++i)
+        dot[i] = _mm512_dpbusd_epi32(dot[i], w, _mm512_set1_epi32(four_codes(x[i].codes.data() + column)));
+    }
+    for (int i = 0; i < kRows; ++i)
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(x[i].step[b]), acc[i]);
+  }
+  const __m512 scale = _mm512_loadu_ps(scales);
+  for (int i = 0; i < kRows; ++i) store16(out + i * out_stride, _mm512_mul_ps(acc[i], scale));
+}
+
 // Output rows a task: both threads get work on the smallest projections, each task streams a good run of weights.
 constexpr int64_t kRowsATask = 32;
 
@@ -254,6 +283,43 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& tiles, co
 torch::Tensor int5_linear(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& high,
                           const torch::Tensor& scale_zero, int64_t group) {
   return tiled_linear(x, tiles, &high, scale_zero, group);
+}
+
+template <typename T>
+void int8_tiled_product(const torch::Tensor& x, const torch::Tensor& tiles, const float* scales, torch::Tensor& out) {
+  const int64_t m = x.size(0), k = x.size(1), n = out.size(1);
+  std::vector<RoundedRow> rounded;
+  for (int64_t i = 0; i < m; ++i) rounded.push_back(round_row(x.data_ptr<T>() + i * k, k, k));
+  const uint8_t* w = tiles.data_ptr<uint8_t>();
+  T* y = out.data_ptr<T>();
+  at::parallel_for(0, n / 16, 1, [&](int64_t first, int64_t end) {
+    for (int64_t t = first; t < end; ++t) {
+      const uint8_t* tile = w + t * k * 16;
+      int64_t i = 0;
+      for (; i + 4 <= m; i += 4) int8_tile<4>(tile, scales + t * 16, &rounded[i], k, y + i * n + t * 16, n);
+      switch (m - i) {
+        case 3: int8_tile<3>(tile, scales + t * 16, &rounded[i], k, y + i * n + t * 16, n); break;
+        case 2: int8_tile<2>(tile, scales + t * 16, &rounded[i], k, y + i * n + t * 16, n); break;
+        case 1: int8_tile<1>(tile, scales + t * 16, &rounded[i], k, y + i * n + t * 16, n); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// x [M, K] times int8 tiles (codes + 128) [N / 16, K * 16] with a scale a row -> [M, N] in x's dtype.
+torch::Tensor int8_tiled_linear(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && tiles.dim() == 2 && tiles.scalar_type() == torch::kUInt8, "int8_tiled_linear: bad shapes");
+  const int64_t k = x.size(1), n = tiles.size(0) * 16;
+  TORCH_CHECK(tiles.size(1) == k * 16 && k % kBlock == 0 && tiles.is_contiguous(), "int8_tiled_linear: K does not match");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "int8_tiled_linear: one scale a row");
+  const torch::Tensor step = scales.to(torch::kFloat32).contiguous();
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const torch::Tensor rows = bf16 ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+  torch::Tensor out = torch::empty({x.size(0), n}, rows.options());
+  if (bf16) int8_tiled_product<at::BFloat16>(rows, tiles, step.data_ptr<float>(), out);
+  else int8_tiled_product<float>(rows, tiles, step.data_ptr<float>(), out);
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 // e^x, 16 lanes (Cephes' single-precision polynomial, scaled by 2^n with vscalefps); lanes of -inf give 0.
@@ -369,6 +435,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& keys
 TORCH_LIBRARY(ringlet_cpu, lib) {
   lib.def("int8_linear(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   lib.def("int4_linear(Tensor x, Tensor tiles, Tensor scale_zero, int group) -> Tensor");
+  lib.def("int8_tiled_linear(Tensor x, Tensor tiles, Tensor scales) -> Tensor");
   lib.def("int5_linear(Tensor x, Tensor tiles, Tensor high, Tensor scale_zero, int group) -> Tensor");
   lib.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slots, Tensor visible, float scale) -> Tensor");
 }
@@ -377,5 +444,6 @@ TORCH_LIBRARY_IMPL(ringlet_cpu, CPU, lib) {
   lib.impl("int8_linear", &int8_linear);
   lib.impl("int4_linear", &int4_linear);
   lib.impl("int5_linear", &int5_linear);
+  lib.impl("int8_tiled_linear", &int8_tiled_linear);
   lib.impl("decode_attention", &decode_attention);
 }

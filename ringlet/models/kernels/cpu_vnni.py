@@ -1,11 +1,12 @@
 """Weight-only int4, int5 and int8 products of few rows on x86 CPUs with AVX-512 VNNI (`cpu_vnni.cpp`): what an
-Int4Linear (4- or 5-bit codes) runs for decode steps and short chunks, and an Int8Linear (the lm_head of most quantised models) for a
-one-sequence decode step.
+Int4Linear (4- or 5-bit codes) and an Int8Linear run for decode steps and short chunks (an Int8Linear whose codes a
+tied embedding shares: for a one-sequence decode step).
 
 PyTorch's CPU kernels (`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`) multiply in floating point, one
 weight at a time. These round x to int8 per block of 32 values (as llama.cpp does) and sum 64 products an
-instruction. The int4 kernel is faster at every number of rows up to where a dense matmul takes over; the int8 one
-at one row only (`scripts/bench_cpu_kernels.py`; docs/benchmarks.md has the numbers).
+instruction. The tiled kernels (int4, int5, int8: 16 output rows a tile, one int32 lane a row, so no horizontal
+sums) are faster at every number of rows up to where a dense matmul takes over; the one-row int8 kernel, a dot
+product a row, at one row only (`scripts/bench_cpu_kernels.py`; docs/benchmarks.md has the numbers).
 
 The ops are compiled on the machine that runs them (`-march=native`, through torch.utils.cpp_extension: g++ and
 ninja), once, into torch's extensions cache (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR), which rebuilds
@@ -15,7 +16,8 @@ them when the source changes. Where the CPU lacks AVX-512 VNNI, the build fails 
 `torch.ops.ringlet_cpu.int4_linear(x [M, K], tiles uint8 [N / 16, K * 8], scale_zero bf16 [K / group, N, 2],
 group)` (`tile_int4` makes the tiles; scale_zero as Int4Linear keeps it for PyTorch's kernel),
 `torch.ops.ringlet_cpu.int5_linear(x, tiles, high uint8 [N / 16, K * 2], scale_zero, group)` (5-bit codes: GGUF's Q5
-types; `tile_int5` makes tiles and high) and
+types; `tile_int5` makes tiles and high),
+`torch.ops.ringlet_cpu.int8_tiled_linear(x, tiles uint8 [N / 16, K * 16], scales [N])` (`tile_int8`) and
 `torch.ops.ringlet_cpu.int8_linear(x [M, K], codes int8 [N, K], scales [N])`, all -> [M, N] in x's dtype; fake
 implementations let torch.compile keep them whole in a compiled step.
 """
@@ -92,6 +94,10 @@ def available() -> bool:
     def _(x: torch.Tensor, tiles: torch.Tensor, scale_zero: torch.Tensor, group: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], tiles.shape[0] * TILE_ROWS)
 
+    @torch.library.register_fake("ringlet_cpu::int8_tiled_linear")
+    def _(x: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], tiles.shape[0] * TILE_ROWS)
+
     @torch.library.register_fake("ringlet_cpu::int5_linear")
     def _(x: torch.Tensor, tiles: torch.Tensor, high: torch.Tensor, scale_zero: torch.Tensor, group: int
           ) -> torch.Tensor:
@@ -125,6 +131,29 @@ def untile_int4(tiles: torch.Tensor) -> torch.Tensor:
     octets = tiles.view(count, k // 8, TILE_ROWS, 1, 4)
     codes = torch.cat((octets & 0x0F, octets >> 4), dim=3)  # [tiles, K / 8, 16, 2, 4]
     return codes.permute(0, 2, 1, 3, 4).reshape(count * TILE_ROWS, k)
+
+
+def takes_int8_tiles(n: int, k: int) -> bool:
+    """Whether the int8 tile op can run a weight [n, k] (on a CPU that has it)."""
+    return n % TILE_ROWS == 0 and k % 32 == 0 and available()
+
+
+def tile_int8(codes: torch.Tensor) -> torch.Tensor:
+    """Codes int8 [N, K] -> the int8 tile op's tiles, uint8 [N / 16, K * 16]: per tile of 16 rows, per 4 columns, 64
+    bytes, 4 a row, each code + 128."""
+    n, k = codes.shape
+    shifted = (codes.to(torch.int16) + 128).to(torch.uint8)  # 4 columns of a row are one int32 (moved whole, faster)
+    words = shifted.view(torch.int32).view(n // TILE_ROWS, TILE_ROWS, k // 4).transpose(1, 2)
+    return words.contiguous().view(torch.uint8).view(n // TILE_ROWS, k * 16)
+
+
+def untile_int8(tiles: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """`tile_int8` undone: codes int8 [N, K] (`shifted`: the codes + 128 as they are stored, uint8)."""
+    count, width = tiles.shape
+    k = width // 16
+    words = tiles.view(torch.int32).view(count, k // 4, TILE_ROWS).transpose(1, 2)
+    stored = words.contiguous().view(torch.uint8).view(count * TILE_ROWS, k)
+    return stored if shifted else (stored.to(torch.int16) - 128).to(torch.int8)
 
 
 def tile_int5(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,6 +132,7 @@ def test_the_first_chosen_gpu_with_room_is_taken_and_none_with_room_is_an_error(
         choose_xpu((1,), 3 * GiB, "model (bf16)", tight)
 
 
+@pytest.mark.usefixtures("pytorch_cpu_kernels")  # PyTorch's int8 kernel, exact in fp32 (x unrounded)
 def test_int8_dequantised_in_the_matmul_matches_the_dequantised_weight() -> None:
     torch.manual_seed(0)
     weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(3, 5, 64)
