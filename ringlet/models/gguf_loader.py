@@ -322,8 +322,8 @@ class GGUFModel:
         return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
 
     def _grouped_linear(self, name: str, types: frozenset[GGMLQuantizationType]) -> bool:
-        """Whether tensor `name` is a linear's weight [N, K] stored in a 4-bit type whose groups the int4 kernels take
-        as they are (a stack of experts' weights is read as values too; its groups make `Int4Experts`)."""
+        """Whether tensor `name` is a linear's weight [N, K] stored in one of `types`, whose groups the int4 kernels
+        take as they are (a stack of experts' weights is read as values too; its groups make `Int4Experts`)."""
         return len(self._tensors[name].shape) == 2 and self._qtype(name) in types
 
     def _log_slow_types(self, names: dict[str, str]) -> None:
@@ -364,10 +364,12 @@ class GGUFModel:
         dequantised."""
         stored = self._linear_types(start, end)
         grouped = any(qtype in types for qtype in stored)
-        others = {qtype.name: count for qtype, count in stored.items() if qtype not in types and qtype not in FLOAT_TYPES}
+        others = {qtype.name: count for qtype, count in stored.items()
+                  if qtype not in types and qtype not in FLOAT_TYPES}
         if grouped and others:
-            log.info("%s: weights of layers %d-%d stored as %s are dequantised (not groups the kernels take)", self.path.name,
-                     start, end - 1, ", ".join(f"{kind} ({count})" for kind, count in sorted(others.items())))
+            log.info("%s: weights of layers %d-%d stored as %s are dequantised (not groups the kernels take)",
+                     self.path.name, start, end - 1,
+                     ", ".join(f"{kind} ({count})" for kind, count in sorted(others.items())))
         return grouped
 
     def _linear_types(self, start: int, end: int) -> Counter[GGMLQuantizationType]:
@@ -377,16 +379,16 @@ class GGUFModel:
 
     def stage_groups(self, start: int, end: int, cache: RepackCache | None = None,
                      types: frozenset[GGMLQuantizationType] = GROUPED_TYPES) -> LayerGroups | None:
-        """The 4-bit groups of layers [start, end) for an int4 stage, one layer at a time (see `LayerGroups`), or None
-        where the file stores none of them in 4 bits."""
+        """The groups of layers [start, end) stored in `types` for an int4 stage, one layer at a time (see
+        `LayerGroups`), or None where the file stores none of them so."""
         return LayerGroups(self, cache, types) if self.stores_groups(start, end, types) else None
 
     def load_groups(self, start: int, end: int, cache: RepackCache | None = None,
                     types: frozenset[GGMLQuantizationType] = GROUPED_TYPES) -> dict[str, GroupQuantized]:
         """The weights of layers [start, end) stored in `types` (Q4_0/Q4_1/Q4_K; Q5_0/Q5_1/Q5_K where asked) as their
         own codes and per-32 scales/offsets (HF names and layout), for int4 kernels that take them as they are;
-        weights of other types are left out. With
-        `cache`, each layer's are read from it where it has them, and written to it where not."""
+        weights of other types are left out. With `cache`, each layer's are read from it where it has them, and
+        written to it where not."""
         groups = {}
         for i in range(start, end):
             names = {f"blk.{i}.{g}": f"model.layers.{i}.{h}" for g, h in self._layer_tensor_names().items()
@@ -502,8 +504,9 @@ class GGUFModel:
 
 
 class LayerGroups:
-    """A stage's groups (4-bit, or 5-bit where `types` has them), one layer at a time: read once (from the repack cache, else decoded from the file) for
-    both the layer's float weights, which a linear fusing them with wider tensors needs, and its int4 linears."""
+    """A stage's groups (4-bit, and 5-bit where `types` has them), one layer at a time: read once (from the repack
+    cache, else decoded from the file) for both the layer's float weights, which a linear fusing them with wider
+    tensors needs, and its int4 linears."""
 
     def __init__(self, model: GGUFModel, cache: RepackCache | None,
                  types: frozenset[GGMLQuantizationType] = GROUPED_TYPES) -> None:

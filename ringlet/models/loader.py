@@ -147,9 +147,10 @@ def load_stage(
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", quantize: Quantization | None = None,
     sharded: bool = False, runs_here: bool = True,
 ) -> LoadedStage:
-    """Layers [start, end) of a model, read one layer at a time: each is converted to `dtype` (and with `quantize`,
-    its linears quantised, a GGUF file's 4-bit (or 5-bit) groups kept as they are) before the next is read, so the load never
-    holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are read.
+    """Layers [start, end) of a model, read one layer at a time: each is converted to `dtype` (and with `quantize`, its
+    linears quantised, a GGUF file's 4-bit (or 5-bit) groups kept as they are) before the next is read, so the load
+    never holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are
+    read.
     `sharded`: this process is one rank of the stage's tensor-parallel group (torch.distributed's default group):
     each layer is cut to the rank's share as it is read, and of the embedding and lm_head only its vocabulary rows
     are read (`tensor_parallel.py`); the weights stay in `dtype`. `runs_here`: the stage runs on `device` (not moved

@@ -181,7 +181,8 @@ class Int4Linear(nn.Module):
         self.tiled = takes_tiles(weight, dtype)
         high = None
         if self.bits > 4 and not self.tiled:
-            raise ValueError("5-bit codes run on ringlet's CPU kernels only (int4_linear rounds them to int8 elsewhere)")
+            raise ValueError("5-bit codes run on ringlet's CPU kernels only (int4_linear rounds them to int8 "
+                             "elsewhere)")
         if self.bits > 4:
             packed, high = cpu_vnni.tile_int5(weight.codes)
         elif self.tiled:
@@ -239,7 +240,8 @@ def takes_tiles(weight: GroupQuantized, dtype: torch.dtype) -> bool:
     """Whether an Int4Linear of `weight` computing in `dtype` keeps it in the tiles of ringlet's CPU kernels (which
     alone run 5-bit codes)."""
     n, k = weight.codes.shape
-    return weight.codes.device.type == "cpu" and dtype == torch.bfloat16 and cpu_vnni.takes_int4(n, k, weight.group_size)
+    return (weight.codes.device.type == "cpu" and dtype == torch.bfloat16
+            and cpu_vnni.takes_int4(n, k, weight.group_size))
 
 
 _PACK_BLOCK = 64  # rows of a block in the CPU kernel's layout (AVX-512 builds)

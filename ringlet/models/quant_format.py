@@ -1,6 +1,6 @@
-"""The device-independent forms of quantised weights: 4-bit (or 5-bit) codes in groups with a scale and offset each, and int8
-rows with a step each; rounding to them, a slice of rows at a time where a weight is vocabulary-sized. The linears
-that run them on each device are in `quant` (CPU) and `quant_cuda`."""
+"""The device-independent forms of quantised weights: 4-bit (or 5-bit) codes in groups with a scale and offset each,
+and int8 rows with a step each; rounding to them, a slice of rows at a time where a weight is vocabulary-sized. The
+linears that run them on each device are in `quant` (CPU) and `quant_cuda`."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """A GGUF file's weights as a stage keeps them, cached on disk beside the store so that a second load skips decoding.
 
-Each layer's groups (`GroupQuantized`: 4-bit codes two to a byte, 5-bit ones a byte each) are one safetensors file, `ringlet_home()/cache/gguf/<file>/blk.<i>
-.safetensors`, written atomically (a temporary file, then a rename) and read back with safetensors. An entry records
-the size and mtime of the GGUF file (of each part of a split one) and the name and type of each tensor: an entry that
-does not match them, or does not read, is a miss, and is written again. `RINGLET_GGUF_CACHE=0` turns the cache off;
-a cache directory that cannot be written turns it off for the load, with one log line.
+Each layer's groups (`GroupQuantized`: 4-bit codes two to a byte, 5-bit ones a byte each) are one safetensors file,
+`ringlet_home()/cache/gguf/<file>/blk.<i>.safetensors`, written atomically (a temporary file, then a rename) and read
+back with safetensors. An entry records the size and mtime of the GGUF file (of each part of a split one) and the name
+and type of each tensor: an entry that does not match them, or does not read, is a miss, and is written again.
+`RINGLET_GGUF_CACHE=0` turns the cache off; a cache directory that cannot be written turns it off for the load, with one
+log line.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class RepackCache:
         return self.directory / f"{entry}.safetensors"
 
     def _metadata(self, tensors: Mapping[str, str]) -> dict[str, str]:
-        return {"source": self._source, "tensors": json.dumps(sorted(tensors.items())), "codes": "4-bit in nibble pairs, 5-bit a byte each"}
+        return {"source": self._source, "tensors": json.dumps(sorted(tensors.items())),
+                "codes": "4-bit in nibble pairs, 5-bit a byte each"}
 
     def read(self, entry: str, tensors: Mapping[str, str]) -> dict[str, GroupQuantized] | None:
         """The entry's groups by GGUF tensor name, or None where it is missing, stale or unreadable."""
@@ -83,8 +85,8 @@ class RepackCache:
     def write(self, entry: str, tensors: Mapping[str, str], groups: Mapping[str, GroupQuantized]) -> None:
         if not self._writable:
             return
-        flat = {f"{name}.{part}": (_paired(g.codes) if part == "codes" and g.bits == 4 else getattr(g, part)).contiguous()
-                for name, g in groups.items() for part in _PARTS}
+        flat = {f"{name}.{part}": (_paired(g.codes) if part == "codes" and g.bits == 4 else getattr(g, part))
+                .contiguous() for name, g in groups.items() for part in _PARTS}
         path = self._path(entry)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:

@@ -309,9 +309,11 @@ void int8_tiled_product(const torch::Tensor& x, const torch::Tensor& tiles, cons
 
 // x [M, K] times int8 tiles (codes + 128) [N / 16, K * 16] with a scale a row -> [M, N] in x's dtype.
 torch::Tensor int8_tiled_linear(const torch::Tensor& x, const torch::Tensor& tiles, const torch::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && tiles.dim() == 2 && tiles.scalar_type() == torch::kUInt8, "int8_tiled_linear: bad shapes");
+  TORCH_CHECK(x.dim() == 2 && tiles.dim() == 2 && tiles.scalar_type() == torch::kUInt8,
+              "int8_tiled_linear: bad shapes");
   const int64_t k = x.size(1), n = tiles.size(0) * 16;
-  TORCH_CHECK(tiles.size(1) == k * 16 && k % kBlock == 0 && tiles.is_contiguous(), "int8_tiled_linear: K does not match");
+  TORCH_CHECK(tiles.size(1) == k * 16 && k % kBlock == 0 && tiles.is_contiguous(),
+              "int8_tiled_linear: K does not match");
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == n, "int8_tiled_linear: one scale a row");
   const torch::Tensor step = scales.to(torch::kFloat32).contiguous();
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
