@@ -41,52 +41,35 @@ def difference(ours: torch.Tensor, theirs: torch.Tensor) -> str:
     return f"{((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()).item():.2%}"
 
 
-def int4_rows(shape: str, rows: list[int], budget: int) -> None:
+def grouped_rows(shape: str, rows: list[int], budget: int, bits: int) -> None:
+    """int4 (`bits` 4) against `_weight_int4pack_mm_for_cpu`, or 5-bit codes against the int8 rows PyTorch's kernel
+    would run them as; both beside ringlet's tiles and the dense matmul."""
     n, k = map(int, shape.split("x"))
     group = 32
     layers = []
-    for _ in range(max(1, budget * 2 // (n * k))):
-        groups = GroupQuantized(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.rand(n, k // group) * 0.02,
-                                torch.randn(n, k // group) * 0.02, group)
+    for _ in range(max(1, budget * 2 // (n * k) if bits == 4 else budget // (n * k))):
+        groups = GroupQuantized(torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8),
+                                torch.rand(n, k // group) * 0.02, torch.randn(n, k // group) * 0.02, group, bits)
         tiled = Int4Linear(groups, None, torch.bfloat16)
-        layers.append((tiled.weight, tiled.scale_zero, torch._convert_weight_to_int4pack_for_cpu(
-            groups.codes.to(torch.int32), 1), tiled))
+        if bits == 4:
+            theirs = (torch._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1),)
+        else:
+            codes, step = round_rows_int8(groups.dequantize())
+            theirs = (codes, step.bfloat16())
+        layers.append((tiled, theirs))
     for m in rows:
         x = torch.randn(m, k).bfloat16()
         with torch.inference_mode():
             def pytorch(layer, x=x):
-                return torch._weight_int4pack_mm_for_cpu(x, layer[2], group, layer[1])
-
-            def ours(layer, x=x):
-                return torch.ops.ringlet_cpu.int4_linear(x, layer[0], layer[1], group)
-
-            def dense(layer, x=x):
-                return torch.nn.functional.linear(x, layer[3].dense_weight(x.dtype))
-
-            seconds = [seconds_each(f, layers) for f in (pytorch, ours, dense)]
-            gap = difference(ours(layers[0]), pytorch(layers[0]))
-        print(f"| int4 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({n * k / 2 / s / 1e9:.1f})" for s in seconds)
-              + f" | {gap} |")
-
-
-def int5_rows(shape: str, rows: list[int], budget: int) -> None:
-    n, k = map(int, shape.split("x"))
-    group = 32
-    layers = []
-    for _ in range(max(1, budget // (n * k))):
-        groups = GroupQuantized(torch.randint(0, 32, (n, k), dtype=torch.uint8), torch.rand(n, k // group) * 0.02,
-                                torch.randn(n, k // group) * 0.02, group, bits=5)
-        tiled = Int4Linear(groups, None, torch.bfloat16)
-        codes, step = round_rows_int8(groups.dequantize())
-        layers.append((tiled, codes, step.bfloat16()))
-    for m in rows:
-        x = torch.randn(m, k).bfloat16()
-        with torch.inference_mode():
-            def pytorch(layer, x=x):
-                return torch._weight_int8pack_mm(x, layer[1], layer[2])
+                tiled, theirs = layer
+                if bits == 4:
+                    return torch._weight_int4pack_mm_for_cpu(x, theirs[0], group, tiled.scale_zero)
+                return torch._weight_int8pack_mm(x, *theirs)
 
             def ours(layer, x=x):
                 tiled = layer[0]
+                if bits == 4:
+                    return torch.ops.ringlet_cpu.int4_linear(x, tiled.weight, tiled.scale_zero, group)
                 return torch.ops.ringlet_cpu.int5_linear(x, tiled.weight, tiled.high, tiled.scale_zero, group)
 
             def dense(layer, x=x):
@@ -94,9 +77,11 @@ def int5_rows(shape: str, rows: list[int], budget: int) -> None:
 
             seconds = [seconds_each(f, layers) for f in (pytorch, ours, dense)]
             gap = difference(ours(layers[0]), pytorch(layers[0]))
-        held = (n * k, n * k * 6 // 8, n * k * 6 // 8)  # int8 rows; 5-bit codes with a bf16 scale and zero per 32
-        print(f"| int5 {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({b / s / 1e9:.1f})"
-                                                      for s, b in zip(seconds, held, strict=True)) + f" | {gap} |")
+        # bytes each reads: int4 half a byte a code; 5-bit codes with a bf16 scale and zero per 32 against int8 rows
+        held = (n * k / 2,) * 3 if bits == 4 else (n * k, n * k * 6 // 8, n * k * 6 // 8)
+        print(f"| int{bits} {n} x {k} | {m} | " + " | ".join(f"{s * 1e6:.0f} ({b / s / 1e9:.1f})"
+                                                            for s, b in zip(seconds, held, strict=True))
+              + f" | {gap} |")
 
 
 def int8_rows(shape: str, rows: list[int], budget: int) -> None:
@@ -146,9 +131,9 @@ def main() -> None:
     print("| weight | rows | PyTorch | ringlet (VNNI) | dense bf16 (unpacked) | largest difference |")
     print("| --- | --- | --- | --- | --- | --- |")
     for shape in args.int4:
-        int4_rows(shape, args.rows, args.bytes)
+        grouped_rows(shape, args.rows, args.bytes, 4)
     for shape in args.int5:
-        int5_rows(shape, args.rows, args.bytes)
+        grouped_rows(shape, args.rows, args.bytes, 5)
     for shape in args.int8:
         int8_rows(shape, args.rows, args.bytes)
 

@@ -20,10 +20,9 @@ from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.models.fp8 import runs_fp8, use_fp8_layer
 from ringlet.models.gguf_quants import GROUPED5_TYPES, GROUPED_TYPES
-from ringlet.models.kernels import cpu_vnni
 from ringlet.models.ollama import find_ollama_model, library_model, ollama_models_dir
 from ringlet.models.pooling import Pooling, gguf_pooling, read_pooling
-from ringlet.models.quant import GROUP_SIZE, quantize_int8, quantize_layer_int4
+from ringlet.models.quant import GROUP_SIZE, cpu_tiles, quantize_int8, quantize_layer_int4
 from ringlet.models.quant_cuda import CUDA_GROUP_SIZE
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.repack_cache import RepackCache
@@ -134,12 +133,6 @@ def gguf_facts(path: Path) -> GGUFFacts:
 def _gguf_facts(path: Path, size: int, mtime_ns: int) -> GGUFFacts:
     gguf = _open_gguf(path)
     return GGUFFacts(model_args(gguf.config), MappingProxyType(gguf.tensor_types()))
-
-
-def cpu_tiles(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether linears computing in `dtype` on `device` run ringlet's CPU kernels, which also take 5-bit codes (a GGUF
-    file's Q5_0/Q5_1/Q5_K weights, kept as they are rather than rounded to int8)."""
-    return torch.device(device).type == "cpu" and dtype == torch.bfloat16 and cpu_vnni.available()
 
 
 def load_stage(

@@ -236,12 +236,16 @@ class Int4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+def cpu_tiles(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether Int4Linears computing in `dtype` on `device` run ringlet's CPU kernels, which alone take 5-bit codes (a
+    GGUF file's Q5_0/Q5_1/Q5_K weights, kept as they are rather than rounded to int8)."""
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16 and cpu_vnni.available()
+
+
 def takes_tiles(weight: GroupQuantized, dtype: torch.dtype) -> bool:
-    """Whether an Int4Linear of `weight` computing in `dtype` keeps it in the tiles of ringlet's CPU kernels (which
-    alone run 5-bit codes)."""
+    """Whether an Int4Linear of `weight` computing in `dtype` keeps it in the tiles of ringlet's CPU kernels."""
     n, k = weight.codes.shape
-    return (weight.codes.device.type == "cpu" and dtype == torch.bfloat16
-            and cpu_vnni.takes_int4(n, k, weight.group_size))
+    return cpu_tiles(weight.codes.device, dtype) and cpu_vnni.takes_int4(n, k, weight.group_size)
 
 
 _PACK_BLOCK = 64  # rows of a block in the CPU kernel's layout (AVX-512 builds)
