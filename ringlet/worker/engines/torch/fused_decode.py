@@ -2,16 +2,17 @@
 
 At batch 1 a decode step reads every weight once; what else it costs is kernel launches and the small element-wise
 kernels between the matrix products (about 190 kernels a step for Llama-3.2-1B compiled by inductor). Here a layer
-is six kernels:
+is five kernels:
   1. RMSNorm + q/k/v projection (+ bias): every program normalises the (small) input vector itself
-  2. rotary + cache write + attention, split over cache positions; each split keeps a partial softmax
-  3. the splits combined (one program per query head)
-  4. o projection + residual add
-  5. RMSNorm + gate/up projection + SiLU(gate) * up
-  6. down projection + residual add
+  2. rotary + cache write + attention, split over cache positions; each split keeps a partial softmax, and the
+     last split of a key/value head to finish joins its heads' splits
+  3. o projection + residual add
+  4. RMSNorm + gate/up projection + SiLU(gate) * up
+  5. down projection + residual add
 then RMSNorm + lm_head, one more. The attention reads the position from a device buffer and visits only the
 positions written so far, so one graph serves every position. On Hopper each kernel is launched with programmatic
-dependent launch: it starts while the previous one drains and reads its first weights before waiting for it.
+dependent launch: it starts while the previous one drains and reads its first weights (the attention its cached keys
+and values) before waiting for it.
 
 Rounding follows the eager bf16/fp16 path: projections accumulate in fp32 and round to the model's dtype where eager
 rounds (each projection's output, the rotated q and k, SiLU(gate) and its product); the normalised input of a
@@ -145,6 +146,22 @@ def _projection(
 
 
 @triton.jit
+def prefetch_l2(at):
+    """Asks the L2 cache for the 128-byte line of each address in `at`. A hint: nothing waits for it and no register
+    receives data, so a program can issue it before `gdc_wait` for memory no earlier kernel of the step writes."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [at], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_rows(ptr, first, rows, row_elements, LINES: tl.constexpr, LINE: tl.constexpr):
+    """`prefetch_l2` of rows [first, first + rows) of a row-major matrix of `row_elements` columns (contiguous
+    memory): LINES addresses LINE elements (128 bytes) apart, the last repeated where fewer lines are needed."""
+    end = rows * row_elements - 1
+    prefetch_l2(ptr + first * row_elements + tl.minimum(tl.arange(0, LINES).to(tl.int64) * LINE, end))
+
+
+@triton.jit
 def _rotate(x_ptr, d, partner, sign, cos, sin, norm_ptr, eps, QK_NORM: tl.constexpr, D: tl.constexpr):
     """One head vector [D] (or rows of them: x_ptr [R, 1] + d), normalised (qk_norm) and rotated; fp32 out."""
     x = tl.load(x_ptr + d).to(tl.float32)
@@ -160,15 +177,18 @@ def _rotate(x_ptr, d, partner, sign, cos, sin, norm_ptr, eps, QK_NORM: tl.conste
 @triton.jit
 def _attention_split(
     qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, q_norm_ptr, k_norm_ptr,
-    part_acc_ptr, part_max_ptr, part_sum_ptr, max_len, eps, scale,
+    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, max_len, eps, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
 ):
     """Program (g, s): the query heads sharing key/value head g, over split s of positions 0..pos.
 
     The split holding `pos` rotates the new key, writes it and the value to the cache and attends to them from
-    registers; cached positions before `pos` are read from the cache. Each split leaves its running maximum, sum of
-    exponentials and unnormalised output for `_attention_combine`."""
+    registers; cached positions before `pos` are read from the cache. The splits' partial softmaxes are joined into
+    out [HEADS, D] by the last split of the group to finish (`join_splits`; count_ptr [KV_HEADS]). PREFETCH_LINES (with PDL): the split asks the L2
+    cache for its cached keys and values, BLOCK_T positions at a time in that many 128-byte lines of LINE elements,
+    before it waits for the q/k/v projection (earlier steps wrote them)."""
     g = tl.program_id(0)
     s = tl.program_id(1)
     GROUP: tl.constexpr = HEADS // KV_HEADS
@@ -179,8 +199,19 @@ def _attention_split(
     sign = tl.where(d < HALF, -1.0, 1.0)
     cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    total = pos + 1
+    chunk = tl.cdiv(total, SPLITS * BLOCK_T) * BLOCK_T
+    begin = s * chunk
+    end = tl.minimum(begin + chunk, total)
+    cached_end = tl.minimum(end, pos)
+    head_cache = g.to(tl.int64) * max_len * D
     if PDL:  # the position and the rotary tables come from before the graph; q, k, v from the previous kernel
         gdc_launch_dependents()
+        if PREFETCH_LINES > 0:
+            for t0 in range(begin, cached_end, BLOCK_T):
+                rows = tl.minimum(cached_end - t0, BLOCK_T)
+                prefetch_rows(k_cache_ptr + head_cache, t0, rows, D, PREFETCH_LINES, LINE)
+                prefetch_rows(v_cache_ptr + head_cache, t0, rows, D, PREFETCH_LINES, LINE)
         gdc_wait()
 
     i = tl.arange(0, GROUP_PAD)
@@ -188,12 +219,6 @@ def _attention_split(
     q = _rotate(qkv_ptr + heads[:, None] * D, d[None, :], partner[None, :], sign[None, :], cos[None, :],
                 sin[None, :], q_norm_ptr, eps, QK_NORM, D) * scale
 
-    total = pos + 1
-    chunk = tl.cdiv(total, SPLITS * BLOCK_T) * BLOCK_T
-    begin = s * chunk
-    end = tl.minimum(begin + chunk, total)
-    cached_end = tl.minimum(end, pos)
-    head_cache = g.to(tl.int64) * max_len * D
     best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total_exp = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -229,23 +254,41 @@ def _attention_split(
     tl.store(part_acc_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
     tl.store(part_max_ptr + slot, best, mask=stored)
     tl.store(part_sum_ptr + slot, total_exp, mask=stored)
+    used = tl.cdiv(total, chunk)  # the splits that hold positions; the others leave nothing to join
+    if s < used:
+        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + g, heads, stored, used, SPLITS, D)
 
 
 @triton.jit
-def _attention_combine(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr,
-                       PDL: tl.constexpr):
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    h = tl.program_id(0)
-    s = tl.arange(0, SPLITS)
-    d = tl.arange(0, D)
-    best = tl.load(part_max_ptr + h * SPLITS + s)
-    weight = tl.exp(best - tl.max(best, axis=0))  # an empty split (-inf) weighs 0
-    acc = tl.load(part_acc_ptr + (h * SPLITS + s)[:, None] * D + d[None, :])
-    total = tl.sum(weight * tl.load(part_sum_ptr + h * SPLITS + s), axis=0)
-    out = tl.sum(weight[:, None] * acc, axis=0) / total
-    tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
+def join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, heads, stored, used,
+                SPLITS: tl.constexpr, D: tl.constexpr):
+    """Called by each of the `used` splits of a group of query heads (rows `heads` of out [., D], `stored` those
+    that are not padding) once its running maximum, sum of exponentials and unnormalised output are stored in the
+    slots heads * SPLITS + split: the split that arrives last at `count_ptr` joins all of them into out and sets the
+    count back to 0 for the next step. One kernel fewer a layer than a kernel of its own that joins them."""
+    tl.debug_barrier()  # every thread's stores of this split made before the count says it is done
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == used - 1:
+        tl.store(count_ptr, 0)
+        first = heads.to(tl.int64) * SPLITS
+        split = tl.arange(0, SPLITS)
+        ok = stored[:, None] & (split < used)[None, :]
+        # the other splits' slots are read from L2 (.cg): this SM's L1 may hold them from an earlier step
+        best = tl.load(part_max_ptr + first[:, None] + split[None, :], mask=ok, other=float("-inf"),
+                       cache_modifier=".cg")
+        top = tl.where(stored, tl.max(best, axis=1), 0.0)
+        sums = tl.load(part_sum_ptr + first[:, None] + split[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        total = tl.sum(tl.where(ok, tl.exp(best - top[:, None]), 0.0) * sums, axis=1)
+        d = tl.arange(0, D)
+        acc = tl.zeros([heads.shape[0], D], tl.float32)
+        for j in range(used):
+            weight = tl.exp(tl.load(part_max_ptr + first + j, mask=stored, other=0.0, cache_modifier=".cg") - top)
+            part = tl.load(part_acc_ptr + (first + j)[:, None] * D + d[None, :], mask=stored[:, None], other=0.0,
+                           cache_modifier=".cg")
+            acc += weight[:, None] * part
+        out = acc / tl.where(stored, total, 1.0)[:, None]
+        tl.store(out_ptr + heads.to(tl.int64)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=stored[:, None])
 
 
 def project(x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch.Tensor, eps: float, pdl: bool,
@@ -337,6 +380,9 @@ class FusedDecodeStep:
         self.block_t = 16
         self.pdl = _pdl_available(device)
         self.launch = {"launch_pdl": True} if self.pdl else {}
+        self.line = 128 // cache.keys[0].element_size()  # elements of a 128-byte cache line
+        cache_lines = self.block_t * self.head_dim // self.line
+        self.prefetch_lines = triton.next_power_of_2(cache_lines) if self.pdl and cache_lines else 0
         model._rope(0, cache.max_seq_len, self.dtype)
         self.cos, self.sin = model._cos, model._sin  # held: the graph reads these addresses
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
@@ -352,6 +398,7 @@ class FusedDecodeStep:
         self.part_acc = buffer(self.heads * self.splits, self.head_dim, dtype=torch.float32)
         self.part_max = buffer(self.heads * self.splits, dtype=torch.float32)
         self.part_sum = buffer(self.heads * self.splits, dtype=torch.float32)
+        self.arrived = buffer(self.kv_heads, dtype=torch.int32)  # splits done, per key/value head (join_splits)
 
     def _project(self, x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch.Tensor, norm: torch.Tensor | None = None,
                  gated: bool = False, residual: bool = False) -> None:
@@ -363,13 +410,12 @@ class FusedDecodeStep:
         k_norm = cast(RMSNorm, attention.k_norm).weight if qk_norm else self.cos
         _attention_split[(self.kv_heads, self.splits)](
             self.qkv, self.cache.keys[layer], self.cache.values[layer], self.cos, self.sin, self.position,
-            q_norm, k_norm, self.part_acc, self.part_max, self.part_sum, self.cache.max_seq_len, self.eps,
+            q_norm, k_norm, self.part_acc, self.part_max, self.part_sum, self.attention, self.arrived,
+            self.cache.max_seq_len, self.eps,
             self.head_dim ** -0.5, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
             GROUP_PAD=self.group_pad, SPLITS=self.splits, BLOCK_T=self.block_t, QK_NORM=qk_norm, PDL=self.pdl,
-            num_warps=4, **self.launch,
+            PREFETCH_LINES=self.prefetch_lines, LINE=self.line, num_warps=4, **self.launch,
         )
-        _attention_combine[(self.heads,)](self.part_acc, self.part_max, self.part_sum, self.attention,
-                                          SPLITS=self.splits, D=self.head_dim, PDL=self.pdl, num_warps=4, **self.launch)
 
     def __call__(self, kv_len: int | None = None) -> torch.Tensor:
         """Logits [1, V] of the token in `token` at `position` (`kv_len` is unused: attention reads the position)."""

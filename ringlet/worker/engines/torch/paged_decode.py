@@ -4,7 +4,7 @@ A decode step of B sequences reads every weight once whatever B is, so a batch o
 batch of one; what grows with B is the attention, which reads each sequence's own cached keys and values. Here:
   - attention is one Triton kernel over the block tables (program (b, g, s): sequence b's query heads that share
     key/value head g, over split s of its positions; it rotates the new query and key, writes the new key and value
-    to the sequence's slot and attends to them from registers), then `_attention_combine` joins the splits;
+    to the sequence's slot and attends to them from registers; the last split of each to finish joins the splits);
   - at a batch of one the projections are the fused GEMV kernels of `fused_decode` (RMSNorm, bias, SiLU gate and
     the residual add inside them); at larger batches they are cuBLAS matrix products, the residual added in the
     product's epilogue (`addmm_`).
@@ -54,9 +54,10 @@ from ringlet.models.tensor_parallel import RowParallelLinear, is_sharded, local_
 from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decode
 from ringlet.worker.engines.torch.fused_decode import (
     _INTERPRETED,
-    _attention_combine,
     _pdl_available,
     _rotate,
+    join_splits,
+    prefetch_l2,
     project,
     unsupported_reason,
 )
@@ -70,16 +71,20 @@ TARGET_PROGRAMS = 64 if _INTERPRETED else 2048
 @triton.jit
 def _paged_attention_split(
     qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, table_ptr, q_norm_ptr, k_norm_ptr,
-    part_acc_ptr, part_max_ptr, part_sum_ptr, table_width, eps, scale,
+    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, table_width, eps, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK: tl.constexpr, TILE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_LINES: tl.constexpr = 0,
 ):
     """Program (b, g, s): row b's query heads sharing key/value head g, over split s of its positions 0..pos.
 
     Cached position t of row b lives in slot table[b, t // BLOCK] * BLOCK + t % BLOCK; the cache is
     [slots, KV_HEADS, D]. The split holding `pos` rotates the new key, writes it and the value to slot_ptr[b] and
-    attends to them from registers. Each split leaves its running maximum, sum of exponentials and unnormalised
-    output for `_attention_combine` (as `fused_decode._attention_split` does for one sequence)."""
+    attends to them from registers. The splits' partial softmaxes are joined into out [rows, HEADS * D] by the
+    last split of (b, g) to finish (`join_splits`, count_ptr [rows, KV_HEADS]), as `fused_decode._attention_split`
+    does for one sequence. ROW_LINES (with
+    PDL): the 128-byte lines of one position's key (or value) of a head; the split asks the L2 cache for its cached
+    keys and values before it waits for the q/k/v projection (earlier steps wrote them)."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -92,8 +97,21 @@ def _paged_attention_split(
     sign = tl.where(d < HALF, -1.0, 1.0)
     cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
     sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    total = pos + 1
+    chunk = tl.cdiv(total, SPLITS * TILE) * TILE
+    begin = s * chunk
+    end = tl.minimum(begin + chunk, total)
+    cached_end = tl.minimum(end, pos)
+    table = table_ptr + b.to(tl.int64) * table_width
     if PDL:
         gdc_launch_dependents()
+        if ROW_LINES > 0:  # the block table and the cached positions come from before the graph
+            for t0 in range(begin, cached_end, TILE):
+                t = tl.minimum(t0 + tl.arange(0, TILE), cached_end - 1)
+                slot = tl.load(table + t // BLOCK).to(tl.int64) * BLOCK + t % BLOCK
+                lines = (slot[:, None] * KV_HEADS + g) * D + (tl.arange(0, ROW_LINES) * (D // ROW_LINES))[None, :]
+                prefetch_l2(k_cache_ptr + lines)
+                prefetch_l2(v_cache_ptr + lines)
         gdc_wait()
 
     row = qkv_ptr + b.to(tl.int64) * ROW
@@ -104,12 +122,6 @@ def _paged_attention_split(
     dtype = k_cache_ptr.dtype.element_ty
     q_tile = q.to(dtype)
 
-    total = pos + 1
-    chunk = tl.cdiv(total, SPLITS * TILE) * TILE
-    begin = s * chunk
-    end = tl.minimum(begin + chunk, total)
-    cached_end = tl.minimum(end, pos)
-    table = table_ptr + b.to(tl.int64) * table_width
     best = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     total_exp = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -148,6 +160,10 @@ def _paged_attention_split(
     tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=stored[:, None])
     tl.store(part_max_ptr + part, best, mask=stored)
     tl.store(part_sum_ptr + part, total_exp, mask=stored)
+    used = tl.cdiv(total, chunk)  # the splits that hold positions; the others leave nothing to join
+    if s < used:
+        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + b * KV_HEADS + g,
+                    b * HEADS + heads, stored, used, SPLITS, D)
 
 
 @triton.jit
@@ -241,6 +257,7 @@ class PagedDecodeStep:
         self.group_pad = max(16, triton.next_power_of_2(self.heads // self.kv_heads))  # a matrix product's least rows
         self.pdl = _pdl_available(device)
         self.launch = {"launch_pdl": True} if self.pdl else {}
+        self.row_lines = max(1, self.head_dim * cache.keys[0].element_size() // 128)  # of a head's key at a position
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         self.mixed_buckets = batch_buckets(max_rows, LEAST_MIXED_ROWS) if max_rows > 1 else []
@@ -279,6 +296,7 @@ class PagedDecodeStep:
         self.part_acc = buffer(most_parts, self.head_dim, dtype=torch.float32)
         self.part_max = buffer(most_parts, dtype=torch.float32)
         self.part_sum = buffer(most_parts, dtype=torch.float32)
+        self.arrived = buffer(n, self.kv_heads, dtype=torch.int32)  # splits done, per row and key/value head
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (bucket, mixed)
 
     def _splits(self, batch: int) -> int:
@@ -417,14 +435,13 @@ class PagedDecodeStep:
         launch = self.launch if pdl else {}
         _paged_attention_split[(batch, self.kv_heads, splits)](
             self.qkv, self.cache.keys[layer], self.cache.values[layer], self.cos, self.sin, positions, slots, tables,
-            q_norm, k_norm, self.part_acc, self.part_max, self.part_sum, self.table_width, self.eps,
+            q_norm, k_norm, self.part_acc, self.part_max, self.part_sum, self.attention, self.arrived,
+            self.table_width, self.eps,
             self.head_dim ** -0.5, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
             GROUP_PAD=self.group_pad, SPLITS=splits, BLOCK=self.cache.block_size, TILE=POSITIONS_PER_TILE,
-            QK_NORM=qk_norm, PDL=pdl, PRECISION="ieee" if self.dtype == torch.float32 else "tf32", num_warps=4,
-            **launch,
+            QK_NORM=qk_norm, PDL=pdl, PRECISION="ieee" if self.dtype == torch.float32 else "tf32",
+            ROW_LINES=self.row_lines if pdl else 0, num_warps=4, **launch,
         )
-        _attention_combine[(batch * self.heads,)](self.part_acc, self.part_max, self.part_sum, self.attention,
-                                                  SPLITS=splits, D=self.head_dim, PDL=pdl, num_warps=4, **launch)
 
     def _stage(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], bucket: int) -> None:
         """Write the step's inputs into the host buffer (a row for each token) and copy them to the device."""
