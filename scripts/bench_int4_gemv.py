@@ -1,15 +1,19 @@
 """One-row (decode) weight-only int4 products on CUDA against the copy bandwidth: GB/s of weight bytes per kernel.
 
-Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--sweep]
+Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--sweep] [--rows 128 512 ...]
 
 For each projection of the shape's layer (q/k/v with the input's RMSNorm, o with the residual add, gate/up with the
 norm and SiLU gate, down with the residual) and the int8 lm_head: the bf16 product (cuBLAS) and the int4 kernel
-(`int4_gemv_dp4a_kernel`) at its default tiling, or at every tiling of a grid with --sweep (the eight fastest). Each timing replays a CUDA graph that runs the product over enough
-copies of the weight to overflow the L2 cache, so the bytes come from device memory as in a decode step. The
-largest difference from an fp32 reference is printed beside each int4 kernel.
+(`int4_gemv_dp4a_kernel`) at its default tiling, launched plainly and, on Hopper, with programmatic dependent
+launch (as the decode step launches it, one after another); or at every tiling of a grid with --sweep (the eight
+fastest). Each timing replays a CUDA graph that runs the product over enough copies of the weight to overflow the L2
+cache, so the bytes come from device memory as in a decode step. The largest difference from an fp32 reference is
+printed beside each int4 kernel. --rows also times the many-row products (a prompt chunk, a batch's decode step)
+both ways int4 runs them, the tile kernel and the weight dequantised for cuBLAS, against cuBLAS on the bf16 weight.
 """
 
 import argparse
+import functools
 import itertools
 
 import torch
@@ -40,7 +44,7 @@ def reference(x, weight, norm, eps, gated, residual_into):
 
 def measure(name: str, n: int, inp: torch.Tensor, norm: torch.Tensor | None, eps: float, gated: bool,
             residual: bool, group_size: int, grid: list, bandwidth: float) -> None:
-    """Prints one projection's bf16 and int4 speeds (int4 at each tiling of `grid`; None: the default)."""
+    """Prints one projection's bf16 and int4 speeds (int4 at each (tiling, PDL) of `grid`; empty: `launches`)."""
     k = inp.shape[-1]
     out_n = n // 2 if gated else n
     weight = torch.randn(n, k, device=inp.device) * 0.02
@@ -56,25 +60,66 @@ def measure(name: str, n: int, inp: torch.Tensor, norm: torch.Tensor | None, eps
     print(f"\n{name}: W [{n}, {k}]; bf16 (cuBLAS, product alone) {n * k * 2 / seconds / 1e9:,.0f} GB/s "
           f"({n * k * 2 / seconds / bandwidth:.0%}), {seconds * 1e6:.1f} us")
 
-    def project(lay: CudaInt4Linear, out: torch.Tensor, tiling: int4_cuda.GemvTiling | None) -> None:
+    def project(lay: CudaInt4Linear, out: torch.Tensor, tiling: int4_cuda.GemvTiling, pdl: bool) -> None:
         int4_cuda._int4_gemv_rows(inp, lay.packed, lay.scale, lay.offset, lay.group_size, out, out_n, k, None, norm,
-                                  eps, gated, residual, False, tiling)
+                                  eps, gated, residual, pdl, tiling)
 
     results = []
-    for tiling in grid:
+    default = int4_cuda.gemv_tiling(out_n, k, group_size, gated)
+    for tiling, pdl in grid or launches(default, inp.device):
         out = start.clone()
         try:
-            project(layer, out, tiling)
+            project(layer, out, tiling, pdl)
         except triton.CompilationError as failure:  # a tiling the compiler refuses (registers, shared memory)
             print(f"  {tiling}: {str(failure)[:120]}")
             continue
         error = (out.float() - expected).abs().max().item() / expected.abs().max().item()
         outs = [start.clone() for _ in layers]
-        secs = graph_seconds([lambda lay=lay, o=o, t=tiling: project(lay, o, t) for lay, o in zip(layers, outs)])
-        results.append((secs, error, tiling or int4_cuda.gemv_tiling(out_n, k, group_size, gated)))
-    for secs, error, tiling in sorted(results, key=lambda r: r[0])[:8]:
+        secs = graph_seconds([lambda lay=lay, o=o, t=tiling, p=pdl: project(lay, o, t, p)
+                              for lay, o in zip(layers, outs)])
+        results.append((secs, error, tiling, pdl))
+    for secs, error, tiling, pdl in sorted(results, key=lambda r: r[0])[:8]:
+        launch = "PDL" if pdl else "plain launch"
         print(f"  int4 {int4_bytes / secs / 1e9:7,.0f} GB/s ({int4_bytes / secs / bandwidth:4.0%}) "
-              f"{secs * 1e6:7.1f} us  error {error:.1e}  {tiling}")
+              f"{secs * 1e6:7.1f} us  error {error:.1e}  {launch}  {tiling}")
+
+
+def launches(tiling: int4_cuda.GemvTiling, device: torch.device) -> list[tuple[int4_cuda.GemvTiling, bool]]:
+    """The default tiling launched plainly, and on Hopper also with PDL (as the decode step launches it)."""
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return [(tiling, False)]
+    return [(tiling, False), (tiling, True)]
+
+
+def measure_rows(name: str, n: int, k: int, rows: list[int], group_size: int, device: torch.device) -> None:
+    """Prints the many-row int4 products of W [n, k] (a prompt chunk, a batch's decode step) both ways, the tile
+    kernel and the weight dequantised for cuBLAS, against cuBLAS on the bf16 weight: TFLOP/s and us at each count of
+    rows, from a CUDA graph of four products."""
+    weight = torch.randn(n, k, device=device) * 0.02
+    layer = CudaInt4Linear(GroupQuantized.round(weight, group_size), None, torch.bfloat16).to(device)
+    dense = weight.bfloat16()
+    print(f"\n{name}: W [{n}, {k}], many rows of x (TFLOP/s, us; int4 by cuBLAS from rows {int4_cuda.DENSE_FROM_ROWS})")
+    for m in rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+        reference = x.float() @ layer.dequantize().t()
+
+        def tiles(x=x, out=out, m=m) -> None:
+            int4_cuda.int4_matmul(x, layer.packed, layer.scale, layer.offset, group_size, out,
+                                  config=int4_cuda.tiling(m, n, k, group_size))
+
+        def dequantised(x=x, out=out) -> None:
+            int4_cuda._dense_int4(x, layer.packed, layer.scale, layer.offset, group_size, out, n, None, None, 0.0,
+                                  False, False)
+
+        line = []
+        for label, call in [("bf16 cuBLAS", lambda x=x, out=out: torch.mm(x, dense.t(), out=out)),
+                            ("int4 tiles", tiles), ("int4 dequantised + cuBLAS", dequantised)]:
+            call()
+            error = (out.float() - reference).abs().max().item() / reference.abs().max().item()
+            secs = graph_seconds([call] * 4)
+            line.append(f"{label} {2 * m * n * k / secs / 1e12:5.1f} ({secs * 1e6:6.1f} us, error {error:.0e})")
+        print(f"  {m:4d} rows: " + "; ".join(line))
 
 
 def main() -> None:
@@ -82,6 +127,8 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3.1-8b")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--rows", type=int, nargs="*", default=[],
+                        help="also time the many-row products at these counts of rows (prompt chunks)")
     options = parser.parse_args()
     config = shape_config(options.shape)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
@@ -101,11 +148,16 @@ def main() -> None:
         ("gate/up + norm, SiLU", 2 * inter, x, norm, True, False),
         ("down + residual", hidden, x_inter, None, False, True),
     ]
-    grid = ([int4_cuda.GemvTiling(b, w, warps, stages) for b, w, warps, stages in
+    pdl = torch.cuda.get_device_capability(device)[0] >= 9
+    grid = ([(int4_cuda.GemvTiling(b, w, warps, stages), pdl) for b, w, warps, stages in
              itertools.product((8, 16, 32), (64, 128, 256), (4, 8), (1, 3)) if b * w >= warps * 128]
-            if options.sweep else [None])
+            if options.sweep else [])
     for name, n, inp, nrm, gated, residual in projections:
         measure(name, n, inp, nrm, eps, gated, residual, options.group_size, grid, bandwidth)
+        torch.cuda.empty_cache()
+
+    for name, n, inp, _, gated, _ in projections if options.rows else []:
+        measure_rows(name.split(" ")[0], n, inp.shape[-1], options.rows, options.group_size, device)
         torch.cuda.empty_cache()
 
     vocab = config["vocab_size"]
@@ -113,9 +165,13 @@ def main() -> None:
     out = torch.empty(1, vocab, dtype=torch.bfloat16, device=device)
     expected = reference(x, head.dequantize(), norm, eps, False, None)
     print(f"\nlm_head int8 [{vocab}, {hidden}] + norm (in L2 only in part: 4 replays)")
-    for name, kernel in [("dp4a rows", int4_cuda._int8_gemv_rows), ("split-K float", int4_cuda._int8_gemv)]:
+    kernels = [("dp4a rows", functools.partial(int4_cuda._int8_gemv_rows, pdl=False)),
+               ("split-K float", functools.partial(int4_cuda._int8_gemv, pdl=False))]
+    if pdl:
+        kernels.append(("dp4a rows, PDL", functools.partial(int4_cuda._int8_gemv_rows, pdl=True)))
+    for name, kernel in kernels:
         def call(kernel=kernel) -> None:
-            kernel(x, head.weight, head.scale, out, vocab, hidden, None, norm, eps, False, False, False)
+            kernel(x, head.weight, head.scale, out, vocab, hidden, None, norm, eps, False, False)
         call()
         error = (out.float() - expected).abs().max().item() / expected.abs().max().item()
         secs = graph_seconds([call] * 4)

@@ -92,3 +92,30 @@ def test_one_row_int8_matches_the_dequantised_weight(n, k, options):
                          start if "residual" in options else None, int8_x=True)
     # the product plus a bias of about 1 is rounded to bf16 before the residual adds (up to 2^-8 of it)
     torch.testing.assert_close(out.float(), reference, atol=1e-2 if "bias" in options else 2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("n", "k", "group"), [(300, 256, 128), (24, 128, 32)])
+@pytest.mark.parametrize("options", ["plain", "gated+norm", "bias+residual", "bias+gated"])
+def test_prompt_rows_multiply_the_dequantised_weight(n, k, group, options, monkeypatch):
+    """From DENSE_FROM_ROWS rows of x (a prompt chunk) the weight is dequantised (`int4_dequantize_kernel`: the
+    last block of weight rows partly masked) and multiplied densely, in slices of 128 rows here (300: two whole
+    slices and a part), with each option as the mixed decode steps use them."""
+    monkeypatch.setattr(int4_cuda, "DENSE_SLICE_BYTES", 1)
+    torch.manual_seed(n + k)
+    rows = 2 * n if "gated" in options else n
+    m = int4_cuda.DENSE_FROM_ROWS + 2
+    layer = CudaInt4Linear(GroupQuantized.round(torch.randn(rows, k) * 0.02, group), None, torch.bfloat16)
+    bias = torch.randn(rows).to(torch.bfloat16) if "bias" in options else None
+    dense = int4_cuda.int4_dequantize(layer.packed, layer.scale, layer.offset, group, torch.bfloat16)
+    # code * scale + offset rounded once to bf16 (the interpreter's rounding may differ by a unit of the last place)
+    torch.testing.assert_close(dense.float(), layer.dequantize(), atol=0, rtol=2 ** -7)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    norm = (1 + 0.1 * torch.randn(k)).to(torch.bfloat16) if "norm" in options else None
+    start = torch.randn(m, n, dtype=torch.bfloat16)
+    out = start.clone()
+    int4_cuda.int4_matmul(x, layer.packed, layer.scale, layer.offset, group, out, bias=bias, norm=norm, eps=1e-5,
+                          gated="gated" in options, residual="residual" in options)
+    reference = expected(x, layer.dequantize(), norm, bias, "gated" in options,
+                         start if "residual" in options else None)
+    # the dequantised weight, the normalised x and the outputs are rounded to bf16
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)

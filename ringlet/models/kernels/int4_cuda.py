@@ -6,11 +6,13 @@ Triton is imported at the first launch, not here: CPU machines without it import
 """
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 # bits OR'd into a 4-bit code to make the floating-point number MAGIC + code (int4_triton.py says why)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
@@ -26,6 +28,12 @@ class Tiling:
     k_step: int
     warps: int = 4
     stages: int = 4
+
+
+# int4 products of this many rows of x or more (prompt chunks) dequantise the weight into a temporary and multiply
+# it with cuBLAS: `scripts/bench_int4_gemv.py --rows` times both ways
+DENSE_FROM_ROWS = 128
+DENSE_SLICE_BYTES = 32 << 20
 
 
 def tiling(rows: int, n: int, k: int, group: int) -> Tiling:
@@ -174,6 +182,9 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
     if m == 1 and config is None:
         _int4_gemv_rows(rows, packed, scale, offset, group_size, out, n, k, bias, norm, eps, gated, residual, pdl)
         return out
+    if m >= DENSE_FROM_ROWS and config is None:
+        _dense_int4(rows, packed, scale, offset, group_size, out, n, bias, norm, eps, gated, residual)
+        return out
     magic_bits, magic = _MAGIC[x.dtype]
     t = config or tiling(m, n, k, group_size)
     grid = (-(-n // t.block_n), -(-m // t.block_m))
@@ -185,6 +196,45 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
         num_stages=t.stages, **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The weight [N, K] of `int4_matmul`'s layout in `dtype` (code * scale + offset, rounded once)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    block_k = math.gcd(group_size, 128)
+    _kernels().int4_dequantize_kernel[(-(-n // 32), k // block_k)](
+        packed.view(torch.int32), scale, offset, out, n, k, GROUP=group_size, BLOCK_N=32, BLOCK_K=block_k,
+        num_warps=4)
+    return out
+
+
+def _dense_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+                out: torch.Tensor, n: int, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
+                gated: bool, residual: bool) -> None:
+    """`int4_matmul` for many rows of x through cuBLAS: the weight dequantised a slice of rows at a time (at most
+    DENSE_SLICE_BYTES, so the slice is still in the L2 cache when cuBLAS reads it and no whole bf16 copy is ever
+    held), the options as torch operations (each output rounded as the eager path rounds it)."""
+    k = x.shape[-1]
+    if norm is not None:
+        x = F.rms_norm(x, (k,), norm, eps)
+    step = max(128, DENSE_SLICE_BYTES // (k * x.element_size()) // 128 * 128)
+
+    def product(first: int, end: int) -> torch.Tensor:
+        weight = int4_dequantize(packed[first:end], scale[first:end], offset[first:end], group_size, x.dtype)
+        y = torch.mm(x, weight.t())
+        return y if bias is None else y.add_(bias[first:end])
+
+    for first in range(0, n, step):
+        end = min(first + step, n)
+        y = product(first, end)
+        if gated:
+            y = F.silu(y) * product(n + first, n + end)
+        if residual:
+            out[:, first:end] += y
+        else:
+            out[:, first:end] = y
 
 
 def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, *,

@@ -1,8 +1,9 @@
 """Triton kernels of the weight-only int4 / int8 linears: out[M, N] = x[M, K] @ W[N, K]^T, W dequantised in tiles.
 
-The matmul kernels cover many rows (a prompt chunk, a batch's decode step): the rows of x are the M side of a tensor
-core product, so the multiply-adds cost nothing next to reading the weights; the gemv kernels cover one row (a
-decode step of one sequence). The work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number MAGIC + code, exactly, in
+The matmul kernels cover a few rows (a batch's decode step): the rows of x are the M side of a tensor core product, so
+the multiply-adds cost nothing next to reading the weights; from `int4_cuda.DENSE_FROM_ROWS` rows (a prompt chunk)
+`int4_dequantize_kernel` writes slices of the weight for cuBLAS instead; the gemv kernels cover one row (a decode step
+of one sequence). The work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number MAGIC + code, exactly, in
 bf16 (128) or fp16 (1024), with no integer-to-float conversion. Each group's product is then corrected in fp32:
     sum_k x_k * (code_k * scale + offset) = scale * (sum_k x_k * (MAGIC + code_k)) + (offset - MAGIC * scale) * sum_k x_k
 Options fuse what sits around a projection in a decode step: NORM (RMSNorm of x first: its 1/rms scales the sums),
@@ -97,6 +98,25 @@ def int4_matmul_kernel(
                 acc_up = _int4_group(acc_up, x, x_sum, words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, K, g,
                                      GROUP, BLOCK_N, MAGIC_BITS, MAGIC)
     _finish(acc, acc_up, squares, out_ptr, bias_ptr, m, m_ok, rows, row_ok, N, K, eps, NORM, GATED, BIAS, RESIDUAL)
+
+
+@triton.jit
+def int4_dequantize_kernel(words_ptr, scale_ptr, offset_ptr, out_ptr, N, K, GROUP: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (n, k): out [N, K] at rows [n * BLOCK_N, ...) and columns [k * BLOCK_K, ...) (one group: GROUP is a
+    multiple of BLOCK_K) = code * scale + offset in fp32, rounded once to out's dtype."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    k0 = tl.program_id(1) * BLOCK_K
+    words = tl.load(words_ptr + rows[:, None] * (K // 8) + k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :],
+                    mask=row_ok[:, None], other=0)
+    codes = tl.reshape((words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF, [BLOCK_N, BLOCK_K])
+    g = k0 // GROUP
+    scale = tl.load(scale_ptr + rows * (K // GROUP) + g, mask=row_ok, other=0.0).to(tl.float32)
+    offset = tl.load(offset_ptr + rows * (K // GROUP) + g, mask=row_ok, other=0.0).to(tl.float32)
+    weight = codes.to(tl.float32) * scale[:, None] + offset[:, None]
+    tl.store(out_ptr + rows[:, None] * K + k0 + tl.arange(0, BLOCK_K)[None, :],
+             weight.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
