@@ -279,7 +279,7 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
     import torch
 
     from ringlet.models.loader import LoadedStage
-    from ringlet.models.quant import COMPUTE_DTYPES, quantize_int8
+    from ringlet.models.quant import COMPUTE_DTYPES
     from ringlet.models.random_checkpoint import random_weights, shape_config, synthetic_tokenizer
     from ringlet.models.registry import build_stage, model_args
     from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
@@ -299,14 +299,13 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
     model_arguments = model_args(config)
     dtype = COMPUTE_DTYPES[precision]
     weights: dict[str, Any] | None = random_weights(model_arguments, dtype, device)
+    quantized = precision in ("int8", "int4")
     model = build_stage(model_arguments, weights=weights, dtype=dtype, device=device,
-                        finish_layer=quantizer(precision, dtype))
-    if precision in ("int8", "int4"):
-        quantize_int8(model, dtype)  # the lm_head, as load_stage does
-        if args.baseline == "none":  # the float weights go: the peak below is the quantised instance's
-            weights = None
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+                        finish_layer=quantizer(precision, dtype), int8_ends=quantized)  # as load_stage builds it
+    if quantized and args.baseline == "none":  # the float weights go: the peak below is the quantised instance's
+        weights = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     stage = LoadedStage(model_arguments, model, synthetic_tokenizer(model_arguments.vocab_size), 0,
                         model_arguments.num_hidden_layers)
     engine = TorchBatchEngine(stage, device, settings)
