@@ -3,8 +3,8 @@
 The matmul kernels cover a few rows (a batch's decode step): the rows of x are the M side of a tensor core product, so
 the multiply-adds cost nothing next to reading the weights; from `int4_cuda.DENSE_FROM_ROWS` rows (a prompt chunk)
 `int4_dequantize_kernel` writes slices of the weight for cuBLAS instead; the gemv kernels cover one row (a decode step
-of one sequence). The work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number MAGIC + code, exactly, in
-bf16 (128) or fp16 (1024), with no integer-to-float conversion. Each group's product is then corrected in fp32:
+of one sequence). The work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number
+MAGIC + code, exactly, in bf16 (128) or fp16 (1024), with no integer-to-float conversion. Each group's product is then corrected in fp32:
     sum_k x_k * (code_k * scale + offset) = scale * (sum_k x_k * (MAGIC + code_k)) + (offset - MAGIC * scale) * sum_k x_k
 Options fuse what sits around a projection in a decode step: NORM (RMSNorm of x first: its 1/rms scales the sums),
 GATED (W holds 2N rows, gate then up: out = SiLU(gate) * up), BIAS, RESIDUAL (out += the product) and PDL (launched

@@ -82,9 +82,9 @@ def _paged_attention_split(
     [slots, KV_HEADS, D]. The split holding `pos` rotates the new key, writes it and the value to slot_ptr[b] and
     attends to them from registers. The splits' partial softmaxes are joined into out [rows, HEADS * D] by the
     last split of (b, g) to finish (`join_splits`, count_ptr [rows, KV_HEADS]), as `fused_decode._attention_split`
-    does for one sequence. ROW_LINES (with
-    PDL): the 128-byte lines of one position's key (or value) of a head; the split asks the L2 cache for its cached
-    keys and values before it waits for the q/k/v projection (earlier steps wrote them)."""
+    does for one sequence. ROW_LINES (with PDL): the 128-byte lines of one position's key (or value) of a head; the
+    split asks the L2 cache for its cached keys and values before it waits for the q/k/v projection (earlier steps
+    wrote them)."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
