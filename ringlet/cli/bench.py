@@ -263,7 +263,8 @@ def cuda_graph_seconds(calls: list[Any]) -> float:
 def weight_bytes_per_token(model: Any) -> int:
     """Bytes one decode step of one sequence reads: every weight, except an untied embedding table (one row is read)
     and the experts a token does not choose (a sparse layer reads top_k of its num_experts)."""
-    tied = model.lm_head is not None and model.embed_tokens is not None and model.lm_head.weight is model.embed_tokens.weight
+    tied = model.lm_head is not None and model.embed_tokens is not None and (
+        getattr(model.lm_head, "weight", None) is getattr(model.embed_tokens, "weight", False))
     args = model.args
     total = 0
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
@@ -301,7 +302,8 @@ def load_bench_engine(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | N
     weights: dict[str, Any] | None = random_weights(model_arguments, dtype, device)
     quantized = precision in ("int8", "int4")
     model = build_stage(model_arguments, weights=weights, dtype=dtype, device=device,
-                        finish_layer=quantizer(precision, dtype), int8_ends=quantized)  # as load_stage builds it
+                        finish_layer=quantizer(precision, dtype), int8_ends=quantized,  # as load_stage builds it
+                        int4_embedding=precision == "int4")
     if quantized and args.baseline == "none":  # the float weights go: the peak below is the quantised instance's
         weights = None
         torch.cuda.empty_cache()

@@ -53,6 +53,7 @@ class WeightFormat:
     cache: str
     row_scale: int = 0  # bytes of the per-output-channel scale of an int8 linear
     int8_embedding: bool = False  # int8 rows with a float32 step each; a tied whole model's lm_head shares its codes
+    int4_embedding: bool = False  # an embedding that is not the stage's lm_head too: 4-bit groups of 32 (`Int4Rows`)
 
 
 def _int4(group: int, scale_bytes: int) -> float:
@@ -65,8 +66,10 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
     # codes and bf16 scale/zero pairs of the file's groups of 32, else int8 with a bf16 scale per output channel;
     # an int8 embedding and lm_head (the lm_head's logits decide every token)
     WEIGHT_ONLY_INT8: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
-    # every linear rounded to 4 bits in groups of 128 with fp16 scale/zero pairs
-    CUDA_INT4: WeightFormat(_int4(128, 2), _int4(128, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
+    # every linear rounded to 4 bits in groups of 128 with fp16 scale/zero pairs; the embedding in groups of 32 unless
+    # it is the lm_head too
+    CUDA_INT4: WeightFormat(_int4(128, 2), _int4(128, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True,
+                            int4_embedding=True),
     XPU_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
 }
 # the dtype of an asked-for precision (the weight-only ones: `engine_weight_format`)
@@ -159,7 +162,9 @@ class ModelCard(BaseModel):
             rounded = dense * (1 - self.four_bit_share) + (0 if self.expert_weight_bytes else experts)
             per_layer += rounded * held.row_scale / self.hidden_size
         total = (end - start) * per_layer
-        if first:
+        if first and held.int4_embedding and not (self.tie_word_embeddings and last):
+            total += self.embedding_parameters * _int4(32, 2)
+        elif first:
             total += (self.embedding_parameters + 4 * self.vocab_size if held.int8_embedding
                       else self.embedding_parameters * plain)
         if last:

@@ -19,11 +19,11 @@ from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
 from ringlet.models.kernels import cpu_vnni
 from ringlet.models.paged_cache import BatchLayout, PagedKVCache
-from ringlet.models.quant import Int8Embedding, int8_linear
-from ringlet.models.quant_format import Int8Rows, read_rows_int8
+from ringlet.models.quant import Int4Embedding, Int8Embedding, int8_linear
+from ringlet.models.quant_format import Int8Rows, read_rows_int4, read_rows_int8
 from ringlet.models.registry import register
 from ringlet.models.rope import rope_frequencies, rope_tables
-from ringlet.models.weights import row_reader
+from ringlet.models.weights import RowReader, row_reader
 from ringlet.shared.errors import ModelLoadError
 
 
@@ -346,14 +346,16 @@ class Transformer(nn.Module):
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None,
-                     finish_layer: Callable[[nn.Module, int], None] | None = None, int8_ends: bool = False) -> None:
+                     finish_layer: Callable[[nn.Module, int], None] | None = None, int8_ends: bool = False,
+                     int4_embedding: bool = False) -> None:
         """Load Hugging Face-named tensors (global layer indices) of this stage; fuses qkv and gate/up.
 
         One layer at a time: its tensors are looked up (a `LazyWeights` reads them then), converted, fused and
         assigned, then `finish_layer(layer, global index)` runs (quantising it, say) before the next layer is read,
         so a load holds one layer beyond what the finished layers keep. A weight given as a meta tensor is assigned
         as it is: `finish_layer` replaces its linear without reading it (from a file's 4-bit groups). With `int8_ends`, the embedding and the
-        lm_head are rounded to int8 rows as they are read, a slice of rows at a time (one tensor when tied)."""
+        lm_head are rounded to int8 rows as they are read, a slice of rows at a time (one tensor when tied); with
+        `int4_embedding` as well, an embedding that is not also this stage's lm_head is rounded to 4-bit groups."""
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
@@ -393,19 +395,26 @@ class Transformer(nn.Module):
             if finish_layer is not None:
                 finish_layer(layer, self.start + i)
         def int8_rows(name: str) -> Int8Rows:
-            if name not in weights:
-                raise ModelLoadError(f"weights are missing tensor {name!r}")
-            rows = row_reader(weights, name)
+            rows = rows_of(name)
             return read_rows_int8(rows.rows, rows.read, rows.columns, device or "cpu")
 
+        def rows_of(name: str) -> RowReader:
+            if name not in weights:
+                raise ModelLoadError(f"weights are missing tensor {name!r}")
+            return row_reader(weights, name)
+
+        tied = self.args.tie_word_embeddings and "lm_head.weight" not in weights
         if self.embed_tokens is not None:
-            if int8_ends:
+            if int8_ends and int4_embedding and not (tied and self.lm_head is not None):
+                rows = rows_of("model.embed_tokens.weight")
+                self.embed_tokens = Int4Embedding(read_rows_int4(rows.rows, rows.read, rows.columns, device or "cpu"),
+                                                  dtype)
+            elif int8_ends:
                 self.embed_tokens = Int8Embedding(int8_rows("model.embed_tokens.weight"), dtype)
             else:
                 self.embed_tokens.load_state_dict({"weight": take("model.embed_tokens.weight")}, assign=True)
         if self.norm is not None and self.lm_head is not None:
             self.norm.load_state_dict({"weight": take("model.norm.weight")}, assign=True)
-            tied = self.args.tie_word_embeddings and "lm_head.weight" not in weights
             head = "model.embed_tokens.weight" if tied else "lm_head.weight"
             if tied and self.embed_tokens is not None:  # a whole model: one tensor, as in the checkpoint
                 if isinstance(self.embed_tokens, Int8Embedding):

@@ -143,7 +143,7 @@ def load_stage(
     """Layers [start, end) of a model, read one layer at a time: each is converted to `dtype` (and with `quantize`, its
     linears quantised, a GGUF file's 4-bit (or 5-bit) groups kept as they are) before the next is read, so the load
     never holds the stage in fp32 nor twice. Quantised stages have an int8 embedding and lm_head, rounded as they are
-    read.
+    read (an int4 stage on CUDA: the embedding in 4-bit groups unless it is the lm_head too).
     `sharded`: this process is one rank of the stage's tensor-parallel group (torch.distributed's default group):
     each layer is cut to the rank's share as it is read, and of the embedding and lm_head only its vocabulary rows
     are read (`tensor_parallel.py`); the weights stay in `dtype`. `runs_here`: the stage runs on `device` (not moved
@@ -180,8 +180,9 @@ def load_stage(
         tokenizer = gguf.tokenizer()
     grouped = gguf_groups if gguf is not None else stored  # what may keep the linears in 4-bit groups
     file_groups = grouped is not None and quantize in ("int4", "int4 where stored") and grouped.stores_groups(start, end)
+    on_cuda = torch.device(device).type == "cuda"  # int4 there rounds the embedding to 4 bits as well
     group_size = (stored.group_size if stored is not None and stored.scheme.grouped
-                  else CUDA_GROUP_SIZE if torch.device(device).type == "cuda" else GROUP_SIZE)
+                  else CUDA_GROUP_SIZE if on_cuda else GROUP_SIZE)
     quantized: Literal["int8", "int4"] | None = (
         "int4" if quantize == "int4" or file_groups else "int8" if quantize is not None else None)
     keeps_fp8 = stored is not None and quantized is None and runs_fp8(device)
@@ -217,7 +218,7 @@ def load_stage(
             listener(index + 1 - start, end - start, kept)
 
     model = build_stage(args, start, end, weights=read, dtype=dtype, device=device, finish_layer=finish_layer,
-                        int8_ends=quantized is not None)
+                        int8_ends=quantized is not None, int4_embedding=quantized == "int4" and on_cuda)
     if sharded:
         tensor_parallel.shard_ends(cast("Transformer", model), None, weights, dtype, device)
     _return_freed_memory()

@@ -11,12 +11,14 @@ Decoding one token reads every weight once, so bytes per weight set the speed. W
 - 5-bit codes (GGUF's Q5_0/Q5_1/Q5_K, which llama.cpp's Q4_K_M uses where a row is not whole K-quant blocks): kept as
   they are by an Int4Linear on CPUs where ringlet's kernels run (`kernels/cpu_vnni`: the int4 tiles plus a fifth-bit
   mask, 6 bits a weight with the bf16 scales), else int8.
-The lm_head stays int8 under int4: its logits decide every token; the embedding is int8 too (`Int8Embedding`).
+The lm_head stays int8 under int4: its logits decide every token; the embedding is int8 too (`Int8Embedding`), or
+int4 where a CUDA stage holds it apart from the lm_head (`Int4Embedding`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from typing import cast
 
@@ -26,7 +28,14 @@ from torch import nn
 
 from ringlet.models.experts import Experts, Int4Experts, Int8Experts, quantize_experts_int8
 from ringlet.models.kernels import cpu_vnni
-from ringlet.models.quant_format import GROUP_SIZE, GroupQuantized, Int8Rows, read_rows_int8, round_rows_int8
+from ringlet.models.quant_format import (
+    GROUP_SIZE,
+    GroupQuantized,
+    Int4Rows,
+    Int8Rows,
+    read_rows_int8,
+    round_rows_int8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +86,45 @@ class Int8Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8" + (", tiled" if self.tiled else "")
 
 
+class Int4Embedding(nn.Module):
+    """A token embedding kept as 4-bit codes in groups along each row with an fp16 step and minimum a group
+    (`Int4Rows`: 5 bits a weight in groups of 32, where int8 rows take 8), for a stage whose linears are all int4 and
+    whose lm_head is not this tensor; a looked-up row is code * step + minimum, in float32, given in `dtype`."""
+
+    # buffers, registered in __init__
+    packed: torch.Tensor  # uint8 [V, H // 2]
+    step: torch.Tensor  # float16 [V, H // group]
+    minimum: torch.Tensor  # float16 [V, H // group]
+
+    def __init__(self, rows: Int4Rows, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = rows.packed.shape[0], rows.packed.shape[1] * 2
+        self.group_size = self.embedding_dim // rows.step.shape[1]
+        self.register_buffer("packed", rows.packed)
+        self.register_buffer("step", rows.step)
+        self.register_buffer("minimum", rows.minimum)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        pairs = torch.index_select(self.packed, 0, flat)
+        codes = torch.stack((pairs & 15, pairs >> 4), dim=-1).view(flat.shape[0], -1, self.group_size)
+        step = torch.index_select(self.step, 0, flat).float()[..., None]
+        minimum = torch.index_select(self.minimum, 0, flat).float()[..., None]
+        return torch.addcmul(minimum, codes.float(), step).to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 in groups of {self.group_size}"
+
+
 def embed_rows(embedding: nn.Module, tokens: torch.Tensor, out: torch.Tensor) -> None:
-    """out [T, H] = the embedding's rows of `tokens` [T], written in place (what a captured decode step runs)."""
-    if isinstance(embedding, Int8Embedding) and embedding.tiled:
+    """out [T, H] = the embedding's rows of `tokens` [T], written in place (what a captured decode step runs); a 4-bit
+    table's through one Triton kernel on a GPU (or in Triton's interpreter)."""
+    if isinstance(embedding, Int4Embedding) and (out.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from ringlet.models.kernels import int4_cuda
+
+        int4_cuda.int4_rows(tokens, embedding.packed, embedding.step, embedding.minimum, out)
+    elif isinstance(embedding, Int4Embedding) or isinstance(embedding, Int8Embedding) and embedding.tiled:
         out.copy_(embedding(tokens))
     elif isinstance(embedding, Int8Embedding):
         torch.mul(torch.index_select(embedding.weight, 0, tokens), embedding.step[tokens, None], out=out)

@@ -68,6 +68,40 @@ class Int8Rows(NamedTuple):
     step: torch.Tensor  # float32 [N]
 
 
+class Int4Rows(NamedTuple):
+    """A weight [N, K] in 4-bit codes over groups of `group_size` along each row, two codes a byte (column 2j in
+    the low nibble of byte j, 2j + 1 in the high): w = code * step + minimum."""
+
+    packed: torch.Tensor  # uint8 [N, K // 2]
+    step: torch.Tensor  # float16 [N, K // group_size]
+    minimum: torch.Tensor  # float16 [N, K // group_size]
+
+
+def read_rows_int4(rows: int, read: Callable[[int, int], torch.Tensor], columns: int, device: torch.device | str,
+                   group_size: int = GROUP_SIZE) -> Int4Rows:
+    """Round-to-nearest over each group's [min, max] in 16 levels, `read(first, end)` giving about VALUES_AT_ONCE
+    values of rows at a time (as `read_rows_int8`); the codes are those of the fp16 step and minimum kept."""
+    if columns % group_size or group_size % 2:
+        raise ValueError(f"a row of {columns} values is not whole groups of {group_size}")
+    packed = torch.empty(rows, columns // 2, dtype=torch.uint8, device=device)
+    step = torch.empty(rows, columns // group_size, dtype=torch.float16, device=device)
+    minimum = torch.empty_like(step)
+    at_once = max(1, VALUES_AT_ONCE // columns)
+    for first in range(0, rows, at_once):
+        end = min(rows, first + at_once)
+        part = read(first, end).to(device=device, dtype=torch.float32)
+        if part.shape != (end - first, columns):
+            raise ValueError(f"rows {first}-{end} of a [{rows}, {columns}] weight came as {list(part.shape)}")
+        groups = part.view(end - first, -1, group_size)
+        low = groups.amin(-1).half()  # fp16 cannot hold a weight past 65504: no embedding comes near
+        width = ((groups.amax(-1) - low.float()) / 15).clamp(min=1e-7).half()
+        codes = ((groups - low.float()[..., None]) / width.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        pairs = codes.view(end - first, columns // 2, 2)
+        packed[first:end] = pairs[..., 0] | (pairs[..., 1] << 4)
+        step[first:end], minimum[first:end] = width, low
+    return Int4Rows(packed, step, minimum)
+
+
 def round_rows_int8(weight: torch.Tensor) -> Int8Rows:
     """Symmetric int8 per output row of a weight held whole."""
     return read_rows_int8(weight.shape[0], lambda first, end: weight[first:end], weight.shape[1], weight.device)

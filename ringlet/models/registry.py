@@ -22,7 +22,8 @@ class _LoadsWeights(Protocol):
 
     def load_weights(self, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = ...,
                      device: torch.device | str | None = ...,
-                     finish_layer: Callable[[nn.Module, int], None] | None = ..., int8_ends: bool = ...) -> None: ...
+                     finish_layer: Callable[[nn.Module, int], None] | None = ..., int8_ends: bool = ...,
+                     int4_embedding: bool = ...) -> None: ...
 
 
 def register(model_type: str) -> Callable[[StageBuilder], StageBuilder]:
@@ -63,10 +64,12 @@ def build_stage(
     args: ModelArgs, start: int = 0, end: int | None = None, weights: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     finish_layer: Callable[[nn.Module, int], None] | None = None, int8_ends: bool = False,
+    int4_embedding: bool = False,
 ) -> nn.Module:
     """Build layers [start, end); with weights, no memory is spent on a random initialisation. The weights are
     read layer by layer, `finish_layer(layer, global index)` running after each, and with `int8_ends` the embedding
-    and lm_head are int8 (see `Transformer.load_weights`)."""
+    and lm_head are int8, the embedding int4 with `int4_embedding` too where it is not the lm_head (see
+    `Transformer.load_weights`)."""
     supported = supported_architectures()
     builder = _ARCHITECTURES.get(args.model_type)
     if builder is None:
@@ -77,5 +80,5 @@ def build_stage(
     with torch.device("meta"):
         model = builder(args, start, end)
     cast(_LoadsWeights, model).load_weights(weights, dtype=dtype, device=device, finish_layer=finish_layer,
-                                            int8_ends=int8_ends)
+                                            int8_ends=int8_ends, int4_embedding=int4_embedding)
     return model.eval()

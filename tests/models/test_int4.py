@@ -17,6 +17,7 @@ from ringlet.models import quant_format
 from ringlet.models.gguf_loader import GGUFModel
 from ringlet.models.quant import (
     GroupQuantized,
+    Int4Embedding,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
@@ -26,11 +27,11 @@ from ringlet.models.quant import (
     quantize_int4,
     quantize_layer_int4,
 )
-from ringlet.models.quant_format import read_rows_int8, round_rows_int8
+from ringlet.models.quant_format import read_rows_int4, read_rows_int8, round_rows_int8
 from ringlet.models.registry import build_stage, model_args
 from ringlet.models.weights import LazyWeights
 from ringlet.worker.engines.torch.engine import load_torch_stage
-from tests.support.tiny_gguf import LAYER_WEIGHTS, LAYERS, write_tiny_gguf
+from tests.support.tiny_gguf import HIDDEN, LAYER_WEIGHTS, LAYERS, VOCAB, write_tiny_gguf
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
 
@@ -276,6 +277,33 @@ def test_an_int8_embedding_looks_up_its_rows_within_half_a_step() -> None:
     assert torch.equal(out, weight[ids[1]])
 
 
+def test_an_int4_embedding_looks_up_its_rows_within_half_a_step_of_their_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant_format, "VALUES_AT_ONCE", 3 * 64)  # rounded 3 rows at a time
+    weight = torch.randn(40, 64) * torch.linspace(0.01, 3, 40)[:, None]
+    weight[5, :32] = 0.25  # a group of one value: no step, its value kept
+    rows = read_rows_int4(40, lambda first, end: weight[first:end], 64, "cpu")
+    assert rows.packed.shape == (40, 32) and rows.step.shape == rows.minimum.shape == (40, 2)
+    assert rows.step.dtype == rows.minimum.dtype == torch.float16
+    embedding = Int4Embedding(rows, torch.bfloat16)
+    ids = torch.tensor([[0, 39, 5, 5], [12, 3, 0, 25]])
+    got = embedding(ids)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 4, 64)
+    step = rows.step[ids].float().repeat_interleave(32, dim=-1)
+    # half a step of rounding (the fp16 minimum's own rounding inside it), then bf16's rounding of the result
+    error = (got.float() - weight[ids]).abs()
+    assert bool((error <= 0.5 * step + weight[ids].abs() / 128 + 1e-3 * weight[ids].abs().amax()).all())
+    assert bool((got[0, 2, :32].float() == 0.25).all())
+    # the levels span each group: its smallest and largest values come back, to fp16's and bf16's rounding
+    groups, back = weight[ids[1]].view(4, 2, 32), got[1].float().view(4, 2, 32)
+    for ends in (torch.amin, torch.amax):
+        assert torch.allclose(ends(back, -1), ends(groups, -1), rtol=1e-2, atol=1e-3)
+    out = torch.empty(4, 64, dtype=torch.bfloat16)
+    embed_rows(embedding, ids[1], out)  # the Triton kernel (in its interpreter here, which rounds bf16 down)
+    torch.testing.assert_close(out, got[1], rtol=2**-7, atol=0)
+    with pytest.raises(ValueError, match="whole groups of 32"):
+        read_rows_int4(40, lambda first, end: weight[first:end, :48], 48, "cpu")
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_quantised_stage_rounds_its_embedding_and_lm_head_to_int8_rows_as_it_reads_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tied: bool) -> None:
@@ -303,6 +331,31 @@ def test_a_quantised_stage_rounds_its_embedding_and_lm_head_to_int8_rows_as_it_r
         want = full(ids, full.make_cache(1, 16), 0)
     assert float((got - want).norm() / want.norm()) < 0.05
     assert "lm_head.weight" not in originals if tied else "lm_head.weight" in originals
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_int4_embedding_is_kept_where_it_is_not_also_the_lm_head(tmp_path: Path, tied: bool) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tied=tied)
+    gguf_model = GGUFModel.open(path)
+    args = model_args(gguf_model.config)
+    model = build_stage(args, weights=gguf_model.lazy_state_dict(0, LAYERS, torch.bfloat16), dtype=torch.bfloat16,
+                        int8_ends=True, int4_embedding=True)
+    assert isinstance(model.embed_tokens, Int8Embedding if tied else Int4Embedding)  # a tied head shares int8 codes
+    assert isinstance(model.lm_head, Int8Linear)
+    full = build_stage(args, weights=gguf_model.lazy_state_dict(0, LAYERS))
+    if not tied:  # the file's embedding rounded whole to the same codes; the model's logits are those of its values
+        table = gguf_model._read_tensor("token_embd.weight", torch.bfloat16)
+        whole = read_rows_int4(VOCAB, lambda first, end: table[first:end], HIDDEN, "cpu")
+        assert torch.equal(model.embed_tokens.packed, whole.packed)
+        full.embed_tokens.weight.data = Int4Embedding(whole, torch.float32)(torch.arange(VOCAB))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.inference_mode():
+        got = model(ids, model.make_cache(1, 16), 0).float()
+        want = full(ids, full.make_cache(1, 16), 0)
+    assert float((got - want).norm() / want.norm()) < 0.05
+    held = sum(t.numel() * t.element_size() for t in model.embed_tokens.buffers())
+    assert held == (VOCAB * HIDDEN * 5 // 8 if not tied else VOCAB * (HIDDEN + 4))
 
 
 def test_a_load_reads_each_tensor_from_its_file_once(tmp_path: Path) -> None:

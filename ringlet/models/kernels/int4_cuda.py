@@ -210,6 +210,16 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return out
 
 
+def int4_rows(tokens: torch.Tensor, packed: torch.Tensor, step: torch.Tensor, minimum: torch.Tensor,
+              out: torch.Tensor) -> None:
+    """out [T, K] = the rows `tokens` [T] of a 4-bit table (`quant_format.Int4Rows`: packed, step, minimum), in out's
+    dtype: one kernel, for a decode step's embedding."""
+    t, k = out.shape
+    if t:
+        _kernels().int4_rows_kernel[(t, -(-k // 1024))](tokens, packed, step, minimum, out, k,
+                                                         GROUP=k // step.shape[1], BLOCK_K=1024, num_warps=4)
+
+
 def _dense_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
                 out: torch.Tensor, n: int, bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float,
                 gated: bool, residual: bool) -> None:

@@ -120,6 +120,23 @@ def int4_dequantize_kernel(words_ptr, scale_ptr, offset_ptr, out_ptr, N, K, GROU
 
 
 @triton.jit
+def int4_rows_kernel(tokens_ptr, packed_ptr, step_ptr, minimum_ptr, out_ptr, K, GROUP: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Program (t, k): out [T, K] at row t, columns [k * BLOCK_K, ...) = row tokens[t] of a 4-bit table (two codes a
+    byte, the low nibble first) as code * step + minimum of its group, in fp32, rounded once to out's dtype."""
+    row = tl.load(tokens_ptr + tl.program_id(0)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = cols < K
+    pairs = tl.load(packed_ptr + row * (K // 2) + cols // 2, mask=ok, other=0).to(tl.int32)
+    codes = (pairs >> ((cols % 2) * 4)) & 0xF
+    g = row * (K // GROUP) + cols // GROUP
+    step = tl.load(step_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    minimum = tl.load(minimum_ptr + g, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0).to(tl.int64) * K + cols,
+             (codes.to(tl.float32) * step + minimum).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def int8_matmul_kernel(
     x_ptr, codes_ptr, scale_ptr, out_ptr, norm_ptr, bias_ptr, M, N, K, eps,
     NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,

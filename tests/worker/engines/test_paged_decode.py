@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ringlet.models.paged_cache import FED, BatchLayout, SequenceStep
-from ringlet.models.quant import Int8Embedding
-from ringlet.models.quant_format import round_rows_int8
+from ringlet.models.quant import Int4Embedding, Int8Embedding
+from ringlet.models.quant_format import read_rows_int4, round_rows_int8
 from tests.support.random_models import BASE, VARIANTS, random_model
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
@@ -116,10 +116,15 @@ def test_a_step_with_prompt_chunks_gives_the_packed_forwards_logits_and_cache(pa
         assert not paged.keys[layer][paged.pad_slot].any()
 
 
-def test_paged_step_reads_an_int8_embedding_as_the_packed_forward_does(paged_decode):
-    """A quantised stage's embedding is int8 rows with a step each: the step scales the rows it looks up."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_paged_step_reads_a_quantised_embedding_as_the_packed_forward_does(paged_decode, bits):
+    """A quantised stage's embedding is int8 rows with a step each, or 4-bit groups (a CUDA int4 stage's): the
+    looked-up rows are scaled back."""
     model = random_model(BASE, torch.float32)
-    model.embed_tokens = Int8Embedding(round_rows_int8(model.embed_tokens.weight.detach()), torch.float32)
+    table = model.embed_tokens.weight.detach()
+    model.embed_tokens = (Int8Embedding(round_rows_int8(table), torch.float32) if bits == 8 else
+                          Int4Embedding(read_rows_int4(table.shape[0], lambda a, b: table[a:b], table.shape[1], "cpu"),
+                                        torch.float32))
     sequences = SEQUENCES[:2]
     eager, paged = model.make_paged_cache(10, BLOCK), model.make_paged_cache(10, BLOCK)
     step = paged_decode.PagedDecodeStep(model, paged, context_length=128, max_batch=4)

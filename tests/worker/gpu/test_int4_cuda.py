@@ -12,7 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ringlet.models.loader import LoadedStage
-from ringlet.models.quant import GroupQuantized, quantize_int8, quantize_layer_int4
+from ringlet.models.quant import (
+    GroupQuantized,
+    Int4Embedding,
+    Int8Embedding,
+    embed_rows,
+    quantize_int8,
+    quantize_layer_int4,
+)
+from ringlet.models.quant_format import read_rows_int4
 from ringlet.models.random_checkpoint import random_weights, synthetic_tokenizer
 from ringlet.models.registry import build_stage, model_args
 from ringlet.shared.config import EngineConfig
@@ -98,6 +106,30 @@ def test_fused_options_match_their_eager_composition(kind, rows):
     torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
 
 
+@on_gpu
+def test_int4_embedding_kernel_looks_up_the_rows_the_eager_lookup_gives():
+    table = torch.randn(1000, 1024, device="cuda") * torch.linspace(0.01, 2, 1000, device="cuda")[:, None]
+    embedding = Int4Embedding(read_rows_int4(1000, lambda first, end: table[first:end], 1024, "cuda"), torch.bfloat16)
+    tokens = torch.tensor([0, 999, 5, 5, 731], device="cuda")
+    out = torch.empty(5, 1024, dtype=torch.bfloat16, device="cuda")
+    embed_rows(embedding, tokens, out)  # the Triton kernel
+    torch.testing.assert_close(out, embedding(tokens), rtol=2**-8, atol=0)  # fp32 to bf16 rounding, once each
+    step = embedding.step[tokens].float().repeat_interleave(32, dim=-1)
+    assert bool(((out.float() - table[tokens]).abs() <= 0.5 * step + table[tokens].abs() / 128 + 1e-3).all())
+
+
+@on_gpu
+def test_an_int4_load_on_cuda_keeps_the_embedding_in_4_bit_groups(tmp_path):
+    from ringlet.worker.engines.torch.engine import load_torch_stage
+    from tests.support.quantized_checkpoints import dense_weights, save
+
+    path = save(tmp_path / "model", GPU_CONFIG, dense_weights(GPU_CONFIG))
+    stage, precision = load_torch_stage(path, precision="int4", device=torch.device("cuda"))
+    assert precision == "int4" and isinstance(stage.model.embed_tokens, Int4Embedding)
+    stage, _ = load_torch_stage(path, precision="int8", device=torch.device("cuda"))
+    assert isinstance(stage.model.embed_tokens, Int8Embedding)
+
+
 def quantised_and_reference(kind: str) -> tuple[nn.Module, nn.Module]:
     """A random GPU_CONFIG model quantised as load_stage does on CUDA, and the same model with each linear's
     dequantised weight in bf16 (what the kernels should compute)."""
@@ -113,9 +145,11 @@ def quantised_and_reference(kind: str) -> tuple[nn.Module, nn.Module]:
         else:
             quantize_int8(layer, torch.bfloat16)
 
-    model = build_stage(args, weights=dict(weights), dtype=torch.bfloat16, device="cuda", finish_layer=quantise)
-    quantize_int8(model, torch.bfloat16)
+    model = build_stage(args, weights=dict(weights), dtype=torch.bfloat16, device="cuda", finish_layer=quantise,
+                        int8_ends=True, int4_embedding=kind == "int4")
+    assert isinstance(model.embed_tokens, Int4Embedding if kind == "int4" else Int8Embedding)
     reference = build_stage(args, weights=dict(weights), dtype=torch.bfloat16, device="cuda")
+    reference.embed_tokens.weight.data = model.embed_tokens(torch.arange(args.vocab_size, device="cuda"))
     quantised = dict(model.named_modules())
     for name, module in list(reference.named_modules()):
         if isinstance(module, nn.Linear):
