@@ -9,7 +9,8 @@ launch (as the decode step launches it, one after another); or at every tiling o
 fastest). Each timing replays a CUDA graph that runs the product over enough copies of the weight to overflow the L2
 cache, so the bytes come from device memory as in a decode step. The largest difference from an fp32 reference is
 printed beside each int4 kernel. --rows also times the many-row products (a prompt chunk, a batch's decode step)
-both ways int4 runs them, the tile kernel and the weight dequantised for cuBLAS, against cuBLAS on the bf16 weight.
+each way int4 runs them (the tile kernel, the weight dequantised for cuBLAS, up to GEMV_MAX_ROWS rows the dp4a rows
+kernel) against cuBLAS on the bf16 weight, and the int8 lm_head's few-row products.
 """
 
 import argparse
@@ -92,9 +93,9 @@ def launches(tiling: int4_cuda.GemvTiling, device: torch.device) -> list[tuple[i
 
 
 def measure_rows(name: str, n: int, k: int, rows: list[int], group_size: int, device: torch.device) -> None:
-    """Prints the many-row int4 products of W [n, k] (a prompt chunk, a batch's decode step) both ways, the tile
-    kernel and the weight dequantised for cuBLAS, against cuBLAS on the bf16 weight: TFLOP/s and us at each count of
-    rows, from a CUDA graph of four products."""
+    """Prints the many-row int4 products of W [n, k] (a prompt chunk, a batch's decode step) each way, the tile
+    kernel, the weight dequantised for cuBLAS and (up to GEMV_MAX_ROWS rows) the dp4a rows kernel, against cuBLAS on
+    the bf16 weight: TFLOP/s and us at each count of rows, from a CUDA graph of four products."""
     weight = torch.randn(n, k, device=device) * 0.02
     layer = CudaInt4Linear(GroupQuantized.round(weight, group_size), None, torch.bfloat16).to(device)
     dense = weight.bfloat16()
@@ -112,9 +113,13 @@ def measure_rows(name: str, n: int, k: int, rows: list[int], group_size: int, de
             int4_cuda._dense_int4(x, layer.packed, layer.scale, layer.offset, group_size, out, n, None, None, 0.0,
                                   False, False)
 
+        def gemv(x=x, out=out) -> None:
+            int4_cuda.int4_matmul(x, layer.packed, layer.scale, layer.offset, group_size, out)
+
         line = []
-        for label, call in [("bf16 cuBLAS", lambda x=x, out=out: torch.mm(x, dense.t(), out=out)),
-                            ("int4 tiles", tiles), ("int4 dequantised + cuBLAS", dequantised)]:
+        ways = [("bf16 cuBLAS", lambda x=x, out=out: torch.mm(x, dense.t(), out=out)), ("int4 tiles", tiles),
+                ("int4 dequantised + cuBLAS", dequantised)]
+        for label, call in ways + ([("int4 dp4a rows", gemv)] if 1 < m <= int4_cuda.GEMV_MAX_ROWS else []):
             call()
             error = (out.float() - reference).abs().max().item() / reference.abs().max().item()
             secs = graph_seconds([call] * 4)
@@ -177,6 +182,18 @@ def main() -> None:
         secs = graph_seconds([call] * 4)
         print(f"  {name}: {vocab * hidden / secs / 1e9:,.0f} GB/s ({vocab * hidden / secs / bandwidth:.0%}), "
               f"{secs * 1e6:.1f} us  error {error:.1e}")
+    for m in [m for m in options.rows if 1 < m <= int4_cuda.INT8_GEMV_MAX_ROWS]:
+        xs = torch.randn(m, hidden, dtype=torch.bfloat16, device=device)
+        outs = torch.empty(m, vocab, dtype=torch.bfloat16, device=device)
+        expected = reference(xs, head.dequantize(), norm, eps, False, None)
+        for name, tiling in (("dp4a rows", None), ("tiles", int4_cuda.tiling(m, vocab, hidden, 0))):
+            def rows_call(tiling=tiling, xs=xs, outs=outs) -> None:
+                int4_cuda.int8_matmul(xs, head.weight, head.scale, outs, norm=norm, eps=eps, config=tiling)
+            rows_call()
+            error = (outs.float() - expected).abs().max().item() / expected.abs().max().item()
+            secs = graph_seconds([rows_call] * 4)
+            print(f"  {m} rows, {name}: {vocab * hidden / secs / 1e9:,.0f} GB/s, {secs * 1e6:.1f} us  "
+                  f"error {error:.1e}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """The one-row int4 and int8 products (`int4_gemv_dp4a_kernel`, `int8_gemv_dp4a_kernel`: a CUDA decode step's
-projections) run by Triton's interpreter on CPU tensors against the dequantised weight in fp32 times x rounded as
-the kernels round it, with each option the fused decode steps use. On a GPU, tests/worker/gpu/test_int4_cuda.py runs
-them compiled."""
+projections), their few-row forms (a batch's decode step) and the prompt chunks' dense path, run by Triton's
+interpreter on CPU tensors against the dequantised weight in fp32 times x rounded as the kernels round it, with each
+option the fused decode steps use. On a GPU, tests/worker/gpu/test_int4_cuda.py runs them compiled."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -92,6 +93,43 @@ def test_one_row_int8_matches_the_dequantised_weight(n, k, options):
                          start if "residual" in options else None, int8_x=True)
     # the product plus a bias of about 1 is rounded to bf16 before the residual adds (up to 2^-8 of it)
     torch.testing.assert_close(out.float(), reference, atol=1e-2 if "bias" in options else 2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize(("m", "n", "k", "group"), [
+    (2, 40, 512, 128),  # 128 words a step do not divide K's 64 -> 32
+    (3, 24, 768, 128),  # 4 rows a program, one masked: 64 words a step
+    (7, 16, 256, 32),  # 8 rows a program (int4 only: the int8 head's kernel takes up to 4); GGUF's groups of 32
+])
+@pytest.mark.parametrize("options", ["plain", "norm", "gated+norm", "bias+residual"])
+def test_a_few_rows_match_the_dequantised_weight(m, n, k, group, options, monkeypatch):
+    """A batch's decode step of 2 to GEMV_MAX_ROWS rows: `int4_gemv_rows_dp4a_kernel` and its int8 twin, each row as
+    the one-row kernels round it (neither the tile kernels nor the dense path runs)."""
+    from ringlet.models.quant_cuda import CudaInt8Linear
+
+    def elsewhere(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("not the few-row kernel")
+
+    monkeypatch.setattr(int4_cuda, "tiling", elsewhere)
+    monkeypatch.setattr(int4_cuda, "_dense_int4", elsewhere)
+    torch.manual_seed(m + n + k)
+    rows = 2 * n if "gated" in options else n
+    weight = torch.randn(rows, k) * 0.02
+    bias = torch.randn(rows).to(torch.bfloat16) if "bias" in options else None
+    x = torch.randn(m, k, dtype=torch.bfloat16)
+    norm = (1 + 0.1 * torch.randn(k)).to(torch.bfloat16) if "norm" in options else None
+    start = torch.randn(m, n, dtype=torch.bfloat16)
+    int4 = CudaInt4Linear(GroupQuantized.round(weight, group), None, torch.bfloat16)
+    int8 = CudaInt8Linear(weight, None, torch.bfloat16)
+    products = [(int4, functools.partial(int4_cuda.int4_matmul, packed=int4.packed, scale=int4.scale,
+                                         offset=int4.offset, group_size=group))]
+    if m <= int4_cuda.INT8_GEMV_MAX_ROWS:
+        products.append((int8, functools.partial(int4_cuda.int8_matmul, codes=int8.weight, scale=int8.scale)))
+    for layer, product in products:
+        out = start.clone()
+        product(x, out=out, bias=bias, norm=norm, eps=1e-5, gated="gated" in options, residual="residual" in options)
+        reference = expected(x, layer.dequantize(), norm, bias, "gated" in options,
+                             start if "residual" in options else None, int8_x=True)
+        torch.testing.assert_close(out.float(), reference, atol=1e-2 if bias is not None else 2e-3, rtol=2e-2)
 
 
 @pytest.mark.parametrize(("n", "k", "group"), [(300, 256, 128), (24, 128, 32)])

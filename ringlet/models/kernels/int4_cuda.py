@@ -30,9 +30,15 @@ class Tiling:
     stages: int = 4
 
 
-# int4 products of this many rows of x or more (prompt chunks) dequantise the weight into a temporary and multiply
-# it with cuBLAS: `scripts/bench_int4_gemv.py --rows` times both ways
-DENSE_FROM_ROWS = 128
+# Which kernel a product of M rows of x runs, from `scripts/bench_int4_gemv.py --rows 2 4 8 16 32 64` on an H100
+# (Llama-3.1-8B's four projections, us a layer): int4 up to GEMV_MAX_ROWS rows (a batch's decode step) on the dp4a
+# kernels, a program taking the rows over its weight rows (2 rows 78, 8 rows 249, where the tile kernel took 606 and
+# 603; at 16 rows 457 in two programs along the rows); from DENSE_FROM_ROWS rows the weight dequantised a slice at a
+# time for cuBLAS (16 rows 406, 64 rows 403, where the tile kernel took 601 and 428); the int8 lm_head up to
+# INT8_GEMV_MAX_ROWS rows on the dp4a kernel (2 rows 248 us, 4 rows 405), the tile kernel beyond (419 at 8).
+GEMV_MAX_ROWS = 8
+INT8_GEMV_MAX_ROWS = 4
+DENSE_FROM_ROWS = GEMV_MAX_ROWS + 1
 DENSE_SLICE_BYTES = 32 << 20
 
 
@@ -116,6 +122,29 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     )
 
 
+
+
+def _int4_gemv_many(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                    group_size: int, out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
+                    norm: torch.Tensor | None, eps: float, gated: bool, residual: bool, pdl: bool) -> bool:
+    """`_int4_gemv_rows` for 2 to GEMV_MAX_ROWS rows of x, all in each program (a power of two, the rest masked):
+    256 / that words a step, so a program's products of a step stay as many as the one-row kernel's. False (nothing
+    run) where K or the groups do not divide into such steps."""
+    per_program = triton_next_power_of_2(rows.shape[0])
+    block_n = 16 if n >= 6144 else 8
+    words = next((w for w in (256 // per_program, 32, 16, 8, 4)
+                  if w <= 256 // per_program and (k // 8) % w == 0 and (8 * w) % group_size == 0), None)
+    if words is None or k % 32 or group_size % 32:
+        return False
+    _kernels().int4_gemv_rows_dp4a_kernel[(-(-n // block_n), 1)](
+        rows, packed.view(torch.int32), scale, offset, out, norm if norm is not None else rows,
+        bias if bias is not None else rows, rows.shape[0], n, k, eps, GROUP=group_size, BLOCK_N=block_n, WORDS=words,
+        ROWS=per_program, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
+        num_warps=4, num_stages=3, ASM=not _interpreted(), **({"launch_pdl": True} if pdl else {}),
+    )
+    return True
+
+
 def _interpreted() -> bool:
     """Whether Triton runs kernels in its interpreter (the CPU tests), which executes no inline PTX."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -181,6 +210,9 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1 and config is None:
         _int4_gemv_rows(rows, packed, scale, offset, group_size, out, n, k, bias, norm, eps, gated, residual, pdl)
+        return out
+    if m <= GEMV_MAX_ROWS and config is None and _int4_gemv_many(rows, packed, scale, offset, group_size, out, n, k,
+                                                                 bias, norm, eps, gated, residual, pdl):
         return out
     if m >= DENSE_FROM_ROWS and config is None:
         _dense_int4(rows, packed, scale, offset, group_size, out, n, bias, norm, eps, gated, residual)
@@ -260,6 +292,17 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: 
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 1 and config is None:
         _int8_gemv_rows(rows, codes, scale, out, n, k, bias, norm, eps, gated, residual, pdl)
+        return out
+    words = next((w for w in (128, 64, 32, 16, 8) if (k // 4) % w == 0), None)
+    if m <= INT8_GEMV_MAX_ROWS and config is None and words is not None:
+        per_program = triton_next_power_of_2(m)
+        words = max(8, min(words, 256 // per_program))
+        _kernels().int8_gemv_rows_dp4a_kernel[(-(-n // 16), 1)](
+            rows, codes.view(torch.int32), scale, out, norm if norm is not None else rows,
+            bias if bias is not None else rows, m, n, k, eps, BLOCK_N=16, WORDS=words, ROWS=per_program,
+            NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
+            ASM=not _interpreted(), num_warps=4, num_stages=3, **({"launch_pdl": True} if pdl else {}),
+        )
         return out
     t = config or tiling(m, n, k, 0)
     grid = (-(-n // t.block_n), -(-m // t.block_m))

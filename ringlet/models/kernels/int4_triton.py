@@ -1,10 +1,13 @@
 """Triton kernels of the weight-only int4 / int8 linears: out[M, N] = x[M, K] @ W[N, K]^T, W dequantised in tiles.
 
-The matmul kernels cover a few rows (a batch's decode step): the rows of x are the M side of a tensor core product, so
-the multiply-adds cost nothing next to reading the weights; from `int4_cuda.DENSE_FROM_ROWS` rows (a prompt chunk)
-`int4_dequantize_kernel` writes slices of the weight for cuBLAS instead; the gemv kernels cover one row (a decode step
-of one sequence). The work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number
-MAGIC + code, exactly, in bf16 (128) or fp16 (1024), with no integer-to-float conversion. Each group's product is then corrected in fp32:
+The gemv kernels cover one row (a decode step of one sequence), their `_rows` forms a few (a batch's decode step:
+`int4_cuda.GEMV_MAX_ROWS`, `INT8_GEMV_MAX_ROWS`): x is rounded to int8 and each word of codes multiplied by `dp4a`.
+The matmul kernels take the int8 products of more rows (and int4 ones whose K the dp4a steps do not divide): the rows
+of x are the M side of a tensor core product, so the multiply-adds cost nothing next to reading the weights; from
+`int4_cuda.DENSE_FROM_ROWS` rows `int4_dequantize_kernel` writes slices of an int4 weight for cuBLAS instead. In
+the matmul kernels the work per weight is unpacking its code: a nibble OR'd into the bits of MAGIC is the number
+MAGIC + code, exactly, in bf16 (128) or fp16 (1024), with no integer-to-float conversion. Each group's product is
+then corrected in fp32:
     sum_k x_k * (code_k * scale + offset) = scale * (sum_k x_k * (MAGIC + code_k)) + (offset - MAGIC * scale) * sum_k x_k
 Options fuse what sits around a projection in a decode step: NORM (RMSNorm of x first: its 1/rms scales the sums),
 GATED (W holds 2N rows, gate then up: out = SiLU(gate) * up), BIAS, RESIDUAL (out += the product) and PDL (launched
@@ -352,6 +355,76 @@ def int4_gemv_dp4a_kernel(
 
 
 @triton.jit
+def _int8_x_rows(x, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """`_int8_x_words` for x [ROWS, WORDS * 8]: words [ROWS, WORDS], scales and rounded sums [ROWS, WORDS / 4]."""
+    blocks = tl.reshape(x, [ROWS, WORDS // 4, 32])
+    amax = tl.max(tl.abs(blocks), axis=2)
+    q = tl.floor(blocks * (127.0 / tl.maximum(amax, 1e-30))[:, :, None] + 0.5).to(tl.int32)  # a block of 0s: 0s
+    scale = amax / 127.0
+    even, odd = tl.split(tl.reshape(q & 0xFF, [ROWS, WORDS, 4, 2]))
+    shifts = (8 * tl.arange(0, 4))[None, None, :]
+    return tl.sum(even << shifts, axis=2), tl.sum(odd << shifts, axis=2), scale, tl.sum(q, axis=2) * scale
+
+
+@triton.jit
+def _int4_dp4a_rows(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_even, x_odd, x_scale, x_groups, K,
+                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr,
+                    ASM: tl.constexpr):
+    """[ROWS, BLOCK_N, WORDS * 8 / GROUP]: `_int4_dp4a_groups` for ROWS rows of x, the weight's words read once."""
+    STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
+    starts = tl.multiple_of(rows * (K // 8), 4)
+    words = tl.load(words_ptr + starts[:, None] + w[None, :], mask=row_ok[:, None], other=0)
+    dots = _dp4a_word(tl.broadcast_to(words[None, :, :], [ROWS, BLOCK_N, WORDS]),
+                      tl.broadcast_to(x_even[:, None, :], [ROWS, BLOCK_N, WORDS]),
+                      tl.broadcast_to(x_odd[:, None, :], [ROWS, BLOCK_N, WORDS]), ASM)
+    blocks = tl.sum(tl.reshape(dots, [ROWS, BLOCK_N, WORDS // 4, 4]), axis=3).to(tl.float32) * x_scale[:, None, :]
+    dot = tl.sum(tl.reshape(blocks, [ROWS, BLOCK_N, STEP_GROUPS, GROUP // 32]), axis=3)
+    scale = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
+    offset = tl.load(offset_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
+    return scale.to(tl.float32)[None, :, :] * dot + offset.to(tl.float32)[None, :, :] * x_groups[:, None, :]
+
+
+@triton.jit
+def int4_gemv_rows_dp4a_kernel(
+    x_ptr, words_ptr, scale_ptr, offset_ptr, out_ptr, norm_ptr, bias_ptr, M, N, K, eps,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, ROWS: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Program (n, r): `int4_gemv_dp4a_kernel` for rows [r * ROWS, ...) of x [M, K] (a batch's decode step), each
+    loop step's words of the weight read once for all of them."""
+    STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    m_ok = m < M
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * K
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([ROWS, BLOCK_N, STEP_GROUPS], dtype=tl.float32)
+    acc_up = tl.zeros([ROWS, BLOCK_N, STEP_GROUPS], dtype=tl.float32)
+    squares = tl.zeros([ROWS, WORDS * 8], dtype=tl.float32)
+    for w0 in range(0, K // 8, WORDS):
+        w = w0 + tl.arange(0, WORDS)
+        g = w0 * 8 // GROUP + tl.arange(0, STEP_GROUPS)
+        k = w0 * 8 + tl.arange(0, WORDS * 8)
+        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        if NORM:
+            squares += x * x
+            x = x * tl.load(norm_ptr + k).to(tl.float32)[None, :]
+        x_even, x_odd, x_scale, x_blocks = _int8_x_rows(x, ROWS, WORDS)
+        x_groups = tl.sum(tl.reshape(x_blocks, [ROWS, STEP_GROUPS, GROUP // 32]), axis=2)
+        acc += _int4_dp4a_rows(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_even, x_odd, x_scale,
+                               x_groups, K, ROWS, BLOCK_N, WORDS, GROUP, ASM)
+        if GATED:
+            acc_up += _int4_dp4a_rows(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, w, g, x_even, x_odd,
+                                      x_scale, x_groups, K, ROWS, BLOCK_N, WORDS, GROUP, ASM)
+    _finish(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), tl.sum(squares, axis=1), out_ptr, bias_ptr, m, m_ok, rows,
+            row_ok, N, K, eps, NORM, GATED, BIAS, RESIDUAL)
+
+
+@triton.jit
 def _dp4a_int8(codes, x_words, ASM: tl.constexpr):
     """int32 per word: 4 int8 codes (byte j = element j) times 4 int8 values of x packed alike."""
     if not ASM:
@@ -408,4 +481,53 @@ def int8_gemv_dp4a_kernel(
     m = tl.arange(0, 1)
     squared = tl.zeros([1], dtype=tl.float32) + tl.sum(squares, axis=0)
     _finish(total[None, :], total_up[None, :], squared, out_ptr, bias_ptr, m, m < 1, rows, row_ok, N, K, eps,
+            NORM, GATED, BIAS, RESIDUAL)
+
+
+@triton.jit
+def int8_gemv_rows_dp4a_kernel(
+    x_ptr, codes_ptr, scale_ptr, out_ptr, norm_ptr, bias_ptr, M, N, K, eps,
+    BLOCK_N: tl.constexpr, WORDS: tl.constexpr, ROWS: tl.constexpr,
+    NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """Program (n, r): `int8_gemv_dp4a_kernel` for rows [r * ROWS, ...) of x [M, K] (a batch's decode step), each
+    loop step's codes read once for all of them."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    m_ok = m < M
+    x_rows = x_ptr + m.to(tl.int64)[:, None] * K
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    acc = tl.zeros([ROWS, BLOCK_N, WORDS // 8], dtype=tl.float32)
+    acc_up = tl.zeros([ROWS, BLOCK_N, WORDS // 8], dtype=tl.float32)
+    squares = tl.zeros([ROWS, WORDS * 4], dtype=tl.float32)
+    for w0 in range(0, K // 4, WORDS):
+        w = w0 + tl.arange(0, WORDS)
+        k = w0 * 4 + tl.arange(0, WORDS * 4)
+        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        if NORM:
+            squares += x * x
+            x = x * tl.load(norm_ptr + k).to(tl.float32)[None, :]
+        blocks = tl.reshape(x, [ROWS, WORDS // 8, 32])
+        amax = tl.max(tl.abs(blocks), axis=2)
+        q = tl.floor(blocks * (127.0 / tl.maximum(amax, 1e-30))[:, :, None] + 0.5).to(tl.int32) & 0xFF
+        x_words = tl.broadcast_to(tl.sum(tl.reshape(q, [ROWS, WORDS, 4]) << (8 * tl.arange(0, 4))[None, None, :],
+                                         axis=2)[:, None, :], [ROWS, BLOCK_N, WORDS])
+        x_scale = (amax / 127.0)[:, None, :]
+        starts = tl.multiple_of(rows * (K // 4), 4)
+        codes = tl.load(codes_ptr + starts[:, None] + w[None, :], mask=row_ok[:, None], other=0)
+        dots = _dp4a_int8(tl.broadcast_to(codes[None, :, :], [ROWS, BLOCK_N, WORDS]), x_words, ASM)
+        acc += tl.sum(tl.reshape(dots, [ROWS, BLOCK_N, WORDS // 8, 8]), axis=3).to(tl.float32) * x_scale
+        if GATED:
+            up = tl.load(codes_ptr + starts[:, None] + N * (K // 4) + w[None, :], mask=row_ok[:, None], other=0)
+            dots = _dp4a_int8(tl.broadcast_to(up[None, :, :], [ROWS, BLOCK_N, WORDS]), x_words, ASM)
+            acc_up += tl.sum(tl.reshape(dots, [ROWS, BLOCK_N, WORDS // 8, 8]), axis=3).to(tl.float32) * x_scale
+    total = tl.sum(acc, axis=2) * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    total_up = tl.sum(acc_up, axis=2)
+    if GATED:
+        total_up *= tl.load(scale_ptr + rows + N, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    _finish(total, total_up, tl.sum(squares, axis=1), out_ptr, bias_ptr, m, m_ok, rows, row_ok, N, K, eps,
             NORM, GATED, BIAS, RESIDUAL)

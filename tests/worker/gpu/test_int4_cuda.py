@@ -82,12 +82,13 @@ def test_int8_kernel_matches_the_dequantised_weight(rows):
     assert (linear.dequantize() - weight).abs().max() <= linear.scale.max() / 2 + 1e-6
 
 
-@pytest.mark.parametrize("rows", [1, 5, 200])
+@pytest.mark.parametrize("rows", [1, 3, 5, 200])
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @on_gpu
 def test_fused_options_match_their_eager_composition(kind, rows):
     """RMSNorm of the input, SiLU(gate) * up and the residual add inside the product, as the decode steps use them
-    (at int4 from DENSE_FROM_ROWS rows around cuBLAS's product of the dequantised weight)."""
+    (the dp4a kernels' few rows; at int4 from DENSE_FROM_ROWS rows around cuBLAS's product of the dequantised
+    weight)."""
     from ringlet.models.quant_cuda import CudaInt8Linear
 
     n, k = 600, 512
