@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ringlet.models.catalog import ModelCard, engine_weight_format
 from ringlet.models.config import shard_misfit
+from ringlet.models.kernels import CPU_KERNEL_FLAGS
 from ringlet.shared.config import KV_SHARE, MIN_CONTEXT, Precision, context_that_fits, sharded_precision
 from ringlet.shared.engine_info import GpuInfo
 from ringlet.shared.instances import (
@@ -245,10 +246,12 @@ def stage_parts(card: ModelCard, start: int, end: int, engine: EngineType, kv_to
 def engine_dtype(node: NodeInfo, engine: EngineType, precision: Precision = "auto") -> str:
     """How `engine` holds a stage's weights on `node` at `precision`, by default the node's own (`--precision`)
     (catalog.engine_weight_format): MLX without Metal (not a Mac) in float32; the CPU engine quantises where the CPU
-    computes in bf16 natively."""
+    computes in bf16 natively (a GGUF file's 5-bit groups kept where ringlet's CPU kernels run)."""
+    flags = set(node.hardware.cpu.flags)
     return engine_weight_format(engine, node.precision if precision == "auto" else precision,
-                                cpu_bf16=bool({"avx512_bf16", "amx_bf16"} & set(node.hardware.cpu.flags)),
-                                metal=node.hardware.apple_chip is not None)
+                                cpu_bf16=bool({"avx512_bf16", "amx_bf16"} & flags),
+                                metal=node.hardware.apple_chip is not None,
+                                cpu_kernels=set(CPU_KERNEL_FLAGS) <= flags)
 
 
 def stage_engine(node: NodeInfo, instance_type: InstanceType) -> EngineType | None:

@@ -38,6 +38,10 @@ DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 WEIGHT_ONLY_INT8 = "int8"
 CUDA_INT4 = "int4/128"
 XPU_INT4 = "int4/32"
+# the same two of the CPU engine where ringlet's kernels run (`CPU_KERNEL_FLAGS`): a file's 5-bit groups kept
+CPU_TILES_INT8 = "int8, 5-bit kept"
+CPU_TILES_INT4 = "int4/32, 5-bit kept"
+FIVE_BIT_BYTES = 0.75  # a 5-bit code as 4-bit tiles and a fifth-bit mask, with a bf16 scale and zero per 32
 MXFP4_BYTES = 4.25 / 8  # a 4-bit code a weight and a one-byte scale a group of 32
 
 
@@ -54,6 +58,7 @@ class WeightFormat:
     row_scale: int = 0  # bytes of the per-output-channel scale of an int8 linear
     int8_embedding: bool = False  # int8 rows with a float32 step each; a tied whole model's lm_head shares its codes
     int4_embedding: bool = False  # an embedding that is not the stage's lm_head too: 4-bit groups of 32 (`Int4Rows`)
+    five_bit_linear: float = 0.0  # a linear the file keeps in 5-bit groups (0: held as `linear`)
 
 
 def _int4(group: int, scale_bytes: int) -> float:
@@ -71,21 +76,29 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
     CUDA_INT4: WeightFormat(_int4(128, 2), _int4(128, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True,
                             int4_embedding=True),
     XPU_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
+    CPU_TILES_INT8: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True,
+                                 five_bit_linear=FIVE_BIT_BYTES),
+    CPU_TILES_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2,
+                                 int8_embedding=True, five_bit_linear=FIVE_BIT_BYTES),
 }
 # the dtype of an asked-for precision (the weight-only ones: `engine_weight_format`)
 PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def engine_weight_format(engine: str, precision: str = "auto", *, cpu_bf16: bool = False, metal: bool = True) -> str:
+def engine_weight_format(engine: str, precision: str = "auto", *, cpu_bf16: bool = False, metal: bool = True,
+                         cpu_kernels: bool = False) -> str:
     """How `engine` holds a stage's weights at `precision` (a dtype, or a weight format of `WEIGHT_FORMATS`): MLX in
     bf16 (float32 without Metal); the CPU engine where bf16 is native (`cpu_bf16`) quantises (int4 where a GGUF file
-    keeps 4-bit groups, int8 elsewhere; every linear int4 in groups of 32 when int4 is asked), else float32; CUDA and
-    Intel GPUs in bf16 unless int4 (CUDA: groups of 128; an Intel GPU: the groups of 32 its kernel takes from a file
-    or rounds to) or int8 is asked."""
+    keeps 4-bit groups, int8 elsewhere; every linear int4 in groups of 32 when int4 is asked; where ringlet's kernels
+    run, `cpu_kernels`, a file's 5-bit groups as they are), else float32; CUDA and Intel GPUs in bf16 unless int4
+    (CUDA: groups of 128; an Intel GPU: the groups of 32 its kernel takes from a file or rounds to) or int8 is
+    asked."""
     if engine == "mlx":
         return "bfloat16" if metal else "float32"
     if precision in PRECISION_DTYPES:
         return PRECISION_DTYPES[precision]
+    if engine == "cpu" and cpu_bf16 and cpu_kernels:
+        return CPU_TILES_INT4 if precision == "int4" else CPU_TILES_INT8
     if engine == "cpu":
         return (XPU_INT4 if precision == "int4" else WEIGHT_ONLY_INT8) if cpu_bf16 else "float32"
     if precision == "int4":
@@ -93,8 +106,10 @@ def engine_weight_format(engine: str, precision: str = "auto", *, cpu_bf16: bool
     return WEIGHT_ONLY_INT8 if precision == "int8" else "bfloat16"
 
 
-# the 4-bit GGUF types whose codes the int4 kernels take as they are (gguf_loader's grouped types)
+# the 4-bit GGUF types whose codes the int4 kernels take as they are (gguf_loader's grouped types), and the 5-bit
+# ones that ringlet's CPU kernels take
 FOUR_BIT_GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+FIVE_BIT_GGUF_TYPES = ("Q5_0", "Q5_1", "Q5_K")
 
 # Every engine reads both formats (MLX takes a GGUF file through ringlet's reader, dequantised).
 _ALL_INSTANCE_TYPES = tuple(InstanceType)
@@ -134,6 +149,9 @@ class ModelCard(BaseModel):
                                                                   "(None: all but two norms)")
     four_bit_share: float = Field(0.0, ge=0.0, le=1.0, description="of the layers' linear weights, the share a GGUF "
                                   "file keeps in 4-bit groups that the int4 kernels run as they are")
+    five_bit_share: float = Field(0.0, ge=0.0, le=1.0, description="of the layers' linear weights, the share a GGUF "
+                                  "file keeps in 5-bit groups (4-bit parts beside them) that ringlet's CPU kernels "
+                                  "run as they are")
     layer_expert_parameters: int = Field(0, ge=0, description="of a layer's linear weights, its experts' (a mixture "
                                          "of experts, on average over the layers)")
     expert_weight_bytes: float = Field(0.0, ge=0.0, description="bytes an expert's weight is held in whatever the "
@@ -156,10 +174,11 @@ class ModelCard(BaseModel):
         linears = self.layer_linear_parameters or self.layer_parameters - 2 * self.hidden_size
         experts, expert_bytes = self.layer_expert_parameters, self.expert_weight_bytes or held.linear
         dense = linears - experts
-        per_layer = (dense * (self.four_bit_share * held.four_bit_linear + (1 - self.four_bit_share) * held.linear)
+        four, five = self.four_bit_share, self.five_bit_share if held.five_bit_linear else 0.0
+        per_layer = (dense * (four * held.four_bit_linear + five * held.five_bit_linear + (1 - four - five) * held.linear)
                      + experts * expert_bytes + (self.layer_parameters - linears) * plain)
-        if held.row_scale and held.linear < plain:  # int8 linears: one scale per output row, at most a row a hidden
-            rounded = dense * (1 - self.four_bit_share) + (0 if self.expert_weight_bytes else experts)
+        if held.row_scale and held.linear == 1:  # int8 linears: one scale per output row, at most a row a hidden
+            rounded = dense * (1 - four - five) + (0 if self.expert_weight_bytes else experts)
             per_layer += rounded * held.row_scale / self.hidden_size
         total = (end - start) * per_layer
         if first and held.int4_embedding and not (self.tie_word_embeddings and last):
@@ -192,7 +211,7 @@ def weight_format(dtype: str) -> WeightFormat:
 
 def card_from_args(
     model_id: str, args: ModelArgs, *, format: ModelFormat = "safetensors", source: CardSource = "hub",
-    download_bytes: int | None = None, four_bit_share: float = 0.0,
+    download_bytes: int | None = None, four_bit_share: float = 0.0, five_bit_share: float = 0.0,
 ) -> ModelCard:
     layer_parameters, embedding_parameters = _parameter_counts(args)
     h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
@@ -213,6 +232,7 @@ def card_from_args(
         context_length=args.context_length,
         instance_types=list(_ALL_INSTANCE_TYPES),
         download_bytes=download_bytes, layer_linear_parameters=linear_parameters, four_bit_share=four_bit_share,
+        five_bit_share=five_bit_share,
         layer_expert_parameters=_expert_parameters(args),
     )
 
@@ -332,8 +352,9 @@ def embedded_card() -> ModelCard:
     from ringlet.models.loader import read_model_config
 
     path, args = read_model_config(None)
+    four, five = gguf_bit_shares(path)
     return card_from_args(EMBEDDED_MODEL_ID, args, format="gguf", source="embedded",
-                          download_bytes=path.stat().st_size, four_bit_share=gguf_four_bit_share(path))
+                          download_bytes=path.stat().st_size, four_bit_share=four, five_bit_share=five)
 
 
 def catalog(include_embedded: bool = True) -> list[ModelCard]:
@@ -404,8 +425,9 @@ def card_from_path(model_id: str, path: Path) -> ModelCard:
 
     if path.is_file():
         _, args = read_model_config(path)
+        four, five = gguf_bit_shares(path)
         return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
-                              four_bit_share=gguf_four_bit_share(path))
+                              four_bit_share=four, five_bit_share=five)
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     return card_from_config(model_id, read_config(path), sizes, source="local", path=path)
 
@@ -414,13 +436,15 @@ def card_from_path(model_id: str, path: Path) -> ModelCard:
 _FUSED_GGUF_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
 
 
-def gguf_four_bit_share(path: Path) -> float:
-    """Of the layers' linear weights of a GGUF model, the share in fused linears whose parts the file keeps in 4-bit
-    groups (`FOUR_BIT_GGUF_TYPES`): what the CPU engine runs as int4; read from the tensors' types, no data."""
+def gguf_bit_shares(path: Path) -> tuple[float, float]:
+    """Of the layers' linear weights of a GGUF model, the shares in fused linears whose parts the file keeps in 4-bit
+    groups (`FOUR_BIT_GGUF_TYPES`: what the CPU engine runs as int4), and in 4- or 5-bit groups with a 5-bit part
+    (`FIVE_BIT_GGUF_TYPES`: kept as 5-bit codes where ringlet's CPU kernels run); read from the tensors' types, no
+    data."""
     from ringlet.models.loader import gguf_facts
 
     tensors = gguf_facts(path).tensor_types
-    four_bit = everything = 0
+    four_bit = five_bit = everything = 0
     for name in tensors:
         if not (name.startswith("blk.") and name.endswith(".attn_q.weight")):
             continue
@@ -429,9 +453,12 @@ def gguf_four_bit_share(path: Path) -> float:
             parts = [tensors.get(f"{layer}{part}.weight") for part in fused]
             weights = sum(elements for _, elements in filter(None, parts))
             everything += weights
-            if all(part is not None and part[0] in FOUR_BIT_GGUF_TYPES for part in parts):
+            types = {part[0] if part is not None else None for part in parts}
+            if types <= set(FOUR_BIT_GGUF_TYPES):
                 four_bit += weights
-    return four_bit / everything if everything else 0.0
+            elif types <= set(FOUR_BIT_GGUF_TYPES + FIVE_BIT_GGUF_TYPES):
+                five_bit += weights
+    return (four_bit / everything, five_bit / everything) if everything else (0.0, 0.0)
 
 
 def _parameter_counts(args: ModelArgs) -> tuple[int, int]:

@@ -364,6 +364,7 @@ def stage_weight_bytes(load: LoadShard, quiet: bool = False) -> int | None:
     """The weight bytes this runner's stage will hold, from the model card of its local files and the format its
     engine holds them in; None where they cannot be read (logged unless `quiet`; the load then reports why)."""
     from ringlet.models.catalog import card_from_path, engine_weight_format
+    from ringlet.models.kernels import cpu_vnni
     from ringlet.models.loader import resolve_model_path
     from ringlet.models.quant import cpu_supports_bf16
     from ringlet.shared.config import sharded_precision
@@ -376,7 +377,7 @@ def stage_weight_bytes(load: LoadShard, quiet: bool = False) -> int | None:
         if load.bound.instance.tensor_parallel > 1:
             precision = sharded_precision(precision, shard.engine)
         held = engine_weight_format(shard.engine, precision, cpu_bf16=cpu_supports_bf16(),
-                                    metal=sys.platform == "darwin")
+                                    metal=sys.platform == "darwin", cpu_kernels=cpu_vnni.wanted())
         return card.stage_bytes(shard.start, shard.end, held)
     except (ModelLoadError, OSError, ValueError) as error:
         if quiet:

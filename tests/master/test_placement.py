@@ -8,6 +8,8 @@ import pytest
 
 from ringlet.master.placement import GIB, InstanceOptions, PlacementError, place, preview, split_layers, stage_bytes
 from ringlet.models.catalog import (
+    CPU_TILES_INT4,
+    CPU_TILES_INT8,
     CUDA_INT4,
     WEIGHT_ONLY_INT8,
     XPU_INT4,
@@ -17,6 +19,7 @@ from ringlet.models.catalog import (
     find_card,
 )
 from ringlet.models.config import ModelArgs
+from ringlet.models.kernels import CPU_KERNEL_FLAGS
 from ringlet.shared.engine_info import GpuInfo
 from ringlet.shared.instances import InstanceType
 from ringlet.shared.state import NodeInfo
@@ -218,6 +221,27 @@ def q4_k_m_like_8b() -> ModelCard:
 def nvidia_node(node_id: str, gpu_gib: float) -> NodeInfo:
     gpu = GpuInfo(vendor="nvidia", index=0, name="NVIDIA Test", memory_total_bytes=int(gpu_gib * GIB))
     return node_info(node_id, 64, engines=("cuda", "cpu"), gpus=(gpu,))
+
+
+def test_a_cpu_with_ringlets_kernels_is_counted_holding_a_files_5_bit_groups() -> None:
+    """A GGUF file whose hidden size is not whole K-quant blocks (llama.cpp's Q4_K_M keeps such linears in Q5_0): on a
+    CPU with AVX-512 VNNI they stay 5-bit codes (0.75 B a weight), elsewhere int8 rows (1 B and a scale a row)."""
+    card = q4_k_m_like_8b().model_copy(update={"four_bit_share": 0.2, "five_bit_share": 0.6})
+    plain, tiles = node_info("avx512", 64), node_info("vnni", 64)
+    for node in (plain, tiles):
+        node.hardware.cpu.flags.append("avx512_bf16")
+    tiles.hardware.cpu.flags.extend(CPU_KERNEL_FLAGS)
+    [held_int8] = place(card, InstanceType.CPU_RING, [plain], instance_id="i").stages
+    [held_five] = place(card, InstanceType.CPU_RING, [tiles], instance_id="i").stages
+    assert (held_int8.weight_format, held_five.weight_format) == (WEIGHT_ONLY_INT8, CPU_TILES_INT8)
+    linears = card.num_layers * (card.layer_linear_parameters or 0)
+    # each 5-bit weight: 0.75 B where int8 takes 1 B and a bf16 scale a row of `hidden` weights
+    saved = 0.6 * linears * (1 + 2 / card.hidden_size - 0.75)
+    assert held_int8.weight_bytes - held_five.weight_bytes == pytest.approx(saved, rel=1e-3)
+    [asked_int4] = place(card, InstanceType.CPU_RING, [tiles], instance_id="i", precision="int4").stages
+    assert asked_int4.weight_format == CPU_TILES_INT4
+    assert asked_int4.weight_bytes - card.weight_bytes(XPU_INT4) == pytest.approx(0.6 * linears * (0.75 - 0.625),
+                                                                                  rel=1e-3)
 
 
 def test_an_8b_q4_k_m_file_is_counted_as_each_engine_holds_it() -> None:

@@ -17,6 +17,7 @@ from safetensors.torch import load, load_file
 from tokenizers import pre_tokenizers
 
 from ringlet.models import gguf_loader, gguf_quants
+from ringlet.models.catalog import CPU_TILES_INT8, WEIGHT_ONLY_INT8, card_from_path
 from ringlet.models.kernels import cpu_vnni
 from ringlet.models.loader import load_stage
 from ringlet.models.quant import Int4Linear, Int8Linear, cpu_supports_bf16
@@ -329,6 +330,23 @@ def test_5_bit_types_keep_their_codes_where_the_cpu_kernels_run(qtype: Q, tmp_pa
     decodes.reset()
     again = load_stage(path, quantize="int4 where stored", dtype=torch.bfloat16)
     assert not decodes.groups and torch.equal(logits(again.model), first)  # read from the repack cache
+
+
+@needs_vnni
+def test_the_card_counts_a_5_bit_file_as_the_cpu_kernels_hold_it(tmp_path: Path, home: Path) -> None:
+    """Placement's bytes of a stage (`ModelCard.stage_bytes` in the CPU engine's format where ringlet's kernels run)
+    are those the loaded stage holds: 5-bit o and gate/up, 4-bit down, int8 q/k/v (a part in Q8_0)."""
+    path = tmp_path / "mixed5.gguf"
+    write_model(path, {**dict.fromkeys(LINEARS, Q.Q5_0), "ffn_down": Q.Q4_K, "attn_v": Q.Q8_0})
+    card = card_from_path("mixed5", path)
+    attention, mlp = 2 * HIDDEN * HIDDEN + 2 * KV_HEADS * HIDDEN * HIDDEN // HEADS, 3 * HIDDEN * INTER
+    assert card.five_bit_share == pytest.approx((HIDDEN * HIDDEN + 2 * HIDDEN * INTER) / (attention + mlp))
+    assert card.four_bit_share == pytest.approx(HIDDEN * INTER / (attention + mlp))
+    stage = load_stage(path, quantize="int4 where stored", dtype=torch.bfloat16)
+    held = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*stage.model.parameters(),
+                                                                         *stage.model.buffers()]}.values())
+    assert card.stage_bytes(0, LAYERS, CPU_TILES_INT8) == pytest.approx(held, rel=0.01)
+    assert card.stage_bytes(0, LAYERS, WEIGHT_ONLY_INT8) > 1.05 * held  # where the 5-bit groups would be int8
 
 
 @needs_vnni

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
+from ringlet.models.kernels import CPU_KERNEL_FLAGS
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_vnni.cpp")
 loaded = False  # whether the ops are registered in this process (set by `available`): what compiled steps read
-NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+NEEDED_FLAGS = CPU_KERNEL_FLAGS
 
 
 def cpu_flags() -> set[str]:
@@ -52,6 +54,12 @@ def cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()
+
+
+def wanted() -> bool:
+    """Whether this process would use the ops (the CPU has their flags; RINGLET_CPU_VNNI is not 0), without building
+    them."""
+    return os.environ.get("RINGLET_CPU_VNNI", "1") != "0" and set(NEEDED_FLAGS) <= cpu_flags()
 
 
 @functools.cache
