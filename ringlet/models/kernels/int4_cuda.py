@@ -122,8 +122,6 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     )
 
 
-
-
 def _int4_gemv_many(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                     group_size: int, out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
                     norm: torch.Tensor | None, eps: float, gated: bool, residual: bool, pdl: bool) -> bool:
