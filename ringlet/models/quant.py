@@ -18,7 +18,6 @@ int4 where a CUDA stage holds it apart from the lm_head (`Int4Embedding`).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from typing import cast
 
@@ -120,11 +119,14 @@ class Int4Embedding(nn.Module):
 def embed_rows(embedding: nn.Module, tokens: torch.Tensor, out: torch.Tensor) -> None:
     """out [T, H] = the embedding's rows of `tokens` [T], written in place (what a captured decode step runs); a 4-bit
     table's through one Triton kernel on a GPU (or in Triton's interpreter)."""
-    if isinstance(embedding, Int4Embedding) and (out.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        from ringlet.models.kernels import int4_cuda
+    if isinstance(embedding, Int4Embedding):
+        from ringlet.models.kernels import int4_cuda  # imports no Triton until a kernel runs
 
-        int4_cuda.int4_rows(tokens, embedding.packed, embedding.step, embedding.minimum, out)
-    elif isinstance(embedding, Int4Embedding) or isinstance(embedding, Int8Embedding) and embedding.tiled:
+        if out.is_cuda or int4_cuda.interpreted():
+            int4_cuda.int4_rows(tokens, embedding.packed, embedding.step, embedding.minimum, out)
+        else:
+            out.copy_(embedding(tokens))
+    elif isinstance(embedding, Int8Embedding) and embedding.tiled:
         out.copy_(embedding(tokens))
     elif isinstance(embedding, Int8Embedding):
         torch.mul(torch.index_select(embedding.weight, 0, tokens), embedding.step[tokens, None], out=out)

@@ -118,7 +118,7 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
         row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,
         bias if bias is not None else row, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n, WORDS=t.words,
         NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl, num_warps=t.warps,
-        num_stages=t.stages, ASM=not _interpreted(), **({"launch_pdl": True} if pdl else {}),
+        num_stages=t.stages, ASM=not interpreted(), **({"launch_pdl": True} if pdl else {}),
     )
 
 
@@ -138,12 +138,31 @@ def _int4_gemv_many(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
         rows, packed.view(torch.int32), scale, offset, out, norm if norm is not None else rows,
         bias if bias is not None else rows, rows.shape[0], n, k, eps, GROUP=group_size, BLOCK_N=block_n, WORDS=words,
         ROWS=per_program, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
-        num_warps=4, num_stages=3, ASM=not _interpreted(), **({"launch_pdl": True} if pdl else {}),
+        num_warps=4, num_stages=3, ASM=not interpreted(), **({"launch_pdl": True} if pdl else {}),
     )
     return True
 
 
-def _interpreted() -> bool:
+def _int8_gemv_many(rows: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, n: int, k: int,
+                    bias: torch.Tensor | None, norm: torch.Tensor | None, eps: float, gated: bool, residual: bool,
+                    pdl: bool) -> bool:
+    """`_int8_gemv_rows` for 2 to INT8_GEMV_MAX_ROWS rows of x, all in each program, as `_int4_gemv_many`; False
+    (nothing run) where K does not divide into words of 4 codes a multiple of 8 at a time."""
+    words = next((w for w in (128, 64, 32, 16, 8) if (k // 4) % w == 0), None)
+    if words is None:
+        return False
+    per_program = triton_next_power_of_2(rows.shape[0])
+    _kernels().int8_gemv_rows_dp4a_kernel[(-(-n // 16), 1)](
+        rows, codes.view(torch.int32), scale, out, norm if norm is not None else rows,
+        bias if bias is not None else rows, rows.shape[0], n, k, eps, BLOCK_N=16,
+        WORDS=max(8, min(words, 256 // per_program)), ROWS=per_program, NORM=norm is not None, GATED=gated,
+        BIAS=bias is not None, RESIDUAL=residual, PDL=pdl, ASM=not interpreted(), num_warps=4, num_stages=3,
+        **({"launch_pdl": True} if pdl else {}),
+    )
+    return True
+
+
+def interpreted() -> bool:
     """Whether Triton runs kernels in its interpreter (the CPU tests), which executes no inline PTX."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -174,7 +193,7 @@ def _int8_gemv_rows(row: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     _kernels().int8_gemv_dp4a_kernel[(-(-n // block_n),)](
         row, codes.view(torch.int32), scale, out, norm if norm is not None else row, bias if bias is not None else row,
         n, k, eps, BLOCK_N=block_n, WORDS=words, NORM=norm is not None, GATED=gated, BIAS=bias is not None,
-        RESIDUAL=residual, PDL=pdl, ASM=not _interpreted(), num_warps=8 if words >= 256 else 4, num_stages=3,
+        RESIDUAL=residual, PDL=pdl, ASM=not interpreted(), num_warps=8 if words >= 256 else 4, num_stages=3,
         **({"launch_pdl": True} if pdl else {}),
     )
 
@@ -291,16 +310,8 @@ def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, out: 
     if m == 1 and config is None:
         _int8_gemv_rows(rows, codes, scale, out, n, k, bias, norm, eps, gated, residual, pdl)
         return out
-    words = next((w for w in (128, 64, 32, 16, 8) if (k // 4) % w == 0), None)
-    if m <= INT8_GEMV_MAX_ROWS and config is None and words is not None:
-        per_program = triton_next_power_of_2(m)
-        words = max(8, min(words, 256 // per_program))
-        _kernels().int8_gemv_rows_dp4a_kernel[(-(-n // 16), 1)](
-            rows, codes.view(torch.int32), scale, out, norm if norm is not None else rows,
-            bias if bias is not None else rows, m, n, k, eps, BLOCK_N=16, WORDS=words, ROWS=per_program,
-            NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
-            ASM=not _interpreted(), num_warps=4, num_stages=3, **({"launch_pdl": True} if pdl else {}),
-        )
+    if m <= INT8_GEMV_MAX_ROWS and config is None and _int8_gemv_many(rows, codes, scale, out, n, k, bias, norm, eps,
+                                                                      gated, residual, pdl):
         return out
     t = config or tiling(m, n, k, 0)
     grid = (-(-n // t.block_n), -(-m // t.block_m))
