@@ -9,6 +9,7 @@ import torch
 
 from ringlet.models import safetensors_loader
 from ringlet.models.config import ModelArgs
+from ringlet.models.llama import Transformer
 from ringlet.models.random_checkpoint import random_weights
 from ringlet.models.registry import build_stage, model_args
 
@@ -61,3 +62,13 @@ def load_checkpoint_stage(path: Path, start: int = 0, end: int | None = None):  
     end = args.num_hidden_layers if end is None else end
     weights = safetensors_loader.lazy_weights(path, start, end, args.num_hidden_layers, args.tie_word_embeddings)
     return build_stage(args, start, end, weights=weights)
+
+
+def sharpened(model: Transformer) -> Transformer:
+    """`model` with its queries scaled up: scores far apart, so that the splits' maxima differ and the join's weights
+    of them matter."""
+    q_rows = model.args.num_attention_heads * model.args.head_dim
+    with torch.no_grad():
+        for block in model.layers:
+            block.self_attn.qkv_proj.weight[:q_rows] *= 20
+    return model

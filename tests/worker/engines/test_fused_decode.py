@@ -10,7 +10,7 @@ import torch
 
 from ringlet.models.quant import Int4Embedding, Int8Embedding
 from ringlet.models.quant_format import read_rows_int4, round_rows_int8
-from tests.support.random_models import BASE, VARIANTS, random_model
+from tests.support.random_models import BASE, VARIANTS, random_model, sharpened
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
 
@@ -47,6 +47,24 @@ def test_fused_step_gives_the_eager_logits_and_cache(fused_decode, variant):
         end = prompt.shape[1] + len(ids)
         torch.testing.assert_close(fused_cache.keys[layer][:, :, :end], eager_cache.keys[layer][:, :, :end])
         torch.testing.assert_close(fused_cache.values[layer][:, :, :end], eager_cache.values[layer][:, :, :end])
+
+
+def test_fused_step_joins_many_splits_of_a_long_prompt(fused_decode):
+    """More splits of BLOCK_T positions than the join reads a step of its loop (JOIN_SPLITS)."""
+    model = sharpened(random_model(BASE, torch.float32))
+    eager_cache, fused_cache = model.make_cache(1, 192), model.make_cache(1, 192)
+    token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    step = fused_decode.FusedDecodeStep(model, fused_cache, token, position)
+    prompt = torch.arange(3, 3 + 150).view(1, -1) % model.args.vocab_size
+    with torch.inference_mode():
+        for cache in (eager_cache, fused_cache):
+            model(prompt, cache, 0)
+        want = model(torch.tensor([[9]]), eager_cache, 150, last_logits_only=True)[:, -1]
+        token.fill_(9)
+        position.fill_(150)
+        got = step()
+    assert step.block_t * fused_decode.JOIN_SPLITS < 151 <= step.block_t * step.splits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def one_step(fused_decode, model):

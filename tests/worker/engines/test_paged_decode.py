@@ -12,7 +12,7 @@ import torch
 from ringlet.models.paged_cache import FED, BatchLayout, SequenceStep
 from ringlet.models.quant import Int4Embedding, Int8Embedding
 from ringlet.models.quant_format import read_rows_int4, round_rows_int8
-from tests.support.random_models import BASE, VARIANTS, random_model
+from tests.support.random_models import BASE, VARIANTS, random_model, sharpened
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
 
@@ -73,6 +73,26 @@ def test_paged_step_gives_the_packed_forwards_logits_and_cache(paged_decode, var
             torch.testing.assert_close(paged.keys[layer][written], eager.keys[layer][written])
             torch.testing.assert_close(paged.values[layer][written], eager.values[layer][written])
         assert not paged.keys[layer][paged.pad_slot].any()  # padding rows wrote the scratch slot, not the zeros
+
+
+@pytest.mark.parametrize("tile", [16, 32], ids=["ten splits, two steps of the join", "five splits, one step"])
+def test_a_long_sequence_attends_over_its_splits(paged_decode, monkeypatch, tile):
+    """150 cached positions in splits of one tile each, which the last split to finish joins (JOIN_SPLITS of them a
+    step of its loop)."""
+    monkeypatch.setattr(paged_decode, "POSITIONS_PER_TILE", tile)
+    model = sharpened(random_model(BASE, torch.float32))
+    eager, paged = model.make_paged_cache(12, BLOCK), model.make_paged_cache(12, BLOCK)
+    step = paged_decode.PagedDecodeStep(model, paged, context_length=192, max_batch=1)
+    blocks = [11, 3, 7, 0, 9, 1, 5, 2, 8, 4]
+    prompt = [(7 * i + 3) % 120 for i in range(150)]
+    assert step._splits(1) * tile > len(prompt) > paged_decode.JOIN_SPLITS * 16
+    with torch.inference_mode():
+        for cache in (eager, paged):
+            prefill(model, cache, [(prompt, blocks)])
+        steps = [SequenceStep(len(prompt), 1, blocks)]
+        want = model.forward_batch(torch.tensor([42]), eager, BatchLayout.build(steps, BLOCK, "cpu", eager.pad_slot))
+        got = step(torch.tensor([42]), steps)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_buckets_cover_the_largest_batch(paged_decode):
@@ -208,3 +228,20 @@ def test_a_graphed_step_that_cannot_be_built_leaves_eager_decoding(caplog):
     assert engine.paged_decode is None
     assert "decoding eagerly: RuntimeError: PTX assembly failed" in caplog.text
     assert "the rest" not in caplog.text
+
+
+@pytest.mark.parametrize("n", [7, 2048, 5000], ids=["shorter than a part", "one whole part", "parts and a tail"])
+def test_greedy_picks_match_torch_argmax_with_ties_nan_and_infinities(paged_decode, n):
+    torch.manual_seed(n)
+    logits = torch.randn(6, n).to(torch.bfloat16)
+    logits[1, n // 2] = logits[1, n - 1] = 50.0  # a tie: the first index wins
+    logits[2] = float("-inf")  # nothing but -inf: index 0
+    logits[3, n - 1] = float("inf")
+    logits[4, n // 3] = float("nan")  # NaN is the largest, as torch has it
+    logits[5] = 1.0  # every element equal
+    wide = torch.zeros(6, n + 3, dtype=torch.bfloat16)
+    wide[:, :n] = logits  # rows a stride apart that is not their length
+    picked = torch.full((6,), -1, dtype=torch.long)
+    paged_decode.greedy_picks(wide[:, :n], picked, paged_decode.argmax_parts(6, n, torch.device("cpu")))
+    assert picked.tolist() == torch.argmax(logits, dim=-1).tolist()
+    assert picked[1] == n // 2 and picked[4] == n // 3

@@ -50,6 +50,9 @@ _GEMV_SHAPES = [(8, 128, 1)] if _INTERPRETED else [
     (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 2048, 8),
     (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 ]
+JOIN_SPLITS = 8  # splits whose partial outputs the join reads at once
+
+
 def _pdl_available(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper or later, and a Triton that launches with it."""
     if _INTERPRETED or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
@@ -179,14 +182,15 @@ def _attention_split(
     qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, q_norm_ptr, k_norm_ptr,
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, max_len, eps, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, JOIN: tl.constexpr,
     PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
 ):
     """Program (g, s): the query heads sharing key/value head g, over split s of positions 0..pos.
 
     The split holding `pos` rotates the new key, writes it and the value to the cache and attends to them from
     registers; cached positions before `pos` are read from the cache. The splits' partial softmaxes are joined into
-    out [HEADS, D] by the last split of the group to finish (`join_splits`; count_ptr [KV_HEADS]). PREFETCH_LINES
+    out [HEADS, D] by the last split of the group to finish (`join_splits`; count_ptr [KV_HEADS]); the only split
+    of a short sequence writes out itself. PREFETCH_LINES
     (with PDL): the split asks the L2 cache for its cached keys and values, BLOCK_T positions at a time in that many
     128-byte lines of LINE elements, before it waits for the q/k/v projection (earlier steps wrote them)."""
     g = tl.program_id(0)
@@ -205,8 +209,12 @@ def _attention_split(
     end = tl.minimum(begin + chunk, total)
     cached_end = tl.minimum(end, pos)
     head_cache = g.to(tl.int64) * max_len * D
-    if PDL:  # the position and the rotary tables come from before the graph; q, k, v from the previous kernel
+    used = tl.cdiv(total, chunk)  # the splits that hold positions
+    if PDL:
         gdc_launch_dependents()
+    if s >= used:  # nothing to attend, nothing for the join to read
+        return
+    if PDL:  # the position and the rotary tables come from before the graph; q, k, v from the previous kernel
         if PREFETCH_LINES > 0:
             for t0 in range(begin, cached_end, BLOCK_T):
                 rows = tl.minimum(cached_end - t0, BLOCK_T)
@@ -250,42 +258,50 @@ def _attention_split(
         acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
         best = new_best
     stored = i < GROUP
-    slot = heads * SPLITS + s
-    tl.store(part_acc_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
-    tl.store(part_max_ptr + slot, best, mask=stored)
-    tl.store(part_sum_ptr + slot, total_exp, mask=stored)
-    used = tl.cdiv(total, chunk)  # the splits that hold positions; the others leave nothing to join
-    if s < used:
-        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + g, heads, stored, used, SPLITS, D)
+    if used == 1:  # the only split: its softmax is the whole one
+        out = out_ptr + heads.to(tl.int64)[:, None] * D + d[None, :]
+        tl.store(out, (acc / total_exp[:, None]).to(out_ptr.dtype.element_ty), mask=stored[:, None])
+    else:
+        slot = heads * SPLITS + s
+        tl.store(part_acc_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
+        tl.store(part_max_ptr + slot, best, mask=stored)
+        tl.store(part_sum_ptr + slot, total_exp, mask=stored)
+        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + g, heads, stored, used, SPLITS,
+                    D, JOIN)
 
 
 @triton.jit
 def join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, heads, stored, used,
-                SPLITS: tl.constexpr, D: tl.constexpr):
+                SPLITS: tl.constexpr, D: tl.constexpr, JOIN: tl.constexpr):
     """Called by each of the `used` splits of a group of query heads (rows `heads` of out [., D], `stored` those
     that are not padding) once its running maximum, sum of exponentials and unnormalised output are stored in the
     slots heads * SPLITS + split: the split that arrives last at `count_ptr` joins all of them into out and sets the
-    count back to 0 for the next step. One kernel fewer a layer than a kernel of its own that joins them."""
+    count back to 0 for the next step. One kernel fewer a layer than a kernel of its own that joins them. The join
+    reads JOIN splits' slots at once (one load of each a step of its loop) and merges them into a running maximum."""
     tl.debug_barrier()  # every thread's stores of this split made before the count says it is done
     arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
     if arrived == used - 1:
         tl.store(count_ptr, 0)
         first = heads.to(tl.int64) * SPLITS
-        split = tl.arange(0, SPLITS)
-        ok = stored[:, None] & (split < used)[None, :]
-        # the other splits' slots are read from L2 (.cg): this SM's L1 may hold them from an earlier step
-        best = tl.load(part_max_ptr + first[:, None] + split[None, :], mask=ok, other=float("-inf"),
-                       cache_modifier=".cg")
-        top = tl.where(stored, tl.max(best, axis=1), 0.0)
-        sums = tl.load(part_sum_ptr + first[:, None] + split[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        total = tl.sum(tl.where(ok, tl.exp(best - top[:, None]), 0.0) * sums, axis=1)
         d = tl.arange(0, D)
+        top = tl.full([heads.shape[0]], float("-inf"), tl.float32)
+        total = tl.zeros([heads.shape[0]], tl.float32)
         acc = tl.zeros([heads.shape[0], D], tl.float32)
-        for j in range(used):
-            weight = tl.exp(tl.load(part_max_ptr + first + j, mask=stored, other=0.0, cache_modifier=".cg") - top)
-            part = tl.load(part_acc_ptr + (first + j)[:, None] * D + d[None, :], mask=stored[:, None], other=0.0,
-                           cache_modifier=".cg")
-            acc += weight[:, None] * part
+        for j0 in range(0, used, JOIN):
+            split = j0 + tl.arange(0, JOIN)
+            ok = stored[:, None] & (split < used)[None, :]
+            slots = first[:, None] + split[None, :]
+            # the other splits' slots are read from L2 (.cg): this SM's L1 may hold them from an earlier step
+            best = tl.load(part_max_ptr + slots, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            sums = tl.load(part_sum_ptr + slots, mask=ok, other=0.0, cache_modifier=".cg")
+            parts = tl.load(part_acc_ptr + slots[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                            cache_modifier=".cg")
+            new_top = tl.where(stored, tl.maximum(top, tl.max(best, axis=1)), 0.0)  # padding rows stay finite
+            alpha = tl.exp(top - new_top)
+            weight = tl.where(ok, tl.exp(best - new_top[:, None]), 0.0)
+            total = total * alpha + tl.sum(weight * sums, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * parts, axis=1)
+            top = new_top
         out = acc / tl.where(stored, total, 1.0)[:, None]
         tl.store(out_ptr + heads.to(tl.int64)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=stored[:, None])
@@ -414,7 +430,7 @@ class FusedDecodeStep:
             self.cache.max_seq_len, self.eps,
             self.head_dim ** -0.5, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
             GROUP_PAD=self.group_pad, SPLITS=self.splits, BLOCK_T=self.block_t, QK_NORM=qk_norm, PDL=self.pdl,
-            PREFETCH_LINES=self.prefetch_lines, LINE=self.line, num_warps=4, **self.launch,
+            JOIN=JOIN_SPLITS, PREFETCH_LINES=self.prefetch_lines, LINE=self.line, num_warps=4, **self.launch,
         )
 
     def __call__(self, kv_len: int | None = None) -> torch.Tensor:

@@ -4,7 +4,8 @@ A decode step of B sequences reads every weight once whatever B is, so a batch o
 batch of one; what grows with B is the attention, which reads each sequence's own cached keys and values. Here:
   - attention is one Triton kernel over the block tables (program (b, g, s): sequence b's query heads that share
     key/value head g, over split s of its positions; it rotates the new query and key, writes the new key and value
-    to the sequence's slot and attends to them from registers; the last split of each to finish joins the splits);
+    to the sequence's slot and attends to them from registers; the last split of each to finish joins the splits,
+    and a sequence of one split needs no join);
   - at a batch of one the projections are the fused GEMV kernels of `fused_decode` (RMSNorm, bias, SiLU gate and
     the residual add inside them); at larger batches they are cuBLAS matrix products, the residual added in the
     product's epilogue (`addmm_`).
@@ -54,6 +55,7 @@ from ringlet.models.tensor_parallel import RowParallelLinear, is_sharded, local_
 from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decode
 from ringlet.worker.engines.torch.fused_decode import (
     _INTERPRETED,
+    JOIN_SPLITS,
     _pdl_available,
     _rotate,
     join_splits,
@@ -62,7 +64,10 @@ from ringlet.worker.engines.torch.fused_decode import (
     unsupported_reason,
 )
 
-POSITIONS_PER_TILE = 64  # cached positions one loop iteration of the attention reads (four blocks of 16)
+# cached positions one loop iteration of the attention reads (two blocks of 16): at 256 and 4,064 positions an
+# Llama-3.1-8B int4 step took 2,033 and 2,348 us at 32 (with JOIN_SPLITS 8), 2,068 and 2,565 at 64 (with 4) on an H100
+# (docs/benchmarks.md, "Attention tiles")
+POSITIONS_PER_TILE = 32
 # attention programs a step aims for: splits per sequence fill the GPU at small batches (Triton's interpreter runs
 # programs one at a time: there, a few splits a sequence)
 TARGET_PROGRAMS = 64 if _INTERPRETED else 2048
@@ -74,7 +79,7 @@ def _paged_attention_split(
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, table_width, eps, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK: tl.constexpr, TILE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
-    ROW_LINES: tl.constexpr = 0,
+    JOIN: tl.constexpr, ROW_LINES: tl.constexpr = 0,
 ):
     """Program (b, g, s): row b's query heads sharing key/value head g, over split s of its positions 0..pos.
 
@@ -82,7 +87,8 @@ def _paged_attention_split(
     [slots, KV_HEADS, D]. The split holding `pos` rotates the new key, writes it and the value to slot_ptr[b] and
     attends to them from registers. The splits' partial softmaxes are joined into out [rows, HEADS * D] by the
     last split of (b, g) to finish (`join_splits`, count_ptr [rows, KV_HEADS]), as `fused_decode._attention_split`
-    does for one sequence. ROW_LINES (with PDL): the 128-byte lines of one position's key (or value) of a head; the
+    does for one sequence (JOIN splits a step of its loop); a row whose positions make one split writes out
+    itself. ROW_LINES (with PDL): the 128-byte lines of one position's key (or value) of a head; the
     split asks the L2 cache for its cached keys and values before it waits for the q/k/v projection (earlier steps
     wrote them)."""
     b = tl.program_id(0)
@@ -103,8 +109,12 @@ def _paged_attention_split(
     end = tl.minimum(begin + chunk, total)
     cached_end = tl.minimum(end, pos)
     table = table_ptr + b.to(tl.int64) * table_width
+    used = tl.cdiv(total, chunk)  # the splits that hold positions
     if PDL:
         gdc_launch_dependents()
+    if s >= used:  # nothing to attend, nothing for the join to read
+        return
+    if PDL:
         if ROW_LINES > 0:  # the block table and the cached positions come from before the graph
             for t0 in range(begin, cached_end, TILE):
                 t = tl.minimum(t0 + tl.arange(0, TILE), cached_end - 1)
@@ -156,14 +166,16 @@ def _paged_attention_split(
         acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
         best = new_best
     stored = i < GROUP
-    part = (b * HEADS + heads) * SPLITS + s
-    tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=stored[:, None])
-    tl.store(part_max_ptr + part, best, mask=stored)
-    tl.store(part_sum_ptr + part, total_exp, mask=stored)
-    used = tl.cdiv(total, chunk)  # the splits that hold positions; the others leave nothing to join
-    if s < used:
+    if used == 1:  # the only split: its softmax is the whole one
+        out = out_ptr + (b * HEADS + heads).to(tl.int64)[:, None] * D + d[None, :]
+        tl.store(out, (acc / total_exp[:, None]).to(out_ptr.dtype.element_ty), mask=stored[:, None])
+    else:
+        part = (b * HEADS + heads) * SPLITS + s
+        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=stored[:, None])
+        tl.store(part_max_ptr + part, best, mask=stored)
+        tl.store(part_sum_ptr + part, total_exp, mask=stored)
         join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + b * KV_HEADS + g,
-                    b * HEADS + heads, stored, used, SPLITS, D)
+                    b * HEADS + heads, stored, used, SPLITS, D, JOIN)
 
 
 @triton.jit
@@ -214,6 +226,54 @@ def _silu_gate(gate_up_ptr, out_ptr, N, BLOCK: tl.constexpr):
     up = tl.load(gate_up_ptr + row * 2 * N + N + cols, mask=ok, other=0.0).to(tl.float32)
     silu = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
     tl.store(out_ptr + row * N + cols, (silu * up).to(dtype), mask=ok)
+
+
+@triton.jit
+def _argmax_parts(x_ptr, top_ptr, first_ptr, n, row_stride, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (r, p): the largest of row r's elements [p * BLOCK, (p + 1) * BLOCK) of x [rows, n] and the first
+    index holding it, into slot r * PARTS + p. NaN counts as the largest value, as torch.argmax has it."""
+    r = tl.program_id(0)
+    p = tl.program_id(1)
+    i = p * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + r.to(tl.int64) * row_stride + i, mask=i < n, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)  # noqa: PLR0124 (NaN, the one value unequal to itself)
+    top = tl.max(x, axis=0)
+    tl.store(top_ptr + r * PARTS + p, top)
+    tl.store(first_ptr + r * PARTS + p, tl.min(tl.where((x == top) & (i < n), i, n), axis=0))
+
+
+@triton.jit
+def _argmax_join(top_ptr, first_ptr, out_ptr, n, count, PARTS: tl.constexpr):
+    """Program r: row r's argmax (the first of equal maxima) from the maxima and first indices of its `count`
+    parts."""
+    r = tl.program_id(0)
+    j = tl.arange(0, PARTS)
+    top = tl.load(top_ptr + r * PARTS + j, mask=j < count, other=float("-inf"))
+    first = tl.load(first_ptr + r * PARTS + j, mask=j < count, other=n)
+    best = tl.max(top, axis=0)
+    tl.store(out_ptr + r, tl.min(tl.where(top == best, first, n), axis=0).to(out_ptr.dtype.element_ty))
+
+
+ARGMAX_BLOCK = 2048  # elements of a row one program of the greedy pick reduces
+
+
+def greedy_picks(logits: torch.Tensor, out: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """out[r] = the argmax of logits[r] (as torch.argmax: the first of equal maxima, NaN the largest) in two kernels:
+    parts of ARGMAX_BLOCK elements in parallel, then a join a row (torch's argmax reduces a row in one block of
+    threads). `parts` (`argmax_parts`) hold the parts' maxima and indices: the caller's buffers, which a CUDA graph
+    can replay."""
+    rows, n = logits.shape
+    count = triton.cdiv(n, ARGMAX_BLOCK)
+    padded = triton.next_power_of_2(count)
+    top, first = parts
+    _argmax_parts[(rows, count)](logits, top, first, n, logits.stride(0), PARTS=padded, BLOCK=ARGMAX_BLOCK, num_warps=4)
+    _argmax_join[(rows,)](top, first, out, n, count, PARTS=padded, num_warps=4)
+
+
+def argmax_parts(rows: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffers `greedy_picks` needs for up to `rows` rows of `n` logits."""
+    size = rows * triton.next_power_of_2(triton.cdiv(n, ARGMAX_BLOCK))
+    return torch.empty(size, device=device), torch.empty(size, dtype=torch.int32, device=device)
 
 
 def batch_buckets(max_batch: int, least: int = 1) -> list[int]:
@@ -290,6 +350,7 @@ class PagedDecodeStep:
         self.attention = buffer(n, q_dim)
         self.gated = buffer(n, self.intermediate)
         self.logits = buffer(self.max_batch, args.vocab_size)
+        self.argmax_parts = argmax_parts(self.max_batch, args.vocab_size, device)
         sparse = [block.mlp for block in cast("Iterable[Block]", model.layers) if isinstance(block.mlp, SparseMoE)]
         self.experts = ExpertBuffers(sparse[0], n, self.dtype, device) if sparse else None
         most_parts = self.heads * max(b * self._splits(b) for b in self.buckets + self.mixed_buckets)
@@ -395,7 +456,7 @@ class PagedDecodeStep:
                 project(last, head, self.logits[:sampled], self.eps, False, norm=model.norm.weight)
             else:
                 torch.mm(self._norm(last, model.norm.weight), cast(nn.Linear, head).weight.t(), out=self.logits[:sampled])
-            torch.argmax(self.logits[:sampled], dim=-1, out=self.picked[:sampled])
+            greedy_picks(self.logits[:sampled], self.picked[:sampled], self.argmax_parts)
             return
         if self.sharded:
             logits.copy_(model.lm_head(self._norm(hidden, model.norm.weight)))
@@ -403,7 +464,7 @@ class PagedDecodeStep:
             project(hidden, head, logits, self.eps, pdl, norm=model.norm.weight)
         else:
             torch.mm(self._norm(hidden, model.norm.weight), cast(nn.Linear, head).weight.t(), out=logits)
-        torch.argmax(logits, dim=-1, out=self.picked[:batch])
+        greedy_picks(logits, self.picked[:batch], self.argmax_parts)
 
     def _reduced(self, x: torch.Tensor, linear: nn.Linear, hidden: torch.Tensor, fused: bool, pdl: bool) -> None:
         """hidden += the sum over the ranks of x @ linear (each rank's share of a row-parallel projection)."""
@@ -440,7 +501,7 @@ class PagedDecodeStep:
             self.head_dim ** -0.5, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
             GROUP_PAD=self.group_pad, SPLITS=splits, BLOCK=self.cache.block_size, TILE=POSITIONS_PER_TILE,
             QK_NORM=qk_norm, PDL=pdl, PRECISION="ieee" if self.dtype == torch.float32 else "tf32",
-            ROW_LINES=self.row_lines if pdl else 0, num_warps=4, **launch,
+            ROW_LINES=self.row_lines if pdl else 0, JOIN=JOIN_SPLITS, num_warps=4, **launch,
         )
 
     def _stage(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], bucket: int) -> None:
@@ -478,7 +539,7 @@ class PagedDecodeStep:
         if (bucket, mixed) in self.graphs:
             return
         n, m = self.max_rows, self.max_batch
-        self.inputs[n:2 * n].zero_()  # warm-up rows: position 0, written to the scratch slot only
+        self.inputs[:2 * n].zero_()  # warm-up rows: token 0 at position 0, written to the scratch slot only
         self.inputs[2 * n:3 * n].fill_(self.cache.scratch_slot)
         self.inputs[3 * n:3 * n + m].zero_()
         stream = torch.cuda.Stream(self.device)
