@@ -189,10 +189,10 @@ def _attention_split(
 
     The split holding `pos` rotates the new key, writes it and the value to the cache and attends to them from
     registers; cached positions before `pos` are read from the cache. The splits' partial softmaxes are joined into
-    out [HEADS, D] by the last split of the group to finish (`join_splits`; count_ptr [KV_HEADS]); the only split
-    of a short sequence writes out itself. PREFETCH_LINES
-    (with PDL): the split asks the L2 cache for its cached keys and values, BLOCK_T positions at a time in that many
-    128-byte lines of LINE elements, before it waits for the q/k/v projection (earlier steps wrote them)."""
+    out [HEADS, D] by the last split of the group to finish (`join_splits`, JOIN splits a step of its loop;
+    count_ptr [KV_HEADS]); the only split of a short sequence writes out itself. PREFETCH_LINES (with PDL): the split
+    asks the L2 cache for its cached keys and values, BLOCK_T positions at a time in that many 128-byte lines of LINE
+    elements, before it waits for the q/k/v projection (earlier steps wrote them)."""
     g = tl.program_id(0)
     s = tl.program_id(1)
     GROUP: tl.constexpr = HEADS // KV_HEADS

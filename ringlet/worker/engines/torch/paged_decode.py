@@ -64,9 +64,9 @@ from ringlet.worker.engines.torch.fused_decode import (
     unsupported_reason,
 )
 
-# cached positions one loop iteration of the attention reads (two blocks of 16): at 256 and 4,064 positions an
-# Llama-3.1-8B int4 step took 2,033 and 2,348 us at 32 (with JOIN_SPLITS 8), 2,068 and 2,565 at 64 (with 4) on an H100
-# (docs/benchmarks.md, "Attention tiles")
+# cached positions one loop iteration of the attention reads (two blocks of 16): a Llama-3.1-8B int4 step at 256 and
+# 4,064 positions took 1,731 and 1,993 us at 32, 1,753 and 2,062 at 64, 1,701 and 2,229 at 16 (joining 16 splits a
+# step) on an H200 (`python scripts/tune_attention_gpu.py --tiles 64:8 32:8 16:16`)
 POSITIONS_PER_TILE = 32
 # attention programs a step aims for: splits per sequence fill the GPU at small batches (Triton's interpreter runs
 # programs one at a time: there, a few splits a sequence)
