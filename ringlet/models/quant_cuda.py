@@ -17,17 +17,11 @@ from torch import nn
 
 from ringlet.models.experts import per_expert
 from ringlet.models.kernels import int4_cuda
-from ringlet.models.quant_format import GroupQuantized, Int8Rows, round_rows_int8
+from ringlet.models.quant_format import GroupQuantized, Int8Rows, pack_nibbles, round_rows_int8
 
 # the group size CUDA stages round to where the file gives no 4-bit groups: larger groups than the CPU's 32 halve
 # the bytes of scales and offsets a decode step reads (4 bytes per 128 weights next to 64 of codes)
 CUDA_GROUP_SIZE = 128
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] (0..15) as bytes [N, K / 2]: element 2j in the low nibble of byte j, 2j + 1 in the high."""
-    pairs = codes.view(codes.shape[0], -1, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 class CudaQuantizedLinear(nn.Module):

@@ -77,6 +77,12 @@ class Int4Rows(NamedTuple):
     minimum: torch.Tensor  # float16 [N, K // group_size]
 
 
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15) as bytes [N, K / 2]: element 2j in the low nibble of byte j, 2j + 1 in the high."""
+    pairs = codes.view(codes.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
 def read_rows_int4(rows: int, read: Callable[[int, int], torch.Tensor], columns: int, device: torch.device | str,
                    group_size: int = GROUP_SIZE) -> Int4Rows:
     """Round-to-nearest over each group's [min, max] in 16 levels, `read(first, end)` giving about VALUES_AT_ONCE
@@ -96,8 +102,7 @@ def read_rows_int4(rows: int, read: Callable[[int, int], torch.Tensor], columns:
         low = groups.amin(-1).half()  # fp16 cannot hold a weight past 65504: no embedding comes near
         width = ((groups.amax(-1) - low.float()) / 15).clamp(min=1e-7).half()
         codes = ((groups - low.float()[..., None]) / width.float()[..., None]).round_().clamp_(0, 15).to(torch.uint8)
-        pairs = codes.view(end - first, columns // 2, 2)
-        packed[first:end] = pairs[..., 0] | (pairs[..., 1] << 4)
+        packed[first:end] = pack_nibbles(codes.view(end - first, columns))
         step[first:end], minimum[first:end] = width, low
     return Int4Rows(packed, step, minimum)
 
