@@ -154,8 +154,10 @@ def main() -> None:
         ("down + residual", hidden, x_inter, None, False, True),
     ]
     pdl = torch.cuda.get_device_capability(device)[0] >= 9
-    grid = ([(int4_cuda.GemvTiling(b, w, warps, stages), pdl) for b, w, warps, stages in
-             itertools.product((8, 16, 32), (64, 128, 256), (4, 8), (1, 3)) if b * w >= warps * 128]
+    grid = ([(int4_cuda.GemvTiling(b, w, warps, 3, ahead, registers), pdl)
+             for b, w, warps, ahead, registers in
+             itertools.product((8, 16, 32), (64, 128, 256), (4, 8), (False, True), (None, 48, 64, 80))
+             if b * w >= warps * 128]
             if options.sweep else [])
     for name, n, inp, nrm, gated, residual in projections:
         measure(name, n, inp, nrm, eps, gated, residual, options.group_size, grid, bandwidth)

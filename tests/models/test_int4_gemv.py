@@ -5,6 +5,7 @@ option the fused decode steps use. On a GPU, tests/worker/gpu/test_int4_cuda.py 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -44,12 +45,13 @@ def expected(x, weight, norm, bias, gated, residual, int8_x=False):  # type: ign
 
 
 @pytest.mark.parametrize(("n", "k", "group", "words"), [
-    (40, 512, 128, None),  # the default tiling: 64 words a step, 2 blocks of rows, the last one partly masked
+    (40, 512, 128, None),  # the default tiling: 64 words a step, blocks of rows, the last one partly masked
     (24, 768, 128, 32),  # K of 96 words: 3 steps of 2 groups
     (16, 256, 32, 8),  # GGUF's groups of 32: 2 groups a step
 ])
 @pytest.mark.parametrize("options", ["plain", "norm", "gated+norm", "bias+residual"])
-def test_one_row_matches_the_dequantised_weight(n, k, group, words, options):
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "step-ahead"])
+def test_one_row_matches_the_dequantised_weight(n, k, group, words, options, ahead):
     torch.manual_seed(n + k)
     rows = 2 * n if "gated" in options else n
     layer = CudaInt4Linear(GroupQuantized.round(torch.randn(rows, k) * 0.02, group), None, torch.bfloat16)
@@ -59,7 +61,8 @@ def test_one_row_matches_the_dequantised_weight(n, k, group, words, options):
     norm = (1 + 0.1 * torch.randn(k)).to(torch.bfloat16) if "norm" in options else None
     start = torch.randn(1, n, dtype=torch.bfloat16)
     out = start.clone()
-    tiling = None if words is None else int4_cuda.GemvTiling(8, words)
+    tiling = (dataclasses.replace(int4_cuda.gemv_tiling(n, k, group, "gated" in options), ahead=ahead) if words is None
+              else int4_cuda.GemvTiling(8, words, ahead=ahead))
     int4_cuda._int4_gemv_rows(x, layer.packed, layer.scale, layer.offset, group, out, n, k, layer.bias, norm, 1e-5,
                               "gated" in options, "residual" in options, False, tiling)
     reference = expected(x, layer.dequantize(), norm, layer.bias, "gated" in options,

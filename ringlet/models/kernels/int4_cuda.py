@@ -88,23 +88,32 @@ def triton_next_power_of_2(n: int) -> int:
 @dataclass(frozen=True)
 class GemvTiling:
     """A launch of `int4_gemv_dp4a_kernel`: weight rows per program, int32 words (8 codes) of each row a loop step,
-    warps and pipeline stages."""
+    warps, pipeline stages, whether each step's weights are read a step ahead, and a cap on the registers a thread
+    holds (None: the compiler's choice), which sets how many programs an SM runs at once."""
 
     block_n: int
     words: int
     warps: int = 4
     stages: int = 3
+    ahead: bool = False
+    registers: int | None = None
 
 
 def gemv_tiling(n: int, k: int, group: int, gated: bool = False) -> GemvTiling:
-    """The one-row int4 tiling for W [n, k] (`gated`: gate and up rows, 2n in all): 16 rows a program for the wide
-    projections and 8 for the rest, 256 words (2,048 columns) a step and 8 warps where K allows, 128 words and 4 warps
-    for gate/up. The fastest of `scripts/bench_int4_gemv.py --sweep` on an H200 for each
-    Llama-3.1-8B projection, or within 3% of it."""
+    """The one-row int4 tiling for W [n, k] (`gated`: gate and up rows, 2n in all), from `scripts/bench_int4_gemv.py
+    --sweep` on an H100 (Llama-3.1-8B's projections; each choice the fastest or within 5% of it): gate/up 32 rows a
+    program, 128 words (1,024 columns) a step, 8 warps; a long K (more than 4 steps, as the down projection's) 8 rows
+    of 256 words, 8 warps of at most 64 registers (4 programs an SM); the rest (q/k/v, o: two steps) 16 rows of 256
+    words with each step's weights read a step ahead, the first before the PDL wait."""
     widest = 128 if gated else 256
     words = next(w for w in (256, 128, 64, 32, 16, 8, 4)
                  if w <= widest and (k // 8) % w == 0 and (8 * w) % group == 0 and w % 4 == 0)
-    return GemvTiling(16 if n >= 6144 else 8, words, 8 if words >= 256 else 4, 3)
+    warps = 8 if words >= 128 else 4
+    if gated:
+        return GemvTiling(32, words, warps, 3)
+    if k // (8 * words) > 4:
+        return GemvTiling(8, words, warps, 3, registers=64)
+    return GemvTiling(16, words, warps, 3, ahead=True)
 
 
 def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -117,8 +126,9 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     _kernels().int4_gemv_dp4a_kernel[(-(-n // t.block_n),)](
         row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,
         bias if bias is not None else row, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n, WORDS=t.words,
-        NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl, num_warps=t.warps,
-        num_stages=t.stages, ASM=not interpreted(), **({"launch_pdl": True} if pdl else {}),
+        AHEAD=t.ahead, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
+        num_warps=t.warps, num_stages=t.stages, ASM=not interpreted(), **({"launch_pdl": True} if pdl else {}),
+        **({"maxnreg": t.registers} if t.registers else {}),
     )
 
 

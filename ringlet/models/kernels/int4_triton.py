@@ -296,26 +296,33 @@ def _int8_x_words(x, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _int4_dp4a_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_even, x_odd, x_scale, x_groups, K,
-                      BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
-    """[BLOCK_N, WORDS * 8 / GROUP]: the products of weight rows `rows` with the int8 x over the groups `g` of the
-    loop step (words `w`); x_groups: the rounded x summed per group, for the offsets."""
-    STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
+def _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, K, GROUP: tl.constexpr):
+    """The loop step's words `w` [WORDS] of the weight rows `rows` (int64), their groups' scales and offsets (groups
+    `g`): what the products read from memory, none of it from x. Rows where row_ok is false read 0s."""
     starts = tl.multiple_of(rows * (K // 8), 4)
     words = tl.load(words_ptr + starts[:, None] + w[None, :], mask=row_ok[:, None], other=0)
+    scale = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
+    offset = tl.load(offset_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
+    return words, scale, offset
+
+
+@triton.jit
+def _int4_dp4a_groups(words, scale, offset, x_even, x_odd, x_scale, x_groups,
+                      BLOCK_N: tl.constexpr, WORDS: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, WORDS * 8 / GROUP]: the products of a loop step's weight rows (`_int4_weights`) with the int8 x over
+    the step's groups; x_groups: the rounded x summed per group, for the offsets."""
+    STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
     dots = _dp4a_word(words, tl.broadcast_to(x_even[None, :], [BLOCK_N, WORDS]),
                       tl.broadcast_to(x_odd[None, :], [BLOCK_N, WORDS]), ASM)
     blocks = tl.sum(tl.reshape(dots, [BLOCK_N, WORDS // 4, 4]), axis=2).to(tl.float32) * x_scale[None, :]
     dot = tl.sum(tl.reshape(blocks, [BLOCK_N, STEP_GROUPS, GROUP // 32]), axis=2)
-    scale = tl.load(scale_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
-    offset = tl.load(offset_ptr + rows[:, None] * (K // GROUP) + g[None, :], mask=row_ok[:, None], other=0.0)
     return scale.to(tl.float32) * dot + offset.to(tl.float32) * x_groups[None, :]
 
 
 @triton.jit
 def int4_gemv_dp4a_kernel(
     x_ptr, words_ptr, scale_ptr, offset_ptr, out_ptr, norm_ptr, bias_ptr, N, K, eps,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, AHEAD: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
     ASM: tl.constexpr,
 ):
@@ -323,19 +330,28 @@ def int4_gemv_dp4a_kernel(
     (8 codes each) of every row a loop step, so one pass writes the finished output. The weight is int32 words
     [N (2N when GATED), K / 8] (element 8w + i is nibble i of word w), scale and offset [rows, K / GROUP]; K is a
     multiple of 8 * WORDS, 8 * WORDS of GROUP, and GROUP of 32. x is rounded to int8 per block of 32 as each step
-    reads it (the RMSNorm's 1/rms is a factor of the whole row, applied at the end)."""
+    reads it (the RMSNorm's 1/rms is a factor of the whole row, applied at the end). AHEAD: each step's weights are
+    read one step ahead, the first ones before the PDL wait (they do not depend on the kernel before, so their
+    reads overlap its last programs), at the cost of the registers that hold them."""
     STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     if PDL:
         gdc_launch_dependents()
+    w = tl.arange(0, WORDS)
+    g = tl.arange(0, STEP_GROUPS)
+    if AHEAD:
+        words, scale, offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, K, GROUP)
+        words_up, scale_up, offset_up = words, scale, offset
+        if GATED:
+            words_up, scale_up, offset_up = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, w, g,
+                                                          K, GROUP)
+    if PDL:
         gdc_wait()
     acc = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
     squares = tl.zeros([WORDS * 8], dtype=tl.float32)
     for w0 in range(0, K // 8, WORDS):
-        w = w0 + tl.arange(0, WORDS)
-        g = w0 * 8 // GROUP + tl.arange(0, STEP_GROUPS)
         k = w0 * 8 + tl.arange(0, WORDS * 8)
         x = tl.load(x_ptr + k).to(tl.float32)
         if NORM:
@@ -343,11 +359,31 @@ def int4_gemv_dp4a_kernel(
             x = x * tl.load(norm_ptr + k).to(tl.float32)
         x_even, x_odd, x_scale, x_blocks = _int8_x_words(x, WORDS)
         x_groups = tl.sum(tl.reshape(x_blocks, [STEP_GROUPS, GROUP // 32]), axis=1)
-        acc += _int4_dp4a_groups(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, x_even, x_odd, x_scale,
-                                 x_groups, K, BLOCK_N, WORDS, GROUP, ASM)
-        if GATED:
-            acc_up += _int4_dp4a_groups(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, w, g, x_even, x_odd,
-                                        x_scale, x_groups, K, BLOCK_N, WORDS, GROUP, ASM)
+        if AHEAD:
+            ahead = row_ok & (tl.full([BLOCK_N], w0 + WORDS, tl.int32) < K // 8)  # none after the last step
+            next_w = w0 + WORDS + w
+            next_g = (w0 + WORDS) * 8 // GROUP + g
+            next_words, next_scale, next_offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, ahead,
+                                                                next_w, next_g, K, GROUP)
+            acc += _int4_dp4a_groups(words, scale, offset, x_even, x_odd, x_scale, x_groups, BLOCK_N, WORDS, GROUP,
+                                     ASM)
+            words, scale, offset = next_words, next_scale, next_offset
+            if GATED:
+                next_words, next_scale, next_offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows + N,
+                                                                    ahead, next_w, next_g, K, GROUP)
+                acc_up += _int4_dp4a_groups(words_up, scale_up, offset_up, x_even, x_odd, x_scale, x_groups, BLOCK_N,
+                                            WORDS, GROUP, ASM)
+                words_up, scale_up, offset_up = next_words, next_scale, next_offset
+        else:
+            here_w = w0 + w
+            here_g = w0 * 8 // GROUP + g
+            here = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, row_ok, here_w, here_g, K, GROUP)
+            acc += _int4_dp4a_groups(here[0], here[1], here[2], x_even, x_odd, x_scale, x_groups, BLOCK_N, WORDS,
+                                     GROUP, ASM)
+            if GATED:
+                here = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, here_w, here_g, K, GROUP)
+                acc_up += _int4_dp4a_groups(here[0], here[1], here[2], x_even, x_odd, x_scale, x_groups, BLOCK_N,
+                                            WORDS, GROUP, ASM)
     m = tl.arange(0, 1)
     total = tl.zeros([1], dtype=tl.float32) + tl.sum(squares, axis=0)
     _finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], total, out_ptr, bias_ptr, m, m < 1, rows,
