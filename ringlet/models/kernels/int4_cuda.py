@@ -99,12 +99,14 @@ class GemvTiling:
     registers: int | None = None
 
 
-def gemv_tiling(n: int, k: int, group: int, gated: bool = False) -> GemvTiling:
-    """The one-row int4 tiling for W [n, k] (`gated`: gate and up rows, 2n in all), from `scripts/bench_int4_gemv.py
-    --sweep` on an H100 (Llama-3.1-8B's projections; each choice the fastest or within 5% of it): gate/up 32 rows a
-    program, 128 words (1,024 columns) a step, 8 warps; a long K (more than 4 steps, as the down projection's) 8 rows
-    of 256 words, 8 warps of at most 64 registers (4 programs an SM); the rest (q/k/v, o: two steps) 16 rows of 256
-    words with each step's weights read a step ahead, the first before the PDL wait."""
+def gemv_tiling(n: int, k: int, group: int, gated: bool = False, sms: int = 132) -> GemvTiling:
+    """The one-row int4 tiling for W [n, k] (`gated`: gate and up rows, 2n in all) on a GPU of `sms` SMs, from
+    `scripts/bench_int4_gemv.py --sweep` on an H100 (Llama-3.1-8B's projections; each choice the fastest or within
+    7% of it): gate/up 32 rows a program, 128 words (1,024 columns) a step, 8 warps; a long K (more than 4 steps, as
+    the down projection's) 8 rows of 256 words, 8 warps of at most 64 registers (4 programs an SM); the rest (q/k/v,
+    o: two steps) 16 rows of 256 words, each step's weights read a step ahead (the first before the PDL wait), with
+    the registers capped (to no fewer than 64) so that every program runs at once: q/k/v's 384 programs took 8.3 us
+    in two waves, 6.6 us at 80 registers on an H100."""
     widest = 128 if gated else 256
     words = next(w for w in (256, 128, 64, 32, 16, 8, 4)
                  if w <= widest and (k // 8) % w == 0 and (8 * w) % group == 0 and w % 4 == 0)
@@ -113,7 +115,9 @@ def gemv_tiling(n: int, k: int, group: int, gated: bool = False) -> GemvTiling:
         return GemvTiling(32, words, warps, 3)
     if k // (8 * words) > 4:
         return GemvTiling(8, words, warps, 3, registers=64)
-    return GemvTiling(16, words, warps, 3, ahead=True)
+    per_sm = -(-n // (16 * sms))
+    registers = 65536 // (per_sm * warps * 32) // 8 * 8
+    return GemvTiling(16, words, warps, 3, ahead=True, registers=registers if 64 <= registers < 128 else None)
 
 
 def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -122,7 +126,7 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
                     t: GemvTiling | None = None) -> None:
     assert k % 32 == 0 and k % group_size == 0 and group_size % 32 == 0, \
         f"int4 rows of {k} columns in groups of {group_size}"
-    t = t or gemv_tiling(n, k, group_size, gated)
+    t = t or gemv_tiling(n, k, group_size, gated, _sm_count(row.device.index or 0) if row.is_cuda else 132)
     _kernels().int4_gemv_dp4a_kernel[(-(-n // t.block_n),)](
         row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,
         bias if bias is not None else row, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n, WORDS=t.words,

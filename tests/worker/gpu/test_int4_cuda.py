@@ -82,6 +82,33 @@ def test_int8_kernel_matches_the_dequantised_weight(rows):
     assert (linear.dequantize() - weight).abs().max() <= linear.scale.max() / 2 + 1e-6
 
 
+@pytest.mark.parametrize(("n", "k", "gated"), [(6144, 4096, False), (4096, 14336, False), (2 * 3584, 4096, True)])
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "step-ahead"])
+@on_gpu
+def test_one_row_tilings_of_a_decode_step_agree(n, k, gated, ahead):
+    """A decode step's one-row product at its default tiling for projections shaped as Llama's (gate/up narrower),
+    and with the weights read a step ahead or not, launched with programmatic dependent launch where the GPU has it:
+    each the dequantised product (x is rounded to int8 per block of 32, hence the tolerance)."""
+    import dataclasses
+
+    from ringlet.models.kernels import int4_cuda
+
+    linear, _ = packed_linear(n, k, 128, seed=5)
+    out_n = n // 2 if gated else n
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    norm = (1 + 0.3 * torch.randn(k, device="cuda")).bfloat16()
+    tiling = dataclasses.replace(int4_cuda.gemv_tiling(out_n, k, 128, gated), ahead=ahead)
+    out = torch.zeros(1, out_n, device="cuda", dtype=torch.bfloat16)
+    pdl = torch.cuda.get_device_capability()[0] >= 9
+    int4_cuda._int4_gemv_rows(x, linear.packed, linear.scale, linear.offset, 128, out, out_n, k, None, norm, 1e-5,
+                              gated, False, pdl, tiling)
+    y = F.linear(F.rms_norm(x.float(), (k,), norm.float(), 1e-5), linear.dequantize())
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    assert (out.float() - y).abs().max() <= 2e-2 * y.abs().max()
+
+
 @pytest.mark.parametrize("rows", [1, 3, 5, 200])
 @pytest.mark.parametrize("kind", ["int4", "int8"])
 @on_gpu
