@@ -22,7 +22,6 @@ projection is not rounded (its 1/rms scales the sums instead).
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Iterable
 from typing import cast
 
@@ -35,6 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.experts import Experts
 from ringlet.models.gemma import GemmaTransformer
+from ringlet.models.kernels.int4_cuda import interpreted
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import embed_rows
@@ -42,7 +42,7 @@ from ringlet.models.quant_cuda import CudaInt4Experts, CudaQuantizedLinear
 from ringlet.models.tensor_parallel import VocabParallelHead, is_sharded, local_linear
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETED = interpreted()
 
 # (rows, columns, warps) of a projection program; each projection shape keeps the fastest, timed at warm-up. Many
 # columns and warps keep enough loads in flight where a matrix has few rows (Llama-3.2-1B's o and down projections).
