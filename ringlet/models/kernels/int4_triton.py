@@ -377,13 +377,15 @@ def int4_gemv_dp4a_kernel(
         else:
             here_w = w0 + w
             here_g = w0 * 8 // GROUP + g
-            here = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, row_ok, here_w, here_g, K, GROUP)
-            acc += _int4_dp4a_groups(here[0], here[1], here[2], x_even, x_odd, x_scale, x_groups, BLOCK_N, WORDS,
-                                     GROUP, ASM)
+            words, scale, offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, row_ok, here_w, here_g, K,
+                                                 GROUP)
+            acc += _int4_dp4a_groups(words, scale, offset, x_even, x_odd, x_scale, x_groups, BLOCK_N, WORDS, GROUP,
+                                     ASM)
             if GATED:
-                here = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, here_w, here_g, K, GROUP)
-                acc_up += _int4_dp4a_groups(here[0], here[1], here[2], x_even, x_odd, x_scale, x_groups, BLOCK_N,
-                                            WORDS, GROUP, ASM)
+                words, scale, offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, here_w,
+                                                     here_g, K, GROUP)
+                acc_up += _int4_dp4a_groups(words, scale, offset, x_even, x_odd, x_scale, x_groups, BLOCK_N, WORDS,
+                                            GROUP, ASM)
     m = tl.arange(0, 1)
     total = tl.zeros([1], dtype=tl.float32) + tl.sum(squares, axis=0)
     _finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], total, out_ptr, bias_ptr, m, m < 1, rows,

@@ -50,6 +50,7 @@ _GEMV_SHAPES = [(8, 128, 1)] if _INTERPRETED else [
     (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 2048, 8),
     (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 ]
+
 JOIN_SPLITS = 8  # splits whose partial outputs the join reads at once
 
 
@@ -257,17 +258,27 @@ def _attention_split(
         total_exp = total_exp * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
         best = new_best
-    stored = i < GROUP
-    if used == 1:  # the only split: its softmax is the whole one
-        out = out_ptr + heads.to(tl.int64)[:, None] * D + d[None, :]
+    store_split(acc, best, total_exp, part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + g, heads,
+                i < GROUP, s, used, SPLITS, D, JOIN)
+
+
+@triton.jit
+def store_split(acc, best, total_exp, part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, rows, stored, s,
+                used, SPLITS: tl.constexpr, D: tl.constexpr, JOIN: tl.constexpr):
+    """Split s's unnormalised output `acc`, running maximum `best` and sum of exponentials for the rows `rows` of
+    out [., D] (`stored` those that are not padding): the only one of `used` splits writes out itself (its softmax is
+    the whole one); the others store them in the slots rows * SPLITS + s, and the last of them joins
+    (`join_splits`)."""
+    d = tl.arange(0, D)
+    if used == 1:
+        out = out_ptr + rows.to(tl.int64)[:, None] * D + d[None, :]
         tl.store(out, (acc / total_exp[:, None]).to(out_ptr.dtype.element_ty), mask=stored[:, None])
     else:
-        slot = heads * SPLITS + s
+        slot = rows * SPLITS + s
         tl.store(part_acc_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
         tl.store(part_max_ptr + slot, best, mask=stored)
         tl.store(part_sum_ptr + slot, total_exp, mask=stored)
-        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + g, heads, stored, used, SPLITS,
-                    D, JOIN)
+        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, rows, stored, used, SPLITS, D, JOIN)
 
 
 @triton.jit

@@ -58,9 +58,9 @@ from ringlet.worker.engines.torch.fused_decode import (
     JOIN_SPLITS,
     _pdl_available,
     _rotate,
-    join_splits,
     prefetch_l2,
     project,
+    store_split,
     unsupported_reason,
 )
 
@@ -165,17 +165,8 @@ def _paged_attention_split(
         total_exp = total_exp * alpha + p
         acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
         best = new_best
-    stored = i < GROUP
-    if used == 1:  # the only split: its softmax is the whole one
-        out = out_ptr + (b * HEADS + heads).to(tl.int64)[:, None] * D + d[None, :]
-        tl.store(out, (acc / total_exp[:, None]).to(out_ptr.dtype.element_ty), mask=stored[:, None])
-    else:
-        part = (b * HEADS + heads) * SPLITS + s
-        tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=stored[:, None])
-        tl.store(part_max_ptr + part, best, mask=stored)
-        tl.store(part_sum_ptr + part, total_exp, mask=stored)
-        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + b * KV_HEADS + g,
-                    b * HEADS + heads, stored, used, SPLITS, D, JOIN)
+    store_split(acc, best, total_exp, part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+                count_ptr + b * KV_HEADS + g, b * HEADS + heads, i < GROUP, s, used, SPLITS, D, JOIN)
 
 
 @triton.jit
