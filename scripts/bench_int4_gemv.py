@@ -19,6 +19,7 @@ import itertools
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from ringlet.cli.bench import copy_bandwidth
 from ringlet.cli.bench import cuda_graph_seconds as graph_seconds
@@ -44,8 +45,9 @@ def reference(x, weight, norm, eps, gated, residual_into):
 
 
 def measure(name: str, n: int, inp: torch.Tensor, norm: torch.Tensor | None, eps: float, gated: bool,
-            residual: bool, group_size: int, grid: list, bandwidth: float) -> None:
-    """Prints one projection's bf16 and int4 speeds (int4 at each (tiling, PDL) of `grid`; empty: `launches`)."""
+            residual: bool, group_size: int, grid: list, bandwidth: float) -> list:
+    """Prints one projection's bf16 and int4 speeds (int4 at each (tiling, PDL) of `grid`; empty: `launches`);
+    returns the int4 timings, fastest first: (seconds, error, tiling, PDL)."""
     k = inp.shape[-1]
     out_n = n // 2 if gated else n
     weight = torch.randn(n, k, device=inp.device) * 0.02
@@ -67,11 +69,11 @@ def measure(name: str, n: int, inp: torch.Tensor, norm: torch.Tensor | None, eps
 
     results = []
     default = int4_cuda.gemv_tiling(out_n, k, group_size, gated)
-    for tiling, pdl in grid or launches(default, inp.device):
+    for tiling, pdl in [(default, grid[0][1])] + grid if grid else launches(default, inp.device):
         out = start.clone()
         try:
             project(layer, out, tiling, pdl)
-        except triton.CompilationError as failure:  # a tiling the compiler refuses (registers, shared memory)
+        except (triton.CompilationError, OutOfResources) as failure:  # a tiling the compiler or GPU refuses
             print(f"  {tiling}: {str(failure)[:120]}")
             continue
         error = (out.float() - expected).abs().max().item() / expected.abs().max().item()
@@ -79,10 +81,12 @@ def measure(name: str, n: int, inp: torch.Tensor, norm: torch.Tensor | None, eps
         secs = graph_seconds([lambda lay=lay, o=o, t=tiling, p=pdl: project(lay, o, t, p)
                               for lay, o in zip(layers, outs)])
         results.append((secs, error, tiling, pdl))
-    for secs, error, tiling, pdl in sorted(results, key=lambda r: r[0])[:8]:
-        launch = "PDL" if pdl else "plain launch"
+    fastest = sorted(results, key=lambda r: r[0])
+    for secs, error, tiling, pdl in fastest[:8] + ([results[0]] if grid else []):
+        launch = ("PDL" if pdl else "plain launch") + (", the default" if grid and tiling == default else "")
         print(f"  int4 {int4_bytes / secs / 1e9:7,.0f} GB/s ({int4_bytes / secs / bandwidth:4.0%}) "
               f"{secs * 1e6:7.1f} us  error {error:.1e}  {launch}  {tiling}")
+    return fastest
 
 
 def launches(tiling: int4_cuda.GemvTiling, device: torch.device) -> list[tuple[int4_cuda.GemvTiling, bool]]:
@@ -132,6 +136,8 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3.1-8b")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4],
+                        help="--sweep's pipeline depths of the weight loads (1: each step's loads wait in registers)")
     parser.add_argument("--rows", type=int, nargs="*", default=[],
                         help="also time the many-row products at these counts of rows (prompt chunks)")
     options = parser.parse_args()
@@ -154,10 +160,11 @@ def main() -> None:
         ("down + residual", hidden, x_inter, None, False, True),
     ]
     pdl = torch.cuda.get_device_capability(device)[0] >= 9
-    grid = ([(int4_cuda.GemvTiling(b, w, warps, 3, ahead, registers), pdl)
-             for b, w, warps, ahead, registers in
-             itertools.product((8, 16, 32), (64, 128, 256), (4, 8), (False, True), (None, 48, 64, 80))
-             if b * w >= warps * 128]
+    grid = ([(int4_cuda.GemvTiling(b, w, warps, stages, ahead, registers), pdl)
+             for b, w, warps, stages, ahead, registers in
+             itertools.product((8, 16, 32), (32, 64, 128, 256), (4, 8), options.stages, (False, True),
+                               (None, 48, 64, 80))
+             if b * w >= warps * 128 and (stages == 1 or not ahead) and (stages == 1 or registers is None)]
             if options.sweep else [])
     for name, n, inp, nrm, gated, residual in projections:
         measure(name, n, inp, nrm, eps, gated, residual, options.group_size, grid, bandwidth)

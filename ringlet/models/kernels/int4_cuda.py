@@ -112,12 +112,12 @@ def gemv_tiling(n: int, k: int, group: int, gated: bool = False, sms: int = 132)
                  if w <= widest and (k // 8) % w == 0 and (8 * w) % group == 0 and w % 4 == 0)
     warps = 8 if words >= 128 else 4
     if gated:
-        return GemvTiling(32, words, warps, 3)
+        return GemvTiling(32, words, warps, 1)
     if k // (8 * words) > 4:
-        return GemvTiling(8, words, warps, 3, registers=64)
+        return GemvTiling(8, words, warps, 1, registers=64)
     per_sm = -(-n // (16 * sms))
     registers = 65536 // (per_sm * warps * 32) // 8 * 8
-    return GemvTiling(16, words, warps, 3, ahead=True, registers=registers if 64 <= registers < 128 else None)
+    return GemvTiling(16, words, warps, 1, ahead=True, registers=registers if 64 <= registers < 128 else None)
 
 
 def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -130,7 +130,7 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     _kernels().int4_gemv_dp4a_kernel[(-(-n // t.block_n),)](
         row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,
         bias if bias is not None else row, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n, WORDS=t.words,
-        AHEAD=t.ahead, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
+        AHEAD=t.ahead, STAGES=t.stages, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
         num_warps=t.warps, num_stages=t.stages, ASM=not interpreted(), **({"launch_pdl": True} if pdl else {}),
         **({"maxnreg": t.registers} if t.registers else {}),
     )

@@ -322,7 +322,7 @@ def _int4_dp4a_groups(words, scale, offset, x_even, x_odd, x_scale, x_groups,
 @triton.jit
 def int4_gemv_dp4a_kernel(
     x_ptr, words_ptr, scale_ptr, offset_ptr, out_ptr, norm_ptr, bias_ptr, N, K, eps,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, AHEAD: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, AHEAD: tl.constexpr, STAGES: tl.constexpr,
     NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
     ASM: tl.constexpr,
 ):
@@ -351,7 +351,7 @@ def int4_gemv_dp4a_kernel(
     acc = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
     squares = tl.zeros([WORDS * 8], dtype=tl.float32)
-    for w0 in range(0, K // 8, WORDS):
+    for w0 in tl.range(0, K // 8, WORDS, num_stages=STAGES):
         k = w0 * 8 + tl.arange(0, WORDS * 8)
         x = tl.load(x_ptr + k).to(tl.float32)
         if NORM:

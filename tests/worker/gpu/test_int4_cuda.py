@@ -83,12 +83,14 @@ def test_int8_kernel_matches_the_dequantised_weight(rows):
 
 
 @pytest.mark.parametrize(("n", "k", "gated"), [(6144, 4096, False), (4096, 14336, False), (2 * 3584, 4096, True)])
-@pytest.mark.parametrize("ahead", [False, True], ids=["in-step", "step-ahead"])
+@pytest.mark.parametrize(("ahead", "stages"), [(False, 1), (True, 1), (False, 2), (False, 4)],
+                         ids=["in-step", "step-ahead", "2-stages", "4-stages"])
 @on_gpu
-def test_one_row_tilings_of_a_decode_step_agree(n, k, gated, ahead):
+def test_one_row_tilings_of_a_decode_step_agree(n, k, gated, ahead, stages):
     """A decode step's one-row product at its default tiling for projections shaped as Llama's (gate/up narrower),
-    and with the weights read a step ahead or not, launched with programmatic dependent launch where the GPU has it:
-    each the dequantised product (x is rounded to int8 per block of 32, hence the tolerance)."""
+    with the weights read in the step, a step ahead into registers or through shared memory 2 or 4 steps deep,
+    launched with programmatic dependent launch where the GPU has it: each the dequantised product (x is rounded to
+    int8 per block of 32, hence the tolerance)."""
     import dataclasses
 
     from ringlet.models.kernels import int4_cuda
@@ -97,7 +99,7 @@ def test_one_row_tilings_of_a_decode_step_agree(n, k, gated, ahead):
     out_n = n // 2 if gated else n
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     norm = (1 + 0.3 * torch.randn(k, device="cuda")).bfloat16()
-    tiling = dataclasses.replace(int4_cuda.gemv_tiling(out_n, k, 128, gated), ahead=ahead)
+    tiling = dataclasses.replace(int4_cuda.gemv_tiling(out_n, k, 128, gated), ahead=ahead, stages=stages)
     out = torch.zeros(1, out_n, device="cuda", dtype=torch.bfloat16)
     pdl = torch.cuda.get_device_capability()[0] >= 9
     int4_cuda._int4_gemv_rows(x, linear.packed, linear.scale, linear.offset, 128, out, out_n, k, None, norm, 1e-5,
