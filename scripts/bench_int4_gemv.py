@@ -1,6 +1,6 @@
 """One-row (decode) weight-only int4 products on CUDA against the copy bandwidth: GB/s of weight bytes per kernel.
 
-Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--sweep] [--rows 128 512 ...]
+Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--sweep [--stages 1 2 3 4]] [--rows 128 512 ...]
 
 For each projection of the shape's layer (q/k/v with the input's RMSNorm, o with the residual add, gate/up with the
 norm and SiLU gate, down with the residual) and the int8 lm_head: the bf16 product (cuBLAS) and the int4 kernel

@@ -88,8 +88,9 @@ def triton_next_power_of_2(n: int) -> int:
 @dataclass(frozen=True)
 class GemvTiling:
     """A launch of `int4_gemv_dp4a_kernel`: weight rows per program, int32 words (8 codes) of each row a loop step,
-    warps, pipeline stages, whether each step's weights are read a step ahead, and a cap on the registers a thread
-    holds (None: the compiler's choice), which sets how many programs an SM runs at once."""
+    warps, how many steps deep the loads are pipelined through shared memory (1: none), whether each step's weights
+    are read a step ahead into registers, and a cap on the registers a thread holds (None: the compiler's choice),
+    which sets how many programs an SM runs at once."""
 
     block_n: int
     words: int
@@ -106,7 +107,8 @@ def gemv_tiling(n: int, k: int, group: int, gated: bool = False, sms: int = 132)
     the down projection's) 8 rows of 256 words, 8 warps of at most 64 registers (4 programs an SM); the rest (q/k/v,
     o: two steps) 16 rows of 256 words, each step's weights read a step ahead (the first before the PDL wait), with
     the registers capped (to no fewer than 64) so that every program runs at once: q/k/v's 384 programs took 8.3 us
-    in two waves, 6.6 us at 80 registers on an H100."""
+    in two waves, 6.6 us at 80 registers on an H100. No default pipelines through shared memory: 2 and 4 stages were
+    slower at every tiling swept on an H100 (`--sweep --stages 2 4`)."""
     widest = 128 if gated else 256
     words = next(w for w in (256, 128, 64, 32, 16, 8, 4)
                  if w <= widest and (k // 8) % w == 0 and (8 * w) % group == 0 and w % 4 == 0)
@@ -130,8 +132,8 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     _kernels().int4_gemv_dp4a_kernel[(-(-n // t.block_n),)](
         row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,
         bias if bias is not None else row, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n, WORDS=t.words,
-        AHEAD=t.ahead, STAGES=t.stages, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
-        num_warps=t.warps, num_stages=t.stages, ASM=not interpreted(), **({"launch_pdl": True} if pdl else {}),
+        AHEAD=t.ahead, STAGES=t.stages, NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual,
+        PDL=pdl, num_warps=t.warps, num_stages=t.stages, ASM=not interpreted(), **({"launch_pdl": True} if pdl else {}),
         **({"maxnreg": t.registers} if t.registers else {}),
     )
 

@@ -332,7 +332,9 @@ def int4_gemv_dp4a_kernel(
     multiple of 8 * WORDS, 8 * WORDS of GROUP, and GROUP of 32. x is rounded to int8 per block of 32 as each step
     reads it (the RMSNorm's 1/rms is a factor of the whole row, applied at the end). AHEAD: each step's weights are
     read one step ahead, the first ones before the PDL wait (they do not depend on the kernel before, so their
-    reads overlap its last programs), at the cost of the registers that hold them."""
+    reads overlap its last programs), at the cost of the registers that hold them. STAGES > 1: the loop's loads are
+    pipelined that many steps deep through shared memory (Triton does so for loads that feed no `tl.dot` only when
+    the loop asks)."""
     STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
