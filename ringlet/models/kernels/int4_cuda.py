@@ -95,7 +95,7 @@ class GemvTiling:
     block_n: int
     words: int
     warps: int = 4
-    stages: int = 3
+    stages: int = 1
     ahead: bool = False
     registers: int | None = None
 
@@ -114,12 +114,12 @@ def gemv_tiling(n: int, k: int, group: int, gated: bool = False, sms: int = 132)
                  if w <= widest and (k // 8) % w == 0 and (8 * w) % group == 0 and w % 4 == 0)
     warps = 8 if words >= 128 else 4
     if gated:
-        return GemvTiling(32, words, warps, 1)
+        return GemvTiling(32, words, warps)
     if k // (8 * words) > 4:
-        return GemvTiling(8, words, warps, 1, registers=64)
+        return GemvTiling(8, words, warps, registers=64)
     per_sm = -(-n // (16 * sms))
     registers = 65536 // (per_sm * warps * 32) // 8 * 8
-    return GemvTiling(16, words, warps, 1, ahead=True, registers=registers if 64 <= registers < 128 else None)
+    return GemvTiling(16, words, warps, ahead=True, registers=registers if 64 <= registers < 128 else None)
 
 
 def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

@@ -50,7 +50,6 @@ _GEMV_SHAPES = [(8, 128, 1)] if _INTERPRETED else [
     (1, 2048, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 2048, 8),
     (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 ]
-
 JOIN_SPLITS = 8  # splits whose partial outputs the join reads at once
 
 
