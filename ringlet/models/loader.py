@@ -52,7 +52,8 @@ class LoadedStage:
     pooling: Pooling | None = None  # an embedding model's (`models/pooling.py`); None: a generation model
 
 
-# called after each layer a stage loads: (layers loaded, layers of the stage, bytes the loaded layers keep)
+# called after each layer a stage loads: (layers loaded, layers of the stage, bytes the loaded layers keep), and
+# once more when the whole stage is loaded, with every byte it keeps
 LoadProgress = Callable[[int, int, int], None]
 _progress_listeners: list[LoadProgress] = []
 
@@ -222,6 +223,9 @@ def load_stage(
     if sharded:
         tensor_parallel.shard_ends(cast("Transformer", model), None, weights, dtype, device)
     _return_freed_memory()
+    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    for listener in _progress_listeners:  # the embedding, the lm_head and the final norm loaded too
+        listener(end - start, end - start, held)
     return LoadedStage(args, model, tokenizer, start, end, quantized, pooling=pooling)
 
 

@@ -21,17 +21,30 @@ from ringlet.worker.runner import Outbox, _layers_loaded, fetch_stage_files, sta
 from tests.support.hub import REPO_ID
 
 
-def test_every_layer_loaded_is_reported_with_the_bytes_kept_so_far() -> None:
+def test_every_layer_loaded_is_reported_with_the_bytes_kept_so_far_then_the_whole_stage() -> None:
     calls: list[tuple[int, int, int]] = []
     with reporting_load_progress(lambda *call: calls.append(call)):
         stage = load_stage(None, 4, 7, dtype=torch.bfloat16, quantize="int8")
-    assert [(done, total) for done, total, _ in calls] == [(1, 3), (2, 3), (3, 3)]
+    assert [(done, total) for done, total, _ in calls] == [(1, 3), (2, 3), (3, 3), (3, 3)]
     kept = [k for *_, k in calls]
     layers = sum(t.numel() * t.element_size() for t in (*stage.model.layers.parameters(),
                                                          *stage.model.layers.buffers()))
-    assert kept[0] < kept[1] < kept[2] == layers
+    whole = sum(t.numel() * t.element_size() for t in (*stage.model.parameters(), *stage.model.buffers()))
+    assert kept[0] < kept[1] < kept[2] == layers and kept[3] == whole
     load_stage(None, 0, 1)
-    assert len(calls) == 3  # outside the block nothing is reported
+    assert len(calls) == 4  # outside the block nothing is reported
+
+
+def test_a_loaded_stage_reports_the_bytes_placement_counted_for_it() -> None:
+    from ringlet.models.catalog import WEIGHT_ONLY_INT8, card_from_path
+    from ringlet.models.loader import resolve_model_path
+
+    calls: list[tuple[int, int, int]] = []
+    with reporting_load_progress(lambda *call: calls.append(call)):
+        load_stage(None, 0, 30, dtype=torch.bfloat16, quantize="int4 where stored")
+    card = card_from_path("embedded", resolve_model_path(None))
+    assert calls[-2][2] < calls[-1][2], "the embedding, the lm_head and the final norm count too"
+    assert calls[-1] == (30, 30, card.stage_bytes(0, 30, WEIGHT_ONLY_INT8))
 
 
 def test_the_runner_sends_each_layer_as_loading_progress_with_its_bytes() -> None:
