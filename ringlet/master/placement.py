@@ -31,7 +31,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ringlet.models.catalog import ModelCard, engine_weight_format
 from ringlet.models.config import shard_misfit
 from ringlet.models.kernels import CPU_KERNEL_FLAGS
-from ringlet.shared.config import KV_SHARE, MIN_CONTEXT, Precision, context_that_fits, sharded_precision
+from ringlet.shared.config import (
+    DEFAULT_MAX_BATCH,
+    KV_SHARE,
+    MIN_CONTEXT,
+    Precision,
+    cache_positions,
+    context_that_fits,
+    sharded_precision,
+)
 from ringlet.shared.engine_info import GpuInfo
 from ringlet.shared.instances import (
     MOST_TENSOR_PARALLEL,
@@ -349,6 +357,8 @@ def place(
         tokens = context(suitable[:size])
         stages = _plan(card, suitable[:size], instance_type, tokens, rooms, precision, degree)
         if all(s.fits for s in stages):
+            positions = cache_plan(stages, tokens)
+            stages = [with_cache(s, tokens, positions) for s in stages]
             shards = [Shard(node_id=s.node_id, rank=rank, start=s.start, end=s.end, num_layers=card.num_layers,
                             engine=s.engine, devices=tuple(DeviceLayers(device=d.device, start=d.start, end=d.end)
                                                            for d in s.devices))
@@ -357,7 +367,7 @@ def place(
                                 intel_gpu_devices=options.intel_gpu_devices,
                                 ipex_optimization_level=options.ipex_optimization_level,
                                 max_context=options.max_context, context_length=tokens,
-                                tensor_parallel=degree)
+                                kv_cache_tokens=positions, tensor_parallel=degree)
             return Placement(instance=instance, stages=stages)
     ring = suitable[: ring_sizes[-1]]
     tokens = context(ring)
@@ -608,6 +618,37 @@ def _plan(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType
     return stages
 
 
+def _torch_device(engine: EngineType) -> str:
+    return "xpu" if engine == "ipex" else "cuda" if engine == "cuda" else "cpu"
+
+
+def cache_plan(stages: Sequence[StagePlan], context: int, max_batch: int = DEFAULT_MAX_BATCH) -> int | None:
+    """The KV cache positions every torch stage of a ring will hold for a context window of `context` positions
+    (their engines agree on the smallest, `pipeline._agreed`): `cache_positions` over the room each stage's (or each
+    of its Intel GPUs') weights leave, for a node's default batch; None where no stage is a torch engine's (MLX
+    grows its caches as sequences come)."""
+    counts = []
+    for stage in stages:
+        if stage.engine == "mlx" or context <= 0:
+            continue
+        parts = ([(d.usable_bytes, d.weight_bytes, d.kv_bytes) for d in stage.devices]
+                 or [(stage.usable_bytes, stage.weight_bytes, stage.kv_bytes)])
+        counts += [cache_positions(context, _torch_device(stage.engine), max_batch, usable - weights, kv // context)
+                   for usable, weights, kv in parts]
+    return min(counts) if counts else None
+
+
+def with_cache(stage: StagePlan, context: int, positions: int | None) -> StagePlan:
+    """`stage` counting a KV cache of `positions` positions where it counted one context (`cache_plan`)."""
+    if positions is None or stage.engine == "mlx" or context <= 0:
+        return stage
+    devices = [d.model_copy(update={"kv_bytes": d.kv_bytes // context * positions,
+                                    "memory_bytes": d.weight_bytes + d.kv_bytes // context * positions})
+               for d in stage.devices]
+    kv = sum(d.kv_bytes for d in devices) if devices else stage.kv_bytes // context * positions
+    return stage.model_copy(update={"kv_bytes": kv, "memory_bytes": stage.weight_bytes + kv, "devices": devices})
+
+
 def fitting_context(card: ModelCard, ring: Sequence[NodeInfo], instance_type: InstanceType, rooms: dict[str, _Room],
                     precision: Precision = "auto", degree: int = 1) -> int:
     """The context window of an instance placed on `ring` without one: the model's own, capped by the KV cache
@@ -617,7 +658,7 @@ def fitting_context(card: ModelCard, ring: Sequence[NodeInfo], instance_type: In
     for stage in _plan(card, ring, instance_type, 0, rooms, precision, degree):
         per_token = stage_parts(card, stage.start, stage.end, stage.engine, 1, stage.weight_format)[1]
         # MLX's memory is the host's, shared with the rest of the machine as the CPU engine's is
-        share = KV_SHARE["xpu" if stage.engine == "ipex" else "cuda" if stage.engine == "cuda" else "cpu"]
+        share = KV_SHARE[_torch_device(stage.engine)]
         contexts.append(context_that_fits(card.context_length, stage.usable_bytes - stage.weight_bytes, per_token,
                                           share))
     return min(contexts)

@@ -34,6 +34,20 @@ KV_SHARE = {"cpu": 0.25, "cuda": 0.8, "xpu": 0.8}
 # an instance given no context window is not given one shorter than this (or than the model's own): where not even
 # that fits, placement refuses it saying what it needs
 LEAST_CHOSEN_CONTEXT = 2048
+# a CPU's cache holds this many sequences at the longest context (many more short ones): a CPU computes a few
+# sequences at a time usefully, and the cache is committed at load, so a larger one only takes memory from the machine
+CPU_CONTEXTS = 8
+DEFAULT_MAX_BATCH = 64  # sequences generating at once in an instance (EngineConfig.max_batch)
+
+
+def cache_positions(context: int, device_type: str, max_batch: int, room_bytes: int, bytes_per_token: int) -> int:
+    """Positions of a stage's KV cache on a torch device of `device_type` (cpu, cuda, xpu): what `max_batch`
+    sequences of `context` positions use (on a CPU, CPU_CONTEXTS of them at most), capped by the device's share
+    (KV_SHARE) of `room_bytes`, the memory the stage's weights leave, and at least one such sequence. An engine sizes
+    its cache so over the memory it finds free, and placement over the room it counted, as the bytes it will hold."""
+    fits = int(max(room_bytes, 0) * KV_SHARE.get(device_type, KV_SHARE["cpu"])) // max(bytes_per_token, 1)
+    sequences = min(max_batch, CPU_CONTEXTS) if device_type == "cpu" else max_batch
+    return max(context, min(fits, sequences * context))
 
 
 def context_that_fits(model_context: int, free_bytes: int, kv_bytes_per_token: int, share: float) -> int:
@@ -68,7 +82,8 @@ class EngineConfig(BaseModel):
     cpu_compile: bool = Field(True, description="compile the CPU decode step at warm-up (False: decode eagerly)")
     cuda_decode: CudaDecode = "fused"
     cuda_compile: CudaCompile = "tuned"
-    max_batch: int = Field(64, ge=1, le=1024, description="sequences generating at once in an instance")
+    max_batch: int = Field(DEFAULT_MAX_BATCH, ge=1, le=1024, description="sequences generating at once in an "
+                                                                         "instance")
     max_step_tokens: int = Field(512, ge=16, description="tokens one batched step computes: decodes and prompt chunks")
     burst_pause_ms: int = Field(250, ge=0, description="milliseconds a generating stream may pause while a burst of "
                                                        "new prompts is filled first (0: every step decodes every "
@@ -88,6 +103,9 @@ class EngineConfig(BaseModel):
     kv_cache_tokens: int | None = Field(None, ge=16, description="positions the KV cache holds over all sequences "
                                                                "(default: sized from the memory left after the "
                                                                "weights)")
+    kv_cache_plan: int | None = Field(None, ge=16, description="positions placement counted for an instance's KV "
+                                                             "cache (Instance.kv_cache_tokens): its engines hold no "
+                                                             "more, and one context at least")
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str], **overrides: object) -> EngineConfig:

@@ -147,6 +147,10 @@ class Instance(BaseModel):
                                                                 "capped by the model's own, else the model's own "
                                                                 "capped by what its nodes' memory holds (placement "
                                                                 "sizes its KV cache for it); None: the node's")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="positions of each stage's KV cache that placement "
+                                                                 "counted (as many sequences of context_length as "
+                                                                 "the engines take, in their share of the memory "
+                                                                 "left); its engines hold no more; None: the node's")
 
     @field_validator("instance_type", mode="before")
     @classmethod

@@ -351,7 +351,8 @@ def plan(state: State, node_id: str, running: Collection[str], data_host: str = 
             continue
         bound = BoundInstance(instance=record.instance, node_id=node_id)
         context = record.instance.context_length or record.instance.max_context
-        own = config if context is None else config.model_copy(update={"max_context": context})
+        own = config.model_copy(update={"max_context": context or config.max_context,
+                                        "kv_cache_plan": record.instance.kv_cache_tokens})
         if bound.shard.rank == 0:
             start.append(LoadShard(bound=bound, config=own, data_host=data_host))
         elif record.ring is not None:

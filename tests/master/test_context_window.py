@@ -8,7 +8,7 @@ import pytest
 from ringlet.master.placement import GIB, InstanceOptions, PlacementError, place, preview, stage_parts
 from ringlet.models.catalog import ModelCard, card_from_args
 from ringlet.models.config import ModelArgs
-from ringlet.shared.config import KV_SHARE, LEAST_CHOSEN_CONTEXT, context_that_fits
+from ringlet.shared.config import CPU_CONTEXTS, KV_SHARE, LEAST_CHOSEN_CONTEXT, cache_positions, context_that_fits
 from ringlet.shared.engine_info import GpuInfo
 from ringlet.shared.instances import InstanceType
 from tests.support.node_infos import node_info
@@ -49,7 +49,10 @@ def test_an_instance_given_no_window_takes_what_the_memory_after_the_weights_hol
                                  KV_SHARE["cpu"])
     assert LEAST_CHOSEN_CONTEXT < expected < card.context_length, "the memory is what caps it here"
     assert placement.instance.context_length == expected and placement.instance.max_context is None
-    assert stage.kv_bytes == expected * per_token, "the KV cache counted is the one the engines will hold"
+    positions = placement.instance.kv_cache_tokens
+    assert positions == cache_positions(expected, "cpu", 64, stage.usable_bytes - stage.weight_bytes, per_token)
+    assert expected <= positions < 2 * expected, "a quarter of the room: about one window, in whole thousands"
+    assert stage.kv_bytes == positions * per_token, "the KV cache counted is the one the engines will hold"
     assert stage.fits
     roomier = place(card, InstanceType.CPU_RING, [node_info("a", 24)], instance_id="i")
     assert roomier.instance.context_length is not None and roomier.instance.context_length > expected
@@ -60,7 +63,9 @@ def test_an_asked_window_wins_capped_by_the_models() -> None:
     short = place(card, InstanceType.CPU_RING, [node_info("a", 12)], instance_id="i",
                   options=InstanceOptions(max_context=4096))
     assert (short.instance.max_context, short.instance.context_length) == (4096, 4096)
-    assert short.stages[0].kv_bytes == 4096 * stage_parts(card, 0, card.num_layers, "cpu", 1)[1]
+    positions = short.instance.kv_cache_tokens
+    assert positions is not None and 4096 < positions <= CPU_CONTEXTS * 4096, "a few windows, in a quarter of the room"
+    assert short.stages[0].kv_bytes == positions * stage_parts(card, 0, card.num_layers, "cpu", 1)[1]
     with pytest.raises(PlacementError, match="a 131072-token KV cache"):
         place(card, InstanceType.CPU_RING, [node_info("a", 12)], instance_id="i",
               options=InstanceOptions(max_context=1 << 20))
@@ -86,7 +91,34 @@ def test_a_rings_window_is_what_its_smallest_room_holds() -> None:
         windows.append(context_that_fits(card.context_length, stage.usable_bytes - stage.weight_bytes, per_token,
                                          KV_SHARE["cpu"]))
     assert placement.instance.context_length == min(windows) and len(set(windows)) == 2
-    assert all(s.kv_bytes == min(windows) * stage_parts(card, s.start, s.end, "cpu", 1)[1] for s in placement.stages)
+    positions = placement.instance.kv_cache_tokens
+    assert positions == min(cache_positions(min(windows), "cpu", 64, s.usable_bytes - s.weight_bytes,
+                                            stage_parts(card, s.start, s.end, "cpu", 1)[1]) for s in placement.stages)
+    assert all(s.kv_bytes == positions * stage_parts(card, s.start, s.end, "cpu", 1)[1] for s in placement.stages), \
+        "every stage holds the positions the smallest room holds"
+    assert all(s.fits for s in placement.stages)
+
+
+def test_a_short_window_is_counted_as_the_sequences_the_engine_caches() -> None:
+    card = long_card(num_layers=2)
+    per_token = stage_parts(card, 0, card.num_layers, "cpu", 1)[1]
+    cpu = place(card, InstanceType.CPU_RING, [node_info("a", 64)], instance_id="i",
+                options=InstanceOptions(max_context=1024))
+    assert cpu.instance.kv_cache_tokens == CPU_CONTEXTS * 1024, "a CPU caches a few windows where they fit"
+    assert cpu.stages[0].kv_bytes == CPU_CONTEXTS * 1024 * per_token
+    assert cpu.stages[0].memory_bytes == cpu.stages[0].weight_bytes + cpu.stages[0].kv_bytes
+    nvidia = GpuInfo(vendor="nvidia", index=0, name="NVIDIA Test", memory_total_bytes=12 * GIB)
+    gpu = place(card, InstanceType.CUDA_RING, [node_info("g", 64, engines=("cuda", "cpu"), gpus=(nvidia,))],
+                instance_id="i", options=InstanceOptions(max_context=1024))
+    (stage,) = gpu.stages
+    assert gpu.instance.kv_cache_tokens == cache_positions(1024, "cuda", 64, stage.usable_bytes - stage.weight_bytes,
+                                                           stage.kv_bytes // gpu.instance.kv_cache_tokens)
+    assert gpu.instance.kv_cache_tokens == 64 * 1024, "a GPU caches a batch of windows where they fit"
+    assert stage.fits
+    cramped = place(card, InstanceType.CUDA_RING, [node_info("g", 64, engines=("cuda", "cpu"), gpus=(nvidia,))],
+                    instance_id="i", options=InstanceOptions(max_context=65536))
+    (stage,) = cramped.stages
+    assert stage.fits and stage.memory_bytes > 0.8 * stage.usable_bytes, "else most of the room the weights leave"
 
 
 def test_the_preview_shows_the_window() -> None:

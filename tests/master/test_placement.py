@@ -54,17 +54,23 @@ def test_single_node_gets_every_layer() -> None:
     placement = place(small_card(), InstanceType.CPU_RING, [node_info("a", 8)], instance_id="i")
     (shard,) = placement.instance.shards
     assert (shard.node_id, shard.start, shard.end, shard.engine) == ("a", 0, 30, "cpu")
-    assert placement.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 8192)
+    assert placement.instance.context_length == 8192
+    positions = placement.instance.kv_cache_tokens
+    assert positions is not None and 8192 < positions <= 8 * 8192, "a CPU caches a few windows in a quarter of its room"
+    assert placement.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", positions)
 
 
 def test_an_instances_context_window_sizes_its_kv_cache_capped_by_the_models() -> None:
     short = place(small_card(), InstanceType.CPU_RING, [node_info("a", 8)], instance_id="i",
                   options=InstanceOptions(max_context=2048))
     assert short.instance.max_context == 2048
-    assert short.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 2048)
+    assert short.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 8 * 2048)
     longer = place(small_card(), InstanceType.CPU_RING, [node_info("a", 8)], instance_id="i",
                    options=InstanceOptions(max_context=65536))
-    assert longer.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", 8192), "the model's own limit"
+    assert longer.instance.context_length == 8192, "the model's own limit"
+    positions = longer.instance.kv_cache_tokens
+    assert positions is not None and 8192 < positions <= 8 * 8192
+    assert longer.stages[0].memory_bytes == stage_bytes(small_card(), 0, 30, "cpu", positions)
     (cpu,) = [p for p in preview(small_card(), [node_info("a", 8)], options=InstanceOptions(max_context=2048))
               if p.instance_type == InstanceType.CPU_RING]
     assert cpu.stages[0].kv_bytes == short.stages[0].kv_bytes
@@ -207,7 +213,9 @@ def test_a_cpu_that_quantises_is_counted_at_a_byte_a_weight() -> None:
         place(card, InstanceType.CPU_RING, [plain], instance_id="i")  # fp32 there: four bytes a weight
     placement = place(card, InstanceType.CPU_RING, [bf16_cpu], instance_id="i", kv_tokens=8192)
     [stage] = placement.stages
-    assert stage.memory_bytes == stage_bytes(card, 0, card.num_layers, "cpu", 8192, "int8") <= stage.usable_bytes
+    positions = placement.instance.kv_cache_tokens
+    assert positions is not None and 8192 <= positions < 2 * 8192, "a quarter of the room the weights leave"
+    assert stage.memory_bytes == stage_bytes(card, 0, card.num_layers, "cpu", positions, "int8") <= stage.usable_bytes
 
 
 def q4_k_m_like_8b() -> ModelCard:

@@ -48,6 +48,15 @@ def test_the_context_window_placement_chose_reaches_its_runners_config() -> None
     assert load.config == EngineConfig(precision="fp32", max_context=20480)
 
 
+def test_the_kv_cache_placement_counted_reaches_its_runners_config() -> None:
+    instance = Instance(instance_id="inst-4", model="m", instance_type="CpuRing", context_length=4096,
+                        kv_cache_tokens=32768, shards=[Shard(node_id="a", rank=0, start=0, end=30, num_layers=30)])
+    state = apply(apply(State(), NodeJoined(node=node_info("a", 8.0))), InstanceCreated(instance=instance,
+                                                                                     created_at=0.0))
+    (load,), _ = plan(state, "a", [], config=EngineConfig(precision="fp32"))
+    assert load.config == EngineConfig(precision="fp32", max_context=4096, kv_cache_plan=32768)
+
+
 def test_later_stage_starts_only_once_the_ring_is_hosted() -> None:
     state = with_two_stage_instance()
     start_a, _ = plan(state, "a", [])

@@ -2,7 +2,8 @@
 one forward (`forward_batch`); `worker/batching.py` decides what each step computes.
 
 The cache is sized once, at load: `EngineConfig.kv_cache_tokens` positions, or by default what fits in a share of
-the memory left after the weights, capped at every running sequence at the longest context.
+the memory left after the weights, capped at every running sequence at the longest context and at what the
+instance's placement counted for it.
 
 Most steps only decode. On a CPU that step is compiled at warm-up (`EngineConfig.cpu_compile`) with symbolic
 batch and context sizes, so one compile serves them all: eager, a step of the embedded model is about 1200 small
@@ -31,7 +32,7 @@ from ringlet.models.loader import LoadedStage
 from ringlet.models.moe import routes_in_grouped_products
 from ringlet.models.paged_cache import BatchLayout, PagedKVCache, SequenceStep
 from ringlet.models.tokenizer import Tokenizer
-from ringlet.shared.config import KV_SHARE, EngineConfig
+from ringlet.shared.config import EngineConfig, cache_positions
 from ringlet.shared.instances import BoundInstance
 from ringlet.shared.tasks import EmbeddingTask, GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import load_torch_stage
@@ -47,16 +48,12 @@ BLOCK_SIZE = 16
 # llama-3.1-8b --streams 1 8 64` took 0.8-2 s, each the first of its shape; the same steps later took 20-40 ms)
 EAGER_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MOST_GRAPHED_ROWS = 1024  # tokens of the largest step on a CUDA graph; a longer step runs its chunks eagerly
-# a CPU's cache holds this many sequences at the longest context (many more short ones): a CPU computes a few
-# sequences at a time usefully, and the cache is committed at load, so a larger one only takes memory from the machine
-CPU_CONTEXTS = 8
 
 
 def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConfig, context_length: int,
                     free: int | None = None) -> int:
-    """Positions of the cache: as configured, else a share of the free memory (`free` bytes, or what the device
-    reports), capped at what max_batch sequences of the longest context use (on a CPU, CPU_CONTEXTS of them), and
-    at least one such sequence."""
+    """Positions of the cache: as configured, else `cache_positions` over the free memory (`free` bytes, or what the
+    device reports), no more than the instance's placement counted (`config.kv_cache_plan`)."""
     if config.kv_cache_tokens is not None:
         return config.kv_cache_tokens
     args, dtype = stage.args, next(stage.model.parameters()).dtype
@@ -68,9 +65,8 @@ def kv_cache_tokens(stage: LoadedStage, device: torch.device, config: EngineConf
         free = torch.xpu.mem_get_info(device)[0]
     elif free is None:
         free = psutil.virtual_memory().available
-    fits = int(free * KV_SHARE.get(device.type, 0.25)) // per_token
-    sequences = min(config.max_batch, CPU_CONTEXTS) if device.type == "cpu" else config.max_batch
-    return max(context_length, min(fits, sequences * context_length))
+    own = cache_positions(context_length, device.type, config.max_batch, free, per_token)
+    return own if config.kv_cache_plan is None else min(own, max(context_length, config.kv_cache_plan))
 
 
 def own_context_length(stage: LoadedStage, config: EngineConfig) -> int:
