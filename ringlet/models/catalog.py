@@ -33,13 +33,15 @@ CardSource = Literal["catalog", "embedded", "hub", "local", "ollama"]
 # Bytes per parameter of the dtypes the torch engines compute in.
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 # the weight formats of the engines that quantise (names beside the dtypes above; `WEIGHT_FORMATS` says what each
-# holds): the CPU engine where bf16 is native (int4 where a file keeps 4-bit groups, int8 elsewhere), and int4 asked
-# of a GPU engine (CUDA: groups of 128, the Intel GPU kernel: the groups of 32 that GGUF files and the CPU use)
+# holds): int8 asked of any engine (every linear rounded to int8), the CPU engine's default where bf16 is native (a
+# file's 4-bit groups as they are, int8 elsewhere), and int4 asked of a GPU engine (CUDA: groups of 128, the Intel GPU
+# kernel: the groups of 32 that GGUF files and the CPU use)
 WEIGHT_ONLY_INT8 = "int8"
+CPU_STORED_INT4 = "int4 where stored, else int8"
 CUDA_INT4 = "int4/128"
 XPU_INT4 = "int4/32"
-# the same two of the CPU engine where ringlet's kernels run (`CPU_KERNEL_FLAGS`): a file's 5-bit groups kept
-CPU_TILES_INT8 = "int8, 5-bit kept"
+# the CPU engine's default and int4 where ringlet's kernels run (`CPU_KERNEL_FLAGS`): a file's 5-bit groups kept too
+CPU_TILES_STORED = "int4/5-bit where stored, else int8"
 CPU_TILES_INT4 = "int4/32, 5-bit kept"
 FIVE_BIT_BYTES = 0.75  # a 5-bit code as 4-bit tiles and a fifth-bit mask, with a bf16 scale and zero per 32
 MXFP4_BYTES = 4.25 / 8  # a 4-bit code a weight and a one-byte scale a group of 32
@@ -68,16 +70,18 @@ def _int4(group: int, scale_bytes: int) -> float:
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {
     **{dtype: WeightFormat(size, size, size, dtype, dtype) for dtype, size in DTYPE_BYTES.items()},
+    # int8 with a bf16 scale per output channel, a file's 4-bit groups rounded again; an int8 embedding and lm_head
+    WEIGHT_ONLY_INT8: WeightFormat(1, 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
     # codes and bf16 scale/zero pairs of the file's groups of 32, else int8 with a bf16 scale per output channel;
     # an int8 embedding and lm_head (the lm_head's logits decide every token)
-    WEIGHT_ONLY_INT8: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
+    CPU_STORED_INT4: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
     # every linear rounded to 4 bits in groups of 128 with fp16 scale/zero pairs; the embedding in groups of 32 unless
     # it is the lm_head too
     CUDA_INT4: WeightFormat(_int4(128, 2), _int4(128, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True,
                             int4_embedding=True),
     XPU_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True),
-    CPU_TILES_INT8: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True,
-                                 five_bit_linear=FIVE_BIT_BYTES),
+    CPU_TILES_STORED: WeightFormat(_int4(32, 2), 1, 1, "bfloat16", "bfloat16", row_scale=2, int8_embedding=True,
+                                   five_bit_linear=FIVE_BIT_BYTES),
     CPU_TILES_INT4: WeightFormat(_int4(32, 2), _int4(32, 2), 1, "bfloat16", "bfloat16", row_scale=2,
                                  int8_embedding=True, five_bit_linear=FIVE_BIT_BYTES),
 }
@@ -88,22 +92,25 @@ PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16
 def engine_weight_format(engine: str, precision: str = "auto", *, cpu_bf16: bool = False, metal: bool = True,
                          cpu_kernels: bool = False) -> str:
     """How `engine` holds a stage's weights at `precision` (a dtype, or a weight format of `WEIGHT_FORMATS`): MLX in
-    bf16 (float32 without Metal); the CPU engine where bf16 is native (`cpu_bf16`) quantises (int4 where a GGUF file
-    keeps 4-bit groups, int8 elsewhere; every linear int4 in groups of 32 when int4 is asked; where ringlet's kernels
-    run, `cpu_kernels`, a file's 5-bit groups as they are), else float32; CUDA and Intel GPUs in bf16 unless int4
-    (CUDA: groups of 128; an Intel GPU: the groups of 32 its kernel takes from a file or rounds to) or int8 is
-    asked."""
+    bf16 (float32 without Metal); int8 asked of any other engine: every linear int8; the CPU engine by default, where
+    bf16 is native (`cpu_bf16`), keeps a GGUF file's 4-bit groups and holds its other linears in int8 (where ringlet's
+    kernels run, `cpu_kernels`, a file's 5-bit groups kept too), else float32, and int4 asked of it rounds every linear
+    to groups of 32 (the file's own kept); CUDA and Intel GPUs hold bf16 unless int4 is asked (CUDA: groups of 128;
+    an Intel GPU: the groups of 32 its kernel takes from a file or rounds to)."""
     if engine == "mlx":
         return "bfloat16" if metal else "float32"
     if precision in PRECISION_DTYPES:
         return PRECISION_DTYPES[precision]
-    if engine == "cpu" and cpu_bf16 and cpu_kernels:
-        return CPU_TILES_INT4 if precision == "int4" else CPU_TILES_INT8
+    if precision == "int8":
+        return WEIGHT_ONLY_INT8
+    tiles = engine == "cpu" and cpu_bf16 and cpu_kernels
+    if engine == "cpu" and precision == "int4":
+        return CPU_TILES_INT4 if tiles else XPU_INT4
     if engine == "cpu":
-        return (XPU_INT4 if precision == "int4" else WEIGHT_ONLY_INT8) if cpu_bf16 else "float32"
+        return (CPU_TILES_STORED if tiles else CPU_STORED_INT4) if cpu_bf16 else "float32"
     if precision == "int4":
         return CUDA_INT4 if engine == "cuda" else XPU_INT4
-    return WEIGHT_ONLY_INT8 if precision == "int8" else "bfloat16"
+    return "bfloat16"
 
 
 # the 4-bit GGUF types whose codes the int4 kernels take as they are (gguf_loader's grouped types), and the 5-bit
@@ -178,7 +185,8 @@ class ModelCard(BaseModel):
         per_layer = (dense * (four * held.four_bit_linear + five * held.five_bit_linear + (1 - four - five) * held.linear)
                      + experts * expert_bytes + (self.layer_parameters - linears) * plain)
         if held.row_scale and held.linear == 1:  # int8 linears: one scale per output row, at most a row a hidden
-            rounded = dense * (1 - four - five) + (0 if self.expert_weight_bytes else experts)
+            int8_share = 1 - four - five + (four if held.four_bit_linear == held.linear else 0.0)
+            rounded = dense * int8_share + (0 if self.expert_weight_bytes else experts)
             per_layer += rounded * held.row_scale / self.hidden_size
         total = (end - start) * per_layer
         if first and held.int4_embedding and not (self.tie_word_embeddings and last):

@@ -14,7 +14,7 @@ from ringlet.shared.config import EngineConfig
 from ringlet.shared.state import NodeJoined
 from tests.support.node_infos import node_info
 
-# each asks for the same context window, so each is the same size (given none, the last to fit would hold less)
+# each asks for the same context window (given none, the last to fit would hold a shorter one)
 MODEL = {"model": "SmolLM2-135M-Instruct", "max_context": 8192}
 
 
@@ -39,10 +39,15 @@ def test_fifty_instance_requests_stop_at_the_nodes_limit_with_a_clear_409() -> N
 
 def test_instances_still_loading_hold_their_memory() -> None:
     node = Node(node_info("a", 64), config=EngineConfig(max_instances=100))
-    first = create_many(node, 1)[0]
-    needs = first.json()["memory_bytes"][node.info.node_id]
-    # a node whose free memory holds two such instances (with placement's margin), not three
+    needs = create_many(node, 1)[0].json()["memory_bytes"][node.info.node_id]
+    # a node whose free memory holds about two such instances (with placement's margin): each one placed there counts
+    # the KV cache its engine will take, a share of the room the ones before it leave, until not one window fits
     small = Node(node_info("b", 2.5 * needs / 2**30 / 0.8), config=EngineConfig(max_instances=100))
-    replies = create_many(small, 4)
-    assert [r.status_code for r in replies[:2]] == [201, 201], [r.text for r in replies]
-    assert replies[2].status_code == 409 and "still loading instances" in replies[2].json()["error"]["message"]
+    replies = create_many(small, 40)
+    codes = [r.status_code for r in replies]
+    assert 409 in codes, [r.text for r in replies]
+    placed = codes.index(409)
+    assert placed >= 2 and codes[placed:] == [409] * (len(codes) - placed)
+    assert "still loading instances" in replies[placed].json()["error"]["message"]
+    sizes = [r.json()["memory_bytes"][small.info.node_id] for r in replies[:placed]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1], "each a share of a smaller room"

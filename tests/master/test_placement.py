@@ -8,8 +8,9 @@ import pytest
 
 from ringlet.master.placement import GIB, InstanceOptions, PlacementError, place, preview, split_layers, stage_bytes
 from ringlet.models.catalog import (
+    CPU_STORED_INT4,
     CPU_TILES_INT4,
-    CPU_TILES_INT8,
+    CPU_TILES_STORED,
     CUDA_INT4,
     WEIGHT_ONLY_INT8,
     XPU_INT4,
@@ -241,7 +242,7 @@ def test_a_cpu_with_ringlets_kernels_is_counted_holding_a_files_5_bit_groups() -
     tiles.hardware.cpu.flags.extend(CPU_KERNEL_FLAGS)
     [held_int8] = place(card, InstanceType.CPU_RING, [plain], instance_id="i").stages
     [held_five] = place(card, InstanceType.CPU_RING, [tiles], instance_id="i").stages
-    assert (held_int8.weight_format, held_five.weight_format) == (WEIGHT_ONLY_INT8, CPU_TILES_INT8)
+    assert (held_int8.weight_format, held_five.weight_format) == (CPU_STORED_INT4, CPU_TILES_STORED)
     linears = card.num_layers * (card.layer_linear_parameters or 0)
     # each 5-bit weight: 0.75 B where int8 takes 1 B and a bf16 scale a row of `hidden` weights
     saved = 0.6 * linears * (1 + 2 / card.hidden_size - 0.75)
@@ -258,10 +259,14 @@ def test_an_8b_q4_k_m_file_is_counted_as_each_engine_holds_it() -> None:
     # the CPU with native bf16: the file's groups as int4 (codes and bf16 scale/zero per 32: 0.625 B), the rest int8
     # (a byte and a bf16 scale per output row), the embedding and the lm_head int8 (a float32 step, a bf16 scale a
     # row), the norms in bf16
-    cpu_bytes = card.weight_bytes(WEIGHT_ONLY_INT8)
+    cpu_bytes = card.weight_bytes(CPU_STORED_INT4)
     expected = linears * (0.72 * 0.625 + 0.28) + card.embedding_parameters * (1 + 1) + card.vocab_size * (4 + 2)
     assert cpu_bytes == pytest.approx(expected, rel=2e-3)
     assert 5.4 * GIB < cpu_bytes < 5.9 * GIB < card.weight_bytes("bfloat16") / 2.5
+    # int8 asked for rounds the file's 4-bit groups to int8 rows as well
+    assert card.weight_bytes(WEIGHT_ONLY_INT8) == pytest.approx(
+        linears * (1 + 2 / card.hidden_size) + card.embedding_parameters * (1 + 1) + card.vocab_size * (4 + 2),
+        rel=2e-3)
     # CUDA's int4 rounds every linear in groups of 128 (fp16 scale/zero: 0.53 B) and the embedding in groups of 32
     # (0.625 B), the lm_head int8; an Intel GPU's linears in groups of 32, its embedding int8
     assert card.weight_bytes(CUDA_INT4) < card.weight_bytes(XPU_INT4) < cpu_bytes
@@ -274,7 +279,7 @@ def test_an_8b_q4_k_m_file_is_counted_as_each_engine_holds_it() -> None:
     bf16_cpu.hardware.cpu.flags.append("amx_bf16")
     eight_k = InstanceOptions(max_context=8192)
     [stage] = place(card, InstanceType.CPU_RING, [bf16_cpu], instance_id="i", options=eight_k).stages
-    assert (stage.weight_format, stage.weight_bytes) == (WEIGHT_ONLY_INT8, cpu_bytes)
+    assert (stage.weight_format, stage.weight_bytes) == (CPU_STORED_INT4, cpu_bytes)
     assert stage.kv_bytes == 8192 * card.kv_cache_bytes_per_token("bfloat16")  # bf16 cache for the 8192 positions
     assert stage.memory_bytes == stage.weight_bytes + stage.kv_bytes <= stage.usable_bytes
     with pytest.raises(PlacementError, match=r"needs 31\.9 GiB on cpu \(float32 weights"):

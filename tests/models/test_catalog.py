@@ -11,6 +11,7 @@ import pytest
 
 from ringlet.models import loader
 from ringlet.models.catalog import (
+    CPU_STORED_INT4,
     CURATED_CONFIGS,
     WEIGHT_ONLY_INT8,
     XPU_INT4,
@@ -169,7 +170,8 @@ def test_resolve_card_without_the_hub_falls_back_to_the_curated_card(
         resolve_card("nobody/unknown", offline=True)
 
 
-@pytest.mark.parametrize("precision, held_as", [("auto", WEIGHT_ONLY_INT8), ("int4", XPU_INT4), ("bf16", "bfloat16")])
+@pytest.mark.parametrize("precision, held_as", [("auto", CPU_STORED_INT4), ("int8", WEIGHT_ONLY_INT8), ("int4", XPU_INT4),
+                                               ("bf16", "bfloat16")])
 def test_the_card_counts_the_bytes_the_cpu_engine_holds_for_the_embedded_model(precision: str, held_as: str) -> None:
     if not cpu_supports_bf16():
         pytest.skip("the CPU engine quantises only where bf16 is native")

@@ -17,7 +17,7 @@ from safetensors.torch import load, load_file
 from tokenizers import pre_tokenizers
 
 from ringlet.models import gguf_loader, gguf_quants
-from ringlet.models.catalog import CPU_TILES_INT8, WEIGHT_ONLY_INT8, card_from_path
+from ringlet.models.catalog import CPU_STORED_INT4, CPU_TILES_STORED, card_from_path
 from ringlet.models.kernels import cpu_vnni
 from ringlet.models.loader import load_stage
 from ringlet.models.quant import Int4Linear, Int8Linear, cpu_supports_bf16
@@ -345,8 +345,8 @@ def test_the_card_counts_a_5_bit_file_as_the_cpu_kernels_hold_it(tmp_path: Path,
     stage = load_stage(path, quantize="int4 where stored", dtype=torch.bfloat16)
     held = sum(t.numel() * t.element_size() for t in {id(t): t for t in [*stage.model.parameters(),
                                                                          *stage.model.buffers()]}.values())
-    assert card.stage_bytes(0, LAYERS, CPU_TILES_INT8) == pytest.approx(held, rel=0.01)
-    assert card.stage_bytes(0, LAYERS, WEIGHT_ONLY_INT8) > 1.05 * held  # where the 5-bit groups would be int8
+    assert card.stage_bytes(0, LAYERS, CPU_TILES_STORED) == pytest.approx(held, rel=0.01)
+    assert card.stage_bytes(0, LAYERS, CPU_STORED_INT4) > 1.05 * held  # where the 5-bit groups would be int8
 
 
 @needs_vnni

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from ringlet.models.catalog import embedded_card
+from ringlet.models.catalog import CPU_STORED_INT4, embedded_card
 from ringlet.models.loader import load_stage, reporting_load_progress
 from ringlet.models.quant import cpu_supports_bf16
 from ringlet.models.store import ModelStore
@@ -36,7 +36,7 @@ def test_every_layer_loaded_is_reported_with_the_bytes_kept_so_far_then_the_whol
 
 
 def test_a_loaded_stage_reports_the_bytes_placement_counted_for_it() -> None:
-    from ringlet.models.catalog import WEIGHT_ONLY_INT8, card_from_path
+    from ringlet.models.catalog import card_from_path
     from ringlet.models.loader import resolve_model_path
 
     calls: list[tuple[int, int, int]] = []
@@ -44,7 +44,7 @@ def test_a_loaded_stage_reports_the_bytes_placement_counted_for_it() -> None:
         load_stage(None, 0, 30, dtype=torch.bfloat16, quantize="int4 where stored")
     card = card_from_path("embedded", resolve_model_path(None))
     assert calls[-2][2] < calls[-1][2], "the embedding, the lm_head and the final norm count too"
-    assert calls[-1] == (30, 30, card.stage_bytes(0, 30, WEIGHT_ONLY_INT8))
+    assert calls[-1] == (30, 30, card.stage_bytes(0, 30, CPU_STORED_INT4))
 
 
 def test_the_runner_sends_each_layer_as_loading_progress_with_its_bytes() -> None:
@@ -68,7 +68,7 @@ def test_the_stage_bytes_come_from_the_model_card_in_the_engines_format() -> Non
     card = embedded_card()
     fp32 = LoadShard(bound=bound, config=EngineConfig(precision="fp32"))
     assert stage_weight_bytes(fp32) == card.stage_bytes(10, 30, "float32")
-    held = "int8" if cpu_supports_bf16() else "float32"  # the CPU engine quantises where bf16 is native
+    held = CPU_STORED_INT4 if cpu_supports_bf16() else "float32"  # the CPU engine quantises where bf16 is native
     assert stage_weight_bytes(LoadShard(bound=bound, config=EngineConfig())) == card.stage_bytes(10, 30, held)
     missing = bound.model_copy(update={"instance": bound.instance.model_copy(update={"model": "nobody/nothing"})})
     assert stage_weight_bytes(LoadShard(bound=missing, config=EngineConfig())) is None
