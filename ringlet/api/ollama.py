@@ -219,7 +219,8 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
 
 
 def _details(card: ModelCard) -> ModelDetails:
-    quantization = next((d for d in card.bytes_per_dtype if d not in ("float32", "bfloat16", "float16")), "bf16")
+    quantization = card.quantization or next(
+        (d for d in card.bytes_per_dtype if d not in ("float32", "bfloat16", "float16")), "bf16")
     return ModelDetails(format=card.format, family=card.architecture, families=[card.architecture],
                         parameter_size=f"{card.num_parameters / 1e9:.2f}B", quantization_level=quantization)
 

@@ -142,7 +142,7 @@ def _show(args: argparse.Namespace) -> int:
             ("hidden size", str(card.hidden_size)),
             ("attention heads", f"{card.num_attention_heads} ({card.num_key_value_heads} for keys and values)"),
             ("context length", str(card.context_length)), ("vocabulary", str(card.vocab_size)),
-            ("weights", ", ".join(quantised) or "bf16"),
+            ("weights", card.quantization or ", ".join(quantised) or "bf16"),
             ("size", _size(card.download_bytes or card.weight_bytes("bfloat16"))),
             ("runs as", ", ".join(t.value for t in card.instance_types))]
     width = max(len(name) for name, _ in rows)

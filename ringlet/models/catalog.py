@@ -152,6 +152,9 @@ class ModelCard(BaseModel):
     context_length: int = Field(gt=0)
     instance_types: list[InstanceType]
     download_bytes: int | None = Field(None, description="size of the files a full download fetches, if known")
+    quantization: str | None = Field(None, description="how its files store the weights: a GGUF file's type (Q4_K_M), "
+                                                       "a checkpoint's quantisation method (awq, gptq, fp8); None: "
+                                                       "floats, or not known")
     layer_linear_parameters: int | None = Field(None, description="of a layer's parameters, its linear weights "
                                                                   "(None: all but two norms)")
     four_bit_share: float = Field(0.0, ge=0.0, le=1.0, description="of the layers' linear weights, the share a GGUF "
@@ -281,7 +284,10 @@ def card_from_config(
         card = card.model_copy(update={"expert_weight_bytes": MXFP4_BYTES})
         card = card.model_copy(update={"bytes_per_dtype": {
             dtype: card.stage_bytes(0, card.num_layers, dtype) for dtype in card.bytes_per_dtype}})
-    if scheme is None or download is None:
+    if scheme is None:
+        return card
+    card = card.model_copy(update={"quantization": scheme.method})
+    if download is None:
         return card
     # the checkpoint's own bytes under its method's name (AWQ, GPTQ, fp8): what it is quantised to
     return card.model_copy(update={"bytes_per_dtype": {**card.bytes_per_dtype, scheme.method: download}})
@@ -352,17 +358,16 @@ def _layer_parameters_from_shape(shape: ModelShape) -> int:
 
 @functools.cache
 def embedded_card() -> ModelCard:
-    """The embedded SmolLM2-135M-Instruct GGUF, read from its own file (so it can never disagree with it).
-
-    Its weights are dequantised on load, so memory follows `bytes_per_dtype`; the file size is `download_bytes`.
-    """
+    """The embedded SmolLM2-135M-Instruct GGUF, read from its own file (so it can never disagree with it): its sizes,
+    its file type (Q4_1) and the file size (`download_bytes`)."""
     from ringlet.models.embedded import EMBEDDED_MODEL_ID
-    from ringlet.models.loader import read_model_config
+    from ringlet.models.loader import gguf_facts, read_model_config
 
     path, args = read_model_config(None)
     four, five = gguf_bit_shares(path)
-    return card_from_args(EMBEDDED_MODEL_ID, args, format="gguf", source="embedded",
+    card = card_from_args(EMBEDDED_MODEL_ID, args, format="gguf", source="embedded",
                           download_bytes=path.stat().st_size, four_bit_share=four, five_bit_share=five)
+    return card.model_copy(update={"quantization": gguf_facts(path).quantization})
 
 
 def catalog(include_embedded: bool = True) -> list[ModelCard]:
@@ -428,14 +433,15 @@ def resolve_card(ref: str, *, revision: str = "main", offline: bool | None = Non
 def card_from_path(model_id: str, path: Path) -> ModelCard:
     """A card from a local model directory or GGUF file."""
     from ringlet.models.gguf_loader import gguf_size
-    from ringlet.models.loader import read_model_config
+    from ringlet.models.loader import gguf_facts, read_model_config
     from ringlet.models.safetensors_loader import read_config
 
     if path.is_file():
         _, args = read_model_config(path)
         four, five = gguf_bit_shares(path)
-        return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
+        card = card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
                               four_bit_share=four, five_bit_share=five)
+        return card.model_copy(update={"quantization": gguf_facts(path).quantization})
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     return card_from_config(model_id, read_config(path), sizes, source="local", path=path)
 

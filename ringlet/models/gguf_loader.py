@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
 
 from ringlet.models.gguf_quants import (
     DECODED_TYPES,
@@ -135,6 +135,18 @@ class GGUFModel:
     def tensor_types(self) -> dict[str, tuple[str, int]]:
         """Each tensor's GGML type name and element count, in every file of the model."""
         return {name: (t.tensor_type.name, int(t.n_elements)) for name, t in self._tensors.items()}
+
+    def quantization(self) -> str | None:
+        """How the file stores its weights, as llama.cpp names its file types (Q4_K_M, Q8_0, F16): `general.file_type`,
+        else the GGML type of most of its weights; None for a file of floats with neither."""
+        file_types = {t.value: t.name.removeprefix("MOSTLY_").removeprefix("ALL_") for t in LlamaFileType}
+        file_type = self._metadata("general.file_type")
+        if file_type is not None and int(file_type) in file_types:  # else newer than this gguf-py: by its tensors
+            return file_types[int(file_type)]
+        counts: dict[str, int] = {}
+        for kind, elements in self.tensor_types().values():
+            counts[kind] = counts.get(kind, 0) + elements
+        return max(counts, key=lambda kind: counts[kind]) if counts else None
 
     def pooling_type(self) -> int | None:
         """llama.cpp's pooling of an embedding model (`<arch>.pooling_type`: 0 none, 1 mean, 2 cls, 3 last, 4 rank);

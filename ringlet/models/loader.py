@@ -116,6 +116,7 @@ class GGUFFacts:
 
     args: ModelArgs
     tensor_types: Mapping[str, tuple[str, int]]
+    quantization: str | None = None  # llama.cpp's name of the file's type (Q4_K_M)
 
 
 def file_version(path: Path) -> tuple[Path, int, int]:
@@ -133,7 +134,7 @@ def gguf_facts(path: Path) -> GGUFFacts:
 @functools.lru_cache(maxsize=16)
 def _gguf_facts(path: Path, size: int, mtime_ns: int) -> GGUFFacts:
     gguf = _open_gguf(path)
-    return GGUFFacts(model_args(gguf.config), MappingProxyType(gguf.tensor_types()))
+    return GGUFFacts(model_args(gguf.config), MappingProxyType(gguf.tensor_types()), gguf.quantization())
 
 
 def load_stage(

@@ -32,6 +32,7 @@ def test_list_shows_what_is_on_disk_with_real_sizes_and_digests(client: ollama.C
     assert embedded.size == path.stat().st_size and embedded.digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert embedded.modified_at is not None and abs(embedded.modified_at.timestamp() - path.stat().st_mtime) < 1
     assert embedded.details and embedded.details.family == "llama" and embedded.details.format == "gguf"
+    assert embedded.details.quantization_level == "Q4_1", "the file's own type, as Ollama names it"
     assert "Qwen/Qwen3-8B:latest" not in models, "the catalog's models are not listed until on disk"
 
 

@@ -198,3 +198,17 @@ def test_a_gguf_files_card_is_read_once_and_again_when_the_file_changes(tmp_path
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
     assert read_model_config(path)[1].model_type == "qwen3"
     assert len(opened) == 2
+
+
+def test_a_gguf_cards_quantization_is_the_files_type_else_that_of_most_of_its_weights(tmp_path: Path) -> None:
+    import gguf
+
+    assert embedded_card().quantization == "Q4_1"
+    typed, untyped = tmp_path / "typed.gguf", tmp_path / "untyped.gguf"
+    write_tiny_gguf(typed, metadata=lambda w: w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M))
+    write_tiny_gguf(untyped)
+    assert card_from_path("typed", typed).quantization == "Q4_K_M"
+    counts: dict[str, int] = {}
+    for kind, elements in loader.gguf_facts(untyped).tensor_types.values():
+        counts[kind] = counts.get(kind, 0) + elements
+    assert card_from_path("untyped", untyped).quantization == max(counts, key=lambda k: counts[k])
