@@ -77,12 +77,20 @@ def use_persistent_compile_caches(home: Path) -> None:
     """Keep torch.compile's and Triton's artefacts under `home`/cache, so a restart reuses them (seconds, not
     minutes), unless TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR name places of their own. Called where a process
     that compiles starts (a runner, `ringlet run`, `ringlet bench`): the libraries read these variables."""
+    places = [home / "cache" / "inductor", home / "cache" / "triton"]
+    try:
+        for place in places:
+            place.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only home, say: the libraries keep their defaults (a temporary folder)
+        log.warning("torch.compile's caches stay in a temporary folder, since %s cannot be written (%s); set "
+                    "RINGLET_HOME to a writable folder to keep them across restarts", home, error.strerror or error)
+        return
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     # inductor writes its default into the variable once it has used it: that is no place of the user's (and
     # without inductor imported, it cannot have; importing it takes seconds that an eager engine does not spend)
     if current is None or ("torch._inductor" in sys.modules and _is_inductor_default(current)):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(home / "cache" / "inductor")
-    os.environ.setdefault("TRITON_CACHE_DIR", str(home / "cache" / "triton"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(places[0])
+    os.environ.setdefault("TRITON_CACHE_DIR", str(places[1]))
 
 
 def _is_inductor_default(path: str) -> bool:
