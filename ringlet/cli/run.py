@@ -167,7 +167,10 @@ def model_and_prompt(words: list[str], model: str | None) -> tuple[str | None, s
 
 
 class Session(Protocol):
-    """Where `ringlet run` generates: `reply(messages)` streams the answer's text."""
+    """Where `ringlet run` generates: `reply(messages)` streams the answer's text; `stats`: the last reply's
+    statistics, with --stats."""
+
+    stats: str | None
 
     def reply(self, messages: list[ChatMessage]) -> Iterator[str]: ...
 
@@ -178,6 +181,7 @@ class LocalSession:
         self.engine = load_engine(model, args.engine, engine_config(args), args.ipex_optimization_level,
                                   args.intel_gpu_devices)
         self.args, self.sampling = args, sampling
+        self.stats: str | None = None  # the last reply's, with --stats
 
     def reply(self, messages: list[ChatMessage]) -> Iterator[str]:
         from ringlet.worker.engines.ipex import IPEXEngineError
@@ -190,8 +194,8 @@ class LocalSession:
         except (ContextWindowError, ValueError, IPEXEngineError) as e:  # an IPEXMemoryError says what to do
             raise CliError(str(e)) from None
         if self.args.stats and chunk is not None and chunk.timings and chunk.usage:
-            _print_stats(self.engine.name, chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
-                         chunk.timings.time_to_first_token_s, chunk.timings.decode_tokens_per_s)
+            self.stats = _stats(self.engine.name, chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
+                                chunk.timings.time_to_first_token_s, chunk.timings.decode_tokens_per_s)
 
 
 class NodeSession:
@@ -200,6 +204,7 @@ class NodeSession:
 
     def __init__(self, client: NodeClient, model: str | None, args: argparse.Namespace) -> None:
         self.client, self.args = client, args
+        self.stats: str | None = None  # the last reply's, with --stats
         from ringlet.cli.chat import pick_model
 
         self.model = model or pick_model(client)
@@ -221,8 +226,8 @@ class NodeSession:
             raise CliError(str(error)) from None
         if self.args.stats and last.get("eval_count"):
             decode = last["eval_count"] / max(last.get("eval_duration", 0) / 1e9, 1e-9)
-            _print_stats(f"node {self.client.url}", last.get("prompt_eval_count", 0), last["eval_count"],
-                         last.get("prompt_eval_duration", 0) / 1e9, decode)
+            self.stats = _stats(f"node {self.client.url}", last.get("prompt_eval_count", 0), last["eval_count"],
+                                last.get("prompt_eval_duration", 0) / 1e9, decode)
 
     def _load(self) -> None:
         """Have the node load the model (Ollama's empty prompt), pulling it there first when the node lacks a
@@ -319,9 +324,17 @@ def _pullable(model: str) -> bool:
     return True
 
 
-def _print_stats(where: str, prompt: int, generated: int, first_token_s: float, decode_tps: float) -> None:
-    print(f"[{where}] prompt {prompt} tokens, {generated} generated; time to first token {first_token_s * 1000:.0f} "
-          f"ms; decode {decode_tps:.1f} tokens/s", file=sys.stderr)
+def _stats(where: str, prompt: int, generated: int, first_token_s: float, decode_tps: float) -> str:
+    return (f"[{where}] prompt {prompt} tokens, {generated} generated; time to first token "
+            f"{first_token_s * 1000:.0f} ms; decode {decode_tps:.1f} tokens/s")
+
+
+def _print_stats(session: Session) -> None:
+    """The last reply's statistics (--stats) on stderr, once the answer's line is ended."""
+    if session.stats is not None:
+        sys.stdout.flush()
+        print(session.stats, file=sys.stderr)
+        session.stats = None
 
 
 def _pull_if_missing(model: str | None) -> None:
@@ -405,7 +418,9 @@ def _converse(session: Session, system: str | None) -> int:
             history.pop()
             print(f"error: {error}", file=sys.stderr)
             continue
-        sys.stdout.write("\n\n")
+        sys.stdout.write("\n")
+        _print_stats(session)
+        sys.stdout.write("\n")
         history.append(ChatMessage(role="assistant", content="".join(parts)))
 
 
@@ -428,4 +443,5 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    _print_stats(session)
     return 0

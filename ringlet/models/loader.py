@@ -77,6 +77,9 @@ def resolve_model_path(ref: str | Path | None, aliases: bool = True) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    if isinstance(ref, Path) or str(ref).startswith(("/", "./", "../", "~")) or str(ref).endswith(".gguf"):
+        raise ModelLoadError(f"{ref}: no such file or folder (a model is a GGUF file, a Hugging Face model folder, "
+                             "or a name that `ringlet models` lists)")
     from ringlet.models.aliases import ModelAliases
     from ringlet.models.store import find_local, ringlet_home
 

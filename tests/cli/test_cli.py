@@ -50,7 +50,8 @@ def test_run_answers_from_the_embedded_model():
 def test_run_bad_model_is_one_clear_line():
     result = ringlet("run", "hi", "--model", "/nonexistent/model")
     assert result.returncode == 2
-    assert "not found" in result.stderr and "Traceback" not in result.stderr
+    assert "/nonexistent/model: no such file or folder" in result.stderr and "Traceback" not in result.stderr
+    assert "ringlet pull" not in result.stderr, "a path is not downloaded"
 
 
 def test_run_bad_sampling_value_is_clear():
