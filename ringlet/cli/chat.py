@@ -22,14 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def ready_model(client: Any) -> str | None:
+    """The first model with a ready instance on the node, if any."""
+    return next((m["id"] for m in client.get("/v1/models")["data"] if m.get("ready")), None)
+
+
 def pick_model(client: Any) -> str:
     """The first model with a ready instance on the node."""
-    models = client.get("/v1/models")["data"]
-    ready = [m["id"] for m in models if m.get("ready")]
-    if not ready:
+    if (model := ready_model(client)) is None:
         raise CliError("no model has a ready instance on this node; wait for it to load (`ringlet ps`), or create "
                        "one from the dashboard")
-    return ready[0]
+    return model
 
 
 def _reply(client: Any, body: dict[str, Any]) -> str:

@@ -205,9 +205,10 @@ class NodeSession:
     def __init__(self, client: NodeClient, model: str | None, args: argparse.Namespace) -> None:
         self.client, self.args = client, args
         self.stats: str | None = None  # the last reply's, with --stats
-        from ringlet.cli.chat import pick_model
+        from ringlet.cli.chat import ready_model
+        from ringlet.models.embedded import EMBEDDED_MODEL_ID
 
-        self.model = model or pick_model(client)
+        self.model = model or ready_model(client) or EMBEDDED_MODEL_ID  # loaded below where nothing is ready
         self.options = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                         "num_predict": args.max_tokens, **({"seed": args.seed} if args.seed is not None else {})}
         self._load()

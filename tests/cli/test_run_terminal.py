@@ -76,6 +76,15 @@ def test_run_shows_the_node_loading_then_chats_until_bye(node: tuple[FakeNode, s
         ChatMessage(role="user", content="And of Germany?")]
 
 
+def test_a_prompt_alone_loads_the_default_model_on_a_node_that_has_none_ready(node: tuple[FakeNode, str]) -> None:
+    fake, url = node
+    result = subprocess.run([sys.executable, "-m", "ringlet", "run", "--url", url, "What is the capital of France?"],
+                            env=TERMINAL, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert ANSWER in result.stdout and fake.loaded_on_demand
+    assert fake.submitted[-1].messages == [ChatMessage(role="user", content="What is the capital of France?")]
+
+
 def test_run_pulls_an_ollama_name_on_the_node_first(hub: FakeHub, node: tuple[FakeNode, str], tmp_path: Path) -> None:
     fake, url = node
     write_tiny_gguf(tmp_path / "tiny.gguf", arch="qwen3")
