@@ -99,10 +99,12 @@ class Catalog:
     def _resolve(self, name: str) -> ModelCard:
         wanted = _normalise(name)
         card = find_card(wanted)
+        # the embedded model's names, its Hugging Face repo's too unless that repo was pulled (as the loader reads
+        # them: `resolve_model_path`)
+        if wanted in EMBEDDED_ALIASES and (card is None or find_local(name.strip()) is None):
+            return embedded_card()
         if card is not None:
             return card
-        if wanted in EMBEDDED_ALIASES:
-            return embedded_card()
         for card in self._local.values():
             if wanted in (card.id.lower(), Path(card.id).name.lower(), Path(card.id).stem.lower()):
                 return card

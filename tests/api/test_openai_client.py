@@ -56,7 +56,7 @@ def test_chat_completion_answers_with_the_generated_text_and_usage(client: opena
 def test_a_model_alias_or_an_instance_id_is_answered_under_the_model_id(client: openai.OpenAI,
                                                                        node: FakeNode) -> None:
     (instance_id,) = node.state.instances
-    for name in ("smollm2-135m", f"{EMBEDDED_MODEL_ID}:latest", instance_id):
+    for name in ("smollm2-135m", f"{EMBEDDED_MODEL_ID}:latest", "HuggingFaceTB/SmolLM2-135M-Instruct", instance_id):
         reply = client.chat.completions.create(model=name, messages=QUESTION, max_tokens=2)
         assert reply.model == EMBEDDED_MODEL_ID and node.submitted[-1].model == name
 
