@@ -29,7 +29,7 @@ from ringlet.models.catalog import (
     resolve_card,
 )
 from ringlet.models.gguf_loader import gguf_size
-from ringlet.models.loader import EMBEDDED_ALIASES, read_model_config, resolve_model_path
+from ringlet.models.loader import EMBEDDED_ALIASES, gguf_facts, read_model_config, resolve_model_path
 from ringlet.models.ollama import OllamaModel, find_ollama_model, library_model, ollama_models
 from ringlet.models.store import (
     MANIFEST_FILE,
@@ -161,6 +161,7 @@ class Catalog:
         for card in self._local.values():
             path = Path(card.id)
             found.append(DiskModel(card, _size_on_disk(path), _newest(path), _listing_digest(path)))
+        self.ollama_cards()  # each new blob's metadata read once
         for pulled in ollama_models():
             card = self._ollama.get((pulled.name, pulled.path))
             if card is not None:  # the blob is named by its own sha256, as Ollama stores it
@@ -188,7 +189,8 @@ class Catalog:
             _, args = read_model_config(pulled.path)
         except ModelLoadError as error:
             raise InvalidModelError(f"Ollama model {pulled.name} is not a model this node can load: {error}") from None
-        return card_from_args(pulled.name, args, format="gguf", source="ollama", download_bytes=pulled.size_bytes)
+        card = card_from_args(pulled.name, args, format="gguf", source="ollama", download_bytes=pulled.size_bytes)
+        return card.model_copy(update={"quantization": gguf_facts(pulled.path).quantization})
 
     def add_local(self, ref: str) -> ModelCard:
         """A card for a model to place: one the node knows by name, a model directory or .gguf file on this node

@@ -96,6 +96,12 @@ def test_the_node_lists_and_places_pulled_models_by_their_ollama_names(store: Pa
     assert catalog.resolve("llama3.2:1b").source == "ollama", "the model pulled with Ollama wins over the mapping"
 
 
+def test_a_fresh_catalog_lists_what_ollama_pulled_on_disk_with_the_files_type(store: Path) -> None:
+    on_disk = {model.card.id: model for model in Catalog(local_roots=[]).on_disk()}
+    assert "smollm2:135m" in on_disk, "listed without the node's model list having been asked for first"
+    assert on_disk["smollm2:135m"].card.quantization == "Q4_1"
+
+
 @pytest.mark.slow
 def test_ringlet_run_and_models_serve_a_model_pulled_with_ollama(store: Path) -> None:
     def ringlet(*args: str) -> subprocess.CompletedProcess[str]:
