@@ -208,6 +208,7 @@ def _list(args: argparse.Namespace) -> int:
 def _remove(args: argparse.Namespace) -> int:
     if args.model.strip().lower() in _EMBEDDED_NAMES:
         raise CliError(f"{EMBEDDED_MODEL_ID} is embedded in the installed package and cannot be removed")
+    from ringlet.models import repack_cache
     from ringlet.models.aliases import ModelAliases
     from ringlet.models.ollama import pull_ref
     from ringlet.models.store import ModelStore
@@ -216,12 +217,16 @@ def _remove(args: argparse.Namespace) -> int:
     if (alias := aliases.remove(args.model)) is not None:
         print(f"removed the name {alias.name}; {alias.target} stays")
         return 0
+    store = ModelStore()
+    stored = store.get(pull_ref(args.model))
+    files = [stored.path / name for name in stored.gguf_files] if stored is not None else []
     try:
-        model = ModelStore().remove(pull_ref(args.model))
+        model = store.remove(pull_ref(args.model))
     except ModelLoadError as e:
         raise CliError(str(e)) from None
+    cached = repack_cache.forget(files)  # its GGUF files' weights as the loader repacked them
     names = [alias.name for alias in aliases.remove_pointing_to(model.repo_id)]
-    print(f"removed {model.repo_id} ({_size(model.size_bytes + model.incomplete_bytes)} freed)"
+    print(f"removed {model.repo_id} ({_size(model.size_bytes + model.incomplete_bytes + cached)} freed)"
           + (f" and its names {', '.join(names)}" if names else ""))
     return 0
 

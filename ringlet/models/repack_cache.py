@@ -3,7 +3,8 @@
 Each layer's groups (`GroupQuantized`: 4-bit codes two to a byte, 5-bit ones a byte each) are one safetensors file,
 `ringlet_home()/cache/gguf/<file>/blk.<i>.safetensors`, written atomically (a temporary file, then a rename) and read
 back with safetensors. An entry records the size and mtime of the GGUF file (of each part of a split one) and the name
-and type of each tensor: an entry that does not match them, or does not read, is a miss, and is written again.
+and type of each tensor: an entry that does not match them, does not read, or holds a scale that is not finite, is a
+miss, and is written again. `ringlet rm` removes a model's entries with it.
 `RINGLET_GGUF_CACHE=0` turns the cache off; a cache directory that cannot be written turns it off for the load, with one
 log line.
 """
@@ -15,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,9 +52,7 @@ class RepackCache:
             return None
         stats = [(str(f.resolve()), f.stat()) for f in files]
         source = json.dumps([[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats])
-        first = Path(stats[0][0])
-        digest = hashlib.sha256(str(first).encode()).hexdigest()[:16]
-        return cls((home or ringlet_home()) / "cache" / "gguf" / f"{first.name}-{digest}", source)
+        return cls(cache_directory(files[0], home), source)
 
     def _path(self, entry: str) -> Path:
         return self.directory / f"{entry}.safetensors"
@@ -100,6 +100,24 @@ class RepackCache:
                 temporary.unlink()
 
 
+def cache_directory(first: Path, home: Path | None = None) -> Path:
+    """Where the entries of the GGUF model whose (first) file is `first` are kept."""
+    resolved = first.resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    return (home or ringlet_home()) / "cache" / "gguf" / f"{resolved.name}-{digest}"
+
+
+def forget(files: Sequence[Path], home: Path | None = None) -> int:
+    """Remove the entries made from the GGUF files `files` (a model about to be removed: they are resolved as the
+    cache resolved them); returns the bytes they took."""
+    freed = 0
+    for directory in {cache_directory(f, home) for f in files}:
+        if directory.is_dir():
+            freed += sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+            shutil.rmtree(directory, ignore_errors=True)
+    return freed
+
+
 def _groups(stored: Mapping[str, torch.Tensor], name: str, five_bit: bool) -> GroupQuantized:
     codes = stored[f"{name}.codes"]
     if not five_bit:
@@ -124,4 +142,5 @@ def _unpaired(stored: torch.Tensor) -> torch.Tensor:
 def _well_formed(groups: GroupQuantized) -> bool:
     codes, scale, offset = groups.codes, groups.scale, groups.offset
     return (codes.dtype == torch.uint8 and scale.dtype == offset.dtype == torch.float32 and codes.dim() == 2
-            and scale.shape == offset.shape == (codes.shape[0], codes.shape[1] // groups.group_size))
+            and scale.shape == offset.shape == (codes.shape[0], codes.shape[1] // groups.group_size)
+            and bool(torch.isfinite(scale).all()) and bool(torch.isfinite(offset).all()))

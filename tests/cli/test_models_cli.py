@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from ringlet.cli import main
+from ringlet.models import repack_cache
+from ringlet.models.loader import resolve_model_path
 from tests.support.fake_hub import FakeHub, HubRepo
 from tests.support.hub import NUM_LAYERS, REPO_ID
 from tests.support.tiny_gguf import write_tiny_gguf
@@ -63,8 +65,15 @@ def test_an_ollama_name_is_pulled_shown_copied_and_removed(hub: FakeHub, capsys:
     code, out, _ = run(capsys, "rm", "mine")
     assert code == 0 and "removed the name mine:latest" in out
     run(capsys, "cp", "qwen3:0.6b", "again")
+    pulled = resolve_model_path("qwen3:0.6b")
+    cache = repack_cache.RepackCache.for_files([pulled])
+    assert cache is not None
+    cached = cache.directory  # where a load keeps its 4-bit groups: an entry of a layer
+    cached.mkdir(parents=True)
+    (cached / "blk.0.safetensors").write_bytes(b"\0" * 1000)
     code, out, _ = run(capsys, "rm", "qwen3:0.6b")
     assert code == 0 and "removed Qwen/Qwen3-0.6B-GGUF" in out and "its names again:latest" in out
+    assert not cached.exists(), "its cache entries go with it"
     code, _, err = run(capsys, "cp", "qwen3:0.6b", "third")
     assert code == 2 and "not pulled yet" in err
 

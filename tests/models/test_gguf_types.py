@@ -3,6 +3,7 @@ whose linears are in each type against the same model built from gguf.quants' va
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from safetensors.torch import load, load_file
+from safetensors.torch import load, load_file, save
 from tokenizers import pre_tokenizers
 
 from ringlet.models import gguf_loader, gguf_quants
@@ -257,7 +258,7 @@ def test_a_second_load_reads_the_groups_from_the_cache(tmp_path: Path, home: Pat
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "other tensors"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other tensors", "scales not finite"])
 def test_a_corrupt_entry_is_decoded_again_and_rewritten(tmp_path: Path, home: Path, decodes: Decodes,
                                                         damage: str) -> None:
     path = tmp_path / "mixed.gguf"
@@ -267,6 +268,12 @@ def test_a_corrupt_entry_is_decoded_again_and_rewritten(tmp_path: Path, home: Pa
     data = entry.read_bytes()
     if damage == "other tensors":  # a readable entry made for another file: the stage's first layer's
         entry.write_bytes(entries(home)[0].read_bytes())
+    elif damage == "scales not finite":  # the right tensors, a scale's bytes overwritten (0xFF: a NaN)
+        tensors = load(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        scale = next(k for k in tensors if k.endswith(".scale"))
+        tensors[scale] = torch.full_like(tensors[scale], float("nan"))
+        entry.write_bytes(save(tensors, metadata=header["__metadata__"]))
     else:
         entry.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\x10" * 64)
     decodes.reset()
