@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="instead of --model: random weights shaped like this model (synthetic vocabulary)")
     p.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT,
-                   help=f"KV cache positions (default {DEFAULT_MAX_CONTEXT})")
+                   help=f"the context window (default {DEFAULT_MAX_CONTEXT}); the KV cache holds several such "
+                        "windows where the memory does (RINGLET_KV_CACHE_TOKENS sets its positions)")
     p.add_argument("--streams", type=int, nargs="+", default=[], metavar="N",
                    help="also generate N requests at once in the engine's batch (distinct prompts, greedy), for "
                         "each N: aggregate tokens/s, time per decode step, fraction of the step's memory limit")
