@@ -104,11 +104,15 @@ def text_bar(fraction: float, width: int = 10) -> str:
 
 
 def loading_status(record: dict[str, Any]) -> str:
-    """loading [#####.....] 12/30 layers, 0.45/1.1 GiB; a state without layer counts: loading 40%."""
+    """loading [#####.....] 12/30 layers, 0.45/1.1 GiB; every layer loaded, what the runners do next (warming up);
+    a state without layer counts: loading 40%."""
     if record.get("load") is None:
         return f"loading {record['progress']:.0%}"
     load = LayerLoad.model_validate(record["load"])
-    return f"loading {text_bar(load.fraction)} {load.describe()}"
+    status = f"loading {text_bar(load.fraction)} {load.describe()}"
+    after = sorted({r["detail"] for r in record.get("runners", {}).values()
+                    if r.get("status") == "loading" and r.get("detail") and not r["detail"].startswith("load")})
+    return status + (f"; {', '.join(after)}" if after and load.layers_loaded >= load.layers_total else "")
 
 
 def format_state(state: dict[str, Any], now: float | None = None) -> str:

@@ -99,7 +99,14 @@ def test_ps_shows_a_loading_stage_as_a_bar_of_layers_and_bytes() -> None:
                                           detail="loaded 12 of 30 layers", load=load))
     [row] = [line for line in format_state({**state.model_dump(mode="json"), "tasks": {}}).splitlines()
              if line.startswith("inst-l")]
-    assert "loading [####......] 12/30 layers, 0.44/1.1 GiB" in row
+    assert "loading [####......] 12/30 layers, 0.44/1.1 GiB" in row and "warming" not in row
+    done = load.model_copy(update={"layers_loaded": 30, "bytes_loaded": int(1.1 * 2**30)})
+    state = apply(state, RunnerProgressed(instance_id="inst-l", node_id="node-arc", progress=0.85,
+                                          detail="loaded 30 of 30 layers", load=done))
+    state = apply(state, RunnerProgressed(instance_id="inst-l", node_id="node-arc", progress=0.9, detail="warming up"))
+    [row] = [line for line in format_state({**state.model_dump(mode="json"), "tasks": {}}).splitlines()
+             if line.startswith("inst-l")]
+    assert "loading [##########] 30/30 layers, 1.1/1.1 GiB; warming up" in row, "a full bar says what comes next"
 
 
 def test_ps_shows_how_many_gpus_each_stage_is_split_over() -> None:
