@@ -358,7 +358,14 @@ def _pull_if_missing(model: str | None) -> None:
 def _session(args: argparse.Namespace, model: str | None, sampling: SamplingParams) -> Session:
     from ringlet.cli.client import DEFAULT_URL, NodeApiError, NodeClient
 
-    if not args.local:
+    # how this process loads a model: a node loads at its own settings, so these run here unless a node is named
+    own = [flag for flag, given in (("--precision", args.precision is not None),
+                                    ("--engine", args.engine not in (None, engine_from_environment())))
+           if given]
+    if own and args.url is not None and not args.local:
+        raise CliError(f"{' and '.join(own)} choose how this process loads a model; the node at {args.url} loads at "
+                       "its own (`ringlet node --precision/--engine`): leave them out, or run here with --local")
+    if not args.local and not own:
         client = NodeClient(args.url or DEFAULT_URL)
         try:
             client.get("/health", timeout_s=1.0)

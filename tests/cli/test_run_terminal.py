@@ -85,6 +85,15 @@ def test_a_prompt_alone_loads_the_default_model_on_a_node_that_has_none_ready(no
     assert fake.submitted[-1].messages == [ChatMessage(role="user", content="What is the capital of France?")]
 
 
+def test_a_precision_for_this_process_is_refused_against_a_named_node(node: tuple[FakeNode, str]) -> None:
+    fake, url = node
+    result = subprocess.run([sys.executable, "-m", "ringlet", "run", "--url", url, "--precision", "int4", "Say hi, please"],
+                            check=False, env=TERMINAL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--precision choose how this process loads a model; the node at {url} loads at its own" in result.stderr
+    assert not fake.submitted, "nothing ran on the node at settings it was not asked for"
+
+
 def test_run_pulls_an_ollama_name_on_the_node_first(hub: FakeHub, node: tuple[FakeNode, str], tmp_path: Path) -> None:
     fake, url = node
     write_tiny_gguf(tmp_path / "tiny.gguf", arch="qwen3")
