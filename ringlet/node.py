@@ -51,7 +51,7 @@ from ringlet.models.commands import run_model_command, stored_models
 from ringlet.models.download import DownloadManager, DownloadStatus, SavedDownload
 from ringlet.models.embedded import EMBEDDED_MODEL_ID
 from ringlet.models.loader import read_model_config
-from ringlet.models.names import Catalog, default_model_roots
+from ringlet.models.names import Catalog, default_model_roots, is_existing_path
 from ringlet.models.store import find_local, ringlet_home
 from ringlet.net.events import EventBus
 from ringlet.net.forwarding import TaskForwarding
@@ -351,8 +351,11 @@ class Node:
         """Ollama's way with a model: one that has no instance but whose files this node holds gets an instance
         here, with a context window of `context_length` where the request names one (Ollama's num_ctx), and a request
         waits (at most `wait_s`; `watch` raises when its client has gone) while one loads. Raises what `instance_for`
-        raises for anything else (unknown, failed, or not on this node's disk)."""
+        raises for anything else (unknown, failed, or not on this node's disk); a path is a model file or folder in the
+        node's model folders, or a 400/404 saying why not."""
         deadline = time.monotonic() + wait_s
+        if is_existing_path(model):
+            self.catalog.add_local(model)
         while True:
             try:
                 self.instance_for(model)

@@ -199,7 +199,7 @@ class Catalog:
         try:
             return self.resolve(ref)
         except ModelNotFoundError:
-            if not _is_existing_path(ref):
+            if not is_existing_path(ref):
                 try:
                     pulled = find_ollama_model(ref)
                 except ModelLoadError as error:
@@ -212,7 +212,10 @@ class Catalog:
                 self._ollama[(pulled.name, pulled.path)] = card
                 return card
             if not self._within_roots(ref):
-                raise
+                roots = ", ".join(str(r) for r in self.local_roots) or "none"
+                raise ModelNotFoundError(ref, [c.id for c in self.cards()],
+                                         f"it is a path outside this node's model folders ({roots}), from which alone "
+                                         "it serves files (`ringlet node --models-dir`)") from None
         try:
             path = resolve_model_path(ref)
             model_id = str(path.resolve())
@@ -269,7 +272,7 @@ def default_model_roots() -> list[Path]:
     return [ringlet_home() / "models", *extra_model_dirs()]
 
 
-def _is_existing_path(ref: str) -> bool:
+def is_existing_path(ref: str) -> bool:
     try:
         return Path(ref).expanduser().exists()
     except (OSError, ValueError, RuntimeError):  # a NUL byte, an unknown ~user, a name too long: not a path
