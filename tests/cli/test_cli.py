@@ -130,6 +130,7 @@ def test_run_reads_the_model_then_the_prompt(words, model, expected):
 class ScriptedSession:
     def __init__(self) -> None:
         self.asked: list[list[str]] = []
+        self.stats: str | None = None
 
     def reply(self, messages):
         self.asked.append([m.content for m in messages])
