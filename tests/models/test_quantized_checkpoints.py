@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ringlet.models import safetensors_loader
-from ringlet.models.catalog import card_from_path
+from ringlet.models.catalog import CPU_STORED_INT4, WEIGHT_ONLY_INT8, card_from_path
 from ringlet.models.fp8 import Fp8Linear, use_fp8_layer
 from ringlet.models.hf_quant import QuantizedLinears, quant_scheme
 from ringlet.models.loader import load_stage
@@ -263,7 +263,8 @@ def test_a_four_bit_checkpoints_card_counts_its_layers_in_four_bit_groups(tmp_pa
     card, plain = card_from_path("tiny/awq", quantized), card_from_path("tiny/plain", dequantized)
     assert card.four_bit_share == 1.0 and plain.four_bit_share == 0.0
     assert card.bytes_per_dtype["awq"] == (quantized / "model.safetensors").stat().st_size
-    assert card.stage_bytes(0, 2, "int8") < plain.stage_bytes(0, 2, "int8")
+    assert card.stage_bytes(0, 2, CPU_STORED_INT4) < plain.stage_bytes(0, 2, CPU_STORED_INT4), "kept by default"
+    assert card.stage_bytes(0, 2, WEIGHT_ONLY_INT8) == plain.stage_bytes(0, 2, WEIGHT_ONLY_INT8), "int8 asked for"
 
 
 def test_a_layers_packed_tensors_are_read_once_for_its_weights_and_its_codes(tmp_path: Path) -> None:
