@@ -223,6 +223,7 @@ def weight_format(dtype: str) -> WeightFormat:
 def card_from_args(
     model_id: str, args: ModelArgs, *, format: ModelFormat = "safetensors", source: CardSource = "hub",
     download_bytes: int | None = None, four_bit_share: float = 0.0, five_bit_share: float = 0.0,
+    quantization: str | None = None,
 ) -> ModelCard:
     layer_parameters, embedding_parameters = _parameter_counts(args)
     h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
@@ -243,7 +244,7 @@ def card_from_args(
         context_length=args.context_length,
         instance_types=list(_ALL_INSTANCE_TYPES),
         download_bytes=download_bytes, layer_linear_parameters=linear_parameters, four_bit_share=four_bit_share,
-        five_bit_share=five_bit_share,
+        five_bit_share=five_bit_share, quantization=quantization,
         layer_expert_parameters=_expert_parameters(args),
     )
 
@@ -365,9 +366,9 @@ def embedded_card() -> ModelCard:
 
     path, args = read_model_config(None)
     four, five = gguf_bit_shares(path)
-    card = card_from_args(EMBEDDED_MODEL_ID, args, format="gguf", source="embedded",
-                          download_bytes=path.stat().st_size, four_bit_share=four, five_bit_share=five)
-    return card.model_copy(update={"quantization": gguf_facts(path).quantization})
+    return card_from_args(EMBEDDED_MODEL_ID, args, format="gguf", source="embedded",
+                          download_bytes=path.stat().st_size, four_bit_share=four, five_bit_share=five,
+                          quantization=gguf_facts(path).quantization)
 
 
 def catalog(include_embedded: bool = True) -> list[ModelCard]:
@@ -439,9 +440,8 @@ def card_from_path(model_id: str, path: Path) -> ModelCard:
     if path.is_file():
         _, args = read_model_config(path)
         four, five = gguf_bit_shares(path)
-        card = card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
-                              four_bit_share=four, five_bit_share=five)
-        return card.model_copy(update={"quantization": gguf_facts(path).quantization})
+        return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
+                              four_bit_share=four, five_bit_share=five, quantization=gguf_facts(path).quantization)
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     return card_from_config(model_id, read_config(path), sizes, source="local", path=path)
 

@@ -189,8 +189,8 @@ class Catalog:
             _, args = read_model_config(pulled.path)
         except ModelLoadError as error:
             raise InvalidModelError(f"Ollama model {pulled.name} is not a model this node can load: {error}") from None
-        card = card_from_args(pulled.name, args, format="gguf", source="ollama", download_bytes=pulled.size_bytes)
-        return card.model_copy(update={"quantization": gguf_facts(pulled.path).quantization})
+        return card_from_args(pulled.name, args, format="gguf", source="ollama", download_bytes=pulled.size_bytes,
+                              quantization=gguf_facts(pulled.path).quantization)
 
     def add_local(self, ref: str) -> ModelCard:
         """A card for a model to place: one the node knows by name, a model directory or .gguf file on this node
