@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -138,10 +139,20 @@ def _validation_error(error: RequestValidationError) -> ApiError:
     problems = []
     first_param = None
     for item in error.errors():
+        kind, message = item.get("type"), str(item.get("msg"))
+        if kind == "json_invalid":  # FastAPI puts the character offset where a field's name would be
+            reason = (item.get("ctx") or {}).get("error", message)
+            return ApiError(400, f"the body is not valid JSON: {reason} (at character {item['loc'][-1]})",
+                            code="invalid_json")
+        if kind == "missing" and tuple(item.get("loc", ())) == ("body",):
+            return ApiError(400, "the body is empty: send a JSON object", code="invalid_json")
+        value = item.get("input")
+        if isinstance(value, float) and not math.isfinite(value):
+            message = f"{value} is not a number this field takes; send a finite number"
         location = [str(p) for p in item.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(location) or None
         first_param = first_param or param
-        problems.append(f"{param}: {item.get('msg')}" if param else str(item.get("msg")))
+        problems.append(f"{param}: {message}" if param else message)
     return ApiError(400, "invalid request: " + "; ".join(problems), param=first_param, code="invalid_parameter")
 
 

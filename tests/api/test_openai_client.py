@@ -187,6 +187,24 @@ def test_invalid_parameters_are_bad_requests_naming_the_parameter(client: openai
     assert node.submitted == [], "an invalid request never reaches the node"
 
 
+@pytest.mark.parametrize(("body", "code", "problem"), [
+    ("{not json", "invalid_json", "the body is not valid JSON"),
+    ("", "invalid_json", "the body is empty"),
+    (json.dumps({"model": EMBEDDED_MODEL_ID, "messages": QUESTION, "temperature": float("nan")}),
+     "invalid_parameter", "temperature: nan is not a number this field takes"),
+    (json.dumps({"model": EMBEDDED_MODEL_ID, "messages": QUESTION, "top_p": float("inf")}),
+     "invalid_parameter", "top_p: inf is not a number"),
+])
+def test_a_body_that_is_not_a_request_is_a_bad_request_saying_why(url: str, node: FakeNode, body: str, code: str,
+                                                                   problem: str) -> None:
+    reply = httpx.post(url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                       timeout=30)
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["code"] == code and problem in error["message"], error
+    assert code != "invalid_json" or error["param"] is None
+    assert node.submitted == []
+
+
 def test_prompt_over_the_context_window_is_a_bad_request(client: openai.OpenAI, node: FakeNode) -> None:
     long_prompt = "hello " * (node.context_window + 10)
     with pytest.raises(openai.BadRequestError) as error:
