@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
@@ -84,10 +85,10 @@ def _task(body: ChatRequest | GenerateRequest, messages: list[ChatMessage] | Non
                       constraint_param="format")
 
 
-def _stats(last: GenerationChunk, total_s: float) -> dict[str, object]:
+def _stats(last: GenerationChunk, total_s: float, load_s: float) -> dict[str, object]:
     usage, timings = last.usage, last.timings
-    stats: dict[str, object] = {"done_reason": last.finish_reason, "total_duration": int(total_s * 1e9),
-                                "load_duration": 0}
+    stats: dict[str, object] = {"done_reason": last.finish_reason, "total_duration": int((load_s + total_s) * 1e9),
+                                "load_duration": int(load_s * 1e9)}
     if usage is not None:
         stats |= {"prompt_eval_count": usage.prompt_tokens, "eval_count": usage.completion_tokens}
     if timings is not None:
@@ -100,26 +101,34 @@ def _stats(last: GenerationChunk, total_s: float) -> dict[str, object]:
 Line = Callable[[str, str | None, list[ToolCall], dict[str, object]], BaseModel]  # (text, thinking, calls, fields)
 
 
-async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: TextGenerationTask,
-                 request: Request) -> Generation:
+async def _loaded(node: NodeFacade, body: ChatRequest | GenerateRequest, request: Request) -> float:
     """Ollama's way: a model this node holds but does not serve is loaded first, with the request's num_ctx as its
-    context window, and the request waits for it."""
+    context window, and the request waits for it; the seconds it waited (Ollama's load_duration)."""
+    began = time.monotonic()
+    await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check, body.opts.num_ctx)
+    return time.monotonic() - began
+
+
+async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: TextGenerationTask,
+                 request: Request) -> tuple[Generation, float]:
+    """The generation, once `_loaded` has an instance for it, and the seconds the load took."""
     try:
-        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check, body.opts.num_ctx)
+        load_s = await _loaded(node, body, request)
     except NodeError as refusal:  # counted as Generation.start counts its refusals
         request.app.state.metrics.error("ollama", error_kind(refusal))
         raise
     if task.thinking and node.instance_for(body.model).thinking is None:  # as Ollama refuses it
         raise ApiError(400, f'"{body.model}" does not support thinking', param="think", code="invalid_parameter")
-    return await Generation.start(node, task, request, api="ollama")
+    return await Generation.start(node, task, request, api="ollama"), load_s
 
 
-async def _answer(generation: Generation, body: ChatRequest | GenerateRequest, node: NodeFacade, line: Line,
-                  reader: CallReader | None = None) -> BaseModel | StreamingResponse:
+async def _answer(started: tuple[Generation, float], body: ChatRequest | GenerateRequest, node: NodeFacade,
+                  line: Line, reader: CallReader | None = None) -> BaseModel | StreamingResponse:
     """Stream one line per chunk plus a final line with the counts, or collect everything into one object (with
     each token's log-probability when asked, and the most likely tokens' with top_logprobs). `reader` reads tool
     calls out of the text: a call comes in a line of its own once its text is complete. Once the answer is out, the
-    instance's keep_alive starts."""
+    instance's keep_alive starts. The durations count the load that `_start` waited for."""
+    generation, load_s = started
     began = datetime.now(UTC)
     reader = reader or CallReader("none", [], "hermes", thinking=generation.thinking_splitter())
     with_top = bool(body.top_logprobs)
@@ -146,7 +155,7 @@ async def _answer(generation: Generation, body: ChatRequest | GenerateRequest, n
         assert last is not None
         piece = reader.read("".join(text), last=True)
         return line(piece.content, piece.thinking or None, reader.calls,
-                    {"done": True, **_stats(last, elapsed()), **logprobs(tokens)})
+                    {"done": True, **_stats(last, elapsed(), load_s), **logprobs(tokens)})
 
     async def lines() -> AsyncIterator[str]:
         try:
@@ -157,7 +166,7 @@ async def _answer(generation: Generation, body: ChatRequest | GenerateRequest, n
                                {"done": False, **logprobs(chunk.logprobs or [])}).model_dump_json(
                         exclude_none=True) + "\n"
                 if chunk.finish_reason is not None:
-                    yield line("", None, [], {"done": True, **_stats(chunk, elapsed())}).model_dump_json(
+                    yield line("", None, [], {"done": True, **_stats(chunk, elapsed(), load_s)}).model_dump_json(
                         exclude_none=True) + "\n"
         except TaskError as failure:  # the status is sent already: Ollama reports errors as a line
             yield json.dumps(OllamaError(error=to_api_error(failure).message).model_dump()) + "\n"
@@ -174,7 +183,8 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
     tools = [t.spec() for t in body.tools] if body.tools else None
     task = _task(body, messages=[m.to_message() for m in body.messages], tools=tools)
     node = node_of(request)
-    generation = await _start(node, body, task, request)
+    started = await _start(node, body, task, request)
+    generation = started[0]
 
     def line(text: str, thinking: str | None, calls: list[ToolCall], extra: dict[str, object]) -> ChatResponse:
         message = ResponseMessage(content=text, thinking=thinking,
@@ -183,7 +193,7 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
 
     reader = CallReader("auto" if tools else "none", tools or [], generation.tool_format(),
                         thinking=generation.thinking_splitter())
-    return await _answer(generation, body, node, line, reader)
+    return await _answer(started, body, node, line, reader)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
@@ -205,17 +215,17 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
             except NoInstanceError:
                 pass  # nothing serves it: nothing to unload
             return line("", None, [], {"done": True, "done_reason": "unload"})
-        await node.ensure_instance(body.model, LOAD_WAIT_S, DisconnectWatch(request).check, body.opts.num_ctx)
+        load_s = await _loaded(node, body, request)
         node.keep_alive(node.instance_for(body.model).instance.instance_id, keep_alive)
-        return line("", None, [], {"done": True, "done_reason": "load"})
+        return line("", None, [], {"done": True, "done_reason": "load", "load_duration": int(load_s * 1e9),
+                                   "total_duration": int(load_s * 1e9)})
 
     if body.raw:
         task = _task(body, prompt=body.prompt)
     else:
         messages = [ChatMessage(role="system", content=body.system)] if body.system else []
         task = _task(body, messages=[*messages, ChatMessage(role="user", content=body.prompt)])
-    generation = await _start(node, body, task, request)
-    return await _answer(generation, body, node, line)
+    return await _answer(await _start(node, body, task, request), body, node, line)
 
 
 def _details(card: ModelCard) -> ModelDetails:

@@ -67,7 +67,7 @@ def test_the_stream_is_one_json_object_per_line(url: str) -> None:
     assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
     assert all(line["message"]["content"] for line in lines[:-1]), "no line of empty text before the last"
     assert "".join(line["message"]["content"] for line in lines) == "The capital of France is "
-    assert lines[-1]["done_reason"] == "stop" and lines[-1]["load_duration"] == 0
+    assert lines[-1]["done_reason"] == "stop" and 0 <= lines[-1]["load_duration"] < lines[-1]["total_duration"]
     assert all(line["created_at"].endswith("Z") and line["model"] == EMBEDDED_MODEL_ID for line in lines)
 
 
@@ -204,8 +204,16 @@ def test_an_empty_prompt_loads_and_with_keep_alive_0_unloads(client: ollama.Clie
 def test_a_model_on_disk_with_no_instance_is_loaded_for_the_request(client: ollama.Client, node: FakeNode) -> None:
     node.delete_instance(node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id)
     node.loaded_on_demand.clear()
-    assert client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION).message.content == ANSWER
+    node.load_s = 0.3
+    reply = client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION)
+    assert reply.message.content == ANSWER
     assert node.loaded_on_demand == [node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id]
+    assert reply.load_duration is not None and reply.total_duration is not None
+    assert 0.3e9 <= reply.load_duration <= reply.total_duration, "the load is counted, and counted in the total"
+    assert client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION).load_duration < 0.3e9, "no load the second time"
+    node.delete_instance(node.instance_for(EMBEDDED_MODEL_ID).instance.instance_id)
+    loaded = client.generate(model=EMBEDDED_MODEL_ID, prompt="")
+    assert loaded.done_reason == "load" and loaded.load_duration is not None and loaded.load_duration >= 0.3e9
 
 
 def test_num_ctx_is_the_requests_context_window(client: ollama.Client, node: FakeNode) -> None:

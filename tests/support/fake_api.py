@@ -32,13 +32,13 @@ def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeServer
 
 @pytest.fixture
 def node(fake_server: FakeServer) -> Iterator[FakeNode]:
-    """The module's fake node with no tasks submitted or closed yet; a test's own script is undone after it."""
+    """The module's fake node with no tasks submitted or closed yet; a test's own script, token delay and load time are undone after it."""
     fake = fake_server.node
     fake.submitted.clear()
     fake.closed.clear()
     fake.kept_alive.clear()
     yield fake
-    fake.script, fake.token_delay_s = lambda: REPLY, 0.0
+    fake.script, fake.token_delay_s, fake.load_s = lambda: REPLY, 0.0, 0.0
 
 
 @pytest.fixture
