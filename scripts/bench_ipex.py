@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from ringlet.cli.bench import make_prompt, median, peak_rss_bytes
+from ringlet.cli.bench import median, peak_rss_bytes, prompt_text
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask, Timings
 
@@ -120,7 +120,7 @@ def bench_pair(model: str | None, precision: str, args: argparse.Namespace) -> l
     else the machine does falls on both alike; the first round is a warm-up."""
     engines = {name: load(name, model, precision) for name in ("cpu", "ipex")}
     tokenizer = engines["cpu"].engine.tokenizer  # type: ignore[attr-defined]
-    prompt = tokenizer.decode(make_prompt(tokenizer, args.prompt_tokens), skip_special_tokens=False)
+    prompt = prompt_text(tokenizer, args.prompt_tokens)
     task = TextGenerationTask(prompt=prompt, max_tokens=args.new_tokens, ignore_eos=True,
                               sampling=SamplingParams(temperature=0))
     prefill_only = task.model_copy(update={"max_tokens": 1})

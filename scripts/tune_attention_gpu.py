@@ -37,7 +37,7 @@ def main() -> None:
     if step is None:
         raise SystemExit("this engine decodes without the paged CUDA step: nothing to tune")
     tokenizer = engine.tokenizer
-    prompts = {n: tokenizer.decode(bench.make_prompt(tokenizer, n), skip_special_tokens=False) for n in (128, 4000)}
+    prompts = {n: bench.prompt_text(tokenizer, n) for n in (128, 4000)}
 
     def step_us_after(prompt_tokens: int, new_tokens: int) -> float:
         task = TextGenerationTask(prompt=prompts[prompt_tokens], max_tokens=new_tokens, ignore_eos=True,

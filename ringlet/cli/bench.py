@@ -52,6 +52,22 @@ def make_prompt(tokenizer: Any, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
+def prompt_text(tokenizer: Any, n_tokens: int) -> str:
+    """Filler text that a raw prompt encodes to `n_tokens` tokens (special tokens counted, as the engine counts
+    them), or to the nearest count below where no cut of the filler gives exactly that: decoding tokens and
+    encoding the text again merges some across the filler's repeats."""
+    ids = make_prompt(tokenizer, 2 * n_tokens + 16)
+
+    def count(m: int) -> int:
+        return len(tokenizer.encode(tokenizer.decode(ids[:m], skip_special_tokens=False), add_special_tokens=True))
+
+    low, high = 0, len(ids)  # the most filler tokens whose text encodes to no more than n_tokens
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if count(middle) <= n_tokens else (low, middle - 1)
+    return tokenizer.decode(ids[:low], skip_special_tokens=False)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -347,15 +363,15 @@ def report(args: argparse.Namespace, engine: Any, weights: dict[str, Any] | None
     import torch
 
     from ringlet.worker.engines.engine_init import warmup_engine
+    from ringlet.worker.runner import running_engine
 
     warmup_s = warmup_engine(engine)
     tokenizer = engine.tokenizer
-    ids = make_prompt(tokenizer, args.prompt_tokens)
-    prompt = tokenizer.decode(ids, skip_special_tokens=False)
+    prompt = prompt_text(tokenizer, args.prompt_tokens)
     device, xpus = engine.device, xpus_of(engine)
     results: dict[str, Any] = {
         "model": args.shape and f"random weights shaped like {args.shape}" or str(args.model or "SmolLM2-135M-Instruct (embedded)"),
-        "engine": engine.name, "device": ", ".join(xpu.name for xpu in xpus) if xpus else (
+        "engine": running_engine(engine, "cpu"), "device": ", ".join(xpu.name for xpu in xpus) if xpus else (
             torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "precision": engine.precision, "threads": torch.get_num_threads(), "warmup_s": warmup_s,
         "ringlet": time_engine(engine, prompt, args.new_tokens, args.repeats),
@@ -398,6 +414,7 @@ def report(args: argparse.Namespace, engine: Any, weights: dict[str, Any] | None
         dtype = torch.float32 if engine.precision in ("fp32", "int8") and device.type == "cpu" else next(
             engine.stage.model.parameters()).dtype
         reference = transformers_model(path, weights, config, dtype, device)
+        ids = tokenizer.encode(prompt, add_special_tokens=True)  # the tokens the engine was given
         results["transformers"] = time_transformers(reference, ids, args.new_tokens, args.repeats)
         if "limit_tokens_per_s" in results:
             results["transformers"]["fraction_of_limit"] = (results["transformers"]["decode_tokens_per_s"]

@@ -185,6 +185,7 @@ class LocalSession:
 
     def reply(self, messages: list[ChatMessage]) -> Iterator[str]:
         from ringlet.worker.engines.ipex import IPEXEngineError
+        from ringlet.worker.runner import running_engine
 
         try:
             task = TextGenerationTask(messages=messages, max_tokens=self.args.max_tokens, sampling=self.sampling)
@@ -194,7 +195,7 @@ class LocalSession:
         except (ContextWindowError, ValueError, IPEXEngineError) as e:  # an IPEXMemoryError says what to do
             raise CliError(str(e)) from None
         if self.args.stats and chunk is not None and chunk.timings and chunk.usage:
-            self.stats = _stats(self.engine.name, chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
+            self.stats = _stats(running_engine(self.engine, "cpu"), chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
                                 chunk.timings.time_to_first_token_s, chunk.timings.decode_tokens_per_s)
 
 

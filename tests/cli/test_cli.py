@@ -7,10 +7,14 @@ import os
 import subprocess
 import sys
 
+import gguf
 import pytest
 
 from ringlet.cli import build_parser
+from ringlet.cli.bench import prompt_text
 from ringlet.cli.run import _converse, model_and_prompt
+from ringlet.models.embedded import embedded_model_path
+from ringlet.models.tokenizer import Tokenizer
 
 # fp32, as the live nodes run: the int4 file's greedy answer to the capital question is not Paris
 # (tests/worker/engines/test_generate.py says why)
@@ -44,7 +48,7 @@ def test_run_answers_from_the_embedded_model():
     result = ringlet("run", "What is the capital of France?", "--max-tokens", "24", "--stats")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
-    assert "tokens/s" in result.stderr
+    assert "tokens/s" in result.stderr and "[cpu]" in result.stderr, "the engine named as --engine names it"
 
 
 def test_run_bad_model_is_one_clear_line():
@@ -62,11 +66,13 @@ def test_run_bad_sampling_value_is_clear():
 
 @pytest.mark.slow
 def test_bench_json():
-    result = ringlet("bench", "--json", "--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1")
+    result = ringlet("bench", "--json", "--engine", "cpu", "--prompt-tokens", "130", "--new-tokens", "4", "--repeats",
+                     "1")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     r = report["ringlet"]
-    assert r["prompt_tokens"] > 8 and r["new_tokens"] == 4
+    assert report["engine"] == "cpu", "the engine's name as --engine takes it, not its library's"
+    assert r["prompt_tokens"] == 130 and r["new_tokens"] == 4
     assert r["decode_tokens_per_s"] > 0 and r["time_to_first_token_ms"] > 0 and r["peak_memory_mb"] > 0
 
 
@@ -156,3 +162,10 @@ def test_run_takes_the_model_first_and_a_piped_prompt():
     assert piped.returncode == 0 and "Paris" in piped.stdout, piped.stderr
     unknown = ringlet("run", "no-such-model", "Hello there", "--local")
     assert unknown.returncode == 2 and "no-such-model" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+@pytest.mark.parametrize("n_tokens", [1, 16, 128, 1000])
+def test_the_bench_prompt_encodes_to_the_tokens_asked(n_tokens: int) -> None:
+    """As the engine encodes a raw prompt: decoding filler tokens and encoding the text again would merge some."""
+    tokenizer = Tokenizer.from_gguf(gguf.GGUFReader(embedded_model_path()))
+    assert len(tokenizer.encode(prompt_text(tokenizer, n_tokens), add_special_tokens=True)) == n_tokens
