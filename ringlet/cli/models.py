@@ -26,6 +26,7 @@ from ringlet.shared.errors import ModelLoadError
 
 if TYPE_CHECKING:
     from ringlet.models.download import DownloadProgress
+    from ringlet.models.ollama import OllamaModel
 
 # ringlet.models.{download,store,catalog} import torch (via the safetensors loader) and huggingface_hub:
 # they are imported inside the commands so that every other `ringlet` command starts fast.
@@ -218,16 +219,42 @@ def _remove(args: argparse.Namespace) -> int:
         print(f"removed the name {alias.name}; {alias.target} stays")
         return 0
     store = ModelStore()
-    stored = store.get(pull_ref(args.model))
-    files = [stored.path / name for name in stored.gguf_files] if stored is not None else []
     try:
+        stored = store.get(pull_ref(args.model))
+        files = [stored.path / name for name in stored.gguf_files] if stored is not None else []
         model = store.remove(pull_ref(args.model))
     except ModelLoadError as e:
-        raise CliError(str(e)) from None
+        if (pulled := _pulled_with_ollama(args.model)) is None:
+            raise CliError(str(e)) from None
+        return _forget_ollama_model(pulled)
     cached = repack_cache.forget(files)  # its GGUF files' weights as the loader repacked them
     names = [alias.name for alias in aliases.remove_pointing_to(model.repo_id)]
     print(f"removed {model.repo_id} ({_size(model.size_bytes + model.incomplete_bytes + cached)} freed)"
           + (f" and its names {', '.join(names)}" if names else ""))
+    return 0
+
+
+def _pulled_with_ollama(name: str) -> OllamaModel | None:
+    from ringlet.models.ollama import find_ollama_model
+
+    try:
+        return find_ollama_model(name)
+    except ModelLoadError:  # in Ollama's store, but not servable: still Ollama's to remove
+        return None
+
+
+def _forget_ollama_model(model: OllamaModel) -> int:
+    """A model Ollama pulled is Ollama's: ringlet reads its blob in place, so all `rm` removes is the weights
+    ringlet repacked from it."""
+    from ringlet.models import repack_cache
+    from ringlet.models.ollama import ollama_models_dir
+
+    freed = repack_cache.forget([model.path])
+    whose = (f"{model.name} is a model Ollama pulled into {ollama_models_dir()}, which ringlet serves in place "
+             f"without a copy: `ollama rm {model.name}` deletes it")
+    if not freed:
+        raise CliError(whose)
+    print(f"removed ringlet's repacked weights of {model.name} ({_size(freed)} freed); {whose}")
     return 0
 
 

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from ringlet.cli import main
 from ringlet.models.embedded import embedded_model_path
 from ringlet.models.loader import resolve_model_path
 from ringlet.models.names import Catalog
 from ringlet.models.ollama import OllamaName, find_ollama_model, ollama_models
+from ringlet.models.repack_cache import RepackCache
 from ringlet.shared.errors import InvalidModelError, ModelLoadError, ModelNotFoundError
 from tests.support.ollama_store import WEIGHTS, pull
 from tests.support.tiny_gguf import write_tiny_gguf
@@ -121,3 +123,18 @@ def test_ringlet_run_and_models_serve_a_model_pulled_with_ollama(store: Path) ->
     missing = ringlet(*prompt, "--model", "phi4-mini:3.8b")  # a name ringlet maps to no Hugging Face repo
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
     assert f"not pulled with Ollama ({store})" in missing.stderr and "`ollama pull phi4-mini:3.8b`" in missing.stderr
+
+
+def test_ringlet_rm_leaves_a_pulled_model_to_ollama_and_removes_its_repacked_weights(
+        store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blob = store / "blobs" / ("sha256-" + "ab" * 32)
+    assert main(["rm", "smollm2:135m"]) == 2
+    err = capsys.readouterr().err
+    assert "Ollama pulled" in err and "`ollama rm smollm2:135m`" in err and "not a Hugging Face" not in err
+    cache = RepackCache.for_files([blob])
+    assert cache is not None
+    cache.directory.mkdir(parents=True)
+    (cache.directory / "blk.0.safetensors").write_bytes(b"\0" * 1000)
+    assert main(["rm", "smollm2:135m"]) == 0
+    assert "removed ringlet's repacked weights of smollm2:135m" in capsys.readouterr().out
+    assert not cache.directory.exists() and blob.is_file(), "ringlet's copy goes, Ollama's file stays"
