@@ -130,11 +130,11 @@ def pull(model: str, layers: tuple[int, int] | None = None, revision: str = "mai
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ringlet.models.names import Catalog
+    from ringlet.models.names import Catalog, is_existing_path
     from ringlet.shared.errors import NodeError
 
-    try:
-        card = Catalog().add_local(args.model)
+    try:  # a path named here is read wherever it is: only a node keeps to its model folders
+        card = Catalog(local_roots=[Path(args.model)] if is_existing_path(args.model) else None).add_local(args.model)
     except NodeError as error:
         raise CliError(str(error)) from None
     quantised = [d for d in card.bytes_per_dtype if d not in ("float32", "bfloat16", "float16")]

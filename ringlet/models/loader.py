@@ -68,6 +68,11 @@ def reporting_load_progress(listener: LoadProgress) -> Iterator[None]:
         _progress_listeners.remove(listener)
 
 
+def names_a_path(ref: str) -> bool:
+    """Whether `ref` can only be a path (absolute, relative to here or home, or a .gguf file), never a model name."""
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith(".gguf")
+
+
 def resolve_model_path(ref: str | Path | None, aliases: bool = True) -> Path:
     """A local path, then a model in the store (`ringlet pull`), then one pulled with Ollama (`llama3.2:1b`), then
     the embedded model's names, then a second name made by a copy (`aliases`), then an Ollama library name pulled
@@ -77,7 +82,7 @@ def resolve_model_path(ref: str | Path | None, aliases: bool = True) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
-    if isinstance(ref, Path) or str(ref).startswith(("/", "./", "../", "~")) or str(ref).endswith(".gguf"):
+    if isinstance(ref, Path) or names_a_path(ref):
         raise ModelLoadError(f"{ref}: no such file or folder (a model is a GGUF file, a Hugging Face model folder, "
                              "or a name that `ringlet models` lists)")
     from ringlet.models.aliases import ModelAliases

@@ -29,7 +29,7 @@ from ringlet.models.catalog import (
     resolve_card,
 )
 from ringlet.models.gguf_loader import gguf_size
-from ringlet.models.loader import EMBEDDED_ALIASES, gguf_facts, read_model_config, resolve_model_path
+from ringlet.models.loader import EMBEDDED_ALIASES, gguf_facts, names_a_path, read_model_config, resolve_model_path
 from ringlet.models.ollama import OllamaModel, find_ollama_model, library_model, ollama_models
 from ringlet.models.store import (
     MANIFEST_FILE,
@@ -200,6 +200,8 @@ class Catalog:
             return self.resolve(ref)
         except ModelNotFoundError:
             if not is_existing_path(ref):
+                if names_a_path(ref):
+                    raise ModelNotFoundError(ref, [c.id for c in self.cards()], "no such file or folder") from None
                 try:
                     pulled = find_ollama_model(ref)
                 except ModelLoadError as error:
@@ -283,13 +285,12 @@ def _disk_card(model_id: str, path: Path) -> ModelCard:
     """The card of a model directory or GGUF file on this node; ModelLoadError when no engine can run it (a directory
     of an architecture only mlx-lm has gets an MLX-only card)."""
     try:
-        _, args = read_model_config(path)
+        read_model_config(path)
     except ModelLoadError:
         if not path.is_dir():
             raise
-        return card_from_path(model_id, path).model_copy(update={"download_bytes": _size_on_disk(path)})
-    return card_from_args(model_id, args, format="safetensors" if path.is_dir() else "gguf", source="local",
-                          download_bytes=_size_on_disk(path))
+    # the card of the files as they are: a GGUF's types and 4/5-bit share, a checkpoint's quantisation config
+    return card_from_path(model_id, path).model_copy(update={"download_bytes": _size_on_disk(path)})
 
 
 def _size_on_disk(path: Path) -> int:

@@ -101,3 +101,12 @@ def test_models_command_in_a_fresh_process(hub: FakeHub, capsys: pytest.CaptureF
     assert result.returncode == 0, result.stderr
     assert "SmolLM2-135M-Instruct" in result.stdout and "embedded" in result.stdout
     assert "no downloaded models" in result.stdout
+
+
+def test_show_reads_a_model_file_wherever_it_is(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    write_tiny_gguf(tmp_path / "tiny.gguf", arch="qwen3")
+    code, out, err = run(capsys, "show", str(tmp_path / "tiny.gguf"))
+    assert code == 0, err
+    assert str((tmp_path / "tiny.gguf").resolve()) in out and "qwen3" in out
+    code, _, err = run(capsys, "show", str(tmp_path / "missing.gguf"))
+    assert code == 2 and "no such file or folder" in err and "Traceback" not in err

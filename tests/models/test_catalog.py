@@ -212,3 +212,16 @@ def test_a_gguf_cards_quantization_is_the_files_type_else_that_of_most_of_its_we
     for kind, elements in loader.gguf_facts(untyped).tensor_types.values():
         counts[kind] = counts.get(kind, 0) + elements
     assert card_from_path("untyped", untyped).quantization == max(counts, key=lambda k: counts[k])
+
+
+def test_a_model_named_by_its_path_has_the_card_of_its_files() -> None:
+    """As placement counts its bytes: the GGUF's 4-bit share and type, as for the same file by name."""
+    from ringlet.models.embedded import embedded_model_path
+    from ringlet.models.names import Catalog
+
+    path = embedded_model_path()
+    by_path, by_name = Catalog(local_roots=[path]).add_local(str(path)), embedded_card()
+    assert by_path.id == str(path.resolve()) and by_path.source == "local"
+    assert (by_path.quantization, by_path.four_bit_share, by_path.five_bit_share, by_path.download_bytes) == (
+        by_name.quantization, by_name.four_bit_share, by_name.five_bit_share, by_name.download_bytes)
+    assert by_path.four_bit_share == 1.0
