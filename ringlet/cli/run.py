@@ -195,7 +195,8 @@ class LocalSession:
         except (ContextWindowError, ValueError, IPEXEngineError) as e:  # an IPEXMemoryError says what to do
             raise CliError(str(e)) from None
         if self.args.stats and chunk is not None and chunk.timings and chunk.usage:
-            self.stats = _stats(running_engine(self.engine, "cpu"), chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
+            usage = chunk.usage
+            self.stats = _stats(running_engine(self.engine, "cpu"), usage.prompt_tokens, usage.completion_tokens,
                                 chunk.timings.time_to_first_token_s, chunk.timings.decode_tokens_per_s)
 
 

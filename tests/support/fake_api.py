@@ -32,7 +32,8 @@ def fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeServer
 
 @pytest.fixture
 def node(fake_server: FakeServer) -> Iterator[FakeNode]:
-    """The module's fake node with no tasks submitted or closed yet; a test's own script, token delay and load time are undone after it."""
+    """The module's fake node with no tasks submitted or closed yet; a test's own script, token delay and load time
+    are undone after it."""
     fake = fake_server.node
     fake.submitted.clear()
     fake.closed.clear()
