@@ -53,8 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     models.set_defaults(func=_list)
 
     rm = subparsers.add_parser("rm", help="delete a downloaded model from the local store")
-    rm.add_argument("model", help="ORG/NAME as `ringlet models` lists it, an Ollama library name pulled with "
-                                  "`ringlet pull`, or a name `ringlet cp` made (only the name goes)")
+    rm.add_argument("model", nargs="?", help="ORG/NAME as `ringlet models` lists it, an Ollama library name pulled "
+                                             "with `ringlet pull`, or a name `ringlet cp` made (only the name goes)")
+    rm.add_argument("--repacked", action="store_true",
+                    help="without a model: delete the weights ringlet repacked from every GGUF file (a load makes a "
+                         "model's again)")
     rm.set_defaults(func=_remove)
 
     cp = subparsers.add_parser("cp", help="give a model a second name (its files are shared, not copied)")
@@ -165,6 +168,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from ringlet.models import repack_cache
     from ringlet.models.aliases import ModelAliases
     from ringlet.models.catalog import catalog
     from ringlet.models.embedded import embedded_model_path
@@ -203,13 +207,23 @@ def _list(args: argparse.Namespace) -> int:
     _print_table(rows)
     if len(rows) == 2:
         print(f"\nno downloaded models in {store.root}; `ringlet pull Qwen/Qwen3-0.6B` fetches one")
+    if repacked := repack_cache.size_of(repack_cache.cache_root()):
+        print(f"\nweights repacked from GGUF files: {_size(repacked)} in {repack_cache.cache_root()} "
+              "(`ringlet rm --repacked` deletes them)")
     return 0
 
 
 def _remove(args: argparse.Namespace) -> int:
+    from ringlet.models import repack_cache
+
+    if args.model is None and args.repacked:
+        print(f"removed the weights repacked from GGUF files ({_size(repack_cache.clear())} freed)")
+        return 0
+    if args.model is None or args.repacked:
+        raise CliError("name a model to remove (`ringlet models` lists them), or give --repacked alone to delete the "
+                       "weights repacked from GGUF files")
     if args.model.strip().lower() in _EMBEDDED_NAMES:
         raise CliError(f"{EMBEDDED_MODEL_ID} is embedded in the installed package and cannot be removed")
-    from ringlet.models import repack_cache
     from ringlet.models.aliases import ModelAliases
     from ringlet.models.ollama import pull_ref
     from ringlet.models.store import ModelStore

@@ -100,22 +100,39 @@ class RepackCache:
                 temporary.unlink()
 
 
+def cache_root(home: Path | None = None) -> Path:
+    """The folder of every GGUF model's entries."""
+    return (home or ringlet_home()) / "cache" / "gguf"
+
+
 def cache_directory(first: Path, home: Path | None = None) -> Path:
     """Where the entries of the GGUF model whose (first) file is `first` are kept."""
     resolved = first.resolve()
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
-    return (home or ringlet_home()) / "cache" / "gguf" / f"{resolved.name}-{digest}"
+    return cache_root(home) / f"{resolved.name}-{digest}"
+
+
+def size_of(directory: Path) -> int:
+    """The bytes of the files under `directory` (0 where there is none)."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+
+
+def _remove(directory: Path) -> int:
+    freed = size_of(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    return freed
 
 
 def forget(files: Sequence[Path], home: Path | None = None) -> int:
     """Remove the entries made from the GGUF files `files` (a model about to be removed: they are resolved as the
     cache resolved them); returns the bytes they took."""
-    freed = 0
-    for directory in {cache_directory(f, home) for f in files}:
-        if directory.is_dir():
-            freed += sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
-            shutil.rmtree(directory, ignore_errors=True)
-    return freed
+    return sum(_remove(directory) for directory in {cache_directory(f, home) for f in files})
+
+
+def clear(home: Path | None = None) -> int:
+    """Remove every model's entries (those of files since deleted too); returns the bytes they took. A load makes a
+    model's entries again."""
+    return _remove(cache_root(home))
 
 
 def _groups(stored: Mapping[str, torch.Tensor], name: str, five_bit: bool) -> GroupQuantized:

@@ -110,3 +110,20 @@ def test_show_reads_a_model_file_wherever_it_is(capsys: pytest.CaptureFixture[st
     assert str((tmp_path / "tiny.gguf").resolve()) in out and "qwen3" in out
     code, _, err = run(capsys, "show", str(tmp_path / "missing.gguf"))
     assert code == 2 and "no such file or folder" in err and "Traceback" not in err
+
+
+def test_the_repacked_weights_are_listed_and_deleted_on_request(hub: FakeHub, capsys: pytest.CaptureFixture[str],
+                                                                tmp_path: Path) -> None:
+    gone = tmp_path / "deleted-since.gguf"  # a file removed outside ringlet: its entries are left behind
+    entry = repack_cache.cache_directory(gone)
+    entry.mkdir(parents=True)
+    (entry / "blk.0.safetensors").write_bytes(b"\0" * 2_000_000)
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and f"repacked from GGUF files: 2.0 MB in {repack_cache.cache_root()}" in out
+    assert "`ringlet rm --repacked`" in out
+    code, _, err = run(capsys, "rm")
+    assert code == 2 and "--repacked" in err and entry.exists()
+    code, out, _ = run(capsys, "rm", "--repacked")
+    assert code == 0 and "2.0 MB freed" in out and not entry.exists()
+    code, out, _ = run(capsys, "models")
+    assert "repacked from GGUF" not in out
