@@ -21,7 +21,6 @@ from pathlib import Path
 from ringlet.models.aliases import ModelAlias, ModelAliases
 from ringlet.models.catalog import (
     ModelCard,
-    card_from_args,
     card_from_path,
     catalog,
     embedded_card,
@@ -29,7 +28,7 @@ from ringlet.models.catalog import (
     resolve_card,
 )
 from ringlet.models.gguf_loader import gguf_size
-from ringlet.models.loader import EMBEDDED_ALIASES, gguf_facts, names_a_path, read_model_config, resolve_model_path
+from ringlet.models.loader import EMBEDDED_ALIASES, names_a_path, read_model_config, resolve_model_path
 from ringlet.models.ollama import OllamaModel, find_ollama_model, library_model, ollama_models
 from ringlet.models.store import (
     MANIFEST_FILE,
@@ -185,12 +184,11 @@ class Catalog:
 
     @staticmethod
     def _ollama_card(pulled: OllamaModel) -> ModelCard:
-        try:
-            _, args = read_model_config(pulled.path)
+        try:  # the card of the file as it is (its type, its 4/5-bit share), under the name Ollama gives it
+            card = card_from_path(pulled.name, pulled.path)
         except ModelLoadError as error:
             raise InvalidModelError(f"Ollama model {pulled.name} is not a model this node can load: {error}") from None
-        return card_from_args(pulled.name, args, format="gguf", source="ollama", download_bytes=pulled.size_bytes,
-                              quantization=gguf_facts(pulled.path).quantization)
+        return card.model_copy(update={"source": "ollama", "download_bytes": pulled.size_bytes})
 
     def add_local(self, ref: str) -> ModelCard:
         """A card for a model to place: one the node knows by name, a model directory or .gguf file on this node

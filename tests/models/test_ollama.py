@@ -101,7 +101,8 @@ def test_the_node_lists_and_places_pulled_models_by_their_ollama_names(store: Pa
 def test_a_fresh_catalog_lists_what_ollama_pulled_on_disk_with_the_files_type(store: Path) -> None:
     on_disk = {model.card.id: model for model in Catalog(local_roots=[]).on_disk()}
     assert "smollm2:135m" in on_disk, "listed without the node's model list having been asked for first"
-    assert on_disk["smollm2:135m"].card.quantization == "Q4_1"
+    card = on_disk["smollm2:135m"].card
+    assert card.quantization == "Q4_1" and card.four_bit_share == 1.0, "counted as its file's 4-bit groups"
 
 
 @pytest.mark.slow
