@@ -162,6 +162,9 @@ class ModelCard(BaseModel):
     five_bit_share: float = Field(0.0, ge=0.0, le=1.0, description="of the layers' linear weights, the share a GGUF "
                                   "file keeps in 5-bit groups (4-bit parts beside them) that ringlet's CPU kernels "
                                   "run as they are")
+    embedding_kept_int8: bool = Field(False, description="a GGUF file with 4-bit linears whose token embedding is "
+                                      "stored in more bits: an int4 stage on CUDA holds it as int8 rows, not rounded "
+                                      "to 4 bits")
     layer_expert_parameters: int = Field(0, ge=0, description="of a layer's linear weights, its experts' (a mixture "
                                          "of experts, on average over the layers)")
     expert_weight_bytes: float = Field(0.0, ge=0.0, description="bytes an expert's weight is held in whatever the "
@@ -192,7 +195,7 @@ class ModelCard(BaseModel):
             rounded = dense * int8_share + (0 if self.expert_weight_bytes else experts)
             per_layer += rounded * held.row_scale / self.hidden_size
         total = (end - start) * per_layer
-        if first and held.int4_embedding and not (self.tie_word_embeddings and last):
+        if first and held.int4_embedding and not self.embedding_kept_int8 and not (self.tie_word_embeddings and last):
             total += self.embedding_parameters * _int4(32, 2)
         elif first:
             total += (self.embedding_parameters + 4 * self.vocab_size if held.int8_embedding
@@ -223,7 +226,7 @@ def weight_format(dtype: str) -> WeightFormat:
 def card_from_args(
     model_id: str, args: ModelArgs, *, format: ModelFormat = "safetensors", source: CardSource = "hub",
     download_bytes: int | None = None, four_bit_share: float = 0.0, five_bit_share: float = 0.0,
-    quantization: str | None = None,
+    quantization: str | None = None, embedding_kept_int8: bool = False,
 ) -> ModelCard:
     layer_parameters, embedding_parameters = _parameter_counts(args)
     h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
@@ -244,7 +247,7 @@ def card_from_args(
         context_length=args.context_length,
         instance_types=list(_ALL_INSTANCE_TYPES),
         download_bytes=download_bytes, layer_linear_parameters=linear_parameters, four_bit_share=four_bit_share,
-        five_bit_share=five_bit_share, quantization=quantization,
+        five_bit_share=five_bit_share, quantization=quantization, embedding_kept_int8=embedding_kept_int8,
         layer_expert_parameters=_expert_parameters(args),
     )
 
@@ -368,7 +371,8 @@ def embedded_card() -> ModelCard:
     four, five = gguf_bit_shares(path)
     return card_from_args(EMBEDDED_MODEL_ID, args, format="gguf", source="embedded",
                           download_bytes=path.stat().st_size, four_bit_share=four, five_bit_share=five,
-                          quantization=gguf_facts(path).quantization)
+                          quantization=gguf_facts(path).quantization,
+                          embedding_kept_int8=gguf_embedding_kept_int8(path))
 
 
 def catalog(include_embedded: bool = True) -> list[ModelCard]:
@@ -441,13 +445,27 @@ def card_from_path(model_id: str, path: Path) -> ModelCard:
         _, args = read_model_config(path)
         four, five = gguf_bit_shares(path)
         return card_from_args(model_id, args, format="gguf", source="local", download_bytes=gguf_size(path),
-                              four_bit_share=four, five_bit_share=five, quantization=gguf_facts(path).quantization)
+                              four_bit_share=four, five_bit_share=five, quantization=gguf_facts(path).quantization,
+                              embedding_kept_int8=gguf_embedding_kept_int8(path))
     sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
     return card_from_config(model_id, read_config(path), sizes, source="local", path=path)
 
 
 # the linears the torch models fuse: one runs int4 only where the file keeps every part of it in 4-bit groups
 _FUSED_GGUF_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
+
+
+def gguf_embedding_kept_int8(path: Path) -> bool:
+    """Whether an int4 stage of the GGUF model keeps its token embedding as int8 rows on CUDA: where the file keeps
+    some linears in 4-bit groups (the stage keeps the file's mix) and the embedding in more bits than 4, which
+    rounding to 4-bit groups would lose. Read from the tensors' types, no data."""
+    from ringlet.models.loader import gguf_facts
+
+    tensors = gguf_facts(path).tensor_types
+    embedding = tensors.get("token_embd.weight")
+    four_bit_linears = any(kind in FOUR_BIT_GGUF_TYPES for name, (kind, _) in tensors.items()
+                           if name.startswith("blk.") and name.endswith(".weight"))
+    return four_bit_linears and embedding is not None and embedding[0] not in FOUR_BIT_GGUF_TYPES
 
 
 def gguf_bit_shares(path: Path) -> tuple[float, float]:

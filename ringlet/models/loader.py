@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ringlet.models import safetensors_loader
+from ringlet.models.catalog import gguf_embedding_kept_int8
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.models.fp8 import runs_fp8, use_fp8_layer
@@ -191,6 +192,8 @@ def load_stage(
     grouped = gguf_groups if gguf is not None else stored  # what may keep the linears in 4-bit groups
     file_groups = grouped is not None and quantize in ("int4", "int4 where stored") and grouped.stores_groups(start, end)
     on_cuda = torch.device(device).type == "cuda"  # int4 there rounds the embedding to 4 bits as well
+    # unless the file keeps it in more bits beside 4-bit linears
+    int4_embedding = on_cuda and not (gguf is not None and file_groups and gguf_embedding_kept_int8(path))
     group_size = (stored.group_size if stored is not None and stored.scheme.grouped
                   else CUDA_GROUP_SIZE if on_cuda else GROUP_SIZE)
     quantized: Literal["int8", "int4"] | None = (
@@ -228,7 +231,7 @@ def load_stage(
             listener(index + 1 - start, end - start, kept)
 
     model = build_stage(args, start, end, weights=read, dtype=dtype, device=device, finish_layer=finish_layer,
-                        int8_ends=quantized is not None, int4_embedding=quantized == "int4" and on_cuda)
+                        int8_ends=quantized is not None, int4_embedding=quantized == "int4" and int4_embedding)
     if sharded:
         tensor_parallel.shard_ends(cast("Transformer", model), None, weights, dtype, device)
     _return_freed_memory()

@@ -364,3 +364,18 @@ def test_5_bit_types_are_int8_for_a_stage_that_moves_or_computes_in_fp32(tmp_pat
                   load_stage(path, quantize="int4 where stored", dtype=torch.float32)):
         assert stage.quantized == "int8"
         assert not any(isinstance(m, Int4Linear) for m in stage.model.modules())
+
+
+def test_a_file_with_4_bit_linears_has_its_8_bit_embedding_counted_as_cuda_keeps_it(tmp_path: Path) -> None:
+    """An int4 stage on CUDA keeps such a file's mix: its embedding as int8 rows, not rounded again to 4 bits; a file
+    with no 4-bit linears is rounded to 4 bits whole, its embedding too."""
+    from ringlet.models.catalog import CUDA_INT4
+
+    mixed, wide = tmp_path / "q4_0.gguf", tmp_path / "q6_k.gguf"
+    write_model(mixed, dict.fromkeys(LINEARS, Q.Q4_0))  # the embedding in Q8_0
+    write_model(wide, dict.fromkeys(LINEARS, Q.Q6_K))
+    kept, rounded = card_from_path("mixed", mixed), card_from_path("wide", wide)
+    assert kept.embedding_kept_int8 and not rounded.embedding_kept_int8
+    as_int8 = kept.stage_bytes(0, 1, CUDA_INT4) - kept.model_copy(update={"embedding_kept_int8": False}).stage_bytes(
+        0, 1, CUDA_INT4)
+    assert as_int8 == VOCAB * HIDDEN + 4 * VOCAB - VOCAB * HIDDEN * 5 // 8, "a byte a value and a row scale, not 4.5 bits"

@@ -1,0 +1,90 @@
+"""GGUF files of each block type loaded at int4 on CUDA: the logits against the bf16 model holding the dequantised
+weights (and, where the file's 4-bit groups are kept, against the model built from gguf.quants' values), and the batch
+engine's graphed steps against that bf16 model (skip without a GPU; run through the device tool)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from torch import nn
+
+from ringlet.models import gguf_quants
+from ringlet.models.loader import LoadedStage
+from ringlet.models.registry import build_stage
+from ringlet.shared.config import EngineConfig
+from ringlet.shared.tasks import SamplingParams, TextGenerationTask
+from tests.models.test_gguf_types import DECODED, LINEARS, TOLERANCE, relative_error, write_model
+from tests.worker.gpu.test_int4_cuda import assert_tracks, on_gpu
+
+IDS = [1, 50, 9, 200, 33, 7]
+Greedy = tuple[list[str], list[dict[str, float]]]  # as test_int4_cuda's, the tokens by their text
+
+
+def logits(model: nn.Module, device: str) -> torch.Tensor:
+    ids = torch.tensor([IDS], device=device)
+    with torch.inference_mode():
+        return model(ids, model.make_cache(1, 16), 0).float().cpu()  # type: ignore[operator]
+
+
+def greedy(engine, n: int = 24) -> Greedy:  # type: ignore[no-untyped-def]
+    """Greedy tokens (their text: a byte-level chunk may complete several) of a prompt that fits the files' context
+    of 256, and at each the five likeliest log-probabilities."""
+    task = TextGenerationTask(prompt=" ".join(f"t{i * 7 % 97}" for i in range(20)), max_tokens=n, ignore_eos=True,
+                              sampling=SamplingParams(temperature=0, logprobs=5))
+    drawn = [token for chunk in engine.generate(task) for token in chunk.logprobs or []]
+    assert len(drawn) == n
+    return [token.token for token in drawn], [{top.token: top.logprob for top in token.top} for token in drawn]
+
+
+def dequantised(stage: LoadedStage, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The stage's model in bf16 with each quantised linear's dequantised weight: what the kernels should compute."""
+    from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
+
+    reference = build_stage(stage.args, weights=dict(weights), dtype=torch.bfloat16, device="cuda")
+    vocab = torch.arange(stage.args.vocab_size, device="cuda")
+    reference.embed_tokens.weight.data = stage.model.embed_tokens(vocab).to(torch.bfloat16)
+    quantised = dict(stage.model.named_modules())
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, nn.Linear):
+            packed = quantised[name]
+            assert isinstance(packed, CudaInt4Linear | CudaInt8Linear), (name, type(packed))
+            module.weight.data = packed.dequantize().to(torch.bfloat16)
+    return reference
+
+
+@pytest.mark.parametrize("qtype", DECODED)
+@on_gpu
+def test_a_gguf_file_of_each_type_runs_at_int4_on_cuda(qtype: Q, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file with 4-bit linears keeps them (groups of 32) and its embedding in int8, stored in 8 bits; any other is
+    rounded to 4 bits as int4 asks, the linears in groups of 128 and the embedding in groups of 32."""
+    from ringlet.models.quant import Int4Embedding, Int8Embedding
+    from ringlet.models.quant_cuda import CudaInt4Linear
+    from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
+    from ringlet.worker.engines.torch.engine import load_torch_stage
+
+    monkeypatch.setenv("RINGLET_HOME", str(tmp_path / "home"))
+    path = tmp_path / f"{qtype.name}.gguf"
+    weights = write_model(path, dict.fromkeys(LINEARS, qtype))
+    stage, precision = load_torch_stage(path, precision="int4", device=torch.device("cuda"))
+    kept = qtype in gguf_quants.GROUPED_TYPES
+    qkv = stage.model.layers[0].self_attn.qkv_proj  # type: ignore[index, union-attr]
+    assert precision == "int4" and isinstance(qkv, CudaInt4Linear), type(qkv)
+    assert qkv.group_size == (32 if kept else 128)
+    assert isinstance(stage.model.embed_tokens, Int8Embedding if kept else Int4Embedding)
+    reference = dequantised(stage, weights)
+    got = logits(stage.model, "cuda")
+    # bf16 activations, rounded to int8 per block of 32 for the products
+    assert relative_error(got, logits(reference, "cuda")) < 0.05
+    if kept:  # the file's own values, nothing rounded again
+        assert relative_error(got, logits(build_stage(stage.args, weights=weights), "cpu")) < 2 * TOLERANCE[qtype]
+
+    config = EngineConfig(max_context=256, max_batch=4, kv_cache_tokens=1024)
+    engine = TorchBatchEngine(stage, torch.device("cuda"), config)
+    assert engine.paged_decode is not None and engine.paged_decode.quantized
+    engine.warmup()
+    held = LoadedStage(stage.args, reference, stage.tokenizer, 0, stage.args.num_hidden_layers)
+    assert_tracks(greedy(engine), greedy(TorchBatchEngine(held, torch.device("cuda"), config)))
