@@ -17,7 +17,7 @@ from ringlet.models.registry import build_stage
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from tests.models.test_gguf_types import DECODED, LINEARS, TOLERANCE, relative_error, write_model
-from tests.worker.gpu.test_int4_cuda import assert_tracks, on_gpu
+from tests.worker.gpu.test_int4_cuda import on_gpu
 
 IDS = [1, 50, 9, 200, 33, 7]
 Greedy = tuple[list[str], list[dict[str, float]]]  # as test_int4_cuda's, the tokens by their text
@@ -31,12 +31,28 @@ def logits(model: nn.Module, device: str) -> torch.Tensor:
 
 def greedy(engine, n: int = 24) -> Greedy:  # type: ignore[no-untyped-def]
     """Greedy tokens (their text: a byte-level chunk may complete several) of a prompt that fits the files' context
-    of 256, and at each the five likeliest log-probabilities."""
+    of 256, and at each the five likeliest log-probabilities by text, leaving out the texts several tokens share (a
+    byte of a character alone reads as U+FFFD), which name no one token."""
     task = TextGenerationTask(prompt=" ".join(f"t{i * 7 % 97}" for i in range(20)), max_tokens=n, ignore_eos=True,
                               sampling=SamplingParams(temperature=0, logprobs=5))
     drawn = [token for chunk in engine.generate(task) for token in chunk.logprobs or []]
     assert len(drawn) == n
-    return [token.token for token in drawn], [{top.token: top.logprob for top in token.top} for token in drawn]
+    return [token.token for token in drawn], [{top.token: top.logprob for top in token.top if "\ufffd" not in top.token}
+                                              for token in drawn]
+
+
+def assert_tracks(got: Greedy, expected: Greedy, atol: float) -> None:
+    """`test_int4_cuda.assert_tracks` over the tokens' texts: up to the first drawn token that differs, the log-
+    probabilities of the texts both list agree within `atol`; where the tokens differ, the reference's two likeliest
+    (of those listed) are within 2 * `atol`, a near-tie."""
+    (tokens, tops), (ref_tokens, ref_tops) = got, expected
+    same = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens, strict=True)) if a != b), len(tokens))
+    for step in range(min(same + 1, len(tokens))):
+        for text in tops[step].keys() & ref_tops[step].keys():
+            assert abs(tops[step][text] - ref_tops[step][text]) <= atol, (step, text, tops[step], ref_tops[step])
+    if same < len(tokens) and len(ref_tops[same]) > 1:
+        ranked = sorted(ref_tops[same].values(), reverse=True)
+        assert ranked[0] - ranked[1] <= 2 * atol, (same, ranked)
 
 
 def dequantised(stage: LoadedStage, weights: dict[str, torch.Tensor]) -> nn.Module:
@@ -87,4 +103,6 @@ def test_a_gguf_file_of_each_type_runs_at_int4_on_cuda(qtype: Q, tmp_path: Path,
     assert engine.paged_decode is not None and engine.paged_decode.quantized
     engine.warmup()
     held = LoadedStage(stage.args, reference, stage.tokenizer, 0, stage.args.num_hidden_layers)
-    assert_tracks(greedy(engine), greedy(TorchBatchEngine(held, torch.device("cuda"), config)))
+    # this small model's log-probabilities are nearly flat (-3.5 to -4.3 for its likeliest tokens), and rounding x to
+    # int8 per block of 32 moves them by up to 0.09 (an H100, every type)
+    assert_tracks(greedy(engine), greedy(TorchBatchEngine(held, torch.device("cuda"), config)), atol=0.1)
