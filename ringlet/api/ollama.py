@@ -122,13 +122,12 @@ async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: Te
     return await Generation.start(node, task, request, api="ollama"), load_s
 
 
-async def _answer(started: tuple[Generation, float], body: ChatRequest | GenerateRequest, node: NodeFacade,
+async def _answer(generation: Generation, load_s: float, body: ChatRequest | GenerateRequest, node: NodeFacade,
                   line: Line, reader: CallReader | None = None) -> BaseModel | StreamingResponse:
     """Stream one line per chunk plus a final line with the counts, or collect everything into one object (with
     each token's log-probability when asked, and the most likely tokens' with top_logprobs). `reader` reads tool
     calls out of the text: a call comes in a line of its own once its text is complete. Once the answer is out, the
-    instance's keep_alive starts. The durations count the load that `_start` waited for."""
-    generation, load_s = started
+    instance's keep_alive starts. The durations count the `load_s` seconds the request waited for a load."""
     began = datetime.now(UTC)
     reader = reader or CallReader("none", [], "hermes", thinking=generation.thinking_splitter())
     with_top = bool(body.top_logprobs)
@@ -183,8 +182,7 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
     tools = [t.spec() for t in body.tools] if body.tools else None
     task = _task(body, messages=[m.to_message() for m in body.messages], tools=tools)
     node = node_of(request)
-    started = await _start(node, body, task, request)
-    generation = started[0]
+    generation, load_s = await _start(node, body, task, request)
 
     def line(text: str, thinking: str | None, calls: list[ToolCall], extra: dict[str, object]) -> ChatResponse:
         message = ResponseMessage(content=text, thinking=thinking,
@@ -193,7 +191,7 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
 
     reader = CallReader("auto" if tools else "none", tools or [], generation.tool_format(),
                         thinking=generation.thinking_splitter())
-    return await _answer(started, body, node, line, reader)
+    return await _answer(generation, load_s, body, node, line, reader)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
@@ -225,7 +223,8 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
     else:
         messages = [ChatMessage(role="system", content=body.system)] if body.system else []
         task = _task(body, messages=[*messages, ChatMessage(role="user", content=body.prompt)])
-    return await _answer(await _start(node, body, task, request), body, node, line)
+    generation, load_s = await _start(node, body, task, request)
+    return await _answer(generation, load_s, body, node, line)
 
 
 def _details(card: ModelCard) -> ModelDetails:
