@@ -160,14 +160,20 @@ def main() -> None:
         ("down + residual", hidden, x_inter, None, False, True),
     ]
     pdl = torch.cuda.get_device_capability(device)[0] >= 9
-    grid = ([(int4_cuda.GemvTiling(b, w, warps, stages, ahead, registers), pdl)
-             for b, w, warps, stages, ahead, registers in
-             itertools.product((8, 16, 32), (32, 64, 128, 256), (4, 8), options.stages, (False, True),
-                               (None, 48, 64, 80))
-             if b * w >= warps * 128 and (stages == 1 or not ahead) and (stages == 1 or registers is None)]
-            if options.sweep else [])
+
+    def grid(k: int) -> list[tuple[int4_cuda.GemvTiling, bool]]:
+        """The tilings --sweep tries on W [n, k]: steps of words that divide a row into whole groups, at most 8,192
+        words a program's step (more spill registers)."""
+        return ([(int4_cuda.GemvTiling(b, w, warps, stages, ahead, registers), pdl)
+                 for b, w, warps, stages, ahead, registers in
+                 itertools.product((8, 16, 32), (32, 64, 128, 256, 512), (4, 8), options.stages, (False, True),
+                                   (None, 48, 64, 80))
+                 if b * w >= warps * 128 and b * w <= 8192 and (k // 8) % w == 0 and (8 * w) % options.group_size == 0
+                 and (stages == 1 or not ahead) and (stages == 1 or registers is None)]
+                if options.sweep else [])
+
     for name, n, inp, nrm, gated, residual in projections:
-        measure(name, n, inp, nrm, eps, gated, residual, options.group_size, grid, bandwidth)
+        measure(name, n, inp, nrm, eps, gated, residual, options.group_size, grid(inp.shape[-1]), bandwidth)
         torch.cuda.empty_cache()
 
     for name, n, inp, _, gated, _ in projections if options.rows else []:
