@@ -86,8 +86,9 @@ def _task(body: ChatRequest | GenerateRequest, messages: list[ChatMessage] | Non
 
 
 def _stats(last: GenerationChunk, total_s: float, load_s: float) -> dict[str, object]:
+    """The final line's counts and durations: `total_s` since the request came, `load_s` of it waiting for a load."""
     usage, timings = last.usage, last.timings
-    stats: dict[str, object] = {"done_reason": last.finish_reason, "total_duration": int((load_s + total_s) * 1e9),
+    stats: dict[str, object] = {"done_reason": last.finish_reason, "total_duration": int(total_s * 1e9),
                                 "load_duration": int(load_s * 1e9)}
     if usage is not None:
         stats |= {"prompt_eval_count": usage.prompt_tokens, "eval_count": usage.completion_tokens}
@@ -122,13 +123,13 @@ async def _start(node: NodeFacade, body: ChatRequest | GenerateRequest, task: Te
     return await Generation.start(node, task, request, api="ollama"), load_s
 
 
-async def _answer(generation: Generation, load_s: float, body: ChatRequest | GenerateRequest, node: NodeFacade,
-                  line: Line, reader: CallReader | None = None) -> BaseModel | StreamingResponse:
+async def _answer(generation: Generation, load_s: float, received: float, body: ChatRequest | GenerateRequest,
+                  node: NodeFacade, line: Line, reader: CallReader | None = None) -> BaseModel | StreamingResponse:
     """Stream one line per chunk plus a final line with the counts, or collect everything into one object (with
     each token's log-probability when asked, and the most likely tokens' with top_logprobs). `reader` reads tool
     calls out of the text: a call comes in a line of its own once its text is complete. Once the answer is out, the
-    instance's keep_alive starts. The durations count the `load_s` seconds the request waited for a load."""
-    began = datetime.now(UTC)
+    instance's keep_alive starts. The durations count from `received` (time.monotonic), the `load_s` seconds the
+    request waited for a load among them."""
     reader = reader or CallReader("none", [], "hermes", thinking=generation.thinking_splitter())
     with_top = bool(body.top_logprobs)
 
@@ -136,7 +137,7 @@ async def _answer(generation: Generation, load_s: float, body: ChatRequest | Gen
         node.keep_alive(generation.handle.instance_id, body.keep_alive_s())
 
     def elapsed() -> float:
-        return (datetime.now(UTC) - began).total_seconds()
+        return time.monotonic() - received
 
     def logprobs(tokens: list[TokenLogprob]) -> dict[str, object]:
         return {"logprobs": [LogprobOut.of(t, with_top) for t in tokens]} if tokens else {}
@@ -182,6 +183,7 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
     tools = [t.spec() for t in body.tools] if body.tools else None
     task = _task(body, messages=[m.to_message() for m in body.messages], tools=tools)
     node = node_of(request)
+    received = time.monotonic()
     generation, load_s = await _start(node, body, task, request)
 
     def line(text: str, thinking: str | None, calls: list[ToolCall], extra: dict[str, object]) -> ChatResponse:
@@ -191,14 +193,14 @@ async def chat(body: ChatRequest, request: Request) -> BaseModel | StreamingResp
 
     reader = CallReader("auto" if tools else "none", tools or [], generation.tool_format(),
                         thinking=generation.thinking_splitter())
-    return await _answer(generation, load_s, body, node, line, reader)
+    return await _answer(generation, load_s, received, body, node, line, reader)
 
 
 @router.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
              responses={**GENERATION_ERRORS, **_ndjson_docs(GenerateResponse)})
 async def generate(body: GenerateRequest, request: Request) -> BaseModel | StreamingResponse:
     """Complete a prompt, Ollama style: through the chat template unless `raw` is true."""
-    node = node_of(request)
+    node, received = node_of(request), time.monotonic()
 
     def line(text: str, thinking: str | None, calls: list[ToolCall], extra: dict[str, object]) -> GenerateResponse:
         return GenerateResponse.model_validate({"model": body.model, "created_at": _now(), "response": text,
@@ -224,7 +226,7 @@ async def generate(body: GenerateRequest, request: Request) -> BaseModel | Strea
         messages = [ChatMessage(role="system", content=body.system)] if body.system else []
         task = _task(body, messages=[*messages, ChatMessage(role="user", content=body.prompt)])
     generation, load_s = await _start(node, body, task, request)
-    return await _answer(generation, load_s, body, node, line)
+    return await _answer(generation, load_s, received, body, node, line)
 
 
 def _details(card: ModelCard) -> ModelDetails:

@@ -253,3 +253,10 @@ def test_an_empty_prompt_loads_the_model_with_its_num_ctx(client: ollama.Client,
     record = node.instance_for(EMBEDDED_MODEL_ID)
     # the smallest window an instance is placed with; the request's own smaller one runs within it
     assert record.instance.context_length == 16
+
+
+def test_the_total_duration_counts_the_whole_request(client: ollama.Client, node: FakeNode) -> None:
+    node.token_delay_s = 0.1
+    reply = client.chat(model=EMBEDDED_MODEL_ID, messages=QUESTION, options={"num_predict": 3})
+    assert None not in (reply.total_duration, reply.prompt_eval_duration, reply.eval_duration)
+    assert reply.total_duration >= reply.prompt_eval_duration + reply.eval_duration, "the prompt and the answer in it"
