@@ -116,7 +116,8 @@ class Catalog:
         for card in self._store.values():  # a repo placed before its files are here
             if card.id.lower() == wanted:
                 return card
-        raise ModelNotFoundError(name, [c.id for c in self.cards()])
+        missing = names_a_path(name.strip()) and not is_existing_path(name.strip())
+        raise ModelNotFoundError(name, [c.id for c in self.cards()], "no such file or folder" if missing else "")
 
     def _stored(self, name: str) -> ModelCard | None:
         """The card of a model pulled into the store (ORG/NAME, a GGUF repo's file as ORG/NAME:QUANT) that the
@@ -199,7 +200,7 @@ class Catalog:
         except ModelNotFoundError:
             if not is_existing_path(ref):
                 if names_a_path(ref):
-                    raise ModelNotFoundError(ref, [c.id for c in self.cards()], "no such file or folder") from None
+                    raise  # no such file or folder, as the error says
                 try:
                     pulled = find_ollama_model(ref)
                 except ModelLoadError as error:

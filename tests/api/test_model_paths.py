@@ -1,6 +1,6 @@
 """A request that names a model by its path on the node (Ollama's load on use): a file or folder in the node's model
 folders that is no model is a 400 saying why, and one outside them a 404 saying they are the only places it serves
-from. In process over ASGI: the node is not started, so nothing loads."""
+from; one that does not exist is a 404 saying so. In process over ASGI: the node is not started, so nothing loads."""
 
 from __future__ import annotations
 
@@ -44,3 +44,11 @@ def test_a_path_outside_the_model_folders_is_not_served(tmp_path: Path) -> None:
     reply = chat(Node(node_info("a", 8), catalog=Catalog(local_roots=[folder])), str(elsewhere))
     assert reply.status_code == 404, reply.text
     assert f"it is a path outside this node's model folders ({folder})" in reply.json()["error"]
+
+
+def test_a_path_that_does_not_exist_is_not_found_saying_so(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    reply = chat(Node(node_info("a", 8), catalog=Catalog(local_roots=[folder])), str(folder / "missing.gguf"))
+    assert reply.status_code == 404, reply.text
+    assert "no such file or folder" in reply.json()["error"]
