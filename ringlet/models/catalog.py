@@ -365,7 +365,7 @@ def embedded_card() -> ModelCard:
     """The embedded SmolLM2-135M-Instruct GGUF, read from its own file (so it can never disagree with it): its sizes,
     its file type (Q4_1) and the file size (`download_bytes`)."""
     from ringlet.models.embedded import EMBEDDED_MODEL_ID
-    from ringlet.models.loader import gguf_facts, read_model_config
+    from ringlet.models.loader import gguf_embedding_kept_int8, gguf_facts, read_model_config
 
     path, args = read_model_config(None)
     four, five = gguf_bit_shares(path)
@@ -438,7 +438,7 @@ def resolve_card(ref: str, *, revision: str = "main", offline: bool | None = Non
 def card_from_path(model_id: str, path: Path) -> ModelCard:
     """A card from a local model directory or GGUF file."""
     from ringlet.models.gguf_loader import gguf_size
-    from ringlet.models.loader import gguf_facts, read_model_config
+    from ringlet.models.loader import gguf_embedding_kept_int8, gguf_facts, read_model_config
     from ringlet.models.safetensors_loader import read_config
 
     if path.is_file():
@@ -453,19 +453,6 @@ def card_from_path(model_id: str, path: Path) -> ModelCard:
 
 # the linears the torch models fuse: one runs int4 only where the file keeps every part of it in 4-bit groups
 _FUSED_GGUF_LINEARS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"), ("ffn_down",))
-
-
-def gguf_embedding_kept_int8(path: Path) -> bool:
-    """Whether an int4 stage of the GGUF model keeps its token embedding as int8 rows on CUDA: where the file keeps
-    some linears in 4-bit groups (the stage keeps the file's mix) and the embedding in more bits than 4, which
-    rounding to 4-bit groups would lose. Read from the tensors' types, no data."""
-    from ringlet.models.loader import gguf_facts
-
-    tensors = gguf_facts(path).tensor_types
-    embedding = tensors.get("token_embd.weight")
-    four_bit_linears = any(kind in FOUR_BIT_GGUF_TYPES for name, (kind, _) in tensors.items()
-                           if name.startswith("blk.") and name.endswith(".weight"))
-    return four_bit_linears and embedding is not None and embedding[0] not in FOUR_BIT_GGUF_TYPES
 
 
 def gguf_bit_shares(path: Path) -> tuple[float, float]:

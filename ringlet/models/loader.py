@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ringlet.models import safetensors_loader
-from ringlet.models.catalog import gguf_embedding_kept_int8
 from ringlet.models.config import ModelArgs
 from ringlet.models.embedded import EMBEDDED_MODEL_ID, embedded_model_path
 from ringlet.models.fp8 import runs_fp8, use_fp8_layer
@@ -67,6 +66,18 @@ def reporting_load_progress(listener: LoadProgress) -> Iterator[None]:
         yield
     finally:
         _progress_listeners.remove(listener)
+
+
+def gguf_embedding_kept_int8(path: Path) -> bool:
+    """Whether an int4 stage of the GGUF model keeps its token embedding as int8 rows on CUDA: where the file keeps
+    some linears in 4-bit groups (the stage keeps the file's mix) and the embedding in more bits than 4, which
+    rounding to 4-bit groups would lose. Read from the tensors' types, no data."""
+    four_bit = {kind.name for kind in GROUPED_TYPES}
+    tensors = gguf_facts(path).tensor_types
+    embedding = tensors.get("token_embd.weight")
+    four_bit_linears = any(kind in four_bit for name, (kind, _) in tensors.items()
+                           if name.startswith("blk.") and name.endswith(".weight"))
+    return four_bit_linears and embedding is not None and embedding[0] not in four_bit
 
 
 def names_a_path(ref: str) -> bool:

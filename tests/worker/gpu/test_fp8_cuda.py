@@ -14,8 +14,8 @@ from ringlet.models.loader import load_stage
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import TorchEngine
+from tests.support.gpu import assert_tracks
 from tests.support.quantized_checkpoints import FP8, PROMPT, fp8_checkpoints, relative_error
-from tests.worker.gpu.test_int4_cuda import assert_tracks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 fp8_cores = pytest.mark.skipif(not torch.cuda.is_available() or not runs_fp8("cuda"),

@@ -16,8 +16,8 @@ from ringlet.models.loader import LoadedStage
 from ringlet.models.registry import build_stage
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
-from tests.models.test_gguf_types import DECODED, LINEARS, TOLERANCE, relative_error, write_model
-from tests.worker.gpu.test_int4_cuda import on_gpu
+from tests.support.gguf_models import DECODED, LINEARS, TOLERANCE, relative_error, write_model
+from tests.support.gpu import on_gpu
 
 IDS = [1, 50, 9, 200, 33, 7]
 Greedy = tuple[list[str], list[dict[str, float]]]  # as test_int4_cuda's, the tokens by their text

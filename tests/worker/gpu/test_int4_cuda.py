@@ -26,11 +26,8 @@ from ringlet.models.registry import build_stage, model_args
 from ringlet.shared.config import EngineConfig
 from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.engine import resolve_precision
+from tests.support.gpu import Greedy, assert_tracks, on_gpu
 from tests.support.random_models import GPU_CONFIG
-
-
-def on_gpu(test):  # type: ignore[no-untyped-def]
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 def test_int4_and_int8_are_accepted_on_cuda_and_refused_elsewhere():
@@ -194,9 +191,6 @@ def stage_of(model: nn.Module) -> LoadedStage:
     return LoadedStage(args, model, synthetic_tokenizer(args.vocab_size), 0, args.num_hidden_layers)
 
 
-Greedy = tuple[list[int], list[dict[str, float]]]
-
-
 def greedy(engine, n: int = 32) -> Greedy:  # type: ignore[no-untyped-def]
     """Greedy tokens and, at each, the five most likely tokens' log-probabilities."""
     task = TextGenerationTask(prompt=" ".join(f"t{i * 7 % 997}" for i in range(100)), max_tokens=n,
@@ -209,28 +203,6 @@ def greedy(engine, n: int = 32) -> Greedy:  # type: ignore[no-untyped-def]
         tops.extend({top.token: top.logprob for top in drawn.top} for drawn in chunk.logprobs or [])
     assert len(tops) == len(tokens) == n
     return tokens, tops
-
-
-def agreement(a: list[int], b: list[int]) -> int:
-    """Tokens before the first difference."""
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-
-
-def assert_tracks(got: Greedy, expected: Greedy, atol: float = 0.05) -> None:
-    """The engine follows the reference's greedy path: at every step where both read the same tokens (up to and
-    including the first that differs), the reference's likeliest token is among the engine's five, and the
-    log-probabilities of the tokens both list agree within `atol`; a different choice is a near-tie of the reference.
-    A random model's logits are nearly flat (its top two differ by 0.02-0.7 nats, its bf16 logits step by 0.016), so
-    the rounding of the activations may pick either of a near-tie."""
-    (tokens, tops), (ref_tokens, ref_tops) = got, expected
-    same = agreement(tokens, ref_tokens)
-    for step in range(min(same + 1, len(tokens))):
-        assert max(ref_tops[step], key=ref_tops[step].__getitem__) in tops[step], step
-        for token in tops[step].keys() & ref_tops[step].keys():
-            assert abs(tops[step][token] - ref_tops[step][token]) <= atol, (step, token, tops[step], ref_tops[step])
-    if same < len(tokens):
-        ranked = sorted(ref_tops[same].values(), reverse=True)
-        assert ranked[0] - ranked[1] <= 2 * atol, (same, ranked)
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
