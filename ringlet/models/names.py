@@ -28,7 +28,7 @@ from ringlet.models.catalog import (
     resolve_card,
 )
 from ringlet.models.gguf_loader import gguf_size
-from ringlet.models.loader import EMBEDDED_ALIASES, names_a_path, read_model_config, resolve_model_path
+from ringlet.models.loader import EMBEDDED_ALIASES, names_a_path, resolve_model_path
 from ringlet.models.ollama import OllamaModel, find_ollama_model, library_model, ollama_models
 from ringlet.models.store import (
     MANIFEST_FILE,
@@ -282,13 +282,8 @@ def is_existing_path(ref: str) -> bool:
 
 def _disk_card(model_id: str, path: Path) -> ModelCard:
     """The card of a model directory or GGUF file on this node; ModelLoadError when no engine can run it (a directory
-    of an architecture only mlx-lm has gets an MLX-only card)."""
-    try:
-        read_model_config(path)
-    except ModelLoadError:
-        if not path.is_dir():
-            raise
-    # the card of the files as they are: a GGUF's types and 4/5-bit share, a checkpoint's quantisation config
+    of an architecture only mlx-lm has gets an MLX-only card): the card of the files as they are, a GGUF's types and
+    4/5-bit share, a checkpoint's quantisation config."""
     return card_from_path(model_id, path).model_copy(update={"download_bytes": _size_on_disk(path)})
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ringlet.shared.tasks import SamplingParams, TextGenerationTask
+
 
 def on_gpu(test):  # type: ignore[no-untyped-def]
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
@@ -34,3 +36,16 @@ def assert_tracks(got: Greedy, expected: Greedy, atol: float = 0.05) -> None:
     if same < len(tokens):
         ranked = sorted(ref_tops[same].values(), reverse=True)
         assert ranked[0] - ranked[1] <= 2 * atol, (same, ranked)
+
+
+def greedy_texts(engine, prompt: str, n: int  # type: ignore[no-untyped-def]
+                 ) -> tuple[list[str], list[dict[str, float]]]:
+    """`n` greedy tokens of `prompt` by their text (a byte-level chunk may complete several tokens), and at each the
+    five likeliest tokens' log-probabilities by text, leaving out the texts several tokens share (a byte of a
+    character alone reads as U+FFFD), which name no one token."""
+    task = TextGenerationTask(prompt=prompt, max_tokens=n, ignore_eos=True,
+                              sampling=SamplingParams(temperature=0, logprobs=5))
+    drawn = [token for chunk in engine.generate(task) for token in chunk.logprobs or []]
+    assert len(drawn) == n
+    return [token.token for token in drawn], [{top.token: top.logprob for top in token.top if "\ufffd" not in top.token}
+                                              for token in drawn]

@@ -15,9 +15,8 @@ from ringlet.models import gguf_quants
 from ringlet.models.loader import LoadedStage
 from ringlet.models.registry import build_stage
 from ringlet.shared.config import EngineConfig
-from ringlet.shared.tasks import SamplingParams, TextGenerationTask
 from tests.support.gguf_models import DECODED, LINEARS, TOLERANCE, relative_error, write_model
-from tests.support.gpu import on_gpu
+from tests.support.gpu import greedy_texts, on_gpu
 
 IDS = [1, 50, 9, 200, 33, 7]
 Greedy = tuple[list[str], list[dict[str, float]]]  # as test_int4_cuda's, the tokens by their text
@@ -29,16 +28,9 @@ def logits(model: nn.Module, device: str) -> torch.Tensor:
         return model(ids, model.make_cache(1, 16), 0).float().cpu()  # type: ignore[operator]
 
 
-def greedy(engine, n: int = 24) -> Greedy:  # type: ignore[no-untyped-def]
-    """Greedy tokens (their text: a byte-level chunk may complete several) of a prompt that fits the files' context
-    of 256, and at each the five likeliest log-probabilities by text, leaving out the texts several tokens share (a
-    byte of a character alone reads as U+FFFD), which name no one token."""
-    task = TextGenerationTask(prompt=" ".join(f"t{i * 7 % 97}" for i in range(20)), max_tokens=n, ignore_eos=True,
-                              sampling=SamplingParams(temperature=0, logprobs=5))
-    drawn = [token for chunk in engine.generate(task) for token in chunk.logprobs or []]
-    assert len(drawn) == n
-    return [token.token for token in drawn], [{top.token: top.logprob for top in token.top if "\ufffd" not in top.token}
-                                              for token in drawn]
+def greedy(engine) -> Greedy:  # type: ignore[no-untyped-def]
+    """`greedy_texts` of a prompt that fits the files' context of 256."""
+    return greedy_texts(engine, " ".join(f"t{i * 7 % 97}" for i in range(20)), 24)
 
 
 def assert_tracks(got: Greedy, expected: Greedy, atol: float) -> None:
