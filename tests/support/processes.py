@@ -23,10 +23,36 @@ STARTUP_TIMEOUT_S = 120
 LOAD_TIMEOUT_S = 300
 
 
+def _ports_outside_ephemeral_range() -> range:
+    """Ports the kernel never hands to an outgoing connection: an ephemeral port that is free now (bind to 0) can be
+    taken by some node's connection before the node meant to listen on it binds it."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default range
+    return range(10000, low) if low - 10000 >= 2000 else range(high + 1, 65536)
+
+
+_PORTS = _ports_outside_ephemeral_range()
+_handed_out: set[int] = set()
+_next_port = [_PORTS.start + (os.getpid() * 7919) % len(_PORTS)]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, outside the ephemeral range, and never one this process handed out."""
+    for _ in range(len(_PORTS)):
+        port = _next_port[0]
+        _next_port[0] = port + 1 if port + 1 < _PORTS.stop else _PORTS.start
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {_PORTS}")
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str, logs: Callable[[], str] = str,
