@@ -3,8 +3,8 @@
 Each layer's groups (`GroupQuantized`: 4-bit codes two to a byte, 5-bit ones a byte each) are one safetensors file,
 `ringlet_home()/cache/gguf/<file>/blk.<i>.safetensors`, written atomically (a temporary file, then a rename) and read
 back with safetensors. An entry records the size and mtime of the GGUF file (of each part of a split one) and the name
-and type of each tensor: an entry that does not match them, does not read, or holds a scale that is not finite, is a
-miss, and is written again. `ringlet rm` removes a model's entries with it.
+and type of each tensor, and a CRC-32 of each stored tensor's bytes: an entry that does not match them (a bit that
+flipped on disk), does not read, or holds a scale that is not finite, is a miss, and is written again. `ringlet rm` removes a model's entries with it.
 `RINGLET_GGUF_CACHE=0` turns the cache off; a cache directory that cannot be written turns it off for the load, with one
 log line.
 """
@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -70,9 +71,14 @@ class RepackCache:
             # read whole (one layer's worth): tensors of their own, not views of a map that would stay resident
             data = path.read_bytes()
             header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-            if header.get("__metadata__") != self._metadata(tensors):
+            metadata = dict(header.get("__metadata__") or {})
+            checksums = json.loads(metadata.pop("crc32", "null"))
+            if metadata != self._metadata(tensors):
                 return None
             stored = load(data)
+            if checksums != _checksums(stored):
+                log.info("GGUF repack cache entry %s does not match its checksums; decoding the file again", path)
+                return None
             groups = {name: _groups(stored, name, kind in FIVE_BIT_TYPES) for name, kind in tensors.items()}
         except (OSError, SafetensorError, ValueError, KeyError, RuntimeError) as e:
             log.info("GGUF repack cache entry %s does not read (%s); decoding the file again", path, e)
@@ -91,7 +97,8 @@ class RepackCache:
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            save_file(flat, str(temporary), metadata=self._metadata(tensors))
+            metadata = {**self._metadata(tensors), "crc32": json.dumps(_checksums(flat))}
+            save_file(flat, str(temporary), metadata=metadata)
             os.replace(temporary, path)
         except (OSError, SafetensorError) as e:
             self._writable = False
@@ -133,6 +140,12 @@ def clear(home: Path | None = None) -> int:
     """Remove every model's entries (those of files since deleted too); returns the bytes they took. A load makes a
     model's entries again."""
     return _remove(cache_root(home))
+
+
+def _checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """CRC-32 of each tensor's bytes, by name."""
+    return {name: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            for name, t in sorted(tensors.items())}
 
 
 def _groups(stored: Mapping[str, torch.Tensor], name: str, five_bit: bool) -> GroupQuantized:

@@ -176,7 +176,7 @@ def test_a_second_load_reads_the_groups_from_the_cache(tmp_path: Path, home: Pat
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="int4 runs with bf16 activations (AVX-512 BF16/AMX)")
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "other tensors", "scales not finite"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other tensors", "scales not finite", "a flipped bit"])
 def test_a_corrupt_entry_is_decoded_again_and_rewritten(tmp_path: Path, home: Path, decodes: Decodes,
                                                         damage: str) -> None:
     path = tmp_path / "mixed.gguf"
@@ -192,6 +192,8 @@ def test_a_corrupt_entry_is_decoded_again_and_rewritten(tmp_path: Path, home: Pa
         scale = next(k for k in tensors if k.endswith(".scale"))
         tensors[scale] = torch.full_like(tensors[scale], float("nan"))
         entry.write_bytes(save(tensors, metadata=header["__metadata__"]))
+    elif damage == "a flipped bit":  # a well-formed entry whose last tensor's last byte changed on disk
+        entry.write_bytes(data[:-1] + bytes([data[-1] ^ 0x04]))
     else:
         entry.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\x10" * 64)
     decodes.reset()
