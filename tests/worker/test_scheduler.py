@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 from ringlet.worker.blocks import BlockManager
 from ringlet.worker.scheduler import Planned, Scheduler, Sequence
+from tests.support.scripts import load_script
 
 
 class Steps:
@@ -138,18 +134,8 @@ def test_a_prompt_whose_chunk_finds_no_room_stops_no_one() -> None:
     assert scheduler.decoded_at == scheduler.planned_at
 
 
-def load_simulation() -> ModuleType:
-    path = Path(__file__).parents[2] / "scripts" / "simulate_scheduler.py"
-    spec = importlib.util.spec_from_file_location("simulate_scheduler", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_modelled_on_a_gpu_a_round_of_prompts_at_once_keeps_the_token_gaps_of_decoding() -> None:
-    simulation = load_simulation()
+    simulation = load_script("simulate_scheduler")
     single = simulation.simulate(0.25, clients=1)
     p95 = simulation.Result.percentile
     mixed, burst = simulation.simulate(0.0), simulation.simulate(0.25)
@@ -160,7 +146,7 @@ def test_modelled_on_a_gpu_a_round_of_prompts_at_once_keeps_the_token_gaps_of_de
 
 
 def test_modelled_on_a_gpu_prompts_arriving_spread_out_are_filled_beside_the_decodes() -> None:
-    simulation = load_simulation()
+    simulation = load_script("simulate_scheduler")
     mixed = simulation.simulate(0.0, requests_per_client=3, think=0.5)
     burst = simulation.simulate(0.25, requests_per_client=3, think=0.5)
     assert burst.gaps == mixed.gaps and burst.ttft == mixed.ttft
