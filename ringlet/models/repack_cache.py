@@ -2,11 +2,11 @@
 
 Each layer's groups (`GroupQuantized`: 4-bit codes two to a byte, 5-bit ones a byte each) are one safetensors file,
 `ringlet_home()/cache/gguf/<file>/blk.<i>.safetensors`, written atomically (a temporary file, then a rename) and read
-back with safetensors. An entry records the size and mtime of the GGUF file (of each part of a split one) and the name
+back with safetensors. An entry records the size and mtime of the GGUF file (of each part of a split one), the name
 and type of each tensor, and a CRC-32 of each stored tensor's bytes: an entry that does not match them (a bit that
-flipped on disk), does not read, or holds a scale that is not finite, is a miss, and is written again. `ringlet rm` removes a model's entries with it.
-`RINGLET_GGUF_CACHE=0` turns the cache off; a cache directory that cannot be written turns it off for the load, with one
-log line.
+flipped on disk), does not read, or holds a scale that is not finite, is a miss, and is written again. `ringlet rm`
+removes a model's entries with it. `RINGLET_GGUF_CACHE=0` turns the cache off; a cache directory that cannot be
+written turns it off for the load, with one log line.
 """
 
 from __future__ import annotations
