@@ -27,6 +27,7 @@ from ringlet.models.kernels import int4_cuda
 from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
 from ringlet.models.quant_format import GroupQuantized
 from ringlet.models.random_checkpoint import shape_config
+from ringlet.models.shapes import decode_projections
 
 ROTATE_BYTES = 512 << 20  # weight copies cycled through per replay: ten times the H200's 50 MB L2
 
@@ -143,8 +144,6 @@ def main() -> None:
     options = parser.parse_args()
     config = shape_config(options.shape)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
     device = torch.device("cuda")
     bandwidth = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
@@ -154,11 +153,9 @@ def main() -> None:
     norm = (1 + 0.1 * torch.randn(hidden, device=device)).to(torch.bfloat16)
     eps = 1e-5
     projections = [  # name, rows, input, norm, gated, residual
-        ("q/k/v + norm", (heads + 2 * kv) * head_dim, x, norm, False, False),
-        ("o + residual", hidden, x, None, False, True),
-        ("gate/up + norm, SiLU", 2 * inter, x, norm, True, False),
-        ("down + residual", hidden, x_inter, None, False, True),
-    ]
+        (name + " + norm" * normed + ", SiLU" * gated + " + residual" * residual, rows, x if k == hidden else x_inter,
+         norm if normed else None, gated, residual)
+        for name, rows, k, normed, gated, residual in decode_projections(config)]
     pdl = torch.cuda.get_device_capability(device)[0] >= 9
 
     def grid(k: int) -> list[tuple[int4_cuda.GemvTiling, bool]]:

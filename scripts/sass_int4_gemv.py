@@ -33,6 +33,7 @@ from triton.compiler import ASTSource
 
 from ringlet.models.kernels import int4_cuda, int4_triton
 from ringlet.models.random_checkpoint import shape_config
+from ringlet.models.shapes import decode_projections
 
 GROUP = 128
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;")
@@ -101,15 +102,9 @@ def main() -> None:
     parser.add_argument("--bandwidth-gbs", type=float, default=4240, help="copy bandwidth to compare with")
     parser.add_argument("--json", action="store_true", help="one JSON list of the projections' figures")
     args = parser.parse_args()
-    config = shape_config(args.shape)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
-    projections = [("q/k/v", (heads + 2 * kv) * head_dim, hidden, True, False, False),
-                   ("o", hidden, hidden, False, False, True),
-                   ("gate/up", inter, hidden, True, True, False),
-                   ("down", hidden, inter, False, False, True)]
-    results = [analyse(*p, args.arch, args.sms, args.clock_ghz) for p in projections]
+    results = [analyse(name, rows // 2 if gated else rows, k, norm, gated, residual, args.arch, args.sms,
+                       args.clock_ghz)
+               for name, rows, k, norm, gated, residual in decode_projections(shape_config(args.shape))]
     if args.json:
         print(json.dumps(results))
         return

@@ -26,3 +26,15 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
+
+
+def decode_projections(config: dict[str, Any]) -> list[tuple[str, int, int, bool, bool, bool]]:
+    """A Llama-family layer's projections as the decode step runs them: (name, weight rows, columns, RMSNorm of the
+    input first, gated (gate and up rows, SiLU(gate) * up), residual add)."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    return [("q/k/v", (heads + 2 * kv) * head_dim, hidden, True, False, False),
+            ("o", hidden, hidden, False, False, True),
+            ("gate/up", 2 * inter, hidden, True, True, False),
+            ("down", hidden, inter, False, False, True)]
