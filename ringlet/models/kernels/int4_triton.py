@@ -264,12 +264,12 @@ def _dp4a_word(words, x_even, x_odd, ASM: tl.constexpr):
     """int32 per word: its 8 codes (nibble i = element i) times 8 int8 values of x, x_even holding elements 0, 2, 4,
     6 of the word as bytes 0-3 and x_odd elements 1, 3, 5, 7 (byte j of `w & 0x0F0F0F0F` is nibble 2j). Without ASM
     (Triton's interpreter, which runs no PTX) the same sum in plain integer operations."""
-    if not ASM:
-        total = tl.zeros(words.shape, dtype=tl.int32)
-        for j in tl.static_range(4):
-            total += ((words >> (8 * j)) & 0xF) * ((x_even << (24 - 8 * j)) >> 24)
-            total += ((words >> (8 * j + 4)) & 0xF) * ((x_odd << (24 - 8 * j)) >> 24)
-        return total
+    if not ASM:  # whole arrays a step: the interpreter's cost is per operation
+        nibbles = (tl.expand_dims(words, -1) >> (4 * tl.arange(0, 8))) & 0xF
+        shifts = 24 - 8 * tl.arange(0, 4)
+        x = tl.join((tl.expand_dims(x_even, -1) << shifts) >> 24,
+                    (tl.expand_dims(x_odd, -1) << shifts) >> 24)  # [..., 4, 2]: element 2j, then 2j + 1
+        return tl.sum(nibbles * tl.reshape(x, nibbles.shape), axis=-1)
     return tl.inline_asm_elementwise(
         """{
         .reg .b32 lo, hi, t;
