@@ -596,7 +596,7 @@ def _store_int8_blocks(x, squares, blocks, ok, vector_ptr, K, BLOCKS: tl.constex
     norm weight) rounded as `_int8_x_words` rounds it, and `squares` [BLOCKS]."""
     words_ptr, scale_ptr, sums_ptr, squares_ptr = _int8_vector_parts(vector_ptr, K)
     amax = tl.max(tl.abs(x), axis=1)
-    q = tl.floor(x * tl.where(amax > 0, 127.0 / amax, 0.0)[:, None] + 0.5).to(tl.int32)
+    q = tl.floor(x * (127.0 / tl.maximum(amax, 1e-30))[:, None] + 0.5).to(tl.int32)  # a block of 0s: 0s
     scale = amax / 127.0
     even, odd = tl.split(tl.reshape(q & 0xFF, [BLOCKS, 4, 4, 2]))
     shifts = (8 * tl.arange(0, 4))[None, None, :]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ringlet.models.quant import Int4Embedding, Int8Embedding
-from ringlet.models.quant_format import GroupQuantized, read_rows_int4, round_rows_int8
-from tests.support.random_models import BASE, VARIANTS, random_model, sharpened
+from ringlet.models.quant_format import read_rows_int4, round_rows_int8
+from tests.support.random_models import BASE, VARIANTS, int4_projections, random_model, sharpened
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
 
@@ -107,23 +107,6 @@ def test_fused_step_reads_a_quantised_embedding_as_the_eager_forward_does(fused_
                                         torch.float32))
     got, want = one_step(fused_decode, model)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
-def int4_projections(model, lm_head: str, group_size: int = 32):
-    """`model` with its layers' projections as CUDA int4 linears (on CPU tensors: the interpreter runs them), its
-    lm_head int4 or int8."""
-    from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
-
-    head = model.lm_head.weight.detach().float()
-    model.lm_head = (CudaInt4Linear(GroupQuantized.round(head, group_size), None, torch.bfloat16) if lm_head == "int4"
-                     else CudaInt8Linear(head, None, torch.bfloat16))
-    for block in model.layers:
-        for owner, name in ((block.self_attn, "qkv_proj"), (block.self_attn, "o_proj"), (block.mlp, "gate_up_proj"),
-                            (block.mlp, "down_proj")):
-            linear = getattr(owner, name)
-            setattr(owner, name, CudaInt4Linear(GroupQuantized.round(linear.weight.detach().float(), group_size),
-                                                linear.bias, torch.bfloat16))
-    return model
 
 
 @pytest.mark.parametrize(("variant", "lm_head"), [("llama (3 query heads a key head, tied lm_head)", "int4"),

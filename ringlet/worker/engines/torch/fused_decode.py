@@ -22,7 +22,7 @@ projection is not rounded (its 1/rms scales the sums instead).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 import torch
@@ -352,6 +352,69 @@ def project(x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch
     )
 
 
+def int8_vectors(model: Transformer, attention_width: int, device: torch.device) -> dict[str, list[Int8Vector]] | None:
+    """Each layer's int8 inputs of q/k/v, o, gate/up and down ("lm_head": the last norm's, where the lm_head is int4
+    too) for a decode step of one sequence whose int4 projections read their input rounded by the kernel before
+    (`FusedDecodeStep` says which), or None where a projection is not int4 or a width is not whole blocks of 32.
+    `attention_width`: the attention's output (o's input), heads * head_dim of whole blocks of 32 a head."""
+    blocks = list(cast("Iterable[Block]", model.layers))
+    if any(isinstance(b.mlp, SparseMoE) for b in blocks) or is_sharded(model):
+        return None
+    projections = [m for b in blocks for m in (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj,
+                                               b.mlp.down_proj)]
+    if not all(isinstance(m, CudaInt4Linear) and m.in_features % 32 == 0 and m.group_size % 32 == 0
+               for m in projections) or model.args.head_dim % 32:
+        return None
+    args = model.args
+
+    def vectors(k: int, norms: list[torch.Tensor | None]) -> list[Int8Vector]:
+        shared = Int8Vector.empty(k, None, device)  # one buffer: the layers differ in the norm applied
+        return [Int8Vector(shared.data, shared.arrivals, norm) for norm in norms]
+
+    head, final = model.lm_head, model.norm
+    lm_head = isinstance(head, CudaInt4Linear) and head.in_features % 32 == 0 and head.group_size % 32 == 0
+    return {
+        "qkv": vectors(args.hidden_size, [b.input_layernorm.weight for b in blocks]),
+        "o": vectors(attention_width, [None]),
+        "gate_up": vectors(args.hidden_size, [b.post_attention_layernorm.weight for b in blocks]),
+        "down": vectors(args.intermediate_size, [None]),
+        "lm_head": vectors(args.hidden_size, [final.weight]) if lm_head and final is not None else [],
+    }
+
+
+def project_int8(vector: Int8Vector, linear: nn.Module, out: torch.Tensor, eps: float, pdl: bool, gated: bool = False,
+                 residual: bool = False, next_vector: Int8Vector | None = None) -> None:
+    """`project` of an int4 linear whose input is an int8 vector; `next_vector`: out is also written into it."""
+    int4 = cast(CudaInt4Linear, linear)
+    int4_gemv_int8(vector, int4.packed, int4.scale, int4.offset, int4.group_size, out, bias=int4.bias,
+                   norm=vector.norm is not None, eps=eps, gated=gated, residual=residual, pdl=pdl,
+                   next_vector=next_vector)
+
+
+def int8_layers(vectors: dict[str, list[Int8Vector]], model: Transformer, hidden: torch.Tensor, qkv: torch.Tensor,
+                gated: torch.Tensor, logits: torch.Tensor, eps: float, pdl: bool,
+                attend: Callable[[int, Attention], None]) -> None:
+    """A decode step of one sequence from its embedded row in `hidden` to `logits`, the int4 projections reading
+    int8 vectors (`int8_vectors`); attend(layer, attention) runs a layer's attention, writing the "o" vector."""
+    blocks = list(cast("Iterable[Block]", model.layers))
+    v = vectors
+    int8_vector(hidden, v["qkv"][0], pdl)
+    for i, block in enumerate(blocks):
+        self_attn, mlp = block.self_attn, block.mlp
+        project_int8(v["qkv"][i], self_attn.qkv_proj, qkv, eps, pdl)
+        attend(i, self_attn)
+        project_int8(v["o"][0], self_attn.o_proj, hidden, eps, pdl, residual=True, next_vector=v["gate_up"][i])
+        project_int8(v["gate_up"][i], mlp.gate_up_proj, gated, eps, pdl, gated=True, next_vector=v["down"][0])
+        after = v["qkv"][i + 1] if i + 1 < len(blocks) else v["lm_head"][0] if v["lm_head"] else None
+        project_int8(v["down"][0], mlp.down_proj, hidden, eps, pdl, residual=True, next_vector=after)
+    lm_head = cast("nn.Linear | CudaQuantizedLinear", model.lm_head)
+    if v["lm_head"]:
+        project_int8(v["lm_head"][0], lm_head, logits, eps, pdl)
+    else:
+        assert model.norm is not None
+        project(hidden, lm_head, logits, eps, pdl, norm=model.norm.weight)
+
+
 def unsupported_reason(model: nn.Module, experts: bool = False) -> str | None:
     """Why `FusedDecodeStep` cannot run `model` (with `experts`: why `PagedDecodeStep`, which also runs float
     mixture-of-experts layers, cannot), or None when it can."""
@@ -449,44 +512,11 @@ class FusedDecodeStep:
         self.part_max = buffer(self.heads * self.splits, dtype=torch.float32)
         self.part_sum = buffer(self.heads * self.splits, dtype=torch.float32)
         self.arrived = buffer(self.kv_heads, dtype=torch.int32)  # splits done, per key/value head (join_splits)
-        self.vectors = self._int8_vectors(model, device) if self.int8_inputs else None
-
-    def _int8_vectors(self, model: Transformer, device: torch.device) -> dict[str, list[Int8Vector]] | None:
-        """Each layer's int8 inputs of q/k/v, o, gate/up and down ("lm_head": the last norm's, where the lm_head is
-        int4 too), or None where a projection is not int4 or a width is not whole blocks of 32."""
-        blocks = list(cast("Iterable[Block]", model.layers))
-        projections = [m for b in blocks for m in (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj,
-                                                   b.mlp.down_proj)]
-        if not all(isinstance(m, CudaInt4Linear) and m.in_features % 32 == 0 and m.group_size % 32 == 0
-                   for m in projections) or self.head_dim % 32:
-            return None
-        args = model.args
-
-        def vectors(k: int, norms: list[torch.Tensor | None]) -> list[Int8Vector]:
-            shared = Int8Vector.empty(k, None, device)  # one buffer: the layers differ in the norm applied
-            return [Int8Vector(shared.data, shared.arrivals, norm) for norm in norms]
-
-        head = model.lm_head
-        final = model.norm
-        lm_head = isinstance(head, CudaInt4Linear) and head.in_features % 32 == 0 and head.group_size % 32 == 0
-        return {
-            "qkv": vectors(args.hidden_size, [b.input_layernorm.weight for b in blocks]),
-            "o": vectors(self.heads * self.head_dim, [None]),
-            "gate_up": vectors(args.hidden_size, [b.post_attention_layernorm.weight for b in blocks]),
-            "down": vectors(args.intermediate_size, [None]),
-            "lm_head": vectors(args.hidden_size, [final.weight]) if lm_head and final is not None else [],
-        }
+        self.vectors = int8_vectors(model, self.heads * self.head_dim, device) if self.int8_inputs else None
 
     def _project(self, x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch.Tensor, norm: torch.Tensor | None = None,
                  gated: bool = False, residual: bool = False) -> None:
         project(x, linear, out, self.eps, self.pdl, norm, gated, residual)
-
-    def _project_int8(self, vector: Int8Vector, linear: nn.Module, out: torch.Tensor, gated: bool = False,
-                      residual: bool = False, next_vector: Int8Vector | None = None) -> None:
-        int4 = cast(CudaInt4Linear, linear)
-        int4_gemv_int8(vector, int4.packed, int4.scale, int4.offset, int4.group_size, out, bias=int4.bias,
-                       norm=vector.norm is not None, eps=self.eps, gated=gated, residual=residual, pdl=self.pdl,
-                       next_vector=next_vector)
 
     def _attend(self, layer: int, attention: Attention) -> None:
         qk_norm = attention.q_norm is not None
@@ -522,18 +552,6 @@ class FusedDecodeStep:
                 self._project(self.gated, mlp.down_proj, self.hidden, residual=True)
             self._project(self.hidden, lm_head, self.logits, norm=model.norm.weight)
             return self.logits
-        v = self.vectors
-        int8_vector(self.hidden, v["qkv"][0], self.pdl)
-        for i, block in enumerate(blocks):
-            attention, mlp = block.self_attn, block.mlp
-            self._project_int8(v["qkv"][i], attention.qkv_proj, self.qkv)
-            self._attend(i, attention)
-            self._project_int8(v["o"][0], attention.o_proj, self.hidden, residual=True, next_vector=v["gate_up"][i])
-            self._project_int8(v["gate_up"][i], mlp.gate_up_proj, self.gated, gated=True, next_vector=v["down"][0])
-            after = v["qkv"][i + 1] if i + 1 < len(blocks) else v["lm_head"][0] if v["lm_head"] else None
-            self._project_int8(v["down"][0], mlp.down_proj, self.hidden, residual=True, next_vector=after)
-        if v["lm_head"]:
-            self._project_int8(v["lm_head"][0], lm_head, self.logits)
-        else:
-            self._project(self.hidden, lm_head, self.logits, norm=model.norm.weight)
+        int8_layers(self.vectors, model, self.hidden, self.qkv, self.gated, self.logits, self.eps, self.pdl,
+                    self._attend)
         return self.logits
