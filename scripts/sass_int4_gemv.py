@@ -1,10 +1,9 @@
 """The machine code of the one-row int4 kernel, read without a GPU: instructions a loop step and the issue bound.
 
 Usage: python scripts/sass_int4_gemv.py [--shape llama-3.1-8b] [--arch 90] [--sms 132] [--clock-ghz 1.98]
-                                        [--bandwidth-gbs 4240] [--kernel dp4a|int8]
+                                        [--bandwidth-gbs 4240]
 
-Compiles `int4_gemv_dp4a_kernel` (--kernel int8: `int4_gemv_int8_kernel`, which reads x rounded to int8 by the
-kernel before, as the fused decode step runs int4 projections) as a decode step launches it (PDL, the default tiling of each projection of the
+Compiles `int4_gemv_dp4a_kernel` as a decode step launches it (PDL, the default tiling of each projection of the
 shape's layer) for the given compute capability with Triton's own ptxas, disassembles it with the cuobjdump that
 Triton ships, finds the loop (the longest backward branch) and prints, per projection:
   - the instructions a thread issues in one loop step, and the weights it multiplies in that step;
@@ -39,21 +38,16 @@ from ringlet.models.shapes import decode_projections
 GROUP = 128
 _INSTRUCTION = re.compile(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;")
 _SIGNATURE = {"x_ptr": "*bf16", "words_ptr": "*i32", "scale_ptr": "*fp16", "offset_ptr": "*fp16", "out_ptr": "*bf16",
-              "norm_ptr": "*bf16", "bias_ptr": "*bf16", "N": "i32", "K": "i32", "eps": "fp32", "vector_ptr": "*i32",
-              "next_ptr": "*i32", "next_norm_ptr": "*bf16", "arrivals_ptr": "*i32"}
+              "norm_ptr": "*bf16", "bias_ptr": "*bf16", "N": "i32", "K": "i32", "eps": "fp32"}
 
 
-def loop_instructions(tiling: int4_cuda.GemvTiling, gated: bool, norm: bool, residual: bool, arch: int,
-                      kernel_name: str = "dp4a") -> list[str]:
+def loop_instructions(tiling: int4_cuda.GemvTiling, gated: bool, norm: bool, residual: bool,
+                      arch: int) -> list[str]:
     """The instructions of the kernel's main loop (one step), as cuobjdump prints them."""
     constants = {"GROUP": GROUP, "BLOCK_N": tiling.block_n, "WORDS": tiling.words, "AHEAD": tiling.ahead,
-                 "NORM": norm, "GATED": gated, "BIAS": False, "RESIDUAL": residual, "PDL": True, "ASM": True}
-    if kernel_name == "dp4a":
-        kernel = int4_triton.int4_gemv_dp4a_kernel
-        constants["STAGES"] = tiling.stages
-    else:  # the loop is the same whether or not the kernel also writes its output as an int8 vector (NEXT)
-        kernel = int4_triton.int4_gemv_int8_kernel
-        constants |= {"NEXT": False, "NEXT_NORM": False, "SQUARE_BLOCKS": 128}
+                 "STAGES": tiling.stages, "NORM": norm, "GATED": gated, "BIAS": False, "RESIDUAL": residual,
+                 "PDL": True, "ASM": True}
+    kernel = int4_triton.int4_gemv_dp4a_kernel
     names = list(kernel.arg_names)
     signature = {name: "constexpr" if name in constants else _SIGNATURE[name] for name in names}
     # as a launch specialises them: tensors 16-byte aligned, the sizes (N, K) multiples of 16
@@ -84,12 +78,11 @@ def opcode(text: str) -> str:
 
 
 def analyse(name: str, n: int, k: int, norm: bool, gated: bool, residual: bool, arch: int, sms: int,
-            clock_ghz: float, kernel_name: str = "dp4a") -> dict[str, object]:
+            clock_ghz: float) -> dict[str, object]:
     """One projection's loop step at its default tiling (`--json` prints these)."""
     tiling = int4_cuda.gemv_tiling(n, k, GROUP, gated, sms)
-    step = loop_instructions(tiling, gated, norm, residual, arch, kernel_name)
-    half = loop_instructions(dataclasses.replace(tiling, block_n=tiling.block_n // 2), gated, norm, residual, arch,
-                             kernel_name)
+    step = loop_instructions(tiling, gated, norm, residual, arch)
+    half = loop_instructions(dataclasses.replace(tiling, block_n=tiling.block_n // 2), gated, norm, residual, arch)
     per_row = (len(step) - len(half)) / (tiling.block_n / 2)
     threads = tiling.warps * 32
     words = tiling.block_n * tiling.words * (2 if gated else 1) / threads  # a thread's, a step
@@ -107,18 +100,15 @@ def main() -> None:
     parser.add_argument("--sms", type=int, default=132)
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="the SMs' clock (an H200's or H100's boost)")
     parser.add_argument("--bandwidth-gbs", type=float, default=4240, help="copy bandwidth to compare with")
-    parser.add_argument("--kernel", choices=["dp4a", "int8"], default="dp4a",
-                        help="dp4a: x rounded to int8 in the kernel; int8: x read as an int8 vector")
     parser.add_argument("--json", action="store_true", help="one JSON list of the projections' figures")
     args = parser.parse_args()
     results = [analyse(name, rows // 2 if gated else rows, k, norm, gated, residual, args.arch, args.sms,
-                       args.clock_ghz, args.kernel)
+                       args.clock_ghz)
                for name, rows, k, norm, gated, residual in decode_projections(shape_config(args.shape))]
     if args.json:
         print(json.dumps(results))
         return
-    kernel = "int4_gemv_dp4a_kernel" if args.kernel == "dp4a" else "int4_gemv_int8_kernel"
-    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz; {kernel}, "
+    print(f"Triton {triton.__version__}, sm_{args.arch}, {args.sms} SMs at {args.clock_ghz} GHz; "
           f"int4 groups of {GROUP}, the default tilings of `int4_cuda.gemv_tiling`")
     for r in results:
         step, weights, fixed = r["instructions"], r["weights"], r["fixed"]

@@ -72,21 +72,3 @@ def sharpened(model: Transformer) -> Transformer:
         for block in model.layers:
             block.self_attn.qkv_proj.weight[:q_rows] *= 20
     return model
-
-
-def int4_projections(model, lm_head: str, group_size: int = 32):  # type: ignore[no-untyped-def]
-    """`model` with its layers' projections as CUDA int4 linears (on CPU tensors: the interpreter runs them), its
-    lm_head int4 or int8."""
-    from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
-    from ringlet.models.quant_format import GroupQuantized
-
-    head = model.lm_head.weight.detach().float()
-    model.lm_head = (CudaInt4Linear(GroupQuantized.round(head, group_size), None, torch.bfloat16) if lm_head == "int4"
-                     else CudaInt8Linear(head, None, torch.bfloat16))
-    for block in model.layers:
-        for owner, name in ((block.self_attn, "qkv_proj"), (block.self_attn, "o_proj"), (block.mlp, "gate_up_proj"),
-                            (block.mlp, "down_proj")):
-            linear = getattr(owner, name)
-            setattr(owner, name, CudaInt4Linear(GroupQuantized.round(linear.weight.detach().float(), group_size),
-                                                linear.bias, torch.bfloat16))
-    return model

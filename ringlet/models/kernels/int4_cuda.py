@@ -138,64 +138,6 @@ def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
     )
 
 
-@dataclass(frozen=True)
-class Int8Vector:
-    """A decode step's vector of `k` values as the kernel that writes it rounds it to int8, per block of 32, for the
-    one-row int4 product that reads it (`int4_gemv_int8`; int4_triton.py lays out `data`). `norm`: the reader's
-    RMSNorm weight, which the writer multiplies in (the reader applies 1/rms from the squares); `arrivals`: the
-    writer's count of rows done per block, where its programs hold fewer than 32 rows."""
-
-    data: torch.Tensor
-    arrivals: torch.Tensor
-    norm: torch.Tensor | None
-
-    @classmethod
-    def empty(cls, k: int, norm: torch.Tensor | None, device: torch.device) -> "Int8Vector":
-        assert k % 32 == 0, f"an int8 vector of {k} values"
-        return cls(torch.zeros(k // 4 + 3 * k // 32, dtype=torch.int32, device=device),
-                   torch.zeros(k // 32, dtype=torch.int32, device=device), norm)
-
-    @property
-    def k(self) -> int:
-        return self.arrivals.shape[0] * 32
-
-
-INT8_VECTOR_BLOCKS = 4  # blocks of 32 per program of `int8_vector_kernel`
-
-
-def int8_vector(x: torch.Tensor, vector: Int8Vector, pdl: bool = False) -> None:
-    """Writes x [1, K] (times vector.norm) into `vector`, for a vector no product of the step writes (the
-    embedding's row)."""
-    k = vector.k
-    _kernels().int8_vector_kernel[(-(-k // (32 * INT8_VECTOR_BLOCKS)),)](
-        x, vector.norm if vector.norm is not None else x, vector.data, k, BLOCKS=INT8_VECTOR_BLOCKS,
-        NORM=vector.norm is not None, PDL=pdl, num_warps=1, **({"launch_pdl": True} if pdl else {}),
-    )
-
-
-def int4_gemv_int8(vector: Int8Vector, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                   group_size: int, out: torch.Tensor, *, bias: torch.Tensor | None = None, norm: bool = False,
-                   eps: float = 0.0, gated: bool = False, residual: bool = False, pdl: bool = False,
-                   next_vector: Int8Vector | None = None, t: GemvTiling | None = None) -> None:
-    """out [1, N] = `int4_matmul` of one row given as an int8 vector (`norm`: RMSNorm'd by the weight its writer
-    applied, `eps`); `next_vector`: out is also written into it, for the product that reads out next."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    n = n // 2 if gated else n
-    assert k == vector.k and k % group_size == 0 and group_size % 32 == 0, \
-        f"an int8 vector of {vector.k} values for int4 rows of {k} columns in groups of {group_size}"
-    assert next_vector is None or next_vector.k == n, f"an int8 vector of {n} values, not {next_vector.k}"
-    t = t or gemv_tiling(n, k, group_size, gated, _sm_count(out.device.index or 0) if out.is_cuda else 132)
-    nxt = next_vector or Int8Vector(out, out, None)
-    _kernels().int4_gemv_int8_kernel[(-(-n // t.block_n),)](
-        vector.data, packed.view(torch.int32), scale, offset, out, bias if bias is not None else out, nxt.data,
-        nxt.norm if nxt.norm is not None else out, nxt.arrivals, n, k, eps, GROUP=group_size, BLOCK_N=t.block_n,
-        WORDS=t.words, AHEAD=t.ahead, NORM=norm, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
-        ASM=not interpreted(), NEXT=next_vector is not None, NEXT_NORM=nxt.norm is not None,
-        SQUARE_BLOCKS=triton_next_power_of_2(k // 32), num_warps=t.warps, **({"launch_pdl": True} if pdl else {}),
-        **({"maxnreg": t.registers} if t.registers else {}),
-    )
-
-
 def _int4_gemv_many(rows: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                     group_size: int, out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
                     norm: torch.Tensor | None, eps: float, gated: bool, residual: bool, pdl: bool) -> bool:

@@ -48,8 +48,7 @@ def _int4_group(acc, x, x_sum, words_ptr, scale_ptr, offset_ptr, rows, row_ok, K
 @triton.jit
 def _finish(acc, acc_up, squares, out_ptr, bias_ptr, m, m_ok, rows, row_ok, N, K, eps,
             NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr):
-    """Norm, bias, SiLU gate and residual, rounded where the eager path rounds; stored to out [M, N] and returned
-    (fp32, as rounded)."""
+    """Norm, bias, SiLU gate and residual, rounded where the eager path rounds; stored to out [M, N]."""
     dtype = out_ptr.dtype.element_ty
     if NORM:
         rstd = tl.rsqrt(squares / K + eps)
@@ -66,7 +65,6 @@ def _finish(acc, acc_up, squares, out_ptr, bias_ptr, m, m_ok, rows, row_ok, N, K
     if RESIDUAL:
         out += tl.load(offsets, mask=ok, other=0.0).to(tl.float32)
     tl.store(offsets, out.to(dtype), mask=ok)
-    return out.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -573,141 +571,3 @@ def int8_gemv_rows_dp4a_kernel(
         total_up *= tl.load(scale_ptr + rows + N, mask=row_ok, other=0.0).to(tl.float32)[None, :]
     _finish(total, total_up, tl.sum(squares, axis=1), out_ptr, bias_ptr, m, m_ok, rows, row_ok, N, K, eps,
             NORM, GATED, BIAS, RESIDUAL)
-
-
-# A decode step's vectors rounded to int8 once, by the kernel that writes them, rather than by every program of the
-# one-row int4 kernel that reads them (`int4_gemv_dp4a_kernel` rounds x as it streams it: its programs repeat that
-# work, and a program that reads only a few weight rows spends a large share of its instructions on it). An int8
-# vector of K values is one int32 buffer: K / 4 words (the even and odd elements of each 8, `_dp4a_word`'s
-# operands), then K / 32 float32 each of the blocks' scales, their rounded sums times the scale, and the sums of
-# squares of the values before the reader's RMSNorm weight (the reader applies 1/rms to its sums).
-
-
-@triton.jit
-def _int8_vector_parts(vector_ptr, K):
-    """Pointers to the words, scales, sums and squares of an int8 vector of K values."""
-    floats = (vector_ptr + K // 4).to(tl.pointer_type(tl.float32), bitcast=True)
-    return vector_ptr, floats, floats + K // 32, floats + K // 16
-
-
-@triton.jit
-def _store_int8_blocks(x, squares, blocks, ok, vector_ptr, K, BLOCKS: tl.constexpr):
-    """Blocks `blocks` [BLOCKS] of an int8 vector (`ok`: those to store): x [BLOCKS, 32] (fp32, times the reader's
-    norm weight) rounded as `_int8_x_words` rounds it, and `squares` [BLOCKS]."""
-    words_ptr, scale_ptr, sums_ptr, squares_ptr = _int8_vector_parts(vector_ptr, K)
-    amax = tl.max(tl.abs(x), axis=1)
-    q = tl.floor(x * (127.0 / tl.maximum(amax, 1e-30))[:, None] + 0.5).to(tl.int32)  # a block of 0s: 0s
-    scale = amax / 127.0
-    even, odd = tl.split(tl.reshape(q & 0xFF, [BLOCKS, 4, 4, 2]))
-    shifts = (8 * tl.arange(0, 4))[None, None, :]
-    word = 2 * (blocks[:, None] * 4 + tl.arange(0, 4)[None, :])
-    tl.store(words_ptr + word, tl.sum(even << shifts, axis=2), mask=ok[:, None])
-    tl.store(words_ptr + word + 1, tl.sum(odd << shifts, axis=2), mask=ok[:, None])
-    tl.store(scale_ptr + blocks, scale, mask=ok)
-    tl.store(sums_ptr + blocks, tl.sum(q, axis=1) * scale, mask=ok)
-    tl.store(squares_ptr + blocks, squares, mask=ok)
-
-
-@triton.jit
-def _int8_blocks_of(values, first, norm_ptr, vector_ptr, K, BLOCKS: tl.constexpr, NORM: tl.constexpr):
-    """Stores values [BLOCKS * 32] (fp32), elements [first, first + BLOCKS * 32) of an int8 vector's K."""
-    x = tl.reshape(values, [BLOCKS, 32])
-    squares = tl.sum(x * x, axis=1)
-    if NORM:
-        x *= tl.reshape(tl.load(norm_ptr + first + tl.arange(0, BLOCKS * 32)).to(tl.float32), [BLOCKS, 32])
-    blocks = first // 32 + tl.arange(0, BLOCKS)
-    _store_int8_blocks(x, squares, blocks, blocks < K // 32, vector_ptr, K, BLOCKS)
-
-
-@triton.jit
-def int8_vector_kernel(x_ptr, norm_ptr, vector_ptr, K, BLOCKS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
-    """Program b: blocks [b * BLOCKS, ...) of the int8 vector of x [K] (times norm, NORM), for a vector no kernel
-    of the step writes rounded (the embedding's row)."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-    first = tl.program_id(0) * BLOCKS * 32
-    k = first + tl.arange(0, BLOCKS * 32)
-    values = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-    _int8_blocks_of(values, first, norm_ptr, vector_ptr, K, BLOCKS, NORM)
-
-
-@triton.jit
-def _write_int8(values, first, out_ptr, norm_ptr, vector_ptr, arrivals_ptr, N, BLOCK_N: tl.constexpr,
-                NORM: tl.constexpr):
-    """After a program stored values [BLOCK_N] (fp32, as rounded to out's dtype) at out's rows [first, first +
-    BLOCK_N) (BLOCK_N a power of two, N a multiple of 32): the blocks of the int8 vector of out [N] that they complete. A program of 32
-    rows or more writes its own blocks; smaller ones count their rows into arrivals [N / 32], and the program that
-    completes a block reads it back and writes it (then sets the count back to 0 for the next step)."""
-    if BLOCK_N >= 32:
-        _int8_blocks_of(values, first, norm_ptr, vector_ptr, N, BLOCK_N // 32, NORM)
-    else:
-        block = first // 32
-        tl.debug_barrier()  # every thread's stores of out made before the count says they are done
-        arrived = tl.atomic_add(arrivals_ptr + block, BLOCK_N, sem="acq_rel")
-        if arrived == 32 - BLOCK_N:
-            tl.store(arrivals_ptr + block, 0)
-            k = block * 32 + tl.arange(0, 32)
-            # the other programs' rows are read from L2 (.cg): this SM's L1 may hold them from an earlier step
-            whole = tl.load(out_ptr + k, cache_modifier=".cg").to(tl.float32)
-            _int8_blocks_of(whole, block * 32, norm_ptr, vector_ptr, N, 1, NORM)
-
-
-@triton.jit
-def int4_gemv_int8_kernel(
-    vector_ptr, words_ptr, scale_ptr, offset_ptr, out_ptr, bias_ptr, next_ptr, next_norm_ptr, arrivals_ptr, N, K,
-    eps, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr, AHEAD: tl.constexpr,
-    NORM: tl.constexpr, GATED: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
-    ASM: tl.constexpr, NEXT: tl.constexpr, NEXT_NORM: tl.constexpr, SQUARE_BLOCKS: tl.constexpr,
-):
-    """`int4_gemv_dp4a_kernel` for x given as an int8 vector [K] (NORM: its squares give the reader's 1/rms): a
-    loop step loads the words, scales and sums of x that its weights multiply and nothing else of x. NEXT: the
-    output [N] is also written as an int8 vector at next_ptr (times next_norm, NEXT_NORM), for the one-row kernel
-    that reads it next (`_write_int8`; arrivals_ptr [N / 32] where BLOCK_N < 32)."""
-    STEP_GROUPS: tl.constexpr = WORDS * 8 // GROUP
-    x_words_ptr, x_scale_ptr, x_sums_ptr, x_squares_ptr = _int8_vector_parts(vector_ptr, K)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < N
-    if PDL:
-        gdc_launch_dependents()
-    w = tl.arange(0, WORDS)
-    g = tl.arange(0, STEP_GROUPS)
-    blocks = tl.arange(0, WORDS // 4)
-    if AHEAD:
-        words, scale, offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w, g, K, GROUP)
-    if PDL:
-        gdc_wait()
-    acc = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N, STEP_GROUPS], dtype=tl.float32)
-    for w0 in range(0, K // 8, WORDS):
-        w0 = tl.multiple_of(w0, WORDS)
-        x_even = tl.load(x_words_ptr + 2 * (w0 + w))
-        x_odd = tl.load(x_words_ptr + 2 * (w0 + w) + 1)
-        x_scale = tl.load(x_scale_ptr + w0 // 4 + blocks)
-        x_groups = tl.sum(tl.reshape(tl.load(x_sums_ptr + w0 // 4 + blocks), [STEP_GROUPS, GROUP // 32]), axis=1)
-        step_g = w0 * 8 // GROUP + g
-        if AHEAD:
-            ahead = row_ok & (tl.full([BLOCK_N], w0 + WORDS, tl.int32) < K // 8)  # none after the last step
-            next_words, next_scale, next_offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, ahead,
-                                                                w0 + WORDS + w, step_g + STEP_GROUPS, K, GROUP)
-        else:
-            words, scale, offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows, row_ok, w0 + w, step_g, K,
-                                                 GROUP)
-        acc += _int4_dp4a_groups(words, scale, offset, x_even, x_odd, x_scale, x_groups, BLOCK_N, WORDS, GROUP, ASM)
-        if GATED:
-            up_words, up_scale, up_offset = _int4_weights(words_ptr, scale_ptr, offset_ptr, rows + N, row_ok, w0 + w,
-                                                          step_g, K, GROUP)
-            acc_up += _int4_dp4a_groups(up_words, up_scale, up_offset, x_even, x_odd, x_scale, x_groups, BLOCK_N,
-                                        WORDS, GROUP, ASM)
-        if AHEAD:
-            words, scale, offset = next_words, next_scale, next_offset
-    m = tl.arange(0, 1)
-    total = tl.zeros([1], dtype=tl.float32)
-    if NORM:
-        i = tl.arange(0, SQUARE_BLOCKS)
-        total += tl.sum(tl.load(x_squares_ptr + i, mask=i < K // 32, other=0.0), axis=0)
-    out = _finish(tl.sum(acc, axis=1)[None, :], tl.sum(acc_up, axis=1)[None, :], total, out_ptr, bias_ptr, m, m < 1,
-                  rows, row_ok, N, K, eps, NORM, GATED, BIAS, RESIDUAL)
-    if NEXT:
-        _write_int8(tl.reshape(out, [BLOCK_N]), tl.program_id(0) * BLOCK_N, out_ptr, next_norm_ptr, next_ptr, arrivals_ptr, N, BLOCK_N,
-                    NEXT_NORM)

@@ -10,7 +10,7 @@ import torch
 
 from ringlet.models.quant import Int4Embedding, Int8Embedding
 from ringlet.models.quant_format import read_rows_int4, round_rows_int8
-from tests.support.random_models import BASE, VARIANTS, int4_projections, random_model, sharpened
+from tests.support.random_models import BASE, VARIANTS, random_model, sharpened
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
 
@@ -107,39 +107,3 @@ def test_fused_step_reads_a_quantised_embedding_as_the_eager_forward_does(fused_
                                         torch.float32))
     got, want = one_step(fused_decode, model)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
-@pytest.mark.parametrize(("variant", "lm_head"), [("llama (3 query heads a key head, tied lm_head)", "int4"),
-                                                  ("qwen2 (q/k/v biases, untied lm_head)", "int8")])
-def test_int4_projections_read_inputs_rounded_once_as_those_rounding_their_own(fused_decode, monkeypatch, variant,
-                                                                               lm_head):
-    """Int4 projections read int8 vectors written by the kernel before (the attention for o, o for gate/up, gate/up
-    for down, down for the next layer's q/k/v and an int4 lm_head, with the norms' weights in): the same logits and
-    cache as projections that round their input themselves, at a position of one attention split and at positions
-    whose splits are joined. Programs of 16 rows (o, down) complete a block of 32 in pairs; gate/up's of 32 write
-    theirs alone."""
-    config = BASE | VARIANTS[variant] | {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2}
-    results = []
-    for int8_inputs in (True, False):
-        monkeypatch.setattr(fused_decode.FusedDecodeStep, "int8_inputs", int8_inputs)
-        model = int4_projections(random_model(config, torch.bfloat16), lm_head)
-        cache = model.make_cache(1, 64)
-        generator = torch.Generator().manual_seed(4)
-        for tensor in (*cache.keys, *cache.values):  # the positions before those decoded here
-            tensor.copy_(torch.randn(tensor.shape, generator=generator))
-        token, position = torch.zeros((1, 1), dtype=torch.long), torch.zeros(1, dtype=torch.long)
-        step = fused_decode.FusedDecodeStep(model, cache, token, position)
-        assert (step.vectors is not None) == int8_inputs
-        assert not int8_inputs or bool(step.vectors["lm_head"]) == (lm_head == "int4")
-        logits = []
-        with torch.inference_mode():
-            for at, next_id in ((5, 17), (20, 99)):
-                token.fill_(next_id)
-                position.fill_(at)
-                logits.append(step().clone())
-        results.append((torch.cat(logits), cache))
-    (got, got_cache), (want, want_cache) = results
-    assert torch.equal(got, want)
-    for layer in range(len(got_cache.keys)):
-        assert torch.equal(got_cache.keys[layer], want_cache.keys[layer])
-        assert torch.equal(got_cache.values[layer], want_cache.values[layer])

@@ -12,7 +12,7 @@ import torch
 from ringlet.models.paged_cache import FED, BatchLayout, SequenceStep
 from ringlet.models.quant import Int4Embedding, Int8Embedding
 from ringlet.models.quant_format import read_rows_int4, round_rows_int8
-from tests.support.random_models import BASE, VARIANTS, int4_projections, random_model, sharpened
+from tests.support.random_models import BASE, VARIANTS, random_model, sharpened
 
 pytest.importorskip("triton", reason="Triton comes with CUDA builds of torch; scripts/test.sh installs it for these tests")
 
@@ -245,28 +245,3 @@ def test_greedy_picks_match_torch_argmax_with_ties_nan_and_infinities(paged_deco
     paged_decode.greedy_picks(wide[:, :n], picked, paged_decode.argmax_parts(6, n, torch.device("cpu")))
     assert picked.tolist() == torch.argmax(logits, dim=-1).tolist()
     assert picked[1] == n // 2 and picked[4] == n // 3
-
-
-def test_one_sequence_over_int4_projections_reads_inputs_rounded_once(paged_decode, monkeypatch):
-    """A decode step of one sequence whose int4 projections read int8 vectors written by the kernel before them
-    (`fused_decode.int8_layers`) gives the logits and picks of projections that round their input themselves: at a
-    position of one attention split, then at one whose splits are joined."""
-    config = BASE | {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2}
-    results = []
-    for int8_inputs in (True, False):
-        monkeypatch.setattr(paged_decode.PagedDecodeStep, "int8_inputs", int8_inputs)
-        model = int4_projections(random_model(config, torch.bfloat16), "int8")
-        cache = model.make_paged_cache(10, BLOCK)
-        generator = torch.Generator().manual_seed(4)
-        for tensor in (*cache.keys, *cache.values):  # the positions before those decoded here
-            tensor.copy_(torch.randn(tensor.shape, generator=generator))
-        step = paged_decode.PagedDecodeStep(model, cache, context_length=128, max_batch=4)
-        assert (step.vectors is not None) == int8_inputs
-        got = []
-        with torch.inference_mode():
-            for length, token in ((5, 17), (40, 99)):
-                logits = step(torch.tensor([token]), [SequenceStep(length, 1, [3, 6, 4, 8])])
-                got.append((logits.clone(), step.last_picks.tokens()))
-        results.append(got)
-    for (logits, picks), (want, want_picks) in zip(*results):
-        assert torch.equal(logits, want) and picks == want_picks

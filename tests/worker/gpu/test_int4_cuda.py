@@ -234,32 +234,3 @@ def test_static_decoder_runs_int4_under_graphs(step):
     engine.warmup()
     assert_tracks(greedy(engine), greedy(TorchEngine(stage_of(reference), torch.device("cuda"), config,
                                                      cuda_graphs=False)))
-
-
-@on_gpu
-def test_the_fused_steps_int8_inputs_give_the_logits_of_projections_rounding_their_own(monkeypatch):
-    """The fused step's int4 projections reading int8 vectors written by the kernel before them, against the same
-    projections rounding their input themselves, compiled: the same rounding, so the logits agree to float
-    summation order, at a position of one attention split and at ones whose splits are joined."""
-    from ringlet.worker.engines.torch import fused_decode
-
-    model, _ = quantised_and_reference("int4")
-    logits = []
-    for int8_inputs in (True, False):
-        monkeypatch.setattr(fused_decode.FusedDecodeStep, "int8_inputs", int8_inputs)
-        cache = model.make_cache(1, 1024)
-        generator = torch.Generator(device="cuda").manual_seed(5)
-        for tensor in (*cache.keys, *cache.values):  # the positions before those decoded here
-            tensor.copy_(torch.randn(tensor.shape, generator=generator, device="cuda"))
-        token = torch.zeros((1, 1), dtype=torch.long, device="cuda")
-        position = torch.zeros(1, dtype=torch.long, device="cuda")
-        step = fused_decode.FusedDecodeStep(model, cache, token, position)
-        assert (step.vectors is not None) == int8_inputs
-        got = []
-        with torch.inference_mode():
-            for at, next_id in ((3, 17), (40, 99), (700, 3)):
-                token.fill_(next_id)
-                position.fill_(at)
-                got.append(step().float().clone())
-        logits.append(torch.cat(got))
-    torch.testing.assert_close(logits[0], logits[1], rtol=0.01, atol=0.01 * logits[1].abs().max().item())

@@ -22,7 +22,7 @@ projection is not rounded (its 1/rms scales the sums instead).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import cast
 
 import torch
@@ -34,12 +34,11 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.experts import Experts
 from ringlet.models.gemma import GemmaTransformer
-from ringlet.models.kernels.int4_cuda import Int8Vector, int4_gemv_int8, int8_vector, interpreted
-from ringlet.models.kernels.int4_triton import _store_int8_blocks
+from ringlet.models.kernels.int4_cuda import interpreted
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import embed_rows
-from ringlet.models.quant_cuda import CudaInt4Experts, CudaInt4Linear, CudaQuantizedLinear
+from ringlet.models.quant_cuda import CudaInt4Experts, CudaQuantizedLinear
 from ringlet.models.tensor_parallel import VocabParallelHead, is_sharded, local_linear
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
@@ -184,7 +183,7 @@ def _attention_split(
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, max_len, eps, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, JOIN: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64, int8_ptr=None, INT8: tl.constexpr = False,
+    PREFETCH_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
 ):
     """Program (g, s): the query heads sharing key/value head g, over split s of positions 0..pos.
 
@@ -193,8 +192,7 @@ def _attention_split(
     out [HEADS, D] by the last split of the group to finish (`join_splits`, JOIN splits a step of its loop;
     count_ptr [KV_HEADS]); the only split of a short sequence writes out itself. PREFETCH_LINES (with PDL): the split
     asks the L2 cache for its cached keys and values, BLOCK_T positions at a time in that many 128-byte lines of LINE
-    elements, before it waits for the q/k/v projection (earlier steps wrote them). INT8: out is also written as the
-    int8 vector at int8_ptr that the o projection reads (`int4_cuda.Int8Vector`)."""
+    elements, before it waits for the q/k/v projection (earlier steps wrote them)."""
     g = tl.program_id(0)
     s = tl.program_id(1)
     GROUP: tl.constexpr = HEADS // KV_HEADS
@@ -260,48 +258,31 @@ def _attention_split(
         acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
         best = new_best
     store_split(acc, best, total_exp, part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr + g, heads,
-                i < GROUP, s, used, SPLITS, D, JOIN, int8_ptr, INT8, HEADS * D)
+                i < GROUP, s, used, SPLITS, D, JOIN)
 
 
 @triton.jit
 def store_split(acc, best, total_exp, part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, rows, stored, s,
-                used, SPLITS: tl.constexpr, D: tl.constexpr, JOIN: tl.constexpr, int8_ptr=None,
-                INT8: tl.constexpr = False, WIDTH: tl.constexpr = 0):
+                used, SPLITS: tl.constexpr, D: tl.constexpr, JOIN: tl.constexpr):
     """Split s's unnormalised output `acc`, running maximum `best` and sum of exponentials for the rows `rows` of
     out [., D] (`stored` those that are not padding): the only one of `used` splits writes out itself (its softmax is
     the whole one); the others store them in the slots rows * SPLITS + s, and the last of them joins
-    (`join_splits`). INT8: out [WIDTH / D, D] is also written as an int8 vector at int8_ptr (`store_heads`)."""
+    (`join_splits`)."""
+    d = tl.arange(0, D)
     if used == 1:
-        store_heads(acc / total_exp[:, None], out_ptr, rows, stored, D, int8_ptr, INT8, WIDTH)
+        out = out_ptr + rows.to(tl.int64)[:, None] * D + d[None, :]
+        tl.store(out, (acc / total_exp[:, None]).to(out_ptr.dtype.element_ty), mask=stored[:, None])
     else:
-        d = tl.arange(0, D)
         slot = rows * SPLITS + s
         tl.store(part_acc_ptr + slot[:, None] * D + d[None, :], acc, mask=stored[:, None])
         tl.store(part_max_ptr + slot, best, mask=stored)
         tl.store(part_sum_ptr + slot, total_exp, mask=stored)
-        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, rows, stored, used, SPLITS, D, JOIN,
-                    int8_ptr, INT8, WIDTH)
-
-
-@triton.jit
-def store_heads(out, out_ptr, heads, stored, D: tl.constexpr, int8_ptr, INT8: tl.constexpr, WIDTH: tl.constexpr):
-    """out [R, D] (fp32) stored at rows `heads` of out_ptr [., D] (`stored`: those that are not padding), rounded to
-    its dtype; INT8: those rows also rounded to int8 into the vector of WIDTH values at int8_ptr."""
-    d = tl.arange(0, D)
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + heads.to(tl.int64)[:, None] * D + d[None, :], out.to(dtype), mask=stored[:, None])
-    if INT8:
-        ROWS: tl.constexpr = out.shape[0] * (D // 32)
-        x = tl.reshape(out.to(dtype).to(tl.float32), [ROWS, 32])
-        blocks = tl.reshape(heads[:, None] * (D // 32) + tl.arange(0, D // 32)[None, :], [ROWS])
-        ok = tl.reshape(tl.broadcast_to(stored[:, None], [out.shape[0], D // 32]), [ROWS])
-        _store_int8_blocks(x, tl.sum(x * x, axis=1), blocks, ok, int8_ptr, WIDTH, ROWS)
+        join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, rows, stored, used, SPLITS, D, JOIN)
 
 
 @triton.jit
 def join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, heads, stored, used,
-                SPLITS: tl.constexpr, D: tl.constexpr, JOIN: tl.constexpr, int8_ptr=None, INT8: tl.constexpr = False,
-                WIDTH: tl.constexpr = 0):
+                SPLITS: tl.constexpr, D: tl.constexpr, JOIN: tl.constexpr):
     """Called by each of the `used` splits of a group of query heads (rows `heads` of out [., D], `stored` those
     that are not padding) once its running maximum, sum of exponentials and unnormalised output are stored in the
     slots heads * SPLITS + split: the split that arrives last at `count_ptr` joins all of them into out and sets the
@@ -331,7 +312,9 @@ def join_splits(part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, he
             total = total * alpha + tl.sum(weight * sums, axis=1)
             acc = acc * alpha[:, None] + tl.sum(weight[:, :, None] * parts, axis=1)
             top = new_top
-        store_heads(acc / tl.where(stored, total, 1.0)[:, None], out_ptr, heads, stored, D, int8_ptr, INT8, WIDTH)
+        out = acc / tl.where(stored, total, 1.0)[:, None]
+        tl.store(out_ptr + heads.to(tl.int64)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=stored[:, None])
 
 
 def project(x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch.Tensor, eps: float, pdl: bool,
@@ -350,69 +333,6 @@ def project(x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch
         NORM=norm is not None, GATED=gated, BIAS=bias is not None, RESIDUAL=residual, PDL=pdl,
         **({"launch_pdl": True} if pdl else {}),
     )
-
-
-def int8_vectors(model: Transformer, attention_width: int, device: torch.device) -> dict[str, list[Int8Vector]] | None:
-    """Each layer's int8 inputs of q/k/v, o, gate/up and down ("lm_head": the last norm's, where the lm_head is int4
-    too) for a decode step of one sequence whose int4 projections read their input rounded by the kernel before
-    (`FusedDecodeStep` says which), or None where a projection is not int4 or a width is not whole blocks of 32.
-    `attention_width`: the attention's output (o's input), heads * head_dim of whole blocks of 32 a head."""
-    blocks = list(cast("Iterable[Block]", model.layers))
-    if any(isinstance(b.mlp, SparseMoE) for b in blocks) or is_sharded(model):
-        return None
-    projections = [m for b in blocks for m in (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj,
-                                               b.mlp.down_proj)]
-    if not all(isinstance(m, CudaInt4Linear) and m.in_features % 32 == 0 and m.group_size % 32 == 0
-               for m in projections) or model.args.head_dim % 32:
-        return None
-    args = model.args
-
-    def vectors(k: int, norms: list[torch.Tensor | None]) -> list[Int8Vector]:
-        shared = Int8Vector.empty(k, None, device)  # one buffer: the layers differ in the norm applied
-        return [Int8Vector(shared.data, shared.arrivals, norm) for norm in norms]
-
-    head, final = model.lm_head, model.norm
-    lm_head = isinstance(head, CudaInt4Linear) and head.in_features % 32 == 0 and head.group_size % 32 == 0
-    return {
-        "qkv": vectors(args.hidden_size, [b.input_layernorm.weight for b in blocks]),
-        "o": vectors(attention_width, [None]),
-        "gate_up": vectors(args.hidden_size, [b.post_attention_layernorm.weight for b in blocks]),
-        "down": vectors(args.intermediate_size, [None]),
-        "lm_head": vectors(args.hidden_size, [final.weight]) if lm_head and final is not None else [],
-    }
-
-
-def project_int8(vector: Int8Vector, linear: nn.Module, out: torch.Tensor, eps: float, pdl: bool, gated: bool = False,
-                 residual: bool = False, next_vector: Int8Vector | None = None) -> None:
-    """`project` of an int4 linear whose input is an int8 vector; `next_vector`: out is also written into it."""
-    int4 = cast(CudaInt4Linear, linear)
-    int4_gemv_int8(vector, int4.packed, int4.scale, int4.offset, int4.group_size, out, bias=int4.bias,
-                   norm=vector.norm is not None, eps=eps, gated=gated, residual=residual, pdl=pdl,
-                   next_vector=next_vector)
-
-
-def int8_layers(vectors: dict[str, list[Int8Vector]], model: Transformer, hidden: torch.Tensor, qkv: torch.Tensor,
-                gated: torch.Tensor, logits: torch.Tensor, eps: float, pdl: bool,
-                attend: Callable[[int, Attention], None]) -> None:
-    """A decode step of one sequence from its embedded row in `hidden` to `logits`, the int4 projections reading
-    int8 vectors (`int8_vectors`); attend(layer, attention) runs a layer's attention, writing the "o" vector."""
-    blocks = list(cast("Iterable[Block]", model.layers))
-    v = vectors
-    int8_vector(hidden, v["qkv"][0], pdl)
-    for i, block in enumerate(blocks):
-        self_attn, mlp = block.self_attn, block.mlp
-        project_int8(v["qkv"][i], self_attn.qkv_proj, qkv, eps, pdl)
-        attend(i, self_attn)
-        project_int8(v["o"][0], self_attn.o_proj, hidden, eps, pdl, residual=True, next_vector=v["gate_up"][i])
-        project_int8(v["gate_up"][i], mlp.gate_up_proj, gated, eps, pdl, gated=True, next_vector=v["down"][0])
-        after = v["qkv"][i + 1] if i + 1 < len(blocks) else v["lm_head"][0] if v["lm_head"] else None
-        project_int8(v["down"][0], mlp.down_proj, hidden, eps, pdl, residual=True, next_vector=after)
-    lm_head = cast("nn.Linear | CudaQuantizedLinear", model.lm_head)
-    if v["lm_head"]:
-        project_int8(v["lm_head"][0], lm_head, logits, eps, pdl)
-    else:
-        assert model.norm is not None
-        project(hidden, lm_head, logits, eps, pdl, norm=model.norm.weight)
 
 
 def unsupported_reason(model: nn.Module, experts: bool = False) -> str | None:
@@ -469,14 +389,7 @@ def unsupported_reason(model: nn.Module, experts: bool = False) -> str | None:
 class FusedDecodeStep:
     """One decode step of `model` from the token and position in device buffers to last-position logits [1, V].
 
-    The output and every intermediate live in buffers allocated here, so a CUDA graph can replay the step.
-
-    With int4 projections, each kernel also writes its output rounded to int8 (`int4_cuda.Int8Vector`: times the
-    next projection's RMSNorm weight, per block of 32) for the next projection, which reads only that: the
-    attention for o, o for gate/up, gate/up for down, down for the next layer's q/k/v (and an int4 lm_head).
-    `int8_inputs` False: each projection rounds its input itself (benchmarks compare the two)."""
-
-    int8_inputs = True
+    The output and every intermediate live in buffers allocated here, so a CUDA graph can replay the step."""
 
     def __init__(self, model: Transformer, cache: StaticKVCache, token: torch.Tensor, position: torch.Tensor) -> None:
         reason = unsupported_reason(model)
@@ -512,7 +425,6 @@ class FusedDecodeStep:
         self.part_max = buffer(self.heads * self.splits, dtype=torch.float32)
         self.part_sum = buffer(self.heads * self.splits, dtype=torch.float32)
         self.arrived = buffer(self.kv_heads, dtype=torch.int32)  # splits done, per key/value head (join_splits)
-        self.vectors = int8_vectors(model, self.heads * self.head_dim, device) if self.int8_inputs else None
 
     def _project(self, x: torch.Tensor, linear: nn.Linear | CudaQuantizedLinear, out: torch.Tensor, norm: torch.Tensor | None = None,
                  gated: bool = False, residual: bool = False) -> None:
@@ -528,9 +440,7 @@ class FusedDecodeStep:
             self.cache.max_seq_len, self.eps,
             self.head_dim ** -0.5, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
             GROUP_PAD=self.group_pad, SPLITS=self.splits, BLOCK_T=self.block_t, QK_NORM=qk_norm, PDL=self.pdl,
-            JOIN=JOIN_SPLITS, PREFETCH_LINES=self.prefetch_lines, LINE=self.line,
-            int8_ptr=self.vectors["o"][0].data if self.vectors else self.attention, INT8=self.vectors is not None,
-            num_warps=4, **self.launch,
+            JOIN=JOIN_SPLITS, PREFETCH_LINES=self.prefetch_lines, LINE=self.line, num_warps=4, **self.launch,
         )
 
     def __call__(self, kv_len: int | None = None) -> torch.Tensor:
@@ -539,19 +449,14 @@ class FusedDecodeStep:
         # a whole model (unsupported_reason): embedding, norm and lm_head all there
         assert model.embed_tokens is not None and model.norm is not None and model.lm_head is not None
         embed_rows(model.embed_tokens, self.token.view(1), self.hidden)
-        blocks = list(cast("Iterable[Block]", model.layers))
-        lm_head = cast("nn.Linear | CudaQuantizedLinear", model.lm_head)  # as unsupported_reason checked
-        if self.vectors is None:
-            for i, block in enumerate(blocks):
-                attention, mlp = block.self_attn, block.mlp
-                self._project(self.hidden, attention.qkv_proj, self.qkv, norm=block.input_layernorm.weight)
-                self._attend(i, attention)
-                self._project(self.attention, attention.o_proj, self.hidden, residual=True)
-                self._project(self.hidden, mlp.gate_up_proj, self.gated, norm=block.post_attention_layernorm.weight,
-                              gated=True)
-                self._project(self.gated, mlp.down_proj, self.hidden, residual=True)
-            self._project(self.hidden, lm_head, self.logits, norm=model.norm.weight)
-            return self.logits
-        int8_layers(self.vectors, model, self.hidden, self.qkv, self.gated, self.logits, self.eps, self.pdl,
-                    self._attend)
+        for i, block in enumerate(cast("Iterable[Block]", model.layers)):
+            attention, mlp = block.self_attn, block.mlp
+            self._project(self.hidden, attention.qkv_proj, self.qkv, norm=block.input_layernorm.weight)
+            self._attend(i, attention)
+            self._project(self.attention, attention.o_proj, self.hidden, residual=True)
+            self._project(self.hidden, mlp.gate_up_proj, self.gated, norm=block.post_attention_layernorm.weight,
+                          gated=True)
+            self._project(self.gated, mlp.down_proj, self.hidden, residual=True)
+        self._project(self.hidden, cast("nn.Linear | CudaQuantizedLinear", model.lm_head), self.logits,
+                      norm=model.norm.weight)  # as unsupported_reason checked
         return self.logits

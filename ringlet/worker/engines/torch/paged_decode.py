@@ -58,8 +58,6 @@ from ringlet.worker.engines.torch.fused_decode import (
     JOIN_SPLITS,
     _pdl_available,
     _rotate,
-    int8_layers,
-    int8_vectors,
     prefetch_l2,
     project,
     store_split,
@@ -81,7 +79,7 @@ def _paged_attention_split(
     part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, count_ptr, table_width, eps, scale,
     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP_PAD: tl.constexpr, SPLITS: tl.constexpr,
     BLOCK: tl.constexpr, TILE: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr, PRECISION: tl.constexpr,
-    JOIN: tl.constexpr, ROW_LINES: tl.constexpr = 0, int8_ptr=None, INT8: tl.constexpr = False,
+    JOIN: tl.constexpr, ROW_LINES: tl.constexpr = 0,
 ):
     """Program (b, g, s): row b's query heads sharing key/value head g, over split s of its positions 0..pos.
 
@@ -92,7 +90,7 @@ def _paged_attention_split(
     does for one sequence (JOIN splits a step of its loop); a row whose positions make one split writes out
     itself. ROW_LINES (with PDL): the 128-byte lines of one position's key (or value) of a head; the
     split asks the L2 cache for its cached keys and values before it waits for the q/k/v projection (earlier steps
-    wrote them). INT8 (one row): out is also written as the int8 vector at int8_ptr that the o projection reads."""
+    wrote them)."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -168,8 +166,7 @@ def _paged_attention_split(
         acc = acc * alpha[:, None] + p[:, None] * v_new[None, :]
         best = new_best
     store_split(acc, best, total_exp, part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-                count_ptr + b * KV_HEADS + g, b * HEADS + heads, i < GROUP, s, used, SPLITS, D, JOIN, int8_ptr, INT8,
-                HEADS * D)
+                count_ptr + b * KV_HEADS + g, b * HEADS + heads, i < GROUP, s, used, SPLITS, D, JOIN)
 
 
 @triton.jit
@@ -287,13 +284,7 @@ class PagedDecodeStep:
 
     `__call__(tokens, steps)` runs one step (token ids on the CPU, or `FED` in a decode step) and returns the logits
     [R, V] of the steps that want them, a view of a buffer the next step overwrites; `last_picks` are their greedy
-    tokens, in the same order.
-
-    A decode step of one sequence over int4 projections reads their inputs as int8 vectors written by the kernel
-    before each (`fused_decode.int8_layers`); `int8_inputs` False: each rounds its input itself (benchmarks compare
-    the two)."""
-
-    int8_inputs = True
+    tokens, in the same order."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, context_length: int, max_batch: int,
                  max_rows: int = 0) -> None:
@@ -358,7 +349,6 @@ class PagedDecodeStep:
         self.part_max = buffer(most_parts, dtype=torch.float32)
         self.part_sum = buffer(most_parts, dtype=torch.float32)
         self.arrived = buffer(n, self.kv_heads, dtype=torch.int32)  # splits done, per row and key/value head
-        self.vectors = int8_vectors(model, q_dim, device) if self.int8_inputs else None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # by (bucket, mixed)
 
     def _splits(self, batch: int) -> int:
@@ -405,11 +395,6 @@ class PagedDecodeStep:
         # the GEMV kernels at a batch of one; a quantised model's kernels at any batch (they take many rows)
         fused = batch == 1 or self.quantized
         pdl = self.pdl and batch == 1
-        if self.vectors is not None and batch == 1 and not mixed:
-            int8_layers(self.vectors, model, hidden, qkv, gated, logits, self.eps, pdl,
-                        lambda i, attn: self._attend(i, attn, batch, splits, positions, slots, tables, int8=True))
-            greedy_picks(logits, self.picked[:batch], self.argmax_parts)
-            return
         for i, block in enumerate(cast("Iterable[Block]", model.layers)):
             attn, mlp = block.self_attn, block.mlp
             if fused:
@@ -493,7 +478,7 @@ class PagedDecodeStep:
         return cast(RMSNorm, attention.k_norm).weight if attention.k_norm is not None else self.cos
 
     def _attend(self, layer: int, attention: Attention, batch: int, splits: int, positions: torch.Tensor,
-                slots: torch.Tensor, tables: torch.Tensor, int8: bool = False) -> None:
+                slots: torch.Tensor, tables: torch.Tensor) -> None:
         qk_norm = attention.q_norm is not None
         q_norm = cast(RMSNorm, attention.q_norm).weight if qk_norm else self.cos  # k_norm exists with q_norm
         k_norm = self._k_norm(attention)
@@ -507,9 +492,7 @@ class PagedDecodeStep:
             self.head_dim ** -0.5, HEADS=self.heads, KV_HEADS=self.kv_heads, D=self.head_dim,
             GROUP_PAD=self.group_pad, SPLITS=splits, BLOCK=self.cache.block_size, TILE=POSITIONS_PER_TILE,
             QK_NORM=qk_norm, PDL=pdl, PRECISION="ieee" if self.dtype == torch.float32 else "tf32",
-            ROW_LINES=self.row_lines if pdl else 0, JOIN=JOIN_SPLITS,
-            int8_ptr=self.vectors["o"][0].data if int8 and self.vectors else self.attention, INT8=int8, num_warps=4,
-            **launch,
+            ROW_LINES=self.row_lines if pdl else 0, JOIN=JOIN_SPLITS, num_warps=4, **launch,
         )
 
     def _stage(self, tokens: torch.Tensor, steps: Sequence[SequenceStep], bucket: int) -> None:
