@@ -27,6 +27,7 @@ from ringlet.models.kernels import int4_cuda
 from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
 from ringlet.models.quant_format import GroupQuantized
 from ringlet.models.random_checkpoint import shape_config
+from ringlet.models.registry import model_args
 from ringlet.models.shapes import decode_projections
 
 ROTATE_BYTES = 512 << 20  # weight copies cycled through per replay: ten times the H200's 50 MB L2
@@ -155,7 +156,7 @@ def main() -> None:
     projections = [  # name, rows, input, norm, gated, residual
         (name + " + norm" * normed + ", SiLU" * gated + " + residual" * residual, rows, x if k == hidden else x_inter,
          norm if normed else None, gated, residual)
-        for name, rows, k, normed, gated, residual in decode_projections(config)]
+        for name, rows, k, normed, gated, residual in decode_projections(model_args(config))]
     pdl = torch.cuda.get_device_capability(device)[0] >= 9
 
     def grid(k: int) -> list[tuple[int4_cuda.GemvTiling, bool]]:

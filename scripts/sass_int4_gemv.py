@@ -33,6 +33,7 @@ from triton.compiler import ASTSource
 
 from ringlet.models.kernels import int4_cuda, int4_triton
 from ringlet.models.random_checkpoint import shape_config
+from ringlet.models.registry import model_args
 from ringlet.models.shapes import decode_projections
 
 GROUP = 128
@@ -104,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     results = [analyse(name, rows // 2 if gated else rows, k, norm, gated, residual, args.arch, args.sms,
                        args.clock_ghz)
-               for name, rows, k, norm, gated, residual in decode_projections(shape_config(args.shape))]
+               for name, rows, k, norm, gated, residual in decode_projections(model_args(shape_config(args.shape)))]
     if args.json:
         print(json.dumps(results))
         return

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ringlet.models.config import ModelArgs
+
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                      "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -28,12 +30,11 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "h
                "original_max_position_embeddings": 8192}
 
 
-def decode_projections(config: dict[str, Any]) -> list[tuple[str, int, int, bool, bool, bool]]:
+def decode_projections(args: ModelArgs) -> list[tuple[str, int, int, bool, bool, bool]]:
     """A Llama-family layer's projections as the decode step runs them: (name, weight rows, columns, RMSNorm of the
     input first, gated (gate and up rows, SiLU(gate) * up), residual add)."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
+    hidden, inter = args.hidden_size, args.intermediate_size
+    heads, kv, head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
     return [("q/k/v", (heads + 2 * kv) * head_dim, hidden, True, False, False),
             ("o", hidden, hidden, False, False, True),
             ("gate/up", 2 * inter, hidden, True, True, False),
