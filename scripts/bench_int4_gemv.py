@@ -1,12 +1,14 @@
 """One-row (decode) weight-only int4 products on CUDA against the copy bandwidth: GB/s of weight bytes per kernel.
 
-Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--sweep [--stages 1 2 3 4]] [--rows 128 512 ...]
+Usage: python scripts/bench_int4_gemv.py [--shape llama-3.1-8b] [--only gate down] [--sweep [--stages 1 2 3 4]
+       [--blocks 8 16 32] [--words 32 64 128 256 512] [--warps 4 8] [--registers 0 48 64 80]] [--rows 128 512 ...]
 
 For each projection of the shape's layer (q/k/v with the input's RMSNorm, o with the residual add, gate/up with the
 norm and SiLU gate, down with the residual) and the int8 lm_head: the bf16 product (cuBLAS) and the int4 kernel
 (`int4_gemv_dp4a_kernel`) at its default tiling, launched plainly and, on Hopper, with programmatic dependent
 launch (as the decode step launches it, one after another); or at every tiling of a grid with --sweep (the eight
-fastest). Each timing replays a CUDA graph that runs the product over enough copies of the weight to overflow the L2
+fastest; --blocks, --words, --warps and --registers narrow the grid, --only the projections, by the start of their
+names). Each timing replays a CUDA graph that runs the product over enough copies of the weight to overflow the L2
 cache, so the bytes come from device memory as in a decode step. The largest difference from an fp32 reference is
 printed beside each int4 kernel. --rows also times the many-row products (a prompt chunk, a batch's decode step)
 each way int4 runs them (the tile kernel, the weight dequantised for cuBLAS, up to GEMV_MAX_ROWS rows the dp4a rows
@@ -140,6 +142,14 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4],
                         help="--sweep's pipeline depths of the weight loads (1: each step's loads wait in registers)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32], help="--sweep's weight rows a program")
+    parser.add_argument("--words", type=int, nargs="+", default=[32, 64, 128, 256, 512],
+                        help="--sweep's int32 words (8 codes) of a row a loop step")
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="--sweep's warps a program")
+    parser.add_argument("--registers", type=int, nargs="+", default=[0, 48, 64, 80],
+                        help="--sweep's caps on a thread's registers (0: the compiler's choice)")
+    parser.add_argument("--only", nargs="+", default=[],
+                        help="only the projections whose names start with one of these (q/k/v, o, gate/up, down)")
     parser.add_argument("--rows", type=int, nargs="*", default=[],
                         help="also time the many-row products at these counts of rows (prompt chunks)")
     options = parser.parse_args()
@@ -156,7 +166,8 @@ def main() -> None:
     projections = [  # name, rows, input, norm, gated, residual
         (name + " + norm" * normed + ", SiLU" * gated + " + residual" * residual, rows, x if k == hidden else x_inter,
          norm if normed else None, gated, residual)
-        for name, rows, k, normed, gated, residual in decode_projections(model_args(config))]
+        for name, rows, k, normed, gated, residual in decode_projections(model_args(config))
+        if not options.only or name.startswith(tuple(options.only))]
     pdl = torch.cuda.get_device_capability(device)[0] >= 9
 
     def grid(k: int) -> list[tuple[int4_cuda.GemvTiling, bool]]:
@@ -164,8 +175,8 @@ def main() -> None:
         words a program's step (more spill registers)."""
         return ([(int4_cuda.GemvTiling(b, w, warps, stages, ahead, registers), pdl)
                  for b, w, warps, stages, ahead, registers in
-                 itertools.product((8, 16, 32), (32, 64, 128, 256, 512), (4, 8), options.stages, (False, True),
-                                   (None, 48, 64, 80))
+                 itertools.product(options.blocks, options.words, options.warps, options.stages, (False, True),
+                                   [r or None for r in options.registers])
                  if b * w >= warps * 128 and b * w <= 8192 and (k // 8) % w == 0 and (8 * w) % options.group_size == 0
                  and (stages == 1 or not ahead) and (stages == 1 or registers is None)]
                 if options.sweep else [])
