@@ -13,7 +13,6 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.config import ModelArgs
@@ -25,6 +24,15 @@ from ringlet.models.registry import register
 from ringlet.models.rope import rope_frequencies, rope_tables
 from ringlet.models.weights import RowReader, row_reader
 from ringlet.shared.errors import ModelLoadError
+
+
+def _causal_bias(queries: int, keys: int) -> torch.Tensor:
+    """The causal mask of `queries` rows at the end of `keys` positions, as a bias SDPA's flash kernels apply
+    themselves. Imported here: torch.nn.attention.bias imports torch._dynamo, a second or more (time `import
+    torch.nn.attention.bias` after `import torch`) that a process reading a model's configuration never needs."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return cast(torch.Tensor, causal_lower_right(queries, keys))
 
 
 class RMSNorm(nn.Module):
@@ -144,7 +152,7 @@ class Attention(nn.Module):
                 attended = self.attend(queries, keys, values, None if causal else mask)
             elif causal:  # a prompt chunk: the causal mask as a bias that the flash kernels apply themselves
                 attended = F.scaled_dot_product_attention(
-                    queries, keys, values, attn_mask=causal_lower_right(group.queries, keys.shape[2]),
+                    queries, keys, values, attn_mask=_causal_bias(group.queries, keys.shape[2]),
                     scale=self.scale, enable_gqa=True)
             else:
                 attended = _folded_attention(queries, keys, values, mask, self.scale)
