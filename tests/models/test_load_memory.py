@@ -29,6 +29,7 @@ LOAD = """
 import json, os, sys
 import torch
 import ringlet.models.gguf_loader, ringlet.models.llama  # imported before the baseline: code is not weights
+import torch._dynamo  # which an int8 load imports as it goes: code too
 from ringlet.worker.engines.torch.engine import load_torch_stage
 def resident(): return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 before = resident()
