@@ -102,8 +102,10 @@ LOAD_POLL_S = 0.25
 DEFAULT_KEEP_ALIVE_S = 300.0  # Ollama's
 LOAD_ORDER_S = 30.0  # an instance made for a request is not made again while the cluster orders it
 MEMORY_CHANGE_BYTES = 64 * 1024**2  # smaller changes of free memory are not worth an event
-# how long a starting node listens for members before it decides who is master (scouting answers within ~1 s)
+# how long a starting node listens for members before it decides who is master (scouting answers within ~1 s), unless
+# a member claims the role first; and how often it looks for that claim
 SETTLE_S = 1.5
+SETTLE_POLL_S = 0.05
 
 
 def new_id(prefix: str) -> str:
@@ -661,9 +663,16 @@ class Cluster:
             self.forwarding.member_left(node_id)
 
     async def join(self, settle_s: float = SETTLE_S) -> None:
-        """Listen for members for a moment, elect, and take the master's state (unless this node is master)."""
-        await asyncio.sleep(settle_s)
+        """Listen for members for a moment, elect, and take the master's state (unless this node is master). The
+        moment ends early once a live member claims the master's role: a joining node defers to a claim whoever else
+        it would have seen (`master/election.py`), and a higher claim seen later is weighed as members change."""
+        until = time.monotonic() + settle_s
+        while time.monotonic() < until and not self._master_claimed():
+            await asyncio.sleep(SETTLE_POLL_S)
         await self.order.start(self.membership.members, self.membership.claims)
+
+    def _master_claimed(self) -> bool:
+        return any(claim.node_id != self.me.node_id for claim in self.membership.claims)
 
     def close(self) -> None:
         self.forwarding.close()
