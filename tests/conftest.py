@@ -97,7 +97,7 @@ def live_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveNode]:
     node = start_node(tmp_path_factory.mktemp("live-node"))
     try:
         wait_until(lambda: node.ready_instances() or not node.alive(), LOAD_TIMEOUT_S,
-                   "the default instance ready", node.log, poll_s=0.25)
+                   "the default instance ready", node.log, poll_s=0.1)
         assert node.alive(), f"the node exited:\n{node.log()}"
         yield node
     finally:

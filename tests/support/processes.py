@@ -113,7 +113,7 @@ class LiveNode:
             seen.update(self.json(f"/instance/{instance_id}"))
             return seen["status"] != "loading"
 
-        wait_until(settled, timeout_s, f"instance {instance_id} loaded", self.log, poll_s=0.25)
+        wait_until(settled, timeout_s, f"instance {instance_id} loaded", self.log, poll_s=0.1)
         return seen
 
     def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> LiveNode:
@@ -125,7 +125,7 @@ class LiveNode:
             except httpx.TransportError:
                 return False  # not listening yet
 
-        wait_until(healthy, timeout_s, f"node {self.name} answering /health", self.log, poll_s=0.25)
+        wait_until(healthy, timeout_s, f"node {self.name} answering /health", self.log, poll_s=0.05)
         return self
 
 
@@ -232,7 +232,7 @@ class Cluster:
             seen["state"] = states[0]
             return len(views) == 1 and len(states[0]["nodes"]) == count
 
-        wait_until(agreed, timeout_s, f"{len(self.live())} nodes agreeing on {count} members", self.logs, poll_s=0.2)
+        wait_until(agreed, timeout_s, f"{len(self.live())} nodes agreeing on {count} members", self.logs, poll_s=0.1)
         return seen["state"]
 
     def stop(self, node: LiveNode, kill: bool = False) -> None:
