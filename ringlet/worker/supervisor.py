@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -67,6 +67,20 @@ WATCH_EVERY_S = 1.0
 RING_OMP_SPINCOUNT = 10_000
 # a chunk line is small, but a huge prompt echoed in an error message must not break the reader
 _LINE_LIMIT = 64 * 1024 * 1024
+
+
+def runner_environment(bound: BoundInstance, environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the process that runs `bound`'s stage: `environ`, and for a stage of a ring, OpenMP's idle
+    threads spinning briefly.
+
+    A stage waits for its neighbours once per token. OpenMP's idle threads spin ~300k rounds after each parallel
+    region by default; where stages share cores (several nodes on one machine) that spinning starves the stage that
+    is computing: 2 stages of the embedded model on 2 cores decoded 29-34 tok/s with the default and 51 tok/s with
+    10k rounds (scripts/bench_cluster.py)."""
+    env = dict(environ)
+    if len(bound.instance.shards) > 1:
+        env.setdefault("GOMP_SPINCOUNT", str(RING_OMP_SPINCOUNT))
+    return env
 
 
 @dataclass(eq=False)
@@ -124,15 +138,8 @@ class _Runner:
         return self.bound.instance.instance_id
 
     async def start(self) -> None:
-        env = dict(os.environ)
-        if len(self.bound.instance.shards) > 1:
-            # A stage waits for its neighbours once per token. OpenMP's idle threads spin ~300k rounds after each
-            # parallel region by default; where stages share cores (several nodes on one machine) that spinning
-            # starves the stage that is computing: 2 stages of the embedded model on 2 cores decoded 29-34 tok/s
-            # with the default and 51 tok/s with 10k rounds (scripts/bench_cluster.py).
-            env.setdefault("GOMP_SPINCOUNT", str(RING_OMP_SPINCOUNT))
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ringlet.worker.runner", env=env,
+            sys.executable, "-m", "ringlet.worker.runner", env=runner_environment(self.bound, os.environ),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=_LINE_LIMIT,
             # its own session: a Ctrl-C in the node's terminal reaches the node only, which then stops its
             # runners in order (end of stdin); a runner also exits by itself when the node dies

@@ -8,6 +8,7 @@ back the log-probabilities a request asks for."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from ringlet.shared.instances import BoundInstance, EngineType, Instance, Instan
 from ringlet.shared.tasks import Constraint, GenerationChunk, SamplingParams, TextGenerationTask
 from ringlet.worker.engines.torch.batch_engine import TorchBatchEngine
 from ringlet.worker.pipeline import decode_steps, encode_steps
+from ringlet.worker.supervisor import runner_environment
 from tests.support.stage_process import Job
 
 # the second prompt starts with the first: its request reuses the cached prefix
@@ -93,12 +95,14 @@ def run_ring(instance: Instance, job: Job | None = None, config: EngineConfig = 
     """The chunks of each prompt's request, run by the ring's stage processes (a batched run's preemptions and
     most steps in flight into `summary`)."""
     job = job or Job(prompts=PROMPTS, max_tokens=MAX_TOKENS)
-    bound = [BoundInstance(instance=instance, node_id=s.node_id).model_dump_json() for s in instance.shards]
-    first = subprocess.Popen([*STAGE, bound[0], "host", config.model_dump_json(), job.model_dump_json()],
-                             stdout=subprocess.PIPE, text=True, cwd=REPO)
+    bound = [BoundInstance(instance=instance, node_id=s.node_id) for s in instance.shards]
+    env = runner_environment(bound[0], os.environ)  # as a node starts a ring's runners
+    first = subprocess.Popen([*STAGE, bound[0].model_dump_json(), "host", config.model_dump_json(),
+                              job.model_dump_json()], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     assert first.stdout is not None
     address = first.stdout.readline().strip()
-    others = [subprocess.Popen([*STAGE, b, address, config.model_dump_json()], cwd=REPO) for b in bound[1:]]
+    others = [subprocess.Popen([*STAGE, b.model_dump_json(), address, config.model_dump_json()], cwd=REPO, env=env)
+              for b in bound[1:]]
     try:
         out, _ = first.communicate(timeout=240)
         for p in others:
