@@ -231,6 +231,15 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _embedding(rows: int, width: int) -> nn.Embedding:
+    """nn.Embedding's own, with its random init (normal) skipped on the meta device, where the file's weights replace
+    it: there that init goes through torch._refs, which imports torch._dynamo."""
+    weight = torch.empty(rows, width)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(rows, width, _weight=weight)
+
+
 class Transformer(nn.Module):
     """Layers [start, end) of a Llama-family model."""
 
@@ -241,7 +250,7 @@ class Transformer(nn.Module):
             raise ModelLoadError(f"layer range [{start}, {end}) is not within the model's {args.num_hidden_layers} layers")
         self.args, self.start, self.end = args, start, end
         self.is_first, self.is_last = start == 0, end == args.num_hidden_layers
-        self.embed_tokens: nn.Module | None = (nn.Embedding(args.vocab_size, args.hidden_size) if self.is_first
+        self.embed_tokens: nn.Module | None = (_embedding(args.vocab_size, args.hidden_size) if self.is_first
                                                else None)  # an Int8Embedding in a quantised stage
         self.layers = nn.ModuleList(Block(args) for _ in range(start, end))
         self.kv_heads = args.num_key_value_heads  # what its caches hold: a share under tensor parallelism

@@ -36,7 +36,14 @@ def rope_type(scaling: Mapping[str, Any] | None) -> str:
 
 def rope_frequencies(args: ModelArgs, context: int) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [rotary_dim / 2] in float32, the factor cos and sin are multiplied by) of a model that
-    serves `context` positions (rotary_dim: head_dim, or its leading share with a partial_rotary_factor)."""
+    serves `context` positions (rotary_dim: head_dim, or its leading share with a partial_rotary_factor). Computed on
+    the host whatever the default device: a model built on the meta device checks its scaling with them, and
+    torch.arange on the meta device goes through torch._refs, which imports torch._dynamo."""
+    with torch.device("cpu"):
+        return _frequencies(args, context)
+
+
+def _frequencies(args: ModelArgs, context: int) -> tuple[torch.Tensor, float]:
     scaling = args.rope_scaling or {}
     kind = rope_type(scaling)
     missing = [key for key in REQUIRED_KEYS.get(kind, ()) if scaling.get(key) is None]
