@@ -1,7 +1,8 @@
 """One stage of a ring, as its own process, for the data-plane tests (no node, no control plane).
 
-argv: the bound instance as JSON; the rendezvous address as HOST:PORT, or "host" on rank 0, which prints the address
-it listens on as its first line; the EngineConfig as JSON. Rank 0 then runs the job of argv[4] (JSON, `Job`) and
+argv: the bound instance as JSON; "host" on rank 0, which prints the address it listens on as its first line, else
+"join", and the address comes as the first line of stdin (so every stage starts, and imports, at once); the
+EngineConfig as JSON. Rank 0 then runs the job of argv[4] (JSON, `Job`) and
 prints the chunks as JSON lines (a batched run ends with a line of its preemptions and the most steps it had in
 flight). A ring of torch stages runs its requests together, each joining `stagger` steps
 after the one before (several steps in flight round the ring); a ring with an MLX stage runs them one after another.
@@ -81,7 +82,7 @@ def main() -> None:
                 emit(request, chunk)
         engine.close()
     else:
-        store = join_store(RingAddress.model_validate_json(sys.argv[2]), size)
+        store = join_store(RingAddress.model_validate_json(sys.stdin.readline()), size)
         if batches(bound):
             PipelineStage(bound, load_stage_engine(bound, config, store)[0], store).serve()
         else:

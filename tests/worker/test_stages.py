@@ -99,11 +99,15 @@ def run_ring(instance: Instance, job: Job | None = None, config: EngineConfig = 
     env = runner_environment(bound[0], os.environ)  # as a node starts a ring's runners
     first = subprocess.Popen([*STAGE, bound[0].model_dump_json(), "host", config.model_dump_json(),
                               job.model_dump_json()], stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
-    assert first.stdout is not None
-    address = first.stdout.readline().strip()
-    others = [subprocess.Popen([*STAGE, b.model_dump_json(), address, config.model_dump_json()], cwd=REPO, env=env)
-              for b in bound[1:]]
+    others = [subprocess.Popen([*STAGE, b.model_dump_json(), "join", config.model_dump_json()], stdin=subprocess.PIPE,
+                               text=True, cwd=REPO, env=env) for b in bound[1:]]
     try:
+        assert first.stdout is not None
+        address = first.stdout.readline()
+        for p in others:
+            assert p.stdin is not None
+            p.stdin.write(address)
+            p.stdin.close()
         out, _ = first.communicate(timeout=240)
         for p in others:
             assert p.wait(timeout=30) == 0
