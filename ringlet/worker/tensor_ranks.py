@@ -279,6 +279,7 @@ class Ranks:
         env = os.environ | ({"NCCL_NVLS_ENABLE": "0"} if load.bound.engine == "cuda" else {})
         self.processes: list[subprocess.Popen[bytes]] = []
         self.errors: dict[int, str] = {}  # what a rank said failed it, on its stdout
+        self._hearing: list[threading.Thread] = []  # each rank's reader, done at the end of its stdout
         for rank in range(1, self.size):
             process = subprocess.Popen([sys.executable, "-m", "ringlet.worker.tensor_ranks", str(rank)],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
@@ -286,7 +287,9 @@ class Ranks:
             process.stdin.write(encode(load) + b"\n" + address.model_dump_json().encode() + b"\n")
             process.stdin.flush()
             self.processes.append(process)
-            threading.Thread(target=self._hear, args=(rank, process.stdout), name=f"rank-{rank}", daemon=True).start()
+            hearing = threading.Thread(target=self._hear, args=(rank, process.stdout), name=f"rank-{rank}", daemon=True)
+            hearing.start()
+            self._hearing.append(hearing)
         self.failed: Callable[[str], None] = lambda reason: None
         threading.Thread(target=self._watch, name="tensor-ranks", daemon=True).start()
 
@@ -299,7 +302,7 @@ class Ranks:
         for rank, process in enumerate(self.processes, start=1):
             code = process.poll()
             if code is not None:
-                time.sleep(0.2)  # its last words, if any, reach `_hear`
+                self._hearing[rank - 1].join(timeout=0.2)  # its last words, if any, reach `_hear`
                 said = self.errors.get(rank)
                 return (f"tensor-parallel rank {rank} failed: {said}" if said else
                         f"tensor-parallel rank {rank} exited with code {code} (the node's log has its output)")
