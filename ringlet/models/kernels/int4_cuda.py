@@ -108,7 +108,8 @@ def gemv_tiling(n: int, k: int, group: int, gated: bool = False, sms: int = 132)
     o: two steps) 16 rows of 256 words, each step's weights read a step ahead (the first before the PDL wait), with
     the registers capped (to no fewer than 64) so that every program runs at once: q/k/v's 384 programs took 8.3 us
     in two waves, 6.6 us at 80 registers on an H100. No default pipelines through shared memory: 2 and 4 stages were
-    slower at every tiling swept on an H100 (`--sweep --stages 2 4`)."""
+    slower at every tiling swept on an H100 (`--sweep --stages 2 4`). A decode step starts from these: `gemv_tuning`
+    moves a shape to a faster neighbour found on the GPU at hand (`use_tiling`)."""
     widest = 128 if gated else 256
     words = next(w for w in (256, 128, 64, 32, 16, 8, 4)
                  if w <= widest and (k // 8) % w == 0 and (8 * w) % group == 0 and w % 4 == 0)
@@ -122,12 +123,33 @@ def gemv_tiling(n: int, k: int, group: int, gated: bool = False, sms: int = 132)
     return GemvTiling(16, words, warps, ahead=True, registers=registers if 64 <= registers < 128 else None)
 
 
+# tilings chosen on the GPU at hand (`gemv_tuning`), by (device index, n, k, group, gated); the rest take gemv_tiling's
+_CHOSEN: dict[tuple[int, int, int, int, bool], GemvTiling] = {}
+
+
+def use_tiling(device: torch.device, n: int, k: int, group: int, gated: bool, tiling: GemvTiling) -> None:
+    """Launch the one-row products of W [n, k] (gate/up: 2n rows) on `device` at `tiling`."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    _CHOSEN[index, n, k, group, gated] = tiling
+
+
+def pdl_available(device: torch.device) -> bool:
+    """Programmatic dependent launch: Hopper or later, and a Triton that launches with it."""
+    if interpreted() or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
 def _int4_gemv_rows(row: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                     group_size: int, out: torch.Tensor, n: int, k: int, bias: torch.Tensor | None,
                     norm: torch.Tensor | None, eps: float, gated: bool, residual: bool, pdl: bool,
                     t: GemvTiling | None = None) -> None:
     assert k % 32 == 0 and k % group_size == 0 and group_size % 32 == 0, \
         f"int4 rows of {k} columns in groups of {group_size}"
+    if t is None and row.is_cuda:
+        t = _CHOSEN.get((row.device.index, n, k, group_size, gated))
     t = t or gemv_tiling(n, k, group_size, gated, _sm_count(row.device.index or 0) if row.is_cuda else 132)
     _kernels().int4_gemv_dp4a_kernel[(-(-n // t.block_n),)](
         row, packed.view(torch.int32), scale, offset, out, norm if norm is not None else row,

@@ -207,6 +207,52 @@ def test_route_kernel_chooses_as_the_sparse_layer_does(paged_decode):
         torch.testing.assert_close(weights.view(2, 3), want_weights)
 
 
+def int4_model():  # type: ignore[no-untyped-def]
+    """The small random model with its projections in int4 groups of 32 and its head in int8, as a CUDA int4 load
+    keeps them (here on CPU tensors)."""
+    from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
+    from ringlet.models.quant_format import GroupQuantized
+
+    model = random_model(BASE, torch.bfloat16)
+    for block in model.layers:
+        for owner, name in ((block.self_attn, "qkv_proj"), (block.self_attn, "o_proj"), (block.mlp, "gate_up_proj"),
+                            (block.mlp, "down_proj")):
+            weight = getattr(owner, name).weight.detach().float()
+            setattr(owner, name, CudaInt4Linear(GroupQuantized.round(weight, 32), None, torch.bfloat16))
+    model.lm_head = CudaInt8Linear(model.embed_tokens.weight.detach().float(), None, torch.bfloat16)
+    return model
+
+
+def test_the_int4_projections_to_tune_are_one_a_shape_with_every_layer_and_what_the_step_fuses(
+        paged_decode, monkeypatch, caplog):
+    from ringlet.models.kernels import gemv_tuning
+
+    model = int4_model()
+    step = paged_decode.PagedDecodeStep(model, model.make_paged_cache(10, BLOCK), context_length=128, max_batch=4)
+    found = {(p.n, p.k, p.group, p.gated, p.norm, p.residual): p.layers for p in step.one_row_projections()}
+    q_dim, kv_dim = BASE["num_attention_heads"] * BASE["head_dim"], BASE["num_key_value_heads"] * BASE["head_dim"]
+    hidden, inter = BASE["hidden_size"], BASE["intermediate_size"]
+    assert set(found) == {(q_dim + 2 * kv_dim, hidden, 32, False, True, False), (hidden, q_dim, 32, False, False, True),
+                          (inter, hidden, 32, True, True, False), (hidden, inter, 32, False, False, True)}
+    assert found[hidden, q_dim, 32, False, False, True] == tuple(b.self_attn.o_proj for b in model.layers)
+
+    tuned = []
+    monkeypatch.setattr(gemv_tuning, "worth_timing", lambda p, device: True)
+    monkeypatch.setattr(gemv_tuning, "tune", lambda projections, device: tuned.append(len(projections)))
+    step.tune()
+    assert not tuned  # no CUDA graphs (Triton's interpreter): nothing to time
+    step.graphed = True
+    step.tune()
+    assert tuned == [4]
+
+    def fails(projections, device):  # type: ignore[no-untyped-def]
+        raise RuntimeError("out of memory\nthe rest")
+
+    monkeypatch.setattr(gemv_tuning, "tune", fails)
+    step.tune()
+    assert "keeping the default int4 tilings: timing them failed: RuntimeError: out of memory" in caplog.text
+
+
 class Unbuildable:
     """A graphed step whose kernels fail to build at warm-up, as on a GPU that Triton cannot compile for."""
 

@@ -34,7 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.experts import Experts
 from ringlet.models.gemma import GemmaTransformer
-from ringlet.models.kernels.int4_cuda import interpreted
+from ringlet.models.kernels.int4_cuda import interpreted, pdl_available
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import embed_rows
@@ -51,15 +51,6 @@ _GEMV_SHAPES = [(8, 128, 1)] if _INTERPRETED else [
     (8, 256, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8),
 ]
 JOIN_SPLITS = 8  # splits whose partial outputs the join reads at once
-
-
-def _pdl_available(device: torch.device) -> bool:
-    """Programmatic dependent launch: Hopper or later, and a Triton that launches with it."""
-    if _INTERPRETED or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-    from triton.backends.nvidia.compiler import CUDAOptions
-
-    return "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
 _AUTOTUNE_OPTIONS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
@@ -404,7 +395,7 @@ class FusedDecodeStep:
         self.group_pad = max(2, triton.next_power_of_2(group))
         self.splits = 32 if cache.max_seq_len <= 4096 else 64
         self.block_t = 16
-        self.pdl = _pdl_available(device)
+        self.pdl = pdl_available(device)
         self.launch = {"launch_pdl": True} if self.pdl else {}
         self.line = 128 // cache.keys[0].element_size()  # elements of a 128-byte cache line
         cache_lines = self.block_t * self.head_dim // self.line

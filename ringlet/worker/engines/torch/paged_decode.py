@@ -35,6 +35,7 @@ wait for the host between two steps.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import cast
 
@@ -46,23 +47,26 @@ import triton.language as tl
 from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ringlet.models.kernels import gemv_tuning
+from ringlet.models.kernels.int4_cuda import pdl_available
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
 from ringlet.models.quant import embed_rows
-from ringlet.models.quant_cuda import CudaQuantizedLinear
+from ringlet.models.quant_cuda import CudaInt4Linear, CudaQuantizedLinear
 from ringlet.models.tensor_parallel import RowParallelLinear, is_sharded, local_linear
 from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decode
 from ringlet.worker.engines.torch.fused_decode import (
     _INTERPRETED,
     JOIN_SPLITS,
-    _pdl_available,
     _rotate,
     prefetch_l2,
     project,
     store_split,
     unsupported_reason,
 )
+
+log = logging.getLogger(__name__)
 
 # cached positions one loop iteration of the attention reads (two blocks of 16): a Llama-3.1-8B int4 step at 256 and
 # 4,064 positions took 1,731 and 1,993 us at 32, 1,753 and 2,062 at 64, 1,701 and 2,229 at 16 (joining 16 splits a
@@ -306,7 +310,7 @@ class PagedDecodeStep:
                              else args.intermediate_size)
         self.eps = args.rms_norm_eps
         self.group_pad = max(16, triton.next_power_of_2(self.heads // self.kv_heads))  # a matrix product's least rows
-        self.pdl = _pdl_available(device)
+        self.pdl = pdl_available(device)
         self.launch = {"launch_pdl": True} if self.pdl else {}
         self.row_lines = max(1, self.head_dim * cache.keys[0].element_size() // 128)  # of a head's key at a position
         self.buckets = batch_buckets(max_batch)
@@ -544,9 +548,44 @@ class PagedDecodeStep:
             self._run(bucket, mixed)
         self.graphs[bucket, mixed] = graph
 
+    def one_row_projections(self) -> list[gemv_tuning.Projection]:
+        """The int4 projections a one-sequence step launches, one entry a shape, with every layer's weight."""
+        shapes: dict[tuple[int, int, int, bool], tuple[bool, bool, list[CudaInt4Linear]]] = {}
+        for block in cast("Iterable[Block]", self.model.layers):
+            attn, mlp = block.self_attn, block.mlp
+            # (linear, the input's norm inside it, gated, the residual added into its output)
+            uses = [(attn.qkv_proj, True, False, False), (local_linear(attn.o_proj), False, False, not self.sharded)]
+            if not isinstance(mlp, SparseMoE):
+                uses += [(mlp.gate_up_proj, True, True, False),
+                         (local_linear(mlp.down_proj), False, False, not self.sharded)]
+            for linear, norm, gated, residual in uses:
+                if isinstance(linear, CudaInt4Linear):
+                    n = linear.out_features // 2 if gated else linear.out_features
+                    shapes.setdefault((n, linear.in_features, linear.group_size, gated), (norm, residual, []))[2].append(
+                        linear)
+        return [gemv_tuning.Projection(n, k, group, gated, norm, residual, tuple(layers))
+                for (n, k, group, gated), (norm, residual, layers) in shapes.items()]
+
+    @torch.inference_mode()
+    def tune(self) -> None:
+        """Choose the one-row int4 tilings for this GPU (`gemv_tuning`) before any graph holds a launch of them."""
+        if not (self.quantized and self.graphed):
+            return
+        projections = [p for p in self.one_row_projections() if gemv_tuning.worth_timing(p, self.device)]
+        if not projections:
+            return
+        try:
+            gemv_tuning.tune(projections, self.device)
+        # the defaults always run: a tiling that cannot be timed leaves them
+        except Exception as error:  # noqa: BLE001
+            log.warning("keeping the default int4 tilings: timing them failed: %s: %s", type(error).__name__,
+                        str(error).splitlines()[0] if str(error) else "")
+
     @torch.inference_mode()
     def warm(self) -> None:
-        """Capture every bucket, largest first (its memory pool then serves the others)."""
+        """Choose the int4 tilings, then capture every bucket, largest first (its memory pool then serves the
+        others)."""
+        self.tune()
         for bucket, mixed in sorted([(b, True) for b in self.mixed_buckets] + [(b, False) for b in self.buckets],
                                     reverse=True):
             self.capture(bucket, mixed)
