@@ -4,10 +4,12 @@ Usage: python scripts/bench_gpu.py --shape llama-3.1-8b --engine cuda --baseline
 """
 
 import argparse
+import logging
 import sys
 
 from ringlet.cli import bench
 
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # what the engine chose while loading
 parser = argparse.ArgumentParser(prog="ringlet")
 bench.register(parser.add_subparsers(dest="command"))
 args = parser.parse_args(["bench", *sys.argv[1:]])
