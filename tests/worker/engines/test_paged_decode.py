@@ -226,16 +226,20 @@ def int4_model():  # type: ignore[no-untyped-def]
 def test_the_int4_projections_to_tune_are_one_a_shape_with_every_layer_and_what_the_step_fuses(
         paged_decode, monkeypatch, caplog):
     from ringlet.models.kernels import gemv_tuning
+    from ringlet.worker.engines.torch import fused_decode
 
     model = int4_model()
-    step = paged_decode.PagedDecodeStep(model, model.make_paged_cache(10, BLOCK), context_length=128, max_batch=4)
-    found = {(p.n, p.k, p.group, p.gated, p.norm, p.residual): p.layers for p in step.one_row_projections()}
+    found = {(p.n, p.k, p.group, p.gated, p.norm, p.residual): p.layers
+             for p in fused_decode.one_row_projections(model)}
     q_dim, kv_dim = BASE["num_attention_heads"] * BASE["head_dim"], BASE["num_key_value_heads"] * BASE["head_dim"]
     hidden, inter = BASE["hidden_size"], BASE["intermediate_size"]
     assert set(found) == {(q_dim + 2 * kv_dim, hidden, 32, False, True, False), (hidden, q_dim, 32, False, False, True),
                           (inter, hidden, 32, True, True, False), (hidden, inter, 32, False, False, True)}
     assert found[hidden, q_dim, 32, False, False, True] == tuple(b.self_attn.o_proj for b in model.layers)
+    # a tensor-parallel rank adds its o and down products into a buffer of their own
+    assert not any(p.residual for p in fused_decode.one_row_projections(model, residual=False))
 
+    step = paged_decode.PagedDecodeStep(model, model.make_paged_cache(10, BLOCK), context_length=128, max_batch=4)
     tuned = []
     monkeypatch.setattr(gemv_tuning, "worth_timing", lambda p, device: True)
     monkeypatch.setattr(gemv_tuning, "tune", lambda projections, device: tuned.append(len(projections)))
@@ -251,6 +255,7 @@ def test_the_int4_projections_to_tune_are_one_a_shape_with_every_layer_and_what_
     monkeypatch.setattr(gemv_tuning, "tune", fails)
     step.tune()
     assert "keeping the default int4 tilings: timing them failed: RuntimeError: out of memory" in caplog.text
+    assert "the rest" not in caplog.text
 
 
 class Unbuildable:

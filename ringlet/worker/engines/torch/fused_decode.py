@@ -22,6 +22,7 @@ projection is not rounded (its 1/rms scales the sums instead).
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterable
 from typing import cast
 
@@ -34,12 +35,15 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ringlet.models.cache import StaticKVCache
 from ringlet.models.experts import Experts
 from ringlet.models.gemma import GemmaTransformer
+from ringlet.models.kernels import gemv_tuning
 from ringlet.models.kernels.int4_cuda import interpreted, pdl_available
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.quant import embed_rows
-from ringlet.models.quant_cuda import CudaInt4Experts, CudaQuantizedLinear
+from ringlet.models.quant_cuda import CudaInt4Experts, CudaInt4Linear, CudaQuantizedLinear
 from ringlet.models.tensor_parallel import VocabParallelHead, is_sharded, local_linear
+
+log = logging.getLogger(__name__)
 
 # Triton's interpreter (TRITON_INTERPRET=1) runs these kernels on CPU tensors: the CPU tests use it
 _INTERPRETED = interpreted()
@@ -377,6 +381,38 @@ def unsupported_reason(model: nn.Module, experts: bool = False) -> str | None:
     return None
 
 
+def one_row_projections(model: Transformer, residual: bool = True) -> list[gemv_tuning.Projection]:
+    """The int4 projections a one-sequence decode step of `model` launches, one entry a shape with every layer's
+    weight (`residual`: o and down add into the hidden state, as they do but on a tensor-parallel rank)."""
+    shapes: dict[tuple[int, int, int, bool], tuple[bool, bool, list[CudaInt4Linear]]] = {}
+    for block in cast("Iterable[Block]", model.layers):
+        attn, mlp = block.self_attn, block.mlp
+        # (linear, the input's norm inside it, gated, the residual added into its output)
+        uses = [(attn.qkv_proj, True, False, False), (local_linear(attn.o_proj), False, False, residual)]
+        if not isinstance(mlp, SparseMoE):
+            uses += [(mlp.gate_up_proj, True, True, False), (local_linear(mlp.down_proj), False, False, residual)]
+        for linear, norm, gated, adds in uses:
+            if isinstance(linear, CudaInt4Linear):
+                n = linear.out_features // 2 if gated else linear.out_features
+                shapes.setdefault((n, linear.in_features, linear.group_size, gated), (norm, adds, []))[2].append(linear)
+    return [gemv_tuning.Projection(n, k, group, gated, norm, adds, tuple(layers))
+            for (n, k, group, gated), (norm, adds, layers) in shapes.items()]
+
+
+@torch.inference_mode()
+def tune_one_row(model: Transformer, device: torch.device, residual: bool = True) -> None:
+    """Choose the one-row int4 tilings of `model`'s projections for this GPU (`gemv_tuning`); on any failure the
+    defaults stay, which always run."""
+    projections = [p for p in one_row_projections(model, residual) if gemv_tuning.worth_timing(p, device)]
+    if not projections:
+        return
+    try:
+        gemv_tuning.tune(projections, device)
+    except Exception as error:  # noqa: BLE001
+        log.warning("keeping the default int4 tilings: timing them failed: %s: %s", type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "")
+
+
 class FusedDecodeStep:
     """One decode step of `model` from the token and position in device buffers to last-position logits [1, V].
 
@@ -397,6 +433,8 @@ class FusedDecodeStep:
         self.block_t = 16
         self.pdl = pdl_available(device)
         self.launch = {"launch_pdl": True} if self.pdl else {}
+        if device.type == "cuda":  # before the engine captures a graph of the step
+            tune_one_row(model, device)
         self.line = 128 // cache.keys[0].element_size()  # elements of a 128-byte cache line
         cache_lines = self.block_t * self.head_dim // self.line
         self.prefetch_lines = triton.next_power_of_2(cache_lines) if self.pdl and cache_lines else 0

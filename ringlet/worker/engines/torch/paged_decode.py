@@ -35,7 +35,6 @@ wait for the host between two steps.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Sequence
 from typing import cast
 
@@ -47,13 +46,12 @@ import triton.language as tl
 from torch import nn
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ringlet.models.kernels import gemv_tuning
 from ringlet.models.kernels.int4_cuda import pdl_available
 from ringlet.models.llama import Attention, Block, RMSNorm, Transformer
 from ringlet.models.moe import SparseMoE
 from ringlet.models.paged_cache import FED, PagedKVCache, SequenceStep
 from ringlet.models.quant import embed_rows
-from ringlet.models.quant_cuda import CudaInt4Linear, CudaQuantizedLinear
+from ringlet.models.quant_cuda import CudaQuantizedLinear
 from ringlet.models.tensor_parallel import RowParallelLinear, is_sharded, local_linear
 from ringlet.worker.engines.torch.expert_kernels import ExpertBuffers, moe_decode
 from ringlet.worker.engines.torch.fused_decode import (
@@ -63,10 +61,9 @@ from ringlet.worker.engines.torch.fused_decode import (
     prefetch_l2,
     project,
     store_split,
+    tune_one_row,
     unsupported_reason,
 )
-
-log = logging.getLogger(__name__)
 
 # cached positions one loop iteration of the attention reads (two blocks of 16): a Llama-3.1-8B int4 step at 256 and
 # 4,064 positions took 1,731 and 1,993 us at 32, 1,753 and 2,062 at 64, 1,701 and 2,229 at 16 (joining 16 splits a
@@ -548,38 +545,10 @@ class PagedDecodeStep:
             self._run(bucket, mixed)
         self.graphs[bucket, mixed] = graph
 
-    def one_row_projections(self) -> list[gemv_tuning.Projection]:
-        """The int4 projections a one-sequence step launches, one entry a shape, with every layer's weight."""
-        shapes: dict[tuple[int, int, int, bool], tuple[bool, bool, list[CudaInt4Linear]]] = {}
-        for block in cast("Iterable[Block]", self.model.layers):
-            attn, mlp = block.self_attn, block.mlp
-            # (linear, the input's norm inside it, gated, the residual added into its output)
-            uses = [(attn.qkv_proj, True, False, False), (local_linear(attn.o_proj), False, False, not self.sharded)]
-            if not isinstance(mlp, SparseMoE):
-                uses += [(mlp.gate_up_proj, True, True, False),
-                         (local_linear(mlp.down_proj), False, False, not self.sharded)]
-            for linear, norm, gated, residual in uses:
-                if isinstance(linear, CudaInt4Linear):
-                    n = linear.out_features // 2 if gated else linear.out_features
-                    shapes.setdefault((n, linear.in_features, linear.group_size, gated), (norm, residual, []))[2].append(
-                        linear)
-        return [gemv_tuning.Projection(n, k, group, gated, norm, residual, tuple(layers))
-                for (n, k, group, gated), (norm, residual, layers) in shapes.items()]
-
-    @torch.inference_mode()
     def tune(self) -> None:
-        """Choose the one-row int4 tilings for this GPU (`gemv_tuning`) before any graph holds a launch of them."""
-        if not (self.quantized and self.graphed):
-            return
-        projections = [p for p in self.one_row_projections() if gemv_tuning.worth_timing(p, self.device)]
-        if not projections:
-            return
-        try:
-            gemv_tuning.tune(projections, self.device)
-        # the defaults always run: a tiling that cannot be timed leaves them
-        except Exception as error:  # noqa: BLE001
-            log.warning("keeping the default int4 tilings: timing them failed: %s: %s", type(error).__name__,
-                        str(error).splitlines()[0] if str(error) else "")
+        """Choose the one-row int4 tilings for this GPU before any graph holds a launch of them."""
+        if self.quantized and self.graphed:
+            tune_one_row(self.model, self.device, residual=not self.sharded)
 
     @torch.inference_mode()
     def warm(self) -> None:
