@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TUNE_ENV = "RINGLET_TUNE_GEMV"
-MARGIN = 0.02  # a move must win by 2% in the second timing (three runs each): single runs of a tiling spread by 1-2%
+MARGIN = 0.02  # the fraction a move must win by when both tilings are timed again (the median of three runs each)
 ROUNDS = 3  # moves from the default at most
 L2_COPIES = 4  # a shape is timed only where its layers' weights fill the L2 cache this many times over
 CACHE_VERSION = 1
