@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType, ReaderTensor
 
 from ringlet.models.gguf_quants import (
     DECODED_TYPES,
@@ -636,6 +636,36 @@ class _Reader(GGUFReader):
     @data.setter
     def data(self, value: np.memmap) -> None:
         self.file_map, self._plain = value, value.view(np.ndarray)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[np.ndarray], list[int],
+                                                                       list[GGUFValueType]]:
+        """gguf-py's parts of a metadata value, with an array of strings or numbers read in one pass: the same parts
+        (a length and the bytes of each string, a one-element view of each number), without gguf-py's call, dtype
+        and byte-order view for every element of a vocabulary."""
+        if self.byte_order != "I" or raw_type != GGUFValueType.ARRAY:
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type = self._plain[orig_offs:orig_offs + 4].view(np.uint32)
+        count = self._plain[orig_offs + 4:orig_offs + 12].view(np.uint64)
+        scalar = self.gguf_scalar_to_np.get(GGUFValueType(int(item_type[0])))
+        if scalar is None and item_type[0] != GGUFValueType.STRING:  # arrays of arrays: gguf-py's walk
+            return super()._get_field_parts(orig_offs, raw_type)
+        parts: list[np.ndarray] = [item_type, count]
+        offs, n = orig_offs + 12, int(count[0])
+        if scalar is not None:
+            values = self._plain[offs:offs + n * np.dtype(scalar).itemsize].view(scalar)
+            parts += [values[i:i + 1] for i in range(n)]
+            offs += values.nbytes
+            indices = list(range(2, 2 + n))
+        else:
+            plain = self._plain
+            for _ in range(n):
+                length = plain[offs:offs + 8].view(np.uint64)
+                end = offs + 8 + int(length[0])
+                parts += (length, plain[offs + 8:end])
+                offs = end
+            indices = list(range(3, 3 + 2 * n, 2))
+        types = [GGUFValueType.ARRAY] + ([GGUFValueType(int(item_type[0]))] if n else [])
+        return offs - orig_offs, parts, indices, types
 
 
 def _open_reader(path: Path) -> _Reader:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import gguf
@@ -333,3 +334,73 @@ def test_a_gguf_file_is_known_by_its_first_bytes_not_its_name(tmp_path: Path) ->
     other.write_bytes(b"PK\x03\x04 not a model")
     with pytest.raises(ModelLoadError, match="neither a model directory nor a GGUF file"):
         read_model_config(other)
+
+
+# ---- the metadata reader -------------------------------------------------------------------
+
+
+def _metadata_file(path: Path) -> Path:
+    """A GGUF file of one tensor and metadata of every kind of array, two of them empty. gguf-py writes no empty
+    array (llama.cpp's writer does): each is written with one element, cut out of the bytes afterwards, and the
+    string after them lengthened by as many bytes, so that the header keeps its size."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("test.strings", ["", "a", " spaced ", "数字 123", "🙂 emoji", "é" * 300])
+    writer.add_array("test.int32", [0, -1, 2**31 - 1, 7])
+    writer.add_array("test.float32", [0.5, -2.25, 1e-30])
+    writer.add_array("test.bools", [True, False, True])
+    writer.add_array("test.nested", [[1, 2], [3], [4, 5, 6]])
+    writer.add_uint64("test.uint64", 2**40)
+    writer.add_array("test.no_strings", ["x"])
+    writer.add_array("test.no_numbers", [5])
+    writer.add_string("test.string", "plain")
+    writer.add_tensor("w", np.ones((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    array, string, int32 = struct.pack("<I", 9), struct.pack("<I", 8), struct.pack("<I", 5)
+    data = path.read_bytes()
+    for before, after in [
+        (b"test.no_strings" + array + string + struct.pack("<QQ", 1, 1) + b"x",
+         b"test.no_strings" + array + string + struct.pack("<Q", 0)),
+        (b"test.no_numbers" + array + int32 + struct.pack("<Qi", 1, 5),
+         b"test.no_numbers" + array + int32 + struct.pack("<Q", 0)),
+        (b"test.string" + string + struct.pack("<Q", 5) + b"plain",
+         b"test.string" + string + struct.pack("<Q", 5 + 13) + b"plain" + b"-" * 13),
+    ]:
+        assert data.count(before) == 1, before
+        data = data.replace(before, after)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("which", ["embedded", "every kind of array"])
+def test_the_reader_parses_metadata_as_gguf_py_does(tmp_path: Path, which: str) -> None:
+    """ringlet's reader reads arrays in one pass: its fields (offsets, parts, types, contents) and tensors are
+    gguf-py's."""
+    from ringlet.models.gguf_loader import _Reader
+
+    path = embedded_model_path() if which == "embedded" else _metadata_file(tmp_path / "metadata.gguf")
+    ours, theirs = _Reader(path), gguf.GGUFReader(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.offset, mine.name, mine.data, mine.types) == (field.offset, field.name, field.data, field.types)
+        assert len(mine.parts) == len(field.parts), name
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), name
+        assert mine.contents() == field.contents(), name
+    assert [(t.name, t.data_offset, t.n_bytes) for t in ours.tensors] == [
+        (t.name, t.data_offset, t.n_bytes) for t in theirs.tensors]
+    if which != "embedded":
+        assert ours.fields["test.strings"].contents()[3:5] == ["数字 123", "🙂 emoji"]
+        assert ours.fields["test.no_strings"].contents() == ours.fields["test.no_numbers"].contents() == []
+        assert ours.fields["test.string"].contents() == "plain" + "-" * 13
+
+
+def test_a_file_cut_inside_its_vocabulary_raises_model_load_error(tmp_path: Path) -> None:
+    data = _metadata_file(tmp_path / "metadata.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:data.index("é".encode()) + 100])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt") as info:
+        GGUFModel.open(cut)
+    assert str(cut) in str(info.value)
