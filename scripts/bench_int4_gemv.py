@@ -25,7 +25,7 @@ from triton.runtime.errors import OutOfResources
 
 from ringlet.cli.bench import copy_bandwidth
 from ringlet.cli.bench import cuda_graph_seconds as graph_seconds
-from ringlet.models.kernels import int4_cuda
+from ringlet.models.kernels import gemv_tuning, int4_cuda
 from ringlet.models.quant_cuda import CudaInt4Linear, CudaInt8Linear
 from ringlet.models.quant_format import GroupQuantized
 from ringlet.models.random_checkpoint import shape_config
@@ -171,14 +171,14 @@ def main() -> None:
     pdl = torch.cuda.get_device_capability(device)[0] >= 9
 
     def grid(k: int) -> list[tuple[int4_cuda.GemvTiling, bool]]:
-        """The tilings --sweep tries on W [n, k]: steps of words that divide a row into whole groups, at most 8,192
-        words a program's step (more spill registers)."""
+        """The tilings --sweep tries on W [n, k]: those of the grid the kernel takes (`gemv_tuning.valid`: steps of
+        words that divide a row into whole groups, at most 8,192 words a program's step, which spill registers)."""
         return ([(int4_cuda.GemvTiling(b, w, warps, stages, ahead, registers), pdl)
                  for b, w, warps, stages, ahead, registers in
                  itertools.product(options.blocks, options.words, options.warps, options.stages, (False, True),
                                    [r or None for r in options.registers])
-                 if b * w >= warps * 128 and b * w <= 8192 and (k // 8) % w == 0 and (8 * w) % options.group_size == 0
-                 and (stages == 1 or not ahead) and (stages == 1 or registers is None)]
+                 if gemv_tuning.valid(int4_cuda.GemvTiling(b, w, warps, stages, ahead, registers), k,
+                                      options.group_size)]
                 if options.sweep else [])
 
     for name, n, inp, nrm, gated, residual in projections:

@@ -146,8 +146,8 @@ def file_version(path: Path) -> tuple[Path, int, int]:
 
 
 def gguf_facts(path: Path) -> GGUFFacts:
-    """The facts of the GGUF model at `path`, read once a process for each version of the file: gguf-py's reader
-    parses every entry of the vocabulary into arrays of its own, most of a second for a 49,152-token one."""
+    """The facts of the GGUF model at `path`, read once a process for each version of the file: opening it parses
+    every entry of the vocabulary into arrays of its own."""
     return _gguf_facts(*file_version(path))
 
 

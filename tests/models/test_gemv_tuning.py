@@ -17,6 +17,7 @@ from ringlet.models.kernels.gemv_tuning import Projection
 from ringlet.models.kernels.int4_cuda import GemvTiling
 from ringlet.models.quant_cuda import CudaInt4Linear
 from ringlet.models.quant_format import GroupQuantized
+from tests.support.tilings import reachable
 
 LLAMA_8B = [(6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False)]
 GPU = torch.device("cuda", 0)  # only named: nothing here runs on it
@@ -30,14 +31,6 @@ def no_chosen_tilings(monkeypatch):  # type: ignore[no-untyped-def]
 
 def projection(n: int = 4096, k: int = 4096, gated: bool = False) -> Projection:
     return Projection(n, k, 128, gated, norm=not gated, residual=False, layers=())
-
-
-def reachable(n: int, k: int, gated: bool, steps: int = 2) -> set[GemvTiling]:
-    """The default tiling and every tiling within `steps` moves of it."""
-    found = {int4_cuda.gemv_tiling(n, k, 128, gated, 132)}
-    for _ in range(steps):
-        found |= {t for f in found for t in gemv_tuning.neighbours(f, k, 128)}
-    return found
 
 
 @pytest.mark.parametrize(("n", "k", "gated"), LLAMA_8B)
@@ -165,14 +158,13 @@ def test_tuning_can_be_turned_off(tmp_path, monkeypatch):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton's interpreter runs the kernel on CPU")
 @pytest.mark.parametrize(("n", "k", "gated"), [(32, 2048, False), (16, 1024, True)])
 def test_every_tiling_within_two_moves_computes_what_the_default_computes(n, k, gated):
-    pytest.importorskip("triton")
     torch.manual_seed(n)
     rows = 2 * n if gated else n
     layer = CudaInt4Linear(GroupQuantized.round(torch.randn(rows, k) * 0.02, 128), None, torch.bfloat16)
     x = torch.randn(1, k, dtype=torch.bfloat16)
     norm = (1 + 0.1 * torch.randn(k)).to(torch.bfloat16)
     outs = []
-    for tiling in [int4_cuda.gemv_tiling(n, k, 128, gated, 132), *reachable(n, k, gated)]:
+    for tiling in sorted(reachable(n, k, gated), key=lambda t: t != int4_cuda.gemv_tiling(n, k, 128, gated, 132)):
         out = torch.zeros(1, n, dtype=torch.bfloat16)
         int4_cuda._int4_gemv_rows(x, layer.packed, layer.scale, layer.offset, 128, out, n, k, None, norm, 1e-5, gated,
                                   False, False, tiling)

@@ -205,8 +205,7 @@ def tune(projections: Sequence[Projection], device: torch.device, sms: int | Non
 
 def worth_timing(projection: Projection, device: torch.device) -> bool:
     """Whether the projection's layers hold enough bytes for a timing that reads them from device memory."""
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    return projection.weight_bytes >= L2_COPIES * l2
+    return projection.weight_bytes >= L2_COPIES * torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def time_tiling(projection: Projection, tiling: GemvTiling, passes: int = 3) -> float:
@@ -247,5 +246,4 @@ def time_tiling(projection: Projection, tiling: GemvTiling, passes: int = 3) -> 
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    del graph
     return min(times) / (passes * len(projection.layers))

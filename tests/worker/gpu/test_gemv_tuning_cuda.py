@@ -15,6 +15,7 @@ from ringlet.models.kernels.gemv_tuning import Projection
 from ringlet.models.quant_cuda import CudaInt4Linear
 from ringlet.models.quant_format import GroupQuantized
 from tests.support.gpu import on_gpu
+from tests.support.tilings import reachable
 
 
 def layers(n: int, k: int, count: int) -> tuple[CudaInt4Linear, ...]:
@@ -68,10 +69,8 @@ def test_every_tiling_within_two_moves_computes_the_dequantised_product(n, k, ga
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
     pdl = int4_cuda.pdl_available(x.device)
-    found = {int4_cuda.gemv_tiling(n, k, 128, gated, torch.cuda.get_device_properties(0).multi_processor_count)}
-    for _ in range(2):
-        found |= {t for f in found for t in gemv_tuning.neighbours(f, k, 128)}
-    for tiling in sorted(found, key=str):
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for tiling in sorted(reachable(n, k, gated, sms=sms), key=str):
         out = torch.zeros(1, n, device="cuda", dtype=torch.bfloat16)
         int4_cuda._int4_gemv_rows(x, linear.packed, linear.scale, linear.offset, 128, out, n, k, None, norm, 1e-5,
                                   gated, False, pdl, tiling)
